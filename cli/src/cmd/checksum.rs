@@ -1,0 +1,13 @@
+//! `glimpse checksum`. (Stub.)
+
+/// Arguments of `glimpse checksum`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image files.
+    files: Vec<std::path::PathBuf>,
+}
+
+/// Runs the command; returns the exit code.
+pub fn run(_args: Args) -> anyhow::Result<u8> {
+    anyhow::bail!("checksum is not implemented yet")
+}

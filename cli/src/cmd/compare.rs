@@ -1,0 +1,13 @@
+//! `glimpse compare`. (Stub.)
+
+/// Arguments of `glimpse compare`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image files.
+    files: Vec<std::path::PathBuf>,
+}
+
+/// Runs the command; returns the exit code.
+pub fn run(_args: Args) -> anyhow::Result<u8> {
+    anyhow::bail!("compare is not implemented yet")
+}

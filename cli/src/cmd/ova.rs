@@ -1,0 +1,13 @@
+//! `glimpse ova`. (Stub.)
+
+/// Arguments of `glimpse ova`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image files.
+    files: Vec<std::path::PathBuf>,
+}
+
+/// Runs the command; returns the exit code.
+pub fn run(_args: Args) -> anyhow::Result<u8> {
+    anyhow::bail!("ova is not implemented yet")
+}

@@ -1,0 +1,285 @@
+//! # glimpse-convert
+//!
+//! Writers for every output format and the parallel streaming pipeline that feeds them.
+//!
+//! The pipeline ([`pipeline::convert`]) walks the source image's extents, cuts them into
+//! chunks of the writer's [`Writer::chunk_size`], and hands batches of chunks to rayon workers
+//! that read guest data (positional reads on a shared source), detect all-zero chunks and
+//! compress where the writer asks. A single writer then lays the chunks down in guest order.
+
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod pipeline;
+
+pub mod qcow2;
+pub mod raw;
+pub mod vdi;
+pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+
+pub use glimpse_formats::{Codec, Error, ErrorKind, Format, Result};
+
+/// Where a writer puts its output.
+pub enum Target {
+    /// A regular file, opened for writing and empty. Seekable; may be made sparse.
+    File(File),
+    /// A strictly sequential stream (stdout). Only raw, streamOptimized VMDK and fixed VHD.
+    Stream(Box<dyn Write + Send>),
+}
+
+/// Output options in qemu-img's spelling (`-o key=val,...`, `-c`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// `key=value` pairs from `-o`.
+    pub opts: BTreeMap<String, String>,
+    /// `-c`: compress (qcow2; streamOptimized VMDK always compresses).
+    pub compress: bool,
+}
+
+impl WriteOptions {
+    /// Parses `a=b,c=d` (qemu-img's `-o` syntax; `,,` escapes a comma).
+    ///
+    /// # Errors
+    /// `Invalid` on an item without `=`.
+    pub fn parse(s: &str, compress: bool) -> Result<Self> {
+        let mut opts = BTreeMap::new();
+        let mut items = Vec::new();
+        let mut cur = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    cur.push(',');
+                } else {
+                    items.push(std::mem::take(&mut cur));
+                }
+            } else {
+                cur.push(c);
+            }
+        }
+        items.push(cur);
+        for item in items.into_iter().filter(|i| !i.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| Error::invalid(format!("option {item:?} is not key=value")))?;
+            opts.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        Ok(WriteOptions { opts, compress })
+    }
+
+    /// The value of `key`, if given.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.opts.get(key).map(String::as_str)
+    }
+
+    /// A size option such as `cluster_size=64k`, if given.
+    ///
+    /// # Errors
+    /// `Invalid` when the value is not a size.
+    pub fn size(&self, key: &str) -> Result<Option<u64>> {
+        self.get(key).map(|v| parse_size(v).ok_or_else(|| Error::invalid(format!("{key}={v} is not a size")))).transpose()
+    }
+
+    /// A boolean option (`on`/`off`, `true`/`false`), if given.
+    ///
+    /// # Errors
+    /// `Invalid` for any other value.
+    pub fn flag(&self, key: &str) -> Result<Option<bool>> {
+        self.get(key)
+            .map(|v| match v {
+                "on" | "true" | "yes" | "1" => Ok(true),
+                "off" | "false" | "no" | "0" => Ok(false),
+                _ => Err(Error::invalid(format!("{key}={v}: expected on or off"))),
+            })
+            .transpose()
+    }
+
+    /// Fails when an option outside `known` was given, naming it.
+    ///
+    /// # Errors
+    /// `Invalid` naming the first unknown option.
+    pub fn only(&self, format: &str, known: &[&str]) -> Result<()> {
+        match self.opts.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(Error::invalid(format!(
+                "{format} does not support option {k:?} (supported: {})",
+                known.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Parses a size with an optional k/M/G/T suffix (powers of 1024), as qemu-img does.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 1u64 << 10),
+        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
+        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
+        't' | 'T' => (&s[..s.len() - 1], 1 << 40),
+        'b' | 'B' => (&s[..s.len() - 1], 1),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// The data of one chunk, as the parallel stage prepared it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// Every byte is zero: the writer must make the range read as zeros without storing it
+    /// (a hole, an unallocated cluster or grain).
+    Zero,
+    /// Uncompressed guest bytes; `len` bytes long.
+    Data(Vec<u8>),
+    /// The chunk compressed with the writer's [`Compressor`].
+    Compressed(Vec<u8>),
+}
+
+/// One chunk of guest data. Chunks arrive in guest order, aligned to the writer's chunk size;
+/// only the last one may be shorter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// First guest byte.
+    pub guest: u64,
+    /// Length in guest bytes.
+    pub len: u64,
+    /// Content.
+    pub payload: Payload,
+}
+
+/// What compression the parallel stage applies for a writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compressor {
+    /// Codec.
+    pub codec: Codec,
+    /// Level (zlib 0-9; zstd 1-22).
+    pub level: i32,
+    /// Compress every non-zero chunk even when it does not shrink (streamOptimized grains
+    /// must all be compressed). When false, a chunk whose compressed form is not smaller than
+    /// `max_len` is passed as [`Payload::Data`].
+    pub always: bool,
+    /// When `always` is false: the largest compressed length worth storing.
+    pub max_len: usize,
+}
+
+/// Space an output of given content would take (what `measure` prints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measure {
+    /// Bytes needed for this content.
+    pub required: u64,
+    /// Bytes needed if every guest byte were allocated.
+    pub fully_allocated: u64,
+}
+
+/// Writes one output image from chunks in guest order.
+pub trait Writer: Send {
+    /// Chunk size in guest bytes: the cluster, grain or block size.
+    fn chunk_size(&self) -> u64;
+
+    /// Compression the parallel stage applies before [`Writer::write_chunk`], if any.
+    fn compressor(&self) -> Option<Compressor> {
+        None
+    }
+
+    /// Lays down the next chunk. Chunks arrive in guest order, with no gaps: zero ranges come
+    /// as [`Payload::Zero`].
+    ///
+    /// # Errors
+    /// `Io` on write errors; `Invalid` when a chunk is out of order.
+    fn write_chunk(&mut self, chunk: Chunk) -> Result<()>;
+
+    /// Writes the remaining metadata (tables, footers) and flushes.
+    ///
+    /// # Errors
+    /// `Io` on write errors.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// True when `format` (with `opts`) can be written to a pipe.
+pub fn can_stream(format: Format, opts: &WriteOptions) -> bool {
+    match format {
+        Format::Raw => true,
+        Format::Vmdk => opts.get("subformat").is_some_and(|s| s.eq_ignore_ascii_case("streamOptimized")),
+        Format::Vhd => opts.get("subformat") == Some("fixed"),
+        _ => false,
+    }
+}
+
+/// Creates a writer for `format` with `opts`, for a guest disk of `virtual_size` bytes.
+///
+/// # Errors
+/// `Invalid` for bad options; `Unsupported` for formats glimpse cannot write or a stream
+/// target for a format that needs seeking; `Io` on write errors.
+pub fn create(format: Format, opts: &WriteOptions, target: Target, virtual_size: u64) -> Result<Box<dyn Writer>> {
+    if opts.compress && !matches!(format, Format::Qcow2 | Format::Vmdk) {
+        return Err(Error::invalid(format!("-c (compression) is not supported for {format}")));
+    }
+    if matches!(target, Target::Stream(_)) && !can_stream(format, opts) {
+        return Err(Error::unsupported(format!(
+            "{format} with these options cannot be written to a pipe (raw, vmdk subformat=streamOptimized and vhd subformat=fixed can)"
+        )));
+    }
+    match format {
+        Format::Raw => raw::create(target, opts, virtual_size),
+        Format::Qcow2 => qcow2::create(target, opts, virtual_size),
+        Format::Vmdk => vmdk::create(target, opts, virtual_size),
+        Format::Vhd => vhd::create(target, opts, virtual_size),
+        Format::Vhdx => vhdx::create(target, opts, virtual_size),
+        Format::Vdi => vdi::create(target, opts, virtual_size),
+        other => Err(Error::unsupported(format!("cannot write {other} images"))),
+    }
+}
+
+/// Output size for `format` with `opts`, given the virtual size and the guest bytes that hold
+/// data (non-zero chunks, counted at the writer's chunk size).
+///
+/// # Errors
+/// `Invalid` for bad options; `Unsupported` for formats glimpse cannot write.
+pub fn measure(format: Format, opts: &WriteOptions, virtual_size: u64, data_bytes: u64) -> Result<Measure> {
+    match format {
+        Format::Raw => Ok(Measure { required: data_bytes, fully_allocated: virtual_size }),
+        Format::Qcow2 => qcow2::measure(opts, virtual_size, data_bytes),
+        Format::Vmdk => vmdk::measure(opts, virtual_size, data_bytes),
+        Format::Vhd => vhd::measure(opts, virtual_size, data_bytes),
+        Format::Vhdx => vhdx::measure(opts, virtual_size, data_bytes),
+        Format::Vdi => vdi::measure(opts, virtual_size, data_bytes),
+        other => Err(Error::unsupported(format!("cannot write {other} images"))),
+    }
+}
+
+/// Chunk size used to count data bytes for [`measure`] of `format`.
+///
+/// # Errors
+/// `Invalid` for bad options.
+pub fn measure_granularity(format: Format, opts: &WriteOptions) -> Result<u64> {
+    Ok(match format {
+        Format::Qcow2 => opts.size("cluster_size")?.unwrap_or(65536),
+        Format::Vmdk => 65536,
+        Format::Vhd | Format::Vdi => 1 << 20,
+        Format::Vhdx => opts.size("block_size")?.unwrap_or(32 << 20),
+        _ => 4096,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_like_qemu_img() {
+        let o = WriteOptions::parse("subformat=streamOptimized,cluster_size=2M,a=b,,c", false).unwrap();
+        assert_eq!(o.get("subformat"), Some("streamOptimized"));
+        assert_eq!(o.size("cluster_size").unwrap(), Some(2 << 20));
+        assert_eq!(o.get("a"), Some("b,c"));
+        assert!(WriteOptions::parse("novalue", false).is_err());
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("x"), None);
+    }
+}

@@ -1,0 +1,19 @@
+//! vhd writer. (Stub: filled in by the format's own work.)
+
+use crate::{Error, Measure, Result, Target, WriteOptions, Writer};
+
+/// Creates a vhd writer.
+///
+/// # Errors
+/// `Unsupported` until implemented.
+pub fn create(_target: Target, _opts: &WriteOptions, _virtual_size: u64) -> Result<Box<dyn Writer>> {
+    Err(Error::unsupported("writing vhd is not implemented yet"))
+}
+
+/// Output size of a vhd image.
+///
+/// # Errors
+/// `Unsupported` until implemented.
+pub fn measure(_opts: &WriteOptions, _virtual_size: u64, _data_bytes: u64) -> Result<Measure> {
+    Err(Error::unsupported("measuring vhd is not implemented yet"))
+}

@@ -1,0 +1,105 @@
+//! Format detection over bounded windows of a source.
+//!
+//! Detection reads three windows: the head (64 KiB), the ISO 9660 volume descriptor area
+//! (32 KiB to 64 KiB, which the head already covers), and the last 512 bytes (the VHD footer).
+//! It returns every format that matches: more than one match is itself a finding, because a
+//! file that is both qcow2 and ISO is an attack.
+
+use crate::error::Result;
+use crate::format::Format;
+use crate::io::{read_up_to, ReadAt};
+
+/// Bytes read from the start of the source.
+pub const HEAD_LEN: usize = 64 * 1024;
+/// Bytes read from the end of the source.
+pub const TAIL_LEN: usize = 512;
+
+/// The bounded windows a detector may look at.
+pub struct Probe<'a> {
+    /// The first `HEAD_LEN` bytes (fewer for short files).
+    pub head: Vec<u8>,
+    /// The last `TAIL_LEN` bytes (fewer for short files; empty for empty files).
+    pub tail: Vec<u8>,
+    /// The source's size.
+    pub size: u64,
+    /// The source, for detectors that must walk a bounded chain of headers (tar).
+    pub src: &'a dyn ReadAt,
+}
+
+impl<'a> Probe<'a> {
+    /// Reads the windows.
+    ///
+    /// # Errors
+    /// `Io` when the source cannot be read.
+    pub fn new(src: &'a dyn ReadAt) -> Result<Self> {
+        let size = src.size()?;
+        let head = read_up_to(src, 0, HEAD_LEN)?;
+        let tail_len = usize::try_from(size.min(TAIL_LEN as u64)).unwrap_or(TAIL_LEN);
+        let tail = read_up_to(src, size.saturating_sub(tail_len as u64), tail_len)?;
+        Ok(Probe { head, tail, size, src })
+    }
+
+    /// `len` bytes of the head at `offset`, if the head has them.
+    pub fn head_at(&self, offset: usize, len: usize) -> Option<&[u8]> {
+        self.head.get(offset..offset.checked_add(len)?)
+    }
+
+    /// True when the head starts with `magic`.
+    pub fn starts_with(&self, magic: &[u8]) -> bool {
+        self.head.starts_with(magic)
+    }
+}
+
+/// The outcome of detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detection {
+    /// Every non-raw format that matched, in `Format::ALL` order. Empty means raw.
+    pub matches: Vec<Format>,
+}
+
+impl Detection {
+    /// The single detected format: the only match, `Raw` when nothing matched, or the first
+    /// match when several did (the caller must treat that as ambiguous).
+    pub fn format(&self) -> Format {
+        self.matches.first().copied().unwrap_or(Format::Raw)
+    }
+    /// True when more than one format matched.
+    pub fn is_ambiguous(&self) -> bool {
+        self.matches.len() > 1
+    }
+}
+
+/// Detects every format the source matches.
+///
+/// # Errors
+/// `Io` when the source cannot be read.
+///
+/// # Security
+/// Reads at most `HEAD_LEN + TAIL_LEN` bytes plus a bounded walk of tar headers.
+pub fn detect(src: &dyn ReadAt) -> Result<Detection> {
+    let probe = Probe::new(src)?;
+    Ok(detect_probe(&probe))
+}
+
+/// Detection on already-read windows.
+pub fn detect_probe(p: &Probe<'_>) -> Detection {
+    let mut matches = Vec::new();
+    for f in Format::ALL {
+        let hit = match f {
+            Format::Qcow2 => crate::qcow2::probe(p),
+            Format::Qed => crate::qcow2::qed::probe(p),
+            Format::Vmdk => crate::vmdk::probe(p),
+            Format::Vhd => crate::vhd::probe(p),
+            Format::Vhdx => crate::vhdx::probe(p),
+            Format::Vdi => crate::vdi::probe(p),
+            Format::Luks => crate::luks::probe(p),
+            Format::Iso => crate::iso::probe(p),
+            Format::Ova => crate::ova::probe(p),
+            Format::Raw => false,
+        };
+        if hit {
+            matches.push(f);
+        }
+    }
+    Detection { matches }
+}

@@ -1,0 +1,197 @@
+//! What an opened image is: [`ImageInfo`], references, and the [`Image`] trait with its one
+//! `mapping` call that everything downstream is built on.
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::finding::Finding;
+use crate::format::Format;
+use crate::io::Source;
+use crate::limits::Limits;
+
+/// What kind of outside file an image refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RefKind {
+    /// qcow2 backing file, VMDK parent.
+    BackingFile,
+    /// qcow2 external data file.
+    DataFile,
+    /// A VMDK extent in another file.
+    Extent,
+    /// A VHD/VHDX parent locator.
+    ParentLocator,
+    /// An OVF `href` outside the archive.
+    Href,
+}
+
+/// A reference an image makes to another file. Reported, never opened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reference {
+    /// What kind of reference.
+    pub kind: RefKind,
+    /// The name or path exactly as the image states it (lossily decoded).
+    pub target: String,
+    /// The format the image says the target has, if it says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Where in the file the reference is stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+/// What `open` learns from an image's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ImageInfo {
+    /// The format.
+    pub format: Format,
+    /// Size of the guest disk in bytes.
+    pub virtual_size: u64,
+    /// Host bytes allocated to the file, when known.
+    pub actual_size: Option<u64>,
+    /// Cluster, grain or block size in bytes, where the format has one.
+    pub cluster_size: Option<u64>,
+    /// The format's "dirty"/"in use" state, where it has one.
+    pub dirty: Option<bool>,
+    /// Whether guest data is encrypted (then the reader cannot see it).
+    pub encrypted: bool,
+    /// Format-specific facts, emitted as qemu-img's `format-specific.data`.
+    pub details: serde_json::Map<String, serde_json::Value>,
+    /// Every reference to another file.
+    pub references: Vec<Reference>,
+}
+
+impl ImageInfo {
+    /// An info record with only the format and virtual size set.
+    pub fn new(format: Format, virtual_size: u64) -> Self {
+        ImageInfo {
+            format,
+            virtual_size,
+            actual_size: None,
+            cluster_size: None,
+            dirty: None,
+            encrypted: false,
+            details: serde_json::Map::new(),
+            references: Vec::new(),
+        }
+    }
+
+    /// Sets one format-specific detail.
+    pub fn detail(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.details.insert(key.to_string(), value.into());
+    }
+
+    /// The backing file, if any.
+    pub fn backing_file(&self) -> Option<&Reference> {
+        self.references.iter().find(|r| r.kind == RefKind::BackingFile)
+    }
+}
+
+/// How compressed guest data is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// Raw deflate, no header (qcow2 zlib clusters).
+    Deflate,
+    /// zlib stream with header (streamOptimized VMDK grains).
+    Zlib,
+    /// zstd frame (qcow2 compression_type=zstd).
+    Zstd,
+}
+
+/// What backs one run of guest bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ExtentKind {
+    /// Stored uncompressed at `host` in the source (the guest run maps linearly).
+    Data {
+        /// Source offset of the extent's first guest byte.
+        host: u64,
+    },
+    /// Part of one compressed unit (cluster or grain).
+    Compressed {
+        /// The codec.
+        codec: Codec,
+        /// Source offset of the compressed stream.
+        host: u64,
+        /// Bytes of source the stream may occupy (an upper bound for qcow2).
+        stored_len: u64,
+        /// Guest bytes the unit decompresses to.
+        unit_size: u64,
+        /// Offset of the extent's first guest byte inside the decompressed unit.
+        skip: u64,
+    },
+    /// Reads as zeros, explicitly marked so.
+    Zero,
+    /// Not allocated in this image; reads as zeros (no backing file is ever consulted).
+    Unallocated,
+}
+
+/// One run of guest bytes and what backs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Extent {
+    /// First guest byte.
+    pub start: u64,
+    /// Length in bytes (at least 1).
+    pub len: u64,
+    /// What backs it.
+    pub kind: ExtentKind,
+}
+
+impl Extent {
+    /// One past the last guest byte.
+    pub fn end(&self) -> u64 {
+        self.start.saturating_add(self.len)
+    }
+    /// True for zero and unallocated extents: their bytes are zeros without reading.
+    pub fn reads_as_zero(&self) -> bool {
+        matches!(self.kind, ExtentKind::Zero | ExtentKind::Unallocated)
+    }
+}
+
+/// An opened image.
+///
+/// # Security
+/// Implementations never open another file, whatever the image names. They read only from
+/// their own [`Source`], and every table they read was range-checked at `open`.
+pub trait Image: Send + Sync {
+    /// What `open` learned.
+    fn info(&self) -> &ImageInfo;
+
+    /// Findings noticed while opening (references, suspicious header fields, ...).
+    fn findings(&self) -> &[Finding];
+
+    /// Deeper structural checks that read all metadata but no guest data (refcounts, every
+    /// table entry). Returns findings; an `Err` only for I/O errors or hard limits.
+    ///
+    /// # Errors
+    /// `Io` when the source cannot be read; `LimitExceeded` when the budget runs out.
+    fn check(&self, _limits: &Limits) -> Result<Vec<Finding>> {
+        Ok(Vec::new())
+    }
+
+    /// What backs guest bytes starting at `guest`: an extent starting exactly at `guest`, at
+    /// least 1 and at most `max_len` bytes long, ending no later than the virtual size.
+    ///
+    /// # Errors
+    /// `Invalid` when `guest` is at or past the virtual size or `max_len` is 0; `Corrupt` when
+    /// a table entry points outside the file; `Io` on read errors.
+    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent>;
+
+    /// The source the image reads from.
+    fn source(&self) -> &Source;
+}
+
+/// Validates `mapping` arguments and returns how many bytes an extent at `guest` may span:
+/// `min(max_len, virtual_size - guest)`.
+///
+/// # Errors
+/// `Invalid` when `guest` is at or past `virtual_size` or `max_len` is 0.
+pub fn mapping_span(guest: u64, max_len: u64, virtual_size: u64) -> Result<u64> {
+    if guest >= virtual_size || max_len == 0 {
+        return Err(crate::Error::invalid(format!(
+            "guest offset {guest:#x} (length {max_len}) is outside the virtual disk ({virtual_size} bytes)"
+        )));
+    }
+    Ok(max_len.min(virtual_size - guest))
+}

@@ -1,0 +1,291 @@
+//! Positional reads: the [`ReadAt`] trait and its implementations.
+//!
+//! Every parser reads through `ReadAt`, never through a cursor, so that parallel workers can
+//! share one source (`&self`, `Sync`).
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::limits::Budget;
+
+/// A source of bytes that can be read at any offset from many threads at once.
+pub trait ReadAt: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`. Returns 0 at or past the end.
+    ///
+    /// # Errors
+    /// Any I/O error of the underlying source.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// The source's length in bytes.
+    ///
+    /// # Errors
+    /// Any I/O error of the underlying source.
+    fn size(&self) -> io::Result<u64>;
+
+    /// Host bytes actually allocated (for `actual-size`), when the source knows.
+    fn allocated_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// The first offset at or after `offset` that may hold data (like `SEEK_DATA`), or `None`
+    /// when only a hole follows. Sources that do not know about holes say `Some(offset)`.
+    ///
+    /// # Errors
+    /// Any I/O error of the underlying source.
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok(Some(offset))
+    }
+
+    /// The first offset at or after `offset` that starts a hole (like `SEEK_HOLE`); the size
+    /// when there is none.
+    ///
+    /// # Errors
+    /// Any I/O error of the underlying source.
+    fn next_hole(&self, _offset: u64) -> io::Result<u64> {
+        self.size()
+    }
+
+    /// Fills `buf` from `offset`, failing with `UnexpectedEof` if the source ends first.
+    /// Short reads are retried, so implementations may return fewer bytes than asked.
+    ///
+    /// # Errors
+    /// `UnexpectedEof` when the source is too short, or any I/O error.
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset) {
+                Ok(0) => {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source ended early"))
+                }
+                Ok(n) => {
+                    buf = buf.get_mut(n..).unwrap_or_default();
+                    offset = offset.saturating_add(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A shared, thread-safe source.
+pub type Source = Arc<dyn ReadAt>;
+
+impl ReadAt for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(self, buf, offset)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.metadata().ok().map(|m| m.blocks().saturating_mul(512))
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        seek_hole_data(self, offset, libc::SEEK_DATA).map(|r| r.ok())
+    }
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        match seek_hole_data(self, offset, libc::SEEK_HOLE)? {
+            Ok(o) => Ok(o),
+            Err(()) => self.size(),
+        }
+    }
+}
+
+/// `lseek` with `SEEK_DATA`/`SEEK_HOLE`. `Ok(Err(()))` means ENXIO (no more data/holes).
+/// Filesystems without support behave as if the whole file were data.
+fn seek_hole_data(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Result<u64, ()>> {
+    use std::os::unix::io::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return Ok(Err(()));
+    };
+    // SAFETY: lseek on a valid, open descriptor has no memory-safety preconditions. The file
+    // position it moves is never used: every read in this crate is positional (pread).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(Err(())),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                if whence == libc::SEEK_DATA {
+                    Ok(Ok(offset))
+                } else {
+                    Ok(Err(()))
+                }
+            }
+            _ => Err(err),
+        };
+    }
+    Ok(Ok(u64::try_from(r).unwrap_or(0)))
+}
+
+impl ReadAt for [u8] {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let Ok(start) = usize::try_from(offset) else { return Ok(0) };
+        let Some(avail) = self.get(start..) else { return Ok(0) };
+        let n = avail.len().min(buf.len());
+        if let (Some(dst), Some(src)) = (buf.get_mut(..n), avail.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        Ok(n)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.as_slice().read_at(buf, offset)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        (**self).allocated_size()
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        (**self).next_data(offset)
+    }
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        (**self).next_hole(offset)
+    }
+}
+
+/// A window onto `len` bytes of another source starting at `start` (an OVA member, say).
+pub struct Window<R: ?Sized> {
+    start: u64,
+    len: u64,
+    inner: Arc<R>,
+}
+
+impl<R: ReadAt + ?Sized> Window<R> {
+    /// A window of `len` bytes at `start` of `inner`.
+    ///
+    /// # Errors
+    /// `Truncated` if the window extends past the end of `inner`.
+    pub fn new(inner: Arc<R>, start: u64, len: u64) -> Result<Self> {
+        let end = start.checked_add(len).ok_or_else(|| Error::invalid("window overflows"))?;
+        if end > inner.size()? {
+            return Err(Error::truncated("window extends past the end of the source").at(start));
+        }
+        Ok(Window { start, len, inner })
+    }
+}
+
+impl<R: ReadAt + ?Sized> ReadAt for Window<R> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let avail = usize::try_from(self.len - offset).unwrap_or(usize::MAX);
+        let n = avail.min(buf.len());
+        let Some(abs) = self.start.checked_add(offset) else { return Ok(0) };
+        self.inner.read_at(buf.get_mut(..n).unwrap_or_default(), abs)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len)
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        Some(self.len)
+    }
+}
+
+/// Reads exactly `len` bytes at `offset` into a new buffer, after checking the range against
+/// the source size and charging `budget`.
+///
+/// # Errors
+/// `Truncated` when the range passes the end of the source; `LimitExceeded` when the budget is
+/// spent; `Io` on read errors.
+pub fn read_vec(src: &dyn ReadAt, offset: u64, len: u64, budget: &Budget, what: &str) -> Result<Vec<u8>> {
+    let size = src.size()?;
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| Error::invalid(format!("{what}: offset + length overflows")).at(offset))?;
+    if end > size {
+        return Err(Error::truncated(format!(
+            "{what}: {len} bytes at {offset:#x} pass the end of the file ({size} bytes)"
+        ))
+        .at(offset)
+        .code("table.out-of-bounds"));
+    }
+    budget.take(len, what)?;
+    let n = usize::try_from(len).map_err(|_| Error::limit(format!("{what}: too large")))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::limit(format!("{what}: cannot allocate {n} bytes")))?;
+    v.resize(n, 0);
+    src.read_exact_at(&mut v, offset).map_err(|e| Error::from(e).context(what).at(offset))?;
+    Ok(v)
+}
+
+/// Reads up to `len` bytes at `offset` (fewer if the source ends first). For probing heads and
+/// tails where a short file is not an error.
+///
+/// # Errors
+/// `Io` on read errors.
+pub fn read_up_to(src: &dyn ReadAt, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let size = src.size()?;
+    let avail = size.saturating_sub(offset);
+    let n = usize::try_from(avail).unwrap_or(usize::MAX).min(len);
+    let mut v = vec![0u8; n];
+    src.read_exact_at(&mut v, offset)?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns at most 3 bytes per call, to prove callers never assume a full read.
+    struct Short(Vec<u8>);
+    impl ReadAt for Short {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            let n = buf.len().min(3);
+            self.0.read_at(&mut buf[..n], offset)
+        }
+        fn size(&self) -> io::Result<u64> {
+            Ok(self.0.len() as u64)
+        }
+    }
+
+    #[test]
+    fn read_exact_at_survives_short_reads() {
+        let s = Short((0u8..100).collect());
+        let mut buf = [0u8; 10];
+        s.read_exact_at(&mut buf, 50).unwrap();
+        assert_eq!(buf, [50, 51, 52, 53, 54, 55, 56, 57, 58, 59]);
+        assert!(s.read_exact_at(&mut buf, 95).is_err());
+    }
+
+    #[test]
+    fn window_bounds() {
+        let inner: Arc<Vec<u8>> = Arc::new((0u8..100).collect());
+        let w = Window::new(inner.clone(), 10, 20).unwrap();
+        let mut buf = [0u8; 5];
+        w.read_exact_at(&mut buf, 18).err().unwrap();
+        w.read_exact_at(&mut buf, 15).unwrap();
+        assert_eq!(buf, [25, 26, 27, 28, 29]);
+        assert!(Window::new(inner, 90, 20).is_err());
+    }
+
+    #[test]
+    fn read_vec_checks_range_and_budget() {
+        let data: Vec<u8> = vec![7; 64];
+        let b = Budget::new(32);
+        assert_eq!(read_vec(&data, 0, 16, &b, "t").unwrap(), vec![7; 16]);
+        assert_eq!(read_vec(&data, 60, 16, &b, "t").unwrap_err().kind(), crate::ErrorKind::Truncated);
+        assert_eq!(read_vec(&data, 0, 32, &b, "t").unwrap_err().kind(), crate::ErrorKind::LimitExceeded);
+    }
+}

@@ -1,0 +1,115 @@
+//! # glimpse-formats
+//!
+//! Safe parsers, structural checks and guest readers for virtual-disk images: qcow2, VMDK,
+//! VHD, VHDX, VDI, raw, ISO and OVA/OVF, plus detection of QED and LUKS.
+//!
+//! The layers, top to bottom:
+//!
+//! 1. **Sources.** Everything reads through [`ReadAt`]: positional, `&self`, `Sync`, so that
+//!    parallel workers share one source. It is implemented for files, byte slices and
+//!    [`Window`]s onto part of a file (an OVA member).
+//! 2. **Detection.** [`detect()`] reads bounded windows (head, ISO descriptors, tail) and
+//!    returns *every* format that matches.
+//! 3. **Open.** [`open()`] parses one format's metadata under [`Limits`] and yields an
+//!    [`Image`]: an [`ImageInfo`], the [`Finding`]s seen while parsing, and the one
+//!    [`Image::mapping`] call that says what backs any guest range.
+//! 4. **Policy.** [`policy::inspect`] turns detection, findings and the caller's expectations
+//!    into a verdict. `check`, `convert` and `upload` all use it.
+//! 5. **Reading.** [`reader::GuestReader`] reads guest bytes at any offset on top of `mapping`,
+//!    decompressing what it must under a bounded cache.
+//!
+//! # Security
+//! Image bytes are hostile input. No input may cause a panic, an unbounded allocation or
+//! unbounded work; every table is range-checked against the source size through
+//! [`table::check_table`]; and no file other than the source is ever opened because an image
+//! names it: references are reported as [`Reference`]s and findings.
+
+#![warn(missing_docs)]
+
+pub mod detect;
+pub mod error;
+pub mod finding;
+pub mod format;
+pub mod image;
+pub mod io;
+pub mod limits;
+pub mod policy;
+pub mod reader;
+pub mod table;
+
+pub mod iso;
+pub mod luks;
+pub mod ova;
+pub mod partition;
+pub mod qcow2;
+pub mod raw;
+pub mod vdi;
+pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
+
+pub use detect::{detect, Detection};
+pub use error::{Error, ErrorKind, Result};
+pub use finding::{Finding, Severity};
+pub use format::Format;
+pub use image::{Codec, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
+pub use io::{ReadAt, Source, Window};
+pub use limits::{Budget, Limits};
+
+/// Opens `src` as `format`.
+///
+/// # Errors
+/// Whatever the format's parser reports: `Truncated`, `Invalid`, `Corrupt`, `Unsupported`,
+/// `LimitExceeded`, `Unsafe`, or `Io`.
+///
+/// # Security
+/// Reads only from `src`, within `limits`. Never opens another file.
+pub fn open(src: Source, format: Format, limits: &Limits) -> Result<Box<dyn Image>> {
+    let image: Box<dyn Image> = match format {
+        Format::Raw => Box::new(raw::open(src, limits)?),
+        Format::Qcow2 => Box::new(qcow2::open(src, limits)?),
+        Format::Qed => Box::new(qcow2::qed::open(src, limits)?),
+        Format::Vmdk => Box::new(vmdk::open(src, limits)?),
+        Format::Vhd => Box::new(vhd::open(src, limits)?),
+        Format::Vhdx => Box::new(vhdx::open(src, limits)?),
+        Format::Vdi => Box::new(vdi::open(src, limits)?),
+        Format::Iso => Box::new(iso::open(src, limits)?),
+        Format::Luks => Box::new(luks::open(src, limits)?),
+        Format::Ova => ova::open_disk(src, limits, None)?,
+    };
+    if image.info().virtual_size > limits.max_virtual_size {
+        return Err(Error::limit(format!(
+            "virtual size {} exceeds the limit of {}",
+            image.info().virtual_size,
+            limits.max_virtual_size
+        ))
+        .code("size.limit"));
+    }
+    Ok(image)
+}
+
+/// Detects the format of `src` and opens it as the detected format (raw when nothing matched,
+/// the first match when several did).
+///
+/// # Errors
+/// As [`open()`].
+pub fn open_detected(src: Source, limits: &Limits) -> Result<(Detection, Box<dyn Image>)> {
+    let det = detect(src.as_ref())?;
+    let img = open(src, det.format(), limits)?;
+    Ok((det, img))
+}
+
+/// Checks the `mapping` contract for an extent returned for `guest`: used by implementations'
+/// tests and by the reader as a guard against buggy parsers.
+///
+/// # Errors
+/// `Corrupt` when the extent does not start at `guest`, is empty, or passes `virtual_size`.
+pub fn validate_extent(e: &Extent, guest: u64, max_len: u64, virtual_size: u64) -> Result<()> {
+    if e.start != guest || e.len == 0 || e.len > max_len || e.end() > virtual_size {
+        return Err(Error::corrupt(format!(
+            "mapping at {guest:#x} returned {}+{} (max {max_len}, size {virtual_size})",
+            e.start, e.len
+        )));
+    }
+    Ok(())
+}

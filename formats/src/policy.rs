@@ -1,0 +1,182 @@
+//! The safety policy: detection, findings and the caller's expectations in, a verdict out.
+//! `check`, `convert` and `upload` all call [`inspect`], so they apply exactly the same rules.
+
+use serde::Serialize;
+
+use crate::detect::Detection;
+use crate::error::{ErrorKind, Result};
+use crate::finding::{Finding, Severity};
+use crate::format::Format;
+use crate::image::{Image, ImageInfo};
+use crate::io::Source;
+use crate::limits::Limits;
+
+/// What the caller expects of an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// The declared format. A different detected format is a rejection (`format.mismatch`).
+    pub expect_format: Option<Format>,
+    /// Largest acceptable virtual size (`size.limit`). Glance's default `image_size_cap` is
+    /// 1 TiB.
+    pub max_virtual_size: Option<u64>,
+    /// Accept a qcow2 backing file (reported as info instead of a rejection).
+    pub allow_backing_file: bool,
+    /// Skip the structural checks that read all metadata ([`Image::check`]).
+    pub skip_structure: bool,
+}
+
+/// The verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// No rejecting finding.
+    Pass,
+    /// At least one rejecting finding.
+    Reject,
+}
+
+/// What [`inspect`] learned about one image.
+pub struct Report {
+    /// Every format detection matched.
+    pub detection: Detection,
+    /// The opened image, when it could be opened.
+    pub image: Option<Box<dyn Image>>,
+    /// All findings, sorted by severity (rejections first), then offset.
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    /// Pass or reject.
+    pub fn verdict(&self) -> Verdict {
+        if self.findings.iter().any(|f| f.severity == Severity::Reject) {
+            Verdict::Reject
+        } else {
+            Verdict::Pass
+        }
+    }
+    /// The image's info, when it could be opened.
+    pub fn info(&self) -> Option<&ImageInfo> {
+        self.image.as_deref().map(|i| i.info())
+    }
+    /// The detected format (the first match when ambiguous; raw when none matched).
+    pub fn format(&self) -> Format {
+        self.detection.format()
+    }
+}
+
+/// Formats an image service accepts as `disk_format` and glimpse can read.
+fn accepted(format: Format) -> bool {
+    !matches!(format, Format::Qed | Format::Luks)
+}
+
+/// Codes that a backing-file allowance turns into information.
+const BACKING_CODES: &[&str] = &["qcow2.backing-file", "vmdk.parent"];
+
+/// Detects, opens and checks `src`, and applies `policy`.
+///
+/// A parse failure is not an error here: it becomes a rejecting finding with the error's code.
+///
+/// # Errors
+/// Only `Io` errors (the source could not be read).
+///
+/// # Security
+/// Never opens a file the image names. Reads metadata only, within `limits`.
+pub fn inspect(src: Source, policy: &Policy, limits: &Limits) -> Result<Report> {
+    let detection = crate::detect(src.as_ref())?;
+    inspect_detected(src, detection, policy, limits)
+}
+
+/// [`inspect`] with detection already done (by a caller that needed it first).
+///
+/// # Errors
+/// Only `Io` errors.
+pub fn inspect_detected(src: Source, detection: Detection, policy: &Policy, limits: &Limits) -> Result<Report> {
+    let mut findings = Vec::new();
+    let format = detection.format();
+    if detection.is_ambiguous() {
+        let names: Vec<&str> = detection.matches.iter().map(|f| f.name()).collect();
+        findings.push(Finding::reject(
+            "format.ambiguous",
+            format!("the file matches several formats: {}", names.join(", ")),
+        ));
+    }
+    if let Some(expected) = policy.expect_format {
+        if expected != format {
+            findings.push(Finding::reject(
+                "format.mismatch",
+                format!("declared format {expected} but the file is {format}"),
+            ));
+        }
+    }
+    if !accepted(format) {
+        findings.push(Finding::reject(
+            "format.unsupported",
+            format!("{format} images are not accepted by image services"),
+        ));
+    }
+
+    let image = match crate::open(src, format, limits) {
+        Ok(img) => Some(img),
+        Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+        Err(e) => {
+            findings.push(Finding::from_error(&e));
+            None
+        }
+    };
+
+    if let Some(img) = &image {
+        findings.extend(img.findings().iter().cloned());
+        if !policy.skip_structure {
+            match img.check(limits) {
+                Ok(more) => findings.extend(more),
+                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+                Err(e) => findings.push(Finding::from_error(&e)),
+            }
+        }
+        let vsize = img.info().virtual_size;
+        if let Some(max) = policy.max_virtual_size {
+            if vsize > max {
+                findings.push(Finding::reject(
+                    "size.limit",
+                    format!("virtual size {vsize} exceeds the maximum of {max}"),
+                ));
+            }
+        }
+    }
+
+    if policy.allow_backing_file {
+        for f in &mut findings {
+            if BACKING_CODES.contains(&f.code) {
+                f.severity = Severity::Info;
+            }
+        }
+    }
+    findings.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
+    findings.dedup();
+    Ok(Report { detection, image, findings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn raw_passes_and_a_declared_qcow2_is_a_mismatch() {
+        let src: Source = Arc::new(vec![0u8; 4096]);
+        let r = inspect(src.clone(), &Policy::default(), &Limits::default()).unwrap();
+        assert_eq!(r.verdict(), Verdict::Pass);
+        let p = Policy { expect_format: Some(Format::Qcow2), ..Policy::default() };
+        let r = inspect(src, &p, &Limits::default()).unwrap();
+        assert_eq!(r.verdict(), Verdict::Reject);
+        assert!(r.findings.iter().any(|f| f.code == "format.mismatch"));
+    }
+
+    #[test]
+    fn size_limit() {
+        let src: Source = Arc::new(vec![0u8; 4096]);
+        let p = Policy { max_virtual_size: Some(1024), ..Policy::default() };
+        let r = inspect(src, &p, &Limits::default()).unwrap();
+        assert!(r.findings.iter().any(|f| f.code == "size.limit"));
+    }
+}

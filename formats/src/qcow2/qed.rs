@@ -1,0 +1,43 @@
+//! QED images. (Stub: filled in by the format's own work.)
+
+use crate::detect::Probe;
+use crate::error::{Error, Result};
+use crate::finding::Finding;
+use crate::image::{Extent, Image, ImageInfo};
+use crate::io::Source;
+use crate::limits::Limits;
+
+/// An opened QED image.
+pub struct QedImage {
+    src: Source,
+    info: ImageInfo,
+    findings: Vec<Finding>,
+}
+
+/// True when the probe windows look like QED.
+pub fn probe(_p: &Probe<'_>) -> bool {
+    false
+}
+
+/// Opens a QED image.
+///
+/// # Errors
+/// `Unsupported` until implemented.
+pub fn open(_src: Source, _limits: &Limits) -> Result<QedImage> {
+    Err(Error::unsupported("qed is not implemented yet"))
+}
+
+impl Image for QedImage {
+    fn info(&self) -> &ImageInfo {
+        &self.info
+    }
+    fn findings(&self) -> &[Finding] {
+        &self.findings
+    }
+    fn mapping(&self, _guest: u64, _max_len: u64) -> Result<Extent> {
+        Err(Error::unsupported("qed mapping is not implemented yet"))
+    }
+    fn source(&self) -> &Source {
+        &self.src
+    }
+}

@@ -1,0 +1,90 @@
+//! Raw images: the guest disk byte for byte.
+//!
+//! The virtual size is the file's exact length, as Glance reports it. qemu-img rounds a raw
+//! file's size up to a whole 512-byte sector; glimpse does not, because the bytes past the end
+//! do not exist.
+
+use crate::error::Result;
+use crate::finding::Finding;
+use crate::format::Format;
+use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo};
+use crate::io::Source;
+use crate::limits::Limits;
+
+/// An opened raw image.
+pub struct RawImage {
+    src: Source,
+    info: ImageInfo,
+    findings: Vec<Finding>,
+}
+
+/// Opens a raw image. Partition-table facts (MBR, GPT, FAT) found in the first sectors are
+/// reported as details.
+///
+/// # Errors
+/// `Io` when the source cannot be read.
+pub fn open(src: Source, _limits: &Limits) -> Result<RawImage> {
+    let size = src.size()?;
+    let mut info = ImageInfo::new(Format::Raw, size);
+    info.actual_size = src.allocated_size();
+    let head = crate::io::read_up_to(src.as_ref(), 0, crate::partition::HEAD_LEN)?;
+    let (details, findings) = crate::partition::describe(&head, size);
+    info.details = details;
+    Ok(RawImage { src, info, findings })
+}
+
+impl Image for RawImage {
+    fn info(&self) -> &ImageInfo {
+        &self.info
+    }
+    fn findings(&self) -> &[Finding] {
+        &self.findings
+    }
+    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
+        let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+        let end = guest.saturating_add(span);
+        // Holes read as zeros without being read: SEEK_DATA/SEEK_HOLE.
+        let (len, kind) = match self.src.next_data(guest)? {
+            None => (span, ExtentKind::Unallocated),
+            Some(d) if d > guest => (d.min(end) - guest, ExtentKind::Unallocated),
+            Some(_) => {
+                let hole = self.src.next_hole(guest)?.clamp(guest.saturating_add(1), end);
+                (hole - guest, ExtentKind::Data { host: guest })
+            }
+        };
+        Ok(Extent { start: guest, len, kind })
+    }
+    fn source(&self) -> &Source {
+        &self.src
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::sync::Arc;
+
+    #[test]
+    fn holes_map_as_unallocated_and_cover_the_file() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&[1u8; 4096]).unwrap();
+        f.set_len(3 << 20).unwrap();
+        let img = open(Arc::new(f), &Limits::default()).unwrap();
+        assert_eq!(img.info().virtual_size, 3 << 20);
+        let mut pos = 0;
+        let mut data = 0;
+        while pos < img.info().virtual_size {
+            let e = img.mapping(pos, u64::MAX).unwrap();
+            crate::validate_extent(&e, pos, u64::MAX, 3 << 20).unwrap();
+            if let ExtentKind::Data { host } = e.kind {
+                assert_eq!(host, pos);
+                data += e.len;
+            }
+            pos = e.end();
+        }
+        assert!(data >= 4096 && data < 3 << 20, "data {data}");
+        assert!(img.mapping(3 << 20, 1).is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! The guest reader: guest bytes at any offset, on top of [`Image::mapping`].
+
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::image::{Codec, Extent, ExtentKind, Image};
+use crate::limits::Limits;
+
+/// Decompresses one unit (cluster or grain) into at most `unit_size` bytes.
+///
+/// A stream that would inflate beyond `unit_size` is cut there (the caller never needs more);
+/// a stream that ends before `min_len` bytes, or is not valid for `codec`, is an error.
+///
+/// # Errors
+/// `Corrupt` for garbage or truncated streams; `LimitExceeded` for an absurd `unit_size`.
+pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> Result<Vec<u8>> {
+    // No unit of any format is larger than 2 MiB (qcow2's largest cluster) except VMDK grains
+    // and VHDX blocks, which are never compressed beyond 64 MiB; refuse more.
+    if unit_size > 64 << 20 {
+        return Err(Error::limit(format!("compressed unit of {unit_size} bytes is too large")));
+    }
+    let cap = usize::try_from(unit_size).map_err(|_| Error::limit("unit too large"))?;
+    let mut out = vec![0u8; cap];
+    let produced = match codec {
+        Codec::Deflate | Codec::Zlib => {
+            let mut d = flate2::Decompress::new(codec == Codec::Zlib);
+            let mut inp = input;
+            loop {
+                let before_in = d.total_in();
+                let before_out = d.total_out();
+                let done = usize::try_from(before_out).unwrap_or(cap);
+                let Some(dst) = out.get_mut(done..) else { break done };
+                if dst.is_empty() {
+                    break done;
+                }
+                let status = d
+                    .decompress(inp, dst, flate2::FlushDecompress::None)
+                    .map_err(|e| Error::corrupt(format!("invalid {codec:?} stream: {e}")))?;
+                let used = usize::try_from(d.total_in() - before_in).unwrap_or(0);
+                inp = inp.get(used..).unwrap_or_default();
+                let now = usize::try_from(d.total_out()).unwrap_or(cap);
+                if status == flate2::Status::StreamEnd {
+                    break now;
+                }
+                if d.total_in() == before_in && d.total_out() == before_out {
+                    break now;
+                }
+            }
+        }
+        Codec::Zstd => {
+            let mut dec = zstd::stream::read::Decoder::with_buffer(input)
+                .map_err(|e| Error::corrupt(format!("invalid zstd stream: {e}")))?
+                .single_frame();
+            let mut n = 0;
+            loop {
+                let Some(dst) = out.get_mut(n..) else { break };
+                if dst.is_empty() {
+                    break;
+                }
+                match dec.read(dst) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Error::corrupt(format!("invalid zstd stream: {e}"))),
+                }
+            }
+            n
+        }
+    };
+    if (produced as u64) < min_len {
+        return Err(Error::corrupt(format!(
+            "compressed stream ended after {produced} of {min_len} bytes"
+        )));
+    }
+    out.truncate(produced);
+    Ok(out)
+}
+
+/// A small LRU of decompressed units keyed by host offset.
+struct Cache {
+    entries: Vec<(u64, Arc<Vec<u8>>)>,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+impl Cache {
+    fn get(&mut self, host: u64) -> Option<Arc<Vec<u8>>> {
+        let i = self.entries.iter().position(|(h, _)| *h == host)?;
+        let e = self.entries.remove(i);
+        let v = e.1.clone();
+        self.entries.push(e);
+        Some(v)
+    }
+    fn put(&mut self, host: u64, v: Arc<Vec<u8>>) {
+        let len = v.len() as u64;
+        if len > self.max_bytes {
+            return;
+        }
+        while self.bytes + len > self.max_bytes && !self.entries.is_empty() {
+            let (_, old) = self.entries.remove(0);
+            self.bytes -= old.len() as u64;
+        }
+        self.bytes += len;
+        self.entries.push((host, v));
+    }
+}
+
+/// Reads guest bytes of an image at any offset. `Sync`: share it between workers.
+pub struct GuestReader {
+    image: Arc<dyn Image>,
+    cache: Mutex<Cache>,
+}
+
+impl GuestReader {
+    /// A reader over `image` with a cache bounded by `limits.max_cache_bytes`.
+    pub fn new(image: Arc<dyn Image>, limits: &Limits) -> Self {
+        let cache = Cache { entries: Vec::new(), bytes: 0, max_bytes: limits.max_cache_bytes };
+        GuestReader { image, cache: Mutex::new(cache) }
+    }
+
+    /// The image.
+    pub fn image(&self) -> &Arc<dyn Image> {
+        &self.image
+    }
+
+    /// The guest disk size.
+    pub fn virtual_size(&self) -> u64 {
+        self.image.info().virtual_size
+    }
+
+    /// Fills `buf` with guest bytes from `guest`. The range must lie inside the disk.
+    ///
+    /// # Errors
+    /// `Invalid` for a range outside the disk; `Corrupt` for bad compressed data or a mapping
+    /// that points outside the file (the message names the guest offset); `Io`.
+    pub fn read_at(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        let vsize = self.virtual_size();
+        let end = guest
+            .checked_add(buf.len() as u64)
+            .filter(|e| *e <= vsize)
+            .ok_or_else(|| Error::invalid(format!("read of {} bytes at {guest:#x} passes the disk end", buf.len())))?;
+        let mut pos = guest;
+        while pos < end {
+            let e = self.image.mapping(pos, end - pos)?;
+            crate::validate_extent(&e, pos, end - pos, vsize)?;
+            let from = usize::try_from(pos - guest).map_err(|_| Error::limit("read too large"))?;
+            let to = usize::try_from(e.end() - guest).map_err(|_| Error::limit("read too large"))?;
+            let dst = buf.get_mut(from..to).ok_or_else(|| Error::corrupt("extent outside buffer"))?;
+            self.read_extent(&e, dst)?;
+            pos = e.end();
+        }
+        Ok(())
+    }
+
+    /// Fills `dst` (exactly `e.len` bytes) with the guest bytes of extent `e`.
+    ///
+    /// # Errors
+    /// As [`GuestReader::read_at`].
+    pub fn read_extent(&self, e: &Extent, dst: &mut [u8]) -> Result<()> {
+        match e.kind {
+            ExtentKind::Zero | ExtentKind::Unallocated => dst.fill(0),
+            ExtentKind::Data { host } => {
+                self.image.source().read_exact_at(dst, host).map_err(|err| {
+                    Error::from(err).context(format!("reading guest offset {:#x}", e.start)).at(host)
+                })?;
+            }
+            ExtentKind::Compressed { codec, host, stored_len, unit_size, skip } => {
+                let unit = self.unit(codec, host, stored_len, unit_size, skip.saturating_add(e.len), e.start)?;
+                let from = usize::try_from(skip).map_err(|_| Error::limit("skip too large"))?;
+                let src = from
+                    .checked_add(dst.len())
+                    .and_then(|to| unit.get(from..to))
+                    .ok_or_else(|| Error::corrupt(format!("compressed unit at guest {:#x} is short", e.start)))?;
+                dst.copy_from_slice(src);
+            }
+        }
+        Ok(())
+    }
+
+    fn unit(&self, codec: Codec, host: u64, stored_len: u64, unit_size: u64, need: u64, guest: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some(v) = self.cache.lock().map_err(|_| Error::corrupt("cache poisoned"))?.get(host) {
+            if v.len() as u64 >= need {
+                return Ok(v);
+            }
+        }
+        let size = self.image.source().size()?;
+        // The stored length may be an upper bound that runs past the file end (qcow2).
+        let avail = size.saturating_sub(host).min(stored_len);
+        if avail == 0 || stored_len > 2 * unit_size + (1 << 16) {
+            return Err(Error::corrupt(format!("compressed data for guest offset {guest:#x} lies outside the file")).at(host));
+        }
+        let mut raw = vec![0u8; usize::try_from(avail).map_err(|_| Error::limit("compressed unit too large"))?];
+        self.image.source().read_exact_at(&mut raw, host)?;
+        let out = decompress(codec, &raw, unit_size, need)
+            .map_err(|err| err.context(format!("guest offset {guest:#x}")).at(host))?;
+        let out = Arc::new(out);
+        self.cache.lock().map_err(|_| Error::corrupt("cache poisoned"))?.put(host, out.clone());
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn decompress_bounds_and_errors() {
+        let data = vec![7u8; 65536];
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&data).unwrap();
+        let c = e.finish().unwrap();
+        let mut padded = c.clone();
+        padded.extend_from_slice(&[0xAB; 300]);
+        assert_eq!(decompress(Codec::Deflate, &padded, 65536, 65536).unwrap(), data);
+        // Cut at a smaller unit: never inflates beyond the unit.
+        assert_eq!(decompress(Codec::Deflate, &c, 4096, 4096).unwrap().len(), 4096);
+        assert!(decompress(Codec::Deflate, &c[..c.len() / 2], 65536, 65536).is_err());
+        assert!(decompress(Codec::Zlib, &[1, 2, 3, 4], 512, 512).is_err());
+        let z = zstd::bulk::compress(&data, 3).unwrap();
+        let mut zp = z.clone();
+        zp.extend_from_slice(&[0; 100]);
+        assert_eq!(decompress(Codec::Zstd, &zp, 65536, 65536).unwrap(), data);
+        assert!(decompress(Codec::Zstd, &[0x28, 0xb5, 0x2f, 0xfd, 9, 9], 512, 512).is_err());
+    }
+}
