@@ -14,7 +14,7 @@ use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
 use glimpse_formats::image::Image;
-use glimpse_formats::reader::GuestReader;
+use glimpse_formats::reader::{ChunkPlan, ChunkPlanner, GuestReader};
 use rayon::prelude::*;
 
 use crate::{Chunk, Compressor, Error, Payload, Result, Writer};
@@ -31,7 +31,11 @@ pub struct ConvertOptions<'a> {
 
 impl Default for ConvertOptions<'_> {
     fn default() -> Self {
-        ConvertOptions { batch_bytes: 32 << 20, progress: None, cancel: None }
+        ConvertOptions {
+            batch_bytes: 32 << 20,
+            progress: None,
+            cancel: None,
+        }
     }
 }
 
@@ -48,67 +52,23 @@ pub struct Stats {
     pub data_chunks: u64,
 }
 
-/// A chunk to prepare: its range, and whether any of it needs reading.
-#[derive(Debug, Clone, Copy)]
-struct Plan {
-    guest: u64,
-    len: u64,
-    read: bool,
-}
-
-/// Walks the mapping and yields chunk plans in order. Each extent is looked up once.
-struct Planner<'a> {
-    image: &'a dyn Image,
-    chunk: u64,
-    pos: u64,
-    size: u64,
-    /// The current extent's end and whether it reads as zero.
-    cur: Option<(u64, bool)>,
-}
-
-impl Planner<'_> {
-    fn next(&mut self) -> Option<Result<Plan>> {
-        if self.pos >= self.size {
-            return None;
-        }
-        let start = self.pos;
-        let end = (start / self.chunk).saturating_add(1).saturating_mul(self.chunk).min(self.size);
-        let mut read = false;
-        let mut p = start;
-        while p < end {
-            let (ext_end, zero) = match self.cur {
-                Some((e, z)) if e > p => (e, z),
-                _ => {
-                    // Ask for a long run so that one lookup covers many chunks.
-                    match self.image.mapping(p, self.size - p) {
-                        Ok(e) => {
-                            if let Err(err) = glimpse_formats::validate_extent(&e, p, self.size - p, self.size) {
-                                return Some(Err(err));
-                            }
-                            self.cur = Some((e.end(), e.reads_as_zero()));
-                            (e.end(), e.reads_as_zero())
-                        }
-                        Err(err) => return Some(Err(err)),
-                    }
-                }
-            };
-            read |= !zero;
-            p = ext_end.min(end);
-        }
-        self.pos = end;
-        Some(Ok(Plan { guest: start, len: end - start, read }))
-    }
-}
-
-fn prepare(reader: &GuestReader, plan: Plan, comp: Option<Compressor>) -> Result<Chunk> {
+fn prepare(reader: &GuestReader, plan: ChunkPlan, comp: Option<Compressor>) -> Result<Chunk> {
     if !plan.read {
-        return Ok(Chunk { guest: plan.guest, len: plan.len, payload: Payload::Zero });
+        return Ok(Chunk {
+            guest: plan.guest,
+            len: plan.len,
+            payload: Payload::Zero,
+        });
     }
     let n = usize::try_from(plan.len).map_err(|_| Error::limit("chunk too large"))?;
     let mut buf = vec![0u8; n];
     reader.read_at(&mut buf, plan.guest)?;
     if is_zero(&buf) {
-        return Ok(Chunk { guest: plan.guest, len: plan.len, payload: Payload::Zero });
+        return Ok(Chunk {
+            guest: plan.guest,
+            len: plan.len,
+            payload: Payload::Zero,
+        });
     }
     let payload = match comp {
         None => Payload::Data(buf),
@@ -121,29 +81,43 @@ fn prepare(reader: &GuestReader, plan: Plan, comp: Option<Compressor>) -> Result
             }
         }
     };
-    Ok(Chunk { guest: plan.guest, len: plan.len, payload })
+    Ok(Chunk {
+        guest: plan.guest,
+        len: plan.len,
+        payload,
+    })
 }
 
 /// True when every byte is zero. Compares 16-byte words for speed.
 pub fn is_zero(buf: &[u8]) -> bool {
     let mut words = buf.chunks_exact(16);
     let rem = words.remainder();
-    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0) && rem.iter().all(|&b| b == 0)
+    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
+        && rem.iter().all(|&b| b == 0)
 }
 
 /// Converts `image` into `writer`.
 ///
 /// # Errors
 /// Any read, decompression or write error, or `Invalid` when cancelled.
-pub fn convert(image: Arc<dyn Image>, writer: Box<dyn Writer>, reader: &GuestReader, opts: &ConvertOptions<'_>) -> Result<Stats> {
+pub fn convert(
+    image: Arc<dyn Image>,
+    writer: Box<dyn Writer>,
+    reader: &GuestReader,
+    opts: &ConvertOptions<'_>,
+) -> Result<Stats> {
     let size = image.info().virtual_size;
     let chunk = writer.chunk_size().max(512);
     let comp = writer.compressor();
-    let per_batch = usize::try_from((opts.batch_bytes / chunk).max(rayon::current_num_threads() as u64 * 2))
-        .unwrap_or(64);
-    let mut planner = Planner { image: image.as_ref(), chunk, pos: 0, size, cur: None };
+    let per_batch =
+        usize::try_from((opts.batch_bytes / chunk).max(rayon::current_num_threads() as u64 * 2))
+            .unwrap_or(64);
+    let mut planner = ChunkPlanner::new(image.as_ref(), chunk);
     let (tx, rx) = sync_channel::<Vec<Chunk>>(1);
-    let mut stats = Stats { guest_bytes: size, ..Stats::default() };
+    let mut stats = Stats {
+        guest_bytes: size,
+        ..Stats::default()
+    };
 
     std::thread::scope(|s| -> Result<()> {
         let progress = opts.progress;
@@ -178,8 +152,10 @@ pub fn convert(image: Arc<dyn Image>, writer: Box<dyn Writer>, reader: &GuestRea
                     return Ok(());
                 }
                 stats.read_bytes += plans.iter().filter(|p| p.read).map(|p| p.len).sum::<u64>();
-                let chunks: Vec<Chunk> =
-                    plans.into_par_iter().map(|p| prepare(reader, p, comp)).collect::<Result<_>>()?;
+                let chunks: Vec<Chunk> = plans
+                    .into_par_iter()
+                    .map(|p| prepare(reader, p, comp))
+                    .collect::<Result<_>>()?;
                 for c in &chunks {
                     if c.payload == Payload::Zero {
                         stats.zero_chunks += 1;
@@ -195,7 +171,9 @@ pub fn convert(image: Arc<dyn Image>, writer: Box<dyn Writer>, reader: &GuestRea
         };
         let produced = produce();
         drop(tx);
-        let written = writer_thread.join().map_err(|_| Error::invalid("writer thread panicked"))?;
+        let written = writer_thread
+            .join()
+            .map_err(|_| Error::invalid("writer thread panicked"))?;
         produced?;
         written
     })?;

@@ -36,7 +36,12 @@ impl<'a> Probe<'a> {
         let head = read_up_to(src, 0, HEAD_LEN)?;
         let tail_len = usize::try_from(size.min(TAIL_LEN as u64)).unwrap_or(TAIL_LEN);
         let tail = read_up_to(src, size.saturating_sub(tail_len as u64), tail_len)?;
-        Ok(Probe { head, tail, size, src })
+        Ok(Probe {
+            head,
+            tail,
+            size,
+            src,
+        })
     }
 
     /// `len` bytes of the head at `offset`, if the head has them.

@@ -71,7 +71,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind` with a message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, code: None, message: message.into(), offset: None, source: None }
+        Error {
+            kind,
+            code: None,
+            message: message.into(),
+            offset: None,
+            source: None,
+        }
     }
     /// Data ends early.
     pub fn truncated(message: impl Into<String>) -> Self {

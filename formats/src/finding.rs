@@ -31,15 +31,30 @@ pub struct Finding {
 impl Finding {
     /// A finding that rejects the image.
     pub fn reject(code: &'static str, message: impl Into<String>) -> Self {
-        Finding { code, severity: Severity::Reject, message: message.into(), offset: None }
+        Finding {
+            code,
+            severity: Severity::Reject,
+            message: message.into(),
+            offset: None,
+        }
     }
     /// A warning.
     pub fn warn(code: &'static str, message: impl Into<String>) -> Self {
-        Finding { code, severity: Severity::Warn, message: message.into(), offset: None }
+        Finding {
+            code,
+            severity: Severity::Warn,
+            message: message.into(),
+            offset: None,
+        }
     }
     /// Information.
     pub fn info(code: &'static str, message: impl Into<String>) -> Self {
-        Finding { code, severity: Severity::Info, message: message.into(), offset: None }
+        Finding {
+            code,
+            severity: Severity::Info,
+            message: message.into(),
+            offset: None,
+        }
     }
     /// Sets the offset.
     #[must_use]

@@ -83,7 +83,9 @@ impl ImageInfo {
 
     /// The backing file, if any.
     pub fn backing_file(&self) -> Option<&Reference> {
-        self.references.iter().find(|r| r.kind == RefKind::BackingFile)
+        self.references
+            .iter()
+            .find(|r| r.kind == RefKind::BackingFile)
     }
 }
 

@@ -56,7 +56,10 @@ pub trait ReadAt: Send + Sync {
         while !buf.is_empty() {
             match self.read_at(buf, offset) {
                 Ok(0) => {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source ended early"))
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "source ended early",
+                    ))
                 }
                 Ok(n) => {
                     buf = buf.get_mut(n..).unwrap_or_default();
@@ -124,8 +127,12 @@ fn seek_hole_data(file: &File, offset: u64, whence: libc::c_int) -> io::Result<R
 
 impl ReadAt for [u8] {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let Ok(start) = usize::try_from(offset) else { return Ok(0) };
-        let Some(avail) = self.get(start..) else { return Ok(0) };
+        let Ok(start) = usize::try_from(offset) else {
+            return Ok(0);
+        };
+        let Some(avail) = self.get(start..) else {
+            return Ok(0);
+        };
         let n = avail.len().min(buf.len());
         if let (Some(dst), Some(src)) = (buf.get_mut(..n), avail.get(..n)) {
             dst.copy_from_slice(src);
@@ -177,7 +184,9 @@ impl<R: ReadAt + ?Sized> Window<R> {
     /// # Errors
     /// `Truncated` if the window extends past the end of `inner`.
     pub fn new(inner: Arc<R>, start: u64, len: u64) -> Result<Self> {
-        let end = start.checked_add(len).ok_or_else(|| Error::invalid("window overflows"))?;
+        let end = start
+            .checked_add(len)
+            .ok_or_else(|| Error::invalid("window overflows"))?;
         if end > inner.size()? {
             return Err(Error::truncated("window extends past the end of the source").at(start));
         }
@@ -192,8 +201,11 @@ impl<R: ReadAt + ?Sized> ReadAt for Window<R> {
         }
         let avail = usize::try_from(self.len - offset).unwrap_or(usize::MAX);
         let n = avail.min(buf.len());
-        let Some(abs) = self.start.checked_add(offset) else { return Ok(0) };
-        self.inner.read_at(buf.get_mut(..n).unwrap_or_default(), abs)
+        let Some(abs) = self.start.checked_add(offset) else {
+            return Ok(0);
+        };
+        self.inner
+            .read_at(buf.get_mut(..n).unwrap_or_default(), abs)
     }
     fn size(&self) -> io::Result<u64> {
         Ok(self.len)
@@ -209,7 +221,13 @@ impl<R: ReadAt + ?Sized> ReadAt for Window<R> {
 /// # Errors
 /// `Truncated` when the range passes the end of the source; `LimitExceeded` when the budget is
 /// spent; `Io` on read errors.
-pub fn read_vec(src: &dyn ReadAt, offset: u64, len: u64, budget: &Budget, what: &str) -> Result<Vec<u8>> {
+pub fn read_vec(
+    src: &dyn ReadAt,
+    offset: u64,
+    len: u64,
+    budget: &Budget,
+    what: &str,
+) -> Result<Vec<u8>> {
     let size = src.size()?;
     let end = offset
         .checked_add(len)
@@ -224,9 +242,11 @@ pub fn read_vec(src: &dyn ReadAt, offset: u64, len: u64, budget: &Budget, what: 
     budget.take(len, what)?;
     let n = usize::try_from(len).map_err(|_| Error::limit(format!("{what}: too large")))?;
     let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| Error::limit(format!("{what}: cannot allocate {n} bytes")))?;
+    v.try_reserve_exact(n)
+        .map_err(|_| Error::limit(format!("{what}: cannot allocate {n} bytes")))?;
     v.resize(n, 0);
-    src.read_exact_at(&mut v, offset).map_err(|e| Error::from(e).context(what).at(offset))?;
+    src.read_exact_at(&mut v, offset)
+        .map_err(|e| Error::from(e).context(what).at(offset))?;
     Ok(v)
 }
 
@@ -285,7 +305,13 @@ mod tests {
         let data: Vec<u8> = vec![7; 64];
         let b = Budget::new(32);
         assert_eq!(read_vec(&data, 0, 16, &b, "t").unwrap(), vec![7; 16]);
-        assert_eq!(read_vec(&data, 60, 16, &b, "t").unwrap_err().kind(), crate::ErrorKind::Truncated);
-        assert_eq!(read_vec(&data, 0, 32, &b, "t").unwrap_err().kind(), crate::ErrorKind::LimitExceeded);
+        assert_eq!(
+            read_vec(&data, 60, 16, &b, "t").unwrap_err().kind(),
+            crate::ErrorKind::Truncated
+        );
+        assert_eq!(
+            read_vec(&data, 0, 32, &b, "t").unwrap_err().kind(),
+            crate::ErrorKind::LimitExceeded
+        );
     }
 }

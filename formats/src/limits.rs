@@ -75,7 +75,9 @@ pub struct Budget {
 impl Budget {
     /// A budget of `bytes`.
     pub fn new(bytes: u64) -> Self {
-        Budget { left: AtomicU64::new(bytes) }
+        Budget {
+            left: AtomicU64::new(bytes),
+        }
     }
 
     /// Charges `bytes`, failing when the budget would go below zero.
@@ -84,16 +86,24 @@ impl Budget {
     /// `LimitExceeded` naming `what`.
     pub fn take(&self, bytes: u64, what: &str) -> Result<()> {
         self.left
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(bytes))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                l.checked_sub(bytes)
+            })
             .map(|_| ())
-            .map_err(|_| Error::limit(format!("{what}: metadata budget exhausted ({bytes} bytes asked)")))
+            .map_err(|_| {
+                Error::limit(format!(
+                    "{what}: metadata budget exhausted ({bytes} bytes asked)"
+                ))
+            })
     }
 
     /// Gives bytes back once a temporary buffer is dropped.
     pub fn give_back(&self, bytes: u64) {
         let _ = self
             .left
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(l.saturating_add(bytes)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some(l.saturating_add(bytes))
+            });
     }
 
     /// Bytes left.

@@ -23,6 +23,8 @@ pub struct Policy {
     pub allow_backing_file: bool,
     /// Skip the structural checks that read all metadata ([`Image::check`]).
     pub skip_structure: bool,
+    /// Which disk of a container with several (an OVA) to open; `None` for the first.
+    pub disk: Option<usize>,
 }
 
 /// The verdict.
@@ -90,7 +92,12 @@ pub fn inspect(src: Source, policy: &Policy, limits: &Limits) -> Result<Report> 
 ///
 /// # Errors
 /// Only `Io` errors.
-pub fn inspect_detected(src: Source, detection: Detection, policy: &Policy, limits: &Limits) -> Result<Report> {
+pub fn inspect_detected(
+    src: Source,
+    detection: Detection,
+    policy: &Policy,
+    limits: &Limits,
+) -> Result<Report> {
     let mut findings = Vec::new();
     let format = detection.format();
     if detection.is_ambiguous() {
@@ -115,7 +122,12 @@ pub fn inspect_detected(src: Source, detection: Detection, policy: &Policy, limi
         ));
     }
 
-    let image = match crate::open(src, format, limits) {
+    let opened = if format == Format::Ova {
+        crate::ova::open_disk(src, limits, policy.disk)
+    } else {
+        crate::open(src, format, limits)
+    };
+    let image = match opened {
         Ok(img) => Some(img),
         Err(e) if e.kind() == ErrorKind::Io => return Err(e),
         Err(e) => {
@@ -153,7 +165,11 @@ pub fn inspect_detected(src: Source, detection: Detection, policy: &Policy, limi
     }
     findings.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
     findings.dedup();
-    Ok(Report { detection, image, findings })
+    Ok(Report {
+        detection,
+        image,
+        findings,
+    })
 }
 
 #[cfg(test)]
@@ -166,7 +182,10 @@ mod tests {
         let src: Source = Arc::new(vec![0u8; 4096]);
         let r = inspect(src.clone(), &Policy::default(), &Limits::default()).unwrap();
         assert_eq!(r.verdict(), Verdict::Pass);
-        let p = Policy { expect_format: Some(Format::Qcow2), ..Policy::default() };
+        let p = Policy {
+            expect_format: Some(Format::Qcow2),
+            ..Policy::default()
+        };
         let r = inspect(src, &p, &Limits::default()).unwrap();
         assert_eq!(r.verdict(), Verdict::Reject);
         assert!(r.findings.iter().any(|f| f.code == "format.mismatch"));
@@ -175,7 +194,10 @@ mod tests {
     #[test]
     fn size_limit() {
         let src: Source = Arc::new(vec![0u8; 4096]);
-        let p = Policy { max_virtual_size: Some(1024), ..Policy::default() };
+        let p = Policy {
+            max_virtual_size: Some(1024),
+            ..Policy::default()
+        };
         let r = inspect(src, &p, &Limits::default()).unwrap();
         assert!(r.findings.iter().any(|f| f.code == "size.limit"));
     }

@@ -18,7 +18,9 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
     // No unit of any format is larger than 2 MiB (qcow2's largest cluster) except VMDK grains
     // and VHDX blocks, which are never compressed beyond 64 MiB; refuse more.
     if unit_size > 64 << 20 {
-        return Err(Error::limit(format!("compressed unit of {unit_size} bytes is too large")));
+        return Err(Error::limit(format!(
+            "compressed unit of {unit_size} bytes is too large"
+        )));
     }
     let cap = usize::try_from(unit_size).map_err(|_| Error::limit("unit too large"))?;
     let mut out = vec![0u8; cap];
@@ -30,7 +32,9 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
                 let before_in = d.total_in();
                 let before_out = d.total_out();
                 let done = usize::try_from(before_out).unwrap_or(cap);
-                let Some(dst) = out.get_mut(done..) else { break done };
+                let Some(dst) = out.get_mut(done..) else {
+                    break done;
+                };
                 if dst.is_empty() {
                     break done;
                 }
@@ -53,8 +57,7 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
                 .map_err(|e| Error::corrupt(format!("invalid zstd stream: {e}")))?
                 .single_frame();
             let mut n = 0;
-            loop {
-                let Some(dst) = out.get_mut(n..) else { break };
+            while let Some(dst) = out.get_mut(n..) {
                 if dst.is_empty() {
                     break;
                 }
@@ -115,8 +118,15 @@ pub struct GuestReader {
 impl GuestReader {
     /// A reader over `image` with a cache bounded by `limits.max_cache_bytes`.
     pub fn new(image: Arc<dyn Image>, limits: &Limits) -> Self {
-        let cache = Cache { entries: Vec::new(), bytes: 0, max_bytes: limits.max_cache_bytes };
-        GuestReader { image, cache: Mutex::new(cache) }
+        let cache = Cache {
+            entries: Vec::new(),
+            bytes: 0,
+            max_bytes: limits.max_cache_bytes,
+        };
+        GuestReader {
+            image,
+            cache: Mutex::new(cache),
+        }
     }
 
     /// The image.
@@ -139,14 +149,22 @@ impl GuestReader {
         let end = guest
             .checked_add(buf.len() as u64)
             .filter(|e| *e <= vsize)
-            .ok_or_else(|| Error::invalid(format!("read of {} bytes at {guest:#x} passes the disk end", buf.len())))?;
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "read of {} bytes at {guest:#x} passes the disk end",
+                    buf.len()
+                ))
+            })?;
         let mut pos = guest;
         while pos < end {
             let e = self.image.mapping(pos, end - pos)?;
             crate::validate_extent(&e, pos, end - pos, vsize)?;
             let from = usize::try_from(pos - guest).map_err(|_| Error::limit("read too large"))?;
-            let to = usize::try_from(e.end() - guest).map_err(|_| Error::limit("read too large"))?;
-            let dst = buf.get_mut(from..to).ok_or_else(|| Error::corrupt("extent outside buffer"))?;
+            let to =
+                usize::try_from(e.end() - guest).map_err(|_| Error::limit("read too large"))?;
+            let dst = buf
+                .get_mut(from..to)
+                .ok_or_else(|| Error::corrupt("extent outside buffer"))?;
             self.read_extent(&e, dst)?;
             pos = e.end();
         }
@@ -161,25 +179,58 @@ impl GuestReader {
         match e.kind {
             ExtentKind::Zero | ExtentKind::Unallocated => dst.fill(0),
             ExtentKind::Data { host } => {
-                self.image.source().read_exact_at(dst, host).map_err(|err| {
-                    Error::from(err).context(format!("reading guest offset {:#x}", e.start)).at(host)
-                })?;
+                self.image
+                    .source()
+                    .read_exact_at(dst, host)
+                    .map_err(|err| {
+                        Error::from(err)
+                            .context(format!("reading guest offset {:#x}", e.start))
+                            .at(host)
+                    })?;
             }
-            ExtentKind::Compressed { codec, host, stored_len, unit_size, skip } => {
-                let unit = self.unit(codec, host, stored_len, unit_size, skip.saturating_add(e.len), e.start)?;
+            ExtentKind::Compressed {
+                codec,
+                host,
+                stored_len,
+                unit_size,
+                skip,
+            } => {
+                let unit = self.unit(
+                    codec,
+                    host,
+                    stored_len,
+                    unit_size,
+                    skip.saturating_add(e.len),
+                    e.start,
+                )?;
                 let from = usize::try_from(skip).map_err(|_| Error::limit("skip too large"))?;
                 let src = from
                     .checked_add(dst.len())
                     .and_then(|to| unit.get(from..to))
-                    .ok_or_else(|| Error::corrupt(format!("compressed unit at guest {:#x} is short", e.start)))?;
+                    .ok_or_else(|| {
+                        Error::corrupt(format!("compressed unit at guest {:#x} is short", e.start))
+                    })?;
                 dst.copy_from_slice(src);
             }
         }
         Ok(())
     }
 
-    fn unit(&self, codec: Codec, host: u64, stored_len: u64, unit_size: u64, need: u64, guest: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some(v) = self.cache.lock().map_err(|_| Error::corrupt("cache poisoned"))?.get(host) {
+    fn unit(
+        &self,
+        codec: Codec,
+        host: u64,
+        stored_len: u64,
+        unit_size: u64,
+        need: u64,
+        guest: u64,
+    ) -> Result<Arc<Vec<u8>>> {
+        if let Some(v) = self
+            .cache
+            .lock()
+            .map_err(|_| Error::corrupt("cache poisoned"))?
+            .get(host)
+        {
             if v.len() as u64 >= need {
                 return Ok(v);
             }
@@ -188,15 +239,112 @@ impl GuestReader {
         // The stored length may be an upper bound that runs past the file end (qcow2).
         let avail = size.saturating_sub(host).min(stored_len);
         if avail == 0 || stored_len > 2 * unit_size + (1 << 16) {
-            return Err(Error::corrupt(format!("compressed data for guest offset {guest:#x} lies outside the file")).at(host));
+            return Err(Error::corrupt(format!(
+                "compressed data for guest offset {guest:#x} lies outside the file"
+            ))
+            .at(host));
         }
-        let mut raw = vec![0u8; usize::try_from(avail).map_err(|_| Error::limit("compressed unit too large"))?];
+        let mut raw = vec![
+            0u8;
+            usize::try_from(avail)
+                .map_err(|_| Error::limit("compressed unit too large"))?
+        ];
         self.image.source().read_exact_at(&mut raw, host)?;
         let out = decompress(codec, &raw, unit_size, need)
             .map_err(|err| err.context(format!("guest offset {guest:#x}")).at(host))?;
         let out = Arc::new(out);
-        self.cache.lock().map_err(|_| Error::corrupt("cache poisoned"))?.put(host, out.clone());
+        self.cache
+            .lock()
+            .map_err(|_| Error::corrupt("cache poisoned"))?
+            .put(host, out.clone());
         Ok(out)
+    }
+}
+
+/// One chunk of the guest disk, and whether any of it must be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// First guest byte.
+    pub guest: u64,
+    /// Length (the chunk size, or less for the last chunk).
+    pub len: u64,
+    /// False when the whole chunk is zero or unallocated by the mapping, so it reads as zeros
+    /// without reading.
+    pub read: bool,
+}
+
+/// Cuts the guest disk into aligned chunks in order, classifying each from the mapping. Each
+/// extent is looked up once however many chunks it spans.
+pub struct ChunkPlanner<'a> {
+    image: &'a dyn Image,
+    chunk: u64,
+    pos: u64,
+    size: u64,
+    /// The current extent's end and whether it reads as zero.
+    cur: Option<(u64, bool)>,
+}
+
+impl<'a> ChunkPlanner<'a> {
+    /// A planner over `image` in chunks of `chunk` bytes (at least 1).
+    pub fn new(image: &'a dyn Image, chunk: u64) -> Self {
+        ChunkPlanner {
+            image,
+            chunk: chunk.max(1),
+            pos: 0,
+            size: image.info().virtual_size,
+            cur: None,
+        }
+    }
+
+    /// Skips to `pos` (aligned down to the chunk size).
+    pub fn seek(&mut self, pos: u64) {
+        self.pos = pos - pos % self.chunk;
+    }
+}
+
+impl Iterator for ChunkPlanner<'_> {
+    type Item = Result<ChunkPlan>;
+
+    fn next(&mut self) -> Option<Result<ChunkPlan>> {
+        if self.pos >= self.size {
+            return None;
+        }
+        let start = self.pos;
+        let end = (start / self.chunk)
+            .saturating_add(1)
+            .saturating_mul(self.chunk)
+            .min(self.size);
+        let mut read = false;
+        let mut p = start;
+        while p < end {
+            let (ext_end, zero) = match self.cur {
+                Some((e, z)) if e > p => (e, z),
+                _ => {
+                    // Ask for a long run so that one lookup covers many chunks.
+                    let e = match self.image.mapping(p, self.size - p) {
+                        Ok(e) => e,
+                        Err(err) => {
+                            self.pos = self.size;
+                            return Some(Err(err));
+                        }
+                    };
+                    if let Err(err) = crate::validate_extent(&e, p, self.size - p, self.size) {
+                        self.pos = self.size;
+                        return Some(Err(err));
+                    }
+                    self.cur = Some((e.end(), e.reads_as_zero()));
+                    (e.end(), e.reads_as_zero())
+                }
+            };
+            read |= !zero;
+            p = ext_end.min(end);
+        }
+        self.pos = end;
+        Some(Ok(ChunkPlan {
+            guest: start,
+            len: end - start,
+            read,
+        }))
     }
 }
 
@@ -213,9 +361,15 @@ mod tests {
         let c = e.finish().unwrap();
         let mut padded = c.clone();
         padded.extend_from_slice(&[0xAB; 300]);
-        assert_eq!(decompress(Codec::Deflate, &padded, 65536, 65536).unwrap(), data);
+        assert_eq!(
+            decompress(Codec::Deflate, &padded, 65536, 65536).unwrap(),
+            data
+        );
         // Cut at a smaller unit: never inflates beyond the unit.
-        assert_eq!(decompress(Codec::Deflate, &c, 4096, 4096).unwrap().len(), 4096);
+        assert_eq!(
+            decompress(Codec::Deflate, &c, 4096, 4096).unwrap().len(),
+            4096
+        );
         assert!(decompress(Codec::Deflate, &c[..c.len() / 2], 65536, 65536).is_err());
         assert!(decompress(Codec::Zlib, &[1, 2, 3, 4], 512, 512).is_err());
         let z = zstd::bulk::compress(&data, 3).unwrap();

@@ -28,15 +28,27 @@ pub struct TableSpec<'a> {
 /// `LimitExceeded` (`table.too-large`), `Invalid` (`table.misaligned`) or `Corrupt`
 /// (`table.out-of-bounds`), each at the table's offset.
 pub fn check_table(spec: TableSpec<'_>, file_size: u64, limits: &Limits) -> Result<u64> {
-    let TableSpec { name, offset, entries, entry_size, align } = spec;
-    limits.check_entries(name, entries).map_err(|e| e.at(offset))?;
-    let len = entries
-        .checked_mul(entry_size)
-        .ok_or_else(|| Error::limit(format!("{name}: size overflows")).at(offset).code("table.too-large"))?;
-    if align > 1 && offset % align != 0 {
-        return Err(Error::invalid(format!("{name} at {offset:#x} is not aligned to {align} bytes"))
+    let TableSpec {
+        name,
+        offset,
+        entries,
+        entry_size,
+        align,
+    } = spec;
+    limits
+        .check_entries(name, entries)
+        .map_err(|e| e.at(offset))?;
+    let len = entries.checked_mul(entry_size).ok_or_else(|| {
+        Error::limit(format!("{name}: size overflows"))
             .at(offset)
-            .code("table.misaligned"));
+            .code("table.too-large")
+    })?;
+    if align > 1 && offset % align != 0 {
+        return Err(Error::invalid(format!(
+            "{name} at {offset:#x} is not aligned to {align} bytes"
+        ))
+        .at(offset)
+        .code("table.misaligned"));
     }
     let end = offset.checked_add(len);
     match end {
@@ -55,23 +67,38 @@ mod tests {
     use crate::ErrorKind;
 
     fn spec(offset: u64, entries: u64) -> TableSpec<'static> {
-        TableSpec { name: "T", offset, entries, entry_size: 8, align: 512 }
+        TableSpec {
+            name: "T",
+            offset,
+            entries,
+            entry_size: 8,
+            align: 512,
+        }
     }
 
     #[test]
     fn accepts_a_table_inside_the_file() {
-        assert_eq!(check_table(spec(512, 64), 1024, &Limits::default()).unwrap(), 512);
+        assert_eq!(
+            check_table(spec(512, 64), 1024, &Limits::default()).unwrap(),
+            512
+        );
     }
 
     #[test]
     fn rejects_out_of_bounds_misaligned_and_huge() {
         let l = Limits::default();
         let e = check_table(spec(512, 65), 1024, &l).unwrap_err();
-        assert_eq!((e.kind(), e.finding_code()), (ErrorKind::Corrupt, "table.out-of-bounds"));
+        assert_eq!(
+            (e.kind(), e.finding_code()),
+            (ErrorKind::Corrupt, "table.out-of-bounds")
+        );
         let e = check_table(spec(100, 1), 1024, &l).unwrap_err();
         assert_eq!(e.finding_code(), "table.misaligned");
         let e = check_table(spec(0, 1 << 31), u64::MAX, &l).unwrap_err();
-        assert_eq!((e.kind(), e.finding_code()), (ErrorKind::LimitExceeded, "table.too-large"));
+        assert_eq!(
+            (e.kind(), e.finding_code()),
+            (ErrorKind::LimitExceeded, "table.too-large")
+        );
         let e = check_table(spec(u64::MAX - 511, 100), u64::MAX, &l).unwrap_err();
         assert_eq!(e.finding_code(), "table.out-of-bounds");
     }

@@ -1,13 +1,86 @@
-//! `glimpse checksum`. (Stub.)
+//! `glimpse checksum`: file digests in one pass, and the content digest.
+
+use std::path::PathBuf;
+
+use glimpse_formats::digest::{content_digest, file_digests, Algo};
+use glimpse_formats::reader::GuestReader;
+use glimpse_formats::Limits;
+use serde_json::{json, Map, Value};
+
+use crate::common::{load, name, open_source, print_json, InputOpts, OutputFormat};
 
 /// Arguments of `glimpse checksum`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Image files.
-    files: Vec<std::path::PathBuf>,
+    /// Algorithms, comma-separated: md5, sha1, sha256, sha512. The default, md5 and sha512,
+    /// gives Glance's `checksum` and `os_hash_value` (os_hash_algo=sha512).
+    #[arg(long, value_delimiter = ',', default_value = "md5,sha512")]
+    algo: Vec<Algo>,
+    /// Digest the guest-visible content instead of the file: the same disk gives the same
+    /// value in every format and compression (docs/content-digest.md).
+    #[arg(long)]
+    content: bool,
+    #[command(flatten)]
+    input: InputOpts,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+    /// Files.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
 }
 
-/// Runs the command; returns the exit code.
-pub fn run(_args: Args) -> anyhow::Result<u8> {
-    anyhow::bail!("checksum is not implemented yet")
+/// Runs `glimpse checksum`.
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let mut items = Vec::new();
+    let mut code = 0;
+    let mut algos = args.algo.clone();
+    algos.sort();
+    algos.dedup();
+    for path in &args.files {
+        let fname = name(path);
+        let result = (|| -> anyhow::Result<Value> {
+            let mut m = Map::new();
+            m.insert("filename".into(), json!(fname));
+            if args.content {
+                let loaded = load(path, None, &args.input)?;
+                m.insert(
+                    "virtual-size".into(),
+                    json!(loaded.image.info().virtual_size),
+                );
+                let reader = GuestReader::new(loaded.image, &Limits::default());
+                let d = content_digest(&reader, &|_, _| {})?;
+                m.insert("content".into(), json!(d));
+            } else {
+                let src = open_source(path)?;
+                m.insert("size".into(), json!(src.size()?));
+                for (algo, hex) in file_digests(src.as_ref(), &algos, &|_| {})? {
+                    m.insert(algo.name().into(), json!(hex));
+                }
+            }
+            Ok(Value::Object(m))
+        })();
+        match result {
+            Ok(v) => {
+                if args.output == OutputFormat::Human {
+                    if args.content {
+                        println!("{}  {fname}", v["content"].as_str().unwrap_or_default());
+                    } else {
+                        for a in &algos {
+                            println!("{}  {fname}", v[a.name()].as_str().unwrap_or_default());
+                        }
+                    }
+                }
+                items.push(v);
+            }
+            Err(e) => {
+                eprintln!("glimpse: {fname}: {e:#}");
+                code = 2;
+            }
+        }
+    }
+    if args.output == OutputFormat::Json && !items.is_empty() {
+        print_json(items);
+    }
+    Ok(code)
 }

@@ -1,13 +1,70 @@
-//! `glimpse measure`. (Stub.)
+//! `glimpse measure`: required and fully-allocated output size for every target format.
+
+use std::path::PathBuf;
+
+use glimpse_convert::{measure, measure_granularity, WriteOptions};
+use glimpse_formats::reader::ChunkPlanner;
+use glimpse_formats::Format;
+use serde_json::json;
+
+use crate::common::{load, parse_format, parse_size, InputOpts, OutputFormat};
 
 /// Arguments of `glimpse measure`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Image files.
-    files: Vec<std::path::PathBuf>,
+    /// Output format.
+    #[arg(short = 'O', value_parser = parse_format, value_name = "FORMAT")]
+    output_format: Format,
+    /// Output options, as for convert.
+    #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// Compression (as for convert; the estimate assumes no saving).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Measure a new empty image of this size instead of a source.
+    #[arg(long, value_parser = parse_size, conflicts_with = "src")]
+    size: Option<u64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+    #[command(flatten)]
+    input: InputOpts,
+    /// Source image.
+    #[arg(required_unless_present = "size")]
+    src: Option<PathBuf>,
 }
 
-/// Runs the command; returns the exit code.
-pub fn run(_args: Args) -> anyhow::Result<u8> {
-    anyhow::bail!("measure is not implemented yet")
+/// Runs `glimpse measure`.
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let opts = WriteOptions::parse(&args.options.join(","), args.compress)?;
+    let (vsize, data) = match (&args.src, args.size) {
+        (Some(src), _) => {
+            let image = load(src, None, &args.input)?.image;
+            let gran = measure_granularity(args.output_format, &opts)?;
+            let mut data = 0u64;
+            for plan in ChunkPlanner::new(image.as_ref(), gran) {
+                let plan = plan?;
+                if plan.read {
+                    data += plan.len;
+                }
+            }
+            (image.info().virtual_size, data)
+        }
+        (None, Some(s)) => (s, 0),
+        (None, None) => anyhow::bail!("give a source image or --size"),
+    };
+    let m = measure(args.output_format, &opts, vsize, data)?;
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"required": m.required, "fully-allocated": m.fully_allocated})
+            )?
+        ),
+        OutputFormat::Human => {
+            println!("required size: {}", m.required);
+            println!("fully allocated size: {}", m.fully_allocated);
+        }
+    }
+    Ok(0)
 }

@@ -9,6 +9,9 @@ pub const HEAD_LEN: usize = 64 * 1024;
 
 /// Describes the partition tables found in `head` (the first bytes of a disk of `size`
 /// bytes). Returns details for `format-specific.data` and informational findings.
-pub fn describe(_head: &[u8], _size: u64) -> (serde_json::Map<String, serde_json::Value>, Vec<Finding>) {
+pub fn describe(
+    _head: &[u8],
+    _size: u64,
+) -> (serde_json::Map<String, serde_json::Value>, Vec<Finding>) {
     (serde_json::Map::new(), Vec::new())
 }

@@ -30,7 +30,11 @@ pub fn open(src: Source, _limits: &Limits) -> Result<RawImage> {
     let head = crate::io::read_up_to(src.as_ref(), 0, crate::partition::HEAD_LEN)?;
     let (details, findings) = crate::partition::describe(&head, size);
     info.details = details;
-    Ok(RawImage { src, info, findings })
+    Ok(RawImage {
+        src,
+        info,
+        findings,
+    })
 }
 
 impl Image for RawImage {
@@ -43,16 +47,24 @@ impl Image for RawImage {
     fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
         let span = mapping_span(guest, max_len, self.info.virtual_size)?;
         let end = guest.saturating_add(span);
-        // Holes read as zeros without being read: SEEK_DATA/SEEK_HOLE.
+        // Holes read as zeros without being read (SEEK_DATA/SEEK_HOLE). They are reported as
+        // zero, not unallocated, as qemu-img map does for raw files.
         let (len, kind) = match self.src.next_data(guest)? {
-            None => (span, ExtentKind::Unallocated),
-            Some(d) if d > guest => (d.min(end) - guest, ExtentKind::Unallocated),
+            None => (span, ExtentKind::Zero),
+            Some(d) if d > guest => (d.min(end) - guest, ExtentKind::Zero),
             Some(_) => {
-                let hole = self.src.next_hole(guest)?.clamp(guest.saturating_add(1), end);
+                let hole = self
+                    .src
+                    .next_hole(guest)?
+                    .clamp(guest.saturating_add(1), end);
                 (hole - guest, ExtentKind::Data { host: guest })
             }
         };
-        Ok(Extent { start: guest, len, kind })
+        Ok(Extent {
+            start: guest,
+            len,
+            kind,
+        })
     }
     fn source(&self) -> &Source {
         &self.src
@@ -66,7 +78,7 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn holes_map_as_unallocated_and_cover_the_file() {
+    fn holes_map_as_zero_and_cover_the_file() {
         let mut f = tempfile::tempfile().unwrap();
         f.seek(SeekFrom::Start(1 << 20)).unwrap();
         f.write_all(&[1u8; 4096]).unwrap();
@@ -84,7 +96,7 @@ mod tests {
             }
             pos = e.end();
         }
-        assert!(data >= 4096 && data < 3 << 20, "data {data}");
+        assert!((4096..3 << 20).contains(&data), "data {data}");
         assert!(img.mapping(3 << 20, 1).is_err());
     }
 }
