@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Times glimpse against its peers side by side with hyperfine, on generated images of 1 and
+# 2 GiB with mixed content (bench/gen-mixed.py). Results: bench/results/*.json and a summary
+# of ratios (glimpse wall time / peer wall time, by mean) in bench/results/summary.md.
+#
+#   bench/run.sh [GROUP...]    groups: info check checksum compare convert (default: all)
+#
+# Needs: hyperfine, qemu-img, python3, GNU time (/usr/bin/time) for peak RSS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for t in hyperfine qemu-img python3 /usr/bin/time; do
+    command -v "$t" >/dev/null || { echo "bench: $t is required (apt-get install hyperfine qemu-utils time)" >&2; exit 1; }
+done
+cargo build -q --release -p glimpse
+G=$PWD/target/release/glimpse
+W=$PWD/bench/work
+R=$PWD/bench/results
+mkdir -p "$W" "$R"
+RUNS=${RUNS:-5}
+HEAVY_RUNS=${HEAVY_RUNS:-3}
+groups=("$@")
+[ ${#groups[@]} -gt 0 ] || groups=(info check checksum compare convert)
+
+img() {  # make test images once
+    [ -f "$W/mixed-1g.raw" ] || python3 bench/gen-mixed.py "$W/mixed-1g.raw" 1024 42
+    [ -f "$W/mixed-2g.raw" ] || python3 bench/gen-mixed.py "$W/mixed-2g.raw" 2048 43
+    [ -f "$W/mixed-1g.qcow2" ] || qemu-img convert -f raw -O qcow2 "$W/mixed-1g.raw" "$W/mixed-1g.qcow2"
+    [ -f "$W/mixed-2g.qcow2" ] || qemu-img convert -f raw -O qcow2 "$W/mixed-2g.raw" "$W/mixed-2g.qcow2"
+    [ -f "$W/mixed-1g-zlib.qcow2" ] || qemu-img convert -c -f raw -O qcow2 "$W/mixed-1g.raw" "$W/mixed-1g-zlib.qcow2"
+    [ -f "$W/mixed-1g.vmdk" ] || qemu-img convert -f raw -O vmdk "$W/mixed-1g.raw" "$W/mixed-1g.vmdk"
+    [ -f "$W/mixed-1g.vhd" ] || qemu-img convert -f raw -O vpc "$W/mixed-1g.raw" "$W/mixed-1g.vhd"
+    [ -f "$W/empty-1t.qcow2" ] || qemu-img create -q -f qcow2 "$W/empty-1t.qcow2" 1T
+}
+
+hf() {  # hf NAME RUNS CMD_GLIMPSE CMD_PEER [PREPARE]
+    local name=$1 runs=$2 a=$3 b=$4 prep=${5:-}
+    local args=(--warmup 1 --runs "$runs" --export-json "$R/$name.json" -N --style basic)
+    [ -z "$prep" ] || args+=(--prepare "$prep")
+    echo "== $name"
+    hyperfine "${args[@]}" -n glimpse "$a" -n peer "$b" | grep -E 'Time|±|faster' || true
+}
+
+rss() {  # rss NAME CMD...: peak RSS in KiB of one run
+    local name=$1; shift
+    /usr/bin/time -f '%M' -o "$R/$name.rss" "$@" >/dev/null 2>&1
+}
+
+img
+for g in "${groups[@]}"; do
+case $g in
+info)
+    for f in mixed-1g.qcow2 mixed-1g.vmdk mixed-1g.vhd empty-1t.qcow2; do
+        fmt=; case $f in *.vhd) fmt="-f vpc";; esac
+        hf "info-${f//./-}" 20 "$G info $W/$f" "qemu-img info $fmt $W/$f"
+    done ;;
+check)
+    hf check-qcow2-1g "$RUNS" "$G check $W/mixed-1g.qcow2" "qemu-img check $W/mixed-1g.qcow2"
+    hf check-qcow2-empty-1t "$RUNS" "$G check $W/empty-1t.qcow2" "qemu-img check $W/empty-1t.qcow2" ;;
+checksum)
+    hf checksum-vs-sha512sum "$RUNS" "$G checksum $W/mixed-1g.raw" "sha512sum $W/mixed-1g.raw"
+    hf checksum-vs-md5-then-sha512 "$RUNS" "$G checksum $W/mixed-1g.raw" "sh -c 'md5sum $W/mixed-1g.raw; sha512sum $W/mixed-1g.raw'"
+    hf content-vs-sha256sum "$RUNS" "$G checksum --content $W/mixed-1g.raw" "sha256sum $W/mixed-1g.raw"
+    hf content-empty-1t "$RUNS" "$G checksum --content $W/empty-1t.qcow2" "true" ;;
+compare)
+    hf compare-raw-qcow2 "$RUNS" "$G compare $W/mixed-1g.raw $W/mixed-1g.qcow2" "qemu-img compare $W/mixed-1g.raw $W/mixed-1g.qcow2"
+    hf compare-raw-zlib-qcow2 "$RUNS" "$G compare $W/mixed-1g.raw $W/mixed-1g-zlib.qcow2" "qemu-img compare $W/mixed-1g.raw $W/mixed-1g-zlib.qcow2" ;;
+convert)
+    O=$W/out
+    for sz in 1g 2g; do
+        S=$W/mixed-$sz.raw
+        hf "convert-$sz-raw-qcow2" "$RUNS" "$G convert -O qcow2 $S $O.g" "qemu-img convert -O qcow2 $S $O.q" "rm -f $O.g $O.q"
+        hf "convert-$sz-qcow2-raw" "$RUNS" "$G convert -O raw $W/mixed-$sz.qcow2 $O.g" "qemu-img convert -O raw $W/mixed-$sz.qcow2 $O.q" "rm -f $O.g $O.q"
+        hf "convert-$sz-raw-vhd" "$RUNS" "$G convert -O vhd $S $O.g" "qemu-img convert -O vpc $S $O.q" "rm -f $O.g $O.q"
+        hf "convert-$sz-raw-vdi" "$RUNS" "$G convert -O vdi $S $O.g" "qemu-img convert -O vdi $S $O.q" "rm -f $O.g $O.q"
+        hf "convert-$sz-raw-qcow2-zlib" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -c -O qcow2 $S $O.q" "rm -f $O.g $O.q"
+        hf "convert-$sz-raw-qcow2-zlib-vs-W-m8" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -W -m 8 -c -O qcow2 $S $O.q" "rm -f $O.g $O.q"
+        hf "convert-$sz-raw-qcow2-zstd" "$HEAVY_RUNS" "$G convert -c -O qcow2 -o compression_type=zstd $S $O.g" "qemu-img convert -c -O qcow2 -o compression_type=zstd $S $O.q" "rm -f $O.g $O.q"
+        hf "convert-$sz-raw-vmdk-stream" "$HEAVY_RUNS" "$G convert -O vmdk -o subformat=streamOptimized $S $O.g" "qemu-img convert -O vmdk -o subformat=streamOptimized $S $O.q" "rm -f $O.g $O.q"
+    done
+    # Output sizes at the same codec, and peak memory.
+    S=$W/mixed-2g.raw
+    : > "$R/convert-sizes.tsv"
+    for v in "qcow2-zlib|-c -O qcow2|-c -O qcow2" "qcow2-zstd|-c -O qcow2 -o compression_type=zstd|-c -O qcow2 -o compression_type=zstd" \
+             "vmdk-stream|-O vmdk -o subformat=streamOptimized|-O vmdk -o subformat=streamOptimized"; do
+        IFS='|' read -r name go qo <<<"$v"
+        rss "convert-2g-$name-glimpse" $G convert $go "$S" "$O.g"
+        rss "convert-2g-$name-qemu" qemu-img convert $qo "$S" "$O.q"
+        printf '%s\t%s\t%s\n' "$name" "$(stat -c %s "$O.g")" "$(stat -c %s "$O.q")" >> "$R/convert-sizes.tsv"
+        rm -f "$O.g" "$O.q"
+    done
+    rss convert-2g-raw-qcow2-glimpse $G convert -O qcow2 "$S" "$O.g"; rm -f "$O.g" ;;
+*) echo "unknown group $g" >&2; exit 2 ;;
+esac
+done
+python3 bench/summarize.py "$R" > "$R/summary.md"
+cat "$R/summary.md"
