@@ -327,3 +327,83 @@ fn truncated_prefixes_never_panic() {
         }
     }
 }
+
+/// The committed hostile files (fixtures/hostile/iso/README.md) trigger their codes.
+#[test]
+fn hostile_fixtures() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/iso");
+    for (name, code) in [
+        ("truncated-volume.iso", "iso.truncated"),
+        ("block-size-4096.iso", "iso.descriptor"),
+        ("block-size-endian-mismatch.iso", "iso.descriptor"),
+        ("no-primary.iso", "iso.no-primary"),
+    ] {
+        let s = src(&dir.join(name));
+        assert_eq!(
+            detect(s.as_ref()).unwrap().matches,
+            vec![Format::Iso],
+            "{name}"
+        );
+        let r = inspect(s, &Policy::default(), &Limits::default()).unwrap();
+        assert_eq!(r.verdict(), Verdict::Reject, "{name}");
+        assert!(
+            r.findings.iter().any(|f| f.code == code),
+            "{name}: {:?}",
+            r.findings
+        );
+    }
+}
+
+/// `fixtures/generate.sh` runs, writes its manifest, and the ISO, LUKS and raw variants it
+/// lists are detected as the manifest says (raw: no format matched) and open.
+#[test]
+fn generate_sh_iso_luks_raw_variants() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/generate.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "generate.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "one summary line"
+    );
+    let manifest = std::fs::read_to_string(dir.path().join("manifest.tsv")).unwrap();
+    let mut seen = 0;
+    for line in manifest.lines().filter(|l| !l.starts_with('#')) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        assert_eq!(cols.len(), 3, "{line}");
+        let path = dir.path().join(cols[0]);
+        assert!(path.is_file(), "{line}");
+        let fmt: Format = cols[1].parse().unwrap();
+        if !matches!(fmt, Format::Iso | Format::Luks | Format::Raw) {
+            continue;
+        }
+        seen += 1;
+        let s = src(&path);
+        let det = detect(s.as_ref()).unwrap();
+        let want = if fmt == Format::Raw {
+            vec![]
+        } else {
+            vec![fmt]
+        };
+        assert_eq!(det.matches, want, "{line}");
+        let img = open(s, fmt, &Limits::default()).unwrap();
+        assert!(img.findings().is_empty(), "{line}: {:?}", img.findings());
+        if fmt == Format::Iso {
+            assert_eq!(
+                img.info().virtual_size,
+                isoinfo_volume_bytes(&path),
+                "{line}"
+            );
+        }
+    }
+    assert_eq!(seen, 9);
+}

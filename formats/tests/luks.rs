@@ -190,3 +190,26 @@ fn luks2_truncated_prefixes_error() {
         );
     }
 }
+
+/// The committed hostile files (fixtures/hostile/luks/README.md) give their codes.
+#[test]
+fn hostile_fixtures() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/luks");
+    for (name, code) in [
+        ("luks1-payload-past-end.luks", "luks.truncated"),
+        ("luks2-json-garbage.luks", "luks.header"),
+        ("luks2-bad-checksum.luks", "luks.checksum"),
+    ] {
+        let s: Source = Arc::new(std::fs::File::open(dir.join(name)).unwrap());
+        assert_eq!(
+            detect(s.as_ref()).unwrap().matches,
+            vec![Format::Luks],
+            "{name}"
+        );
+        let codes: Vec<&str> = match open(s, Format::Luks, &Limits::default()) {
+            Ok(img) => img.findings().iter().map(|f| f.code).collect(),
+            Err(e) => vec![e.finding_code()],
+        };
+        assert_eq!(codes, [code], "{name}");
+    }
+}
