@@ -11,6 +11,8 @@ use nom::IResult;
 use serde_json::{json, Map, Value};
 
 use crate::finding::Finding;
+use crate::limits::Limits;
+use crate::table::{check_table, TableSpec};
 
 /// Bytes of the head that [`describe`] looks at: the MBR, the GPT header and the first
 /// GPT entries.
@@ -356,6 +358,18 @@ fn describe_gpt(
         );
         return Some((parts, guid_string(&h.disk_guid)));
     }
+    // The entry array is a metadata table like any other: it must lie inside the disk and
+    // stay under the table cap. Only what lies inside the head is described either way.
+    let spec = TableSpec {
+        name: "GPT partition entry array",
+        offset: h.entries_lba.saturating_mul(SECTOR),
+        entries: u64::from(h.entries_count),
+        entry_size: u64::from(h.entry_size),
+        align: SECTOR,
+    };
+    if let Err(e) = check_table(spec, size, &Limits::default()) {
+        findings.push(Finding::warn("raw.gpt-checksum", e.message().to_string()).at(512));
+    }
     let esize = usize::try_from(h.entry_size).ok()?;
     let start = h
         .entries_lba
@@ -469,6 +483,31 @@ mod tests {
             assert_eq!(d["partition-table"], "none");
             assert!(f.is_empty());
         }
+    }
+
+    #[test]
+    fn gpt_entry_array_outside_the_disk_is_flagged() {
+        let mut b = vec![0u8; 8192];
+        b[446 + 4] = MBR_TYPE_PROTECTIVE;
+        b[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+        b[446 + 12..446 + 16].copy_from_slice(&15u32.to_le_bytes());
+        b[510] = 0x55;
+        b[511] = 0xAA;
+        let h = &mut b[512..604];
+        h[..8].copy_from_slice(GPT_SIGNATURE);
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&1u64.to_le_bytes());
+        // 2^32 - 1 entries at LBA 2^40: far outside an 8 KiB disk.
+        h[72..80].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        h[80..84].copy_from_slice(&u32::MAX.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        let crc = crc32fast::hash(&b[512..604]);
+        b[528..532].copy_from_slice(&crc.to_le_bytes());
+        let (d, f) = describe(&b, 8192);
+        assert_eq!(d["partition-table"], "gpt");
+        assert_eq!(d["partitions"].as_array().unwrap().len(), 0);
+        let codes: Vec<_> = f.iter().map(|f| f.code).collect();
+        assert_eq!(codes, ["raw.gpt-checksum"]);
     }
 
     #[test]
