@@ -341,11 +341,23 @@ impl Image for IsoImage {
             .at(guest)
             .code("iso.truncated"));
         }
-        let len = span.min(self.file_size - guest);
+        let end = guest.saturating_add(span.min(self.file_size - guest));
+        // Padding written sparse (e.g. by `truncate`) reads as zeros without being read.
+        let (len, kind) = match self.src.next_data(guest)? {
+            None => (end - guest, ExtentKind::Unallocated),
+            Some(d) if d > guest => (d.min(end) - guest, ExtentKind::Unallocated),
+            Some(_) => {
+                let hole = self
+                    .src
+                    .next_hole(guest)?
+                    .clamp(guest.saturating_add(1), end);
+                (hole - guest, ExtentKind::Data { host: guest })
+            }
+        };
         Ok(Extent {
             start: guest,
             len,
-            kind: ExtentKind::Data { host: guest },
+            kind,
         })
     }
     fn source(&self) -> &Source {
