@@ -1,17 +1,522 @@
 //! Partition-table and boot-sector facts (MBR, GPT, FAT), reported as details of raw and
-//! hybrid ISO images. (Stub: filled in by the raw/ISO work.)
+//! hybrid ISO images.
+//!
+//! Everything here works on a head that was already read in full (at most [`HEAD_LEN`] bytes).
+//! Nothing is read beyond it: a GPT entry array that continues past the head is described only
+//! as far as the head reaches, and its checksum is then not verified.
+
+use nom::bytes::complete::take;
+use nom::number::complete::{le_u16, le_u32, le_u64, le_u8};
+use nom::IResult;
+use serde_json::{json, Map, Value};
 
 use crate::finding::Finding;
+use crate::limits::Limits;
+use crate::table::{check_table, TableSpec};
 
 /// Bytes of the head that [`describe`] looks at: the MBR, the GPT header and the first
 /// GPT entries.
 pub const HEAD_LEN: usize = 64 * 1024;
 
+/// The logical sector size assumed for MBR and GPT addresses. Like qemu and the kernel's
+/// default for image files, tables are read with 512-byte sectors.
+const SECTOR: u64 = 512;
+/// MBR boot signature at offset 510: bytes 0x55 0xAA.
+const MBR_SIGNATURE: [u8; 2] = [0x55, 0xAA];
+/// Offset of the four 16-byte MBR partition entries.
+const MBR_ENTRIES: usize = 446;
+/// MBR partition type of a protective MBR guarding a GPT.
+const MBR_TYPE_PROTECTIVE: u8 = 0xEE;
+/// GPT header signature at LBA 1.
+const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
+/// Smallest GPT header (UEFI 2.x: 92 bytes); the header CRC covers `header_size` bytes.
+const GPT_HEADER_MIN: u32 = 92;
+/// Smallest GPT partition entry (UEFI: 128 bytes, a multiple of 8 beyond that).
+const GPT_ENTRY_MIN: u32 = 128;
+/// Largest entry size we describe; real tables use 128.
+const GPT_ENTRY_MAX: u32 = 4096;
+/// At most this many partitions are listed, whatever the table declares.
+const MAX_LISTED: usize = 128;
+
+/// One MBR partition entry (16 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MbrEntry {
+    /// Boot indicator: 0x80 marks the active (bootable) partition.
+    status: u8,
+    /// Partition type byte (0 = unused entry).
+    kind: u8,
+    /// First sector, in 512-byte LBA units.
+    lba_start: u32,
+    /// Length, in 512-byte sectors.
+    sectors: u32,
+}
+
+fn mbr_entry(i: &[u8]) -> IResult<&[u8], MbrEntry> {
+    let (i, status) = le_u8(i)?;
+    let (i, _chs_first) = take(3usize)(i)?;
+    let (i, kind) = le_u8(i)?;
+    let (i, _chs_last) = take(3usize)(i)?;
+    let (i, lba_start) = le_u32(i)?;
+    let (i, sectors) = le_u32(i)?;
+    Ok((
+        i,
+        MbrEntry {
+            status,
+            kind,
+            lba_start,
+            sectors,
+        },
+    ))
+}
+
+/// The fields of a GPT header that we use.
+#[derive(Debug, Clone, Copy)]
+struct GptHeader {
+    /// Size of the header in bytes, covered by `header_crc`.
+    header_size: u32,
+    /// CRC32 of the header's first `header_size` bytes, computed with this field zeroed.
+    header_crc: u32,
+    /// LBA of this header (1 for the primary).
+    my_lba: u64,
+    /// Disk GUID.
+    disk_guid: [u8; 16],
+    /// Starting LBA of the partition entry array.
+    entries_lba: u64,
+    /// Number of entries in the array.
+    entries_count: u32,
+    /// Size of one entry in bytes.
+    entry_size: u32,
+    /// CRC32 of the whole entry array (`entries_count * entry_size` bytes).
+    entries_crc: u32,
+}
+
+fn gpt_header(i: &[u8]) -> IResult<&[u8], GptHeader> {
+    let (i, _sig) = take(8usize)(i)?;
+    let (i, _revision) = le_u32(i)?;
+    let (i, header_size) = le_u32(i)?;
+    let (i, header_crc) = le_u32(i)?;
+    let (i, _reserved) = le_u32(i)?;
+    let (i, my_lba) = le_u64(i)?;
+    let (i, _alternate_lba) = le_u64(i)?;
+    let (i, _first_usable) = le_u64(i)?;
+    let (i, _last_usable) = le_u64(i)?;
+    let (i, guid) = take(16usize)(i)?;
+    let (i, entries_lba) = le_u64(i)?;
+    let (i, entries_count) = le_u32(i)?;
+    let (i, entry_size) = le_u32(i)?;
+    let (i, entries_crc) = le_u32(i)?;
+    let mut disk_guid = [0u8; 16];
+    disk_guid.copy_from_slice(guid);
+    Ok((
+        i,
+        GptHeader {
+            header_size,
+            header_crc,
+            my_lba,
+            disk_guid,
+            entries_lba,
+            entries_count,
+            entry_size,
+            entries_crc,
+        },
+    ))
+}
+
+/// One GPT partition entry (first 128 bytes).
+struct GptEntry {
+    /// Partition type GUID (all zeros = unused entry).
+    type_guid: [u8; 16],
+    /// First LBA (inclusive).
+    first_lba: u64,
+    /// Last LBA (inclusive).
+    last_lba: u64,
+    /// Partition name, 36 UTF-16LE code units.
+    name: String,
+}
+
+fn gpt_entry(i: &[u8]) -> IResult<&[u8], GptEntry> {
+    let (i, t) = take(16usize)(i)?;
+    let (i, _unique) = take(16usize)(i)?;
+    let (i, first_lba) = le_u64(i)?;
+    let (i, last_lba) = le_u64(i)?;
+    let (i, _attributes) = le_u64(i)?;
+    let mut i = i;
+    let mut units = Vec::with_capacity(36);
+    for _ in 0..36 {
+        let (rest, u) = le_u16(i)?;
+        i = rest;
+        if u == 0 {
+            break;
+        }
+        units.push(u);
+    }
+    let name = String::from_utf16_lossy(&units);
+    let mut type_guid = [0u8; 16];
+    type_guid.copy_from_slice(t);
+    Ok((
+        i,
+        GptEntry {
+            type_guid,
+            first_lba,
+            last_lba,
+            name,
+        },
+    ))
+}
+
+/// Formats a GUID stored in the mixed-endian EFI layout (first three fields little-endian).
+fn guid_string(g: &[u8; 16]) -> String {
+    let [a0, a1, a2, a3, b0, b1, c0, c1, d @ ..] = *g;
+    let mut s = format!("{a3:02x}{a2:02x}{a1:02x}{a0:02x}-{b1:02x}{b0:02x}-{c1:02x}{c0:02x}-");
+    for (k, byte) in d.iter().enumerate() {
+        if k == 2 {
+            s.push('-');
+        }
+        s.push_str(&format!("{byte:02x}"));
+    }
+    s
+}
+
+/// True when `head` starts with a FAT boot sector (BIOS parameter block).
+fn fat_kind(head: &[u8]) -> Option<(&'static str, u16)> {
+    let jump = head.first().copied()?;
+    let jump_ok = match jump {
+        0xEB => head.get(2) == Some(&0x90),
+        0xE9 => true,
+        _ => false,
+    };
+    if !jump_ok {
+        return None;
+    }
+    let bps_bytes = head.get(11..13)?;
+    let (_, bytes_per_sector) = le_u16::<_, nom::error::Error<&[u8]>>(bps_bytes).ok()?;
+    // Microsoft's FAT specification allows 512, 1024, 2048 and 4096 bytes per sector.
+    if !matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096) {
+        return None;
+    }
+    // The file-system type label is informational in the spec, but every formatter writes it
+    // and it is what tells FAT12/16 (offset 54) from FAT32 (offset 82).
+    let kind = match (head.get(54..62), head.get(82..90)) {
+        (Some(b"FAT12   "), _) => "fat12",
+        (Some(b"FAT16   "), _) => "fat16",
+        (_, Some(b"FAT32   ")) => "fat32",
+        _ => return None,
+    };
+    Some((kind, bytes_per_sector))
+}
+
+/// Byte offset of the end of a partition, or `None` when the LBA arithmetic overflows.
+fn end_bytes(first_lba: u64, sectors: u64) -> Option<u64> {
+    first_lba.checked_add(sectors)?.checked_mul(SECTOR)
+}
+
 /// Describes the partition tables found in `head` (the first bytes of a disk of `size`
 /// bytes). Returns details for `format-specific.data` and informational findings.
-pub fn describe(
-    _head: &[u8],
-    _size: u64,
-) -> (serde_json::Map<String, serde_json::Value>, Vec<Finding>) {
-    (serde_json::Map::new(), Vec::new())
+///
+/// # Security
+/// Works only on `head`; all offsets come from constants or are checked with `get`, and at
+/// most [`MAX_LISTED`] partitions are listed.
+pub fn describe(head: &[u8], size: u64) -> (Map<String, Value>, Vec<Finding>) {
+    let mut details = Map::new();
+    let mut findings = Vec::new();
+    let mut table = "none";
+    let mut partitions: Vec<Value> = Vec::new();
+
+    let fat = fat_kind(head);
+    if let Some((kind, bps)) = fat {
+        details.insert("boot-sector".into(), json!(kind));
+        details.insert("bytes-per-sector".into(), json!(bps));
+    }
+
+    let has_signature = head.get(510..512) == Some(&MBR_SIGNATURE[..]);
+    // A FAT volume boot record also ends in 0x55AA; its "entries" are boot code, not a table.
+    if has_signature && fat.is_none() {
+        let mut entries = Vec::new();
+        for k in 0..4usize {
+            let off = MBR_ENTRIES.saturating_add(k.saturating_mul(16));
+            if let Some((_, e)) = head.get(off..).and_then(|b| mbr_entry(b).ok()) {
+                if e.kind != 0 {
+                    entries.push((k, e));
+                }
+            }
+        }
+        let protective = entries.iter().any(|(_, e)| e.kind == MBR_TYPE_PROTECTIVE);
+        let gpt = if protective || head.get(512..520) == Some(&GPT_SIGNATURE[..]) {
+            describe_gpt(head, size, &mut findings)
+        } else {
+            None
+        };
+        if let Some((parts, guid)) = gpt {
+            table = "gpt";
+            details.insert("disk-guid".into(), json!(guid));
+            details.insert("protective-mbr".into(), json!(protective));
+            partitions = parts;
+        } else {
+            table = "mbr";
+            if entries.is_empty() {
+                findings.push(
+                    Finding::warn(
+                        "raw.mbr-no-partitions",
+                        "the MBR has a boot signature but no partition entries",
+                    )
+                    .at(MBR_ENTRIES as u64),
+                );
+            }
+            for (k, e) in entries {
+                let end = end_bytes(u64::from(e.lba_start), u64::from(e.sectors));
+                if end.is_none_or(|end| end > size) {
+                    findings.push(
+                        Finding::warn(
+                            "raw.partition-out-of-bounds",
+                            format!(
+                                "MBR partition {} (sectors {}+{}) ends past the end of the disk ({size} bytes)",
+                                k.saturating_add(1),
+                                e.lba_start,
+                                e.sectors
+                            ),
+                        )
+                        .at(MBR_ENTRIES.saturating_add(k.saturating_mul(16)) as u64),
+                    );
+                }
+                partitions.push(json!({
+                    "index": k.saturating_add(1),
+                    "type": format!("0x{:02x}", e.kind),
+                    "bootable": e.status == 0x80,
+                    "start": u64::from(e.lba_start).saturating_mul(SECTOR),
+                    "length": u64::from(e.sectors).saturating_mul(SECTOR),
+                }));
+            }
+        }
+    } else if head.get(512..520) == Some(&GPT_SIGNATURE[..]) {
+        // A GPT without a protective MBR still is a GPT.
+        if let Some((parts, guid)) = describe_gpt(head, size, &mut findings) {
+            table = "gpt";
+            details.insert("disk-guid".into(), json!(guid));
+            details.insert("protective-mbr".into(), json!(false));
+            partitions = parts;
+        }
+    }
+
+    details.insert("partition-table".into(), json!(table));
+    if table != "none" {
+        details.insert("partitions".into(), Value::Array(partitions));
+    }
+    (details, findings)
+}
+
+/// Reads the primary GPT at LBA 1. `None` when there is no usable GPT header there.
+fn describe_gpt(
+    head: &[u8],
+    size: u64,
+    findings: &mut Vec<Finding>,
+) -> Option<(Vec<Value>, String)> {
+    let hdr_bytes = head.get(512..1024)?;
+    if hdr_bytes.get(..8) != Some(&GPT_SIGNATURE[..]) {
+        return None;
+    }
+    let (_, h) = gpt_header(hdr_bytes).ok()?;
+    let hsize = usize::try_from(h.header_size).ok()?;
+    let crc_ok = match hdr_bytes.get(..hsize) {
+        Some(covered) if h.header_size >= GPT_HEADER_MIN => {
+            let mut copy = covered.to_vec();
+            if let Some(field) = copy.get_mut(16..20) {
+                field.fill(0);
+            }
+            crc32fast::hash(&copy) == h.header_crc
+        }
+        _ => false,
+    };
+    if !crc_ok {
+        findings.push(
+            Finding::warn(
+                "raw.gpt-checksum",
+                format!(
+                    "the GPT header CRC32 does not match (header size {})",
+                    h.header_size
+                ),
+            )
+            .at(512),
+        );
+    }
+    if h.my_lba != 1 {
+        findings.push(
+            Finding::warn(
+                "raw.gpt-checksum",
+                format!("the primary GPT header says it lives at LBA {}", h.my_lba),
+            )
+            .at(512),
+        );
+    }
+    let mut parts = Vec::new();
+    if !(GPT_ENTRY_MIN..=GPT_ENTRY_MAX).contains(&h.entry_size) || h.entry_size % 8 != 0 {
+        findings.push(
+            Finding::warn(
+                "raw.gpt-checksum",
+                format!("GPT entry size {} is not valid", h.entry_size),
+            )
+            .at(512),
+        );
+        return Some((parts, guid_string(&h.disk_guid)));
+    }
+    // The entry array is a metadata table like any other: it must lie inside the disk and
+    // stay under the table cap. Only what lies inside the head is described either way.
+    let spec = TableSpec {
+        name: "GPT partition entry array",
+        offset: h.entries_lba.saturating_mul(SECTOR),
+        entries: u64::from(h.entries_count),
+        entry_size: u64::from(h.entry_size),
+        align: SECTOR,
+    };
+    if let Err(e) = check_table(spec, size, &Limits::default()) {
+        findings.push(Finding::warn("raw.gpt-checksum", e.message().to_string()).at(512));
+    }
+    let esize = usize::try_from(h.entry_size).ok()?;
+    let start = h
+        .entries_lba
+        .checked_mul(SECTOR)
+        .and_then(|s| usize::try_from(s).ok());
+    let total = usize::try_from(h.entries_count)
+        .ok()
+        .and_then(|c| c.checked_mul(esize));
+    // The entry array's CRC can be checked only when the whole array is in the head.
+    if let (Some(start), Some(total)) = (start, total) {
+        if let Some(array) = start
+            .checked_add(total)
+            .and_then(|end| head.get(start..end))
+        {
+            if crc32fast::hash(array) != h.entries_crc {
+                findings.push(
+                    Finding::warn(
+                        "raw.gpt-checksum",
+                        "the GPT partition entry array CRC32 does not match",
+                    )
+                    .at(start as u64),
+                );
+            }
+        }
+    }
+    let Some(start) = start else {
+        return Some((parts, guid_string(&h.disk_guid)));
+    };
+    let count = usize::try_from(h.entries_count).unwrap_or(usize::MAX);
+    for k in 0..count {
+        if parts.len() >= MAX_LISTED {
+            break;
+        }
+        let Some(off) = k.checked_mul(esize).and_then(|o| o.checked_add(start)) else {
+            break;
+        };
+        let Some(bytes) = off.checked_add(esize).and_then(|end| head.get(off..end)) else {
+            break;
+        };
+        let Ok((_, e)) = gpt_entry(bytes) else { break };
+        if e.type_guid == [0u8; 16] {
+            continue;
+        }
+        let sectors = e
+            .last_lba
+            .checked_sub(e.first_lba)
+            .and_then(|d| d.checked_add(1));
+        let end = sectors.and_then(|s| end_bytes(e.first_lba, s));
+        if end.is_none_or(|end| end > size) {
+            findings.push(
+                Finding::warn(
+                    "raw.partition-out-of-bounds",
+                    format!(
+                        "GPT partition {} (LBA {}..={}) ends past the end of the disk ({size} bytes)",
+                        k.saturating_add(1),
+                        e.first_lba,
+                        e.last_lba
+                    ),
+                )
+                .at(off as u64),
+            );
+        }
+        parts.push(json!({
+            "index": k.saturating_add(1),
+            "type-guid": guid_string(&e.type_guid),
+            "name": e.name,
+            "first-lba": e.first_lba,
+            "last-lba": e.last_lba,
+            "start": e.first_lba.saturating_mul(SECTOR),
+            "length": sectors.unwrap_or(0).saturating_mul(SECTOR),
+        }));
+    }
+    Some((parts, guid_string(&h.disk_guid)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mbr(entries: &[(u8, u32, u32)]) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        for (k, (t, s, n)) in entries.iter().enumerate() {
+            let o = 446 + 16 * k;
+            b[o + 4] = *t;
+            b[o + 8..o + 12].copy_from_slice(&s.to_le_bytes());
+            b[o + 12..o + 16].copy_from_slice(&n.to_le_bytes());
+        }
+        b[510] = 0x55;
+        b[511] = 0xAA;
+        b
+    }
+
+    #[test]
+    fn mbr_entries_and_findings() {
+        let (d, f) = describe(&mbr(&[(0x83, 2048, 2048)]), 2 << 20);
+        assert_eq!(d["partition-table"], "mbr");
+        assert_eq!(d["partitions"][0]["start"], 1 << 20);
+        assert!(f.is_empty(), "{f:?}");
+        let (_, f) = describe(&mbr(&[(0x83, 2048, 4096)]), 2 << 20);
+        assert_eq!(f[0].code, "raw.partition-out-of-bounds");
+        let (_, f) = describe(&mbr(&[(0x83, u32::MAX, u32::MAX)]), 2 << 20);
+        assert_eq!(f[0].code, "raw.partition-out-of-bounds");
+        let (_, f) = describe(&mbr(&[]), 2 << 20);
+        assert_eq!(f[0].code, "raw.mbr-no-partitions");
+    }
+
+    #[test]
+    fn nothing_in_zeros_or_short_heads() {
+        for n in [0usize, 1, 100, 511, 512, 1024] {
+            let (d, f) = describe(&vec![0u8; n], n as u64);
+            assert_eq!(d["partition-table"], "none");
+            assert!(f.is_empty());
+        }
+    }
+
+    #[test]
+    fn gpt_entry_array_outside_the_disk_is_flagged() {
+        let mut b = vec![0u8; 8192];
+        b[446 + 4] = MBR_TYPE_PROTECTIVE;
+        b[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+        b[446 + 12..446 + 16].copy_from_slice(&15u32.to_le_bytes());
+        b[510] = 0x55;
+        b[511] = 0xAA;
+        let h = &mut b[512..604];
+        h[..8].copy_from_slice(GPT_SIGNATURE);
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&1u64.to_le_bytes());
+        // 2^32 - 1 entries at LBA 2^40: far outside an 8 KiB disk.
+        h[72..80].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        h[80..84].copy_from_slice(&u32::MAX.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        let crc = crc32fast::hash(&b[512..604]);
+        b[528..532].copy_from_slice(&crc.to_le_bytes());
+        let (d, f) = describe(&b, 8192);
+        assert_eq!(d["partition-table"], "gpt");
+        assert_eq!(d["partitions"].as_array().unwrap().len(), 0);
+        let codes: Vec<_> = f.iter().map(|f| f.code).collect();
+        assert_eq!(codes, ["raw.gpt-checksum"]);
+    }
+
+    #[test]
+    fn guid_formatting() {
+        // EFI System Partition type GUID as stored on disk.
+        let g = [
+            0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
+            0xc9, 0x3b,
+        ];
+        assert_eq!(guid_string(&g), "c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+    }
 }
