@@ -8,7 +8,10 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn glimpse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).output().expect("run glimpse")
+    Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .output()
+        .expect("run glimpse")
 }
 
 fn qemu_img(args: &[&str]) -> Output {
@@ -76,7 +79,8 @@ fn info_json_matches_qemu_img_for_raw() {
     let d = tempfile::tempdir().unwrap();
     let p = mixed_raw(d.path(), "a.raw", 3, 512);
     let ours = json(&glimpse(&["info", "--output", "json", s(&p)]));
-    let theirs: Value = serde_json::from_slice(&qemu_img(&["info", "--output=json", s(&p)]).stdout).unwrap();
+    let theirs: Value =
+        serde_json::from_slice(&qemu_img(&["info", "--output=json", s(&p)]).stdout).unwrap();
     assert_eq!(ours["format"], theirs["format"]);
     assert_eq!(ours["virtual-size"], theirs["virtual-size"]);
     assert_eq!(ours["filename"], s(&p));
@@ -91,8 +95,13 @@ fn raw_size_is_the_exact_file_length_not_rounded_like_qemu() {
     let p = mixed_raw(d.path(), "odd.raw", 1, 7);
     let ours = json(&glimpse(&["info", "--output", "json", s(&p)]));
     assert_eq!(ours["virtual-size"], (1u64 << 20) + 7);
-    let theirs: Value = serde_json::from_slice(&qemu_img(&["info", "--output=json", s(&p)]).stdout).unwrap();
-    assert_eq!(theirs["virtual-size"], (1u64 << 20) + 512, "qemu-img rounds raw sizes up to a sector");
+    let theirs: Value =
+        serde_json::from_slice(&qemu_img(&["info", "--output=json", s(&p)]).stdout).unwrap();
+    assert_eq!(
+        theirs["virtual-size"],
+        (1u64 << 20) + 512,
+        "qemu-img rounds raw sizes up to a sector"
+    );
 }
 
 #[test]
@@ -117,20 +126,47 @@ fn check_exit_codes_and_json() {
     assert_eq!(code(&o), 0, "{}", stdout(&o));
     assert!(stdout(&o).contains("PASS"));
 
-    let o = glimpse(&["check", "--expect-format", "qcow2", "--output", "json", s(&p)]);
+    let o = glimpse(&[
+        "check",
+        "--expect-format",
+        "qcow2",
+        "--output",
+        "json",
+        s(&p),
+    ]);
     assert_eq!(code(&o), 1);
     let v = json(&o);
     assert_eq!(v["verdict"], "reject");
-    let codes: Vec<&str> = v["findings"].as_array().unwrap().iter().filter_map(|f| f["code"].as_str()).collect();
+    let codes: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["code"].as_str())
+        .collect();
     assert!(codes.contains(&"format.mismatch"), "{codes:?}");
     assert_eq!(v["findings"][0]["severity"], "reject");
 
-    let o = glimpse(&["check", "--max-virtual-size", "1M", "--output", "json", s(&p)]);
+    let o = glimpse(&[
+        "check",
+        "--max-virtual-size",
+        "1M",
+        "--output",
+        "json",
+        s(&p),
+    ]);
     assert_eq!(code(&o), 1);
     assert!(stdout(&o).contains("size.limit"));
 
     // Several files: one rejected makes exit 1; one missing makes exit 2.
-    let o = glimpse(&["check", "--expect-format", "raw", "--output", "json", s(&p), s(&p)]);
+    let o = glimpse(&[
+        "check",
+        "--expect-format",
+        "raw",
+        "--output",
+        "json",
+        s(&p),
+        s(&p),
+    ]);
     assert_eq!(code(&o), 0);
     assert_eq!(json(&o).as_array().map(Vec::len), Some(2));
     let o = glimpse(&["check", s(&p), "/nonexistent"]);
@@ -162,14 +198,27 @@ fn convert_json_progress_and_cleanup_on_failure() {
     let d = tempfile::tempdir().unwrap();
     let src = mixed_raw(d.path(), "a.raw", 40, 0);
     let out = d.path().join("b.raw");
-    let o = glimpse(&["convert", "--progress", "json", "-O", "raw", s(&src), s(&out)]);
+    let o = glimpse(&[
+        "convert",
+        "--progress",
+        "json",
+        "-O",
+        "raw",
+        s(&src),
+        s(&out),
+    ]);
     assert_eq!(code(&o), 0);
-    let lines: Vec<Value> = stderr(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = stderr(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(lines.len() >= 2);
     let last = lines.last().unwrap();
     assert_eq!(last["event"], "done");
     assert_eq!(last["total"], 40u64 << 20);
-    assert!(lines.iter().any(|l| l["event"] == "progress" && l["rate"].as_u64().is_some()));
+    assert!(lines
+        .iter()
+        .any(|l| l["event"] == "progress" && l["rate"].as_u64().is_some()));
 
     // A format that cannot be written: exit 2 and no partial output.
     let bad = d.path().join("c.iso");
@@ -210,12 +259,19 @@ fn compare_exit_codes_and_offsets() {
     std::fs::write(&c, &bytes).unwrap();
     let o = glimpse(&["compare", s(&c), s(&a)]);
     assert_eq!(code(&o), 1);
-    assert!(stdout(&o).contains(&format!("offset {}", (3 << 20) + 100)), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!("offset {}", (3 << 20) + 100)),
+        "{}",
+        stdout(&o)
+    );
     assert_eq!(code(&glimpse(&["compare", s(&a), "/nonexistent"])), 2);
 }
 
 fn tool_digest(tool: &str, p: &Path) -> String {
-    let o = Command::new(tool).arg(p).output().unwrap_or_else(|_| panic!("{tool} is required"));
+    let o = Command::new(tool)
+        .arg(p)
+        .output()
+        .unwrap_or_else(|_| panic!("{tool} is required"));
     stdout(&o).split_whitespace().next().unwrap().to_string()
 }
 
@@ -227,21 +283,37 @@ fn checksum_matches_md5sum_and_sha512sum() {
     assert_eq!(v["md5"], tool_digest("md5sum", &p));
     assert_eq!(v["sha512"], tool_digest("sha512sum", &p));
     assert_eq!(v["size"], (9u64 << 20) + 123);
-    let v = json(&glimpse(&["checksum", "--algo", "sha1,sha256", "--output", "json", s(&p)]));
+    let v = json(&glimpse(&[
+        "checksum",
+        "--algo",
+        "sha1,sha256",
+        "--output",
+        "json",
+        s(&p),
+    ]));
     assert_eq!(v["sha1"], tool_digest("sha1sum", &p));
     assert_eq!(v["sha256"], tool_digest("sha256sum", &p));
     assert!(v.get("md5").is_none());
     // Human output: md5sum-style lines.
     let o = glimpse(&["checksum", s(&p)]);
     let lines: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
-    assert_eq!(lines[0], format!("{}  {}", tool_digest("md5sum", &p), s(&p)));
+    assert_eq!(
+        lines[0],
+        format!("{}  {}", tool_digest("md5sum", &p), s(&p))
+    );
 }
 
 #[test]
 fn content_digest_follows_the_documented_construction() {
     let d = tempfile::tempdir().unwrap();
     let p = mixed_raw(d.path(), "a.raw", 4, 1000);
-    let ours = json(&glimpse(&["checksum", "--content", "--output", "json", s(&p)]));
+    let ours = json(&glimpse(&[
+        "checksum",
+        "--content",
+        "--output",
+        "json",
+        s(&p),
+    ]));
     // The Python reference from docs/content-digest.md.
     let py = r#"
 import hashlib, struct, sys
@@ -256,12 +328,21 @@ for off in range(0, S, B):
 if run: outer.update(b"\0" + struct.pack("<Q", run))
 print(outer.hexdigest())
 "#;
-    let o = Command::new("python3").args(["-c", py, s(&p)]).output().expect("python3 is required");
+    let o = Command::new("python3")
+        .args(["-c", py, s(&p)])
+        .output()
+        .expect("python3 is required");
     assert_eq!(ours["content"], stdout(&o).trim());
     // Holes and written zeros give the same digest.
     let dense = d.path().join("dense.raw");
     std::fs::write(&dense, std::fs::read(&p).unwrap()).unwrap();
-    let v2 = json(&glimpse(&["checksum", "--content", "--output", "json", s(&dense)]));
+    let v2 = json(&glimpse(&[
+        "checksum",
+        "--content",
+        "--output",
+        "json",
+        s(&dense),
+    ]));
     assert_eq!(ours["content"], v2["content"]);
 }
 
@@ -270,7 +351,9 @@ fn map_data_ranges_match_qemu_img_for_raw() {
     let d = tempfile::tempdir().unwrap();
     let p = mixed_raw(d.path(), "a.raw", 8, 0);
     let ours = json(&glimpse(&["map", "--output", "json", s(&p)]));
-    let theirs: Value = serde_json::from_slice(&qemu_img(&["map", "--output=json", "-f", "raw", s(&p)]).stdout).unwrap();
+    let theirs: Value =
+        serde_json::from_slice(&qemu_img(&["map", "--output=json", "-f", "raw", s(&p)]).stdout)
+            .unwrap();
     let data = |v: &Value| -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for e in v.as_array().unwrap() {
@@ -285,7 +368,12 @@ fn map_data_ranges_match_qemu_img_for_raw() {
         out
     };
     assert_eq!(data(&ours), data(&theirs));
-    let total: u64 = ours.as_array().unwrap().iter().map(|e| e["length"].as_u64().unwrap()).sum();
+    let total: u64 = ours
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
     assert_eq!(total, 8 << 20);
 }
 
@@ -293,7 +381,14 @@ fn map_data_ranges_match_qemu_img_for_raw() {
 fn measure_raw() {
     let d = tempfile::tempdir().unwrap();
     let p = mixed_raw(d.path(), "a.raw", 8, 0);
-    let v = json(&glimpse(&["measure", "-O", "raw", "--output", "json", s(&p)]));
+    let v = json(&glimpse(&[
+        "measure",
+        "-O",
+        "raw",
+        "--output",
+        "json",
+        s(&p),
+    ]));
     assert_eq!(v["fully-allocated"], 8u64 << 20);
     let req = v["required"].as_u64().unwrap();
     assert!(req > 0 && req < 8 << 20, "{req}");
