@@ -435,3 +435,14 @@ fn every_prefix_fails_cleanly() {
         }
     }
 }
+
+#[test]
+fn fixed_disk_whose_data_runs_into_the_footer_is_refused() {
+    let mut b = vec![7u8; 4096];
+    b.extend(footer(TYPE_FIXED, 8192, b"qem2", u64::MAX));
+    let e = open(Arc::new(b), &Limits::default()).err().unwrap();
+    assert_eq!(
+        (e.kind(), e.finding_code()),
+        (ErrorKind::Truncated, "vhd.truncated")
+    );
+}
