@@ -43,11 +43,13 @@ impl Plan {
             .ok_or_else(|| Error::invalid(format!("size {virtual_size} overflows")))?;
         let blocks = u32::try_from(size.div_ceil(BLOCK))
             .ok()
-            .filter(|&b| b <= MAX_BLOCKS)
+            // QEMU's cap, and what glimpse itself reads under its default limits.
+            .filter(|&b| {
+                b <= MAX_BLOCKS
+                    && u64::from(b) <= glimpse_formats::Limits::default().max_table_entries
+            })
             .ok_or_else(|| {
-                Error::invalid(format!(
-                    "a VDI of {size} bytes needs more than {MAX_BLOCKS} blocks"
-                ))
+                Error::invalid(format!("a VDI of {size} bytes needs too many 1 MiB blocks"))
             })?;
         Ok(Plan {
             is_static,

@@ -93,6 +93,13 @@ impl Plan {
                 "a VHD holds at most 2040 GiB; {size} bytes asked"
             )));
         }
+        // glimpse must be able to read what it writes under its default limits.
+        let cap = glimpse_formats::Limits::default().max_table_entries;
+        if !fixed && size.div_ceil(block) > cap {
+            return Err(Error::invalid(format!(
+                "{size} bytes in blocks of {block} need more than {cap} BAT entries; use a larger block_size"
+            )));
+        }
         let geometry = geometry(sectors);
         let chs = u64::from(geometry.0) * u64::from(geometry.1) * u64::from(geometry.2);
         let app = if opts.flag("force_size")?.unwrap_or(true) {
@@ -427,6 +434,7 @@ mod tests {
         assert!(Plan::new(&opts("subformat=sparse"), MIB).is_err());
         assert!(Plan::new(&opts("cluster_size=64k"), MIB).is_err());
         assert!(Plan::new(&opts(""), 3 << 40).is_err());
+        assert!(Plan::new(&opts("block_size=4k"), 64 << 30).is_err());
         // force_size=off only for sizes the geometry holds exactly.
         assert_eq!(
             &Plan::new(&opts("force_size=off"), 10_514_432).unwrap().app,

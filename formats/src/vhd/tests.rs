@@ -446,3 +446,15 @@ fn fixed_disk_whose_data_runs_into_the_footer_is_refused() {
         (ErrorKind::Truncated, "vhd.truncated")
     );
 }
+
+#[test]
+fn a_huge_empty_disk_maps_in_a_few_bounded_calls() {
+    // 32 GiB of 64 KiB blocks: 524288 BAT entries, all unused.
+    let d = Dyn::new(32 << 30, &[]);
+    let img = d.open().unwrap();
+    let ext = walk(&img);
+    assert!(ext.len() <= 9, "{} extents", ext.len());
+    assert!(ext
+        .iter()
+        .all(|e| e.kind == ExtentKind::Unallocated && e.len <= (MAX_SCAN + 1) * BLOCK));
+}
