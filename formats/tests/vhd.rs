@@ -1,5 +1,5 @@
 //! VHD against qemu-img: images made by `qemu-img convert -O vpc` must give qemu-img's virtual
-//! size and the guest bytes `qemu-img convert -f vpc -O raw` gives; mappings must be disjoint
+//! size, the guest bytes `qemu-img convert -f vpc -O raw` gives and `qemu-img map`'s data runs; mappings must be disjoint
 //! and cover the disk; every truncated prefix must fail cleanly. Committed hostile files must
 //! give their findings. These tests fail, never skip, without qemu-img.
 
@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use glimpse_formats::policy::{inspect, Policy, Verdict};
 use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{detect, open, Format, Image, Limits, Source};
+use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits, Source};
 
 fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img")
@@ -75,6 +75,46 @@ fn walk(img: &dyn Image) {
         pos = e.end();
     }
     assert_eq!(pos, size);
+}
+
+/// Merged (guest start, length, host offset) runs of data, from glimpse's mapping.
+fn data_runs(img: &dyn Image) -> Vec<(u64, u64, u64)> {
+    let size = img.info().virtual_size;
+    let mut pos = 0;
+    let mut out = Vec::new();
+    while pos < size {
+        let e = img.mapping(pos, u64::MAX).unwrap();
+        if let ExtentKind::Data { host } = e.kind {
+            push_run(&mut out, e.start, e.len, host);
+        }
+        pos = e.end();
+    }
+    out
+}
+
+fn push_run(out: &mut Vec<(u64, u64, u64)>, start: u64, len: u64, host: u64) {
+    match out.last_mut() {
+        Some((s, l, h)) if *s + *l == start && *h + *l == host => *l += len,
+        _ => out.push((start, len, host)),
+    }
+}
+
+/// The same from `qemu-img map --output=json`.
+fn qemu_data_runs(path: &Path) -> Vec<(u64, u64, u64)> {
+    let json = qemu_img(&["map", "-f", "vpc", "--output=json", path.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut out = Vec::new();
+    for e in v.as_array().unwrap() {
+        if e["data"].as_bool().unwrap() {
+            let (s, l, h) = (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["offset"].as_u64().unwrap(),
+            );
+            push_run(&mut out, s, l, h);
+        }
+    }
+    out
 }
 
 /// Guest bytes through glimpse equal qemu-img's raw conversion, compared 1 MiB at a time.
@@ -157,6 +197,7 @@ fn qemu_made_vhds_read_like_qemu() {
             report.findings
         );
         walk(img.as_ref());
+        assert_eq!(data_runs(img.as_ref()), qemu_data_runs(&vhd), "{opts}");
         let raw = dir.path().join(format!("t{n}.raw"));
         qemu_img(&[
             "convert",
