@@ -1,0 +1,267 @@
+//! The VHD writer against qemu-img: random sources go through `pipeline::convert`; qemu-img
+//! must call the output identical to the source and see the same virtual size as glimpse;
+//! glimpse must read back the same bytes and pass its own checks; a fixed VHD streamed to a pipe
+//! must equal the file. These tests fail, never skip, without qemu-img.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use glimpse_convert::pipeline::{convert, ConvertOptions};
+use glimpse_convert::{create, measure, Target, WriteOptions};
+use glimpse_formats::reader::GuestReader;
+use glimpse_formats::{open, Format, Image, Limits, Source};
+
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img must be installed to run these tests")
+}
+
+fn qemu_virtual_size(path: &Path) -> u64 {
+    let out = qemu_img(&["info", "-f", "vpc", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    virtual_size_line(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The byte count of qemu-img info's "virtual size: 10 MiB (10485760 bytes)" line.
+fn virtual_size_line(text: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("virtual size:"))
+        .expect("a virtual size line");
+    let n = line.rsplit('(').next().unwrap().trim_end_matches(" bytes)");
+    n.parse().unwrap()
+}
+
+/// A raw source of `size` bytes: pseudo-random 64 KiB runs with zero runs between them.
+fn source(dir: &Path, size: u64, seed: u64) -> (PathBuf, Vec<u8>) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut data = vec![0u8; size as usize];
+    for (i, chunk) in data.chunks_mut(65536).enumerate() {
+        // Runs of zeros long enough to leave whole 1 MiB and 2 MiB chunks empty.
+        if (i / 20) % 3 == 1 || next() % 4 == 0 {
+            continue;
+        }
+        for b in chunk.iter_mut() {
+            *b = next() as u8;
+        }
+    }
+    let p = dir.join(format!("src-{seed}-{size}.raw"));
+    File::create(&p).unwrap().write_all(&data).unwrap();
+    (p, data)
+}
+
+fn run(input: &Path, target: Target, opts: &str) -> glimpse_convert::pipeline::Stats {
+    let limits = Limits::default();
+    let img: Arc<dyn Image> =
+        Arc::from(open(Arc::new(File::open(input).unwrap()), Format::Raw, &limits).unwrap());
+    let reader = GuestReader::new(img.clone(), &limits);
+    let w = create(
+        Format::Vhd,
+        &WriteOptions::parse(opts, false).unwrap(),
+        target,
+        img.info().virtual_size,
+    )
+    .unwrap();
+    convert(img, w, &reader, &ConvertOptions::default()).unwrap()
+}
+
+/// Converts, then checks the output with qemu-img and glimpse. Returns the output's path.
+fn round_trip(dir: &Path, size: u64, opts: &str, want_size: u64, seed: u64) -> PathBuf {
+    let (input, data) = source(dir, size, seed);
+    let out = dir.join(format!("out-{seed}-{size}.vhd"));
+    let stats = run(&input, Target::File(File::create(&out).unwrap()), opts);
+
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "vpc",
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        cmp.status.success(),
+        "{opts} size {size}: {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    assert_eq!(qemu_virtual_size(&out), want_size, "{opts} size {size}");
+
+    let s: Source = Arc::new(File::open(&out).unwrap());
+    assert_eq!(
+        glimpse_formats::detect(s.as_ref()).unwrap().matches,
+        [Format::Vhd]
+    );
+    let img: Arc<dyn Image> = Arc::from(open(s, Format::Vhd, &Limits::default()).unwrap());
+    assert_eq!(img.info().virtual_size, want_size, "{opts} size {size}");
+    assert!(img.findings().is_empty(), "{:?}", img.findings());
+    assert!(img.check(&Limits::default()).unwrap().is_empty());
+    let mut back = vec![0xAAu8; want_size as usize];
+    GuestReader::new(img.clone(), &Limits::default())
+        .read_at(&mut back, 0)
+        .unwrap();
+    assert!(
+        back[..data.len()] == data[..],
+        "{opts} size {size}: guest bytes differ"
+    );
+    assert!(back[data.len()..].iter().all(|&b| b == 0));
+
+    // measure() predicts the file exactly when data is counted in the writer's chunks.
+    let fixed = img.info().details["disk-type"] == "fixed";
+    let chunk = if fixed {
+        1 << 20
+    } else {
+        img.info().cluster_size.unwrap()
+    };
+    let m = measure(
+        Format::Vhd,
+        &WriteOptions::parse(opts, false).unwrap(),
+        size,
+        stats.data_chunks * chunk,
+    )
+    .unwrap();
+    assert_eq!(
+        m.required,
+        std::fs::metadata(&out).unwrap().len(),
+        "{opts} size {size}"
+    );
+    out
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn dynamic_vhds_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, size) in [0, 1, 511, 513, 3 * MIB + 7 * 512, 9 * MIB]
+        .into_iter()
+        .enumerate()
+    {
+        round_trip(dir.path(), size, "", size.div_ceil(512) * 512, n as u64);
+    }
+    round_trip(
+        dir.path(),
+        5 * MIB + 4096,
+        "block_size=512k",
+        5 * MIB + 4096,
+        10,
+    );
+}
+
+#[test]
+fn fixed_vhds_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, size) in [1000, 3 * MIB + 7 * 512, 4 * MIB].into_iter().enumerate() {
+        round_trip(
+            dir.path(),
+            size,
+            "subformat=fixed",
+            size.div_ceil(512) * 512,
+            20 + n as u64,
+        );
+    }
+}
+
+/// A zero-size fixed VHD is its footer alone. qemu-img cannot open one, even its own (it sees
+/// the footer at offset 0 and looks for a dynamic header); glimpse reads it.
+#[test]
+fn zero_size_fixed_vhd_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, _) = source(dir.path(), 0, 60);
+    let out = dir.path().join("zero.vhd");
+    run(
+        &input,
+        Target::File(File::create(&out).unwrap()),
+        "subformat=fixed",
+    );
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 512);
+    let img = open(
+        Arc::new(File::open(&out).unwrap()),
+        Format::Vhd,
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(img.info().virtual_size, 0);
+    assert!(img.findings().is_empty());
+}
+
+#[test]
+fn force_size_off_writes_a_chs_exact_disk_for_virtual_pc() {
+    let dir = tempfile::tempdir().unwrap();
+    // 10514432 bytes is 302/4/17: what qemu-img create -f vpc 10M rounds to.
+    let out = round_trip(dir.path(), 10_514_432, "force_size=off", 10_514_432, 30);
+    let bytes = std::fs::read(out).unwrap();
+    assert_eq!(&bytes[28..32], b"qemu");
+    // A size the geometry cannot hold is refused rather than changed.
+    let e = create(
+        Format::Vhd,
+        &WriteOptions::parse("force_size=off", false).unwrap(),
+        Target::File(tempfile::tempfile().unwrap()),
+        10 * MIB,
+    );
+    assert!(e.is_err());
+}
+
+#[test]
+fn azure_rounds_up_to_a_whole_mib_fixed_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = round_trip(dir.path(), 3 * MIB + 1000, "azure=on", 4 * MIB, 40);
+    let img = open(
+        Arc::new(File::open(&out).unwrap()),
+        Format::Vhd,
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(img.info().details["disk-type"], "fixed");
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 4 * MIB + 512);
+}
+
+#[test]
+fn fixed_stream_equals_fixed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, _) = source(dir.path(), 3 * MIB + 3 * 512, 50);
+    let file = dir.path().join("file.vhd");
+    let piped = dir.path().join("piped.vhd");
+    run(
+        &input,
+        Target::File(File::create(&file).unwrap()),
+        "subformat=fixed",
+    );
+    run(
+        &input,
+        Target::Stream(Box::new(File::create(&piped).unwrap())),
+        "subformat=fixed",
+    );
+    let (mut a, mut b) = (std::fs::read(file).unwrap(), std::fs::read(piped).unwrap());
+    assert_eq!(a.len(), b.len());
+    // The footers differ only in their timestamp, checksum and UUID.
+    let footer = a.len() - 512;
+    for v in [&mut a, &mut b] {
+        v[footer + 24..footer + 28].fill(0);
+        v[footer + 64..footer + 84].fill(0);
+    }
+    assert!(a == b);
+    // A dynamic VHD cannot go to a pipe.
+    let e = create(
+        Format::Vhd,
+        &WriteOptions::default(),
+        Target::Stream(Box::new(std::io::sink())),
+        MIB,
+    );
+    assert!(e.is_err());
+}

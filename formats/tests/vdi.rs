@@ -1,0 +1,251 @@
+//! VDI against qemu-img: images made by `qemu-img convert -O vdi` must give qemu-img's virtual
+//! size, the guest bytes `qemu-img convert -f vdi -O raw` gives, and the data ranges
+//! `qemu-img map` gives; mappings must be disjoint and cover the disk; every truncated prefix
+//! must fail cleanly. These tests fail, never skip, without qemu-img.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use glimpse_formats::policy::{inspect, Policy, Verdict};
+use glimpse_formats::reader::GuestReader;
+use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits, Source};
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img must be installed to run these tests");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&qemu_img(args)).unwrap()
+}
+
+/// A sparse raw disk of `size` bytes with pseudo-random data at a few places.
+fn raw_source(dir: &Path, size: u64, seed: u64) -> PathBuf {
+    let p = dir.join(format!("src-{seed}.raw"));
+    let mut f = File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for at in [
+        0u64,
+        3 * 1024 * 1024 + 100,
+        4 << 20,
+        size / 2,
+        size.saturating_sub(5000),
+    ] {
+        if at >= size {
+            continue;
+        }
+        let n = (size - at).min(70_000) as usize;
+        let data: Vec<u8> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&data).unwrap();
+    }
+    p
+}
+
+fn src(path: &Path) -> Source {
+    Arc::new(File::open(path).unwrap())
+}
+
+/// Walks the whole mapping and returns the merged data ranges (guest start, length).
+fn data_ranges(img: &dyn Image) -> Vec<(u64, u64)> {
+    let size = img.info().virtual_size;
+    let mut pos = 0;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    while pos < size {
+        let e = img.mapping(pos, u64::MAX).unwrap();
+        glimpse_formats::validate_extent(&e, pos, u64::MAX, size).unwrap();
+        if matches!(e.kind, ExtentKind::Data { .. }) {
+            match out.last_mut() {
+                Some((s, l)) if *s + *l == e.start => *l += e.len,
+                _ => out.push((e.start, e.len)),
+            }
+        }
+        pos = e.end();
+    }
+    assert_eq!(pos, size);
+    out
+}
+
+/// The data ranges of `qemu-img map --output=json`, adjacent entries merged.
+fn qemu_data_ranges(path: &Path) -> Vec<(u64, u64)> {
+    let v = json(&["map", "-f", "vdi", "--output=json", path.to_str().unwrap()]);
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        if !e["data"].as_bool().unwrap() {
+            continue;
+        }
+        let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        match out.last_mut() {
+            Some((ps, pl)) if *ps + *pl == s => *pl += l,
+            _ => out.push((s, l)),
+        }
+    }
+    out
+}
+
+fn assert_same_guest(img: Arc<dyn Image>, raw: &Path) {
+    let size = img.info().virtual_size;
+    let r = GuestReader::new(img, &Limits::default());
+    let mut f = File::open(raw).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), size);
+    let mut pos = 0;
+    let mut a = vec![0u8; 1 << 20];
+    let mut b = vec![0u8; 1 << 20];
+    while pos < size {
+        let n = (size - pos).min(1 << 20) as usize;
+        r.read_at(&mut a[..n], pos).unwrap();
+        f.read_exact(&mut b[..n]).unwrap();
+        assert!(
+            a[..n] == b[..n],
+            "guest bytes differ in the MiB at {pos:#x}"
+        );
+        pos += n as u64;
+    }
+}
+
+#[test]
+fn qemu_made_vdis_read_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, (size, opts)) in [
+        ((20 << 20) + 7 * 512, "static=off"),
+        ((9 << 20) + 512, "static=on"),
+        (1 << 20, "static=off"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let input = raw_source(dir.path(), size, n as u64 + 1);
+        let vdi = dir.path().join(format!("t{n}.vdi"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vdi",
+            "-o",
+            opts,
+            input.to_str().unwrap(),
+            vdi.to_str().unwrap(),
+        ]);
+        let info = json(&["info", "-f", "vdi", "--output=json", vdi.to_str().unwrap()]);
+        let s = src(&vdi);
+        assert_eq!(detect(s.as_ref()).unwrap().matches, [Format::Vdi]);
+        let img: Arc<dyn Image> =
+            Arc::from(open(s.clone(), Format::Vdi, &Limits::default()).unwrap());
+        assert_eq!(
+            img.info().virtual_size,
+            info["virtual-size"].as_u64().unwrap(),
+            "{opts}"
+        );
+        assert_eq!(img.info().virtual_size, size);
+        let kind = if opts == "static=on" {
+            "static"
+        } else {
+            "dynamic"
+        };
+        assert_eq!(img.info().details["image-type"], kind);
+        assert!(img.findings().is_empty());
+        assert!(img.check(&Limits::default()).unwrap().is_empty());
+        let report = inspect(
+            s,
+            &Policy {
+                expect_format: Some(Format::Vdi),
+                ..Policy::default()
+            },
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(report.verdict(), Verdict::Pass, "{:?}", report.findings);
+        assert_eq!(data_ranges(img.as_ref()), qemu_data_ranges(&vdi), "{opts}");
+        let raw = dir.path().join(format!("t{n}.raw"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "vdi",
+            "-O",
+            "raw",
+            vdi.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ]);
+        assert_same_guest(img, &raw);
+    }
+}
+
+#[test]
+fn every_truncated_prefix_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = raw_source(dir.path(), 5 << 20, 9);
+    let vdi = dir.path().join("p.vdi");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vdi",
+        input.to_str().unwrap(),
+        vdi.to_str().unwrap(),
+    ]);
+    let bytes = std::fs::read(&vdi).unwrap();
+    let len = bytes.len();
+    let mut n = 0;
+    while n < len {
+        let s: Source = Arc::new(bytes[..n].to_vec());
+        if let Ok(img) = open(s, Format::Vdi, &Limits::default()) {
+            let _ = img.check(&Limits::default());
+            let img: Arc<dyn Image> = Arc::from(img);
+            data_ranges(img.as_ref());
+            let r = GuestReader::new(img.clone(), &Limits::default());
+            let mut buf = vec![0u8; img.info().virtual_size as usize];
+            r.read_at(&mut buf, 0).unwrap();
+        }
+        n += if n < 4096 || n + 4096 > len { 1 } else { 4093 };
+    }
+}
+
+/// `fixtures/hostile/vdi/*.vdi` and the code each must produce (see the README there).
+#[test]
+fn hostile_fixtures_give_their_findings() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/vdi");
+    let cases = [
+        ("block-out-of-range.vdi", "vdi.block-out-of-range"),
+        ("differencing.vdi", "vdi.differencing"),
+        ("header-block-size.vdi", "vdi.header"),
+        ("bmap-out-of-bounds.vdi", "table.out-of-bounds"),
+    ];
+    for (name, code) in cases {
+        let report = inspect(
+            src(&dir.join(name)),
+            &Policy {
+                expect_format: Some(Format::Vdi),
+                ..Policy::default()
+            },
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(report.verdict(), Verdict::Reject, "{name}");
+        assert!(
+            report.findings.iter().any(|f| f.code == code),
+            "{name}: {:?}",
+            report.findings
+        );
+    }
+}

@@ -1,0 +1,326 @@
+//! VHD against qemu-img: images made by `qemu-img convert -O vpc` must give qemu-img's virtual
+//! size, the guest bytes `qemu-img convert -f vpc -O raw` gives and `qemu-img map`'s data runs; mappings must be disjoint
+//! and cover the disk; every truncated prefix must fail cleanly. Committed hostile files must
+//! give their findings. These tests fail, never skip, without qemu-img.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use glimpse_formats::policy::{inspect, Policy, Verdict};
+use glimpse_formats::reader::GuestReader;
+use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits, Source};
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img must be installed to run these tests");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn qemu_virtual_size(path: &Path, fmt: &str) -> u64 {
+    let json = qemu_img(&["info", "-f", fmt, "--output=json", path.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+/// A sparse raw disk of `size` bytes with pseudo-random data at a few places.
+fn raw_source(dir: &Path, size: u64, seed: u64) -> PathBuf {
+    let p = dir.join(format!("src-{seed}.raw"));
+    let mut f = File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for at in [
+        0u64,
+        3 * 1024 * 1024 + 100,
+        size / 2,
+        size.saturating_sub(5000),
+    ] {
+        if at >= size {
+            continue;
+        }
+        let n = (size - at).min(70_000) as usize;
+        let data: Vec<u8> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&data).unwrap();
+    }
+    p
+}
+
+fn src(path: &Path) -> Source {
+    Arc::new(File::open(path).unwrap())
+}
+
+fn walk(img: &dyn Image) {
+    let size = img.info().virtual_size;
+    let mut pos = 0;
+    while pos < size {
+        let e = img.mapping(pos, u64::MAX).unwrap();
+        glimpse_formats::validate_extent(&e, pos, u64::MAX, size).unwrap();
+        pos = e.end();
+    }
+    assert_eq!(pos, size);
+}
+
+/// Merged (guest start, length, host offset) runs of data, from glimpse's mapping.
+fn data_runs(img: &dyn Image) -> Vec<(u64, u64, u64)> {
+    let size = img.info().virtual_size;
+    let mut pos = 0;
+    let mut out = Vec::new();
+    while pos < size {
+        let e = img.mapping(pos, u64::MAX).unwrap();
+        if let ExtentKind::Data { host } = e.kind {
+            push_run(&mut out, e.start, e.len, host);
+        }
+        pos = e.end();
+    }
+    out
+}
+
+fn push_run(out: &mut Vec<(u64, u64, u64)>, start: u64, len: u64, host: u64) {
+    match out.last_mut() {
+        Some((s, l, h)) if *s + *l == start && *h + *l == host => *l += len,
+        _ => out.push((start, len, host)),
+    }
+}
+
+/// The same from `qemu-img map --output=json`.
+fn qemu_data_runs(path: &Path) -> Vec<(u64, u64, u64)> {
+    let json = qemu_img(&["map", "-f", "vpc", "--output=json", path.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut out = Vec::new();
+    for e in v.as_array().unwrap() {
+        if e["data"].as_bool().unwrap() {
+            let (s, l, h) = (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["offset"].as_u64().unwrap(),
+            );
+            push_run(&mut out, s, l, h);
+        }
+    }
+    out
+}
+
+/// Guest bytes through glimpse equal qemu-img's raw conversion, compared 1 MiB at a time.
+fn assert_same_guest(img: Arc<dyn Image>, raw: &Path) {
+    let size = img.info().virtual_size;
+    let r = GuestReader::new(img, &Limits::default());
+    let mut f = File::open(raw).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), size);
+    let mut pos = 0;
+    let mut a = vec![0u8; 1 << 20];
+    let mut b = vec![0u8; 1 << 20];
+    while pos < size {
+        let n = (size - pos).min(1 << 20) as usize;
+        r.read_at(&mut a[..n], pos).unwrap();
+        f.read_exact(&mut b[..n]).unwrap();
+        assert!(
+            a[..n] == b[..n],
+            "guest bytes differ in the MiB at {pos:#x}"
+        );
+        pos += n as u64;
+    }
+}
+
+#[test]
+fn qemu_made_vhds_read_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    // 30 MiB + 7 sectors is no CHS geometry: qemu-img rounds it up unless force_size=on.
+    let size = (30 << 20) + 7 * 512;
+    let input = raw_source(dir.path(), size, 1);
+    for (n, opts) in [
+        "subformat=dynamic",
+        "subformat=dynamic,force_size=on",
+        "subformat=fixed",
+        "subformat=fixed,force_size=on",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let vhd = dir.path().join(format!("t{n}.vhd"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            opts,
+            input.to_str().unwrap(),
+            vhd.to_str().unwrap(),
+        ]);
+        let want = qemu_virtual_size(&vhd, "vpc");
+        let s = src(&vhd);
+        assert_eq!(detect(s.as_ref()).unwrap().matches, [Format::Vhd], "{opts}");
+        let img: Arc<dyn Image> =
+            Arc::from(open(s.clone(), Format::Vhd, &Limits::default()).unwrap());
+        assert_eq!(img.info().virtual_size, want, "{opts}");
+        if opts.contains("force_size") {
+            assert_eq!(want, size, "{opts}");
+        }
+        let fixed = opts.contains("fixed");
+        assert_eq!(
+            img.info().details["disk-type"],
+            if fixed { "fixed" } else { "dynamic" }
+        );
+        assert!(img.findings().is_empty(), "{opts}: {:?}", img.findings());
+        assert!(img.check(&Limits::default()).unwrap().is_empty());
+        let report = inspect(
+            s,
+            &Policy {
+                expect_format: Some(Format::Vhd),
+                ..Policy::default()
+            },
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            report.verdict(),
+            Verdict::Pass,
+            "{opts}: {:?}",
+            report.findings
+        );
+        walk(img.as_ref());
+        assert_eq!(data_runs(img.as_ref()), qemu_data_runs(&vhd), "{opts}");
+        let raw = dir.path().join(format!("t{n}.raw"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "vpc",
+            "-O",
+            "raw",
+            vhd.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ]);
+        assert_same_guest(img, &raw);
+    }
+}
+
+#[test]
+fn fixed_vhd_declared_raw_is_a_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhd = dir.path().join("f.vhd");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        vhd.to_str().unwrap(),
+        "4M",
+    ]);
+    // qemu-img itself calls it raw.
+    let json = qemu_img(&["info", "--output=json", vhd.to_str().unwrap()]);
+    assert!(json.contains("\"format\": \"raw\""));
+    let report = inspect(
+        src(&vhd),
+        &Policy {
+            expect_format: Some(Format::Raw),
+            ..Policy::default()
+        },
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(report.verdict(), Verdict::Reject);
+    assert!(
+        report.findings.iter().any(|f| f.code == "format.mismatch"),
+        "{:?}",
+        report.findings
+    );
+}
+
+#[test]
+fn every_truncated_prefix_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = raw_source(dir.path(), 5 << 20, 2);
+    for opts in ["subformat=dynamic", "subformat=fixed"] {
+        let vhd = dir.path().join("p.vhd");
+        let _ = std::fs::remove_file(&vhd);
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            opts,
+            input.to_str().unwrap(),
+            vhd.to_str().unwrap(),
+        ]);
+        let bytes = std::fs::read(&vhd).unwrap();
+        let len = bytes.len();
+        let mut n = 0;
+        while n < len {
+            let s: Source = Arc::new(bytes[..n].to_vec());
+            if let Ok(img) = open(s, Format::Vhd, &Limits::default()) {
+                let _ = img.check(&Limits::default());
+                let img: Arc<dyn Image> = Arc::from(img);
+                walk(img.as_ref());
+                let r = GuestReader::new(img.clone(), &Limits::default());
+                let mut buf = vec![0u8; img.info().virtual_size as usize];
+                r.read_at(&mut buf, 0).unwrap();
+            }
+            n += if n < 4096 || n + 4096 > len { 1 } else { 4093 };
+        }
+    }
+}
+
+/// `fixtures/hostile/vhd/*.vhd` and the code each must produce (see the README there).
+#[test]
+fn hostile_fixtures_give_their_findings() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/vhd");
+    let cases = [
+        ("differencing-parent-locator.vhd", "vhd.differencing"),
+        ("bat-entry-out-of-bounds.vhd", "vhd.bat-entry-out-of-bounds"),
+        ("footer-mismatch.vhd", "vhd.footer-mismatch"),
+        ("footer-checksum.vhd", "vhd.checksum"),
+        ("block-size-not-power-of-two.vhd", "vhd.block-size"),
+        ("bat-out-of-bounds.vhd", "table.out-of-bounds"),
+    ];
+    for (name, code) in cases {
+        let s = src(&dir.join(name));
+        let report = inspect(
+            s,
+            &Policy {
+                expect_format: Some(Format::Vhd),
+                ..Policy::default()
+            },
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(report.verdict(), Verdict::Reject, "{name}");
+        assert!(
+            report.findings.iter().any(|f| f.code == code),
+            "{name}: {:?}",
+            report.findings
+        );
+    }
+    let img = open(
+        src(&dir.join("differencing-parent-locator.vhd")),
+        Format::Vhd,
+        &Limits::default(),
+    )
+    .unwrap();
+    assert!(img
+        .info()
+        .references
+        .iter()
+        .any(|r| r.target.ends_with("parent.vhd")));
+}
