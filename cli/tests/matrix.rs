@@ -24,15 +24,27 @@ fn fixtures() -> &'static (PathBuf, Vec<Fixture>) {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("matrix-fixtures");
         let _ = std::fs::remove_dir_all(&dir);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/generate.sh");
-        let o = Command::new("bash").arg(&script).arg(&dir).output().expect("run fixtures/generate.sh");
-        assert!(o.status.success(), "generate.sh failed: {}", String::from_utf8_lossy(&o.stderr));
+        let o = Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .output()
+            .expect("run fixtures/generate.sh");
+        assert!(
+            o.status.success(),
+            "generate.sh failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let manifest = std::fs::read_to_string(dir.join("manifest.tsv")).unwrap();
         let list = manifest
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
             .map(|l| {
                 let c: Vec<&str> = l.split('\t').collect();
-                Fixture { name: c[0].into(), format: c[1].into(), qemu: c[2].into() }
+                Fixture {
+                    name: c[0].into(),
+                    format: c[1].into(),
+                    qemu: c[2].into(),
+                }
             })
             .collect();
         (dir, list)
@@ -40,7 +52,10 @@ fn fixtures() -> &'static (PathBuf, Vec<Fixture>) {
 }
 
 fn glimpse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).output().expect("run glimpse")
+    Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .output()
+        .expect("run glimpse")
 }
 
 fn qemu_img(args: &[&str]) -> Output {
@@ -55,7 +70,8 @@ fn text(b: &[u8]) -> String {
 }
 
 fn json(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {}{}", text(&o.stdout), text(&o.stderr)))
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {}{}", text(&o.stdout), text(&o.stderr)))
 }
 
 fn s(p: &Path) -> &str {
@@ -75,14 +91,20 @@ fn info_format_and_virtual_size_match_qemu_img() {
         let p = dir.join(&f.name);
         let ours = json(&glimpse(&["info", "--output", "json", s(&p)]));
         if ours["format"] != f.format.as_str() {
-            failures.push(format!("{}: format {} != {}", f.name, ours["format"], f.format));
+            failures.push(format!(
+                "{}: format {} != {}",
+                f.name, ours["format"], f.format
+            ));
         }
         if f.format == "iso" || f.format == "ova" {
             continue; // qemu-img calls an ISO raw (file size); ISO sizes are tested against isoinfo.
         }
         let theirs = json(&qemu_img(&["info", "--output=json", "-f", &f.qemu, s(&p)]));
         if ours["virtual-size"] != theirs["virtual-size"] {
-            failures.push(format!("{}: virtual size {} != qemu-img {}", f.name, ours["virtual-size"], theirs["virtual-size"]));
+            failures.push(format!(
+                "{}: virtual size {} != qemu-img {}",
+                f.name, ours["virtual-size"], theirs["virtual-size"]
+            ));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
@@ -95,12 +117,27 @@ fn check_passes_every_benign_fixture() {
     let mut failures = Vec::new();
     for f in list {
         let p = dir.join(&f.name);
-        let o = glimpse(&["check", "--expect-format", &f.format, "--output", "json", s(&p)]);
+        let o = glimpse(&[
+            "check",
+            "--expect-format",
+            &f.format,
+            "--output",
+            "json",
+            s(&p),
+        ]);
         let code = o.status.code();
         // A descriptor-only VMDK and a LUKS volume are rejected by design.
-        let expected = if f.name.contains("flat") || f.format == "luks" { 1 } else { 0 };
+        let expected = if f.name.contains("flat") || f.format == "luks" {
+            1
+        } else {
+            0
+        };
         if code != Some(expected) {
-            failures.push(format!("{}: exit {code:?}, expected {expected}: {}", f.name, text(&o.stdout)));
+            failures.push(format!(
+                "{}: exit {code:?}, expected {expected}: {}",
+                f.name,
+                text(&o.stdout)
+            ));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
@@ -119,7 +156,11 @@ fn guest_bytes_equal_qemu_img_raw_conversion_and_content_digests_agree() {
             let theirs = work.path().join(format!("{}.qemu.raw", f.name));
             let o = glimpse(&["convert", "-O", "raw", s(&p), s(&ours)]);
             if !o.status.success() {
-                return Some(format!("{}: glimpse convert failed: {}", f.name, text(&o.stderr)));
+                return Some(format!(
+                    "{}: glimpse convert failed: {}",
+                    f.name,
+                    text(&o.stderr)
+                ));
             }
             let q = qemu_img(&["convert", "-f", &f.qemu, "-O", "raw", s(&p), s(&theirs)]);
             assert!(q.status.success(), "{}", text(&q.stderr));
@@ -130,12 +171,32 @@ fn guest_bytes_equal_qemu_img_raw_conversion_and_content_digests_agree() {
             }
             if a != b {
                 let at = a.iter().zip(&b).position(|(x, y)| x != y);
-                return Some(format!("{}: guest bytes differ (lengths {} / {}, first at {at:?})", f.name, a.len(), b.len()));
+                return Some(format!(
+                    "{}: guest bytes differ (lengths {} / {}, first at {at:?})",
+                    f.name,
+                    a.len(),
+                    b.len()
+                ));
             }
-            let d1 = json(&glimpse(&["checksum", "--content", "--output", "json", s(&p)]));
-            let d2 = json(&glimpse(&["checksum", "--content", "--output", "json", s(&ours)]));
+            let d1 = json(&glimpse(&[
+                "checksum",
+                "--content",
+                "--output",
+                "json",
+                s(&p),
+            ]));
+            let d2 = json(&glimpse(&[
+                "checksum",
+                "--content",
+                "--output",
+                "json",
+                s(&ours),
+            ]));
             if d1["content"] != d2["content"] || d1["content"].as_str().map(str::len) != Some(64) {
-                return Some(format!("{}: content digest {} != raw's {}", f.name, d1["content"], d2["content"]));
+                return Some(format!(
+                    "{}: content digest {} != raw's {}",
+                    f.name, d1["content"], d2["content"]
+                ));
             }
             None
         })
@@ -163,12 +224,20 @@ fn map_data_ranges_match_qemu_img_on_qcow2_vmdk_and_vdi() {
     let (dir, list) = fixtures();
     let mut failures = Vec::new();
     let mut checked = 0;
-    for f in list.iter().filter(|f| readable(f) && matches!(f.format.as_str(), "qcow2" | "vmdk" | "vdi")) {
+    for f in list
+        .iter()
+        .filter(|f| readable(f) && matches!(f.format.as_str(), "qcow2" | "vmdk" | "vdi"))
+    {
         let p = dir.join(&f.name);
         let ours = json(&glimpse(&["map", "--output", "json", s(&p)]));
         let theirs = json(&qemu_img(&["map", "--output=json", "-f", &f.qemu, s(&p)]));
         if data_ranges(&ours) != data_ranges(&theirs) {
-            failures.push(format!("{}: {:?} != qemu {:?}", f.name, data_ranges(&ours), data_ranges(&theirs)));
+            failures.push(format!(
+                "{}: {:?} != qemu {:?}",
+                f.name,
+                data_ranges(&ours),
+                data_ranges(&theirs)
+            ));
         }
         checked += 1;
     }
@@ -184,13 +253,34 @@ const TARGETS: &[(&str, &str, &str, bool, &str, bool)] = &[
     ("qcow2-4k", "qcow2", "cluster_size=4k", false, "qcow2", true),
     ("qcow2-2m", "qcow2", "cluster_size=2M", false, "qcow2", true),
     ("qcow2-zlib", "qcow2", "", true, "qcow2", true),
-    ("qcow2-zstd", "qcow2", "compression_type=zstd", true, "qcow2", true),
+    (
+        "qcow2-zstd",
+        "qcow2",
+        "compression_type=zstd",
+        true,
+        "qcow2",
+        true,
+    ),
     ("vmdk-sparse", "vmdk", "", false, "vmdk", true),
-    ("vmdk-stream", "vmdk", "subformat=streamOptimized", false, "vmdk", true),
+    (
+        "vmdk-stream",
+        "vmdk",
+        "subformat=streamOptimized",
+        false,
+        "vmdk",
+        true,
+    ),
     ("vhd-dynamic", "vhd", "", false, "vpc", false),
     ("vhd-fixed", "vhd", "subformat=fixed", false, "vpc", false),
     ("vhdx-dynamic", "vhdx", "", false, "vhdx", true),
-    ("vhdx-fixed-1m", "vhdx", "subformat=fixed,block_size=1M", false, "vhdx", true),
+    (
+        "vhdx-fixed-1m",
+        "vhdx",
+        "subformat=fixed,block_size=1M",
+        false,
+        "vhdx",
+        true,
+    ),
     ("vdi-dynamic", "vdi", "", false, "vdi", true),
     ("vdi-static", "vdi", "static=on", false, "vdi", true),
 ];
@@ -220,7 +310,11 @@ fn every_source_converts_to_every_target_identically_and_cleanly() {
             args.extend([s(&src), s(&out)]);
             let o = glimpse(&args);
             if !o.status.success() {
-                return Some(format!("{} -> {label}: convert failed: {}", f.name, text(&o.stderr)));
+                return Some(format!(
+                    "{} -> {label}: convert failed: {}",
+                    f.name,
+                    text(&o.stderr)
+                ));
             }
             // The referee: qemu-img compare against the source (for an OVA, its VMDK).
             let (ref_path, ref_fmt) = if f.format == "ova" {
@@ -230,23 +324,40 @@ fn every_source_converts_to_every_target_identically_and_cleanly() {
             };
             let c = qemu_img(&["compare", "-f", &ref_fmt, "-F", qfmt, s(&ref_path), s(&out)]);
             if c.status.code() != Some(0) {
-                return Some(format!("{} -> {label}: qemu-img compare: {}{}", f.name, text(&c.stdout), text(&c.stderr)));
+                return Some(format!(
+                    "{} -> {label}: qemu-img compare: {}{}",
+                    f.name,
+                    text(&c.stdout),
+                    text(&c.stderr)
+                ));
             }
             if *qcheck {
                 let k = qemu_img(&["check", "-f", qfmt, s(&out)]);
                 if k.status.code() != Some(0) {
-                    return Some(format!("{} -> {label}: qemu-img check: {}", f.name, text(&k.stdout)));
+                    return Some(format!(
+                        "{} -> {label}: qemu-img check: {}",
+                        f.name,
+                        text(&k.stdout)
+                    ));
                 }
             }
             let g = glimpse(&["check", "--expect-format", fmt, s(&out)]);
             if g.status.code() != Some(0) {
-                return Some(format!("{} -> {label}: glimpse check: {}", f.name, text(&g.stdout)));
+                return Some(format!(
+                    "{} -> {label}: glimpse check: {}",
+                    f.name,
+                    text(&g.stdout)
+                ));
             }
             let _ = std::fs::remove_file(&out);
             None
         })
         .collect();
-    assert!(failures.is_empty(), "{} failures: {failures:#?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} failures: {failures:#?}",
+        failures.len()
+    );
 }
 
 #[test]
@@ -254,7 +365,11 @@ fn stdout_output_is_byte_identical_to_file_output() {
     let (dir, _) = fixtures();
     let work = tempfile::tempdir().unwrap();
     let src = dir.join("qcow2-v3-zlib.qcow2");
-    for (fmt, opts) in [("raw", ""), ("vmdk", "subformat=streamOptimized"), ("vhd", "subformat=fixed")] {
+    for (fmt, opts) in [
+        ("raw", ""),
+        ("vmdk", "subformat=streamOptimized"),
+        ("vhd", "subformat=fixed"),
+    ] {
         let out = work.path().join(format!("out.{fmt}"));
         let mut a = vec!["convert", "-O", fmt];
         if !opts.is_empty() {
@@ -274,7 +389,10 @@ fn stdout_output_is_byte_identical_to_file_output() {
             // two runs must agree byte for byte.
         }
         assert_eq!(p.stdout.len(), file_bytes.len(), "{fmt}: lengths differ");
-        assert!(p.stdout == file_bytes, "{fmt}: stdout and file output differ");
+        assert!(
+            p.stdout == file_bytes,
+            "{fmt}: stdout and file output differ"
+        );
     }
     // Formats that need seeking refuse a pipe.
     let o = glimpse(&["convert", "-O", "qcow2", s(&src), "-"]);

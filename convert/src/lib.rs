@@ -213,7 +213,11 @@ pub fn can_stream(format: Format, opts: &WriteOptions) -> bool {
         Format::Vmdk => opts
             .get("subformat")
             .is_some_and(|s| s.eq_ignore_ascii_case("streamOptimized")),
-        Format::Vhd => opts.get("subformat") == Some("fixed"),
+        Format::Vhd => {
+            opts.get("subformat") == Some("fixed")
+                || (opts.get("subformat").is_none()
+                    && opts.flag("azure").ok().flatten() == Some(true))
+        }
         _ => false,
     }
 }
@@ -283,7 +287,14 @@ pub fn measure_granularity(format: Format, opts: &WriteOptions) -> Result<u64> {
     Ok(match format {
         Format::Qcow2 => opts.size("cluster_size")?.unwrap_or(65536),
         Format::Vmdk => 65536,
-        Format::Vhd | Format::Vdi => 1 << 20,
+        Format::Vdi => 1 << 20,
+        // A dynamic VHD allocates whole blocks; fixed ones (and azure=on) are fully allocated.
+        Format::Vhd
+            if opts.get("subformat") == Some("fixed") || opts.flag("azure")?.unwrap_or(false) =>
+        {
+            1 << 20
+        }
+        Format::Vhd => opts.size("block_size")?.unwrap_or(2 << 20),
         Format::Vhdx => opts.size("block_size")?.unwrap_or(32 << 20),
         _ => 4096,
     })
