@@ -135,6 +135,8 @@ struct Qcow2Writer {
     cur_l2: Option<(u64, Vec<u64>)>,
     /// End of the last allocation in bytes.
     end: u64,
+    /// Where the next compressed stream may go (inside a partly used cluster).
+    cfree: Option<u64>,
     /// Refcount of every host cluster so far.
     refs: Vec<u16>,
     next_guest: u64,
@@ -170,6 +172,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
         rt_off,
         cur_l2: None,
         end: first_free,
+        cfree: None,
         refs,
         next_guest: 0,
     }))
@@ -196,11 +199,27 @@ impl Qcow2Writer {
         off
     }
 
-    /// Compressed streams are packed byte by byte, like qemu's `qcow2_alloc_bytes`; a stream
-    /// may run into the next cluster, which then counts one more reference.
+    /// Compressed streams are packed byte by byte, like qemu's `qcow2_alloc_bytes`: a stream
+    /// goes where the previous one ended when it fits in that cluster, or runs on into the
+    /// next cluster when that is the last one allocated; otherwise it starts a new cluster.
+    /// Each cluster a stream touches counts one more reference.
     fn alloc_bytes(&mut self, len: u64) -> u64 {
-        let off = self.end;
-        self.end = off + len;
+        let fresh = self.end.div_ceil(self.cs) * self.cs;
+        let off = match self.cfree {
+            Some(cur) => {
+                let cl_end = (cur / self.cs + 1) * self.cs;
+                let last_allocated = cl_end == fresh;
+                if cur + len <= cl_end || last_allocated {
+                    cur
+                } else {
+                    fresh
+                }
+            }
+            None => fresh,
+        };
+        let stop = off + len;
+        self.end = self.end.max(stop);
+        self.cfree = (stop % self.cs != 0).then_some(stop);
         self.bump(off, len);
         off
     }
@@ -245,7 +264,12 @@ impl Qcow2Writer {
         h[0..4].copy_from_slice(MAGIC);
         BigEndian::write_u32(&mut h[4..8], if self.o.v3 { 3 } else { 2 });
         BigEndian::write_u32(&mut h[20..24], self.o.cluster_bits);
-        BigEndian::write_u64(&mut h[24..32], self.virtual_size);
+        // qemu reads the size in whole 512-byte sectors, rounding down, and qemu-img rounds
+        // sizes up when it creates an image: store the rounded-up size so no byte is lost.
+        BigEndian::write_u64(
+            &mut h[24..32],
+            self.virtual_size.div_ceil(512).saturating_mul(512),
+        );
         BigEndian::write_u32(
             &mut h[36..40],
             u32::try_from(self.lay.l1_entries).unwrap_or(0),
