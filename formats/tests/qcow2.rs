@@ -621,3 +621,63 @@ fn probe_matches_any_version_and_qed_does_not() {
     let det = glimpse_formats::detect(&b).unwrap();
     assert_eq!(det.matches, vec![glimpse_formats::Format::Qcow2]);
 }
+
+#[test]
+fn hostile_fixtures_give_their_codes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/qcow2");
+    let cases: &[(&str, &[&str])] = &[
+        ("clean", &[]),
+        ("huge-l1", &["table.too-large"]),
+        ("l1-past-eof", &["table.out-of-bounds"]),
+        ("l2-entry-past-eof", &["qcow2.l2-entry-out-of-bounds"]),
+        (
+            "data-into-l1",
+            &["qcow2.entry-into-metadata", "refcount.mismatch"],
+        ),
+        ("refcount-zero", &["refcount.mismatch", "qcow2.copied-flag"]),
+        ("extension-overrun", &["qcow2.header-extension"]),
+        (
+            "unknown-incompatible",
+            &["qcow2.unknown-incompatible-feature"],
+        ),
+        ("data-file-bit", &["qcow2.data-file"]),
+        ("backing-file", &["qcow2.backing-file"]),
+    ];
+    for (name, want) in cases {
+        let p = dir.join(format!("{name}.qcow2"));
+        let src: Source = Arc::new(std::fs::File::open(&p).unwrap());
+        let policy = glimpse_formats::policy::Policy::default();
+        let report = glimpse_formats::policy::inspect(src, &policy, &Limits::default()).unwrap();
+        let got: Vec<&str> = report.findings.iter().map(|f| f.code).collect();
+        for code in *want {
+            assert!(got.contains(code), "{name}: want {code}, got {got:?}");
+        }
+        let verdict = report.verdict();
+        assert_eq!(
+            verdict == glimpse_formats::policy::Verdict::Pass,
+            want.is_empty(),
+            "{name}: {got:?}"
+        );
+        if want.is_empty() {
+            assert!(got.is_empty(), "{name}: {got:?}");
+        }
+        // Where qemu-img can open the file, its check agrees that it is corrupt or clean.
+        let q = Command::new("qemu-img")
+            .args(["check", s(&p)])
+            .output()
+            .expect("qemu-img");
+        let opened = q.status.code() != Some(1);
+        let structural = want
+            .iter()
+            .any(|c| c.starts_with("refcount") || c.contains("l2-entry") || c.contains("metadata"));
+        if opened && (structural || want.is_empty()) {
+            assert_eq!(
+                q.status.code(),
+                Some(if structural { 2 } else { 0 }),
+                "{name}"
+            );
+        }
+    }
+    let img = open_path(&dir.join("backing-file.qcow2"));
+    assert_eq!(img.info().backing_file().unwrap().target, "/etc/shadow");
+}

@@ -6,7 +6,7 @@
 //! the budget. Each distinct L2 table is read once (shared tables count once per
 //! reference), so the work is bounded by the file's metadata, not the virtual size.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::{Error, Result};
 use crate::finding::Finding;
@@ -16,7 +16,7 @@ use crate::table::{check_table, TableSpec};
 
 use super::header::{self, MAX_SNAPSHOTS};
 use super::refcount::{self, REFT_OFFSET_MASK};
-use super::table::{self, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
+use super::table::{self, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::Qcow2Image;
 
 /// Findings of one code reported individually before they are summarised.
@@ -76,6 +76,56 @@ impl Counts {
         self.meta
             .get(i / 64)
             .is_some_and(|w| (w >> (i % 64)) & 1 == 1)
+    }
+}
+
+/// Stored refcounts, read one refcount block at a time.
+struct Stored<'a> {
+    img: &'a Qcow2Image,
+    budget: &'a Budget,
+    blocks: &'a [u64],
+    epb: u64,
+    cur: Option<(u64, Vec<u8>)>,
+}
+
+impl Stored<'_> {
+    fn get(&mut self, cluster: u64) -> Result<u64> {
+        let block_off = usize::try_from(cluster / self.epb)
+            .ok()
+            .and_then(|i| self.blocks.get(i))
+            .copied()
+            .unwrap_or(0);
+        if block_off == 0 {
+            return Ok(0);
+        }
+        if self.cur.as_ref().is_none_or(|(o, _)| *o != block_off) {
+            if let Some((_, old)) = self.cur.take() {
+                self.budget.give_back(old.len() as u64);
+            }
+            let cs = self.img.geo.cluster_size();
+            let b = read_vec(
+                self.img.src.as_ref(),
+                block_off,
+                cs,
+                self.budget,
+                "refcount block",
+            )?;
+            self.cur = Some((block_off, b));
+        }
+        let order = self.img.header.refcount_order;
+        Ok(self
+            .cur
+            .as_ref()
+            .map(|(_, b)| refcount::get(b, cluster % self.epb, order))
+            .unwrap_or(0))
+    }
+}
+
+impl Drop for Stored<'_> {
+    fn drop(&mut self) {
+        if let Some((_, old)) = self.cur.take() {
+            self.budget.give_back(old.len() as u64);
+        }
     }
 }
 
@@ -167,6 +217,17 @@ pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
         }
     }
 
+    let epb = refcount::entries_per_block(h.cluster_bits, h.refcount_order);
+    let mut stored = Stored {
+        img,
+        budget: &budget,
+        blocks: &blocks,
+        epb,
+        cur: None,
+    };
+    // qemu's check_oflag_copied: bit 63 of active L1/L2 entries must say "refcount is 1".
+    let copied_checked = h.incompatible_features & super::header::INCOMPAT_DATA_FILE == 0;
+
     // Encryption header clusters.
     if let Some((off, len)) = img.ext.crypto {
         if !c.inc(off, len, 1, true) {
@@ -196,7 +257,8 @@ pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
 
     // Pass 1: L2 tables (metadata), counted once per referencing L1 entry.
     let mut l2s: BTreeMap<u64, u16> = BTreeMap::new();
-    for (l1_off, raw) in &l1s {
+    let mut active = BTreeSet::new();
+    for (n, (l1_off, raw)) in l1s.iter().enumerate() {
         for (i, e) in l1_entries(raw) {
             let off = e & L1E_OFFSET_MASK;
             if off == 0 {
@@ -226,16 +288,34 @@ pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
             if l2s.len() as u64 * 8 >= limits.max_metadata_bytes / 8 {
                 return Err(Error::limit("too many L2 tables to check").code("size.limit"));
             }
-            let n = l2s.entry(off).or_insert(0);
-            *n = n.saturating_add(1);
+            let m = l2s.entry(off).or_insert(0);
+            *m = m.saturating_add(1);
             c.inc(off, cs, 1, true);
+            if n == 0 {
+                active.insert(off);
+                let rc = stored.get(off >> cb)?;
+                if copied_checked && (rc == 1) != (e & OFLAG_COPIED != 0) {
+                    c.report(
+                        Finding::reject(
+                            "qcow2.copied-flag",
+                            format!(
+                                "L1 entry for L2 table {off:#x} disagrees with its refcount {rc}"
+                            ),
+                        )
+                        .at(at),
+                    );
+                }
+            }
         }
     }
 
     // Pass 2: data clusters, each distinct L2 table read once.
+    // Each distinct L2 table lies in its own cluster of the file, so this reads at most the
+    // file once.
     for (&l2_off, &times) in &l2s {
-        // Charged for good: bounds the total work as well as the memory.
         let raw = read_vec(src, l2_off, cs, &budget, "L2 table")?;
+        budget.give_back(cs);
+        let is_active = active.contains(&l2_off);
         let step = usize::try_from(img.geo.l2_entry_size()).unwrap_or(8);
         for (k, e) in raw.chunks_exact(step).enumerate() {
             let entry = table::be64(e, 0);
@@ -284,6 +364,18 @@ pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
                 );
                 continue;
             }
+            if is_active && copied_checked && !compressed {
+                let rc = stored.get(host >> cb)?;
+                if (rc == 1) != (entry & OFLAG_COPIED != 0) {
+                    c.report(
+                        Finding::reject(
+                            "qcow2.copied-flag",
+                            format!("L2 entry for data cluster {host:#x} disagrees with its refcount {rc}"),
+                        )
+                        .at(at),
+                    );
+                }
+            }
             let last = host.saturating_add(len.max(1) - 1);
             if c.is_meta(host) || c.is_meta(last) {
                 c.report(
@@ -308,7 +400,7 @@ pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
         }
     }
 
-    compare(img, &budget, &mut c, &blocks, skip_leaks)?;
+    compare(img, &mut stored, &mut c, skip_leaks)?;
 
     for (code, n) in &c.per_code {
         if *n > PER_CODE as u64 {
@@ -331,41 +423,16 @@ pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
 /// Compares stored refcounts with the counted references.
 fn compare(
     img: &Qcow2Image,
-    budget: &Budget,
+    stored: &mut Stored<'_>,
     c: &mut Counts,
-    blocks: &[u64],
     skip_leaks: bool,
 ) -> Result<()> {
     let h = &img.header;
-    let cs = img.geo.cluster_size();
-    let epb = refcount::entries_per_block(h.cluster_bits, h.refcount_order);
     let n = c.refs.len() as u64;
     let mut leaked = 0u64;
     let mut first_leak = None;
-    let mut cur: Option<(u64, Vec<u8>)> = None;
     for cluster in 0..n {
-        let bi = cluster / epb;
-        let block_off = usize::try_from(bi)
-            .ok()
-            .and_then(|i| blocks.get(i))
-            .copied()
-            .unwrap_or(0);
-        let stored = if block_off == 0 {
-            0
-        } else {
-            if cur.as_ref().is_none_or(|(o, _)| *o != block_off) {
-                if let Some((_, old)) = cur.take() {
-                    budget.give_back(old.len() as u64);
-                }
-                cur = Some((
-                    block_off,
-                    read_vec(img.src.as_ref(), block_off, cs, budget, "refcount block")?,
-                ));
-            }
-            cur.as_ref()
-                .map(|(_, b)| refcount::get(b, cluster % epb, h.refcount_order))
-                .unwrap_or(0)
-        };
+        let stored = stored.get(cluster)?;
         let counted = c
             .refs
             .get(usize::try_from(cluster).unwrap_or(usize::MAX))
@@ -387,9 +454,6 @@ fn compare(
             leaked += 1;
             first_leak.get_or_insert(offset);
         }
-    }
-    if let Some((_, old)) = cur.take() {
-        budget.give_back(old.len() as u64);
     }
     if leaked > 0 {
         let mut f = Finding::warn(
