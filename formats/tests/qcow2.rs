@@ -681,3 +681,57 @@ fn hostile_fixtures_give_their_codes() {
     let img = open_path(&dir.join("backing-file.qcow2"));
     assert_eq!(img.info().backing_file().unwrap().target, "/etc/shadow");
 }
+
+#[test]
+fn persistent_bitmaps_are_counted_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "4M"]);
+    qemu_img(&["bitmap", "--add", s(&p), "b0"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 1M", s(&p)]);
+    qemu_img(&["bitmap", "--add", "-g", "512", s(&p), "b1"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 2 2M 100k", s(&p)],
+    );
+    agree_with_qemu(dir.path(), &p);
+    // A leak is still seen with bitmaps present.
+    let mut b = std::fs::read(&p).unwrap();
+    let n = (b.len() as u64).div_ceil(65536);
+    b.resize((n as usize + 1) << 16, 0);
+    set_refcount(&mut b, n, 1);
+    let f = open_bytes(b).unwrap().check(&Limits::default()).unwrap();
+    assert_eq!(
+        f.iter().map(|f| f.code).collect::<Vec<_>>(),
+        vec!["qcow2.leaked-clusters"]
+    );
+}
+
+#[test]
+fn luks_encrypted_image_is_flagged_and_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("enc.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        "secret,id=sec0,data=hunter2",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        s(&p),
+        "1M",
+    ]);
+    let img = open_path(&p);
+    assert!(img.info().encrypted);
+    assert_eq!(img.info().details["encrypt"]["format"], "luks");
+    let codes: Vec<_> = img
+        .findings()
+        .iter()
+        .map(|f| (f.code, f.severity))
+        .collect();
+    assert_eq!(codes, vec![("qcow2.encrypted", Severity::Warn)]);
+    assert!(img.extensions().crypto.is_some());
+    assert!(img.check(&Limits::default()).unwrap().is_empty());
+}

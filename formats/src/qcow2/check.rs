@@ -191,7 +191,7 @@ pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
         if off == 0 {
             continue;
         }
-        let at = h.refcount_table_offset + i;
+        let at = h.refcount_table_offset.saturating_add(i);
         if off % cs != 0 {
             c.report(
                 Finding::reject(
@@ -240,9 +240,13 @@ pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
             );
         }
     }
-    // Bitmap tables are not walked; their clusters would look leaked.
-    if img.ext.bitmaps.is_some() {
-        skip_leaks = true;
+    // Persistent bitmaps: the directory, each bitmap table and its data clusters. When they
+    // cannot be walked, their clusters would look leaked, so leaks are not reported.
+    if let Some((nb, dir_size, dir_off)) = img.ext.bitmaps {
+        if let Err(f) = bitmaps(img, limits, &budget, &mut c, nb, dir_size, dir_off)? {
+            c.report(f);
+            skip_leaks = true;
+        }
     }
 
     // L1 tables: the active one and every snapshot's.
@@ -556,4 +560,91 @@ fn snapshots(
         ));
     }
     Ok(())
+}
+
+/// Counts the bitmap directory, tables and data clusters, as qemu's
+/// `qcow2_check_bitmaps_refcounts` does. `Ok(Err(finding))` when they are malformed.
+fn bitmaps(
+    img: &Qcow2Image,
+    limits: &Limits,
+    budget: &Budget,
+    c: &mut Counts,
+    nb: u32,
+    dir_size: u64,
+    dir_off: u64,
+) -> Result<Result<(), Finding>> {
+    let cs = img.geo.cluster_size();
+    let src = img.src.as_ref();
+    let bad = |msg: String, at: u64| Finding::reject("qcow2.bitmaps", msg).at(at);
+    let spec = TableSpec {
+        name: "bitmap directory",
+        offset: dir_off,
+        entries: dir_size,
+        entry_size: 1,
+        align: cs,
+    };
+    if let Err(e) = check_table(
+        spec,
+        img.file_size,
+        &Limits {
+            max_table_entries: u64::MAX,
+            ..*limits
+        },
+    ) {
+        return Ok(Err(bad(e.message().to_string(), dir_off)));
+    }
+    let dir = read_vec(src, dir_off, dir_size, budget, "bitmap directory")?;
+    c.inc(dir_off, dir_size, 1, true);
+    let mut pos = 0usize;
+    for i in 0..nb {
+        let at = dir_off.saturating_add(pos as u64);
+        let Some(e) = dir.get(pos..pos.saturating_add(24)) else {
+            return Ok(Err(bad(
+                format!("bitmap {i} lies past the directory's end"),
+                at,
+            )));
+        };
+        let table_off = table::be64(e, 0);
+        let be32 = |k: usize| {
+            e.get(k..k + 4)
+                .and_then(|s| <[u8; 4]>::try_from(s).ok())
+                .map(u32::from_be_bytes)
+        };
+        let table_size = be32(8).unwrap_or(0);
+        let name_size = e
+            .get(18..20)
+            .and_then(|s| <[u8; 2]>::try_from(s).ok())
+            .map(u16::from_be_bytes)
+            .unwrap_or(0);
+        let extra = be32(20).unwrap_or(0);
+        let len = 24usize
+            .saturating_add(usize::try_from(extra).unwrap_or(usize::MAX))
+            .saturating_add(usize::from(name_size));
+        pos = pos.saturating_add(len.div_ceil(8).saturating_mul(8));
+        let spec = TableSpec {
+            name: "bitmap table",
+            offset: table_off,
+            entries: u64::from(table_size),
+            entry_size: 8,
+            align: cs,
+        };
+        let bytes = match check_table(spec, img.file_size, limits) {
+            Ok(b) => b,
+            Err(err) => return Ok(Err(bad(format!("bitmap {i}: {}", err.message()), at))),
+        };
+        let raw = read_vec(src, table_off, bytes, budget, "bitmap table")?;
+        c.inc(table_off, bytes, 1, true);
+        for (k, v) in l1_entries(&raw) {
+            let off = v & L1E_OFFSET_MASK;
+            if off != 0 && (off % cs != 0 || !c.inc(off, cs, 1, true)) {
+                return Ok(Err(bad(
+                    format!("bitmap {i}: data cluster {off:#x} is invalid"),
+                    table_off.saturating_add(k),
+                )));
+            }
+        }
+        budget.give_back(bytes);
+    }
+    budget.give_back(dir_size);
+    Ok(Ok(()))
 }

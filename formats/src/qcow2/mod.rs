@@ -352,10 +352,11 @@ impl Qcow2Image {
         let cs = self.geo.cluster_size();
         let within = pos - cluster_start;
         match cm {
-            ClusterMap::Whole(Piece::Data(h)) => {
-                (Piece::Data(h.saturating_add(within)), cluster_start + cs)
-            }
-            ClusterMap::Whole(p) => (p, cluster_start + cs),
+            ClusterMap::Whole(Piece::Data(h)) => (
+                Piece::Data(h.saturating_add(within)),
+                cluster_start.saturating_add(cs),
+            ),
+            ClusterMap::Whole(p) => (p, cluster_start.saturating_add(cs)),
             ClusterMap::Sub { host, alloc, zero } => {
                 let sub = cs / 32;
                 let si = within / sub;
@@ -453,7 +454,7 @@ impl Image for Qcow2Image {
                         .at(host)
                         .code("qcow2.l2-entry-out-of-bounds"));
                     }
-                    let len = (cstart + cs).min(end) - guest;
+                    let len = cstart.saturating_add(cs).min(end) - guest;
                     let kind = ExtentKind::Compressed {
                         codec: self.codec(),
                         host,
