@@ -652,6 +652,7 @@ fn hostile_fixtures_give_their_codes() {
         for code in *want {
             assert!(got.contains(code), "{name}: want {code}, got {got:?}");
         }
+        truncated_prefixes(&p);
         let verdict = report.verdict();
         assert_eq!(
             verdict == glimpse_formats::policy::Verdict::Pass,
@@ -734,4 +735,74 @@ fn luks_encrypted_image_is_flagged_and_checks_clean() {
     assert_eq!(codes, vec![("qcow2.encrypted", Severity::Warn)]);
     assert!(img.extensions().crypto.is_some());
     assert!(img.check(&Limits::default()).unwrap().is_empty());
+}
+
+#[test]
+fn random_byte_mutations_never_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/qcow2");
+    mutate(std::fs::read(dir.join("clean.qcow2")).unwrap(), 3000, 1024);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = raw_source(tmp.path(), "m.raw", 200_000);
+    for (name, opts) in [
+        ("c.qcow2", "cluster_size=4k,compression_type=zstd"),
+        ("z.qcow2", "cluster_size=4k,compression_type=zlib"),
+        ("e.qcow2", "cluster_size=16k,extended_l2=on"),
+    ] {
+        let p = tmp.path().join(name);
+        let mut args = vec!["convert", "-O", "qcow2", "-o", opts];
+        if name != "e.qcow2" {
+            args.insert(1, "-c");
+        }
+        args.push(s(&src));
+        args.push(s(&p));
+        qemu_img(&args);
+        mutate(std::fs::read(&p).unwrap(), 1000, 16 << 10);
+    }
+}
+
+/// Opens, checks, maps and reads `rounds` randomly mutated copies of `base`.
+fn mutate(base: Vec<u8>, rounds: u64, hot: usize) {
+    let mut x = 0x2545_f491_4f6c_dd1du64 ^ base.len() as u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..rounds {
+        let mut b = base.clone();
+        for _ in 0..1 + round % 4 {
+            let at = (next() % b.len() as u64) as usize;
+            // Bias towards the header and the tables at the start.
+            let at = if round % 2 == 0 {
+                at % hot.min(b.len())
+            } else {
+                at
+            };
+            b[at] = next() as u8;
+        }
+        let Ok(img) = qcow2::open(Arc::new(b) as Source, &Limits::tight()) else {
+            continue;
+        };
+        let _ = img.check(&Limits::tight());
+        let size = img.info().virtual_size;
+        let img: Arc<dyn Image> = Arc::new(img);
+        let mut pos = 0;
+        for _ in 0..10_000 {
+            if pos >= size {
+                break;
+            }
+            match img.mapping(pos, u64::MAX) {
+                Ok(e) => {
+                    glimpse_formats::validate_extent(&e, pos, u64::MAX, size).unwrap();
+                    pos = e.end();
+                }
+                Err(_) => break,
+            }
+        }
+        if size <= 1 << 20 {
+            let mut buf = vec![0u8; size as usize];
+            let _ = GuestReader::new(img, &Limits::tight()).read_at(&mut buf, 0);
+        }
+    }
 }

@@ -48,7 +48,7 @@ pub fn probe(p: &Probe<'_>) -> bool {
 /// # Security
 /// Reads the first 64 bytes and the backing file name inside the header; never opens
 /// another file.
-pub fn open(src: Source, _limits: &Limits) -> Result<QedImage> {
+pub fn open(src: Source, limits: &Limits) -> Result<QedImage> {
     let head = read_up_to(src.as_ref(), 0, 64)?;
     type Fields = (u32, u32, u32, u32, u64, u64, u64, u64, u64, u32, u32);
     let r: nom::IResult<&[u8], Fields> = (
@@ -91,7 +91,7 @@ pub fn open(src: Source, _limits: &Limits) -> Result<QedImage> {
             src.as_ref(),
             u64::from(bfo),
             u64::from(bfs),
-            &_limits.budget(),
+            &limits.budget(),
             "QED backing file name",
         )?;
         let target = String::from_utf8_lossy(&name).into_owned();
