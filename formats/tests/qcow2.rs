@@ -806,3 +806,39 @@ fn mutate(base: Vec<u8>, rounds: u64, hot: usize) {
         }
     }
 }
+
+#[test]
+fn external_data_file_is_reported_not_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("guest.raw");
+    let p = dir.path().join("meta.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={},data_file_raw=on", s(&data)),
+        s(&p),
+        "1M",
+    ]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 3 0 64k", s(&p)]);
+    let img = open_path(&p);
+    let r: Vec<_> = img
+        .info()
+        .references
+        .iter()
+        .filter(|r| r.kind == glimpse_formats::RefKind::DataFile)
+        .collect();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].target, s(&data));
+    assert_eq!(img.info().details["data-file"], s(&data));
+    assert_eq!(img.info().details["data-file-raw"], true);
+    let codes: Vec<_> = img.findings().iter().map(|f| f.code).collect();
+    assert_eq!(codes, vec!["qcow2.data-file"]);
+    assert!(img.check(&Limits::default()).unwrap().is_empty());
+    assert_eq!(
+        img.mapping(0, 1).unwrap_err().finding_code(),
+        "qcow2.data-file"
+    );
+}

@@ -341,10 +341,12 @@ pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
                 }
                 (entry & L2E_OFFSET_MASK, cs)
             };
-            if host == 0 {
+            let compressed = entry & OFLAG_COMPRESSED != 0;
+            // With an external data file, standard clusters live in that file and are not
+            // refcounted here (the spec); it is never opened, so there is nothing to check.
+            if host == 0 || (!copied_checked && !compressed) {
                 continue;
             }
-            let compressed = entry & OFLAG_COMPRESSED != 0;
             if !compressed && host % cs != 0 {
                 c.report(
                     Finding::reject(
