@@ -554,7 +554,7 @@ fn snapshots(
             Err(e) => c.report(bad(format!("snapshot {i}: {}", e.message()), entry_at)),
         }
     }
-    let total = off - h.snapshots_offset;
+    let total = off.saturating_sub(h.snapshots_offset);
     if !c.inc(h.snapshots_offset, total, 1, true) {
         c.report(bad(
             "the snapshot table lies past the end of the file".into(),

@@ -379,7 +379,7 @@ impl Qcow2Image {
                     1 => Piece::Zero,
                     _ => Piece::Unallocated,
                 };
-                (piece, cluster_start + sj * sub)
+                (piece, cluster_start.saturating_add(sj * sub))
             }
         }
     }
