@@ -1,32 +1,388 @@
-//! Qcow2 images. (Stub: filled in by the format's own work.)
+//! qcow2 images (QEMU copy-on-write, versions 2 and 3).
+//!
+//! `open` parses the header and its extensions inside the first cluster, range-checks the
+//! L1, refcount and snapshot tables and reads the L1 table. `mapping` walks L1 → L2 with a
+//! small cache of parsed L2 tables. `check` (in [`check`]) recounts every host cluster's
+//! references and compares them with the stored refcounts, as `qemu-img check` does.
+//!
+//! # Security
+//! Backing and data files are reported as [`Reference`]s and findings, never opened. Every
+//! table goes through [`check_table`] against the file size and QEMU's own caps.
 
+pub mod check;
+pub mod header;
 pub mod qed;
+pub mod refcount;
+pub mod table;
 
 use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
-use crate::image::{Extent, Image, ImageInfo};
-use crate::io::Source;
-use crate::limits::Limits;
+use crate::format::Format;
+use crate::image::{mapping_span, Codec, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
+use crate::io::{read_up_to, read_vec, Source};
+use crate::limits::{Budget, Limits};
+use crate::table::{check_table, TableSpec};
 
-/// An opened Qcow2 image.
+use header::{Extensions, Header};
+use table::{ClusterMap, Geometry, L2Cache, Piece, L1E_OFFSET_MASK};
+
+/// L1 entries scanned per `mapping` call when skipping unallocated L2 ranges.
+const MAX_L1_SCAN: usize = 1 << 16;
+
+/// An opened qcow2 image.
 pub struct Qcow2Image {
     src: Source,
     info: ImageInfo,
     findings: Vec<Finding>,
+    header: Header,
+    ext: Extensions,
+    geo: Geometry,
+    l1: Vec<u64>,
+    file_size: u64,
+    cache: L2Cache,
+    budget: Budget,
 }
 
-/// True when the probe windows look like Qcow2.
-pub fn probe(_p: &Probe<'_>) -> bool {
-    false
+/// True when the head starts with the qcow2 magic (any version: `open` rejects bad ones).
+pub fn probe(p: &Probe<'_>) -> bool {
+    p.starts_with(&header::MAGIC)
 }
 
-/// Opens a Qcow2 image.
+/// Opens a qcow2 image.
 ///
 /// # Errors
-/// `Unsupported` until implemented.
-pub fn open(_src: Source, _limits: &Limits) -> Result<Qcow2Image> {
-    Err(Error::unsupported("qcow2 is not implemented yet"))
+/// `Truncated` for a short header or table; `Invalid`/`Unsupported`/`Corrupt`/`LimitExceeded`
+/// with a `qcow2.*` or `table.*` code for metadata that cannot be used safely.
+///
+/// # Security
+/// Reads the first cluster and the L1 table, bounded by `limits`. Never opens another file.
+pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
+    let file_size = src.size()?;
+    let head = read_up_to(src.as_ref(), 0, 112)?;
+    let h = header::parse(&head)?;
+    let cs = h.cluster_size();
+    let budget = limits.budget();
+    let first_len = cs.min(file_size);
+    let first = read_vec(src.as_ref(), 0, first_len, &budget, "first cluster")?;
+    let mut findings = Vec::new();
+    let mut info = ImageInfo::new(Format::Qcow2, h.size);
+    info.actual_size = src.allocated_size();
+    info.cluster_size = Some(cs);
+
+    // Backing file name: must lie inside the first cluster and be at most 1023 bytes
+    // (qemu: "Backing file name too long").
+    let mut ext_end = cs;
+    let mut backing = None;
+    if h.backing_file_offset != 0 {
+        let end = h
+            .backing_file_offset
+            .checked_add(u64::from(h.backing_file_size));
+        if h.backing_file_size > header::MAX_BACKING_NAME || end.is_none_or(|e| e > cs) {
+            return Err(Error::invalid(format!(
+                "backing file name ({} bytes at {:#x}) is too long or leaves the first cluster",
+                h.backing_file_size, h.backing_file_offset
+            ))
+            .at(8)
+            .code("qcow2.backing-file"));
+        }
+        let name = header::slice(
+            &first,
+            h.backing_file_offset,
+            u64::from(h.backing_file_size),
+        )?;
+        backing = Some(String::from_utf8_lossy(name).into_owned());
+        // qemu stops reading extensions where the backing file name starts.
+        ext_end = ext_end.min(h.backing_file_offset);
+    }
+    let ext = header::parse_extensions(&first, u64::from(h.header_length), ext_end)?;
+
+    if let Some(name) = backing {
+        let format = ext.backing_format.as_ref().map(|(f, _)| f.clone());
+        findings.push(
+            Finding::reject(
+                "qcow2.backing-file",
+                format!("the image names a backing file: {name:?}"),
+            )
+            .at(h.backing_file_offset),
+        );
+        info.references.push(Reference {
+            kind: RefKind::BackingFile,
+            target: name,
+            format,
+            offset: Some(h.backing_file_offset),
+        });
+    }
+    let data_file_bit = h.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
+    if data_file_bit || ext.data_file.is_some() {
+        let (target, offset) = match &ext.data_file {
+            Some((n, o)) => (n.clone(), Some(*o)),
+            None => (String::new(), None),
+        };
+        let mut f = Finding::reject(
+            "qcow2.data-file",
+            format!("guest data lives in an external data file {target:?}"),
+        );
+        f.offset = offset.or(Some(72));
+        findings.push(f);
+        info.references.push(Reference {
+            kind: RefKind::DataFile,
+            target: target.clone(),
+            format: None,
+            offset,
+        });
+        info.detail("data-file", target);
+        info.detail(
+            "data-file-raw",
+            h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0,
+        );
+    }
+    if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+        findings.push(
+            Finding::reject(
+                "qcow2.corrupt-bit",
+                "the image is marked corrupt (incompatible bit 1)",
+            )
+            .at(72),
+        );
+    }
+    let dirty = h.incompatible_features & header::INCOMPAT_DIRTY != 0;
+    if dirty {
+        findings.push(
+            Finding::warn(
+                "qcow2.lazy-refcounts-dirty",
+                "the image is dirty: refcounts may be stale (lazy refcounts)",
+            )
+            .at(72),
+        );
+    }
+    if h.crypt_method != 0 {
+        info.encrypted = true;
+        let fmt = if h.crypt_method == 1 { "aes" } else { "luks" };
+        findings.push(
+            Finding::warn(
+                "qcow2.encrypted",
+                format!("guest data is encrypted ({fmt}): it cannot be inspected"),
+            )
+            .at(32),
+        );
+        let mut m = serde_json::Map::new();
+        m.insert("format".into(), fmt.into());
+        info.detail("encrypt", serde_json::Value::Object(m));
+    }
+
+    // The active L1 table must cover the virtual size (qemu: "L1 table is too small").
+    let geo = Geometry {
+        cluster_bits: h.cluster_bits,
+        extended: h.extended_l2(),
+    };
+    let clusters = h.size.div_ceil(cs);
+    let need_l1 = clusters.div_ceil(geo.l2_entries());
+    if u64::from(h.l1_size).saturating_mul(8) > header::MAX_L1_BYTES {
+        return Err(Error::limit(format!(
+            "L1 table of {} entries exceeds qemu's 32 MiB",
+            h.l1_size
+        ))
+        .at(36)
+        .code("table.too-large"));
+    }
+    let l1_len = check_table(
+        TableSpec {
+            name: "L1 table",
+            offset: h.l1_table_offset,
+            entries: u64::from(h.l1_size),
+            entry_size: 8,
+            align: cs,
+        },
+        file_size,
+        limits,
+    )?;
+    if u64::from(h.l1_size) < need_l1 {
+        return Err(Error::invalid(format!(
+            "L1 table has {} entries but {need_l1} are needed for {} bytes",
+            h.l1_size, h.size
+        ))
+        .at(36)
+        .code("qcow2.l1-size"));
+    }
+    let raw_l1 = read_vec(src.as_ref(), h.l1_table_offset, l1_len, &budget, "L1 table")?;
+    let mut l1 = Vec::new();
+    l1.try_reserve_exact(raw_l1.len() / 8)
+        .map_err(|_| Error::limit("L1 table: cannot allocate"))?;
+    l1.extend(raw_l1.chunks_exact(8).map(|c| table::be64(c, 0)));
+    drop(raw_l1);
+
+    // Refcount table: range only here; `check` reads it.
+    let rt_bytes = u64::from(h.refcount_table_clusters).saturating_mul(cs);
+    if rt_bytes > header::MAX_REFTABLE_BYTES {
+        return Err(Error::limit(format!(
+            "refcount table of {rt_bytes} bytes exceeds qemu's 8 MiB"
+        ))
+        .at(56)
+        .code("table.too-large"));
+    }
+    if h.refcount_table_clusters == 0 {
+        return Err(Error::invalid("the image has no refcount table")
+            .at(56)
+            .code("qcow2.refcount-table"));
+    }
+    check_table(
+        TableSpec {
+            name: "refcount table",
+            offset: h.refcount_table_offset,
+            entries: rt_bytes / 8,
+            entry_size: 8,
+            align: cs,
+        },
+        file_size,
+        limits,
+    )?;
+
+    if h.nb_snapshots > header::MAX_SNAPSHOTS {
+        return Err(
+            Error::invalid(format!("{} snapshots exceed qemu's 65536", h.nb_snapshots))
+                .at(60)
+                .code("qcow2.snapshot-table"),
+        );
+    }
+    if h.nb_snapshots > 0 {
+        // Entries are at least 40 bytes; `check` walks them.
+        check_table(
+            TableSpec {
+                name: "snapshot table",
+                offset: h.snapshots_offset,
+                entries: u64::from(h.nb_snapshots),
+                entry_size: 40,
+                align: cs,
+            },
+            file_size,
+            limits,
+        )?;
+        findings.push(
+            Finding::info(
+                "qcow2.snapshots",
+                format!("the image holds {} internal snapshots", h.nb_snapshots),
+            )
+            .at(h.snapshots_offset),
+        );
+    }
+
+    info.dirty = Some(dirty);
+    if h.version == 2 {
+        info.detail("compat", "0.10");
+    } else {
+        info.detail("compat", "1.1");
+    }
+    info.detail(
+        "compression-type",
+        if h.compression_type == 1 {
+            "zstd"
+        } else {
+            "zlib"
+        },
+    );
+    if h.version == 3 {
+        info.detail(
+            "lazy-refcounts",
+            h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
+        );
+    }
+    info.detail("refcount-bits", h.refcount_bits());
+    if h.version == 3 {
+        info.detail(
+            "corrupt",
+            h.incompatible_features & header::INCOMPAT_CORRUPT != 0,
+        );
+        info.detail("extended-l2", h.extended_l2());
+    }
+
+    let table_bytes = geo.l2_entries().saturating_mul(16);
+    let cache = L2Cache::new((limits.max_cache_bytes / 4).max(table_bytes), table_bytes);
+    Ok(Qcow2Image {
+        src,
+        info,
+        findings,
+        header: h,
+        ext,
+        geo,
+        l1,
+        file_size,
+        cache,
+        budget,
+    })
+}
+
+impl Qcow2Image {
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The parsed header extensions.
+    pub fn extensions(&self) -> &Extensions {
+        &self.ext
+    }
+
+    fn codec(&self) -> Codec {
+        if self.header.compression_type == 1 {
+            Codec::Zstd
+        } else {
+            Codec::Deflate
+        }
+    }
+
+    /// The L2 table at `offset` (cached), after checking alignment and range.
+    fn l2(&self, offset: u64) -> Result<table::L2Table> {
+        let cs = self.geo.cluster_size();
+        if offset % cs != 0 {
+            return Err(Error::corrupt(format!(
+                "L2 table offset {offset:#x} is not cluster aligned"
+            ))
+            .at(offset)
+            .code("table.misaligned"));
+        }
+        self.cache.get(offset, || {
+            table::read_l2(self.src.as_ref(), &self.geo, offset, &self.budget)
+        })
+    }
+
+    /// The piece backing guest offset `pos` inside its cluster and where that piece's run
+    /// ends inside the cluster.
+    fn piece_at(&self, cm: ClusterMap, pos: u64, cluster_start: u64) -> (Piece, u64) {
+        let cs = self.geo.cluster_size();
+        let within = pos - cluster_start;
+        match cm {
+            ClusterMap::Whole(Piece::Data(h)) => (
+                Piece::Data(h.saturating_add(within)),
+                cluster_start.saturating_add(cs),
+            ),
+            ClusterMap::Whole(p) => (p, cluster_start.saturating_add(cs)),
+            ClusterMap::Sub { host, alloc, zero } => {
+                let sub = cs / 32;
+                let si = within / sub;
+                let kind = |i: u64| -> u8 {
+                    if (alloc >> i) & 1 == 1 {
+                        2
+                    } else if (zero >> i) & 1 == 1 {
+                        1
+                    } else {
+                        0
+                    }
+                };
+                let k = kind(si);
+                let mut sj = si + 1;
+                while sj < 32 && kind(sj) == k {
+                    sj += 1;
+                }
+                let piece = match k {
+                    2 => Piece::Data(host.saturating_add(within)),
+                    1 => Piece::Zero,
+                    _ => Piece::Unallocated,
+                };
+                (piece, cluster_start.saturating_add(sj * sub))
+            }
+        }
+    }
 }
 
 impl Image for Qcow2Image {
@@ -36,8 +392,123 @@ impl Image for Qcow2Image {
     fn findings(&self) -> &[Finding] {
         &self.findings
     }
-    fn mapping(&self, _guest: u64, _max_len: u64) -> Result<Extent> {
-        Err(Error::unsupported("qcow2 mapping is not implemented yet"))
+    fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
+        check::check(self, limits)
+    }
+    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
+        let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+        let end = guest.saturating_add(span);
+        if self.header.incompatible_features & header::INCOMPAT_DATA_FILE != 0 {
+            return Err(Error::unsupported(
+                "guest data lives in an external data file, which is never opened",
+            )
+            .code("qcow2.data-file"));
+        }
+        let cb = self.geo.cluster_bits;
+        let cs = self.geo.cluster_size();
+        let l2e = self.geo.l2_entries();
+        let reach = l2e << cb; // guest bytes per L2 table; cluster_bits <= 21 so no overflow
+        let l1i =
+            usize::try_from(guest / reach).map_err(|_| Error::corrupt("L1 index overflows"))?;
+        let l2_off = self.l1.get(l1i).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+        if l2_off == 0 {
+            let mut j = l1i.saturating_add(1);
+            let stop = l1i.saturating_add(MAX_L1_SCAN).min(self.l1.len());
+            while j < stop && self.l1.get(j).copied().unwrap_or(0) & L1E_OFFSET_MASK == 0 {
+                j += 1;
+            }
+            let run_end = if j >= self.l1.len() {
+                u64::MAX
+            } else {
+                (j as u64).saturating_mul(reach)
+            };
+            return Ok(Extent {
+                start: guest,
+                len: run_end.min(end) - guest,
+                kind: ExtentKind::Unallocated,
+            });
+        }
+        let l2 = self.l2(l2_off)?;
+        let table_end = (l1i as u64).saturating_add(1).saturating_mul(reach);
+        let limit = end.min(table_end);
+        let base = (l1i as u64).saturating_mul(l2e);
+        let mut pos = guest;
+        let mut first: Option<Piece> = None;
+        while pos < limit {
+            let ci = (pos >> cb) - base;
+            let (entry, bm) = l2
+                .get(usize::try_from(ci).unwrap_or(usize::MAX))
+                .copied()
+                .ok_or_else(|| Error::corrupt("L2 index outside its table"))?;
+            let cm = table::decode(&self.geo, entry, bm)
+                .map_err(|e| e.context(format!("guest offset {pos:#x}")).at(l2_off))?;
+            let cstart = pos & !(cs - 1);
+            let (piece, run_end) = self.piece_at(cm, pos, cstart);
+            let run_end = run_end.min(limit);
+            match (first, piece) {
+                (None, Piece::Compressed { host, stored_len }) => {
+                    if host >= self.file_size {
+                        return Err(Error::corrupt(format!(
+                            "compressed cluster for guest offset {guest:#x} lies past the end of the file"
+                        ))
+                        .at(host)
+                        .code("qcow2.l2-entry-out-of-bounds"));
+                    }
+                    let len = cstart.saturating_add(cs).min(end) - guest;
+                    let kind = ExtentKind::Compressed {
+                        codec: self.codec(),
+                        host,
+                        stored_len,
+                        unit_size: cs,
+                        skip: guest - cstart,
+                    };
+                    return Ok(Extent {
+                        start: guest,
+                        len,
+                        kind,
+                    });
+                }
+                (None, p) => {
+                    if let Piece::Data(h) = p {
+                        if h % cs != pos % cs {
+                            return Err(Error::corrupt(format!(
+                                "data cluster for guest offset {pos:#x} is not cluster aligned"
+                            ))
+                            .at(l2_off)
+                            .code("qcow2.l2-entry-out-of-bounds"));
+                        }
+                    }
+                    first = Some(p);
+                }
+                (Some(Piece::Data(h0)), Piece::Data(h))
+                    if h0.checked_add(pos - guest) == Some(h) && h % cs == pos % cs => {}
+                (Some(Piece::Zero), Piece::Zero)
+                | (Some(Piece::Unallocated), Piece::Unallocated) => {}
+                _ => break,
+            }
+            pos = run_end;
+        }
+        let len = pos - guest;
+        let kind = match first {
+            Some(Piece::Data(host)) => {
+                if host.checked_add(len).is_none_or(|e| e > self.file_size) {
+                    return Err(Error::corrupt(format!(
+                        "guest offset {guest:#x} maps to host {host:#x}+{len}, past the end of the file ({} bytes)",
+                        self.file_size
+                    ))
+                    .at(host)
+                    .code("qcow2.l2-entry-out-of-bounds"));
+                }
+                ExtentKind::Data { host }
+            }
+            Some(Piece::Zero) => ExtentKind::Zero,
+            _ => ExtentKind::Unallocated,
+        };
+        Ok(Extent {
+            start: guest,
+            len,
+            kind,
+        })
     }
     fn source(&self) -> &Source {
         &self.src

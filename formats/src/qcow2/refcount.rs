@@ -1,0 +1,63 @@
+//! Refcount tables and blocks.
+//!
+//! A refcount block is one cluster of `cluster_size * 8 / refcount_bits` entries. Entries of
+//! 8 bits and more are big-endian; narrower ones are packed with bit 0 the least significant
+//! bit of the first byte (the spec: "bit 0 means the least significant bit").
+
+/// Refcount table entry bits 9-63: offset of the refcount block (bits 0-8 reserved).
+pub const REFT_OFFSET_MASK: u64 = !0x1ff;
+
+/// Entries per refcount block.
+pub fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
+    (1u64 << (cluster_bits + 3)) >> refcount_order.min(6)
+}
+
+/// The refcount at `index` of `block` (0 when `index` lies outside it).
+pub fn get(block: &[u8], index: u64, refcount_order: u32) -> u64 {
+    let bits = 1u64 << refcount_order.min(6);
+    if bits < 8 {
+        let per_byte = 8 / bits;
+        let Some(byte) = usize::try_from(index / per_byte)
+            .ok()
+            .and_then(|i| block.get(i))
+        else {
+            return 0;
+        };
+        let shift = (index % per_byte) * bits;
+        return (u64::from(*byte) >> shift) & ((1u64 << bits) - 1);
+    }
+    let width = bits / 8;
+    let Some(start) = index
+        .checked_mul(width)
+        .and_then(|s| usize::try_from(s).ok())
+    else {
+        return 0;
+    };
+    let Some(bytes) = block.get(start..start.saturating_add(usize::try_from(width).unwrap_or(0)))
+    else {
+        return 0;
+    };
+    bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_of_every_width() {
+        let b = [0b1011_0001u8, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde];
+        assert_eq!(get(&b, 0, 0), 1);
+        assert_eq!(get(&b, 4, 0), 1);
+        assert_eq!(get(&b, 1, 0), 0);
+        assert_eq!(get(&b, 0, 1), 1);
+        assert_eq!(get(&b, 3, 1), 2);
+        assert_eq!(get(&b, 1, 2), 0xb);
+        assert_eq!(get(&b, 1, 3), 0x12);
+        assert_eq!(get(&b, 1, 4), 0x3456);
+        assert_eq!(get(&b, 1, 5), 0x789a_bcde);
+        assert_eq!(get(&b, 0, 6), 0xb112_3456_789a_bcde);
+        assert_eq!(get(&b, 100, 4), 0);
+        assert_eq!(entries_per_block(16, 4), 32768);
+    }
+}

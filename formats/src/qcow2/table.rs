@@ -1,0 +1,269 @@
+//! L1 and L2 tables: entry layouts and a small cache of parsed L2 tables.
+
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::io::{read_vec, ReadAt};
+use crate::limits::Budget;
+
+/// L1 entry bits 9-55: offset of the L2 table (cluster aligned).
+pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L2 standard descriptor bits 9-55: host cluster offset.
+pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bit 63: refcount is exactly one (L1 and standard L2 entries).
+pub const OFLAG_COPIED: u64 = 1 << 63;
+/// Bit 62: compressed cluster.
+pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+/// Bit 0 of a standard descriptor: the cluster reads as zeros.
+pub const OFLAG_ZERO: u64 = 1;
+/// Compressed data is counted in 512-byte sectors.
+pub const SECTOR: u64 = 512;
+
+/// What one guest cluster (or subcluster) is backed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// Not allocated: reads as zeros (the backing file is never consulted).
+    Unallocated,
+    /// Explicitly zero.
+    Zero,
+    /// Host offset of the cluster's data.
+    Data(u64),
+    /// Compressed cluster: host offset of the stream and its byte length bound.
+    Compressed {
+        /// Offset of the compressed stream (not aligned).
+        host: u64,
+        /// Bytes from `host` to the end of its last sector (what qemu reads).
+        stored_len: u64,
+    },
+}
+
+/// How one L2 entry maps its guest cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterMap {
+    /// The whole cluster is one kind.
+    Whole(Piece),
+    /// Extended L2 with subclusters of different kinds: host cluster offset (0 if none) and
+    /// the allocation and zero bitmaps (bit x for subcluster x).
+    Sub {
+        /// Host offset of the cluster (0 when none is set).
+        host: u64,
+        /// Allocation bitmap.
+        alloc: u32,
+        /// Reads-as-zero bitmap.
+        zero: u32,
+    },
+}
+
+/// The geometry needed to decode entries.
+#[derive(Debug, Clone, Copy)]
+pub struct Geometry {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// 128-bit L2 entries.
+    pub extended: bool,
+}
+
+impl Geometry {
+    /// Bytes per cluster.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// Bytes per L2 entry.
+    pub fn l2_entry_size(&self) -> u64 {
+        if self.extended {
+            16
+        } else {
+            8
+        }
+    }
+    /// Entries per L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / self.l2_entry_size()
+    }
+    /// `x` of the spec's compressed descriptor: bits below it hold the host offset.
+    fn csize_shift(&self) -> u32 {
+        62 - (self.cluster_bits - 8)
+    }
+    /// Decodes a compressed descriptor to (host offset, bytes to its last sector's end), as
+    /// qemu's `qcow2_parse_compressed_l2_entry` computes them.
+    pub fn compressed(&self, entry: u64) -> (u64, u64) {
+        let shift = self.csize_shift();
+        let host = entry & ((1u64 << shift) - 1);
+        let mask = (1u64 << (self.cluster_bits - 8)) - 1;
+        let sectors = ((entry >> shift) & mask) + 1;
+        (host, sectors * SECTOR - (host % SECTOR))
+    }
+}
+
+/// Decodes an L2 entry (and its bitmap for extended L2) following qemu's
+/// `qcow2_get_subcluster_type`.
+///
+/// # Errors
+/// `Corrupt` for combinations qemu calls invalid (allocated subclusters without a host
+/// offset, a subcluster both allocated and zero).
+pub fn decode(g: &Geometry, entry: u64, bitmap: u64) -> Result<ClusterMap> {
+    if entry & OFLAG_COMPRESSED != 0 {
+        let (host, stored_len) = g.compressed(entry);
+        return Ok(ClusterMap::Whole(Piece::Compressed { host, stored_len }));
+    }
+    let host = entry & L2E_OFFSET_MASK;
+    if !g.extended {
+        // qemu applies the zero flag whatever the version (qcow2_get_cluster_type).
+        if entry & OFLAG_ZERO != 0 {
+            return Ok(ClusterMap::Whole(Piece::Zero));
+        }
+        return Ok(ClusterMap::Whole(if host == 0 {
+            Piece::Unallocated
+        } else {
+            Piece::Data(host)
+        }));
+    }
+    let alloc = u32::try_from(bitmap & 0xffff_ffff).unwrap_or(0);
+    let zero = u32::try_from(bitmap >> 32).unwrap_or(0);
+    if alloc & zero != 0 {
+        return Err(
+            Error::corrupt("extended L2 entry marks a subcluster both allocated and zero")
+                .code("qcow2.l2-entry-out-of-bounds"),
+        );
+    }
+    if host == 0 && alloc != 0 {
+        return Err(Error::corrupt(
+            "extended L2 entry allocates subclusters without a host cluster",
+        )
+        .code("qcow2.l2-entry-out-of-bounds"));
+    }
+    Ok(match (alloc, zero) {
+        (u32::MAX, _) => ClusterMap::Whole(Piece::Data(host)),
+        (0, u32::MAX) => ClusterMap::Whole(Piece::Zero),
+        (0, 0) => ClusterMap::Whole(Piece::Unallocated),
+        _ => ClusterMap::Sub { host, alloc, zero },
+    })
+}
+
+/// A parsed L2 table: (entry, bitmap) pairs.
+pub type L2Table = Arc<Vec<(u64, u64)>>;
+
+/// Reads and parses the L2 table at `offset` (one cluster).
+///
+/// # Errors
+/// `Truncated` (`table.out-of-bounds`) past the file end; `LimitExceeded` when the budget is
+/// spent; `Io`.
+pub fn read_l2(src: &dyn ReadAt, g: &Geometry, offset: u64, budget: &Budget) -> Result<L2Table> {
+    let raw = read_vec(src, offset, g.cluster_size(), budget, "L2 table")?;
+    let step = usize::try_from(g.l2_entry_size()).unwrap_or(8);
+    let mut out = Vec::new();
+    let n = raw.len() / step;
+    out.try_reserve_exact(n)
+        .map_err(|_| Error::limit("L2 table: cannot allocate"))?;
+    for e in raw.chunks_exact(step) {
+        let a = be64(e, 0);
+        let b = if g.extended { be64(e, 8) } else { 0 };
+        out.push((a, b));
+    }
+    // The raw bytes were charged; the parsed copy replaces them.
+    budget.give_back(g.cluster_size());
+    Ok(Arc::new(out))
+}
+
+/// Big-endian u64 at `at` of `b`, 0 if short (callers pass exact chunks).
+pub fn be64(b: &[u8], at: usize) -> u64 {
+    b.get(at..at.saturating_add(8))
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+/// A small LRU of parsed L2 tables keyed by host offset, bounded in bytes.
+pub struct L2Cache {
+    inner: Mutex<Vec<(u64, L2Table)>>,
+    max_tables: usize,
+}
+
+impl L2Cache {
+    /// A cache holding at most `max_bytes` of tables of `table_bytes` each (at least one).
+    pub fn new(max_bytes: u64, table_bytes: u64) -> Self {
+        let n = (max_bytes / table_bytes.max(1)).clamp(1, 64);
+        L2Cache {
+            inner: Mutex::new(Vec::new()),
+            max_tables: usize::try_from(n).unwrap_or(1),
+        }
+    }
+
+    /// The table at `offset`, read through `load` on a miss.
+    ///
+    /// # Errors
+    /// Whatever `load` returns.
+    pub fn get(&self, offset: u64, load: impl FnOnce() -> Result<L2Table>) -> Result<L2Table> {
+        {
+            let mut c = self
+                .inner
+                .lock()
+                .map_err(|_| Error::corrupt("L2 cache poisoned"))?;
+            if let Some(i) = c.iter().position(|(o, _)| *o == offset) {
+                let e = c.remove(i);
+                let t = e.1.clone();
+                c.push(e);
+                return Ok(t);
+            }
+        }
+        let t = load()?;
+        let mut c = self
+            .inner
+            .lock()
+            .map_err(|_| Error::corrupt("L2 cache poisoned"))?;
+        if c.len() >= self.max_tables && !c.is_empty() {
+            c.remove(0);
+        }
+        c.push((offset, t.clone()));
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressed_descriptor_follows_the_spec() {
+        let g = Geometry {
+            cluster_bits: 16,
+            extended: false,
+        };
+        // x = 62 - 8 = 54; 3 additional sectors; host 0x10123.
+        let e = OFLAG_COMPRESSED | (3u64 << 54) | 0x10123;
+        assert_eq!(g.compressed(e), (0x10123, 4 * 512 - 0x123));
+        assert_eq!(
+            decode(&g, e, 0).unwrap(),
+            ClusterMap::Whole(Piece::Compressed {
+                host: 0x10123,
+                stored_len: 4 * 512 - 0x123
+            })
+        );
+    }
+
+    #[test]
+    fn extended_entries_split_into_subclusters() {
+        let g = Geometry {
+            cluster_bits: 16,
+            extended: true,
+        };
+        assert_eq!(
+            decode(&g, 0x50000, 0xffff_ffff).unwrap(),
+            ClusterMap::Whole(Piece::Data(0x50000))
+        );
+        assert_eq!(
+            decode(&g, 0, 0xffff_ffff << 32).unwrap(),
+            ClusterMap::Whole(Piece::Zero)
+        );
+        assert_eq!(
+            decode(&g, 0x50000, 0x3 | (0x4 << 32)).unwrap(),
+            ClusterMap::Sub {
+                host: 0x50000,
+                alloc: 3,
+                zero: 4
+            }
+        );
+        assert!(decode(&g, 0, 1).is_err());
+        assert!(decode(&g, 0x50000, 1 | (1 << 32)).is_err());
+    }
+}

@@ -1,0 +1,844 @@
+//! qcow2 reader tests against qemu-img-made images, and one header mutation per finding.
+//! These tests need qemu-img and qemu-io and fail loudly without them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use glimpse_formats::qcow2;
+use glimpse_formats::reader::GuestReader;
+use glimpse_formats::{ErrorKind, ExtentKind, Image, Limits, Severity, Source};
+
+fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} must be installed: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    String::from_utf8(run("qemu-img", args).stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A raw disk of `size` bytes: random, text-like and zero regions.
+fn raw_source(dir: &Path, name: &str, size: usize) -> PathBuf {
+    let mut v = vec![0u8; size];
+    let mut pos = 0;
+    let mut i = 0u64;
+    while pos < size {
+        let len = (37_000 + (i as usize * 7919) % 150_000).min(size - pos);
+        match i % 4 {
+            0 => v[pos..pos + len].copy_from_slice(&noise(i, len)),
+            1 => {}
+            2 => {
+                for (k, b) in v[pos..pos + len].iter_mut().enumerate() {
+                    *b = b"the quick brown fox jumps over the lazy dog\n"[k % 44];
+                }
+            }
+            _ => v[pos..pos + len / 3].copy_from_slice(&noise(i + 99, len / 3)),
+        }
+        pos += len;
+        i += 1;
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, v).unwrap();
+    p
+}
+
+fn open_path(p: &Path) -> qcow2::Qcow2Image {
+    let f = std::fs::File::open(p).unwrap();
+    qcow2::open(Arc::new(f), &Limits::default()).unwrap()
+}
+
+fn open_bytes(b: Vec<u8>) -> glimpse_formats::Result<qcow2::Qcow2Image> {
+    qcow2::open(Arc::new(b) as Source, &Limits::default())
+}
+
+fn json(p: &Path, cmd: &str) -> serde_json::Value {
+    serde_json::from_str(&qemu_img(&[cmd, "--output=json", s(p)])).unwrap()
+}
+
+/// Merged [start, end) ranges.
+fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(l) if l.1 == a => l.1 = b,
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// Everything the reader must agree with qemu-img on, for one image.
+fn agree_with_qemu(dir: &Path, img_path: &Path) {
+    let img = Arc::new(open_path(img_path));
+    let info = json(img_path, "info");
+    assert_eq!(
+        img.info().virtual_size,
+        info["virtual-size"].as_u64().unwrap()
+    );
+    assert_eq!(img.info().cluster_size, info["cluster-size"].as_u64());
+    let spec = &info["format-specific"]["data"];
+    for key in [
+        "compat",
+        "compression-type",
+        "refcount-bits",
+        "lazy-refcounts",
+        "extended-l2",
+        "corrupt",
+    ] {
+        assert_eq!(
+            img.info().details.get(key),
+            spec.get(key),
+            "{key} of {img_path:?}"
+        );
+    }
+
+    // Extents: disjoint, cover [0, size), data ranges equal qemu-img map's.
+    let size = img.info().virtual_size;
+    let mut pos = 0;
+    let mut data = Vec::new();
+    while pos < size {
+        let e = img.mapping(pos, u64::MAX).unwrap();
+        glimpse_formats::validate_extent(&e, pos, u64::MAX, size).unwrap();
+        if !e.reads_as_zero() {
+            data.push((e.start, e.end()));
+        }
+        pos = e.end();
+    }
+    let map = json(img_path, "map");
+    let qdata: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["data"].as_bool() == Some(true))
+        .map(|m| {
+            let a = m["start"].as_u64().unwrap();
+            (a, a + m["length"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(merge(data), merge(qdata), "data ranges of {img_path:?}");
+
+    // Guest bytes.
+    let raw = dir.join("out.raw");
+    qemu_img(&["convert", "-O", "raw", s(img_path), s(&raw)]);
+    let want = std::fs::read(&raw).unwrap();
+    let reader = GuestReader::new(img.clone() as Arc<dyn Image>, &Limits::default());
+    let mut got = vec![0u8; size as usize];
+    reader.read_at(&mut got, 0).unwrap();
+    assert!(got == want, "guest bytes of {img_path:?} differ");
+
+    // A clean image checks clean, like qemu-img check.
+    let findings = img.check(&Limits::default()).unwrap();
+    assert!(findings.is_empty(), "{img_path:?}: {findings:?}");
+    let st = Command::new("qemu-img")
+        .args(["check", s(img_path)])
+        .output()
+        .unwrap();
+    assert_eq!(st.status.code(), Some(0));
+
+    truncated_prefixes(img_path);
+}
+
+/// Every sampled truncated prefix opens with an error or reads without panicking.
+fn truncated_prefixes(p: &Path) {
+    let bytes = std::fs::read(p).unwrap();
+    let mut cuts: Vec<usize> = (0..bytes.len().min(64 << 10)).step_by(512).collect();
+    cuts.extend([1, 7, 71, 72, 103, 111, 112].iter().copied());
+    for k in 1..16 {
+        cuts.push(bytes.len() * k / 16);
+    }
+    cuts.push(bytes.len().saturating_sub(1));
+    for cut in cuts {
+        let prefix = bytes[..cut.min(bytes.len())].to_vec();
+        let Ok(img) = open_bytes(prefix) else {
+            continue;
+        };
+        let _ = img.check(&Limits::tight());
+        let size = img.info().virtual_size;
+        let mut pos = 0;
+        let mut steps = 0;
+        while pos < size && steps < 100_000 {
+            match img.mapping(pos, u64::MAX) {
+                Ok(e) => pos = e.end(),
+                Err(_) => break,
+            }
+            steps += 1;
+        }
+    }
+}
+
+#[test]
+fn qemu_img_images_read_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = raw_source(d, "src.raw", 3 * 1024 * 1024 + 12345);
+    let variants: &[(&str, &[&str])] = &[
+        ("v2.qcow2", &["-o", "compat=0.10"]),
+        ("v3.qcow2", &["-o", "compat=1.1"]),
+        ("c4k.qcow2", &["-o", "cluster_size=4k"]),
+        ("c2m.qcow2", &["-o", "cluster_size=2M"]),
+        ("zlib.qcow2", &["-c", "-o", "compression_type=zlib"]),
+        (
+            "zstd.qcow2",
+            &["-c", "-o", "compression_type=zstd,cluster_size=4k"],
+        ),
+        ("zlib-v2.qcow2", &["-c", "-o", "compat=0.10"]),
+        ("rc1.qcow2", &["-o", "refcount_bits=1"]),
+        ("rc64.qcow2", &["-o", "refcount_bits=64,cluster_size=512"]),
+        ("extl2.qcow2", &["-o", "extended_l2=on"]),
+    ];
+    for (name, opts) in variants {
+        let out = d.join(name);
+        let mut args = vec!["convert", "-O", "qcow2"];
+        args.extend_from_slice(opts);
+        args.push(s(&src));
+        args.push(s(&out));
+        qemu_img(&args);
+        agree_with_qemu(d, &out);
+    }
+}
+
+#[test]
+fn extended_l2_subclusters_and_zero_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("sub.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=64k",
+        s(&p),
+        "4M",
+    ]);
+    let cmds = [
+        "write -P 0xaa 4k 4k",
+        "write -P 0xbb 70k 2k",
+        "write -z 128k 64k",
+        "write -z 200k 4k",
+        "write -P 0x11 1M 100k",
+    ];
+    for c in cmds {
+        run("qemu-io", &["-f", "qcow2", "-c", c, s(&p)]);
+    }
+    agree_with_qemu(dir.path(), &p);
+    let img = open_path(&p);
+    assert_eq!(
+        img.mapping(128 << 10, u64::MAX).unwrap().kind,
+        ExtentKind::Zero
+    );
+    let e = img.mapping(4096, u64::MAX).unwrap();
+    assert!(matches!(e.kind, ExtentKind::Data { .. }));
+    assert_eq!(e.len, 4096);
+
+    // v3 standard zero flag.
+    let z = dir.path().join("zero.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&z), "1M"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 128k",
+            "-c",
+            "write -z 0 64k",
+            s(&z),
+        ],
+    );
+    agree_with_qemu(dir.path(), &z);
+    assert_eq!(
+        open_path(&z).mapping(0, u64::MAX).unwrap().kind,
+        ExtentKind::Zero
+    );
+}
+
+#[test]
+fn snapshots_are_counted_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = raw_source(dir.path(), "src.raw", 1 << 20);
+    let p = dir.path().join("snap.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&src), s(&p)]);
+    qemu_img(&["snapshot", "-c", "one", s(&p)]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 7 0 64k", s(&p)]);
+    qemu_img(&["snapshot", "-c", "two", s(&p)]);
+    agree_with_qemu(dir.path(), &p);
+    assert!(open_path(&p)
+        .findings()
+        .iter()
+        .any(|f| f.code == "qcow2.snapshots"));
+}
+
+#[test]
+fn backing_file_is_reported_not_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, noise(5, 1 << 20)).unwrap();
+    let p = dir.path().join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "raw",
+        s(&p),
+        "1M",
+    ]);
+    let img = open_path(&p);
+    let r = img.info().backing_file().unwrap();
+    assert_eq!(r.target, s(&base));
+    assert_eq!(r.format.as_deref(), Some("raw"));
+    assert!(img
+        .findings()
+        .iter()
+        .any(|f| f.code == "qcow2.backing-file" && f.severity == Severity::Reject));
+    // The backing file's data is never read: the guest maps as unallocated.
+    let e = img.mapping(0, u64::MAX).unwrap();
+    assert_eq!((e.len, e.kind), (1 << 20, ExtentKind::Unallocated));
+    assert!(img.check(&Limits::default()).unwrap().is_empty());
+}
+
+#[test]
+fn empty_terabyte_image_is_cheap() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "1T"]);
+    let img = open_path(&p);
+    assert!(img.check(&Limits::default()).unwrap().is_empty());
+    // One extent covers the whole disk: no per-cluster walk.
+    let e = img.mapping(0, u64::MAX).unwrap();
+    assert_eq!((e.len, e.kind), (1 << 40, ExtentKind::Unallocated));
+    let mut calls = 0;
+    let mut pos = 0;
+    while pos < 1 << 40 {
+        pos = img.mapping(pos, 1 << 40).unwrap().end();
+        calls += 1;
+    }
+    assert_eq!(calls, 1);
+}
+
+// ---- header mutations: one field each, one code each ----
+
+fn base_image() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("s.raw");
+    let mut v = noise(1, 256 << 10);
+    v[64 << 10..128 << 10].fill(0);
+    std::fs::write(&src, v).unwrap();
+    let p = dir.path().join("b.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&src), s(&p)]);
+    std::fs::read(p).unwrap()
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+fn open_err(b: Vec<u8>) -> (ErrorKind, &'static str) {
+    let e = open_bytes(b).err().expect("open must fail");
+    (e.kind(), e.finding_code())
+}
+
+fn codes(img: &qcow2::Qcow2Image) -> Vec<&'static str> {
+    let mut c: Vec<_> = img.findings().iter().map(|f| f.code).collect();
+    c.extend(
+        img.check(&Limits::default())
+            .unwrap()
+            .iter()
+            .map(|f| f.code),
+    );
+    c
+}
+
+/// First L2 table and its first data entry.
+fn first_l2(b: &[u8]) -> (usize, usize) {
+    let l1 = be64(b, 40) as usize;
+    let l2 = (be64(b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    (l2, (be64(b, l2) & 0x00ff_ffff_ffff_fe00) as usize)
+}
+
+#[test]
+fn the_unmutated_base_is_clean() {
+    let img = open_bytes(base_image()).unwrap();
+    assert!(codes(&img).is_empty());
+}
+
+#[test]
+fn fatal_header_fields() {
+    let b = base_image();
+    let with = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut m = b.clone();
+        f(&mut m);
+        m
+    };
+    assert_eq!(
+        open_err(with(&|m| put32(m, 4, 4))),
+        (ErrorKind::Unsupported, "qcow2.version")
+    );
+    assert_eq!(open_err(with(&|m| put32(m, 4, 1))).1, "qcow2.version");
+    assert_eq!(
+        open_err(with(&|m| put32(m, 20, 22))).1,
+        "qcow2.cluster-bits"
+    );
+    assert_eq!(open_err(with(&|m| put32(m, 20, 8))).1, "qcow2.cluster-bits");
+    assert_eq!(
+        open_err(with(&|m| put32(m, 96, 7))).1,
+        "qcow2.refcount-order"
+    );
+    assert_eq!(
+        open_err(with(&|m| put32(m, 100, 100))).1,
+        "qcow2.header-length"
+    );
+    assert_eq!(
+        open_err(with(&|m| put32(m, 100, 108 + 1))).1,
+        "qcow2.header-length"
+    );
+    assert_eq!(
+        open_err(with(&|m| put64(m, 72, 1 << 5))),
+        (ErrorKind::Unsupported, "qcow2.unknown-incompatible-feature")
+    );
+    assert_eq!(
+        open_err(with(&|m| put64(m, 72, 1 << 3))).1,
+        "qcow2.compression-type"
+    );
+    assert_eq!(open_err(with(&|m| m[104] = 2)).1, "qcow2.compression-type");
+    // The first extension (qemu writes the feature table) claims 1 MiB.
+    assert_eq!(
+        open_err(with(&|m| put32(m, 116, 1 << 20))).1,
+        "qcow2.header-extension"
+    );
+    assert_eq!(
+        open_err(with(&|m| put32(m, 36, 1 << 31))).1,
+        "table.too-large"
+    );
+    assert_eq!(
+        open_err(with(&|m| {
+            let v = be64(m, 40) + 512;
+            put64(m, 40, v)
+        }))
+        .1,
+        "table.misaligned"
+    );
+    assert_eq!(
+        open_err(with(&|m| put64(m, 40, 1 << 40))).1,
+        "table.out-of-bounds"
+    );
+    assert_eq!(open_err(with(&|m| put32(m, 36, 0))).1, "qcow2.l1-size");
+    assert_eq!(
+        open_err(with(&|m| put32(m, 56, 0))).1,
+        "qcow2.refcount-table"
+    );
+    assert_eq!(
+        open_err(with(&|m| put32(m, 60, 70_000))).1,
+        "qcow2.snapshot-table"
+    );
+    assert_eq!(open_err(with(&|m| m.truncate(60))).0, ErrorKind::Truncated);
+    let long = with(&|m| {
+        put64(m, 8, 65536 - 10);
+        put32(m, 16, 100);
+    });
+    assert_eq!(open_err(long).1, "qcow2.backing-file");
+}
+
+#[test]
+fn crafted_huge_l1_answers_with_a_limit() {
+    let mut b = base_image();
+    put32(&mut b, 36, u32::MAX);
+    put64(&mut b, 24, u64::MAX / 2);
+    let (kind, code) = open_err(b);
+    assert_eq!((kind, code), (ErrorKind::LimitExceeded, "table.too-large"));
+}
+
+#[test]
+fn header_findings() {
+    let b = base_image();
+    let one = |f: &dyn Fn(&mut Vec<u8>), code: &str, sev: Severity| {
+        let mut m = b.clone();
+        f(&mut m);
+        let img = open_bytes(m).unwrap();
+        let hit: Vec<_> = img.findings().iter().filter(|x| x.code == code).collect();
+        assert_eq!(hit.len(), 1, "{code}: {:?}", img.findings());
+        assert_eq!(hit[0].severity, sev, "{code}");
+        img
+    };
+    one(
+        &|m| {
+            m[1024..1032].copy_from_slice(b"base.img");
+            put64(m, 8, 1024);
+            put32(m, 16, 8);
+        },
+        "qcow2.backing-file",
+        Severity::Reject,
+    );
+    let img = one(
+        &|m| put64(m, 72, 1 << 2),
+        "qcow2.data-file",
+        Severity::Reject,
+    );
+    assert_eq!(
+        img.mapping(0, 1).unwrap_err().finding_code(),
+        "qcow2.data-file"
+    );
+    one(
+        &|m| put64(m, 72, 1 << 1),
+        "qcow2.corrupt-bit",
+        Severity::Reject,
+    );
+    let img = one(&|m| put32(m, 32, 1), "qcow2.encrypted", Severity::Warn);
+    assert!(img.info().encrypted);
+    one(
+        &|m| put64(m, 72, 1),
+        "qcow2.lazy-refcounts-dirty",
+        Severity::Warn,
+    );
+}
+
+#[test]
+fn structural_findings_from_check() {
+    let b = base_image();
+    let (l2, data) = first_l2(&b);
+    // An L2 entry past the end of the file: check rejects it, mapping names the guest offset.
+    let mut m = b.clone();
+    put64(&mut m, l2, (1u64 << 63) | (1 << 40));
+    let img = open_bytes(m).unwrap();
+    assert!(codes(&img).contains(&"qcow2.l2-entry-out-of-bounds"));
+    let e = img.mapping(0, 1).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.message().contains("0x0"), "{}", e.message());
+
+    // A data cluster pointing at the L1 table.
+    let mut m = b.clone();
+    put64(&mut m, l2, (1u64 << 63) | be64(&b, 40));
+    assert!(codes(&open_bytes(m).unwrap()).contains(&"qcow2.entry-into-metadata"));
+
+    // A misaligned L2 table.
+    let mut m = b.clone();
+    let l1 = be64(&b, 40) as usize;
+    put64(&mut m, l1, (1u64 << 63) | (l2 as u64 + 512));
+    assert!(codes(&open_bytes(m).unwrap()).contains(&"table.misaligned"));
+
+    // A snapshot table whose L1 lies outside the file.
+    let mut m = b.clone();
+    let at = m.len();
+    m.resize(at + 65536, 0);
+    put64(&mut m, at, 1 << 40);
+    put32(&mut m, at + 8, 1);
+    put32(&mut m, 60, 1);
+    put64(&mut m, 64, at as u64);
+    assert!(codes(&open_bytes(m).unwrap()).contains(&"qcow2.snapshot-table"));
+    let _ = data;
+}
+
+/// Sets the 16-bit refcount of host cluster `cluster` (the refcount table's first block
+/// covers it in these small images).
+fn set_refcount(b: &mut [u8], cluster: u64, v: u16) {
+    let rt = be64(b, 48) as usize;
+    let block = be64(b, rt) as usize;
+    let at = block + cluster as usize * 2;
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn qemu_check_code(b: &[u8]) -> i32 {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.qcow2");
+    std::fs::write(&p, b).unwrap();
+    Command::new("qemu-img")
+        .args(["check", s(&p)])
+        .output()
+        .expect("qemu-img")
+        .status
+        .code()
+        .unwrap()
+}
+
+#[test]
+fn refcount_corruption_agrees_with_qemu_img_check() {
+    let mut b = base_image();
+    let (_, data) = first_l2(&b);
+    set_refcount(&mut b, data as u64 >> 16, 0);
+    assert_eq!(qemu_check_code(&b), 2);
+    let c = codes(&open_bytes(b).unwrap());
+    assert!(c.contains(&"refcount.mismatch"), "{c:?}");
+    assert!(!c.contains(&"qcow2.leaked-clusters"));
+}
+
+#[test]
+fn leaked_cluster_agrees_with_qemu_img_check() {
+    let mut b = base_image();
+    let n = (b.len() as u64).div_ceil(65536);
+    b.resize((n as usize + 1) << 16, 0);
+    set_refcount(&mut b, n, 1);
+    assert_eq!(qemu_check_code(&b), 3);
+    let img = open_bytes(b).unwrap();
+    let f = img.check(&Limits::default()).unwrap();
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(
+        (f[0].code, f[0].severity),
+        ("qcow2.leaked-clusters", Severity::Warn)
+    );
+}
+
+#[test]
+fn probe_matches_any_version_and_qed_does_not() {
+    let mut b = base_image();
+    put32(&mut b, 4, 9);
+    let det = glimpse_formats::detect(&b).unwrap();
+    assert_eq!(det.matches, vec![glimpse_formats::Format::Qcow2]);
+}
+
+#[test]
+fn hostile_fixtures_give_their_codes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/qcow2");
+    let cases: &[(&str, &[&str])] = &[
+        ("clean", &[]),
+        ("huge-l1", &["table.too-large"]),
+        ("l1-past-eof", &["table.out-of-bounds"]),
+        ("l2-entry-past-eof", &["qcow2.l2-entry-out-of-bounds"]),
+        (
+            "data-into-l1",
+            &["qcow2.entry-into-metadata", "refcount.mismatch"],
+        ),
+        ("refcount-zero", &["refcount.mismatch", "qcow2.copied-flag"]),
+        ("extension-overrun", &["qcow2.header-extension"]),
+        (
+            "unknown-incompatible",
+            &["qcow2.unknown-incompatible-feature"],
+        ),
+        ("data-file-bit", &["qcow2.data-file"]),
+        ("backing-file", &["qcow2.backing-file"]),
+    ];
+    for (name, want) in cases {
+        let p = dir.join(format!("{name}.qcow2"));
+        let src: Source = Arc::new(std::fs::File::open(&p).unwrap());
+        let policy = glimpse_formats::policy::Policy::default();
+        let report = glimpse_formats::policy::inspect(src, &policy, &Limits::default()).unwrap();
+        let got: Vec<&str> = report.findings.iter().map(|f| f.code).collect();
+        for code in *want {
+            assert!(got.contains(code), "{name}: want {code}, got {got:?}");
+        }
+        truncated_prefixes(&p);
+        let verdict = report.verdict();
+        assert_eq!(
+            verdict == glimpse_formats::policy::Verdict::Pass,
+            want.is_empty(),
+            "{name}: {got:?}"
+        );
+        if want.is_empty() {
+            assert!(got.is_empty(), "{name}: {got:?}");
+        }
+        // Where qemu-img can open the file, its check agrees that it is corrupt or clean.
+        let q = Command::new("qemu-img")
+            .args(["check", s(&p)])
+            .output()
+            .expect("qemu-img");
+        let opened = q.status.code() != Some(1);
+        let structural = want
+            .iter()
+            .any(|c| c.starts_with("refcount") || c.contains("l2-entry") || c.contains("metadata"));
+        if opened && (structural || want.is_empty()) {
+            assert_eq!(
+                q.status.code(),
+                Some(if structural { 2 } else { 0 }),
+                "{name}"
+            );
+        }
+    }
+    let img = open_path(&dir.join("backing-file.qcow2"));
+    assert_eq!(img.info().backing_file().unwrap().target, "/etc/shadow");
+}
+
+#[test]
+fn persistent_bitmaps_are_counted_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "4M"]);
+    qemu_img(&["bitmap", "--add", s(&p), "b0"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 1M", s(&p)]);
+    qemu_img(&["bitmap", "--add", "-g", "512", s(&p), "b1"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 2 2M 100k", s(&p)],
+    );
+    agree_with_qemu(dir.path(), &p);
+    // A leak is still seen with bitmaps present.
+    let mut b = std::fs::read(&p).unwrap();
+    let n = (b.len() as u64).div_ceil(65536);
+    b.resize((n as usize + 1) << 16, 0);
+    set_refcount(&mut b, n, 1);
+    let f = open_bytes(b).unwrap().check(&Limits::default()).unwrap();
+    assert_eq!(
+        f.iter().map(|f| f.code).collect::<Vec<_>>(),
+        vec!["qcow2.leaked-clusters"]
+    );
+}
+
+#[test]
+fn luks_encrypted_image_is_flagged_and_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("enc.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        "secret,id=sec0,data=hunter2",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        s(&p),
+        "1M",
+    ]);
+    let img = open_path(&p);
+    assert!(img.info().encrypted);
+    assert_eq!(img.info().details["encrypt"]["format"], "luks");
+    let codes: Vec<_> = img
+        .findings()
+        .iter()
+        .map(|f| (f.code, f.severity))
+        .collect();
+    assert_eq!(codes, vec![("qcow2.encrypted", Severity::Warn)]);
+    assert!(img.extensions().crypto.is_some());
+    assert!(img.check(&Limits::default()).unwrap().is_empty());
+}
+
+#[test]
+fn random_byte_mutations_never_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/qcow2");
+    mutate(std::fs::read(dir.join("clean.qcow2")).unwrap(), 3000, 1024);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = raw_source(tmp.path(), "m.raw", 200_000);
+    for (name, opts) in [
+        ("c.qcow2", "cluster_size=4k,compression_type=zstd"),
+        ("z.qcow2", "cluster_size=4k,compression_type=zlib"),
+        ("e.qcow2", "cluster_size=16k,extended_l2=on"),
+    ] {
+        let p = tmp.path().join(name);
+        let mut args = vec!["convert", "-O", "qcow2", "-o", opts];
+        if name != "e.qcow2" {
+            args.insert(1, "-c");
+        }
+        args.push(s(&src));
+        args.push(s(&p));
+        qemu_img(&args);
+        mutate(std::fs::read(&p).unwrap(), 1000, 16 << 10);
+    }
+}
+
+/// Opens, checks, maps and reads `rounds` randomly mutated copies of `base`.
+fn mutate(base: Vec<u8>, rounds: u64, hot: usize) {
+    let mut x = 0x2545_f491_4f6c_dd1du64 ^ base.len() as u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..rounds {
+        let mut b = base.clone();
+        for _ in 0..1 + round % 4 {
+            let at = (next() % b.len() as u64) as usize;
+            // Bias towards the header and the tables at the start.
+            let at = if round % 2 == 0 {
+                at % hot.min(b.len())
+            } else {
+                at
+            };
+            b[at] = next() as u8;
+        }
+        let Ok(img) = qcow2::open(Arc::new(b) as Source, &Limits::tight()) else {
+            continue;
+        };
+        let _ = img.check(&Limits::tight());
+        let size = img.info().virtual_size;
+        let img: Arc<dyn Image> = Arc::new(img);
+        let mut pos = 0;
+        for _ in 0..10_000 {
+            if pos >= size {
+                break;
+            }
+            match img.mapping(pos, u64::MAX) {
+                Ok(e) => {
+                    glimpse_formats::validate_extent(&e, pos, u64::MAX, size).unwrap();
+                    pos = e.end();
+                }
+                Err(_) => break,
+            }
+        }
+        if size <= 1 << 20 {
+            let mut buf = vec![0u8; size as usize];
+            let _ = GuestReader::new(img, &Limits::tight()).read_at(&mut buf, 0);
+        }
+    }
+}
+
+#[test]
+fn external_data_file_is_reported_not_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("guest.raw");
+    let p = dir.path().join("meta.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={},data_file_raw=on", s(&data)),
+        s(&p),
+        "1M",
+    ]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 3 0 64k", s(&p)]);
+    let img = open_path(&p);
+    let r: Vec<_> = img
+        .info()
+        .references
+        .iter()
+        .filter(|r| r.kind == glimpse_formats::RefKind::DataFile)
+        .collect();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].target, s(&data));
+    assert_eq!(img.info().details["data-file"], s(&data));
+    assert_eq!(img.info().details["data-file-raw"], true);
+    let codes: Vec<_> = img.findings().iter().map(|f| f.code).collect();
+    assert_eq!(codes, vec!["qcow2.data-file"]);
+    assert!(img.check(&Limits::default()).unwrap().is_empty());
+    assert_eq!(
+        img.mapping(0, 1).unwrap_err().finding_code(),
+        "qcow2.data-file"
+    );
+}
