@@ -1,0 +1,499 @@
+//! One test per finding: each takes a qemu-img-made image and mutates one field.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use super::*;
+use crate::ErrorKind;
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img must be installed for these tests");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A qemu-img-made VHDX of `size` bytes holding `data` at the given guest offsets.
+fn make(size: u64, opts: &str, data: &[(u64, &[u8])]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("in.raw");
+    let out = dir.path().join("out.vhdx");
+    let mut img = vec![0u8; usize::try_from(size).unwrap()];
+    for (off, d) in data {
+        let o = usize::try_from(*off).unwrap();
+        img[o..o + d.len()].copy_from_slice(d);
+    }
+    std::fs::write(&raw, &img).unwrap();
+    let mut args = vec!["convert", "-f", "raw", "-O", "vhdx"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([raw.to_str().unwrap(), out.to_str().unwrap()]);
+    qemu_img(&args);
+    std::fs::read(out).unwrap()
+}
+
+fn small() -> Vec<u8> {
+    make(
+        4 << 20,
+        "block_size=1M",
+        &[(0, &[0xab; 5000]), (2 << 20, &[0xcd; 100])],
+    )
+}
+
+fn open_v(v: Vec<u8>) -> Result<VhdxImage> {
+    open(Arc::new(v), &Limits::default())
+}
+
+fn codes(img: &VhdxImage) -> Vec<(&'static str, crate::Severity)> {
+    img.findings()
+        .iter()
+        .map(|f| (f.code, f.severity))
+        .collect()
+}
+
+fn err_code(r: Result<VhdxImage>) -> (ErrorKind, &'static str) {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => (e.kind(), e.finding_code()),
+    }
+}
+
+fn put32(v: &mut [u8], at: u64, x: u32) {
+    let a = usize::try_from(at).unwrap();
+    v[a..a + 4].copy_from_slice(&x.to_le_bytes());
+}
+fn put64(v: &mut [u8], at: u64, x: u64) {
+    let a = usize::try_from(at).unwrap();
+    v[a..a + 8].copy_from_slice(&x.to_le_bytes());
+}
+fn get32(v: &[u8], at: u64) -> u32 {
+    let a = usize::try_from(at).unwrap();
+    u32::from_le_bytes(v[a..a + 4].try_into().unwrap())
+}
+fn get64(v: &[u8], at: u64) -> u64 {
+    let a = usize::try_from(at).unwrap();
+    u64::from_le_bytes(v[a..a + 8].try_into().unwrap())
+}
+
+/// Recomputes the CRC-32C of the `len`-byte structure at `at`.
+fn fix_crc(v: &mut [u8], at: u64, len: usize) {
+    let a = usize::try_from(at).unwrap();
+    let c = header::checksum(&v[a..a + len], 4);
+    put32(v, at + 4, c);
+}
+fn fix_headers(v: &mut [u8]) {
+    fix_crc(v, HEADER1_OFFSET, HEADER_SIZE);
+    fix_crc(v, HEADER2_OFFSET, HEADER_SIZE);
+}
+fn fix_regions(v: &mut [u8]) {
+    fix_crc(v, REGION1_OFFSET, REGION_TABLE_SIZE);
+    fix_crc(v, REGION2_OFFSET, REGION_TABLE_SIZE);
+}
+/// Applies `f` to both region tables and fixes their checksums.
+fn both_regions(v: &mut [u8], f: impl Fn(&mut [u8], u64)) {
+    f(v, REGION1_OFFSET);
+    f(v, REGION2_OFFSET);
+    fix_regions(v);
+}
+
+/// (BAT offset, metadata region offset) from region table 1 (qemu writes BAT first).
+fn regions_of(v: &[u8]) -> (u64, u64) {
+    (
+        get64(v, REGION1_OFFSET + 16 + 16),
+        get64(v, REGION1_OFFSET + 48 + 16),
+    )
+}
+
+/// Source offset of the metadata item `id`.
+fn item_at(v: &[u8], id: header::Guid) -> u64 {
+    let (_, md) = regions_of(v);
+    let count = u64::from(u16::from_le_bytes([
+        v[md as usize + 10],
+        v[md as usize + 11],
+    ]));
+    for i in 0..count {
+        let e = md + 32 + 32 * i;
+        if v[e as usize..e as usize + 16] == id {
+            return md + u64::from(get32(v, e + 16));
+        }
+    }
+    panic!("no such item");
+}
+
+#[test]
+fn probe_and_open_a_qemu_image() {
+    let v = small();
+    let p = Probe::new(&v).unwrap();
+    assert!(probe(&p));
+    let img = open_v(v).unwrap();
+    assert!(img.findings().is_empty(), "{:?}", img.findings());
+    let i = img.info();
+    assert_eq!(i.virtual_size, 4 << 20);
+    assert_eq!(i.cluster_size, Some(1 << 20));
+    assert_eq!(i.details["log-state"], "empty");
+    assert_eq!(i.details["logical-sector-size"], 512);
+    assert_eq!(i.details["leave-blocks-allocated"], false);
+    assert!(i.details["creator"].as_str().unwrap().starts_with("QEMU"));
+    let e = img.mapping(0, u64::MAX).unwrap();
+    assert!(matches!(e.kind, ExtentKind::Data { .. }));
+    assert_eq!(e.len, 1 << 20);
+    let e = img.mapping(1 << 20, u64::MAX).unwrap();
+    assert_eq!((e.kind, e.len), (ExtentKind::Zero, 1 << 20));
+    assert!(!probe(&Probe::new(&vec![0u8; 4096]).unwrap()));
+}
+
+#[test]
+fn header_checksum_one_bad_warns_both_bad_rejects() {
+    let mut v = small();
+    v[usize::try_from(HEADER1_OFFSET).unwrap() + 100] ^= 1;
+    let img = open_v(v.clone()).unwrap();
+    assert_eq!(
+        codes(&img),
+        vec![("vhdx.header-checksum", crate::Severity::Warn)]
+    );
+    v[usize::try_from(HEADER2_OFFSET).unwrap() + 100] ^= 1;
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Corrupt, "vhdx.header-checksum")
+    );
+}
+
+#[test]
+fn higher_sequence_header_wins() {
+    let mut v = small();
+    // Header 1 gets the higher sequence and a log offset that would clash with the BAT.
+    let s2 = get64(&v, HEADER2_OFFSET + 8);
+    put64(&mut v, HEADER1_OFFSET + 8, s2 + 1);
+    let (bat, _) = regions_of(&v);
+    put64(&mut v, HEADER1_OFFSET + 72, bat);
+    fix_headers(&mut v);
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Corrupt, "vhdx.region-table")
+    );
+}
+
+#[test]
+fn region_checksum() {
+    let base = small();
+    let mut v = base.clone();
+    v[usize::try_from(REGION2_OFFSET).unwrap() + 1000] ^= 1;
+    let img = open_v(v.clone()).unwrap();
+    assert_eq!(
+        codes(&img),
+        vec![("vhdx.region-checksum", crate::Severity::Warn)]
+    );
+    let mut v1 = base;
+    v1[usize::try_from(REGION1_OFFSET).unwrap() + 1000] ^= 1;
+    let img = open_v(v1).unwrap();
+    assert_eq!(
+        codes(&img),
+        vec![("vhdx.region-checksum", crate::Severity::Reject)]
+    );
+    v[usize::try_from(REGION1_OFFSET).unwrap() + 1000] ^= 1;
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Corrupt, "vhdx.region-checksum")
+    );
+}
+
+#[test]
+fn unknown_required_region_is_refused() {
+    let mut v = small();
+    let add = |v: &mut [u8], t: u64, required: u32| {
+        put32(v, t + 8, 3);
+        let e = t + 16 + 64;
+        v[e as usize..e as usize + 16].copy_from_slice(&[0x42; 16]);
+        put64(v, e + 16, 7 << 20);
+        put32(v, e + 24, 1 << 20);
+        put32(v, e + 28, required);
+    };
+    let mut optional = v.clone();
+    both_regions(&mut optional, |v, t| add(v, t, 0));
+    // An optional unknown region is ignored (after its placement is checked).
+    assert!(open_v(optional).is_ok());
+    both_regions(&mut v, |v, t| add(v, t, 1));
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Unsupported, "vhdx.unknown-region")
+    );
+}
+
+#[test]
+fn metadata_items() {
+    let base = small();
+    let (_, md) = regions_of(&base);
+    // Renaming the virtual disk size item (entry 1) makes it missing.
+    let mut v = base.clone();
+    v[(md + 64) as usize] ^= 0xff;
+    v[(md + 64 + 24) as usize] = 0; // not required: ignored
+    assert_eq!(err_code(open_v(v)), (ErrorKind::Invalid, "vhdx.metadata"));
+    // The same, but flagged required: an unknown required item.
+    let mut v = base.clone();
+    v[(md + 64) as usize] ^= 0xff;
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Unsupported, "vhdx.metadata")
+    );
+    // An impossible logical sector size.
+    let mut v = base.clone();
+    let at = item_at(&v, metadata::LOGICAL_SECTOR_SIZE);
+    put32(&mut v, at, 1000);
+    assert_eq!(err_code(open_v(v)), (ErrorKind::Invalid, "vhdx.metadata"));
+    // An item pointing outside the metadata region.
+    let mut v = base;
+    put32(&mut v, md + 64 + 16, 0xfff_ffff);
+    assert_eq!(err_code(open_v(v)), (ErrorKind::Invalid, "vhdx.metadata"));
+}
+
+#[test]
+fn block_size_out_of_range() {
+    for bad in [512 << 10, 3 << 20, 512 << 20] {
+        let mut v = small();
+        let at = item_at(&v, metadata::FILE_PARAMETERS);
+        put32(&mut v, at, bad);
+        assert_eq!(
+            err_code(open_v(v)),
+            (ErrorKind::Invalid, "vhdx.block-size"),
+            "{bad}"
+        );
+    }
+}
+
+fn set_bat(v: &mut [u8], i: u64, entry: u64) {
+    let (bat, _) = regions_of(v);
+    put64(v, bat + 8 * i, entry);
+}
+
+#[test]
+fn bat_entry_out_of_bounds() {
+    let mut v = small();
+    set_bat(&mut v, 1, (1 << 40) | bat::FULLY_PRESENT);
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Corrupt, "vhdx.bat-entry-out-of-bounds")
+    );
+}
+
+#[test]
+fn entry_into_metadata() {
+    for target in [0u64, 1 << 20, 2 << 20, 3 << 20] {
+        let mut v = small();
+        set_bat(&mut v, 1, target | bat::FULLY_PRESENT);
+        assert_eq!(
+            err_code(open_v(v)),
+            (ErrorKind::Corrupt, "vhdx.entry-into-metadata"),
+            "{target:#x}"
+        );
+    }
+}
+
+#[test]
+fn duplicate_block() {
+    let mut v = small();
+    let (bat, _) = regions_of(&v);
+    let first = get64(&v, bat);
+    set_bat(&mut v, 3, first);
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Corrupt, "vhdx.duplicate-block")
+    );
+}
+
+#[test]
+fn bat_state() {
+    for state in [4u64, bat::PARTIALLY_PRESENT] {
+        let mut v = small();
+        set_bat(&mut v, 1, state);
+        assert_eq!(
+            err_code(open_v(v)),
+            (ErrorKind::Invalid, "vhdx.bat-state"),
+            "{state}"
+        );
+    }
+    // Legacy "unmapped" (5) and spec "unmapped" (3) read as zeros, as in qemu.
+    for state in [bat::UNMAPPED, bat::UNMAPPED_V095, bat::UNDEFINED] {
+        let mut v = small();
+        set_bat(&mut v, 1, state);
+        let img = open_v(v).unwrap();
+        assert_eq!(
+            img.mapping(1 << 20, 1 << 20).unwrap().kind,
+            ExtentKind::Unallocated
+        );
+    }
+}
+
+#[test]
+fn table_bounds_and_size() {
+    let mut v = small();
+    both_regions(&mut v, |v, t| put64(v, t + 16 + 16, 1 << 40));
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Corrupt, "table.out-of-bounds")
+    );
+    let v = small();
+    let tight = Limits {
+        max_table_entries: 2,
+        ..Limits::default()
+    };
+    let e = open(Arc::new(v), &tight).err().unwrap();
+    assert_eq!(
+        (e.kind(), e.finding_code()),
+        (ErrorKind::LimitExceeded, "table.too-large")
+    );
+}
+
+#[test]
+fn bat_region_too_small() {
+    let mut v = small();
+    both_regions(&mut v, |v, t| put32(v, t + 16 + 24, 16));
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Corrupt, "vhdx.region-table")
+    );
+}
+
+/// Sets a log GUID in both headers (higher sequence unchanged).
+fn with_log_guid(v: &mut [u8]) -> u64 {
+    for h in [HEADER1_OFFSET, HEADER2_OFFSET] {
+        let a = usize::try_from(h + 48).unwrap();
+        v[a..a + 16].copy_from_slice(&[0x5a; 16]);
+    }
+    fix_headers(v);
+    get64(v, HEADER1_OFFSET + 72)
+}
+
+#[test]
+fn log_not_empty() {
+    let mut v = small();
+    let log = with_log_guid(&mut v);
+    // A log GUID with no entries: empty.
+    let img = open_v(v.clone()).unwrap();
+    assert_eq!(img.info().details["log-state"], "empty");
+    // An entry header carrying that GUID: non-empty, rejected, nothing mapped.
+    let a = usize::try_from(log).unwrap();
+    v[a..a + 4].copy_from_slice(b"loge");
+    v[a + 32..a + 48].copy_from_slice(&[0x5a; 16]);
+    let img = open_v(v).unwrap();
+    assert_eq!(
+        codes(&img),
+        vec![("vhdx.log-not-empty", crate::Severity::Reject)]
+    );
+    assert_eq!(img.info().details["log-state"], "non-empty");
+    assert_eq!(
+        img.mapping(0, 1).unwrap_err().finding_code(),
+        "vhdx.log-not-empty"
+    );
+}
+
+fn utf16le(s: &str) -> Vec<u8> {
+    s.encode_utf16().flat_map(u16::to_le_bytes).collect()
+}
+
+#[test]
+fn differencing() {
+    let base = make(4 << 20, "block_size=1M", &[]);
+    let (_, md) = regions_of(&base);
+    let fp = item_at(&base, metadata::FILE_PARAMETERS);
+    // has_parent without a locator: invalid, as in qemu.
+    let mut v = base.clone();
+    put32(&mut v, fp + 4, metadata::HAS_PARENT);
+    assert_eq!(err_code(open_v(v)), (ErrorKind::Invalid, "vhdx.metadata"));
+
+    // Add a parent locator item (entry 6) after qemu's five items.
+    let mut v = base;
+    put32(&mut v, fp + 4, metadata::HAS_PARENT);
+    let item_off: u32 = 128 << 10;
+    let mut item = vec![0u8; 20];
+    item[..16].copy_from_slice(&header::guid(
+        0xb04a_efb7,
+        0xd19e,
+        0x4a81,
+        [0xb7, 0x89, 0x25, 0xb8, 0xe9, 0x44, 0x59, 0x13],
+    ));
+    item[18..20].copy_from_slice(&2u16.to_le_bytes());
+    let pairs = [
+        ("relative_path", "..\\base.vhdx"),
+        ("parent_linkage", "{0000}"),
+    ];
+    let mut strings: Vec<u8> = Vec::new();
+    let str_base = 20 + 12 * pairs.len();
+    for (k, val) in pairs {
+        let (kb, vb) = (utf16le(k), utf16le(val));
+        let ko = str_base + strings.len();
+        strings.extend(&kb);
+        let vo = str_base + strings.len();
+        strings.extend(&vb);
+        item.extend((ko as u32).to_le_bytes());
+        item.extend((vo as u32).to_le_bytes());
+        item.extend((kb.len() as u16).to_le_bytes());
+        item.extend((vb.len() as u16).to_le_bytes());
+    }
+    item.extend(strings);
+    let abs = usize::try_from(md + u64::from(item_off)).unwrap();
+    v[abs..abs + item.len()].copy_from_slice(&item);
+    v[(md + 10) as usize..(md + 12) as usize].copy_from_slice(&6u16.to_le_bytes());
+    let e = md + 32 + 32 * 5;
+    v[e as usize..e as usize + 16].copy_from_slice(&metadata::PARENT_LOCATOR);
+    put32(&mut v, e + 16, item_off);
+    put32(&mut v, e + 20, u32::try_from(item.len()).unwrap());
+    put32(&mut v, e + 24, metadata::FLAG_REQUIRED);
+    let img = open_v(v).unwrap();
+    assert_eq!(
+        codes(&img),
+        vec![("vhdx.differencing", crate::Severity::Reject)]
+    );
+    let refs = &img.info().references;
+    assert_eq!(refs.len(), 1);
+    assert_eq!(
+        (refs[0].kind, refs[0].target.as_str()),
+        (RefKind::ParentLocator, "..\\base.vhdx")
+    );
+    assert_eq!(
+        img.info().details["parent-locator"]["parent_linkage"],
+        "{0000}"
+    );
+    // Blocks qemu marked ZERO stay zero; the parent is never read.
+    assert_eq!(img.mapping(0, u64::MAX).unwrap().kind, ExtentKind::Zero);
+}
+
+#[test]
+fn mapping_coalesces_and_is_bounded() {
+    let v = make(
+        8 << 20,
+        "block_size=1M",
+        &[
+            (0, &[1; 10]),
+            (1 << 20, &[2; 10]),
+            (2 << 20, &[3; 10]),
+            (6 << 20, &[4; 10]),
+        ],
+    );
+    let img = open_v(v).unwrap();
+    let mut pos = 0;
+    let mut got = Vec::new();
+    while pos < 8 << 20 {
+        let e = img.mapping(pos, u64::MAX).unwrap();
+        crate::validate_extent(&e, pos, u64::MAX, 8 << 20).unwrap();
+        got.push((
+            e.start >> 20,
+            e.len >> 20,
+            matches!(e.kind, ExtentKind::Data { .. }),
+        ));
+        pos = e.end();
+    }
+    // qemu-img writes consecutive blocks consecutively, so blocks 0-2 form one data run.
+    assert_eq!(
+        got,
+        vec![(0, 3, true), (3, 3, false), (6, 1, true), (7, 1, false)]
+    );
+    let e = img.mapping(5, 7).unwrap();
+    assert_eq!((e.start, e.len), (5, 7));
+    assert!(img.mapping(8 << 20, 1).is_err());
+}
