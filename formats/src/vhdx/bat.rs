@@ -54,8 +54,11 @@ impl Geometry {
         disk_size: u64,
         has_parent: bool,
     ) -> Self {
-        let chunk_ratio =
-            (MAX_SECTORS_PER_BLOCK.saturating_mul(logical_sector_size) / block_size.max(1)).max(1);
+        let chunk_ratio = MAX_SECTORS_PER_BLOCK
+            .saturating_mul(logical_sector_size)
+            .checked_div(block_size)
+            .unwrap_or(1)
+            .max(1);
         let data_blocks = disk_size.div_ceil(block_size.max(1));
         let bitmap_blocks = data_blocks.div_ceil(chunk_ratio);
         let entries = if has_parent {
@@ -65,7 +68,12 @@ impl Geometry {
             // empty disk; no entry is ever used, so glimpse asks for none.
             0
         } else {
-            data_blocks.saturating_add((data_blocks - 1) / chunk_ratio)
+            data_blocks.saturating_add(
+                data_blocks
+                    .saturating_sub(1)
+                    .checked_div(chunk_ratio)
+                    .unwrap_or(0),
+            )
         };
         Geometry {
             block_size,
@@ -79,12 +87,12 @@ impl Geometry {
     /// BAT index of payload block `block`: payload entries are interleaved with one sector
     /// bitmap entry after every `chunk_ratio` of them.
     pub fn payload_index(&self, block: u64) -> u64 {
-        block.saturating_add(block / self.chunk_ratio)
+        block.saturating_add(block.checked_div(self.chunk_ratio).unwrap_or(0))
     }
 
     /// True when BAT index `i` is a sector bitmap entry.
     pub fn is_bitmap(&self, i: u64) -> bool {
-        i % self.chunk_ratio.saturating_add(1) == self.chunk_ratio
+        i.checked_rem(self.chunk_ratio.saturating_add(1)) == Some(self.chunk_ratio)
     }
 }
 
@@ -154,7 +162,10 @@ pub fn validate(
             }
             // qemu lets the last block end at the end of the virtual disk rather than a whole
             // block later ("QEMU created images with partial last blocks in the past").
-            let block = i.saturating_sub(i / geo.chunk_ratio.saturating_add(1));
+            let block = i.saturating_sub(
+                i.checked_div(geo.chunk_ratio.saturating_add(1))
+                    .unwrap_or(0),
+            );
             let start = block.saturating_mul(geo.block_size);
             geo.block_size
                 .min(virtual_size.saturating_sub(start))

@@ -111,6 +111,8 @@ pub struct Header {
     pub offset: u64,
     /// "Seq number of this header": the valid header with the higher one is current.
     pub sequence: u64,
+    /// File write GUID and data write GUID, kept to compare two copies.
+    pub write_guids: [u8; 32],
     /// "If zero, there is no valid log. If non-zero, log entries with this guid are valid."
     pub log_guid: Guid,
     /// Version of the log format (must be 0 when `log_guid` is zero).
@@ -163,7 +165,7 @@ pub fn parse_header(
         .parse(buf);
     let Ok((
         _,
-        (sig, _crc, sequence, _guids, log_guid, log_version, version, log_length, log_offset),
+        (sig, _crc, sequence, guids, log_guid, log_version, version, log_length, log_offset),
     )) = parsed
     else {
         return Err(HeaderFault::Checksum);
@@ -175,10 +177,12 @@ pub fn parse_header(
         return Err(HeaderFault::Version);
     }
     let log_guid = <[u8; 16]>::try_from(log_guid).map_err(|_| HeaderFault::Checksum)?;
+    let write_guids = <[u8; 32]>::try_from(guids).map_err(|_| HeaderFault::Checksum)?;
     Ok(Header {
         index,
         offset,
         sequence,
+        write_guids,
         log_guid,
         log_version,
         version,

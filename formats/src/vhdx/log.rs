@@ -14,6 +14,8 @@ use crate::limits::Budget;
 pub const LOG_SIGNATURE: &[u8; 4] = b"loge";
 /// Log entries start on 4 KiB boundaries inside the log.
 pub const LOG_SECTOR: u64 = 4096;
+/// [`LOG_SECTOR`] as a slice length.
+const LOG_SECTOR_BYTES: usize = 4096;
 /// Bytes of the log read at a time.
 const PIECE: u64 = 1 << 20;
 /// Logs larger than this are not scanned; with a non-zero log GUID they count as non-empty.
@@ -36,7 +38,7 @@ pub fn non_empty(src: &dyn ReadAt, h: &Header, budget: &Budget) -> Result<bool> 
     }
     let mut pos = 0u64;
     while pos < len {
-        let n = PIECE.min(len - pos);
+        let n = PIECE.min(len.saturating_sub(pos));
         let buf = read_vec(src, h.log_offset.saturating_add(pos), n, budget, "log")?;
         budget.give_back(n);
         if has_entry(&buf, &h.log_guid) {
@@ -48,6 +50,6 @@ pub fn non_empty(src: &dyn ReadAt, h: &Header, budget: &Budget) -> Result<bool> 
 }
 
 fn has_entry(buf: &[u8], guid: &Guid) -> bool {
-    buf.chunks(LOG_SECTOR as usize)
+    buf.chunks(LOG_SECTOR_BYTES)
         .any(|s| s.get(..4) == Some(&LOG_SIGNATURE[..]) && s.get(32..48) == Some(&guid[..]))
 }

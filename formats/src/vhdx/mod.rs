@@ -10,6 +10,15 @@
 //! makes `mapping` fail, because glimpse does not replay it. A parent (differencing file) is
 //! reported as a reference and never opened.
 
+// Hostile input: these lints hold the parser to "no panics, no silent overflow".
+#![warn(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::cast_possible_truncation,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
 pub mod bat;
 pub mod header;
 pub mod log;
@@ -229,7 +238,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
     budget.give_back(metadata::TABLE_SIZE);
     let md = metadata::read_items(r, &md_region, &entries, &budget)?;
     let lss = u64::from(md.logical_sector_size);
-    if md.virtual_disk_size % lss != 0 {
+    if md.virtual_disk_size.checked_rem(lss) != Some(0) {
         findings.push(
             Finding::warn(
                 "vhdx.metadata",
@@ -410,9 +419,9 @@ impl Image for VhdxImage {
         }
         let bs = self.geo.block_size;
         let end = guest.saturating_add(span);
-        let first = guest / bs;
+        let first = guest.checked_div(bs).unwrap_or(0);
         let (state, host) = self.block_kind(first)?;
-        let within = guest - first * bs;
+        let within = guest.checked_rem(bs).unwrap_or(0);
         let kind = match host {
             Some(h) => ExtentKind::Data {
                 host: h.saturating_add(within),
@@ -423,13 +432,14 @@ impl Image for VhdxImage {
         // Extend over following blocks of the same kind (contiguous on the host for data).
         let mut block = first;
         let mut run_end = first.saturating_add(1).saturating_mul(bs).min(end);
-        while run_end < end && block - first < MAX_BLOCKS_PER_CALL {
-            block += 1;
+        while run_end < end && block.saturating_sub(first) < MAX_BLOCKS_PER_CALL {
+            block = block.saturating_add(1);
             let (s, h) = self.block_kind(block)?;
             let same = match (kind, h) {
                 (ExtentKind::Data { .. }, Some(h)) => {
-                    host.and_then(|h0| h0.checked_add((block - first).saturating_mul(bs)))
-                        == Some(h)
+                    host.and_then(|h0| {
+                        h0.checked_add(block.saturating_sub(first).saturating_mul(bs))
+                    }) == Some(h)
                 }
                 (ExtentKind::Zero, None) => s == bat::ZERO,
                 (ExtentKind::Unallocated, None) => s != bat::ZERO,
@@ -442,7 +452,7 @@ impl Image for VhdxImage {
         }
         Ok(Extent {
             start: guest,
-            len: run_end - guest,
+            len: run_end.saturating_sub(guest),
             kind,
         })
     }
@@ -452,4 +462,11 @@ impl Image for VhdxImage {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::cast_possible_truncation,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 mod tests;

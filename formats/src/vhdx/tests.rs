@@ -497,3 +497,21 @@ fn mapping_coalesces_and_is_bounded() {
     assert_eq!((e.start, e.len), (5, 7));
     assert!(img.mapping(8 << 20, 1).is_err());
 }
+
+#[test]
+fn equal_sequence_headers_must_match() {
+    // Identical copies (as Disk2VHD writes them) are fine.
+    let mut v = small();
+    let h1 = usize::try_from(HEADER1_OFFSET).unwrap();
+    let h2 = usize::try_from(HEADER2_OFFSET).unwrap();
+    let copy = v[h2..h2 + HEADER_SIZE].to_vec();
+    v[h1..h1 + HEADER_SIZE].copy_from_slice(&copy);
+    assert!(open_v(v.clone()).is_ok());
+    // Same sequence, different data write GUID: no way to tell which is current.
+    v[h1 + 40] ^= 1;
+    fix_headers(&mut v);
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Corrupt, "vhdx.header-checksum")
+    );
+}
