@@ -22,8 +22,6 @@ pub fn compress(codec: Codec, level: i32, data: &[u8]) -> Result<Vec<u8>> {
             e.write_all(data)?;
             Ok(e.finish()?)
         }
-        Codec::Zstd => {
-            zstd::bulk::compress(data, level).map_err(|e| Error::io(e, "zstd compression"))
-        }
+        Codec::Zstd => zstd::bulk::compress(data, level).map_err(|e| Error::io(e, "zstd compression")),
     }
 }

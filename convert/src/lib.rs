@@ -84,11 +84,7 @@ impl WriteOptions {
     /// # Errors
     /// `Invalid` when the value is not a size.
     pub fn size(&self, key: &str) -> Result<Option<u64>> {
-        self.get(key)
-            .map(|v| {
-                parse_size(v).ok_or_else(|| Error::invalid(format!("{key}={v} is not a size")))
-            })
-            .transpose()
+        self.get(key).map(|v| parse_size(v).ok_or_else(|| Error::invalid(format!("{key}={v} is not a size")))).transpose()
     }
 
     /// A boolean option (`on`/`off`, `true`/`false`), if given.
@@ -210,9 +206,7 @@ pub trait Writer: Send {
 pub fn can_stream(format: Format, opts: &WriteOptions) -> bool {
     match format {
         Format::Raw => true,
-        Format::Vmdk => opts
-            .get("subformat")
-            .is_some_and(|s| s.eq_ignore_ascii_case("streamOptimized")),
+        Format::Vmdk => opts.get("subformat").is_some_and(|s| s.eq_ignore_ascii_case("streamOptimized")),
         Format::Vhd => opts.get("subformat") == Some("fixed"),
         _ => false,
     }
@@ -223,16 +217,9 @@ pub fn can_stream(format: Format, opts: &WriteOptions) -> bool {
 /// # Errors
 /// `Invalid` for bad options; `Unsupported` for formats glimpse cannot write or a stream
 /// target for a format that needs seeking; `Io` on write errors.
-pub fn create(
-    format: Format,
-    opts: &WriteOptions,
-    target: Target,
-    virtual_size: u64,
-) -> Result<Box<dyn Writer>> {
+pub fn create(format: Format, opts: &WriteOptions, target: Target, virtual_size: u64) -> Result<Box<dyn Writer>> {
     if opts.compress && !matches!(format, Format::Qcow2 | Format::Vmdk) {
-        return Err(Error::invalid(format!(
-            "-c (compression) is not supported for {format}"
-        )));
+        return Err(Error::invalid(format!("-c (compression) is not supported for {format}")));
     }
     if matches!(target, Target::Stream(_)) && !can_stream(format, opts) {
         return Err(Error::unsupported(format!(
@@ -255,17 +242,9 @@ pub fn create(
 ///
 /// # Errors
 /// `Invalid` for bad options; `Unsupported` for formats glimpse cannot write.
-pub fn measure(
-    format: Format,
-    opts: &WriteOptions,
-    virtual_size: u64,
-    data_bytes: u64,
-) -> Result<Measure> {
+pub fn measure(format: Format, opts: &WriteOptions, virtual_size: u64, data_bytes: u64) -> Result<Measure> {
     match format {
-        Format::Raw => Ok(Measure {
-            required: data_bytes,
-            fully_allocated: virtual_size,
-        }),
+        Format::Raw => Ok(Measure { required: data_bytes, fully_allocated: virtual_size }),
         Format::Qcow2 => qcow2::measure(opts, virtual_size, data_bytes),
         Format::Vmdk => vmdk::measure(opts, virtual_size, data_bytes),
         Format::Vhd => vhd::measure(opts, virtual_size, data_bytes),
@@ -295,8 +274,7 @@ mod tests {
 
     #[test]
     fn options_parse_like_qemu_img() {
-        let o =
-            WriteOptions::parse("subformat=streamOptimized,cluster_size=2M,a=b,,c", false).unwrap();
+        let o = WriteOptions::parse("subformat=streamOptimized,cluster_size=2M,a=b,,c", false).unwrap();
         assert_eq!(o.get("subformat"), Some("streamOptimized"));
         assert_eq!(o.size("cluster_size").unwrap(), Some(2 << 20));
         assert_eq!(o.get("a"), Some("b,c"));

@@ -31,11 +31,7 @@ pub struct ConvertOptions<'a> {
 
 impl Default for ConvertOptions<'_> {
     fn default() -> Self {
-        ConvertOptions {
-            batch_bytes: 32 << 20,
-            progress: None,
-            cancel: None,
-        }
+        ConvertOptions { batch_bytes: 32 << 20, progress: None, cancel: None }
     }
 }
 
@@ -76,10 +72,7 @@ impl Planner<'_> {
             return None;
         }
         let start = self.pos;
-        let end = (start / self.chunk)
-            .saturating_add(1)
-            .saturating_mul(self.chunk)
-            .min(self.size);
+        let end = (start / self.chunk).saturating_add(1).saturating_mul(self.chunk).min(self.size);
         let mut read = false;
         let mut p = start;
         while p < end {
@@ -89,9 +82,7 @@ impl Planner<'_> {
                     // Ask for a long run so that one lookup covers many chunks.
                     match self.image.mapping(p, self.size - p) {
                         Ok(e) => {
-                            if let Err(err) =
-                                glimpse_formats::validate_extent(&e, p, self.size - p, self.size)
-                            {
+                            if let Err(err) = glimpse_formats::validate_extent(&e, p, self.size - p, self.size) {
                                 return Some(Err(err));
                             }
                             self.cur = Some((e.end(), e.reads_as_zero()));
@@ -105,31 +96,19 @@ impl Planner<'_> {
             p = ext_end.min(end);
         }
         self.pos = end;
-        Some(Ok(Plan {
-            guest: start,
-            len: end - start,
-            read,
-        }))
+        Some(Ok(Plan { guest: start, len: end - start, read }))
     }
 }
 
 fn prepare(reader: &GuestReader, plan: Plan, comp: Option<Compressor>) -> Result<Chunk> {
     if !plan.read {
-        return Ok(Chunk {
-            guest: plan.guest,
-            len: plan.len,
-            payload: Payload::Zero,
-        });
+        return Ok(Chunk { guest: plan.guest, len: plan.len, payload: Payload::Zero });
     }
     let n = usize::try_from(plan.len).map_err(|_| Error::limit("chunk too large"))?;
     let mut buf = vec![0u8; n];
     reader.read_at(&mut buf, plan.guest)?;
     if is_zero(&buf) {
-        return Ok(Chunk {
-            guest: plan.guest,
-            len: plan.len,
-            payload: Payload::Zero,
-        });
+        return Ok(Chunk { guest: plan.guest, len: plan.len, payload: Payload::Zero });
     }
     let payload = match comp {
         None => Payload::Data(buf),
@@ -142,49 +121,29 @@ fn prepare(reader: &GuestReader, plan: Plan, comp: Option<Compressor>) -> Result
             }
         }
     };
-    Ok(Chunk {
-        guest: plan.guest,
-        len: plan.len,
-        payload,
-    })
+    Ok(Chunk { guest: plan.guest, len: plan.len, payload })
 }
 
 /// True when every byte is zero. Compares 16-byte words for speed.
 pub fn is_zero(buf: &[u8]) -> bool {
     let mut words = buf.chunks_exact(16);
     let rem = words.remainder();
-    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
-        && rem.iter().all(|&b| b == 0)
+    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0) && rem.iter().all(|&b| b == 0)
 }
 
 /// Converts `image` into `writer`.
 ///
 /// # Errors
 /// Any read, decompression or write error, or `Invalid` when cancelled.
-pub fn convert(
-    image: Arc<dyn Image>,
-    writer: Box<dyn Writer>,
-    reader: &GuestReader,
-    opts: &ConvertOptions<'_>,
-) -> Result<Stats> {
+pub fn convert(image: Arc<dyn Image>, writer: Box<dyn Writer>, reader: &GuestReader, opts: &ConvertOptions<'_>) -> Result<Stats> {
     let size = image.info().virtual_size;
     let chunk = writer.chunk_size().max(512);
     let comp = writer.compressor();
-    let per_batch =
-        usize::try_from((opts.batch_bytes / chunk).max(rayon::current_num_threads() as u64 * 2))
-            .unwrap_or(64);
-    let mut planner = Planner {
-        image: image.as_ref(),
-        chunk,
-        pos: 0,
-        size,
-        cur: None,
-    };
+    let per_batch = usize::try_from((opts.batch_bytes / chunk).max(rayon::current_num_threads() as u64 * 2))
+        .unwrap_or(64);
+    let mut planner = Planner { image: image.as_ref(), chunk, pos: 0, size, cur: None };
     let (tx, rx) = sync_channel::<Vec<Chunk>>(1);
-    let mut stats = Stats {
-        guest_bytes: size,
-        ..Stats::default()
-    };
+    let mut stats = Stats { guest_bytes: size, ..Stats::default() };
 
     std::thread::scope(|s| -> Result<()> {
         let progress = opts.progress;
@@ -219,10 +178,8 @@ pub fn convert(
                     return Ok(());
                 }
                 stats.read_bytes += plans.iter().filter(|p| p.read).map(|p| p.len).sum::<u64>();
-                let chunks: Vec<Chunk> = plans
-                    .into_par_iter()
-                    .map(|p| prepare(reader, p, comp))
-                    .collect::<Result<_>>()?;
+                let chunks: Vec<Chunk> =
+                    plans.into_par_iter().map(|p| prepare(reader, p, comp)).collect::<Result<_>>()?;
                 for c in &chunks {
                     if c.payload == Payload::Zero {
                         stats.zero_chunks += 1;
@@ -238,9 +195,7 @@ pub fn convert(
         };
         let produced = produce();
         drop(tx);
-        let written = writer_thread
-            .join()
-            .map_err(|_| Error::invalid("writer thread panicked"))?;
+        let written = writer_thread.join().map_err(|_| Error::invalid("writer thread panicked"))?;
         produced?;
         written
     })?;

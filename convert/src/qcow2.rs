@@ -6,11 +6,7 @@ use crate::{Error, Measure, Result, Target, WriteOptions, Writer};
 ///
 /// # Errors
 /// `Unsupported` until implemented.
-pub fn create(
-    _target: Target,
-    _opts: &WriteOptions,
-    _virtual_size: u64,
-) -> Result<Box<dyn Writer>> {
+pub fn create(_target: Target, _opts: &WriteOptions, _virtual_size: u64) -> Result<Box<dyn Writer>> {
     Err(Error::unsupported("writing qcow2 is not implemented yet"))
 }
 

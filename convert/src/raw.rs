@@ -14,11 +14,7 @@ const CHUNK: u64 = 1 << 20;
 /// `Invalid` when options are given (raw has none).
 pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<Box<dyn Writer>> {
     opts.only("raw", &[])?;
-    Ok(Box::new(RawWriter {
-        target,
-        pos: 0,
-        virtual_size,
-    }))
+    Ok(Box::new(RawWriter { target, pos: 0, virtual_size }))
 }
 
 struct RawWriter {
@@ -45,10 +41,7 @@ impl Writer for RawWriter {
 
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         if chunk.guest != self.pos {
-            return Err(Error::invalid(format!(
-                "raw writer: chunk at {} but expected {}",
-                chunk.guest, self.pos
-            )));
+            return Err(Error::invalid(format!("raw writer: chunk at {} but expected {}", chunk.guest, self.pos)));
         }
         match (&mut self.target, chunk.payload) {
             (Target::File(f), Payload::Data(d)) => {
@@ -58,9 +51,7 @@ impl Writer for RawWriter {
             (Target::Stream(w), Payload::Data(d)) => w.write_all(&d)?,
             (Target::File(_), Payload::Zero) => {}
             (Target::Stream(w), Payload::Zero) => write_zeros(w.as_mut(), chunk.len)?,
-            (_, Payload::Compressed(_)) => {
-                return Err(Error::invalid("raw writer got a compressed chunk"))
-            }
+            (_, Payload::Compressed(_)) => return Err(Error::invalid("raw writer got a compressed chunk")),
         }
         self.pos = chunk.guest.saturating_add(chunk.len);
         Ok(())
@@ -71,9 +62,7 @@ impl Writer for RawWriter {
             Target::File(f) => finish_file(f, self.virtual_size),
             Target::Stream(mut w) => {
                 if self.pos != self.virtual_size {
-                    return Err(Error::invalid(
-                        "raw writer: stream ended before the virtual size",
-                    ));
+                    return Err(Error::invalid("raw writer: stream ended before the virtual size"));
                 }
                 w.flush()?;
                 Ok(())
@@ -84,12 +73,6 @@ impl Writer for RawWriter {
 
 fn finish_file(f: File, size: u64) -> Result<()> {
     f.set_len(size)?;
-    f.sync_all().or_else(|e| {
-        if e.raw_os_error() == Some(libc::EINVAL) {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    })?;
+    f.sync_all().or_else(|e| if e.raw_os_error() == Some(libc::EINVAL) { Ok(()) } else { Err(e) })?;
     Ok(())
 }
