@@ -133,7 +133,9 @@ pub fn validate(
         let len = if geo.is_bitmap(i) {
             match state {
                 NOT_PRESENT => continue,
-                SB_PRESENT if geo.has_parent => BITMAP_BLOCK_SIZE,
+                // qemu ignores bitmap entries of non-differencing files; a present one is still
+                // held to the file's bounds and kept apart from everything else.
+                SB_PRESENT => BITMAP_BLOCK_SIZE,
                 _ => {
                     return Err(Error::invalid(format!(
                         "BAT entry {i}: sector bitmap state {state} is not valid here"

@@ -515,3 +515,120 @@ fn equal_sequence_headers_must_match() {
         (ErrorKind::Corrupt, "vhdx.header-checksum")
     );
 }
+
+#[test]
+fn logical_sector_size_4096() {
+    let mut v = small();
+    let at = item_at(&v, metadata::LOGICAL_SECTOR_SIZE);
+    put32(&mut v, at, 4096);
+    let img = open_v(v).unwrap();
+    assert_eq!(img.info().details["logical-sector-size"], 4096);
+    // 2^23 sectors of 4 KiB per chunk: 32768 payload blocks of 1 MiB per bitmap entry.
+    assert_eq!(img.geo.chunk_ratio, 32768);
+    assert!(matches!(
+        img.mapping(0, 1).unwrap().kind,
+        ExtentKind::Data { .. }
+    ));
+}
+
+#[test]
+fn sector_bitmap_entry_states() {
+    // 256 MiB blocks have a chunk ratio of 16: entry 16 is a sector bitmap entry.
+    let geo = Geometry::new(256 << 20, 512, 17 * (256 << 20), false);
+    assert_eq!((geo.chunk_ratio, geo.entries), (16, 18));
+    assert!(geo.is_bitmap(16) && !geo.is_bitmap(15) && !geo.is_bitmap(17));
+    assert_eq!(geo.payload_index(16), 17);
+    let mut entries = vec![0u64; 18];
+    let file = 8u64 << 30;
+    let ok = |e: &[u64]| bat::validate(e, &geo, 2 << 20, 17 * (256 << 20), file, &[]);
+    assert!(ok(&entries).is_ok());
+    entries[16] = (300 << 20) | bat::SB_PRESENT;
+    assert!(ok(&entries).is_ok());
+    entries[16] = bat::ZERO;
+    assert_eq!(ok(&entries).unwrap_err().finding_code(), "vhdx.bat-state");
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// An image over an arbitrary BAT of valid payload states, built without a file.
+    fn image(block_shift: u32, blocks: u64, tail: u64, states: &[u8]) -> VhdxImage {
+        let bs = 1u64 << block_shift;
+        let size = (blocks * bs).saturating_sub(tail).max(1);
+        let geo = Geometry::new(bs, 512, size, false);
+        let bat: Vec<u64> = (0..geo.entries)
+            .map(|i| {
+                if geo.is_bitmap(i) {
+                    return 0;
+                }
+                match states[(i as usize) % states.len()] % 6 {
+                    0 => bat::NOT_PRESENT,
+                    1 => bat::ZERO,
+                    2 => bat::UNMAPPED,
+                    // Data blocks: contiguous runs, with a gap every third one.
+                    _ => ((16 + i + i / 3) << 20) | bat::FULLY_PRESENT,
+                }
+            })
+            .collect();
+        let src: Source = Arc::new(Vec::<u8>::new());
+        VhdxImage {
+            src,
+            info: ImageInfo::new(Format::Vhdx, size),
+            findings: Vec::new(),
+            geo,
+            bat: Arc::new(bat),
+            log_non_empty: false,
+        }
+    }
+
+    #[test]
+    fn one_call_walks_a_bounded_number_of_blocks() {
+        let img = image(20, 1 << 17, 0, &[0]);
+        let e = img.mapping(0, u64::MAX).unwrap();
+        assert_eq!(
+            (e.len, e.kind),
+            ((MAX_BLOCKS_PER_CALL + 1) << 20, ExtentKind::Unallocated)
+        );
+        let e = img.mapping(e.end(), u64::MAX).unwrap();
+        assert_eq!(e.end(), 1 << 37);
+    }
+
+    proptest! {
+        #[test]
+        fn extents_tile_the_disk_and_follow_the_bat(
+            block_shift in 20u32..22,
+            blocks in 1u64..40,
+            tail in 0u64..5000,
+            states in proptest::collection::vec(any::<u8>(), 1..50),
+            max in 1u64..(8 << 20),
+        ) {
+            let img = image(block_shift, blocks, tail, &states);
+            let size = img.info().virtual_size;
+            let bs = img.geo.block_size;
+            let mut pos = 0;
+            while pos < size {
+                let e = img.mapping(pos, max).unwrap();
+                crate::validate_extent(&e, pos, max, size).unwrap();
+                // Every block the extent touches has the extent's kind.
+                let mut b = e.start / bs;
+                while b * bs < e.end() {
+                    let entry = img.bat[img.geo.payload_index(b) as usize];
+                    let off = (b * bs).max(e.start);
+                    match e.kind {
+                        ExtentKind::Data { host } => prop_assert_eq!(
+                            host + (off - e.start),
+                            (entry & bat::OFFSET_MASK) + off % bs
+                        ),
+                        ExtentKind::Zero => prop_assert_eq!(entry & bat::STATE_MASK, bat::ZERO),
+                        ExtentKind::Unallocated => prop_assert!(matches!(entry & bat::STATE_MASK, bat::NOT_PRESENT | bat::UNMAPPED)),
+                        ExtentKind::Compressed { .. } => prop_assert!(false),
+                    }
+                    b += 1;
+                }
+                pos = e.end();
+            }
+            prop_assert_eq!(pos, size);
+        }
+    }
+}
