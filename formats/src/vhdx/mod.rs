@@ -128,6 +128,16 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
     )?;
     let (table, table_at) = match (region::table_valid(&t1), region::table_valid(&t2)) {
         (true, ok2) => {
+            if ok2 && t1 != t2 {
+                // Readers that prefer the second copy would see other regions.
+                findings.push(
+                    Finding::warn(
+                        "vhdx.region-table",
+                        "the two region tables are valid but differ; table 1 is used, as qemu does",
+                    )
+                    .at(REGION2_OFFSET),
+                );
+            }
             if !ok2 {
                 findings.push(
                     Finding::warn(

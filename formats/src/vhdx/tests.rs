@@ -198,8 +198,16 @@ fn region_checksum() {
     );
     v[usize::try_from(REGION1_OFFSET).unwrap() + 1000] ^= 1;
     assert_eq!(
-        err_code(open_v(v)),
+        err_code(open_v(v.clone())),
         (ErrorKind::Corrupt, "vhdx.region-checksum")
+    );
+    // Two valid tables that differ: table 1 wins, with a warning.
+    v[usize::try_from(REGION1_OFFSET).unwrap() + 1000] ^= 1;
+    fix_regions(&mut v);
+    let img = open_v(v).unwrap();
+    assert_eq!(
+        codes(&img),
+        vec![("vhdx.region-table", crate::Severity::Warn)]
     );
 }
 
