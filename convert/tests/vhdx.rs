@@ -83,17 +83,33 @@ fn round_trip(opts: &str, size: u64, runs: &[(u64, usize)]) {
     );
     let info = qemu_img(&["info", "--output=json", "-f", "vhdx", o]);
     let padded = size.next_multiple_of(512);
-    assert_eq!(
-        json_u64(&String::from_utf8_lossy(&info.stdout), "virtual-size"),
-        padded,
-        "{opts} {size}"
-    );
+    let info = String::from_utf8_lossy(&info.stdout).to_string();
+    assert_eq!(json_u64(&info, "virtual-size"), padded, "{opts} {size}");
 
     // Our own reader sees the same bytes (zeros in the sector padding).
     let src: Source = Arc::new(File::open(&out).unwrap());
     let img: Arc<dyn Image> = Arc::from(glimpse_formats::open(src, Format::Vhdx, &limits).unwrap());
     assert!(img.findings().is_empty(), "{:?}", img.findings());
     assert_eq!(img.info().virtual_size, padded);
+    assert_eq!(
+        img.info().cluster_size,
+        Some(json_u64(&info, "cluster-size"))
+    );
+    let want_block = wopts.size("block_size").unwrap().unwrap_or(8 * MIB);
+    assert_eq!(img.info().cluster_size, Some(want_block), "{opts}");
+
+    // measure() predicts the output's length from the data blocks.
+    let data_bytes: u64 = content
+        .chunks(usize::try_from(want_block).unwrap())
+        .filter(|c| c.iter().any(|&b| b != 0))
+        .map(|c| c.len() as u64)
+        .sum();
+    let m = glimpse_convert::measure(Format::Vhdx, &wopts, size, data_bytes).unwrap();
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().len(),
+        m.required,
+        "{opts} {size}"
+    );
     let fixed = opts.contains("fixed");
     assert_eq!(img.info().details["leave-blocks-allocated"], fixed);
     let mut back = vec![0u8; usize::try_from(padded).unwrap()];
@@ -164,7 +180,7 @@ fn empty_disk() {
 }
 
 #[test]
-fn measure_matches_output() {
+fn measure_required_and_full() {
     let o = WriteOptions::parse("block_size=1M", false).unwrap();
     let m = glimpse_convert::measure(Format::Vhdx, &o, 10 * MIB, 2 * MIB).unwrap();
     assert!(m.required < m.fully_allocated);

@@ -275,3 +275,33 @@ fn committed_hostile_files_are_refused() {
     }
     assert_eq!(seen, 1);
 }
+
+#[test]
+fn policy_passes_qemu_images_and_rejects_broken_ones() {
+    use glimpse_formats::policy::{inspect, Policy, Verdict};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.vhdx");
+    qemu_img(&["create", "-q", "-f", "vhdx", path.to_str().unwrap(), "6M"]);
+    let policy = Policy {
+        expect_format: Some(Format::Vhdx),
+        ..Policy::default()
+    };
+    let src: Source = Arc::new(File::open(&path).unwrap());
+    let report = inspect(src, &policy, &Limits::default()).unwrap();
+    assert_eq!(report.verdict(), Verdict::Pass, "{:?}", report.findings);
+
+    // Both headers broken: the open error becomes a rejecting finding with its code.
+    let mut v = std::fs::read(&path).unwrap();
+    v[0x10000 + 200] ^= 1;
+    v[0x20000 + 200] ^= 1;
+    let report = inspect(Arc::new(v), &policy, &Limits::default()).unwrap();
+    assert_eq!(report.verdict(), Verdict::Reject);
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.code == "vhdx.header-checksum"),
+        "{:?}",
+        report.findings
+    );
+}
