@@ -640,3 +640,109 @@ mod prop {
         }
     }
 }
+
+/// A source that is `base` with its first bytes replaced by `head` and single bytes patched.
+struct Patched {
+    base: Arc<Vec<u8>>,
+    head: Vec<u8>,
+    patches: Vec<(usize, u8)>,
+}
+
+impl crate::ReadAt for Patched {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let n = self.base.as_slice().read_at(buf, offset)?;
+        let off = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            let at = off + i;
+            if let Some(h) = self.head.get(at) {
+                *b = *h;
+            }
+        }
+        for &(at, v) in &self.patches {
+            if at >= off && at < off + n {
+                buf[at - off] = v;
+            }
+        }
+        Ok(n)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.base.len() as u64)
+    }
+}
+
+#[test]
+fn random_mutations_never_panic() {
+    let base = Arc::new(small());
+    let (bat, md) = regions_of(&base);
+    let head_len = usize::try_from(REGION2_OFFSET).unwrap() + REGION_TABLE_SIZE;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut opened = 0;
+    for _ in 0..2000 {
+        let mut head = base[..head_len].to_vec();
+        let mut patches = Vec::new();
+        for _ in 0..1 + rnd(4) {
+            // Aim at the fields: headers, region entries, metadata table and items, BAT.
+            let at = match rnd(5) {
+                0 => HEADER1_OFFSET + rnd(80),
+                1 => HEADER2_OFFSET + rnd(80),
+                2 => REGION1_OFFSET + rnd(96),
+                3 => {
+                    md + if rnd(2) == 0 {
+                        rnd(200)
+                    } else {
+                        65536 + rnd(48)
+                    }
+                }
+                _ => bat + rnd(64),
+            };
+            let v = match rnd(4) {
+                0 => 0,
+                1 => 0xff,
+                _ => rnd(256) as u8,
+            };
+            let at = usize::try_from(at).unwrap();
+            match head.get_mut(at) {
+                Some(b) => *b = v,
+                None => patches.push((at, v)),
+            }
+        }
+        // Keep checksums valid most of the time so the parser gets past them.
+        if rnd(4) != 0 {
+            fix_headers(&mut head);
+            fix_regions(&mut head);
+        }
+        let src: Source = Arc::new(Patched {
+            base: base.clone(),
+            head,
+            patches,
+        });
+        let Ok(img) = open(src, &Limits::tight()) else {
+            continue;
+        };
+        opened += 1;
+        let img: Arc<dyn Image> = Arc::new(img);
+        let size = img.info().virtual_size;
+        let reader = crate::reader::GuestReader::new(img.clone(), &Limits::tight());
+        let mut pos = 0;
+        let mut buf = vec![0u8; 4096];
+        while pos < size {
+            let Ok(e) = img.mapping(pos, u64::MAX) else {
+                break;
+            };
+            crate::validate_extent(&e, pos, u64::MAX, size).unwrap();
+            let n = usize::try_from(e.len.min(4096)).unwrap();
+            let _ = reader.read_at(&mut buf[..n], pos);
+            pos = e.end();
+        }
+    }
+    assert!(
+        opened > 50,
+        "only {opened} mutants opened: the test is not reaching the mapping"
+    );
+}
