@@ -1,0 +1,219 @@
+//! The block allocation table: one 8-byte entry per payload block, with a sector bitmap
+//! entry after every `chunk_ratio` payload entries.
+
+use crate::error::{Error, Result};
+
+/// "Block not present": reads as zeros (no parent) or from the parent.
+pub const NOT_PRESENT: u64 = 0;
+/// "Undefined": contents undefined; qemu reads zeros.
+pub const UNDEFINED: u64 = 1;
+/// "Zero": reads as zeros.
+pub const ZERO: u64 = 2;
+/// "Unmapped" (spec 1.0): reads as zeros in qemu.
+pub const UNMAPPED: u64 = 3;
+/// "Unmapped" as numbered in the 0.95 draft, which qemu still accepts as zeros.
+pub const UNMAPPED_V095: u64 = 5;
+/// "Fully present": the whole block is stored at the entry's file offset.
+pub const FULLY_PRESENT: u64 = 6;
+/// "Partially present": per-sector bitmap decides between this file and the parent.
+pub const PARTIALLY_PRESENT: u64 = 7;
+/// Sector bitmap entry: "present" (state 6), the bitmap block is stored.
+pub const SB_PRESENT: u64 = 6;
+
+/// "lower 3 bits are the state".
+pub const STATE_MASK: u64 = 7;
+/// "upper 44 bits are the file offset in 1MB units": bits 20..63, already a byte offset.
+pub const OFFSET_MASK: u64 = !((1 << 20) - 1);
+/// "per the spec": at most 2^23 sectors per chunk, which sets the chunk ratio.
+pub const MAX_SECTORS_PER_BLOCK: u64 = 1 << 23;
+/// A sector bitmap block is 1 MiB.
+pub const BITMAP_BLOCK_SIZE: u64 = 1 << 20;
+
+/// Sizes derived from the metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Payload block size in bytes.
+    pub block_size: u64,
+    /// Payload blocks per sector bitmap block: (2^23 × logical sector size) / block size.
+    pub chunk_ratio: u64,
+    /// Payload blocks covering the virtual disk.
+    pub data_blocks: u64,
+    /// BAT entries the file must have.
+    pub entries: u64,
+    /// Whether the file is differencing.
+    pub has_parent: bool,
+}
+
+impl Geometry {
+    /// Computes the geometry as qemu does (`vhdx_calc_bat_entries`). The block size is a
+    /// power of two in 1 MiB..=256 MiB and the sector size 512 or 4096, so the chunk ratio is
+    /// a power of two of at least 16.
+    pub fn new(
+        block_size: u64,
+        logical_sector_size: u64,
+        disk_size: u64,
+        has_parent: bool,
+    ) -> Self {
+        let chunk_ratio = MAX_SECTORS_PER_BLOCK
+            .saturating_mul(logical_sector_size)
+            .checked_div(block_size)
+            .unwrap_or(1)
+            .max(1);
+        let data_blocks = disk_size.div_ceil(block_size.max(1));
+        let bitmap_blocks = data_blocks.div_ceil(chunk_ratio);
+        let entries = if has_parent {
+            bitmap_blocks.saturating_mul(chunk_ratio.saturating_add(1))
+        } else if data_blocks == 0 {
+            // qemu computes (0 - 1) >> bits in 32 bits here and wants a huge BAT for an
+            // empty disk; no entry is ever used, so glimpse asks for none.
+            0
+        } else {
+            data_blocks.saturating_add(
+                data_blocks
+                    .saturating_sub(1)
+                    .checked_div(chunk_ratio)
+                    .unwrap_or(0),
+            )
+        };
+        Geometry {
+            block_size,
+            chunk_ratio,
+            data_blocks,
+            entries,
+            has_parent,
+        }
+    }
+
+    /// BAT index of payload block `block`: payload entries are interleaved with one sector
+    /// bitmap entry after every `chunk_ratio` of them.
+    pub fn payload_index(&self, block: u64) -> u64 {
+        block.saturating_add(block.checked_div(self.chunk_ratio).unwrap_or(0))
+    }
+
+    /// True when BAT index `i` is a sector bitmap entry.
+    pub fn is_bitmap(&self, i: u64) -> bool {
+        i.checked_rem(self.chunk_ratio.saturating_add(1)) == Some(self.chunk_ratio)
+    }
+}
+
+/// A byte range the payload must not touch, with its name for messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Reserved<'a> {
+    /// Start offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// What it is.
+    pub name: &'a str,
+}
+
+/// Checks every BAT entry: states, file offsets against the file size and the metadata
+/// structures, and that no two blocks share host bytes.
+///
+/// # Errors
+/// `Invalid` (`vhdx.bat-state`), `Corrupt` (`vhdx.bat-entry-out-of-bounds`,
+/// `vhdx.entry-into-metadata`, `vhdx.duplicate-block`), each at the entry's offset;
+/// `LimitExceeded` when the offset list cannot be allocated.
+pub fn validate(
+    bat: &[u64],
+    geo: &Geometry,
+    bat_offset: u64,
+    virtual_size: u64,
+    file_size: u64,
+    reserved: &[Reserved<'_>],
+) -> Result<()> {
+    let mut used: Vec<(u64, u64, u64)> = Vec::new();
+    used.try_reserve(bat.len())
+        .map_err(|_| Error::limit("BAT: cannot allocate the offset list"))?;
+    for (i, &entry) in bat.iter().enumerate() {
+        let i = i as u64;
+        let at = bat_offset.saturating_add(i.saturating_mul(8));
+        let state = entry & STATE_MASK;
+        let host = entry & OFFSET_MASK;
+        let len = if geo.is_bitmap(i) {
+            match state {
+                NOT_PRESENT => continue,
+                // qemu ignores bitmap entries of non-differencing files; a present one is still
+                // held to the file's bounds and kept apart from everything else.
+                SB_PRESENT => BITMAP_BLOCK_SIZE,
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "BAT entry {i}: sector bitmap state {state} is not valid here"
+                    ))
+                    .at(at)
+                    .code("vhdx.bat-state"))
+                }
+            }
+        } else {
+            match state {
+                NOT_PRESENT | UNDEFINED | ZERO | UNMAPPED | UNMAPPED_V095 => continue,
+                FULLY_PRESENT => {}
+                PARTIALLY_PRESENT if geo.has_parent => {}
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "BAT entry {i}: payload state {state} is not valid{}",
+                        if state == PARTIALLY_PRESENT {
+                            " without a parent"
+                        } else {
+                            ""
+                        }
+                    ))
+                    .at(at)
+                    .code("vhdx.bat-state"))
+                }
+            }
+            // qemu lets the last block end at the end of the virtual disk rather than a whole
+            // block later ("QEMU created images with partial last blocks in the past").
+            let block = i.saturating_sub(
+                i.checked_div(geo.chunk_ratio.saturating_add(1))
+                    .unwrap_or(0),
+            );
+            let start = block.saturating_mul(geo.block_size);
+            geo.block_size
+                .min(virtual_size.saturating_sub(start))
+                .max(1)
+        };
+        match host.checked_add(len) {
+            Some(end) if end <= file_size => {}
+            _ => {
+                return Err(Error::corrupt(format!(
+                    "BAT entry {i}: block of {len} bytes at {host:#x} passes the end of the file ({file_size} bytes)"
+                ))
+                .at(at)
+                .code("vhdx.bat-entry-out-of-bounds"))
+            }
+        }
+        // qemu checks overlap with the whole block size, even for a short last block.
+        let span = if geo.is_bitmap(i) {
+            len
+        } else {
+            geo.block_size
+        };
+        let span_end = host.saturating_add(span);
+        if let Some(r) = reserved
+            .iter()
+            .find(|r| host < r.start.saturating_add(r.len) && r.start < span_end)
+        {
+            return Err(Error::corrupt(format!(
+                "BAT entry {i}: block at {host:#x} overlaps the {} at {:#x}",
+                r.name, r.start
+            ))
+            .at(at)
+            .code("vhdx.entry-into-metadata"));
+        }
+        used.push((host, len, i));
+    }
+    used.sort_unstable();
+    for w in used.windows(2) {
+        if let [(a, alen, ai), (b, _, bi)] = w {
+            if *b < a.saturating_add(*alen) {
+                return Err(Error::corrupt(format!(
+                    "BAT entries {ai} and {bi} share host bytes at {b:#x}"
+                ))
+                .at(bat_offset.saturating_add(bi.saturating_mul(8)))
+                .code("vhdx.duplicate-block"));
+            }
+        }
+    }
+    Ok(())
+}
