@@ -283,7 +283,7 @@ pub fn measure(
 ///
 /// # Errors
 /// `Invalid` for bad options.
-pub fn measure_granularity(format: Format, opts: &WriteOptions) -> Result<u64> {
+pub fn measure_granularity(format: Format, opts: &WriteOptions, virtual_size: u64) -> Result<u64> {
     Ok(match format {
         Format::Qcow2 => opts.size("cluster_size")?.unwrap_or(65536),
         Format::Vmdk => 65536,
@@ -295,7 +295,9 @@ pub fn measure_granularity(format: Format, opts: &WriteOptions) -> Result<u64> {
             1 << 20
         }
         Format::Vhd => opts.size("block_size")?.unwrap_or(2 << 20),
-        Format::Vhdx => opts.size("block_size")?.unwrap_or(32 << 20),
+        Format::Vhdx => opts
+            .size("block_size")?
+            .unwrap_or_else(|| vhdx::default_block_size(virtual_size)),
         _ => 4096,
     })
 }

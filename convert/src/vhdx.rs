@@ -48,7 +48,7 @@ struct Layout {
 
 /// The default block size qemu picks: "pretty arbitrary, and mainly designed to keep the BAT
 /// size reasonable to load into RAM".
-fn default_block_size(size: u64) -> u64 {
+pub fn default_block_size(size: u64) -> u64 {
     if size > 32 << 40 {
         64 * MIB
     } else if size > 100 << 30 {

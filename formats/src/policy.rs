@@ -72,7 +72,7 @@ fn accepted(format: Format) -> bool {
 }
 
 /// Codes that a backing-file allowance turns into information.
-const BACKING_CODES: &[&str] = &["qcow2.backing-file", "vmdk.parent"];
+const BACKING_CODES: &[&str] = &["qcow2.backing-file", "vmdk.parent", "vhdx.differencing"];
 
 /// Detects, opens and checks `src`, and applies `policy`.
 ///

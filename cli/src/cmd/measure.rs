@@ -40,7 +40,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let (vsize, data) = match (&args.src, args.size) {
         (Some(src), _) => {
             let image = load(src, None, &args.input)?.image;
-            let gran = measure_granularity(args.output_format, &opts)?;
+            let gran = measure_granularity(args.output_format, &opts, image.info().virtual_size)?;
             let mut data = 0u64;
             for plan in ChunkPlanner::new(image.as_ref(), gran) {
                 let plan = plan?;
