@@ -322,3 +322,54 @@ fn every_truncated_prefix_fails_cleanly() {
         }
     }
 }
+
+#[test]
+fn hostile_fixtures_are_rejected() {
+    use glimpse_formats::policy::{inspect, Policy, Verdict};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/vmdk");
+    let cases: [(&str, &[&str], &str); 3] = [
+        (
+            "external-extent-no-slash.vmdk",
+            &["vmdk.external-extent"],
+            "shadow",
+        ),
+        (
+            "capacity-zero-wrapper.vmdk",
+            &[
+                "vmdk.descriptor-only",
+                "vmdk.external-extent",
+                "vmdk.create-type",
+            ],
+            "/etc/passwd",
+        ),
+        (
+            "descriptor-absolute-extent.vmdk",
+            &[
+                "vmdk.descriptor-only",
+                "vmdk.external-extent",
+                "vmdk.create-type",
+            ],
+            "/dev/sda",
+        ),
+    ];
+    for (name, want, target) in cases {
+        let src = Arc::new(File::open(dir.join(name)).unwrap());
+        let r = inspect(src, &Policy::default(), &Limits::default()).unwrap();
+        assert_eq!(r.verdict(), Verdict::Reject, "{name}");
+        let codes: Vec<_> = r.findings.iter().map(|f| f.code).collect();
+        for c in want {
+            assert!(codes.contains(c), "{name}: {c} missing from {codes:?}");
+        }
+        let info = r.info().unwrap();
+        assert!(
+            info.references
+                .iter()
+                .any(|x| x.kind == RefKind::Extent && x.target == target),
+            "{name}"
+        );
+        if name != "external-extent-no-slash.vmdk" {
+            let e = r.image.as_ref().unwrap().mapping(0, 512).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unsafe);
+        }
+    }
+}

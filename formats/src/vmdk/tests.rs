@@ -461,3 +461,24 @@ fn every_prefix_fails_cleanly() {
         }
     }
 }
+
+#[test]
+fn warnings_for_extent_size_and_unclean_shutdown() {
+    let d = desc("monolithicSparse", "").replace(&format!("RW {CAP} SPARSE"), "RW 99 SPARSE");
+    let img = open_bytes(sparse_with(&d)).unwrap();
+    let f = img
+        .findings()
+        .iter()
+        .find(|f| f.code == "vmdk.extent-size")
+        .unwrap();
+    assert_eq!(f.severity, crate::Severity::Warn);
+    let mut b = sparse();
+    b[72] = 1;
+    let img = open_bytes(b).unwrap();
+    let f = img
+        .findings()
+        .iter()
+        .find(|f| f.code == "vmdk.unclean-shutdown")
+        .unwrap();
+    assert_eq!(f.severity, crate::Severity::Warn);
+}
