@@ -239,12 +239,7 @@ fn capacity_of(virtual_size: u64) -> Result<u64> {
 pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<Box<dyn Writer>> {
     let o = parse_opts(opts)?;
     let capacity = capacity_of(virtual_size)?;
-    let (grains, gts, gd_sectors) = counts(capacity);
-    let n = usize::try_from(grains).map_err(|_| Error::limit("too many grains"))?;
-    let mut gt = Vec::new();
-    gt.try_reserve_exact(n)
-        .map_err(|_| Error::limit("cannot allocate the grain tables"))?;
-    gt.resize(n, 0u32);
+    let (_, gts, gd_sectors) = counts(capacity);
     let desc = descriptor(capacity, &o);
     match o.sub {
         Sub::MonolithicSparse => {
@@ -269,7 +264,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
                 overhead,
                 next: overhead,
                 pos: 0,
-                gt,
+                cur: CurGt::new(),
                 desc,
             }))
         }
@@ -285,8 +280,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
                 gd_sectors,
                 sector: 0,
                 pos: 0,
-                gt,
-                gt_done: 0,
+                cur: CurGt::new(),
                 gd: Vec::new(),
                 desc,
             };
@@ -348,6 +342,43 @@ fn gte(sector: u64) -> Result<u32> {
         .map_err(|_| Error::invalid("VMDK output passes 2 TiB: grain sectors no longer fit"))
 }
 
+/// The grain table being filled. Chunks come in guest order, so only one table is held at a
+/// time: memory stays at 2 KiB whatever the disk size.
+struct CurGt {
+    /// Which grain table (grain number / 512).
+    index: u64,
+    /// Grain sector per grain of this table (0: unallocated).
+    entries: Vec<u32>,
+}
+
+impl CurGt {
+    fn new() -> Self {
+        CurGt {
+            index: 0,
+            entries: vec![0; GTES as usize],
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.entries.iter().all(|&e| e == 0)
+    }
+    fn set(&mut self, g: u64, sector: u64) -> Result<()> {
+        let slot = self
+            .entries
+            .get_mut((g % GTES) as usize)
+            .ok_or_else(|| Error::invalid("grain table slot out of range"))?;
+        *slot = gte(sector)?;
+        Ok(())
+    }
+    fn bytes(&self) -> Vec<u8> {
+        self.entries.iter().flat_map(|e| e.to_le_bytes()).collect()
+    }
+    /// Moves on to the next table.
+    fn advance(&mut self) {
+        self.index += 1;
+        self.entries.fill(0);
+    }
+}
+
 struct SparseWriter {
     file: File,
     capacity: u64,
@@ -360,14 +391,29 @@ struct SparseWriter {
     next: u64,
     /// Next guest byte expected.
     pos: u64,
-    /// Grain sector per grain.
-    gt: Vec<u32>,
+    cur: CurGt,
     desc: String,
 }
 
 impl SparseWriter {
-    /// Writes a directory at `dir` and its tables right after it.
-    fn tables(&mut self, dir: u64) -> Result<()> {
+    /// Writes the current grain table to both its places (after the redundant directory and
+    /// after the directory) and moves on. Empty tables stay holes: they read as zeros.
+    fn flush_gt(&mut self) -> Result<()> {
+        if !self.cur.is_empty() {
+            let t = self.cur.bytes();
+            for dir in [self.rgd, self.gd] {
+                let at = dir + self.gd_sectors + self.cur.index * GT_SECTORS;
+                self.file.seek(SeekFrom::Start(at * SECTOR))?;
+                self.file.write_all(&t)?;
+            }
+        }
+        self.cur.advance();
+        Ok(())
+    }
+
+    /// Writes a directory at `dir` pointing at every table slot right after it, as qemu
+    /// preallocates them.
+    fn directory(&mut self, dir: u64) -> Result<()> {
         let first_gt = dir + self.gd_sectors;
         let mut d = Vec::with_capacity((self.gd_sectors * SECTOR) as usize);
         for i in 0..self.gts {
@@ -376,12 +422,6 @@ impl SparseWriter {
         d.resize((self.gd_sectors * SECTOR) as usize, 0);
         self.file.seek(SeekFrom::Start(dir * SECTOR))?;
         self.file.write_all(&d)?;
-        let mut t = Vec::with_capacity((self.gts * GT_SECTORS * SECTOR) as usize);
-        for e in &self.gt {
-            t.write_u32::<LE>(*e)?;
-        }
-        t.resize((self.gts * GT_SECTORS * SECTOR) as usize, 0);
-        self.file.write_all(&t)?;
         Ok(())
     }
 }
@@ -393,15 +433,14 @@ impl Writer for SparseWriter {
 
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         let g = grain_index(&chunk, self.pos)?;
+        while self.cur.index < g / GTES {
+            self.flush_gt()?;
+        }
         match chunk.payload {
             // Zero grains stay unallocated: they read as zeros without a parent.
             Payload::Zero => {}
             Payload::Data(d) => {
-                let slot = self
-                    .gt
-                    .get_mut(g as usize)
-                    .ok_or_else(|| Error::invalid("grain past the capacity"))?;
-                *slot = gte(self.next)?;
+                self.cur.set(g, self.next)?;
                 self.file.seek(SeekFrom::Start(self.next * SECTOR))?;
                 self.file.write_all(&d)?;
                 self.next += GRAIN_SECTORS;
@@ -431,8 +470,11 @@ impl Writer for SparseWriter {
         let mut desc = self.desc.clone().into_bytes();
         desc.resize((DESC_SECTORS * SECTOR) as usize, 0);
         self.file.write_all(&desc)?;
-        self.tables(self.rgd)?;
-        self.tables(self.gd)?;
+        while self.cur.index < self.gts {
+            self.flush_gt()?;
+        }
+        self.directory(self.rgd)?;
+        self.directory(self.gd)?;
         // Every grain whole, and the file at least as long as the metadata (qemu refuses a
         // file shorter than overHead).
         self.file.set_len(self.next * SECTOR)?;
@@ -453,10 +495,7 @@ struct StreamWriter {
     sector: u64,
     /// Next guest byte expected.
     pos: u64,
-    /// Grain sector per grain (0: none).
-    gt: Vec<u32>,
-    /// Grain tables written (or skipped) so far.
-    gt_done: u64,
+    cur: CurGt,
     /// Grain directory entries of the tables handled so far.
     gd: Vec<u32>,
     desc: String,
@@ -497,28 +536,20 @@ impl StreamWriter {
         self.emit(&desc)
     }
 
-    /// Writes grain tables `gt_done..upto` that hold any grain (GT marker, then the table),
-    /// recording their sectors; empty ones are left out (GD entry 0).
+    /// Writes grain tables up to (not including) `upto` that hold any grain: GT marker, then
+    /// the table. Empty ones are left out (GD entry 0), as nothing in them is allocated.
     fn flush_tables(&mut self, upto: u64) -> Result<()> {
-        while self.gt_done < upto.min(self.gts) {
-            let i = self.gt_done;
-            let from = (i * GTES) as usize;
-            let to = ((i + 1) * GTES).min(self.gt.len() as u64) as usize;
-            let entries = self.gt.get(from..to).unwrap_or_default();
-            if entries.iter().any(|&e| e != 0) {
-                let mut t = Vec::with_capacity((GT_SECTORS * SECTOR) as usize);
-                for e in entries {
-                    t.write_u32::<LE>(*e)?;
-                }
-                t.resize((GT_SECTORS * SECTOR) as usize, 0);
+        while self.cur.index < upto.min(self.gts) {
+            if self.cur.is_empty() {
+                self.gd.push(0);
+            } else {
                 self.emit(&meta_marker(GT_SECTORS, MARKER_GT))?;
                 let at = gte(self.sector)?;
                 self.gd.push(at);
+                let t = self.cur.bytes();
                 self.emit(&t)?;
-            } else {
-                self.gd.push(0);
             }
-            self.gt_done += 1;
+            self.cur.advance();
         }
         Ok(())
     }
@@ -572,11 +603,7 @@ impl Writer for StreamWriter {
             }
         };
         if let Some(z) = z {
-            let slot = self
-                .gt
-                .get_mut(g as usize)
-                .ok_or_else(|| Error::invalid("grain past the capacity"))?;
-            *slot = gte(self.sector)?;
+            self.cur.set(g, self.sector)?;
             // Grain marker: first guest sector, compressed length; then the data, padded to a
             // sector as sparse.c does.
             let size =

@@ -84,13 +84,11 @@ fn run(src: &Path, opts: &WriteOptions, target: Target) -> glimpse_convert::Resu
     convert(img, w, &reader, &ConvertOptions::default()).map(|_| ())
 }
 
-fn read_back(path: &Path) -> (Vec<u8>, Box<dyn Image>) {
+fn read_back(path: &Path) -> (Vec<u8>, Arc<dyn Image>) {
     let f = File::open(path).unwrap();
-    let img = glimpse_formats::open(Arc::new(f), Format::Vmdk, &Limits::default()).unwrap();
-    let arc: Arc<dyn Image> = Arc::from(
-        glimpse_formats::open(img.source().clone(), Format::Vmdk, &Limits::default()).unwrap(),
-    );
-    let r = GuestReader::new(arc, &Limits::default());
+    let img: Arc<dyn Image> =
+        Arc::from(glimpse_formats::open(Arc::new(f), Format::Vmdk, &Limits::default()).unwrap());
+    let r = GuestReader::new(img.clone(), &Limits::default());
     let mut buf = vec![0u8; r.virtual_size() as usize];
     r.read_at(&mut buf, 0).unwrap();
     (buf, img)

@@ -79,17 +79,13 @@ enum Grain {
     At(u64),
 }
 
-/// True when the probe windows look like VMDK: the sparse magic with a known version, or a
-/// text descriptor.
+/// True when the probe windows look like VMDK: the sparse magic, or a text descriptor.
+///
+/// Any version counts: qemu's probe claims every file with the magic, so a `KDMV` file with
+/// an unknown version must be reported as a VMDK that fails to open (and be rejected), never
+/// passed as raw.
 pub fn probe(p: &Probe<'_>) -> bool {
-    if p.starts_with(MAGIC_BYTES) {
-        return p
-            .head_at(4, 4)
-            .and_then(|v| v.try_into().ok())
-            .map(u32::from_le_bytes)
-            .is_some_and(|v| (1..=header::MAX_VERSION).contains(&v));
-    }
-    descriptor::looks_like_descriptor(&p.head)
+    p.starts_with(MAGIC_BYTES) || descriptor::looks_like_descriptor(&p.head)
 }
 
 /// Opens a VMDK image.

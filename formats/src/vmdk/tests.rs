@@ -210,9 +210,11 @@ fn probe_sees_sparse_and_descriptors() {
         let p = Probe::new(&b).unwrap();
         assert!(probe(&p));
     }
+    // An unknown version is still VMDK (qemu probes the magic alone), and fails to open.
     let mut b = sparse();
     b[4] = 9;
-    assert!(!probe(&Probe::new(&b).unwrap()));
+    assert!(probe(&Probe::new(&b).unwrap()));
+    assert_eq!(open_bytes(b).err().unwrap().finding_code(), "vmdk.header");
     assert!(!probe(&Probe::new(&b"just text\n".to_vec()).unwrap()));
 }
 
