@@ -373,3 +373,16 @@ fn hostile_fixtures_are_rejected() {
         }
     }
 }
+
+#[test]
+fn an_empty_16_gib_disk_maps_in_one_extent() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.vmdk");
+    qemu_img(&["create", "-f", "vmdk", p.to_str().unwrap(), "16G"]);
+    let img = open(&p);
+    let vs = img.info().virtual_size;
+    assert_eq!(vs, 16 << 30);
+    let e = img.mapping(0, u64::MAX).unwrap();
+    assert_eq!((e.start, e.len, e.kind), (0, vs, ExtentKind::Unallocated));
+    assert!(img.check(&Limits::default()).unwrap().is_empty());
+}

@@ -31,7 +31,7 @@ use table::GtCache;
 /// How far qemu looks for `CID`, `parentCID` and `parentFileNameHint` in a sparse file: 20
 /// sectors from byte 512, whatever the header says (`DESC_SIZE` in `block/vmdk.c`).
 const QEMU_DESC_WINDOW: usize = 20 * 512;
-/// Grain lookups one `mapping` call may do while coalescing a run.
+/// Grain table lookups one `mapping` call may do while coalescing a run.
 const MAX_STEPS: u32 = 4096;
 /// Findings of one code reported before the rest are summarised.
 const MAX_PER_CODE: usize = 16;
@@ -498,9 +498,11 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
 }
 
 impl Sparse {
-    /// The entry for grain number `g`, and the guest end of the uniform run it starts (its
-    /// grain's end, or the end of a whole missing grain table).
-    fn grain(&self, src: &dyn crate::ReadAt, g: u64) -> Result<(Grain, u64)> {
+    /// What backs grain number `g`, as `(first, last, end)`: the grain's entry, the entry of
+    /// the last grain of the uniform run it starts inside its grain table (the same kind;
+    /// for data, host-contiguous grains), and the guest end of that run. A missing grain
+    /// table is one run. Work is bounded by one table (at most 512 entries).
+    fn grain(&self, src: &dyn crate::ReadAt, g: u64) -> Result<(Grain, Grain, u64)> {
         let per = u64::from(self.hdr.gtes_per_gt);
         let gb = self.hdr.grain_bytes();
         let gdi = usize::try_from(g / per).map_err(|_| Error::corrupt("grain index overflows"))?;
@@ -514,18 +516,30 @@ impl Sparse {
                 .saturating_add(1)
                 .saturating_mul(per)
                 .saturating_mul(gb);
-            return Ok((Grain::Unallocated, end));
+            return Ok((Grain::Unallocated, Grain::Unallocated, end));
         }
         let gt = self.cache.get(src, u64::from(gt_sector))?;
         let gti = usize::try_from(g % per).map_err(|_| Error::corrupt("grain index overflows"))?;
-        let e = gt.get(gti).copied().unwrap_or(0);
-        let end = g.saturating_add(1).saturating_mul(gb);
-        let kind = match e {
+        let kind = |e: u32| match e {
             0 => Grain::Unallocated,
             1 if self.hdr.zero_grain() => Grain::Zero,
             s => Grain::At(u64::from(s)),
         };
-        Ok((kind, end))
+        let first = kind(gt.get(gti).copied().unwrap_or(0));
+        let mut last = first;
+        let mut n = 1u64;
+        // Compressed grains are one unit each: never a run.
+        if !(self.hdr.compressed() && matches!(first, Grain::At(_))) {
+            for &e in gt.iter().skip(gti.saturating_add(1)) {
+                let next = kind(e);
+                if !continues(last, next, self.hdr.grain_size) {
+                    break;
+                }
+                last = next;
+                n += 1;
+            }
+        }
+        Ok((first, last, g.saturating_add(n).saturating_mul(gb)))
     }
 
     fn mapping(&self, src: &dyn crate::ReadAt, guest: u64, max_len: u64) -> Result<Extent> {
@@ -533,28 +547,22 @@ impl Sparse {
         let span = mapping_span(guest, max_len, vsize)?;
         let end = guest.saturating_add(span);
         let gb = self.hdr.grain_bytes();
-        let (first, mut run_end) = self.grain(src, guest / gb)?;
+        let (first, mut last, mut run_end) = self.grain(src, guest / gb)?;
         if let Grain::At(sector) = first {
             if self.hdr.compressed() {
                 return self.compressed(src, guest, end, sector);
             }
         }
-        // Extend the run while the next grain continues it, within a bounded number of steps.
+        // Extend the run into the next grain tables while they continue it, within a bounded
+        // number of table lookups.
         let mut steps = 0u32;
-        let mut last = first;
         while run_end < end && steps < MAX_STEPS {
             steps += 1;
-            let (next, next_end) = self.grain(src, run_end / gb)?;
-            let continues = match (last, next) {
-                (Grain::At(a), Grain::At(b)) => Some(b) == a.checked_add(self.hdr.grain_size),
-                (a, b) => a == b,
-            };
-            if !continues {
+            let (next, next_last, next_end) = self.grain(src, run_end / gb)?;
+            if !continues(last, next, self.hdr.grain_size) {
                 break;
             }
-            if let Grain::At(_) = next {
-                last = next;
-            }
+            last = next_last;
             run_end = next_end;
         }
         let len = run_end.min(end) - guest;
@@ -608,6 +616,15 @@ impl Sparse {
                 skip: guest % gb,
             },
         })
+    }
+}
+
+/// True when grain entry `next` extends a run ending in `last`: both unallocated, both zero,
+/// or data stored right after.
+fn continues(last: Grain, next: Grain, grain_sectors: u64) -> bool {
+    match (last, next) {
+        (Grain::At(a), Grain::At(b)) => Some(b) == a.checked_add(grain_sectors),
+        (a, b) => a == b,
     }
 }
 
