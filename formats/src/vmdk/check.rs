@@ -79,6 +79,81 @@ impl Ranges {
     }
 }
 
+/// The redundant directory and its tables: inside the file, counted as metadata, and saying
+/// what the primary ones say. qemu writes both and reads only the primary; a reader that
+/// recovers from the redundant copy would see another disk.
+fn redundant(
+    s: &Sparse,
+    src: &dyn ReadAt,
+    budget: &crate::limits::Budget,
+    meta: &mut Vec<(u64, u64, &'static str)>,
+    sink: &mut Sink,
+) -> Result<()> {
+    let hdr = &s.hdr;
+    if hdr.flags & super::header::FLAG_REDUNDANT == 0 || hdr.rgd_offset == 0 {
+        return Ok(());
+    }
+    let gt_sectors = s.cache.table_len().div_ceil(SECTOR);
+    let at = hdr.rgd_offset.saturating_mul(SECTOR);
+    let len = (s.gd.len() as u64).saturating_mul(4);
+    let rgd = match crate::io::read_vec(src, at, len, budget, "redundant grain directory") {
+        Ok(b) => super::table::entries(&b),
+        Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::LimitExceeded) => return Err(e),
+        Err(e) => {
+            sink.error(&e);
+            return Ok(());
+        }
+    };
+    let mismatch = |sink: &mut Sink, i: usize| {
+        sink.push(
+            Finding::warn(
+                "vmdk.redundant-mismatch",
+                format!("grain table {i} differs from its redundant copy"),
+            )
+            .at(at.saturating_add((i as u64).saturating_mul(4))),
+        );
+    };
+    for (i, (&p, &r)) in s.gd.iter().zip(rgd.iter()).enumerate() {
+        if r == 0 {
+            if p != 0 {
+                mismatch(sink, i);
+            }
+            continue;
+        }
+        let r = u64::from(r);
+        if let Err(e) = s.cache.check(r) {
+            sink.error(&e.context(format!("redundant grain directory entry {i}")));
+            continue;
+        }
+        meta.push((r, r.saturating_add(gt_sectors), "a redundant grain table"));
+        if p == 0 {
+            mismatch(sink, i);
+            continue;
+        }
+        budget.take(
+            s.cache.table_len().saturating_mul(2),
+            "VMDK redundant grain tables",
+        )?;
+        match (s.cache.get(src, u64::from(p)), s.cache.get(src, r)) {
+            (Ok(a), Ok(b)) => {
+                if a != b {
+                    mismatch(sink, i);
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                if e.kind() == ErrorKind::Io {
+                    return Err(e);
+                }
+                // The primary's problems are reported below; report the copy's here.
+                if s.cache.check(u64::from(p)).is_ok() {
+                    sink.error(&e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the structural checks.
 ///
 /// # Errors
@@ -163,6 +238,7 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
             .iter()
             .map(|&(gt, _)| (gt, gt.saturating_add(gt_sectors), "a grain table")),
     );
+    redundant(s, src, &budget, &mut meta, &mut sink)?;
     let meta = Ranges::new(meta);
 
     // Every grain pointer.

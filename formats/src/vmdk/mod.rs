@@ -131,15 +131,21 @@ pub fn open(src: Source, limits: &Limits) -> Result<VmdkImage> {
             "the descriptor file holds NUL bytes",
         ));
     }
-    descriptor_only(src, desc, findings)
+    let mut refs = Vec::new();
+    hidden_parent(&text, 0, Some(&desc), &mut findings, &mut refs);
+    descriptor_only(src, desc, findings, refs)
 }
 
 /// An image whose guest data lives entirely in files the descriptor names.
-fn descriptor_only(src: Source, desc: Descriptor, mut findings: Vec<Finding>) -> Result<VmdkImage> {
+fn descriptor_only(
+    src: Source,
+    desc: Descriptor,
+    mut findings: Vec<Finding>,
+    mut refs: Vec<Reference>,
+) -> Result<VmdkImage> {
     syntax_findings(&desc, &mut findings);
     let mut sectors = 0u64;
     let mut extents = Vec::new();
-    let mut refs = Vec::new();
     for e in &desc.extents {
         // The virtual size counts what qemu opens: RW extents of the types it knows.
         if e.counted_by_qemu() {
@@ -179,6 +185,39 @@ fn descriptor_only(src: Source, desc: Descriptor, mut findings: Vec<Finding>) ->
         findings,
         body: Body::DescriptorOnly,
     })
+}
+
+/// qemu finds `parentFileNameHint` by searching the raw descriptor window (10 KiB, up to a
+/// NUL), so a hint in a comment, or past the declared descriptor, still makes it open a
+/// parent. Report one when the line parser found none.
+fn hidden_parent(
+    window: &[u8],
+    at: u64,
+    desc: Option<&Descriptor>,
+    findings: &mut Vec<Finding>,
+    refs: &mut Vec<Reference>,
+) {
+    let text = descriptor::text_of(
+        window
+            .get(..window.len().min(QEMU_DESC_WINDOW))
+            .unwrap_or_default(),
+    );
+    let parsed = desc.is_some_and(|d| d.parent_hint.is_some());
+    if !parsed && text.windows(18).any(|w| w == b"parentFileNameHint") {
+        findings.push(
+            Finding::reject(
+                "vmdk.parent",
+                "qemu finds a parentFileNameHint in the descriptor text",
+            )
+            .at(at),
+        );
+        refs.push(Reference {
+            kind: RefKind::BackingFile,
+            target: "parentFileNameHint".into(),
+            format: Some("vmdk".into()),
+            offset: Some(at),
+        });
+    }
 }
 
 /// Reports one descriptor syntax error per bad line.
@@ -324,16 +363,30 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
         Some(descriptor::parse(descriptor::text_of(&area), desc_at))
     };
 
+    // What qemu sees: it reads CID, parentCID and parentFileNameHint from byte 512 whatever
+    // the header says.
+    let window = read_up_to(src.as_ref(), SECTOR, QEMU_DESC_WINDOW)?;
+    hidden_parent(&window, SECTOR, desc.as_ref(), &mut findings, &mut refs);
+
     // A sparse header with no capacity and a descriptor is read by qemu as a descriptor file
     // whose extents it opens: a classic way to smuggle an extent path. Treat it as one.
-    if h.capacity == 0 {
-        if let Some(desc) = desc {
-            findings.push(Finding::reject(
-                "vmdk.descriptor-only",
-                "a sparse header of capacity 0 wraps a descriptor: qemu reads its extents from other files",
-            ));
-            return descriptor_only(src, desc, findings);
-        }
+    if h.capacity == 0 && desc.is_some() {
+        findings.push(Finding::reject(
+            "vmdk.descriptor-only",
+            "a sparse header of capacity 0 wraps a descriptor: qemu reads its extents from other files",
+        ));
+        // qemu reads that descriptor up to 1 MiB - 1 from its offset, past the declared size,
+        // up to a NUL: parse what it parses so that every extent it would open is reported.
+        let len = size.saturating_sub(desc_at).min(MAX_DESCRIPTOR - 1);
+        let text = read_vec(
+            src.as_ref(),
+            desc_at,
+            len,
+            &budget,
+            "embedded VMDK descriptor",
+        )?;
+        let desc = descriptor::parse(descriptor::text_of(&text), desc_at);
+        return descriptor_only(src, desc, findings, refs);
     }
 
     if h.descriptor_offset != 1 {
@@ -348,26 +401,6 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
             .at(28),
         );
     }
-    // What qemu sees: parentFileNameHint anywhere in 10 KiB from byte 512, up to a NUL.
-    let window = read_up_to(src.as_ref(), SECTOR, QEMU_DESC_WINDOW)?;
-    let qemu_text = descriptor::text_of(&window);
-    let desc_has_hint = desc.as_ref().is_some_and(|d| d.parent_hint.is_some());
-    if !desc_has_hint && qemu_text.windows(18).any(|w| w == b"parentFileNameHint") {
-        findings.push(
-            Finding::reject(
-                "vmdk.parent",
-                "qemu finds a parentFileNameHint after the descriptor",
-            )
-            .at(SECTOR),
-        );
-        refs.push(Reference {
-            kind: RefKind::BackingFile,
-            target: "parentFileNameHint".into(),
-            format: Some("vmdk".into()),
-            offset: Some(SECTOR),
-        });
-    }
-
     // Footer form: the real header is the footer's.
     let footer_form = h.gd_offset == GD_AT_END;
     let (hdr, hdr_at) = if footer_form {

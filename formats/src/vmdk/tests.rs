@@ -436,6 +436,7 @@ fn zero_grains_need_the_flag() {
     let mut b = sparse();
     b[8..12].copy_from_slice(&7u32.to_le_bytes());
     b[22 * 512 + 40..22 * 512 + 44].copy_from_slice(&1u32.to_le_bytes());
+    b[27 * 512 + 40..27 * 512 + 44].copy_from_slice(&1u32.to_le_bytes());
     let img = open_bytes(b).unwrap();
     assert_eq!(
         img.mapping(10 * GRAIN as u64, u64::MAX).unwrap().kind,
@@ -483,4 +484,48 @@ fn warnings_for_extent_size_and_unclean_shutdown() {
         .find(|f| f.code == "vmdk.unclean-shutdown")
         .unwrap();
     assert_eq!(f.severity, crate::Severity::Warn);
+}
+
+#[test]
+fn what_qemu_reads_past_the_declared_descriptor_is_reported() {
+    // Capacity 0: qemu parses extents past the declared 1-sector descriptor, up to a NUL.
+    let text = "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n";
+    let filler = "#".repeat(512 - text.len() - 1) + "\n";
+    let body = format!("{text}{filler}RW 100 FLAT \"/etc/shadow\" 0\n");
+    let mut b = header(1, 1, 0, 0, 0, 0);
+    b[12..20].copy_from_slice(&0u64.to_le_bytes());
+    b[36..44].copy_from_slice(&1u64.to_le_bytes());
+    put(&mut b, 512, body.as_bytes());
+    let img = open_bytes(b).unwrap();
+    assert!(img
+        .info()
+        .references
+        .iter()
+        .any(|r| r.target == "/etc/shadow"));
+    // A hint hidden in a comment of a descriptor file still names a parent for qemu.
+    let text = "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n# parentFileNameHint=\"x\"\nRW 1 FLAT \"f\" 0\n";
+    let img = open_bytes(text.as_bytes().to_vec()).unwrap();
+    assert!(codes(&img).contains(&"vmdk.parent"));
+    assert_eq!(
+        img.info().backing_file().unwrap().kind,
+        RefKind::BackingFile
+    );
+}
+
+#[test]
+fn redundant_tables_must_agree() {
+    let mut b = sparse();
+    // The redundant GT (sector 27) says grain 5 is elsewhere.
+    b[27 * 512 + 20..27 * 512 + 24].copy_from_slice(&9999u32.to_le_bytes());
+    let img = open_bytes(b).unwrap();
+    let f = img.check(&Limits::default()).unwrap();
+    assert!(
+        f.iter()
+            .any(|f| f.code == "vmdk.redundant-mismatch" && f.severity == crate::Severity::Warn),
+        "{f:?}"
+    );
+    // A grain on top of the redundant grain table is into metadata.
+    let mut b = sparse();
+    b[22 * 512 + 4..22 * 512 + 8].copy_from_slice(&27u32.to_le_bytes());
+    assert!(sparse_codes(b).contains(&"vmdk.entry-into-metadata"));
 }
