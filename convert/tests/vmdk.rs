@@ -95,9 +95,13 @@ fn read_back(path: &Path) -> (Vec<u8>, Arc<dyn Image>) {
 }
 
 fn round_trip(size: usize, seed: u64, subformat: &str) {
+    round_trip_data(source(size, seed), subformat);
+}
+
+fn round_trip_data(data: Vec<u8>, subformat: &str) {
+    let size = data.len();
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("in.raw");
-    let data = source(size, seed);
     std::fs::write(&src, &data).unwrap();
     let out = dir.path().join("out.vmdk");
     let opts = WriteOptions::parse(&format!("subformat={subformat}"), false).unwrap();
@@ -223,4 +227,17 @@ fn options_are_checked() {
     // monolithicSparse needs to seek.
     let pipe = Target::Stream(Box::new(Shared::default()));
     assert!(create(Format::Vmdk, &WriteOptions::default(), pipe, 1 << 20).is_err());
+}
+
+#[test]
+fn a_whole_empty_grain_table_in_the_middle() {
+    // 80 MiB + 512: data in the first and last MiB only, so the grain tables covering
+    // 32..64 MiB are empty (left out of a stream, GD entry 0).
+    let mut data = vec![0u8; (80 << 20) + 512];
+    let n = data.len();
+    data[..1 << 20].copy_from_slice(&source(1 << 20, 7));
+    data[n - (1 << 20)..].copy_from_slice(&source(1 << 20, 8));
+    for sub in ["monolithicSparse", "streamOptimized"] {
+        round_trip_data(data.clone(), sub);
+    }
 }
