@@ -2,14 +2,15 @@
 //! form) and text descriptors (monolithicFlat, twoGbMaxExtent*, vmfs...).
 //!
 //! Facts come from VMware's `vmdk/vmware_vmdk.h` and `vmdk/sparse.c` (open-vmdk) and from
-//! qemu's `block/vmdk.c`; where the two differ this module reads as qemu does and says so.
+//! qemu's `block/vmdk.c`; where they differ this module reads as qemu does and says so, and
+//! it refuses what either of them refuses.
 //!
 //! # Security
 //! A descriptor can name any file on the host (`RW 0 FLAT "/etc/shadow" 0`). Extents other
 //! than the sparse file itself are reported as [`Reference`]s and `vmdk.external-extent`
 //! findings and never opened; mapping a descriptor-only image is refused with `Unsafe`.
 
-pub mod check;
+mod check;
 pub mod descriptor;
 pub mod header;
 pub mod stream;
