@@ -31,9 +31,9 @@ const GT_SECTORS: u64 = GTES * 4 / SECTOR;
 const DESC_SECTORS: u64 = 20;
 /// Grain table sectors are stored as u32: nothing may live at or past 2^32 sectors (2 TiB).
 const MAX_SECTOR: u64 = u32::MAX as u64;
-/// The extent file name written into the descriptor. The writer is not told its output's
-/// name (and a pipe has none); readers take the single SPARSE extent of an embedded
-/// descriptor to be the file itself whatever it is called.
+/// The extent file name written into the descriptor when the output has no name (a pipe).
+/// Readers that follow the name (libvmdk does, even for a single-file stream) need the real
+/// one, so a named output file gets its own base name, as qemu-img writes.
 const EXTENT_NAME: &str = "disk.vmdk";
 
 /// Adapter types qemu-img accepts for `adapter_type`.
@@ -139,7 +139,7 @@ fn content_ids(capacity: u64, sub: Sub) -> (u32, [u32; 3]) {
 }
 
 /// The embedded descriptor, in the order and wording of VMware's sparse.c.
-fn descriptor(capacity: u64, o: &Opts) -> String {
+fn descriptor(capacity: u64, o: &Opts, name: &str) -> String {
     let (cid, long) = content_ids(capacity, o.sub);
     let create = match o.sub {
         Sub::MonolithicSparse => "monolithicSparse",
@@ -150,7 +150,7 @@ fn descriptor(capacity: u64, o: &Opts) -> String {
     // encoding or longContentID. Follow sparse.c.
     format!(
         "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create}\"\n\n\
-         # Extent description\nRW {capacity} SPARSE \"{EXTENT_NAME}\"\n\n\
+         # Extent description\nRW {capacity} SPARSE \"{name}\"\n\n\
          # The Disk Data Base\n#DDB\n\n\
          ddb.longContentID = \"{:08x}{:08x}{:08x}{cid:08x}\"\n\
          ddb.virtualHWVersion = \"{}\"\n\
@@ -161,6 +161,19 @@ fn descriptor(capacity: u64, o: &Opts) -> String {
          ddb.toolsVersion = \"2147483647\"\n",
         long[0], long[1], long[2], o.hwversion, o.adapter
     )
+}
+
+/// The base name of an output file, found through `/proc/self/fd` since the writer is handed
+/// an open file. `None` for unnamed files, and for names that cannot sit inside a quoted
+/// descriptor value.
+fn output_name(f: &File) -> Option<String> {
+    use std::os::unix::io::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).ok()?;
+    let name = link.file_name()?.to_str()?.to_string();
+    let usable = !name.is_empty()
+        && !name.ends_with(" (deleted)")
+        && !name.chars().any(|c| c == '"' || c.is_control());
+    usable.then_some(name)
 }
 
 /// Header fields that differ between layouts.
@@ -240,7 +253,11 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
     let o = parse_opts(opts)?;
     let capacity = capacity_of(virtual_size)?;
     let (_, gts, gd_sectors) = counts(capacity);
-    let desc = descriptor(capacity, &o);
+    let name = match &target {
+        Target::File(f) => output_name(f),
+        Target::Stream(_) => None,
+    };
+    let desc = descriptor(capacity, &o, name.as_deref().unwrap_or(EXTENT_NAME));
     match o.sub {
         Sub::MonolithicSparse => {
             let Target::File(file) = target else {

@@ -103,7 +103,8 @@ fn round_trip_data(data: Vec<u8>, subformat: &str) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("in.raw");
     std::fs::write(&src, &data).unwrap();
-    let out = dir.path().join("out.vmdk");
+    // Named as the writer names a pipe's extent, so that stream and file bytes can be equal.
+    let out = dir.path().join("disk.vmdk");
     let opts = WriteOptions::parse(&format!("subformat={subformat}"), false).unwrap();
     run(&src, &opts, Target::File(File::create(&out).unwrap())).unwrap();
     let (s, o) = (src.to_str().unwrap(), out.to_str().unwrap());
@@ -196,6 +197,8 @@ fn stream_is_the_footer_form_with_sparse_c_header() {
     assert!(b[n - 512..].iter().all(|&x| x == 0));
     let text = String::from_utf8_lossy(&b[512..512 * 21]);
     assert!(text.contains("createType=\"streamOptimized\""));
+    // The extent names the output file itself (libvmdk opens the extent by name).
+    assert!(text.contains("SPARSE \"s.vmdk\""), "{text}");
     assert!(text.contains("ddb.adapterType = \"lsilogic\""));
     assert!(text.contains("ddb.geometry.heads = \"255\""));
     let (ok, info) = qemu_img(&["info", "--output=json", out.to_str().unwrap()]);
