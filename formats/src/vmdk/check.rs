@@ -1,0 +1,321 @@
+//! Structural checks of a sparse extent: every grain table and every grain pointer.
+//!
+//! Reads all metadata (each grain table once, each compressed grain's marker) but no guest
+//! data. Work is bounded by the metadata budget, which every grain table read is charged to.
+
+use std::collections::BTreeMap;
+
+use super::header::SECTOR;
+use super::{grain_marker, Sparse, MAX_PER_CODE};
+use crate::error::{Error, ErrorKind, Result};
+use crate::finding::Finding;
+use crate::io::ReadAt;
+use crate::limits::Limits;
+
+/// Collects findings, at most [`MAX_PER_CODE`] per code, then one summary per code.
+#[derive(Default)]
+struct Sink {
+    findings: Vec<Finding>,
+    dropped: BTreeMap<&'static str, u64>,
+}
+
+impl Sink {
+    fn push(&mut self, f: Finding) {
+        let n = self.findings.iter().filter(|g| g.code == f.code).count();
+        if n < MAX_PER_CODE {
+            self.findings.push(f);
+        } else {
+            *self.dropped.entry(f.code).or_insert(0) += 1;
+        }
+    }
+    fn error(&mut self, e: &Error) {
+        self.push(Finding::from_error(e));
+    }
+    fn finish(mut self) -> Vec<Finding> {
+        for (code, n) in self.dropped {
+            self.findings.push(Finding::reject(
+                code,
+                format!("{n} more findings of this kind"),
+            ));
+        }
+        self.findings
+    }
+}
+
+/// Metadata ranges in sectors, sorted, with a running maximum of ends for overlap queries.
+struct Ranges {
+    spans: Vec<(u64, u64, &'static str)>,
+    max_end: Vec<u64>,
+}
+
+impl Ranges {
+    fn new(mut spans: Vec<(u64, u64, &'static str)>) -> Self {
+        spans.retain(|(s, e, _)| e > s);
+        spans.sort_unstable();
+        let mut m = 0;
+        let max_end = spans
+            .iter()
+            .map(|(_, e, _)| {
+                m = m.max(*e);
+                m
+            })
+            .collect();
+        Ranges { spans, max_end }
+    }
+    /// A metadata structure that `[start, end)` overlaps, if any.
+    fn hit(&self, start: u64, end: u64) -> Option<&'static str> {
+        // Spans starting before `end`; any of them ending after `start` overlaps.
+        let n = self.spans.partition_point(|(s, _, _)| *s < end);
+        let last = n.checked_sub(1)?;
+        if self.max_end.get(last).copied().unwrap_or(0) <= start {
+            return None;
+        }
+        self.spans
+            .get(..n)?
+            .iter()
+            .rev()
+            .find(|(_, e, _)| *e > start)
+            .map(|(_, _, name)| *name)
+    }
+}
+
+/// The redundant directory and its tables: inside the file, counted as metadata, and saying
+/// what the primary ones say. qemu writes both and reads only the primary; a reader that
+/// recovers from the redundant copy would see another disk.
+fn redundant(
+    s: &Sparse,
+    src: &dyn ReadAt,
+    budget: &crate::limits::Budget,
+    meta: &mut Vec<(u64, u64, &'static str)>,
+    sink: &mut Sink,
+) -> Result<()> {
+    let hdr = &s.hdr;
+    if hdr.flags & super::header::FLAG_REDUNDANT == 0 || hdr.rgd_offset == 0 {
+        return Ok(());
+    }
+    let gt_sectors = s.cache.table_len().div_ceil(SECTOR);
+    let at = hdr.rgd_offset.saturating_mul(SECTOR);
+    let len = (s.gd.len() as u64).saturating_mul(4);
+    let rgd = match crate::io::read_vec(src, at, len, budget, "redundant grain directory") {
+        Ok(b) => super::table::entries(&b),
+        Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::LimitExceeded) => return Err(e),
+        Err(e) => {
+            sink.error(&e);
+            return Ok(());
+        }
+    };
+    let mismatch = |sink: &mut Sink, i: usize| {
+        sink.push(
+            Finding::warn(
+                "vmdk.redundant-mismatch",
+                format!("grain table {i} differs from its redundant copy"),
+            )
+            .at(at.saturating_add((i as u64).saturating_mul(4))),
+        );
+    };
+    for (i, (&p, &r)) in s.gd.iter().zip(rgd.iter()).enumerate() {
+        if r == 0 {
+            if p != 0 {
+                mismatch(sink, i);
+            }
+            continue;
+        }
+        let r = u64::from(r);
+        if let Err(e) = s.cache.check(r) {
+            sink.error(&e.context(format!("redundant grain directory entry {i}")));
+            continue;
+        }
+        meta.push((r, r.saturating_add(gt_sectors), "a redundant grain table"));
+        if p == 0 {
+            mismatch(sink, i);
+            continue;
+        }
+        budget.take(
+            s.cache.table_len().saturating_mul(2),
+            "VMDK redundant grain tables",
+        )?;
+        match (s.cache.get(src, u64::from(p)), s.cache.get(src, r)) {
+            (Ok(a), Ok(b)) => {
+                if a != b {
+                    mismatch(sink, i);
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                if e.kind() == ErrorKind::Io {
+                    return Err(e);
+                }
+                // The primary's problems are reported below; report the copy's here.
+                if s.cache.check(u64::from(p)).is_ok() {
+                    sink.error(&e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the structural checks.
+///
+/// # Errors
+/// `Io`; `LimitExceeded` when the metadata budget runs out.
+pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec<Finding>> {
+    let budget = limits.budget();
+    let hdr = &s.hdr;
+    let mut sink = Sink::default();
+    let gd_sectors = (s.gd.len() as u64).saturating_mul(4).div_ceil(SECTOR);
+    let gt_bytes = s.cache.table_len();
+    let gt_sectors = gt_bytes.div_ceil(SECTOR);
+    let file_sectors = s.file_size.div_ceil(SECTOR);
+
+    let mut meta = vec![
+        (0, 1, "header"),
+        (
+            hdr.descriptor_offset,
+            hdr.descriptor_offset.saturating_add(hdr.descriptor_size),
+            "descriptor",
+        ),
+        (
+            hdr.gd_offset,
+            hdr.gd_offset.saturating_add(gd_sectors),
+            "grain directory",
+        ),
+    ];
+    if s.footer_form {
+        meta.push((
+            (s.hdr_at / SECTOR).saturating_sub(1),
+            file_sectors,
+            "footer",
+        ));
+    }
+    if hdr.flags & super::header::FLAG_REDUNDANT != 0 && hdr.rgd_offset != 0 {
+        meta.push((
+            hdr.rgd_offset,
+            hdr.rgd_offset.saturating_add(gd_sectors),
+            "redundant grain directory",
+        ));
+    }
+    // Grain tables: each must be inside the file and apart from every other structure.
+    let mut tables: Vec<(u64, usize)> = Vec::new();
+    for (i, &gt) in s.gd.iter().enumerate() {
+        if gt == 0 {
+            continue;
+        }
+        match s.cache.check(u64::from(gt)) {
+            Ok(_) => tables.push((u64::from(gt), i)),
+            Err(e) => sink.error(&e.context(format!("grain directory entry {i}"))),
+        }
+    }
+    tables.sort_unstable();
+    for w in tables.windows(2) {
+        if let [(a, ia), (b, ib)] = w {
+            if *b < a.saturating_add(gt_sectors) {
+                sink.push(
+                    Finding::reject(
+                        "vmdk.duplicate-grain",
+                        format!("grain directory entries {ia} and {ib} share grain table sectors"),
+                    )
+                    .at(b.saturating_mul(SECTOR)),
+                );
+            }
+        }
+    }
+    {
+        let fixed = Ranges::new(meta.clone());
+        for &(gt, i) in &tables {
+            if let Some(what) = fixed.hit(gt, gt.saturating_add(gt_sectors)) {
+                sink.push(
+                    Finding::reject(
+                        "vmdk.entry-into-metadata",
+                        format!("grain table {i} overlaps the {what}"),
+                    )
+                    .at(gt.saturating_mul(SECTOR)),
+                );
+            }
+        }
+    }
+    meta.extend(
+        tables
+            .iter()
+            .map(|&(gt, _)| (gt, gt.saturating_add(gt_sectors), "a grain table")),
+    );
+    redundant(s, src, &budget, &mut meta, &mut sink)?;
+    let meta = Ranges::new(meta);
+
+    // Every grain pointer.
+    let vsize = hdr.capacity.saturating_mul(SECTOR);
+    let gb = hdr.grain_bytes();
+    let per = u64::from(hdr.gtes_per_gt);
+    let mut grains: Vec<(u64, u64, u64)> = Vec::new();
+    for &(gt_sector, i) in &tables {
+        budget.take(gt_bytes, "VMDK grain tables")?;
+        let gt = match s.cache.get(src, gt_sector) {
+            Ok(t) => t,
+            Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+            Err(e) => {
+                sink.error(&e);
+                continue;
+            }
+        };
+        for (j, &e) in gt.iter().enumerate() {
+            let g = (i as u64).saturating_mul(per).saturating_add(j as u64);
+            let guest = g.saturating_mul(gb);
+            if e == 0 || (e == 1 && hdr.zero_grain()) || guest >= vsize {
+                continue;
+            }
+            let start = u64::from(e);
+            let at = gt_sector
+                .saturating_mul(SECTOR)
+                .saturating_add((j as u64).saturating_mul(4));
+            let end = if hdr.compressed() {
+                match grain_marker(src, hdr, s.file_size, g, start) {
+                    Ok((stored, host)) => host.saturating_add(stored).div_ceil(SECTOR),
+                    Err(err) if err.kind() == ErrorKind::Io => return Err(err),
+                    Err(err) => {
+                        sink.error(&err.at(at));
+                        continue;
+                    }
+                }
+            } else {
+                let need = gb.min(vsize - guest).div_ceil(SECTOR);
+                let end = start.saturating_add(need);
+                if end.saturating_mul(SECTOR) > s.file_size {
+                    sink.push(
+                        Finding::reject(
+                            "vmdk.gt-entry-out-of-bounds",
+                            format!("grain {g} at sector {start} passes the end of the file"),
+                        )
+                        .at(at),
+                    );
+                    continue;
+                }
+                end
+            };
+            if let Some(what) = meta.hit(start, end) {
+                sink.push(
+                    Finding::reject(
+                        "vmdk.entry-into-metadata",
+                        format!("grain {g} at sector {start} overlaps {what}"),
+                    )
+                    .at(at),
+                );
+            }
+            budget.take(24, "VMDK grain list")?;
+            grains.push((start, end, g));
+        }
+    }
+    grains.sort_unstable();
+    for w in grains.windows(2) {
+        if let [(_, a_end, ga), (b, _, gb_)] = w {
+            if b < a_end {
+                sink.push(
+                    Finding::reject(
+                        "vmdk.duplicate-grain",
+                        format!("grains {ga} and {gb_} share host sector {b}"),
+                    )
+                    .at(b.saturating_mul(SECTOR)),
+                );
+            }
+        }
+    }
+    Ok(sink.finish())
+}
