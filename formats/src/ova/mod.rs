@@ -625,6 +625,15 @@ impl Ova {
         Ok(OpenedDisk { image, findings })
     }
 
+    /// Opens disk `disk`'s own image (its format's info, findings and mapping), without the
+    /// appliance's facts and findings: for listing.
+    ///
+    /// # Errors
+    /// As [`Ova::open_disk`].
+    pub fn open_inner(&self, disk: usize, limits: &Limits) -> Result<Box<dyn Image>> {
+        Ok(self.open_one(disk, limits)?.image)
+    }
+
     /// Opens disk `disk` (0-based, `DiskSection` order) as an [`OvaImage`].
     ///
     /// # Errors
