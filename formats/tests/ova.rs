@@ -908,3 +908,149 @@ fn standalone_ovf_opens_only_plain_siblings() {
         assert_eq!(e.finding_code(), "ova.href", "disk {i}");
     }
 }
+
+#[test]
+fn repeated_work_is_refused() {
+    // A manifest naming one member twice, and two disks backed by one file: each would make
+    // check read the same data again.
+    let disk = disk_bytes(4096, 16);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let mut mf = manifest(Algo::Sha256, &[("a.ovf", xml.as_bytes()), ("d.img", &disk)]);
+    mf.extend(manifest(Algo::Sha256, &[("d.img", &disk)]));
+    let f = check(tar_of(&[
+        file("a.ovf", xml.as_bytes()),
+        file("a.mf", &mf),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.manifest-malformed"]);
+
+    let two = ovf_xml(&[
+        DiskSpec {
+            href: "d.img",
+            size: 4096,
+            capacity: 4096,
+            format: None,
+            gzip: false,
+        },
+        DiskSpec {
+            href: "d.img",
+            size: 4096,
+            capacity: 4096,
+            format: None,
+            gzip: false,
+        },
+    ]);
+    let f = check(tar_of(&[
+        file("a.ovf", two.as_bytes()),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.descriptor-malformed"]);
+}
+
+#[test]
+fn less_common_codes() {
+    let disk = disk_bytes(4096, 17);
+    let base = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let with = |xml: &str, extra: Vec<M>| {
+        let mut m = vec![file("a.ovf", xml.as_bytes()), file("d.img", &disk)];
+        m.extend(extra);
+        check(tar_of(&m))
+    };
+
+    let chunked = base.replace(
+        r#"ovf:size="4096""#,
+        r#"ovf:size="4096" ovf:chunkSize="1024""#,
+    );
+    assert_eq!(rejects(&with(&chunked, vec![])), ["ova.file-unsupported"]);
+    let bz = base.replace(
+        r#"ovf:size="4096""#,
+        r#"ovf:size="4096" ovf:compression="bzip2""#,
+    );
+    assert!(rejects(&with(&bz, vec![])).contains(&"ova.file-unsupported"));
+
+    let blank = base.replace("</DiskSection>", r#"<Disk ovf:diskId="blank" ovf:capacity="1" ovf:capacityAllocationUnits="byte * 2^30"/></DiskSection>"#);
+    let f = with(&blank, vec![]);
+    assert!(rejects(&f).is_empty());
+    assert!(f
+        .iter()
+        .any(|f| f.code == "ova.disk-blank" && f.severity == Severity::Info));
+
+    let none = base.replace(r#"<Disk ovf:diskId="vmdisk0" ovf:fileRef="file0" ovf:capacity="4096" ovf:capacityAllocationUnits="byte"/>"#, "");
+    let f = with(&none, vec![]);
+    assert!(
+        f.iter()
+            .any(|f| f.code == "ova.no-disks" && f.severity == Severity::Warn),
+        "{f:?}"
+    );
+    let bytes = tar_of(&[file("a.ovf", none.as_bytes()), file("d.img", &disk)]);
+    assert_eq!(
+        ova::open_disk(src(bytes), &Limits::default(), None)
+            .err()
+            .unwrap()
+            .finding_code(),
+        "ova.no-disks"
+    );
+
+    let mf = manifest(Algo::Sha256, &[("d.img", &disk)]);
+    let f = with(&base, vec![file("a.mf", &mf), file("b.mf", &mf)]);
+    assert_eq!(rejects(&f), ["ova.manifest-multiple"]);
+
+    let gz = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: true,
+    }]);
+    let f = with(&gz, vec![]);
+    assert_eq!(rejects(&f), ["ova.gzip-corrupt"]);
+}
+
+#[test]
+fn tar_structure_errors() {
+    let xml = ovf_xml(&[]);
+    // A pax global header that renames every member.
+    let mut b = tar::Builder::new(Vec::new());
+    let h = raw_header("pax_global_header", EntryType::XGlobalHeader, 17, "");
+    b.append(&h, &b"17 path=evil.ovf\n"[..]).unwrap();
+    b.append(
+        &raw_header("a.ovf", EntryType::Regular, xml.len() as u64, ""),
+        xml.as_bytes(),
+    )
+    .unwrap();
+    let e = ova::read_ova(src(b.into_inner().unwrap()), &Limits::default())
+        .err()
+        .unwrap();
+    assert_eq!(e.finding_code(), "ova.tar-malformed");
+
+    // A pax header with nothing after it.
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(
+        &raw_header("a.ovf", EntryType::Regular, xml.len() as u64, ""),
+        xml.as_bytes(),
+    )
+    .unwrap();
+    b.append_pax_extensions([("path", &b"x.img"[..])]).unwrap();
+    let e = ova::read_ova(src(b.into_inner().unwrap()), &Limits::default())
+        .err()
+        .unwrap();
+    assert_eq!(e.finding_code(), "ova.tar-malformed");
+
+    // Member data past the end of the file.
+    let mut bytes = tar_of(&[file("a.ovf", xml.as_bytes()), file("d.img", &[1u8; 4096])]);
+    bytes.truncate(2048);
+    let e = ova::read_ova(src(bytes), &Limits::default()).err().unwrap();
+    assert_eq!(e.finding_code(), "ova.truncated");
+}

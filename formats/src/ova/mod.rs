@@ -94,8 +94,12 @@ impl Read for Cursor<'_> {
 /// # Errors
 /// `Corrupt` for a bad gzip stream; `LimitExceeded` (`ova.gzip-limit`) past the cap.
 pub fn gunzip(src: &dyn ReadAt, limits: &Limits) -> Result<Vec<u8>> {
+    gunzip_with(src, limits, &limits.budget())
+}
+
+/// [`gunzip`] charging a caller's budget, so that several disks share one cap.
+fn gunzip_with(src: &dyn ReadAt, limits: &Limits, budget: &Budget) -> Result<Vec<u8>> {
     let cap = limits.max_metadata_bytes;
-    let budget = limits.budget();
     let mut dec = flate2::read::GzDecoder::new(Cursor { src, pos: 0 });
     let mut out: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -124,7 +128,9 @@ pub fn gunzip(src: &dyn ReadAt, limits: &Limits) -> Result<Vec<u8>> {
             ))
             .code("ova.gzip-limit"));
         }
-        budget.take(n as u64, "gzip-compressed disk")?;
+        budget
+            .take(n as u64, "gzip-compressed disks")
+            .map_err(|e| e.code("ova.gzip-limit"))?;
         out.try_reserve(n)
             .map_err(|_| Error::limit("cannot allocate the decompressed disk"))?;
         out.extend_from_slice(buf.get(..n).unwrap_or_default());
@@ -277,11 +283,14 @@ pub fn read_ova(src: Source, limits: &Limits) -> Result<Ova> {
         }
     }
 
-    let member_by_name = |name: &str| -> Option<usize> {
-        members
-            .iter()
-            .position(|m| check::normalized_name(m) == Some(name))
-    };
+    // First member of each (normalized) name; a repeat is already an ova.member-name finding.
+    let mut by_name: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, m) in members.iter().enumerate() {
+        if let Some(n) = check::normalized_name(m) {
+            by_name.entry(n).or_insert(i);
+        }
+    }
+    let member_by_name = |name: &str| -> Option<usize> { by_name.get(name).copied() };
 
     // References and disks.
     let mut disks = Vec::new();
@@ -371,6 +380,18 @@ pub fn read_ova(src: Source, limits: &Limits) -> Result<Ova> {
             let member = file
                 .filter(|f| check::href_kind(&f.href) == HrefKind::Name)
                 .and_then(|f| member_by_name(&f.href));
+            if let Some(other) = disks
+                .iter()
+                .find(|e: &&DiskEntry| e.member.is_some() && e.member == member)
+            {
+                findings.push(Finding::reject(
+                    "ova.descriptor-malformed",
+                    format!(
+                        "disks {} and {index} are backed by the same file",
+                        other.index
+                    ),
+                ));
+            }
             disks.push(DiskEntry {
                 index,
                 desc: desc.clone(),
@@ -410,7 +431,24 @@ pub fn read_ova(src: Source, limits: &Limits) -> Result<Ova> {
                 .and_then(|b| manifest::parse(&b))
         };
         match parsed {
-            Ok(entries) => {
+            Ok(all) => {
+                // Each file is digested once: a manifest naming one big member a thousand
+                // times must not cost a thousand reads.
+                let mut seen = std::collections::HashSet::new();
+                let mut entries = Vec::new();
+                for e in all {
+                    if seen.insert(e.name.clone()) {
+                        entries.push(e);
+                    } else {
+                        findings.push(
+                            Finding::reject(
+                                "ova.manifest-malformed",
+                                format!("the manifest lists {:?} more than once", e.name),
+                            )
+                            .at(m.offset),
+                        );
+                    }
+                }
                 for e in &entries {
                     if member_by_name(&e.name).is_none() {
                         findings.push(
@@ -432,9 +470,7 @@ pub fn read_ova(src: Source, limits: &Limits) -> Result<Ova> {
                     );
                 }
                 for (j, other) in members.iter().enumerate() {
-                    let covered = entries
-                        .iter()
-                        .any(|e| Some(e.name.as_str()) == check::normalized_name(other));
+                    let covered = check::normalized_name(other).is_some_and(|n| seen.contains(n));
                     if other.kind == MemberKind::Regular
                         && !mfs.contains(&j)
                         && !is_ext(&other.name, "cert")
@@ -545,6 +581,10 @@ impl Ova {
     /// `Invalid` for an unknown disk; `Unsupported` (`ova.href`) for a disk whose file is not a
     /// member; `Unsupported` for other compressions; as [`gunzip`].
     pub fn disk_source(&self, disk: usize, limits: &Limits) -> Result<Source> {
+        self.disk_source_with(disk, limits, &limits.budget())
+    }
+
+    fn disk_source_with(&self, disk: usize, limits: &Limits, budget: &Budget) -> Result<Source> {
         let d = self.disks.get(disk).ok_or_else(|| {
             Error::invalid(format!(
                 "the appliance has {} disks; there is no disk {disk}",
@@ -570,7 +610,7 @@ impl Ova {
         let window = self.member_source(member)?;
         match d.compression.as_deref() {
             None => Ok(window),
-            Some("gzip") => Ok(Arc::new(gunzip(window.as_ref(), limits)?)),
+            Some("gzip") => Ok(Arc::new(gunzip_with(window.as_ref(), limits, budget)?)),
             Some(c) => Err(
                 Error::unsupported(format!("disk {disk} uses compression {c:?}"))
                     .code("ova.file-unsupported"),
@@ -578,12 +618,12 @@ impl Ova {
         }
     }
 
-    fn open_one(&self, disk: usize, limits: &Limits) -> Result<OpenedDisk> {
+    fn open_one(&self, disk: usize, limits: &Limits, budget: &Budget) -> Result<OpenedDisk> {
         let d = self
             .disks
             .get(disk)
             .ok_or_else(|| Error::invalid(format!("no disk {disk}")))?;
-        let src = self.disk_source(disk, limits)?;
+        let src = self.disk_source_with(disk, limits, budget)?;
         let det = crate::detect(src.as_ref())?;
         let mut findings = Vec::new();
         if det.matches.contains(&Format::Ova) {
@@ -631,7 +671,7 @@ impl Ova {
     /// # Errors
     /// As [`Ova::open_disk`].
     pub fn open_inner(&self, disk: usize, limits: &Limits) -> Result<Box<dyn Image>> {
-        Ok(self.open_one(disk, limits)?.image)
+        Ok(self.open_one(disk, limits, &limits.budget())?.image)
     }
 
     /// Opens disk `disk` (0-based, `DiskSection` order) as an [`OvaImage`].
@@ -640,7 +680,7 @@ impl Ova {
     /// As [`Ova::disk_source`], plus whatever the disk's own parser reports (`Unsafe`
     /// `ova.disk-format` for an OVA nested in the disk).
     pub fn open_disk(&self, disk: usize, limits: &Limits) -> Result<OvaImage> {
-        let opened = self.open_one(disk, limits)?;
+        let opened = self.open_one(disk, limits, &limits.budget())?;
         let d = self
             .disks
             .get(disk)
@@ -680,7 +720,7 @@ impl Ova {
                     Some(ii.virtual_size)
                 } else if e.compression.is_none() {
                     // Other disks: metadata only (a gzip disk would be decompressed: skipped).
-                    self.open_one(e.index, limits)
+                    self.open_one(e.index, limits, &limits.budget())
                         .ok()
                         .map(|o| o.image.info().virtual_size)
                 } else {
@@ -765,6 +805,8 @@ impl Ova {
     pub fn check_all(&self, limits: &Limits) -> Result<Vec<Finding>> {
         let mut out = self.findings.clone();
         out.extend(self.verify_manifest()?);
+        // One cap for all gzip-compressed disks together.
+        let budget = limits.budget();
         for d in &self.disks {
             if d.member.is_none() {
                 if d.href.is_some() {
@@ -779,7 +821,7 @@ impl Ova {
                 ));
                 continue;
             }
-            match self.open_one(d.index, limits) {
+            match self.open_one(d.index, limits, &budget) {
                 Ok(o) => {
                     out.extend(o.findings);
                     out.extend(o.image.findings().iter().cloned().map(|f| about_disk(f, d)));

@@ -12,8 +12,11 @@ use crate::error::{Error, Result};
 pub const MAX_DESCRIPTOR: u64 = 16 << 20;
 /// XML nodes a descriptor may have.
 const MAX_NODES: u32 = 1_000_000;
-/// Entries kept per list (files, disks, systems, hardware items).
+/// Entries kept per list (files, systems).
 const MAX_ITEMS: usize = 10_000;
+/// Disks a descriptor may list: each is opened and checked, so keep the work modest. Real
+/// appliances have a handful.
+pub const MAX_DISKS: usize = 256;
 
 /// `References/File`: one file of the package.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -265,8 +268,11 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
             .children()
             .filter(|c| c.is_element() && c.tag_name().name() == "Disk")
         {
-            if d.disks.len() >= MAX_ITEMS {
-                return Err(too_many("disks"));
+            if d.disks.len() >= MAX_DISKS {
+                return Err(
+                    Error::limit(format!("descriptor lists more than {MAX_DISKS} disks"))
+                        .code("ova.descriptor-malformed"),
+                );
             }
             let capacity_raw = attr(disk, "capacity").unwrap_or_default().to_string();
             let capacity_units = attr(disk, "capacityAllocationUnits").map(str::to_string);
