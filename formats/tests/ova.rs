@@ -262,6 +262,15 @@ fn several_disks_are_listed_and_selectable() {
     let o = ova::read_ova(src(bytes.clone()), &Limits::default()).unwrap();
     assert_eq!(o.disks.len(), 2);
     assert_eq!(o.disk_by_name("b.img"), Some(1));
+    assert_eq!(
+        (
+            o.select("1"),
+            o.select("b.img"),
+            o.select("a.img"),
+            o.select("7")
+        ),
+        (Some(1), Some(1), Some(0), None)
+    );
     assert_eq!(o.default_disk(), Some(0));
     assert!(rejects(&o.check_all(&Limits::default()).unwrap()).is_empty());
 
@@ -1053,4 +1062,42 @@ fn tar_structure_errors() {
     bytes.truncate(2048);
     let e = ova::read_ova(src(bytes), &Limits::default()).err().unwrap();
     assert_eq!(e.finding_code(), "ova.truncated");
+}
+
+mod mutations {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        /// Any byte changes to a valid appliance give findings or errors, never a panic, and
+        /// whatever opens maps within its contract.
+        #[test]
+        fn mutated_appliances_never_panic(edits in proptest::collection::vec((0usize..6144, any::<u8>()), 1..8)) {
+            let mut bytes = appliance(&[("d.img", disk_bytes(2048, 18))], Some(Algo::Sha256));
+            for (at, v) in edits {
+                if let Some(b) = bytes.get_mut(at) {
+                    *b = v;
+                }
+            }
+            let s = src(bytes);
+            let _ = glimpse_formats::detect(s.as_ref()).unwrap();
+            if let Ok(o) = ova::read_ova(s.clone(), &Limits::tight()) {
+                let _ = o.check_all(&Limits::tight()).unwrap();
+            }
+            if let Ok(img) = ova::open_disk(s, &Limits::tight(), None) {
+                let vs = img.info().virtual_size;
+                let mut pos = 0;
+                while pos < vs {
+                    let e = img.mapping(pos, u64::MAX).unwrap();
+                    glimpse_formats::validate_extent(&e, pos, u64::MAX, vs).unwrap();
+                    pos = e.end();
+                }
+                let r = GuestReader::new(Arc::from(img), &Limits::tight());
+                let mut buf = vec![0u8; usize::try_from(vs.min(1 << 20)).unwrap()];
+                r.read_at(&mut buf, 0).unwrap();
+            }
+        }
+    }
 }

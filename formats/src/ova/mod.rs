@@ -569,6 +569,14 @@ impl Ova {
             .position(|d| d.href.as_deref() == Some(name))
     }
 
+    /// The disk a user's `--disk` value names: a 0-based index, or else a file name (href).
+    pub fn select(&self, sel: &str) -> Option<usize> {
+        match sel.parse::<usize>() {
+            Ok(i) if i < self.disks.len() => Some(i),
+            _ => self.disk_by_name(sel),
+        }
+    }
+
     /// The first disk backed by a file (what `open_disk(.., None)` opens).
     pub fn default_disk(&self) -> Option<usize> {
         self.disks.iter().position(|d| d.href.is_some())
