@@ -1101,3 +1101,32 @@ mod mutations {
         }
     }
 }
+
+#[test]
+fn old_style_tar_headers_are_detected_and_read() {
+    // Pre-POSIX (v7) headers carry no `ustar` magic: the checksum identifies them.
+    let disk = disk_bytes(4096, 19);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [("a.ovf", xml.as_bytes()), ("d.img", disk.as_slice())] {
+        let mut h = Header::new_old();
+        h.set_path(name).unwrap();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    let bytes = b.into_inner().unwrap();
+    assert_ne!(&bytes[257..262], b"ustar");
+    assert_eq!(
+        glimpse_formats::detect(&bytes).unwrap().matches,
+        vec![Format::Ova]
+    );
+    assert!(rejects(&check(bytes)).is_empty());
+}

@@ -896,6 +896,7 @@ impl Ova {
                 ));
             }
         }
+        let created_dir = std::fs::symlink_metadata(dir).is_err();
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(e, format!("creating {}", dir.display())))?;
         let mut written = Vec::new();
@@ -904,11 +905,9 @@ impl Ova {
                 for p in &written {
                     let _ = std::fs::remove_file(p);
                 }
-                // The failed file itself, if create_new made it.
-                if !matches!(e.kind(), ErrorKind::Io)
-                    || std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file())
-                {
-                    let _ = std::fs::remove_file(&path);
+                if created_dir {
+                    // Only succeeds when empty: never removes anything but our own directory.
+                    let _ = std::fs::remove_dir(dir);
                 }
                 return Err(e);
             }
@@ -922,7 +921,6 @@ impl Ova {
     }
 
     fn write_member(&self, i: usize, path: &Path) -> Result<()> {
-        use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -931,6 +929,17 @@ impl Ova {
             .mode(0o644)
             .open(path)
             .map_err(|e| Error::io(e, format!("creating {}", path.display())))?;
+        // From here the file is ours: remove it if it cannot be written in full.
+        let copied = self.copy_member(i, &mut f, path);
+        if copied.is_err() {
+            drop(f);
+            let _ = std::fs::remove_file(path);
+        }
+        copied
+    }
+
+    fn copy_member(&self, i: usize, f: &mut std::fs::File, path: &Path) -> Result<()> {
+        use std::io::Write;
         let src = self.member_source(i)?;
         let size = src.size()?;
         let mut buf = vec![0u8; 1 << 20];
