@@ -754,7 +754,7 @@ fn every_truncated_prefix_fails_cleanly() {
         fixtures.push(std::fs::read(fixture(f)).unwrap());
     }
     for whole in fixtures {
-        for n in (0..whole.len()).step_by(7).chain([whole.len() - 1]) {
+        for n in 0..whole.len() {
             let s = src(whole[..n].to_vec());
             let _ = glimpse_formats::detect(s.as_ref()).unwrap();
             if let Ok(o) = ova::read_ova(s.clone(), &Limits::default()) {
