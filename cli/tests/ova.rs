@@ -1,0 +1,458 @@
+//! `glimpse ova {list,check,extract}` on archives made here with GNU tar around raw disks, and
+//! on the committed hostile fixtures. The VMDK cases are in `ova_vmdk.rs`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use sha2::Digest;
+
+fn glimpse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .output()
+        .expect("run glimpse")
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn codes(v: &Value) -> Vec<String> {
+    v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn reject_codes(v: &Value) -> Vec<String> {
+    v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["severity"] == "reject")
+        .map(|f| f["code"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/hostile/ova")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn disk_bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed))
+        .collect()
+}
+
+/// `(href, stored size, capacity, compression)` per disk.
+fn ovf_xml(disks: &[(&str, u64, u64, Option<&str>)]) -> String {
+    let mut files = String::new();
+    let mut ds = String::new();
+    for (i, (href, size, cap, comp)) in disks.iter().enumerate() {
+        let comp = comp
+            .map(|c| format!(r#" ovf:compression="{c}""#))
+            .unwrap_or_default();
+        files += &format!(r#"<File ovf:id="f{i}" ovf:href="{href}" ovf:size="{size}"{comp}/>"#);
+        ds += &format!(
+            r#"<Disk ovf:diskId="d{i}" ovf:fileRef="f{i}" ovf:capacity="{cap}" ovf:capacityAllocationUnits="byte"/>"#
+        );
+    }
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData">
+  <References>{files}</References>
+  <DiskSection><Info>disks</Info>{ds}</DiskSection>
+  <VirtualSystem ovf:id="vm"><Info>vm</Info><Name>cli-vm</Name>
+    <OperatingSystemSection ovf:id="101"><Info>os</Info><Description>Linux</Description></OperatingSystemSection>
+    <VirtualHardwareSection><Info>hw</Info>
+      <Item><rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>2</rasd:VirtualQuantity></Item>
+      <Item><rasd:AllocationUnits>MegaBytes</rasd:AllocationUnits><rasd:ResourceType>4</rasd:ResourceType><rasd:VirtualQuantity>512</rasd:VirtualQuantity></Item>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"#
+    )
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn manifest_line(algo: &str, name: &str, data: &[u8]) -> String {
+    let d = match algo {
+        "SHA1" => hex(&sha1::Sha1::digest(data)),
+        "SHA256" => hex(&sha2::Sha256::digest(data)),
+        "SHA512" => hex(&sha2::Sha512::digest(data)),
+        _ => unreachable!(),
+    };
+    format!("{algo}({name})= {d}\n")
+}
+
+/// Writes `files` into `dir/src` and archives them, in order, with GNU tar into `dir/name`.
+fn make_ova(dir: &Path, name: &str, format: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
+    let src = dir.join(format!("{name}.d"));
+    std::fs::create_dir_all(&src).unwrap();
+    for (n, d) in files {
+        std::fs::write(src.join(n), d).unwrap();
+    }
+    let out = dir.join(name);
+    let st = Command::new("tar")
+        .arg(format!("--format={format}"))
+        .arg("-cf")
+        .arg(&out)
+        .arg("-C")
+        .arg(&src)
+        .args(files.iter().map(|(n, _)| *n))
+        .status()
+        .expect("GNU tar must be installed");
+    assert!(st.success());
+    out
+}
+
+/// A valid appliance of raw disks with a manifest in `algo`.
+fn appliance(dir: &Path, name: &str, disks: &[(&str, Vec<u8>)], algo: &str) -> PathBuf {
+    let specs: Vec<(&str, u64, u64, Option<&str>)> = disks
+        .iter()
+        .map(|(n, d)| (*n, d.len() as u64, d.len() as u64, None))
+        .collect();
+    let xml = ovf_xml(&specs).into_bytes();
+    let mut mf = manifest_line(algo, "vm.ovf", &xml);
+    for (n, d) in disks {
+        mf += &manifest_line(algo, n, d);
+    }
+    let mut files = vec![("vm.ovf", xml), ("vm.mf", mf.into_bytes())];
+    files.extend(disks.iter().map(|(n, d)| (*n, d.clone())));
+    make_ova(dir, name, "ustar", &files)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn list_json_and_human() {
+    let t = tempfile::tempdir().unwrap();
+    let ova = appliance(
+        t.path(),
+        "two.ova",
+        &[
+            ("a.img", disk_bytes(8192, 1)),
+            ("b.img", disk_bytes(3000, 2)),
+        ],
+        "SHA256",
+    );
+    let out = glimpse(&["ova", "list", "--output", "json", s(&ova)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_of(&out);
+    let names: Vec<&str> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["vm.ovf", "vm.mf", "a.img", "b.img"]);
+    assert_eq!(v["members"][2]["size"], 8192);
+    assert_eq!(v["members"][2]["type"], "regular");
+    assert_eq!(v["disks"].as_array().unwrap().len(), 2);
+    assert_eq!(v["disks"][1]["href"], "b.img");
+    assert_eq!(v["disks"][1]["capacity"], 3000);
+    assert_eq!(v["disks"][1]["virtual-size"], 3000);
+    assert_eq!(v["disks"][1]["detected-format"], "raw");
+    assert_eq!(v["virtual-systems"][0]["name"], "cli-vm");
+    assert_eq!(v["virtual-systems"][0]["memory"], 512u64 << 20);
+    assert_eq!(v["manifest"]["algorithms"][0], "sha256");
+
+    let out = glimpse(&["ova", "list", s(&ova)]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("b.img") && text.contains("cli-vm") && text.contains("Disks:"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_passes_good_archives_with_each_manifest_algorithm() {
+    let t = tempfile::tempdir().unwrap();
+    for algo in ["SHA256", "SHA512", "SHA1"] {
+        let ova = appliance(
+            t.path(),
+            &format!("{algo}.ova"),
+            &[("d.img", disk_bytes(4096, 3))],
+            algo,
+        );
+        let out = glimpse(&["ova", "check", "--output", "json", s(&ova)]);
+        let v = json_of(&out);
+        assert_eq!(out.status.code(), Some(0), "{algo}: {v}");
+        assert_eq!(v["verdict"], "pass");
+        assert_eq!(
+            codes(&v).contains(&"ova.manifest-sha1".to_string()),
+            algo == "SHA1",
+            "{v}"
+        );
+    }
+    let ova = appliance(
+        t.path(),
+        "h.ova",
+        &[("d.img", disk_bytes(4096, 3))],
+        "SHA256",
+    );
+    let out = glimpse(&["ova", "check", s(&ova)]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8(out.stdout).unwrap().contains(": pass"));
+}
+
+#[test]
+fn tampered_manifest_is_rejected() {
+    let t = tempfile::tempdir().unwrap();
+    let xml = ovf_xml(&[("d.img", 4096, 4096, None)]).into_bytes();
+    let disk = disk_bytes(4096, 4);
+    let mut other = disk.clone();
+    other[10] ^= 1;
+    let mf = manifest_line("SHA256", "vm.ovf", &xml) + &manifest_line("SHA256", "d.img", &other);
+    let ova = make_ova(
+        t.path(),
+        "t.ova",
+        "ustar",
+        &[("vm.ovf", xml), ("vm.mf", mf.into_bytes()), ("d.img", disk)],
+    );
+    let out = glimpse(&["ova", "check", "--output", "json", s(&ova)]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json_of(&out);
+    assert_eq!(v["verdict"], "reject");
+    assert_eq!(reject_codes(&v), ["ova.manifest-mismatch"]);
+    let f = &v["findings"][0];
+    assert!(
+        f["offset"].as_u64().is_some() && f["message"].as_str().unwrap().contains("d.img"),
+        "{f}"
+    );
+}
+
+#[test]
+fn hostile_fixtures_are_rejected_and_extract_writes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let cases = [
+        ("traversal.ova", "ova.member-name"),
+        ("absolute-path.ova", "ova.member-name"),
+        ("symlink.ova", "ova.member-type"),
+        ("hardlink.ova", "ova.member-type"),
+        ("symlink-escape.ova", "ova.member-type"),
+        ("fifo.ova", "ova.member-type"),
+        ("duplicate-name.ova", "ova.member-name"),
+        ("ovf-not-first.ova", "ova.descriptor-not-first"),
+    ];
+    for (name, code) in cases {
+        let out = glimpse(&["ova", "check", "--output", "json", &fixture(name)]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let v = json_of(&out);
+        assert!(reject_codes(&v).contains(&code.to_string()), "{name}: {v}");
+
+        let root = t.path().join(name);
+        std::fs::create_dir(&root).unwrap();
+        let dir = root.join("out");
+        let out = glimpse(&["ova", "extract", &fixture(name), s(&dir)]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "{name} wrote into {}",
+            root.display()
+        );
+    }
+    assert!(!Path::new("/tmp/glimpse-evil.txt").exists());
+    assert!(!t.path().join("glimpse-evil.txt").exists());
+}
+
+#[test]
+fn extract_writes_members_once_and_never_overwrites() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk_bytes(10_000, 5);
+    let ova = appliance(t.path(), "x.ova", &[("d.img", disk.clone())], "SHA256");
+    let dir = t.path().join("new/dir");
+    let out = glimpse(&["ova", "extract", "--output", "json", s(&ova), s(&dir)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_of(&out);
+    assert_eq!(v["written"].as_array().unwrap().len(), 3);
+    assert_eq!(std::fs::read(dir.join("d.img")).unwrap(), disk);
+
+    std::fs::write(dir.join("vm.mf"), b"keep me").unwrap();
+    std::fs::remove_file(dir.join("d.img")).unwrap();
+    let out = glimpse(&["ova", "extract", s(&ova), s(&dir)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read(dir.join("vm.mf")).unwrap(), b"keep me");
+    assert!(
+        !dir.join("d.img").exists(),
+        "nothing is written when a name already exists"
+    );
+}
+
+#[test]
+fn ovf_not_first_and_last() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk_bytes(4096, 6);
+    let xml = ovf_xml(&[("d.img", 4096, 4096, None)]).into_bytes();
+    let mid = make_ova(
+        t.path(),
+        "mid.ova",
+        "ustar",
+        &[
+            ("d.img", disk.clone()),
+            ("vm.ovf", xml.clone()),
+            ("z.txt", b"z".to_vec()),
+        ],
+    );
+    let v = json_of(&glimpse(&["ova", "check", "--output", "json", s(&mid)]));
+    assert_eq!(reject_codes(&v), ["ova.descriptor-not-first"]);
+    let last = make_ova(
+        t.path(),
+        "last.ova",
+        "ustar",
+        &[("d.img", disk), ("vm.ovf", xml)],
+    );
+    let out = glimpse(&["ova", "check", "--output", "json", s(&last)]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(codes(&json_of(&out)).contains(&"ova.descriptor-last".to_string()));
+}
+
+#[test]
+fn pax_long_names() {
+    let t = tempfile::tempdir().unwrap();
+    let long = format!("{}.img", "n".repeat(140));
+    let disk = disk_bytes(4096, 7);
+    let xml = ovf_xml(&[(&long, 4096, 4096, None)]).into_bytes();
+    let ova = make_ova(
+        t.path(),
+        "pax.ova",
+        "pax",
+        &[("vm.ovf", xml), (&long, disk)],
+    );
+    let out = glimpse(&["ova", "list", "--output", "json", s(&ova)]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json_of(&out);
+    assert_eq!(v["members"][1]["name"], long.as_str());
+    assert_eq!(v["disks"][0]["virtual-size"], 4096);
+    assert_eq!(glimpse(&["ova", "check", s(&ova)]).status.code(), Some(0));
+}
+
+#[test]
+fn gzip_compressed_disk() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk_bytes(200_000, 8);
+    std::fs::write(t.path().join("raw"), &disk).unwrap();
+    let gz = Command::new("gzip")
+        .arg("-c")
+        .arg(t.path().join("raw"))
+        .output()
+        .expect("gzip must be installed")
+        .stdout;
+    let xml =
+        ovf_xml(&[("d.img.gz", gz.len() as u64, disk.len() as u64, Some("gzip"))]).into_bytes();
+    let ova = make_ova(
+        t.path(),
+        "gz.ova",
+        "ustar",
+        &[("vm.ovf", xml), ("d.img.gz", gz)],
+    );
+    let out = glimpse(&["ova", "list", "--output", "json", s(&ova)]);
+    let v = json_of(&out);
+    assert_eq!(v["disks"][0]["compression"], "gzip");
+    assert_eq!(v["disks"][0]["virtual-size"], disk.len() as u64);
+    let out = glimpse(&["ova", "check", "--output", "json", s(&ova)]);
+    assert_eq!(out.status.code(), Some(0), "{}", json_of(&out));
+}
+
+#[test]
+fn capacity_and_size_mismatches() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk_bytes(4096, 9);
+    let xml = ovf_xml(&[("d.img", 4096, 8192, None)]).into_bytes();
+    let ova = make_ova(
+        t.path(),
+        "cap.ova",
+        "ustar",
+        &[("vm.ovf", xml), ("d.img", disk.clone())],
+    );
+    let v = json_of(&glimpse(&["ova", "check", "--output", "json", s(&ova)]));
+    assert_eq!(reject_codes(&v), ["ova.capacity-mismatch"]);
+    let xml = ovf_xml(&[("d.img", 4000, 4096, None)]).into_bytes();
+    let ova = make_ova(
+        t.path(),
+        "size.ova",
+        "ustar",
+        &[("vm.ovf", xml), ("d.img", disk.clone())],
+    );
+    let v = json_of(&glimpse(&["ova", "check", "--output", "json", s(&ova)]));
+    assert_eq!(reject_codes(&v), ["ova.size-mismatch"]);
+    let xml = ovf_xml(&[("http://evil.example/d.img", 4096, 4096, None)]).into_bytes();
+    let ova = make_ova(
+        t.path(),
+        "url.ova",
+        "ustar",
+        &[("vm.ovf", xml), ("d.img", disk)],
+    );
+    let v = json_of(&glimpse(&["ova", "check", "--output", "json", s(&ova)]));
+    assert_eq!(reject_codes(&v), ["ova.href"]);
+}
+
+#[test]
+fn not_a_tar_is_rejected_and_a_missing_file_is_an_error() {
+    let t = tempfile::tempdir().unwrap();
+    let junk = t.path().join("junk.ova");
+    std::fs::write(&junk, vec![0x5a; 4096]).unwrap();
+    let out = glimpse(&["ova", "check", "--output", "json", s(&junk)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(reject_codes(&json_of(&out)), ["ova.tar-malformed"]);
+    let out = glimpse(&["ova", "extract", s(&junk), s(&t.path().join("o"))]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!t.path().join("o").exists());
+
+    let out = glimpse(&["ova", "check", s(&t.path().join("nope.ova"))]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.ova"));
+    let out = glimpse(&["ova", "list", s(&t.path().join("nope.ova"))]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn standalone_ovf_lists_references_and_opens_only_siblings() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk_bytes(4096, 10);
+    std::fs::write(t.path().join("d.img"), &disk).unwrap();
+    let xml = ovf_xml(&[("d.img", 4096, 4096, None), ("../escape.img", 1, 1, None)]);
+    std::fs::write(t.path().join("vm.ovf"), xml).unwrap();
+    let ovf = t.path().join("vm.ovf");
+    let out = glimpse(&["ova", "list", "--output", "json", s(&ovf)]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json_of(&out);
+    assert_eq!(v["references"][0]["openable"], true);
+    assert_eq!(v["references"][1]["openable"], false);
+    assert_eq!(v["disks"][0]["virtual-size"], 4096);
+    assert!(v["disks"][1]["error"].as_str().is_some());
+    let out = glimpse(&["ova", "check", "--output", "json", s(&ovf)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(reject_codes(&json_of(&out)), ["ova.href"]);
+}

@@ -1,0 +1,185 @@
+//! The archive-level rules of `ova check`: member names and types, the descriptor's place,
+//! hrefs and sizes. Each rule yields findings; none reads member data.
+
+use crate::finding::Finding;
+
+use super::tar::{Member, MemberKind};
+
+/// Longest member name accepted: one file-name component on Linux.
+pub const MAX_COMPONENT: usize = 255;
+
+/// The member name with leading `./` components removed (GNU tar writes `./disk.vmdk` when
+/// archiving `.`), and a directory's trailing `/` removed. `None` when not UTF-8.
+pub fn normalized_name(m: &Member) -> Option<&str> {
+    let mut n = std::str::from_utf8(&m.raw_name).ok()?;
+    while let Some(rest) = n.strip_prefix("./") {
+        n = rest;
+    }
+    if m.kind == MemberKind::Directory {
+        n = n.trim_end_matches('/');
+    }
+    Some(n)
+}
+
+/// Why a member name is unsafe or unusable, if it is. OVA members are flat files: a name must
+/// be a single plain path component, so that extraction can only ever create `DIR/name`.
+pub fn name_problem(m: &Member) -> Option<&'static str> {
+    let Some(n) = normalized_name(m) else {
+        return Some("is not UTF-8");
+    };
+    if m.raw_name.starts_with(b"/") {
+        return Some("is an absolute path");
+    }
+    if n.split(['/', '\\']).any(|c| c == "..") {
+        return Some("contains a `..` component");
+    }
+    if n.is_empty() || n == "." {
+        return Some("is empty");
+    }
+    if n.contains('\\') {
+        return Some("contains a backslash");
+    }
+    if n.chars().any(|c| c.is_control()) {
+        return Some("contains a control character");
+    }
+    if n.contains('/') {
+        return Some("names a file in a subdirectory (OVA members must be flat)");
+    }
+    if n.len() > MAX_COMPONENT {
+        return Some("is longer than 255 bytes");
+    }
+    None
+}
+
+/// `ova.member-name` and `ova.member-type` findings for every member.
+pub fn member_findings(members: &[Member]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for m in members {
+        if let Some(why) = name_problem(m) {
+            out.push(
+                Finding::reject("ova.member-name", format!("member name {:?} {why}", m.name))
+                    .at(m.header_offset),
+            );
+        } else if let Some(n) = normalized_name(m) {
+            if !seen.insert(n) {
+                out.push(
+                    Finding::reject(
+                        "ova.member-name",
+                        format!("member name {:?} appears more than once", m.name),
+                    )
+                    .at(m.header_offset),
+                );
+            }
+        }
+        match m.kind {
+            MemberKind::Regular | MemberKind::Directory => {}
+            k => {
+                let link = m
+                    .link
+                    .as_deref()
+                    .map(|l| format!(" to {l:?}"))
+                    .unwrap_or_default();
+                out.push(
+                    Finding::reject(
+                        "ova.member-type",
+                        format!(
+                            "member {:?} is a {}{link}; only regular files are allowed",
+                            m.name,
+                            k.as_str()
+                        ),
+                    )
+                    .at(m.header_offset),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// How an `href` is to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HrefKind {
+    /// A plain file name: the only kind glimpse resolves.
+    Name,
+    /// A URL with a scheme (`http:`, `file:`, ...).
+    Url,
+    /// A path with directory components, or `.`/`..`/empty.
+    Path,
+}
+
+/// Classifies an href.
+pub fn href_kind(href: &str) -> HrefKind {
+    // RFC 3986 scheme: ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ) ":".
+    if let Some((scheme, _)) = href.split_once(':') {
+        let mut cs = scheme.chars();
+        if cs.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && cs.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        {
+            return HrefKind::Url;
+        }
+    }
+    if href.is_empty()
+        || href == "."
+        || href == ".."
+        || href.contains(['/', '\\', '\0'])
+        || href.chars().any(|c| c.is_control())
+        || href.contains('%')
+    {
+        return HrefKind::Path;
+    }
+    HrefKind::Name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(name: &str, kind: MemberKind) -> Member {
+        Member {
+            raw_name: name.as_bytes().to_vec(),
+            name: name.into(),
+            kind,
+            link: None,
+            header_offset: 0,
+            offset: 512,
+            size: 0,
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(name_problem(&m("a.ovf", MemberKind::Regular)), None);
+        assert_eq!(name_problem(&m("./a.ovf", MemberKind::Regular)), None);
+        assert_eq!(name_problem(&m("dir/", MemberKind::Directory)), None);
+        for bad in [
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/b",
+            "a\\b",
+            "",
+            ".",
+            "a\nb",
+        ] {
+            assert!(
+                name_problem(&m(bad, MemberKind::Regular)).is_some(),
+                "{bad:?}"
+            );
+        }
+        let f = member_findings(&[m("a", MemberKind::Regular), m("./a", MemberKind::Regular)]);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].code, "ova.member-name");
+    }
+
+    #[test]
+    fn hrefs() {
+        assert_eq!(href_kind("disk1.vmdk"), HrefKind::Name);
+        assert_eq!(href_kind("http://x/disk.vmdk"), HrefKind::Url);
+        assert_eq!(href_kind("file:disk.vmdk"), HrefKind::Url);
+        assert_eq!(href_kind("../disk.vmdk"), HrefKind::Path);
+        assert_eq!(href_kind("/etc/shadow"), HrefKind::Path);
+        assert_eq!(href_kind("a/b.vmdk"), HrefKind::Path);
+        assert_eq!(href_kind("a%2fb"), HrefKind::Path);
+    }
+}

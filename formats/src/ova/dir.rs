@@ -1,0 +1,187 @@
+//! A standalone `.ovf` descriptor with its files beside it (an "OVF directory").
+//!
+//! # Security
+//! This is glimpse's one explicit, deny-by-default gate to a file an image names. Reading the
+//! descriptor ([`read_ovf_dir`]) opens nothing else: references are reported. Only
+//! [`OvfDir::open_disk`], which a caller must ask for, opens a referenced file, and only when
+//! its href is a single plain file name (no scheme, no `/` or `\`, no `..`, no `%`-escape) and
+//! it is a regular file (not a symlink, opened with `O_NOFOLLOW`) in the descriptor's own
+//! directory.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::finding::Finding;
+use crate::image::Image;
+use crate::io::{ReadAt, Source};
+use crate::limits::Limits;
+
+use super::check::{href_kind, HrefKind};
+use super::ovf::{self, Descriptor, FileRef};
+
+/// A referenced file and whether it may be opened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SiblingRef {
+    /// The descriptor's `File`.
+    #[serde(flatten)]
+    pub file: FileRef,
+    /// True when the href is a plain name of a regular file beside the descriptor.
+    pub openable: bool,
+    /// The sibling's size in bytes, when openable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actual_size: Option<u64>,
+}
+
+/// A read OVF directory.
+#[derive(Debug, Clone)]
+pub struct OvfDir {
+    /// The descriptor's path.
+    pub path: PathBuf,
+    /// What it says.
+    pub descriptor: Descriptor,
+    /// Its references, in order.
+    pub references: Vec<SiblingRef>,
+    /// `ova.href`, `ova.size-mismatch`, `ova.descriptor-malformed` findings.
+    pub findings: Vec<Finding>,
+}
+
+fn sibling(dir: &Path, href: &str) -> Option<(PathBuf, u64)> {
+    if href_kind(href) != HrefKind::Name {
+        return None;
+    }
+    let p = dir.join(href);
+    let md = std::fs::symlink_metadata(&p).ok()?;
+    md.file_type().is_file().then_some((p, md.len()))
+}
+
+/// Reads the descriptor at `path` and reports its references without opening them.
+///
+/// # Errors
+/// `Io` when the descriptor cannot be read; `LimitExceeded` when it is larger than
+/// [`ovf::MAX_DESCRIPTOR`]; as [`ovf::parse`].
+pub fn read_ovf_dir(path: &Path, _limits: &Limits) -> Result<OvfDir> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+    let size = f.size()?;
+    if size > ovf::MAX_DESCRIPTOR {
+        return Err(Error::limit(format!(
+            "descriptor of {size} bytes exceeds {}",
+            ovf::MAX_DESCRIPTOR
+        ))
+        .code("ova.descriptor-malformed"));
+    }
+    let bytes = crate::io::read_vec(
+        &f,
+        0,
+        size,
+        &crate::Budget::new(ovf::MAX_DESCRIPTOR),
+        "OVF descriptor",
+    )?;
+    let descriptor = ovf::parse(&bytes)?;
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut findings: Vec<Finding> = descriptor
+        .problems
+        .iter()
+        .map(|p| Finding::reject("ova.descriptor-malformed", p.clone()))
+        .collect();
+    let mut references = Vec::new();
+    for file in &descriptor.files {
+        let found = sibling(&dir, &file.href);
+        match (href_kind(&file.href), &found) {
+            (HrefKind::Url, _) => findings.push(Finding::reject(
+                "ova.href",
+                format!("file {:?} is a URL", file.href),
+            )),
+            (HrefKind::Path, _) => findings.push(Finding::reject(
+                "ova.href",
+                format!("file {:?} is a path, not a sibling name", file.href),
+            )),
+            (HrefKind::Name, None) => findings.push(Finding::reject(
+                "ova.href",
+                format!(
+                    "file {:?} is not a regular file beside the descriptor",
+                    file.href
+                ),
+            )),
+            (HrefKind::Name, Some((_, len))) => {
+                if let Some(s) = file.size.filter(|s| s != len) {
+                    findings.push(Finding::reject(
+                        "ova.size-mismatch",
+                        format!("{:?} has {len} bytes but References says {s}", file.href),
+                    ));
+                }
+            }
+        }
+        references.push(SiblingRef {
+            file: file.clone(),
+            openable: found.is_some(),
+            actual_size: found.map(|(_, l)| l),
+        });
+    }
+    Ok(OvfDir {
+        path: path.to_path_buf(),
+        descriptor,
+        references,
+        findings,
+    })
+}
+
+impl OvfDir {
+    /// Opens disk `disk` (0-based, `DiskSection` order) from the file beside the descriptor:
+    /// the explicit gate described in the module docs. A `gzip` file is decompressed into
+    /// memory under `limits` (see [`super::gunzip`]).
+    ///
+    /// # Errors
+    /// `Unsafe` (`ova.href`) when the href is not a plain sibling name or the file is not a
+    /// regular file; `Io`; whatever the disk's parser reports.
+    pub fn open_disk(&self, disk: usize, limits: &Limits) -> Result<Box<dyn Image>> {
+        let d = self
+            .descriptor
+            .disks
+            .get(disk)
+            .ok_or_else(|| Error::invalid(format!("there is no disk {disk}")))?;
+        let file = d
+            .file_ref
+            .as_deref()
+            .and_then(|id| self.descriptor.file(id))
+            .ok_or_else(|| Error::invalid(format!("disk {disk} has no file")).code("ova.href"))?;
+        let dir = self
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let (path, _) = sibling(&dir, &file.href).ok_or_else(|| {
+            Error::unsafe_(format!(
+                "{:?} is not a plain file name beside the descriptor",
+                file.href
+            ))
+            .code("ova.href")
+        })?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+        let src: Source = match file.compression.as_deref() {
+            None | Some("identity") => Arc::new(f),
+            Some("gzip") => Arc::new(super::gunzip(&f, limits)?),
+            Some(c) => {
+                return Err(
+                    Error::unsupported(format!("compression {c:?}")).code("ova.file-unsupported")
+                )
+            }
+        };
+        let det = crate::detect(src.as_ref())?;
+        if det.matches.contains(&crate::Format::Ova) {
+            return Err(
+                Error::unsafe_(format!("disk {disk} is itself an OVA")).code("ova.disk-format")
+            );
+        }
+        crate::open(src, det.format(), limits)
+    }
+}

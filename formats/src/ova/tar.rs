@@ -1,0 +1,455 @@
+//! A bounded walk over the headers of a tar archive, read in place.
+//!
+//! The `tar` crate's `Archive` reads GNU long names and pax extension records into memory
+//! without a cap and skips member data by reading it, so glimpse walks the headers itself and
+//! uses the crate's [`tar::Header`] only to decode fields. Each member's data stays in the
+//! archive: callers read it through a [`crate::io::Window`].
+
+use ::tar::{EntryType, Header, PaxExtensions};
+
+use crate::error::{Error, Result};
+use crate::io::ReadAt;
+use crate::limits::Budget;
+
+/// A tar block: every header and every member's padded data is a multiple of this.
+pub const BLOCK: u64 = 512;
+/// Members (not counting pax and GNU long-name headers) an archive may hold.
+pub const MAX_MEMBERS: usize = 10_000;
+/// Headers of any kind an archive may hold: members plus their extension headers.
+pub const MAX_HEADERS: usize = 4 * MAX_MEMBERS;
+/// Bytes of a member name or link target (a GNU long name or a pax `path`).
+pub const MAX_NAME: u64 = 4096;
+/// Bytes of one pax extended header's records.
+pub const MAX_PAX: u64 = 64 * 1024;
+
+/// What a tar member is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemberKind {
+    /// A regular file (`0`, NUL or `7`).
+    Regular,
+    /// A directory (`5`).
+    Directory,
+    /// A symbolic link (`2`).
+    Symlink,
+    /// A hard link (`1`).
+    HardLink,
+    /// A character device (`3`).
+    CharDevice,
+    /// A block device (`4`).
+    BlockDevice,
+    /// A FIFO (`6`).
+    Fifo,
+    /// A GNU sparse file (`S`): its stored bytes are not its contents.
+    Sparse,
+    /// Any other type flag.
+    Other,
+}
+
+impl MemberKind {
+    fn from_type(t: EntryType) -> Self {
+        match t {
+            EntryType::Regular | EntryType::Continuous => MemberKind::Regular,
+            EntryType::Directory => MemberKind::Directory,
+            EntryType::Symlink => MemberKind::Symlink,
+            EntryType::Link => MemberKind::HardLink,
+            EntryType::Char => MemberKind::CharDevice,
+            EntryType::Block => MemberKind::BlockDevice,
+            EntryType::Fifo => MemberKind::Fifo,
+            EntryType::GNUSparse => MemberKind::Sparse,
+            _ => MemberKind::Other,
+        }
+    }
+
+    /// A short lowercase name for messages and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberKind::Regular => "regular",
+            MemberKind::Directory => "directory",
+            MemberKind::Symlink => "symlink",
+            MemberKind::HardLink => "hard-link",
+            MemberKind::CharDevice => "char-device",
+            MemberKind::BlockDevice => "block-device",
+            MemberKind::Fifo => "fifo",
+            MemberKind::Sparse => "sparse",
+            MemberKind::Other => "other",
+        }
+    }
+}
+
+/// One member of the archive, as its headers declare it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Member {
+    /// The name exactly as stored (pax `path`, GNU long name, or ustar prefix + name).
+    #[serde(skip)]
+    pub raw_name: Vec<u8>,
+    /// The name, lossily decoded for display.
+    pub name: String,
+    /// The type.
+    #[serde(rename = "type")]
+    pub kind: MemberKind,
+    /// The link target of a symlink or hard link.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Archive offset of the member's own header (after any extension headers).
+    pub header_offset: u64,
+    /// Archive offset of the member's first data byte.
+    pub offset: u64,
+    /// Data bytes, in bytes (the pax `size` when present, else the header's).
+    pub size: u64,
+}
+
+/// Walk options: probing stops early; listing reads everything.
+#[derive(Debug, Clone, Copy)]
+pub struct WalkOptions {
+    /// Stop (without error) after this many members.
+    pub max_members: usize,
+    /// Stop (without error) after this many headers of any kind.
+    pub max_headers: usize,
+    /// Treat a member limit overrun as an error (listing) instead of a quiet stop (probing).
+    pub strict: bool,
+}
+
+impl Default for WalkOptions {
+    fn default() -> Self {
+        WalkOptions {
+            max_members: MAX_MEMBERS,
+            max_headers: MAX_HEADERS,
+            strict: true,
+        }
+    }
+}
+
+fn malformed(msg: impl Into<String>, at: u64) -> Error {
+    Error::invalid(msg).at(at).code("ova.tar-malformed")
+}
+
+/// True when `block` is a tar header whose checksum is right. The sum is taken as unsigned
+/// bytes, as POSIX and the `tar` crate do.
+pub fn header_checksum_ok(block: &[u8; 512]) -> bool {
+    let mut h = Header::new_old();
+    h.as_mut_bytes().copy_from_slice(block);
+    let Ok(declared) = h.cksum() else {
+        return false;
+    };
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(*b)
+            }
+        })
+        .sum();
+    sum == declared
+}
+
+/// Strips the NUL terminator GNU long names carry.
+fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
+    if let Some(p) = v.iter().position(|b| *b == 0) {
+        v.truncate(p);
+    }
+    v
+}
+
+/// Walks the archive's headers from offset 0 and returns its members, in order.
+///
+/// # Errors
+/// `Invalid` (`ova.tar-malformed`) for a bad checksum, a malformed pax record, an orphaned
+/// extension header or an over-long name; `Truncated` when a header or member data passes the
+/// end of the source; `LimitExceeded` (`ova.too-many-members`) past [`MAX_MEMBERS`] in strict
+/// mode; `Io`.
+///
+/// # Security
+/// Reads only headers and extension records (each bounded, charged to `budget`); never member
+/// data. Work is bounded by `opts`.
+pub fn walk(src: &dyn ReadAt, budget: &Budget, opts: WalkOptions) -> Result<Vec<Member>> {
+    let mut members = Vec::new();
+    walk_into(src, budget, opts, &mut members)?;
+    Ok(members)
+}
+
+/// [`walk`], appending to `members` as it goes, so that a caller (the probe) keeps the
+/// members seen before an error.
+///
+/// # Errors
+/// As [`walk`].
+pub fn walk_into(
+    src: &dyn ReadAt,
+    budget: &Budget,
+    opts: WalkOptions,
+    members: &mut Vec<Member>,
+) -> Result<()> {
+    let size = src.size()?;
+    let mut pos = 0u64;
+    let mut headers = 0usize;
+    let mut long_name: Option<Vec<u8>> = None;
+    let mut long_link: Option<Vec<u8>> = None;
+    let mut pax: Option<Vec<u8>> = None;
+    loop {
+        if pos == size {
+            // No end-of-archive blocks: GNU tar accepts this too (with a warning).
+            break;
+        }
+        let mut block = [0u8; 512];
+        src.read_exact_at(&mut block, pos)
+            .map_err(|e| Error::from(e).context("reading a tar header").at(pos))?;
+        if block.iter().all(|b| *b == 0) {
+            break;
+        }
+        headers = headers.saturating_add(1);
+        if headers > opts.max_headers || members.len() >= opts.max_members {
+            if opts.strict {
+                return Err(Error::limit(format!(
+                    "the archive has more than {} members or {} headers",
+                    opts.max_members, opts.max_headers
+                ))
+                .at(pos)
+                .code("ova.too-many-members"));
+            }
+            break;
+        }
+        if !header_checksum_ok(&block) {
+            return Err(malformed("tar header checksum mismatch", pos));
+        }
+        let mut h = Header::new_old();
+        h.as_mut_bytes().copy_from_slice(&block);
+        let header_size = h
+            .entry_size()
+            .map_err(|e| malformed(format!("tar size field: {e}"), pos))?;
+        let etype = h.entry_type();
+        let is_ext = etype.is_gnu_longname()
+            || etype.is_gnu_longlink()
+            || etype.is_pax_local_extensions()
+            || etype.is_pax_global_extensions();
+        let mut data_size = header_size;
+        if !is_ext {
+            if let Some(p) = &pax {
+                if let Some(v) = pax_value(p, "size", pos)? {
+                    data_size = v
+                        .parse::<u64>()
+                        .map_err(|_| malformed(format!("pax size {v:?} is not a number"), pos))?;
+                }
+            }
+        }
+        let data = pos
+            .checked_add(BLOCK)
+            .ok_or_else(|| malformed("offset overflows", pos))?;
+        let end = data
+            .checked_add(data_size)
+            .ok_or_else(|| malformed("member size overflows", pos))?;
+        if end > size {
+            return Err(Error::truncated(format!(
+                "tar member of {data_size} bytes at {data:#x} passes the end of the archive ({size} bytes)"
+            ))
+            .at(pos)
+            .code("ova.truncated"));
+        }
+        let padded = data_size
+            .checked_add(BLOCK - 1)
+            .map(|s| s & !(BLOCK - 1))
+            .ok_or_else(|| malformed("member size overflows", pos))?;
+        let next = data
+            .checked_add(padded)
+            .ok_or_else(|| malformed("member size overflows", pos))?;
+
+        let read_ext = |cap: u64, what: &str| -> Result<Vec<u8>> {
+            if data_size > cap {
+                return Err(
+                    Error::limit(format!("{what} of {data_size} bytes exceeds {cap}"))
+                        .at(pos)
+                        .code("ova.tar-malformed"),
+                );
+            }
+            crate::io::read_vec(src, data, data_size, budget, what)
+        };
+        if etype.is_gnu_longname() {
+            if long_name.is_some() {
+                return Err(malformed("two GNU long names for one member", pos));
+            }
+            long_name = Some(trim_nul(read_ext(MAX_NAME, "GNU long name")?));
+        } else if etype.is_gnu_longlink() {
+            if long_link.is_some() {
+                return Err(malformed("two GNU long link names for one member", pos));
+            }
+            long_link = Some(trim_nul(read_ext(MAX_NAME, "GNU long link name")?));
+        } else if etype.is_pax_local_extensions() {
+            if pax.is_some() {
+                return Err(malformed("two pax headers for one member", pos));
+            }
+            let recs = read_ext(MAX_PAX, "pax header")?;
+            // Validate every record now so that a malformed one fails at its header.
+            for r in PaxExtensions::new(&recs) {
+                r.map_err(|e| malformed(format!("pax header: {e}"), pos))?;
+            }
+            pax = Some(recs);
+        } else if etype.is_pax_global_extensions() {
+            // Global records would silently change how later members read (a `path` or `size`
+            // for all of them): a differential between tar readers. Refuse those keys.
+            let recs = read_ext(MAX_PAX, "pax global header")?;
+            for k in ["path", "linkpath", "size"] {
+                if pax_value(&recs, k, pos)?.is_some() {
+                    return Err(malformed(format!("pax global header sets {k:?}"), pos));
+                }
+            }
+        } else {
+            let mut raw_name = h.path_bytes().into_owned();
+            let mut link = h.link_name_bytes().map(|c| c.into_owned());
+            if let Some(n) = long_name.take() {
+                raw_name = n;
+            }
+            if let Some(l) = long_link.take() {
+                link = Some(l);
+            }
+            if let Some(p) = pax.take() {
+                if let Some(v) = pax_value(&p, "path", pos)? {
+                    raw_name = v.as_bytes().to_vec();
+                }
+                if let Some(v) = pax_value(&p, "linkpath", pos)? {
+                    link = Some(v.as_bytes().to_vec());
+                }
+            }
+            if raw_name.len() as u64 > MAX_NAME {
+                return Err(malformed("member name too long", pos));
+            }
+            let kind = MemberKind::from_type(etype);
+            let link = match kind {
+                MemberKind::Symlink | MemberKind::HardLink => {
+                    link.map(|l| String::from_utf8_lossy(&l).into_owned())
+                }
+                _ => None,
+            };
+            members.push(Member {
+                name: String::from_utf8_lossy(&raw_name).into_owned(),
+                raw_name,
+                kind,
+                link,
+                header_offset: pos,
+                offset: data,
+                size: data_size,
+            });
+        }
+        pos = next;
+        if pos > size {
+            // Padding of the last member is missing: the data itself was present.
+            break;
+        }
+    }
+    if opts.strict && (long_name.is_some() || long_link.is_some() || pax.is_some()) {
+        return Err(malformed(
+            "extension header without a following member",
+            pos,
+        ));
+    }
+    Ok(())
+}
+
+/// The value of pax record `key`, the last one winning as in POSIX.
+fn pax_value<'a>(recs: &'a [u8], key: &str, at: u64) -> Result<Option<&'a str>> {
+    let mut found = None;
+    for r in PaxExtensions::new(recs) {
+        let r = r.map_err(|e| malformed(format!("pax header: {e}"), at))?;
+        if r.key_bytes() == key.as_bytes() {
+            let v = r
+                .value()
+                .map_err(|_| malformed(format!("pax {key} is not UTF-8"), at))?;
+            found = Some(v);
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive(entries: &[(&str, EntryType, &[u8])]) -> Vec<u8> {
+        let mut b = ::tar::Builder::new(Vec::new());
+        for (name, t, data) in entries {
+            let mut h = Header::new_gnu();
+            h.set_entry_type(*t);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            if *t == EntryType::Symlink || *t == EntryType::Link {
+                h.set_size(0);
+                b.append_link(&mut h, name, "target").unwrap();
+            } else {
+                b.append_data(&mut h, name, *data).unwrap();
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn walks_names_types_and_offsets() {
+        let long = format!("{}.vmdk", "x".repeat(200));
+        let a = archive(&[
+            ("a.ovf", EntryType::Regular, b"<x/>"),
+            (&long, EntryType::Regular, &[7u8; 1000]),
+            ("l", EntryType::Symlink, b""),
+        ]);
+        let m = walk(&a, &Budget::new(1 << 20), WalkOptions::default()).unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[0].name, "a.ovf");
+        assert_eq!(m[0].offset, 512);
+        assert_eq!(m[1].name, long);
+        assert_eq!(m[1].size, 1000);
+        assert_eq!(&a[m[1].offset as usize..][..1000], &[7u8; 1000][..]);
+        assert_eq!(m[2].kind, MemberKind::Symlink);
+        assert_eq!(m[2].link.as_deref(), Some("target"));
+    }
+
+    #[test]
+    fn bad_checksum_and_truncation_fail() {
+        let mut a = archive(&[("a.ovf", EntryType::Regular, &[1u8; 600])]);
+        let good = a.clone();
+        for n in 0..good.len() {
+            let _ = walk(
+                &good[..n].to_vec(),
+                &Budget::new(1 << 20),
+                WalkOptions::default(),
+            );
+        }
+        assert_eq!(
+            walk(
+                &good[..700].to_vec(),
+                &Budget::new(1 << 20),
+                WalkOptions::default()
+            )
+            .unwrap_err()
+            .kind(),
+            crate::ErrorKind::Truncated
+        );
+        a[0] ^= 1;
+        let e = walk(&a, &Budget::new(1 << 20), WalkOptions::default()).unwrap_err();
+        assert_eq!(e.finding_code(), "ova.tar-malformed");
+    }
+
+    #[test]
+    fn member_cap() {
+        let files: Vec<(String, EntryType, &[u8])> = (0..20)
+            .map(|i| (format!("f{i}"), EntryType::Regular, &b""[..]))
+            .collect();
+        let refs: Vec<(&str, EntryType, &[u8])> =
+            files.iter().map(|(n, t, d)| (n.as_str(), *t, *d)).collect();
+        let a = archive(&refs);
+        let opts = WalkOptions {
+            max_members: 10,
+            max_headers: 100,
+            strict: true,
+        };
+        assert_eq!(
+            walk(&a, &Budget::new(1 << 20), opts)
+                .unwrap_err()
+                .finding_code(),
+            "ova.too-many-members"
+        );
+        let opts = WalkOptions {
+            strict: false,
+            ..opts
+        };
+        assert_eq!(walk(&a, &Budget::new(1 << 20), opts).unwrap().len(), 10);
+    }
+}

@@ -1,0 +1,1132 @@
+//! OVA reading, checking and extraction, on archives built here with the `tar` crate around raw
+//! disks (the VMDK cases live in `cli/tests/ova_vmdk.rs`) and on the committed hostile
+//! fixtures in `fixtures/hostile/ova`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use glimpse_formats::ova::{self, manifest::Algo};
+use glimpse_formats::policy::{self, Policy, Verdict};
+use glimpse_formats::reader::GuestReader;
+use glimpse_formats::{Format, Image, Limits, Severity, Source};
+use sha2::Digest;
+use tar::{EntryType, Header};
+
+/// One member to put in a test archive.
+enum M {
+    File(String, Vec<u8>),
+    /// A name longer than ustar holds, carried in a pax `path` record.
+    PaxFile(String, Vec<u8>),
+    Link(&'static str, EntryType, &'static str),
+}
+
+fn file(name: &str, data: &[u8]) -> M {
+    M::File(name.to_string(), data.to_vec())
+}
+
+/// A ustar header with `name` stored verbatim (the builder would refuse `..` and `/`).
+fn raw_header(name: &str, kind: EntryType, size: u64, link: &str) -> Header {
+    let mut h = Header::new_ustar();
+    {
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(kind);
+    h.set_cksum();
+    h
+}
+
+fn tar_of(members: &[M]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for m in members {
+        match m {
+            M::File(name, data) => {
+                let h = raw_header(name, EntryType::Regular, data.len() as u64, "");
+                b.append(&h, data.as_slice()).unwrap();
+            }
+            M::PaxFile(name, data) => {
+                b.append_pax_extensions([("path", name.as_bytes())])
+                    .unwrap();
+                let h = raw_header(
+                    "pax-truncated-name",
+                    EntryType::Regular,
+                    data.len() as u64,
+                    "",
+                );
+                b.append(&h, data.as_slice()).unwrap();
+            }
+            M::Link(name, kind, target) => {
+                let h = raw_header(name, *kind, 0, target);
+                b.append(&h, &[][..]).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+struct DiskSpec<'a> {
+    href: &'a str,
+    size: u64,
+    capacity: u64,
+    format: Option<&'a str>,
+    gzip: bool,
+}
+
+fn ovf_xml(disks: &[DiskSpec<'_>]) -> String {
+    let mut files = String::new();
+    let mut ds = String::new();
+    for (i, d) in disks.iter().enumerate() {
+        let comp = if d.gzip {
+            r#" ovf:compression="gzip""#
+        } else {
+            ""
+        };
+        files += &format!(
+            r#"<File ovf:id="file{i}" ovf:href="{}" ovf:size="{}"{comp}/>"#,
+            d.href, d.size
+        );
+        let fmt = d
+            .format
+            .map(|f| format!(r#" ovf:format="{f}""#))
+            .unwrap_or_default();
+        ds += &format!(
+            r#"<Disk ovf:diskId="vmdisk{i}" ovf:fileRef="file{i}" ovf:capacity="{}" ovf:capacityAllocationUnits="byte"{fmt}/>"#,
+            d.capacity
+        );
+    }
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+  xmlns:vmw="http://www.vmware.com/schema/ovf">
+  <References>{files}</References>
+  <DiskSection><Info>Virtual disks</Info>{ds}</DiskSection>
+  <VirtualSystem ovf:id="vm1"><Info>A VM</Info><Name>testvm</Name>
+    <OperatingSystemSection ovf:id="101" vmw:osType="otherLinux64Guest"><Info>os</Info><Description>Linux</Description></OperatingSystemSection>
+    <VirtualHardwareSection><Info>hw</Info>
+      <Item><rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>4</rasd:VirtualQuantity></Item>
+      <Item><rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits><rasd:ResourceType>4</rasd:ResourceType><rasd:VirtualQuantity>2048</rasd:VirtualQuantity></Item>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"#
+    )
+}
+
+fn disk_bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn hex_digest(algo: Algo, data: &[u8]) -> String {
+    let bytes: Vec<u8> = match algo {
+        Algo::Sha1 => sha1::Sha1::digest(data).to_vec(),
+        Algo::Sha256 => sha2::Sha256::digest(data).to_vec(),
+        Algo::Sha384 => sha2::Sha384::digest(data).to_vec(),
+        Algo::Sha512 => sha2::Sha512::digest(data).to_vec(),
+    };
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn manifest(algo: Algo, files: &[(&str, &[u8])]) -> Vec<u8> {
+    let name = match algo {
+        Algo::Sha1 => "SHA1",
+        Algo::Sha256 => "SHA256",
+        Algo::Sha384 => "SHA384",
+        Algo::Sha512 => "SHA512",
+    };
+    files
+        .iter()
+        .map(|(n, d)| format!("{name}({n})= {}\n", hex_digest(algo, d)))
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// A valid appliance of raw disks: descriptor, manifest (when `algo` is set), disks.
+fn appliance(disks: &[(&str, Vec<u8>)], algo: Option<Algo>) -> Vec<u8> {
+    let specs: Vec<DiskSpec<'_>> = disks
+        .iter()
+        .map(|(n, d)| DiskSpec {
+            href: n,
+            size: d.len() as u64,
+            capacity: d.len() as u64,
+            format: None,
+            gzip: false,
+        })
+        .collect();
+    let xml = ovf_xml(&specs).into_bytes();
+    let mut members = vec![file("vm.ovf", &xml)];
+    if let Some(a) = algo {
+        let mut listed: Vec<(&str, &[u8])> = vec![("vm.ovf", &xml)];
+        listed.extend(disks.iter().map(|(n, d)| (*n, d.as_slice())));
+        members.push(file("vm.mf", &manifest(a, &listed)));
+    }
+    members.extend(disks.iter().map(|(n, d)| file(n, d)));
+    tar_of(&members)
+}
+
+fn src(bytes: Vec<u8>) -> Source {
+    Arc::new(bytes)
+}
+
+fn codes(f: &[glimpse_formats::Finding]) -> Vec<&'static str> {
+    f.iter().map(|f| f.code).collect()
+}
+
+fn rejects(f: &[glimpse_formats::Finding]) -> Vec<&'static str> {
+    f.iter()
+        .filter(|f| f.severity == Severity::Reject)
+        .map(|f| f.code)
+        .collect()
+}
+
+fn check(bytes: Vec<u8>) -> Vec<glimpse_formats::Finding> {
+    ova::read_ova(src(bytes), &Limits::default())
+        .unwrap()
+        .check_all(&Limits::default())
+        .unwrap()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/hostile/ova")
+        .join(name)
+}
+
+#[test]
+fn one_raw_disk_reads_like_the_raw_file() {
+    let disk = disk_bytes(3 * 4096 + 123, 1);
+    let bytes = appliance(&[("disk.img", disk.clone())], Some(Algo::Sha256));
+    let s = src(bytes);
+    assert_eq!(
+        glimpse_formats::detect(s.as_ref()).unwrap().matches,
+        vec![Format::Ova]
+    );
+
+    let o = ova::read_ova(s.clone(), &Limits::default()).unwrap();
+    assert_eq!(
+        o.members
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>(),
+        ["vm.ovf", "vm.mf", "disk.img"]
+    );
+    let d = o.descriptor.as_ref().unwrap();
+    let vs = &d.systems[0];
+    assert_eq!(vs.name.as_deref(), Some("testvm"));
+    assert_eq!(vs.os_type.as_deref(), Some("otherLinux64Guest"));
+    assert_eq!((vs.cpus, vs.memory), (Some(4), Some(2 << 30)));
+    assert!(rejects(&o.check_all(&Limits::default()).unwrap()).is_empty());
+
+    let img = glimpse_formats::open(s.clone(), Format::Ova, &Limits::default()).unwrap();
+    let info = img.info().clone();
+    assert_eq!(info.format, Format::Ova);
+    assert_eq!(info.virtual_size, disk.len() as u64);
+    assert_eq!(info.details["disk-format"], "raw");
+    assert_eq!(info.details["disks"][0]["href"], "disk.img");
+    assert_eq!(info.details["disks"][0]["virtual-size"], disk.len() as u64);
+    assert_eq!(info.details["virtual-systems"][0]["cpus"], 4);
+
+    // The mapping's host offsets are in the disk's window: the reader must return its bytes.
+    let img: Arc<dyn Image> = Arc::from(img);
+    let r = GuestReader::new(img.clone(), &Limits::default());
+    let mut got = vec![0u8; disk.len()];
+    r.read_at(&mut got, 0).unwrap();
+    assert_eq!(got, disk);
+    let mut pos = 0;
+    while pos < info.virtual_size {
+        let e = img.mapping(pos, u64::MAX).unwrap();
+        glimpse_formats::validate_extent(&e, pos, u64::MAX, info.virtual_size).unwrap();
+        pos = e.end();
+    }
+    assert!(rejects(&img.check(&Limits::default()).unwrap()).is_empty());
+
+    let report = policy::inspect(s, &Policy::default(), &Limits::default()).unwrap();
+    assert_eq!(report.verdict(), Verdict::Pass, "{:?}", report.findings);
+}
+
+#[test]
+fn several_disks_are_listed_and_selectable() {
+    let a = disk_bytes(8192, 1);
+    let b = disk_bytes(5000, 2);
+    let bytes = appliance(
+        &[("a.img", a.clone()), ("b.img", b.clone())],
+        Some(Algo::Sha512),
+    );
+    let o = ova::read_ova(src(bytes.clone()), &Limits::default()).unwrap();
+    assert_eq!(o.disks.len(), 2);
+    assert_eq!(o.disk_by_name("b.img"), Some(1));
+    assert_eq!(
+        (
+            o.select("1"),
+            o.select("b.img"),
+            o.select("a.img"),
+            o.select("7")
+        ),
+        (Some(1), Some(1), Some(0), None)
+    );
+    assert_eq!(o.default_disk(), Some(0));
+    assert!(rejects(&o.check_all(&Limits::default()).unwrap()).is_empty());
+
+    let img = ova::open_disk(src(bytes.clone()), &Limits::default(), Some(1)).unwrap();
+    assert_eq!(img.info().virtual_size, 5000);
+    assert_eq!(img.info().details["disk"], 1);
+    assert_eq!(img.info().details["disks"][0]["virtual-size"], 8192);
+    let r = GuestReader::new(Arc::from(img), &Limits::default());
+    let mut got = vec![0u8; 5000];
+    r.read_at(&mut got, 0).unwrap();
+    assert_eq!(got, b);
+
+    let img = ova::open_disk(src(bytes.clone()), &Limits::default(), None).unwrap();
+    assert_eq!(img.info().virtual_size, 8192);
+    assert!(ova::open_disk(src(bytes), &Limits::default(), Some(2)).is_err());
+}
+
+#[test]
+fn manifests_sha1_sha256_sha512_and_tampered() {
+    let disk = disk_bytes(4096, 3);
+    for algo in [Algo::Sha256, Algo::Sha512, Algo::Sha384] {
+        let f = check(appliance(&[("d.img", disk.clone())], Some(algo)));
+        assert!(rejects(&f).is_empty(), "{algo:?}: {f:?}");
+        assert!(!codes(&f).contains(&"ova.manifest-sha1"));
+    }
+    let f = check(appliance(&[("d.img", disk.clone())], Some(Algo::Sha1)));
+    assert!(rejects(&f).is_empty(), "{f:?}");
+    assert!(f
+        .iter()
+        .any(|f| f.code == "ova.manifest-sha1" && f.severity == Severity::Warn));
+
+    let f = check(appliance(&[("d.img", disk.clone())], None));
+    assert!(codes(&f).contains(&"ova.manifest-absent"));
+
+    // Flip one disk byte after the manifest was written.
+    let mut bytes = appliance(&[("d.img", disk.clone())], Some(Algo::Sha256));
+    let o = ova::read_ova(src(bytes.clone()), &Limits::default()).unwrap();
+    let at = o.members[2].offset as usize + 100;
+    bytes[at] ^= 0xff;
+    let f = check(bytes.clone());
+    assert_eq!(rejects(&f), ["ova.manifest-mismatch"]);
+    // The image's check() verifies the manifest too.
+    let img = glimpse_formats::open(src(bytes), Format::Ova, &Limits::default()).unwrap();
+    assert_eq!(
+        rejects(&img.check(&Limits::default()).unwrap()),
+        ["ova.manifest-mismatch"]
+    );
+}
+
+#[test]
+fn manifest_naming_a_missing_member_and_unlisted_members() {
+    let disk = disk_bytes(4096, 4);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let mf = manifest(Algo::Sha256, &[("d.img", &disk), ("ghost.img", b"boo")]);
+    let f = check(tar_of(&[
+        file("a.ovf", xml.as_bytes()),
+        file("a.mf", &mf),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.manifest-missing-member"]);
+    assert!(
+        codes(&f).contains(&"ova.manifest-unlisted"),
+        "the descriptor is unlisted: {f:?}"
+    );
+
+    let f = check(tar_of(&[
+        file("a.ovf", xml.as_bytes()),
+        file("a.mf", b"not a manifest"),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.manifest-malformed"]);
+}
+
+#[test]
+fn certificate_is_reported_as_unverified() {
+    let disk = disk_bytes(4096, 5);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let f = check(tar_of(&[
+        file("a.ovf", xml.as_bytes()),
+        file("a.cert", b"SHA256(a.mf)= 00\n"),
+        file("d.img", &disk),
+    ]));
+    assert!(f
+        .iter()
+        .any(|f| f.code == "ova.certificate-unverified" && f.severity == Severity::Info));
+    assert!(rejects(&f).is_empty());
+}
+
+fn with_extra(extra: M) -> Vec<u8> {
+    let disk = disk_bytes(4096, 6);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    tar_of(&[file("a.ovf", xml.as_bytes()), file("d.img", &disk), extra])
+}
+
+#[test]
+fn hostile_member_names_and_types() {
+    let cases: Vec<(M, &str)> = vec![
+        (file("../evil", b"x"), "ova.member-name"),
+        (file("/etc/evil", b"x"), "ova.member-name"),
+        (file("sub/evil", b"x"), "ova.member-name"),
+        (file("d.img", b"x"), "ova.member-name"),
+        (
+            M::Link("sym", EntryType::Symlink, "/etc/passwd"),
+            "ova.member-type",
+        ),
+        (
+            M::Link("hard", EntryType::Link, "/etc/passwd"),
+            "ova.member-type",
+        ),
+        (M::Link("pipe", EntryType::Fifo, ""), "ova.member-type"),
+        (M::Link("dev", EntryType::Char, ""), "ova.member-type"),
+    ];
+    for (m, code) in cases {
+        let f = check(with_extra(m));
+        assert!(rejects(&f).contains(&code), "{code}: {f:?}");
+    }
+}
+
+#[test]
+fn committed_hostile_fixtures_are_rejected() {
+    let cases = [
+        ("traversal.ova", "ova.member-name"),
+        ("absolute-path.ova", "ova.member-name"),
+        ("symlink.ova", "ova.member-type"),
+        ("hardlink.ova", "ova.member-type"),
+        ("symlink-escape.ova", "ova.member-type"),
+        ("symlink-escape.ova", "ova.member-name"),
+        ("fifo.ova", "ova.member-type"),
+        ("duplicate-name.ova", "ova.member-name"),
+        ("ovf-not-first.ova", "ova.descriptor-not-first"),
+    ];
+    for (name, code) in cases {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        assert_eq!(
+            glimpse_formats::detect(&bytes).unwrap().format(),
+            Format::Ova,
+            "{name}"
+        );
+        let f = check(bytes.clone());
+        assert!(rejects(&f).contains(&code), "{name} {code}: {f:?}");
+        // Through the ordinary policy as well (`glimpse check x.ova`).
+        let r = policy::inspect(src(bytes), &Policy::default(), &Limits::default()).unwrap();
+        assert_eq!(r.verdict(), Verdict::Reject, "{name}");
+        assert!(
+            r.findings.iter().any(|f| f.code == code),
+            "{name}: {:?}",
+            r.findings
+        );
+    }
+}
+
+#[test]
+fn descriptor_rules() {
+    let disk = disk_bytes(4096, 7);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let x = xml.as_bytes();
+
+    let f = check(tar_of(&[file("d.img", &disk)]));
+    assert_eq!(rejects(&f), ["ova.descriptor-missing"]);
+    let e = ova::open_disk(
+        src(tar_of(&[file("d.img", &disk)])),
+        &Limits::default(),
+        None,
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.finding_code(), "ova.descriptor-missing");
+
+    let f = check(tar_of(&[
+        file("a.ovf", b"<Envelope><oops"),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.descriptor-malformed"]);
+    let dtd = format!(
+        "<?xml version=\"1.0\"?><!DOCTYPE Envelope [<!ENTITY x SYSTEM \"file:///etc/passwd\">]>{}",
+        &xml[39..]
+    );
+    let f = check(tar_of(&[
+        file("a.ovf", dtd.as_bytes()),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.descriptor-malformed"]);
+
+    let f = check(tar_of(&[
+        file("a.ovf", x),
+        file("b.ovf", x),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.descriptor-multiple"]);
+
+    let f = check(tar_of(&[
+        file("d.img", &disk),
+        file("a.ovf", x),
+        file("n.txt", b""),
+    ]));
+    assert_eq!(rejects(&f), ["ova.descriptor-not-first"]);
+
+    // Last is readable: a warning.
+    let f = check(tar_of(&[file("d.img", &disk), file("a.ovf", x)]));
+    assert!(rejects(&f).is_empty(), "{f:?}");
+    assert!(f
+        .iter()
+        .any(|f| f.code == "ova.descriptor-last" && f.severity == Severity::Warn));
+}
+
+#[test]
+fn href_size_capacity_and_format_rules() {
+    let disk = disk_bytes(4096, 8);
+    let one = |href: &str, size: u64, capacity: u64, format: Option<&str>| {
+        ovf_xml(&[DiskSpec {
+            href,
+            size,
+            capacity,
+            format,
+            gzip: false,
+        }])
+        .into_bytes()
+    };
+    for href in [
+        "http://evil.example/d.img",
+        "file:///etc/shadow",
+        "../d.img",
+        "/d.img",
+        "sub/d.img",
+        "missing.img",
+    ] {
+        let f = check(tar_of(&[
+            file("a.ovf", &one(href, 4096, 4096, None)),
+            file("d.img", &disk),
+        ]));
+        assert!(rejects(&f).contains(&"ova.href"), "{href}: {f:?}");
+    }
+    let url = ova::open_disk(
+        src(tar_of(&[
+            file("a.ovf", &one("http://x/d.img", 4096, 4096, None)),
+            file("d.img", &disk),
+        ])),
+        &Limits::default(),
+        None,
+    );
+    assert_eq!(url.err().unwrap().finding_code(), "ova.href");
+
+    let f = check(tar_of(&[
+        file("a.ovf", &one("d.img", 4000, 4096, None)),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.size-mismatch"]);
+
+    let f = check(tar_of(&[
+        file("a.ovf", &one("d.img", 4096, 1 << 30, None)),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.capacity-mismatch"]);
+    let img = ova::open_disk(
+        src(tar_of(&[
+            file("a.ovf", &one("d.img", 4096, 1 << 30, None)),
+            file("d.img", &disk),
+        ])),
+        &Limits::default(),
+        None,
+    )
+    .unwrap();
+    assert!(codes(img.findings()).contains(&"ova.capacity-mismatch"));
+
+    let vmdk = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized";
+    let f = check(tar_of(&[
+        file("a.ovf", &one("d.img", 4096, 4096, Some(vmdk))),
+        file("d.img", &disk),
+    ]));
+    assert!(rejects(&f).contains(&"ova.disk-format"), "{f:?}");
+}
+
+#[test]
+fn capacity_units() {
+    let disk = vec![0u8; 2 << 20];
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 2 << 20,
+        capacity: 2,
+        format: None,
+        gzip: false,
+    }])
+    .replace(
+        r#"ovf:capacityAllocationUnits="byte""#,
+        r#"ovf:capacityAllocationUnits="byte * 2^20""#,
+    );
+    let f = check(tar_of(&[
+        file("a.ovf", xml.as_bytes()),
+        file("d.img", &disk),
+    ]));
+    assert!(rejects(&f).is_empty(), "{f:?}");
+    let bad = xml.replace("byte * 2^20", "furlongs");
+    let f = check(tar_of(&[
+        file("a.ovf", bad.as_bytes()),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.descriptor-malformed"]);
+}
+
+#[test]
+fn pax_and_gnu_long_names() {
+    let disk = disk_bytes(4096, 9);
+    let long = format!("{}.img", "a".repeat(150));
+    let xml = ovf_xml(&[DiskSpec {
+        href: &long,
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let bytes = tar_of(&[
+        file("a.ovf", xml.as_bytes()),
+        M::PaxFile(long.clone(), disk.clone()),
+    ]);
+    let o = ova::read_ova(src(bytes.clone()), &Limits::default()).unwrap();
+    assert_eq!(o.members[1].name, long);
+    assert!(rejects(&o.check_all(&Limits::default()).unwrap()).is_empty());
+    let img = ova::open_disk(src(bytes), &Limits::default(), None).unwrap();
+    assert_eq!(img.info().virtual_size, 4096);
+
+    // GNU long names, as the builder writes them for GNU headers.
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [("a.ovf", xml.as_bytes()), (long.as_str(), disk.as_slice())] {
+        let mut h = Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    let bytes = b.into_inner().unwrap();
+    let o = ova::read_ova(src(bytes), &Limits::default()).unwrap();
+    assert_eq!(o.members[1].name, long);
+    assert!(rejects(&o.check_all(&Limits::default()).unwrap()).is_empty());
+}
+
+#[test]
+fn pax_size_overrides_the_header_size() {
+    // The header says 0 bytes, the pax record 4096: readers that disagree would see a
+    // different archive. glimpse follows the pax record, as POSIX and GNU tar do.
+    let disk = disk_bytes(4096, 10);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(
+        &raw_header("a.ovf", EntryType::Regular, xml.len() as u64, ""),
+        xml.as_bytes(),
+    )
+    .unwrap();
+    b.append_pax_extensions([("size", &b"4096"[..])]).unwrap();
+    let mut bytes = b.into_inner().unwrap();
+    bytes.truncate(bytes.len() - 1024); // the end-of-archive blocks
+    let h = raw_header("d.img", EntryType::Regular, 0, "");
+    bytes.extend_from_slice(h.as_bytes());
+    bytes.extend_from_slice(&disk);
+    bytes.extend_from_slice(&[0u8; 1024]);
+    let o = ova::read_ova(src(bytes), &Limits::default()).unwrap();
+    assert_eq!(o.members[1].size, 4096);
+    assert!(rejects(&o.check_all(&Limits::default()).unwrap()).is_empty());
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn gzip_compressed_disk_reference() {
+    let disk = disk_bytes(100_000, 11);
+    let gz = gzip(&disk);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img.gz",
+        size: gz.len() as u64,
+        capacity: disk.len() as u64,
+        format: None,
+        gzip: true,
+    }]);
+    let bytes = tar_of(&[file("a.ovf", xml.as_bytes()), file("d.img.gz", &gz)]);
+    let o = ova::read_ova(src(bytes.clone()), &Limits::default()).unwrap();
+    assert_eq!(o.disks[0].compression.as_deref(), Some("gzip"));
+    assert!(rejects(&o.check_all(&Limits::default()).unwrap()).is_empty());
+    let img = ova::open_disk(src(bytes.clone()), &Limits::default(), None).unwrap();
+    assert_eq!(img.info().virtual_size, disk.len() as u64);
+    let r = GuestReader::new(Arc::from(img), &Limits::default());
+    let mut got = vec![0u8; disk.len()];
+    r.read_at(&mut got, 0).unwrap();
+    assert_eq!(got, disk);
+
+    // Bounded: a disk that inflates past the limit is refused, not buffered.
+    let tight = Limits {
+        max_metadata_bytes: 50_000,
+        ..Limits::default()
+    };
+    let e = ova::open_disk(src(bytes), &tight, None).err().unwrap();
+    assert_eq!(e.finding_code(), "ova.gzip-limit");
+
+    // A corrupt stream is an error, not a panic.
+    let mut bad = gz.clone();
+    let mid = bad.len() / 2;
+    bad[mid..].fill(0x55);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img.gz",
+        size: bad.len() as u64,
+        capacity: disk.len() as u64,
+        format: None,
+        gzip: true,
+    }]);
+    let f = check(tar_of(&[
+        file("a.ovf", xml.as_bytes()),
+        file("d.img.gz", &bad),
+    ]));
+    assert!(!rejects(&f).is_empty());
+}
+
+#[test]
+fn nested_ova_is_refused() {
+    let inner = appliance(&[("d.img", disk_bytes(4096, 12))], None);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "inner.ova",
+        size: inner.len() as u64,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let bytes = tar_of(&[file("a.ovf", xml.as_bytes()), file("inner.ova", &inner)]);
+    let f = check(bytes.clone());
+    assert!(rejects(&f).contains(&"ova.disk-format"), "{f:?}");
+    assert_eq!(
+        ova::open_disk(src(bytes), &Limits::default(), None)
+            .err()
+            .unwrap()
+            .finding_code(),
+        "ova.disk-format"
+    );
+}
+
+#[test]
+fn a_plain_tar_is_not_an_ova() {
+    let t = tar_of(&[file("readme.txt", b"hello"), file("d.img", &[0u8; 512])]);
+    assert_eq!(glimpse_formats::detect(&t).unwrap().format(), Format::Raw);
+    assert_eq!(
+        glimpse_formats::detect(&vec![0u8; 4096]).unwrap().format(),
+        Format::Raw
+    );
+}
+
+#[test]
+fn every_truncated_prefix_fails_cleanly() {
+    let disk = disk_bytes(3000, 13);
+    let bytes = appliance(&[("d.img", disk)], Some(Algo::Sha256));
+    let mut fixtures = vec![bytes];
+    for f in ["symlink.ova", "traversal.ova", "ovf-not-first.ova"] {
+        fixtures.push(std::fs::read(fixture(f)).unwrap());
+    }
+    for whole in fixtures {
+        for n in 0..whole.len() {
+            let s = src(whole[..n].to_vec());
+            let _ = glimpse_formats::detect(s.as_ref()).unwrap();
+            if let Ok(o) = ova::read_ova(s.clone(), &Limits::default()) {
+                let _ = o.check_all(&Limits::default()).unwrap();
+            }
+            if let Ok(img) = ova::open_disk(s, &Limits::tight(), None) {
+                let _ = img.check(&Limits::tight());
+            }
+        }
+    }
+}
+
+#[test]
+fn tar_bounds_hold() {
+    // A GNU long name of 1 MiB is refused before it is read.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_entry_type(EntryType::GNULongName);
+    h.set_size(1 << 20);
+    h.set_cksum();
+    b.append(&h, &vec![b'a'; 1 << 20][..]).unwrap();
+    let bytes = b.into_inner().unwrap();
+    let e = ova::read_ova(src(bytes), &Limits::default()).err().unwrap();
+    assert_eq!(e.kind(), glimpse_formats::ErrorKind::LimitExceeded);
+
+    // More than 10,000 members.
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..10_001 {
+        b.append(
+            &raw_header(&format!("f{i}"), EntryType::Regular, 0, ""),
+            &[][..],
+        )
+        .unwrap();
+    }
+    let e = ova::read_ova(src(b.into_inner().unwrap()), &Limits::default())
+        .err()
+        .unwrap();
+    assert_eq!(e.finding_code(), "ova.too-many-members");
+}
+
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = walk(dir);
+    v.sort();
+    v
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn extraction_writes_good_archives_and_nothing_for_hostile_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = disk_bytes(5000, 14);
+    let o = ova::read_ova(
+        src(appliance(&[("d.img", disk.clone())], Some(Algo::Sha256))),
+        &Limits::default(),
+    )
+    .unwrap();
+    let out = tmp.path().join("good/out");
+    let x = o.extract(&out, &Limits::default()).unwrap();
+    assert!(!x.rejected);
+    assert_eq!(x.written.len(), 3);
+    assert_eq!(std::fs::read(out.join("d.img")).unwrap(), disk);
+    // A second extraction refuses to overwrite and writes nothing.
+    std::fs::write(out.join("vm.ovf"), b"mine").unwrap();
+    std::fs::remove_file(out.join("d.img")).unwrap();
+    assert!(o.extract(&out, &Limits::default()).is_err());
+    assert_eq!(std::fs::read(out.join("vm.ovf")).unwrap(), b"mine");
+    assert!(!out.join("d.img").exists());
+
+    for name in [
+        "traversal.ova",
+        "absolute-path.ova",
+        "symlink.ova",
+        "hardlink.ova",
+        "symlink-escape.ova",
+        "fifo.ova",
+        "duplicate-name.ova",
+        "ovf-not-first.ova",
+    ] {
+        let root = tmp.path().join(name);
+        std::fs::create_dir(&root).unwrap();
+        let dir = root.join("inside/out");
+        let o = ova::read_ova(
+            src(std::fs::read(fixture(name)).unwrap()),
+            &Limits::default(),
+        )
+        .unwrap();
+        let x = o.extract(&dir, &Limits::default()).unwrap();
+        assert!(x.rejected, "{name}");
+        assert!(x.written.is_empty());
+        assert!(tree(&root).is_empty(), "{name} wrote {:?}", tree(&root));
+    }
+    assert!(!Path::new("/tmp/glimpse-evil.txt").exists());
+}
+
+#[test]
+fn standalone_ovf_opens_only_plain_siblings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = disk_bytes(4096, 15);
+    std::fs::write(tmp.path().join("d.img"), &disk).unwrap();
+    std::fs::write(tmp.path().join("secret"), b"do not read").unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("secret"), tmp.path().join("link.img")).unwrap();
+    let specs = [
+        DiskSpec {
+            href: "d.img",
+            size: 4096,
+            capacity: 4096,
+            format: None,
+            gzip: false,
+        },
+        DiskSpec {
+            href: "../secret",
+            size: 11,
+            capacity: 11,
+            format: None,
+            gzip: false,
+        },
+        DiskSpec {
+            href: "link.img",
+            size: 11,
+            capacity: 11,
+            format: None,
+            gzip: false,
+        },
+        DiskSpec {
+            href: "http://x/y.img",
+            size: 1,
+            capacity: 1,
+            format: None,
+            gzip: false,
+        },
+    ];
+    std::fs::write(tmp.path().join("vm.ovf"), ovf_xml(&specs)).unwrap();
+    let d = ova::read_ovf_dir(&tmp.path().join("vm.ovf"), &Limits::default()).unwrap();
+    assert_eq!(
+        d.references.iter().map(|r| r.openable).collect::<Vec<_>>(),
+        [true, false, false, false]
+    );
+    assert_eq!(
+        d.findings.iter().filter(|f| f.code == "ova.href").count(),
+        3
+    );
+    let img = d.open_disk(0, &Limits::default()).unwrap();
+    assert_eq!(img.info().virtual_size, 4096);
+    for i in 1..4 {
+        let e = d.open_disk(i, &Limits::default()).err().unwrap();
+        assert_eq!(e.finding_code(), "ova.href", "disk {i}");
+    }
+}
+
+#[test]
+fn repeated_work_is_refused() {
+    // A manifest naming one member twice, and two disks backed by one file: each would make
+    // check read the same data again.
+    let disk = disk_bytes(4096, 16);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let mut mf = manifest(Algo::Sha256, &[("a.ovf", xml.as_bytes()), ("d.img", &disk)]);
+    mf.extend(manifest(Algo::Sha256, &[("d.img", &disk)]));
+    let f = check(tar_of(&[
+        file("a.ovf", xml.as_bytes()),
+        file("a.mf", &mf),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.manifest-malformed"]);
+
+    let two = ovf_xml(&[
+        DiskSpec {
+            href: "d.img",
+            size: 4096,
+            capacity: 4096,
+            format: None,
+            gzip: false,
+        },
+        DiskSpec {
+            href: "d.img",
+            size: 4096,
+            capacity: 4096,
+            format: None,
+            gzip: false,
+        },
+    ]);
+    let f = check(tar_of(&[
+        file("a.ovf", two.as_bytes()),
+        file("d.img", &disk),
+    ]));
+    assert_eq!(rejects(&f), ["ova.descriptor-malformed"]);
+}
+
+#[test]
+fn less_common_codes() {
+    let disk = disk_bytes(4096, 17);
+    let base = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let with = |xml: &str, extra: Vec<M>| {
+        let mut m = vec![file("a.ovf", xml.as_bytes()), file("d.img", &disk)];
+        m.extend(extra);
+        check(tar_of(&m))
+    };
+
+    let chunked = base.replace(
+        r#"ovf:size="4096""#,
+        r#"ovf:size="4096" ovf:chunkSize="1024""#,
+    );
+    assert_eq!(rejects(&with(&chunked, vec![])), ["ova.file-unsupported"]);
+    let bz = base.replace(
+        r#"ovf:size="4096""#,
+        r#"ovf:size="4096" ovf:compression="bzip2""#,
+    );
+    assert!(rejects(&with(&bz, vec![])).contains(&"ova.file-unsupported"));
+
+    let blank = base.replace("</DiskSection>", r#"<Disk ovf:diskId="blank" ovf:capacity="1" ovf:capacityAllocationUnits="byte * 2^30"/></DiskSection>"#);
+    let f = with(&blank, vec![]);
+    assert!(rejects(&f).is_empty());
+    assert!(f
+        .iter()
+        .any(|f| f.code == "ova.disk-blank" && f.severity == Severity::Info));
+
+    let none = base.replace(r#"<Disk ovf:diskId="vmdisk0" ovf:fileRef="file0" ovf:capacity="4096" ovf:capacityAllocationUnits="byte"/>"#, "");
+    let f = with(&none, vec![]);
+    assert!(
+        f.iter()
+            .any(|f| f.code == "ova.no-disks" && f.severity == Severity::Warn),
+        "{f:?}"
+    );
+    let bytes = tar_of(&[file("a.ovf", none.as_bytes()), file("d.img", &disk)]);
+    assert_eq!(
+        ova::open_disk(src(bytes), &Limits::default(), None)
+            .err()
+            .unwrap()
+            .finding_code(),
+        "ova.no-disks"
+    );
+
+    let mf = manifest(Algo::Sha256, &[("d.img", &disk)]);
+    let f = with(&base, vec![file("a.mf", &mf), file("b.mf", &mf)]);
+    assert_eq!(rejects(&f), ["ova.manifest-multiple"]);
+
+    let gz = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: true,
+    }]);
+    let f = with(&gz, vec![]);
+    assert_eq!(rejects(&f), ["ova.gzip-corrupt"]);
+}
+
+#[test]
+fn tar_structure_errors() {
+    let xml = ovf_xml(&[]);
+    // A pax global header that renames every member.
+    let mut b = tar::Builder::new(Vec::new());
+    let h = raw_header("pax_global_header", EntryType::XGlobalHeader, 17, "");
+    b.append(&h, &b"17 path=evil.ovf\n"[..]).unwrap();
+    b.append(
+        &raw_header("a.ovf", EntryType::Regular, xml.len() as u64, ""),
+        xml.as_bytes(),
+    )
+    .unwrap();
+    let e = ova::read_ova(src(b.into_inner().unwrap()), &Limits::default())
+        .err()
+        .unwrap();
+    assert_eq!(e.finding_code(), "ova.tar-malformed");
+
+    // A pax header with nothing after it.
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(
+        &raw_header("a.ovf", EntryType::Regular, xml.len() as u64, ""),
+        xml.as_bytes(),
+    )
+    .unwrap();
+    b.append_pax_extensions([("path", &b"x.img"[..])]).unwrap();
+    let e = ova::read_ova(src(b.into_inner().unwrap()), &Limits::default())
+        .err()
+        .unwrap();
+    assert_eq!(e.finding_code(), "ova.tar-malformed");
+
+    // Member data past the end of the file.
+    let mut bytes = tar_of(&[file("a.ovf", xml.as_bytes()), file("d.img", &[1u8; 4096])]);
+    bytes.truncate(2048);
+    let e = ova::read_ova(src(bytes), &Limits::default()).err().unwrap();
+    assert_eq!(e.finding_code(), "ova.truncated");
+}
+
+mod mutations {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        /// Any byte changes to a valid appliance give findings or errors, never a panic, and
+        /// whatever opens maps within its contract.
+        #[test]
+        fn mutated_appliances_never_panic(edits in proptest::collection::vec((0usize..6144, any::<u8>()), 1..8)) {
+            let mut bytes = appliance(&[("d.img", disk_bytes(2048, 18))], Some(Algo::Sha256));
+            for (at, v) in edits {
+                if let Some(b) = bytes.get_mut(at) {
+                    *b = v;
+                }
+            }
+            let s = src(bytes);
+            let _ = glimpse_formats::detect(s.as_ref()).unwrap();
+            if let Ok(o) = ova::read_ova(s.clone(), &Limits::tight()) {
+                let _ = o.check_all(&Limits::tight()).unwrap();
+            }
+            if let Ok(img) = ova::open_disk(s, &Limits::tight(), None) {
+                let vs = img.info().virtual_size;
+                let mut pos = 0;
+                while pos < vs {
+                    let e = img.mapping(pos, u64::MAX).unwrap();
+                    glimpse_formats::validate_extent(&e, pos, u64::MAX, vs).unwrap();
+                    pos = e.end();
+                }
+                let r = GuestReader::new(Arc::from(img), &Limits::tight());
+                let mut buf = vec![0u8; usize::try_from(vs.min(1 << 20)).unwrap()];
+                r.read_at(&mut buf, 0).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn old_style_tar_headers_are_detected_and_read() {
+    // Pre-POSIX (v7) headers carry no `ustar` magic: the checksum identifies them.
+    let disk = disk_bytes(4096, 19);
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img",
+        size: 4096,
+        capacity: 4096,
+        format: None,
+        gzip: false,
+    }]);
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [("a.ovf", xml.as_bytes()), ("d.img", disk.as_slice())] {
+        let mut h = Header::new_old();
+        h.set_path(name).unwrap();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    let bytes = b.into_inner().unwrap();
+    assert_ne!(&bytes[257..262], b"ustar");
+    assert_eq!(
+        glimpse_formats::detect(&bytes).unwrap().matches,
+        vec![Format::Ova]
+    );
+    assert!(rejects(&check(bytes)).is_empty());
+}
