@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod pipeline;
+pub mod stamp;
 
 pub mod qcow2;
 pub mod raw;
@@ -40,6 +41,8 @@ pub struct WriteOptions {
     pub opts: BTreeMap<String, String>,
     /// `-c`: compress (qcow2; streamOptimized VMDK always compresses).
     pub compress: bool,
+    /// Base name of the output file, when it has one (VMDK names it in its descriptor).
+    pub output_name: Option<String>,
 }
 
 impl WriteOptions {
@@ -71,7 +74,11 @@ impl WriteOptions {
                 .ok_or_else(|| Error::invalid(format!("option {item:?} is not key=value")))?;
             opts.insert(k.trim().to_string(), v.trim().to_string());
         }
-        Ok(WriteOptions { opts, compress })
+        Ok(WriteOptions {
+            opts,
+            compress,
+            output_name: None,
+        })
     }
 
     /// The value of `key`, if given.

@@ -136,10 +136,7 @@ impl Plan {
         f.write_u32::<BigEndian>(2)?; // features: the reserved bit is always set
         f.write_u32::<BigEndian>(0x0001_0000)?;
         f.write_u64::<BigEndian>(if self.fixed { u64::MAX } else { HEADER_AT })?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(VHD_EPOCH);
+        let now = crate::stamp::now_secs().max(VHD_EPOCH);
         f.write_u32::<BigEndian>(u32::try_from(now.saturating_sub(VHD_EPOCH)).unwrap_or(u32::MAX))?;
         f.extend_from_slice(&self.app);
         // Creator version 5.3 (Virtual PC 2007), as qemu-img writes it.
@@ -191,19 +188,9 @@ fn round_up(n: u64, to: u64) -> Result<u64> {
         .ok_or_else(|| Error::invalid(format!("size {n} overflows")))
 }
 
-/// 16 random bytes shaped as a version-4 UUID.
+/// 16 bytes shaped as a version-4 UUID (see [`crate::stamp::id_bytes`]).
 pub(crate) fn random_uuid() -> [u8; 16] {
-    let mut u = [0u8; 16];
-    let filled = File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut u))
-        .is_ok();
-    if !filled {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        u = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
-    }
+    let mut u = crate::stamp::id_bytes();
     u[6] = (u[6] & 0x0f) | 0x40;
     u[8] = (u[8] & 0x3f) | 0x80;
     u

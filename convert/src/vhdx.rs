@@ -12,7 +12,6 @@
 //! in the headers is zero, so no reader looks inside it.
 
 use std::fs::File;
-use std::hash::{BuildHasher, Hasher};
 use std::os::unix::fs::FileExt;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
@@ -376,20 +375,9 @@ fn metadata_region(l: &Layout) -> Vec<u8> {
     md
 }
 
-/// A random (version 4) GUID from the standard library's randomly keyed hasher.
-fn random_guid(salt: u64) -> Guid {
-    let mut g = [0u8; 16];
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    for (i, part) in g.chunks_mut(8).enumerate() {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(salt);
-        h.write_usize(i);
-        h.write_u128(nanos);
-        part.copy_from_slice(&h.finish().to_le_bytes());
-    }
+/// A version-4 GUID (see [`crate::stamp::id_bytes`]; `salt` is kept for call-site clarity).
+fn random_guid(_salt: u64) -> Guid {
+    let mut g = crate::stamp::id_bytes();
     g[7] = (g[7] & 0x0f) | 0x40;
     g[8] = (g[8] & 0x3f) | 0x80;
     g

@@ -163,17 +163,15 @@ fn descriptor(capacity: u64, o: &Opts, name: &str) -> String {
     )
 }
 
-/// The base name of an output file, found through `/proc/self/fd` since the writer is handed
-/// an open file. `None` for unnamed files, and for names that cannot sit inside a quoted
-/// descriptor value.
-fn output_name(f: &File) -> Option<String> {
-    use std::os::unix::io::AsRawFd;
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).ok()?;
-    let name = link.file_name()?.to_str()?.to_string();
+/// The output's base name as the caller gave it, if it can sit inside a quoted descriptor
+/// value. A pipe has no name: the descriptor then names `disk.vmdk`, so stream output equals
+/// file output written under that name.
+fn output_name(opts: &WriteOptions) -> Option<String> {
+    let name = opts.output_name.as_deref()?;
     let usable = !name.is_empty()
-        && !name.ends_with(" (deleted)")
+        && !name.contains('/')
         && !name.chars().any(|c| c == '"' || c.is_control());
-    usable.then_some(name)
+    usable.then(|| name.to_string())
 }
 
 /// Header fields that differ between layouts.
@@ -253,10 +251,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
     let o = parse_opts(opts)?;
     let capacity = capacity_of(virtual_size)?;
     let (_, gts, gd_sectors) = counts(capacity);
-    let name = match &target {
-        Target::File(f) => output_name(f),
-        Target::Stream(_) => None,
-    };
+    let name = output_name(opts);
     let desc = descriptor(capacity, &o, name.as_deref().unwrap_or(EXTENT_NAME));
     match o.sub {
         Sub::MonolithicSparse => {

@@ -70,7 +70,13 @@ fn install_signal_handlers() {
 
 /// Runs `glimpse convert`.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let opts = WriteOptions::parse(&args.options.join(","), args.compress)?;
+    let mut opts = WriteOptions::parse(&args.options.join(","), args.compress)?;
+    opts.output_name = args
+        .dst
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|_| args.dst.as_os_str() != "-")
+        .map(str::to_string);
     let loaded = load(&args.src, args.source_format, &args.input)?;
     let image = loaded.image;
     let size = image.info().virtual_size;
