@@ -339,6 +339,13 @@ pub fn parse(text: &[u8], base: u64) -> Descriptor {
 /// probe keys on).
 pub fn looks_like_descriptor(head: &[u8]) -> bool {
     let window = head.get(..head.len().min(4096)).unwrap_or_default();
+    // qemu-img pads a descriptor file with NUL bytes to a whole sector: the text ends at the
+    // first NUL, and only NULs may follow it.
+    let text_end = window.iter().position(|&b| b == 0).unwrap_or(window.len());
+    let (window, pad) = window.split_at(text_end);
+    if pad.iter().any(|&b| b != 0) {
+        return false;
+    }
     if window.is_empty()
         || window
             .iter()
