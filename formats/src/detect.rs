@@ -106,5 +106,12 @@ pub fn detect_probe(p: &Probe<'_>) -> Detection {
             matches.push(f);
         }
     }
+    // A fixed VHD is the guest disk followed by a footer, so an ISO written into one is its
+    // content, not a second reading of the file: qemu (which has no ISO driver) and Glance
+    // both see a VHD. Any other overlap stays ambiguous.
+    let fixed_vhd = matches.contains(&Format::Vhd) && !p.starts_with(b"conectix");
+    if fixed_vhd && matches.len() == 2 && matches.contains(&Format::Iso) {
+        matches.retain(|f| *f != Format::Iso);
+    }
     Detection { matches }
 }

@@ -269,6 +269,19 @@ pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
             );
         } else if file_size > vsize {
             info.detail("trailing-bytes", file_size - vsize);
+            // Glance's inspector takes an ISO's size from the volume descriptor, and so do
+            // we; but a hybrid image may append partitions past the volume, which a
+            // conversion then leaves out. Say so.
+            findings.push(
+                Finding::warn(
+                    "iso.trailing-data",
+                    format!(
+                        "{} bytes follow the {vsize}-byte ISO volume (appended partitions?); they are not part of the virtual disk",
+                        file_size - vsize
+                    ),
+                )
+                .at(vsize),
+            );
         }
     } else if s.iso9660 {
         return Err(
