@@ -162,10 +162,15 @@ pub fn reason(body: &[u8]) -> String {
             v.pointer("/title"),
         ];
         if let Some(s) = candidates.into_iter().flatten().find_map(|s| s.as_str()) {
-            return clip(s.trim());
+            // Glance's webob messages embed `<br />` even in JSON
+            return plain(s);
         }
     }
-    let text = String::from_utf8_lossy(body);
+    plain(&String::from_utf8_lossy(body))
+}
+
+/// Text without HTML tags, on one line, clipped.
+fn plain(text: &str) -> String {
     let mut out = String::new();
     let mut in_tag = false;
     for c in text.chars() {
@@ -323,7 +328,34 @@ mod tests {
         assert_eq!(reason(b"<html><body><h1>413 Request Entity Too Large</h1>\nImage exceeds the storage quota</body></html>"),
             "413 Request Entity Too Large Image exceeds the storage quota");
         assert_eq!(reason(b""), "(no reason given)");
+        assert_eq!(
+            reason(br#"{"message": "The request media type application/octet-stream is not supported by this server.<br /><br />\nImage disk_format qcow2 does not match stream data raw"}"#),
+            "The request media type application/octet-stream is not supported by this server. Image disk_format qcow2 does not match stream data raw"
+        );
         assert_eq!(reason(&[b'x'; 2000]).len(), 603);
+    }
+
+    #[test]
+    fn a_bad_ca_bundle_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = Tls {
+            insecure: false,
+            cacert: Some(dir.path().join("missing.pem")),
+        };
+        assert!(format!("{:#}", agent(&missing).unwrap_err()).contains("cannot read the CA bundle"));
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = agent(&Tls {
+            insecure: false,
+            cacert: Some(empty),
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("no certificate"), "{e:#}");
+        assert!(agent(&Tls {
+            insecure: true,
+            cacert: None
+        })
+        .is_ok());
     }
 
     #[test]

@@ -403,7 +403,20 @@ fn send_and_verify(
         bar
     });
     let mut body = HashingBody::new(file, local.size, signal::flag(), progress);
+    let started = Instant::now();
     let sent = glance.put_data(id, args.import, &mut body, local.size);
+    if args.verbose && sent.is_ok() {
+        let secs = started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 {
+            local.size as f64 / secs / f64::from(1u32 << 20)
+        } else {
+            0.0
+        };
+        eprintln!(
+            "glimpse: sent {} bytes in {secs:.2} s ({rate:.1} MiB/s)",
+            local.size
+        );
+    }
     let digests = match sent {
         Ok(()) => body.finish()?,
         Err(e) => {
@@ -553,6 +566,10 @@ const CORE: &[&str] = &[
     "os_hash_algo",
     "os_hash_value",
     "os_hidden",
+    "self",
+    "stores",
+    "locations",
+    "direct_url",
 ];
 
 fn print_image(image: &Value, output: OutputFormat) -> anyhow::Result<()> {
