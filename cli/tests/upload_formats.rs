@@ -215,3 +215,20 @@ fn a_qcow2_with_a_backing_file_is_refused_unless_allowed() {
     assert!(stderr.contains("qcow2.backing-file"), "{stderr}");
     assert!(g.images_named(&name).is_empty());
 }
+
+#[test]
+fn a_qed_image_is_refused_locally() {
+    // QED has no Glance disk_format; glimpse refuses it rather than guess one.
+    let g = glance(BIN);
+    let proxy = Proxy::start(&g.url, PutMode::Pass);
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("disk.qed");
+    qemu_img(&["create", "-q", "-f", "qed", f.to_str().unwrap(), "16M"]);
+    let name = unique("qed");
+    let out = upload(&proxy.url, &["--name", &name, f.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("format.unsupported"), "{stderr}");
+    assert_eq!(proxy.connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(g.images_named(&name).is_empty());
+}

@@ -194,15 +194,20 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
     let detection = glimpse_formats::detect(src.as_ref())
         .with_context(|| format!("{}: cannot read", args.file.display()))?;
     let detected = detection.format();
-    let disk = match args
+    let Some(disk) = args
         .disk_format
         .or_else(|| DiskFormat::from_detected(detected))
-    {
-        Some(d) => d,
-        None => bail!(
-            "{}: detected {detected}, which Glance does not take as a disk_format",
+    else {
+        // QED, LUKS: there is no disk_format to declare, and the policy refuses them anyway
+        let report =
+            policy::inspect_detected(src, detection, &Policy::default(), &Limits::default())
+                .with_context(|| format!("{}: cannot read", args.file.display()))?;
+        report_findings(args, &report.findings, false);
+        eprintln!(
+            "glimpse: {}: not uploaded: {detected} is not a Glance disk_format (nothing was sent)",
             args.file.display()
-        ),
+        );
+        return Ok(Err(1));
     };
     let container = args
         .container_format
@@ -238,9 +243,28 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
     let report = policy::inspect_detected(src, detection, &policy, &Limits::default())
         .with_context(|| format!("{}: cannot read", args.file.display()))?;
     let rejected = report.verdict() == Verdict::Reject;
-    for f in &report.findings {
+    report_findings(args, &report.findings, args.force);
+    if rejected && !args.force {
+        eprintln!(
+            "glimpse: {}: not uploaded: the image failed the check (nothing was sent)",
+            args.file.display()
+        );
+        return Ok(Err(1));
+    }
+    let virtual_size = report.info().map(|i| i.virtual_size);
+    Ok(Ok(Local {
+        disk,
+        container,
+        size,
+        virtual_size,
+    }))
+}
+
+/// Findings on stderr (and, for a rejection with `--output json`, the verdict on stdout).
+fn report_findings(args: &Args, findings: &[glimpse_formats::Finding], forced: bool) {
+    for f in findings {
         let sev = match f.severity {
-            Severity::Reject if args.force => "rejected (--force: uploading anyway)",
+            Severity::Reject if forced => "rejected (--force: uploading anyway)",
             Severity::Reject => "rejected",
             Severity::Warn => "warning",
             Severity::Info => continue,
@@ -256,24 +280,13 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
             f.message
         );
     }
-    if rejected && !args.force {
-        if args.output == OutputFormat::Json {
-            let out = json!({"file": args.file.display().to_string(), "verdict": "reject", "findings": report.findings});
-            println!("{}", serde_json::to_string_pretty(&out)?);
+    let rejected = findings.iter().any(|f| f.severity == Severity::Reject);
+    if rejected && !forced && args.output == OutputFormat::Json {
+        let out = json!({"file": args.file.display().to_string(), "verdict": "reject", "findings": findings});
+        if let Ok(text) = serde_json::to_string_pretty(&out) {
+            println!("{text}");
         }
-        eprintln!(
-            "glimpse: {}: not uploaded: the image failed the check (nothing was sent)",
-            args.file.display()
-        );
-        return Ok(Err(1));
     }
-    let virtual_size = report.info().map(|i| i.virtual_size);
-    Ok(Ok(Local {
-        disk,
-        container,
-        size,
-        virtual_size,
-    }))
 }
 
 fn auth_options(a: &Args) -> AuthOptions {
