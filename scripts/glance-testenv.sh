@@ -37,6 +37,7 @@ usage() { sed -n '2,24p' "$SELF" >&2; exit 2; }
 
 [ $# -ge 2 ] || usage
 CMD=$1
+case "$CMD" in start|stop|status|reset) ;; *) usage ;; esac
 mkdir -p "$2"
 D=$(cd "$2" && pwd)
 shift 2
