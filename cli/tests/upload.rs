@@ -702,3 +702,151 @@ fn help_and_errors_never_show_secrets() {
     assert!(stderr.contains("OS_IMAGE_URL"), "{stderr}");
     assert!(!stderr.contains(TOKEN) && !stdout.contains(TOKEN));
 }
+
+/// A child process killed when the test ends, pass or fail.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl is required for the TLS test");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn tls_is_verified_and_os_cacert_and_insecure_are_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        d,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-subj",
+                "/CN=glimpse test CA",
+                "-days",
+                "2",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        d,
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "leaf.key",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        d.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    );
+    // An HTTPS server that answers every POST with 501: enough to see the TLS handshake pass.
+    let script = "import http.server, ssl, sys\n\
+                  srv = http.server.HTTPServer(('127.0.0.1', 0), http.server.BaseHTTPRequestHandler)\n\
+                  ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+                  ctx.load_cert_chain(sys.argv[1], sys.argv[2])\n\
+                  srv.socket = ctx.wrap_socket(srv.socket, server_side=True)\n\
+                  print(srv.server_address[1], flush=True)\n\
+                  srv.serve_forever()\n";
+    let mut server = KillOnDrop(
+        std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(d.join("leaf.pem"))
+            .arg(d.join("leaf.key"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 is required"),
+    );
+    let mut port = String::new();
+    BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let url = format!("https://127.0.0.1:{}", port.trim());
+    let file = raw_file(d, "disk.raw", 1000);
+    let run = |extra: &[&str], cacert: Option<&std::path::Path>| {
+        let mut c = glimpse();
+        c.args(["upload", "--os-auth-token", TOKEN, "--os-image-url", &url])
+            .args(extra)
+            .arg(&file);
+        if let Some(p) = cacert {
+            c.env("OS_CACERT", p);
+        }
+        c.output().unwrap()
+    };
+    // the built-in roots do not know our CA: refused before any HTTP exchange
+    let out = run(&[], None);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.to_ascii_lowercase().contains("certificate") || stderr.contains("UnknownIssuer"),
+        "{stderr}"
+    );
+    // OS_CACERT trusts it: the handshake passes and the server's 501 comes back
+    let out = run(&[], Some(&d.join("ca.pem")));
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("HTTP 501"), "{stderr}");
+    // --insecure skips verification
+    let out = run(&["--insecure"], None);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("HTTP 501"), "{stderr}");
+    assert!(!stderr.contains(TOKEN));
+}

@@ -229,6 +229,9 @@ fn a_qed_image_is_refused_locally() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(stderr.contains("format.unsupported"), "{stderr}");
-    assert_eq!(proxy.connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        proxy.connections.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
     assert!(g.images_named(&name).is_empty());
 }
