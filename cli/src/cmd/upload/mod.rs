@@ -1,0 +1,645 @@
+//! `glimpse upload`: validate locally, create the Glance image, stream the file once while
+//! hashing it, then verify what Glance stored. Any failure after the create deletes the image
+//! (unless `--keep-on-failure`), so a failed upload leaves nothing behind.
+
+mod auth;
+mod glance;
+mod http;
+mod signal;
+mod validate;
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use glimpse_formats::policy::{self, Policy, Verdict};
+use glimpse_formats::{Limits, Severity};
+use serde_json::{json, Map, Value};
+
+use self::auth::AuthOptions;
+use self::glance::{Digests, Glance, HashingBody};
+use self::http::{Http, Secret, Tls};
+use self::validate::{ContainerFormat, DiskFormat, Plan};
+use crate::common::{open_source, parse_size, OutputFormat};
+
+/// Image visibility.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Visibility {
+    /// Every project sees it.
+    Public,
+    /// Only the owner's project.
+    Private,
+    /// The owner and projects it is shared with.
+    Shared,
+    /// Every project, without appearing in default lists.
+    Community,
+}
+
+/// Arguments of `glimpse upload`.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Exit status: 0 uploaded and verified, 1 rejected before upload (nothing sent), \
+2 error (the image, if one was created, has been deleted unless --keep-on-failure)."
+)]
+pub struct Args {
+    /// The image file.
+    file: PathBuf,
+
+    /// Image name (default: the file name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Glance disk_format (default: the detected format).
+    #[arg(long, value_enum)]
+    disk_format: Option<DiskFormat>,
+    /// Glance container_format (default: ova for an OVA file, bare otherwise).
+    #[arg(long, value_enum)]
+    container_format: Option<ContainerFormat>,
+    /// Image visibility (Glance's default when not given: shared).
+    #[arg(long, value_enum)]
+    visibility: Option<Visibility>,
+    /// Minimum disk in GiB (default: the virtual size in GiB, rounded up).
+    #[arg(long)]
+    min_disk: Option<u64>,
+    /// Minimum RAM in MiB.
+    #[arg(long)]
+    min_ram: Option<u64>,
+    /// Protect the image from deletion (set after the upload is verified).
+    #[arg(long)]
+    protected: bool,
+    /// An extra property (repeat for more).
+    #[arg(long = "property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+    /// A tag (repeat for more).
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Use interoperable import (stage, then glance-direct import) instead of a direct PUT.
+    #[arg(long)]
+    import: bool,
+    /// Seconds to wait for an import to finish.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    import_timeout: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    output: OutputFormat,
+    /// Show a progress bar.
+    #[arg(short = 'p', long)]
+    progress: bool,
+    /// Log each request (method, URL, status, x-openstack-request-id) to stderr; never secrets.
+    #[arg(short = 'v', long)]
+    verbose: bool,
+    /// Keep the Glance image when a step after its creation fails.
+    #[arg(long)]
+    keep_on_failure: bool,
+
+    /// Reject images whose virtual size exceeds this (e.g. 100G).
+    #[arg(long, value_parser = parse_size)]
+    max_virtual_size: Option<u64>,
+    /// Accept a backing file (qcow2) or parent (VMDK) reference.
+    #[arg(long)]
+    allow_backing_file: bool,
+    /// Upload even when the local check rejects the image (the findings are still printed).
+    #[arg(long)]
+    force: bool,
+
+    /// A Keystone token (with --os-image-url); never printed.
+    #[arg(long, env = "OS_AUTH_TOKEN", hide_env_values = true)]
+    os_auth_token: Option<String>,
+    /// The image service endpoint, e.g. http://glance:9292 (overrides the catalog).
+    #[arg(long, env = "OS_IMAGE_URL")]
+    os_image_url: Option<String>,
+    /// A cloud in clouds.yaml.
+    #[arg(long, env = "OS_CLOUD")]
+    os_cloud: Option<String>,
+    /// Keystone v3 URL.
+    #[arg(long, env = "OS_AUTH_URL")]
+    os_auth_url: Option<String>,
+    /// User name.
+    #[arg(long, env = "OS_USERNAME")]
+    os_username: Option<String>,
+    /// User id.
+    #[arg(long, env = "OS_USER_ID")]
+    os_user_id: Option<String>,
+    /// Password; never printed.
+    #[arg(long, env = "OS_PASSWORD", hide_env_values = true)]
+    os_password: Option<String>,
+    /// Project name.
+    #[arg(long, env = "OS_PROJECT_NAME")]
+    os_project_name: Option<String>,
+    /// Project id.
+    #[arg(long, env = "OS_PROJECT_ID")]
+    os_project_id: Option<String>,
+    /// The user's domain name.
+    #[arg(long, env = "OS_USER_DOMAIN_NAME")]
+    os_user_domain_name: Option<String>,
+    /// The user's domain id.
+    #[arg(long, env = "OS_USER_DOMAIN_ID")]
+    os_user_domain_id: Option<String>,
+    /// The project's domain name.
+    #[arg(long, env = "OS_PROJECT_DOMAIN_NAME")]
+    os_project_domain_name: Option<String>,
+    /// The project's domain id.
+    #[arg(long, env = "OS_PROJECT_DOMAIN_ID")]
+    os_project_domain_id: Option<String>,
+    /// Region of the image endpoint in the catalog.
+    #[arg(long, env = "OS_REGION_NAME")]
+    os_region_name: Option<String>,
+    /// Catalog interface: public (default), internal or admin.
+    #[arg(long, env = "OS_INTERFACE")]
+    os_interface: Option<String>,
+    /// A PEM bundle of CA certificates to trust instead of the built-in roots.
+    #[arg(long, env = "OS_CACERT")]
+    os_cacert: Option<PathBuf>,
+    /// Do not verify TLS certificates.
+    #[arg(long)]
+    insecure: bool,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// What the local inspection established.
+struct Local {
+    disk: DiskFormat,
+    container: ContainerFormat,
+    size: u64,
+    virtual_size: Option<u64>,
+}
+
+/// Runs the command; returns the exit code.
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let local = match inspect(&args)? {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let mut opts = auth_options(&args);
+    auth::apply_cloud(&mut opts)?;
+    let http = Http::new(http::agent(&opts.tls)?, args.verbose);
+    let session = auth::authenticate(&http, &opts)?;
+    signal::install();
+    let glance = Glance::new(&http, &session.token, &session.image_url);
+    upload(&args, &local, &glance)
+}
+
+/// Local validation. `Ok(Err(1))` is a rejection already reported.
+fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
+    let src = open_source(&args.file)?;
+    let size = src
+        .size()
+        .with_context(|| format!("{}: cannot read", args.file.display()))?;
+    let detection = glimpse_formats::detect(src.as_ref())
+        .with_context(|| format!("{}: cannot read", args.file.display()))?;
+    let detected = detection.format();
+    let Some(disk) = args
+        .disk_format
+        .or_else(|| DiskFormat::from_detected(detected))
+    else {
+        // QED, LUKS: there is no disk_format to declare, and the policy refuses them anyway
+        let report =
+            policy::inspect_detected(src, detection, &Policy::default(), &Limits::default())
+                .with_context(|| format!("{}: cannot read", args.file.display()))?;
+        report_findings(args, &report.findings, false);
+        eprintln!(
+            "glimpse: {}: not uploaded: {detected} is not a Glance disk_format (nothing was sent)",
+            args.file.display()
+        );
+        return Ok(Err(1));
+    };
+    let container = args
+        .container_format
+        .unwrap_or(if detected == glimpse_formats::Format::Ova {
+            ContainerFormat::Ova
+        } else {
+            ContainerFormat::Bare
+        });
+    let plan = validate::plan(disk, container).map_err(|e| anyhow!("{e}"))?;
+    let expect = match plan {
+        Plan::Expect(f) => f,
+        Plan::Uninspectable(why) => {
+            eprintln!(
+                "glimpse: warning: {}: disk_format {} / container_format {}: {why}",
+                args.file.display(),
+                disk.name(),
+                container.name()
+            );
+            return Ok(Ok(Local {
+                disk,
+                container,
+                size,
+                virtual_size: None,
+            }));
+        }
+    };
+    let policy = Policy {
+        expect_format: Some(expect),
+        max_virtual_size: args.max_virtual_size,
+        allow_backing_file: args.allow_backing_file,
+        skip_structure: false,
+    };
+    let report = policy::inspect_detected(src, detection, &policy, &Limits::default())
+        .with_context(|| format!("{}: cannot read", args.file.display()))?;
+    let rejected = report.verdict() == Verdict::Reject;
+    report_findings(args, &report.findings, args.force);
+    if rejected && !args.force {
+        eprintln!(
+            "glimpse: {}: not uploaded: the image failed the check (nothing was sent)",
+            args.file.display()
+        );
+        return Ok(Err(1));
+    }
+    let virtual_size = report.info().map(|i| i.virtual_size);
+    Ok(Ok(Local {
+        disk,
+        container,
+        size,
+        virtual_size,
+    }))
+}
+
+/// Findings on stderr (and, for a rejection with `--output json`, the verdict on stdout).
+fn report_findings(args: &Args, findings: &[glimpse_formats::Finding], forced: bool) {
+    for f in findings {
+        let sev = match f.severity {
+            Severity::Reject if forced => "rejected (--force: uploading anyway)",
+            Severity::Reject => "rejected",
+            Severity::Warn => "warning",
+            Severity::Info => continue,
+        };
+        let at = f
+            .offset
+            .map(|o| format!(" at offset {o:#x}"))
+            .unwrap_or_default();
+        eprintln!(
+            "glimpse: {}: {sev}: {}{at}: {}",
+            args.file.display(),
+            f.code,
+            f.message
+        );
+    }
+    let rejected = findings.iter().any(|f| f.severity == Severity::Reject);
+    if rejected && !forced && args.output == OutputFormat::Json {
+        let out = json!({"file": args.file.display().to_string(), "verdict": "reject", "findings": findings});
+        if let Ok(text) = serde_json::to_string_pretty(&out) {
+            println!("{text}");
+        }
+    }
+}
+
+fn auth_options(a: &Args) -> AuthOptions {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    AuthOptions {
+        token: a
+            .os_auth_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
+        image_url: a.os_image_url.clone(),
+        cloud: a.os_cloud.clone(),
+        auth_url: a.os_auth_url.clone(),
+        username: a.os_username.clone(),
+        user_id: a.os_user_id.clone(),
+        password: a.os_password.clone().map(Secret::new),
+        project_name: a.os_project_name.clone().or_else(|| env("OS_TENANT_NAME")),
+        project_id: a.os_project_id.clone().or_else(|| env("OS_TENANT_ID")),
+        user_domain_name: a.os_user_domain_name.clone(),
+        user_domain_id: a.os_user_domain_id.clone(),
+        project_domain_name: a.os_project_domain_name.clone(),
+        project_domain_id: a.os_project_domain_id.clone(),
+        region: a.os_region_name.clone(),
+        interface: a.os_interface.clone(),
+        tls: Tls {
+            insecure: a.insecure,
+            cacert: a.os_cacert.clone(),
+        },
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+/// The create request: core attributes, tags and extra properties in one POST (Glance takes
+/// extra properties as top-level string members). `protected` is left out: a protected image
+/// cannot be deleted, so it is set only after the upload has been verified.
+fn create_body(args: &Args, local: &Local) -> Value {
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let mut m = Map::new();
+    m.insert("name".into(), name.into());
+    m.insert("disk_format".into(), local.disk.name().into());
+    m.insert("container_format".into(), local.container.name().into());
+    if let Some(v) = args.visibility {
+        let s = match v {
+            Visibility::Public => "public",
+            Visibility::Private => "private",
+            Visibility::Shared => "shared",
+            Visibility::Community => "community",
+        };
+        m.insert("visibility".into(), s.into());
+    }
+    let min_disk = args
+        .min_disk
+        .or_else(|| local.virtual_size.map(|v| v.div_ceil(GIB)));
+    if let Some(d) = min_disk {
+        m.insert("min_disk".into(), d.into());
+    }
+    if let Some(r) = args.min_ram {
+        m.insert("min_ram".into(), r.into());
+    }
+    if !args.tags.is_empty() {
+        m.insert("tags".into(), args.tags.clone().into());
+    }
+    for (k, v) in &args.properties {
+        m.insert(k.clone(), v.clone().into());
+    }
+    Value::Object(m)
+}
+
+/// Everything after local validation: create, send, verify, and delete on any failure.
+fn upload(args: &Args, local: &Local, glance: &Glance<'_>) -> anyhow::Result<u8> {
+    if signal::interrupted() {
+        bail!("interrupted before the image was created");
+    }
+    let record = glance.create(create_body(args, local))?;
+    let id = record
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("Glance created an image but its reply has no id"))?
+        .to_string();
+    if args.verbose {
+        eprintln!("glimpse: created image {id}");
+    }
+    match send_and_verify(args, local, glance, &id) {
+        Ok(image) => {
+            print_image(&image, args.output)?;
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("glimpse: {}: {e:#}", args.file.display());
+            if args.keep_on_failure {
+                eprintln!("glimpse: image {id} was kept (--keep-on-failure)");
+            } else {
+                match glance.delete(&id) {
+                    Ok(()) => eprintln!("glimpse: image {id} deleted; nothing was left behind"),
+                    Err(d) => eprintln!("glimpse: image {id} could NOT be deleted: {d:#}"),
+                }
+            }
+            Ok(2)
+        }
+    }
+}
+
+fn send_and_verify(
+    args: &Args,
+    local: &Local,
+    glance: &Glance<'_>,
+    id: &str,
+) -> anyhow::Result<Value> {
+    let file =
+        File::open(&args.file).with_context(|| format!("{}: cannot open", args.file.display()))?;
+    let progress = args.progress.then(|| {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(local.size),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bytes}/{total_bytes} [{wide_bar}] {binary_bytes_per_sec} {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    });
+    let mut body = HashingBody::new(file, local.size, signal::flag(), progress);
+    let started = Instant::now();
+    let sent = glance.put_data(id, args.import, &mut body, local.size);
+    if args.verbose && sent.is_ok() {
+        let secs = started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 {
+            local.size as f64 / secs / f64::from(1u32 << 20)
+        } else {
+            0.0
+        };
+        eprintln!(
+            "glimpse: sent {} bytes in {secs:.2} s ({rate:.1} MiB/s)",
+            local.size
+        );
+    }
+    let digests = match sent {
+        Ok(()) => body.finish()?,
+        Err(e) => {
+            let _ = body.finish();
+            if signal::interrupted() {
+                bail!("interrupted during the upload");
+            }
+            return Err(e.context("the upload failed"));
+        }
+    };
+    let mut image = if args.import {
+        glance
+            .import(id)
+            .context("starting the glance-direct import")?;
+        wait_for_import(glance, id, Duration::from_secs(args.import_timeout))?
+    } else {
+        glance.get(id)?
+    };
+    if signal::interrupted() {
+        bail!("interrupted after the upload");
+    }
+    verify(&image, local, &digests)?;
+    if args.protected {
+        image = glance.patch(
+            id,
+            json!([{"op": "replace", "path": "/protected", "value": true}]),
+        )?;
+    }
+    Ok(image)
+}
+
+/// Polls until the import lands, fails or times out.
+fn wait_for_import(glance: &Glance<'_>, id: &str, timeout: Duration) -> anyhow::Result<Value> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let image = glance.get(id)?;
+        let status = image.get("status").and_then(Value::as_str).unwrap_or("");
+        let failed = image
+            .get("os_glance_failed_import")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if status == "active" {
+            return Ok(image);
+        }
+        if !failed.is_empty() || matches!(status, "queued" | "killed" | "deleted") {
+            let why = glance
+                .failed_task_message(id)
+                .unwrap_or_else(|| "Glance gave no reason".into());
+            bail!("the import failed (status {status}, os_glance_failed_import {failed:?}): {why}");
+        }
+        if start.elapsed() >= timeout {
+            bail!(
+                "the import did not finish within {} s (status {status}); raise --import-timeout for large images",
+                timeout.as_secs()
+            );
+        }
+        // Sleep in short steps so that Ctrl-C is noticed quickly.
+        let until = Instant::now() + delay;
+        while Instant::now() < until {
+            if signal::interrupted() {
+                bail!("interrupted while waiting for the import");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Compares Glance's record with what was sent.
+fn verify(image: &Value, local: &Local, d: &Digests) -> anyhow::Result<()> {
+    let s = |k: &str| image.get(k).and_then(Value::as_str);
+    let n = |k: &str| image.get(k).and_then(Value::as_u64);
+    let mut bad = Vec::new();
+    if s("status") != Some("active") {
+        bad.push(format!(
+            "status is {} instead of active",
+            s("status").unwrap_or("missing")
+        ));
+    }
+    if n("size") != Some(d.size) {
+        bad.push(format!(
+            "size is {:?} but {} bytes were sent",
+            n("size"),
+            d.size
+        ));
+    }
+    if s("checksum") != Some(d.md5.as_str()) {
+        bad.push(format!(
+            "checksum (md5) is {:?} but the file's is {}",
+            s("checksum"),
+            d.md5
+        ));
+    }
+    match s("os_hash_algo") {
+        Some("sha512") => {
+            if s("os_hash_value") != Some(d.sha512.as_str()) {
+                bad.push(format!(
+                    "os_hash_value (sha512) is {:?} but the file's is {}",
+                    s("os_hash_value"),
+                    d.sha512
+                ));
+            }
+        }
+        other => bad.push(format!(
+            "os_hash_algo is {other:?}; glimpse verifies sha512"
+        )),
+    }
+    if let (Some(theirs), Some(ours)) = (n("virtual_size"), local.virtual_size) {
+        if theirs != ours {
+            bad.push(format!(
+                "virtual_size is {theirs} but the image's is {ours}"
+            ));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "Glance's record does not match what was sent: {}",
+            bad.join("; ")
+        ))
+    }
+}
+
+/// Core attributes shown as rows; anything else is an extra property, shown together as
+/// `properties` the way `openstack image create` does.
+const CORE: &[&str] = &[
+    "checksum",
+    "container_format",
+    "created_at",
+    "disk_format",
+    "file",
+    "id",
+    "min_disk",
+    "min_ram",
+    "name",
+    "owner",
+    "protected",
+    "schema",
+    "size",
+    "status",
+    "tags",
+    "updated_at",
+    "virtual_size",
+    "visibility",
+    "os_hash_algo",
+    "os_hash_value",
+    "os_hidden",
+    "self",
+    "stores",
+    "locations",
+    "direct_url",
+];
+
+fn print_image(image: &Value, output: OutputFormat) -> anyhow::Result<()> {
+    if output == OutputFormat::Json {
+        println!("{}", serde_json::to_string_pretty(image)?);
+        return Ok(());
+    }
+    let Some(obj) = image.as_object() else {
+        bail!("Glance's record is not an object")
+    };
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.to_string(),
+    };
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut props = Vec::new();
+    for (k, v) in obj {
+        if CORE.contains(&k.as_str()) {
+            rows.push((k.clone(), text(v)));
+        } else {
+            props.push(format!("{k}='{}'", text(v)));
+        }
+    }
+    props.sort();
+    if !props.is_empty() {
+        rows.push(("properties".into(), props.join(", ")));
+    }
+    rows.sort();
+    let w0 = rows
+        .iter()
+        .map(|r| r.0.chars().count())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let w1 = rows
+        .iter()
+        .map(|r| r.1.chars().count())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let line = format!("+-{}-+-{}-+", "-".repeat(w0), "-".repeat(w1));
+    println!("{line}");
+    println!("| {:w0$} | {:w1$} |", "Field", "Value");
+    println!("{line}");
+    for (k, v) in &rows {
+        println!("| {k:w0$} | {v:w1$} |");
+    }
+    println!("{line}");
+    Ok(())
+}
