@@ -1,6 +1,8 @@
 //! Fuzz target `iso`: the ISO 9660 parser (volume descriptors from sector 16).
 //!
-//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/iso/`: `genisoimage` (plain, Joliet+Rock Ridge) and `xorriso` images of a tiny tree, plus cut-down copies holding the system area and the volume descriptors only (first 64 KiB).
+//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/iso/`: `genisoimage` (plain, and
+//! Joliet + Rock Ridge) and `xorriso -as mkisofs` images of a tiny tree, plus cut-down copies
+//! holding the system area and the volume descriptors only (first 64 KiB).
 
 #![no_main]
 

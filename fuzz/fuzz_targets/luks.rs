@@ -1,6 +1,8 @@
 //! Fuzz target `luks`: LUKS detection and description (header, keyslots; LUKS2 JSON area).
 //!
-//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/luks/`: `qemu-img create -f luks` (LUKS1, with a low `iter-time`) images, cut down to the header and key material area (first 64 KiB and 1 MiB).
+//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/luks/`: `qemu-img create -f luks`
+//! images (LUKS1, AES-256 and AES-128/SHA-1, with a low `iter-time`), plus cut-down copies
+//! holding the header and key material area (first 64 KiB and 1 MiB).
 
 #![no_main]
 

@@ -1,6 +1,9 @@
 //! Fuzz target `ova`: the OVA/OVF parser (`open` as ova opens the first disk member named by the OVF).
 //!
-//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/ova/`: `tar` archives (ustar and GNU) of a hand-written OVF descriptor, a manifest and a small streamOptimized VMDK made by qemu-img (OVF first, as OVA requires; also an archive with the OVF last and one with a path-escaping href), plus cut-down copies (first 64 KiB).
+//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/ova/`: `tar` archives (ustar and
+//! GNU) of a hand-written OVF descriptor, a manifest and a small streamOptimized VMDK made by
+//! qemu-img (OVF first, as OVA requires; also one with the OVF last, and one whose href escapes
+//! the archive), plus cut-down copies (first 64 KiB).
 
 #![no_main]
 

@@ -1,6 +1,8 @@
 //! Fuzz target `vdi`: the VDI parser (pre-header, header v1.1, block map).
 //!
-//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/vdi/`: `qemu-img convert -O vdi` of a patterned raw disk (dynamic and `static=on`), plus cut-down copies holding the header and block map only (first 64 KiB).
+//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/vdi/`: `qemu-img convert -O vdi` of
+//! a patterned 4 MiB raw disk (dynamic and `static=on`), an empty 64 GiB disk, plus cut-down
+//! copies holding the header and block map only (first 64 KiB).
 
 #![no_main]
 

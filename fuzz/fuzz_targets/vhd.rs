@@ -1,6 +1,9 @@
 //! Fuzz target `vhd`: the VHD parser (footer, dynamic header, BAT, parent locators).
 //!
-//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/vhd/`: `qemu-img convert -O vpc` of a patterned raw disk with `subformat=dynamic` and `subformat=fixed` (`force_size` on and off), plus cut-down copies of the dynamic one: the first 64 KiB (footer copy, header, BAT) with the 512-byte footer appended again.
+//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/vhd/`: `qemu-img convert -O vpc` of
+//! a patterned 4 MiB raw disk (`subformat=dynamic` and `fixed`, `force_size` on and off), an
+//! empty 64 GiB dynamic disk, plus cut-down copies of the dynamic ones: the first 64 KiB (footer
+//! copy, header, BAT) with the 512-byte footer appended again.
 
 #![no_main]
 

@@ -1,6 +1,10 @@
 //! Fuzz target `vhdx`: the VHDX parser (file identifier, headers, region table, metadata, BAT, log).
 //!
-//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/vhdx/`: `qemu-img convert -O vhdx` of a patterned raw disk (dynamic and fixed, block sizes 1 MiB and the default, an empty 64 GiB one and one with `block_state_zero=off`), plus cut-down copies holding the first 1 MiB (headers, region tables) and 4 MiB (also the log, BAT and metadata region, without payload blocks).
+//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/vhdx/`: `qemu-img convert -O vhdx`
+//! of a patterned 4 MiB raw disk (dynamic with the default and a 1 MiB block size, fixed), an
+//! empty 64 GiB disk and one made with `block_state_zero=off`, plus cut-down copies holding
+//! the first 1 MiB (headers, region tables) and 4 MiB (also the log, BAT and metadata region,
+//! without payload blocks).
 
 #![no_main]
 

@@ -1,6 +1,10 @@
 //! Fuzz target `vmdk`: the VMDK parser on binary sparse extents (hosted sparse header `KDMV`, and ESX `COWD`).
 //!
-//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/vmdk/`: `qemu-img convert -O vmdk` of a patterned raw disk with `subformat=monolithicSparse` and `streamOptimized` (plus `-o compat6` and `zeroed_grain=on`), plus cut-down copies holding the header, embedded descriptor, grain directory and first grain tables only (first 64 KiB and 256 KiB).
+//! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/vmdk/`: `qemu-img convert -O vmdk`
+//! of a patterned 4 MiB raw disk (monolithicSparse, streamOptimized, `compat6=on`,
+//! `zeroed_grain=on`), an empty 64 GiB sparse disk and a child with a parent, plus cut-down
+//! copies holding the header, embedded descriptor, grain directory and first grain tables only
+//! (first 64 KiB and 256 KiB).
 
 #![no_main]
 

@@ -3,9 +3,10 @@
 //! files are references: they must be reported, never opened.
 //!
 //! Seed corpus: `fuzz/seeds.sh` writes it to `fuzz/corpus/vmdk_descriptor/`: the descriptor
-//! files `qemu-img create -f vmdk` writes for `twoGbMaxExtentSparse`, `twoGbMaxExtentFlat`,
-//! `monolithicFlat` and `vmfs`, a child descriptor with `parentFileNameHint`, and descriptors
-//! with CRLF line ends and odd spacing, copied without their extent files.
+//! files `qemu-img create -f vmdk` writes for `twoGbMaxExtentSparse`, `twoGbMaxExtentFlat` and
+//! `monolithicFlat` (copied without their extent files), the descriptors embedded in a
+//! streamOptimized extent and in a child with `parentFileNameHint` (padding removed), and
+//! variants with CRLF line ends and odd spacing.
 
 #![no_main]
 
