@@ -7,6 +7,10 @@ use crate::error::{Error, Result};
 use crate::image::{Codec, Extent, ExtentKind, Image};
 use crate::limits::Limits;
 
+/// Largest compressed unit accepted: no format compresses more than 64 MiB as one unit
+/// (qcow2 clusters are at most 2 MiB; VMDK grains are far smaller).
+pub const MAX_UNIT: u64 = 64 << 20;
+
 /// Decompresses one unit (cluster or grain) into at most `unit_size` bytes.
 ///
 /// A stream that would inflate beyond `unit_size` is cut there (the caller never needs more);
@@ -17,7 +21,7 @@ use crate::limits::Limits;
 pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> Result<Vec<u8>> {
     // No unit of any format is larger than 2 MiB (qcow2's largest cluster) except VMDK grains
     // and VHDX blocks, which are never compressed beyond 64 MiB; refuse more.
-    if unit_size > 64 << 20 {
+    if unit_size > MAX_UNIT {
         return Err(Error::limit(format!(
             "compressed unit of {unit_size} bytes is too large"
         )));
@@ -236,9 +240,15 @@ impl GuestReader {
             }
         }
         let size = self.image.source().size()?;
+        // Refuse an absurd unit before allocating or reading anything for it.
+        if unit_size > MAX_UNIT {
+            return Err(
+                Error::limit(format!("compressed unit of {unit_size} bytes is too large")).at(host),
+            );
+        }
         // The stored length may be an upper bound that runs past the file end (qcow2).
         let avail = size.saturating_sub(host).min(stored_len);
-        if avail == 0 || stored_len > 2 * unit_size + (1 << 16) {
+        if avail == 0 || stored_len > unit_size.saturating_mul(2).saturating_add(1 << 16) {
             return Err(Error::corrupt(format!(
                 "compressed data for guest offset {guest:#x} lies outside the file"
             ))
@@ -352,6 +362,50 @@ impl Iterator for ChunkPlanner<'_> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// An image whose one extent is a compressed unit of absurd size.
+    struct Absurd {
+        src: crate::Source,
+        info: crate::ImageInfo,
+    }
+    impl Image for Absurd {
+        fn info(&self) -> &crate::ImageInfo {
+            &self.info
+        }
+        fn findings(&self) -> &[crate::Finding] {
+            &[]
+        }
+        fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
+            let len = crate::image::mapping_span(guest, max_len, self.info.virtual_size)?;
+            let kind = ExtentKind::Compressed {
+                codec: Codec::Deflate,
+                host: 0,
+                stored_len: u64::MAX,
+                unit_size: u64::MAX,
+                skip: guest,
+            };
+            Ok(Extent {
+                start: guest,
+                len,
+                kind,
+            })
+        }
+        fn source(&self) -> &crate::Source {
+            &self.src
+        }
+    }
+
+    #[test]
+    fn an_absurd_compressed_unit_is_a_limit_error_not_a_panic_or_allocation() {
+        let img = Absurd {
+            src: Arc::new(vec![0u8; 4096]),
+            info: crate::ImageInfo::new(crate::Format::Qcow2, 1 << 20),
+        };
+        let r = GuestReader::new(Arc::new(img), &Limits::default());
+        let mut buf = [0u8; 512];
+        let e = r.read_at(&mut buf, 0).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::LimitExceeded);
+    }
 
     #[test]
     fn decompress_bounds_and_errors() {

@@ -239,6 +239,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
         max_virtual_size: args.max_virtual_size,
         allow_backing_file: args.allow_backing_file,
         skip_structure: false,
+        disk: None,
     };
     let report = policy::inspect_detected(src, detection, &policy, &Limits::default())
         .with_context(|| format!("{}: cannot read", args.file.display()))?;
