@@ -180,8 +180,9 @@ fn stream_is_the_footer_form_with_sparse_c_header() {
     let src = dir.path().join("in.raw");
     std::fs::write(&src, source(1 << 20, 5)).unwrap();
     let out = dir.path().join("s.vmdk");
-    let opts =
+    let mut opts =
         WriteOptions::parse("subformat=streamOptimized,adapter_type=lsilogic", false).unwrap();
+    opts.output_name = Some("s.vmdk".into());
     run(&src, &opts, Target::File(File::create(&out).unwrap())).unwrap();
     let b = std::fs::read(&out).unwrap();
     assert_eq!(&b[0..4], b"KDMV");
