@@ -39,7 +39,19 @@ enum Command {
     Upload(Box<cmd::upload::Args>),
 }
 
+/// Keeps freed chunk buffers in the heap for reuse. The pipeline allocates and frees
+/// buffers of 64 KiB to 32 MiB at a high rate; with glibc's defaults each one is a fresh
+/// mmap (or the heap is trimmed), so every chunk pays page faults for memory it just had.
+fn tune_allocator() {
+    // SAFETY: mallopt only adjusts allocator parameters; called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

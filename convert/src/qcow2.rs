@@ -15,9 +15,6 @@
 //! Every host cluster's refcount is counted as it is allocated, so `qemu-img check` finds no
 //! leaks and no errors. Zero chunks stay unallocated.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-
 use byteorder::{BigEndian, ByteOrder};
 
 use crate::{
@@ -122,7 +119,7 @@ fn layout(cluster_bits: u32, virtual_size: u64) -> Result<Layout> {
 }
 
 struct Qcow2Writer {
-    file: File,
+    file: crate::WriteCombiner,
     o: Opts,
     cs: u64,
     virtual_size: u64,
@@ -161,7 +158,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
     let refs = vec![1u16; n];
     let l1 = vec![0u64; usize::try_from(lay.l1_entries).map_err(|_| Error::limit("L1 too large"))?];
     Ok(Box::new(Qcow2Writer {
-        file,
+        file: crate::WriteCombiner::new(file),
         o,
         cs,
         virtual_size,
@@ -399,7 +396,7 @@ impl Writer for Qcow2Writer {
         BigEndian::write_u64_into(&self.l1, &mut l1);
         self.file.write_all_at(&l1, self.l1_off)?;
         self.file.write_all_at(&self.header(), 0)?;
-        self.file.sync_data()?;
+        self.file.flush()?;
         Ok(())
     }
 }

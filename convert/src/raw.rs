@@ -28,7 +28,7 @@ struct RawWriter {
 }
 
 /// Writes `n` zero bytes to a stream.
-fn write_zeros(w: &mut dyn Write, mut n: u64) -> std::io::Result<()> {
+pub(crate) fn write_zeros(w: &mut dyn Write, mut n: u64) -> std::io::Result<()> {
     static Z: [u8; 64 * 1024] = [0; 64 * 1024];
     while n > 0 {
         let k = n.min(Z.len() as u64) as usize;
@@ -84,12 +84,5 @@ impl Writer for RawWriter {
 
 fn finish_file(f: File, size: u64) -> Result<()> {
     f.set_len(size)?;
-    f.sync_all().or_else(|e| {
-        if e.raw_os_error() == Some(libc::EINVAL) {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    })?;
     Ok(())
 }

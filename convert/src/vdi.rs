@@ -205,13 +205,6 @@ impl Writer for VdiWriter {
         f.write_all_at(&map, BMAP_AT)?;
         // Every allocated block is whole on disk, the last one included.
         f.set_len(self.plan.data_at() + u64::from(self.allocated) * BLOCK)?;
-        f.sync_all().or_else(|e| {
-            if e.raw_os_error() == Some(libc::EINVAL) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
         Ok(())
     }
 }

@@ -266,16 +266,6 @@ struct FixedWriter {
     footer: Vec<u8>,
 }
 
-fn write_zeros(w: &mut dyn Write, mut n: u64) -> std::io::Result<()> {
-    static Z: [u8; 64 * 1024] = [0; 64 * 1024];
-    while n > 0 {
-        let k = n.min(Z.len() as u64) as usize;
-        w.write_all(&Z[..k])?;
-        n -= k as u64;
-    }
-    Ok(())
-}
-
 impl Writer for FixedWriter {
     fn chunk_size(&self) -> u64 {
         FIXED_CHUNK
@@ -292,7 +282,7 @@ impl Writer for FixedWriter {
             (Target::File(f), Payload::Data(d)) => f.write_all_at(&d, chunk.guest)?,
             (Target::Stream(w), Payload::Data(d)) => w.write_all(&d)?,
             (Target::File(_), Payload::Zero) => {}
-            (Target::Stream(w), Payload::Zero) => write_zeros(w.as_mut(), chunk.len)?,
+            (Target::Stream(w), Payload::Zero) => crate::raw::write_zeros(w.as_mut(), chunk.len)?,
             (_, Payload::Compressed(_)) => {
                 return Err(Error::invalid("vhd writer got a compressed chunk"))
             }
@@ -310,10 +300,10 @@ impl Writer for FixedWriter {
             Target::File(f) => {
                 f.set_len(size)?;
                 f.write_all_at(&self.footer, size)?;
-                sync(&f)
+                Ok(())
             }
             Target::Stream(mut w) => {
-                write_zeros(w.as_mut(), size - self.pos)?;
+                crate::raw::write_zeros(w.as_mut(), size - self.pos)?;
                 w.write_all(&self.footer)?;
                 w.flush()?;
                 Ok(())
@@ -386,19 +376,8 @@ impl Writer for DynamicWriter {
         f.write_all_at(&bat, BAT_AT)?;
         f.set_len(self.next)?;
         f.write_all_at(&self.footer, self.next)?;
-        sync(f)
+        Ok(())
     }
-}
-
-fn sync(f: &File) -> Result<()> {
-    f.sync_all().or_else(|e| {
-        if e.raw_os_error() == Some(libc::EINVAL) {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    })?;
-    Ok(())
 }
 
 #[cfg(test)]

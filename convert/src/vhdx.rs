@@ -324,13 +324,6 @@ impl Writer for VhdxWriter {
             next_host
         };
         file.set_len(end)?;
-        file.sync_all().or_else(|e| {
-            if e.raw_os_error() == Some(libc::EINVAL) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
         Ok(())
     }
 }

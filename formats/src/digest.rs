@@ -185,22 +185,32 @@ pub fn content_digest(
     let mut zero_run = 0u64;
     let mut planner = ChunkPlanner::new(image.as_ref(), CONTENT_BLOCK);
     const BATCH: usize = 512; // 32 MiB of blocks per parallel batch
+                              // Per batch: the blocks to read, and the record order as runs of zero blocks and indices
+                              // into the batch. Zero runs are folded as they come, so a 1 TiB empty disk holds one item.
+    enum Item {
+        Zeros(u64),
+        Block(usize),
+    }
     loop {
         let mut batch = Vec::with_capacity(BATCH);
-        let mut records: Vec<Option<u64>> = Vec::new(); // Some(index into batch) or None for zero
+        let mut items: Vec<Item> = Vec::new();
+        let mut last_end = 0;
         for plan in planner.by_ref() {
             let plan = plan?;
+            last_end = plan.guest + plan.len;
             if plan.read {
-                records.push(Some(batch.len() as u64));
+                items.push(Item::Block(batch.len()));
                 batch.push(plan);
                 if batch.len() == BATCH {
                     break;
                 }
+            } else if let Some(Item::Zeros(k)) = items.last_mut() {
+                *k += 1;
             } else {
-                records.push(None);
+                items.push(Item::Zeros(1));
             }
         }
-        if records.is_empty() {
+        if items.is_empty() {
             break;
         }
         let digests: Vec<Option<[u8; 32]>> = batch
@@ -215,29 +225,24 @@ pub fn content_digest(
                 Ok(Some(sha2::Sha256::digest(&buf).into()))
             })
             .collect::<Result<_>>()?;
-        for r in records {
-            let d = r.and_then(|i| {
-                digests
-                    .get(usize::try_from(i).unwrap_or(usize::MAX))
-                    .copied()
-                    .flatten()
-            });
-            match d {
-                None => zero_run += 1,
-                Some(d) => {
-                    if zero_run > 0 {
-                        outer.update([0u8]);
-                        outer.update(zero_run.to_le_bytes());
-                        zero_run = 0;
+        for item in items {
+            match item {
+                Item::Zeros(k) => zero_run += k,
+                Item::Block(i) => match digests.get(i).copied().flatten() {
+                    None => zero_run += 1,
+                    Some(d) => {
+                        if zero_run > 0 {
+                            outer.update([0u8]);
+                            outer.update(zero_run.to_le_bytes());
+                            zero_run = 0;
+                        }
+                        outer.update([1u8]);
+                        outer.update(d);
                     }
-                    outer.update([1u8]);
-                    outer.update(d);
-                }
+                },
             }
         }
-        if let Some(last) = batch.last() {
-            progress(last.guest + last.len, size);
-        }
+        progress(last_end, size);
     }
     if zero_run > 0 {
         outer.update([0u8]);

@@ -215,6 +215,85 @@ impl<R: ReadAt + ?Sized> ReadAt for Window<R> {
     }
 }
 
+/// The extent of a linearly mapped source (raw, ISO, a fixed disk) at `guest`, ending no
+/// later than `end`: data up to the next hole, or zero up to the next data. Holes read as
+/// zeros without being read (SEEK_DATA/SEEK_HOLE); they are reported as zero, not
+/// unallocated, as qemu-img map does for raw files.
+///
+/// # Errors
+/// `Io` from the hole queries.
+pub fn linear_extent(src: &dyn ReadAt, guest: u64, end: u64) -> Result<crate::Extent> {
+    use crate::ExtentKind;
+    let end = end.max(guest.saturating_add(1));
+    let (len, kind) = match src.next_data(guest)? {
+        None => (end - guest, ExtentKind::Zero),
+        Some(d) if d > guest => (d.min(end) - guest, ExtentKind::Zero),
+        Some(_) => {
+            let hole = src.next_hole(guest)?.clamp(guest.saturating_add(1), end);
+            (hole - guest, ExtentKind::Data { host: guest })
+        }
+    };
+    Ok(crate::Extent {
+        start: guest,
+        len,
+        kind,
+    })
+}
+
+/// Remembers the last few runs [`linear_extent`] found, so that reads inside a run already
+/// looked up cost no `SEEK_DATA`/`SEEK_HOLE` system calls (they are slow on some
+/// filesystems, and the pipeline asks once per chunk).
+#[derive(Default)]
+pub struct LinearMap {
+    recent: std::sync::Mutex<Vec<crate::Extent>>,
+}
+
+impl LinearMap {
+    /// Runs remembered.
+    const KEEP: usize = 8;
+
+    /// As [`linear_extent`] for `guest..end`, where the source's mapped part ends at `limit`.
+    ///
+    /// # Errors
+    /// `Io` from the hole queries.
+    pub fn extent(
+        &self,
+        src: &dyn ReadAt,
+        guest: u64,
+        end: u64,
+        limit: u64,
+    ) -> Result<crate::Extent> {
+        use crate::ExtentKind;
+        let clip = |e: &crate::Extent| {
+            let len = e.end().min(end).saturating_sub(guest).max(1);
+            let kind = match e.kind {
+                ExtentKind::Data { host } => ExtentKind::Data {
+                    host: host.saturating_add(guest - e.start),
+                },
+                k => k,
+            };
+            crate::Extent {
+                start: guest,
+                len,
+                kind,
+            }
+        };
+        if let Ok(recent) = self.recent.lock() {
+            if let Some(e) = recent.iter().find(|e| e.start <= guest && guest < e.end()) {
+                return Ok(clip(e));
+            }
+        }
+        let full = linear_extent(src, guest, limit.max(end))?;
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() >= Self::KEEP {
+                recent.remove(0);
+            }
+            recent.push(full);
+        }
+        Ok(clip(&full))
+    }
+}
+
 /// Reads exactly `len` bytes at `offset` into a new buffer, after checking the range against
 /// the source size and charging `budget`.
 ///

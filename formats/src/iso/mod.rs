@@ -16,7 +16,7 @@ use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo};
+use crate::image::{mapping_span, Extent, Image, ImageInfo};
 use crate::io::{read_up_to, Source};
 use crate::limits::Limits;
 
@@ -355,23 +355,7 @@ impl Image for IsoImage {
             .code("iso.truncated"));
         }
         let end = guest.saturating_add(span.min(self.file_size - guest));
-        // Padding written sparse (e.g. by `truncate`) reads as zeros without being read.
-        let (len, kind) = match self.src.next_data(guest)? {
-            None => (end - guest, ExtentKind::Unallocated),
-            Some(d) if d > guest => (d.min(end) - guest, ExtentKind::Unallocated),
-            Some(_) => {
-                let hole = self
-                    .src
-                    .next_hole(guest)?
-                    .clamp(guest.saturating_add(1), end);
-                (hole - guest, ExtentKind::Data { host: guest })
-            }
-        };
-        Ok(Extent {
-            start: guest,
-            len,
-            kind,
-        })
+        crate::io::linear_extent(self.src.as_ref(), guest, end)
     }
     fn source(&self) -> &Source {
         &self.src

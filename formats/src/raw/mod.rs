@@ -7,7 +7,7 @@
 use crate::error::Result;
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo};
+use crate::image::{mapping_span, Extent, Image, ImageInfo};
 use crate::io::Source;
 use crate::limits::Limits;
 
@@ -16,6 +16,7 @@ pub struct RawImage {
     src: Source,
     info: ImageInfo,
     findings: Vec<Finding>,
+    runs: crate::io::LinearMap,
 }
 
 /// Opens a raw image. Partition-table facts (MBR, GPT, FAT) found in the first sectors are
@@ -34,6 +35,7 @@ pub fn open(src: Source, _limits: &Limits) -> Result<RawImage> {
         src,
         info,
         findings,
+        runs: crate::io::LinearMap::default(),
     })
 }
 
@@ -46,25 +48,12 @@ impl Image for RawImage {
     }
     fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
         let span = mapping_span(guest, max_len, self.info.virtual_size)?;
-        let end = guest.saturating_add(span);
-        // Holes read as zeros without being read (SEEK_DATA/SEEK_HOLE). They are reported as
-        // zero, not unallocated, as qemu-img map does for raw files.
-        let (len, kind) = match self.src.next_data(guest)? {
-            None => (span, ExtentKind::Zero),
-            Some(d) if d > guest => (d.min(end) - guest, ExtentKind::Zero),
-            Some(_) => {
-                let hole = self
-                    .src
-                    .next_hole(guest)?
-                    .clamp(guest.saturating_add(1), end);
-                (hole - guest, ExtentKind::Data { host: guest })
-            }
-        };
-        Ok(Extent {
-            start: guest,
-            len,
-            kind,
-        })
+        self.runs.extent(
+            self.src.as_ref(),
+            guest,
+            guest.saturating_add(span),
+            self.info.virtual_size,
+        )
     }
     fn source(&self) -> &Source {
         &self.src
