@@ -68,14 +68,14 @@ convert)
     O=$W/out
     for sz in 1g 2g; do
         S=$W/mixed-$sz.raw
-        hf "convert-$sz-raw-qcow2" "$RUNS" "$G convert -O qcow2 $S $O.g" "qemu-img convert -O qcow2 $S $O.q" "rm -f $O.g $O.q"
-        hf "convert-$sz-qcow2-raw" "$RUNS" "$G convert -O raw $W/mixed-$sz.qcow2 $O.g" "qemu-img convert -O raw $W/mixed-$sz.qcow2 $O.q" "rm -f $O.g $O.q"
-        hf "convert-$sz-raw-vhd" "$RUNS" "$G convert -O vhd $S $O.g" "qemu-img convert -O vpc $S $O.q" "rm -f $O.g $O.q"
-        hf "convert-$sz-raw-vdi" "$RUNS" "$G convert -O vdi $S $O.g" "qemu-img convert -O vdi $S $O.q" "rm -f $O.g $O.q"
-        hf "convert-$sz-raw-qcow2-zlib" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -c -O qcow2 $S $O.q" "rm -f $O.g $O.q"
-        hf "convert-$sz-raw-qcow2-zlib-vs-W-m8" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -W -m 8 -c -O qcow2 $S $O.q" "rm -f $O.g $O.q"
-        hf "convert-$sz-raw-qcow2-zstd" "$HEAVY_RUNS" "$G convert -c -O qcow2 -o compression_type=zstd $S $O.g" "qemu-img convert -c -O qcow2 -o compression_type=zstd $S $O.q" "rm -f $O.g $O.q"
-        hf "convert-$sz-raw-vmdk-stream" "$HEAVY_RUNS" "$G convert -O vmdk -o subformat=streamOptimized $S $O.g" "qemu-img convert -O vmdk -o subformat=streamOptimized $S $O.q" "rm -f $O.g $O.q"
+        hf "convert-$sz-raw-qcow2" "$RUNS" "$G convert -O qcow2 $S $O.g" "qemu-img convert -O qcow2 $S $O.q" "rm -f $O.g $O.q; sync"
+        hf "convert-$sz-qcow2-raw" "$RUNS" "$G convert -O raw $W/mixed-$sz.qcow2 $O.g" "qemu-img convert -O raw $W/mixed-$sz.qcow2 $O.q" "rm -f $O.g $O.q; sync"
+        hf "convert-$sz-raw-vhd" "$RUNS" "$G convert -O vhd $S $O.g" "qemu-img convert -O vpc $S $O.q" "rm -f $O.g $O.q; sync"
+        hf "convert-$sz-raw-vdi" "$RUNS" "$G convert -O vdi $S $O.g" "qemu-img convert -O vdi $S $O.q" "rm -f $O.g $O.q; sync"
+        hf "convert-$sz-raw-qcow2-zlib" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -c -O qcow2 $S $O.q" "rm -f $O.g $O.q; sync"
+        hf "convert-$sz-raw-qcow2-zlib-vs-W-m8" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -W -m 8 -c -O qcow2 $S $O.q" "rm -f $O.g $O.q; sync"
+        hf "convert-$sz-raw-qcow2-zstd" "$HEAVY_RUNS" "$G convert -c -O qcow2 -o compression_type=zstd $S $O.g" "qemu-img convert -c -O qcow2 -o compression_type=zstd $S $O.q" "rm -f $O.g $O.q; sync"
+        hf "convert-$sz-raw-vmdk-stream" "$HEAVY_RUNS" "$G convert -O vmdk -o subformat=streamOptimized $S $O.g" "qemu-img convert -O vmdk -o subformat=streamOptimized $S $O.q" "rm -f $O.g $O.q; sync"
     done
     # Output sizes at the same codec, and peak memory.
     S=$W/mixed-2g.raw

@@ -438,3 +438,41 @@ fn stdout_output_is_byte_identical_to_file_output() {
     let o = glimpse(&["convert", "-O", "qcow2", s(&src), "-"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn random_reads_equal_the_same_ranges_of_qemu_img_raw_conversion() {
+    use glimpse_formats::reader::GuestReader;
+    use glimpse_formats::{open, Format, Limits, Source};
+    let (dir, list) = fixtures();
+    let work = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for f in list.iter().filter(|f| readable(f) && !f.name.contains("1t")) {
+        let p = dir.join(&f.name);
+        let raw = work.path().join(format!("{}.raw", f.name));
+        let q = qemu_img(&["convert", "-f", &f.qemu, "-O", "raw", s(&p), s(&raw)]);
+        assert!(q.status.success(), "{}", text(&q.stderr));
+        let expect = std::fs::read(&raw).unwrap();
+        let format: Format = f.format.parse().unwrap();
+        let src: Source = std::sync::Arc::new(std::fs::File::open(&p).unwrap());
+        let img = open(src, format, &Limits::default()).unwrap();
+        let size = img.info().virtual_size;
+        let r = GuestReader::new(std::sync::Arc::from(img), &Limits::default());
+        // A fixed xorshift sequence: reproducible offsets and lengths, across cluster edges.
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D ^ size;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..300 {
+            let off = next() % size;
+            let len = (next() % 200_000).min(size - off).max(1);
+            let mut buf = vec![0u8; len as usize];
+            r.read_at(&mut buf, off).unwrap_or_else(|e| panic!("{} at {off}+{len}: {e}", f.name));
+            assert!(buf[..] == expect[off as usize..(off + len) as usize], "{}: bytes differ in {off}+{len}", f.name);
+        }
+        checked += 1;
+    }
+    assert!(checked >= 25, "{checked}");
+}

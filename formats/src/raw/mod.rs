@@ -63,6 +63,7 @@ impl Image for RawImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ExtentKind;
     use std::io::{Seek, SeekFrom, Write};
     use std::sync::Arc;
 
