@@ -446,7 +446,10 @@ fn random_reads_equal_the_same_ranges_of_qemu_img_raw_conversion() {
     let (dir, list) = fixtures();
     let work = tempfile::tempdir().unwrap();
     let mut checked = 0;
-    for f in list.iter().filter(|f| readable(f) && !f.name.contains("1t")) {
+    for f in list
+        .iter()
+        .filter(|f| readable(f) && !f.name.contains("1t"))
+    {
         let p = dir.join(&f.name);
         let raw = work.path().join(format!("{}.raw", f.name));
         let q = qemu_img(&["convert", "-f", &f.qemu, "-O", "raw", s(&p), s(&raw)]);
@@ -469,8 +472,13 @@ fn random_reads_equal_the_same_ranges_of_qemu_img_raw_conversion() {
             let off = next() % size;
             let len = (next() % 200_000).min(size - off).max(1);
             let mut buf = vec![0u8; len as usize];
-            r.read_at(&mut buf, off).unwrap_or_else(|e| panic!("{} at {off}+{len}: {e}", f.name));
-            assert!(buf[..] == expect[off as usize..(off + len) as usize], "{}: bytes differ in {off}+{len}", f.name);
+            r.read_at(&mut buf, off)
+                .unwrap_or_else(|e| panic!("{} at {off}+{len}: {e}", f.name));
+            assert!(
+                buf[..] == expect[off as usize..(off + len) as usize],
+                "{}: bytes differ in {off}+{len}",
+                f.name
+            );
         }
         checked += 1;
     }

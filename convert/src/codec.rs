@@ -27,7 +27,9 @@ fn with_deflater<T>(level: i32, f: impl FnOnce(&mut libdeflater::Compressor) -> 
                 v.len() - 1
             }
         };
-        let (_, c) = v.get_mut(i).ok_or_else(|| Error::invalid("compressor cache"))?;
+        let (_, c) = v
+            .get_mut(i)
+            .ok_or_else(|| Error::invalid("compressor cache"))?;
         Ok(f(c))
     })
 }
@@ -52,7 +54,9 @@ pub fn compress(codec: Codec, level: i32, data: &[u8]) -> Result<Vec<u8>> {
             out.truncate(n);
             Ok(out)
         })?,
-        Codec::Zstd => zstd::bulk::compress(data, level).map_err(|e| Error::io(e, "zstd compression")),
+        Codec::Zstd => {
+            zstd::bulk::compress(data, level).map_err(|e| Error::io(e, "zstd compression"))
+        }
     }
 }
 
@@ -63,14 +67,20 @@ mod tests {
 
     #[test]
     fn deflate_and_zlib_round_trip_through_flate2() {
-        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8 ^ (i / 997) as u8).collect();
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|i| (i % 251) as u8 ^ (i / 997) as u8)
+            .collect();
         let raw = compress(Codec::Deflate, 6, &data).unwrap();
         let mut back = Vec::new();
-        flate2::read::DeflateDecoder::new(&raw[..]).read_to_end(&mut back).unwrap();
+        flate2::read::DeflateDecoder::new(&raw[..])
+            .read_to_end(&mut back)
+            .unwrap();
         assert_eq!(back, data);
         let z = compress(Codec::Zlib, 6, &data).unwrap();
         let mut back = Vec::new();
-        flate2::read::ZlibDecoder::new(&z[..]).read_to_end(&mut back).unwrap();
+        flate2::read::ZlibDecoder::new(&z[..])
+            .read_to_end(&mut back)
+            .unwrap();
         assert_eq!(back, data);
         assert!(z.len() < data.len() / 2);
     }
