@@ -100,6 +100,16 @@ fn first_difference(a: &GuestReader, b: &GuestReader, size: u64) -> anyhow::Resu
     Ok(None)
 }
 
+thread_local! {
+    /// Per-worker read buffers, reused so that each piece costs no allocation or zero-fill.
+    static BUFS: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The first non-zero byte's index.
+fn nonzero(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|&b| b != 0)
+}
+
 fn compare_batch(
     a: &GuestReader,
     b: &GuestReader,
@@ -109,18 +119,37 @@ fn compare_batch(
         .par_iter()
         .map(|&(start, len, za, zb)| -> anyhow::Result<Option<u64>> {
             let n = usize::try_from(len)?;
-            let read = |r: &GuestReader, zero: bool| -> anyhow::Result<Vec<u8>> {
-                let mut buf = vec![0u8; n];
-                if !zero {
-                    r.read_at(&mut buf, start)?;
+            BUFS.with(|cell| -> anyhow::Result<Option<u64>> {
+                let (x, y) = &mut *cell.borrow_mut();
+                for buf in [&mut *x, &mut *y] {
+                    if buf.len() < n {
+                        buf.resize(n, 0);
+                    }
                 }
-                Ok(buf)
-            };
-            let (x, y) = (read(a, za)?, read(b, zb)?);
-            Ok(x.iter()
-                .zip(&y)
-                .position(|(p, q)| p != q)
-                .map(|i| start + i as u64))
+                let (x, y) = (&mut x[..n], &mut y[..n]);
+                // A side the mapping calls zero is not read: the other must be zero there.
+                let at = match (za, zb) {
+                    (true, true) => None,
+                    (true, false) => {
+                        b.read_at(y, start)?;
+                        nonzero(y)
+                    }
+                    (false, true) => {
+                        a.read_at(x, start)?;
+                        nonzero(x)
+                    }
+                    (false, false) => {
+                        a.read_at(x, start)?;
+                        b.read_at(y, start)?;
+                        if x == y {
+                            None // memcmp: the common case
+                        } else {
+                            x.iter().zip(y.iter()).position(|(p, q)| p != q)
+                        }
+                    }
+                };
+                Ok(at.map(|i| start + i as u64))
+            })
         })
         .collect::<anyhow::Result<_>>()?;
     Ok(diffs.into_iter().flatten().min())
