@@ -311,23 +311,6 @@ pub fn measure_granularity(format: Format, opts: &WriteOptions, virtual_size: u6
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn options_parse_like_qemu_img() {
-        let o =
-            WriteOptions::parse("subformat=streamOptimized,cluster_size=2M,a=b,,c", false).unwrap();
-        assert_eq!(o.get("subformat"), Some("streamOptimized"));
-        assert_eq!(o.size("cluster_size").unwrap(), Some(2 << 20));
-        assert_eq!(o.get("a"), Some("b,c"));
-        assert!(WriteOptions::parse("novalue", false).is_err());
-        assert_eq!(parse_size("64k"), Some(65536));
-        assert_eq!(parse_size("x"), None);
-    }
-}
-
 /// Positional writes to a file with adjacent writes combined into one system call. Writers
 /// that lay down many small clusters in sequence (qcow2's 64 KiB) use it so that a data run
 /// costs one `pwrite` per few MiB instead of one per cluster.
@@ -389,5 +372,22 @@ impl WriteCombiner {
     pub fn file(&mut self) -> std::io::Result<&File> {
         self.flush()?;
         Ok(&self.file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_like_qemu_img() {
+        let o =
+            WriteOptions::parse("subformat=streamOptimized,cluster_size=2M,a=b,,c", false).unwrap();
+        assert_eq!(o.get("subformat"), Some("streamOptimized"));
+        assert_eq!(o.size("cluster_size").unwrap(), Some(2 << 20));
+        assert_eq!(o.get("a"), Some("b,c"));
+        assert!(WriteOptions::parse("novalue", false).is_err());
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("x"), None);
     }
 }
