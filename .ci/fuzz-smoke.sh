@@ -71,7 +71,8 @@ for t in $targets; do
     fi
     printf 'fuzz-smoke: %-18s %-16s %ss execs=%s %s rss=%sMB\n' "$t" "$status" "$secs" "${execs:-?}" "${cov:-cov: ? ft: ?}" "${rss:-?}"
     if [ "$rc" -ne 0 ]; then
-        grep -E 'ERROR: libFuzzer|panicked at|SUMMARY|Test unit written to' "$logs/$t.log" | head -5 | sed 's/^/    /'
+        # The line after "panicked at" is the panic message.
+        grep -E -A1 'ERROR: libFuzzer|panicked at|SUMMARY|Test unit written to' "$logs/$t.log" | grep -v '^--$' | head -8 | sed 's/^/    /'
     fi
 done
 exit $failed
