@@ -87,6 +87,13 @@ impl Plan {
         if azure {
             size = round_up(size, MIB)?;
         }
+        if fixed && size == 0 {
+            // The file would be the bare footer at offset 0, which qemu reads as the copy at the
+            // head of a dynamic disk and then fails on ("Error reading dynamic VHD header").
+            return Err(Error::invalid(
+                "a fixed VHD cannot describe an empty disk (qemu cannot open a bare footer); use subformat=dynamic",
+            ));
+        }
         let sectors = size / 512;
         if sectors > MAX_SECTORS {
             return Err(Error::invalid(format!(

@@ -1,0 +1,86 @@
+//! An empty (0-byte) disk through every writer: the input the `convert_roundtrip` fuzz target
+//! found on its first seed (layout bytes `00 00 00`). Every writer either writes an image that
+//! qemu-img and our reader both read as a 0-byte disk, or refuses with `Invalid` before writing
+//! anything where qemu could not open the result: sparse VMDK (capacity 0 means "descriptor
+//! elsewhere" to qemu) and fixed VHD (a bare footer at offset 0, which qemu takes for the head
+//! copy of a dynamic disk). qemu-img itself fails on both conversions.
+
+use std::fs::File;
+use std::process::Command;
+use std::sync::Arc;
+
+use glimpse_convert::pipeline::{convert, ConvertOptions};
+use glimpse_convert::{create, Target, WriteOptions};
+use glimpse_formats::reader::GuestReader;
+use glimpse_formats::{open, ErrorKind, Format, Image, Limits, Source};
+
+/// The writer configurations the fuzz target runs: format, `-o` options, `-c`.
+const WRITERS: &[(Format, &str, bool)] = &[
+    (Format::Raw, "", false),
+    (Format::Qcow2, "", false),
+    (Format::Qcow2, "compression_type=zlib", true),
+    (Format::Qcow2, "compression_type=zstd", true),
+    (Format::Vmdk, "subformat=monolithicSparse", false),
+    (Format::Vmdk, "subformat=streamOptimized", false),
+    (Format::Vhd, "subformat=dynamic", false),
+    (Format::Vhd, "subformat=fixed", false),
+    (Format::Vhdx, "", false),
+    (Format::Vdi, "", false),
+];
+
+fn qemu_virtual_size(path: &std::path::Path, format: Format) -> u64 {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", format.qemu_name()])
+        .arg(path)
+        .output()
+        .expect("qemu-img must be installed for these tests");
+    assert!(
+        out.status.success(),
+        "qemu-img info -f {format} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["virtual-size"].as_u64().expect("virtual-size")
+}
+
+#[test]
+fn an_empty_disk_through_every_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("empty.raw");
+    File::create(&raw).unwrap();
+    let limits = Limits::tight();
+    let src: Source = Arc::new(File::open(&raw).unwrap());
+    let source: Arc<dyn Image> = Arc::from(open(src, Format::Raw, &limits).unwrap());
+    assert_eq!(source.info().virtual_size, 0);
+
+    for (i, &(format, opts, compress)) in WRITERS.iter().enumerate() {
+        let out = dir.path().join(format!("out{i}.{format}"));
+        let wopts = WriteOptions::parse(opts, compress).unwrap();
+        let target = Target::File(File::create(&out).unwrap());
+        let writer = match create(format, &wopts, target, 0) {
+            Ok(w) => w,
+            Err(e) => {
+                let refusable =
+                    format == Format::Vmdk || (format == Format::Vhd && opts.contains("fixed"));
+                assert!(
+                    refusable && e.kind() == ErrorKind::Invalid,
+                    "{format} ({opts}) refused an empty disk: {e}"
+                );
+                assert_eq!(
+                    std::fs::metadata(&out).unwrap().len(),
+                    0,
+                    "{format} ({opts}) wrote bytes before refusing"
+                );
+                continue;
+            }
+        };
+        let reader = GuestReader::new(source.clone(), &limits);
+        convert(source.clone(), writer, &reader, &ConvertOptions::default())
+            .unwrap_or_else(|e| panic!("convert to {format} ({opts}): {e}"));
+
+        let written = open(Arc::new(File::open(&out).unwrap()), format, &limits)
+            .unwrap_or_else(|e| panic!("open the {format} ({opts}) output: {e}"));
+        assert_eq!(written.info().virtual_size, 0, "{format} ({opts})");
+        assert_eq!(qemu_virtual_size(&out, format), 0, "{format} ({opts})");
+    }
+}
