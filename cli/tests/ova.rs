@@ -455,4 +455,9 @@ fn standalone_ovf_lists_references_and_opens_only_siblings() {
     let out = glimpse(&["ova", "check", "--output", "json", s(&ovf)]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(reject_codes(&json_of(&out)), ["ova.href"]);
+    // Plain `check` must not pass the descriptor as a raw disk (it is XML, not a disk).
+    let out = glimpse(&["check", "--output", "json", s(&ovf)]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json_of(&out);
+    assert_eq!(v["findings"][0]["code"], "raw.ovf-descriptor", "{v}");
 }

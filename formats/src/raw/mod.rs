@@ -29,14 +29,32 @@ pub fn open(src: Source, _limits: &Limits) -> Result<RawImage> {
     let mut info = ImageInfo::new(Format::Raw, size);
     info.actual_size = src.allocated_size();
     let head = crate::io::read_up_to(src.as_ref(), 0, crate::partition::HEAD_LEN)?;
-    let (details, findings) = crate::partition::describe(&head, size);
+    let (details, mut findings) = crate::partition::describe(&head, size);
     info.details = details;
+    if is_ovf_descriptor(&head) {
+        findings.push(Finding::reject(
+            "raw.ovf-descriptor",
+            "this is an OVF descriptor (XML), not a disk image; inspect the appliance with \
+             `glimpse ova list` or `glimpse ova check`",
+        ));
+    }
     Ok(RawImage {
         src,
         info,
         findings,
         runs: crate::io::LinearMap::default(),
     })
+}
+
+/// True when the head is an OVF envelope: optional BOM and whitespace, then markup, and the
+/// OVF envelope namespace in the bytes read. A disk whose first sector is XML naming that
+/// namespace is not a disk anyone boots; it is a descriptor about to be uploaded as one.
+fn is_ovf_descriptor(head: &[u8]) -> bool {
+    let text = head.strip_prefix(b"\xef\xbb\xbf").unwrap_or(head);
+    let start = text.iter().position(|b| !b.is_ascii_whitespace());
+    let markup = start.is_some_and(|i| text[i] == b'<');
+    let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+    markup && has(b"schemas.dmtf.org/ovf/envelope") && has(b"Envelope")
 }
 
 impl Image for RawImage {
@@ -66,6 +84,23 @@ mod tests {
     use crate::ExtentKind;
     use std::io::{Seek, SeekFrom, Write};
     use std::sync::Arc;
+
+    #[test]
+    fn an_ovf_descriptor_is_not_a_raw_disk() {
+        let xml = b"\xef\xbb\xbf\n<?xml version=\"1.0\"?>\n<Envelope xmlns=\"http://schemas.dmtf.org/ovf/envelope/1\"/>";
+        let img = open(Arc::new(xml.to_vec()), &Limits::default()).unwrap();
+        let codes: Vec<&str> = img.findings().iter().map(|f| f.code).collect();
+        assert_eq!(codes, ["raw.ovf-descriptor"]);
+        assert_eq!(img.findings()[0].severity, crate::Severity::Reject);
+        // Markup without the namespace, or the namespace after binary bytes, is just data.
+        for data in [
+            &b"<html><Envelope/></html>"[..],
+            &b"\x00\x01<Envelope xmlns=\"http://schemas.dmtf.org/ovf/envelope/1\"/>"[..],
+        ] {
+            let img = open(Arc::new(data.to_vec()), &Limits::default()).unwrap();
+            assert!(img.findings().is_empty());
+        }
+    }
 
     #[test]
     fn holes_map_as_zero_and_cover_the_file() {
