@@ -215,6 +215,21 @@ pub trait Writer: Send {
     fn finish(self: Box<Self>) -> Result<()>;
 }
 
+/// One configuration of each writer variant, as `(format, -o options, -c)`: the set that
+/// round-trip tests and the `convert_roundtrip` fuzz target run every input through.
+pub const WRITER_VARIANTS: &[(Format, &str, bool)] = &[
+    (Format::Raw, "", false),
+    (Format::Qcow2, "", false),
+    (Format::Qcow2, "compression_type=zlib", true),
+    (Format::Qcow2, "compression_type=zstd", true),
+    (Format::Vmdk, "subformat=monolithicSparse", false),
+    (Format::Vmdk, "subformat=streamOptimized", false),
+    (Format::Vhd, "subformat=dynamic", false),
+    (Format::Vhd, "subformat=fixed", false),
+    (Format::Vhdx, "", false),
+    (Format::Vdi, "", false),
+];
+
 /// True when `format` (with `opts`) can be written to a pipe.
 pub fn can_stream(format: Format, opts: &WriteOptions) -> bool {
     match format {

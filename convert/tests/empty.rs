@@ -10,23 +10,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_convert::pipeline::{convert, ConvertOptions};
-use glimpse_convert::{create, Target, WriteOptions};
+use glimpse_convert::{create, Target, WriteOptions, WRITER_VARIANTS};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{open, ErrorKind, Format, Image, Limits, Source};
-
-/// The writer configurations the fuzz target runs: format, `-o` options, `-c`.
-const WRITERS: &[(Format, &str, bool)] = &[
-    (Format::Raw, "", false),
-    (Format::Qcow2, "", false),
-    (Format::Qcow2, "compression_type=zlib", true),
-    (Format::Qcow2, "compression_type=zstd", true),
-    (Format::Vmdk, "subformat=monolithicSparse", false),
-    (Format::Vmdk, "subformat=streamOptimized", false),
-    (Format::Vhd, "subformat=dynamic", false),
-    (Format::Vhd, "subformat=fixed", false),
-    (Format::Vhdx, "", false),
-    (Format::Vdi, "", false),
-];
 
 fn qemu_virtual_size(path: &std::path::Path, format: Format) -> u64 {
     let out = Command::new("qemu-img")
@@ -53,7 +39,7 @@ fn an_empty_disk_through_every_writer() {
     let source: Arc<dyn Image> = Arc::from(open(src, Format::Raw, &limits).unwrap());
     assert_eq!(source.info().virtual_size, 0);
 
-    for (i, &(format, opts, compress)) in WRITERS.iter().enumerate() {
+    for (i, &(format, opts, compress)) in WRITER_VARIANTS.iter().enumerate() {
         let out = dir.path().join(format!("out{i}.{format}"));
         let wopts = WriteOptions::parse(opts, compress).unwrap();
         let target = Target::File(File::create(&out).unwrap());

@@ -25,25 +25,11 @@ use std::io::{Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use glimpse_convert::pipeline::{convert, ConvertOptions};
-use glimpse_convert::{create, Target, WriteOptions};
+use glimpse_convert::{create, Target, WriteOptions, WRITER_VARIANTS};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{open, ErrorKind, Format, Image, Limits, Source};
 use glimpse_fuzz::{walk, READER};
 use libfuzzer_sys::{fuzz_target, Corpus};
-
-/// Every writer configuration: format, `-o` options, `-c`.
-const WRITERS: &[(Format, &str, bool)] = &[
-    (Format::Raw, "", false),
-    (Format::Qcow2, "", false),
-    (Format::Qcow2, "compression_type=zlib", true),
-    (Format::Qcow2, "compression_type=zstd", true),
-    (Format::Vmdk, "subformat=monolithicSparse", false),
-    (Format::Vmdk, "subformat=streamOptimized", false),
-    (Format::Vhd, "subformat=dynamic", false),
-    (Format::Vhd, "subformat=fixed", false),
-    (Format::Vhdx, "", false),
-    (Format::Vdi, "", false),
-];
 
 /// A run of the disk layout.
 enum Run {
@@ -163,7 +149,7 @@ fuzz_target!(|data: &[u8]| -> Corpus {
         "the raw source does not read back"
     );
 
-    for &(format, opts, compress) in WRITERS {
+    for &(format, opts, compress) in WRITER_VARIANTS {
         let wopts = WriteOptions::parse(opts, compress).expect("valid options");
         let out = scratch();
         let target = Target::File(out.try_clone().expect("dup"));
