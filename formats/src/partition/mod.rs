@@ -18,9 +18,12 @@ use crate::table::{check_table, TableSpec};
 /// GPT entries.
 pub const HEAD_LEN: usize = 64 * 1024;
 
-/// The logical sector size assumed for MBR and GPT addresses. Like qemu and the kernel's
-/// default for image files, tables are read with 512-byte sectors.
+/// The logical sector size assumed for MBR addresses, and tried first for GPT. Like qemu and
+/// the kernel's default for image files, tables are read with 512-byte sectors.
 const SECTOR: u64 = 512;
+/// The other logical sector size a GPT is looked for with (4Kn disks put the header at byte
+/// 4096, LBA 1 of 4096-byte sectors).
+const SECTOR_4K: u64 = 4096;
 /// MBR boot signature at offset 510: bytes 0x55 0xAA.
 const MBR_SIGNATURE: [u8; 2] = [0x55, 0xAA];
 /// Offset of the four 16-byte MBR partition entries.
@@ -206,8 +209,30 @@ fn fat_kind(head: &[u8]) -> Option<(&'static str, u16)> {
 }
 
 /// Byte offset of the end of a partition, or `None` when the LBA arithmetic overflows.
-fn end_bytes(first_lba: u64, sectors: u64) -> Option<u64> {
-    first_lba.checked_add(sectors)?.checked_mul(SECTOR)
+fn end_bytes(first_lba: u64, sectors: u64, sector: u64) -> Option<u64> {
+    first_lba.checked_add(sectors)?.checked_mul(sector)
+}
+
+/// True when a GPT header signature stands at LBA 1 for `sector`-byte sectors.
+fn gpt_signature_at(head: &[u8], sector: u64) -> bool {
+    let Ok(at) = usize::try_from(sector) else {
+        return false;
+    };
+    head.get(at..at.saturating_add(8)) == Some(&GPT_SIGNATURE[..])
+}
+
+/// A described GPT: partitions, disk GUID, logical sector size.
+type Gpt = (Vec<Value>, String, u64);
+
+/// Reads the primary GPT with 512-byte sectors, or failing that with 4096-byte ones.
+fn find_gpt(head: &[u8], size: u64, findings: &mut Vec<Finding>) -> Option<Gpt> {
+    if gpt_signature_at(head, SECTOR) {
+        describe_gpt(head, size, SECTOR, findings)
+    } else if gpt_signature_at(head, SECTOR_4K) {
+        describe_gpt(head, size, SECTOR_4K, findings)
+    } else {
+        None
+    }
 }
 
 /// Describes the partition tables found in `head` (the first bytes of a disk of `size`
@@ -241,15 +266,11 @@ pub fn describe(head: &[u8], size: u64) -> (Map<String, Value>, Vec<Finding>) {
             }
         }
         let protective = entries.iter().any(|(_, e)| e.kind == MBR_TYPE_PROTECTIVE);
-        let gpt = if protective || head.get(512..520) == Some(&GPT_SIGNATURE[..]) {
-            describe_gpt(head, size, &mut findings)
-        } else {
-            None
-        };
-        if let Some((parts, guid)) = gpt {
+        if let Some((parts, guid, sector)) = find_gpt(head, size, &mut findings) {
             table = "gpt";
             details.insert("disk-guid".into(), json!(guid));
             details.insert("protective-mbr".into(), json!(protective));
+            details.insert("logical-sector-size".into(), json!(sector));
             partitions = parts;
         } else {
             table = "mbr";
@@ -263,7 +284,7 @@ pub fn describe(head: &[u8], size: u64) -> (Map<String, Value>, Vec<Finding>) {
                 );
             }
             for (k, e) in entries {
-                let end = end_bytes(u64::from(e.lba_start), u64::from(e.sectors));
+                let end = end_bytes(u64::from(e.lba_start), u64::from(e.sectors), SECTOR);
                 if end.is_none_or(|end| end > size) {
                     findings.push(
                         Finding::warn(
@@ -287,14 +308,13 @@ pub fn describe(head: &[u8], size: u64) -> (Map<String, Value>, Vec<Finding>) {
                 }));
             }
         }
-    } else if head.get(512..520) == Some(&GPT_SIGNATURE[..]) {
+    } else if let Some((parts, guid, sector)) = find_gpt(head, size, &mut findings) {
         // A GPT without a protective MBR still is a GPT.
-        if let Some((parts, guid)) = describe_gpt(head, size, &mut findings) {
-            table = "gpt";
-            details.insert("disk-guid".into(), json!(guid));
-            details.insert("protective-mbr".into(), json!(false));
-            partitions = parts;
-        }
+        table = "gpt";
+        details.insert("disk-guid".into(), json!(guid));
+        details.insert("protective-mbr".into(), json!(false));
+        details.insert("logical-sector-size".into(), json!(sector));
+        partitions = parts;
     }
 
     details.insert("partition-table".into(), json!(table));
@@ -304,13 +324,11 @@ pub fn describe(head: &[u8], size: u64) -> (Map<String, Value>, Vec<Finding>) {
     (details, findings)
 }
 
-/// Reads the primary GPT at LBA 1. `None` when there is no usable GPT header there.
-fn describe_gpt(
-    head: &[u8],
-    size: u64,
-    findings: &mut Vec<Finding>,
-) -> Option<(Vec<Value>, String)> {
-    let hdr_bytes = head.get(512..1024)?;
+/// Reads the primary GPT at LBA 1 of `sector`-byte sectors. `None` when there is no usable
+/// GPT header there.
+fn describe_gpt(head: &[u8], size: u64, sector: u64, findings: &mut Vec<Finding>) -> Option<Gpt> {
+    let at = usize::try_from(sector).ok()?;
+    let hdr_bytes = head.get(at..at.checked_add(512)?)?;
     if hdr_bytes.get(..8) != Some(&GPT_SIGNATURE[..]) {
         return None;
     }
@@ -335,7 +353,7 @@ fn describe_gpt(
                     h.header_size
                 ),
             )
-            .at(512),
+            .at(sector),
         );
     }
     if h.my_lba != 1 {
@@ -344,7 +362,7 @@ fn describe_gpt(
                 "raw.gpt-checksum",
                 format!("the primary GPT header says it lives at LBA {}", h.my_lba),
             )
-            .at(512),
+            .at(sector),
         );
     }
     let mut parts = Vec::new();
@@ -354,26 +372,26 @@ fn describe_gpt(
                 "raw.gpt-checksum",
                 format!("GPT entry size {} is not valid", h.entry_size),
             )
-            .at(512),
+            .at(sector),
         );
-        return Some((parts, guid_string(&h.disk_guid)));
+        return Some((parts, guid_string(&h.disk_guid), sector));
     }
     // The entry array is a metadata table like any other: it must lie inside the disk and
     // stay under the table cap. Only what lies inside the head is described either way.
     let spec = TableSpec {
         name: "GPT partition entry array",
-        offset: h.entries_lba.saturating_mul(SECTOR),
+        offset: h.entries_lba.saturating_mul(sector),
         entries: u64::from(h.entries_count),
         entry_size: u64::from(h.entry_size),
-        align: SECTOR,
+        align: sector,
     };
     if let Err(e) = check_table(spec, size, &Limits::default()) {
-        findings.push(Finding::warn("raw.gpt-checksum", e.message().to_string()).at(512));
+        findings.push(Finding::warn("raw.gpt-checksum", e.message().to_string()).at(sector));
     }
     let esize = usize::try_from(h.entry_size).ok()?;
     let start = h
         .entries_lba
-        .checked_mul(SECTOR)
+        .checked_mul(sector)
         .and_then(|s| usize::try_from(s).ok());
     let total = usize::try_from(h.entries_count)
         .ok()
@@ -396,7 +414,7 @@ fn describe_gpt(
         }
     }
     let Some(start) = start else {
-        return Some((parts, guid_string(&h.disk_guid)));
+        return Some((parts, guid_string(&h.disk_guid), sector));
     };
     let count = usize::try_from(h.entries_count).unwrap_or(usize::MAX);
     for k in 0..count {
@@ -417,7 +435,7 @@ fn describe_gpt(
             .last_lba
             .checked_sub(e.first_lba)
             .and_then(|d| d.checked_add(1));
-        let end = sectors.and_then(|s| end_bytes(e.first_lba, s));
+        let end = sectors.and_then(|s| end_bytes(e.first_lba, s, sector));
         if end.is_none_or(|end| end > size) {
             findings.push(
                 Finding::warn(
@@ -438,11 +456,11 @@ fn describe_gpt(
             "name": e.name,
             "first-lba": e.first_lba,
             "last-lba": e.last_lba,
-            "start": e.first_lba.saturating_mul(SECTOR),
-            "length": sectors.unwrap_or(0).saturating_mul(SECTOR),
+            "start": e.first_lba.saturating_mul(sector),
+            "length": sectors.unwrap_or(0).saturating_mul(sector),
         }));
     }
-    Some((parts, guid_string(&h.disk_guid)))
+    Some((parts, guid_string(&h.disk_guid), sector))
 }
 
 #[cfg(test)]
@@ -508,6 +526,57 @@ mod tests {
         assert_eq!(d["partitions"].as_array().unwrap().len(), 0);
         let codes: Vec<_> = f.iter().map(|f| f.code).collect();
         assert_eq!(codes, ["raw.gpt-checksum"]);
+    }
+
+    /// A 4Kn disk image: protective MBR, GPT header at byte 4096 (LBA 1), 128 entries at LBA 2
+    /// with one partition at LBAs 6..=`last`, valid CRCs.
+    fn gpt_4k(last: u64) -> Vec<u8> {
+        let mut b = mbr(&[(MBR_TYPE_PROTECTIVE, 1, u32::MAX)]);
+        b.resize(64 * 1024, 0);
+        let e = 8192;
+        b[e..e + 16].copy_from_slice(&[0xaf; 16]);
+        b[e + 16..e + 32].copy_from_slice(&[0x11; 16]);
+        b[e + 32..e + 40].copy_from_slice(&6u64.to_le_bytes());
+        b[e + 40..e + 48].copy_from_slice(&last.to_le_bytes());
+        b[e + 56..e + 58].copy_from_slice(&u16::from(b'r').to_le_bytes());
+        let entries_crc = crc32fast::hash(&b[e..e + 128 * 128]);
+        let h = &mut b[4096..4096 + 92];
+        h[..8].copy_from_slice(GPT_SIGNATURE);
+        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&1u64.to_le_bytes());
+        h[56..72].copy_from_slice(&[0x42; 16]);
+        h[72..80].copy_from_slice(&2u64.to_le_bytes());
+        h[80..84].copy_from_slice(&128u32.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        h[88..92].copy_from_slice(&entries_crc.to_le_bytes());
+        let crc = crc32fast::hash(&b[4096..4096 + 92]);
+        b[4096 + 16..4096 + 20].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn gpt_on_4096_byte_sectors() {
+        // 1 MiB disk: LBAs 0..=255 of 4 KiB.
+        let (d, f) = describe(&gpt_4k(250), 1 << 20);
+        assert!(f.is_empty(), "{f:?}");
+        assert_eq!(d["partition-table"], "gpt");
+        assert_eq!(d["logical-sector-size"], 4096);
+        assert_eq!(d["protective-mbr"], true);
+        let p = &d["partitions"][0];
+        assert_eq!(p["name"], "r");
+        assert_eq!(p["start"], 6 * 4096);
+        assert_eq!(p["length"], 245 * 4096);
+        // The same table on a disk too small for it: the bound uses 4 KiB sectors too.
+        let (_, f) = describe(&gpt_4k(250), 512 * 1024);
+        let codes: Vec<_> = f.iter().map(|f| f.code).collect();
+        assert_eq!(codes, ["raw.partition-out-of-bounds"]);
+        // A broken header CRC is reported at the 4 KiB header.
+        let mut b = gpt_4k(250);
+        b[4096 + 40] ^= 1;
+        let (d, f) = describe(&b, 1 << 20);
+        assert_eq!(d["partition-table"], "gpt");
+        assert_eq!((f[0].code, f[0].offset), ("raw.gpt-checksum", Some(4096)));
     }
 
     #[test]
