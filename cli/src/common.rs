@@ -168,19 +168,36 @@ pub fn table(rows: &[(String, String)]) -> String {
     out
 }
 
+/// Binary units above bytes, for [`scaled`].
+const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+
+/// `n` in the largest binary unit it reaches: `None` below 1 KiB.
+fn scaled(n: u64) -> Option<(f64, &'static str)> {
+    let mut v = n as f64;
+    let mut unit = None;
+    for u in UNITS {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = Some(u);
+    }
+    unit.map(|u| (v, u))
+}
+
 /// A human-readable byte count with the exact value: `1 GiB (1073741824 bytes)`.
 pub fn human_size(n: u64) -> String {
-    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
+    match scaled(n) {
+        None => format!("{n} bytes"),
+        Some((v, u)) => format!("{v:.3} {u} ({n} bytes)").replace(".000 ", " "),
     }
-    if u == 0 {
-        format!("{n} bytes")
-    } else {
-        format!("{v:.3} {} ({n} bytes)", UNITS[u]).replace(".000 ", " ")
+}
+
+/// A short byte count for table columns: `512 B`, `4.0 KiB`.
+pub fn short_size(n: u64) -> String {
+    match scaled(n) {
+        None => format!("{n} B"),
+        Some((v, u)) => format!("{v:.1} {u}"),
     }
 }
 

@@ -329,6 +329,29 @@ pub fn read_vec(
     Ok(v)
 }
 
+/// Reads the whole source front to back through one 1 MiB buffer, handing each chunk and its
+/// offset to `f`.
+///
+/// # Errors
+/// `Io` / `Truncated` (with the chunk's offset) when the source cannot be read in full;
+/// whatever `f` returns.
+pub fn for_each_chunk(src: &dyn ReadAt, mut f: impl FnMut(&[u8], u64) -> Result<()>) -> Result<()> {
+    let size = src.size()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = usize::try_from(size - pos)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let chunk = buf.get_mut(..n).unwrap_or_default();
+        src.read_exact_at(chunk, pos)
+            .map_err(|e| Error::from(e).at(pos))?;
+        f(chunk, pos)?;
+        pos = pos.saturating_add(n as u64);
+    }
+    Ok(())
+}
+
 /// Reads up to `len` bytes at `offset` (fewer if the source ends first). For probing heads and
 /// tails where a short file is not an error.
 ///

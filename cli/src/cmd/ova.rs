@@ -9,7 +9,7 @@ use glimpse_formats::ova::{self, Ova, OvfDir};
 use glimpse_formats::{ErrorKind, Limits};
 use serde_json::{json, Value};
 
-use crate::common::{open_source, OutputFormat};
+use crate::common::{open_source, short_size, OutputFormat};
 
 /// Arguments of `glimpse ova`.
 #[derive(clap::Args)]
@@ -90,23 +90,8 @@ fn open_input(path: &Path, limits: &Limits) -> anyhow::Result<Result<Input, Find
     }
 }
 
-fn human_size(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 fn opt_size(v: &Value) -> String {
-    v.as_u64().map(human_size).unwrap_or_else(|| "-".into())
+    v.as_u64().map(short_size).unwrap_or_else(|| "-".into())
 }
 
 /// The disk rows of `list`: the descriptor's facts plus what opening each disk shows.
@@ -179,27 +164,7 @@ fn list(a: &FileArgs, limits: &Limits) -> anyhow::Result<u8> {
             })
         }
         Input::Dir(d) => {
-            let disks: Vec<ova::DiskEntry> = d
-                .descriptor
-                .disks
-                .iter()
-                .enumerate()
-                .map(|(index, desc)| {
-                    let file = desc
-                        .file_ref
-                        .as_deref()
-                        .and_then(|id| d.descriptor.file(id));
-                    ova::DiskEntry {
-                        index,
-                        desc: desc.clone(),
-                        href: file.map(|f| f.href.clone()),
-                        compression: file
-                            .and_then(|f| f.compression.clone())
-                            .filter(|c| c != "identity"),
-                        member: None,
-                    }
-                })
-                .collect();
+            let disks = d.disks();
             json!({
                 "filename": a.file.display().to_string(),
                 "references": d.references,

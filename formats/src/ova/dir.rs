@@ -132,6 +132,20 @@ pub fn read_ovf_dir(path: &Path, _limits: &Limits) -> Result<OvfDir> {
 }
 
 impl OvfDir {
+    /// The descriptor's disks, in `DiskSection` order (no archive members: `member` is
+    /// `None`).
+    pub fn disks(&self) -> Vec<super::DiskEntry> {
+        let d = &self.descriptor;
+        d.disks
+            .iter()
+            .enumerate()
+            .map(|(index, desc)| {
+                let file = desc.file_ref.as_deref().and_then(|id| d.file(id));
+                super::DiskEntry::new(index, desc, file, None)
+            })
+            .collect()
+    }
+
     /// Opens disk `disk` (0-based, `DiskSection` order) from the file beside the descriptor:
     /// the explicit gate described in the module docs. A `gzip` file is decompressed into
     /// memory under `limits` (see [`super::gunzip`]).

@@ -122,19 +122,10 @@ fn hex(bytes: &[u8]) -> String {
 pub fn digest(src: &dyn ReadAt, algo: Algo) -> Result<String> {
     fn run<D: Digest>(src: &dyn ReadAt) -> Result<String> {
         let mut d = D::new();
-        let size = src.size()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pos = 0u64;
-        while pos < size {
-            let n = usize::try_from(size - pos)
-                .unwrap_or(usize::MAX)
-                .min(buf.len());
-            let chunk = buf.get_mut(..n).unwrap_or_default();
-            src.read_exact_at(chunk, pos)
-                .map_err(|e| Error::from(e).at(pos))?;
-            d.update(&*chunk);
-            pos = pos.saturating_add(n as u64);
-        }
+        crate::io::for_each_chunk(src, |chunk, _| {
+            d.update(chunk);
+            Ok(())
+        })?;
         Ok(hex(&d.finalize()))
     }
     match algo {

@@ -158,6 +158,27 @@ pub struct DiskEntry {
     pub member: Option<usize>,
 }
 
+impl DiskEntry {
+    /// The entry for disk `index` of a descriptor, backed by `file` (its `References` entry,
+    /// if it has one) and, inside an archive, by `member`.
+    pub fn new(
+        index: usize,
+        desc: &DiskDesc,
+        file: Option<&FileRef>,
+        member: Option<usize>,
+    ) -> DiskEntry {
+        DiskEntry {
+            index,
+            desc: desc.clone(),
+            href: file.map(|f| f.href.clone()),
+            compression: file
+                .and_then(|f| f.compression.clone())
+                .filter(|c| c != "identity"),
+            member,
+        }
+    }
+}
+
 /// The parsed manifest and where it was.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Manifest {
@@ -392,15 +413,7 @@ pub fn read_ova(src: Source, limits: &Limits) -> Result<Ova> {
                     ),
                 ));
             }
-            disks.push(DiskEntry {
-                index,
-                desc: desc.clone(),
-                href: file.map(|f| f.href.clone()),
-                compression: file
-                    .and_then(|f| f.compression.clone())
-                    .filter(|c| c != "identity"),
-                member,
-            });
+            disks.push(DiskEntry::new(index, desc, file, member));
         }
     }
 
@@ -941,19 +954,10 @@ impl Ova {
     fn copy_member(&self, i: usize, f: &mut std::fs::File, path: &Path) -> Result<()> {
         use std::io::Write;
         let src = self.member_source(i)?;
-        let size = src.size()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pos = 0u64;
-        while pos < size {
-            let n = usize::try_from(size - pos)
-                .unwrap_or(usize::MAX)
-                .min(buf.len());
-            let chunk = buf.get_mut(..n).unwrap_or_default();
-            src.read_exact_at(chunk, pos)?;
+        crate::io::for_each_chunk(src.as_ref(), |chunk, _| {
             f.write_all(chunk)
-                .map_err(|e| Error::io(e, format!("writing {}", path.display())))?;
-            pos = pos.saturating_add(n as u64);
-        }
+                .map_err(|e| Error::io(e, format!("writing {}", path.display())))
+        })?;
         f.sync_all()
             .map_err(|e| Error::io(e, format!("writing {}", path.display())))?;
         Ok(())
