@@ -5,29 +5,16 @@
 //! elsewhere" to qemu) and fixed VHD (a bare footer at offset 0, which qemu takes for the head
 //! copy of a dynamic disk). qemu-img itself fails on both conversions.
 
+mod support;
+
 use std::fs::File;
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{create, Target, WriteOptions, WRITER_VARIANTS};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{open, ErrorKind, Format, Image, Limits, Source};
-
-fn qemu_virtual_size(path: &std::path::Path, format: Format) -> u64 {
-    let out = Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", format.qemu_name()])
-        .arg(path)
-        .output()
-        .expect("qemu-img must be installed for these tests");
-    assert!(
-        out.status.success(),
-        "qemu-img info -f {format} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["virtual-size"].as_u64().expect("virtual-size")
-}
+use support::qemu_virtual_size;
 
 #[test]
 fn an_empty_disk_through_every_writer() {

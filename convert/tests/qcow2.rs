@@ -1,38 +1,21 @@
 //! qcow2 writer tests: raw sources → our writer → qemu-img compare/check and our own reader.
 //! These tests need qemu-img and fail loudly without it.
 
+mod support;
+
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{Target, WriteOptions};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{Format, Image, Limits, Source};
+use support::{noise, qemu_img, qemu_json};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed")
-}
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn text(len: usize) -> Vec<u8> {
@@ -227,31 +210,13 @@ fn compressed_size_is_close_to_qemu_img() {
     }
 }
 
-/// The number after `"key":` in qemu-img's flat JSON (this crate has no JSON parser).
-fn json_u64(json: &str, key: &str) -> u64 {
-    let at = json
-        .find(&format!("\"{key}\""))
-        .unwrap_or_else(|| panic!("{key} missing in {json}"));
-    let rest = json[at + key.len() + 2..]
-        .trim_start()
-        .trim_start_matches(':')
-        .trim_start();
-    rest.chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .unwrap()
-}
-
 fn qemu_measure(args: &[&str]) -> (u64, u64) {
     let mut a = vec!["measure", "--output=json", "-O", "qcow2"];
     a.extend_from_slice(args);
-    let o = qemu_img(&a);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8(o.stdout).unwrap();
+    let v = qemu_json(&a);
     (
-        json_u64(&out, "required"),
-        json_u64(&out, "fully-allocated"),
+        v["required"].as_u64().expect("required"),
+        v["fully-allocated"].as_u64().expect("fully-allocated"),
     )
 }
 

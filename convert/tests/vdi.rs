@@ -3,25 +3,20 @@
 //! virtual size; glimpse must read back the same bytes and pass its own checks. These tests
 //! fail, never skip, without qemu-img.
 
+mod support;
+
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{create, measure, Target, WriteOptions};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{open, Format, Image, Limits, Source};
+use support::qemu_img;
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed to run these tests")
-}
 
 /// Pseudo-random 64 KiB runs with zero runs long enough to leave whole blocks empty.
 fn source_bytes(size: u64, seed: u64) -> Vec<u8> {

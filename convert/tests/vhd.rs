@@ -3,43 +3,18 @@
 //! glimpse must read back the same bytes and pass its own checks; a fixed VHD streamed to a pipe
 //! must equal the file. These tests fail, never skip, without qemu-img.
 
+mod support;
+
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{create, measure, Target, WriteOptions};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{open, Format, Image, Limits, Source};
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed to run these tests")
-}
-
-fn qemu_virtual_size(path: &Path) -> u64 {
-    let out = qemu_img(&["info", "-f", "vpc", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    virtual_size_line(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// The byte count of qemu-img info's "virtual size: 10 MiB (10485760 bytes)" line.
-fn virtual_size_line(text: &str) -> u64 {
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("virtual size:"))
-        .expect("a virtual size line");
-    let n = line.rsplit('(').next().unwrap().trim_end_matches(" bytes)");
-    n.parse().unwrap()
-}
+use support::{qemu_img, qemu_virtual_size};
 
 /// A raw source of `size` bytes: pseudo-random 64 KiB runs with zero runs between them.
 fn source(dir: &Path, size: u64, seed: u64) -> (PathBuf, Vec<u8>) {
@@ -100,7 +75,11 @@ fn round_trip(dir: &Path, size: u64, opts: &str, want_size: u64, seed: u64) -> P
         "{opts} size {size}: {}",
         String::from_utf8_lossy(&cmp.stdout)
     );
-    assert_eq!(qemu_virtual_size(&out), want_size, "{opts} size {size}");
+    assert_eq!(
+        qemu_virtual_size(&out, Format::Vhd),
+        want_size,
+        "{opts} size {size}"
+    );
 
     let s: Source = Arc::new(File::open(&out).unwrap());
     assert_eq!(

@@ -1,35 +1,17 @@
 //! VHDX writer round trips, judged by qemu-img (compare, check, info) and by our own reader.
 
+mod support;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{Target, WriteOptions};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{Format, Image, Limits, Source};
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed for these tests")
-}
-
-/// A deterministic byte stream (xorshift), so failures reproduce.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use support::{noise, qemu_img, qemu_info};
 
 /// A raw source of `size` bytes: data runs at the given offsets, zeros (holes) elsewhere.
 fn raw_source(path: &Path, size: u64, runs: &[(u64, usize)]) -> Vec<u8> {
@@ -81,20 +63,16 @@ fn round_trip(opts: &str, size: u64, runs: &[(u64, usize)]) {
         "{opts} {size}: check: {chk_out}{}",
         String::from_utf8_lossy(&chk.stderr)
     );
-    let info = qemu_img(&["info", "--output=json", "-f", "vhdx", o]);
+    let info = qemu_info(&out, Format::Vhdx);
     let padded = size.next_multiple_of(512);
-    let info = String::from_utf8_lossy(&info.stdout).to_string();
-    assert_eq!(json_u64(&info, "virtual-size"), padded, "{opts} {size}");
+    assert_eq!(info["virtual-size"].as_u64(), Some(padded), "{opts} {size}");
 
     // Our own reader sees the same bytes (zeros in the sector padding).
     let src: Source = Arc::new(File::open(&out).unwrap());
     let img: Arc<dyn Image> = Arc::from(glimpse_formats::open(src, Format::Vhdx, &limits).unwrap());
     assert!(img.findings().is_empty(), "{:?}", img.findings());
     assert_eq!(img.info().virtual_size, padded);
-    assert_eq!(
-        img.info().cluster_size,
-        Some(json_u64(&info, "cluster-size"))
-    );
+    assert_eq!(img.info().cluster_size, info["cluster-size"].as_u64());
     let want_block = wopts.size("block_size").unwrap().unwrap_or(8 * MIB);
     assert_eq!(img.info().cluster_size, Some(want_block), "{opts}");
 
@@ -120,18 +98,6 @@ fn round_trip(opts: &str, size: u64, runs: &[(u64, usize)]) {
     }
     assert_eq!(&back[..content.len()], &content[..], "{opts} {size}");
     assert!(back[content.len()..].iter().all(|&b| b == 0));
-}
-
-/// The last top-level `"key": number` in qemu-img's JSON (children come first).
-fn json_u64(json: &str, key: &str) -> u64 {
-    let pat = format!("\"{key}\": ");
-    let at = json.rfind(&pat).expect("key in qemu-img info") + pat.len();
-    json[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .unwrap()
 }
 
 const MIB: u64 = 1 << 20;
