@@ -3,32 +3,17 @@
 //! `qemu-img map` gives; mappings must be disjoint and cover the disk; every truncated prefix
 //! must fail cleanly. These tests fail, never skip, without qemu-img.
 
+mod support;
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_formats::policy::{inspect, Policy, Verdict};
 use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits, Source};
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed to run these tests");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&qemu_img(args)).unwrap()
-}
+use glimpse_formats::{detect, open, Format, Image, Limits, Source};
+use support::{data_ranges, qemu_data_ranges, qemu_img, qemu_json};
 
 /// A sparse raw disk of `size` bytes with pseudo-random data at a few places.
 fn raw_source(dir: &Path, size: u64, seed: u64) -> PathBuf {
@@ -63,43 +48,6 @@ fn raw_source(dir: &Path, size: u64, seed: u64) -> PathBuf {
 
 fn src(path: &Path) -> Source {
     Arc::new(File::open(path).unwrap())
-}
-
-/// Walks the whole mapping and returns the merged data ranges (guest start, length).
-fn data_ranges(img: &dyn Image) -> Vec<(u64, u64)> {
-    let size = img.info().virtual_size;
-    let mut pos = 0;
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    while pos < size {
-        let e = img.mapping(pos, u64::MAX).unwrap();
-        glimpse_formats::validate_extent(&e, pos, u64::MAX, size).unwrap();
-        if matches!(e.kind, ExtentKind::Data { .. }) {
-            match out.last_mut() {
-                Some((s, l)) if *s + *l == e.start => *l += e.len,
-                _ => out.push((e.start, e.len)),
-            }
-        }
-        pos = e.end();
-    }
-    assert_eq!(pos, size);
-    out
-}
-
-/// The data ranges of `qemu-img map --output=json`, adjacent entries merged.
-fn qemu_data_ranges(path: &Path) -> Vec<(u64, u64)> {
-    let v = json(&["map", "-f", "vdi", "--output=json", path.to_str().unwrap()]);
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in v.as_array().unwrap() {
-        if !e["data"].as_bool().unwrap() {
-            continue;
-        }
-        let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-        match out.last_mut() {
-            Some((ps, pl)) if *ps + *pl == s => *pl += l,
-            _ => out.push((s, l)),
-        }
-    }
-    out
 }
 
 fn assert_same_guest(img: Arc<dyn Image>, raw: &Path) {
@@ -146,7 +94,7 @@ fn qemu_made_vdis_read_like_qemu() {
             input.to_str().unwrap(),
             vdi.to_str().unwrap(),
         ]);
-        let info = json(&["info", "-f", "vdi", "--output=json", vdi.to_str().unwrap()]);
+        let info = qemu_json(&["info", "-f", "vdi", "--output=json", vdi.to_str().unwrap()]);
         let s = src(&vdi);
         assert_eq!(detect(s.as_ref()).unwrap().matches, [Format::Vdi]);
         let img: Arc<dyn Image> =
@@ -175,7 +123,11 @@ fn qemu_made_vdis_read_like_qemu() {
         )
         .unwrap();
         assert_eq!(report.verdict(), Verdict::Pass, "{:?}", report.findings);
-        assert_eq!(data_ranges(img.as_ref()), qemu_data_ranges(&vdi), "{opts}");
+        assert_eq!(
+            data_ranges(img.as_ref()),
+            qemu_data_ranges(&vdi, "vdi"),
+            "{opts}"
+        );
         let raw = dir.path().join(format!("t{n}.raw"));
         qemu_img(&[
             "convert",

@@ -3,28 +3,17 @@
 //! and cover the disk; every truncated prefix must fail cleanly. Committed hostile files must
 //! give their findings. These tests fail, never skip, without qemu-img.
 
+mod support;
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_formats::policy::{inspect, Policy, Verdict};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits, Source};
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed to run these tests");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use support::qemu_img;
 
 fn qemu_virtual_size(path: &Path, fmt: &str) -> u64 {
     let json = qemu_img(&["info", "-f", fmt, "--output=json", path.to_str().unwrap()]);

@@ -1,28 +1,17 @@
 //! VHDX reader against qemu-img-made images: sizes, bytes, extents, truncation.
 
+mod support;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{Format, Image, Limits, Source, Window};
+use support::{qemu_img, qemu_json};
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_img(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed for these tests");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
 
 /// A raw file with deterministic data runs and holes elsewhere.
 fn raw_with_holes(path: &Path, size: u64) {
@@ -121,11 +110,6 @@ fn open(path: &Path) -> Arc<dyn Image> {
     Arc::from(glimpse_formats::open(src, Format::Vhdx, &Limits::default()).unwrap())
 }
 
-fn json_u64(json: &[u8], key: &str) -> u64 {
-    let v: serde_json::Value = serde_json::from_slice(json).unwrap();
-    v[key].as_u64().unwrap()
-}
-
 #[test]
 fn detect_size_and_bytes_match_qemu() {
     let dir = tempfile::tempdir().unwrap();
@@ -135,12 +119,12 @@ fn detect_size_and_bytes_match_qemu() {
         assert_eq!(det.matches, vec![Format::Vhdx], "{name}");
         let img = open(&path);
         assert!(img.findings().is_empty(), "{name}: {:?}", img.findings());
-        let info = qemu_img(&["info", "--output=json", "-f", "vhdx", ps]);
+        let info = qemu_json(&["info", "--output=json", "-f", "vhdx", ps]);
         let size = img.info().virtual_size;
-        assert_eq!(size, json_u64(&info, "virtual-size"), "{name}");
+        assert_eq!(size, info["virtual-size"].as_u64().unwrap(), "{name}");
         assert_eq!(
             img.info().cluster_size,
-            Some(json_u64(&info, "cluster-size")),
+            info["cluster-size"].as_u64(),
             "{name}"
         );
 

@@ -1,31 +1,16 @@
 //! VMDK reader against images qemu-img makes. qemu-img must be installed: these tests fail
 //! without it.
 
+mod support;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_formats::image::{ExtentKind, Image, RefKind};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{detect, ErrorKind, Format, Limits};
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed for these tests");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&qemu_img(args)).unwrap()
-}
+use support::{data_ranges, qemu_data_ranges, qemu_img, qemu_json};
 
 /// A raw disk with random data, repeated bytes and holes, not a multiple of 64 KiB.
 fn raw(dir: &Path) -> PathBuf {
@@ -78,44 +63,9 @@ fn open(path: &Path) -> Box<dyn Image> {
     glimpse_formats::open(Arc::new(f), Format::Vmdk, &Limits::default()).unwrap()
 }
 
-/// Our data ranges (merged), walking the whole mapping and checking its contract.
-fn data_ranges(img: &dyn Image) -> Vec<(u64, u64)> {
-    let vs = img.info().virtual_size;
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut pos = 0;
-    while pos < vs {
-        let e = img.mapping(pos, u64::MAX).unwrap();
-        glimpse_formats::validate_extent(&e, pos, u64::MAX, vs).unwrap();
-        if !e.reads_as_zero() {
-            match out.last_mut() {
-                Some(last) if last.1 == e.start => last.1 = e.end(),
-                _ => out.push((e.start, e.end())),
-            }
-        }
-        pos = e.end();
-    }
-    out
-}
-
-/// qemu-img map's data ranges, merged.
-fn qemu_data_ranges(path: &Path) -> Vec<(u64, u64)> {
-    let map = json(&["map", "--output=json", "-f", "vmdk", path.to_str().unwrap()]);
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in map.as_array().unwrap() {
-        if e["data"] == true {
-            let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-            match out.last_mut() {
-                Some(last) if last.1 == s => last.1 = s + l,
-                _ => out.push((s, s + l)),
-            }
-        }
-    }
-    out
-}
-
 fn check_against_qemu(path: &Path, create_type: &str) {
     let img = open(path);
-    let info = json(&[
+    let info = qemu_json(&[
         "info",
         "--output=json",
         "-f",
@@ -146,7 +96,7 @@ fn check_against_qemu(path: &Path, create_type: &str) {
     all.extend(img.check(&Limits::default()).unwrap());
     assert!(all.is_empty(), "{all:?}");
 
-    assert_eq!(data_ranges(img.as_ref()), qemu_data_ranges(path));
+    assert_eq!(data_ranges(img.as_ref()), qemu_data_ranges(path, "vmdk"));
 
     let dir = path.parent().unwrap();
     let conv = dir.join(format!("{create_type}.raw"));
@@ -203,7 +153,7 @@ fn descriptor_only(subformat: &str, name: &str, extents: usize) {
         p.to_str().unwrap(),
         "5G",
     ]);
-    let info = json(&["info", "--output=json", "-f", "vmdk", p.to_str().unwrap()]);
+    let info = qemu_json(&["info", "--output=json", "-f", "vmdk", p.to_str().unwrap()]);
     // Remove every extent file: opening must not need (or touch) them.
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let e = entry.unwrap().path();
