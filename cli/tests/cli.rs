@@ -2,17 +2,13 @@
 //! parsers have their own test files). Tests that compare with qemu-img fail when it is
 //! missing; they never skip.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn glimpse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(args)
-        .output()
-        .expect("run glimpse")
-}
+use support::{glimpse, s};
 
 fn qemu_img(args: &[&str]) -> Output {
     let out = Command::new("qemu-img")
@@ -68,10 +64,6 @@ fn mixed_raw(dir: &Path, name: &str, mib: u64, extra: u64) -> PathBuf {
     }
     f.set_len((mib << 20) + extra).unwrap();
     p
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

@@ -5,12 +5,15 @@
 //! `qemu-img check`. qemu-img and the generator's tools are required: these tests fail, never
 //! skip, when they are missing.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 use serde_json::Value;
+use support::{glimpse, s};
 
 struct Fixture {
     name: String,
@@ -51,13 +54,6 @@ fn fixtures() -> &'static (PathBuf, Vec<Fixture>) {
     })
 }
 
-fn glimpse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(args)
-        .output()
-        .expect("run glimpse")
-}
-
 /// glimpse with SOURCE_DATE_EPOCH set: header timestamps and ids are then reproducible.
 fn glimpse_reproducible(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_glimpse"))
@@ -81,10 +77,6 @@ fn text(b: &[u8]) -> String {
 fn json(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("bad JSON ({e}): {}{}", text(&o.stdout), text(&o.stderr)))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Fixtures glimpse reads guest data from (not descriptor-only, not encrypted, not OVA).

@@ -1,37 +1,14 @@
 //! `glimpse ova {list,check,extract}` on archives made here with GNU tar around raw disks, and
 //! on the committed hostile fixtures. The VMDK cases are in `ova_vmdk.rs`.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 use sha2::Digest;
-
-fn glimpse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(args)
-        .output()
-        .expect("run glimpse")
-}
-
-fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn codes(v: &Value) -> Vec<String> {
-    v["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["code"].as_str().unwrap().to_string())
-        .collect()
-}
+use support::{codes, glimpse, json_of, s};
 
 fn reject_codes(v: &Value) -> Vec<String> {
     v["findings"]
@@ -137,10 +114,6 @@ fn appliance(dir: &Path, name: &str, disks: &[(&str, Vec<u8>)], algo: &str) -> P
     let mut files = vec![("vm.ovf", xml), ("vm.mf", mf.into_bytes())];
     files.extend(disks.iter().map(|(n, d)| (*n, d.clone())));
     make_ova(dir, name, "ustar", &files)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

@@ -2,17 +2,12 @@
 //! the VMDK parser (`formats/src/vmdk`) and the `convert` command; qemu-img and GNU tar must be
 //! installed (the tests fail, never skip, without them).
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use serde_json::Value;
-
-fn glimpse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(args)
-        .output()
-        .expect("run glimpse")
-}
+use support::{codes, glimpse, json_of, s};
 
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd)
@@ -24,29 +19,6 @@ fn run(cmd: &str, args: &[&str]) {
         "{cmd} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn codes(v: &Value) -> Vec<String> {
-    v["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["code"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 const STREAM: &str = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized";

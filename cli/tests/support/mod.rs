@@ -1,0 +1,42 @@
+//! Helpers the CLI tests share: running the built binary and reading its JSON. Each test file
+//! uses a part of them (the upload tests' Glance harness is `upload_support`).
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// Runs the `glimpse` binary this package built.
+pub fn glimpse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .output()
+        .expect("run glimpse")
+}
+
+/// A temp path as an argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The JSON a command printed, or a panic showing what it printed instead.
+pub fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The finding codes of a check report, in order.
+pub fn codes(v: &Value) -> Vec<String> {
+    v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap().to_string())
+        .collect()
+}
