@@ -77,6 +77,19 @@ struct DiskSpec<'a> {
     gzip: bool,
 }
 
+impl<'a> DiskSpec<'a> {
+    /// An uncompressed disk file whose capacity is its size, with no format URI.
+    fn plain(href: &'a str, size: u64) -> Self {
+        DiskSpec {
+            href,
+            size,
+            capacity: size,
+            format: None,
+            gzip: false,
+        }
+    }
+}
+
 fn ovf_xml(disks: &[DiskSpec<'_>]) -> String {
     let mut files = String::new();
     let mut ds = String::new();
@@ -152,13 +165,7 @@ fn manifest(algo: Algo, files: &[(&str, &[u8])]) -> Vec<u8> {
 fn appliance(disks: &[(&str, Vec<u8>)], algo: Option<Algo>) -> Vec<u8> {
     let specs: Vec<DiskSpec<'_>> = disks
         .iter()
-        .map(|(n, d)| DiskSpec {
-            href: n,
-            size: d.len() as u64,
-            capacity: d.len() as u64,
-            format: None,
-            gzip: false,
-        })
+        .map(|(n, d)| DiskSpec::plain(n, d.len() as u64))
         .collect();
     let xml = ovf_xml(&specs).into_bytes();
     let mut members = vec![file("vm.ovf", &xml)];
@@ -323,13 +330,7 @@ fn manifests_sha1_sha256_sha512_and_tampered() {
 #[test]
 fn manifest_naming_a_missing_member_and_unlisted_members() {
     let disk = disk_bytes(4096, 4);
-    let xml = ovf_xml(&[DiskSpec {
-        href: "d.img",
-        size: 4096,
-        capacity: 4096,
-        format: None,
-        gzip: false,
-    }]);
+    let xml = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
     let mf = manifest(Algo::Sha256, &[("d.img", &disk), ("ghost.img", b"boo")]);
     let f = check(tar_of(&[
         file("a.ovf", xml.as_bytes()),
@@ -353,13 +354,7 @@ fn manifest_naming_a_missing_member_and_unlisted_members() {
 #[test]
 fn certificate_is_reported_as_unverified() {
     let disk = disk_bytes(4096, 5);
-    let xml = ovf_xml(&[DiskSpec {
-        href: "d.img",
-        size: 4096,
-        capacity: 4096,
-        format: None,
-        gzip: false,
-    }]);
+    let xml = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
     let f = check(tar_of(&[
         file("a.ovf", xml.as_bytes()),
         file("a.cert", b"SHA256(a.mf)= 00\n"),
@@ -373,13 +368,7 @@ fn certificate_is_reported_as_unverified() {
 
 fn with_extra(extra: M) -> Vec<u8> {
     let disk = disk_bytes(4096, 6);
-    let xml = ovf_xml(&[DiskSpec {
-        href: "d.img",
-        size: 4096,
-        capacity: 4096,
-        format: None,
-        gzip: false,
-    }]);
+    let xml = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
     tar_of(&[file("a.ovf", xml.as_bytes()), file("d.img", &disk), extra])
 }
 
@@ -443,13 +432,7 @@ fn committed_hostile_fixtures_are_rejected() {
 #[test]
 fn descriptor_rules() {
     let disk = disk_bytes(4096, 7);
-    let xml = ovf_xml(&[DiskSpec {
-        href: "d.img",
-        size: 4096,
-        capacity: 4096,
-        format: None,
-        gzip: false,
-    }]);
+    let xml = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
     let x = xml.as_bytes();
 
     let f = check(tar_of(&[file("d.img", &disk)]));
@@ -598,13 +581,7 @@ fn capacity_units() {
 fn pax_and_gnu_long_names() {
     let disk = disk_bytes(4096, 9);
     let long = format!("{}.img", "a".repeat(150));
-    let xml = ovf_xml(&[DiskSpec {
-        href: &long,
-        size: 4096,
-        capacity: 4096,
-        format: None,
-        gzip: false,
-    }]);
+    let xml = ovf_xml(&[DiskSpec::plain(&long, 4096)]);
     let bytes = tar_of(&[
         file("a.ovf", xml.as_bytes()),
         M::PaxFile(long.clone(), disk.clone()),
@@ -634,13 +611,7 @@ fn pax_size_overrides_the_header_size() {
     // The header says 0 bytes, the pax record 4096: readers that disagree would see a
     // different archive. glimpse follows the pax record, as POSIX and GNU tar do.
     let disk = disk_bytes(4096, 10);
-    let xml = ovf_xml(&[DiskSpec {
-        href: "d.img",
-        size: 4096,
-        capacity: 4096,
-        format: None,
-        gzip: false,
-    }]);
+    let xml = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
     let mut b = tar::Builder::new(Vec::new());
     b.append(
         &raw_header("a.ovf", EntryType::Regular, xml.len() as u64, ""),
@@ -871,34 +842,10 @@ fn standalone_ovf_opens_only_plain_siblings() {
     std::fs::write(tmp.path().join("secret"), b"do not read").unwrap();
     std::os::unix::fs::symlink(tmp.path().join("secret"), tmp.path().join("link.img")).unwrap();
     let specs = [
-        DiskSpec {
-            href: "d.img",
-            size: 4096,
-            capacity: 4096,
-            format: None,
-            gzip: false,
-        },
-        DiskSpec {
-            href: "../secret",
-            size: 11,
-            capacity: 11,
-            format: None,
-            gzip: false,
-        },
-        DiskSpec {
-            href: "link.img",
-            size: 11,
-            capacity: 11,
-            format: None,
-            gzip: false,
-        },
-        DiskSpec {
-            href: "http://x/y.img",
-            size: 1,
-            capacity: 1,
-            format: None,
-            gzip: false,
-        },
+        DiskSpec::plain("d.img", 4096),
+        DiskSpec::plain("../secret", 11),
+        DiskSpec::plain("link.img", 11),
+        DiskSpec::plain("http://x/y.img", 1),
     ];
     std::fs::write(tmp.path().join("vm.ovf"), ovf_xml(&specs)).unwrap();
     let d = ova::read_ovf_dir(&tmp.path().join("vm.ovf"), &Limits::default()).unwrap();
@@ -923,13 +870,7 @@ fn repeated_work_is_refused() {
     // A manifest naming one member twice, and two disks backed by one file: each would make
     // check read the same data again.
     let disk = disk_bytes(4096, 16);
-    let xml = ovf_xml(&[DiskSpec {
-        href: "d.img",
-        size: 4096,
-        capacity: 4096,
-        format: None,
-        gzip: false,
-    }]);
+    let xml = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
     let mut mf = manifest(Algo::Sha256, &[("a.ovf", xml.as_bytes()), ("d.img", &disk)]);
     mf.extend(manifest(Algo::Sha256, &[("d.img", &disk)]));
     let f = check(tar_of(&[
@@ -940,20 +881,8 @@ fn repeated_work_is_refused() {
     assert_eq!(rejects(&f), ["ova.manifest-malformed"]);
 
     let two = ovf_xml(&[
-        DiskSpec {
-            href: "d.img",
-            size: 4096,
-            capacity: 4096,
-            format: None,
-            gzip: false,
-        },
-        DiskSpec {
-            href: "d.img",
-            size: 4096,
-            capacity: 4096,
-            format: None,
-            gzip: false,
-        },
+        DiskSpec::plain("d.img", 4096),
+        DiskSpec::plain("d.img", 4096),
     ]);
     let f = check(tar_of(&[
         file("a.ovf", two.as_bytes()),
@@ -965,13 +894,7 @@ fn repeated_work_is_refused() {
 #[test]
 fn less_common_codes() {
     let disk = disk_bytes(4096, 17);
-    let base = ovf_xml(&[DiskSpec {
-        href: "d.img",
-        size: 4096,
-        capacity: 4096,
-        format: None,
-        gzip: false,
-    }]);
+    let base = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
     let with = |xml: &str, extra: Vec<M>| {
         let mut m = vec![file("a.ovf", xml.as_bytes()), file("d.img", &disk)];
         m.extend(extra);
@@ -1106,13 +1029,7 @@ mod mutations {
 fn old_style_tar_headers_are_detected_and_read() {
     // Pre-POSIX (v7) headers carry no `ustar` magic: the checksum identifies them.
     let disk = disk_bytes(4096, 19);
-    let xml = ovf_xml(&[DiskSpec {
-        href: "d.img",
-        size: 4096,
-        capacity: 4096,
-        format: None,
-        gzip: false,
-    }]);
+    let xml = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
     let mut b = tar::Builder::new(Vec::new());
     for (name, data) in [("a.ovf", xml.as_bytes()), ("d.img", disk.as_slice())] {
         let mut h = Header::new_old();
