@@ -6,45 +6,14 @@
 mod support;
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
 
 use glimpse_formats::policy::{inspect, Policy, Verdict};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{detect, open, Format, Image, Limits, Source};
-use support::{data_ranges, qemu_data_ranges, qemu_img, qemu_json};
-
-/// A sparse raw disk of `size` bytes with pseudo-random data at a few places.
-fn raw_source(dir: &Path, size: u64, seed: u64) -> PathBuf {
-    let p = dir.join(format!("src-{seed}.raw"));
-    let mut f = File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for at in [
-        0u64,
-        3 * 1024 * 1024 + 100,
-        4 << 20,
-        size / 2,
-        size.saturating_sub(5000),
-    ] {
-        if at >= size {
-            continue;
-        }
-        let n = (size - at).min(70_000) as usize;
-        let data: Vec<u8> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        f.seek(SeekFrom::Start(at)).unwrap();
-        f.write_all(&data).unwrap();
-    }
-    p
-}
+use support::{data_ranges, qemu_data_ranges, qemu_img, qemu_json, raw_source};
 
 fn src(path: &Path) -> Source {
     Arc::new(File::open(path).unwrap())

@@ -6,49 +6,19 @@
 mod support;
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
 
 use glimpse_formats::policy::{inspect, Policy, Verdict};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits, Source};
-use support::qemu_img;
+use support::{qemu_img, raw_source};
 
 fn qemu_virtual_size(path: &Path, fmt: &str) -> u64 {
     let json = qemu_img(&["info", "-f", fmt, "--output=json", path.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     v["virtual-size"].as_u64().unwrap()
-}
-
-/// A sparse raw disk of `size` bytes with pseudo-random data at a few places.
-fn raw_source(dir: &Path, size: u64, seed: u64) -> PathBuf {
-    let p = dir.join(format!("src-{seed}.raw"));
-    let mut f = File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for at in [
-        0u64,
-        3 * 1024 * 1024 + 100,
-        size / 2,
-        size.saturating_sub(5000),
-    ] {
-        if at >= size {
-            continue;
-        }
-        let n = (size - at).min(70_000) as usize;
-        let data: Vec<u8> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        f.seek(SeekFrom::Start(at)).unwrap();
-        f.write_all(&data).unwrap();
-    }
-    p
 }
 
 fn src(path: &Path) -> Source {

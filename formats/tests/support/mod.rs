@@ -2,7 +2,9 @@
 //! uses a part of them.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use glimpse_formats::Image;
@@ -63,4 +65,34 @@ pub fn qemu_data_ranges(path: &Path, qemu_format: &str) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+/// A sparse raw file `src-<seed>.raw` of `size` bytes in `dir`: runs of 70,000 pseudo-random
+/// bytes (fewer at the end) at the start, across the 3 MiB mark, at 4 MiB, in the middle and
+/// at the end, where they fall inside the file; holes elsewhere.
+pub fn raw_source(dir: &Path, size: u64, seed: u64) -> PathBuf {
+    let p = dir.join(format!("src-{seed}.raw"));
+    let f = File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let spots = [
+        0,
+        3 * 1024 * 1024 + 100,
+        4 << 20,
+        size / 2,
+        size.saturating_sub(5000),
+    ];
+    for at in spots.into_iter().filter(|&at| at < size) {
+        let n = (size - at).min(70_000) as usize;
+        let data: Vec<u8> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        f.write_all_at(&data, at).unwrap();
+    }
+    p
 }
