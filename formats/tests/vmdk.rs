@@ -336,3 +336,57 @@ fn an_empty_16_gib_disk_maps_in_one_extent() {
     assert_eq!((e.start, e.len, e.kind), (0, vs, ExtentKind::Unallocated));
     assert!(img.check(&Limits::default()).unwrap().is_empty());
 }
+
+/// Issue 11 §1: what qemu probes as VMDK is detected as VMDK, and every extent or parent it
+/// would open is reported.
+#[test]
+fn probe_parity_fixtures_are_vmdk_and_name_their_files() {
+    use glimpse_formats::policy::{inspect, Policy, Verdict};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/vmdk");
+    let cases: [(&str, &str, RefKind); 4] = [
+        (
+            "version-first-extent-after-comments.vmdk",
+            "vmdk.external-extent",
+            RefKind::Extent,
+        ),
+        (
+            "binary-after-nul.vmdk",
+            "vmdk.external-extent",
+            RefKind::Extent,
+        ),
+        (
+            "control-char-in-comment.vmdk",
+            "vmdk.external-extent",
+            RefKind::Extent,
+        ),
+        ("cowd-parent-hint.vmdk", "vmdk.parent", RefKind::BackingFile),
+    ];
+    for (name, code, kind) in cases {
+        let path = dir.join(name);
+        let q = qemu_json(&["info", "--output=json", path.to_str().unwrap()]);
+        assert_eq!(q["format"], "vmdk", "{name}");
+        let det = detect(&File::open(&path).unwrap()).unwrap();
+        assert_eq!(det.matches, vec![Format::Vmdk], "{name}");
+        for expect in [None, Some(Format::Raw)] {
+            let policy = Policy {
+                expect_format: expect,
+                ..Policy::default()
+            };
+            let src = Arc::new(File::open(&path).unwrap());
+            let r = inspect(src, &policy, &Limits::default()).unwrap();
+            assert_eq!(r.verdict(), Verdict::Reject, "{name}");
+            let codes: Vec<_> = r.findings.iter().map(|f| f.code).collect();
+            assert!(codes.contains(&code), "{name}: {codes:?}");
+            let info = r.info().unwrap();
+            assert!(
+                info.references
+                    .iter()
+                    .any(|x| x.kind == kind && x.target == "/etc/passwd"),
+                "{name}: {:?}",
+                info.references
+            );
+            let e = r.image.as_ref().unwrap().mapping(0, 512).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unsafe, "{name}");
+        }
+    }
+}

@@ -334,41 +334,136 @@ pub fn parse(text: &[u8], base: u64) -> Descriptor {
     d
 }
 
-/// True when `head` looks like a text descriptor: text only, and either the customary first
-/// line or a `createType=` line among its first lines, with a `version=` line (what qemu's
-/// probe keys on).
+/// C's `isspace`: what `sscanf` skips between conversions.
+fn c_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// qemu's `vmdk_probe` on a text file: skipping `#` comment lines (whatever bytes they
+/// hold) and lines of spaces, the first other line is `version=1|2|3` ended by `\n` or
+/// `\r\n`. Linear in `buf`.
+pub fn qemu_probe(buf: &[u8]) -> bool {
+    let mut rest = buf;
+    loop {
+        match rest.first() {
+            None => return false,
+            Some(b'#') => match rest.iter().position(|&b| b == b'\n') {
+                Some(nl) => rest = rest.get(nl.saturating_add(1)..).unwrap_or_default(),
+                None => return false,
+            },
+            Some(b' ') => {
+                let spaces = rest.iter().take_while(|&&b| b == b' ').count();
+                let after = rest.get(spaces..).unwrap_or_default();
+                let after = after.strip_prefix(b"\r").unwrap_or(after);
+                match after.strip_prefix(b"\n") {
+                    Some(next) => rest = next,
+                    None => return false,
+                }
+            }
+            Some(_) => {
+                return VERSIONS.iter().any(|v| {
+                    let line = rest
+                        .strip_prefix(b"version=")
+                        .and_then(|r| r.strip_prefix(v.as_bytes()));
+                    line.is_some_and(|r| r.starts_with(b"\n") || r.starts_with(b"\r\n"))
+                })
+            }
+        }
+    }
+}
+
+/// True when `head` looks like a text descriptor: what qemu's probe claims
+/// ([`qemu_probe`]), or, in the text up to the first NUL, the customary first line or both
+/// a `createType` and a `version` key on lines of their own.
+///
+/// A superset of qemu's probe: control characters, binary bytes after a NUL and long runs
+/// of comments do not hide a descriptor. Linear in `head`, which the caller bounds.
 pub fn looks_like_descriptor(head: &[u8]) -> bool {
-    let window = head.get(..head.len().min(4096)).unwrap_or_default();
-    // qemu-img pads a descriptor file with NUL bytes to a whole sector: the text ends at the
-    // first NUL, and only NULs may follow it.
-    let text_end = window.iter().position(|&b| b == 0).unwrap_or(window.len());
-    let (window, pad) = window.split_at(text_end);
-    if pad.iter().any(|&b| b != 0) {
+    if qemu_probe(head) {
+        return true;
+    }
+    let text = text_of(head);
+    if text.is_empty() {
         return false;
     }
-    if window.is_empty()
-        || window
-            .iter()
-            .any(|&b| b == 0 || (b.is_ascii_control() && !b"\r\n\t".contains(&b)))
-    {
-        return false;
-    }
-    if window.starts_with(b"# Disk DescriptorFile") {
+    if text.starts_with(b"# Disk DescriptorFile") {
         return true;
     }
     let mut create = false;
     let mut version = false;
-    for line in window.split(|&b| b == b'\n').take(64) {
-        let l = line.trim_ascii();
-        let key = l
-            .split(|&b| b == b'=')
-            .next()
-            .unwrap_or_default()
-            .trim_ascii();
-        create |= key == b"createType" && l.contains(&b'=');
-        version |= key == b"version" && l.contains(&b'=');
+    for line in text.split(|&b| b == b'\n') {
+        let Some(eq) = line.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        let key = line.get(..eq).unwrap_or_default().trim_ascii();
+        create |= key == b"createType";
+        version |= key == b"version";
+        if create && version {
+            return true;
+        }
     }
-    create && version
+    false
+}
+
+/// An extent line as a lenient reader (qemu's `sscanf`, VMware) could take it, whether or
+/// not [`parse`] accepted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LooseExtent {
+    /// Byte offset of the line in the source.
+    pub at: u64,
+    /// The access word (`RW`, `RDONLY`, `NOACCESS`, in any case).
+    pub access: String,
+    /// The file name between the first quote and the next quote, CR or end of line.
+    pub file: String,
+}
+
+/// Reads `line` as qemu's `vmdk_parse_extents` does, loosely: an access word after any C
+/// whitespace, and a quoted file name somewhere after it.
+fn loose_extent(line: &[u8], at: u64) -> Option<LooseExtent> {
+    let start = line.iter().position(|&b| !c_space(b))?;
+    let rest = line.get(start..)?;
+    let end = rest.iter().position(|&b| c_space(b)).unwrap_or(rest.len());
+    let access = rest.get(..end)?;
+    if !["RW", "RDONLY", "NOACCESS"]
+        .iter()
+        .any(|a| access.eq_ignore_ascii_case(a.as_bytes()))
+    {
+        return None;
+    }
+    let quote = rest.iter().position(|&b| b == b'"')?;
+    let name = rest.get(quote.checked_add(1)?..)?;
+    let close = name
+        .iter()
+        .position(|&b| matches!(b, b'"' | b'\r'))
+        .unwrap_or(name.len());
+    Some(LooseExtent {
+        at,
+        access: String::from_utf8_lossy(access).into_owned(),
+        file: String::from_utf8_lossy(name.get(..close)?).into_owned(),
+    })
+}
+
+/// Every line of `text` (found at byte `base`) that a lenient reader could take as an
+/// extent naming a file but [`parse`] did not turn into an [`ExtentLine`]: each is another
+/// file qemu or VMware may open. At most [`MAX_EXTENTS`] are returned.
+pub fn loose_extents(text: &[u8], base: u64, parsed: &[ExtentLine]) -> Vec<LooseExtent> {
+    let known: std::collections::BTreeSet<u64> = parsed.iter().map(|e| e.at).collect();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    for raw in text.split(|&b| b == b'\n') {
+        let at = base.saturating_add(pos);
+        pos = pos.saturating_add(raw.len() as u64).saturating_add(1);
+        if known.contains(&at) {
+            continue;
+        }
+        if let Some(e) = loose_extent(raw, at) {
+            if out.len() >= MAX_EXTENTS {
+                break;
+            }
+            out.push(e);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -393,6 +488,42 @@ mod tests {
         );
         assert!(looks_like_descriptor(QEMU.as_bytes()));
         assert!(!looks_like_descriptor(b"hello world\n"));
+    }
+
+    #[test]
+    fn probe_is_a_superset_of_qemus() {
+        let comments = "# comment\n".repeat(500);
+        for yes in [
+            "version=1\n".to_string(),
+            "version=3\r\n".to_string(),
+            format!("# a\x01b\x00c\n   \n  \r\n{comments}version=2\nRW 1 FLAT \"/x\" 0\n"),
+            format!("version=1\n{comments}createType=\"monolithicFlat\"\n"),
+            "x=1\ncreateType = \"vmfs\"\n\x01\nversion = 1\n\0\x01\x02binary".to_string(),
+        ] {
+            assert!(looks_like_descriptor(yes.as_bytes()), "{yes:?}");
+        }
+        assert!(qemu_probe(b"# c\n  \nversion=1\n"));
+        for no in [
+            "version=4\n",
+            "\nversion=1\n",
+            "\tversion=1\n",
+            "# only a comment",
+            "version=1",
+        ] {
+            assert!(!qemu_probe(no.as_bytes()), "{no:?}");
+        }
+        assert!(!looks_like_descriptor(b"createType=\"x\"\n\0version=1\n"));
+    }
+
+    #[test]
+    fn loose_extents_catch_what_parse_refuses() {
+        let text = b"version=1\nRW 10 FLAT \"/etc/passwd\" 0 trailing\n\x0bRW 5 FLAT\"/a\" 0\nrdonly 1 SPARSE \"b\r\nRW 1 FLAT \"ok\" 0\nRW 1 ZERO\n";
+        let d = parse(text, 100);
+        let loose = loose_extents(text, 100, &d.extents);
+        let files: Vec<&str> = loose.iter().map(|e| e.file.as_str()).collect();
+        assert_eq!(files, ["/etc/passwd", "/a", "b"]);
+        assert_eq!(loose[0].at, 110);
+        assert_eq!(d.extents.len(), 2);
     }
 
     #[test]

@@ -80,13 +80,19 @@ enum Grain {
     At(u64),
 }
 
-/// True when the probe windows look like VMDK: the sparse magic, or a text descriptor.
+/// The magic of a VMDK3 (VMFS sparse, `COWD`) extent.
+const COWD_MAGIC: &[u8; 4] = b"COWD";
+
+/// True when the probe windows look like VMDK: the sparse magic (`KDMV` or VMDK3's `COWD`),
+/// or a text descriptor.
 ///
 /// Any version counts: qemu's probe claims every file with the magic, so a `KDMV` file with
 /// an unknown version must be reported as a VMDK that fails to open (and be rejected), never
 /// passed as raw.
 pub fn probe(p: &Probe<'_>) -> bool {
-    p.starts_with(MAGIC_BYTES) || descriptor::looks_like_descriptor(&p.head)
+    p.starts_with(MAGIC_BYTES)
+        || p.starts_with(COWD_MAGIC)
+        || descriptor::looks_like_descriptor(&p.head)
 }
 
 /// Opens a VMDK image.
@@ -103,29 +109,31 @@ pub fn open(src: Source, limits: &Limits) -> Result<VmdkImage> {
     if head.starts_with(MAGIC_BYTES) {
         return open_sparse(src, size, &head, limits);
     }
-    if head.starts_with(b"COWD") {
-        return Err(
-            Error::unsupported("VMFS sparse (COWD) extents are not supported").code("vmdk.header"),
-        );
+    if head.starts_with(COWD_MAGIC) {
+        return open_cowd(src, size, &head);
     }
-    if size > MAX_DESCRIPTOR {
-        return Err(Error::limit(format!(
-            "a {size}-byte file is too large for a VMDK descriptor"
-        ))
-        .code("vmdk.descriptor-size"));
-    }
+    // qemu reads at most 1 MiB - 1 of a descriptor file, up to the first NUL.
     let budget = limits.budget();
-    let text = read_vec(src.as_ref(), 0, size, &budget, "VMDK descriptor")?;
+    let len = size.min(MAX_DESCRIPTOR - 1);
+    let text = read_vec(src.as_ref(), 0, len, &budget, "VMDK descriptor")?;
     if !descriptor::looks_like_descriptor(&text) {
         return Err(Error::invalid(
             "neither a VMDK sparse header nor a VMDK descriptor",
         ));
     }
-    let desc = descriptor::parse(descriptor::text_of(&text), 0);
+    let body = descriptor::text_of(&text);
+    let desc = descriptor::parse(body, 0);
+    let loose = descriptor::loose_extents(body, 0, &desc.extents);
     let mut findings = vec![Finding::reject(
         "vmdk.descriptor-only",
         "the file is only a VMDK descriptor: its data lives in other files",
     )];
+    if size > len {
+        findings.push(Finding::reject(
+            "vmdk.descriptor-size",
+            format!("a {size}-byte descriptor file: qemu reads only its first {len} bytes"),
+        ));
+    }
     if text.contains(&0) {
         findings.push(Finding::reject(
             "vmdk.descriptor-syntax",
@@ -134,17 +142,53 @@ pub fn open(src: Source, limits: &Limits) -> Result<VmdkImage> {
     }
     let mut refs = Vec::new();
     hidden_parent(&text, 0, Some(&desc), &mut findings, &mut refs);
-    descriptor_only(src, desc, findings, refs)
+    descriptor_only(src, desc, loose, findings, refs)
+}
+
+/// A VMDK3 (`COWD`, VMFS sparse) extent: glimpse does not read its tables, but reports its
+/// size and the parent qemu would open (qemu looks for `parentFileNameHint` in the 10 KiB
+/// from byte 512, as for a `KDMV` file).
+fn open_cowd(src: Source, size: u64, head: &[u8]) -> Result<VmdkImage> {
+    // VMDK3 header after the magic, little-endian u32s: version, flags, disk sectors, ...
+    let sectors = head
+        .get(12..16)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_le_bytes)
+        .ok_or_else(|| {
+            Error::truncated(format!(
+                "a {size}-byte file is too short for a VMDK3 header"
+            ))
+            .code("vmdk.header")
+        })?;
+    let mut findings = vec![Finding::reject(
+        "vmdk.header",
+        "VMDK3 (COWD, VMFS sparse) extents: glimpse does not read this format",
+    )];
+    let mut refs = Vec::new();
+    let window = read_up_to(src.as_ref(), SECTOR, QEMU_DESC_WINDOW)?;
+    hidden_parent(&window, SECTOR, None, &mut findings, &mut refs);
+    let mut info = ImageInfo::new(Format::Vmdk, u64::from(sectors).saturating_mul(SECTOR));
+    info.actual_size = src.allocated_size();
+    info.detail("create-type", "vmfsSparse");
+    info.references = refs;
+    Ok(VmdkImage {
+        src,
+        info,
+        findings,
+        body: Body::DescriptorOnly,
+    })
 }
 
 /// An image whose guest data lives entirely in files the descriptor names.
 fn descriptor_only(
     src: Source,
     desc: Descriptor,
+    loose: Vec<descriptor::LooseExtent>,
     mut findings: Vec<Finding>,
     mut refs: Vec<Reference>,
 ) -> Result<VmdkImage> {
     syntax_findings(&desc, &mut findings);
+    loose_findings(&loose, &mut findings, &mut refs);
     let mut sectors = 0u64;
     let mut extents = Vec::new();
     for e in &desc.extents {
@@ -188,6 +232,46 @@ fn descriptor_only(
     })
 }
 
+/// Reports the extent lines a lenient reader would open that [`descriptor::parse`] refused.
+fn loose_findings(
+    loose: &[descriptor::LooseExtent],
+    findings: &mut Vec<Finding>,
+    refs: &mut Vec<Reference>,
+) {
+    for e in loose {
+        findings.push(
+            Finding::reject(
+                "vmdk.external-extent",
+                format!(
+                    "{} extent line naming {:?}: qemu or VMware may read another file",
+                    e.access, e.file
+                ),
+            )
+            .at(e.at),
+        );
+        refs.push(Reference {
+            kind: RefKind::Extent,
+            target: e.file.clone(),
+            format: None,
+            offset: Some(e.at),
+        });
+    }
+}
+
+/// The parent name qemu takes from a descriptor window: after the first
+/// `parentFileNameHint` anywhere in the text up to a NUL, it skips two bytes (`="`) and reads
+/// up to the next quote (qemu fails to open when there is none; the rest is reported then).
+fn qemu_parent_hint(text: &[u8]) -> Option<String> {
+    const KEY: &[u8] = b"parentFileNameHint";
+    let at = text.windows(KEY.len()).position(|w| w == KEY)?;
+    let name = text
+        .get(at.checked_add(KEY.len() + 2)?..)
+        .unwrap_or_default();
+    let end = name.iter().position(|&b| b == b'"').unwrap_or(name.len());
+    let name = name.get(..end.min(1024)).unwrap_or_default();
+    Some(String::from_utf8_lossy(name).into_owned())
+}
+
 /// qemu finds `parentFileNameHint` by searching the raw descriptor window (10 KiB, up to a
 /// NUL), so a hint in a comment, or past the declared descriptor, still makes it open a
 /// parent. Report one when the line parser found none.
@@ -204,17 +288,20 @@ fn hidden_parent(
             .unwrap_or_default(),
     );
     let parsed = desc.is_some_and(|d| d.parent_hint.is_some());
-    if !parsed && text.windows(18).any(|w| w == b"parentFileNameHint") {
+    if parsed {
+        return;
+    }
+    if let Some(name) = qemu_parent_hint(text) {
         findings.push(
             Finding::reject(
                 "vmdk.parent",
-                "qemu finds a parentFileNameHint in the descriptor text",
+                format!("qemu finds parentFileNameHint {name:?} in the descriptor text"),
             )
             .at(at),
         );
         refs.push(Reference {
             kind: RefKind::BackingFile,
-            target: "parentFileNameHint".into(),
+            target: name,
             format: Some("vmdk".into()),
             offset: Some(at),
         });
@@ -386,8 +473,10 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
             &budget,
             "embedded VMDK descriptor",
         )?;
-        let desc = descriptor::parse(descriptor::text_of(&text), desc_at);
-        return descriptor_only(src, desc, findings, refs);
+        let body = descriptor::text_of(&text);
+        let desc = descriptor::parse(body, desc_at);
+        let loose = descriptor::loose_extents(body, desc_at, &desc.extents);
+        return descriptor_only(src, desc, loose, findings, refs);
     }
 
     if h.descriptor_offset != 1 {
