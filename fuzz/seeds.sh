@@ -256,3 +256,14 @@ add convert_roundtrip c/*
 for t in "${targets[@]}"; do
     printf '%-18s %4d seeds\n' "$t" "$(find "$out/$t" -type f | wc -l)"
 done
+
+# ---- detect: probe-parity VMDK descriptors, an ISO with a descriptor in its system area, and
+# formats glimpse detects but does not read (committed fixtures, see their READMEs) ---------------
+fx="$here/../fixtures/hostile"
+add detect "$fx"/vmdk/version-first-extent-after-comments.vmdk "$fx"/vmdk/binary-after-nul.vmdk \
+    "$fx"/vmdk/control-char-in-comment.vmdk "$fx"/vmdk/cowd-parent-hint.vmdk \
+    "$fx"/iso/vmdk-descriptor-in-system-area.iso "$fx"/unsupported/*.bochs \
+    "$fx"/unsupported/*.cloop "$fx"/unsupported/*.dmg "$fx"/unsupported/*.parallels \
+    "$fx"/unsupported/*.qcow
+add vmdk_descriptor "$fx"/vmdk/version-first-extent-after-comments.vmdk \
+    "$fx"/vmdk/binary-after-nul.vmdk "$fx"/vmdk/control-char-in-comment.vmdk

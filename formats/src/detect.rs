@@ -1,9 +1,14 @@
 //! Format detection over bounded windows of a source.
 //!
 //! Detection reads three windows: the head (64 KiB), the ISO 9660 volume descriptor area
-//! (32 KiB to 64 KiB, which the head already covers), and the last 512 bytes (the VHD footer).
-//! It returns every format that matches: more than one match is itself a finding, because a
-//! file that is both qcow2 and ISO is an attack.
+//! (32 KiB to 64 KiB, which the head already covers), and the last 1 KiB (the VHD footer in
+//! its last 512 bytes, a DMG `koly` trailer). It returns every format that matches: more than
+//! one match is itself a finding, because a file that is both qcow2 and ISO is an attack.
+//!
+//! Detection is a superset of qemu's probes (each driver's `*_probe`, which see the first
+//! 2 KiB, plus the DMG trailer): whatever qemu would open as a format is never called raw.
+//! Formats glimpse does not read are detected too ([`crate::unsupported`]) and rejected by
+//! name.
 
 use crate::error::Result;
 use crate::format::Format;
@@ -13,6 +18,8 @@ use crate::io::{read_up_to, ReadAt};
 pub const HEAD_LEN: usize = 64 * 1024;
 /// Bytes read from the end of the source.
 pub const TAIL_LEN: usize = 512;
+/// Bytes read from the end of the source for trailers searched near the end (DMG).
+pub const TRAILER_LEN: usize = 1024;
 
 /// The bounded windows a detector may look at.
 pub struct Probe<'a> {
@@ -20,6 +27,8 @@ pub struct Probe<'a> {
     pub head: Vec<u8>,
     /// The last `TAIL_LEN` bytes (fewer for short files; empty for empty files).
     pub tail: Vec<u8>,
+    /// The last `TRAILER_LEN` bytes (fewer for short files).
+    pub trailer: Vec<u8>,
     /// The source's size.
     pub size: u64,
     /// The source, for detectors that must walk a bounded chain of headers (tar).
@@ -35,10 +44,16 @@ impl<'a> Probe<'a> {
         let size = src.size()?;
         let head = read_up_to(src, 0, HEAD_LEN)?;
         let tail_len = usize::try_from(size.min(TAIL_LEN as u64)).unwrap_or(TAIL_LEN);
-        let tail = read_up_to(src, size.saturating_sub(tail_len as u64), tail_len)?;
+        let trailer_len = usize::try_from(size.min(TRAILER_LEN as u64)).unwrap_or(TRAILER_LEN);
+        let trailer = read_up_to(src, size.saturating_sub(trailer_len as u64), trailer_len)?;
+        let tail = trailer
+            .get(trailer.len().saturating_sub(tail_len)..)
+            .unwrap_or_default()
+            .to_vec();
         Ok(Probe {
             head,
             tail,
+            trailer,
             size,
             src,
         })
@@ -80,7 +95,7 @@ impl Detection {
 /// `Io` when the source cannot be read.
 ///
 /// # Security
-/// Reads at most `HEAD_LEN + TAIL_LEN` bytes plus a bounded walk of tar headers.
+/// Reads at most `HEAD_LEN + TRAILER_LEN` bytes plus a bounded walk of tar headers.
 pub fn detect(src: &dyn ReadAt) -> Result<Detection> {
     let probe = Probe::new(src)?;
     Ok(detect_probe(&probe))
@@ -100,6 +115,11 @@ pub fn detect_probe(p: &Probe<'_>) -> Detection {
             Format::Luks => crate::luks::probe(p),
             Format::Iso => crate::iso::probe(p),
             Format::Ova => crate::ova::probe(p),
+            Format::Qcow1 => crate::unsupported::probe_qcow1(p),
+            Format::Parallels => crate::unsupported::probe_parallels(p),
+            Format::Bochs => crate::unsupported::probe_bochs(p),
+            Format::Cloop => crate::unsupported::probe_cloop(p),
+            Format::Dmg => crate::unsupported::probe_dmg(p),
             Format::Raw => false,
         };
         if hit {
@@ -112,6 +132,10 @@ pub fn detect_probe(p: &Probe<'_>) -> Detection {
     let fixed_vhd = matches.contains(&Format::Vhd) && !p.starts_with(b"conectix");
     if fixed_vhd && matches.len() == 2 && matches.contains(&Format::Iso) {
         matches.retain(|f| *f != Format::Iso);
+    }
+    // qcow version 1 carries the qcow2 magic; the version says which driver qemu uses.
+    if matches.contains(&Format::Qcow1) {
+        matches.retain(|f| *f != Format::Qcow2);
     }
     Detection { matches }
 }

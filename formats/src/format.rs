@@ -27,11 +27,22 @@ pub enum Format {
     Qed,
     /// LUKS encrypted volume: detected and described only.
     Luks,
+    /// QEMU copy-on-write version 1 (qemu's `qcow`): detected so that it can be refused.
+    Qcow1,
+    /// Parallels / Virtuozzo ploop: detected so that it can be refused.
+    Parallels,
+    /// Bochs growing redolog: detected so that it can be refused.
+    Bochs,
+    /// cloop compressed loopback image: detected so that it can be refused.
+    Cloop,
+    /// Apple disk image (UDIF, `koly` trailer): detected so that it can be refused.
+    Dmg,
 }
 
 impl Format {
     /// Every format, in detection order.
-    pub const ALL: [Format; 10] = [
+    pub const ALL: [Format; 15] = [
+        Format::Qcow1,
         Format::Qcow2,
         Format::Qed,
         Format::Vmdk,
@@ -41,6 +52,10 @@ impl Format {
         Format::Luks,
         Format::Iso,
         Format::Ova,
+        Format::Parallels,
+        Format::Bochs,
+        Format::Cloop,
+        Format::Dmg,
         Format::Raw,
     ];
 
@@ -57,13 +72,20 @@ impl Format {
             Format::Ova => "ova",
             Format::Qed => "qed",
             Format::Luks => "luks",
+            Format::Qcow1 => "qcow1",
+            Format::Parallels => "parallels",
+            Format::Bochs => "bochs",
+            Format::Cloop => "cloop",
+            Format::Dmg => "dmg",
         }
     }
 
-    /// qemu-img's name for the format (`vpc` for VHD), for comparisons with qemu-img.
+    /// qemu-img's name for the format (`vpc` for VHD, `qcow` for qcow1), for comparisons with
+    /// qemu-img.
     pub fn qemu_name(self) -> &'static str {
         match self {
             Format::Vhd => "vpc",
+            Format::Qcow1 => "qcow",
             other => other.name(),
         }
     }
@@ -94,6 +116,11 @@ impl FromStr for Format {
             "ova" => Format::Ova,
             "qed" => Format::Qed,
             "luks" => Format::Luks,
+            "qcow1" | "qcow" => Format::Qcow1,
+            "parallels" | "ploop" => Format::Parallels,
+            "bochs" => Format::Bochs,
+            "cloop" => Format::Cloop,
+            "dmg" => Format::Dmg,
             _ => return Err(UnknownFormat(s.to_string())),
         })
     }
@@ -109,6 +136,8 @@ mod tests {
             assert_eq!(f.name().parse::<Format>().unwrap(), f);
         }
         assert_eq!("vpc".parse::<Format>().unwrap(), Format::Vhd);
-        assert!("ploop".parse::<Format>().is_err());
+        assert_eq!("qcow".parse::<Format>().unwrap(), Format::Qcow1);
+        assert_eq!(Format::Qcow1.qemu_name(), "qcow");
+        assert!("qcow3".parse::<Format>().is_err());
     }
 }

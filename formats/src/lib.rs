@@ -37,6 +37,7 @@ pub mod limits;
 pub mod policy;
 pub mod reader;
 pub mod table;
+pub mod unsupported;
 
 pub mod iso;
 pub mod luks;
@@ -77,6 +78,9 @@ pub fn open(src: Source, format: Format, limits: &Limits) -> Result<Box<dyn Imag
         Format::Iso => Box::new(iso::open(src, limits)?),
         Format::Luks => Box::new(luks::open(src, limits)?),
         Format::Ova => ova::open_disk(src, limits, None)?,
+        Format::Qcow1 | Format::Parallels | Format::Bochs | Format::Cloop | Format::Dmg => {
+            unsupported::open(format)?
+        }
     };
     if image.info().virtual_size > limits.max_virtual_size {
         return Err(Error::limit(format!(

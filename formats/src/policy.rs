@@ -115,7 +115,12 @@ pub fn inspect_detected(
             ));
         }
     }
-    if !accepted(format) {
+    if crate::unsupported::is_unsupported(format) {
+        findings.push(Finding::reject(
+            "format.unsupported",
+            crate::unsupported::message(format),
+        ));
+    } else if !accepted(format) {
         findings.push(Finding::reject(
             "format.unsupported",
             format!("{format} images are not accepted by image services"),

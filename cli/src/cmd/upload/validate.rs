@@ -60,7 +60,13 @@ impl DiskFormat {
             Format::Iso => DiskFormat::Iso,
             // an OVA's disks are VMDKs (OVF 2.0 names streamOptimized VMDK as the disk format)
             Format::Ova => DiskFormat::Vmdk,
-            Format::Qed | Format::Luks => return None,
+            Format::Qed
+            | Format::Luks
+            | Format::Qcow1
+            | Format::Parallels
+            | Format::Bochs
+            | Format::Cloop
+            | Format::Dmg => return None,
         })
     }
 }
