@@ -1,7 +1,8 @@
 //! # glimpse-formats
 //!
 //! Safe parsers, structural checks and guest readers for virtual-disk images: qcow2, VMDK,
-//! VHD, VHDX, VDI, raw, ISO and OVA/OVF, plus detection of QED and LUKS.
+//! VHD, VHDX, VDI, raw, ISO and OVA/OVF, plus detection of QED and LUKS and of the formats
+//! qemu opens that glimpse does not read ([`unsupported`]: qcow1, Parallels, Bochs, cloop, DMG).
 //!
 //! The layers, top to bottom:
 //!
