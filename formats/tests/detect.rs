@@ -34,9 +34,10 @@ fn fixtures(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// The format `qemu-img info` probes and opens `path` as, or `None` when it cannot open it.
+/// (`-U`: a hostile descriptor may name a host file in use; qemu-img only reads metadata.)
 fn qemu_format(path: &Path) -> Option<String> {
     let out = Command::new("qemu-img")
-        .args(["info", "--output=json"])
+        .args(["info", "-U", "--output=json"])
         .arg(path)
         .output()
         .expect("qemu-img must be installed for this test");
