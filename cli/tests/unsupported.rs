@@ -1,0 +1,107 @@
+//! Files qemu-img opens as a format are never raw to glimpse (issue 11 §1, issue 12): the
+//! committed samples of formats glimpse does not read, and the VMDK descriptors that qemu's
+//! probe claims, are rejected by `check` (also when declared raw) and never converted, even
+//! with `--force`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use support::{glimpse, json_of, s};
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/hostile")
+        .join(rel)
+}
+
+/// The one report of a single-file `check --output json` (an object, or an array of one).
+fn report(v: Value) -> Value {
+    match v {
+        Value::Array(mut a) if a.len() == 1 => a.remove(0),
+        other => other,
+    }
+}
+
+const CASES: [(&str, &str, &str); 10] = [
+    (
+        "unsupported/bochs-growing.bochs",
+        "bochs",
+        "format.unsupported",
+    ),
+    ("unsupported/cloop-v2.cloop", "cloop", "format.unsupported"),
+    ("unsupported/udif-zero.dmg", "dmg", "format.unsupported"),
+    (
+        "unsupported/parallels-empty.parallels",
+        "parallels",
+        "format.unsupported",
+    ),
+    (
+        "unsupported/qcow1-empty.qcow",
+        "qcow1",
+        "format.unsupported",
+    ),
+    (
+        "vmdk/version-first-extent-after-comments.vmdk",
+        "vmdk",
+        "vmdk.external-extent",
+    ),
+    ("vmdk/binary-after-nul.vmdk", "vmdk", "vmdk.external-extent"),
+    (
+        "vmdk/control-char-in-comment.vmdk",
+        "vmdk",
+        "vmdk.external-extent",
+    ),
+    ("vmdk/cowd-parent-hint.vmdk", "vmdk", "vmdk.parent"),
+    (
+        "iso/vmdk-descriptor-in-system-area.iso",
+        "vmdk",
+        "vmdk.external-extent",
+    ),
+];
+
+#[test]
+fn check_rejects_them_even_when_declared_raw() {
+    for (rel, format, code) in CASES {
+        let path = fixture(rel);
+        for declared in [None, Some("raw")] {
+            let mut args = vec!["check", "--output", "json"];
+            if let Some(d) = declared {
+                args.extend(["--expect-format", d]);
+            }
+            args.push(s(&path));
+            let out = glimpse(&args);
+            assert_eq!(out.status.code(), Some(1), "{rel} {declared:?}");
+            let v = report(json_of(&out));
+            assert_eq!(v["verdict"], "reject", "{rel}");
+            assert_eq!(v["format"], format, "{rel}: {v}");
+            let codes = support::codes(&v);
+            assert!(codes.iter().any(|c| c == code), "{rel}: {codes:?}");
+            if declared.is_some() {
+                assert!(codes.iter().any(|c| c == "format.mismatch"), "{rel}");
+            }
+        }
+    }
+}
+
+#[test]
+fn convert_refuses_them_even_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("out.raw");
+    for (rel, _, _) in CASES {
+        let path = fixture(rel);
+        for force in [false, true] {
+            let mut args = vec!["convert", "-O", "raw"];
+            if force {
+                args.push("--force");
+            }
+            args.extend([s(&path), s(&dst)]);
+            let out = glimpse(&args);
+            assert!(!out.status.success(), "{rel} force={force}");
+            assert!(!dst.exists(), "{rel} force={force}: an output was left");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!err.contains("panicked"), "{rel}: {err}");
+        }
+    }
+}
