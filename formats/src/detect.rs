@@ -137,5 +137,16 @@ pub fn detect_probe(p: &Probe<'_>) -> Detection {
     if matches.contains(&Format::Qcow1) {
         matches.retain(|f| *f != Format::Qcow2);
     }
+    // qemu scores cloop and DMG (2) below every format it knows by a magic number at byte 0
+    // (100), so a qcow2 whose last guest sector holds `koly` is a qcow2 to qemu, not an
+    // ambiguity. ISO, OVA and a footer-only VHD are raw to qemu: those overlaps stay.
+    let by_magic = |f: &Format| match f {
+        Format::Iso | Format::Ova | Format::Dmg | Format::Cloop | Format::Raw => false,
+        Format::Vhd => p.starts_with(b"conectix"),
+        _ => true,
+    };
+    if matches.iter().any(by_magic) {
+        matches.retain(|f| !matches!(f, Format::Dmg | Format::Cloop));
+    }
     Detection { matches }
 }

@@ -140,6 +140,15 @@ mod tests {
         ] {
             assert_eq!(detect(&bytes).unwrap().matches, vec![]);
         }
+        // A koly trailer at the end of a qcow2 is guest data to qemu (its qcow2 probe wins);
+        // at the end of an ISO (which qemu opens as raw) it stays an ambiguity.
+        let mut v = with(b"QFI\xfb\0\0\0\x03", 8192);
+        v[8192 - 512..8192 - 508].copy_from_slice(b"koly");
+        assert_eq!(detect(&v).unwrap().matches, vec![Format::Qcow2]);
+        let mut v = vec![0u8; 40960];
+        v[32769..32774].copy_from_slice(b"CD001");
+        v[40960 - 512..40960 - 508].copy_from_slice(b"koly");
+        assert_eq!(detect(&v).unwrap().matches, vec![Format::Iso, Format::Dmg]);
         // A koly more than 1023 bytes before the end is not a trailer.
         let mut v = vec![0u8; 5000];
         v[5000 - 1030..5000 - 1026].copy_from_slice(b"koly");
