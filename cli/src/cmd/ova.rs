@@ -82,7 +82,17 @@ fn open_input(path: &Path, limits: &Limits) -> anyhow::Result<Result<Input, Find
             Err(e) => Ok(Err(Finding::from_error(&e))),
         };
     }
-    let src = open_source(path)?;
+    let src = open_source(path).with_context(|| path.display().to_string())?;
+    let det = glimpse_formats::detect(src.as_ref()).with_context(|| path.display().to_string())?;
+    let mut magic = [0u8; 5];
+    let ustar = src.read_exact_at(&mut magic, 257).is_ok() && &magic == b"ustar";
+    if !ustar && !det.matches.contains(&glimpse_formats::Format::Ova) {
+        anyhow::bail!(
+            "{}: not an OVA (no tar archive; the file looks like {})",
+            path.display(),
+            det.format()
+        );
+    }
     match ova::read_ova(src, limits) {
         Ok(o) => Ok(Ok(Input::Ova(o))),
         Err(e) if e.kind() == ErrorKind::Io => Err(anyhow::anyhow!("{}: {e}", path.display())),
