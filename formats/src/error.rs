@@ -187,3 +187,23 @@ impl From<io::Error> for Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chain printer (anyhow's `{:#}`) walks `source()`: the OS error must appear once.
+    #[test]
+    fn the_os_error_is_printed_once_by_a_chain_printer() {
+        let e = Error::from(io::Error::from_raw_os_error(21));
+        let mut text = e.to_string();
+        let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+        while let Some(c) = cur {
+            text += &format!(": {c}");
+            cur = c.source();
+        }
+        assert_eq!(text.matches("os error 21").count(), 1, "{text}");
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert_eq!(e.io_error().and_then(io::Error::raw_os_error), Some(21));
+    }
+}
