@@ -134,6 +134,15 @@ fn json_is_one_document_with_failing_files_in_it() {
         assert_eq!(v["error"]["code"], "io.error", "{cmd:?}");
     }
 
+    // ova: a missing file and a file that is not an OVA are error objects too.
+    for (sub, f) in [("list", m), ("list", g), ("check", m)] {
+        let o = glimpse(&["ova", sub, "--output", "json", f]);
+        assert_eq!(code(&o), 2, "ova {sub}");
+        let v = json_of(&o);
+        assert_valid("error.json", &v);
+        assert_eq!(v["filename"], f);
+    }
+
     // Several files: an array in argument order, the failing one included.
     for (cmd, schema) in [
         ("info", "info.json"),
