@@ -104,8 +104,8 @@ pub fn parse_format(s: &str) -> Result<Format, String> {
 /// Options that say how an input image is opened by commands that read guest data.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct InputOpts {
-    /// Proceed even when the safety policy rejects the image (a referenced file is still
-    /// never opened).
+    /// Proceed even when the safety policy rejects the image. A referenced file (an overlay's
+    /// backing file) is still never opened, and encrypted guest data is never read.
     #[arg(long)]
     pub force: bool,
     /// With an OVA holding several disks: the disk to use (0-based).

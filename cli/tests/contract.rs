@@ -289,6 +289,7 @@ fn usage_errors_are_errors() {
     let out = d.path().join("o.raw");
     for cmd in [
         vec!["checksum", "--content", "--algo", "md5", g],
+        vec!["checksum", "--disk", "0", a],
         vec![
             "convert",
             "-p",

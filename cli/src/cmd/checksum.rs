@@ -37,6 +37,12 @@ pub struct Args {
 
 /// Runs `glimpse checksum`.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    if args.input.disk.is_some() && !args.content {
+        // File digests cover the whole OVA: a disk number would be silently ignored.
+        return Err(crate::common::usage(
+            "--disk selects a disk for --content only",
+        ));
+    }
     let mut items = Vec::new();
     let mut code = 0;
     let mut algos = args.algo.clone();
