@@ -255,6 +255,21 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
                 disk.name(),
                 container.name()
             );
+            // Uninspectable still has a size: an empty file is never a disk (raw.empty).
+            if size == 0 {
+                let f = glimpse_formats::Finding::reject(
+                    "raw.empty",
+                    "the file is empty (0 bytes): it holds no disk",
+                );
+                report_findings(args, std::slice::from_ref(&f), args.force);
+                if !args.force {
+                    eprintln!(
+                        "glimpse: {}: not uploaded: the image failed the check (nothing was sent)",
+                        args.file.display()
+                    );
+                    return Ok(Err(1));
+                }
+            }
             return Ok(Ok(Local {
                 disk,
                 container,
