@@ -19,10 +19,74 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Opens `path` read-only as a shared positional source.
+/// Opens `path` read-only as a shared positional source. The error does not name the path:
+/// the caller names it once.
 pub fn open_source(path: &Path) -> anyhow::Result<Source> {
-    let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let f = File::open(path).context("cannot open")?;
     Ok(Arc::new(f))
+}
+
+/// A refusal by the safety policy: exit status 1 in every command.
+#[derive(Debug)]
+pub struct Rejected {
+    /// The first rejecting finding's code.
+    pub code: &'static str,
+    /// What was rejected and why, on one line.
+    pub message: String,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Rejected {}
+
+/// A usage error found after parsing (conflicting options, a `--disk` the input lacks):
+/// exit status 2.
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(glimpse_formats::Error::usage(message))
+}
+
+/// The exit status for an error: 1 for a policy rejection, 2 for anything else.
+pub fn exit_status(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<Rejected>()) {
+        1
+    } else {
+        2
+    }
+}
+
+/// The `{filename, error: {kind, code, message, offset}}` JSON object for a file that could
+/// not be handled (docs/json/error.json).
+pub fn error_json(filename: &str, e: &anyhow::Error) -> Value {
+    let (mut kind, mut code, mut offset) = ("error", "error", None);
+    for c in e.chain() {
+        if let Some(r) = c.downcast_ref::<Rejected>() {
+            (kind, code) = ("rejected", r.code);
+            break;
+        }
+        if let Some(f) = c.downcast_ref::<glimpse_formats::Error>() {
+            (kind, code, offset) = (f.kind().as_str(), f.finding_code(), f.offset());
+            break;
+        }
+        if c.is::<std::io::Error>() {
+            (kind, code) = ("io", "io.error");
+            break;
+        }
+    }
+    json!({
+        "filename": filename,
+        "error": {"kind": kind, "code": code, "message": format!("{e:#}"), "offset": offset},
+    })
+}
+
+/// Reports a file that could not be handled: one line on stderr naming it once, and its
+/// JSON object and exit status.
+pub fn failed(filename: &str, e: &anyhow::Error) -> (Value, u8) {
+    eprintln!("glimpse: {filename}: {e:#}");
+    (error_json(filename, e), exit_status(e))
 }
 
 /// Parses a size such as `10G`, `512M` or `1099511627776` (powers of 1024).
@@ -40,8 +104,8 @@ pub fn parse_format(s: &str) -> Result<Format, String> {
 /// Options that say how an input image is opened by commands that read guest data.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct InputOpts {
-    /// Proceed even when the safety policy rejects the image (a referenced file is still
-    /// never opened).
+    /// Proceed even when the safety policy rejects the image. A referenced file (an overlay's
+    /// backing file) is still never opened, and encrypted guest data is never read.
     #[arg(long)]
     pub force: bool,
     /// With an OVA holding several disks: the disk to use (0-based).
@@ -56,7 +120,7 @@ pub struct Loaded {
 }
 
 /// Detects, opens and checks `path` under the default policy (plus `expect`), refusing a
-/// rejected image unless `--force`.
+/// rejected image unless `--force`, and an encrypted one always. Errors do not name the path.
 pub fn load(path: &Path, expect: Option<Format>, opts: &InputOpts) -> anyhow::Result<Loaded> {
     let src = open_source(path)?;
     let policy = Policy {
@@ -64,40 +128,88 @@ pub fn load(path: &Path, expect: Option<Format>, opts: &InputOpts) -> anyhow::Re
         disk: opts.disk,
         ..Policy::default()
     };
-    let report =
-        inspect(src, &policy, &Limits::default()).with_context(|| path.display().to_string())?;
+    let report = inspect(src, &policy, &Limits::default())?;
     let verdict = report.verdict();
     let Report {
         image, findings, ..
     } = report;
+    let rejecting: Vec<&glimpse_formats::Finding> = findings
+        .iter()
+        .filter(|f| f.severity == glimpse_formats::Severity::Reject)
+        .collect();
+    let reasons: Vec<String> = rejecting
+        .iter()
+        .map(|f| format!("{} ({})", f.message, f.code))
+        .collect();
+    let reasons = reasons.join("; ");
+    let code = rejecting.first().map_or("policy.reject", |f| f.code);
+    let Some(image) = image else {
+        if opts.force {
+            anyhow::bail!("cannot be opened: {reasons}");
+        }
+        return Err(Rejected {
+            code,
+            message: format!("rejected by the safety policy: {reasons}"),
+        }
+        .into());
+    };
+    if image.info().encrypted {
+        // --force cannot help: without the key there is no guest data to read.
+        if !opts.force {
+            return Err(Rejected {
+                code,
+                message: format!("rejected by the safety policy: {reasons}"),
+            }
+            .into());
+        }
+        anyhow::bail!("guest data is encrypted: glimpse cannot read it, even with --force");
+    }
     if verdict == Verdict::Reject {
-        let reasons: Vec<String> = findings
-            .iter()
-            .filter(|f| f.severity == glimpse_formats::Severity::Reject)
-            .map(|f| format!("{} ({})", f.message, f.code))
-            .collect();
-        if !opts.force || image.is_none() {
-            anyhow::bail!(
-                "{}: rejected by the safety policy: {}{}",
-                path.display(),
-                reasons.join("; "),
-                if image.is_some() {
-                    " (use --force to read it anyway)"
-                } else {
-                    ""
-                }
-            );
+        if !opts.force {
+            return Err(Rejected {
+                code,
+                message: format!(
+                    "rejected by the safety policy: {reasons} (use --force to read it anyway)"
+                ),
+            }
+            .into());
         }
         eprintln!(
-            "glimpse: warning: {}: reading despite: {}",
-            path.display(),
-            reasons.join("; ")
+            "glimpse: warning: {}: reading despite: {reasons}",
+            path.display()
         );
     }
-    let image = image.with_context(|| format!("{}: cannot be opened", path.display()))?;
+    if let Some(b) = image.info().backing_file() {
+        eprintln!(
+            "glimpse: warning: {}: the backing file {:?} is not read, so what is read here is \
+             only this overlay's data, not the guest disk",
+            path.display(),
+            b.target
+        );
+    }
     Ok(Loaded {
         image: Arc::from(image),
     })
+}
+
+/// Opens `src` for metadata only (no policy), as `info` does: an OVA's `disk` (or its
+/// default disk); `disk` on any other format is a usage error.
+pub fn open_image(
+    src: Source,
+    det: &glimpse_formats::Detection,
+    disk: Option<usize>,
+    limits: &Limits,
+) -> anyhow::Result<Box<dyn Image>> {
+    let format = det.format();
+    if format == Format::Ova {
+        return Ok(glimpse_formats::ova::open_disk(src, limits, disk)?);
+    }
+    if let Some(d) = disk {
+        return Err(usage(format!(
+            "--disk {d} applies to an OVA only, and this is a {format} image"
+        )));
+    }
+    Ok(glimpse_formats::open(src, format, limits)?)
 }
 
 /// The qemu-img-style JSON object for an image's info.

@@ -75,7 +75,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("glimpse: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(common::exit_status(&e))
         }
     }
 }

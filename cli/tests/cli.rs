@@ -217,9 +217,9 @@ fn convert_json_progress_and_cleanup_on_failure() {
     let o = glimpse(&["convert", "-O", "iso", s(&src), s(&bad)]);
     assert_eq!(code(&o), 2);
     assert!(!bad.exists());
-    // A rejected source (declared qcow2) writes nothing.
+    // A rejected source (declared qcow2) writes nothing, and exits 1 like check.
     let o = glimpse(&["convert", "-f", "qcow2", "-O", "raw", s(&src), s(&bad)]);
-    assert_eq!(code(&o), 2);
+    assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("format.mismatch"), "{}", stderr(&o));
     assert!(!bad.exists());
 }

@@ -24,6 +24,9 @@ pub enum ErrorKind {
     LimitExceeded,
     /// The image asks for something dangerous (a reference to another file, ...).
     Unsafe,
+    /// The caller asked for something the input does not have (an OVA disk number out of
+    /// range, `--disk` on an image that is not an OVA): a usage error, not a verdict.
+    Usage,
 }
 
 impl ErrorKind {
@@ -37,6 +40,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::LimitExceeded => "limit-exceeded",
             ErrorKind::Unsafe => "unsafe",
+            ErrorKind::Usage => "usage",
         }
     }
 
@@ -51,6 +55,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => "format.corrupt",
             ErrorKind::LimitExceeded => "size.limit",
             ErrorKind::Unsafe => "format.unsafe",
+            ErrorKind::Usage => "usage.invalid",
         }
     }
 }
@@ -103,6 +108,10 @@ impl Error {
     pub fn unsafe_(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unsafe, message)
     }
+    /// The caller asked for something the input does not have.
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Usage, message)
+    }
     /// An I/O error while reading the source.
     pub fn io(err: io::Error, message: impl Into<String>) -> Self {
         let mut e = Self::new(ErrorKind::Io, message);
@@ -145,6 +154,10 @@ impl Error {
     pub fn offset(&self) -> Option<u64> {
         self.offset
     }
+    /// The operating system's error behind an `Io` error, when there is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        self.source.as_ref()
+    }
 }
 
 impl fmt::Display for Error {
@@ -160,18 +173,37 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_ref().map(|e| e as _)
-    }
-}
+/// `source()` is deliberately `None`: [`Display`](fmt::Display) already ends with the OS error,
+/// and a chain printer (anyhow's `{:#}`) would print it a second time
+/// (`Is a directory (os error 21): Is a directory (os error 21)`). Use [`Error::io_error`].
+impl std::error::Error for Error {}
 
 impl From<io::Error> for Error {
     fn from(err: io::Error) -> Self {
         if err.kind() == io::ErrorKind::UnexpectedEof {
-            Error::truncated(format!("unexpected end of data: {err}"))
+            Error::truncated("unexpected end of data")
         } else {
-            Error::io(err, "I/O error")
+            Error::io(err, "cannot read")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chain printer (anyhow's `{:#}`) walks `source()`: the OS error must appear once.
+    #[test]
+    fn the_os_error_is_printed_once_by_a_chain_printer() {
+        let e = Error::from(io::Error::from_raw_os_error(21));
+        let mut text = e.to_string();
+        let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+        while let Some(c) = cur {
+            text += &format!(": {c}");
+            cur = c.source();
+        }
+        assert_eq!(text.matches("os error 21").count(), 1, "{text}");
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert_eq!(e.io_error().and_then(io::Error::raw_os_error), Some(21));
     }
 }

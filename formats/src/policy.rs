@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::detect::Detection;
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::finding::{Finding, Severity};
 use crate::format::Format;
 use crate::image::{Image, ImageInfo};
@@ -24,7 +24,11 @@ pub struct Policy {
     /// Skip the structural checks that read all metadata ([`Image::check`]).
     pub skip_structure: bool,
     /// Which disk of a container with several (an OVA) to open; `None` for the first.
+    /// A disk number on an image that is not an OVA, or past its last disk, is a `Usage` error.
     pub disk: Option<usize>,
+    /// Accept an image whose guest data is encrypted (`image.encrypted` becomes a warning): the
+    /// consumer holds the key. Readers still refuse it: glimpse never sees the plaintext.
+    pub allow_encrypted: bool,
 }
 
 /// The verdict.
@@ -79,7 +83,8 @@ const BACKING_CODES: &[&str] = &["qcow2.backing-file", "vmdk.parent", "vhdx.diff
 /// A parse failure is not an error here: it becomes a rejecting finding with the error's code.
 ///
 /// # Errors
-/// Only `Io` errors (the source could not be read).
+/// `Io` errors (the source could not be read), and `Usage` errors (`policy.disk` names a disk
+/// the source does not have).
 ///
 /// # Security
 /// Never opens a file the image names. Reads metadata only, within `limits`.
@@ -91,7 +96,7 @@ pub fn inspect(src: Source, policy: &Policy, limits: &Limits) -> Result<Report> 
 /// [`inspect`] with detection already done (by a caller that needed it first).
 ///
 /// # Errors
-/// Only `Io` errors.
+/// `Io` and `Usage` errors, as [`inspect`].
 pub fn inspect_detected(
     src: Source,
     detection: Detection,
@@ -100,6 +105,17 @@ pub fn inspect_detected(
 ) -> Result<Report> {
     let mut findings = Vec::new();
     let format = detection.format();
+    if let (Some(disk), false) = (policy.disk, format == Format::Ova) {
+        return Err(Error::usage(format!(
+            "--disk {disk} applies to an OVA only, and this is a {format} image"
+        )));
+    }
+    if src.size()? == 0 {
+        findings.push(Finding::reject(
+            "raw.empty",
+            "the file is empty (0 bytes): it holds no disk",
+        ));
+    }
     if detection.is_ambiguous() {
         let names: Vec<&str> = detection.matches.iter().map(|f| f.name()).collect();
         findings.push(Finding::reject(
@@ -134,7 +150,7 @@ pub fn inspect_detected(
     };
     let image = match opened {
         Ok(img) => Some(img),
-        Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+        Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::Usage) => return Err(e),
         Err(e) => {
             findings.push(Finding::from_error(&e));
             None
@@ -149,6 +165,9 @@ pub fn inspect_detected(
                 Err(e) if e.kind() == ErrorKind::Io => return Err(e),
                 Err(e) => findings.push(Finding::from_error(&e)),
             }
+        }
+        if let Some(f) = encrypted(img.info(), policy) {
+            findings.push(f);
         }
         let vsize = img.info().virtual_size;
         if let Some(max) = policy.max_virtual_size {
@@ -174,6 +193,34 @@ pub fn inspect_detected(
         detection,
         image,
         findings,
+    })
+}
+
+/// `image.encrypted` for an image whose guest data is encrypted: a rejection unless the
+/// caller accepts encrypted images, because no check can see the plaintext.
+fn encrypted(info: &ImageInfo, policy: &Policy) -> Option<Finding> {
+    if !info.encrypted {
+        return None;
+    }
+    let how = info
+        .details
+        .get("encrypt")
+        .and_then(|e| e.get("format"))
+        .and_then(|f| f.as_str())
+        .map(|f| format!(" ({f})"))
+        .unwrap_or_default();
+    Some(if policy.allow_encrypted {
+        Finding::warn(
+            "image.encrypted",
+            format!("guest data is encrypted{how}: accepted unchecked (--allow-encrypted)"),
+        )
+    } else {
+        Finding::reject(
+            "image.encrypted",
+            format!(
+                "guest data is encrypted{how}: its content cannot be checked (--allow-encrypted accepts it)"
+            ),
+        )
     })
 }
 
@@ -205,5 +252,24 @@ mod tests {
         };
         let r = inspect(src, &p, &Limits::default()).unwrap();
         assert!(r.findings.iter().any(|f| f.code == "size.limit"));
+    }
+
+    #[test]
+    fn an_empty_file_is_rejected() {
+        let src: Source = Arc::new(Vec::<u8>::new());
+        let r = inspect(src, &Policy::default(), &Limits::default()).unwrap();
+        assert_eq!(r.verdict(), Verdict::Reject);
+        assert!(r.findings.iter().any(|f| f.code == "raw.empty"));
+    }
+
+    #[test]
+    fn a_disk_number_on_a_raw_image_is_a_usage_error() {
+        let src: Source = Arc::new(vec![0u8; 4096]);
+        let p = Policy {
+            disk: Some(0),
+            ..Policy::default()
+        };
+        let e = inspect(src, &p, &Limits::default()).err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Usage);
     }
 }

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use crate::common::{
-    info_json, info_rows, name, open_source, parse_format, parse_size, print_json, table,
+    failed, info_json, info_rows, name, open_source, parse_format, parse_size, print_json, table,
     OutputFormat,
 };
 
@@ -26,10 +26,15 @@ pub struct Args {
     /// Accept a qcow2 backing file (it is still never opened).
     #[arg(long)]
     allow_backing_file: bool,
+    /// Accept an image whose guest data is encrypted (`image.encrypted` becomes a warning):
+    /// for an upload where the consumer holds the key. Its content is still never read.
+    #[arg(long)]
+    allow_encrypted: bool,
     /// With an OVA holding several disks: the disk to check (0-based).
     #[arg(long, value_name = "N")]
     disk: Option<usize>,
-    /// Output format.
+    /// Output format: with json, one object for one file, an array for several; a file that
+    /// could not be checked is an object with `filename` and `error`.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
     /// Image files; several are checked in parallel.
@@ -43,7 +48,7 @@ enum Outcome {
         human: String,
         verdict: Verdict,
     },
-    Failed(String),
+    Failed(String, anyhow::Error),
 }
 
 /// Runs `glimpse check`: exit 0 when every file passes, 1 when any is rejected, 2 when any
@@ -54,6 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         max_virtual_size: args.max_virtual_size,
         allow_backing_file: args.allow_backing_file,
         disk: args.disk,
+        allow_encrypted: args.allow_encrypted,
         ..Policy::default()
     };
     let limits = Limits::default();
@@ -80,13 +86,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 }
                 items.push(json);
             }
-            Outcome::Failed(msg) => {
-                eprintln!("glimpse: {msg}");
+            Outcome::Failed(fname, e) => {
+                items.push(failed(&fname, &e).0);
                 code = 2;
             }
         }
     }
-    if args.output == OutputFormat::Json && !items.is_empty() {
+    if args.output == OutputFormat::Json {
         print_json(items);
     }
     Ok(code)
@@ -94,13 +100,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 
 fn check_one(path: &std::path::Path, policy: &Policy, limits: &Limits) -> Outcome {
     let fname = name(path);
-    let src = match open_source(path) {
-        Ok(s) => s,
-        Err(e) => return Outcome::Failed(format!("{e:#}")),
-    };
-    let report = match inspect(src, policy, limits) {
+    let report = match open_source(path).and_then(|src| Ok(inspect(src, policy, limits)?)) {
         Ok(r) => r,
-        Err(e) => return Outcome::Failed(format!("{fname}: {e}")),
+        Err(e) => return Outcome::Failed(fname, e),
     };
     let verdict = report.verdict();
     let mut obj = match report.info() {

@@ -7,14 +7,19 @@ use glimpse_formats::reader::GuestReader;
 use glimpse_formats::Limits;
 use serde_json::{json, Map, Value};
 
-use crate::common::{load, name, open_source, print_json, InputOpts, OutputFormat};
+use crate::common::{failed, load, name, open_source, print_json, InputOpts, OutputFormat};
 
 /// Arguments of `glimpse checksum`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Algorithms, comma-separated: md5, sha1, sha256, sha512. The default, md5 and sha512,
     /// gives Glance's `checksum` and `os_hash_value` (os_hash_algo=sha512).
-    #[arg(long, value_delimiter = ',', default_value = "md5,sha512")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "md5,sha512",
+        conflicts_with = "content"
+    )]
     algo: Vec<Algo>,
     /// Digest the guest-visible content instead of the file: the same disk gives the same
     /// value in every format and compression (docs/content-digest.md).
@@ -32,6 +37,12 @@ pub struct Args {
 
 /// Runs `glimpse checksum`.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    if args.input.disk.is_some() && !args.content {
+        // File digests cover the whole OVA: a disk number would be silently ignored.
+        return Err(crate::common::usage(
+            "--disk selects a disk for --content only",
+        ));
+    }
     let mut items = Vec::new();
     let mut code = 0;
     let mut algos = args.algo.clone();
@@ -74,12 +85,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 items.push(v);
             }
             Err(e) => {
-                eprintln!("glimpse: {fname}: {e:#}");
-                code = 2;
+                let (v, status) = failed(&fname, &e);
+                items.push(v);
+                code = code.max(status);
             }
         }
     }
-    if args.output == OutputFormat::Json && !items.is_empty() {
+    if args.output == OutputFormat::Json {
         print_json(items);
     }
     Ok(code)

@@ -29,11 +29,16 @@ const PIECE: u64 = 1 << 20;
 /// Bytes of pieces handed to the workers per batch.
 const BATCH: u64 = 64 << 20;
 
-/// Runs `glimpse compare`: exit 0 identical, 1 different, 2 error.
+/// Runs `glimpse compare`: exit 0 identical, 1 different or refused by the policy (an overlay
+/// without `--force`), 2 error.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     let limits = Limits::default();
-    let a = GuestReader::new(load(&args.a, None, &args.input)?.image, &limits);
-    let b = GuestReader::new(load(&args.b, None, &args.input)?.image, &limits);
+    let open = |p: &PathBuf| {
+        load(p, None, &args.input)
+            .map(|l| GuestReader::new(l.image, &limits))
+            .with_context(|| p.display().to_string())
+    };
+    let (a, b) = (open(&args.a)?, open(&args.b)?);
     let (sa, sb) = (a.virtual_size(), b.virtual_size());
     if args.strict && sa != sb {
         println!("Strict mode: Image size mismatch! ({sa} and {sb} bytes)");

@@ -77,7 +77,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .and_then(|n| n.to_str())
         .filter(|_| args.dst.as_os_str() != "-")
         .map(str::to_string);
-    let loaded = load(&args.src, args.source_format, &args.input)?;
+    if args.progress_bar && args.progress.as_deref().is_some_and(|m| m != "bar") {
+        return Err(crate::common::usage(
+            "-p (a progress bar) conflicts with --progress json|none",
+        ));
+    }
+    let loaded =
+        load(&args.src, args.source_format, &args.input).with_context(|| display(&args.src))?;
     let image = loaded.image;
     let size = image.info().virtual_size;
     let to_stdout = args.dst.as_os_str() == "-";

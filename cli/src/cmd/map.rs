@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use glimpse_formats::{Extent, ExtentKind};
 use serde_json::{json, Value};
 
-use crate::common::{load, InputOpts, OutputFormat};
+use crate::common::{failed, load, name, print_json, InputOpts, OutputFormat};
 
 /// Arguments of `glimpse map`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Output format.
+    /// Output format: with json, an array of extents, or an object with `filename` and
+    /// `error` when the image cannot be mapped.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
     #[command(flatten)]
@@ -81,23 +82,18 @@ impl Entry {
     }
 }
 
-/// Runs `glimpse map`.
+/// Runs `glimpse map`: exit 0, 1 when the policy refuses the image, 2 when it cannot be read.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let loaded = load(&args.file, None, &args.input)?;
-    let image = loaded.image;
-    let size = image.info().virtual_size;
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let e = image.mapping(pos, size - pos)?;
-        glimpse_formats::validate_extent(&e, pos, size - pos, size)?;
-        let entry = Entry::from_extent(&e);
-        let merged = entries.last_mut().is_some_and(|last| last.merge(&entry));
-        if !merged {
-            entries.push(entry);
+    let entries = match extents(&args) {
+        Ok(e) => e,
+        Err(e) => {
+            let (v, status) = failed(&name(&args.file), &e);
+            if args.output == OutputFormat::Json {
+                print_json(vec![v]);
+            }
+            return Ok(status);
         }
-        pos = e.end();
-    }
+    };
     match args.output {
         OutputFormat::Json => {
             let v: Vec<Value> = entries.iter().map(Entry::json).collect();
@@ -121,4 +117,23 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// The merged extents of the image.
+fn extents(args: &Args) -> anyhow::Result<Vec<Entry>> {
+    let image = load(&args.file, None, &args.input)?.image;
+    let size = image.info().virtual_size;
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let e = image.mapping(pos, size - pos)?;
+        glimpse_formats::validate_extent(&e, pos, size - pos, size)?;
+        let entry = Entry::from_extent(&e);
+        let merged = entries.last_mut().is_some_and(|last| last.merge(&entry));
+        if !merged {
+            entries.push(entry);
+        }
+        pos = e.end();
+    }
+    Ok(entries)
 }

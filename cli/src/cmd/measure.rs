@@ -2,12 +2,14 @@
 
 use std::path::PathBuf;
 
-use glimpse_convert::{measure, measure_granularity, WriteOptions};
+use glimpse_convert::{measure, measure_granularity, Measure, WriteOptions};
 use glimpse_formats::reader::ChunkPlanner;
 use glimpse_formats::Format;
 use serde_json::json;
 
-use crate::common::{load, parse_format, parse_size, InputOpts, OutputFormat};
+use crate::common::{
+    failed, load, name, parse_format, parse_size, print_json, InputOpts, OutputFormat,
+};
 
 /// Arguments of `glimpse measure`.
 #[derive(clap::Args)]
@@ -34,8 +36,35 @@ pub struct Args {
     src: Option<PathBuf>,
 }
 
-/// Runs `glimpse measure`.
+/// Runs `glimpse measure`: exit 0, 1 when the policy refuses the source, 2 on errors.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    let m = match sizes(&args) {
+        Ok(m) => m,
+        Err(e) => {
+            let fname = args.src.as_deref().map(name).unwrap_or_default();
+            let (v, status) = failed(&fname, &e);
+            if args.output == OutputFormat::Json {
+                print_json(vec![v]);
+            }
+            return Ok(status);
+        }
+    };
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"required": m.required, "fully-allocated": m.fully_allocated})
+            )?
+        ),
+        OutputFormat::Human => {
+            println!("required size: {}", m.required);
+            println!("fully allocated size: {}", m.fully_allocated);
+        }
+    }
+    Ok(0)
+}
+
+fn sizes(args: &Args) -> anyhow::Result<Measure> {
     let opts = WriteOptions::parse(&args.options.join(","), args.compress)?;
     let (vsize, data) = match (&args.src, args.size) {
         (Some(src), _) => {
@@ -53,18 +82,5 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         (None, Some(s)) => (s, 0),
         (None, None) => anyhow::bail!("give a source image or --size"),
     };
-    let m = measure(args.output_format, &opts, vsize, data)?;
-    match args.output {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"required": m.required, "fully-allocated": m.fully_allocated})
-            )?
-        ),
-        OutputFormat::Human => {
-            println!("required size: {}", m.required);
-            println!("fully allocated size: {}", m.fully_allocated);
-        }
-    }
-    Ok(0)
+    Ok(measure(args.output_format, &opts, vsize, data)?)
 }

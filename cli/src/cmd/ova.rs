@@ -55,11 +55,21 @@ struct ExtractArgs {
 /// Runs the command; returns the exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     let limits = Limits::default();
-    match args.command {
+    let (file, output) = match &args.command {
+        Command::List(a) | Command::Check(a) => (a.file.clone(), a.output),
+        Command::Extract(a) => (a.file.clone(), a.output),
+    };
+    let result = match args.command {
         Command::List(a) => list(&a, &limits),
         Command::Check(a) => check(&a, &limits),
         Command::Extract(a) => extract(&a, &limits),
+    };
+    // --output json: one document whatever happens (the error also goes to stderr).
+    if let (Err(e), OutputFormat::Json) = (&result, output) {
+        let v = crate::common::error_json(&file.display().to_string(), e);
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
+    result
 }
 
 /// An opened input: an archive, or a descriptor with siblings.
@@ -82,7 +92,7 @@ fn open_input(path: &Path, limits: &Limits) -> anyhow::Result<Result<Input, Find
             Err(e) => Ok(Err(Finding::from_error(&e))),
         };
     }
-    let src = open_source(path)?;
+    let src = open_source(path).with_context(|| path.display().to_string())?;
     match ova::read_ova(src, limits) {
         Ok(o) => Ok(Ok(Input::Ova(o))),
         Err(e) if e.kind() == ErrorKind::Io => Err(anyhow::anyhow!("{}: {e}", path.display())),
@@ -132,7 +142,28 @@ fn algorithms(m: &ova::Manifest) -> Vec<Value> {
     v
 }
 
+/// `ova list` of a file that is no tar at all says so, instead of listing nothing or
+/// reporting a tar error (`ova check` rejects it with `ova.tar-malformed`).
+fn ensure_tar(path: &Path) -> anyhow::Result<()> {
+    if is_ovf_path(path) {
+        return Ok(());
+    }
+    let src = open_source(path).with_context(|| path.display().to_string())?;
+    let det = glimpse_formats::detect(src.as_ref()).with_context(|| path.display().to_string())?;
+    let mut magic = [0u8; 5];
+    let ustar = src.read_exact_at(&mut magic, 257).is_ok() && &magic == b"ustar";
+    if !ustar && !det.matches.contains(&glimpse_formats::Format::Ova) {
+        anyhow::bail!(
+            "{}: not an OVA (no tar archive; the file looks like {})",
+            path.display(),
+            det.format()
+        );
+    }
+    Ok(())
+}
+
 fn list(a: &FileArgs, limits: &Limits) -> anyhow::Result<u8> {
+    ensure_tar(&a.file)?;
     let input = match open_input(&a.file, limits)? {
         Ok(i) => i,
         Err(f) => anyhow::bail!("{}: {}", a.file.display(), f.message),

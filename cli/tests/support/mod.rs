@@ -2,6 +2,8 @@
 //! uses a part of them (the upload tests' Glance harness is `upload_support`).
 #![allow(dead_code)]
 
+pub mod schema;
+
 use std::path::Path;
 use std::process::{Command, Output};
 

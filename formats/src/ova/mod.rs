@@ -639,11 +639,19 @@ impl Ova {
         }
     }
 
+    /// A disk number past the last disk: the caller's mistake, not a verdict on the archive.
+    fn no_such_disk(&self, disk: usize) -> Error {
+        Error::usage(format!(
+            "no disk {disk}: the OVA has {} disk(s), numbered from 0",
+            self.disks.len()
+        ))
+    }
+
     fn open_one(&self, disk: usize, limits: &Limits, budget: &Budget) -> Result<OpenedDisk> {
         let d = self
             .disks
             .get(disk)
-            .ok_or_else(|| Error::invalid(format!("no disk {disk}")))?;
+            .ok_or_else(|| self.no_such_disk(disk))?;
         let src = self.disk_source_with(disk, limits, budget)?;
         let det = crate::detect(src.as_ref())?;
         let mut findings = Vec::new();
@@ -705,7 +713,7 @@ impl Ova {
         let d = self
             .disks
             .get(disk)
-            .ok_or_else(|| Error::invalid(format!("no disk {disk}")))?;
+            .ok_or_else(|| self.no_such_disk(disk))?;
         let inner = opened.image;
         let ii = inner.info();
         let mut info = ImageInfo::new(Format::Ova, ii.virtual_size);

@@ -21,7 +21,7 @@ use self::auth::AuthOptions;
 use self::glance::{Digests, Glance, HashingBody};
 use self::http::{Http, Secret, Tls};
 use self::validate::{ContainerFormat, DiskFormat, Plan};
-use crate::common::{open_source, parse_size, OutputFormat};
+use crate::common::{failed, open_source, parse_size, OutputFormat};
 
 /// Image visibility.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -98,6 +98,10 @@ pub struct Args {
     /// Accept a backing file (qcow2) or parent (VMDK) reference.
     #[arg(long)]
     allow_backing_file: bool,
+    /// Accept an image whose guest data is encrypted (the consumer holds the key); its
+    /// content is still never read.
+    #[arg(long)]
+    allow_encrypted: bool,
     /// Upload even when the local check rejects the image (the findings are still printed).
     #[arg(long)]
     force: bool,
@@ -170,29 +174,54 @@ struct Local {
     virtual_size: Option<u64>,
 }
 
-/// Runs the command; returns the exit code.
+/// Runs the command; returns the exit code (0 uploaded, 1 rejected before upload, 2 error).
+/// An error is one line on stderr naming the file, and with `--output json` the
+/// `{filename, error}` object on stdout.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let local = match inspect(&args)? {
+    match run_checked(&args) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            let (v, status) = failed(&args.file.display().to_string(), &e);
+            if args.output == OutputFormat::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            Ok(status)
+        }
+    }
+}
+
+fn run_checked(args: &Args) -> anyhow::Result<u8> {
+    let local = match inspect(args)? {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let mut opts = auth_options(&args);
+    let mut opts = auth_options(args);
     auth::apply_cloud(&mut opts)?;
+    require_scheme("OS_IMAGE_URL (--os-image-url)", opts.image_url.as_deref())?;
+    require_scheme("OS_AUTH_URL (--os-auth-url)", opts.auth_url.as_deref())?;
     let http = Http::new(http::agent(&opts.tls)?, args.verbose);
     let session = auth::authenticate(&http, &opts)?;
     signal::install();
     let glance = Glance::new(&http, &session.token, &session.image_url);
-    upload(&args, &local, &glance)
+    upload(args, &local, &glance)
+}
+
+/// An endpoint without `http://` or `https://` would otherwise fail later with a confusing
+/// "relative URL" error: say what is missing.
+fn require_scheme(what: &str, url: Option<&str>) -> anyhow::Result<()> {
+    match url {
+        Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+            bail!("{what} {u:?} has no scheme: write https://{u} (or http://{u})")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Local validation. `Ok(Err(1))` is a rejection already reported.
 fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
     let src = open_source(&args.file)?;
-    let size = src
-        .size()
-        .with_context(|| format!("{}: cannot read", args.file.display()))?;
-    let detection = glimpse_formats::detect(src.as_ref())
-        .with_context(|| format!("{}: cannot read", args.file.display()))?;
+    let size = src.size().context("cannot read")?;
+    let detection = glimpse_formats::detect(src.as_ref()).context("cannot read")?;
     let detected = detection.format();
     let Some(disk) = args
         .disk_format
@@ -201,7 +230,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
         // QED, LUKS: there is no disk_format to declare, and the policy refuses them anyway
         let report =
             policy::inspect_detected(src, detection, &Policy::default(), &Limits::default())
-                .with_context(|| format!("{}: cannot read", args.file.display()))?;
+                .context("cannot read")?;
         report_findings(args, &report.findings, false);
         eprintln!(
             "glimpse: {}: not uploaded: {detected} is not a Glance disk_format (nothing was sent)",
@@ -226,6 +255,21 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
                 disk.name(),
                 container.name()
             );
+            // Uninspectable still has a size: an empty file is never a disk (raw.empty).
+            if size == 0 {
+                let f = glimpse_formats::Finding::reject(
+                    "raw.empty",
+                    "the file is empty (0 bytes): it holds no disk",
+                );
+                report_findings(args, std::slice::from_ref(&f), args.force);
+                if !args.force {
+                    eprintln!(
+                        "glimpse: {}: not uploaded: the image failed the check (nothing was sent)",
+                        args.file.display()
+                    );
+                    return Ok(Err(1));
+                }
+            }
             return Ok(Ok(Local {
                 disk,
                 container,
@@ -240,9 +284,10 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
         allow_backing_file: args.allow_backing_file,
         skip_structure: false,
         disk: None,
+        allow_encrypted: args.allow_encrypted,
     };
     let report = policy::inspect_detected(src, detection, &policy, &Limits::default())
-        .with_context(|| format!("{}: cannot read", args.file.display()))?;
+        .context("cannot read")?;
     let rejected = report.verdict() == Verdict::Reject;
     report_findings(args, &report.findings, args.force);
     if rejected && !args.force {
@@ -283,7 +328,7 @@ fn report_findings(args: &Args, findings: &[glimpse_formats::Finding], forced: b
     }
     let rejected = findings.iter().any(|f| f.severity == Severity::Reject);
     if rejected && !forced && args.output == OutputFormat::Json {
-        let out = json!({"file": args.file.display().to_string(), "verdict": "reject", "findings": findings});
+        let out = json!({"filename": args.file.display().to_string(), "verdict": "reject", "findings": findings});
         if let Ok(text) = serde_json::to_string_pretty(&out) {
             println!("{text}");
         }
@@ -382,7 +427,10 @@ fn upload(args: &Args, local: &Local, glance: &Glance<'_>) -> anyhow::Result<u8>
             Ok(0)
         }
         Err(e) => {
-            eprintln!("glimpse: {}: {e:#}", args.file.display());
+            let (v, _) = failed(&args.file.display().to_string(), &e);
+            if args.output == OutputFormat::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
             if args.keep_on_failure {
                 eprintln!("glimpse: image {id} was kept (--keep-on-failure)");
             } else {
@@ -402,8 +450,7 @@ fn send_and_verify(
     glance: &Glance<'_>,
     id: &str,
 ) -> anyhow::Result<Value> {
-    let file =
-        File::open(&args.file).with_context(|| format!("{}: cannot open", args.file.display()))?;
+    let file = File::open(&args.file).context("cannot open")?;
     let progress = args.progress.then(|| {
         let bar = indicatif::ProgressBar::with_draw_target(
             Some(local.size),
