@@ -206,6 +206,30 @@ pub trait Writer: Send {
     /// `Io` on write errors; `Invalid` when a chunk is out of order.
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()>;
 
+    /// Makes the next `len` guest bytes from `guest` read as zeros. `guest` is where the next
+    /// chunk would start; `len` is a whole number of chunks, or reaches the virtual size. The
+    /// pipeline sends every zero range here, however long, so writers whose zero chunks cost
+    /// nothing override it to take O(1) (raw, qcow2, VHD, VDI); the default passes one
+    /// [`Payload::Zero`] chunk per chunk size.
+    ///
+    /// # Errors
+    /// As [`Writer::write_chunk`].
+    fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
+        let chunk = self.chunk_size().max(1);
+        let end = guest.saturating_add(len);
+        let mut pos = guest;
+        while pos < end {
+            let n = chunk.min(end - pos);
+            self.write_chunk(Chunk {
+                guest: pos,
+                len: n,
+                payload: Payload::Zero,
+            })?;
+            pos += n;
+        }
+        Ok(())
+    }
+
     /// Writes the remaining metadata (tables, footers) and flushes its buffers. Writers do not
     /// fsync: like `qemu-img convert`, whose default cache mode for the output is `unsafe`,
     /// they leave durability to the kernel's writeback (run `sync` when it matters).

@@ -1,7 +1,10 @@
 //! The parallel streaming pipeline.
 //!
 //! 1. Walk the source's extents in guest order and cut them into the writer's chunks. A chunk
-//!    that only covers zero or unallocated extents becomes [`Payload::Zero`] without a read.
+//!    that only covers zero or unallocated extents becomes [`Payload::Zero`] without a read,
+//!    and the whole chunks of one zero extent become a single zero span that the writer lays
+//!    down with [`Writer::write_zeros`] (a hole or untouched table entries), so the work is
+//!    proportional to the extents, not to the virtual size.
 //! 2. Batches of chunks go to rayon workers that read guest data (positional reads on the
 //!    shared source), detect all-zero chunks and compress where the writer asks.
 //! 3. One writer thread lays the chunks down in order.
@@ -127,7 +130,11 @@ pub fn convert(
             for batch in rx {
                 for c in batch {
                     done = done.saturating_add(c.len);
-                    w.write_chunk(c)?;
+                    if c.payload == Payload::Zero {
+                        w.write_zeros(c.guest, c.len)?;
+                    } else {
+                        w.write_chunk(c)?;
+                    }
                 }
                 if let Some(p) = progress {
                     p(done, size);
@@ -158,7 +165,7 @@ pub fn convert(
                     .collect::<Result<_>>()?;
                 for c in &chunks {
                     if c.payload == Payload::Zero {
-                        stats.zero_chunks += 1;
+                        stats.zero_chunks += c.len.div_ceil(chunk);
                     } else {
                         stats.data_chunks += 1;
                     }
@@ -178,4 +185,126 @@ pub fn convert(
         written
     })?;
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use glimpse_formats::image::{mapping_span, Extent, ExtentKind, ImageInfo};
+    use glimpse_formats::{Finding, Format, Limits, Source};
+    use std::sync::Mutex;
+
+    /// An empty disk whose mapping, like qcow2's, ends every extent at `run` bytes.
+    struct Empty {
+        info: ImageInfo,
+        src: Source,
+        run: u64,
+    }
+    impl Image for Empty {
+        fn info(&self) -> &ImageInfo {
+            &self.info
+        }
+        fn findings(&self) -> &[Finding] {
+            &[]
+        }
+        fn mapping(&self, guest: u64, max_len: u64) -> glimpse_formats::Result<Extent> {
+            let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+            let len = span.min(self.run - guest % self.run);
+            Ok(Extent {
+                start: guest,
+                len,
+                kind: ExtentKind::Unallocated,
+            })
+        }
+        fn source(&self) -> &Source {
+            &self.src
+        }
+    }
+
+    /// Records what the pipeline asked of it.
+    struct Recorder(Arc<Mutex<Vec<(u64, u64, bool)>>>);
+    impl Writer for Recorder {
+        fn chunk_size(&self) -> u64 {
+            65536
+        }
+        fn write_chunk(&mut self, c: Chunk) -> Result<()> {
+            self.0.lock().unwrap().push((c.guest, c.len, false));
+            Ok(())
+        }
+        fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
+            self.0.lock().unwrap().push((guest, len, true));
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_empty_petabyte_disk_is_one_zero_span_per_extent() {
+        let size = 1u64 << 50;
+        let run = 1u64 << 40; // 1024 extents
+        let image: Arc<dyn Image> = Arc::new(Empty {
+            info: ImageInfo::new(Format::Qcow2, size),
+            src: Arc::new(Vec::new()),
+            run,
+        });
+        let reader = GuestReader::new(image.clone(), &Limits::default());
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let stats = convert(
+            image,
+            Box::new(Recorder(calls.clone())),
+            &reader,
+            &ConvertOptions::default(),
+        )
+        .unwrap();
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 1024);
+        assert!(calls
+            .iter()
+            .all(|&(g, l, zero)| zero && l == run && g % run == 0));
+        assert_eq!(stats.zero_chunks, size / 65536);
+        assert_eq!(stats.read_bytes, 0);
+    }
+
+    #[test]
+    fn zero_spans_reach_a_qcow2_output_in_constant_time() {
+        let size = 1u64 << 50;
+        let image: Arc<dyn Image> = Arc::new(Empty {
+            info: ImageInfo::new(Format::Raw, size),
+            src: Arc::new(Vec::new()),
+            run: size,
+        });
+        let reader = GuestReader::new(image.clone(), &Limits::default());
+        let out = tempfile::tempfile().unwrap();
+        let w = crate::create(
+            Format::Qcow2,
+            &crate::WriteOptions::default(),
+            crate::Target::File(out.try_clone().unwrap()),
+            size,
+        )
+        .unwrap();
+        let t = std::time::Instant::now();
+        convert(image, w, &reader, &ConvertOptions::default()).unwrap();
+        // One zero span; per-cluster work would be 16 billion steps.
+        assert!(t.elapsed().as_secs() < 60);
+        assert!(out.metadata().unwrap().len() < 64 << 20);
+    }
+
+    #[test]
+    fn a_raw_output_larger_than_the_file_system_allows_is_refused_before_writing() {
+        let out = tempfile::tempfile().unwrap();
+        // No Linux file system holds a file of 2^63 - 1 bytes... except tmpfs? It refuses
+        // past its own s_maxbytes too; either way the error says so up front.
+        let e = crate::create(
+            Format::Raw,
+            &crate::WriteOptions::default(),
+            crate::Target::File(out),
+            u64::MAX,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.kind(), glimpse_formats::ErrorKind::LimitExceeded);
+        assert!(e.to_string().contains("cannot hold"), "{e}");
+    }
 }

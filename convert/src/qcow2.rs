@@ -351,6 +351,17 @@ impl Writer for Qcow2Writer {
         Ok(())
     }
 
+    fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
+        // Unallocated clusters need no entry: the whole span is a position check.
+        if guest != self.next_guest || guest % self.cs != 0 {
+            return Err(Error::invalid(format!(
+                "qcow2 writer: zeros at {guest:#x} are out of order"
+            )));
+        }
+        self.next_guest = guest.saturating_add(len);
+        Ok(())
+    }
+
     fn finish(mut self: Box<Self>) -> Result<()> {
         if self.next_guest != self.virtual_size {
             return Err(Error::invalid(format!(

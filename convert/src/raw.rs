@@ -8,17 +8,47 @@ use crate::{Chunk, Error, Payload, Result, Target, WriteOptions, Writer};
 /// Chunk size: big enough to amortise syscalls, small enough to find holes.
 const CHUNK: u64 = 1 << 20;
 
-/// Creates a raw writer.
+/// Creates a raw writer. A file target is sized to the whole disk at once (a hole, so it costs
+/// nothing), which refuses a disk larger than the file system's largest file before anything
+/// is written, instead of failing at the end of a long conversion.
 ///
 /// # Errors
-/// `Invalid` when options are given (raw has none).
+/// `Invalid` when options are given (raw has none); `LimitExceeded` when the file system
+/// cannot hold a file of `virtual_size` bytes.
 pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<Box<dyn Writer>> {
     opts.only("raw", &[])?;
+    if let Target::File(f) = &target {
+        reserve_len(f, virtual_size)?;
+    }
     Ok(Box::new(RawWriter {
         target,
         pos: 0,
         virtual_size,
     }))
+}
+
+/// Sets the length of an output file to `size` (sparse), with a clear error when the file
+/// system's largest file is smaller (`EFBIG`, or `EINVAL` past `i64::MAX`).
+///
+/// # Errors
+/// `LimitExceeded` for a size the file system cannot hold; `Io` for other errors.
+pub(crate) fn reserve_len(f: &File, size: u64) -> Result<()> {
+    let too_big = |why: String| {
+        Error::limit(format!(
+            "the output file system cannot hold a {size}-byte file ({why}); write to a file system with a larger maximum file size, or to another format"
+        ))
+    };
+    if i64::try_from(size).is_err() {
+        return Err(too_big("past the largest file offset".into()));
+    }
+    f.set_len(size).map_err(|e| {
+        // Linux: EFBIG past the file system's maximum file size, EINVAL past the kernel's.
+        if matches!(e.raw_os_error(), Some(27 | 22)) {
+            too_big(e.to_string())
+        } else {
+            Error::from(e)
+        }
+    })
 }
 
 struct RawWriter {
@@ -64,6 +94,15 @@ impl Writer for RawWriter {
         }
         self.pos = chunk.guest.saturating_add(chunk.len);
         Ok(())
+    }
+
+    fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
+        // Zero chunks are only a position check here: one call for the whole span.
+        self.write_chunk(Chunk {
+            guest,
+            len,
+            payload: Payload::Zero,
+        })
     }
 
     fn finish(self: Box<Self>) -> Result<()> {

@@ -194,6 +194,15 @@ impl Writer for VdiWriter {
         Ok(())
     }
 
+    fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
+        // Zero chunks are only a position check here: one call for the whole span.
+        self.write_chunk(Chunk {
+            guest,
+            len,
+            payload: Payload::Zero,
+        })
+    }
+
     fn finish(self: Box<Self>) -> Result<()> {
         let f = &self.file;
         f.write_all_at(&self.plan.header(self.allocated)?, 0)?;

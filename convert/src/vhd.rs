@@ -298,6 +298,15 @@ impl Writer for FixedWriter {
         Ok(())
     }
 
+    fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
+        // Zero chunks are only a position check here: one call for the whole span.
+        self.write_chunk(Chunk {
+            guest,
+            len,
+            payload: Payload::Zero,
+        })
+    }
+
     fn finish(self: Box<Self>) -> Result<()> {
         let size = self.plan.size;
         if self.pos > size {
@@ -369,6 +378,15 @@ impl Writer for DynamicWriter {
         }
         self.pos = chunk.guest.saturating_add(chunk.len);
         Ok(())
+    }
+
+    fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
+        // Zero chunks are only a position check here: one call for the whole span.
+        self.write_chunk(Chunk {
+            guest,
+            len,
+            payload: Payload::Zero,
+        })
     }
 
     fn finish(self: Box<Self>) -> Result<()> {

@@ -160,10 +160,20 @@ pub const CONTENT_BLOCK: u64 = 64 * 1024;
 /// Domain-separation prefix of the content digest (version 1).
 pub const CONTENT_PREFIX: &[u8] = b"glimpse-content-v1\0";
 
+/// Sector that the content digest rounds the virtual size up to.
+pub const CONTENT_SECTOR: u64 = 512;
+
+/// The size the content digest states: the virtual size rounded up to a 512-byte sector.
+/// qemu-img rounds every image it creates up to a sector (a 440-byte raw becomes a 512-byte
+/// qcow2), so a sub-sector tail of zeros is not a different disk.
+pub fn digest_size(size: u64) -> u64 {
+    size.div_ceil(CONTENT_SECTOR).saturating_mul(CONTENT_SECTOR)
+}
+
 /// Computes the content digest of the guest disk: the same for the same guest bytes in every
 /// format and compression. The construction is specified in `docs/content-digest.md`:
 ///
-/// `SHA-256(prefix ‖ le64(virtual size) ‖ le64(block size) ‖ records)`, where the disk is cut
+/// `SHA-256(prefix ‖ le64(virtual size rounded up to 512) ‖ le64(block size) ‖ records)`, where the disk is cut
 /// into 64 KiB blocks (the last padded with zeros), every maximal run of `k` all-zero blocks is
 /// the record `0x00 ‖ le64(k)`, and every other block is `0x01 ‖ SHA-256(block)`.
 ///
@@ -180,7 +190,7 @@ pub fn content_digest(
     let size = image.info().virtual_size;
     let mut outer = sha2::Sha256::new();
     outer.update(CONTENT_PREFIX);
-    outer.update(size.to_le_bytes());
+    outer.update(digest_size(size).to_le_bytes());
     outer.update(CONTENT_BLOCK.to_le_bytes());
     let mut zero_run = 0u64;
     let mut planner = ChunkPlanner::new(image.as_ref(), CONTENT_BLOCK);
@@ -204,10 +214,15 @@ pub fn content_digest(
                 if batch.len() == BATCH {
                     break;
                 }
-            } else if let Some(Item::Zeros(k)) = items.last_mut() {
-                *k += 1;
             } else {
-                items.push(Item::Zeros(1));
+                // A zero span of whole blocks (and perhaps the short last one): one addition
+                // however long it is.
+                let blocks = plan.len.div_ceil(CONTENT_BLOCK);
+                if let Some(Item::Zeros(k)) = items.last_mut() {
+                    *k = k.saturating_add(blocks);
+                } else {
+                    items.push(Item::Zeros(blocks));
+                }
             }
         }
         if items.is_empty() {
@@ -227,7 +242,7 @@ pub fn content_digest(
             .collect::<Result<_>>()?;
         for item in items {
             match item {
-                Item::Zeros(k) => zero_run += k,
+                Item::Zeros(k) => zero_run = zero_run.saturating_add(k),
                 Item::Block(i) => match digests.get(i).copied().flatten() {
                     None => zero_run += 1,
                     Some(d) => {
@@ -273,7 +288,8 @@ mod tests {
         b1[0] = 5;
         let mut h = sha2::Sha256::new();
         h.update(CONTENT_PREFIX);
-        h.update((data.len() as u64).to_le_bytes());
+        // The size is rounded up to a 512-byte sector.
+        h.update((2 * 65536 + 512u64).to_le_bytes());
         h.update(65536u64.to_le_bytes());
         h.update([0u8]);
         h.update(1u64.to_le_bytes());
@@ -282,6 +298,64 @@ mod tests {
         h.update([0u8]);
         h.update(1u64.to_le_bytes());
         assert_eq!(digest_of(data), hex(&h.finalize()));
+    }
+
+    #[test]
+    fn a_sub_sector_tail_is_rounded_up_to_a_sector() {
+        // qemu-img rounds a 440-byte raw up to a 512-byte qcow2: the same disk.
+        let mut data = vec![0u8; 440];
+        data[3] = 9;
+        let mut padded = data.clone();
+        padded.resize(512, 0);
+        assert_eq!(digest_of(data.clone()), digest_of(padded.clone()));
+        padded.resize(1024, 0);
+        assert_ne!(digest_of(data), digest_of(padded));
+        assert_eq!(digest_size(0), 0);
+        assert_eq!(digest_size(1), 512);
+        assert_eq!(digest_size(u64::MAX), u64::MAX);
+    }
+
+    /// An empty disk whose mapping ends every extent at a 512 MiB boundary, like qcow2's.
+    struct Empty(crate::ImageInfo, Source);
+    impl crate::Image for Empty {
+        fn info(&self) -> &crate::ImageInfo {
+            &self.0
+        }
+        fn findings(&self) -> &[crate::Finding] {
+            &[]
+        }
+        fn mapping(&self, guest: u64, max_len: u64) -> Result<crate::Extent> {
+            let span = crate::image::mapping_span(guest, max_len, self.0.virtual_size)?;
+            Ok(crate::Extent {
+                start: guest,
+                len: span.min((512 << 20) - guest % (512 << 20)),
+                kind: crate::ExtentKind::Unallocated,
+            })
+        }
+        fn source(&self) -> &Source {
+            &self.1
+        }
+    }
+
+    #[test]
+    fn an_empty_disk_costs_one_step_per_extent_not_per_block() {
+        // 1 TiB + 100 bytes: 2049 extents, 16 million blocks.
+        let size = (1u64 << 40) + 100;
+        let img = Empty(
+            crate::ImageInfo::new(Format::Qcow2, size),
+            Arc::new(Vec::new()),
+        );
+        let r = GuestReader::new(Arc::new(img), &Limits::default());
+        let t = std::time::Instant::now();
+        let got = content_digest(&r, &|_, _| {}).unwrap();
+        assert!(t.elapsed().as_secs() < 10);
+        let mut h = sha2::Sha256::new();
+        h.update(CONTENT_PREFIX);
+        h.update(((1u64 << 40) + 512).to_le_bytes());
+        h.update(65536u64.to_le_bytes());
+        h.update([0u8]);
+        h.update(((1u64 << 40) / 65536 + 1).to_le_bytes());
+        assert_eq!(got, hex(&h.finalize()));
     }
 
     #[test]

@@ -271,20 +271,24 @@ impl GuestReader {
     }
 }
 
-/// One chunk of the guest disk, and whether any of it must be read.
+/// One chunk of the guest disk, or one span of chunks that reads as zeros, and whether any of
+/// it must be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkPlan {
-    /// First guest byte.
+    /// First guest byte (a multiple of the chunk size).
     pub guest: u64,
-    /// Length (the chunk size, or less for the last chunk).
+    /// Length: the chunk size, or less for the last chunk; when `read` is false it may be
+    /// any number of whole chunks (plus the short last one), a zero span.
     pub len: u64,
-    /// False when the whole chunk is zero or unallocated by the mapping, so it reads as zeros
+    /// False when the whole range is zero or unallocated by the mapping, so it reads as zeros
     /// without reading.
     pub read: bool,
 }
 
 /// Cuts the guest disk into aligned chunks in order, classifying each from the mapping. Each
-/// extent is looked up once however many chunks it spans.
+/// extent is looked up once however many chunks it spans, and the whole chunks inside one
+/// zero or unallocated extent come out as a single zero span, so an empty 1 PiB disk is a few
+/// plans rather than billions.
 pub struct ChunkPlanner<'a> {
     image: &'a dyn Image,
     chunk: u64,
@@ -310,6 +314,52 @@ impl<'a> ChunkPlanner<'a> {
     pub fn seek(&mut self, pos: u64) {
         self.pos = pos - pos % self.chunk;
     }
+
+    /// The end of the extent holding `p` and whether it reads as zero (cached).
+    fn extent_at(&mut self, p: u64) -> Result<(u64, bool)> {
+        if let Some((e, z)) = self.cur.filter(|(e, _)| *e > p) {
+            return Ok((e, z));
+        }
+        // Ask for a long run so that one lookup covers many chunks.
+        let e = self.image.mapping(p, self.size - p)?;
+        crate::validate_extent(&e, p, self.size - p, self.size)?;
+        self.cur = Some((e.end(), e.reads_as_zero()));
+        Ok((e.end(), e.reads_as_zero()))
+    }
+
+    fn plan(&mut self) -> Result<ChunkPlan> {
+        let start = self.pos;
+        let end = (start / self.chunk)
+            .saturating_add(1)
+            .saturating_mul(self.chunk)
+            .min(self.size);
+        let (ext_end, zero) = self.extent_at(start)?;
+        if zero && ext_end >= end {
+            // Every whole chunk inside the zero extent, in one plan.
+            let span_end = if ext_end >= self.size {
+                self.size
+            } else {
+                ext_end - ext_end % self.chunk
+            };
+            return Ok(ChunkPlan {
+                guest: start,
+                len: span_end.max(end) - start,
+                read: false,
+            });
+        }
+        let mut read = !zero;
+        let mut p = ext_end.min(end);
+        while p < end && !read {
+            let (ext_end, zero) = self.extent_at(p)?;
+            read |= !zero;
+            p = ext_end.min(end);
+        }
+        Ok(ChunkPlan {
+            guest: start,
+            len: end - start,
+            read,
+        })
+    }
 }
 
 impl Iterator for ChunkPlanner<'_> {
@@ -319,42 +369,16 @@ impl Iterator for ChunkPlanner<'_> {
         if self.pos >= self.size {
             return None;
         }
-        let start = self.pos;
-        let end = (start / self.chunk)
-            .saturating_add(1)
-            .saturating_mul(self.chunk)
-            .min(self.size);
-        let mut read = false;
-        let mut p = start;
-        while p < end {
-            let (ext_end, zero) = match self.cur {
-                Some((e, z)) if e > p => (e, z),
-                _ => {
-                    // Ask for a long run so that one lookup covers many chunks.
-                    let e = match self.image.mapping(p, self.size - p) {
-                        Ok(e) => e,
-                        Err(err) => {
-                            self.pos = self.size;
-                            return Some(Err(err));
-                        }
-                    };
-                    if let Err(err) = crate::validate_extent(&e, p, self.size - p, self.size) {
-                        self.pos = self.size;
-                        return Some(Err(err));
-                    }
-                    self.cur = Some((e.end(), e.reads_as_zero()));
-                    (e.end(), e.reads_as_zero())
-                }
-            };
-            read |= !zero;
-            p = ext_end.min(end);
+        match self.plan() {
+            Ok(plan) => {
+                self.pos = plan.guest.saturating_add(plan.len);
+                Some(Ok(plan))
+            }
+            Err(err) => {
+                self.pos = self.size;
+                Some(Err(err))
+            }
         }
-        self.pos = end;
-        Some(Ok(ChunkPlan {
-            guest: start,
-            len: end - start,
-            read,
-        }))
     }
 }
 

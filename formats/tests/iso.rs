@@ -251,9 +251,12 @@ fn hybrid_gpt_is_iso_with_gpt_details() {
     assert_eq!(d["partition-table"], "gpt");
     assert!(!d["partitions"].as_array().unwrap().is_empty());
     // Without -partition_offset the appended partition lies after the ISO volume.
+    // The guest disk is the whole file, the appended partition included.
     let file_len = std::fs::metadata(&path).unwrap().len();
-    assert_eq!(img.info().virtual_size, isoinfo_volume_bytes(&path));
-    assert_eq!(d["trailing-bytes"], file_len - img.info().virtual_size);
+    let vol = isoinfo_volume_bytes(&path);
+    assert_eq!(d["volume-size"], vol);
+    assert_eq!(img.info().virtual_size, file_len);
+    assert_eq!(d["trailing-bytes"], file_len - vol);
     assert!(
         img.findings().iter().all(|f| f.code != "raw.gpt-checksum"),
         "{:?}",
@@ -262,14 +265,15 @@ fn hybrid_gpt_is_iso_with_gpt_details() {
 }
 
 #[test]
-fn padded_iso_keeps_the_descriptor_size() {
+fn padded_iso_is_the_whole_file_and_reports_the_volume_size() {
     let dir = tempfile::tempdir().unwrap();
     let path = genisoimage(dir.path(), "pad.iso", &[]);
     let vol = isoinfo_volume_bytes(&path);
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(vol + 4096 * 3).unwrap();
     let img = open(src(&path), Format::Iso, &Limits::default()).unwrap();
-    assert_eq!(img.info().virtual_size, vol);
+    assert_eq!(img.info().virtual_size, vol + 4096 * 3);
+    assert_eq!(img.info().details["volume-size"], vol);
     assert_eq!(img.info().details["trailing-bytes"], 4096 * 3);
 }
 
@@ -346,7 +350,7 @@ fn truncated_prefixes_never_panic() {
     for path in paths {
         let full: Arc<Vec<u8>> = Arc::new(std::fs::read(&path).unwrap());
         let whole = open(full.clone(), Format::Iso, &Limits::default()).unwrap();
-        let vol = whole.info().virtual_size;
+        let vol = whole.info().details["volume-size"].as_u64().unwrap();
         // Byte by byte through the descriptor area, then every sector boundary and its
         // neighbours to the end.
         let mut lens: Vec<u64> = (0..36_000u64).step_by(7).chain(32_760..38_920).collect();
@@ -458,10 +462,12 @@ fn generate_sh_iso_luks_raw_variants() {
         );
         if fmt == Format::Iso {
             assert_eq!(
-                img.info().virtual_size,
+                img.info().details["volume-size"],
                 isoinfo_volume_bytes(&path),
                 "{line}"
             );
+            let file_len = std::fs::metadata(&path).unwrap().len();
+            assert_eq!(img.info().virtual_size, file_len, "{line}");
         }
     }
     assert_eq!(seen, 9);

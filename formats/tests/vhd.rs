@@ -252,6 +252,7 @@ fn hostile_fixtures_give_their_findings() {
         ("footer-checksum.vhd", "vhd.checksum"),
         ("block-size-not-power-of-two.vhd", "vhd.block-size"),
         ("bat-out-of-bounds.vhd", "table.out-of-bounds"),
+        ("bat-inside-header.vhd", "vhd.metadata-overlap"),
     ];
     for (name, code) in cases {
         let s = src(&dir.join(name));

@@ -4,9 +4,10 @@
 //! descriptor holds a type byte, the standard identifier at +1 (`CD001` for ISO 9660; `BEA01`,
 //! `NSR02`/`NSR03`, `TEA01` for the UDF volume recognition sequence) and a version byte.
 //!
-//! qemu-img calls an ISO `raw` and reports the file's size. glimpse reports the size that the
-//! primary volume descriptor declares (volume space size × logical block size), says in the
-//! details when the file is longer (padding), and rejects a file shorter than its volume.
+//! qemu-img calls an ISO `raw` and reports the file's size, and so does glimpse: the guest disk
+//! is the whole file. The size that the primary volume descriptor declares (volume space size ×
+//! logical block size) is reported as the `volume-size` detail; a file longer than its volume
+//! is warned about (appended partitions), and a file shorter than its volume is rejected.
 
 use nom::bytes::complete::take;
 use nom::number::complete::{be_u16, be_u32, le_u16, le_u32, le_u8};
@@ -254,7 +255,9 @@ pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
         }
         let block = u64::from(p.block_le);
         let vsize = u64::from(p.space_le).saturating_mul(block);
-        info = ImageInfo::new(Format::Iso, vsize);
+        // The guest disk is the whole file, as qemu (which opens an ISO as raw) and every
+        // hypervisor see it: a hybrid ISO may keep a boot partition after the volume.
+        info = ImageInfo::new(Format::Iso, file_size);
         info.detail("volume-id", p.volume_id);
         info.detail("system-id", p.system_id);
         info.detail("block-size", block);
@@ -269,14 +272,13 @@ pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
             );
         } else if file_size > vsize {
             info.detail("trailing-bytes", file_size - vsize);
-            // Glance's inspector takes an ISO's size from the volume descriptor, and so do
-            // we; but a hybrid image may append partitions past the volume, which a
-            // conversion then leaves out. Say so.
+            // Glance's inspector takes an ISO's size from the volume descriptor; the bytes
+            // after it (appended partitions) are still part of the disk, so say they exist.
             findings.push(
                 Finding::warn(
                     "iso.trailing-data",
                     format!(
-                        "{} bytes follow the {vsize}-byte ISO volume (appended partitions?); they are not part of the virtual disk",
+                        "{} bytes follow the {vsize}-byte ISO volume (appended partitions?); they are part of the guest disk, which is the whole file",
                         file_size - vsize
                     ),
                 )
@@ -346,6 +348,7 @@ impl Image for IsoImage {
     }
     fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
         let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+        // The virtual size is the file size at open; a file that shrank since is truncated.
         if guest >= self.file_size {
             return Err(Error::truncated(format!(
                 "guest offset {guest:#x} lies past the end of the file ({} bytes)",
@@ -414,8 +417,9 @@ mod tests {
         b.truncate(40 * 2048);
         let img = open(Arc::new(b), &Limits::default()).unwrap();
         assert_eq!(img.findings()[0].code, "iso.truncated");
-        let e = img.mapping(40 * 2048, 1).unwrap_err();
-        assert_eq!(e.finding_code(), "iso.truncated");
+        assert_eq!(img.info().virtual_size, 40 * 2048);
+        assert_eq!(img.info().details["volume-size"], 64 * 2048);
+        assert!(img.mapping(40 * 2048, 1).is_err());
         let e = img.mapping(0, u64::MAX).unwrap();
         assert_eq!(e.len, 40 * 2048);
     }

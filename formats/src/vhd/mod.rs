@@ -22,6 +22,7 @@ use crate::format::Format;
 use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, ReadAt, Source};
 use crate::limits::Limits;
+use crate::ranges::{first_overlap, Region};
 use crate::table::{check_table, TableSpec};
 
 use footer::{
@@ -463,6 +464,9 @@ fn open_dynamic(
         }
     }
 
+    if let Some(f) = metadata_overlap(&d) {
+        findings.push(f);
+    }
     info.cluster_size = Some(block_size);
     info.detail("block-size", block_size);
 
@@ -504,6 +508,44 @@ fn open_dynamic(
         }
     }
     Ok(d)
+}
+
+/// The placement of the tables themselves: the footer copy, the dynamic header, the BAT and
+/// the footer must not share a byte. A BAT inside the header passes every entry check, and
+/// qemu's first allocating write then rewrites the header with a BAT entry.
+fn metadata_overlap(d: &Dynamic) -> Option<Finding> {
+    let mut regions = vec![
+        Region::new("the footer copy", 0, FOOTER_LEN as u64),
+        Region::new(
+            "the dynamic disk header",
+            d.header_offset,
+            DYN_HEADER_LEN as u64,
+        ),
+        Region::new(
+            "the BAT",
+            d.bat_offset,
+            (d.bat.len() as u64).saturating_mul(4),
+        ),
+    ];
+    if let Some(t) = d.tail_footer {
+        regions.push(Region::new("the footer", t, d.file_size.saturating_sub(t)));
+    }
+    let (a, b) = first_overlap(&mut regions)?;
+    Some(
+        Finding::reject(
+            "vhd.metadata-overlap",
+            format!(
+                "{} ({:#x}..{:#x}) overlaps {} ({:#x}..{:#x}): a write through the BAT would destroy metadata",
+                b.name,
+                b.start,
+                b.end(),
+                a.name,
+                a.start,
+                a.end()
+            ),
+        )
+        .at(b.start),
+    )
 }
 
 /// Decodes one parent locator's data, bounded: UTF-16LE for "W2ku"/"W2ru", UTF-8 for the
