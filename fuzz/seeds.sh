@@ -256,3 +256,7 @@ add convert_roundtrip c/*
 for t in "${targets[@]}"; do
     printf '%-18s %4d seeds\n' "$t" "$(find "$out/$t" -type f | wc -l)"
 done
+
+# qcow2 hostile fixtures (reserved bits, metadata overlaps, cut clusters, incomplete snapshots).
+add qcow2 "$here"/../fixtures/hostile/qcow2/*.qcow2
+add check "$here"/../fixtures/hostile/qcow2/*.qcow2
