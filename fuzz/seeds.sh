@@ -267,3 +267,6 @@ add detect "$fx"/vmdk/version-first-extent-after-comments.vmdk "$fx"/vmdk/binary
     "$fx"/unsupported/*.qcow
 add vmdk_descriptor "$fx"/vmdk/version-first-extent-after-comments.vmdk \
     "$fx"/vmdk/binary-after-nul.vmdk "$fx"/vmdk/control-char-in-comment.vmdk
+# qcow2 hostile fixtures (reserved bits, metadata overlaps, cut clusters, incomplete snapshots).
+add qcow2 "$here"/../fixtures/hostile/qcow2/*.qcow2
+add check "$here"/../fixtures/hostile/qcow2/*.qcow2

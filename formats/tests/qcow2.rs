@@ -642,7 +642,16 @@ fn hostile_fixtures_give_their_codes() {
         ),
         ("data-file-bit", &["qcow2.data-file"]),
         ("backing-file", &["qcow2.backing-file"]),
+        ("reserved-bits-l1", &["qcow2.reserved-bits"]),
+        ("reserved-bits-l2", &["qcow2.reserved-bits"]),
+        ("reserved-bits-reftable", &["qcow2.reserved-bits"]),
+        ("l1-in-refcount-table", &["qcow2.metadata-overlap"]),
+        ("data-past-eof", &["qcow2.l2-entry-out-of-bounds"]),
+        ("snapshot-incomplete", &["qcow2.snapshot-table"]),
     ];
+    // qemu-img check passes a cluster cut short by EOF (it reads zeros there); glimpse's
+    // readers cannot read it, so check rejects it.
+    let qemu_passes = ["data-past-eof"];
     for (name, want) in cases {
         let p = dir.join(format!("{name}.qcow2"));
         let src: Source = Arc::new(std::fs::File::open(&p).unwrap());
@@ -668,10 +677,14 @@ fn hostile_fixtures_give_their_codes() {
             .output()
             .expect("qemu-img");
         let opened = q.status.code() != Some(1);
-        let structural = want
-            .iter()
-            .any(|c| c.starts_with("refcount") || c.contains("l2-entry") || c.contains("metadata"));
-        if opened && (structural || want.is_empty()) {
+        let structural = want.iter().any(|c| {
+            c.starts_with("refcount")
+                || c.contains("l2-entry")
+                || c.contains("metadata")
+                || c.contains("reserved")
+                || c.contains("snapshot")
+        });
+        if opened && (structural || want.is_empty()) && !qemu_passes.contains(name) {
             assert_eq!(
                 q.status.code(),
                 Some(if structural { 2 } else { 0 }),
@@ -840,5 +853,115 @@ fn external_data_file_is_reported_not_opened() {
     assert_eq!(
         img.mapping(0, 1).unwrap_err().finding_code(),
         "qcow2.data-file"
+    );
+}
+
+/// The L2 entry of the first compressed cluster of an image (entries of `step` bytes).
+fn first_compressed(b: &[u8], step: usize) -> usize {
+    let (l2, _) = first_l2(b);
+    (l2..l2 + 4096)
+        .step_by(step)
+        .find(|&at| be64(b, at) & (1 << 62) != 0)
+        .expect("a compressed cluster")
+}
+
+#[test]
+fn compressed_entries_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = raw_source(dir.path(), "s.raw", 256 << 10);
+    let p = dir.path().join("c.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", s(&src), s(&p)]);
+    let b = std::fs::read(&p).unwrap();
+    assert!(codes(&open_bytes(b.clone()).unwrap()).is_empty());
+    let at = first_compressed(&b, 8);
+
+    // A stream whose second sector starts past the end of the file (64 KiB clusters: the
+    // sector count sits at bit 54).
+    let mut m = b.clone();
+    put64(&mut m, at, (1 << 62) | (1 << 54) | (b.len() as u64 - 1));
+    let c = codes(&open_bytes(m).unwrap());
+    assert!(c.contains(&"qcow2.l2-entry-out-of-bounds"), "{c:?}");
+    // Its last sector may end past a file that stops inside it.
+    let mut m = b.clone();
+    put64(&mut m, at, (1 << 62) | (b.len() as u64 - 100));
+    let c = codes(&open_bytes(m).unwrap());
+    assert!(!c.contains(&"qcow2.l2-entry-out-of-bounds"), "{c:?}");
+
+    // COPIED on a compressed entry.
+    let mut m = b.clone();
+    put64(&mut m, at, be64(&b, at) | (1 << 63));
+    assert_eq!(qemu_check_code(&m), 2);
+    assert!(codes(&open_bytes(m).unwrap()).contains(&"qcow2.copied-flag"));
+
+    // Extended L2: a compressed entry's subcluster bitmap must be zero.
+    let p = dir.path().join("x.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=16k",
+        s(&src),
+        s(&p),
+    ]);
+    let b = std::fs::read(&p).unwrap();
+    assert!(codes(&open_bytes(b.clone()).unwrap()).is_empty());
+    let at = first_compressed(&b, 16);
+    let mut m = b.clone();
+    put64(&mut m, at + 8, 1);
+    assert_eq!(qemu_check_code(&m), 2);
+    let c = codes(&open_bytes(m).unwrap());
+    assert!(c.contains(&"qcow2.reserved-bits"), "{c:?}");
+}
+
+#[test]
+fn metadata_overlaps_and_reserved_bits() {
+    let b = base_image();
+    let (l2, _) = first_l2(&b);
+    // The first L2 table is also the refcount block.
+    let mut m = b.clone();
+    let rt = be64(&b, 48) as usize;
+    put64(&mut m, rt, l2 as u64);
+    let c = codes(&open_bytes(m).unwrap());
+    assert!(c.contains(&"qcow2.metadata-overlap"), "{c:?}");
+    // A snapshot whose L1 table is the active one.
+    let mut m = b.clone();
+    let at = m.len();
+    m.resize(at + 65536, 0);
+    put64(&mut m, at, be64(&b, 40));
+    put32(&mut m, at + 8, 1);
+    put32(&mut m, at + 36, 16);
+    put32(&mut m, 60, 1);
+    put64(&mut m, 64, at as u64);
+    let c = codes(&open_bytes(m).unwrap());
+    assert!(c.contains(&"qcow2.metadata-overlap"), "{c:?}");
+    // Reserved bits in an L2 entry's offset field (bits 56-61).
+    let mut m = b.clone();
+    put64(&mut m, l2, be64(&b, l2) | (1 << 60));
+    assert_eq!(qemu_check_code(&m), 2);
+    let c = codes(&open_bytes(m).unwrap());
+    assert!(c.contains(&"qcow2.reserved-bits"), "{c:?}");
+}
+
+/// The large cases of `fixtures/qcow2/make_big.py` (time and memory): verdicts only; the
+/// script's docstring and BENCHMARKS-style numbers live in the commit history.
+#[test]
+fn large_generated_cases_keep_their_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qcow2/make_big.py");
+    run("python3", &[s(&script), s(dir.path())]);
+    for name in ["thrash", "sparse-2t", "snap-shared-l1", "c512-100g"] {
+        let img = open_path(&dir.path().join(format!("{name}.qcow2")));
+        let f = img.check(&Limits::default()).unwrap();
+        assert!(f.is_empty(), "{name}: {f:?}");
+    }
+    let f = std::fs::File::open(dir.path().join("bitmap-dir-400m.qcow2")).unwrap();
+    let e = qcow2::open(Arc::new(f), &Limits::default())
+        .err()
+        .expect("a 400 MiB bitmap directory is refused");
+    assert_eq!(
+        (e.kind(), e.finding_code()),
+        (ErrorKind::LimitExceeded, "table.too-large")
     );
 }

@@ -1,22 +1,30 @@
 //! Structural check: recount every host cluster's references and compare them with the
 //! stored refcounts, as `qemu-img check` does (refcount < references is a corruption,
-//! refcount > references a leak).
+//! refcount > references a leak), and compare every metadata structure's clusters with every
+//! other's, as qemu's overlap checks (`QCOW2_OL_*`) do before each write.
 //!
-//! Memory is one `u16` count and one metadata bit per host cluster of the file, charged to
-//! the budget. Each distinct L2 table is read once (shared tables count once per
-//! reference), so the work is bounded by the file's metadata, not the virtual size.
+//! The work is linear in the metadata: each distinct L1 and L2 table is read once (shared
+//! tables are counted once per reference), refcount blocks are read once each in one
+//! sequential pass at the end, and what the COPIED flags claim is recorded per cluster and
+//! checked in that same pass. Memory is a page of counters per touched run of clusters (see
+//! [`Counts`]), one record per distinct L2 table and per other metadata structure, all
+//! charged to the image's budget.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use crate::error::{Error, Result};
-use crate::finding::Finding;
+use crate::error::Result;
+use crate::finding::{Finding, Severity};
 use crate::io::read_vec;
 use crate::limits::{Budget, Limits};
 use crate::table::{check_table, TableSpec};
 
+use super::counts::{Counts, COUNT_MAX, F_COPIED, F_SHARED};
 use super::header::{self, MAX_SNAPSHOTS};
-use super::refcount::{self, REFT_OFFSET_MASK};
-use super::table::{self, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::refcount::{self, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
+use super::table::{
+    self, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
+    OFLAG_COMPRESSED, OFLAG_COPIED, SECTOR,
+};
 use super::Qcow2Image;
 
 /// Findings of one code reported individually before they are summarised.
@@ -25,18 +33,73 @@ const PER_CODE: usize = 8;
 /// qemu's `QCOW_MAX_SNAPSHOT_EXTRA_DATA`.
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;
 
-struct Counts {
-    cluster_bits: u32,
-    /// References per host cluster (saturating).
-    refs: Vec<u16>,
-    /// Clusters holding metadata (header, tables).
-    meta: Vec<u64>,
+/// The spec: version 3 snapshot entries carry extra data at least up to byte 55
+/// (`vm_state_size_large` and `disk_size`); qemu-img check calls a shorter one incomplete.
+const MIN_V3_SNAPSHOT_EXTRA: u32 = 16;
+
+/// Budget charged per metadata record and per distinct L2 table.
+const RECORD_BYTES: u64 = 32;
+
+/// What a metadata range holds: qemu's overlap classes, plus the bitmap structures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Header,
+    ActiveL1,
+    RefTable,
+    RefBlock,
+    SnapTable,
+    SnapL1,
+    L2,
+    Crypto,
+    BitmapDir,
+    BitmapTable,
+    BitmapData,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Header => "the header",
+            Kind::ActiveL1 => "the active L1 table",
+            Kind::RefTable => "the refcount table",
+            Kind::RefBlock => "a refcount block",
+            Kind::SnapTable => "the snapshot table",
+            Kind::SnapL1 => "a snapshot L1 table",
+            Kind::L2 => "an L2 table",
+            Kind::Crypto => "the encryption header",
+            Kind::BitmapDir => "the bitmap directory",
+            Kind::BitmapTable => "a bitmap table",
+            Kind::BitmapData => "a bitmap data cluster",
+        }
+    }
+}
+
+/// One metadata structure: host clusters `[start, end)`, its kind and its byte offset (the
+/// two together name the structure: a table referenced twice is one structure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Meta {
+    start: u64,
+    end: u64,
+    kind: Kind,
+    off: u64,
+}
+
+/// One distinct L2 table.
+#[derive(Debug, Clone, Copy)]
+struct L2Ref {
+    off: u64,
+    times: u16,
+    active: bool,
+}
+
+#[derive(Default)]
+struct Report {
     findings: Vec<Finding>,
     per_code: BTreeMap<&'static str, u64>,
 }
 
-impl Counts {
-    fn report(&mut self, f: Finding) {
+impl Report {
+    fn add(&mut self, f: Finding) {
         let n = self.per_code.entry(f.code).or_insert(0);
         *n += 1;
         if *n <= PER_CODE as u64 {
@@ -44,42 +107,549 @@ impl Counts {
         }
     }
 
-    /// Adds `times` references to every cluster overlapping `[start, start+len)`. False when
-    /// part of the range lies past the counted clusters.
-    fn inc(&mut self, start: u64, len: u64, times: u16, meta: bool) -> bool {
-        if len == 0 {
-            return true;
-        }
-        let Some(last) = start.checked_add(len - 1) else {
-            return false;
-        };
-        let (a, b) = (start >> self.cluster_bits, last >> self.cluster_bits);
-        if b >= self.refs.len() as u64 {
-            return false;
-        }
-        for c in a..=b {
-            let i = usize::try_from(c).unwrap_or(usize::MAX);
-            if let Some(r) = self.refs.get_mut(i) {
-                *r = r.saturating_add(times);
-            }
-            if meta {
-                if let Some(w) = self.meta.get_mut(i / 64) {
-                    *w |= 1 << (i % 64);
-                }
+    fn finish(mut self) -> Vec<Finding> {
+        for (code, n) in &self.per_code {
+            if *n > PER_CODE as u64 {
+                let sev = self
+                    .findings
+                    .iter()
+                    .find(|f| f.code == *code)
+                    .map(|f| f.severity);
+                let msg = format!("{} more like this ({n} in all)", n - PER_CODE as u64);
+                self.findings.push(match sev {
+                    Some(Severity::Warn) => Finding::warn(code, msg),
+                    _ => Finding::reject(code, msg),
+                });
             }
         }
-        true
-    }
-
-    fn is_meta(&self, host: u64) -> bool {
-        let i = usize::try_from(host >> self.cluster_bits).unwrap_or(usize::MAX);
-        self.meta
-            .get(i / 64)
-            .is_some_and(|w| (w >> (i % 64)) & 1 == 1)
+        self.findings
     }
 }
 
-/// Stored refcounts, read one refcount block at a time.
+/// The state of one check.
+struct Walk<'a> {
+    img: &'a Qcow2Image,
+    limits: &'a Limits,
+    budget: &'a Budget,
+    counts: Counts<'a>,
+    rep: Report,
+    metas: Vec<Meta>,
+    l2s: Vec<L2Ref>,
+    /// Disjoint, sorted union of `metas` (L2 tables are looked up in `l2s`).
+    meta_runs: Vec<(u64, u64)>,
+    /// Stored refcount blocks by refcount-table index (0: none).
+    blocks: Vec<u64>,
+    skip_leaks: bool,
+    /// False with an external data file: data clusters are not refcounted here.
+    copied_checked: bool,
+}
+
+/// Runs the structural check, drawing on the image's budget (the one `open` used) and giving
+/// back everything it took.
+///
+/// # Errors
+/// `Io` on read errors; `LimitExceeded` when the metadata does not fit the budget.
+pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
+    let before = img.budget.left();
+    let r = run(img, limits);
+    let taken = before.saturating_sub(img.budget.left());
+    img.budget.give_back(taken);
+    r
+}
+
+fn run(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
+    let h = &img.header;
+    let cs = img.geo.cluster_size();
+    let clusters = img.file_size.div_ceil(cs);
+    let mut w = Walk {
+        img,
+        limits,
+        budget: &img.budget,
+        counts: Counts::new(img.geo.cluster_bits, clusters, &img.budget),
+        rep: Report::default(),
+        metas: Vec::new(),
+        l2s: Vec::new(),
+        meta_runs: Vec::new(),
+        blocks: Vec::new(),
+        skip_leaks: false,
+        copied_checked: h.incompatible_features & header::INCOMPAT_DATA_FILE == 0,
+    };
+    w.meta(Kind::Header, 0, cs, 1)?;
+    w.meta(
+        Kind::ActiveL1,
+        h.l1_table_offset,
+        u64::from(h.l1_size) * 8,
+        1,
+    )?;
+    w.refcount_table()?;
+    if let Some((off, len)) = img.ext.crypto {
+        if !w.meta(Kind::Crypto, off, len, 1)? {
+            w.rep.add(
+                Finding::reject(
+                    "table.out-of-bounds",
+                    "the encryption header lies past the end of the file",
+                )
+                .at(off),
+            );
+        }
+    }
+    // When the bitmaps cannot be walked, their clusters would look leaked.
+    if let Some((nb, dir_size, dir_off)) = img.ext.bitmaps {
+        if let Err(f) = w.bitmaps(nb, dir_size, dir_off)? {
+            w.rep.add(f);
+            w.skip_leaks = true;
+        }
+    }
+    let l1 = &img.l1;
+    w.walk_l1(h.l1_table_offset, l1.iter().copied(), 1, true)?;
+    if h.nb_snapshots > 0 {
+        let snaps = w.snapshots()?;
+        w.snapshot_l1s(snaps)?;
+    }
+    w.overlaps()?;
+    w.walk_l2s()?;
+    w.compare()?;
+    Ok(w.rep.finish())
+}
+
+impl Walk<'_> {
+    /// Records a metadata structure and counts its clusters `times`. False when it leaves
+    /// the file.
+    fn meta(&mut self, kind: Kind, off: u64, len: u64, times: u16) -> Result<bool> {
+        let cb = self.img.geo.cluster_bits;
+        let Some(last) = off.checked_add(len.max(1) - 1) else {
+            return Ok(false);
+        };
+        if !self.counts.inc(off, len, times)? {
+            return Ok(false);
+        }
+        self.budget.take(RECORD_BYTES, "metadata list")?;
+        self.metas.push(Meta {
+            start: off >> cb,
+            end: (last >> cb).saturating_add(1),
+            kind,
+            off,
+        });
+        Ok(true)
+    }
+
+    fn reserved(&mut self, what: &str, entry: u64, mask: u64, at: u64) {
+        if entry & mask != 0 {
+            self.rep.add(
+                Finding::reject(
+                    "qcow2.reserved-bits",
+                    format!(
+                        "{what} {entry:#018x} has reserved bits {:#x} set",
+                        entry & mask
+                    ),
+                )
+                .at(at),
+            );
+        }
+    }
+
+    /// Reads the refcount table and records its blocks.
+    fn refcount_table(&mut self) -> Result<()> {
+        let h = &self.img.header;
+        let cs = self.img.geo.cluster_size();
+        let rt_off = h.refcount_table_offset;
+        let rt_len = u64::from(h.refcount_table_clusters) * cs;
+        self.meta(Kind::RefTable, rt_off, rt_len, 1)?;
+        let rt = read_vec(
+            self.img.src.as_ref(),
+            rt_off,
+            rt_len,
+            self.budget,
+            "refcount table",
+        )?;
+        self.blocks.reserve_exact(rt.len() / 8);
+        for (i, e) in entries(&rt) {
+            let at = rt_off.saturating_add(i);
+            self.reserved("refcount table entry", e, REFT_RESERVED_MASK, at);
+            let off = e & REFT_OFFSET_MASK;
+            self.blocks.push(0);
+            if off == 0 {
+                continue;
+            }
+            if off % cs != 0 {
+                self.rep.add(
+                    Finding::reject(
+                        "table.misaligned",
+                        format!("refcount block at {off:#x} is not cluster aligned"),
+                    )
+                    .at(at),
+                );
+                continue;
+            }
+            if !self.meta(Kind::RefBlock, off, cs, 1)? {
+                self.rep.add(
+                    Finding::reject(
+                        "table.out-of-bounds",
+                        format!("refcount block at {off:#x} lies past the end of the file"),
+                    )
+                    .at(at),
+                );
+                continue;
+            }
+            if let Some(last) = self.blocks.last_mut() {
+                *last = off;
+            }
+        }
+        self.budget.give_back(rt_len);
+        Ok(())
+    }
+
+    /// Walks one L1 table's entries: counts each L2 table `times` and queues it.
+    fn walk_l1(
+        &mut self,
+        l1_off: u64,
+        l1: impl Iterator<Item = u64>,
+        times: u16,
+        active: bool,
+    ) -> Result<()> {
+        let cs = self.img.geo.cluster_size();
+        let cb = self.img.geo.cluster_bits;
+        for (i, e) in l1.enumerate() {
+            let at = l1_off.saturating_add((i as u64).saturating_mul(8));
+            self.reserved("L1 entry", e, L1E_RESERVED_MASK, at);
+            let off = e & L1E_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let problem = if off % cs != 0 {
+                Some(("table.misaligned", "is not cluster aligned"))
+            } else if !self.counts.inc(off, cs, times)? {
+                Some(("table.out-of-bounds", "lies past the end of the file"))
+            } else {
+                None
+            };
+            if let Some((code, what)) = problem {
+                self.rep
+                    .add(Finding::reject(code, format!("L2 table at {off:#x} {what}")).at(at));
+                continue;
+            }
+            if active && self.copied_checked {
+                self.counts.flag(off >> cb, e & OFLAG_COPIED != 0)?;
+            }
+            self.budget.take(RECORD_BYTES, "list of L2 tables")?;
+            self.l2s.push(L2Ref { off, times, active });
+        }
+        // One record per distinct table from here on.
+        self.l2s.sort_unstable_by_key(|r| r.off);
+        let before = self.l2s.len();
+        self.l2s.dedup_by(|b, a| {
+            if a.off == b.off {
+                a.times = a.times.saturating_add(b.times);
+                a.active |= b.active;
+                true
+            } else {
+                false
+            }
+        });
+        let dropped = before.saturating_sub(self.l2s.len()) as u64;
+        self.budget.give_back(dropped.saturating_mul(RECORD_BYTES));
+        Ok(())
+    }
+
+    /// Compares every metadata structure's clusters with every other's.
+    fn overlaps(&mut self) -> Result<()> {
+        self.metas.sort_unstable();
+        self.metas.dedup();
+        let cb = self.img.geo.cluster_bits;
+        let l2 = |r: &L2Ref| Meta {
+            start: r.off >> cb,
+            end: (r.off >> cb).saturating_add(1),
+            kind: Kind::L2,
+            off: r.off,
+        };
+        let (mut i, mut j) = (0usize, 0usize);
+        let mut cur: Option<Meta> = None;
+        let mut found = Vec::new();
+        loop {
+            let a = self.metas.get(i).copied();
+            let b = self.l2s.get(j).map(l2);
+            let m = match (a, b) {
+                (Some(a), Some(b)) if a <= b => {
+                    i += 1;
+                    a
+                }
+                (_, Some(b)) => {
+                    j += 1;
+                    b
+                }
+                (Some(a), None) => {
+                    i += 1;
+                    a
+                }
+                (None, None) => break,
+            };
+            match cur {
+                Some(p) if m.start < p.end => {
+                    if (p.kind, p.off) != (m.kind, m.off) {
+                        found.push((p, m));
+                    }
+                    if m.end > p.end {
+                        cur = Some(m);
+                    }
+                }
+                _ => cur = Some(m),
+            }
+            if m.kind != Kind::L2 {
+                match self.meta_runs.last_mut() {
+                    Some(r) if m.start <= r.1 => r.1 = r.1.max(m.end),
+                    _ => {
+                        self.budget.take(16, "metadata list")?;
+                        self.meta_runs.push((m.start, m.end));
+                    }
+                }
+            }
+        }
+        for (p, m) in found {
+            self.rep.add(
+                Finding::reject(
+                    "qcow2.metadata-overlap",
+                    format!(
+                        "{} at {:#x} overlaps {} at {:#x}",
+                        capital(m.kind.name()),
+                        m.off,
+                        p.kind.name(),
+                        p.off
+                    ),
+                )
+                .at(m.off),
+            );
+        }
+        Ok(())
+    }
+
+    /// True when host cluster `c` holds metadata.
+    fn is_meta(&self, c: u64) -> bool {
+        let k = self.meta_runs.partition_point(|r| r.1 <= c);
+        let in_run = self.meta_runs.get(k).is_some_and(|r| r.0 <= c);
+        let cb = self.img.geo.cluster_bits;
+        in_run || self.l2s.binary_search_by_key(&c, |r| r.off >> cb).is_ok()
+    }
+
+    /// Reads each distinct L2 table once, in file order, and counts its data clusters.
+    fn walk_l2s(&mut self) -> Result<()> {
+        let cs = self.img.geo.cluster_size();
+        let step = usize::try_from(self.img.geo.l2_entry_size()).unwrap_or(8);
+        let extended = self.img.geo.extended;
+        for k in 0..self.l2s.len() {
+            let Some(r) = self.l2s.get(k).copied() else {
+                break;
+            };
+            let raw = read_vec(self.img.src.as_ref(), r.off, cs, self.budget, "L2 table")?;
+            for (n, e) in raw.chunks_exact(step).enumerate() {
+                let entry = table::be64(e, 0);
+                let bitmap = if extended { table::be64(e, 8) } else { 0 };
+                let at = r.off.saturating_add((n * step) as u64);
+                if entry & OFLAG_COMPRESSED != 0 {
+                    self.compressed(entry, bitmap, at, r.times)?;
+                } else {
+                    self.standard(entry, bitmap, at, r)?;
+                }
+            }
+            self.budget.give_back(cs);
+        }
+        Ok(())
+    }
+
+    fn l2_problem(&mut self, code: &'static str, msg: String, at: u64) {
+        self.rep.add(Finding::reject(code, msg).at(at));
+    }
+
+    /// Checks data clusters `[host, host+len)` against metadata.
+    fn data_in_meta(&mut self, host: u64, len: u64, at: u64) {
+        let cb = self.img.geo.cluster_bits;
+        let last = host.saturating_add(len.max(1) - 1);
+        if (host >> cb..=last >> cb).any(|c| self.is_meta(c)) {
+            self.l2_problem(
+                "qcow2.entry-into-metadata",
+                format!("guest data at {host:#x} overlaps image metadata"),
+                at,
+            );
+        }
+    }
+
+    fn compressed(&mut self, entry: u64, bitmap: u64, at: u64, times: u16) -> Result<()> {
+        // qemu-img check: both are corruptions.
+        if entry & OFLAG_COPIED != 0 {
+            self.l2_problem(
+                "qcow2.copied-flag",
+                "compressed cluster entry has the COPIED flag set".into(),
+                at,
+            );
+        }
+        if bitmap != 0 {
+            self.l2_problem(
+                "qcow2.reserved-bits",
+                format!("compressed cluster entry has a non-zero subcluster bitmap {bitmap:#x}"),
+                at,
+            );
+        }
+        let (host, len) = self.img.geo.compressed(entry);
+        // The stream's last sector may end past a file that ends inside it (qemu writes only
+        // the compressed bytes), but no further.
+        let limit = self.img.file_size.saturating_add(SECTOR - 1) & !(SECTOR - 1);
+        if host.checked_add(len).is_none_or(|e| e > limit) {
+            self.l2_problem(
+                "qcow2.l2-entry-out-of-bounds",
+                format!(
+                    "compressed cluster at {host:#x} ({len} bytes) runs past the end of the file"
+                ),
+                at,
+            );
+            return Ok(());
+        }
+        self.data_in_meta(host, len, at);
+        if !self.counts.inc(host, len, times)? {
+            self.l2_problem(
+                "qcow2.l2-entry-out-of-bounds",
+                format!("compressed cluster at {host:#x} lies past the end of the file"),
+                at,
+            );
+        }
+        Ok(())
+    }
+
+    fn standard(&mut self, entry: u64, bitmap: u64, at: u64, r: L2Ref) -> Result<()> {
+        let geo = self.img.geo;
+        let cs = geo.cluster_size();
+        self.reserved("L2 entry", entry, L2E_STD_RESERVED_MASK, at);
+        if let Err(err) = table::decode(&geo, entry, bitmap) {
+            self.l2_problem(
+                "qcow2.l2-entry-out-of-bounds",
+                err.message().to_string(),
+                at,
+            );
+        }
+        let host = entry & L2E_OFFSET_MASK;
+        // With an external data file, standard clusters live in that file and are not
+        // refcounted here (the spec); it is never opened, so there is nothing to check.
+        if host == 0 || !self.copied_checked {
+            return Ok(());
+        }
+        if host % cs != 0 {
+            self.l2_problem(
+                "qcow2.l2-entry-out-of-bounds",
+                format!("data cluster {host:#x} is not cluster aligned"),
+                at,
+            );
+            return Ok(());
+        }
+        // The readers need every allocated byte: the whole cluster, or with subclusters up
+        // to the last allocated one (qemu ends the file there).
+        let need = if geo.extended {
+            let alloc = bitmap & 0xffff_ffff;
+            (64 - u64::from(alloc.leading_zeros())).max(1) * (cs / 32)
+        } else {
+            cs
+        };
+        if host
+            .checked_add(need)
+            .is_none_or(|e| e > self.img.file_size)
+        {
+            self.l2_problem(
+                "qcow2.l2-entry-out-of-bounds",
+                format!("data cluster at {host:#x} ends past the end of the file"),
+                at,
+            );
+            return Ok(());
+        }
+        self.data_in_meta(host, cs, at);
+        self.counts.inc(host, cs, r.times)?;
+        if r.active {
+            self.counts
+                .flag(host >> geo.cluster_bits, entry & OFLAG_COPIED != 0)?;
+        }
+        Ok(())
+    }
+
+    /// Compares stored refcounts with the counted references and the COPIED claims, in one
+    /// pass over the clusters that have a refcount block or a counter page.
+    fn compare(&mut self) -> Result<()> {
+        let h = &self.img.header;
+        let epb = refcount::entries_per_block(h.cluster_bits, h.refcount_order);
+        let present: Vec<u64> = (0u64..)
+            .zip(self.blocks.iter())
+            .filter(|(_, b)| **b != 0)
+            .map(|(i, _)| i)
+            .collect();
+        let mut stored = Stored {
+            img: self.img,
+            budget: self.budget,
+            blocks: &self.blocks,
+            epb,
+            cur: None,
+        };
+        let n = self.counts.clusters();
+        let (mut leaked, mut first_leak) = (0u64, None);
+        let mut cluster = 0u64;
+        while cluster < n {
+            let bi = cluster / epb;
+            let has_block = self
+                .blocks
+                .get(usize::try_from(bi).unwrap_or(usize::MAX))
+                .is_some_and(|b| *b != 0);
+            if !has_block && !self.counts.touched(cluster) {
+                let k = present.partition_point(|b| *b <= bi);
+                let next_block = present.get(k).map_or(n, |b| b.saturating_mul(epb));
+                cluster = next_block
+                    .min(self.counts.next_touched(cluster))
+                    .max(cluster + 1);
+                continue;
+            }
+            let rc = stored.get(cluster)?;
+            let word = self.counts.get(cluster);
+            let counted = word & COUNT_MAX;
+            let offset = cluster << h.cluster_bits;
+            if word & F_COPIED != 0 && rc != 1 || word & F_SHARED != 0 && rc == 1 {
+                self.rep.add(
+                    Finding::reject(
+                        "qcow2.copied-flag",
+                        format!(
+                            "an active L1/L2 entry's COPIED flag for cluster {offset:#x} disagrees with its refcount {rc}"
+                        ),
+                    )
+                    .at(offset),
+                );
+            }
+            if counted == COUNT_MAX && rc >= u64::from(counted) {
+            } else if rc < u64::from(counted) {
+                self.rep.add(
+                    Finding::reject(
+                        "refcount.mismatch",
+                        format!("cluster {offset:#x} has refcount {rc} but {counted} references"),
+                    )
+                    .at(offset),
+                );
+            } else if rc > u64::from(counted) && !self.skip_leaks {
+                leaked += 1;
+                first_leak.get_or_insert(offset);
+            }
+            cluster += 1;
+        }
+        if leaked > 0 {
+            let mut f = Finding::warn(
+                "qcow2.leaked-clusters",
+                format!("{leaked} clusters have a refcount but fewer references (leaked space)"),
+            );
+            f.offset = first_leak;
+            self.rep.findings.push(f);
+        }
+        Ok(())
+    }
+}
+
+fn capital(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// Stored refcounts, read one refcount block at a time (the caller walks in order).
 struct Stored<'a> {
     img: &'a Qcow2Image,
     budget: &'a Budget,
@@ -129,524 +699,223 @@ impl Drop for Stored<'_> {
     }
 }
 
-fn alloc<T: Clone>(n: u64, v: T, budget: &Budget, bytes_each: u64, what: &str) -> Result<Vec<T>> {
-    budget.take(n.saturating_mul(bytes_each), what)?;
-    let n = usize::try_from(n).map_err(|_| Error::limit(format!("{what}: too large")))?;
-    let mut out = Vec::new();
-    out.try_reserve_exact(n)
-        .map_err(|_| Error::limit(format!("{what}: cannot allocate")))?;
-    out.resize(n, v);
-    Ok(out)
-}
-
-fn l1_entries(raw: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
+/// (byte offset within the table, entry) for each 8-byte big-endian entry.
+fn entries(raw: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
     raw.chunks_exact(8)
         .enumerate()
         .map(|(i, c)| (i as u64 * 8, table::be64(c, 0)))
 }
 
-/// Runs the structural check.
-///
-/// # Errors
-/// `Io` on read errors; `LimitExceeded` when the metadata does not fit the budget.
-pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
-    let h = &img.header;
-    let src = img.src.as_ref();
-    let budget = limits.budget();
-    let cs = img.geo.cluster_size();
-    let cb = img.geo.cluster_bits;
-    let file_size = img.file_size;
-    // Two clusters of slack: the last compressed cluster's final sector may lie past the
-    // end of the file while its cluster is still refcounted.
-    let nb = file_size.div_ceil(cs).saturating_add(2);
-    let refs = alloc(nb, 0u16, &budget, 2, "refcount check")?;
-    let meta = alloc(nb.div_ceil(64), 0u64, &budget, 8, "refcount check")?;
-    let mut c = Counts {
-        cluster_bits: cb,
-        refs,
-        meta,
-        findings: Vec::new(),
-        per_code: BTreeMap::new(),
-    };
-    let mut skip_leaks = false;
-
-    c.inc(0, cs, 1, true);
-    // Active L1.
-    let l1_len = u64::from(h.l1_size) * 8;
-    c.inc(h.l1_table_offset, l1_len, 1, true);
-    // Refcount table.
-    let rt_len = u64::from(h.refcount_table_clusters) * cs;
-    c.inc(h.refcount_table_offset, rt_len, 1, true);
-    let rt = read_vec(
-        src,
-        h.refcount_table_offset,
-        rt_len,
-        &budget,
-        "refcount table",
-    )?;
-    let mut blocks: Vec<u64> = Vec::new();
-    for (i, e) in l1_entries(&rt) {
-        let off = e & REFT_OFFSET_MASK;
-        blocks.push(0);
-        if off == 0 {
-            continue;
-        }
-        let at = h.refcount_table_offset.saturating_add(i);
-        if off % cs != 0 {
-            c.report(
-                Finding::reject(
-                    "table.misaligned",
-                    format!("refcount block at {off:#x} is not cluster aligned"),
-                )
-                .at(at),
-            );
-            continue;
-        }
-        if off.checked_add(cs).is_none_or(|e| e > file_size) || !c.inc(off, cs, 1, true) {
-            c.report(
-                Finding::reject(
-                    "table.out-of-bounds",
-                    format!("refcount block at {off:#x} lies past the end of the file"),
-                )
-                .at(at),
-            );
-            continue;
-        }
-        if let Some(last) = blocks.last_mut() {
-            *last = off;
-        }
-    }
-
-    let epb = refcount::entries_per_block(h.cluster_bits, h.refcount_order);
-    let mut stored = Stored {
-        img,
-        budget: &budget,
-        blocks: &blocks,
-        epb,
-        cur: None,
-    };
-    // qemu's check_oflag_copied: bit 63 of active L1/L2 entries must say "refcount is 1".
-    let copied_checked = h.incompatible_features & super::header::INCOMPAT_DATA_FILE == 0;
-
-    // Encryption header clusters.
-    if let Some((off, len)) = img.ext.crypto {
-        if !c.inc(off, len, 1, true) {
-            c.report(
-                Finding::reject(
-                    "table.out-of-bounds",
-                    "the encryption header lies past the end of the file",
-                )
-                .at(off),
-            );
-        }
-    }
-    // Persistent bitmaps: the directory, each bitmap table and its data clusters. When they
-    // cannot be walked, their clusters would look leaked, so leaks are not reported.
-    if let Some((nb, dir_size, dir_off)) = img.ext.bitmaps {
-        if let Err(f) = bitmaps(img, limits, &budget, &mut c, nb, dir_size, dir_off)? {
-            c.report(f);
-            skip_leaks = true;
-        }
-    }
-
-    // L1 tables: the active one and every snapshot's.
-    let mut l1s: Vec<(u64, Vec<u8>)> = Vec::new();
-    l1s.push((
-        h.l1_table_offset,
-        read_vec(src, h.l1_table_offset, l1_len, &budget, "L1 table")?,
-    ));
-    if h.nb_snapshots > 0 {
-        snapshots(img, limits, &budget, &mut c, &mut l1s)?;
-    }
-
-    // Pass 1: L2 tables (metadata), counted once per referencing L1 entry.
-    let mut l2s: BTreeMap<u64, u16> = BTreeMap::new();
-    let mut active = BTreeSet::new();
-    for (n, (l1_off, raw)) in l1s.iter().enumerate() {
-        for (i, e) in l1_entries(raw) {
-            let off = e & L1E_OFFSET_MASK;
-            if off == 0 {
-                continue;
-            }
-            let at = l1_off.saturating_add(i);
-            if off % cs != 0 {
-                c.report(
-                    Finding::reject(
-                        "table.misaligned",
-                        format!("L2 table at {off:#x} is not cluster aligned"),
-                    )
-                    .at(at),
-                );
-                continue;
-            }
-            if off.checked_add(cs).is_none_or(|e| e > file_size) {
-                c.report(
-                    Finding::reject(
-                        "table.out-of-bounds",
-                        format!("L2 table at {off:#x} lies past the end of the file"),
-                    )
-                    .at(at),
-                );
-                continue;
-            }
-            if !l2s.contains_key(&off) {
-                budget.take(32, "list of L2 tables")?;
-            }
-            let m = l2s.entry(off).or_insert(0);
-            *m = m.saturating_add(1);
-            c.inc(off, cs, 1, true);
-            if n == 0 {
-                active.insert(off);
-                let rc = stored.get(off >> cb)?;
-                if copied_checked && (rc == 1) != (e & OFLAG_COPIED != 0) {
-                    c.report(
-                        Finding::reject(
-                            "qcow2.copied-flag",
-                            format!(
-                                "L1 entry for L2 table {off:#x} disagrees with its refcount {rc}"
-                            ),
-                        )
-                        .at(at),
-                    );
-                }
-            }
-        }
-    }
-
-    // Pass 2: data clusters, each distinct L2 table read once.
-    // Each distinct L2 table lies in its own cluster of the file, so this reads at most the
-    // file once.
-    for (&l2_off, &times) in &l2s {
-        let raw = read_vec(src, l2_off, cs, &budget, "L2 table")?;
-        budget.give_back(cs);
-        let is_active = active.contains(&l2_off);
-        let step = usize::try_from(img.geo.l2_entry_size()).unwrap_or(8);
-        for (k, e) in raw.chunks_exact(step).enumerate() {
-            let entry = table::be64(e, 0);
-            let bitmap = if img.geo.extended {
-                table::be64(e, 8)
-            } else {
-                0
-            };
-            let at = l2_off.saturating_add((k * step) as u64);
-            let (host, len) = if entry & OFLAG_COMPRESSED != 0 {
-                let (host, stored) = img.geo.compressed(entry);
-                (host, stored)
-            } else {
-                if let Err(err) = table::decode(&img.geo, entry, bitmap) {
-                    c.report(
-                        Finding::reject("qcow2.l2-entry-out-of-bounds", err.message().to_string())
-                            .at(at),
-                    );
-                }
-                (entry & L2E_OFFSET_MASK, cs)
-            };
-            let compressed = entry & OFLAG_COMPRESSED != 0;
-            // With an external data file, standard clusters live in that file and are not
-            // refcounted here (the spec); it is never opened, so there is nothing to check.
-            if host == 0 || (!copied_checked && !compressed) {
-                continue;
-            }
-            if !compressed && host % cs != 0 {
-                c.report(
-                    Finding::reject(
-                        "qcow2.l2-entry-out-of-bounds",
-                        format!("data cluster {host:#x} is not cluster aligned"),
-                    )
-                    .at(at),
-                );
-                continue;
-            }
-            if host >= file_size {
-                c.report(
-                    Finding::reject(
-                        "qcow2.l2-entry-out-of-bounds",
-                        format!(
-                            "{} cluster at {host:#x} lies past the end of the file",
-                            if compressed { "compressed" } else { "data" }
-                        ),
-                    )
-                    .at(at),
-                );
-                continue;
-            }
-            if is_active && copied_checked && !compressed {
-                let rc = stored.get(host >> cb)?;
-                if (rc == 1) != (entry & OFLAG_COPIED != 0) {
-                    c.report(
-                        Finding::reject(
-                            "qcow2.copied-flag",
-                            format!("L2 entry for data cluster {host:#x} disagrees with its refcount {rc}"),
-                        )
-                        .at(at),
-                    );
-                }
-            }
-            let last = host.saturating_add(len.max(1) - 1);
-            if c.is_meta(host) || c.is_meta(last) {
-                c.report(
-                    Finding::reject(
-                        "qcow2.entry-into-metadata",
-                        format!("guest data at {host:#x} overlaps image metadata"),
-                    )
-                    .at(at),
-                );
-            }
-            // Compressed streams count every cluster up to the end of their last sector.
-            let len = if compressed { len } else { cs };
-            if !c.inc(host, len, times, false) {
-                c.report(
-                    Finding::reject(
-                        "qcow2.l2-entry-out-of-bounds",
-                        format!("cluster at {host:#x} lies past the end of the file"),
-                    )
-                    .at(at),
-                );
-            }
-        }
-    }
-
-    compare(img, &mut stored, &mut c, skip_leaks)?;
-
-    for (code, n) in &c.per_code {
-        if *n > PER_CODE as u64 {
-            let sev = c
-                .findings
-                .iter()
-                .find(|f| f.code == *code)
-                .map(|f| f.severity);
-            let msg = format!("{} more like this ({n} in all)", n - PER_CODE as u64);
-            let f = match sev {
-                Some(crate::finding::Severity::Warn) => Finding::warn(code, msg),
-                _ => Finding::reject(code, msg),
-            };
-            c.findings.push(f);
-        }
-    }
-    Ok(c.findings)
+fn be32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at.saturating_add(4))
+        .and_then(|s| <[u8; 4]>::try_from(s).ok())
+        .map(u32::from_be_bytes)
+        .unwrap_or(0)
 }
 
-/// Compares stored refcounts with the counted references.
-fn compare(
-    img: &Qcow2Image,
-    stored: &mut Stored<'_>,
-    c: &mut Counts,
-    skip_leaks: bool,
-) -> Result<()> {
-    let h = &img.header;
-    let n = c.refs.len() as u64;
-    let mut leaked = 0u64;
-    let mut first_leak = None;
-    for cluster in 0..n {
-        let stored = stored.get(cluster)?;
-        let counted = c
-            .refs
-            .get(usize::try_from(cluster).unwrap_or(usize::MAX))
-            .copied()
-            .unwrap_or(0);
-        if counted == u16::MAX && stored >= u64::from(counted) {
-            continue;
-        }
-        let offset = cluster << h.cluster_bits;
-        if stored < u64::from(counted) {
-            c.report(
-                Finding::reject(
-                    "refcount.mismatch",
-                    format!("cluster {offset:#x} has refcount {stored} but {counted} references"),
-                )
-                .at(offset),
-            );
-        } else if stored > u64::from(counted) && !skip_leaks {
-            leaked += 1;
-            first_leak.get_or_insert(offset);
-        }
-    }
-    if leaked > 0 {
-        let mut f = Finding::warn(
-            "qcow2.leaked-clusters",
-            format!("{leaked} clusters have a refcount but fewer references (leaked space)"),
-        );
-        f.offset = first_leak;
-        c.findings.push(f);
-    }
-    Ok(())
+fn be16(b: &[u8], at: usize) -> u16 {
+    b.get(at..at.saturating_add(2))
+        .and_then(|s| <[u8; 2]>::try_from(s).ok())
+        .map(u16::from_be_bytes)
+        .unwrap_or(0)
 }
 
-/// Walks the snapshot table: counts its clusters and each snapshot's L1 table, and queues
-/// those L1 tables for the L2 walk.
-fn snapshots(
-    img: &Qcow2Image,
-    limits: &Limits,
-    budget: &Budget,
-    c: &mut Counts,
-    l1s: &mut Vec<(u64, Vec<u8>)>,
-) -> Result<()> {
-    let h = &img.header;
-    let src = img.src.as_ref();
-    let cs = img.geo.cluster_size();
-    let mut off = h.snapshots_offset;
-    let bad = |msg: String, at: u64| Finding::reject("qcow2.snapshot-table", msg).at(at);
-    for i in 0..h.nb_snapshots.min(MAX_SNAPSHOTS) {
-        // Entries start 8-byte aligned; the table ends right after the last one (qemu).
-        off = off.saturating_add(7) & !7;
-        let Ok(fixed) = read_vec(src, off, 40, budget, "snapshot entry") else {
-            c.report(bad(
-                format!("snapshot {i} lies past the end of the file"),
-                off,
-            ));
-            return Ok(());
-        };
-        budget.give_back(40);
-        let l1_off = table::be64(&fixed, 0);
-        let be32 = |at: usize| {
-            fixed
-                .get(at..at + 4)
-                .and_then(|s| <[u8; 4]>::try_from(s).ok())
-                .map(u32::from_be_bytes)
-                .unwrap_or(0)
-        };
-        let be16 = |at: usize| {
-            fixed
-                .get(at..at + 2)
-                .and_then(|s| <[u8; 2]>::try_from(s).ok())
-                .map(u16::from_be_bytes)
-                .unwrap_or(0)
-        };
-        let l1_size = be32(8);
-        let (id_len, name_len) = (be16(12), be16(14));
-        let extra = be32(36);
-        if extra > MAX_SNAPSHOT_EXTRA {
-            c.report(bad(
-                format!("snapshot {i} has {extra} bytes of extra data (qemu allows 1024)"),
-                off,
-            ));
-            return Ok(());
-        }
-        let len = 40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len);
-        let entry_at = off;
-        off = off.saturating_add(len);
-        if off > img.file_size {
-            c.report(bad(
-                format!("snapshot {i} lies past the end of the file"),
-                entry_at,
-            ));
-            return Ok(());
-        }
-        let spec = TableSpec {
-            name: "snapshot L1 table",
-            offset: l1_off,
-            entries: u64::from(l1_size),
-            entry_size: 8,
-            align: cs,
-        };
-        match check_table(spec, img.file_size, limits) {
-            Ok(bytes) if u64::from(l1_size) * 8 <= header::MAX_L1_BYTES => {
-                c.inc(l1_off, bytes, 1, true);
-                l1s.push((
-                    l1_off,
-                    read_vec(src, l1_off, bytes, budget, "snapshot L1 table")?,
+/// Distinct snapshot L1 tables: (offset, bytes) -> snapshots naming it.
+type SnapL1s = BTreeMap<(u64, u64), u16>;
+
+impl Walk<'_> {
+    /// Walks the snapshot table: records it and each snapshot's L1 table, and returns the
+    /// distinct L1 tables for the L2 walk.
+    fn snapshots(&mut self) -> Result<SnapL1s> {
+        let img = self.img;
+        let h = &img.header;
+        let cs = img.geo.cluster_size();
+        let mut l1s = SnapL1s::new();
+        let mut off = h.snapshots_offset;
+        let bad = |msg: String, at: u64| Finding::reject("qcow2.snapshot-table", msg).at(at);
+        for i in 0..h.nb_snapshots.min(MAX_SNAPSHOTS) {
+            // Entries start 8-byte aligned; the table ends right after the last one (qemu).
+            off = off.saturating_add(7) & !7;
+            let Ok(fixed) = read_vec(img.src.as_ref(), off, 40, self.budget, "snapshot entry")
+            else {
+                self.rep.add(bad(
+                    format!("snapshot {i} lies past the end of the file"),
+                    off,
+                ));
+                return Ok(l1s);
+            };
+            self.budget.give_back(40);
+            let l1_off = table::be64(&fixed, 0);
+            let l1_size = be32(&fixed, 8);
+            let (id_len, name_len) = (be16(&fixed, 12), be16(&fixed, 14));
+            let extra = be32(&fixed, 36);
+            if extra > MAX_SNAPSHOT_EXTRA {
+                self.rep.add(bad(
+                    format!("snapshot {i} has {extra} bytes of extra data (qemu allows 1024)"),
+                    off,
+                ));
+                return Ok(l1s);
+            }
+            if h.version >= 3 && extra < MIN_V3_SNAPSHOT_EXTRA {
+                self.rep.add(bad(
+                    format!("snapshot table entry {i} is incomplete: {extra} bytes of extra data, version 3 needs 16"),
+                    off,
                 ));
             }
-            Ok(_) => c.report(bad(
-                format!("snapshot {i}'s L1 table is larger than 32 MiB"),
-                entry_at,
-            )),
-            Err(e) => c.report(bad(format!("snapshot {i}: {}", e.message()), entry_at)),
-        }
-    }
-    let total = off.saturating_sub(h.snapshots_offset);
-    if !c.inc(h.snapshots_offset, total, 1, true) {
-        c.report(bad(
-            "the snapshot table lies past the end of the file".into(),
-            h.snapshots_offset,
-        ));
-    }
-    Ok(())
-}
-
-/// Counts the bitmap directory, tables and data clusters, as qemu's
-/// `qcow2_check_bitmaps_refcounts` does. `Ok(Err(finding))` when they are malformed.
-fn bitmaps(
-    img: &Qcow2Image,
-    limits: &Limits,
-    budget: &Budget,
-    c: &mut Counts,
-    nb: u32,
-    dir_size: u64,
-    dir_off: u64,
-) -> Result<Result<(), Finding>> {
-    let cs = img.geo.cluster_size();
-    let src = img.src.as_ref();
-    let bad = |msg: String, at: u64| Finding::reject("qcow2.bitmaps", msg).at(at);
-    let spec = TableSpec {
-        name: "bitmap directory",
-        offset: dir_off,
-        entries: dir_size,
-        entry_size: 1,
-        align: cs,
-    };
-    if let Err(e) = check_table(
-        spec,
-        img.file_size,
-        &Limits {
-            max_table_entries: u64::MAX,
-            ..*limits
-        },
-    ) {
-        return Ok(Err(bad(e.message().to_string(), dir_off)));
-    }
-    let dir = read_vec(src, dir_off, dir_size, budget, "bitmap directory")?;
-    c.inc(dir_off, dir_size, 1, true);
-    let mut pos = 0usize;
-    for i in 0..nb {
-        let at = dir_off.saturating_add(pos as u64);
-        let Some(e) = dir.get(pos..pos.saturating_add(24)) else {
-            return Ok(Err(bad(
-                format!("bitmap {i} lies past the directory's end"),
-                at,
-            )));
-        };
-        let table_off = table::be64(e, 0);
-        let be32 = |k: usize| {
-            e.get(k..k + 4)
-                .and_then(|s| <[u8; 4]>::try_from(s).ok())
-                .map(u32::from_be_bytes)
-        };
-        let table_size = be32(8).unwrap_or(0);
-        let name_size = e
-            .get(18..20)
-            .and_then(|s| <[u8; 2]>::try_from(s).ok())
-            .map(u16::from_be_bytes)
-            .unwrap_or(0);
-        let extra = be32(20).unwrap_or(0);
-        let len = 24usize
-            .saturating_add(usize::try_from(extra).unwrap_or(usize::MAX))
-            .saturating_add(usize::from(name_size));
-        pos = pos.saturating_add(len.div_ceil(8).saturating_mul(8));
-        let spec = TableSpec {
-            name: "bitmap table",
-            offset: table_off,
-            entries: u64::from(table_size),
-            entry_size: 8,
-            align: cs,
-        };
-        let bytes = match check_table(spec, img.file_size, limits) {
-            Ok(b) => b,
-            Err(err) => return Ok(Err(bad(format!("bitmap {i}: {}", err.message()), at))),
-        };
-        let raw = read_vec(src, table_off, bytes, budget, "bitmap table")?;
-        c.inc(table_off, bytes, 1, true);
-        for (k, v) in l1_entries(&raw) {
-            let off = v & L1E_OFFSET_MASK;
-            if off != 0 && (off % cs != 0 || !c.inc(off, cs, 1, true)) {
-                return Ok(Err(bad(
-                    format!("bitmap {i}: data cluster {off:#x} is invalid"),
-                    table_off.saturating_add(k),
-                )));
+            let len = 40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len);
+            let entry_at = off;
+            off = off.saturating_add(len);
+            if off > img.file_size {
+                self.rep.add(bad(
+                    format!("snapshot {i} lies past the end of the file"),
+                    entry_at,
+                ));
+                return Ok(l1s);
+            }
+            let spec = TableSpec {
+                name: "snapshot L1 table",
+                offset: l1_off,
+                entries: u64::from(l1_size),
+                entry_size: 8,
+                align: cs,
+            };
+            match check_table(spec, img.file_size, self.limits) {
+                Ok(bytes) if u64::from(l1_size) * 8 <= header::MAX_L1_BYTES => {
+                    let n = l1s.entry((l1_off, bytes)).or_insert(0);
+                    if *n == 0 {
+                        self.meta(Kind::SnapL1, l1_off, bytes, 1)?;
+                    } else {
+                        self.counts.inc(l1_off, bytes, 1)?;
+                    }
+                    *n = n.saturating_add(1);
+                }
+                Ok(_) => self.rep.add(bad(
+                    format!("snapshot {i}'s L1 table is larger than 32 MiB"),
+                    entry_at,
+                )),
+                Err(e) => self
+                    .rep
+                    .add(bad(format!("snapshot {i}: {}", e.message()), entry_at)),
             }
         }
-        budget.give_back(bytes);
+        let total = off.saturating_sub(h.snapshots_offset);
+        if !self.meta(Kind::SnapTable, h.snapshots_offset, total, 1)? {
+            self.rep.add(bad(
+                "the snapshot table lies past the end of the file".into(),
+                h.snapshots_offset,
+            ));
+        }
+        Ok(l1s)
     }
-    budget.give_back(dir_size);
-    Ok(Ok(()))
+
+    /// Walks each distinct snapshot L1 table once, counting its L2 tables once per
+    /// snapshot naming it. Distinct tables that together exceed the file overlap, which
+    /// [`Walk::overlaps`] reports; the walk stops there, so the work stays within the file.
+    fn snapshot_l1s(&mut self, l1s: SnapL1s) -> Result<()> {
+        let mut walked = 0u64;
+        for ((off, bytes), times) in l1s {
+            walked = walked.saturating_add(bytes);
+            if walked > self.img.file_size {
+                self.skip_leaks = true;
+                break;
+            }
+            let raw = read_vec(
+                self.img.src.as_ref(),
+                off,
+                bytes,
+                self.budget,
+                "snapshot L1 table",
+            )?;
+            self.walk_l1(off, entries(&raw).map(|(_, e)| e), times, false)?;
+            drop(raw);
+            self.budget.give_back(bytes);
+        }
+        Ok(())
+    }
+
+    /// Records the bitmap directory, tables and data clusters, as qemu's
+    /// `qcow2_check_bitmaps_refcounts` counts them. `Ok(Err(finding))` when malformed.
+    fn bitmaps(&mut self, nb: u32, dir_size: u64, dir_off: u64) -> Result<Result<(), Finding>> {
+        let img = self.img;
+        let cs = img.geo.cluster_size();
+        let bad = |msg: String, at: u64| Finding::reject("qcow2.bitmaps", msg).at(at);
+        if dir_size > header::MAX_BITMAP_DIRECTORY_BYTES {
+            return Ok(Err(Finding::reject(
+                "table.too-large",
+                format!("bitmap directory of {dir_size} bytes exceeds qemu's limit"),
+            )
+            .at(dir_off)));
+        }
+        let spec = TableSpec {
+            name: "bitmap directory",
+            offset: dir_off,
+            entries: dir_size,
+            entry_size: 1,
+            align: cs,
+        };
+        let unlimited = Limits {
+            max_table_entries: u64::MAX,
+            ..*self.limits
+        };
+        if let Err(e) = check_table(spec, img.file_size, &unlimited) {
+            return Ok(Err(bad(e.message().to_string(), dir_off)));
+        }
+        let dir = read_vec(
+            img.src.as_ref(),
+            dir_off,
+            dir_size,
+            self.budget,
+            "bitmap directory",
+        )?;
+        self.meta(Kind::BitmapDir, dir_off, dir_size, 1)?;
+        let mut pos = 0usize;
+        for i in 0..nb {
+            let at = dir_off.saturating_add(pos as u64);
+            let Some(e) = dir.get(pos..pos.saturating_add(24)) else {
+                return Ok(Err(bad(
+                    format!("bitmap {i} lies past the directory's end"),
+                    at,
+                )));
+            };
+            let table_off = table::be64(e, 0);
+            let table_size = be32(e, 8);
+            let name_size = be16(e, 18);
+            let extra = be32(e, 20);
+            let len = 24usize
+                .saturating_add(usize::try_from(extra).unwrap_or(usize::MAX))
+                .saturating_add(usize::from(name_size));
+            pos = pos.saturating_add(len.div_ceil(8).saturating_mul(8));
+            let spec = TableSpec {
+                name: "bitmap table",
+                offset: table_off,
+                entries: u64::from(table_size),
+                entry_size: 8,
+                align: cs,
+            };
+            let bytes = match check_table(spec, img.file_size, self.limits) {
+                Ok(b) => b,
+                Err(err) => return Ok(Err(bad(format!("bitmap {i}: {}", err.message()), at))),
+            };
+            let raw = read_vec(
+                img.src.as_ref(),
+                table_off,
+                bytes,
+                self.budget,
+                "bitmap table",
+            )?;
+            self.meta(Kind::BitmapTable, table_off, bytes, 1)?;
+            for (k, v) in entries(&raw) {
+                let off = v & L1E_OFFSET_MASK;
+                if off != 0 && (off % cs != 0 || !self.meta(Kind::BitmapData, off, cs, 1)?) {
+                    return Ok(Err(bad(
+                        format!("bitmap {i}: data cluster {off:#x} is invalid"),
+                        table_off.saturating_add(k),
+                    )));
+                }
+            }
+            self.budget.give_back(bytes);
+        }
+        self.budget.give_back(dir_size);
+        Ok(Ok(()))
+    }
 }

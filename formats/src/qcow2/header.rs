@@ -26,6 +26,10 @@ pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// QEMU's `QCOW_MAX_SNAPSHOTS`.
 pub const MAX_SNAPSHOTS: u32 = 65536;
+/// QEMU's `QCOW2_MAX_BITMAPS`.
+pub const MAX_BITMAPS: u32 = 65535;
+/// QEMU's `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`: 1 KiB per bitmap at most.
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
 /// The spec: backing file names are at most 1023 bytes.
 pub const MAX_BACKING_NAME: u32 = 1023;
 

@@ -10,6 +10,7 @@
 //! table goes through [`check_table`] against the file size and QEMU's own caps.
 
 pub mod check;
+pub mod counts;
 pub mod header;
 pub mod qed;
 pub mod refcount;
@@ -96,6 +97,18 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
         ext_end = ext_end.min(h.backing_file_offset);
     }
     let ext = header::parse_extensions(&first, u64::from(h.header_length), ext_end)?;
+    if let Some((nb, dir_size, dir_off)) = ext.bitmaps {
+        // qemu refuses to open such an image (qcow2_read_extensions).
+        if nb > header::MAX_BITMAPS || dir_size > header::MAX_BITMAP_DIRECTORY_BYTES {
+            return Err(Error::limit(format!(
+                "bitmap directory of {nb} bitmaps and {dir_size} bytes exceeds qemu's limits ({} bitmaps, {} bytes)",
+                header::MAX_BITMAPS,
+                header::MAX_BITMAP_DIRECTORY_BYTES
+            ))
+            .at(dir_off)
+            .code("table.too-large"));
+        }
+    }
 
     if let Some(name) = backing {
         let format = ext.backing_format.as_ref().map(|(f, _)| f.clone());

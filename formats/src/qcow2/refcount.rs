@@ -6,6 +6,8 @@
 
 /// Refcount table entry bits 9-63: offset of the refcount block (bits 0-8 reserved).
 pub const REFT_OFFSET_MASK: u64 = !0x1ff;
+/// Refcount table entry bits 0-8, which must be zero (qemu's `REFT_RESERVED_MASK`).
+pub const REFT_RESERVED_MASK: u64 = 0x1ff;
 
 /// Entries per refcount block.
 pub fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {

@@ -8,6 +8,11 @@ use crate::limits::Budget;
 
 /// L1 entry bits 9-55: offset of the L2 table (cluster aligned).
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L1 entry bits that must be zero (qemu's `L1E_RESERVED_MASK`: bits 0-8 and 56-62).
+pub const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+/// Standard L2 descriptor bits that must be zero (qemu's `L2E_STD_RESERVED_MASK`: bits 1-8
+/// and 56-61).
+pub const L2E_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// L2 standard descriptor bits 9-55: host cluster offset.
 pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bit 63: refcount is exactly one (L1 and standard L2 entries).

@@ -1,0 +1,169 @@
+//! Reference counts per host cluster, kept in pages allocated on first touch.
+//!
+//! A sparse file (a 2 TiB apparent size, or 512-byte clusters over 100 GiB) holds few
+//! referenced clusters: only the pages that a reference touches are allocated, so memory
+//! follows the metadata, not the file's apparent size. Each cluster is one `u16`: a 14-bit
+//! saturating count and two flags recording what the active tables' COPIED bits claim,
+//! checked against the stored refcount in one sequential pass (no random refcount reads).
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::limits::Budget;
+
+/// Clusters per page (log2).
+const PAGE_BITS: u32 = 12;
+const PAGE: usize = 1 << PAGE_BITS;
+/// Bytes of one page, charged to the budget.
+const PAGE_BYTES: u64 = (PAGE * 2) as u64;
+/// Counting stops growing here (a larger stored refcount then matches).
+pub const COUNT_MAX: u16 = 0x3fff;
+/// An active L1/L2 entry names this cluster with COPIED set (it claims refcount 1).
+pub const F_COPIED: u16 = 1 << 15;
+/// An active L1/L2 entry names this cluster with COPIED clear (it claims refcount != 1).
+pub const F_SHARED: u16 = 1 << 14;
+/// The most page memory one check may hold: 128 MiB counts 64 Mi clusters (4 TiB of 64 KiB
+/// clusters), far above any real image's allocated clusters.
+const MAX_PAGE_BYTES: u64 = 128 << 20;
+
+/// Paged per-cluster counters over `clusters` host clusters.
+pub struct Counts<'a> {
+    cluster_bits: u32,
+    clusters: u64,
+    pages: BTreeMap<u64, Box<[u16]>>,
+    budget: &'a Budget,
+    held: u64,
+}
+
+impl<'a> Counts<'a> {
+    /// Counters for `clusters` host clusters of `1 << cluster_bits` bytes.
+    pub fn new(cluster_bits: u32, clusters: u64, budget: &'a Budget) -> Self {
+        Counts {
+            cluster_bits,
+            clusters,
+            pages: BTreeMap::new(),
+            budget,
+            held: 0,
+        }
+    }
+
+    /// Host clusters covered.
+    pub fn clusters(&self) -> u64 {
+        self.clusters
+    }
+
+    fn page_mut(&mut self, cluster: u64) -> Result<Option<&mut u16>> {
+        if cluster >= self.clusters {
+            return Ok(None);
+        }
+        let p = cluster >> PAGE_BITS;
+        if !self.pages.contains_key(&p) {
+            if self.held.saturating_add(PAGE_BYTES) > MAX_PAGE_BYTES {
+                return Err(Error::limit(format!(
+                    "refcount check: the referenced clusters need more than {} MiB of counters",
+                    MAX_PAGE_BYTES >> 20
+                ))
+                .code("table.too-large"));
+            }
+            self.budget.take(PAGE_BYTES, "refcount check")?;
+            self.held += PAGE_BYTES;
+            let mut v = Vec::new();
+            v.try_reserve_exact(PAGE)
+                .map_err(|_| Error::limit("refcount check: cannot allocate"))?;
+            v.resize(PAGE, 0u16);
+            self.pages.insert(p, v.into_boxed_slice());
+        }
+        let i = usize::try_from(cluster & (PAGE as u64 - 1)).unwrap_or(0);
+        Ok(self.pages.get_mut(&p).and_then(|pg| pg.get_mut(i)))
+    }
+
+    /// Adds `times` references to every cluster overlapping `[start, start+len)`. `Ok(false)`
+    /// when part of the range lies past the counted clusters (nothing is counted then).
+    ///
+    /// # Errors
+    /// `LimitExceeded` when the pages would pass their cap or the budget.
+    pub fn inc(&mut self, start: u64, len: u64, times: u16) -> Result<bool> {
+        if len == 0 {
+            return Ok(true);
+        }
+        let Some(last) = start.checked_add(len - 1) else {
+            return Ok(false);
+        };
+        let (a, b) = (start >> self.cluster_bits, last >> self.cluster_bits);
+        if b >= self.clusters {
+            return Ok(false);
+        }
+        for c in a..=b {
+            if let Some(v) = self.page_mut(c)? {
+                let n = (*v & COUNT_MAX).saturating_add(times).min(COUNT_MAX);
+                *v = (*v & !COUNT_MAX) | n;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Records what an active entry's COPIED bit claims about `cluster`.
+    ///
+    /// # Errors
+    /// As [`Counts::inc`].
+    pub fn flag(&mut self, cluster: u64, copied: bool) -> Result<()> {
+        if let Some(v) = self.page_mut(cluster)? {
+            *v |= if copied { F_COPIED } else { F_SHARED };
+        }
+        Ok(())
+    }
+
+    /// The counter word of `cluster` (0 when its page was never touched).
+    pub fn get(&self, cluster: u64) -> u16 {
+        let i = usize::try_from(cluster & (PAGE as u64 - 1)).unwrap_or(0);
+        self.pages
+            .get(&(cluster >> PAGE_BITS))
+            .and_then(|p| p.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// True when `cluster`'s page exists.
+    pub fn touched(&self, cluster: u64) -> bool {
+        self.pages.contains_key(&(cluster >> PAGE_BITS))
+    }
+
+    /// The first cluster of the next touched page after `cluster`'s page (or `clusters`).
+    pub fn next_touched(&self, cluster: u64) -> u64 {
+        let p = (cluster >> PAGE_BITS).saturating_add(1);
+        self.pages
+            .range(p..)
+            .next()
+            .map_or(self.clusters, |(k, _)| k << PAGE_BITS)
+    }
+}
+
+impl Drop for Counts<'_> {
+    fn drop(&mut self) {
+        self.budget.give_back(self.held);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_made_on_touch_and_counts_saturate() {
+        let b = Budget::new(1 << 20);
+        let mut c = Counts::new(9, 1 << 30, &b);
+        assert!(c.inc(512 * 5000, 1024, 3).unwrap());
+        assert_eq!(c.get(5000) & COUNT_MAX, 3);
+        assert_eq!(c.get(5001) & COUNT_MAX, 3);
+        assert!(!c.touched(0));
+        assert_eq!(c.next_touched(0), 4096);
+        c.flag(5000, true).unwrap();
+        assert_eq!(c.get(5000) & F_COPIED, F_COPIED);
+        c.inc(0, 1, u16::MAX).unwrap();
+        assert_eq!(c.get(0) & COUNT_MAX, COUNT_MAX);
+        assert!(!c.inc(512 << 30, 1, 1).unwrap());
+        assert_eq!(b.left(), (1 << 20) - 2 * PAGE_BYTES);
+        drop(c);
+        assert_eq!(b.left(), 1 << 20);
+    }
+}
