@@ -256,3 +256,6 @@ add convert_roundtrip c/*
 for t in "${targets[@]}"; do
     printf '%-18s %4d seeds\n' "$t" "$(find "$out/$t" -type f | wc -l)"
 done
+
+# ---- ova: the committed hostile archives (reader differentials, GNU sparse, gzip members) ---
+for t in ova check; do add "$t" "$here"/../fixtures/hostile/ova/*.ova; done
