@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use glimpse_formats::policy::{inspect, Policy, Verdict};
-use glimpse_formats::{Format, Limits, Severity};
+use glimpse_formats::policy::{inspect, Policy, Report, Verdict};
+use glimpse_formats::{ova, Finding, Format, Limits, Severity, Source};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
@@ -92,16 +92,69 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     Ok(code)
 }
 
+/// An OVA checked without `--disk`: a gate checks every disk, not only the first. Each other
+/// disk with a file is inspected under the same policy; its findings not already reported are
+/// added to the report (so any rejecting disk rejects the appliance), and the per-disk verdicts
+/// and findings are returned for the JSON `disks` array.
+fn every_disk(
+    src: &Source,
+    mut report: Report,
+    policy: &Policy,
+    limits: &Limits,
+) -> (Report, Option<Value>) {
+    if report.format() != Format::Ova || policy.disk.is_some() {
+        return (report, None);
+    }
+    let Ok(appliance) = ova::read_ova(src.clone(), limits) else {
+        return (report, None);
+    };
+    let first = appliance.default_disk();
+    let mut disks = Vec::new();
+    for d in appliance.disks.iter().filter(|d| d.href.is_some()) {
+        let mut entry = json!({ "disk": d.index, "href": d.href });
+        let findings = if Some(d.index) == first {
+            report.findings.clone()
+        } else {
+            let p = Policy {
+                disk: Some(d.index),
+                ..policy.clone()
+            };
+            match inspect(src.clone(), &p, limits) {
+                Ok(r) => r.findings,
+                Err(e) => vec![Finding::from_error(&e)],
+            }
+        };
+        let reject = findings.iter().any(|f| f.severity == Severity::Reject);
+        entry["verdict"] = json!(if reject {
+            Verdict::Reject
+        } else {
+            Verdict::Pass
+        });
+        entry["findings"] = serde_json::to_value(&findings).unwrap_or(Value::Null);
+        for f in findings {
+            if !report.findings.contains(&f) {
+                report.findings.push(f);
+            }
+        }
+        disks.push(entry);
+    }
+    report
+        .findings
+        .sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
+    (report, Some(Value::Array(disks)))
+}
+
 fn check_one(path: &std::path::Path, policy: &Policy, limits: &Limits) -> Outcome {
     let fname = name(path);
     let src = match open_source(path) {
         Ok(s) => s,
         Err(e) => return Outcome::Failed(format!("{e:#}")),
     };
-    let report = match inspect(src, policy, limits) {
+    let report = match inspect(src.clone(), policy, limits) {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(format!("{fname}: {e}")),
     };
+    let (report, disks) = every_disk(&src, report, policy, limits);
     let verdict = report.verdict();
     let mut obj = match report.info() {
         Some(info) => info_json(&fname, info),
@@ -119,6 +172,9 @@ fn check_one(path: &std::path::Path, policy: &Policy, limits: &Limits) -> Outcom
         "findings".into(),
         serde_json::to_value(&report.findings).unwrap_or(Value::Null),
     );
+    if let Some(d) = disks {
+        obj.insert("disks".into(), d);
+    }
 
     let mut rows = match report.info() {
         Some(info) => info_rows(&fname, info),
