@@ -523,6 +523,14 @@ fn check_checks_every_disk_unless_one_is_chosen() {
     let out = glimpse(&["check", s(&ova)]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("qcow2.backing-file"));
+    // The policy applies to every disk: allowing backing files passes the appliance.
+    let out = glimpse(&["check", "--allow-backing-file", s(&ova)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // `--disk N` checks that disk only.
     let out = glimpse(&["check", "--disk", "0", "--output", "json", s(&ova)]);
     assert_eq!(out.status.code(), Some(0), "{}", json_of(&out));

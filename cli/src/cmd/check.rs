@@ -26,7 +26,8 @@ pub struct Args {
     /// Accept a qcow2 backing file (it is still never opened).
     #[arg(long)]
     allow_backing_file: bool,
-    /// With an OVA holding several disks: the disk to check (0-based).
+    /// With an OVA holding several disks: check only this disk (0-based). By default every
+    /// disk is checked.
     #[arg(long, value_name = "N")]
     disk: Option<usize>,
     /// Output format.
@@ -92,10 +93,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     Ok(code)
 }
 
-/// An OVA checked without `--disk`: a gate checks every disk, not only the first. Each other
-/// disk with a file is inspected under the same policy; its findings not already reported are
-/// added to the report (so any rejecting disk rejects the appliance), and the per-disk verdicts
-/// and findings are returned for the JSON `disks` array.
+/// An OVA checked without `--disk`: a gate checks every disk, not only the first. The other
+/// disks with a file are inspected under the same policy ([`ova::Ova::inspect_disks`]); their
+/// findings join the report (so any rejecting disk rejects the appliance), and the per-disk
+/// verdicts and findings are returned for the JSON `disks` array.
 fn every_disk(
     src: &Source,
     mut report: Report,
@@ -109,34 +110,27 @@ fn every_disk(
         return (report, None);
     };
     let first = appliance.default_disk();
+    let mut per_disk = match appliance.inspect_disks(policy, limits, first) {
+        Ok(v) => v,
+        Err(e) => vec![(usize::MAX, vec![Finding::from_error(&e)])],
+    };
+    if let Some(i) = first {
+        per_disk.insert(0, (i, report.findings.clone()));
+    }
     let mut disks = Vec::new();
-    for d in appliance.disks.iter().filter(|d| d.href.is_some()) {
-        let mut entry = json!({ "disk": d.index, "href": d.href });
-        let findings = if Some(d.index) == first {
-            report.findings.clone()
-        } else {
-            let p = Policy {
-                disk: Some(d.index),
-                ..policy.clone()
-            };
-            match inspect(src.clone(), &p, limits) {
-                Ok(r) => r.findings,
-                Err(e) => vec![Finding::from_error(&e)],
-            }
-        };
+    for (i, findings) in per_disk {
         let reject = findings.iter().any(|f| f.severity == Severity::Reject);
-        entry["verdict"] = json!(if reject {
-            Verdict::Reject
-        } else {
-            Verdict::Pass
-        });
-        entry["findings"] = serde_json::to_value(&findings).unwrap_or(Value::Null);
+        disks.push(json!({
+            "disk": i,
+            "href": appliance.disks.get(i).and_then(|d| d.href.clone()),
+            "verdict": if reject { Verdict::Reject } else { Verdict::Pass },
+            "findings": findings,
+        }));
         for f in findings {
             if !report.findings.contains(&f) {
                 report.findings.push(f);
             }
         }
-        disks.push(entry);
     }
     report
         .findings

@@ -842,6 +842,53 @@ impl Ova {
         })
     }
 
+    /// Applies the gate's `policy` to every disk backed by a file except `skip` (the disk a
+    /// caller already inspected through [`crate::policy::inspect`]), for a gate that checks
+    /// every disk. Each disk gets its disk-level findings (declared format, capacity) and what
+    /// [`crate::policy::inspect`] reports for its own bytes (findings, structural check, size
+    /// limit, backing-file allowance), prefixed with the disk. The archive is read once:
+    /// archive-level findings and manifest digests are not repeated, and one budget bounds
+    /// the inflated bytes of all gzip disks.
+    ///
+    /// # Errors
+    /// Only `Io` errors; every other problem is a finding.
+    pub fn inspect_disks(
+        &self,
+        policy: &crate::policy::Policy,
+        limits: &Limits,
+        skip: Option<usize>,
+    ) -> Result<Vec<(usize, Vec<Finding>)>> {
+        let budget = inflate_budget(limits);
+        let own = crate::policy::Policy {
+            disk: None,
+            expect_format: None,
+            ..policy.clone()
+        };
+        let mut out = Vec::new();
+        for d in self.disks.iter().filter(|d| d.href.is_some()) {
+            if Some(d.index) == skip {
+                continue;
+            }
+            let findings = match self.open_one(d.index, limits, &budget) {
+                Ok(o) => {
+                    let src = o.image.source().clone();
+                    let mut f: Vec<Finding> = o
+                        .findings
+                        .into_iter()
+                        .filter(|f| f.code != "format.ambiguous")
+                        .collect();
+                    let r = crate::policy::inspect(src, &own, limits)?;
+                    f.extend(r.findings.into_iter().map(|x| about_disk(x, d)));
+                    f
+                }
+                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+                Err(e) => vec![about_disk(Finding::from_error(&e), d)],
+            };
+            out.push((d.index, findings));
+        }
+        Ok(out)
+    }
+
     /// Verifies every manifest digest by reading each listed member in full.
     ///
     /// # Errors
