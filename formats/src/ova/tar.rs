@@ -582,6 +582,53 @@ mod tests {
         assert_eq!(e.finding_code(), "ova.tar-malformed");
     }
 
+    /// An old GNU sparse header followed by `ext` extension blocks, then 512 data bytes.
+    fn old_sparse(ext: usize) -> Vec<u8> {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(EntryType::GNUSparse);
+        h.set_size(512);
+        h.set_mode(0o644);
+        h.as_mut_bytes()[..8].copy_from_slice(b"disk.img");
+        h.as_mut_bytes()[482] = u8::from(ext > 0);
+        h.set_cksum();
+        let mut v = h.as_bytes().to_vec();
+        for i in 0..ext {
+            let mut b = [0u8; 512];
+            b[504] = u8::from(i + 1 < ext);
+            v.extend_from_slice(&b);
+        }
+        v.extend_from_slice(&[7u8; 512]);
+        v.extend_from_slice(&[0u8; 1024]);
+        v
+    }
+
+    #[test]
+    fn old_gnu_sparse_extension_blocks_are_skipped_and_bounded() {
+        for ext in [0, 1, 20] {
+            let a = old_sparse(ext);
+            let m = walk(&a, &Budget::new(1 << 20), WalkOptions::default()).unwrap();
+            assert_eq!(m.len(), 1);
+            assert_eq!(m[0].kind, MemberKind::Sparse);
+            assert_eq!(m[0].offset, 512 * (1 + ext as u64), "{ext}");
+            assert!(m[0].sparse.is_some());
+        }
+        let opts = WalkOptions {
+            max_members: 10,
+            max_headers: 10,
+            strict: true,
+        };
+        let e = walk(&old_sparse(20), &Budget::new(1 << 20), opts).unwrap_err();
+        assert_eq!(e.finding_code(), "ova.too-many-members");
+        // Cut inside the extension blocks: an error, not a panic.
+        let a = old_sparse(20);
+        let e = walk(
+            &a[..512 * 5].to_vec(),
+            &Budget::new(1 << 20),
+            WalkOptions::default(),
+        );
+        assert!(e.is_err());
+    }
+
     #[test]
     fn member_cap() {
         let files: Vec<(String, EntryType, &[u8])> = (0..20)
