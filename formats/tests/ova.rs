@@ -1018,6 +1018,25 @@ fn names_the_readers_agree_on_pass_and_the_others_are_ambiguous() {
 }
 
 #[test]
+fn a_pax_global_header_with_gnu_sparse_keys_is_refused() {
+    let rec = " GNU.sparse.major=1\n";
+    let recs = format!("{}{rec}", rec.len() + 2);
+    let bytes = with_member(raw_member(
+        b"PaxHeaders/g",
+        b'g',
+        recs.as_bytes(),
+        USTAR,
+        b"",
+    ));
+    let e = ova::read_ova(src(bytes.clone()), &Limits::default())
+        .err()
+        .unwrap();
+    assert_eq!(e.finding_code(), "ova.sparse-member");
+    let r = policy::inspect(src(bytes), &Policy::default(), &Limits::default()).unwrap();
+    assert_eq!(r.verdict(), Verdict::Reject);
+}
+
+#[test]
 fn gzip_disks_decode_every_member_and_spool_large_ones() {
     // Every member: an empty one, then the disk.
     let disk = disk_bytes(40_000, 21);
