@@ -538,3 +538,36 @@ fn check_checks_every_disk_unless_one_is_chosen() {
     let out = glimpse(&["check", "--disk", "1", s(&ova)]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn a_large_gzip_disk_is_not_held_in_memory() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let gz = Command::new("gzip")
+        .arg("-c")
+        .arg(&raw)
+        .output()
+        .expect("gzip must be installed")
+        .stdout;
+    let xml = ovf_xml(&[("d.img.gz", gz.len() as u64, 128 << 20, Some("gzip"))]).into_bytes();
+    let ova = make_ova(
+        t.path(),
+        "big.ova",
+        "ustar",
+        &[("vm.ovf", xml), ("d.img.gz", gz)],
+    );
+    // Peak RSS of the check, from GNU time: the 128 MiB disk is spooled, not held.
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%M", env!("CARGO_BIN_EXE_glimpse"), "check"])
+        .arg(&ova)
+        .output()
+        .expect("GNU time (/usr/bin/time) must be installed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let kib: u64 = err.trim().lines().last().unwrap().trim().parse().unwrap();
+    assert!(kib < 64 * 1024, "peak RSS {kib} KiB");
+}
