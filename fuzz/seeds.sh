@@ -270,3 +270,5 @@ add vmdk_descriptor "$fx"/vmdk/version-first-extent-after-comments.vmdk \
 # qcow2 hostile fixtures (reserved bits, metadata overlaps, cut clusters, incomplete snapshots).
 add qcow2 "$here"/../fixtures/hostile/qcow2/*.qcow2
 add check "$here"/../fixtures/hostile/qcow2/*.qcow2
+# ---- ova: the committed hostile archives (reader differentials, GNU sparse, gzip members) ---
+for t in ova check; do add "$t" "$here"/../fixtures/hostile/ova/*.ova; done

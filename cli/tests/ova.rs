@@ -20,6 +20,16 @@ fn reject_codes(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The one file's report of `check --output json` (an object today; an array of one if the JSON
+/// contract changes to always print an array).
+fn one(v: &Value) -> &Value {
+    if v.is_array() {
+        &v[0]
+    } else {
+        v
+    }
+}
+
 fn fixture(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fixtures/hostile/ova")
@@ -145,6 +155,12 @@ fn list_json_and_human() {
     assert_eq!(names, ["vm.ovf", "vm.mf", "a.img", "b.img"]);
     assert_eq!(v["members"][2]["size"], 8192);
     assert_eq!(v["members"][2]["type"], "regular");
+    // Keys are kebab-case.
+    assert_eq!(
+        v["members"][2]["header-offset"],
+        v["members"][2]["offset"].as_u64().unwrap() - 512
+    );
+    assert!(v["members"][2].get("header_offset").is_none(), "{v}");
     assert_eq!(v["disks"].as_array().unwrap().len(), 2);
     assert_eq!(v["disks"][1]["href"], "b.img");
     assert_eq!(v["disks"][1]["capacity"], 3000);
@@ -232,8 +248,22 @@ fn hostile_fixtures_are_rejected_and_extract_writes_nothing() {
         ("fifo.ova", "ova.member-type"),
         ("duplicate-name.ova", "ova.member-name"),
         ("ovf-not-first.ova", "ova.descriptor-not-first"),
+        ("gnu-prefix-traversal.ova", "ova.member-ambiguous"),
+        ("longname-vs-pax.ova", "ova.member-ambiguous"),
+        ("duplicate-under-tarfile.ova", "ova.member-name"),
+        ("sparse-old-gnu.ova", "ova.sparse-member"),
+        ("sparse-old-gnu-extended.ova", "ova.sparse-member"),
+        ("sparse-pax-0.0.ova", "ova.sparse-member"),
+        ("sparse-pax-0.1.ova", "ova.sparse-member"),
+        ("sparse-pax-1.0.ova", "ova.sparse-member"),
+        ("gzip-two-members.ova", "qcow2.backing-file"),
     ];
     for (name, code) in cases {
+        // The gate (`check`) and `ova check` agree.
+        let out = glimpse(&["check", "--output", "json", &fixture(name)]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let v = json_of(&out);
+        assert!(codes(one(&v)).contains(&code.to_string()), "{name}: {v}");
         let out = glimpse(&["ova", "check", "--output", "json", &fixture(name)]);
         assert_eq!(out.status.code(), Some(1), "{name}");
         let v = json_of(&out);
@@ -271,6 +301,13 @@ fn extract_writes_members_once_and_never_overwrites() {
     let v = json_of(&out);
     assert_eq!(v["written"].as_array().unwrap().len(), 3);
     assert_eq!(std::fs::read(dir.join("d.img")).unwrap(), disk);
+    // Written through temporary files renamed into place: none is left behind.
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["d.img", "vm.mf", "vm.ovf"]);
 
     std::fs::write(dir.join("vm.mf"), b"keep me").unwrap();
     std::fs::remove_file(dir.join("d.img")).unwrap();
@@ -433,4 +470,104 @@ fn standalone_ovf_lists_references_and_opens_only_siblings() {
     assert_eq!(out.status.code(), Some(1));
     let v = json_of(&out);
     assert_eq!(v["findings"][0]["code"], "raw.ovf-descriptor", "{v}");
+}
+
+#[test]
+fn check_checks_every_disk_unless_one_is_chosen() {
+    let t = tempfile::tempdir().unwrap();
+    let overlay = t.path().join("o.qcow2");
+    let st = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "/etc/passwd",
+            "-F",
+            "raw",
+        ])
+        .arg(&overlay)
+        .arg("1M")
+        .status()
+        .expect("qemu-img must be installed");
+    assert!(st.success());
+    let qcow = std::fs::read(&overlay).unwrap();
+    let raw = disk_bytes(8192, 9);
+    let xml = ovf_xml(&[
+        ("a.img", raw.len() as u64, raw.len() as u64, None),
+        ("b.qcow2", qcow.len() as u64, 1 << 20, None),
+    ])
+    .into_bytes();
+    let ova = make_ova(
+        t.path(),
+        "two.ova",
+        "ustar",
+        &[("vm.ovf", xml), ("a.img", raw), ("b.qcow2", qcow)],
+    );
+    // Disk 0 is clean, disk 1 has a backing file: the appliance is rejected.
+    let out = glimpse(&["check", "--output", "json", s(&ova)]);
+    assert_eq!(out.status.code(), Some(1), "{}", json_of(&out));
+    let all = json_of(&out);
+    let v = one(&all);
+    assert_eq!(v["verdict"], "reject");
+    assert!(codes(v).contains(&"qcow2.backing-file".to_string()), "{v}");
+    let disks = v["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2);
+    assert_eq!(disks[0]["verdict"], "pass");
+    assert_eq!(disks[1]["verdict"], "reject");
+    assert_eq!(disks[1]["href"], "b.qcow2");
+    assert!(codes(&disks[1]).contains(&"qcow2.backing-file".to_string()));
+    // Human output names the finding too.
+    let out = glimpse(&["check", s(&ova)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("qcow2.backing-file"));
+    // The policy applies to every disk: allowing backing files passes the appliance.
+    let out = glimpse(&["check", "--allow-backing-file", s(&ova)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // `--disk N` checks that disk only.
+    let out = glimpse(&["check", "--disk", "0", "--output", "json", s(&ova)]);
+    assert_eq!(out.status.code(), Some(0), "{}", json_of(&out));
+    assert!(one(&json_of(&out)).get("disks").is_none());
+    let out = glimpse(&["check", "--disk", "1", s(&ova)]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn a_large_gzip_disk_is_not_held_in_memory() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let gz = Command::new("gzip")
+        .arg("-c")
+        .arg(&raw)
+        .output()
+        .expect("gzip must be installed")
+        .stdout;
+    let xml = ovf_xml(&[("d.img.gz", gz.len() as u64, 128 << 20, Some("gzip"))]).into_bytes();
+    let ova = make_ova(
+        t.path(),
+        "big.ova",
+        "ustar",
+        &[("vm.ovf", xml), ("d.img.gz", gz)],
+    );
+    // Peak RSS of the check, from GNU time: the 128 MiB disk is spooled, not held.
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%M", env!("CARGO_BIN_EXE_glimpse"), "check"])
+        .arg(&ova)
+        .output()
+        .expect("GNU time (/usr/bin/time) must be installed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let kib: u64 = err.trim().lines().last().unwrap().trim().parse().unwrap();
+    assert!(kib < 64 * 1024, "peak RSS {kib} KiB");
 }

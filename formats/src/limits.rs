@@ -16,6 +16,9 @@ pub struct Limits {
     pub max_virtual_size: u64,
     /// Decompressed bytes held in the guest reader's cache.
     pub max_cache_bytes: u64,
+    /// Bytes all gzip-compressed OVA disks of one command may inflate to, together (spooled to
+    /// a temporary file past a few MiB, so this bounds disk use and work, not memory).
+    pub max_inflated_bytes: u64,
 }
 
 impl Default for Limits {
@@ -30,6 +33,9 @@ impl Default for Limits {
             // 2^63 - 1: sizes travel as i64 in qemu-img's JSON.
             max_virtual_size: i64::MAX as u64,
             max_cache_bytes: 64 << 20,
+            // A bound on the temporary disk space and the time a gzip bomb can cost; far
+            // above the compressed OVA disks seen in practice.
+            max_inflated_bytes: 16 << 30,
         }
     }
 }
@@ -42,6 +48,7 @@ impl Limits {
             max_table_entries: 1 << 16,
             max_virtual_size: 1 << 40,
             max_cache_bytes: 4 << 20,
+            max_inflated_bytes: 64 << 20,
         }
     }
 

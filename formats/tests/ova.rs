@@ -9,7 +9,7 @@ use std::sync::Arc;
 use glimpse_formats::ova::{self, manifest::Algo};
 use glimpse_formats::policy::{self, Policy, Verdict};
 use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{Format, Image, Limits, Severity, Source};
+use glimpse_formats::{Format, Image, Limits, ReadAt, Severity, Source};
 use sha2::Digest;
 use tar::{EntryType, Header};
 
@@ -408,6 +408,18 @@ fn committed_hostile_fixtures_are_rejected() {
         ("fifo.ova", "ova.member-type"),
         ("duplicate-name.ova", "ova.member-name"),
         ("ovf-not-first.ova", "ova.descriptor-not-first"),
+        ("gnu-prefix-traversal.ova", "ova.member-ambiguous"),
+        ("gnu-prefix-traversal.ova", "ova.member-name"),
+        ("longname-vs-pax.ova", "ova.member-ambiguous"),
+        ("longname-vs-pax.ova", "ova.member-name"),
+        ("duplicate-under-tarfile.ova", "ova.member-ambiguous"),
+        ("duplicate-under-tarfile.ova", "ova.member-name"),
+        ("sparse-old-gnu.ova", "ova.sparse-member"),
+        ("sparse-old-gnu-extended.ova", "ova.sparse-member"),
+        ("sparse-pax-0.0.ova", "ova.sparse-member"),
+        ("sparse-pax-0.1.ova", "ova.sparse-member"),
+        ("sparse-pax-1.0.ova", "ova.sparse-member"),
+        ("gzip-two-members.ova", "qcow2.backing-file"),
     ];
     for (name, code) in cases {
         let bytes = std::fs::read(fixture(name)).unwrap();
@@ -660,7 +672,7 @@ fn gzip_compressed_disk_reference() {
 
     // Bounded: a disk that inflates past the limit is refused, not buffered.
     let tight = Limits {
-        max_metadata_bytes: 50_000,
+        max_inflated_bytes: 50_000,
         ..Limits::default()
     };
     let e = ova::open_disk(src(bytes), &tight, None).err().unwrap();
@@ -817,7 +829,10 @@ fn extraction_writes_good_archives_and_nothing_for_hostile_ones() {
         "fifo.ova",
         "duplicate-name.ova",
         "ovf-not-first.ova",
-    ] {
+    ]
+    .into_iter()
+    .chain(DIFFERENTIALS.iter().map(|(n, _)| *n))
+    {
         let root = tmp.path().join(name);
         std::fs::create_dir(&root).unwrap();
         let dir = root.join("inside/out");
@@ -832,6 +847,246 @@ fn extraction_writes_good_archives_and_nothing_for_hostile_ones() {
         assert!(tree(&root).is_empty(), "{name} wrote {:?}", tree(&root));
     }
     assert!(!Path::new("/tmp/glimpse-evil.txt").exists());
+}
+
+/// The committed reader-differential fixtures, and the disk the readers agree it holds (none:
+/// they disagree about the members).
+const DIFFERENTIALS: &[(&str, Option<&str>)] = &[
+    ("gnu-prefix-traversal.ova", None),
+    ("longname-vs-pax.ova", None),
+    ("duplicate-under-tarfile.ova", None),
+    ("sparse-old-gnu.ova", Some("disk.img")),
+    ("sparse-old-gnu-extended.ova", Some("disk.img")),
+    ("sparse-pax-0.0.ova", Some("disk.img")),
+    ("sparse-pax-0.1.ova", Some("disk.img")),
+    ("sparse-pax-1.0.ova", Some("disk.img")),
+    ("gzip-two-members.ova", Some("disk.img.gz")),
+];
+
+/// Member names as Python's tarfile lists them.
+fn tarfile_names(path: &Path) -> Vec<String> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, tarfile\nfor m in tarfile.open(sys.argv[1]).getmembers(): print(m.name)",
+        ])
+        .arg(path)
+        .output()
+        .expect("python3 must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Member names as GNU tar lists them.
+fn gnu_tar_names(path: &Path) -> Vec<String> {
+    let out = std::process::Command::new("tar")
+        .arg("-tf")
+        .arg(path)
+        .output()
+        .expect("GNU tar must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn each_readers_names_are_the_ones_glimpse_models() {
+    for (name, agreed) in DIFFERENTIALS {
+        let path = fixture(name);
+        let o = ova::read_ova(src(std::fs::read(&path).unwrap()), &Limits::default()).unwrap();
+        let model = |i: usize| -> Vec<String> {
+            o.members
+                .iter()
+                .map(|m| String::from_utf8_lossy(ova::check::readings(m)[i].1).into_owned())
+                .collect()
+        };
+        assert_eq!(model(1), tarfile_names(&path), "{name}: tarfile");
+        assert_eq!(model(2), gnu_tar_names(&path), "{name}: GNU tar");
+        if let Some(disk) = agreed {
+            assert_eq!(model(1).last().map(String::as_str), Some(*disk), "{name}");
+        }
+    }
+}
+
+/// One raw tar header, as the fixtures script writes them: `magic` is the 8 bytes at 257,
+/// `prefix` the bytes at 345.
+fn raw_block(name: &[u8], kind: u8, size: usize, magic: &[u8; 8], prefix: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    b[..name.len()].copy_from_slice(name);
+    b[100..108].copy_from_slice(b"0000644\0");
+    b[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    b[136..148].copy_from_slice(b"00000000000\0");
+    b[156] = kind;
+    b[257..265].copy_from_slice(magic);
+    b[345..345 + prefix.len()].copy_from_slice(prefix);
+    b[148..156].fill(b' ');
+    let sum: u32 = b.iter().map(|x| u32::from(*x)).sum();
+    b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    b
+}
+
+fn raw_member(name: &[u8], kind: u8, data: &[u8], magic: &[u8; 8], prefix: &[u8]) -> Vec<u8> {
+    let mut v = raw_block(name, kind, data.len(), magic, prefix);
+    v.extend_from_slice(data);
+    v.resize(v.len().next_multiple_of(512), 0);
+    v
+}
+
+const USTAR: &[u8; 8] = b"ustar\x0000";
+
+fn with_member(extra: Vec<u8>) -> Vec<u8> {
+    let xml = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
+    let mut v = raw_member(b"a.ovf", b'0', xml.as_bytes(), USTAR, b"");
+    v.extend(raw_member(b"d.img", b'0', &disk_bytes(4096, 3), USTAR, b""));
+    v.extend(extra);
+    v.extend([0u8; 1024]);
+    v
+}
+
+#[test]
+fn names_the_readers_agree_on_pass_and_the_others_are_ambiguous() {
+    let pax = |path: &str| {
+        let rec = format!(" path={path}\n");
+        let len = rec.len() + 2 + usize::from(rec.len() + 2 >= 100);
+        raw_member(
+            b"PaxHeaders/x",
+            b'x',
+            format!("{len}{rec}").as_bytes(),
+            USTAR,
+            b"",
+        )
+    };
+    let long = |n: &str| {
+        raw_member(
+            b"././@LongLink",
+            b'L',
+            format!("{n}\0").as_bytes(),
+            b"ustar  \0",
+            b"",
+        )
+    };
+    let notes =
+        |magic: &[u8; 8], prefix: &[u8]| raw_member(b"notes.txt", b'0', b"hi\n", magic, prefix);
+    // A ustar prefix: every reader joins it (a subdirectory: rejected as a name, not as a
+    // disagreement).
+    let f = check(with_member(notes(USTAR, b"dir")));
+    assert!(!codes(&f).contains(&"ova.member-ambiguous"), "{f:?}");
+    assert!(rejects(&f).contains(&"ova.member-name"));
+    // `ustar\0` with a version other than 00: GNU tar and tarfile join, the tar crate not.
+    let f = check(with_member(notes(b"ustar\0  ", b"x")));
+    assert!(rejects(&f).contains(&"ova.member-ambiguous"), "{f:?}");
+    // A v7 header (no magic) with bytes at 345: only tarfile joins them.
+    let f = check(with_member(notes(&[0; 8], b"x")));
+    assert!(rejects(&f).contains(&"ova.member-ambiguous"), "{f:?}");
+    // The pax header first, then the long name: tarfile, GNU tar and glimpse all take the pax
+    // path.
+    let mut m = pax("notes.txt");
+    m.extend(long("other.txt"));
+    m.extend(notes(USTAR, b""));
+    let bytes = with_member(m);
+    let f = check(bytes.clone());
+    assert!(!codes(&f).contains(&"ova.member-ambiguous"), "{f:?}");
+    let o = ova::read_ova(src(bytes), &Limits::default()).unwrap();
+    assert_eq!(o.members[2].name, "notes.txt");
+    assert_eq!(o.members[2].tarfile_name, None);
+    // The long name first: tarfile takes it, the others the pax path.
+    let mut m = long("other.txt");
+    m.extend(pax("notes.txt"));
+    m.extend(notes(USTAR, b""));
+    let bytes = with_member(m);
+    assert!(rejects(&check(bytes.clone())).contains(&"ova.member-ambiguous"));
+    let o = ova::read_ova(src(bytes), &Limits::default()).unwrap();
+    assert_eq!(
+        o.members[2].tarfile_name.as_deref(),
+        Some(&b"other.txt"[..])
+    );
+}
+
+#[test]
+fn a_pax_global_header_with_gnu_sparse_keys_is_refused() {
+    let rec = " GNU.sparse.major=1\n";
+    let recs = format!("{}{rec}", rec.len() + 2);
+    let bytes = with_member(raw_member(
+        b"PaxHeaders/g",
+        b'g',
+        recs.as_bytes(),
+        USTAR,
+        b"",
+    ));
+    let e = ova::read_ova(src(bytes.clone()), &Limits::default())
+        .err()
+        .unwrap();
+    assert_eq!(e.finding_code(), "ova.sparse-member");
+    let r = policy::inspect(src(bytes), &Policy::default(), &Limits::default()).unwrap();
+    assert_eq!(r.verdict(), Verdict::Reject);
+}
+
+#[test]
+fn gzip_disks_decode_every_member_and_spool_large_ones() {
+    // Every member: an empty one, then the disk.
+    let disk = disk_bytes(40_000, 21);
+    let mut gz = gzip(b"");
+    gz.extend(gzip(&disk[..10_000]));
+    gz.extend(gzip(&disk[10_000..]));
+    let xml = ovf_xml(&[DiskSpec {
+        href: "d.img.gz",
+        size: gz.len() as u64,
+        capacity: disk.len() as u64,
+        format: None,
+        gzip: true,
+    }]);
+    let bytes = tar_of(&[file("a.ovf", xml.as_bytes()), file("d.img.gz", &gz)]);
+    assert!(rejects(&check(bytes.clone())).is_empty());
+    let img = ova::open_disk(src(bytes), &Limits::default(), None).unwrap();
+    assert_eq!(img.info().virtual_size, disk.len() as u64);
+    let mut got = vec![0u8; disk.len()];
+    GuestReader::new(Arc::from(img), &Limits::default())
+        .read_at(&mut got, 0)
+        .unwrap();
+    assert_eq!(got, disk);
+
+    // Past the spool threshold the disk is read from a temporary file, byte for byte.
+    let big = disk_bytes(ova::SPOOL_THRESHOLD + 70_000, 22);
+    let gz = gzip(&big);
+    let spooled = ova::gunzip(&gz, &Limits::default()).unwrap();
+    assert_eq!(spooled.size().unwrap(), big.len() as u64);
+    let mut got = vec![0u8; big.len()];
+    spooled.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == big);
+    // The cap holds across the spill.
+    let tight = Limits {
+        max_inflated_bytes: ova::SPOOL_THRESHOLD as u64 + 1000,
+        ..Limits::default()
+    };
+    assert_eq!(
+        ova::gunzip(&gz, &tight).err().unwrap().finding_code(),
+        "ova.gzip-limit"
+    );
+    // Bytes after the last member that are not a gzip member are an error, not ignored.
+    let mut trailing = gzip(&disk);
+    trailing.extend_from_slice(b"not gzip");
+    assert_eq!(
+        ova::gunzip(&trailing, &Limits::default())
+            .err()
+            .unwrap()
+            .finding_code(),
+        "ova.gzip-corrupt"
+    );
 }
 
 #[test]

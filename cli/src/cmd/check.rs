@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use glimpse_formats::policy::{inspect, Policy, Verdict};
-use glimpse_formats::{Format, Limits, Severity};
+use glimpse_formats::policy::{inspect, Policy, Report, Verdict};
+use glimpse_formats::{ova, Finding, Format, Limits, Severity, Source};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
@@ -30,7 +30,8 @@ pub struct Args {
     /// for an upload where the consumer holds the key. Its content is still never read.
     #[arg(long)]
     allow_encrypted: bool,
-    /// With an OVA holding several disks: the disk to check (0-based).
+    /// With an OVA holding several disks: check only this disk (0-based). By default every
+    /// disk is checked.
     #[arg(long, value_name = "N")]
     disk: Option<usize>,
     /// Output format: with json, one object for one file, an array for several; a file that
@@ -98,12 +99,62 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     Ok(code)
 }
 
+/// An OVA checked without `--disk`: a gate checks every disk, not only the first. The other
+/// disks with a file are inspected under the same policy ([`ova::Ova::inspect_disks`]); their
+/// findings join the report (so any rejecting disk rejects the appliance), and the per-disk
+/// verdicts and findings are returned for the JSON `disks` array.
+fn every_disk(
+    src: &Source,
+    mut report: Report,
+    policy: &Policy,
+    limits: &Limits,
+) -> (Report, Option<Value>) {
+    if report.format() != Format::Ova || policy.disk.is_some() {
+        return (report, None);
+    }
+    let Ok(appliance) = ova::read_ova(src.clone(), limits) else {
+        return (report, None);
+    };
+    let first = appliance.default_disk();
+    let mut per_disk = match appliance.inspect_disks(policy, limits, first) {
+        Ok(v) => v,
+        Err(e) => vec![(usize::MAX, vec![Finding::from_error(&e)])],
+    };
+    if let Some(i) = first {
+        per_disk.insert(0, (i, report.findings.clone()));
+    }
+    let mut disks = Vec::new();
+    for (i, findings) in per_disk {
+        let reject = findings.iter().any(|f| f.severity == Severity::Reject);
+        disks.push(json!({
+            "disk": i,
+            "href": appliance.disks.get(i).and_then(|d| d.href.clone()),
+            "verdict": if reject { Verdict::Reject } else { Verdict::Pass },
+            "findings": findings,
+        }));
+        for f in findings {
+            if !report.findings.contains(&f) {
+                report.findings.push(f);
+            }
+        }
+    }
+    report
+        .findings
+        .sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
+    (report, Some(Value::Array(disks)))
+}
+
 fn check_one(path: &std::path::Path, policy: &Policy, limits: &Limits) -> Outcome {
     let fname = name(path);
-    let report = match open_source(path).and_then(|src| Ok(inspect(src, policy, limits)?)) {
+    let src = match open_source(path) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Failed(fname, e),
+    };
+    let report = match inspect(src.clone(), policy, limits).map_err(anyhow::Error::from) {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(fname, e),
     };
+    let (report, disks) = every_disk(&src, report, policy, limits);
     let verdict = report.verdict();
     let mut obj = match report.info() {
         Some(info) => info_json(&fname, info),
@@ -121,6 +172,9 @@ fn check_one(path: &std::path::Path, policy: &Policy, limits: &Limits) -> Outcom
         "findings".into(),
         serde_json::to_value(&report.findings).unwrap_or(Value::Null),
     );
+    if let Some(d) = disks {
+        obj.insert("disks".into(), d);
+    }
 
     let mut rows = match report.info() {
         Some(info) => info_rows(&fname, info),

@@ -8,26 +8,50 @@ use super::tar::{Member, MemberKind};
 /// Longest member name accepted: one file-name component on Linux.
 pub const MAX_COMPONENT: usize = 255;
 
-/// The member name with leading `./` components removed (GNU tar writes `./disk.vmdk` when
-/// archiving `.`), and a directory's trailing `/` removed. `None` when not UTF-8.
-pub fn normalized_name(m: &Member) -> Option<&str> {
-    let mut n = std::str::from_utf8(&m.raw_name).ok()?;
+/// `raw` with leading `./` components removed (GNU tar writes `./disk.vmdk` when archiving
+/// `.`), and a directory's trailing `/` removed. `None` when not UTF-8.
+pub fn normalize(raw: &[u8], kind: MemberKind) -> Option<&str> {
+    let mut n = std::str::from_utf8(raw).ok()?;
     while let Some(rest) = n.strip_prefix("./") {
         n = rest;
     }
-    if m.kind == MemberKind::Directory {
+    if kind == MemberKind::Directory {
         n = n.trim_end_matches('/');
     }
     Some(n)
 }
 
+/// The member name (glimpse's reading) normalized as [`normalize`] does.
+pub fn normalized_name(m: &Member) -> Option<&str> {
+    normalize(&m.raw_name, m.kind)
+}
+
+/// The name under each reader: glimpse (the `tar` crate's rules), Python's `tarfile`, GNU tar.
+pub fn readings(m: &Member) -> [(&'static str, &[u8]); 3] {
+    [
+        ("glimpse", &m.raw_name),
+        (
+            "Python's tarfile",
+            m.tarfile_name.as_deref().unwrap_or(&m.raw_name),
+        ),
+        ("GNU tar", m.gnu_tar_name.as_deref().unwrap_or(&m.raw_name)),
+    ]
+}
+
 /// Why a member name is unsafe or unusable, if it is. OVA members are flat files: a name must
 /// be a single plain path component, so that extraction can only ever create `DIR/name`.
+/// Every reader's name is judged: a traversal that only `tarfile` sees is still a traversal.
 pub fn name_problem(m: &Member) -> Option<&'static str> {
-    let Some(n) = normalized_name(m) else {
+    readings(m)
+        .into_iter()
+        .find_map(|(_, raw)| raw_problem(raw, m.kind))
+}
+
+fn raw_problem(raw: &[u8], kind: MemberKind) -> Option<&'static str> {
+    let Some(n) = normalize(raw, kind) else {
         return Some("is not UTF-8");
     };
-    if m.raw_name.starts_with(b"/") {
+    if raw.starts_with(b"/") {
         return Some("is an absolute path");
     }
     if n.split(['/', '\\']).any(|c| c == "..") {
@@ -51,50 +75,108 @@ pub fn name_problem(m: &Member) -> Option<&'static str> {
     None
 }
 
-/// `ova.member-name` and `ova.member-type` findings for every member.
+/// How the readers disagree on a member's name, if they do (trailing `/` aside: `tarfile`
+/// strips it from directories).
+fn ambiguity(m: &Member) -> Option<String> {
+    let [(_, ours), ..] = readings(m);
+    let trim = |n: &[u8]| {
+        let end = n.iter().rposition(|b| *b != b'/').map_or(0, |p| p + 1);
+        n.get(..end).unwrap_or_default().to_vec()
+    };
+    let differ = readings(m).iter().any(|(_, n)| trim(n) != trim(ours));
+    differ.then(|| {
+        let seen: Vec<String> = readings(m)
+            .iter()
+            .map(|(who, n)| format!("{who} reads {:?}", String::from_utf8_lossy(n)))
+            .collect();
+        seen.join(", ")
+    })
+}
+
+/// `ova.member-name`, `ova.member-ambiguous`, `ova.sparse-member` and `ova.member-type`
+/// findings for every member.
 pub fn member_findings(members: &[Member]) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for m in members {
         if let Some(why) = name_problem(m) {
             out.push(
                 Finding::reject("ova.member-name", format!("member name {:?} {why}", m.name))
                     .at(m.header_offset),
             );
-        } else if let Some(n) = normalized_name(m) {
-            if !seen.insert(n) {
-                out.push(
-                    Finding::reject(
-                        "ova.member-name",
-                        format!("member name {:?} appears more than once", m.name),
-                    )
-                    .at(m.header_offset),
-                );
+        }
+        if let Some(how) = ambiguity(m) {
+            out.push(
+                Finding::reject(
+                    "ova.member-ambiguous",
+                    format!(
+                        "tar readers disagree on the name of member {:?}: {how}",
+                        m.name
+                    ),
+                )
+                .at(m.header_offset),
+            );
+        }
+        out.extend(type_finding(m));
+    }
+    out.extend(duplicate_findings(members));
+    out
+}
+
+/// Members that resolve to the same name under any one reader: extraction would let the
+/// later replace the earlier, and which one a consumer reads depends on the reader.
+fn duplicate_findings(members: &[Member]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut seen: [std::collections::HashSet<&str>; 3] = Default::default();
+    for m in members {
+        let mut dup = None;
+        for (set, (who, raw)) in seen.iter_mut().zip(readings(m)) {
+            if let Some(n) = normalize(raw, m.kind) {
+                if !set.insert(n) && dup.is_none() {
+                    dup = Some((who, n));
+                }
             }
         }
-        match m.kind {
-            MemberKind::Regular | MemberKind::Directory => {}
-            k => {
-                let link = m
-                    .link
-                    .as_deref()
-                    .map(|l| format!(" to {l:?}"))
-                    .unwrap_or_default();
-                out.push(
-                    Finding::reject(
-                        "ova.member-type",
-                        format!(
-                            "member {:?} is a {}{link}; only regular files are allowed",
-                            m.name,
-                            k.as_str()
-                        ),
-                    )
-                    .at(m.header_offset),
-                );
-            }
+        if let Some((who, n)) = dup {
+            out.push(
+                Finding::reject(
+                    "ova.member-name",
+                    format!("member name {n:?} appears more than once (as {who} reads it)"),
+                )
+                .at(m.header_offset),
+            );
         }
     }
     out
+}
+
+fn type_finding(m: &Member) -> Option<Finding> {
+    let f = match m.kind {
+        MemberKind::Regular | MemberKind::Directory => return None,
+        MemberKind::Sparse => Finding::reject(
+            "ova.sparse-member",
+            format!(
+                "member {:?} is stored as {}: its stored bytes are not its contents",
+                m.name,
+                m.sparse.as_deref().unwrap_or("GNU sparse")
+            ),
+        ),
+        k => {
+            let link = m
+                .link
+                .as_deref()
+                .map(|l| format!(" to {l:?}"))
+                .unwrap_or_default();
+            Finding::reject(
+                "ova.member-type",
+                format!(
+                    "member {:?} is a {}{link}; only regular files are allowed",
+                    m.name,
+                    k.as_str()
+                ),
+            )
+        }
+    };
+    Some(f.at(m.header_offset))
 }
 
 /// How an `href` is to be read.
@@ -144,6 +226,9 @@ mod tests {
             header_offset: 0,
             offset: 512,
             size: 0,
+            tarfile_name: None,
+            gnu_tar_name: None,
+            sparse: None,
         }
     }
 

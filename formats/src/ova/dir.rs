@@ -147,8 +147,8 @@ impl OvfDir {
     }
 
     /// Opens disk `disk` (0-based, `DiskSection` order) from the file beside the descriptor:
-    /// the explicit gate described in the module docs. A `gzip` file is decompressed into
-    /// memory under `limits` (see [`super::gunzip`]).
+    /// the explicit gate described in the module docs. A `gzip` file is decompressed under
+    /// `limits` (see [`super::gunzip`]).
     ///
     /// # Errors
     /// `Unsafe` (`ova.href`) when the href is not a plain sibling name or the file is not a
@@ -183,7 +183,7 @@ impl OvfDir {
             .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
         let src: Source = match file.compression.as_deref() {
             None | Some("identity") => Arc::new(f),
-            Some("gzip") => Arc::new(super::gunzip(&f, limits)?),
+            Some("gzip") => super::gunzip(&f, limits)?,
             Some(c) => {
                 return Err(
                     Error::unsupported(format!("compression {c:?}")).code("ova.file-unsupported")

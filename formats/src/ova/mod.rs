@@ -87,55 +87,103 @@ impl Read for Cursor<'_> {
     }
 }
 
-/// Decompresses a gzip file into memory, at most `limits.max_metadata_bytes` (charged to a
-/// budget): random access needs the whole disk, and glimpse keeps no temporary files. Large
-/// gzip-compressed disks must be decompressed by hand first.
+/// Inflated bytes held in memory before a gzip disk is spooled to a temporary file.
+pub const SPOOL_THRESHOLD: usize = 8 << 20;
+
+/// Decompresses a gzip file: every member, as `gzip -d`, Python's `gzip` and flate2's
+/// `MultiGzDecoder` do (a hidden disk must not hide behind an empty first member). Random
+/// access needs the whole disk: up to [`SPOOL_THRESHOLD`] bytes stay in memory, a larger disk is
+/// spooled to an anonymous temporary file (removed when the source is dropped). At most
+/// `limits.max_inflated_bytes` are inflated.
 ///
 /// # Errors
-/// `Corrupt` for a bad gzip stream; `LimitExceeded` (`ova.gzip-limit`) past the cap.
-pub fn gunzip(src: &dyn ReadAt, limits: &Limits) -> Result<Vec<u8>> {
-    gunzip_with(src, limits, &limits.budget())
+/// `Corrupt` for a bad gzip stream (including bytes after the last member that are not a gzip
+/// member); `LimitExceeded` (`ova.gzip-limit`) past the cap; `Io` when the temporary file
+/// cannot be written.
+pub fn gunzip(src: &dyn ReadAt, limits: &Limits) -> Result<Source> {
+    gunzip_with(src, limits, &inflate_budget(limits))
 }
 
-/// [`gunzip`] charging a caller's budget, so that several disks share one cap.
-fn gunzip_with(src: &dyn ReadAt, limits: &Limits, budget: &Budget) -> Result<Vec<u8>> {
-    let cap = limits.max_metadata_bytes;
-    let mut dec = flate2::read::GzDecoder::new(Cursor { src, pos: 0 });
-    let mut out: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
+/// The one budget of inflated bytes that all gzip disks of a command share.
+fn inflate_budget(limits: &Limits) -> Budget {
+    Budget::new(limits.max_inflated_bytes)
+}
+
+/// Reads the next inflated bytes, mapping flate2's errors to glimpse's.
+fn inflate_some(dec: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
     loop {
-        let n = match dec.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
+        return match dec.read(buf) {
+            Ok(n) => Ok(n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e)
                 if e.kind() == std::io::ErrorKind::InvalidInput
                     || e.kind() == std::io::ErrorKind::InvalidData =>
             {
-                return Err(
-                    Error::corrupt(format!("invalid gzip stream: {e}")).code("ova.gzip-corrupt")
-                )
+                Err(Error::corrupt(format!("invalid gzip stream: {e}")).code("ova.gzip-corrupt"))
             }
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(Error::truncated(format!("gzip stream ends early: {e}"))
+                Err(Error::truncated(format!("gzip stream ends early: {e}"))
                     .code("ova.gzip-corrupt"))
             }
-            Err(e) => return Err(Error::from(e)),
+            Err(e) => Err(Error::from(e)),
         };
-        if (out.len() as u64).saturating_add(n as u64) > cap {
+    }
+}
+
+/// Where inflated bytes go: memory first, then a temporary file.
+enum Spool {
+    Mem(Vec<u8>),
+    File(std::fs::File),
+}
+
+impl Spool {
+    fn push(&mut self, chunk: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let spill = |e: std::io::Error| Error::io(e, "spooling a gzip-compressed disk");
+        if let Spool::Mem(v) = self {
+            if v.len().saturating_add(chunk.len()) <= SPOOL_THRESHOLD {
+                v.extend_from_slice(chunk);
+                return Ok(());
+            }
+            let mut f = tempfile::tempfile().map_err(spill)?;
+            f.write_all(v).map_err(spill)?;
+            *self = Spool::File(f);
+        }
+        match self {
+            Spool::File(f) => f.write_all(chunk).map_err(spill),
+            Spool::Mem(_) => Ok(()),
+        }
+    }
+}
+
+/// [`gunzip`] charging a caller's budget, so that several disks share one cap.
+fn gunzip_with(src: &dyn ReadAt, limits: &Limits, budget: &Budget) -> Result<Source> {
+    let cap = limits.max_inflated_bytes;
+    let mut dec = flate2::read::MultiGzDecoder::new(Cursor { src, pos: 0 });
+    let mut spool = Spool::Mem(Vec::new());
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = inflate_some(&mut dec, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total = total.saturating_add(n as u64);
+        if total > cap {
             return Err(Error::limit(format!(
-                "gzip-compressed disk decompresses to more than {cap} bytes (the in-memory limit)"
+                "gzip-compressed disk decompresses to more than {cap} bytes"
             ))
             .code("ova.gzip-limit"));
         }
         budget
             .take(n as u64, "gzip-compressed disks")
             .map_err(|e| e.code("ova.gzip-limit"))?;
-        out.try_reserve(n)
-            .map_err(|_| Error::limit("cannot allocate the decompressed disk"))?;
-        out.extend_from_slice(buf.get(..n).unwrap_or_default());
+        spool.push(buf.get(..n).unwrap_or_default())?;
     }
-    Ok(out)
+    Ok(match spool {
+        Spool::Mem(v) => Arc::new(v),
+        Spool::File(f) => Arc::new(f),
+    })
 }
 
 /// A disk of the appliance: the descriptor's `Disk`, and where its data is.
@@ -305,10 +353,17 @@ pub fn read_ova(src: Source, limits: &Limits) -> Result<Ova> {
     }
 
     // First member of each (normalized) name; a repeat is already an ova.member-name finding.
+    // Other readers' names count too (a GNU sparse 1.0 member is found by its real name), after
+    // glimpse's own.
     let mut by_name: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for (i, m) in members.iter().enumerate() {
-        if let Some(n) = check::normalized_name(m) {
-            by_name.entry(n).or_insert(i);
+    for r in 0..3 {
+        for (i, m) in members.iter().enumerate() {
+            if let Some(n) = check::readings(m)
+                .get(r)
+                .and_then(|(_, raw)| check::normalize(raw, m.kind))
+            {
+                by_name.entry(n).or_insert(i);
+            }
         }
     }
     let member_by_name = |name: &str| -> Option<usize> { by_name.get(name).copied() };
@@ -602,7 +657,7 @@ impl Ova {
     /// `Invalid` for an unknown disk; `Unsupported` (`ova.href`) for a disk whose file is not a
     /// member; `Unsupported` for other compressions; as [`gunzip`].
     pub fn disk_source(&self, disk: usize, limits: &Limits) -> Result<Source> {
-        self.disk_source_with(disk, limits, &limits.budget())
+        self.disk_source_with(disk, limits, &inflate_budget(limits))
     }
 
     fn disk_source_with(&self, disk: usize, limits: &Limits, budget: &Budget) -> Result<Source> {
@@ -620,6 +675,13 @@ impl Ova {
             .code("ova.href"));
         };
         if let Some(m) = self.members.get(member) {
+            if m.kind == MemberKind::Sparse {
+                return Err(Error::unsafe_(format!(
+                    "disk {disk} member {:?} is a GNU sparse file: its stored bytes are not the disk",
+                    m.name
+                ))
+                .code("ova.sparse-member"));
+            }
             if m.kind != MemberKind::Regular {
                 return Err(Error::unsafe_(format!(
                     "disk {disk} member {:?} is not a regular file",
@@ -631,7 +693,7 @@ impl Ova {
         let window = self.member_source(member)?;
         match d.compression.as_deref() {
             None => Ok(window),
-            Some("gzip") => Ok(Arc::new(gunzip_with(window.as_ref(), limits, budget)?)),
+            Some("gzip") => gunzip_with(window.as_ref(), limits, budget),
             Some(c) => Err(
                 Error::unsupported(format!("disk {disk} uses compression {c:?}"))
                     .code("ova.file-unsupported"),
@@ -700,7 +762,7 @@ impl Ova {
     /// # Errors
     /// As [`Ova::open_disk`].
     pub fn open_inner(&self, disk: usize, limits: &Limits) -> Result<Box<dyn Image>> {
-        Ok(self.open_one(disk, limits, &limits.budget())?.image)
+        Ok(self.open_one(disk, limits, &inflate_budget(limits))?.image)
     }
 
     /// Opens disk `disk` (0-based, `DiskSection` order) as an [`OvaImage`].
@@ -709,7 +771,7 @@ impl Ova {
     /// As [`Ova::disk_source`], plus whatever the disk's own parser reports (`Unsafe`
     /// `ova.disk-format` for an OVA nested in the disk).
     pub fn open_disk(&self, disk: usize, limits: &Limits) -> Result<OvaImage> {
-        let opened = self.open_one(disk, limits, &limits.budget())?;
+        let opened = self.open_one(disk, limits, &inflate_budget(limits))?;
         let d = self
             .disks
             .get(disk)
@@ -749,7 +811,7 @@ impl Ova {
                     Some(ii.virtual_size)
                 } else if e.compression.is_none() {
                     // Other disks: metadata only (a gzip disk would be decompressed: skipped).
-                    self.open_one(e.index, limits, &limits.budget())
+                    self.open_one(e.index, limits, &inflate_budget(limits))
                         .ok()
                         .map(|o| o.image.info().virtual_size)
                 } else {
@@ -786,6 +848,53 @@ impl Ova {
             info,
             findings,
         })
+    }
+
+    /// Applies the gate's `policy` to every disk backed by a file except `skip` (the disk a
+    /// caller already inspected through [`crate::policy::inspect`]), for a gate that checks
+    /// every disk. Each disk gets its disk-level findings (declared format, capacity) and what
+    /// [`crate::policy::inspect`] reports for its own bytes (findings, structural check, size
+    /// limit, backing-file allowance), prefixed with the disk. The archive is read once:
+    /// archive-level findings and manifest digests are not repeated, and one budget bounds
+    /// the inflated bytes of all gzip disks.
+    ///
+    /// # Errors
+    /// Only `Io` errors; every other problem is a finding.
+    pub fn inspect_disks(
+        &self,
+        policy: &crate::policy::Policy,
+        limits: &Limits,
+        skip: Option<usize>,
+    ) -> Result<Vec<(usize, Vec<Finding>)>> {
+        let budget = inflate_budget(limits);
+        let own = crate::policy::Policy {
+            disk: None,
+            expect_format: None,
+            ..policy.clone()
+        };
+        let mut out = Vec::new();
+        for d in self.disks.iter().filter(|d| d.href.is_some()) {
+            if Some(d.index) == skip {
+                continue;
+            }
+            let findings = match self.open_one(d.index, limits, &budget) {
+                Ok(o) => {
+                    let src = o.image.source().clone();
+                    let mut f: Vec<Finding> = o
+                        .findings
+                        .into_iter()
+                        .filter(|f| f.code != "format.ambiguous")
+                        .collect();
+                    let r = crate::policy::inspect(src, &own, limits)?;
+                    f.extend(r.findings.into_iter().map(|x| about_disk(x, d)));
+                    f
+                }
+                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+                Err(e) => vec![about_disk(Finding::from_error(&e), d)],
+            };
+            out.push((d.index, findings));
+        }
+        Ok(out)
     }
 
     /// Verifies every manifest digest by reading each listed member in full.
@@ -835,7 +944,7 @@ impl Ova {
         let mut out = self.findings.clone();
         out.extend(self.verify_manifest()?);
         // One cap for all gzip-compressed disks together.
-        let budget = limits.budget();
+        let budget = inflate_budget(limits);
         for d in &self.disks {
             if d.member.is_none() {
                 if d.href.is_some() {
@@ -876,9 +985,10 @@ impl Ova {
     }
 
     /// Extracts every regular-file member into `dir` (created if missing) — but only when
-    /// [`Ova::check_all`] finds nothing to reject. Files are created with `create_new`, so
-    /// nothing is overwritten; names are single plain components, so nothing lands outside
-    /// `dir`. On a write error the files created so far are removed.
+    /// [`Ova::check_all`] finds nothing to reject. Each member is written to a temporary file
+    /// in `dir` and renamed into place (never replacing a file) only once all are written, so
+    /// nothing is overwritten or left half-written; names are single plain components, so
+    /// nothing lands outside `dir`. On any error the files created so far are removed.
     ///
     /// # Errors
     /// `Io` for write errors (including a name that already exists in `dir`).
@@ -920,20 +1030,12 @@ impl Ova {
         let created_dir = std::fs::symlink_metadata(dir).is_err();
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(e, format!("creating {}", dir.display())))?;
-        let mut written = Vec::new();
-        for (i, path) in plan {
-            if let Err(e) = self.write_member(i, &path) {
-                for p in &written {
-                    let _ = std::fs::remove_file(p);
-                }
-                if created_dir {
-                    // Only succeeds when empty: never removes anything but our own directory.
-                    let _ = std::fs::remove_dir(dir);
-                }
-                return Err(e);
+        let written = self.write_all(plan).inspect_err(|_| {
+            if created_dir {
+                // Only succeeds when empty: never removes anything but our own directory.
+                let _ = std::fs::remove_dir(dir);
             }
-            written.push(path);
-        }
+        })?;
         Ok(Extraction {
             written,
             findings,
@@ -941,34 +1043,47 @@ impl Ova {
         })
     }
 
-    fn write_member(&self, i: usize, path: &Path) -> Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o644)
-            .open(path)
-            .map_err(|e| Error::io(e, format!("creating {}", path.display())))?;
-        // From here the file is ours: remove it if it cannot be written in full.
-        let copied = self.copy_member(i, &mut f, path);
-        if copied.is_err() {
-            drop(f);
-            let _ = std::fs::remove_file(path);
+    /// Writes every planned member to a temporary file beside its destination, then, once all
+    /// are written, renames each into place without replacing anything. On any failure the
+    /// temporary files and the files already renamed are removed: an existing file is never
+    /// opened for writing, truncated or replaced.
+    fn write_all(&self, plan: Vec<(usize, PathBuf)>) -> Result<Vec<PathBuf>> {
+        let mut temps = Vec::new();
+        for (i, path) in plan {
+            // Dropping a temporary file removes it.
+            temps.push((self.write_member(i, &path)?, path));
         }
-        copied
+        let mut written: Vec<PathBuf> = Vec::new();
+        for (tmp, path) in temps {
+            if let Err(e) = tmp.persist_noclobber(&path) {
+                for p in &written {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(Error::io(
+                    e.error,
+                    format!("renaming into {}", path.display()),
+                ));
+            }
+            written.push(path);
+        }
+        Ok(written)
     }
 
-    fn copy_member(&self, i: usize, f: &mut std::fs::File, path: &Path) -> Result<()> {
+    fn write_member(&self, i: usize, path: &Path) -> Result<tempfile::NamedTempFile> {
         use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let werr = |e: std::io::Error| Error::io(e, format!("writing {}", path.display()));
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".glimpse-extract-")
+            .permissions(std::fs::Permissions::from_mode(0o644))
+            .tempfile_in(dir)
+            .map_err(|e| Error::io(e, format!("creating a temporary file in {}", dir.display())))?;
         let src = self.member_source(i)?;
-        crate::io::for_each_chunk(src.as_ref(), |chunk, _| {
-            f.write_all(chunk)
-                .map_err(|e| Error::io(e, format!("writing {}", path.display())))
-        })?;
-        f.sync_all()
-            .map_err(|e| Error::io(e, format!("writing {}", path.display())))?;
-        Ok(())
+        let f = tmp.as_file_mut();
+        crate::io::for_each_chunk(src.as_ref(), |chunk, _| f.write_all(chunk).map_err(werr))?;
+        f.sync_all().map_err(werr)?;
+        Ok(tmp)
     }
 }
 

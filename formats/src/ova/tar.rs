@@ -79,6 +79,7 @@ impl MemberKind {
 
 /// One member of the archive, as its headers declare it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Member {
     /// The name exactly as stored (pax `path`, GNU long name, or ustar prefix + name).
     #[serde(skip)]
@@ -97,6 +98,87 @@ pub struct Member {
     pub offset: u64,
     /// Data bytes, in bytes (the pax `size` when present, else the header's).
     pub size: u64,
+    /// The name Python's `tarfile` (Glance) gives the member, when it differs from `raw_name`.
+    #[serde(skip)]
+    pub tarfile_name: Option<Vec<u8>>,
+    /// The name GNU tar gives the member, when it differs from `raw_name`.
+    #[serde(skip)]
+    pub gnu_tar_name: Option<Vec<u8>>,
+    /// Which GNU sparse form stores the member (its stored bytes are not its contents).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sparse: Option<String>,
+}
+
+/// The extension headers seen before a member's own header.
+#[derive(Default)]
+struct Ext {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax: Option<Vec<u8>>,
+    /// True when the pax header came before the GNU long name (or there is no long name).
+    pax_first: bool,
+}
+
+impl Ext {
+    fn is_empty(&self) -> bool {
+        self.long_name.is_none() && self.long_link.is_none() && self.pax.is_none()
+    }
+}
+
+/// `bytes` up to the first NUL, as tar readers read a header field.
+fn field(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    bytes.get(..end).unwrap_or_default()
+}
+
+fn join(prefix: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut v = prefix.to_vec();
+    v.push(b'/');
+    v.extend_from_slice(name);
+    v
+}
+
+/// The names the header alone gives, as (Python's `tarfile`, GNU tar). `tarfile` joins any
+/// non-empty bytes at the ustar prefix offset (345) to the name, whatever the magic, except
+/// for GNU types `L`, `K`, `S` (`TarInfo.frombuf`); GNU tar joins the prefix only under the
+/// POSIX magic `ustar\0` (`read_header`); the `tar` crate also needs version `00`.
+fn header_names(block: &[u8; 512]) -> (Vec<u8>, Vec<u8>) {
+    let name = field(block.get(..100).unwrap_or_default());
+    let prefix = field(block.get(345..500).unwrap_or_default());
+    let gnu_type = matches!(block.get(156), Some(b'L' | b'K' | b'S'));
+    let tarfile = if !prefix.is_empty() && !gnu_type {
+        join(prefix, name)
+    } else {
+        name.to_vec()
+    };
+    let posix_magic = block.get(257..263) == Some(b"ustar\0");
+    let gnu = if !prefix.is_empty() && posix_magic {
+        join(prefix, name)
+    } else {
+        name.to_vec()
+    };
+    (tarfile, gnu)
+}
+
+/// Which GNU sparse form a member's pax records declare, if any.
+fn pax_sparse(recs: &[u8], at: u64) -> Result<Option<String>> {
+    let mut any = false;
+    for r in PaxExtensions::new(recs) {
+        let r = r.map_err(|e| malformed(format!("pax header: {e}"), at))?;
+        any |= r.key_bytes().starts_with(b"GNU.sparse.");
+    }
+    if !any {
+        return Ok(None);
+    }
+    let form = match (
+        pax_value(recs, "GNU.sparse.major", at)?,
+        pax_value(recs, "GNU.sparse.minor", at)?,
+    ) {
+        (Some(major), minor) => format!("pax {major}.{}", minor.unwrap_or("?")),
+        _ if pax_value(recs, "GNU.sparse.map", at)?.is_some() => "pax 0.1".into(),
+        _ => "pax 0.0".into(),
+    };
+    Ok(Some(format!("GNU sparse ({form})")))
 }
 
 /// Walk options: probing stops early; listing reads everything.
@@ -185,9 +267,7 @@ pub fn walk_into(
     let size = src.size()?;
     let mut pos = 0u64;
     let mut headers = 0usize;
-    let mut long_name: Option<Vec<u8>> = None;
-    let mut long_link: Option<Vec<u8>> = None;
-    let mut pax: Option<Vec<u8>> = None;
+    let mut ext = Ext::default();
     loop {
         if pos == size {
             // No end-of-archive blocks: GNU tar accepts this too (with a warning).
@@ -226,7 +306,7 @@ pub fn walk_into(
             || etype.is_pax_global_extensions();
         let mut data_size = header_size;
         if !is_ext {
-            if let Some(p) = &pax {
+            if let Some(p) = &ext.pax {
                 if let Some(v) = pax_value(p, "size", pos)? {
                     data_size = v
                         .parse::<u64>()
@@ -234,9 +314,12 @@ pub fn walk_into(
                 }
             }
         }
-        let data = pos
+        let mut data = pos
             .checked_add(BLOCK)
             .ok_or_else(|| malformed("offset overflows", pos))?;
+        if etype.is_gnu_sparse() && block.get(482).is_some_and(|b| *b != 0) {
+            data = skip_sparse_extensions(src, data, &mut headers, opts)?;
+        }
         let end = data
             .checked_add(data_size)
             .ok_or_else(|| malformed("member size overflows", pos))?;
@@ -266,17 +349,17 @@ pub fn walk_into(
             crate::io::read_vec(src, data, data_size, budget, what)
         };
         if etype.is_gnu_longname() {
-            if long_name.is_some() {
+            if ext.long_name.is_some() {
                 return Err(malformed("two GNU long names for one member", pos));
             }
-            long_name = Some(trim_nul(read_ext(MAX_NAME, "GNU long name")?));
+            ext.long_name = Some(trim_nul(read_ext(MAX_NAME, "GNU long name")?));
         } else if etype.is_gnu_longlink() {
-            if long_link.is_some() {
+            if ext.long_link.is_some() {
                 return Err(malformed("two GNU long link names for one member", pos));
             }
-            long_link = Some(trim_nul(read_ext(MAX_NAME, "GNU long link name")?));
+            ext.long_link = Some(trim_nul(read_ext(MAX_NAME, "GNU long link name")?));
         } else if etype.is_pax_local_extensions() {
-            if pax.is_some() {
+            if ext.pax.is_some() {
                 return Err(malformed("two pax headers for one member", pos));
             }
             let recs = read_ext(MAX_PAX, "pax header")?;
@@ -284,7 +367,8 @@ pub fn walk_into(
             for r in PaxExtensions::new(&recs) {
                 r.map_err(|e| malformed(format!("pax header: {e}"), pos))?;
             }
-            pax = Some(recs);
+            ext.pax_first = ext.long_name.is_none();
+            ext.pax = Some(recs);
         } else if etype.is_pax_global_extensions() {
             // Global records would silently change how later members read (a `path` or `size`
             // for all of them): a differential between tar readers. Refuse those keys.
@@ -294,42 +378,13 @@ pub fn walk_into(
                     return Err(malformed(format!("pax global header sets {k:?}"), pos));
                 }
             }
+            if pax_sparse(&recs, pos)?.is_some() {
+                return Err(malformed("pax global header sets GNU.sparse keys", pos)
+                    .code("ova.sparse-member"));
+            }
         } else {
-            let mut raw_name = h.path_bytes().into_owned();
-            let mut link = h.link_name_bytes().map(|c| c.into_owned());
-            if let Some(n) = long_name.take() {
-                raw_name = n;
-            }
-            if let Some(l) = long_link.take() {
-                link = Some(l);
-            }
-            if let Some(p) = pax.take() {
-                if let Some(v) = pax_value(&p, "path", pos)? {
-                    raw_name = v.as_bytes().to_vec();
-                }
-                if let Some(v) = pax_value(&p, "linkpath", pos)? {
-                    link = Some(v.as_bytes().to_vec());
-                }
-            }
-            if raw_name.len() as u64 > MAX_NAME {
-                return Err(malformed("member name too long", pos));
-            }
-            let kind = MemberKind::from_type(etype);
-            let link = match kind {
-                MemberKind::Symlink | MemberKind::HardLink => {
-                    link.map(|l| String::from_utf8_lossy(&l).into_owned())
-                }
-                _ => None,
-            };
-            members.push(Member {
-                name: String::from_utf8_lossy(&raw_name).into_owned(),
-                raw_name,
-                kind,
-                link,
-                header_offset: pos,
-                offset: data,
-                size: data_size,
-            });
+            let m = make_member(&block, &h, std::mem::take(&mut ext), pos, data, data_size)?;
+            members.push(m);
         }
         pos = next;
         if pos > size {
@@ -337,13 +392,113 @@ pub fn walk_into(
             break;
         }
     }
-    if opts.strict && (long_name.is_some() || long_link.is_some() || pax.is_some()) {
+    if opts.strict && !ext.is_empty() {
         return Err(malformed(
             "extension header without a following member",
             pos,
         ));
     }
     Ok(())
+}
+
+/// Skips the extension blocks of an old GNU sparse header (each holds 21 more map entries and
+/// an "is extended" flag at byte 504), as GNU tar and `tarfile` do, and returns where the
+/// member's data starts. Each block counts as a header.
+fn skip_sparse_extensions(
+    src: &dyn ReadAt,
+    mut at: u64,
+    headers: &mut usize,
+    opts: WalkOptions,
+) -> Result<u64> {
+    loop {
+        *headers = headers.saturating_add(1);
+        if *headers > opts.max_headers {
+            return Err(Error::limit("too many GNU sparse extension headers")
+                .at(at)
+                .code("ova.too-many-members"));
+        }
+        let mut block = [0u8; 512];
+        src.read_exact_at(&mut block, at)
+            .map_err(|e| Error::from(e).context("reading a GNU sparse header").at(at))?;
+        at = at
+            .checked_add(BLOCK)
+            .ok_or_else(|| malformed("offset overflows", at))?;
+        if block.get(504).is_some_and(|b| *b == 0) {
+            return Ok(at);
+        }
+    }
+}
+
+/// The member a header describes, with the names each reader gives it and its sparse form.
+fn make_member(
+    block: &[u8; 512],
+    h: &Header,
+    ext: Ext,
+    pos: u64,
+    data: u64,
+    data_size: u64,
+) -> Result<Member> {
+    let (mut tarfile, mut gnu) = header_names(block);
+    let mut raw_name = h.path_bytes().into_owned();
+    let mut link = h.link_name_bytes().map(|c| c.into_owned());
+    let mut kind = MemberKind::from_type(h.entry_type());
+    let mut sparse = (kind == MemberKind::Sparse).then(|| "GNU sparse (old GNU type S)".into());
+    let pax = ext.pax.as_deref().unwrap_or_default();
+    let pax_path = pax_value(pax, "path", pos)?.map(|v| v.as_bytes().to_vec());
+    if let Some(n) = &ext.long_name {
+        raw_name.clone_from(n);
+        gnu.clone_from(n);
+        // tarfile applies the outermost extension header last: the first one wins.
+        if pax_path.is_none() || !ext.pax_first {
+            tarfile.clone_from(n);
+        }
+    }
+    if let Some(l) = ext.long_link {
+        link = Some(l);
+    }
+    if let Some(p) = pax_path {
+        if ext.long_name.is_none() || ext.pax_first {
+            tarfile.clone_from(&p);
+        }
+        gnu.clone_from(&p);
+        raw_name = p;
+    }
+    if let Some(v) = pax_value(pax, "linkpath", pos)? {
+        link = Some(v.as_bytes().to_vec());
+    }
+    if let Some(form) = pax_sparse(pax, pos)? {
+        kind = MemberKind::Sparse;
+        sparse = Some(form);
+        // Both tarfile and GNU tar name a sparse member by its GNU.sparse.name.
+        if let Some(n) = pax_value(pax, "GNU.sparse.name", pos)? {
+            tarfile = n.as_bytes().to_vec();
+            gnu = n.as_bytes().to_vec();
+        }
+    }
+    if [&raw_name, &tarfile, &gnu]
+        .iter()
+        .any(|n| n.len() as u64 > MAX_NAME)
+    {
+        return Err(malformed("member name too long", pos));
+    }
+    let link = match kind {
+        MemberKind::Symlink | MemberKind::HardLink => {
+            link.map(|l| String::from_utf8_lossy(&l).into_owned())
+        }
+        _ => None,
+    };
+    Ok(Member {
+        name: String::from_utf8_lossy(&raw_name).into_owned(),
+        tarfile_name: (tarfile != raw_name).then_some(tarfile),
+        gnu_tar_name: (gnu != raw_name).then_some(gnu),
+        raw_name,
+        kind,
+        link,
+        header_offset: pos,
+        offset: data,
+        size: data_size,
+        sparse,
+    })
 }
 
 /// The value of pax record `key`, the last one winning as in POSIX.
@@ -425,6 +580,53 @@ mod tests {
         a[0] ^= 1;
         let e = walk(&a, &Budget::new(1 << 20), WalkOptions::default()).unwrap_err();
         assert_eq!(e.finding_code(), "ova.tar-malformed");
+    }
+
+    /// An old GNU sparse header followed by `ext` extension blocks, then 512 data bytes.
+    fn old_sparse(ext: usize) -> Vec<u8> {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(EntryType::GNUSparse);
+        h.set_size(512);
+        h.set_mode(0o644);
+        h.as_mut_bytes()[..8].copy_from_slice(b"disk.img");
+        h.as_mut_bytes()[482] = u8::from(ext > 0);
+        h.set_cksum();
+        let mut v = h.as_bytes().to_vec();
+        for i in 0..ext {
+            let mut b = [0u8; 512];
+            b[504] = u8::from(i + 1 < ext);
+            v.extend_from_slice(&b);
+        }
+        v.extend_from_slice(&[7u8; 512]);
+        v.extend_from_slice(&[0u8; 1024]);
+        v
+    }
+
+    #[test]
+    fn old_gnu_sparse_extension_blocks_are_skipped_and_bounded() {
+        for ext in [0, 1, 20] {
+            let a = old_sparse(ext);
+            let m = walk(&a, &Budget::new(1 << 20), WalkOptions::default()).unwrap();
+            assert_eq!(m.len(), 1);
+            assert_eq!(m[0].kind, MemberKind::Sparse);
+            assert_eq!(m[0].offset, 512 * (1 + ext as u64), "{ext}");
+            assert!(m[0].sparse.is_some());
+        }
+        let opts = WalkOptions {
+            max_members: 10,
+            max_headers: 10,
+            strict: true,
+        };
+        let e = walk(&old_sparse(20), &Budget::new(1 << 20), opts).unwrap_err();
+        assert_eq!(e.finding_code(), "ova.too-many-members");
+        // Cut inside the extension blocks: an error, not a panic.
+        let a = old_sparse(20);
+        let e = walk(
+            &a[..512 * 5].to_vec(),
+            &Budget::new(1 << 20),
+            WalkOptions::default(),
+        );
+        assert!(e.is_err());
     }
 
     #[test]
