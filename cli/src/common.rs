@@ -1,6 +1,5 @@
 //! Helpers shared by the subcommands: opening images under the policy, and rendering.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -19,10 +18,10 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Opens `path` read-only as a shared positional source.
+/// Opens `path` read-only as a shared positional source (a pipe or device without a size is
+/// refused: see `source.rs`).
 pub fn open_source(path: &Path) -> anyhow::Result<Source> {
-    let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    Ok(Arc::new(f))
+    crate::source::open_random(path)
 }
 
 /// Parses a size such as `10G`, `512M` or `1099511627776` (powers of 1024).

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod common;
+mod source;
 
 /// Inspect, validate, convert and upload virtual-disk images (qcow2, VMDK, VHD, VHDX, VDI,
 /// raw, ISO, OVA).
