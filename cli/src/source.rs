@@ -55,3 +55,15 @@ pub fn one_line(path: &Path, e: &anyhow::Error) -> String {
         format!("{}: {msg}", path.display())
     }
 }
+
+/// Restores the default action of SIGPIPE, so that a command that only prints (and holds no
+/// temporary file, no remote state) ends quietly, as `cat` and `md5sum` do, when the reader of
+/// its stdout goes away: the shell shows status 141. Rust ignores SIGPIPE by default, which
+/// turns `println!` into a panic on a closed pipe. `convert` (which removes its temporary
+/// file) and `upload` (which talks over sockets) handle EPIPE themselves instead.
+pub fn die_on_sigpipe() {
+    // SAFETY: resetting a signal's disposition to its default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -507,3 +507,25 @@ fn a_closed_pipe_on_stdout_ends_quietly_with_141() {
     assert_eq!(stderr(&o), "");
     assert_eq!(head, std::fs::read(&src).unwrap()[..1000]);
 }
+
+#[test]
+fn printing_commands_end_quietly_when_stdout_closes() {
+    let d = tempfile::tempdir().unwrap();
+    let src = data_file(d.path(), "a.raw", 1);
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    let f = s(&src);
+    for cmd in ["checksum", "info", "check"] {
+        // Many files, so that the output outlasts the pipe's reader.
+        let args = vec![f; 200].join(" ");
+        let o = tool_any(
+            "bash",
+            &[
+                "-c",
+                &format!("'{bin}' {cmd} {args} | head -c 1 >/dev/null; echo ${{PIPESTATUS[0]}}"),
+            ],
+        );
+        let status = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert_eq!(status, "141", "{cmd}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{cmd}");
+    }
+}
