@@ -129,6 +129,23 @@ fn convert_onto_its_own_source_is_refused_through_every_spelling() {
         assert_eq!(std::fs::read(&src).unwrap(), before, "{from} -> {to}");
         assert_eq!(names(d.path()), listing, "{from} -> {to}");
     }
+    // stdin that is the destination file.
+    let o = tool_any(
+        "bash",
+        &[
+            "-c",
+            &format!(
+                "'{}' convert -O qcow2 - '{}' < '{}'",
+                env!("CARGO_BIN_EXE_glimpse"),
+                s(&src),
+                s(&src)
+            ),
+        ],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("output.same-as-source"));
+    assert_eq!(std::fs::read(&src).unwrap(), before);
+    assert_eq!(names(d.path()), listing);
     // The source is still the image it was.
     let o = glimpse(&["check", s(&src)]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));

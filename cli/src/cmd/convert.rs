@@ -145,7 +145,7 @@ fn open_output(args: &Args) -> anyhow::Result<(Target, Option<OutputFile>)> {
     }
     let out = OutputFile::create(
         &args.dst,
-        Some(&args.src),
+        Some(&identity(&args.src)),
         OutputOptions { fsync: args.fsync },
     )
     .map_err(refused)?;
@@ -171,7 +171,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         );
     }
     if !to_stdout {
-        check_not_source(&args.src, &args.dst).map_err(refused)?;
+        check_not_source(&identity(&args.src), &args.dst).map_err(refused)?;
     }
     let image = load(&args.src, args.source_format, &args.input)?.image;
     if cancelled() {
@@ -192,6 +192,16 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     TEMP_PATH.store(std::ptr::null_mut(), Ordering::SeqCst);
     result.map(|()| 0)
+}
+
+/// The path whose device and inode identify the source: stdin's file for `-`, so that
+/// `convert - x.qcow2 < x.qcow2` is caught too.
+fn identity(src: &Path) -> PathBuf {
+    if is_stdin(src) {
+        PathBuf::from("/dev/stdin")
+    } else {
+        src.to_path_buf()
+    }
 }
 
 /// A refusal of the destination, with its stable code (`output.same-as-source`, ...).
