@@ -222,6 +222,36 @@ fn an_interrupted_convert_removes_only_its_temporary_file() {
 }
 
 #[test]
+fn a_second_signal_does_not_wait_and_still_removes_the_temporary_file() {
+    let d = tempfile::tempdir().unwrap();
+    let src = data_file(d.path(), "big.raw", 512);
+    let dst = d.path().join("out.qcow2");
+    let listing = names(d.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["convert", "--progress", "json", "-c", "-O", "qcow2"])
+        .args([&src, &dst])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("\"progress\""));
+    let pid = i32::try_from(child.id()).unwrap();
+    for _ in 0..2 {
+        // SAFETY: sending SIGTERM to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    }
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    // Either the handler exited at once (128 + SIGTERM) or the first signal's cleanup won.
+    assert!(
+        matches!(status.code(), Some(143) | Some(2)),
+        "{status:?} {rest:?}"
+    );
+    assert!(!dst.exists());
+    assert_eq!(names(d.path()), listing);
+}
+
+#[test]
 fn checksum_reads_pipes_stdin_and_fifos_as_streams() {
     let d = tempfile::tempdir().unwrap();
     let src = data_file(d.path(), "a.raw", 9);
