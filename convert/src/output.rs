@@ -89,6 +89,12 @@ impl OutputFile {
         Ok(Target::File(f))
     }
 
+    /// The temporary file itself, for callers that write without a [`crate::Writer`] (an
+    /// extracted OVA member, say).
+    pub fn as_file(&self) -> &File {
+        self.temp.as_file()
+    }
+
     /// The temporary file's path (for a signal handler that must remove it itself).
     pub fn temp_path(&self) -> &Path {
         self.temp.path()
@@ -199,10 +205,7 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 
         let out = OutputFile::create(&dest, None, OutputOptions { fsync: true }).unwrap();
-        let Target::File(mut f) = out.target().unwrap() else {
-            panic!("file target")
-        };
-        f.write_all(b"new").unwrap();
+        out.as_file().write_all(b"new").unwrap();
         out.commit().unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"new");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
