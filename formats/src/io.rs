@@ -111,7 +111,7 @@ impl ReadAt for File {
     }
 }
 
-/// The size of a block device: where `SEEK_END` lands (what qemu's raw driver does too). The
+/// The size of a block device: where `SEEK_END` lands (`stat` says 0 for a device). The
 /// file position is put back, although nothing in glimpse reads a source through it.
 fn device_size(file: &File) -> io::Result<u64> {
     use std::os::unix::io::AsRawFd;
