@@ -1,6 +1,5 @@
 //! Helpers shared by the subcommands: opening images under the policy, and rendering.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -19,11 +18,10 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Opens `path` read-only as a shared positional source. The error does not name the path:
-/// the caller names it once.
+/// Opens `path` read-only as a shared positional source (a pipe or device without a size is
+/// refused: see `source.rs`). Open errors name the file themselves; [`failed`] names it once.
 pub fn open_source(path: &Path) -> anyhow::Result<Source> {
-    let f = File::open(path).context("cannot open")?;
-    Ok(Arc::new(f))
+    crate::source::open_random(path)
 }
 
 /// A refusal by the safety policy: exit status 1 in every command.
@@ -85,7 +83,12 @@ pub fn error_json(filename: &str, e: &anyhow::Error) -> Value {
 /// Reports a file that could not be handled: one line on stderr naming it once, and its
 /// JSON object and exit status.
 pub fn failed(filename: &str, e: &anyhow::Error) -> (Value, u8) {
-    eprintln!("glimpse: {filename}: {e:#}");
+    let msg = format!("{e:#}");
+    if msg.starts_with(&format!("{filename}:")) {
+        eprintln!("glimpse: {msg}");
+    } else {
+        eprintln!("glimpse: {filename}: {msg}");
+    }
     (error_json(filename, e), exit_status(e))
 }
 

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod common;
+mod source;
 
 /// Inspect, validate, convert and upload virtual-disk images (qcow2, VMDK, VHD, VHDX, VDI,
 /// raw, ISO, OVA).
@@ -60,6 +61,15 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let Command::Info(_)
+    | Command::Check(_)
+    | Command::Map(_)
+    | Command::Compare(_)
+    | Command::Checksum(_)
+    | Command::Measure(_) = cli.command
+    {
+        source::die_on_sigpipe();
+    }
     let result = match cli.command {
         Command::Info(a) => cmd::info::run(a),
         Command::Check(a) => cmd::check::run(a),

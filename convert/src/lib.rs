@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod output;
 pub mod pipeline;
 pub mod stamp;
 

@@ -119,6 +119,55 @@ pub fn file_digests(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<(Algo, String)>> {
     let size = src.size()?;
+    let mut off = 0u64;
+    fan_out(algos, progress, || {
+        if off >= size {
+            return Ok(None);
+        }
+        let n = usize::try_from((size - off).min(FILE_BLOCK as u64)).unwrap_or(FILE_BLOCK);
+        let mut buf = vec![0u8; n];
+        src.read_exact_at(&mut buf, off)
+            .map_err(|e| Error::from(e).at(off))?;
+        off += n as u64;
+        Ok(Some(buf))
+    })
+}
+
+/// As [`file_digests`] for a stream (a pipe, stdin) read once to its end: no size is known
+/// beforehand, and nothing seeks. Returns the byte count with the digests.
+///
+/// # Errors
+/// `Io` when the stream cannot be read.
+pub fn stream_digests(
+    src: &mut dyn std::io::Read,
+    algos: &[Algo],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(u64, Vec<(Algo, String)>)> {
+    let mut total = 0u64;
+    let digests = fan_out(algos, progress, || {
+        let mut buf = vec![0u8; FILE_BLOCK];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match src.read(buf.get_mut(filled..).unwrap_or_default()) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::from(e).at(total)),
+            }
+        }
+        buf.truncate(filled);
+        total += filled as u64;
+        Ok((filled > 0).then_some(buf))
+    })?;
+    Ok((total, digests))
+}
+
+/// Feeds every block `next` returns (until `None`) to one hasher thread per algorithm.
+fn fan_out(
+    algos: &[Algo],
+    progress: &(dyn Fn(u64) + Sync),
+    mut next: impl FnMut() -> Result<Option<Vec<u8>>>,
+) -> Result<Vec<(Algo, String)>> {
     std::thread::scope(|s| -> Result<Vec<(Algo, String)>> {
         let mut senders = Vec::new();
         let mut handles = Vec::new();
@@ -133,22 +182,21 @@ pub fn file_digests(
                 (algo, h.hex())
             }));
         }
-        let mut off = 0u64;
-        let mut result = Ok(());
-        while off < size {
-            let n = usize::try_from((size - off).min(FILE_BLOCK as u64)).unwrap_or(FILE_BLOCK);
-            let mut buf = vec![0u8; n];
-            if let Err(e) = src.read_exact_at(&mut buf, off) {
-                result = Err(Error::from(e).at(off));
-                break;
+        let mut done = 0u64;
+        let result = loop {
+            match next() {
+                Ok(Some(buf)) => {
+                    done += buf.len() as u64;
+                    let block = Arc::new(buf);
+                    for tx in &senders {
+                        let _ = tx.send(block.clone());
+                    }
+                    progress(done);
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             }
-            let block = Arc::new(buf);
-            for tx in &senders {
-                let _ = tx.send(block.clone());
-            }
-            off += n as u64;
-            progress(off);
-        }
+        };
         drop(senders);
         let out: Vec<(Algo, String)> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
         result.map(|()| out)
@@ -367,5 +415,18 @@ mod tests {
             (Algo::Md5, "6f5902ac237024bdd0c176cb93063dc4".to_string())
         );
         assert!(d[1].1.starts_with("db3974a97f2407b7"));
+    }
+
+    #[test]
+    fn stream_digests_equal_file_digests_across_blocks() {
+        let data: Vec<u8> = (0..FILE_BLOCK + 12345).map(|i| (i % 251) as u8).collect();
+        let algos = [Algo::Md5, Algo::Sha512];
+        let want = file_digests(&data, &algos, &|_| {}).unwrap();
+        let (n, got) = stream_digests(&mut data.as_slice(), &algos, &|_| {}).unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(got, want);
+        let (n, empty) = stream_digests(&mut std::io::empty(), &[Algo::Md5], &|_| {}).unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(empty[0].1, "d41d8cd98f00b204e9800998ecf8427e");
     }
 }

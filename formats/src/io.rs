@@ -76,26 +76,249 @@ pub trait ReadAt: Send + Sync {
 /// A shared, thread-safe source.
 pub type Source = Arc<dyn ReadAt>;
 
+/// A file is read positionally. Its size comes from the device for a block device (`stat`
+/// says 0 there), and holes are asked for only in regular files: everything else is data.
 impl ReadAt for File {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         std::os::unix::fs::FileExt::read_at(self, buf, offset)
     }
     fn size(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
+        let m = self.metadata()?;
+        match FileKind::of(&m.file_type()) {
+            FileKind::BlockDevice => device_size(self),
+            _ => Ok(m.len()),
+        }
     }
     fn allocated_size(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
-        self.metadata().ok().map(|m| m.blocks().saturating_mul(512))
+        let m = self.metadata().ok()?;
+        m.is_file().then(|| m.blocks().saturating_mul(512))
     }
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        if !self.metadata()?.is_file() {
+            return Ok((offset < self.size()?).then_some(offset));
+        }
         seek_hole_data(self, offset, libc::SEEK_DATA).map(|r| r.ok())
     }
     fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        if !self.metadata()?.is_file() {
+            return self.size();
+        }
         match seek_hole_data(self, offset, libc::SEEK_HOLE)? {
             Ok(o) => Ok(o),
             Err(()) => self.size(),
         }
     }
+}
+
+/// The size of a block device: where `SEEK_END` lands (`stat` says 0 for a device). The
+/// file position is put back, although nothing in glimpse reads a source through it.
+fn device_size(file: &File) -> io::Result<u64> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on a valid, open descriptor has no memory-safety preconditions.
+    let cur = unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) };
+    if cur < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+    let err = io::Error::last_os_error();
+    // SAFETY: as above; `cur` is a position the kernel just returned.
+    unsafe { libc::lseek(fd, cur, libc::SEEK_SET) };
+    u64::try_from(end).map_err(|_| err)
+}
+
+/// What kind of file a path names. Only regular files and block devices can be read at any
+/// offset; pipes can be read once, front to back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A regular file.
+    Regular,
+    /// A block device (a disk, an LVM or Cinder volume, a loop device).
+    BlockDevice,
+    /// A pipe or FIFO (also a process substitution, or stdin from a pipe).
+    Fifo,
+    /// A character device (`/dev/zero`, a terminal).
+    CharDevice,
+    /// A directory.
+    Directory,
+    /// A socket.
+    Socket,
+    /// Anything else.
+    Other,
+}
+
+impl FileKind {
+    /// The kind of a file type (from `stat`, following symbolic links).
+    pub fn of(ft: &std::fs::FileType) -> Self {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_file() {
+            FileKind::Regular
+        } else if ft.is_block_device() {
+            FileKind::BlockDevice
+        } else if ft.is_fifo() {
+            FileKind::Fifo
+        } else if ft.is_char_device() {
+            FileKind::CharDevice
+        } else if ft.is_dir() {
+            FileKind::Directory
+        } else if ft.is_socket() {
+            FileKind::Socket
+        } else {
+            FileKind::Other
+        }
+    }
+
+    /// "a regular file", "a pipe", ... for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FileKind::Regular => "a regular file",
+            FileKind::BlockDevice => "a block device",
+            FileKind::Fifo => "a pipe",
+            FileKind::CharDevice => "a character device",
+            FileKind::Directory => "a directory",
+            FileKind::Socket => "a socket",
+            FileKind::Other => "not a regular file",
+        }
+    }
+
+    /// True when the file can be read at any offset and has a size.
+    pub fn is_random_access(self) -> bool {
+        matches!(self, FileKind::Regular | FileKind::BlockDevice)
+    }
+
+    /// True when the file can be read front to back to its end.
+    pub fn is_streamable(self) -> bool {
+        matches!(
+            self,
+            FileKind::Regular | FileKind::BlockDevice | FileKind::Fifo | FileKind::Socket
+        )
+    }
+}
+
+/// How a caller will read a file it opens with [`open_path`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// At any offset, with a known size: every command that parses an image.
+    Random,
+    /// Once, front to back, to the end: file digests.
+    Stream,
+}
+
+/// A file opened by [`open_path`] and what kind it is.
+#[derive(Debug)]
+pub struct Opened {
+    /// The open file.
+    pub file: File,
+    /// Its kind, from `fstat` of the open descriptor.
+    pub kind: FileKind,
+}
+
+/// Opens `path` read-only for `access`, after checking what kind of file it is, so that no
+/// open or read ever blocks on a FIFO nobody writes to, and a device without a size is never
+/// read as an empty disk.
+///
+/// - `Random`: regular files and block devices. A pipe or character device (`/dev/zero`) is
+///   refused before it is opened (`source.not-seekable`), a directory too (`source.directory`).
+///   The open itself is non-blocking, and the descriptor is checked again with `fstat`, so a
+///   file swapped for a FIFO after the check is refused as well.
+/// - `Stream`: also pipes and FIFOs; a FIFO is opened the way `cat` opens it (waiting for a
+///   writer), because a non-blocking read before the writer arrives would look like an empty
+///   stream.
+///
+/// # Errors
+/// `Io` when the path cannot be opened; `Unsupported` (`source.not-seekable`) or `Invalid`
+/// (`source.directory`) for a file of the wrong kind. Messages name the path.
+pub fn open_path(path: &std::path::Path, access: Access) -> Result<Opened> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| open_error(&shown, &e))?;
+    check_kind(FileKind::of(&meta.file_type()), access).map_err(|e| e.context(&shown))?;
+    let nonblock = access == Access::Random || FileKind::of(&meta.file_type()) != FileKind::Fifo;
+    let flags = libc::O_NOCTTY | if nonblock { libc::O_NONBLOCK } else { 0 };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|e| open_error(&shown, &e))?;
+    let opened = opened(file, access).map_err(|e| e.context(&shown))?;
+    if nonblock {
+        clear_nonblock(&opened.file).map_err(|e| open_error(&shown, &e))?;
+    }
+    Ok(opened)
+}
+
+/// An `Io` error for a file that cannot be opened, in one line: the OS error is part of the
+/// message rather than a source, so that a chain printer does not repeat it.
+fn open_error(shown: &dyn std::fmt::Display, e: &io::Error) -> Error {
+    Error::new(
+        crate::ErrorKind::Io,
+        format!("{shown}: cannot open: {}", os_message(e)),
+    )
+}
+
+/// `No such file or directory`, without Rust's ` (os error 2)` suffix.
+fn os_message(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s.get(..i).unwrap_or(&s).to_string(),
+        None => s,
+    }
+}
+
+/// Checks the kind of an already open file (stdin, say) for `access`.
+///
+/// # Errors
+/// As [`open_path`], without the path in the message.
+pub fn opened(file: File, access: Access) -> Result<Opened> {
+    let kind = FileKind::of(&file.metadata()?.file_type());
+    check_kind(kind, access)?;
+    Ok(Opened { file, kind })
+}
+
+/// Refuses a kind of file that cannot be read with `access`, saying why and what to do.
+fn check_kind(kind: FileKind, access: Access) -> Result<()> {
+    let ok = match access {
+        Access::Random => kind.is_random_access(),
+        Access::Stream => kind.is_streamable(),
+    };
+    if ok {
+        return Ok(());
+    }
+    if kind == FileKind::Directory {
+        return Err(Error::invalid("is a directory, not a disk image").code("source.directory"));
+    }
+    let why = match (kind, access) {
+        (FileKind::CharDevice, _) => "is a character device: it has no size and no fixed \
+             content, so it is not read as a disk image; save the data to a file first"
+            .to_string(),
+        (_, Access::Random) => format!(
+            "is {}: reading a disk image needs random access; save it to a file first \
+             (only `checksum` without --content reads a stream)",
+            kind.describe()
+        ),
+        (_, Access::Stream) => format!("is {}: it cannot be read", kind.describe()),
+    };
+    Err(Error::unsupported(why).code("source.not-seekable"))
+}
+
+/// Puts a descriptor opened with `O_NONBLOCK` back into blocking mode, so that reads of a
+/// block device behave as usual.
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl F_GETFL/F_SETFL on a valid, open descriptor only reads and sets its
+    // status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `lseek` with `SEEK_DATA`/`SEEK_HOLE`. `Ok(Err(()))` means ENXIO (no more data/holes).
@@ -400,6 +623,34 @@ mod tests {
         w.read_exact_at(&mut buf, 15).unwrap();
         assert_eq!(buf, [25, 26, 27, 28, 29]);
         assert!(Window::new(inner, 90, 20).is_err());
+    }
+
+    #[test]
+    fn open_path_refuses_what_cannot_be_read_at_random_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = open_path(&fifo, Access::Random).unwrap_err();
+        assert_eq!(e.finding_code(), "source.not-seekable");
+        assert!(e.message().contains("save it to a file first"), "{e}");
+        let e = open_path(std::path::Path::new("/dev/zero"), Access::Random).unwrap_err();
+        assert_eq!(e.finding_code(), "source.not-seekable");
+        let e = open_path(std::path::Path::new("/dev/zero"), Access::Stream).unwrap_err();
+        assert_eq!(e.finding_code(), "source.not-seekable");
+        let e = open_path(dir.path(), Access::Random).unwrap_err();
+        assert_eq!(e.finding_code(), "source.directory");
+        let e = open_path(&dir.path().join("missing"), Access::Random).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Io);
+        assert_eq!(e.to_string().matches("missing").count(), 1, "{e}");
+        assert!(!e.to_string().contains("os error"), "{e}");
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"abc").unwrap();
+        let o = open_path(&file, Access::Random).unwrap();
+        assert_eq!(o.kind, FileKind::Regular);
+        assert_eq!(ReadAt::size(&o.file).unwrap(), 3);
+        assert_eq!(o.file.next_data(0).unwrap(), Some(0));
     }
 
     #[test]

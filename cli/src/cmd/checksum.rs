@@ -1,13 +1,14 @@
 //! `glimpse checksum`: file digests in one pass, and the content digest.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use glimpse_formats::digest::{content_digest, file_digests, Algo};
+use glimpse_formats::digest::{content_digest, file_digests, stream_digests, Algo};
 use glimpse_formats::reader::GuestReader;
-use glimpse_formats::Limits;
+use glimpse_formats::{Limits, ReadAt};
 use serde_json::{json, Map, Value};
 
-use crate::common::{failed, load, name, open_source, print_json, InputOpts, OutputFormat};
+use crate::common::{failed, load, name, print_json, InputOpts, OutputFormat};
+use crate::source::open_stream;
 
 /// Arguments of `glimpse checksum`.
 #[derive(clap::Args)]
@@ -63,9 +64,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 let d = content_digest(&reader, &|_, _| {})?;
                 m.insert("content".into(), json!(d));
             } else {
-                let src = open_source(path)?;
-                m.insert("size".into(), json!(src.size()?));
-                for (algo, hex) in file_digests(src.as_ref(), &algos, &|_| {})? {
+                let (size, digests) = digest_file(path, &algos)?;
+                m.insert("size".into(), json!(size));
+                for (algo, hex) in digests {
                     m.insert(algo.name().into(), json!(hex));
                 }
             }
@@ -95,4 +96,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         print_json(items);
     }
     Ok(code)
+}
+
+/// File digests of `path`: read in parallel blocks from a file or block device (whose size
+/// comes from the device), or front to back from a pipe, FIFO or stdin (`-`).
+fn digest_file(path: &Path, algos: &[Algo]) -> anyhow::Result<(u64, Vec<(Algo, String)>)> {
+    let (mut file, kind) = open_stream(path)?;
+    if kind.is_random_access() {
+        let size = ReadAt::size(&file)?;
+        return Ok((size, file_digests(&file, algos, &|_| {})?));
+    }
+    Ok(stream_digests(&mut file, algos, &|_| {})?)
 }

@@ -1,19 +1,20 @@
 //! `glimpse convert`: parallel streaming conversion between formats.
 
-use std::fs::OpenOptions;
 use std::io::IsTerminal;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::Context;
+use glimpse_convert::output::{check_not_source, OutputFile, OutputOptions};
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{create, Target, WriteOptions};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{Format, Limits};
 
 use crate::common::{load, parse_format, InputOpts};
+use crate::source::is_stdin;
 
 /// Arguments of `glimpse convert`.
 #[derive(clap::Args)]
@@ -25,6 +26,8 @@ use crate::common::{load, parse_format, InputOpts};
          the virtual size is otherwise kept exact (qemu's force_size)
   vhdx:  subformat=dynamic|fixed, block_size=1M..256M
   vdi:   static=on|off
+DST is written to a temporary file in its directory and renamed into place on success;
+an existing DST is untouched by a failed or interrupted conversion.
 DST may be - (stdout) for raw, vmdk subformat=streamOptimized and vhd subformat=fixed.")]
 pub struct Args {
     /// Declared source format; a different detected format is refused.
@@ -45,6 +48,12 @@ pub struct Args {
     /// Progress as JSON lines on stderr: {"done":..,"total":..,"rate":..} per step.
     #[arg(long, value_name = "MODE", value_parser = ["json", "bar", "none"])]
     progress: Option<String>,
+    /// fsync the output file before renaming it into place, and its directory after.
+    #[arg(long)]
+    fsync: bool,
+    /// Write image data to stdout even when it is a terminal.
+    #[arg(long)]
+    force_tty: bool,
     #[command(flatten)]
     input: InputOpts,
     /// Source image.
@@ -54,65 +63,170 @@ pub struct Args {
 }
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
+/// The signal that set [`CANCEL`].
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// The temporary output file, as a C string the signal handler can unlink (null when none).
+static TEMP_PATH: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
 
-extern "C" fn on_signal(_: libc::c_int) {
-    CANCEL.store(true, Ordering::SeqCst);
+/// The first SIGINT/SIGTERM asks the pipeline to stop (it then drops the temporary file); a
+/// second one does not wait: it removes the temporary file and exits.
+extern "C" fn on_signal(sig: libc::c_int) {
+    if CANCEL.swap(true, Ordering::SeqCst) {
+        let p = TEMP_PATH.load(Ordering::SeqCst);
+        // SAFETY: unlink and _exit are async-signal-safe; `p` is null or a leaked,
+        // NUL-terminated string that is never freed.
+        unsafe {
+            if !p.is_null() {
+                libc::unlink(p);
+            }
+            libc::_exit(128 + sig);
+        }
+    }
+    SIGNAL.store(sig, Ordering::SeqCst);
 }
 
 fn install_signal_handlers() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        // SAFETY: the handler only touches atomics and calls async-signal-safe functions.
         unsafe {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
     }
 }
 
+/// Lets the signal handler remove `path` (leaked on purpose: the handler may read it at any
+/// time, so it is never freed).
+fn register_temp(path: &Path) {
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
+        TEMP_PATH.store(c.into_raw(), Ordering::SeqCst);
+    }
+}
+
+/// The error for a conversion a signal stopped (exit 2, as every command that could not do
+/// its work; upload says the same).
+fn interrupted(args: &Args) -> anyhow::Error {
+    let sig = match SIGNAL.load(Ordering::SeqCst) {
+        libc::SIGTERM => "SIGTERM",
+        _ => "SIGINT",
+    };
+    anyhow::anyhow!(
+        "{}: interrupted by {sig}; {} was not written",
+        display(&args.src),
+        display(&args.dst)
+    )
+}
+
+fn cancelled() -> bool {
+    CANCEL.load(Ordering::SeqCst)
+}
+
+/// True when `e` comes from writing to a pipe whose reader has gone (`| head -c 1000`).
+fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::BrokenPipe {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// 128 + SIGPIPE: the status a shell shows for a writer whose reader went away.
+const EXIT_BROKEN_PIPE: u8 = 141;
+
+/// Where the image goes: stdout, or a temporary file renamed onto DST on success.
+fn open_output(args: &Args) -> anyhow::Result<(Target, Option<OutputFile>)> {
+    if is_stdin(&args.dst) {
+        let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+        return Ok((Target::Stream(Box::new(out)), None));
+    }
+    let out = OutputFile::create(
+        &args.dst,
+        Some(&identity(&args.src)),
+        OutputOptions { fsync: args.fsync },
+    )
+    .map_err(refused)?;
+    register_temp(out.temp_path());
+    Ok((out.target()?, Some(out)))
+}
+
 /// Runs `glimpse convert`.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    install_signal_handlers();
     let mut opts = WriteOptions::parse(&args.options.join(","), args.compress)?;
+    let to_stdout = is_stdin(&args.dst);
     opts.output_name = args
         .dst
         .file_name()
         .and_then(|n| n.to_str())
-        .filter(|_| args.dst.as_os_str() != "-")
+        .filter(|_| !to_stdout)
         .map(str::to_string);
     if args.progress_bar && args.progress.as_deref().is_some_and(|m| m != "bar") {
         return Err(crate::common::usage(
             "-p (a progress bar) conflicts with --progress json|none",
         ));
     }
-    let loaded =
-        load(&args.src, args.source_format, &args.input).with_context(|| display(&args.src))?;
-    let image = loaded.image;
+    if to_stdout && std::io::stdout().is_terminal() && !args.force_tty {
+        anyhow::bail!(
+            "refusing to write image data to a terminal: redirect stdout to a file or pipe \
+             (or use --force-tty)"
+        );
+    }
+    if !to_stdout {
+        check_not_source(&identity(&args.src), &args.dst).map_err(refused)?;
+    }
+    let image = load(&args.src, args.source_format, &args.input)
+        .with_context(|| display(&args.src))?
+        .image;
+    if cancelled() {
+        return Err(interrupted(&args));
+    }
     let size = image.info().virtual_size;
-    let to_stdout = args.dst.as_os_str() == "-";
-    let target = if to_stdout {
-        Target::Stream(Box::new(std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::io::stdout(),
-        )))
-    } else {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&args.dst)
-            .with_context(|| format!("{}: cannot create", args.dst.display()))?;
-        Target::File(f)
+    let (target, output) = open_output(&args)?;
+    let result = create(args.output_format, &opts, target, size)
+        .and_then(|writer| run_pipeline(&args, image, writer));
+    // A signal that came before the rename wins: the output is dropped, so removed.
+    let result = match (result, output) {
+        (Ok(_), _) if cancelled() => Err(interrupted(&args)),
+        (Ok(_), Some(out)) => out.commit().map_err(anyhow::Error::from),
+        (Ok(_), None) => Ok(()),
+        (Err(_), _) if cancelled() => Err(interrupted(&args)),
+        (Err(e), _) if to_stdout && is_broken_pipe(&e) => return Ok(EXIT_BROKEN_PIPE),
+        (Err(e), _) => Err(anyhow::anyhow!("{}: {e}", display(&args.src))),
     };
-    install_signal_handlers();
-    let cleanup = |e: anyhow::Error| -> anyhow::Error {
-        if !to_stdout {
-            let _ = std::fs::remove_file(&args.dst);
-        }
-        e
-    };
-    let writer = create(args.output_format, &opts, target, size)
-        .map_err(|e| cleanup(anyhow::Error::new(e).context(format!("{}", args.dst.display()))))?;
-    let reader = GuestReader::new(image.clone(), &Limits::default());
+    TEMP_PATH.store(std::ptr::null_mut(), Ordering::SeqCst);
+    result.map(|()| 0)
+}
 
+/// The path whose device and inode identify the source: stdin's file for `-`, so that
+/// `convert - x.qcow2 < x.qcow2` is caught too.
+fn identity(src: &Path) -> PathBuf {
+    if is_stdin(src) {
+        PathBuf::from("/dev/stdin")
+    } else {
+        src.to_path_buf()
+    }
+}
+
+/// A refusal of the destination, with its stable code (`output.same-as-source`, ...).
+fn refused(e: glimpse_formats::Error) -> anyhow::Error {
+    match e.kind() {
+        glimpse_formats::ErrorKind::Io => anyhow::anyhow!("{e}"),
+        _ => anyhow::anyhow!("{e} ({})", e.finding_code()),
+    }
+}
+
+/// Runs the conversion with the progress display the arguments ask for.
+fn run_pipeline(
+    args: &Args,
+    image: std::sync::Arc<dyn glimpse_formats::Image>,
+    writer: Box<dyn glimpse_convert::Writer>,
+) -> glimpse_formats::Result<glimpse_convert::pipeline::Stats> {
+    let size = image.info().virtual_size;
+    let reader = GuestReader::new(image.clone(), &Limits::default());
     let mode = match (args.progress.as_deref(), args.progress_bar) {
         (Some(m), _) => m.to_string(),
         (None, true) => "bar".into(),
@@ -154,26 +268,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }
-    match result {
-        Ok(stats) => {
-            if mode == "json" {
-                eprintln!(
-                    "{{\"event\":\"done\",\"done\":{size},\"total\":{size},\"read\":{},\"elapsed\":{:.3}}}",
-                    stats.read_bytes,
-                    start.elapsed().as_secs_f64()
-                );
-            }
-            Ok(0)
-        }
-        Err(e) => {
-            let msg = if CANCEL.load(Ordering::SeqCst) {
-                "interrupted".to_string()
-            } else {
-                e.to_string()
-            };
-            Err(cleanup(anyhow::anyhow!("{}: {msg}", display(&args.src))))
-        }
+    if let (Ok(stats), "json") = (&result, mode.as_str()) {
+        eprintln!(
+            "{{\"event\":\"done\",\"done\":{size},\"total\":{size},\"read\":{},\"elapsed\":{:.3}}}",
+            stats.read_bytes,
+            start.elapsed().as_secs_f64()
+        );
     }
+    result
 }
 
 fn display(p: &Path) -> String {

@@ -1,0 +1,579 @@
+//! Output safety and inputs that are not regular files: the same file as source and
+//! destination, failed and interrupted conversions onto an existing file, pipes, FIFOs,
+//! character devices, directories, a loop device, a terminal on stdout and a closed pipe.
+//! Tests that compare with qemu-img or need losetup fail when the tool is missing.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{glimpse, json_of, s};
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exit code")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tool(name: &str, args: &[&str]) -> Output {
+    let out = Command::new(name)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{name} is required for these tests: {e}"));
+    assert!(out.status.success(), "{name} {args:?}: {}", stderr(&out));
+    out
+}
+
+/// The first word of a `md5sum`/`sha512sum` line.
+fn digest_with(tool_name: &str, path: &Path) -> String {
+    let o = tool(tool_name, &[s(path)]);
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Deterministic data: `mib` MiB alternating pseudo-random bytes, text and holes.
+fn data_file(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    use std::io::{Seek, SeekFrom};
+    let p = dir.join(name);
+    let mut f = std::fs::File::create(&p).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..mib {
+        let buf: Vec<u8> = match i % 4 {
+            0 => (0..1 << 20)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect(),
+            1 => b"glimpse iosafety text\n".repeat((1 << 20) / 22 + 1)[..1 << 20].to_vec(),
+            _ => continue,
+        };
+        f.seek(SeekFrom::Start(i << 20)).unwrap();
+        f.write_all(&buf).unwrap();
+    }
+    f.set_len(mib << 20).unwrap();
+    p
+}
+
+/// A qcow2 of `mib` MiB of [`data_file`] data, made by qemu-img.
+fn qcow2_file(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let raw = data_file(dir, &format!("{name}.src.raw"), mib);
+    let p = dir.join(name);
+    tool(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&p)],
+    );
+    std::fs::remove_file(raw).unwrap();
+    p
+}
+
+/// Names in `dir`, sorted: proves no temporary file is left behind.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Runs glimpse in `dir`.
+fn glimpse_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn convert_onto_its_own_source_is_refused_through_every_spelling() {
+    let d = tempfile::tempdir().unwrap();
+    let src = qcow2_file(d.path(), "a.qcow2", 4);
+    let before = std::fs::read(&src).unwrap();
+    std::os::unix::fs::symlink("a.qcow2", d.path().join("link.qcow2")).unwrap();
+    std::fs::hard_link(&src, d.path().join("hard.qcow2")).unwrap();
+    let listing = names(d.path());
+    // The same file through its directory's parent, too.
+    let parent = format!(
+        "../{}/a.qcow2",
+        d.path().file_name().unwrap().to_str().unwrap()
+    );
+    for (from, to) in [
+        ("a.qcow2", "a.qcow2"),
+        ("a.qcow2", "./a.qcow2"),
+        ("./a.qcow2", "link.qcow2"),
+        ("link.qcow2", "a.qcow2"),
+        ("a.qcow2", "hard.qcow2"),
+        ("a.qcow2", parent.as_str()),
+    ] {
+        let o = glimpse_in(d.path(), &["convert", "-O", "qcow2", from, to]);
+        assert_eq!(code(&o), 2, "{from} -> {to}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains("output.same-as-source") && e.contains("is the source"),
+            "{from} -> {to}: {e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert_eq!(std::fs::read(&src).unwrap(), before, "{from} -> {to}");
+        assert_eq!(names(d.path()), listing, "{from} -> {to}");
+    }
+    // stdin that is the destination file.
+    let o = tool_any(
+        "bash",
+        &[
+            "-c",
+            &format!(
+                "'{}' convert -O qcow2 - '{}' < '{}'",
+                env!("CARGO_BIN_EXE_glimpse"),
+                s(&src),
+                s(&src)
+            ),
+        ],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("output.same-as-source"));
+    assert_eq!(std::fs::read(&src).unwrap(), before);
+    assert_eq!(names(d.path()), listing);
+    // The source is still the image it was.
+    let o = glimpse(&["check", s(&src)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
+fn a_failed_convert_leaves_an_existing_destination_byte_identical() {
+    let d = tempfile::tempdir().unwrap();
+    let src = qcow2_file(d.path(), "a.qcow2", 8);
+    let dst = d.path().join("precious.raw");
+    std::fs::write(&dst, b"precious bytes that must survive\n").unwrap();
+    let listing = names(d.path());
+    // An option the writer refuses: the failure comes after the output was set up.
+    let o = glimpse(&["convert", "-O", "raw", "-o", "bogus=1", s(&src), s(&dst)]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    // A source whose last data cluster is cut off: read with --force, it fails mid-way.
+    let cut = d.path().join("cut.qcow2");
+    let mut bytes = std::fs::read(&src).unwrap();
+    bytes.truncate(bytes.len() - 65536 - 1000);
+    std::fs::write(&cut, &bytes).unwrap();
+    let o = glimpse(&["convert", "--force", "-O", "raw", s(&cut), s(&dst)]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    std::fs::remove_file(&cut).unwrap();
+    assert_eq!(
+        std::fs::read(&dst).unwrap(),
+        b"precious bytes that must survive\n"
+    );
+    assert_eq!(names(d.path()), listing);
+    // A successful one replaces it, and keeps its mode.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let o = glimpse(&["convert", "--fsync", "-O", "raw", s(&src), s(&dst)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let q = tool("qemu-img", &["compare", "-F", "raw", s(&src), s(&dst)]);
+    assert!(q.status.success());
+    let mode = std::fs::metadata(&dst).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o640);
+    assert_eq!(names(d.path()), listing);
+}
+
+#[test]
+fn an_interrupted_convert_removes_only_its_temporary_file() {
+    let d = tempfile::tempdir().unwrap();
+    let src = data_file(d.path(), "big.raw", 512);
+    let dst = d.path().join("out.qcow2");
+    std::fs::write(&dst, b"old output\n").unwrap();
+    let listing = names(d.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["convert", "--progress", "json", "-c", "-O", "qcow2"])
+        .args([&src, &dst])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("\"progress\""), "{first}");
+    let temps: Vec<String> = names(d.path())
+        .into_iter()
+        .filter(|n| !listing.contains(n))
+        .collect();
+    assert_eq!(temps.len(), 1, "one temporary file while converting");
+    assert!(temps[0].starts_with(".out.qcow2."), "{temps:?}");
+    // SAFETY: sending SIGINT to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGINT) },
+        0
+    );
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(2), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
+    assert_eq!(std::fs::read(&dst).unwrap(), b"old output\n");
+    assert_eq!(names(d.path()), listing);
+}
+
+#[test]
+fn a_second_signal_does_not_wait_and_still_removes_the_temporary_file() {
+    let d = tempfile::tempdir().unwrap();
+    let src = data_file(d.path(), "big.raw", 512);
+    let dst = d.path().join("out.qcow2");
+    let listing = names(d.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["convert", "--progress", "json", "-c", "-O", "qcow2"])
+        .args([&src, &dst])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("\"progress\""));
+    let pid = i32::try_from(child.id()).unwrap();
+    for _ in 0..2 {
+        // SAFETY: sending SIGTERM to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    }
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    // Either the handler exited at once (128 + SIGTERM) or the first signal's cleanup won.
+    assert!(
+        matches!(status.code(), Some(143) | Some(2)),
+        "{status:?} {rest:?}"
+    );
+    assert!(!dst.exists());
+    assert_eq!(names(d.path()), listing);
+}
+
+#[test]
+fn checksum_reads_pipes_stdin_and_fifos_as_streams() {
+    let d = tempfile::tempdir().unwrap();
+    let src = data_file(d.path(), "a.raw", 9);
+    let md5 = digest_with("md5sum", &src);
+    let sha = digest_with("sha512sum", &src);
+    let check = |o: &Output, what: &str| {
+        assert_eq!(code(o), 0, "{what}: {}", stderr(o));
+        let v = json_of(o);
+        assert_eq!(v["md5"], md5.as_str(), "{what}");
+        assert_eq!(v["sha512"], sha.as_str(), "{what}");
+        assert_eq!(v["size"], 9u64 << 20, "{what}");
+    };
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    let f = s(&src);
+    for (what, script) in [
+        ("-", format!("cat '{f}' | '{bin}' checksum --output json -")),
+        (
+            "/dev/stdin",
+            format!("cat '{f}' | '{bin}' checksum --output json /dev/stdin"),
+        ),
+        (
+            "<(...)",
+            format!("'{bin}' checksum --output json <(cat '{f}')"),
+        ),
+        (
+            "- < file",
+            format!("'{bin}' checksum --output json - < '{f}'"),
+        ),
+    ] {
+        check(&tool_any("bash", &["-c", &script]), what);
+    }
+    // A named FIFO, written by another process.
+    let fifo = d.path().join("fifo");
+    tool("mkfifo", &[s(&fifo)]);
+    let mut writer = Command::new("sh")
+        .args(["-c", &format!("cat '{f}' > '{}'", s(&fifo))])
+        .spawn()
+        .unwrap();
+    check(
+        &glimpse(&["checksum", "--output", "json", s(&fifo)]),
+        "fifo",
+    );
+    assert!(writer.wait().unwrap().success());
+    // Human output names stdin `-`, as md5sum does.
+    let o = tool_any(
+        "bash",
+        &["-c", &format!("'{bin}' checksum --algo md5 - < '{f}'")],
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{md5}  -\n"));
+}
+
+/// Runs a tool and returns its output whatever its status.
+fn tool_any(name: &str, args: &[&str]) -> Output {
+    Command::new(name)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{name} is required for these tests: {e}"))
+}
+
+#[test]
+fn content_checksum_of_a_pipe_is_refused_with_advice() {
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    let o = tool_any(
+        "bash",
+        &[
+            "-c",
+            &format!("head -c 4096 /dev/urandom | '{bin}' checksum --content -"),
+        ],
+    );
+    assert_eq!(code(&o), 2);
+    let e = stderr(&o);
+    assert!(
+        e.contains("is a pipe") && e.contains("save it to a file first"),
+        "{e}"
+    );
+    assert!(!e.contains("d41d8cd98f00b204e9800998ecf8427e"));
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn random_access_commands_refuse_a_fifo_without_blocking() {
+    let d = tempfile::tempdir().unwrap();
+    let fifo = d.path().join("fifo");
+    tool("mkfifo", &[s(&fifo)]);
+    let never = d.path().join("never-written.raw");
+    for cmd in [
+        &["check", s(&fifo)][..],
+        &["info", s(&fifo)],
+        &["map", s(&fifo)],
+        &["convert", "-O", "raw", s(&fifo), s(&never)],
+    ] {
+        let started = Instant::now();
+        let o = tool_any(
+            "timeout",
+            &[&["20", env!("CARGO_BIN_EXE_glimpse")][..], cmd].concat(),
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{cmd:?} blocked"
+        );
+        assert_eq!(code(&o), 2, "{cmd:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains("is a pipe") && e.contains("save it to a file first"),
+            "{cmd:?}: {e}"
+        );
+    }
+    assert!(!never.exists());
+}
+
+#[test]
+fn character_devices_and_directories_are_refused() {
+    for cmd in [
+        &["check", "/dev/zero"][..],
+        &["info", "/dev/zero"],
+        &["checksum", "/dev/zero"],
+        &["checksum", "--content", "/dev/zero"],
+        &["compare", "/dev/zero", "/dev/zero"],
+    ] {
+        let o = tool_any(
+            "timeout",
+            &[&["20", env!("CARGO_BIN_EXE_glimpse")][..], cmd].concat(),
+        );
+        assert_eq!(code(&o), 2, "{cmd:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("is a character device"),
+            "{cmd:?}: {}",
+            stderr(&o)
+        );
+    }
+    let d = tempfile::tempdir().unwrap();
+    for cmd in ["check", "info", "checksum", "map"] {
+        let o = glimpse(&[cmd, s(d.path())]);
+        assert_eq!(code(&o), 2, "{cmd}");
+        let e = stderr(&o);
+        assert!(e.contains("is a directory"), "{cmd}: {e}");
+        assert_eq!(e.lines().count(), 1, "{cmd}: {e}");
+    }
+    let o = glimpse(&["checksum", s(d.path())]);
+    assert_eq!(stderr(&o).matches(s(d.path())).count(), 1, "{}", stderr(&o));
+    // Writing onto a directory or device is refused too, before anything is written.
+    let src = data_file(d.path(), "a.raw", 1);
+    for dst in [s(d.path()), "/dev/null"] {
+        let o = glimpse(&["convert", "-O", "raw", s(&src), dst]);
+        assert_eq!(code(&o), 2, "{dst}");
+        assert!(stderr(&o).contains("output.not-regular"), "{}", stderr(&o));
+    }
+}
+
+/// A loop device attached to a file, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let o = tool("losetup", &["--find", "--show", "--read-only", s(file)]);
+        Loop(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_qcow2_on_a_loop_device_is_a_qcow2() {
+    let d = tempfile::tempdir().unwrap();
+    let img = qcow2_file(d.path(), "a.qcow2", 6);
+    let dev = Loop::attach(&img);
+    let info = json_of(&glimpse(&["info", "--output", "json", &dev.0]));
+    let theirs: Value = serde_json::from_slice(
+        &tool(
+            "qemu-img",
+            &["info", "--output=json", "-f", "qcow2", s(&img)],
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["virtual-size"], theirs["virtual-size"]);
+    let o = glimpse(&["check", &dev.0]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // File digests of the device equal sha512sum's, and its size is the device's.
+    let v = json_of(&glimpse(&["checksum", "--output", "json", &dev.0]));
+    assert_eq!(
+        v["sha512"],
+        digest_with("sha512sum", Path::new(&dev.0)).as_str()
+    );
+    assert_eq!(v["size"], std::fs::metadata(&img).unwrap().len());
+    // The content digest is the file's, and convert gives what qemu-img gives.
+    let c1 = json_of(&glimpse(&[
+        "checksum",
+        "--content",
+        "--output",
+        "json",
+        &dev.0,
+    ]));
+    let c2 = json_of(&glimpse(&[
+        "checksum",
+        "--content",
+        "--output",
+        "json",
+        s(&img),
+    ]));
+    assert_eq!(c1["content"], c2["content"]);
+    let ours = d.path().join("ours.raw");
+    let theirs = d.path().join("theirs.raw");
+    let o = glimpse(&["convert", "-O", "raw", &dev.0, s(&ours)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    tool(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", &dev.0, s(&theirs)],
+    );
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+    let o = glimpse(&["compare", &dev.0, s(&img)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
+fn image_data_is_not_written_to_a_terminal() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("small.raw");
+    std::fs::write(&src, vec![7u8; 65536]).unwrap();
+    let (master, slave) = pty();
+    let slave2 = slave.try_clone().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["convert", "-O", "raw", s(&src), "-"])
+        .stdout(Stdio::from(slave))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 2);
+    let e = stderr(&o);
+    assert!(e.contains("terminal") && e.contains("--force-tty"), "{e}");
+    // Forced, it writes (a thread drains the terminal so the writer never blocks).
+    let mut reader = master.try_clone().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut n = 0usize;
+        let mut buf = [0u8; 8192];
+        while n < 65536 {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+        n
+    });
+    let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["convert", "--force-tty", "-O", "raw", s(&src), "-"])
+        .stdout(Stdio::from(slave2))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(drain.join().unwrap() >= 65536);
+    drop(master);
+}
+
+/// A pseudo-terminal pair: (master, slave).
+fn pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut sl) = (0, 0);
+    // SAFETY: openpty writes two descriptors into the given integers; the other pointers may
+    // be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut sl,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned by nothing else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(m),
+            std::fs::File::from_raw_fd(sl),
+        )
+    }
+}
+
+#[test]
+fn a_closed_pipe_on_stdout_ends_quietly_with_141() {
+    let d = tempfile::tempdir().unwrap();
+    let src = data_file(d.path(), "a.raw", 32);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["convert", "-O", "raw", s(&src), "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut head = vec![0u8; 1000];
+    out.read_exact(&mut head).unwrap();
+    drop(out);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(141), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
+    assert_eq!(head, std::fs::read(&src).unwrap()[..1000]);
+}
+
+#[test]
+fn printing_commands_end_quietly_when_stdout_closes() {
+    let d = tempfile::tempdir().unwrap();
+    let src = data_file(d.path(), "a.raw", 1);
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    let f = s(&src);
+    for cmd in ["checksum", "info", "check"] {
+        // Many files, so that the output outlasts the pipe's reader.
+        let args = vec![f; 200].join(" ");
+        let o = tool_any(
+            "bash",
+            &[
+                "-c",
+                &format!("'{bin}' {cmd} {args} | head -c 1 >/dev/null; echo ${{PIPESTATUS[0]}}"),
+            ],
+        );
+        let status = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert_eq!(status, "141", "{cmd}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{cmd}");
+    }
+}

@@ -1,0 +1,265 @@
+//! Output files that appear only when they are complete.
+//!
+//! A writer never opens its destination. It writes into a temporary file next to it (same
+//! directory, so same filesystem), and [`OutputFile::commit`] renames that into place only
+//! after the conversion succeeded. A failure, a cancellation or a panic drops the
+//! [`OutputFile`], which removes the temporary file and nothing else: an existing destination
+//! keeps every byte unless a new one replaced it whole.
+//!
+//! A destination that is the source (the same device and inode, whatever path names it) is
+//! refused before anything is created.
+
+use std::fs::{File, Permissions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::{Error, ErrorKind, Result, Target};
+
+/// How an [`OutputFile`] is made durable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputOptions {
+    /// fsync the file before the rename and its directory after it. Without it durability is
+    /// left to the kernel's writeback, as `qemu-img convert` does by default.
+    pub fsync: bool,
+}
+
+/// A destination being written through a temporary file in its directory.
+#[derive(Debug)]
+pub struct OutputFile {
+    temp: tempfile::NamedTempFile,
+    dest: PathBuf,
+    opts: OutputOptions,
+}
+
+impl OutputFile {
+    /// Creates the temporary file for `dest`, after refusing a destination that is `source`
+    /// (`output.same-as-source`) or that exists and is not a regular file
+    /// (`output.not-regular`). A symbolic link as destination is followed: its target is what
+    /// gets replaced. A new file gets the usual mode (0666 less the umask); a replaced one
+    /// keeps its permission bits.
+    ///
+    /// # Errors
+    /// `Invalid` for the refusals above; `Io` when the temporary file cannot be created.
+    pub fn create(dest: &Path, source: Option<&Path>, opts: OutputOptions) -> Result<Self> {
+        if let Some(src) = source {
+            check_not_source(src, dest)?;
+        }
+        let dest = resolve(dest)?;
+        let existing = match std::fs::metadata(&dest) {
+            Ok(m) if m.is_file() => Some(m),
+            Ok(m) => return Err(not_regular(&dest, &m)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_error(&dest, "cannot inspect", e)),
+        };
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mode = existing.as_ref().map_or(0o666, |m| m.mode() & 0o777);
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".glimpse-tmp")
+            .permissions(Permissions::from_mode(mode))
+            .tempfile_in(&dir)
+            .map_err(|e| io_error(&dest, "cannot create a temporary file beside", e))?;
+        if existing.is_some() {
+            // The mode given at creation is reduced by the umask; a replaced file keeps its own.
+            temp.as_file()
+                .set_permissions(Permissions::from_mode(mode))
+                .map_err(|e| io_error(temp.path(), "cannot set the mode of", e))?;
+        }
+        Ok(OutputFile { temp, dest, opts })
+    }
+
+    /// A writer target on the temporary file.
+    ///
+    /// # Errors
+    /// `Io` when the descriptor cannot be duplicated.
+    pub fn target(&self) -> Result<Target> {
+        let f = self
+            .temp
+            .as_file()
+            .try_clone()
+            .map_err(|e| io_error(self.temp.path(), "cannot open", e))?;
+        Ok(Target::File(f))
+    }
+
+    /// The temporary file itself, for callers that write without a [`crate::Writer`] (an
+    /// extracted OVA member, say).
+    pub fn as_file(&self) -> &File {
+        self.temp.as_file()
+    }
+
+    /// The temporary file's path (for a signal handler that must remove it itself).
+    pub fn temp_path(&self) -> &Path {
+        self.temp.path()
+    }
+
+    /// The path that [`OutputFile::commit`] will replace.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Renames the temporary file onto the destination (with fsync of the file before and of
+    /// the directory after, when asked).
+    ///
+    /// # Errors
+    /// `Io` when fsync or the rename fails; the temporary file is then removed.
+    pub fn commit(self) -> Result<()> {
+        let OutputFile { temp, dest, opts } = self;
+        if opts.fsync {
+            temp.as_file()
+                .sync_all()
+                .map_err(|e| io_error(temp.path(), "cannot fsync", e))?;
+        }
+        temp.persist(&dest)
+            .map_err(|e| io_error(&dest, "cannot rename the output onto", e.error))?;
+        if opts.fsync {
+            let dir = match dest.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_error(dir, "cannot fsync the directory", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses `dest` when it is the same file as `source`: the same device and inode, so every
+/// spelling (`./x`, a symbolic link, a hard link) is caught. A destination that does not exist
+/// cannot be the source.
+///
+/// # Errors
+/// `Invalid` with code `output.same-as-source`.
+pub fn check_not_source(source: &Path, dest: &Path) -> Result<()> {
+    let (Ok(s), Ok(d)) = (std::fs::metadata(source), std::fs::metadata(dest)) else {
+        return Ok(());
+    };
+    if s.dev() == d.dev() && s.ino() == d.ino() {
+        return Err(Error::invalid(format!(
+            "{}: the destination is the source file {} (the same file on disk); refusing to \
+             overwrite the input",
+            dest.display(),
+            source.display()
+        ))
+        .code("output.same-as-source"));
+    }
+    Ok(())
+}
+
+/// Follows a symbolic link at `dest`, so that the file it names is replaced, not the link.
+fn resolve(dest: &Path) -> Result<PathBuf> {
+    match std::fs::symlink_metadata(dest) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(dest).map_err(|e| {
+            io_error(
+                dest,
+                "is a symbolic link whose target cannot be resolved:",
+                e,
+            )
+        }),
+        _ => Ok(dest.to_path_buf()),
+    }
+}
+
+fn not_regular(dest: &Path, m: &std::fs::Metadata) -> Error {
+    let kind = glimpse_formats::io::FileKind::of(&m.file_type());
+    Error::invalid(format!(
+        "{}: is {}; convert writes a regular file, or - for stdout (redirect that to a \
+         device)",
+        dest.display(),
+        kind.describe()
+    ))
+    .code("output.not-regular")
+}
+
+fn io_error(path: &Path, what: &str, e: io::Error) -> Error {
+    Error::new(ErrorKind::Io, format!("{what} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn commit_replaces_and_drop_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.img");
+        std::fs::write(&dest, b"old").unwrap();
+        let out = OutputFile::create(&dest, None, OutputOptions::default()).unwrap();
+        let Target::File(mut f) = out.target().unwrap() else {
+            panic!("file target")
+        };
+        f.write_all(b"new").unwrap();
+        let temp = out.temp_path().to_path_buf();
+        drop(out);
+        assert!(!temp.exists());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        let out = OutputFile::create(&dest, None, OutputOptions { fsync: true }).unwrap();
+        out.as_file().write_all(b"new").unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn same_file_through_any_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("a.img");
+        std::fs::write(&src, b"data").unwrap();
+        let link = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&src, &link).unwrap();
+        let hard = dir.path().join("hard.img");
+        std::fs::hard_link(&src, &hard).unwrap();
+        let dotted = dir.path().join(".").join("a.img");
+        for dest in [&src, &link, &hard, &dotted] {
+            let e = OutputFile::create(dest, Some(&src), OutputOptions::default()).unwrap_err();
+            assert_eq!(
+                e.finding_code(),
+                "output.same-as-source",
+                "{}",
+                dest.display()
+            );
+        }
+        assert!(check_not_source(&src, &dir.path().join("new.img")).is_ok());
+        assert_eq!(std::fs::read(&src).unwrap(), b"data");
+    }
+
+    #[test]
+    fn a_symlinked_destination_replaces_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.img");
+        std::fs::write(&real, b"old").unwrap();
+        let link = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let out = OutputFile::create(&link, None, OutputOptions::default()).unwrap();
+        let Target::File(mut f) = out.target().unwrap() else {
+            panic!("file target")
+        };
+        f.write_all(b"new").unwrap();
+        out.commit().unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&real).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_device_or_directory_destination_is_refused() {
+        for dest in ["/dev/null", "/tmp"] {
+            let e =
+                OutputFile::create(Path::new(dest), None, OutputOptions::default()).unwrap_err();
+            assert_eq!(e.finding_code(), "output.not-regular", "{dest}");
+        }
+    }
+}
