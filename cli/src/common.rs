@@ -3,7 +3,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
 use glimpse_formats::policy::{inspect, Policy, Report, Verdict};
 use glimpse_formats::{Format, Image, ImageInfo, Limits, Source};
 use serde_json::{json, Map, Value};

@@ -40,22 +40,6 @@ pub fn open_stream(path: &Path) -> anyhow::Result<(File, FileKind)> {
     Ok((file, kind))
 }
 
-/// One line for an error about `path`: `path: message`, with the name only once when the
-/// message already starts with it (open errors name their file themselves).
-pub fn one_line(path: &Path, e: &anyhow::Error) -> String {
-    let msg = format!("{e:#}");
-    let name = if is_stdin(path) {
-        "stdin".to_string()
-    } else {
-        path.display().to_string()
-    };
-    if msg.starts_with(&format!("{name}:")) {
-        msg
-    } else {
-        format!("{}: {msg}", path.display())
-    }
-}
-
 /// Restores the default action of SIGPIPE, so that a command that only prints (and holds no
 /// temporary file, no remote state) ends quietly, as `cat` and `md5sum` do, when the reader of
 /// its stdout goes away: the shell shows status 141. Rust ignores SIGPIPE by default, which
