@@ -540,6 +540,23 @@ fn check_checks_every_disk_unless_one_is_chosen() {
 }
 
 #[test]
+fn list_shows_the_names_other_readers_see() {
+    let out = glimpse(&[
+        "ova",
+        "list",
+        "--output",
+        "json",
+        &fixture("gnu-prefix-traversal.ova"),
+    ]);
+    let v = json_of(&out);
+    let m = &v["members"][2];
+    assert_eq!(m["name"], "glimpse-evil.txt");
+    assert_eq!(m["tarfile-name"], "../../../../tmp/glimpse-evil.txt");
+    assert!(m.get("gnu-tar-name").is_none(), "{m}");
+    assert!(v["members"][1].get("tarfile-name").is_none());
+}
+
+#[test]
 fn a_large_gzip_disk_is_not_held_in_memory() {
     let t = tempfile::tempdir().unwrap();
     let raw = t.path().join("raw");

@@ -99,14 +99,22 @@ pub struct Member {
     /// Data bytes, in bytes (the pax `size` when present, else the header's).
     pub size: u64,
     /// The name Python's `tarfile` (Glance) gives the member, when it differs from `raw_name`.
-    #[serde(skip)]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy")]
     pub tarfile_name: Option<Vec<u8>>,
     /// The name GNU tar gives the member, when it differs from `raw_name`.
-    #[serde(skip)]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy")]
     pub gnu_tar_name: Option<Vec<u8>>,
     /// Which GNU sparse form stores the member (its stored bytes are not its contents).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sparse: Option<String>,
+}
+
+/// A name as lossily decoded text, for JSON.
+fn lossy<S: serde::Serializer>(v: &Option<Vec<u8>>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(b) => s.serialize_str(&String::from_utf8_lossy(b)),
+        None => s.serialize_none(),
+    }
 }
 
 /// The extension headers seen before a member's own header.
