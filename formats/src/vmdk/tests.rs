@@ -529,3 +529,18 @@ fn redundant_tables_must_agree() {
     b[22 * 512 + 4..22 * 512 + 8].copy_from_slice(&27u32.to_le_bytes());
     assert!(sparse_codes(b).contains(&"vmdk.entry-into-metadata"));
 }
+
+#[test]
+fn a_vsphere_encrypted_descriptor_marks_the_image_encrypted() {
+    let keysafe = "encryption.keySafe = \"vmware:key/list/(pair/(null/,HMAC-SHA-256,x))\"\nencryption.data = \"AAAA\"\n";
+    for b in [
+        sparse_with(&desc("monolithicSparse", keysafe)),
+        desc("monolithicFlat", keysafe).into_bytes(),
+    ] {
+        let img = open_bytes(b).unwrap();
+        assert!(img.info().encrypted);
+        assert_eq!(img.info().details["encrypt"]["format"], "vmware");
+    }
+    let plain = open_bytes(sparse_with(&desc("monolithicSparse", ""))).unwrap();
+    assert!(!plain.info().encrypted);
+}
