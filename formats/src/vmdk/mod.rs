@@ -408,6 +408,17 @@ fn common_details(info: &mut ImageInfo, desc: &Descriptor, create_type: String) 
         info.detail("parent-cid", c);
     }
     info.detail("create-type", create_type);
+    // vSphere VM encryption keeps the wrapped data key in the descriptor: the grains are
+    // ciphertext, whatever the extents say.
+    if ["encryption.keySafe", "encryption.data"]
+        .iter()
+        .any(|k| desc.keys.contains_key(*k))
+    {
+        info.encrypted = true;
+        let mut m = serde_json::Map::new();
+        m.insert("format".into(), "vmware".into());
+        info.detail("encrypt", serde_json::Value::Object(m));
+    }
 }
 
 fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<VmdkImage> {

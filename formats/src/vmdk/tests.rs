@@ -567,3 +567,18 @@ fn grain_tables_shared_by_many_directory_entries_are_walked_once() {
     assert!(f.iter().any(|f| f.code == "vmdk.duplicate-grain"), "{f:?}");
     assert!(f.len() < 100, "{}", f.len());
 }
+
+#[test]
+fn a_vsphere_encrypted_descriptor_marks_the_image_encrypted() {
+    let keysafe = "encryption.keySafe = \"vmware:key/list/(pair/(null/,HMAC-SHA-256,x))\"\nencryption.data = \"AAAA\"\n";
+    for b in [
+        sparse_with(&desc("monolithicSparse", keysafe)),
+        desc("monolithicFlat", keysafe).into_bytes(),
+    ] {
+        let img = open_bytes(b).unwrap();
+        assert!(img.info().encrypted);
+        assert_eq!(img.info().details["encrypt"]["format"], "vmware");
+    }
+    let plain = open_bytes(sparse_with(&desc("monolithicSparse", ""))).unwrap();
+    assert!(!plain.info().encrypted);
+}
