@@ -30,7 +30,11 @@ const MAX_PAGE_BYTES: u64 = 128 << 20;
 pub struct Counts<'a> {
     cluster_bits: u32,
     clusters: u64,
-    pages: BTreeMap<u64, Box<[u16]>>,
+    /// Page number -> index into `store`.
+    pages: BTreeMap<u64, usize>,
+    store: Vec<Box<[u16]>>,
+    /// The last page used (page number, index): runs of references mostly stay in a page.
+    last: Option<(u64, usize)>,
     budget: &'a Budget,
     held: u64,
 }
@@ -42,6 +46,8 @@ impl<'a> Counts<'a> {
             cluster_bits,
             clusters,
             pages: BTreeMap::new(),
+            store: Vec::new(),
+            last: None,
             budget,
             held: 0,
         }
@@ -57,6 +63,12 @@ impl<'a> Counts<'a> {
             return Ok(None);
         }
         let p = cluster >> PAGE_BITS;
+        let i = usize::try_from(cluster & (PAGE as u64 - 1)).unwrap_or(0);
+        if let Some((lp, k)) = self.last {
+            if lp == p {
+                return Ok(self.store.get_mut(k).and_then(|pg| pg.get_mut(i)));
+            }
+        }
         if !self.pages.contains_key(&p) {
             if self.held.saturating_add(PAGE_BYTES) > MAX_PAGE_BYTES {
                 return Err(Error::limit(format!(
@@ -71,10 +83,12 @@ impl<'a> Counts<'a> {
             v.try_reserve_exact(PAGE)
                 .map_err(|_| Error::limit("refcount check: cannot allocate"))?;
             v.resize(PAGE, 0u16);
-            self.pages.insert(p, v.into_boxed_slice());
+            self.store.push(v.into_boxed_slice());
+            self.pages.insert(p, self.store.len() - 1);
         }
-        let i = usize::try_from(cluster & (PAGE as u64 - 1)).unwrap_or(0);
-        Ok(self.pages.get_mut(&p).and_then(|pg| pg.get_mut(i)))
+        let k = self.pages.get(&p).copied().unwrap_or(usize::MAX);
+        self.last = Some((p, k));
+        Ok(self.store.get_mut(k).and_then(|pg| pg.get_mut(i)))
     }
 
     /// Adds `times` references to every cluster overlapping `[start, start+len)`. `Ok(false)`
@@ -118,6 +132,7 @@ impl<'a> Counts<'a> {
         let i = usize::try_from(cluster & (PAGE as u64 - 1)).unwrap_or(0);
         self.pages
             .get(&(cluster >> PAGE_BITS))
+            .and_then(|k| self.store.get(*k))
             .and_then(|p| p.get(i))
             .copied()
             .unwrap_or(0)
