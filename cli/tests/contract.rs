@@ -397,7 +397,7 @@ fn empty_file_is_rejected_and_not_uploaded() {
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("raw.empty"), "{}", stderr(&o));
     assert!(stderr(&o).contains("nothing was sent"), "{}", stderr(&o));
-    // Also where glimpse cannot inspect the declared format (ploop is uploaded unchecked).
+    // Also when declared as a format glimpse detects but does not read (ploop).
     let o = glimpse(&["upload", "--disk-format", "ploop", "--name", "x", s(&empty)]);
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("raw.empty"), "{}", stderr(&o));

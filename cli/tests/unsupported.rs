@@ -98,10 +98,54 @@ fn convert_refuses_them_even_forced() {
             }
             args.extend([s(&path), s(&dst)]);
             let out = glimpse(&args);
-            assert!(!out.status.success(), "{rel} force={force}");
+            // A policy refusal is exit 1; forced, the file still cannot be read: exit 2.
+            let want = if force { 2 } else { 1 };
+            assert_eq!(out.status.code(), Some(want), "{rel} force={force}");
             assert!(!dst.exists(), "{rel} force={force}: an output was left");
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(!err.contains("panicked"), "{rel}: {err}");
         }
+    }
+}
+
+/// `upload` inspects a declared ploop like any other format: a Parallels file is refused by
+/// name until glimpse reads it, and anything else declared ploop (or a Parallels file declared
+/// raw) is a mismatch. The refusal comes before any request: the URL here has no server.
+#[test]
+fn upload_refuses_them_before_sending_anything() {
+    let parallels = fixture("unsupported/parallels-empty.parallels");
+    let qcow1 = fixture("unsupported/qcow1-empty.qcow");
+    let cases: [(&Path, Option<&str>, &[&str]); 4] = [
+        (&parallels, Some("ploop"), &["format.unsupported"]),
+        (&parallels, None, &["format.unsupported"]),
+        (
+            &parallels,
+            Some("raw"),
+            &["format.mismatch", "format.unsupported"],
+        ),
+        (
+            &qcow1,
+            Some("ploop"),
+            &["format.mismatch", "format.unsupported"],
+        ),
+    ];
+    for (path, declared, codes) in cases {
+        let mut args = vec!["upload"];
+        if let Some(d) = declared {
+            args.extend(["--disk-format", d]);
+        }
+        args.push(s(path));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
+            .args(&args)
+            .env("OS_IMAGE_URL", "http://127.0.0.1:9")
+            .env("OS_AUTH_TOKEN", "unused")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        for code in codes {
+            assert!(err.contains(code), "{args:?}: {err}");
+        }
+        assert!(err.contains("nothing was sent"), "{args:?}: {err}");
     }
 }

@@ -258,25 +258,28 @@ fn amazon_kernel_and_uninspectable_pairs_upload() {
     assert_eq!(json(&out)["disk_format"], "aki");
     g.delete(json(&out)["id"].as_str().unwrap());
 
+    // ploop is inspected like every format: raw bytes declared ploop are a mismatch, refused
+    // before anything is sent; --force uploads them with the findings on stderr.
     let name = unique("ploop");
-    let out = upload(
-        &g.url,
-        &[
-            "--name",
-            &name,
-            "--disk-format",
-            "ploop",
-            "--output",
-            "json",
-            file.to_str().unwrap(),
-        ],
-    );
+    let args = [
+        "--name",
+        &name,
+        "--disk-format",
+        "ploop",
+        "--output",
+        "json",
+        file.to_str().unwrap(),
+    ];
+    let out = upload(&g.url, &args);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("format.mismatch"), "{stderr}");
+    let mut forced = vec!["--force"];
+    forced.extend(args);
+    let out = upload(&g.url, &forced);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    assert!(
-        stderr.contains("warning") && stderr.contains("ploop") && stderr.contains("unchecked"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("format.mismatch"), "{stderr}");
     assert_eq!(json(&out)["status"], "active");
     g.delete(json(&out)["id"].as_str().unwrap());
 }

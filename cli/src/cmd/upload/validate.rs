@@ -26,7 +26,7 @@ pub enum DiskFormat {
     Vdi,
     /// ISO 9660.
     Iso,
-    /// Virtuozzo ploop (not inspected).
+    /// Virtuozzo ploop (detected; refused until glimpse reads it).
     Ploop,
 }
 
@@ -60,10 +60,10 @@ impl DiskFormat {
             Format::Iso => DiskFormat::Iso,
             // an OVA's disks are VMDKs (OVF 2.0 names streamOptimized VMDK as the disk format)
             Format::Ova => DiskFormat::Vmdk,
+            Format::Parallels => DiskFormat::Ploop,
             Format::Qed
             | Format::Luks
             | Format::Qcow1
-            | Format::Parallels
             | Format::Bochs
             | Format::Cloop
             | Format::Dmg => return None,
@@ -140,9 +140,9 @@ pub fn plan(disk: DiskFormat, container: ContainerFormat) -> Result<Plan, String
             container.name()
         )),
         (_, ContainerFormat::Ova) => Plan::Expect(Format::Ova),
-        (DiskFormat::Ploop, _) => {
-            Plan::Uninspectable("glimpse cannot read ploop images: the content is uploaded unchecked".into())
-        }
+        // glimpse detects Parallels/ploop but does not read it yet: the policy refuses it by
+        // name (format.unsupported), and anything else declared ploop is a format.mismatch.
+        (DiskFormat::Ploop, _) => Plan::Expect(Format::Parallels),
         // Nova boots ami/ari/aki as plain bytes: any image-format header in them is refused.
         (DiskFormat::Ami | DiskFormat::Ari | DiskFormat::Aki, _) => Plan::Expect(Format::Raw),
         (DiskFormat::Raw, _) => Plan::Expect(Format::Raw),
@@ -181,7 +181,7 @@ mod tests {
         );
         assert!(matches!(
             plan(DiskFormat::Ploop, ContainerFormat::Bare),
-            Ok(Plan::Uninspectable(_))
+            Ok(Plan::Expect(Format::Parallels))
         ));
         assert!(matches!(
             plan(DiskFormat::Raw, ContainerFormat::Docker),
