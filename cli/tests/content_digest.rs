@@ -4,21 +4,9 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 
-use support::{glimpse, json_of, s};
-
-fn content_digest(path: &Path) -> String {
-    let o = glimpse(&["checksum", "--content", "--output", "json", s(path)]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v = json_of(&o);
-    let d = v.get(0).unwrap_or(&v);
-    d["content"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no content digest in {v}"))
-        .to_string()
-}
+use support::{content_digest, glimpse, s};
 
 #[test]
 fn a_440_byte_raw_and_its_qcow2_conversions_share_one_content_digest() {

@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{glimpse, json_of, s};
+use support::{content_digest, glimpse, json_of, s};
 
 fn run(cmd: &mut Command) {
     let out = cmd
@@ -43,21 +43,6 @@ fn iso_with_appended_partition(dir: &Path) -> PathBuf {
         .arg("-appended_part_as_gpt")
         .arg(&tree));
     iso
-}
-
-fn content_digest(path: &Path) -> String {
-    let v = json_of(&glimpse(&[
-        "checksum",
-        "--content",
-        "--output",
-        "json",
-        s(path),
-    ]));
-    let d = v.get(0).unwrap_or(&v);
-    d["content"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no content digest in {v}"))
-        .to_string()
 }
 
 #[test]

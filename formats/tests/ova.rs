@@ -863,16 +863,9 @@ const DIFFERENTIALS: &[(&str, Option<&str>)] = &[
     ("gzip-two-members.ova", Some("disk.img.gz")),
 ];
 
-/// Member names as Python's tarfile lists them.
-fn tarfile_names(path: &Path) -> Vec<String> {
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sys, tarfile\nfor m in tarfile.open(sys.argv[1]).getmembers(): print(m.name)",
-        ])
-        .arg(path)
-        .output()
-        .expect("python3 must be installed");
+/// The lines a lister printed (it must be installed and succeed).
+fn listed(cmd: &mut std::process::Command) -> Vec<String> {
+    let out = cmd.output().expect("python3 and GNU tar must be installed");
     assert!(
         out.status.success(),
         "{}",
@@ -885,23 +878,17 @@ fn tarfile_names(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Member names as Python's tarfile lists them.
+fn tarfile_names(path: &Path) -> Vec<String> {
+    listed(std::process::Command::new("python3").args([
+        "-c",
+        "import sys, tarfile\nfor m in tarfile.open(sys.argv[1]).getmembers(): print(m.name)",
+    ]).arg(path))
+}
+
 /// Member names as GNU tar lists them.
 fn gnu_tar_names(path: &Path) -> Vec<String> {
-    let out = std::process::Command::new("tar")
-        .arg("-tf")
-        .arg(path)
-        .output()
-        .expect("GNU tar must be installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect()
+    listed(std::process::Command::new("tar").arg("-tf").arg(path))
 }
 
 #[test]

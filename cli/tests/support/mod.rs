@@ -42,3 +42,15 @@ pub fn codes(v: &Value) -> Vec<String> {
         .map(|f| f["code"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// The content digest `glimpse checksum --content` prints for one file (it must succeed).
+pub fn content_digest(path: &Path) -> String {
+    let o = glimpse(&["checksum", "--content", "--output", "json", s(path)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = json_of(&o);
+    let d = v.get(0).unwrap_or(&v);
+    d["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content digest in {v}"))
+        .to_string()
+}
