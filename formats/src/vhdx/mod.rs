@@ -247,6 +247,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
     drop(md_table);
     budget.give_back(metadata::TABLE_SIZE);
     let md = metadata::read_items(r, &md_region, &entries, &budget)?;
+    findings.extend(metadata::item_overlap(&md_region, &entries));
     let lss = u64::from(md.logical_sector_size);
     if md.virtual_disk_size.checked_rem(lss) != Some(0) {
         findings.push(
