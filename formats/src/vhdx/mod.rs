@@ -5,8 +5,8 @@
 //! the current header, then payload blocks anywhere after 1 MiB.
 //!
 //! `open` checks every structure before any guest byte is mapped: both header checksums, the
-//! region table checksum, every region through [`check_table`], every metadata item, and every
-//! BAT entry (state, bounds, overlap with metadata, sharing). A non-empty log is reported and
+//! region table checksum, every region through [`check_table`], every metadata item and its
+//! placement (`vhdx.metadata-overlap`), and every BAT entry (state, bounds, overlap with metadata, sharing). A non-empty log is reported and
 //! makes `mapping` fail, because glimpse does not replay it. A parent (differencing file) is
 //! reported as a reference and never opened.
 
