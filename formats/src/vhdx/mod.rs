@@ -6,9 +6,10 @@
 //!
 //! `open` checks every structure before any guest byte is mapped: both header checksums, the
 //! region table checksum, every region through [`check_table`], every metadata item and its
-//! placement (`vhdx.metadata-overlap`), and every BAT entry (state, bounds, overlap with metadata, sharing). A non-empty log is reported and
-//! makes `mapping` fail, because glimpse does not replay it. A parent (differencing file) is
-//! reported as a reference and never opened.
+//! placement (`vhdx.metadata-overlap`), and every BAT entry (state, bounds, overlap with
+//! metadata, sharing). A non-empty log is reported and makes `mapping` fail, because glimpse
+//! does not replay it. A parent (differencing file) is reported as a reference and never
+//! opened.
 
 // Hostile input: these lints hold the parser to "no panics, no silent overflow".
 #![warn(
