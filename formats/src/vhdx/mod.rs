@@ -5,10 +5,11 @@
 //! the current header, then payload blocks anywhere after 1 MiB.
 //!
 //! `open` checks every structure before any guest byte is mapped: both header checksums, the
-//! region table checksum, every region through [`check_table`], every metadata item, and every
-//! BAT entry (state, bounds, overlap with metadata, sharing). A non-empty log is reported and
-//! makes `mapping` fail, because glimpse does not replay it. A parent (differencing file) is
-//! reported as a reference and never opened.
+//! region table checksum, every region through [`check_table`], every metadata item and its
+//! placement (`vhdx.metadata-overlap`), and every BAT entry (state, bounds, overlap with
+//! metadata, sharing). A non-empty log is reported and makes `mapping` fail, because glimpse
+//! does not replay it. A parent (differencing file) is reported as a reference and never
+//! opened.
 
 // Hostile input: these lints hold the parser to "no panics, no silent overflow".
 #![warn(
@@ -247,6 +248,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
     drop(md_table);
     budget.give_back(metadata::TABLE_SIZE);
     let md = metadata::read_items(r, &md_region, &entries, &budget)?;
+    findings.extend(metadata::item_overlap(&md_region, &entries));
     let lss = u64::from(md.logical_sector_size);
     if md.virtual_disk_size.checked_rem(lss) != Some(0) {
         findings.push(

@@ -260,6 +260,81 @@ fn metadata_items() {
     assert_eq!(err_code(open_v(v)), (ErrorKind::Invalid, "vhdx.metadata"));
 }
 
+/// Source offset of the metadata table entry for `id`.
+fn entry_at(v: &[u8], id: header::Guid) -> u64 {
+    let (_, md) = regions_of(v);
+    let count = u64::from(u16::from_le_bytes([
+        v[md as usize + 10],
+        v[md as usize + 11],
+    ]));
+    (0..count)
+        .map(|i| md + 32 + 32 * i)
+        .find(|&e| v[e as usize..e as usize + 16] == id)
+        .expect("no such entry")
+}
+
+fn overlap_finding(v: Vec<u8>) -> Option<String> {
+    let img = open_v(v).unwrap();
+    img.findings()
+        .iter()
+        .find(|f| f.code == "vhdx.metadata-overlap")
+        .map(|f| {
+            assert_eq!(f.severity, crate::Severity::Reject);
+            f.message.clone()
+        })
+}
+
+#[test]
+fn metadata_items_overlap() {
+    let base = small();
+    let md_len = get32(&base, REGION1_OFFSET + 48 + 24);
+    assert_eq!(overlap_finding(base.clone()), None);
+    let fp = entry_at(&base, metadata::FILE_PARAMETERS);
+    let p83 = entry_at(&base, metadata::PAGE83_DATA);
+    // The page 83 item (any 16 bytes are valid) moved onto the file parameters item.
+    let mut v = base.clone();
+    put32(&mut v, p83 + 16, get32(&base, fp + 16));
+    let msg = overlap_finding(v).expect("page 83 over file parameters");
+    assert!(
+        msg.contains("Page 83 Data") && msg.contains("File Parameters"),
+        "{msg}"
+    );
+    // The lowest item lengthened to reach the next one: every value still reads the same.
+    let mut items: Vec<(u32, u64)> = [
+        metadata::FILE_PARAMETERS,
+        metadata::VIRTUAL_DISK_SIZE,
+        metadata::PAGE83_DATA,
+        metadata::LOGICAL_SECTOR_SIZE,
+        metadata::PHYSICAL_SECTOR_SIZE,
+    ]
+    .iter()
+    .map(|id| {
+        let e = entry_at(&base, *id);
+        (get32(&base, e + 16), e)
+    })
+    .collect();
+    items.sort_unstable();
+    let ((first_off, first), (next_off, _)) = (items[0], items[1]);
+    let mut v = base.clone();
+    put32(&mut v, first + 20, next_off - first_off + 1);
+    assert!(overlap_finding(v).is_some());
+    // Items touching end to end do not overlap.
+    let mut v = base.clone();
+    put32(&mut v, first + 20, next_off - first_off);
+    assert_eq!(overlap_finding(v), None);
+    // An item inside the metadata table, or running past the region, stays an open error.
+    for (off, len) in [(0x100, 16), (0x1_0000 - 8, 16), (md_len - 8, 16)] {
+        let mut v = base.clone();
+        put32(&mut v, p83 + 16, off);
+        put32(&mut v, p83 + 20, len);
+        assert_eq!(
+            err_code(open_v(v)),
+            (ErrorKind::Invalid, "vhdx.metadata"),
+            "{off:#x}"
+        );
+    }
+}
+
 #[test]
 fn block_size_out_of_range() {
     for bad in [512 << 10, 3 << 20, 512 << 20] {
@@ -367,6 +442,23 @@ fn bat_region_too_small() {
     );
 }
 
+#[test]
+fn regions_overlap_each_other_or_the_header_section() {
+    let base = small();
+    let (bat, md) = regions_of(&base);
+    // (region table entry field, new offset): the BAT onto the metadata region, the
+    // metadata region onto the BAT, and the metadata region onto the header section.
+    for (field, to) in [(16 + 16, md), (48 + 16, bat), (48 + 16, 0)] {
+        let mut v = base.clone();
+        both_regions(&mut v, |v, t| put64(v, t + field, to));
+        assert_eq!(
+            err_code(open_v(v)),
+            (ErrorKind::Corrupt, "vhdx.region-table"),
+            "{field} {to:#x}"
+        );
+    }
+}
+
 /// Sets a log GUID in both headers (higher sequence unchanged).
 fn with_log_guid(v: &mut [u8]) -> u64 {
     for h in [HEADER1_OFFSET, HEADER2_OFFSET] {
@@ -452,6 +544,7 @@ fn differencing() {
     put32(&mut v, e + 16, item_off);
     put32(&mut v, e + 20, u32::try_from(item.len()).unwrap());
     put32(&mut v, e + 24, metadata::FLAG_REQUIRED);
+    let with_parent = v.clone();
     let img = open_v(v).unwrap();
     assert_eq!(
         codes(&img),
@@ -469,6 +562,13 @@ fn differencing() {
     );
     // Blocks qemu marked ZERO stay zero; the parent is never read.
     assert_eq!(img.mapping(0, u64::MAX).unwrap().kind, ExtentKind::Zero);
+
+    // The page 83 item moved into the parent locator's strings: both still decode.
+    let mut v = with_parent;
+    let p83 = entry_at(&v, metadata::PAGE83_DATA);
+    put32(&mut v, p83 + 16, item_off + 40);
+    let msg = overlap_finding(v).expect("page 83 inside the parent locator");
+    assert!(msg.contains("Parent Locator"), "{msg}");
 }
 
 #[test]
