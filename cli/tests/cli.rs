@@ -309,7 +309,9 @@ fn content_digest_follows_the_documented_construction() {
     // The Python reference from docs/content-digest.md.
     let py = r#"
 import hashlib, struct, sys
-data = open(sys.argv[1], 'rb').read(); B = 65536; S = len(data)
+data = open(sys.argv[1], 'rb').read(); B = 65536
+S = -(-len(data) // 512) * 512  # rounded up to a sector
+data = data.ljust(S, b"\0")
 outer = hashlib.sha256(b"glimpse-content-v1\0" + struct.pack("<QQ", S, B)); run = 0
 for off in range(0, S, B):
     block = data[off:off + B].ljust(B, b"\0")
