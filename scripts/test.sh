@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # tool -> Debian package
 declare -A NEED=(
     [qemu-img]=qemu-utils [genisoimage]=genisoimage [xorriso]=xorriso [sgdisk]=gdisk
-    [mkfs.vfat]=dosfstools [mcopy]=mtools [curl]=curl [tar]=tar
+    [mkfs.vfat]=dosfstools [mcopy]=mtools [curl]=curl [tar]=tar [gzip]=gzip
+    [/usr/bin/time]=time [openssl]=openssl [losetup]=mount [isoinfo]=genisoimage
 )
 missing=()
 for tool in "${!NEED[@]}"; do
