@@ -125,10 +125,14 @@ fn cancelled() -> bool {
 fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::BrokenPipe {
-                return true;
-            }
+        // The crate error keeps its OS error out of `source()` (so that it is printed once):
+        // ask it directly.
+        let io = err.downcast_ref::<std::io::Error>().or_else(|| {
+            err.downcast_ref::<glimpse_formats::Error>()
+                .and_then(glimpse_formats::Error::io_error)
+        });
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            return true;
         }
         cur = err.source();
     }
