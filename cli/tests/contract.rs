@@ -424,7 +424,7 @@ fn release_profile_is_lean_and_profiling_keeps_debug_info() {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
             .unwrap();
-    assert!(readme.contains("24 minutes") && readme.contains("3.2 GB"));
+    assert!(readme.contains("24 minutes") && readme.contains("3.6 GB"));
 }
 
 /// Item 7 (issue 11 §4): encrypted qcow2 (LUKS and AES) is rejected by default, accepted by
