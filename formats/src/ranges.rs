@@ -1,7 +1,9 @@
 //! Placement of metadata: do any two of an image's structures (headers, tables, footers) share
 //! bytes? Checking every table's entries is not enough: a table placed over a header passes
 //! every entry check, and the first write through it (qemu's, or the guest's) destroys the
-//! header. Each format lists its structures as [`Region`]s and asks [`first_overlap`].
+//! header. Each format lists its structures as [`Region`]s and asks [`overlap_finding`].
+
+use crate::finding::Finding;
 
 /// One named byte range of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,22 +29,29 @@ impl<'a> Region<'a> {
 }
 
 /// The first pair of regions that share a byte, in file order (the earlier-starting one
-/// first), or `None`. Sorts `regions` by start; O(n log n).
+/// first), or `None`. Sorts `regions`; O(n log n).
 pub fn first_overlap<'a>(regions: &mut [Region<'a>]) -> Option<(Region<'a>, Region<'a>)> {
-    regions.sort_unstable_by_key(|r| (r.start, r.len));
-    // The region reaching furthest so far: any later start before its end overlaps it.
-    let mut reach: Option<Region<'a>> = None;
-    for r in regions.iter().filter(|r| r.len > 0) {
-        if let Some(prev) = reach {
-            if r.start < prev.end() {
-                return Some((prev, *r));
-            }
-        }
-        if reach.is_none_or(|p| r.end() > p.end()) {
-            reach = Some(*r);
-        }
-    }
-    None
+    overlaps(regions, 1).into_iter().next()
+}
+
+/// The `code` finding (reject) for the first overlap among `regions`: both names and byte
+/// ranges, what the overlap would cost, at the later-starting region.
+pub fn overlap_finding(
+    code: &'static str,
+    regions: &mut [Region<'_>],
+    cost: &str,
+) -> Option<Finding> {
+    let (a, b) = first_overlap(regions)?;
+    let message = format!(
+        "{} ({:#x}..{:#x}) overlaps {} ({:#x}..{:#x}): {cost}",
+        b.name,
+        b.start,
+        b.end(),
+        a.name,
+        a.start,
+        a.end()
+    );
+    Some(Finding::reject(code, message).at(b.start))
 }
 
 /// Every overlapping pair's message, at most `max` of them, for a finding each. Sorts

@@ -22,7 +22,7 @@ use crate::format::Format;
 use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, ReadAt, Source};
 use crate::limits::Limits;
-use crate::ranges::{first_overlap, Region};
+use crate::ranges::{overlap_finding, Region};
 use crate::table::{check_table, TableSpec};
 
 use footer::{
@@ -530,21 +530,10 @@ fn metadata_overlap(d: &Dynamic) -> Option<Finding> {
     if let Some(t) = d.tail_footer {
         regions.push(Region::new("the footer", t, d.file_size.saturating_sub(t)));
     }
-    let (a, b) = first_overlap(&mut regions)?;
-    Some(
-        Finding::reject(
-            "vhd.metadata-overlap",
-            format!(
-                "{} ({:#x}..{:#x}) overlaps {} ({:#x}..{:#x}): a write through the BAT would destroy metadata",
-                b.name,
-                b.start,
-                b.end(),
-                a.name,
-                a.start,
-                a.end()
-            ),
-        )
-        .at(b.start),
+    overlap_finding(
+        "vhd.metadata-overlap",
+        &mut regions,
+        "a write through the BAT would destroy metadata",
     )
 }
 

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::io::{read_vec, ReadAt};
 use crate::limits::Budget;
-use crate::ranges::{first_overlap, Region as Span};
+use crate::ranges::{overlap_finding, Region as Span};
 
 /// "metadata": metadata table signature.
 pub const METADATA_SIGNATURE: u64 = u64::from_le_bytes(*b"metadata");
@@ -361,21 +361,10 @@ pub fn item_overlap(region: &Region, entries: &[Entry]) -> Option<Finding> {
             u64::from(e.length),
         )
     }));
-    let (a, b) = first_overlap(&mut spans)?;
-    Some(
-        Finding::reject(
-            "vhdx.metadata-overlap",
-            format!(
-                "the {} ({:#x}..{:#x}) overlaps the {} ({:#x}..{:#x}): writing one would change the other",
-                b.name,
-                b.start,
-                b.end(),
-                a.name,
-                a.start,
-                a.end()
-            ),
-        )
-        .at(b.start),
+    overlap_finding(
+        "vhdx.metadata-overlap",
+        &mut spans,
+        "writing one would change the other",
     )
 }
 

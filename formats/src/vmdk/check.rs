@@ -11,7 +11,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::finding::Finding;
 use crate::io::ReadAt;
 use crate::limits::Limits;
-use crate::ranges::{first_overlap, Region};
+use crate::ranges::{overlap_finding, Region};
 
 /// Collects findings, at most [`MAX_PER_CODE`] per code, then one summary per code.
 #[derive(Default)]
@@ -169,17 +169,12 @@ fn fixed_overlap(meta: &[(u64, u64, &'static str)], sink: &mut Sink) {
             )
         })
         .collect();
-    if let Some((a, b)) = first_overlap(&mut regions) {
-        sink.push(
-            Finding::reject(
-                "vmdk.metadata-overlap",
-                format!(
-                    "the {} at {:#x} overlaps the {} at {:#x}",
-                    b.name, b.start, a.name, a.start
-                ),
-            )
-            .at(b.start),
-        );
+    if let Some(f) = overlap_finding(
+        "vmdk.metadata-overlap",
+        &mut regions,
+        "a grain table qemu allocates there would overwrite it",
+    ) {
+        sink.push(f);
     }
 }
 
