@@ -518,7 +518,8 @@ impl LinearMap {
 }
 
 /// Reads exactly `len` bytes at `offset` into a new buffer, after checking the range against
-/// the source size and charging `budget`.
+/// the source size and charging `budget`. The caller gives the `len` bytes back when it drops
+/// the buffer; on an error nothing stays charged.
 ///
 /// # Errors
 /// `Truncated` when the range passes the end of the source; `LimitExceeded` when the budget is
@@ -541,15 +542,25 @@ pub fn read_vec(
         .at(offset)
         .code("table.out-of-bounds"));
     }
-    budget.take(len, what)?;
     let n = usize::try_from(len).map_err(|_| Error::limit(format!("{what}: too large")))?;
+    budget.take(len, what)?;
     let mut v = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| Error::limit(format!("{what}: cannot allocate {n} bytes")))?;
-    v.resize(n, 0);
-    src.read_exact_at(&mut v, offset)
-        .map_err(|e| Error::from(e).context(what).at(offset))?;
-    Ok(v)
+    let read = v
+        .try_reserve_exact(n)
+        .map_err(|_| Error::limit(format!("{what}: cannot allocate {n} bytes")))
+        .and_then(|()| {
+            v.resize(n, 0);
+            src.read_exact_at(&mut v, offset)
+                .map_err(|e| Error::from(e).context(what).at(offset))
+        });
+    match read {
+        Ok(()) => Ok(v),
+        Err(e) => {
+            // Nothing is held: the charge comes back, so that a shared budget does not leak.
+            budget.give_back(len);
+            Err(e)
+        }
+    }
 }
 
 /// Reads the whole source front to back through one 1 MiB buffer, handing each chunk and its

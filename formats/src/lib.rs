@@ -35,6 +35,7 @@ pub mod format;
 pub mod image;
 pub mod io;
 pub mod limits;
+pub mod lru;
 pub mod policy;
 pub mod ranges;
 pub mod reader;

@@ -1,12 +1,20 @@
 //! Caps on what untrusted metadata may make us read, allocate or do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
+/// The default metadata budget of a command.
+pub const DEFAULT_METADATA_BYTES: u64 = 512 << 20;
+
 /// Caps applied while opening and walking an image. Every allocation whose size comes from the
 /// image is charged to a [`Budget`] made from these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// A command that opens several images (`compare`, every disk of an OVA) makes its limits with
+/// [`Limits::per_command`]: every [`Limits::budget`] call then hands out the same shared
+/// budget, so the command as a whole, not each image, stays within `max_metadata_bytes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Total metadata bytes `open` and `check` may read and hold (tables, descriptors).
     pub max_metadata_bytes: u64,
@@ -19,6 +27,8 @@ pub struct Limits {
     /// Bytes all gzip-compressed OVA disks of one command may inflate to, together (spooled to
     /// a temporary file past a few MiB, so this bounds disk use and work, not memory).
     pub max_inflated_bytes: u64,
+    /// The budget every [`Limits::budget`] call shares, when set ([`Limits::per_command`]).
+    pub shared: Option<Budget>,
 }
 
 impl Default for Limits {
@@ -27,7 +37,7 @@ impl Default for Limits {
             // QEMU caps one qcow2 L1 table at 32 MiB and the refcount table at 8 MiB; a full
             // check also holds L2 and refcount blocks one at a time. 512 MiB is far above any
             // real image's metadata and well inside the machine.
-            max_metadata_bytes: 512 << 20,
+            max_metadata_bytes: DEFAULT_METADATA_BYTES,
             // 32 MiB of 8-byte entries: QEMU's QCOW_MAX_L1_SIZE.
             max_table_entries: 4 << 20,
             // 2^63 - 1: sizes travel as i64 in qemu-img's JSON.
@@ -36,6 +46,7 @@ impl Default for Limits {
             // A bound on the temporary disk space and the time a gzip bomb can cost; far
             // above the compressed OVA disks seen in practice.
             max_inflated_bytes: 16 << 30,
+            shared: None,
         }
     }
 }
@@ -49,12 +60,25 @@ impl Limits {
             max_virtual_size: 1 << 40,
             max_cache_bytes: 4 << 20,
             max_inflated_bytes: 64 << 20,
+            shared: None,
         }
     }
 
-    /// A fresh budget counting down from `max_metadata_bytes`.
+    /// These limits with one budget of `max_metadata_bytes` shared by every
+    /// [`Limits::budget`] call, and by every clone: one per command.
+    #[must_use]
+    pub fn per_command(mut self) -> Self {
+        self.shared = Some(Budget::new(self.max_metadata_bytes));
+        self
+    }
+
+    /// The command's shared budget when there is one, else a fresh budget counting down from
+    /// `max_metadata_bytes`.
     pub fn budget(&self) -> Budget {
-        Budget::new(self.max_metadata_bytes)
+        match &self.shared {
+            Some(b) => b.clone(),
+            None => Budget::new(self.max_metadata_bytes),
+        }
     }
 
     /// Fails when `entries` exceeds the per-table cap.
@@ -73,17 +97,25 @@ impl Limits {
     }
 }
 
-/// A countdown of metadata bytes. Shared by reference; `Sync`.
-#[derive(Debug)]
+/// A countdown of metadata bytes: a handle, cheap to clone; clones share the count. `Sync`.
+#[derive(Debug, Clone)]
 pub struct Budget {
-    left: AtomicU64,
+    left: Arc<AtomicU64>,
 }
+
+/// Budgets are equal when they are the same count.
+impl PartialEq for Budget {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.left, &other.left)
+    }
+}
+impl Eq for Budget {}
 
 impl Budget {
     /// A budget of `bytes`.
     pub fn new(bytes: u64) -> Self {
         Budget {
-            left: AtomicU64::new(bytes),
+            left: Arc::new(AtomicU64::new(bytes)),
         }
     }
 
@@ -104,6 +136,19 @@ impl Budget {
             })
     }
 
+    /// Charges `bytes` and returns a [`Charge`] that gives them back when dropped: the one
+    /// way to hold budget for as long as a buffer lives.
+    ///
+    /// # Errors
+    /// As [`Budget::take`].
+    pub fn charge(&self, bytes: u64, what: &str) -> Result<Charge> {
+        self.take(bytes, what)?;
+        Ok(Charge {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
     /// Gives bytes back once a temporary buffer is dropped.
     pub fn give_back(&self, bytes: u64) {
         let _ = self
@@ -116,5 +161,64 @@ impl Budget {
     /// Bytes left.
     pub fn left(&self) -> u64 {
         self.left.load(Ordering::Relaxed)
+    }
+}
+
+/// Bytes held from a [`Budget`], given back when dropped.
+#[derive(Debug)]
+pub struct Charge {
+    budget: Budget,
+    bytes: u64,
+}
+
+impl Charge {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Charges `bytes` more to the same budget, held as long as this charge.
+    ///
+    /// # Errors
+    /// As [`Budget::take`].
+    pub fn grow(&mut self, bytes: u64, what: &str) -> Result<()> {
+        self.budget.take(bytes, what)?;
+        self.bytes = self.bytes.saturating_add(bytes);
+        Ok(())
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.give_back(self.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_per_command_budget_is_shared_and_charges_come_back() {
+        let limits = Limits {
+            max_metadata_bytes: 100,
+            ..Limits::default()
+        }
+        .per_command();
+        let copy = limits.clone();
+        let c = limits.budget().charge(60, "a").unwrap();
+        assert_eq!(copy.budget().left(), 40);
+        assert!(copy.budget().charge(41, "b").is_err());
+        let mut g = limits.budget().charge(0, "d").unwrap();
+        g.grow(30, "d").unwrap();
+        assert!(g.grow(11, "d").is_err());
+        assert_eq!((g.bytes(), copy.budget().left()), (30, 10));
+        drop(c);
+        drop(g);
+        assert_eq!(limits.budget().left(), 100);
+        // Without per_command every call is a fresh budget.
+        let fresh = Limits::default();
+        fresh.budget().take(10, "c").unwrap();
+        assert_eq!(fresh.budget().left(), DEFAULT_METADATA_BYTES);
     }
 }

@@ -76,8 +76,72 @@ pub fn overlaps<'a>(regions: &mut [Region<'a>], max: usize) -> Vec<(Region<'a>, 
     out
 }
 
+/// Regions sorted for "what does this range overlap?" queries: O(log n) to find the candidates,
+/// then a scan back over the ones that reach far enough. Every format's check asks this of each
+/// table entry (does this block, grain or cluster land on metadata?).
+#[derive(Debug, Clone, Default)]
+pub struct RegionIndex<'a> {
+    regions: Vec<Region<'a>>,
+    /// Running maximum of region ends, by sorted position.
+    reach: Vec<u64>,
+}
+
+impl<'a> RegionIndex<'a> {
+    /// An index of `regions` (empty regions dropped).
+    pub fn new(mut regions: Vec<Region<'a>>) -> Self {
+        regions.retain(|r| r.len > 0);
+        regions.sort_unstable_by_key(|r| (r.start, r.len));
+        let mut m = 0u64;
+        let reach = regions
+            .iter()
+            .map(|r| {
+                m = m.max(r.end());
+                m
+            })
+            .collect();
+        RegionIndex { regions, reach }
+    }
+
+    /// A region that `[start, end)` shares a byte with, if any (the latest-starting one).
+    pub fn hit(&self, start: u64, end: u64) -> Option<&Region<'a>> {
+        if end <= start {
+            return None;
+        }
+        let n = self.regions.partition_point(|r| r.start < end);
+        let last = n.checked_sub(1)?;
+        if self.reach.get(last).copied().unwrap_or(0) <= start {
+            return None;
+        }
+        self.regions
+            .get(..n)?
+            .iter()
+            .rev()
+            .find(|r| r.end() > start)
+    }
+
+    /// The regions, sorted by start.
+    pub fn regions(&self) -> &[Region<'a>] {
+        &self.regions
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn region_index_finds_what_a_range_hits() {
+        let idx = super::RegionIndex::new(vec![
+            Region::new("big", 0, 100),
+            Region::new("b", 200, 10),
+            Region::new("empty", 150, 0),
+        ]);
+        assert_eq!(idx.hit(50, 60).map(|r| r.name), Some("big"));
+        assert_eq!(idx.hit(100, 200), None);
+        assert_eq!(idx.hit(150, 151), None);
+        assert_eq!(idx.hit(205, 300).map(|r| r.name), Some("b"));
+        assert_eq!(idx.hit(5, 5), None);
+        assert_eq!(idx.regions().len(), 2);
+    }
+
     use super::*;
 
     #[test]

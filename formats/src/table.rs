@@ -1,7 +1,10 @@
 //! The one validator every metadata table goes through.
 
+use std::ops::Deref;
+
 use crate::error::{Error, Result};
-use crate::limits::Limits;
+use crate::io::{read_vec, ReadAt};
+use crate::limits::{Budget, Charge, Limits};
 
 /// A table's placement, as declared by an image.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +64,70 @@ pub fn check_table(spec: TableSpec<'_>, file_size: u64, limits: &Limits) -> Resu
     }
 }
 
+/// A decoded table and the budget it holds: the bytes come back when the table is dropped.
+#[derive(Debug)]
+pub struct Table<T> {
+    entries: Vec<T>,
+    _charge: Option<Charge>,
+}
+
+impl<T> Table<T> {
+    /// A table of `entries` holding no budget (tests, tables built in code).
+    pub fn unbudgeted(entries: Vec<T>) -> Self {
+        Table {
+            entries,
+            _charge: None,
+        }
+    }
+}
+
+impl<T> Deref for Table<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.entries
+    }
+}
+
+/// Reads a table: [`check_table`], then a bounded read charged to `budget`, then decodes each
+/// `spec.entry_size`-byte entry with `decode`. The raw bytes are given back once decoded; the
+/// decoded entries stay charged (`size_of::<T>()` each) until the [`Table`] is dropped.
+///
+/// # Errors
+/// As [`check_table`]; `LimitExceeded` when the budget or the allocator says no; `Io` and
+/// `Truncated` from the read.
+pub fn read_entries<T>(
+    src: &dyn ReadAt,
+    spec: TableSpec<'_>,
+    file_size: u64,
+    limits: &Limits,
+    budget: &Budget,
+    decode: impl Fn(&[u8]) -> T,
+) -> Result<Table<T>> {
+    let len = check_table(spec, file_size, limits)?;
+    let n = usize::try_from(spec.entries)
+        .map_err(|_| Error::limit(format!("{}: too many entries", spec.name)))?;
+    let held = (std::mem::size_of::<T>() as u64).saturating_mul(spec.entries);
+    let charge = budget.charge(held, spec.name)?;
+    let raw = read_vec(src, spec.offset, len, budget, spec.name)?;
+    let mut entries = Vec::new();
+    let reserved = entries.try_reserve_exact(n);
+    if reserved.is_err() {
+        budget.give_back(len);
+        return Err(Error::limit(format!(
+            "{}: cannot allocate {n} entries",
+            spec.name
+        )));
+    }
+    let size = usize::try_from(spec.entry_size.max(1)).unwrap_or(usize::MAX);
+    entries.extend(raw.chunks_exact(size).map(decode));
+    drop(raw);
+    budget.give_back(len);
+    Ok(Table {
+        entries,
+        _charge: Some(charge),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +149,25 @@ mod tests {
             check_table(spec(512, 64), 1024, &Limits::default()).unwrap(),
             512
         );
+    }
+
+    #[test]
+    fn read_entries_decodes_and_gives_its_budget_back_when_dropped() {
+        let mut file = vec![0u8; 1024];
+        file[512..520].copy_from_slice(&7u64.to_be_bytes());
+        let l = Limits::default().per_command();
+        let before = l.budget().left();
+        let t = read_entries(&file, spec(512, 64), 1024, &l, &l.budget(), |b| {
+            u64::from_be_bytes(b.try_into().unwrap())
+        })
+        .unwrap();
+        assert_eq!((t.len(), t[0], t[1]), (64, 7, 0));
+        assert_eq!(l.budget().left(), before - 64 * 8);
+        drop(t);
+        assert_eq!(l.budget().left(), before);
+        let e = read_entries(&file, spec(512, 65), 1024, &l, &l.budget(), |_| 0u8);
+        assert_eq!(e.unwrap_err().finding_code(), "table.out-of-bounds");
+        assert_eq!(l.budget().left(), before);
     }
 
     #[test]

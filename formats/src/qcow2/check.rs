@@ -860,7 +860,7 @@ impl Walk<'_> {
         };
         let unlimited = Limits {
             max_table_entries: u64::MAX,
-            ..*self.limits
+            ..self.limits.clone()
         };
         if let Err(e) = check_table(spec, img.file_size, &unlimited) {
             return Ok(Err(bad(e.message().to_string(), dir_off)));

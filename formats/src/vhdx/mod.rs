@@ -175,7 +175,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
     // applied to the BAT entries actually read, below.
     let region_limits = Limits {
         max_table_entries: u64::from(u32::MAX),
-        ..*limits
+        ..limits.clone()
     };
     let mut placed: Vec<Reserved<'_>> = vec![Reserved {
         start: 0,

@@ -43,6 +43,27 @@ impl Sink {
     }
 }
 
+/// Grain-table bytes a check may read: each stored table is walked once and compared with its
+/// redundant copy once, so a valid image needs at most three times its file size. Alternating
+/// directory entries that defeat the table cache stop here instead of running for minutes.
+struct Work {
+    left: u64,
+}
+
+impl Work {
+    fn new(file_size: u64) -> Self {
+        Work {
+            left: file_size.saturating_mul(4).saturating_add(1 << 20),
+        }
+    }
+    fn spend(&mut self, bytes: u64) -> Result<()> {
+        self.left = self.left.checked_sub(bytes).ok_or_else(|| {
+            Error::limit("VMDK grain tables: more reads than four times the file size")
+        })?;
+        Ok(())
+    }
+}
+
 /// Metadata ranges in sectors, sorted, with a running maximum of ends for overlap queries.
 struct Ranges {
     spans: Vec<(u64, u64, &'static str)>,
@@ -87,6 +108,7 @@ fn redundant(
     s: &Sparse,
     src: &dyn ReadAt,
     budget: &crate::limits::Budget,
+    work: &mut Work,
     meta: &mut Vec<(u64, u64, &'static str)>,
     sink: &mut Sink,
 ) -> Result<()> {
@@ -98,7 +120,11 @@ fn redundant(
     let at = hdr.rgd_offset.saturating_mul(SECTOR);
     let len = (s.gd.len() as u64).saturating_mul(4);
     let rgd = match crate::io::read_vec(src, at, len, budget, "redundant grain directory") {
-        Ok(b) => super::table::entries(&b),
+        Ok(b) => {
+            let entries = super::table::entries(&b);
+            budget.give_back(len);
+            entries
+        }
         Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::LimitExceeded) => return Err(e),
         Err(e) => {
             sink.error(&e);
@@ -131,10 +157,7 @@ fn redundant(
             mismatch(sink, i);
             continue;
         }
-        budget.take(
-            s.cache.table_len().saturating_mul(2),
-            "VMDK redundant grain tables",
-        )?;
+        work.spend(s.cache.table_len().saturating_mul(2))?;
         match (s.cache.get(src, u64::from(p)), s.cache.get(src, r)) {
             (Ok(a), Ok(b)) => {
                 if a != b {
@@ -263,7 +286,8 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
             .iter()
             .map(|&(gt, _)| (gt, gt.saturating_add(gt_sectors), "a grain table")),
     );
-    redundant(s, src, &budget, &mut meta, &mut sink)?;
+    let mut work = Work::new(s.file_size);
+    redundant(s, src, &budget, &mut work, &mut meta, &mut sink)?;
     let meta = Ranges::new(meta);
 
     // Every grain pointer.
@@ -271,6 +295,8 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
     let gb = hdr.grain_bytes();
     let per = u64::from(hdr.gtes_per_gt);
     let mut grains: Vec<(u64, u64, u64)> = Vec::new();
+    // Charges for the grain list, given back when the check returns.
+    let mut held = budget.charge(0, "VMDK grain list")?;
     // A table that shares sectors with the previous one is already a finding; walking its
     // entries again would only repeat the same grains (30,000 GD entries naming one GT would
     // list 15 million grains from a 200 KiB file), so each stored table is walked once.
@@ -280,7 +306,7 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
             continue;
         }
         walked_to = gt_sector.saturating_add(gt_sectors);
-        budget.take(gt_bytes, "VMDK grain tables")?;
+        work.spend(gt_bytes)?;
         let gt = match s.cache.get(src, gt_sector) {
             Ok(t) => t,
             Err(e) if e.kind() == ErrorKind::Io => return Err(e),
@@ -332,7 +358,7 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
                     .at(at),
                 );
             }
-            budget.take(24, "VMDK grain list")?;
+            held.grow(24, "VMDK grain list")?;
             grains.push((start, end, g));
         }
     }

@@ -614,7 +614,7 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
     info.detail("extents", vec![serde_json::Value::Object(ext)]);
     info.references = refs;
 
-    let cache = GtCache::new(hdr.gtes_per_gt, size, *limits);
+    let cache = GtCache::new(hdr.gtes_per_gt, size, limits.clone());
     let sparse = Sparse {
         hdr,
         hdr_at,
