@@ -121,6 +121,16 @@ pub struct Loaded {
     pub image: Arc<dyn Image>,
 }
 
+/// The limits of this command: one process runs one command, so every image it opens, every
+/// reader cache and the conversion buffers charge one shared budget (`Limits::per_command`),
+/// which is what bounds the command's memory as a whole.
+pub fn limits() -> Limits {
+    static LIMITS: std::sync::OnceLock<Limits> = std::sync::OnceLock::new();
+    LIMITS
+        .get_or_init(|| Limits::default().per_command())
+        .clone()
+}
+
 /// Detects, opens and checks `path` under the default policy (plus `expect`), refusing a
 /// rejected image unless `--force`, and an encrypted one always. Errors do not name the path.
 pub fn load(path: &Path, expect: Option<Format>, opts: &InputOpts) -> anyhow::Result<Loaded> {

@@ -9,14 +9,18 @@
 //!    shared source), detect all-zero chunks and compress where the writer asks.
 //! 3. One writer thread lays the chunks down in order.
 //!
-//! At most two batches are in flight (one being prepared, one being written), so memory stays
-//! bounded by about `2 × batch_bytes` whatever the image size.
+//! At most three batches are alive at once (one being prepared, one queued, one being
+//! written), so memory stays bounded by `3 × batch_bytes` whatever the image size. With a
+//! [`ConvertOptions::budget`] (the command's, from `Limits::per_command`) those bytes are
+//! charged to it for the whole conversion, so that metadata, the reader's cache and the
+//! pipeline together stay within one number.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
 use glimpse_formats::image::Image;
+use glimpse_formats::limits::{Budget, Charge};
 use glimpse_formats::reader::{ChunkPlan, ChunkPlanner, GuestReader};
 use rayon::prelude::*;
 
@@ -30,6 +34,8 @@ pub struct ConvertOptions<'a> {
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
     /// Set to true (from a signal handler, say) to stop early with an error.
     pub cancel: Option<&'a AtomicBool>,
+    /// The command's memory budget, charged with the batches' bytes while converting.
+    pub budget: Option<Budget>,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -38,6 +44,7 @@ impl Default for ConvertOptions<'_> {
             batch_bytes: 32 << 20,
             progress: None,
             cancel: None,
+            budget: None,
         }
     }
 }
@@ -99,6 +106,15 @@ pub fn is_zero(buf: &[u8]) -> bool {
         && rem.iter().all(|&b| b == 0)
 }
 
+/// Charges the three batches that can be alive at once to `budget`, when there is one.
+fn charge_batches(budget: Option<&Budget>, per_batch: usize, chunk: u64) -> Result<Option<Charge>> {
+    let Some(b) = budget else {
+        return Ok(None);
+    };
+    let bytes = (per_batch as u64).saturating_mul(chunk).saturating_mul(3);
+    Ok(Some(b.charge(bytes, "conversion buffers")?))
+}
+
 /// Converts `image` into `writer`.
 ///
 /// # Errors
@@ -112,9 +128,10 @@ pub fn convert(
     let size = image.info().virtual_size;
     let chunk = writer.chunk_size().max(512);
     let comp = writer.compressor();
-    let per_batch =
-        usize::try_from((opts.batch_bytes / chunk).max(rayon::current_num_threads() as u64 * 2))
-            .unwrap_or(64);
+    // Whole chunks up to `batch_bytes`, however many threads there are: the memory bound must
+    // hold on a 64-core machine too.
+    let per_batch = usize::try_from((opts.batch_bytes / chunk).max(1)).unwrap_or(64);
+    let _held = charge_batches(opts.budget.as_ref(), per_batch, chunk)?;
     let mut planner = ChunkPlanner::new(image.as_ref(), chunk);
     let (tx, rx) = sync_channel::<Vec<Chunk>>(1);
     let mut stats = Stats {

@@ -37,6 +37,9 @@ use crate::{Chunk, Error, Measure, Payload, Result, Target, WriteOptions, Writer
 const FIXED_CHUNK: u64 = 1 << 20;
 /// Default block size of dynamic disks.
 const DEFAULT_BLOCK: u64 = 2 << 20;
+/// The largest chunk the pipeline hands the dynamic writer: part of a block when blocks are
+/// larger.
+const SUB_CHUNK: u64 = 4 << 20;
 /// Where the dynamic disk header goes (after the footer copy).
 const HEADER_AT: u64 = 512;
 /// Where the BAT goes (after the header), as qemu-img and Hyper-V put it.
@@ -341,36 +344,53 @@ struct DynamicWriter {
     bitmap: Vec<u8>,
 }
 
+impl DynamicWriter {
+    /// Where `block`'s data starts in the file, allocating the block (bitmap, then data) and
+    /// pointing its BAT entry at it on its first data chunk.
+    fn data_of(&mut self, block: u64) -> Result<u64> {
+        let index = usize::try_from(block).map_err(|_| Error::invalid("chunk index"))?;
+        let bitmap_len = self.bitmap.len() as u64;
+        let slot = self
+            .bat
+            .get_mut(index)
+            .ok_or_else(|| Error::invalid("chunk past the virtual size"))?;
+        if *slot != u32::MAX {
+            return Ok(u64::from(*slot)
+                .saturating_mul(512)
+                .saturating_add(bitmap_len));
+        }
+        let sector = u32::try_from(self.next / 512)
+            .map_err(|_| Error::invalid("dynamic VHD grows past the 2 TiB its BAT can address"))?;
+        *slot = sector;
+        self.file.write_all_at(&self.bitmap, self.next)?;
+        let data_at = self.next.saturating_add(bitmap_len);
+        // Every block is whole on disk (QEMU checks that the last one fits the file).
+        self.next = data_at.saturating_add(self.plan.block);
+        Ok(data_at)
+    }
+}
+
 impl Writer for DynamicWriter {
+    /// A block, or [`SUB_CHUNK`] of one: blocks reach 256 MiB, and the pipeline holds three
+    /// batches of chunks, so whole blocks would break the command's memory ceiling.
     fn chunk_size(&self) -> u64 {
-        self.plan.block
+        self.plan.block.min(SUB_CHUNK)
     }
 
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
-        if chunk.guest != self.pos || chunk.guest % self.plan.block != 0 {
+        if chunk.guest != self.pos || chunk.guest % self.chunk_size() != 0 {
             return Err(Error::invalid(format!(
                 "vhd writer: chunk at {} but expected {}",
                 chunk.guest, self.pos
             )));
         }
         match chunk.payload {
+            // A zero chunk of an allocated block reads from the file's hole.
             Payload::Zero => {}
             Payload::Data(d) => {
-                let index = usize::try_from(chunk.guest / self.plan.block)
-                    .map_err(|_| Error::invalid("chunk index"))?;
-                let sector = u32::try_from(self.next / 512).map_err(|_| {
-                    Error::invalid("dynamic VHD grows past the 2 TiB its BAT can address")
-                })?;
-                let slot = self
-                    .bat
-                    .get_mut(index)
-                    .ok_or_else(|| Error::invalid("chunk past the virtual size"))?;
-                *slot = sector;
-                self.file.write_all_at(&self.bitmap, self.next)?;
-                let data_at = self.next + self.bitmap.len() as u64;
-                self.file.write_all_at(&d, data_at)?;
-                // Every block is whole on disk (QEMU checks that the last one fits the file).
-                self.next = data_at + self.plan.block;
+                let data_at = self.data_of(chunk.guest / self.plan.block)?;
+                self.file
+                    .write_all_at(&d, data_at.saturating_add(chunk.guest % self.plan.block))?;
             }
             Payload::Compressed(_) => {
                 return Err(Error::invalid("vhd writer got a compressed chunk"))

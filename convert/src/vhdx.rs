@@ -25,6 +25,8 @@ use glimpse_formats::vhdx::region::{self, REGION1_OFFSET, REGION2_OFFSET, REGION
 use crate::{Chunk, Error, Measure, Payload, Result, Target, WriteOptions, Writer};
 
 const MIB: u64 = 1 << 20;
+/// The largest chunk the pipeline hands this writer: part of a block when blocks are larger.
+const SUB_CHUNK: u64 = 4 * MIB;
 /// "Image size too large; max of 64TB" (qemu, from the spec's limit).
 const MAX_SIZE: u64 = 64 << 40;
 /// The creator string in the file identifier.
@@ -145,6 +147,22 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
     bat.try_reserve_exact(n)
         .map_err(|_| Error::limit("vhdx: cannot allocate the BAT"))?;
     bat.resize(n, 0u64);
+    // Every payload entry starts as the zero block it is until a data chunk allocates it.
+    for block in 0..l.geo.data_blocks {
+        if let Some(e) = usize::try_from(l.geo.payload_index(block))
+            .ok()
+            .and_then(|i| bat.get_mut(i))
+        {
+            *e = if l.fixed {
+                block
+                    .saturating_mul(l.geo.block_size)
+                    .saturating_add(l.data_start)
+                    | FULLY_PRESENT
+            } else {
+                l.zero_state
+            };
+        }
+    }
     Ok(Box::new(VhdxWriter {
         file,
         l,
@@ -181,49 +199,76 @@ struct VhdxWriter {
     next_host: u64,
 }
 
+impl VhdxWriter {
+    /// The host offset of `block`, allocating it (and pointing its BAT entry at it) on its
+    /// first data chunk.
+    fn host_of(&mut self, block: u64) -> Result<u64> {
+        let idx = usize::try_from(self.l.geo.payload_index(block))
+            .map_err(|_| Error::invalid("vhdx: block index"))?;
+        let slot = self
+            .bat
+            .get_mut(idx)
+            .ok_or_else(|| Error::invalid("vhdx writer: chunk past the disk"))?;
+        // The state is in the low 3 bits, the host offset (a whole MiB) above bit 20.
+        if *slot & 7 == FULLY_PRESENT {
+            return Ok(*slot & !((1u64 << 20) - 1));
+        }
+        let host = if self.l.fixed {
+            block
+                .saturating_mul(self.l.geo.block_size)
+                .saturating_add(self.l.data_start)
+        } else {
+            let h = self.next_host;
+            self.next_host = h.saturating_add(self.l.geo.block_size);
+            h
+        };
+        *slot = host | FULLY_PRESENT;
+        Ok(host)
+    }
+}
+
 impl Writer for VhdxWriter {
+    /// A block, or [`SUB_CHUNK`] of one: blocks reach 256 MiB, and the pipeline holds three
+    /// batches of chunks, so whole blocks would break the command's memory ceiling.
     fn chunk_size(&self) -> u64 {
-        self.l.geo.block_size
+        self.l.geo.block_size.min(SUB_CHUNK)
     }
 
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
-        if chunk.guest != self.pos || chunk.guest % self.l.geo.block_size != 0 {
+        if chunk.guest != self.pos || chunk.guest % self.chunk_size() != 0 {
             return Err(Error::invalid(format!(
                 "vhdx writer: chunk at {} but expected {}",
                 chunk.guest, self.pos
             )));
         }
-        let block = chunk.guest / self.l.geo.block_size;
-        let idx = usize::try_from(self.l.geo.payload_index(block))
-            .map_err(|_| Error::invalid("vhdx: block index"))?;
-        let fixed_host = block
-            .saturating_mul(self.l.geo.block_size)
-            .saturating_add(self.l.data_start);
-        let entry = match chunk.payload {
+        let bs = self.l.geo.block_size;
+        let block = chunk.guest / bs;
+        match chunk.payload {
             Payload::Data(d) => {
-                let host = if self.l.fixed {
-                    fixed_host
-                } else {
-                    self.next_host
-                };
-                self.file.write_all_at(&d, host)?;
-                if !self.l.fixed {
-                    self.next_host = host.saturating_add(self.l.geo.block_size);
-                }
-                host | FULLY_PRESENT
+                let host = self.host_of(block)?;
+                self.file
+                    .write_all_at(&d, host.saturating_add(chunk.guest % bs))?;
             }
-            Payload::Zero if self.l.fixed => fixed_host | FULLY_PRESENT,
-            Payload::Zero => self.l.zero_state,
+            // Every entry starts as a zero block (see `create`); a block allocated by an
+            // earlier chunk reads its zero chunks from the file's hole.
+            Payload::Zero => {}
             Payload::Compressed(_) => {
                 return Err(Error::invalid("vhdx writer got a compressed chunk"))
             }
-        };
-        let slot = self
-            .bat
-            .get_mut(idx)
-            .ok_or_else(|| Error::invalid("vhdx writer: chunk past the disk"))?;
-        *slot = entry;
+        }
         self.pos = chunk.guest.saturating_add(chunk.len);
+        Ok(())
+    }
+
+    fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
+        // Zero spans only move the position: their blocks keep their zero entries.
+        if guest != self.pos {
+            return Err(Error::invalid(format!(
+                "vhdx writer: zeros at {guest} but expected {}",
+                self.pos
+            )));
+        }
+        self.pos = guest.saturating_add(len);
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use glimpse_convert::output::{check_not_source, OutputFile, OutputOptions};
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{create, Target, WriteOptions};
 use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{Format, Limits};
+use glimpse_formats::Format;
 
 use crate::common::{load, parse_format, InputOpts};
 use crate::source::is_stdin;
@@ -231,7 +231,7 @@ fn run_pipeline(
     writer: Box<dyn glimpse_convert::Writer>,
 ) -> glimpse_formats::Result<glimpse_convert::pipeline::Stats> {
     let size = image.info().virtual_size;
-    let reader = GuestReader::new(image.clone(), &Limits::default());
+    let reader = GuestReader::new(image.clone(), &crate::common::limits());
     let mode = match (args.progress.as_deref(), args.progress_bar) {
         (Some(m), _) => m.to_string(),
         (None, true) => "bar".into(),
@@ -267,6 +267,7 @@ fn run_pipeline(
     let copts = ConvertOptions {
         progress: Some(&progress),
         cancel: Some(&CANCEL),
+        budget: Some(crate::common::limits().budget()),
         ..ConvertOptions::default()
     };
     let result = convert(image, writer, &reader, &copts);

@@ -1,0 +1,168 @@
+//! The memory ceiling (issue 11 §6): every command stays within 256 MiB of peak RSS on the
+//! inputs that once took 400 MB and more, and on the large valid images next to them. Peak RSS
+//! comes from GNU time (`/usr/bin/time -f %M`, installed by scripts/test.sh). The inputs are
+//! generated sparsely by the project's scripts, so they cost little disk.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const CEILING_KIB: u64 = 256 * 1024;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn python(script: &str, args: &[&Path]) {
+    let out = Command::new("python3")
+        .arg(root().join(script))
+        .args(args)
+        .output()
+        .expect("python3 must be installed");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs glimpse with `args` under GNU time; returns (exit code, peak RSS in KiB, stderr).
+fn peak(args: &[&str]) -> (Option<i32>, u64, String) {
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%M"])
+        .arg(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .output()
+        .expect("GNU time (/usr/bin/time) must be installed");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let kib = err
+        .trim()
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no RSS from time: {err}"));
+    (out.status.code(), kib, err)
+}
+
+fn within_ceiling(args: &[&str], codes: &[i32]) {
+    let (code, kib, err) = peak(args);
+    eprintln!("peak RSS {kib} KiB: {}", args.join(" "));
+    assert!(
+        code.is_some_and(|c| codes.contains(&c)),
+        "{args:?} exited {code:?}: {err}"
+    );
+    assert!(kib <= CEILING_KIB, "{args:?}: peak RSS {kib} KiB > 256 MiB");
+}
+
+#[test]
+fn hostile_metadata_stays_within_256_mib() {
+    let t = tempfile::tempdir().unwrap();
+    python("fixtures/qcow2/make_big.py", &[t.path()]);
+    python("fixtures/hostile/vmdk/make-shared-gt.py", &[t.path()]);
+    for (name, codes) in [
+        ("thrash.qcow2", &[0][..]),
+        ("sparse-2t.qcow2", &[0]),
+        ("snap-shared-l1.qcow2", &[0, 1]),
+        ("bitmap-dir-400m.qcow2", &[1]),
+        ("c512-100g.qcow2", &[0, 1]),
+        ("shared-grain-table.vmdk", &[1]),
+    ] {
+        let p = t.path().join(name);
+        within_ceiling(&["check", p.to_str().unwrap()], codes);
+    }
+}
+
+#[test]
+fn large_valid_images_stay_within_256_mib() {
+    let t = tempfile::tempdir().unwrap();
+    let vmdk = t.path().join("1t.vmdk");
+    let qcow = t.path().join("1p.qcow2");
+    let vhdx = t.path().join("64t.vhdx");
+    qemu_img(&["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "1T"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", qcow.to_str().unwrap(), "1P"]);
+    qemu_img(&["create", "-q", "-f", "vhdx", vhdx.to_str().unwrap(), "64T"]);
+    for p in [&vmdk, &qcow, &vhdx] {
+        let p = p.to_str().unwrap();
+        within_ceiling(&["check", p], &[0]);
+        within_ceiling(&["checksum", "--content", p], &[0]);
+    }
+    // Two large images at once: one budget for the command.
+    within_ceiling(
+        &["compare", vmdk.to_str().unwrap(), vmdk.to_str().unwrap()],
+        &[0],
+    );
+    let out = t.path().join("out.qcow2");
+    within_ceiling(
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            vmdk.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+        &[0],
+    );
+}
+
+#[test]
+fn converting_data_stays_within_256_mib() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("data.img");
+    // 384 MiB of incompressible data, so every batch of the pipeline is full.
+    let mut f = std::fs::File::create(&raw).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..384 {
+        for w in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        std::io::Write::write_all(&mut f, &block).unwrap();
+    }
+    drop(f);
+    let r = raw.to_str().unwrap();
+    let q = t.path().join("c.qcow2");
+    let q = q.to_str().unwrap();
+    within_ceiling(&["convert", "-c", "-O", "qcow2", r, q], &[0]);
+    let v = t.path().join("s.vmdk");
+    let v = v.to_str().unwrap();
+    within_ceiling(
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            q,
+            v,
+        ],
+        &[0],
+    );
+    within_ceiling(&["compare", q, v], &[0]);
+    // Blocks of 256 MiB reach the writers in 4 MiB chunks: whole blocks, three batches of
+    // them in flight, once took 268 MB.
+    for (fmt, opt) in [("vhdx", "block_size=256M"), ("vpc", "block_size=256M")] {
+        let o = t.path().join(format!("big-block.{fmt}"));
+        let o = o.to_str().unwrap();
+        within_ceiling(&["convert", "-O", fmt, "-o", opt, r, o], &[0]);
+        let cmp = Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "raw", "-F", fmt, r, o])
+            .status()
+            .expect("qemu-img must be installed");
+        assert!(cmp.success(), "{fmt} {opt}: guest content differs");
+    }
+    within_ceiling(&["checksum", "--content", v], &[0]);
+}
