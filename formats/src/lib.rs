@@ -36,6 +36,7 @@ pub mod image;
 pub mod io;
 pub mod limits;
 pub mod policy;
+pub mod probe;
 pub mod ranges;
 pub mod reader;
 pub mod table;
