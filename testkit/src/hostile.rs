@@ -245,3 +245,14 @@ pub fn check_dir_with(folder: &str, policy: &Policy) -> Vec<(Fixture, Report)> {
     });
     fixtures.into_iter().zip(reports).collect()
 }
+
+/// The fixture `name` of `fixtures/hostile/<folder>`, with its expected codes.
+///
+/// # Panics
+/// When `expected-codes` has no line for it, and as [`expected`].
+pub fn fixture(folder: &str, name: &str) -> Fixture {
+    expected(folder)
+        .into_iter()
+        .find(|f| f.name == name)
+        .unwrap_or_else(|| panic!("fixtures/hostile/{folder}/{EXPECTED} has no line for {name}"))
+}
