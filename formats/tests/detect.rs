@@ -24,10 +24,11 @@ fn fixtures(dir: &Path, out: &mut Vec<PathBuf>) {
     for p in entries {
         if p.is_dir() {
             fixtures(&p, out);
-        } else if !matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("md" | "py" | "sh")
-        ) {
+        } else if !p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(glimpse_testkit::hostile::is_not_a_fixture)
+        {
             out.push(p);
         }
     }
