@@ -13,13 +13,8 @@ use std::sync::Arc;
 use glimpse_formats::policy::{inspect, Policy, Verdict};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits, Source};
+use glimpse_testkit::qemu::virtual_size as qemu_virtual_size;
 use support::{qemu_img, raw_source};
-
-fn qemu_virtual_size(path: &Path, fmt: &str) -> u64 {
-    let json = qemu_img(&["info", "-f", fmt, "--output=json", path.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    v["virtual-size"].as_u64().unwrap()
-}
 
 fn src(path: &Path) -> Source {
     Arc::new(File::open(path).unwrap())
