@@ -27,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+pub mod codes;
 pub mod detect;
 pub mod digest;
 pub mod error;
