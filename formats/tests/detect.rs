@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_formats::policy::{inspect, Policy, Verdict};
@@ -37,11 +36,8 @@ fn fixtures(dir: &Path, out: &mut Vec<PathBuf>) {
 /// The format `qemu-img info` probes and opens `path` as, or `None` when it cannot open it.
 /// (`-U`: a hostile descriptor may name a host file in use; qemu-img only reads metadata.)
 fn qemu_format(path: &Path) -> Option<String> {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(path)
-        .output()
-        .expect("qemu-img must be installed for this test");
+    let p = path.to_str().expect("a UTF-8 path");
+    let out = glimpse_testkit::qemu::run(&["info", "-U", "--output=json", p]);
     if !out.status.success() {
         return None;
     }

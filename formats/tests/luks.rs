@@ -31,17 +31,7 @@ fn qemu_luks(dir: &Path, size: &str) -> PathBuf {
 
 /// `qemu-img info --output=json -f luks`: the header is readable without the secret.
 fn qemu_info(path: &Path) -> serde_json::Value {
-    let out = Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "luks"])
-        .arg(path)
-        .output()
-        .expect("qemu-img is required");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    glimpse_testkit::qemu::info(path, Some("luks"))
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use glimpse_formats::qcow2;
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{ErrorKind, ExtentKind, Image, Limits, Severity, Source};
+use glimpse_testkit::qemu::img as qemu_img;
 
 fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     let out = Command::new(cmd)
@@ -20,10 +21,6 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    String::from_utf8(run("qemu-img", args).stdout).unwrap()
 }
 
 fn s(p: &Path) -> &str {

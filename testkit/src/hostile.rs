@@ -256,3 +256,57 @@ pub fn fixture(folder: &str, name: &str) -> Fixture {
         .find(|f| f.name == name)
         .unwrap_or_else(|| panic!("fixtures/hostile/{folder}/{EXPECTED} has no line for {name}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_reads_names_codes_and_comments() {
+        let text = "# header\n\nclean.qcow2\nbad.qcow2 a.b c.d-e  # why\n  # indented comment\n";
+        assert_eq!(
+            parse(text),
+            [
+                ("clean.qcow2".to_string(), vec![]),
+                (
+                    "bad.qcow2".to_string(),
+                    vec!["a.b".to_string(), "c.d-e".to_string()]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "listed twice")]
+    fn parse_refuses_a_name_twice() {
+        parse("x.vhd vhd.checksum\nx.vhd vhd.block-size\n");
+    }
+
+    #[test]
+    fn scripts_readmes_and_the_list_are_not_fixtures() {
+        for n in [
+            "README.md",
+            "make.py",
+            "make-shared-gt.py",
+            "gen.sh",
+            EXPECTED,
+        ] {
+            assert!(is_not_a_fixture(n), "{n}");
+        }
+        for n in ["clean.qcow2", "sparse-pax-1.0.ova", "udif-zero.dmg"] {
+            assert!(!is_not_a_fixture(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn every_hostile_folder_lists_its_fixtures() {
+        let root = crate::fixtures_dir().join("hostile");
+        for e in fs::read_dir(&root).expect("fixtures/hostile") {
+            let e = e.expect("a readable entry");
+            if e.path().is_dir() {
+                let folder = e.file_name().into_string().expect("a UTF-8 name");
+                assert!(!expected(&folder).is_empty(), "{folder}");
+            }
+        }
+    }
+}
