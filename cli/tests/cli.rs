@@ -8,15 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use support::qemu::run as qemu_img;
 use support::{glimpse, s};
-
-fn qemu_img(args: &[&str]) -> Output {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is required for these tests (apt-get install qemu-utils)");
-    out
-}
 
 fn code(o: &Output) -> i32 {
     o.status.code().expect("exit code")

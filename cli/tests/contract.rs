@@ -6,6 +6,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use support::qemu::img as qemu_img;
 use support::schema::{assert_kebab, assert_valid};
 use support::{glimpse, json_of, s};
 
@@ -15,14 +16,6 @@ fn code(o: &Output) -> i32 {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn qemu_img(args: &[&str]) {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed (apt-get install qemu-utils)");
-    assert!(o.status.success(), "qemu-img {args:?}: {}", stderr(&o));
 }
 
 /// A 1 MiB raw disk with some data.

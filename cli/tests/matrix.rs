@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 use serde_json::Value;
+use support::qemu::run as qemu_img;
 use support::{glimpse, s};
 
 struct Fixture {
@@ -61,13 +62,6 @@ fn glimpse_reproducible(args: &[&str]) -> Output {
         .env("SOURCE_DATE_EPOCH", "1700000000")
         .output()
         .expect("run glimpse")
-}
-
-fn qemu_img(args: &[&str]) -> Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is required for these tests (apt-get install qemu-utils)")
 }
 
 fn text(b: &[u8]) -> String {

@@ -8,21 +8,10 @@ mod upload_support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use glimpse_testkit::qemu::img as qemu_img;
 use upload_support::{digests, glance, json, raw_file, text, unique, upload, Proxy, PutMode};
 
 const BIN: &str = "upload_formats";
-
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is required for these tests");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A raw source with data and zeros, converted to `fmt` (qemu-img's name) with `opts`.
 fn make(dir: &Path, fmt: &str, opts: &[&str]) -> PathBuf {

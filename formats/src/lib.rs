@@ -27,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+pub mod codes;
 pub mod detect;
 pub mod digest;
 pub mod error;
@@ -37,6 +38,7 @@ pub mod io;
 pub mod limits;
 pub mod lru;
 pub mod policy;
+pub mod probe;
 pub mod ranges;
 pub mod reader;
 pub mod table;

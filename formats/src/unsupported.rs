@@ -10,9 +10,9 @@
 //! `block/bochs.c` (`bochs_probe`), `block/cloop.c` (`cloop_probe`) and `block/dmg.c`
 //! (`dmg_find_koly_offset`).
 
-use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::format::Format;
+use crate::probe::Probe;
 
 /// qcow (version 1) and qcow2 share the magic `QFI\xfb`; the big-endian version at byte 4
 /// tells them apart (qemu's qcow driver claims version 1, the qcow2 driver 2 and 3).

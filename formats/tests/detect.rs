@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_formats::policy::{inspect, Policy, Verdict};
@@ -24,10 +23,11 @@ fn fixtures(dir: &Path, out: &mut Vec<PathBuf>) {
     for p in entries {
         if p.is_dir() {
             fixtures(&p, out);
-        } else if !matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("md" | "py" | "sh")
-        ) {
+        } else if !p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(glimpse_testkit::hostile::is_not_a_fixture)
+        {
             out.push(p);
         }
     }
@@ -36,11 +36,8 @@ fn fixtures(dir: &Path, out: &mut Vec<PathBuf>) {
 /// The format `qemu-img info` probes and opens `path` as, or `None` when it cannot open it.
 /// (`-U`: a hostile descriptor may name a host file in use; qemu-img only reads metadata.)
 fn qemu_format(path: &Path) -> Option<String> {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(path)
-        .output()
-        .expect("qemu-img must be installed for this test");
+    let p = path.to_str().expect("a UTF-8 path");
+    let out = glimpse_testkit::qemu::run(&["info", "-U", "--output=json", p]);
     if !out.status.success() {
         return None;
     }

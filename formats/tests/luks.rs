@@ -31,17 +31,7 @@ fn qemu_luks(dir: &Path, size: &str) -> PathBuf {
 
 /// `qemu-img info --output=json -f luks`: the header is readable without the secret.
 fn qemu_info(path: &Path) -> serde_json::Value {
-    let out = Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "luks"])
-        .arg(path)
-        .output()
-        .expect("qemu-img is required");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    glimpse_testkit::qemu::info(path, Some("luks"))
 }
 
 #[test]
@@ -191,16 +181,17 @@ fn luks2_truncated_prefixes_error() {
     }
 }
 
-/// The committed hostile files (fixtures/hostile/luks/README.md) give their codes.
+/// The committed hostile files (fixtures/hostile/luks/README.md) give the codes their
+/// `expected-codes` lines list; `open` alone gives the last of them, the parser's own.
 #[test]
 fn hostile_fixtures() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/luks");
-    for (name, code) in [
-        ("luks1-payload-past-end.luks", "luks.truncated"),
-        ("luks2-json-garbage.luks", "luks.header"),
-        ("luks2-bad-checksum.luks", "luks.checksum"),
-    ] {
-        let s: Source = Arc::new(std::fs::File::open(dir.join(name)).unwrap());
+    for fx in glimpse_testkit::hostile::check_dir("luks")
+        .into_iter()
+        .map(|(fx, _)| fx)
+    {
+        let name = &fx.name;
+        let code = fx.codes.last().expect("a hostile file has a code").as_str();
+        let s: Source = Arc::new(std::fs::File::open(&fx.path).unwrap());
         assert_eq!(
             detect(s.as_ref()).unwrap().matches,
             vec![Format::Luks],

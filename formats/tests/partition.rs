@@ -207,17 +207,12 @@ fn truncated_heads_never_panic() {
     }
 }
 
-/// The committed hostile files (fixtures/hostile/raw/README.md) give their warnings.
+/// The committed hostile files (fixtures/hostile/raw/README.md) give their warnings, the
+/// codes their `expected-codes` lines list, when opened as raw as well as through `check`.
 #[test]
 fn hostile_fixtures() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/raw");
-    for (name, code) in [
-        ("mbr-no-partitions.raw", "raw.mbr-no-partitions"),
-        ("mbr-partition-past-end.raw", "raw.partition-out-of-bounds"),
-        ("gpt-header-crc.raw", "raw.gpt-checksum"),
-        ("gpt-partition-past-end.raw", "raw.partition-out-of-bounds"),
-    ] {
-        let (_, codes) = raw_info(Arc::new(std::fs::File::open(dir.join(name)).unwrap()));
-        assert_eq!(codes, [code], "{name}");
+    for (fx, _) in glimpse_testkit::hostile::check_dir("raw") {
+        let (_, codes) = raw_info(Arc::new(std::fs::File::open(&fx.path).unwrap()));
+        assert_eq!(codes, fx.codes, "{}", fx.name);
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use glimpse_formats::qcow2;
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{ErrorKind, ExtentKind, Image, Limits, Severity, Source};
+use glimpse_testkit::qemu::img as qemu_img;
 
 fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     let out = Command::new(cmd)
@@ -20,10 +21,6 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    String::from_utf8(run("qemu-img", args).stdout).unwrap()
 }
 
 fn s(p: &Path) -> &str {
@@ -625,52 +622,21 @@ fn probe_matches_any_version_and_qed_does_not() {
 #[test]
 fn hostile_fixtures_give_their_codes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/qcow2");
-    let cases: &[(&str, &[&str])] = &[
-        ("clean", &[]),
-        ("huge-l1", &["table.too-large"]),
-        ("l1-past-eof", &["table.out-of-bounds"]),
-        ("l2-entry-past-eof", &["qcow2.l2-entry-out-of-bounds"]),
-        (
-            "data-into-l1",
-            &["qcow2.entry-into-metadata", "refcount.mismatch"],
-        ),
-        ("refcount-zero", &["refcount.mismatch", "qcow2.copied-flag"]),
-        ("extension-overrun", &["qcow2.header-extension"]),
-        (
-            "unknown-incompatible",
-            &["qcow2.unknown-incompatible-feature"],
-        ),
-        ("data-file-bit", &["qcow2.data-file"]),
-        ("backing-file", &["qcow2.backing-file"]),
-        ("reserved-bits-l1", &["qcow2.reserved-bits"]),
-        ("reserved-bits-l2", &["qcow2.reserved-bits"]),
-        ("reserved-bits-reftable", &["qcow2.reserved-bits"]),
-        ("l1-in-refcount-table", &["qcow2.metadata-overlap"]),
-        ("data-past-eof", &["qcow2.l2-entry-out-of-bounds"]),
-        ("snapshot-incomplete", &["qcow2.snapshot-table"]),
-    ];
     // qemu-img check passes a cluster cut short by EOF (it reads zeros there); glimpse's
     // readers cannot read it, so check rejects it.
     let qemu_passes = ["data-past-eof"];
-    for (name, want) in cases {
-        let p = dir.join(format!("{name}.qcow2"));
-        let src: Source = Arc::new(std::fs::File::open(&p).unwrap());
-        let policy = glimpse_formats::policy::Policy::default();
-        let report = glimpse_formats::policy::inspect(src, &policy, &Limits::default()).unwrap();
-        let got: Vec<&str> = report.findings.iter().map(|f| f.code).collect();
-        for code in *want {
-            assert!(got.contains(code), "{name}: want {code}, got {got:?}");
-        }
+    // The codes are asserted against fixtures/hostile/qcow2/expected-codes.
+    for (fx, report) in glimpse_testkit::hostile::check_dir("qcow2") {
+        let p = fx.path;
+        let name = fx.name.trim_end_matches(".qcow2");
+        let want: Vec<&str> = fx.codes.iter().map(String::as_str).collect();
         truncated_prefixes(&p);
         let verdict = report.verdict();
         assert_eq!(
             verdict == glimpse_formats::policy::Verdict::Pass,
             want.is_empty(),
-            "{name}: {got:?}"
+            "{name}: {want:?}"
         );
-        if want.is_empty() {
-            assert!(got.is_empty(), "{name}: {got:?}");
-        }
         // Where qemu-img can open the file, its check agrees that it is corrupt or clean.
         let q = Command::new("qemu-img")
             .args(["check", s(&p)])
@@ -684,7 +650,7 @@ fn hostile_fixtures_give_their_codes() {
                 || c.contains("reserved")
                 || c.contains("snapshot")
         });
-        if opened && (structural || want.is_empty()) && !qemu_passes.contains(name) {
+        if opened && (structural || want.is_empty()) && !qemu_passes.contains(&name) {
             assert_eq!(
                 q.status.code(),
                 Some(if structural { 2 } else { 0 }),

@@ -142,31 +142,15 @@ fn every_truncated_prefix_fails_cleanly() {
     }
 }
 
-/// `fixtures/hostile/vdi/*.vdi` and the code each must produce (see the README there).
+/// `fixtures/hostile/vdi/*.vdi` give the codes their `expected-codes` lines list (see the
+/// README there), also when declared VDI.
 #[test]
 fn hostile_fixtures_give_their_findings() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/vdi");
-    let cases = [
-        ("block-out-of-range.vdi", "vdi.block-out-of-range"),
-        ("differencing.vdi", "vdi.differencing"),
-        ("header-block-size.vdi", "vdi.header"),
-        ("bmap-out-of-bounds.vdi", "table.out-of-bounds"),
-    ];
-    for (name, code) in cases {
-        let report = inspect(
-            src(&dir.join(name)),
-            &Policy {
-                expect_format: Some(Format::Vdi),
-                ..Policy::default()
-            },
-            &Limits::default(),
-        )
-        .unwrap();
-        assert_eq!(report.verdict(), Verdict::Reject, "{name}");
-        assert!(
-            report.findings.iter().any(|f| f.code == code),
-            "{name}: {:?}",
-            report.findings
-        );
+    let policy = Policy {
+        expect_format: Some(Format::Vdi),
+        ..Policy::default()
+    };
+    for (fx, report) in glimpse_testkit::hostile::check_dir_with("vdi", &policy) {
+        assert_eq!(report.verdict(), Verdict::Reject, "{}", fx.name);
     }
 }

@@ -13,13 +13,8 @@ use std::sync::Arc;
 use glimpse_formats::policy::{inspect, Policy, Verdict};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits, Source};
+use glimpse_testkit::qemu::virtual_size as qemu_virtual_size;
 use support::{qemu_img, raw_source};
-
-fn qemu_virtual_size(path: &Path, fmt: &str) -> u64 {
-    let json = qemu_img(&["info", "-f", fmt, "--output=json", path.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    v["virtual-size"].as_u64().unwrap()
-}
 
 fn src(path: &Path) -> Source {
     Arc::new(File::open(path).unwrap())
@@ -241,36 +236,17 @@ fn every_truncated_prefix_fails_cleanly() {
     }
 }
 
-/// `fixtures/hostile/vhd/*.vhd` and the code each must produce (see the README there).
+/// `fixtures/hostile/vhd/*.vhd` give the codes their `expected-codes` lines list (see the
+/// README there), also when declared VHD.
 #[test]
 fn hostile_fixtures_give_their_findings() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/vhd");
-    let cases = [
-        ("differencing-parent-locator.vhd", "vhd.differencing"),
-        ("bat-entry-out-of-bounds.vhd", "vhd.bat-entry-out-of-bounds"),
-        ("footer-mismatch.vhd", "vhd.footer-mismatch"),
-        ("footer-checksum.vhd", "vhd.checksum"),
-        ("block-size-not-power-of-two.vhd", "vhd.block-size"),
-        ("bat-out-of-bounds.vhd", "table.out-of-bounds"),
-        ("bat-inside-header.vhd", "vhd.metadata-overlap"),
-    ];
-    for (name, code) in cases {
-        let s = src(&dir.join(name));
-        let report = inspect(
-            s,
-            &Policy {
-                expect_format: Some(Format::Vhd),
-                ..Policy::default()
-            },
-            &Limits::default(),
-        )
-        .unwrap();
-        assert_eq!(report.verdict(), Verdict::Reject, "{name}");
-        assert!(
-            report.findings.iter().any(|f| f.code == code),
-            "{name}: {:?}",
-            report.findings
-        );
+    let policy = Policy {
+        expect_format: Some(Format::Vhd),
+        ..Policy::default()
+    };
+    for (fx, report) in glimpse_testkit::hostile::check_dir_with("vhd", &policy) {
+        assert_eq!(report.verdict(), Verdict::Reject, "{}", fx.name);
     }
     let img = open(
         src(&dir.join("differencing-parent-locator.vhd")),

@@ -236,13 +236,10 @@ fn truncated_prefixes_fail_cleanly() {
 
 #[test]
 fn committed_hostile_files_are_refused() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/vhdx");
     let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("vhdx") {
-            continue;
-        }
+    // `check` gives the codes listed in fixtures/hostile/vhdx/expected-codes.
+    for (fx, _) in glimpse_testkit::hostile::check_dir("vhdx") {
+        let path = fx.path;
         seen += 1;
         let src: Source = Arc::new(File::open(&path).unwrap());
         let det = glimpse_formats::detect(src.as_ref()).unwrap();

@@ -4,6 +4,10 @@
 
 pub mod schema;
 
+/// qemu-img as the referee: the shared test kit's helpers.
+#[allow(unused_imports)]
+pub use glimpse_testkit::qemu;
+
 use std::path::Path;
 use std::process::{Command, Output};
 

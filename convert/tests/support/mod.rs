@@ -1,43 +1,23 @@
-//! Helpers the writer tests share: qemu-img as the referee, and deterministic data. Each test
-//! file uses a part of them.
+//! Helpers the writer tests share: qemu-img as the referee (from the shared test kit), and
+//! deterministic data. Each test file uses a part of them.
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use glimpse_formats::Format;
 
-/// Runs qemu-img; a missing qemu-img fails the test (it is on every machine of this kind).
-pub fn qemu_img(args: &[&str]) -> Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed for these tests")
-}
-
-/// Runs a qemu-img command that prints JSON (`--output=json`), asserting it succeeded.
-pub fn qemu_json(args: &[&str]) -> serde_json::Value {
-    let out = qemu_img(args);
-    assert!(
-        out.status.success(),
-        "qemu-img {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("qemu-img printed JSON")
-}
+// qemu-img as the referee is the shared test kit's (glimpse-testkit).
+#[allow(unused_imports)]
+pub use glimpse_testkit::qemu::{json as qemu_json, run as qemu_img};
 
 /// `qemu-img info --output=json -f <format>`.
 pub fn qemu_info(path: &Path, format: Format) -> serde_json::Value {
-    let p = path.to_str().expect("UTF-8 temp path");
-    qemu_json(&["info", "--output=json", "-f", format.qemu_name(), p])
+    glimpse_testkit::qemu::info(path, Some(format.qemu_name()))
 }
 
 /// The virtual size qemu-img reports for `path` opened as `format`.
 pub fn qemu_virtual_size(path: &Path, format: Format) -> u64 {
-    qemu_info(path, format)["virtual-size"]
-        .as_u64()
-        .expect("virtual-size")
+    glimpse_testkit::qemu::virtual_size(path, format.qemu_name())
 }
 
 /// `n` deterministic pseudo-random bytes (xorshift), so failures reproduce.

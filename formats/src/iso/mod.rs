@@ -13,13 +13,13 @@ use nom::bytes::complete::take;
 use nom::number::complete::{be_u16, be_u32, le_u16, le_u32, le_u8};
 use nom::IResult;
 
-use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{mapping_span, Extent, Image, ImageInfo};
 use crate::io::{read_up_to, Source};
 use crate::limits::Limits;
+use crate::probe::Probe;
 
 /// Size of one volume descriptor (and of an ISO 9660 sector), in bytes.
 const SECTOR: usize = 2048;

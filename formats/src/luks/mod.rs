@@ -13,13 +13,13 @@ use nom::number::complete::{be_u16, be_u32, be_u64};
 use nom::IResult;
 use sha2::{Digest, Sha256};
 
-use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{Extent, Image, ImageInfo};
 use crate::io::{read_vec, Source};
 use crate::limits::Limits;
+use crate::probe::Probe;
 
 /// The LUKS magic at offset 0 (both versions).
 const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";

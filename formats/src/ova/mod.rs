@@ -25,13 +25,13 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::detect::Probe;
 use crate::error::{Error, ErrorKind, Result};
 use crate::finding::{Finding, Severity};
 use crate::format::Format;
 use crate::image::{Extent, Image, ImageInfo, RefKind, Reference};
 use crate::io::{ReadAt, Source, Window};
 use crate::limits::{Budget, Limits};
+use crate::probe::Probe;
 
 pub use self::tar::{Member, MemberKind};
 pub use dir::{read_ovf_dir, OvfDir};

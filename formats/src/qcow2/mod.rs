@@ -16,13 +16,13 @@ pub mod qed;
 pub mod refcount;
 pub mod table;
 
-use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{mapping_span, Codec, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, Source};
 use crate::limits::{Budget, Limits};
+use crate::probe::Probe;
 use crate::table::{check_table, TableSpec};
 
 use header::{Extensions, Header};

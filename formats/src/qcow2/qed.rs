@@ -10,13 +10,13 @@
 use nom::number::complete::{le_u32, le_u64};
 use nom::Parser;
 
-use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{Extent, Image, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, Source};
 use crate::limits::Limits;
+use crate::probe::Probe;
 
 /// `QED\0`.
 pub const MAGIC: [u8; 4] = *b"QED\0";

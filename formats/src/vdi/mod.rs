@@ -11,13 +11,13 @@ use nom::bytes::complete::take;
 use nom::number::complete::{le_u32, le_u64};
 use nom::IResult;
 
-use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
 use crate::io::{read_vec, Source};
 use crate::limits::Limits;
+use crate::probe::Probe;
 use crate::table::{check_table, TableSpec};
 
 /// The signature at offset 64.

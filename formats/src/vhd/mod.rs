@@ -15,13 +15,13 @@
 
 pub mod footer;
 
-use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, ReadAt, Source};
 use crate::limits::Limits;
+use crate::probe::Probe;
 use crate::ranges::{overlap_finding, Region};
 use crate::table::{check_table, TableSpec};
 

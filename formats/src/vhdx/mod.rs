@@ -28,13 +28,13 @@ pub mod region;
 
 use std::sync::Arc;
 
-use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
 use crate::io::{read_vec, Source};
 use crate::limits::Limits;
+use crate::probe::Probe;
 use crate::table::{check_table, TableSpec};
 
 use bat::{Geometry, Reserved};

@@ -16,13 +16,13 @@ pub mod header;
 pub mod stream;
 pub mod table;
 
-use crate::detect::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{mapping_span, Codec, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, Source};
 use crate::limits::Limits;
+use crate::probe::Probe;
 
 use descriptor::{Descriptor, MAX_DESCRIPTOR};
 use header::{SparseHeader, GD_AT_END, HEADER_LEN, MAGIC_BYTES, SECTOR};
