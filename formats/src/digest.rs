@@ -366,22 +366,19 @@ mod tests {
     /// An empty disk whose mapping ends every extent at a 512 MiB boundary, like qcow2's.
     struct Empty(crate::ImageInfo, Source);
     impl crate::Image for Empty {
-        fn info(&self) -> &crate::ImageInfo {
-            &self.0
+        fn core(&self) -> crate::ImageCore<'_> {
+            crate::ImageCore {
+                info: &self.0,
+                findings: &[],
+                source: &self.1,
+            }
         }
-        fn findings(&self) -> &[crate::Finding] {
-            &[]
-        }
-        fn mapping(&self, guest: u64, max_len: u64) -> Result<crate::Extent> {
-            let span = crate::image::mapping_span(guest, max_len, self.0.virtual_size)?;
+        fn extent_at(&self, guest: u64, span: u64) -> Result<crate::Extent> {
             Ok(crate::Extent {
                 start: guest,
                 len: span.min((512 << 20) - guest % (512 << 20)),
                 kind: crate::ExtentKind::Unallocated,
             })
-        }
-        fn source(&self) -> &Source {
-            &self.1
         }
     }
 

@@ -8,9 +8,7 @@ use std::io;
 use std::sync::Arc;
 
 use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{
-    detect, open, validate_extent, ExtentKind, Format, Image, Limits, ReadAt, Source,
-};
+use glimpse_formats::{detect, open, validate_extent, Format, Image, Limits, ReadAt, Source};
 use libfuzzer_sys::Corpus;
 
 /// How much of an image one input may make the harness walk and read. These bound the
@@ -206,21 +204,12 @@ fn read(reader: &GuestReader, buf: &mut Vec<u8>, guest: u64, n: u64) {
     let _ = reader.read_at(buf, guest);
 }
 
-/// Asserts the `mapping` contract (BRIEF: starts at `guest`, 1 ≤ len ≤ max_len, ends within
-/// the virtual size; a compressed extent does not pass its unit's end).
+/// Asserts the `mapping` contract (starts at `guest`, 1 ≤ len ≤ max_len, ends within the
+/// virtual size; a compressed extent lies inside its unit). `mapping` checks it itself, so
+/// this only guards against a broken entry point.
 pub fn check_extent(e: &glimpse_formats::Extent, guest: u64, max_len: u64, vsize: u64) {
     if let Err(err) = validate_extent(e, guest, max_len, vsize) {
         panic!("mapping contract broken: {err} ({e:?})");
-    }
-    if let ExtentKind::Compressed {
-        skip, unit_size, ..
-    } = e.kind
-    {
-        let end = skip.checked_add(e.len);
-        assert!(
-            end.is_some_and(|end| end <= unit_size),
-            "compressed extent passes its unit's end: {e:?}"
-        );
     }
 }
 
