@@ -292,3 +292,100 @@ pub fn validate_extent(e: &Extent, guest: u64, max_len: u64, virtual_size: u64) 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use std::sync::{Arc, Mutex};
+
+    /// An image that answers every request with `answer(guest, span)` and records the spans it
+    /// was asked for.
+    struct Fixed {
+        info: ImageInfo,
+        src: Source,
+        kind: ExtentKind,
+        /// Added to the span the format was given, to break the contract.
+        extra: u64,
+        asked: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl Image for Fixed {
+        fn core(&self) -> ImageCore<'_> {
+            ImageCore {
+                info: &self.info,
+                findings: &[],
+                source: &self.src,
+            }
+        }
+        fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+            self.asked.lock().unwrap().push((guest, span));
+            Ok(Extent {
+                start: guest,
+                len: span + self.extra,
+                kind: self.kind,
+            })
+        }
+    }
+
+    fn fixed(kind: ExtentKind, extra: u64) -> Fixed {
+        Fixed {
+            info: ImageInfo::new(crate::Format::Raw, 1000),
+            src: Arc::new(vec![0u8; 100]),
+            kind,
+            extra,
+            asked: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn compressed(host: u64, stored_len: u64, skip: u64) -> ExtentKind {
+        ExtentKind::Compressed {
+            codec: Codec::Deflate,
+            host,
+            stored_len,
+            unit_size: 512,
+            skip,
+        }
+    }
+
+    #[test]
+    fn the_format_sees_only_clamped_requests() {
+        let img = fixed(ExtentKind::Zero, 0);
+        let d: &dyn Image = &img;
+        assert_eq!(d.mapping(900, u64::MAX).unwrap().len, 100);
+        assert_eq!(d.mapping(10, 5).unwrap().len, 5);
+        for (guest, max_len) in [(1000, 1), (u64::MAX, 1), (0, 0)] {
+            let e = d.mapping(guest, max_len).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Invalid, "{guest} {max_len}");
+        }
+        assert_eq!(*img.asked.lock().unwrap(), vec![(900, 100), (10, 5)]);
+    }
+
+    #[test]
+    fn an_extent_longer_than_asked_is_refused() {
+        let img = fixed(ExtentKind::Zero, 1);
+        let d: &dyn Image = &img;
+        assert_eq!(d.mapping(0, 10).unwrap_err().kind(), ErrorKind::Corrupt);
+        // Even when the request ran to the end of the disk.
+        assert_eq!(d.mapping(990, 99).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn compressed_extents_lie_inside_their_unit_and_the_source() {
+        let ok = fixed(compressed(99, 1, 100), 0);
+        let d: &dyn Image = &ok;
+        assert!(d.mapping(0, 412).is_ok());
+        for (kind, len) in [
+            (compressed(99, 1, 100), 413), // passes the unit's end
+            (compressed(99, 1, 512), 1),   // starts at the unit's end
+            (compressed(99, 1, u64::MAX), 1),
+            (compressed(99, 0, 0), 1),  // stores nothing
+            (compressed(100, 1, 0), 1), // starts at the source's end
+        ] {
+            let img = fixed(kind, 0);
+            let d: &dyn Image = &img;
+            let e = d.mapping(0, len).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{kind:?} {len}");
+        }
+    }
+}
