@@ -15,10 +15,12 @@
 //!    [`Image`]: an [`ImageInfo`], the [`Finding`]s seen while parsing, and the one
 //!    `mapping` call that says what backs any guest range (formats implement its inner step,
 //!    [`Image::extent_at`]; the entry point clamps the request and checks the answer).
+//!    [`Extents`] and [`Merged`] walk a range extent by extent.
 //! 4. **Policy.** [`policy::inspect`] turns detection, findings and the caller's expectations
 //!    into a verdict. `check`, `convert` and `upload` all use it.
 //! 5. **Reading.** [`reader::GuestReader`] reads guest bytes at any offset on top of `mapping`,
-//!    decompressing what it must under a bounded cache.
+//!    decompressing what it must under a bounded cache. [`compare`] compares two images'
+//!    guest content on top of it.
 //!
 //! # Security
 //! Image bytes are hostile input. No input may cause a panic, an unbounded allocation or
@@ -28,9 +30,11 @@
 
 #![warn(missing_docs)]
 
+pub mod compare;
 pub mod detect;
 pub mod digest;
 pub mod error;
+pub mod extents;
 pub mod finding;
 pub mod format;
 pub mod image;
@@ -55,6 +59,7 @@ pub mod vmdk;
 
 pub use detect::{detect, Detection};
 pub use error::{Error, ErrorKind, Result};
+pub use extents::{Extents, Merged, Run, RunKind};
 pub use finding::{Finding, Severity};
 pub use format::Format;
 pub use image::{
