@@ -1,4 +1,4 @@
-//! The guest reader: guest bytes at any offset, on top of [`Image::mapping`].
+//! The guest reader: guest bytes at any offset, on top of the `mapping` entry point of [`Image`].
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
