@@ -207,8 +207,8 @@ pub fn convert(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use glimpse_formats::image::{mapping_span, Extent, ExtentKind, ImageInfo};
-    use glimpse_formats::{Finding, Format, Limits, Source};
+    use glimpse_formats::image::{Extent, ExtentKind, ImageCore, ImageInfo};
+    use glimpse_formats::{Format, Limits, Source};
     use std::sync::Mutex;
 
     /// An empty disk whose mapping, like qcow2's, ends every extent at `run` bytes.
@@ -218,23 +218,20 @@ mod tests {
         run: u64,
     }
     impl Image for Empty {
-        fn info(&self) -> &ImageInfo {
-            &self.info
+        fn core(&self) -> ImageCore<'_> {
+            ImageCore {
+                info: &self.info,
+                findings: &[],
+                source: &self.src,
+            }
         }
-        fn findings(&self) -> &[Finding] {
-            &[]
-        }
-        fn mapping(&self, guest: u64, max_len: u64) -> glimpse_formats::Result<Extent> {
-            let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+        fn extent_at(&self, guest: u64, span: u64) -> glimpse_formats::Result<Extent> {
             let len = span.min(self.run - guest % self.run);
             Ok(Extent {
                 start: guest,
                 len,
                 kind: ExtentKind::Unallocated,
             })
-        }
-        fn source(&self) -> &Source {
-            &self.src
         }
     }
 

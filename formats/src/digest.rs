@@ -96,12 +96,13 @@ impl Hasher {
 /// Lowercase hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+    bytes.iter().fold(
+        String::with_capacity(bytes.len().saturating_mul(2)),
+        |mut s, b| {
             let _ = write!(s, "{b:02x}");
             s
-        })
+        },
+    )
 }
 
 /// Read size for file digests.
@@ -124,11 +125,12 @@ pub fn file_digests(
         if off >= size {
             return Ok(None);
         }
-        let n = usize::try_from((size - off).min(FILE_BLOCK as u64)).unwrap_or(FILE_BLOCK);
+        let n =
+            usize::try_from(size.saturating_sub(off).min(FILE_BLOCK as u64)).unwrap_or(FILE_BLOCK);
         let mut buf = vec![0u8; n];
         src.read_exact_at(&mut buf, off)
             .map_err(|e| Error::from(e).at(off))?;
-        off += n as u64;
+        off = off.saturating_add(n as u64);
         Ok(Some(buf))
     })
 }
@@ -150,13 +152,13 @@ pub fn stream_digests(
         while filled < buf.len() {
             match src.read(buf.get_mut(filled..).unwrap_or_default()) {
                 Ok(0) => break,
-                Ok(n) => filled += n,
+                Ok(n) => filled = filled.saturating_add(n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Error::from(e).at(total)),
             }
         }
         buf.truncate(filled);
-        total += filled as u64;
+        total = total.saturating_add(filled as u64);
         Ok((filled > 0).then_some(buf))
     })?;
     Ok((total, digests))
@@ -186,7 +188,7 @@ fn fan_out(
         let result = loop {
             match next() {
                 Ok(Some(buf)) => {
-                    done += buf.len() as u64;
+                    done = done.saturating_add(buf.len() as u64);
                     let block = Arc::new(buf);
                     for tx in &senders {
                         let _ = tx.send(block.clone());
@@ -255,7 +257,7 @@ pub fn content_digest(
         let mut last_end = 0;
         for plan in planner.by_ref() {
             let plan = plan?;
-            last_end = plan.guest + plan.len;
+            last_end = plan.guest.saturating_add(plan.len);
             if plan.read {
                 items.push(Item::Block(batch.len()));
                 batch.push(plan);
@@ -292,7 +294,7 @@ pub fn content_digest(
             match item {
                 Item::Zeros(k) => zero_run = zero_run.saturating_add(k),
                 Item::Block(i) => match digests.get(i).copied().flatten() {
-                    None => zero_run += 1,
+                    None => zero_run = zero_run.saturating_add(1),
                     Some(d) => {
                         if zero_run > 0 {
                             outer.update([0u8]);
@@ -366,22 +368,19 @@ mod tests {
     /// An empty disk whose mapping ends every extent at a 512 MiB boundary, like qcow2's.
     struct Empty(crate::ImageInfo, Source);
     impl crate::Image for Empty {
-        fn info(&self) -> &crate::ImageInfo {
-            &self.0
+        fn core(&self) -> crate::ImageCore<'_> {
+            crate::ImageCore {
+                info: &self.0,
+                findings: &[],
+                source: &self.1,
+            }
         }
-        fn findings(&self) -> &[crate::Finding] {
-            &[]
-        }
-        fn mapping(&self, guest: u64, max_len: u64) -> Result<crate::Extent> {
-            let span = crate::image::mapping_span(guest, max_len, self.0.virtual_size)?;
+        fn extent_at(&self, guest: u64, span: u64) -> Result<crate::Extent> {
             Ok(crate::Extent {
                 start: guest,
                 len: span.min((512 << 20) - guest % (512 << 20)),
                 kind: crate::ExtentKind::Unallocated,
             })
-        }
-        fn source(&self) -> &Source {
-            &self.1
         }
     }
 

@@ -151,17 +151,46 @@ impl Extent {
     }
 }
 
+/// The parts every image holds and hands out unchanged: what `open` learned, the findings it
+/// made, and the source the image reads from. An [`Image`] implementation says where its parts
+/// are with [`Image::core`]; the getters are the trait's defaults over it.
+#[derive(Clone, Copy)]
+pub struct ImageCore<'a> {
+    /// What `open` learned.
+    pub info: &'a ImageInfo,
+    /// Findings noticed while opening.
+    pub findings: &'a [Finding],
+    /// The source the image's extents' host offsets are in.
+    pub source: &'a Source,
+}
+
 /// An opened image.
+///
+/// Formats implement [`Image::core`] and [`Image::extent_at`]; callers ask
+/// [`mapping`](#method.mapping), the one entry point, which clamps the request before the
+/// format sees it and checks the extent after.
 ///
 /// # Security
 /// Implementations never open another file, whatever the image names. They read only from
 /// their own [`Source`], and every table they read was range-checked at `open`.
 pub trait Image: Send + Sync {
+    /// Where the image keeps its info, findings and source.
+    fn core(&self) -> ImageCore<'_>;
+
     /// What `open` learned.
-    fn info(&self) -> &ImageInfo;
+    fn info(&self) -> &ImageInfo {
+        self.core().info
+    }
 
     /// Findings noticed while opening (references, suspicious header fields, ...).
-    fn findings(&self) -> &[Finding];
+    fn findings(&self) -> &[Finding] {
+        self.core().findings
+    }
+
+    /// The source the image reads from.
+    fn source(&self) -> &Source {
+        self.core().source
+    }
 
     /// Deeper structural checks that read all metadata but no guest data (refcounts, every
     /// table entry). Returns findings; an `Err` only for I/O errors or hard limits.
@@ -172,16 +201,48 @@ pub trait Image: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// The format's step of [`mapping`](#method.mapping): what backs guest bytes from `guest`,
+    /// for at most `span` bytes. Only `mapping` calls it, with `1 <= span <= virtual_size -
+    /// guest` already checked; it returns an extent starting at `guest` and at most `span`
+    /// long, which `mapping` checks. Call `mapping`, not this.
+    ///
+    /// # Errors
+    /// `Corrupt` when a table entry points outside the file; `Io` on read errors; whatever the
+    /// format refuses to map (`Unsupported`, `Unsafe`).
+    fn extent_at(&self, guest: u64, span: u64) -> Result<Extent>;
+}
+
+impl dyn Image + '_ {
     /// What backs guest bytes starting at `guest`: an extent starting exactly at `guest`, at
-    /// least 1 and at most `max_len` bytes long, ending no later than the virtual size.
+    /// least 1 and at most `max_len` bytes long, ending no later than the virtual size; a
+    /// compressed extent lies inside its unit and its stream starts inside the source.
+    ///
+    /// This is the one mapping entry point, an inherent method of `dyn Image` so that no
+    /// format can override it: the clamp and the contract check are written once, here, and
+    /// every consumer (reader, digests, convert, `map`, `compare`) gets them.
     ///
     /// # Errors
     /// `Invalid` when `guest` is at or past the virtual size or `max_len` is 0; `Corrupt` when
-    /// a table entry points outside the file; `Io` on read errors.
-    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent>;
-
-    /// The source the image reads from.
-    fn source(&self) -> &Source;
+    /// a table entry points outside the file or the format breaks the contract; `Io` on read
+    /// errors.
+    pub fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
+        let virtual_size = self.info().virtual_size;
+        let span = mapping_span(guest, max_len, virtual_size)?;
+        let e = self.extent_at(guest, span)?;
+        validate_extent(&e, guest, span, virtual_size)?;
+        if let ExtentKind::Compressed { host, .. } = e.kind {
+            // The stream's end may pass the file end (qcow2 states a sector-rounded upper
+            // bound), but its start may not.
+            let size = self.source().size()?;
+            if host >= size {
+                return Err(crate::Error::corrupt(format!(
+                    "mapping at {guest:#x} returned compressed data at {host:#x}, past the end of the source ({size} bytes)"
+                ))
+                .at(host));
+            }
+        }
+        Ok(e)
+    }
 }
 
 /// Validates `mapping` arguments and returns how many bytes an extent at `guest` may span:
@@ -189,11 +250,142 @@ pub trait Image: Send + Sync {
 ///
 /// # Errors
 /// `Invalid` when `guest` is at or past `virtual_size` or `max_len` is 0.
-pub fn mapping_span(guest: u64, max_len: u64, virtual_size: u64) -> Result<u64> {
-    if guest >= virtual_size || max_len == 0 {
-        return Err(crate::Error::invalid(format!(
+fn mapping_span(guest: u64, max_len: u64, virtual_size: u64) -> Result<u64> {
+    match virtual_size.checked_sub(guest) {
+        Some(room) if room > 0 && max_len > 0 => Ok(max_len.min(room)),
+        _ => Err(crate::Error::invalid(format!(
             "guest offset {guest:#x} (length {max_len}) is outside the virtual disk ({virtual_size} bytes)"
+        ))),
+    }
+}
+
+/// Checks the `mapping` contract for an extent returned for `guest`. [`Image`]'s `mapping`
+/// runs it on every extent; tests and fuzz harnesses may run it again.
+///
+/// # Errors
+/// `Corrupt` when the extent does not start at `guest`, is empty, is longer than `max_len`,
+/// passes `virtual_size`, or (compressed) passes its unit's end or stores no bytes.
+pub fn validate_extent(e: &Extent, guest: u64, max_len: u64, virtual_size: u64) -> Result<()> {
+    let end = e.start.checked_add(e.len);
+    if e.start != guest || e.len == 0 || e.len > max_len || end.is_none_or(|end| end > virtual_size)
+    {
+        return Err(crate::Error::corrupt(format!(
+            "mapping at {guest:#x} returned {}+{} (max {max_len}, size {virtual_size})",
+            e.start, e.len
         )));
     }
-    Ok(max_len.min(virtual_size - guest))
+    if let ExtentKind::Compressed {
+        stored_len,
+        unit_size,
+        skip,
+        ..
+    } = e.kind
+    {
+        // A unit is decompressed whole and the extent cut out of it: the extent must lie
+        // inside the unit (so `skip < unit_size`), and the unit must store some bytes.
+        if skip.checked_add(e.len).is_none_or(|end| end > unit_size) || stored_len == 0 {
+            return Err(crate::Error::corrupt(format!(
+                "mapping at {guest:#x} returned compressed {}+{} at {skip} of a {unit_size}-byte unit stored in {stored_len} bytes",
+                e.start, e.len
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use std::sync::{Arc, Mutex};
+
+    /// An image that answers every request with `answer(guest, span)` and records the spans it
+    /// was asked for.
+    struct Fixed {
+        info: ImageInfo,
+        src: Source,
+        kind: ExtentKind,
+        /// Added to the span the format was given, to break the contract.
+        extra: u64,
+        asked: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl Image for Fixed {
+        fn core(&self) -> ImageCore<'_> {
+            ImageCore {
+                info: &self.info,
+                findings: &[],
+                source: &self.src,
+            }
+        }
+        fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+            self.asked.lock().unwrap().push((guest, span));
+            Ok(Extent {
+                start: guest,
+                len: span + self.extra,
+                kind: self.kind,
+            })
+        }
+    }
+
+    fn fixed(kind: ExtentKind, extra: u64) -> Fixed {
+        Fixed {
+            info: ImageInfo::new(crate::Format::Raw, 1000),
+            src: Arc::new(vec![0u8; 100]),
+            kind,
+            extra,
+            asked: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn compressed(host: u64, stored_len: u64, skip: u64) -> ExtentKind {
+        ExtentKind::Compressed {
+            codec: Codec::Deflate,
+            host,
+            stored_len,
+            unit_size: 512,
+            skip,
+        }
+    }
+
+    #[test]
+    fn the_format_sees_only_clamped_requests() {
+        let img = fixed(ExtentKind::Zero, 0);
+        let d: &dyn Image = &img;
+        assert_eq!(d.mapping(900, u64::MAX).unwrap().len, 100);
+        assert_eq!(d.mapping(10, 5).unwrap().len, 5);
+        for (guest, max_len) in [(1000, 1), (u64::MAX, 1), (0, 0)] {
+            let e = d.mapping(guest, max_len).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Invalid, "{guest} {max_len}");
+        }
+        assert_eq!(*img.asked.lock().unwrap(), vec![(900, 100), (10, 5)]);
+    }
+
+    #[test]
+    fn an_extent_longer_than_asked_is_refused() {
+        let img = fixed(ExtentKind::Zero, 1);
+        let d: &dyn Image = &img;
+        assert_eq!(d.mapping(0, 10).unwrap_err().kind(), ErrorKind::Corrupt);
+        // Even when the request ran to the end of the disk.
+        assert_eq!(d.mapping(990, 99).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn compressed_extents_lie_inside_their_unit_and_the_source() {
+        let ok = fixed(compressed(99, 1, 100), 0);
+        let d: &dyn Image = &ok;
+        assert!(d.mapping(0, 412).is_ok());
+        for (kind, len) in [
+            (compressed(99, 1, 100), 413), // passes the unit's end
+            (compressed(99, 1, 512), 1),   // starts at the unit's end
+            (compressed(99, 1, u64::MAX), 1),
+            (compressed(99, 0, 0), 1),  // stores nothing
+            (compressed(100, 1, 0), 1), // starts at the source's end
+        ] {
+            let img = fixed(kind, 0);
+            let d: &dyn Image = &img;
+            let e = d.mapping(0, len).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{kind:?} {len}");
+        }
+    }
 }

@@ -13,11 +13,14 @@
 //!    returns *every* format that matches.
 //! 3. **Open.** [`open()`] parses one format's metadata under [`Limits`] and yields an
 //!    [`Image`]: an [`ImageInfo`], the [`Finding`]s seen while parsing, and the one
-//!    [`Image::mapping`] call that says what backs any guest range.
+//!    `mapping` call that says what backs any guest range (formats implement its inner step,
+//!    [`Image::extent_at`]; the entry point clamps the request and checks the answer).
+//!    [`Extents`] and [`Merged`] walk a range extent by extent.
 //! 4. **Policy.** [`policy::inspect`] turns detection, findings and the caller's expectations
 //!    into a verdict. `check`, `convert` and `upload` all use it.
 //! 5. **Reading.** [`reader::GuestReader`] reads guest bytes at any offset on top of `mapping`,
-//!    decompressing what it must under a bounded cache.
+//!    decompressing what it must under a bounded cache. [`compare`] compares two images'
+//!    guest content on top of it.
 //!
 //! # Security
 //! Image bytes are hostile input. No input may cause a panic, an unbounded allocation or
@@ -28,9 +31,11 @@
 #![warn(missing_docs)]
 
 pub mod codes;
+pub mod compare;
 pub mod detect;
 pub mod digest;
 pub mod error;
+pub mod extents;
 pub mod finding;
 pub mod format;
 pub mod image;
@@ -57,9 +62,12 @@ pub mod vmdk;
 
 pub use detect::{detect, Detection};
 pub use error::{Error, ErrorKind, Result};
+pub use extents::{Extents, Merged, Run, RunKind};
 pub use finding::{Finding, Severity};
 pub use format::Format;
-pub use image::{Codec, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
+pub use image::{
+    validate_extent, Codec, Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference,
+};
 pub use io::{ReadAt, Source, Window};
 pub use limits::{Budget, Limits};
 
@@ -107,19 +115,4 @@ pub fn open_detected(src: Source, limits: &Limits) -> Result<(Detection, Box<dyn
     let det = detect(src.as_ref())?;
     let img = open(src, det.format(), limits)?;
     Ok((det, img))
-}
-
-/// Checks the `mapping` contract for an extent returned for `guest`: used by implementations'
-/// tests and by the reader as a guard against buggy parsers.
-///
-/// # Errors
-/// `Corrupt` when the extent does not start at `guest`, is empty, or passes `virtual_size`.
-pub fn validate_extent(e: &Extent, guest: u64, max_len: u64, virtual_size: u64) -> Result<()> {
-    if e.start != guest || e.len == 0 || e.len > max_len || e.end() > virtual_size {
-        return Err(Error::corrupt(format!(
-            "mapping at {guest:#x} returned {}+{} (max {max_len}, size {virtual_size})",
-            e.start, e.len
-        )));
-    }
-    Ok(())
 }

@@ -1,4 +1,4 @@
-//! The guest reader: guest bytes at any offset, on top of [`Image::mapping`].
+//! The guest reader: guest bytes at any offset, on top of the `mapping` entry point of [`Image`].
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -45,7 +45,7 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
                 let status = d
                     .decompress(inp, dst, flate2::FlushDecompress::None)
                     .map_err(|e| Error::corrupt(format!("invalid {codec:?} stream: {e}")))?;
-                let used = usize::try_from(d.total_in() - before_in).unwrap_or(0);
+                let used = usize::try_from(d.total_in().saturating_sub(before_in)).unwrap_or(0);
                 inp = inp.get(used..).unwrap_or_default();
                 let now = usize::try_from(d.total_out()).unwrap_or(cap);
                 if status == flate2::Status::StreamEnd {
@@ -67,7 +67,7 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
                 }
                 match dec.read(dst) {
                     Ok(0) => break,
-                    Ok(k) => n += k,
+                    Ok(k) => n = n.saturating_add(k),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(Error::corrupt(format!("invalid zstd stream: {e}"))),
                 }
@@ -104,11 +104,11 @@ impl Cache {
         if len > self.max_bytes {
             return;
         }
-        while self.bytes + len > self.max_bytes && !self.entries.is_empty() {
+        while self.bytes.saturating_add(len) > self.max_bytes && !self.entries.is_empty() {
             let (_, old) = self.entries.remove(0);
-            self.bytes -= old.len() as u64;
+            self.bytes = self.bytes.saturating_sub(old.len() as u64);
         }
-        self.bytes += len;
+        self.bytes = self.bytes.saturating_add(len);
         self.entries.push((host, v));
     }
 }
@@ -161,11 +161,11 @@ impl GuestReader {
             })?;
         let mut pos = guest;
         while pos < end {
-            let e = self.image.mapping(pos, end - pos)?;
-            crate::validate_extent(&e, pos, end - pos, vsize)?;
-            let from = usize::try_from(pos - guest).map_err(|_| Error::limit("read too large"))?;
-            let to =
-                usize::try_from(e.end() - guest).map_err(|_| Error::limit("read too large"))?;
+            let e = self.image.mapping(pos, end.saturating_sub(pos))?;
+            let from = usize::try_from(pos.saturating_sub(guest))
+                .map_err(|_| Error::limit("read too large"))?;
+            let to = usize::try_from(e.end().saturating_sub(guest))
+                .map_err(|_| Error::limit("read too large"))?;
             let dst = buf
                 .get_mut(from..to)
                 .ok_or_else(|| Error::corrupt("extent outside buffer"))?;
@@ -312,7 +312,7 @@ impl<'a> ChunkPlanner<'a> {
 
     /// Skips to `pos` (aligned down to the chunk size).
     pub fn seek(&mut self, pos: u64) {
-        self.pos = pos - pos % self.chunk;
+        self.pos = pos.saturating_sub(pos.checked_rem(self.chunk).unwrap_or(0));
     }
 
     /// The end of the extent holding `p` and whether it reads as zero (cached).
@@ -321,15 +321,16 @@ impl<'a> ChunkPlanner<'a> {
             return Ok((e, z));
         }
         // Ask for a long run so that one lookup covers many chunks.
-        let e = self.image.mapping(p, self.size - p)?;
-        crate::validate_extent(&e, p, self.size - p, self.size)?;
+        let e = self.image.mapping(p, self.size.saturating_sub(p))?;
         self.cur = Some((e.end(), e.reads_as_zero()));
         Ok((e.end(), e.reads_as_zero()))
     }
 
     fn plan(&mut self) -> Result<ChunkPlan> {
         let start = self.pos;
-        let end = (start / self.chunk)
+        let end = start
+            .checked_div(self.chunk)
+            .unwrap_or(start)
             .saturating_add(1)
             .saturating_mul(self.chunk)
             .min(self.size);
@@ -339,11 +340,11 @@ impl<'a> ChunkPlanner<'a> {
             let span_end = if ext_end >= self.size {
                 self.size
             } else {
-                ext_end - ext_end % self.chunk
+                ext_end.saturating_sub(ext_end.checked_rem(self.chunk).unwrap_or(0))
             };
             return Ok(ChunkPlan {
                 guest: start,
-                len: span_end.max(end) - start,
+                len: span_end.max(end).saturating_sub(start),
                 read: false,
             });
         }
@@ -356,7 +357,7 @@ impl<'a> ChunkPlanner<'a> {
         }
         Ok(ChunkPlan {
             guest: start,
-            len: end - start,
+            len: end.saturating_sub(start),
             read,
         })
     }
@@ -393,14 +394,14 @@ mod tests {
         info: crate::ImageInfo,
     }
     impl Image for Absurd {
-        fn info(&self) -> &crate::ImageInfo {
-            &self.info
+        fn core(&self) -> crate::ImageCore<'_> {
+            crate::ImageCore {
+                info: &self.info,
+                findings: &[],
+                source: &self.src,
+            }
         }
-        fn findings(&self) -> &[crate::Finding] {
-            &[]
-        }
-        fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
-            let len = crate::image::mapping_span(guest, max_len, self.info.virtual_size)?;
+        fn extent_at(&self, guest: u64, len: u64) -> Result<Extent> {
             let kind = ExtentKind::Compressed {
                 codec: Codec::Deflate,
                 host: 0,
@@ -413,9 +414,6 @@ mod tests {
                 len,
                 kind,
             })
-        }
-        fn source(&self) -> &crate::Source {
-            &self.src
         }
     }
 

@@ -121,7 +121,7 @@ fn agree_with_qemu(dir: &Path, img_path: &Path) {
     let mut pos = 0;
     let mut data = Vec::new();
     while pos < size {
-        let e = img.mapping(pos, u64::MAX).unwrap();
+        let e = (img.as_ref() as &dyn Image).mapping(pos, u64::MAX).unwrap();
         glimpse_formats::validate_extent(&e, pos, u64::MAX, size).unwrap();
         if !e.reads_as_zero() {
             data.push((e.start, e.end()));
@@ -181,7 +181,7 @@ fn truncated_prefixes(p: &Path) {
         let mut pos = 0;
         let mut steps = 0;
         while pos < size && steps < 100_000 {
-            match img.mapping(pos, u64::MAX) {
+            match (&img as &dyn Image).mapping(pos, u64::MAX) {
                 Ok(e) => pos = e.end(),
                 Err(_) => break,
             }
@@ -248,10 +248,13 @@ fn extended_l2_subclusters_and_zero_flags() {
     agree_with_qemu(dir.path(), &p);
     let img = open_path(&p);
     assert_eq!(
-        img.mapping(128 << 10, u64::MAX).unwrap().kind,
+        (&img as &dyn Image)
+            .mapping(128 << 10, u64::MAX)
+            .unwrap()
+            .kind,
         ExtentKind::Zero
     );
-    let e = img.mapping(4096, u64::MAX).unwrap();
+    let e = (&img as &dyn Image).mapping(4096, u64::MAX).unwrap();
     assert!(matches!(e.kind, ExtentKind::Data { .. }));
     assert_eq!(e.len, 4096);
 
@@ -272,7 +275,10 @@ fn extended_l2_subclusters_and_zero_flags() {
     );
     agree_with_qemu(dir.path(), &z);
     assert_eq!(
-        open_path(&z).mapping(0, u64::MAX).unwrap().kind,
+        (&open_path(&z) as &dyn Image)
+            .mapping(0, u64::MAX)
+            .unwrap()
+            .kind,
         ExtentKind::Zero
     );
 }
@@ -320,7 +326,7 @@ fn backing_file_is_reported_not_opened() {
         .iter()
         .any(|f| f.code == "qcow2.backing-file" && f.severity == Severity::Reject));
     // The backing file's data is never read: the guest maps as unallocated.
-    let e = img.mapping(0, u64::MAX).unwrap();
+    let e = (&img as &dyn Image).mapping(0, u64::MAX).unwrap();
     assert_eq!((e.len, e.kind), (1 << 20, ExtentKind::Unallocated));
     assert!(img.check(&Limits::default()).unwrap().is_empty());
 }
@@ -333,12 +339,12 @@ fn empty_terabyte_image_is_cheap() {
     let img = open_path(&p);
     assert!(img.check(&Limits::default()).unwrap().is_empty());
     // One extent covers the whole disk: no per-cluster walk.
-    let e = img.mapping(0, u64::MAX).unwrap();
+    let e = (&img as &dyn Image).mapping(0, u64::MAX).unwrap();
     assert_eq!((e.len, e.kind), (1 << 40, ExtentKind::Unallocated));
     let mut calls = 0;
     let mut pos = 0;
     while pos < 1 << 40 {
-        pos = img.mapping(pos, 1 << 40).unwrap().end();
+        pos = (&img as &dyn Image).mapping(pos, 1 << 40).unwrap().end();
         calls += 1;
     }
     assert_eq!(calls, 1);
@@ -509,7 +515,10 @@ fn header_findings() {
         Severity::Reject,
     );
     assert_eq!(
-        img.mapping(0, 1).unwrap_err().finding_code(),
+        (&img as &dyn Image)
+            .mapping(0, 1)
+            .unwrap_err()
+            .finding_code(),
         "qcow2.data-file"
     );
     one(
@@ -535,7 +544,7 @@ fn structural_findings_from_check() {
     put64(&mut m, l2, (1u64 << 63) | (1 << 40));
     let img = open_bytes(m).unwrap();
     assert!(codes(&img).contains(&"qcow2.l2-entry-out-of-bounds"));
-    let e = img.mapping(0, 1).unwrap_err();
+    let e = (&img as &dyn Image).mapping(0, 1).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt);
     assert!(e.message().contains("0x0"), "{}", e.message());
 
@@ -817,7 +826,10 @@ fn external_data_file_is_reported_not_opened() {
     assert_eq!(codes, vec!["qcow2.data-file"]);
     assert!(img.check(&Limits::default()).unwrap().is_empty());
     assert_eq!(
-        img.mapping(0, 1).unwrap_err().finding_code(),
+        (&img as &dyn Image)
+            .mapping(0, 1)
+            .unwrap_err()
+            .finding_code(),
         "qcow2.data-file"
     );
 }

@@ -16,7 +16,7 @@ use nom::IResult;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{mapping_span, Extent, Image, ImageInfo};
+use crate::image::{Extent, Image, ImageCore, ImageInfo};
 use crate::io::{read_up_to, Source};
 use crate::limits::Limits;
 use crate::probe::Probe;
@@ -340,14 +340,14 @@ pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
 }
 
 impl Image for IsoImage {
-    fn info(&self) -> &ImageInfo {
-        &self.info
+    fn core(&self) -> ImageCore<'_> {
+        ImageCore {
+            info: &self.info,
+            findings: &self.findings,
+            source: &self.src,
+        }
     }
-    fn findings(&self) -> &[Finding] {
-        &self.findings
-    }
-    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
-        let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+    fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         // The virtual size is the file size at open; a file that shrank since is truncated.
         if guest >= self.file_size {
             return Err(Error::truncated(format!(
@@ -359,9 +359,6 @@ impl Image for IsoImage {
         }
         let end = guest.saturating_add(span.min(self.file_size - guest));
         crate::io::linear_extent(self.src.as_ref(), guest, end)
-    }
-    fn source(&self) -> &Source {
-        &self.src
     }
 }
 
@@ -394,7 +391,7 @@ mod tests {
         let img = open(Arc::new(iso(32)), &Limits::default()).unwrap();
         assert_eq!(img.info().virtual_size, 32 * 2048);
         assert_eq!(img.info().details["volume-id"], "TESTVOL");
-        let e = img.mapping(100, u64::MAX).unwrap();
+        let e = (&img as &dyn Image).mapping(100, u64::MAX).unwrap();
         crate::validate_extent(&e, 100, u64::MAX, 32 * 2048).unwrap();
         assert_eq!(e.len, 32 * 2048 - 100);
     }
@@ -419,8 +416,8 @@ mod tests {
         assert_eq!(img.findings()[0].code, "iso.truncated");
         assert_eq!(img.info().virtual_size, 40 * 2048);
         assert_eq!(img.info().details["volume-size"], 64 * 2048);
-        assert!(img.mapping(40 * 2048, 1).is_err());
-        let e = img.mapping(0, u64::MAX).unwrap();
+        assert!((&img as &dyn Image).mapping(40 * 2048, 1).is_err());
+        let e = (&img as &dyn Image).mapping(0, u64::MAX).unwrap();
         assert_eq!(e.len, 40 * 2048);
     }
 

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{Extent, Image, ImageInfo};
+use crate::image::{Extent, Image, ImageCore, ImageInfo};
 use crate::io::{read_vec, Source};
 use crate::limits::Limits;
 use crate::probe::Probe;
@@ -366,17 +366,15 @@ fn open_luks2(
 }
 
 impl Image for LuksImage {
-    fn info(&self) -> &ImageInfo {
-        &self.info
+    fn core(&self) -> ImageCore<'_> {
+        ImageCore {
+            info: &self.info,
+            findings: &self.findings,
+            source: &self.src,
+        }
     }
-    fn findings(&self) -> &[Finding] {
-        &self.findings
-    }
-    fn mapping(&self, guest: u64, _max_len: u64) -> Result<Extent> {
+    fn extent_at(&self, guest: u64, _span: u64) -> Result<Extent> {
         Err(Error::unsupported("LUKS guest data is encrypted and cannot be mapped").at(guest))
-    }
-    fn source(&self) -> &Source {
-        &self.src
     }
 }
 
@@ -412,7 +410,7 @@ mod tests {
         assert!(img.findings().is_empty(), "{:?}", img.findings());
         assert!(img.info().encrypted);
         assert_eq!(
-            img.mapping(0, 1).unwrap_err().kind(),
+            (&img as &dyn Image).mapping(0, 1).unwrap_err().kind(),
             crate::ErrorKind::Unsupported
         );
     }

@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::error::{Error, ErrorKind, Result};
 use crate::finding::{Finding, Severity};
 use crate::format::Format;
-use crate::image::{Extent, Image, ImageInfo, RefKind, Reference};
+use crate::image::{Extent, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{ReadAt, Source, Window};
 use crate::limits::{Budget, Limits};
 use crate::probe::Probe;
@@ -1124,11 +1124,14 @@ impl OvaImage {
 }
 
 impl Image for OvaImage {
-    fn info(&self) -> &ImageInfo {
-        &self.info
-    }
-    fn findings(&self) -> &[Finding] {
-        &self.findings
+    /// The source is the disk's (a window onto its member), which its extents' host offsets
+    /// are in.
+    fn core(&self) -> ImageCore<'_> {
+        ImageCore {
+            info: &self.info,
+            findings: &self.findings,
+            source: self.inner.source(),
+        }
     }
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
         let mut out = self.ova.verify_manifest()?;
@@ -1140,12 +1143,9 @@ impl Image for OvaImage {
         );
         Ok(out)
     }
-    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
-        self.inner.mapping(guest, max_len)
-    }
-    /// The disk's source (a window onto its member), which its extents' host offsets are in.
-    fn source(&self) -> &Source {
-        self.inner.source()
+    fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+        // Through the disk's own entry point: its contract is checked against its own size.
+        self.inner.mapping(guest, span)
     }
 }
 

@@ -19,7 +19,7 @@ pub mod table;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{mapping_span, Codec, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
+use crate::image::{Codec, Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, Source};
 use crate::limits::{Budget, Limits};
 use crate::probe::Probe;
@@ -399,17 +399,17 @@ impl Qcow2Image {
 }
 
 impl Image for Qcow2Image {
-    fn info(&self) -> &ImageInfo {
-        &self.info
-    }
-    fn findings(&self) -> &[Finding] {
-        &self.findings
+    fn core(&self) -> ImageCore<'_> {
+        ImageCore {
+            info: &self.info,
+            findings: &self.findings,
+            source: &self.src,
+        }
     }
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
         check::check(self, limits)
     }
-    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
-        let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+    fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         let end = guest.saturating_add(span);
         if self.header.incompatible_features & header::INCOMPAT_DATA_FILE != 0 {
             return Err(Error::unsupported(
@@ -522,8 +522,5 @@ impl Image for Qcow2Image {
             len,
             kind,
         })
-    }
-    fn source(&self) -> &Source {
-        &self.src
     }
 }

@@ -13,7 +13,7 @@ use nom::Parser;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{Extent, Image, ImageInfo, RefKind, Reference};
+use crate::image::{Extent, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, Source};
 use crate::limits::Limits;
 use crate::probe::Probe;
@@ -117,20 +117,18 @@ pub fn open(src: Source, limits: &Limits) -> Result<QedImage> {
 }
 
 impl Image for QedImage {
-    fn info(&self) -> &ImageInfo {
-        &self.info
+    fn core(&self) -> ImageCore<'_> {
+        ImageCore {
+            info: &self.info,
+            findings: &self.findings,
+            source: &self.src,
+        }
     }
-    fn findings(&self) -> &[Finding] {
-        &self.findings
-    }
-    fn mapping(&self, _guest: u64, _max_len: u64) -> Result<Extent> {
+    fn extent_at(&self, _guest: u64, _span: u64) -> Result<Extent> {
         Err(
             Error::unsupported("QED guest data is not read (the format is not accepted)")
                 .code("format.unsupported"),
         )
-    }
-    fn source(&self) -> &Source {
-        &self.src
     }
 }
 
@@ -162,6 +160,6 @@ mod tests {
         assert_eq!(img.info().cluster_size, Some(65536));
         let r = img.info().backing_file().unwrap();
         assert!(r.target.ends_with("base.raw"));
-        assert!(img.mapping(0, 1).is_err());
+        assert!((&img as &dyn Image).mapping(0, 1).is_err());
     }
 }

@@ -7,7 +7,7 @@
 use crate::error::Result;
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{mapping_span, Extent, Image, ImageInfo};
+use crate::image::{Extent, Image, ImageCore, ImageInfo};
 use crate::io::Source;
 use crate::limits::Limits;
 
@@ -58,23 +58,20 @@ fn is_ovf_descriptor(head: &[u8]) -> bool {
 }
 
 impl Image for RawImage {
-    fn info(&self) -> &ImageInfo {
-        &self.info
+    fn core(&self) -> ImageCore<'_> {
+        ImageCore {
+            info: &self.info,
+            findings: &self.findings,
+            source: &self.src,
+        }
     }
-    fn findings(&self) -> &[Finding] {
-        &self.findings
-    }
-    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
-        let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+    fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         self.runs.extent(
             self.src.as_ref(),
             guest,
             guest.saturating_add(span),
             self.info.virtual_size,
         )
-    }
-    fn source(&self) -> &Source {
-        &self.src
     }
 }
 
@@ -113,7 +110,7 @@ mod tests {
         let mut pos = 0;
         let mut data = 0;
         while pos < img.info().virtual_size {
-            let e = img.mapping(pos, u64::MAX).unwrap();
+            let e = (&img as &dyn Image).mapping(pos, u64::MAX).unwrap();
             crate::validate_extent(&e, pos, u64::MAX, 3 << 20).unwrap();
             if let ExtentKind::Data { host } = e.kind {
                 assert_eq!(host, pos);
@@ -122,6 +119,6 @@ mod tests {
             pos = e.end();
         }
         assert!((4096..3 << 20).contains(&data), "data {data}");
-        assert!(img.mapping(3 << 20, 1).is_err());
+        assert!((&img as &dyn Image).mapping(3 << 20, 1).is_err());
     }
 }

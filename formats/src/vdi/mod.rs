@@ -14,7 +14,7 @@ use nom::IResult;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
+use crate::image::{Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{read_vec, Source};
 use crate::limits::Limits;
 use crate::probe::Probe;
@@ -436,11 +436,12 @@ impl VdiImage {
 }
 
 impl Image for VdiImage {
-    fn info(&self) -> &ImageInfo {
-        &self.info
-    }
-    fn findings(&self) -> &[Finding] {
-        &self.findings
+    fn core(&self) -> ImageCore<'_> {
+        ImageCore {
+            info: &self.info,
+            findings: &self.findings,
+            source: &self.src,
+        }
     }
 
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
@@ -521,8 +522,7 @@ impl Image for VdiImage {
         Ok(out)
     }
 
-    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
-        let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+    fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         let end = guest.saturating_add(span);
         let bs = u64::from(BLOCK_SIZE);
         let idx = guest / bs;
@@ -558,10 +558,6 @@ impl Image for VdiImage {
             len,
             kind,
         })
-    }
-
-    fn source(&self) -> &Source {
-        &self.src
     }
 }
 

@@ -18,7 +18,7 @@ pub mod footer;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
+use crate::image::{Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, ReadAt, Source};
 use crate::limits::Limits;
 use crate::probe::Probe;
@@ -728,11 +728,12 @@ impl VhdImage {
 }
 
 impl Image for VhdImage {
-    fn info(&self) -> &ImageInfo {
-        &self.info
-    }
-    fn findings(&self) -> &[Finding] {
-        &self.findings
+    fn core(&self) -> ImageCore<'_> {
+        ImageCore {
+            info: &self.info,
+            findings: &self.findings,
+            source: &self.src,
+        }
     }
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
         match &self.dynamic {
@@ -740,8 +741,7 @@ impl Image for VhdImage {
             None => Ok(Vec::new()),
         }
     }
-    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
-        let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+    fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         match &self.dynamic {
             None => Ok(Extent {
                 start: guest,
@@ -750,9 +750,6 @@ impl Image for VhdImage {
             }),
             Some(d) => self.map_dynamic(d, guest, span),
         }
-    }
-    fn source(&self) -> &Source {
-        &self.src
     }
 }
 

@@ -154,14 +154,14 @@ fn sector_bitmap_clear_bits_are_unallocated() {
     let bitmap = d.bytes.len() - 512 - BLOCK as usize - 512;
     d.bytes[bitmap] = 0b1100_0000; // sectors 0-1 present, 2-7 absent
     let img = d.open().unwrap();
-    let e = img.mapping(0, u64::MAX).unwrap();
+    let e = (&img as &dyn Image).mapping(0, u64::MAX).unwrap();
     assert_eq!(
         (e.len, matches!(e.kind, ExtentKind::Data { .. })),
         (1024, true)
     );
-    let e = img.mapping(1024, u64::MAX).unwrap();
+    let e = (&img as &dyn Image).mapping(1024, u64::MAX).unwrap();
     assert_eq!((e.len, e.kind), (3072, ExtentKind::Unallocated));
-    let e = img.mapping(100, 10).unwrap();
+    let e = (&img as &dyn Image).mapping(100, 10).unwrap();
     assert_eq!(e.len, 10);
 }
 

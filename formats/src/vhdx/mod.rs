@@ -31,7 +31,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
+use crate::image::{Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{read_vec, Source};
 use crate::limits::Limits;
 use crate::probe::Probe;
@@ -415,14 +415,14 @@ impl VhdxImage {
 }
 
 impl Image for VhdxImage {
-    fn info(&self) -> &ImageInfo {
-        &self.info
+    fn core(&self) -> ImageCore<'_> {
+        ImageCore {
+            info: &self.info,
+            findings: &self.findings,
+            source: &self.src,
+        }
     }
-    fn findings(&self) -> &[Finding] {
-        &self.findings
-    }
-    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
-        let span = mapping_span(guest, max_len, self.info.virtual_size)?;
+    fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         if self.log_non_empty {
             return Err(
                 Error::unsupported("the VHDX log holds entries; the BAT may be stale")
@@ -467,9 +467,6 @@ impl Image for VhdxImage {
             len: run_end.saturating_sub(guest),
             kind,
         })
-    }
-    fn source(&self) -> &Source {
-        &self.src
     }
 }
 

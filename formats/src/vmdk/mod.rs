@@ -19,7 +19,7 @@ pub mod table;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{mapping_span, Codec, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
+use crate::image::{Codec, Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, Source};
 use crate::limits::Limits;
 use crate::probe::Probe;
@@ -676,9 +676,9 @@ impl Sparse {
         Ok((first, last, g.saturating_add(n).saturating_mul(gb)))
     }
 
-    fn mapping(&self, src: &dyn crate::ReadAt, guest: u64, max_len: u64) -> Result<Extent> {
-        let vsize = self.hdr.capacity.saturating_mul(SECTOR);
-        let span = mapping_span(guest, max_len, vsize)?;
+    /// What backs guest bytes from `guest`, for at most `span` bytes (already clamped to the
+    /// capacity by the mapping entry point).
+    fn extent_at(&self, src: &dyn crate::ReadAt, guest: u64, span: u64) -> Result<Extent> {
         let end = guest.saturating_add(span);
         let gb = self.hdr.grain_bytes();
         let (first, mut last, mut run_end) = self.grain(src, guest / gb)?;
@@ -816,11 +816,12 @@ pub(crate) fn grain_marker(
 }
 
 impl Image for VmdkImage {
-    fn info(&self) -> &ImageInfo {
-        &self.info
-    }
-    fn findings(&self) -> &[Finding] {
-        &self.findings
+    fn core(&self) -> ImageCore<'_> {
+        ImageCore {
+            info: &self.info,
+            findings: &self.findings,
+            source: &self.src,
+        }
     }
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
         match &self.body {
@@ -828,18 +829,14 @@ impl Image for VmdkImage {
             Body::DescriptorOnly => Ok(Vec::new()),
         }
     }
-    fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
+    fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         match &self.body {
-            Body::Sparse(s) => s.mapping(self.src.as_ref(), guest, max_len),
-            Body::DescriptorOnly => {
-                mapping_span(guest, max_len, self.info.virtual_size)?;
-                Err(Error::unsafe_("the VMDK data lives in extent files named by the descriptor; they are never opened")
-                    .code("vmdk.external-extent"))
-            }
+            Body::Sparse(s) => s.extent_at(self.src.as_ref(), guest, span),
+            Body::DescriptorOnly => Err(Error::unsafe_(
+                "the VMDK data lives in extent files named by the descriptor; they are never opened",
+            )
+            .code("vmdk.external-extent")),
         }
-    }
-    fn source(&self) -> &Source {
-        &self.src
     }
 }
 

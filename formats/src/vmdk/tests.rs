@@ -168,13 +168,15 @@ fn monolithic_sparse_reads_and_is_clean() {
     assert!(img.info().references.is_empty());
     assert!(codes(&img).is_empty(), "{:?}", codes(&img));
     // Grains 0 and 1 are contiguous on the host: one extent.
-    let e = img.mapping(0, u64::MAX).unwrap();
+    let e = (&img as &dyn Image).mapping(0, u64::MAX).unwrap();
     assert_eq!(
         (e.len, e.kind),
         (2 * GRAIN as u64, ExtentKind::Data { host: 128 * 512 })
     );
     // Grains 2..5 are unallocated: one extent.
-    let e = img.mapping(2 * GRAIN as u64 + 100, u64::MAX).unwrap();
+    let e = (&img as &dyn Image)
+        .mapping(2 * GRAIN as u64 + 100, u64::MAX)
+        .unwrap();
     assert_eq!(
         (e.len, e.kind),
         (3 * GRAIN as u64 - 100, ExtentKind::Unallocated)
@@ -188,7 +190,9 @@ fn stream_footer_form_reads_and_is_clean() {
     assert_eq!(img.info().details["create-type"], "streamOptimized");
     assert_eq!(img.info().details["extents"][0]["compressed"], true);
     assert!(codes(&img).is_empty(), "{:?}", codes(&img));
-    let e = img.mapping(GRAIN as u64 + 5, u64::MAX).unwrap();
+    let e = (&img as &dyn Image)
+        .mapping(GRAIN as u64 + 5, u64::MAX)
+        .unwrap();
     assert!(
         matches!(
             e.kind,
@@ -310,7 +314,10 @@ fn descriptor_only_files_are_info_and_unsafe_to_map() {
         assert!(c.contains(&code), "{code} in {c:?}");
     }
     assert_eq!(img.info().references[0].target, "f-flat.vmdk");
-    assert_eq!(img.mapping(0, 1).unwrap_err().kind(), ErrorKind::Unsafe);
+    assert_eq!(
+        (&img as &dyn Image).mapping(0, 1).unwrap_err().kind(),
+        ErrorKind::Unsafe
+    );
 
     // A sparse header of capacity 0 wrapping a descriptor: qemu would open its extents.
     let mut b = sparse_with(
@@ -320,7 +327,10 @@ fn descriptor_only_files_are_info_and_unsafe_to_map() {
     let img = open_bytes(b).unwrap();
     assert!(codes(&img).contains(&"vmdk.descriptor-only"));
     assert_eq!(img.info().references[0].target, "/dev/sda");
-    assert_eq!(img.mapping(0, 1).unwrap_err().kind(), ErrorKind::Unsafe);
+    assert_eq!(
+        (&img as &dyn Image).mapping(0, 1).unwrap_err().kind(),
+        ErrorKind::Unsafe
+    );
 }
 
 #[test]
@@ -379,7 +389,10 @@ fn tables_are_checked() {
     let img = open_bytes(b).unwrap();
     assert!(codes(&img).contains(&"table.out-of-bounds"));
     assert_eq!(
-        img.mapping(0, 1).unwrap_err().finding_code(),
+        (&img as &dyn Image)
+            .mapping(0, 1)
+            .unwrap_err()
+            .finding_code(),
         "table.out-of-bounds"
     );
 }
@@ -393,7 +406,10 @@ fn grain_pointers_are_checked() {
     let img = open_bytes(b).unwrap();
     assert!(codes(&img).contains(&"vmdk.gt-entry-out-of-bounds"));
     assert_eq!(
-        img.mapping(GRAIN as u64, 1).unwrap_err().finding_code(),
+        (&img as &dyn Image)
+            .mapping(GRAIN as u64, 1)
+            .unwrap_err()
+            .finding_code(),
         "vmdk.gt-entry-out-of-bounds"
     );
     // Grain on top of the descriptor.
@@ -419,7 +435,9 @@ fn grain_pointers_are_checked() {
 fn stream_grain_markers_are_checked() {
     let b = stream();
     let img = open_bytes(b.clone()).unwrap();
-    let ExtentKind::Compressed { host, .. } = img.mapping(GRAIN as u64, 1).unwrap().kind else {
+    let ExtentKind::Compressed { host, .. } =
+        (&img as &dyn Image).mapping(GRAIN as u64, 1).unwrap().kind
+    else {
         panic!()
     };
     let marker = (host - 12) as usize;
@@ -428,7 +446,10 @@ fn stream_grain_markers_are_checked() {
     let img = open_bytes(m).unwrap();
     assert!(codes(&img).contains(&"vmdk.grain-marker"));
     assert_eq!(
-        img.mapping(GRAIN as u64, 1).unwrap_err().finding_code(),
+        (&img as &dyn Image)
+            .mapping(GRAIN as u64, 1)
+            .unwrap_err()
+            .finding_code(),
         "vmdk.grain-marker"
     );
     let mut m = b;
@@ -444,7 +465,10 @@ fn zero_grains_need_the_flag() {
     b[27 * 512 + 40..27 * 512 + 44].copy_from_slice(&1u32.to_le_bytes());
     let img = open_bytes(b).unwrap();
     assert_eq!(
-        img.mapping(10 * GRAIN as u64, u64::MAX).unwrap().kind,
+        (&img as &dyn Image)
+            .mapping(10 * GRAIN as u64, u64::MAX)
+            .unwrap()
+            .kind,
         ExtentKind::Zero
     );
     assert!(codes(&img).is_empty());
@@ -460,7 +484,7 @@ fn every_prefix_fails_cleanly() {
                 let vs = img.info().virtual_size;
                 let mut pos = 0;
                 while pos < vs {
-                    match img.mapping(pos, u64::MAX) {
+                    match (&img as &dyn Image).mapping(pos, u64::MAX) {
                         Ok(e) => pos = e.end(),
                         Err(_) => pos += 65536,
                     }

@@ -1,0 +1,393 @@
+//! Walking a guest range extent by extent, on top of the one `mapping` entry point.
+//!
+//! [`Extents`] yields what `mapping` says, in order, each extent starting where the last
+//! ended. [`Merged`] joins neighbours of the same kind into [`Run`]s, as `glimpse map` prints
+//! them (and as `qemu-img map` does): formats cut their extents at table boundaries that say
+//! nothing about the guest data.
+
+use crate::error::{Error, Result};
+use crate::image::{Extent, ExtentKind, Image};
+
+/// The extents backing guest bytes `start..end`, in order. Each one starts where the last
+/// ended; together they cover the range exactly, unless `mapping` fails: then the error is
+/// the last item.
+///
+/// # Security
+/// One `mapping` call per item, and every extent is at least one byte long, so the walk ends.
+/// A hostile image can still cut its mapping into many short extents: bound the walk (for
+/// example with [`Iterator::take`]) where that matters.
+pub struct Extents<'a> {
+    image: &'a dyn Image,
+    pos: u64,
+    end: u64,
+}
+
+impl<'a> Extents<'a> {
+    /// The extents of guest bytes `start..end` of `image` (`end` is cut to the virtual size).
+    pub fn new(image: &'a dyn Image, start: u64, end: u64) -> Self {
+        Extents {
+            image,
+            pos: start,
+            end: end.min(image.info().virtual_size),
+        }
+    }
+
+    /// The extents of the whole guest disk.
+    pub fn all(image: &'a dyn Image) -> Self {
+        Extents::new(image, 0, u64::MAX)
+    }
+
+    /// Where the next extent starts (the end of the range once the walk is over).
+    pub fn next_start(&self) -> u64 {
+        self.pos
+    }
+}
+
+impl Iterator for Extents<'_> {
+    type Item = Result<Extent>;
+
+    fn next(&mut self) -> Option<Result<Extent>> {
+        let left = self.end.checked_sub(self.pos).filter(|n| *n > 0)?;
+        match self.image.mapping(self.pos, left) {
+            Ok(e) => {
+                self.pos = e.end();
+                Some(Ok(e))
+            }
+            Err(err) => {
+                self.pos = self.end;
+                Some(Err(err))
+            }
+        }
+    }
+}
+
+/// What backs a [`Run`]: an extent's kind without what differs from one unit to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    /// Stored uncompressed, linearly from `host` in the source.
+    Data {
+        /// Source offset of the run's first guest byte.
+        host: u64,
+    },
+    /// Compressed units (any number, wherever they are stored).
+    Compressed,
+    /// Reads as zeros, explicitly marked so.
+    Zero,
+    /// Not allocated in this image; reads as zeros.
+    Unallocated,
+}
+
+impl From<ExtentKind> for RunKind {
+    fn from(k: ExtentKind) -> Self {
+        match k {
+            ExtentKind::Data { host } => RunKind::Data { host },
+            ExtentKind::Compressed { .. } => RunKind::Compressed,
+            ExtentKind::Zero => RunKind::Zero,
+            ExtentKind::Unallocated => RunKind::Unallocated,
+        }
+    }
+}
+
+/// Neighbouring extents of the same kind, joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// First guest byte.
+    pub start: u64,
+    /// Length in bytes (at least 1).
+    pub len: u64,
+    /// What backs it.
+    pub kind: RunKind,
+}
+
+impl Run {
+    /// One past the last guest byte.
+    pub fn end(&self) -> u64 {
+        self.start.saturating_add(self.len)
+    }
+
+    /// Joins `next` onto the end of this run when it continues it: it starts where this run
+    /// ends, has the same kind, and for data, is stored right after it. Returns whether it
+    /// did.
+    pub fn join(&mut self, next: &Run) -> bool {
+        let follows = self.start.checked_add(self.len) == Some(next.start);
+        let continues = match (self.kind, next.kind) {
+            (RunKind::Data { host: a }, RunKind::Data { host: b }) => {
+                a.checked_add(self.len) == Some(b)
+            }
+            (a, b) => a == b,
+        };
+        match self.len.checked_add(next.len) {
+            Some(len) if follows && continues => {
+                self.len = len;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl From<&Extent> for Run {
+    fn from(e: &Extent) -> Self {
+        Run {
+            start: e.start,
+            len: e.len,
+            kind: e.kind.into(),
+        }
+    }
+}
+
+/// The [`Run`]s of an extent walk: every maximal sequence of neighbouring extents of the same
+/// kind (data stored contiguously) joined into one. An error from the walk comes after the
+/// run in progress and ends the iteration.
+pub struct Merged<I> {
+    inner: I,
+    pending: Option<Run>,
+    failed: Option<Error>,
+}
+
+impl<I: Iterator<Item = Result<Extent>>> Merged<I> {
+    /// Merges the extents `inner` yields.
+    pub fn new(inner: I) -> Self {
+        Merged {
+            inner,
+            pending: None,
+            failed: None,
+        }
+    }
+}
+
+impl<'a> Merged<Extents<'a>> {
+    /// The runs of the whole guest disk of `image`.
+    pub fn all(image: &'a dyn Image) -> Self {
+        Merged::new(Extents::all(image))
+    }
+}
+
+impl<I: Iterator<Item = Result<Extent>>> Iterator for Merged<I> {
+    type Item = Result<Run>;
+
+    fn next(&mut self) -> Option<Result<Run>> {
+        if let Some(err) = self.failed.take() {
+            return Some(Err(err));
+        }
+        loop {
+            match self.inner.next() {
+                None => return self.pending.take().map(Ok),
+                Some(Err(err)) => match self.pending.take() {
+                    Some(run) => {
+                        self.failed = Some(err);
+                        return Some(Ok(run));
+                    }
+                    None => return Some(Err(err)),
+                },
+                Some(Ok(e)) => {
+                    let run = Run::from(&e);
+                    if let Some(p) = self.pending.as_mut() {
+                        if p.join(&run) {
+                            continue;
+                        }
+                    }
+                    if let Some(done) = self.pending.replace(run) {
+                        return Some(Ok(done));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{Codec, ImageCore, ImageInfo};
+    use crate::{Finding, Format, Source};
+    use std::sync::Arc;
+
+    /// An image whose mapping is a fixed list of extents, cut to what is asked.
+    struct Listed {
+        info: ImageInfo,
+        src: Source,
+        extents: Vec<(u64, ExtentKind)>,
+        fail_at: Option<u64>,
+    }
+
+    impl Image for Listed {
+        fn core(&self) -> ImageCore<'_> {
+            ImageCore {
+                info: &self.info,
+                findings: &[] as &[Finding],
+                source: &self.src,
+            }
+        }
+        fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+            if self.fail_at == Some(guest) {
+                return Err(Error::corrupt("broken table"));
+            }
+            let mut start = 0;
+            for &(len, kind) in &self.extents {
+                if guest < start + len {
+                    let skip = guest - start;
+                    let kind = match kind {
+                        ExtentKind::Data { host } => ExtentKind::Data { host: host + skip },
+                        ExtentKind::Compressed {
+                            codec,
+                            host,
+                            stored_len,
+                            unit_size,
+                            skip: s,
+                        } => ExtentKind::Compressed {
+                            codec,
+                            host,
+                            stored_len,
+                            unit_size,
+                            skip: s + skip,
+                        },
+                        k => k,
+                    };
+                    return Ok(Extent {
+                        start: guest,
+                        len: (start + len - guest).min(span),
+                        kind,
+                    });
+                }
+                start += len;
+            }
+            Err(Error::invalid("past the list"))
+        }
+    }
+
+    fn listed(extents: Vec<(u64, ExtentKind)>, fail_at: Option<u64>) -> Listed {
+        let size = extents.iter().map(|(l, _)| l).sum();
+        Listed {
+            info: ImageInfo::new(Format::Raw, size),
+            src: Arc::new(vec![0u8; 1 << 16]),
+            extents,
+            fail_at,
+        }
+    }
+
+    fn compressed(host: u64) -> ExtentKind {
+        ExtentKind::Compressed {
+            codec: Codec::Deflate,
+            host,
+            stored_len: 512,
+            unit_size: 4096,
+            skip: 0,
+        }
+    }
+
+    fn run(start: u64, len: u64, kind: RunKind) -> Run {
+        Run { start, len, kind }
+    }
+
+    #[test]
+    fn extents_cover_a_range_in_order() {
+        let img = listed(
+            vec![
+                (100, ExtentKind::Data { host: 0 }),
+                (50, ExtentKind::Zero),
+                (10, ExtentKind::Unallocated),
+            ],
+            None,
+        );
+        let img: &dyn Image = &img;
+        let got: Vec<Extent> = Extents::new(img, 40, 155).collect::<Result<_>>().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Extent {
+                    start: 40,
+                    len: 60,
+                    kind: ExtentKind::Data { host: 40 }
+                },
+                Extent {
+                    start: 100,
+                    len: 50,
+                    kind: ExtentKind::Zero
+                },
+                Extent {
+                    start: 150,
+                    len: 5,
+                    kind: ExtentKind::Unallocated
+                },
+            ]
+        );
+        // The end is cut to the virtual size; an empty range yields nothing.
+        assert_eq!(Extents::new(img, 150, u64::MAX).count(), 1);
+        assert_eq!(Extents::new(img, 160, u64::MAX).count(), 0);
+        assert_eq!(Extents::new(img, 50, 50).count(), 0);
+        assert_eq!(Extents::all(img).count(), 3);
+    }
+
+    #[test]
+    fn an_error_ends_the_walk() {
+        let img = listed(
+            vec![(100, ExtentKind::Zero), (100, ExtentKind::Zero)],
+            Some(100),
+        );
+        let mut it = Extents::all(&img);
+        assert!(it.next().unwrap().is_ok());
+        assert!(it.next().unwrap().is_err());
+        assert!(it.next().is_none());
+        assert_eq!(it.next_start(), 200);
+    }
+
+    #[test]
+    fn merged_joins_neighbours_of_one_kind() {
+        let img = listed(
+            vec![
+                (10, ExtentKind::Data { host: 1000 }),
+                (10, ExtentKind::Data { host: 1010 }), // stored right after: joined
+                (10, ExtentKind::Data { host: 5000 }), // elsewhere: a new run
+                (10, ExtentKind::Zero),
+                (10, ExtentKind::Zero),
+                (10, ExtentKind::Unallocated), // reads as zero too, but another kind
+                (10, compressed(100)),
+                (10, compressed(9000)), // compressed units join wherever they are
+                (10, ExtentKind::Unallocated),
+            ],
+            None,
+        );
+        let got: Vec<Run> = Merged::all(&img).collect::<Result<_>>().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                run(0, 20, RunKind::Data { host: 1000 }),
+                run(20, 10, RunKind::Data { host: 5000 }),
+                run(30, 20, RunKind::Zero),
+                run(50, 10, RunKind::Unallocated),
+                run(60, 20, RunKind::Compressed),
+                run(80, 10, RunKind::Unallocated),
+            ]
+        );
+    }
+
+    #[test]
+    fn merged_yields_the_run_in_progress_then_the_error() {
+        let img = listed(
+            vec![
+                (10, ExtentKind::Zero),
+                (10, ExtentKind::Zero),
+                (10, ExtentKind::Zero),
+            ],
+            Some(20),
+        );
+        let mut it = Merged::all(&img);
+        assert_eq!(it.next().unwrap().unwrap(), run(0, 20, RunKind::Zero));
+        assert!(it.next().unwrap().is_err());
+        assert!(it.next().is_none());
+        let img = listed(vec![(10, ExtentKind::Zero)], Some(0));
+        let mut it = Merged::all(&img);
+        assert!(it.next().unwrap().is_err());
+        assert!(it.next().is_none());
+    }
+
+    #[test]
+    fn join_refuses_gaps_and_overflow() {
+        let mut a = run(0, 10, RunKind::Zero);
+        assert!(!a.join(&run(11, 5, RunKind::Zero)));
+        let mut b = run(0, 10, RunKind::Data { host: u64::MAX - 5 });
+        assert!(!b.join(&run(10, 5, RunKind::Data { host: 4 })));
+        assert_eq!(a.end(), 10);
+    }
+}
