@@ -106,13 +106,21 @@ pub fn is_zero(buf: &[u8]) -> bool {
         && rem.iter().all(|&b| b == 0)
 }
 
-/// Charges the three batches that can be alive at once to `budget`, when there is one.
-fn charge_batches(budget: Option<&Budget>, per_batch: usize, chunk: u64) -> Result<Option<Charge>> {
+/// Charges the three batches that can be alive at once to `budget`, when there is one, with
+/// fewer chunks per batch when the budget has less left (at least one chunk per batch).
+/// Returns the charge and the chunks per batch.
+fn charge_batches(
+    budget: Option<&Budget>,
+    per_batch: usize,
+    chunk: u64,
+) -> Result<(Option<Charge>, usize)> {
     let Some(b) = budget else {
-        return Ok(None);
+        return Ok((None, per_batch));
     };
-    let bytes = (per_batch as u64).saturating_mul(chunk).saturating_mul(3);
-    Ok(Some(b.charge(bytes, "conversion buffers")?))
+    let fit = b.left() / chunk.saturating_mul(3).max(1);
+    let n = per_batch.min(usize::try_from(fit).unwrap_or(usize::MAX)).max(1);
+    let bytes = (n as u64).saturating_mul(chunk).saturating_mul(3);
+    Ok((Some(b.charge(bytes, "conversion buffers")?), n))
 }
 
 /// Converts `image` into `writer`.
@@ -131,7 +139,7 @@ pub fn convert(
     // Whole chunks up to `batch_bytes`, however many threads there are: the memory bound must
     // hold on a 64-core machine too.
     let per_batch = usize::try_from((opts.batch_bytes / chunk).max(1)).unwrap_or(64);
-    let _held = charge_batches(opts.budget.as_ref(), per_batch, chunk)?;
+    let (_held, per_batch) = charge_batches(opts.budget.as_ref(), per_batch, chunk)?;
     let mut planner = ChunkPlanner::new(image.as_ref(), chunk);
     let (tx, rx) = sync_channel::<Vec<Chunk>>(1);
     let mut stats = Stats {

@@ -1,11 +1,12 @@
 //! The guest reader: guest bytes at any offset, on top of the `mapping` entry point of [`Image`].
 
 use std::io::Read;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::image::{Codec, Extent, ExtentKind, Image};
-use crate::limits::Limits;
+use crate::limits::{Charge, Limits};
+use crate::lru::Lru;
 
 /// Largest compressed unit accepted: no format compresses more than 64 MiB as one unit
 /// (qcow2 clusters are at most 2 MiB; VMDK grains are far smaller).
@@ -84,52 +85,28 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
     Ok(out)
 }
 
-/// A small LRU of decompressed units keyed by host offset.
-struct Cache {
-    entries: Vec<(u64, Arc<Vec<u8>>)>,
-    bytes: u64,
-    max_bytes: u64,
-}
-
-impl Cache {
-    fn get(&mut self, host: u64) -> Option<Arc<Vec<u8>>> {
-        let i = self.entries.iter().position(|(h, _)| *h == host)?;
-        let e = self.entries.remove(i);
-        let v = e.1.clone();
-        self.entries.push(e);
-        Some(v)
-    }
-    fn put(&mut self, host: u64, v: Arc<Vec<u8>>) {
-        let len = v.len() as u64;
-        if len > self.max_bytes {
-            return;
-        }
-        while self.bytes.saturating_add(len) > self.max_bytes && !self.entries.is_empty() {
-            let (_, old) = self.entries.remove(0);
-            self.bytes = self.bytes.saturating_sub(old.len() as u64);
-        }
-        self.bytes = self.bytes.saturating_add(len);
-        self.entries.push((host, v));
-    }
-}
-
 /// Reads guest bytes of an image at any offset. `Sync`: share it between workers.
 pub struct GuestReader {
     image: Arc<dyn Image>,
-    cache: Mutex<Cache>,
+    /// Decompressed units keyed by host offset.
+    cache: Lru<u64, Arc<Vec<u8>>>,
+    /// The cache's bytes, held from the command's budget for the reader's life.
+    _charge: Option<Charge>,
 }
 
 impl GuestReader {
-    /// A reader over `image` with a cache bounded by `limits.max_cache_bytes`.
+    /// A reader over `image` with a cache of at most `limits.max_cache_bytes`, and at most half
+    /// of what the budget has left: the cache is charged to the budget for the reader's life,
+    /// so that with a per-command budget metadata, caches and buffers share one bound.
     pub fn new(image: Arc<dyn Image>, limits: &Limits) -> Self {
-        let cache = Cache {
-            entries: Vec::new(),
-            bytes: 0,
-            max_bytes: limits.max_cache_bytes,
-        };
+        let budget = limits.budget();
+        let cap = limits.max_cache_bytes.min(budget.left() / 2);
+        let charge = budget.charge(cap, "reader cache").ok();
+        let cap = if charge.is_some() { cap } else { 0 };
         GuestReader {
             image,
-            cache: Mutex::new(cache),
+            cache: Lru::new(cap, usize::MAX),
+            _charge: charge,
         }
     }
 
@@ -229,12 +206,7 @@ impl GuestReader {
         need: u64,
         guest: u64,
     ) -> Result<Arc<Vec<u8>>> {
-        if let Some(v) = self
-            .cache
-            .lock()
-            .map_err(|_| Error::corrupt("cache poisoned"))?
-            .get(host)
-        {
+        if let Some(v) = self.cache.get(host)? {
             if v.len() as u64 >= need {
                 return Ok(v);
             }
@@ -263,10 +235,7 @@ impl GuestReader {
         let out = decompress(codec, &raw, unit_size, need)
             .map_err(|err| err.context(format!("guest offset {guest:#x}")).at(host))?;
         let out = Arc::new(out);
-        self.cache
-            .lock()
-            .map_err(|_| Error::corrupt("cache poisoned"))?
-            .put(host, out.clone());
+        self.cache.put(host, out.clone(), out.len() as u64)?;
         Ok(out)
     }
 }
