@@ -1,0 +1,352 @@
+//! Reading an archive: the tar walk, the descriptor, the member index, references and disks,
+//! the manifest and certificates, each phase adding its archive-level findings.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::finding::Finding;
+use crate::io::Source;
+use crate::limits::Limits;
+
+use super::check::{self, HrefKind};
+use super::tar::{self, MemberKind};
+use super::{is_ext, manifest, ovf, DiskEntry, Manifest, Ova};
+
+/// Reads an OVA in place: walks the tar, parses descriptor and manifest, applies the archive
+/// rules. Does not read member data beyond the descriptor and manifest.
+///
+/// # Errors
+/// `Invalid` (`ova.tar-malformed`), `Truncated` (`ova.truncated`) or `LimitExceeded`
+/// (`ova.too-many-members`) when the tar itself cannot be walked; `Io`. A bad descriptor or
+/// manifest is a finding, not an error.
+///
+/// # Security
+/// Bounded: at most [`tar::MAX_MEMBERS`] members, names of [`tar::MAX_NAME`] bytes, pax
+/// records of [`tar::MAX_PAX`] bytes, a descriptor of [`ovf::MAX_DESCRIPTOR`] bytes and a
+/// manifest of [`manifest::MAX_MANIFEST`] bytes, all charged to the metadata budget.
+pub fn read_ova(src: Source, limits: &Limits) -> Result<Ova> {
+    let budget = limits.budget();
+    let members = tar::walk(src.as_ref(), &budget, tar::WalkOptions::default())?;
+    let mut findings = check::member_findings(&members);
+
+    let regular = |i: &usize| {
+        members
+            .get(*i)
+            .is_some_and(|m| m.kind == MemberKind::Regular)
+    };
+    let named = |ext: &'static str| -> Vec<usize> {
+        (0..members.len())
+            .filter(|i| regular(i) && members.get(*i).is_some_and(|m| is_ext(&m.name, ext)))
+            .collect()
+    };
+
+    // The descriptor.
+    let ovfs = named("ovf");
+    let descriptor_member = ovfs.first().copied();
+    let mut descriptor = None;
+    match ovfs.as_slice() {
+        [] => findings.push(Finding::reject(
+            "ova.descriptor-missing",
+            "the archive has no .ovf descriptor",
+        )),
+        [_, more @ ..] => {
+            for i in more {
+                if let Some(m) = members.get(*i) {
+                    findings.push(
+                        Finding::reject(
+                            "ova.descriptor-multiple",
+                            format!("a second descriptor {:?}", m.name),
+                        )
+                        .at(m.header_offset),
+                    );
+                }
+            }
+        }
+    }
+    if let Some((i, m)) = descriptor_member.and_then(|i| Some((i, members.get(i)?))) {
+        // OVF 1.1 (DSP0243) 5.3: the descriptor shall be the first file. A descriptor written
+        // last (some exporters stream disks first) is readable, so only warned about.
+        if i != 0 {
+            let last = i.saturating_add(1) == members.len();
+            findings.push(if last {
+                Finding::warn(
+                    "ova.descriptor-last",
+                    format!(
+                        "the descriptor {:?} is the last member, not the first",
+                        m.name
+                    ),
+                )
+                .at(m.header_offset)
+            } else {
+                Finding::reject(
+                    "ova.descriptor-not-first",
+                    format!("the descriptor {:?} is member {i}, not the first", m.name),
+                )
+                .at(m.header_offset)
+            });
+        }
+        let parsed = if m.size > ovf::MAX_DESCRIPTOR {
+            Err(Error::limit(format!(
+                "descriptor of {} bytes exceeds {}",
+                m.size,
+                ovf::MAX_DESCRIPTOR
+            ))
+            .code("ova.descriptor-malformed"))
+        } else {
+            crate::io::read_vec(src.as_ref(), m.offset, m.size, &budget, "OVF descriptor")
+                .and_then(|b| ovf::parse(&b))
+        };
+        match parsed {
+            Ok(d) => {
+                for p in &d.problems {
+                    findings
+                        .push(Finding::reject("ova.descriptor-malformed", p.clone()).at(m.offset));
+                }
+                descriptor = Some(d);
+            }
+            Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+            Err(e) => findings
+                .push(Finding::reject("ova.descriptor-malformed", e.to_string()).at(m.offset)),
+        }
+    }
+
+    // First member of each (normalized) name; a repeat is already an ova.member-name finding.
+    // Other readers' names count too (a GNU sparse 1.0 member is found by its real name), after
+    // glimpse's own.
+    let mut by_name: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for r in 0..3 {
+        for (i, m) in members.iter().enumerate() {
+            if let Some(n) = check::readings(m)
+                .get(r)
+                .and_then(|(_, raw)| check::normalize(raw, m.kind))
+            {
+                by_name.entry(n).or_insert(i);
+            }
+        }
+    }
+    let member_by_name = |name: &str| -> Option<usize> { by_name.get(name).copied() };
+
+    // References and disks.
+    let mut disks = Vec::new();
+    if let Some(d) = &descriptor {
+        for f in &d.files {
+            let at = descriptor_member
+                .and_then(|i| members.get(i))
+                .map_or(0, |m| m.offset);
+            match check::href_kind(&f.href) {
+                HrefKind::Url => findings.push(
+                    Finding::reject(
+                        "ova.href",
+                        format!("file {:?} is a URL {:?}, outside the archive", f.id, f.href),
+                    )
+                    .at(at),
+                ),
+                HrefKind::Path => findings.push(
+                    Finding::reject(
+                        "ova.href",
+                        format!(
+                            "file {:?} href {:?} is a path, not a member name",
+                            f.id, f.href
+                        ),
+                    )
+                    .at(at),
+                ),
+                HrefKind::Name => {
+                    match member_by_name(&f.href).and_then(|i| members.get(i)) {
+                        None => findings.push(
+                            Finding::reject(
+                                "ova.href",
+                                format!(
+                                    "file {:?} names {:?}, which is not in the archive",
+                                    f.id, f.href
+                                ),
+                            )
+                            .at(at),
+                        ),
+                        Some(m) => {
+                            if let Some(size) = f.size {
+                                if size != m.size {
+                                    findings.push(
+                                    Finding::reject(
+                                        "ova.size-mismatch",
+                                        format!("member {:?} has {} bytes but References says {size}", m.name, m.size),
+                                    )
+                                    .at(m.header_offset),
+                                );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if f.chunk_size.is_some() {
+                findings.push(
+                    Finding::reject(
+                        "ova.file-unsupported",
+                        format!("file {:?} is split into chunks (chunkSize)", f.href),
+                    )
+                    .at(at),
+                );
+            }
+            if let Some(c) = f.compression.as_deref() {
+                if c != "identity" && c != "gzip" {
+                    findings.push(
+                        Finding::reject(
+                            "ova.file-unsupported",
+                            format!("file {:?} uses compression {c:?}", f.href),
+                        )
+                        .at(at),
+                    );
+                }
+            }
+        }
+        for (index, desc) in d.disks.iter().enumerate() {
+            let file = desc.file_ref.as_deref().and_then(|id| d.file(id));
+            if let (Some(id), None) = (desc.file_ref.as_deref(), file) {
+                findings.push(Finding::reject(
+                    "ova.descriptor-malformed",
+                    format!(
+                        "disk {:?} names file {id:?}, which References does not list",
+                        desc.disk_id
+                    ),
+                ));
+            }
+            let member = file
+                .filter(|f| check::href_kind(&f.href) == HrefKind::Name)
+                .and_then(|f| member_by_name(&f.href));
+            if let Some(other) = disks
+                .iter()
+                .find(|e: &&DiskEntry| e.member.is_some() && e.member == member)
+            {
+                findings.push(Finding::reject(
+                    "ova.descriptor-malformed",
+                    format!(
+                        "disks {} and {index} are backed by the same file",
+                        other.index
+                    ),
+                ));
+            }
+            disks.push(DiskEntry::new(index, desc, file, member));
+        }
+    }
+
+    // The manifest and certificate.
+    let mfs = named("mf");
+    let mut manifest = None;
+    for i in mfs.iter().skip(1) {
+        if let Some(m) = members.get(*i) {
+            findings.push(
+                Finding::reject(
+                    "ova.manifest-multiple",
+                    format!("a second manifest {:?}", m.name),
+                )
+                .at(m.header_offset),
+            );
+        }
+    }
+    if let Some(m) = mfs.first().and_then(|i| members.get(*i)) {
+        let parsed = if m.size > manifest::MAX_MANIFEST {
+            Err(Error::limit(format!(
+                "manifest of {} bytes exceeds {}",
+                m.size,
+                manifest::MAX_MANIFEST
+            ))
+            .code("ova.manifest-malformed"))
+        } else {
+            crate::io::read_vec(src.as_ref(), m.offset, m.size, &budget, "manifest")
+                .and_then(|b| manifest::parse(&b))
+        };
+        match parsed {
+            Ok(all) => {
+                // Each file is digested once: a manifest naming one big member a thousand
+                // times must not cost a thousand reads.
+                let mut seen = std::collections::HashSet::new();
+                let mut entries = Vec::new();
+                for e in all {
+                    if seen.insert(e.name.clone()) {
+                        entries.push(e);
+                    } else {
+                        findings.push(
+                            Finding::reject(
+                                "ova.manifest-malformed",
+                                format!("the manifest lists {:?} more than once", e.name),
+                            )
+                            .at(m.offset),
+                        );
+                    }
+                }
+                for e in &entries {
+                    if member_by_name(&e.name).is_none() {
+                        findings.push(
+                            Finding::reject(
+                                "ova.manifest-missing-member",
+                                format!(
+                                    "the manifest lists {:?}, which is not in the archive",
+                                    e.name
+                                ),
+                            )
+                            .at(m.offset),
+                        );
+                    }
+                }
+                if !entries.is_empty() && entries.iter().all(|e| e.algo == manifest::Algo::Sha1) {
+                    findings.push(
+                        Finding::warn("ova.manifest-sha1", "the manifest uses only SHA-1, which is broken for collisions; use SHA-256")
+                            .at(m.offset),
+                    );
+                }
+                for (j, other) in members.iter().enumerate() {
+                    let covered = check::normalized_name(other).is_some_and(|n| seen.contains(n));
+                    if other.kind == MemberKind::Regular
+                        && !mfs.contains(&j)
+                        && !is_ext(&other.name, "cert")
+                        && !covered
+                    {
+                        findings.push(
+                            Finding::warn(
+                                "ova.manifest-unlisted",
+                                format!("member {:?} is not in the manifest", other.name),
+                            )
+                            .at(other.header_offset),
+                        );
+                    }
+                }
+                manifest = Some(Manifest {
+                    name: m.name.clone(),
+                    entries,
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+            Err(e) => {
+                findings.push(Finding::reject("ova.manifest-malformed", e.to_string()).at(m.offset))
+            }
+        }
+    } else {
+        findings.push(Finding::info(
+            "ova.manifest-absent",
+            "the archive has no manifest: member integrity is not verified",
+        ));
+    }
+    for i in named("cert") {
+        if let Some(m) = members.get(i) {
+            findings.push(
+                Finding::info(
+                    "ova.certificate-unverified",
+                    format!(
+                        "certificate {:?} is present; glimpse does not verify OVF signatures",
+                        m.name
+                    ),
+                )
+                .at(m.header_offset),
+            );
+        }
+    }
+
+    Ok(Ova {
+        src,
+        members,
+        descriptor_member,
+        descriptor,
+        manifest,
+        disks,
+        findings,
+    })
+}
