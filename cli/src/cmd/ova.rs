@@ -105,9 +105,9 @@ fn opt_size(v: &Value) -> String {
 }
 
 /// The disk rows of `list`: the descriptor's facts plus what opening each disk shows.
-fn disk_rows(
+fn disk_rows<I: std::ops::Deref<Target = dyn glimpse_formats::Image>>(
     disks: &[ova::DiskEntry],
-    open: impl Fn(usize) -> glimpse_formats::Result<Box<dyn glimpse_formats::Image>>,
+    open: impl Fn(usize) -> glimpse_formats::Result<I>,
 ) -> Vec<Value> {
     disks
         .iter()

@@ -2,6 +2,7 @@
 //! the manifest and certificates, each phase adding its archive-level findings.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::finding::Finding;
@@ -9,6 +10,7 @@ use crate::io::Source;
 use crate::limits::{Budget, Limits};
 
 use super::check::{self, HrefKind};
+use super::disk::Shared;
 use super::tar::{self, Member, MemberKind};
 use super::{is_ext, manifest, ovf, Descriptor, DiskEntry, FileRef, Manifest, Ova};
 
@@ -52,8 +54,10 @@ pub fn read_ova(src: Source, limits: &Limits) -> Result<Ova> {
     let manifest = read_manifest(&src, &members, &index, &budget, &mut findings)?;
     certificate_findings(&members, &mut findings);
 
+    let shared = Arc::new(Shared::new(budget, limits, disks.len()));
     Ok(Ova {
         src,
+        shared,
         members,
         descriptor_member,
         descriptor,

@@ -190,12 +190,7 @@ impl OvfDir {
                 )
             }
         };
-        let det = crate::detect(src.as_ref())?;
-        if det.matches.contains(&crate::Format::Ova) {
-            return Err(
-                Error::unsafe_(format!("disk {disk} is itself an OVA")).code("ova.disk-format")
-            );
-        }
-        crate::open(src, det.format(), limits)
+        let det = super::disk::detect_disk(src.as_ref(), disk)?;
+        crate::open_disk_format(src, det.format(), limits)
     }
 }

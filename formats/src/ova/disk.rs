@@ -1,17 +1,22 @@
 //! The appliance's disks: which member holds each, its bytes (decompressed when gzip), and
 //! the disk opened as an image with the disk-level findings (declared format, capacity).
 
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::detect::Detection;
+use crate::error::{Error, ErrorKind, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{Image, ImageInfo, RefKind, Reference};
-use crate::io::Source;
+use crate::io::{ReadAt, Source};
 use crate::limits::{Budget, Limits};
 
 use super::check::{self, HrefKind};
-use super::gzip::{gunzip_with, inflate_budget};
+use super::gzip::gunzip_with;
 use super::ovf::{DiskDesc, FileRef};
 use super::tar::MemberKind;
 use super::{manifest, read_ova, Ova, OvaImage};
@@ -57,6 +62,122 @@ impl DiskEntry {
     }
 }
 
+/// What every disk of one archive shares: one metadata budget (the archive's
+/// `Limits::budget()`, charged by the walk, the descriptor, the manifest and then every disk's
+/// parser), one cap on inflated gzip bytes, and each disk opened at most once.
+pub(super) struct Shared {
+    pub(super) metadata: Budget,
+    pub(super) inflate: Budget,
+    opened: Vec<OnceLock<Result<Arc<OpenedDisk>>>>,
+}
+
+impl Shared {
+    pub(super) fn new(metadata: Budget, limits: &Limits, disks: usize) -> Self {
+        Shared {
+            metadata,
+            inflate: Budget::new(limits.max_inflated_bytes),
+            opened: (0..disks).map(|_| OnceLock::new()).collect(),
+        }
+    }
+}
+
+/// The same error again, for a disk whose failed open is remembered. Only non-`Io` errors
+/// are remembered, and they carry no I/O source, so nothing is lost.
+fn replay(e: &Error) -> Error {
+    let mut out = Error::new(e.kind(), e.message()).code(e.finding_code());
+    if let Some(at) = e.offset() {
+        out = out.at(at);
+    }
+    out
+}
+
+/// Detects a disk's format; an appliance inside an appliance is refused, because opening it
+/// would recurse without bound.
+///
+/// # Errors
+/// `Unsafe` (`ova.disk-format`) for a nested OVA; `Io`.
+pub(super) fn detect_disk(src: &dyn ReadAt, disk: usize) -> Result<Detection> {
+    let det = crate::detect(src)?;
+    if det.matches.contains(&Format::Ova) {
+        return Err(Error::unsafe_(format!("disk {disk} is itself an OVA")).code("ova.disk-format"));
+    }
+    Ok(det)
+}
+
+/// A disk's bytes, counting what its parser reads while it opens, so that the archive's one
+/// metadata budget pays for every disk (the parser's own tables are read from here).
+struct Metered {
+    inner: Source,
+    read: AtomicU64,
+    counting: AtomicBool,
+}
+
+impl ReadAt for Metered {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let n = self.inner.read_at(buf, offset)?;
+        if self.counting.load(Ordering::Relaxed) {
+            let _ = self
+                .read
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                    Some(r.saturating_add(n as u64))
+                });
+        }
+        Ok(n)
+    }
+    fn size(&self) -> io::Result<u64> {
+        self.inner.size()
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        self.inner.allocated_size()
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.inner.next_data(offset)
+    }
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        self.inner.next_hole(offset)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_exact_at(buf, offset)?;
+        if self.counting.load(Ordering::Relaxed) {
+            let _ = self
+                .read
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                    Some(r.saturating_add(buf.len() as u64))
+                });
+        }
+        Ok(())
+    }
+}
+
+/// Opens a disk of the archive as `format`, within what is left of the archive's metadata
+/// budget, and charges that budget with the bytes the parser read.
+///
+/// # Errors
+/// As [`crate::open()`]; `LimitExceeded` when the disks together pass the archive's budget.
+fn open_metered(
+    src: Source,
+    format: Format,
+    limits: &Limits,
+    budget: &Budget,
+) -> Result<Box<dyn Image>> {
+    let metered = Arc::new(Metered {
+        inner: src,
+        read: AtomicU64::new(0),
+        counting: AtomicBool::new(true),
+    });
+    let own = Limits {
+        max_metadata_bytes: limits.max_metadata_bytes.min(budget.left()),
+        ..*limits
+    };
+    let image = crate::open_disk_format(metered.clone(), format, &own)?;
+    metered.counting.store(false, Ordering::Relaxed);
+    budget.take(
+        metered.read.load(Ordering::Relaxed),
+        "the appliance's disks together",
+    )?;
+    Ok(image)
+}
+
 /// Prefixes a disk's finding with which disk it is about.
 pub(super) fn about_disk(mut f: Finding, d: &DiskEntry) -> Finding {
     f.message = format!(
@@ -70,7 +191,7 @@ pub(super) fn about_disk(mut f: Finding, d: &DiskEntry) -> Finding {
 
 /// A disk opened inside an OVA, with the disk-level findings (declared format, capacity).
 pub(super) struct OpenedDisk {
-    pub(super) image: Box<dyn Image>,
+    pub(super) image: Arc<dyn Image>,
     pub(super) findings: Vec<Finding>,
 }
 
@@ -82,7 +203,7 @@ impl Ova {
     /// `Invalid` for an unknown disk; `Unsupported` (`ova.href`) for a disk whose file is not a
     /// member; `Unsupported` for other compressions; as [`super::gunzip`].
     pub fn disk_source(&self, disk: usize, limits: &Limits) -> Result<Source> {
-        self.disk_source_with(disk, limits, &inflate_budget(limits))
+        self.disk_source_with(disk, limits, &self.shared.inflate)
     }
 
     fn disk_source_with(&self, disk: usize, limits: &Limits, budget: &Budget) -> Result<Source> {
@@ -134,25 +255,42 @@ impl Ova {
         ))
     }
 
-    pub(super) fn open_one(
-        &self,
-        disk: usize,
-        limits: &Limits,
-        budget: &Budget,
-    ) -> Result<OpenedDisk> {
+    /// Disk `disk` opened, at most once per archive: later calls get the same image (or the
+    /// same error), so a command that lists, checks and opens disks parses each one once.
+    ///
+    /// # Errors
+    /// As [`Ova::open_disk`]. An `Io` error is not remembered: a later call tries again.
+    pub(super) fn opened(&self, disk: usize, limits: &Limits) -> Result<Arc<OpenedDisk>> {
+        let slot = self
+            .shared
+            .opened
+            .get(disk)
+            .ok_or_else(|| self.no_such_disk(disk))?;
+        if let Some(done) = slot.get() {
+            return done.as_ref().map(Arc::clone).map_err(replay);
+        }
+        match self.open_one(disk, limits) {
+            Ok(o) => {
+                let o = Arc::new(o);
+                let _ = slot.set(Ok(Arc::clone(&o)));
+                Ok(o)
+            }
+            Err(e) if e.kind() == ErrorKind::Io => Err(e),
+            Err(e) => {
+                let _ = slot.set(Err(replay(&e)));
+                Err(e)
+            }
+        }
+    }
+
+    fn open_one(&self, disk: usize, limits: &Limits) -> Result<OpenedDisk> {
         let d = self
             .disks
             .get(disk)
             .ok_or_else(|| self.no_such_disk(disk))?;
-        let src = self.disk_source_with(disk, limits, budget)?;
-        let det = crate::detect(src.as_ref())?;
+        let src = self.disk_source_with(disk, limits, &self.shared.inflate)?;
+        let det = detect_disk(src.as_ref(), disk)?;
         let mut findings = Vec::new();
-        if det.matches.contains(&Format::Ova) {
-            // An appliance inside an appliance would recurse without bound.
-            return Err(
-                Error::unsafe_(format!("disk {disk} is itself an OVA")).code("ova.disk-format")
-            );
-        }
         if det.is_ambiguous() {
             let names: Vec<&str> = det.matches.iter().map(|f| f.name()).collect();
             findings.push(Finding::reject(
@@ -172,7 +310,7 @@ impl Ova {
                 ));
             }
         }
-        let image = crate::open(src, format, limits)?;
+        let image = open_metered(src, format, limits, &self.shared.metadata)?;
         let vsize = image.info().virtual_size;
         if let Some(cap) = d.desc.capacity {
             if cap != vsize {
@@ -183,7 +321,10 @@ impl Ova {
             }
         }
         let findings = findings.into_iter().map(|f| about_disk(f, d)).collect();
-        Ok(OpenedDisk { image, findings })
+        Ok(OpenedDisk {
+            image: Arc::from(image),
+            findings,
+        })
     }
 
     /// Opens disk `disk`'s own image (its format's info, findings and mapping), without the
@@ -191,8 +332,8 @@ impl Ova {
     ///
     /// # Errors
     /// As [`Ova::open_disk`].
-    pub fn open_inner(&self, disk: usize, limits: &Limits) -> Result<Box<dyn Image>> {
-        Ok(self.open_one(disk, limits, &inflate_budget(limits))?.image)
+    pub fn open_inner(&self, disk: usize, limits: &Limits) -> Result<Arc<dyn Image>> {
+        Ok(Arc::clone(&self.opened(disk, limits)?.image))
     }
 
     /// Opens disk `disk` (0-based, `DiskSection` order) as an [`OvaImage`].
@@ -201,12 +342,12 @@ impl Ova {
     /// As [`Ova::disk_source`], plus whatever the disk's own parser reports (`Unsafe`
     /// `ova.disk-format` for an OVA nested in the disk).
     pub fn open_disk(&self, disk: usize, limits: &Limits) -> Result<OvaImage> {
-        let opened = self.open_one(disk, limits, &inflate_budget(limits))?;
+        let opened = self.opened(disk, limits)?;
         let d = self
             .disks
             .get(disk)
             .ok_or_else(|| self.no_such_disk(disk))?;
-        let inner = opened.image;
+        let inner = Arc::clone(&opened.image);
         let ii = inner.info();
         let mut info = ImageInfo::new(Format::Ova, ii.virtual_size);
         info.actual_size = self.src.allocated_size();
@@ -241,7 +382,7 @@ impl Ova {
                     Some(ii.virtual_size)
                 } else if e.compression.is_none() {
                     // Other disks: metadata only (a gzip disk would be decompressed: skipped).
-                    self.open_one(e.index, limits, &inflate_budget(limits))
+                    self.opened(e.index, limits)
                         .ok()
                         .map(|o| o.image.info().virtual_size)
                 } else {
@@ -269,7 +410,7 @@ impl Ova {
             );
         }
         let mut findings = self.findings.clone();
-        findings.extend(opened.findings);
+        findings.extend(opened.findings.iter().cloned());
         findings.extend(inner.findings().iter().cloned().map(|f| about_disk(f, d)));
         Ok(OvaImage {
             ova: self.clone(),

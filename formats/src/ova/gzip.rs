@@ -40,7 +40,7 @@ pub fn gunzip(src: &dyn ReadAt, limits: &Limits) -> Result<Source> {
 }
 
 /// The one budget of inflated bytes that all gzip disks of a command share.
-pub(super) fn inflate_budget(limits: &Limits) -> Budget {
+fn inflate_budget(limits: &Limits) -> Budget {
     Budget::new(limits.max_inflated_bytes)
 }
 

@@ -43,7 +43,7 @@ pub use extract::Extraction;
 pub use gzip::{gunzip, SPOOL_THRESHOLD};
 pub use ovf::{Descriptor, DiskDesc, FileRef, VirtualSystem};
 
-use disk::about_disk;
+use disk::{about_disk, Shared};
 
 /// Headers the probe walks at most, looking for the `.ovf` member.
 const PROBE_MEMBERS: usize = 64;
@@ -92,6 +92,7 @@ pub struct Manifest {
 #[derive(Clone)]
 pub struct Ova {
     src: Source,
+    shared: Arc<Shared>,
     /// Every member, in archive order.
     pub members: Vec<Member>,
     /// Index of the descriptor member used (the first `.ovf`).
@@ -150,7 +151,7 @@ impl Ova {
 pub struct OvaImage {
     ova: Ova,
     disk: DiskEntry,
-    inner: Box<dyn Image>,
+    inner: Arc<dyn Image>,
     info: ImageInfo,
     findings: Vec<Finding>,
 }
@@ -195,3 +196,6 @@ impl Image for OvaImage {
         self.inner.source()
     }
 }
+
+#[cfg(test)]
+mod tests;

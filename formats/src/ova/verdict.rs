@@ -5,7 +5,6 @@ use crate::error::{ErrorKind, Result};
 use crate::finding::Finding;
 
 use super::disk::about_disk;
-use super::gzip::inflate_budget;
 use super::{check, manifest, Ova};
 use crate::limits::Limits;
 
@@ -26,7 +25,6 @@ impl Ova {
         limits: &Limits,
         skip: Option<usize>,
     ) -> Result<Vec<(usize, Vec<Finding>)>> {
-        let budget = inflate_budget(limits);
         let own = crate::policy::Policy {
             disk: None,
             expect_format: None,
@@ -37,13 +35,14 @@ impl Ova {
             if Some(d.index) == skip {
                 continue;
             }
-            let findings = match self.open_one(d.index, limits, &budget) {
+            let findings = match self.opened(d.index, limits) {
                 Ok(o) => {
                     let src = o.image.source().clone();
                     let mut f: Vec<Finding> = o
                         .findings
-                        .into_iter()
+                        .iter()
                         .filter(|f| f.code != "format.ambiguous")
+                        .cloned()
                         .collect();
                     let r = crate::policy::inspect(src, &own, limits)?;
                     f.extend(r.findings.into_iter().map(|x| about_disk(x, d)));
@@ -103,8 +102,6 @@ impl Ova {
     pub fn check_all(&self, limits: &Limits) -> Result<Vec<Finding>> {
         let mut out = self.findings.clone();
         out.extend(self.verify_manifest()?);
-        // One cap for all gzip-compressed disks together.
-        let budget = inflate_budget(limits);
         for d in &self.disks {
             if d.member.is_none() {
                 if d.href.is_some() {
@@ -119,9 +116,9 @@ impl Ova {
                 ));
                 continue;
             }
-            match self.open_one(d.index, limits, &budget) {
+            match self.opened(d.index, limits) {
                 Ok(o) => {
-                    out.extend(o.findings);
+                    out.extend(o.findings.iter().cloned());
                     out.extend(o.image.findings().iter().cloned().map(|f| about_disk(f, d)));
                     match o.image.check(limits) {
                         Ok(more) => out.extend(more.into_iter().map(|f| about_disk(f, d))),
