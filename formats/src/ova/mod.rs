@@ -13,6 +13,7 @@
 //! rejecting finding. Hrefs are resolved only to members of the same archive; a standalone
 //! descriptor's siblings are reachable only through [`OvfDir::open_disk`].
 
+mod appliance;
 mod archive;
 pub mod check;
 pub mod dir;
@@ -36,6 +37,9 @@ use crate::io::{Source, Window};
 use crate::limits::{Budget, Limits};
 
 pub use self::tar::{Member, MemberKind};
+pub use appliance::{
+    is_ovf_path, not_a_tar, or_rejection, read_archive, read_dir, verdict, Appliance,
+};
 pub use archive::read_ova;
 pub use dir::{read_ovf_dir, OvfDir};
 pub use disk::{open_disk, DiskEntry};
