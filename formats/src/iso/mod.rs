@@ -205,7 +205,7 @@ pub struct IsoImage {
 ///
 /// # Security
 /// Reads at most 64 KiB (the system area and 16 descriptors), whatever the image declares.
-pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
+pub fn open(src: Source, limits: &Limits) -> Result<IsoImage> {
     let file_size = src.size()?;
     let head = read_up_to(src.as_ref(), 0, crate::partition::HEAD_LEN)?;
     let area = head.get(DESCRIPTORS_AT..).unwrap_or_default();
@@ -319,7 +319,7 @@ pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
     }
     // A hybrid ISO carries an MBR or GPT in its system area so that it also boots as a disk.
     let system_area = head.get(..DESCRIPTORS_AT).unwrap_or_default();
-    let (parts, part_findings) = crate::partition::describe(system_area, file_size);
+    let (parts, part_findings) = crate::partition::describe_with(system_area, file_size, limits);
     let hybrid = parts
         .get("partition-table")
         .and_then(|v| v.as_str())

@@ -64,7 +64,7 @@ fn sibling(dir: &Path, href: &str) -> Option<(PathBuf, u64)> {
 /// # Errors
 /// `Io` when the descriptor cannot be read; `LimitExceeded` when it is larger than
 /// [`ovf::MAX_DESCRIPTOR`]; as [`ovf::parse`].
-pub fn read_ovf_dir(path: &Path, _limits: &Limits) -> Result<OvfDir> {
+pub fn read_ovf_dir(path: &Path, limits: &Limits) -> Result<OvfDir> {
     let f = std::fs::File::open(path)
         .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
     let size = f.size()?;
@@ -75,13 +75,7 @@ pub fn read_ovf_dir(path: &Path, _limits: &Limits) -> Result<OvfDir> {
         ))
         .code("ova.descriptor-malformed"));
     }
-    let bytes = crate::io::read_vec(
-        &f,
-        0,
-        size,
-        &crate::Budget::new(ovf::MAX_DESCRIPTOR),
-        "OVF descriptor",
-    )?;
+    let bytes = crate::io::read_vec(&f, 0, size, &limits.budget(), "OVF descriptor")?;
     let descriptor = ovf::parse(&bytes)?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut findings: Vec<Finding> = descriptor

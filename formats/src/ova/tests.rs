@@ -125,3 +125,19 @@ fn the_disks_share_one_inflate_cap() {
     let o = read_ova(appliance(&disks), &limits).unwrap();
     assert!(o.open_inner(1, &limits).is_ok());
 }
+
+#[test]
+fn a_standalone_descriptor_is_read_under_the_callers_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.ovf");
+    let xml =
+        r#"<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"><References/></Envelope>"#;
+    std::fs::write(&path, xml).unwrap();
+    assert!(read_ovf_dir(&path, &Limits::default()).is_ok());
+    let tiny = Limits {
+        max_metadata_bytes: 10,
+        ..Limits::default()
+    };
+    let e = read_ovf_dir(&path, &tiny).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::LimitExceeded);
+}
