@@ -229,15 +229,14 @@ pub fn open(src: Source, limits: &Limits) -> Result<LuksImage> {
     } else {
         open_luks2(&src, &budget, &mut info, &mut findings)?
     };
-    if payload_offset > size {
-        return Err(Error::truncated(format!(
+    // qemu's luks driver: length = underlying file length - payload offset (block/crypto.c).
+    info.virtual_size = size.checked_sub(payload_offset).ok_or_else(|| {
+        Error::truncated(format!(
             "the payload offset {payload_offset} lies past the end of the file ({size} bytes)"
         ))
         .at(0)
-        .code("luks.truncated"));
-    }
-    // qemu's luks driver: length = underlying file length - payload offset (block/crypto.c).
-    info.virtual_size = size - payload_offset;
+        .code("luks.truncated")
+    })?;
     Ok(LuksImage {
         src,
         info,

@@ -283,7 +283,7 @@ pub fn walk_into(
         };
         let mut h = Header::new_old();
         h.as_mut_bytes().copy_from_slice(&block);
-        let span = member_span(src, &block, &h, &ext, pos, size, &mut headers, opts)?;
+        let span = member_span(src, &h, &ext, pos, size, &mut headers, opts)?;
         if is_extension(h.entry_type()) {
             read_extension(src, budget, h.entry_type(), &span, pos, &mut ext)?;
         } else {
@@ -365,10 +365,8 @@ struct Span {
 }
 
 /// The span of the data of the header at `pos`, checked against the archive's `size`.
-#[allow(clippy::too_many_arguments)]
 fn member_span(
     src: &dyn ReadAt,
-    block: &[u8; 512],
     h: &Header,
     ext: &Ext,
     pos: u64,
@@ -393,7 +391,7 @@ fn member_span(
     let mut data = pos
         .checked_add(BLOCK)
         .ok_or_else(|| malformed("offset overflows", pos))?;
-    if etype.is_gnu_sparse() && block.get(482).is_some_and(|b| *b != 0) {
+    if etype.is_gnu_sparse() && h.as_bytes().get(482).is_some_and(|b| *b != 0) {
         data = skip_sparse_extensions(src, data, headers, opts)?;
     }
     let end = data
