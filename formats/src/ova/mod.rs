@@ -3,9 +3,20 @@
 //!
 //! An OVA is read in place: [`read_ova`] walks the tar headers ([`tar`]), parses the
 //! descriptor ([`ovf`]) and the manifest ([`manifest`]), and applies the archive rules
-//! ([`check`]). Each disk is then opened through a [`Window`] onto its member with the
-//! ordinary [`crate::detect`] and [`crate::open`], so everything built on [`Image`] (info,
-//! check, map, compare, checksums, convert) works on the disk without extracting it.
+//! ([`check`]). Each disk is then opened through a [`Window`] onto its member (inflated first
+//! when gzip), detected, and opened as its disk format, so everything built on [`Image`]
+//! (info, check, map, compare, checksums, convert) works on the disk without extracting it.
+//!
+//! The container sits above the disk formats: [`crate::open`] hands `Format::Ova` to
+//! [`open_disk`], and this module opens its disks through the crate's disk-format opener,
+//! never back through [`crate::open`], so an appliance nested in a disk cannot recurse.
+//! A read [`Ova`] opens each disk at most once, charges every disk's parser to the
+//! archive's one metadata budget, and caps the inflated bytes of all its gzip disks together.
+//!
+//! Files by role: `archive` (reading, in phases), `check` (member-name and href rules),
+//! `disk` (disk entries and opening), `gzip`, `verdict` (manifest digests, `ova check`, the
+//! gate's per-disk inspection), `extract`, `appliance` (what `ova list`/`ova check` take: an
+//! archive or a standalone descriptor), `dir` (the standalone descriptor).
 //!
 //! # Security
 //! The archive is hostile input. Member names, types and hrefs are checked; no member is ever

@@ -248,7 +248,7 @@ pub fn describe(head: &[u8], size: u64) -> (Map<String, Value>, Vec<Finding>) {
 ///
 /// # Security
 /// Works only on `head`; all offsets come from constants or are checked with `get`, and at
-/// most [`MAX_LISTED`] partitions are listed.
+/// most `MAX_LISTED` partitions are listed.
 pub fn describe_with(
     head: &[u8],
     size: u64,
