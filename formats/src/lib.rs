@@ -80,6 +80,24 @@ pub use limits::{Budget, Limits};
 /// # Security
 /// Reads only from `src`, within `limits`. Never opens another file.
 pub fn open(src: Source, format: Format, limits: &Limits) -> Result<Box<dyn Image>> {
+    match format {
+        // The container sits above the disk formats: it opens its disk through
+        // `open_disk_format`, never back through this function.
+        Format::Ova => ova::open_disk(src, limits, None),
+        _ => open_disk_format(src, format, limits),
+    }
+}
+
+/// Opens `src` as one of the disk formats: every format but the OVA container, which is
+/// refused (an appliance inside an appliance would recurse).
+///
+/// # Errors
+/// As [`open()`]; `Unsafe` (`ova.disk-format`) for [`Format::Ova`].
+pub(crate) fn open_disk_format(
+    src: Source,
+    format: Format,
+    limits: &Limits,
+) -> Result<Box<dyn Image>> {
     let image: Box<dyn Image> = match format {
         Format::Raw => Box::new(raw::open(src, limits)?),
         Format::Qcow2 => Box::new(qcow2::open(src, limits)?),
@@ -90,7 +108,11 @@ pub fn open(src: Source, format: Format, limits: &Limits) -> Result<Box<dyn Imag
         Format::Vdi => Box::new(vdi::open(src, limits)?),
         Format::Iso => Box::new(iso::open(src, limits)?),
         Format::Luks => Box::new(luks::open(src, limits)?),
-        Format::Ova => ova::open_disk(src, limits, None)?,
+        Format::Ova => {
+            return Err(
+                Error::unsafe_("an OVA cannot be the disk of an OVA").code("ova.disk-format")
+            )
+        }
         Format::Qcow1 | Format::Parallels | Format::Bochs | Format::Cloop | Format::Dmg => {
             unsupported::open(format)?
         }

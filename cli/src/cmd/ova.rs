@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use glimpse_formats::finding::{Finding, Severity};
-use glimpse_formats::ova::{self, Ova, OvfDir};
-use glimpse_formats::{ErrorKind, Limits};
+use glimpse_formats::ova::{self, Appliance};
+use glimpse_formats::Limits;
 use serde_json::{json, Value};
 
 use crate::common::{open_source, short_size, OutputFormat};
@@ -72,91 +72,33 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     result
 }
 
-/// An opened input: an archive, or a descriptor with siblings.
-enum Input {
-    Ova(Ova),
-    Dir(OvfDir),
-}
-
-fn is_ovf_path(p: &Path) -> bool {
-    p.extension().is_some_and(|e| e.eq_ignore_ascii_case("ovf"))
-}
-
-/// Opens the input. A tar that cannot be walked is a rejection (`Ok(Err(finding))`), an I/O
-/// failure an error.
-fn open_input(path: &Path, limits: &Limits) -> anyhow::Result<Result<Input, Finding>> {
-    if is_ovf_path(path) {
-        return match ova::read_ovf_dir(path, limits) {
-            Ok(d) => Ok(Ok(Input::Dir(d))),
-            Err(e) if e.kind() == ErrorKind::Io => Err(anyhow::anyhow!("{}: {e}", path.display())),
-            Err(e) => Ok(Err(Finding::from_error(&e))),
-        };
-    }
-    let src = open_source(path).with_context(|| path.display().to_string())?;
-    match ova::read_ova(src, limits) {
-        Ok(o) => Ok(Ok(Input::Ova(o))),
-        Err(e) if e.kind() == ErrorKind::Io => Err(anyhow::anyhow!("{}: {e}", path.display())),
-        Err(e) => Ok(Err(Finding::from_error(&e))),
-    }
+/// Reads the input: a `.ovf` path as a descriptor with siblings, anything else as an archive.
+/// An input that cannot be read is a rejection (`Ok(Err(finding))`), an I/O failure an error.
+fn open_input(path: &Path, limits: &Limits) -> anyhow::Result<Result<Appliance, Finding>> {
+    let read = if ova::is_ovf_path(path) {
+        ova::read_dir(path, limits)
+    } else {
+        let src = open_source(path).with_context(|| path.display().to_string())?;
+        ova::read_archive(src, limits)
+    };
+    ova::or_rejection(read).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn opt_size(v: &Value) -> String {
     v.as_u64().map(short_size).unwrap_or_else(|| "-".into())
 }
 
-/// The disk rows of `list`: the descriptor's facts plus what opening each disk shows.
-fn disk_rows(
-    disks: &[ova::DiskEntry],
-    open: impl Fn(usize) -> glimpse_formats::Result<Box<dyn glimpse_formats::Image>>,
-) -> Vec<Value> {
-    disks
-        .iter()
-        .map(|d| {
-            let mut v = serde_json::to_value(d).unwrap_or_default();
-            if let Some(fmt) = d.desc.format_name() {
-                v["format"] = fmt.into();
-            }
-            if d.href.is_some() {
-                match open(d.index) {
-                    Ok(img) => {
-                        v["detected-format"] = img.info().format.name().into();
-                        v["virtual-size"] = img.info().virtual_size.into();
-                    }
-                    Err(e) => v["error"] = e.to_string().into(),
-                }
-            }
-            v
-        })
-        .collect()
-}
-
-/// The manifest's distinct algorithms, in first-seen order.
-fn algorithms(m: &ova::Manifest) -> Vec<Value> {
-    let mut v: Vec<Value> = Vec::new();
-    for e in &m.entries {
-        let a = serde_json::to_value(e.algo).unwrap_or_default();
-        if !v.contains(&a) {
-            v.push(a);
-        }
-    }
-    v
-}
-
 /// `ova list` of a file that is no tar at all says so, instead of listing nothing or
 /// reporting a tar error (`ova check` rejects it with `ova.tar-malformed`).
 fn ensure_tar(path: &Path) -> anyhow::Result<()> {
-    if is_ovf_path(path) {
+    if ova::is_ovf_path(path) {
         return Ok(());
     }
     let src = open_source(path).with_context(|| path.display().to_string())?;
-    let det = glimpse_formats::detect(src.as_ref()).with_context(|| path.display().to_string())?;
-    let mut magic = [0u8; 5];
-    let ustar = src.read_exact_at(&mut magic, 257).is_ok() && &magic == b"ustar";
-    if !ustar && !det.matches.contains(&glimpse_formats::Format::Ova) {
+    if let Some(looks) = ova::not_a_tar(src.as_ref()).with_context(|| path.display().to_string())? {
         anyhow::bail!(
-            "{}: not an OVA (no tar archive; the file looks like {})",
-            path.display(),
-            det.format()
+            "{}: not an OVA (no tar archive; the file looks like {looks})",
+            path.display()
         );
     }
     Ok(())
@@ -168,78 +110,58 @@ fn list(a: &FileArgs, limits: &Limits) -> anyhow::Result<u8> {
         Ok(i) => i,
         Err(f) => anyhow::bail!("{}: {}", a.file.display(), f.message),
     };
-    let doc = match &input {
-        Input::Ova(o) => {
-            let members: Vec<Value> = o
-                .members
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    let mut v = serde_json::to_value(m).unwrap_or_default();
-                    v["index"] = i.into();
-                    v
-                })
-                .collect();
-            json!({
-                "filename": a.file.display().to_string(),
-                "members": members,
-                "descriptor": o.descriptor_member.and_then(|i| o.members.get(i)).map(|m| m.name.clone()),
-                "manifest": o.manifest.as_ref().map(|m| json!({
-                    "name": m.name,
-                    "algorithms": algorithms(m),
-                    "entries": m.entries.len(),
-                })),
-                "disks": disk_rows(&o.disks, |i| o.open_inner(i, limits)),
-                "references": o.descriptor.as_ref().map(|d| d.files.clone()).unwrap_or_default(),
-                "virtual-systems": o.descriptor.as_ref().map(|d| d.systems.clone()).unwrap_or_default(),
-            })
-        }
-        Input::Dir(d) => {
-            let disks = d.disks();
-            json!({
-                "filename": a.file.display().to_string(),
-                "references": d.references,
-                "disks": disk_rows(&disks, |i| d.open_disk(i, limits)),
-                "virtual-systems": d.descriptor.systems,
-            })
-        }
-    };
+    let doc = input.listing(&a.file.display().to_string(), limits);
     if a.output == OutputFormat::Json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(0);
     }
     println!("{}", a.file.display());
-    if let Some(ms) = doc["members"].as_array() {
-        println!("Members:");
-        println!("  {:>3}  {:<12} {:>12}  NAME", "#", "TYPE", "SIZE");
-        for m in ms {
-            println!(
-                "  {:>3}  {:<12} {:>12}  {}{}",
-                m["index"].as_u64().unwrap_or(0),
-                m["type"].as_str().unwrap_or("?"),
-                m["size"].as_u64().unwrap_or(0),
-                m["name"].as_str().unwrap_or("?"),
-                m["link"]
-                    .as_str()
-                    .map(|l| format!(" -> {l}"))
-                    .unwrap_or_default()
-            );
-        }
+    print_members(&doc);
+    if matches!(input, Appliance::Dir(_)) {
+        print_references(&doc);
     }
-    if let Some(rs) = doc["references"]
-        .as_array()
-        .filter(|_| matches!(input, Input::Dir(_)))
-    {
-        println!("References:");
-        for r in rs {
-            let state = if r["openable"].as_bool() == Some(true) {
-                "beside the descriptor"
-            } else {
-                "not opened"
-            };
-            println!("  {}  ({state})", r["href"].as_str().unwrap_or("?"));
-        }
+    print_disks(&doc);
+    print_systems_and_manifest(&doc);
+    Ok(0)
+}
+
+fn print_members(doc: &Value) {
+    let Some(ms) = doc["members"].as_array() else {
+        return;
+    };
+    println!("Members:");
+    println!("  {:>3}  {:<12} {:>12}  NAME", "#", "TYPE", "SIZE");
+    for m in ms {
+        println!(
+            "  {:>3}  {:<12} {:>12}  {}{}",
+            m["index"].as_u64().unwrap_or(0),
+            m["type"].as_str().unwrap_or("?"),
+            m["size"].as_u64().unwrap_or(0),
+            m["name"].as_str().unwrap_or("?"),
+            m["link"]
+                .as_str()
+                .map(|l| format!(" -> {l}"))
+                .unwrap_or_default()
+        );
     }
+}
+
+fn print_references(doc: &Value) {
+    let Some(rs) = doc["references"].as_array() else {
+        return;
+    };
+    println!("References:");
+    for r in rs {
+        let state = if r["openable"].as_bool() == Some(true) {
+            "beside the descriptor"
+        } else {
+            "not opened"
+        };
+        println!("  {}  ({state})", r["href"].as_str().unwrap_or("?"));
+    }
+}
+
+fn print_disks(doc: &Value) {
     println!("Disks:");
     println!(
         "  {:>3}  {:<24} {:<24} {:>12} {:>12} {:>12}",
@@ -264,6 +186,9 @@ fn list(a: &FileArgs, limits: &Limits) -> anyhow::Result<u8> {
             println!("       error: {e}");
         }
     }
+}
+
+fn print_systems_and_manifest(doc: &Value) {
     for s in doc["virtual-systems"].as_array().into_iter().flatten() {
         println!(
             "Virtual system {}: name {}, OS {}, {} CPUs, memory {}",
@@ -285,54 +210,6 @@ fn list(a: &FileArgs, limits: &Limits) -> anyhow::Result<u8> {
             m["algorithms"]
         );
     }
-    Ok(0)
-}
-
-/// Every `ova check` finding for `input`.
-fn findings_of(input: &Input, limits: &Limits) -> anyhow::Result<Vec<Finding>> {
-    match input {
-        Input::Ova(o) => Ok(o.check_all(limits)?),
-        Input::Dir(d) => {
-            let mut out = d.findings.clone();
-            for (i, r) in d.descriptor.disks.iter().enumerate() {
-                let openable = r
-                    .file_ref
-                    .as_deref()
-                    .and_then(|id| d.references.iter().find(|s| s.file.id == id))
-                    .is_some_and(|s| s.openable);
-                if !openable {
-                    continue; // reported as ova.href
-                }
-                match d.open_disk(i, limits) {
-                    Ok(img) => {
-                        out.extend(img.findings().iter().cloned());
-                        out.extend(img.check(limits)?);
-                        if let Some(cap) = r.capacity.filter(|c| *c != img.info().virtual_size) {
-                            out.push(Finding::reject(
-                                "ova.capacity-mismatch",
-                                format!(
-                                    "disk {i}: capacity {cap} but virtual size {}",
-                                    img.info().virtual_size
-                                ),
-                            ));
-                        }
-                    }
-                    Err(e) if e.kind() == ErrorKind::Io => return Err(e.into()),
-                    Err(e) => out.push(Finding::from_error(&e)),
-                }
-            }
-            out.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
-            Ok(out)
-        }
-    }
-}
-
-fn verdict(f: &[Finding]) -> &'static str {
-    if f.iter().any(|f| f.severity == Severity::Reject) {
-        "reject"
-    } else {
-        "pass"
-    }
 }
 
 fn print_findings(
@@ -345,7 +222,7 @@ fn print_findings(
         let mut doc = json!({
             "filename": file.display().to_string(),
             "format": "ova",
-            "verdict": verdict(findings),
+            "verdict": ova::verdict(findings),
             "findings": findings,
         });
         if let (Some(d), Some(e)) = (doc.as_object_mut(), extra.as_object()) {
@@ -354,7 +231,7 @@ fn print_findings(
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!("{}: {}", file.display(), verdict(findings));
+    println!("{}: {}", file.display(), ova::verdict(findings));
     for f in findings {
         let sev = match f.severity {
             Severity::Reject => "reject",
@@ -372,23 +249,29 @@ fn print_findings(
 
 fn check(a: &FileArgs, limits: &Limits) -> anyhow::Result<u8> {
     let findings = match open_input(&a.file, limits)? {
-        Ok(input) => findings_of(&input, limits).with_context(|| a.file.display().to_string())?,
+        Ok(input) => input
+            .check(limits)
+            .with_context(|| a.file.display().to_string())?,
         Err(f) => vec![f],
     };
     print_findings(&a.file, &findings, a.output, Value::Null)?;
-    Ok(if verdict(&findings) == "reject" { 1 } else { 0 })
+    Ok(if ova::verdict(&findings) == "reject" {
+        1
+    } else {
+        0
+    })
 }
 
 fn extract(a: &ExtractArgs, limits: &Limits) -> anyhow::Result<u8> {
-    if is_ovf_path(&a.file) {
+    if ova::is_ovf_path(&a.file) {
         anyhow::bail!(
             "{}: extract takes an OVA archive, not a descriptor",
             a.file.display()
         );
     }
     let o = match open_input(&a.file, limits)? {
-        Ok(Input::Ova(o)) => o,
-        Ok(Input::Dir(_)) => anyhow::bail!("{}: not an OVA archive", a.file.display()),
+        Ok(Appliance::Archive(o)) => o,
+        Ok(Appliance::Dir(_)) => anyhow::bail!("{}: not an OVA archive", a.file.display()),
         Err(f) => {
             print_findings(&a.file, &[f], a.output, json!({"written": []}))?;
             eprintln!(

@@ -205,7 +205,7 @@ pub struct IsoImage {
 ///
 /// # Security
 /// Reads at most 64 KiB (the system area and 16 descriptors), whatever the image declares.
-pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
+pub fn open(src: Source, limits: &Limits) -> Result<IsoImage> {
     let file_size = src.size()?;
     let head = read_up_to(src.as_ref(), 0, crate::partition::HEAD_LEN)?;
     let area = head.get(DESCRIPTORS_AT..).unwrap_or_default();
@@ -217,74 +217,8 @@ pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
         .code("iso.truncated"));
     }
     let s = scan(area);
-    let mut info;
-    let mut findings = Vec::new();
-    if let Some(rel) = s.primary {
-        let at = (DESCRIPTORS_AT as u64).saturating_add(rel as u64);
-        let bytes = area.get(rel..).unwrap_or_default();
-        let (_, p) = primary(bytes).map_err(|_| {
-            Error::truncated("the primary volume descriptor is cut short")
-                .at(at)
-                .code("iso.truncated")
-        })?;
-        if p.version != 1 {
-            return Err(Error::invalid(format!(
-                "primary volume descriptor version {} (expected 1)",
-                p.version
-            ))
-            .at(at.saturating_add(6))
-            .code("iso.descriptor"));
-        }
-        // ECMA-119 6.1.2 and 8.4.12: 2^n bytes, at least 512, at most the 2048-byte sector.
-        // Both halves of a both-endian field must agree, or two readers could disagree.
-        if p.block_le != p.block_be || !matches!(p.block_le, 512 | 1024 | 2048) {
-            return Err(Error::invalid(format!(
-                "logical block size {}/{} (little/big-endian) is not 512, 1024 or 2048",
-                p.block_le, p.block_be
-            ))
-            .at(at.saturating_add(128))
-            .code("iso.descriptor"));
-        }
-        if p.space_le != p.space_be || p.space_le == 0 {
-            return Err(Error::invalid(format!(
-                "volume space size {}/{} (little/big-endian) is inconsistent or empty",
-                p.space_le, p.space_be
-            ))
-            .at(at.saturating_add(80))
-            .code("iso.descriptor"));
-        }
-        let block = u64::from(p.block_le);
-        let vsize = u64::from(p.space_le).saturating_mul(block);
-        // The guest disk is the whole file, as qemu (which opens an ISO as raw) and every
-        // hypervisor see it: a hybrid ISO may keep a boot partition after the volume.
-        info = ImageInfo::new(Format::Iso, file_size);
-        info.detail("volume-id", p.volume_id);
-        info.detail("system-id", p.system_id);
-        info.detail("block-size", block);
-        info.detail("volume-size", vsize);
-        if file_size < vsize {
-            findings.push(
-                Finding::reject(
-                    "iso.truncated",
-                    format!("the volume declares {vsize} bytes but the file has only {file_size}"),
-                )
-                .at(at.saturating_add(80)),
-            );
-        } else if file_size > vsize {
-            info.detail("trailing-bytes", file_size - vsize);
-            // Glance's inspector takes an ISO's size from the volume descriptor; the bytes
-            // after it (appended partitions) are still part of the disk, so say they exist.
-            findings.push(
-                Finding::warn(
-                    "iso.trailing-data",
-                    format!(
-                        "{} bytes follow the {vsize}-byte ISO volume (appended partitions?); they are part of the guest disk, which is the whole file",
-                        file_size - vsize
-                    ),
-                )
-                .at(vsize),
-            );
-        }
+    let (mut info, mut findings) = if let Some(rel) = s.primary {
+        primary_volume(area, rel, file_size)?
     } else if s.iso9660 {
         return Err(
             Error::invalid("the ISO 9660 descriptor set has no primary volume descriptor")
@@ -293,14 +227,14 @@ pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
         );
     } else if s.udf {
         // Pure UDF: no ISO 9660 size to trust; like qemu-img, the disc is the whole file.
-        info = ImageInfo::new(Format::Iso, file_size);
+        (ImageInfo::new(Format::Iso, file_size), Vec::new())
     } else {
         return Err(
             Error::invalid("no ISO 9660 or UDF volume descriptors at sector 16")
                 .at(DESCRIPTORS_AT as u64)
                 .code("iso.no-primary"),
         );
-    }
+    };
     if s.iso9660 && !s.terminated {
         findings.push(
             Finding::warn(
@@ -317,9 +251,97 @@ pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
     if s.boot_record && !s.el_torito {
         info.detail("boot-record", true);
     }
-    // A hybrid ISO carries an MBR or GPT in its system area so that it also boots as a disk.
+    hybrid(&head, file_size, limits, &mut info, &mut findings);
+    Ok(IsoImage {
+        src,
+        info,
+        findings,
+        file_size,
+    })
+}
+
+/// The primary volume descriptor at `rel` in the descriptor area: block size, volume size
+/// and how the file's size compares with the volume's.
+fn primary_volume(area: &[u8], rel: usize, file_size: u64) -> Result<(ImageInfo, Vec<Finding>)> {
+    let at = (DESCRIPTORS_AT as u64).saturating_add(rel as u64);
+    let bytes = area.get(rel..).unwrap_or_default();
+    let (_, p) = primary(bytes).map_err(|_| {
+        Error::truncated("the primary volume descriptor is cut short")
+            .at(at)
+            .code("iso.truncated")
+    })?;
+    if p.version != 1 {
+        return Err(Error::invalid(format!(
+            "primary volume descriptor version {} (expected 1)",
+            p.version
+        ))
+        .at(at.saturating_add(6))
+        .code("iso.descriptor"));
+    }
+    // ECMA-119 6.1.2 and 8.4.12: 2^n bytes, at least 512, at most the 2048-byte sector.
+    // Both halves of a both-endian field must agree, or two readers could disagree.
+    if p.block_le != p.block_be || !matches!(p.block_le, 512 | 1024 | 2048) {
+        return Err(Error::invalid(format!(
+            "logical block size {}/{} (little/big-endian) is not 512, 1024 or 2048",
+            p.block_le, p.block_be
+        ))
+        .at(at.saturating_add(128))
+        .code("iso.descriptor"));
+    }
+    if p.space_le != p.space_be || p.space_le == 0 {
+        return Err(Error::invalid(format!(
+            "volume space size {}/{} (little/big-endian) is inconsistent or empty",
+            p.space_le, p.space_be
+        ))
+        .at(at.saturating_add(80))
+        .code("iso.descriptor"));
+    }
+    let block = u64::from(p.block_le);
+    let vsize = u64::from(p.space_le).saturating_mul(block);
+    // The guest disk is the whole file, as qemu (which opens an ISO as raw) and every
+    // hypervisor see it: a hybrid ISO may keep a boot partition after the volume.
+    let mut info = ImageInfo::new(Format::Iso, file_size);
+    let mut findings = Vec::new();
+    info.detail("volume-id", p.volume_id);
+    info.detail("system-id", p.system_id);
+    info.detail("block-size", block);
+    info.detail("volume-size", vsize);
+    if file_size < vsize {
+        findings.push(
+            Finding::reject(
+                "iso.truncated",
+                format!("the volume declares {vsize} bytes but the file has only {file_size}"),
+            )
+            .at(at.saturating_add(80)),
+        );
+    } else if let Some(trailing) = file_size.checked_sub(vsize).filter(|t| *t > 0) {
+        info.detail("trailing-bytes", trailing);
+        // Glance's inspector takes an ISO's size from the volume descriptor; the bytes
+        // after it (appended partitions) are still part of the disk, so say they exist.
+        findings.push(
+            Finding::warn(
+                "iso.trailing-data",
+                format!(
+                    "{trailing} bytes follow the {vsize}-byte ISO volume (appended partitions?); they are part of the guest disk, which is the whole file"
+                ),
+            )
+            .at(vsize),
+        );
+    }
+    Ok((info, findings))
+}
+
+/// A hybrid ISO carries an MBR or GPT in its system area so that it also boots as a disk:
+/// its partitions join the details, and their findings the image's.
+fn hybrid(
+    head: &[u8],
+    file_size: u64,
+    limits: &Limits,
+    info: &mut ImageInfo,
+    findings: &mut Vec<Finding>,
+) {
     let system_area = head.get(..DESCRIPTORS_AT).unwrap_or_default();
-    let (parts, part_findings) = crate::partition::describe(system_area, file_size);
+    let (parts, part_findings) = crate::partition::describe_with(system_area, file_size, limits);
     let hybrid = parts
         .get("partition-table")
         .and_then(|v| v.as_str())
@@ -331,12 +353,6 @@ pub fn open(src: Source, _limits: &Limits) -> Result<IsoImage> {
         }
         findings.extend(part_findings);
     }
-    Ok(IsoImage {
-        src,
-        info,
-        findings,
-        file_size,
-    })
 }
 
 impl Image for IsoImage {

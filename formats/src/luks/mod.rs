@@ -229,15 +229,14 @@ pub fn open(src: Source, limits: &Limits) -> Result<LuksImage> {
     } else {
         open_luks2(&src, &budget, &mut info, &mut findings)?
     };
-    if payload_offset > size {
-        return Err(Error::truncated(format!(
+    // qemu's luks driver: length = underlying file length - payload offset (block/crypto.c).
+    info.virtual_size = size.checked_sub(payload_offset).ok_or_else(|| {
+        Error::truncated(format!(
             "the payload offset {payload_offset} lies past the end of the file ({size} bytes)"
         ))
         .at(0)
-        .code("luks.truncated"));
-    }
-    // qemu's luks driver: length = underlying file length - payload offset (block/crypto.c).
-    info.virtual_size = size - payload_offset;
+        .code("luks.truncated")
+    })?;
     Ok(LuksImage {
         src,
         info,
@@ -261,9 +260,9 @@ fn open_luks2(
     })?;
     info.detail("header-size", h.hdr_size);
     info.detail("sequence-id", h.seqid);
-    info.detail("label", h.label);
+    info.detail("label", h.label.clone());
     info.detail("checksum-alg", h.checksum_alg.clone());
-    info.detail("uuid", h.uuid);
+    info.detail("uuid", h.uuid.clone());
     if h.hdr_offset != 0 {
         findings.push(
             Finding::warn(
@@ -273,16 +272,33 @@ fn open_luks2(
             .at(256),
         );
     }
-    if !(LUKS2_MIN_HDR..=LUKS2_MAX_HDR).contains(&h.hdr_size) || !h.hdr_size.is_power_of_two() {
-        return Err(header_error(
-            format!(
-                "LUKS2 header size {} is not a power of two in 16 KiB..4 MiB",
-                h.hdr_size
-            ),
-            8,
-        ));
-    }
-    let json_len = h.hdr_size - LUKS2_BINARY;
+    let json = luks2_json(src, budget, &bin, &h, findings)?;
+    luks2_segment(&json, h.hdr_size, info)
+}
+
+/// The JSON area after the binary header: its size checked, the sha256 header checksum
+/// verified (a mismatch is a finding), parsed.
+fn luks2_json(
+    src: &Source,
+    budget: &crate::limits::Budget,
+    bin: &[u8],
+    h: &Luks2,
+    findings: &mut Vec<Finding>,
+) -> Result<serde_json::Value> {
+    let json_len = h
+        .hdr_size
+        .checked_sub(LUKS2_BINARY)
+        .filter(|_| (LUKS2_MIN_HDR..=LUKS2_MAX_HDR).contains(&h.hdr_size))
+        .filter(|_| h.hdr_size.is_power_of_two())
+        .ok_or_else(|| {
+            header_error(
+                format!(
+                    "LUKS2 header size {} is not a power of two in 16 KiB..4 MiB",
+                    h.hdr_size
+                ),
+                8,
+            )
+        })?;
     let json_area = read_vec(
         src.as_ref(),
         LUKS2_BINARY,
@@ -292,7 +308,7 @@ fn open_luks2(
     )
     .map_err(|e| e.code("luks.truncated"))?;
     if h.checksum_alg == "sha256" {
-        let mut zeroed = bin.clone();
+        let mut zeroed = bin.to_vec();
         if let Some(c) = zeroed.get_mut(448..512) {
             c.fill(0);
         }
@@ -314,12 +330,17 @@ fn open_luks2(
         .position(|&c| c == 0)
         .unwrap_or(json_area.len());
     let text = json_area.get(..end).unwrap_or_default();
-    let json: serde_json::Value = serde_json::from_slice(text).map_err(|e| {
+    serde_json::from_slice(text).map_err(|e| {
         header_error(
             format!("the LUKS2 JSON area does not parse: {e}"),
             LUKS2_BINARY,
         )
-    })?;
+    })
+}
+
+/// Segment 0 (or the first segment): the payload offset, which must lie past the header,
+/// plus the cipher, digest hash and key-slot count for the details.
+fn luks2_segment(json: &serde_json::Value, hdr_size: u64, info: &mut ImageInfo) -> Result<u64> {
     let segments = json.get("segments").and_then(|s| s.as_object());
     let seg = segments
         .and_then(|s| s.get("0"))
@@ -356,7 +377,7 @@ fn open_luks2(
         .map_or(0, |k| k.len());
     info.detail("key-slots", slots);
     info.detail("payload-offset", offset);
-    if offset < h.hdr_size {
+    if offset < hdr_size {
         return Err(header_error(
             format!("payload offset {offset} overlaps the header"),
             LUKS2_BINARY,

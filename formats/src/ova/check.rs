@@ -80,7 +80,10 @@ fn raw_problem(raw: &[u8], kind: MemberKind) -> Option<&'static str> {
 fn ambiguity(m: &Member) -> Option<String> {
     let [(_, ours), ..] = readings(m);
     let trim = |n: &[u8]| {
-        let end = n.iter().rposition(|b| *b != b'/').map_or(0, |p| p + 1);
+        let end = n
+            .iter()
+            .rposition(|b| *b != b'/')
+            .map_or(0, |p| p.saturating_add(1));
         n.get(..end).unwrap_or_default().to_vec()
     };
     let differ = readings(m).iter().any(|(_, n)| trim(n) != trim(ours));

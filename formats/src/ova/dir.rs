@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::finding::Finding;
 use crate::image::Image;
 use crate::io::{ReadAt, Source};
@@ -64,7 +64,7 @@ fn sibling(dir: &Path, href: &str) -> Option<(PathBuf, u64)> {
 /// # Errors
 /// `Io` when the descriptor cannot be read; `LimitExceeded` when it is larger than
 /// [`ovf::MAX_DESCRIPTOR`]; as [`ovf::parse`].
-pub fn read_ovf_dir(path: &Path, _limits: &Limits) -> Result<OvfDir> {
+pub fn read_ovf_dir(path: &Path, limits: &Limits) -> Result<OvfDir> {
     let f = std::fs::File::open(path)
         .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
     let size = f.size()?;
@@ -75,13 +75,7 @@ pub fn read_ovf_dir(path: &Path, _limits: &Limits) -> Result<OvfDir> {
         ))
         .code("ova.descriptor-malformed"));
     }
-    let bytes = crate::io::read_vec(
-        &f,
-        0,
-        size,
-        &crate::Budget::new(ovf::MAX_DESCRIPTOR),
-        "OVF descriptor",
-    )?;
+    let bytes = crate::io::read_vec(&f, 0, size, &limits.budget(), "OVF descriptor")?;
     let descriptor = ovf::parse(&bytes)?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut findings: Vec<Finding> = descriptor
@@ -190,12 +184,44 @@ impl OvfDir {
                 )
             }
         };
-        let det = crate::detect(src.as_ref())?;
-        if det.matches.contains(&crate::Format::Ova) {
-            return Err(
-                Error::unsafe_(format!("disk {disk} is itself an OVA")).code("ova.disk-format")
-            );
+        let det = super::disk::detect_disk(src.as_ref(), disk)?;
+        crate::open_disk_format(src, det.format(), limits)
+    }
+
+    /// Every `ova check` finding for the directory: the descriptor's findings, then for each
+    /// disk whose file may be opened its own findings, its structural check and its
+    /// capacity; sorted, rejections first.
+    ///
+    /// # Errors
+    /// `Io`, and any error of a disk's structural check.
+    pub fn check_all(&self, limits: &Limits) -> Result<Vec<Finding>> {
+        let mut out = self.findings.clone();
+        for (i, r) in self.descriptor.disks.iter().enumerate() {
+            let openable = r
+                .file_ref
+                .as_deref()
+                .and_then(|id| self.references.iter().find(|s| s.file.id == id))
+                .is_some_and(|s| s.openable);
+            if !openable {
+                continue; // reported as ova.href
+            }
+            match self.open_disk(i, limits) {
+                Ok(img) => {
+                    out.extend(img.findings().iter().cloned());
+                    out.extend(img.check(limits)?);
+                    let vsize = img.info().virtual_size;
+                    if let Some(cap) = r.capacity.filter(|c| *c != vsize) {
+                        out.push(Finding::reject(
+                            "ova.capacity-mismatch",
+                            format!("disk {i}: capacity {cap} but virtual size {vsize}"),
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+                Err(e) => out.push(Finding::from_error(&e)),
+            }
         }
-        crate::open(src, det.format(), limits)
+        out.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
+        Ok(out)
     }
 }

@@ -204,7 +204,6 @@ fn parse_u64(s: &str) -> Option<u64> {
 /// # Security
 /// No DTD, no entity expansion, bounded nodes and lists.
 pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
-    let bad = |m: String| Error::invalid(m).code("ova.descriptor-malformed");
     if bytes.len() as u64 > MAX_DESCRIPTOR {
         return Err(Error::limit(format!(
             "descriptor of {} bytes exceeds {MAX_DESCRIPTOR}",
@@ -212,63 +211,89 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
         ))
         .code("ova.descriptor-malformed"));
     }
-    let text =
-        std::str::from_utf8(bytes).map_err(|e| bad(format!("descriptor is not UTF-8: {e}")))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| malformed(format!("descriptor is not UTF-8: {e}")))?;
     let opts = roxmltree::ParsingOptions {
         allow_dtd: false,
         nodes_limit: MAX_NODES,
     };
     let doc = roxmltree::Document::parse_with_options(text, opts)
-        .map_err(|e| bad(format!("descriptor is not well-formed XML: {e}")))?;
+        .map_err(|e| malformed(format!("descriptor is not well-formed XML: {e}")))?;
     let root = doc.root_element();
     if root.tag_name().name() != "Envelope" {
-        return Err(bad(format!(
+        return Err(malformed(format!(
             "descriptor root is <{}>, not <Envelope>",
             root.tag_name().name()
         )));
     }
-    let mut d = Descriptor::default();
-    let too_many = |what: &str| {
-        Error::limit(format!("descriptor lists more than {MAX_ITEMS} {what}"))
-            .code("ova.descriptor-malformed")
+    let mut d = Descriptor {
+        files: read_files(root)?,
+        ..Descriptor::default()
     };
-
-    if let Some(refs) = child(root, "References") {
-        for f in refs
-            .children()
-            .filter(|c| c.is_element() && c.tag_name().name() == "File")
-        {
-            if d.files.len() >= MAX_ITEMS {
-                return Err(too_many("files"));
-            }
-            let num = |k: &str| -> Result<Option<u64>> {
-                attr(f, k)
-                    .map(|v| {
-                        parse_u64(v).ok_or_else(|| bad(format!("File {k} {v:?} is not a number")))
-                    })
-                    .transpose()
-            };
-            d.files.push(FileRef {
-                id: attr(f, "id").unwrap_or_default().to_string(),
-                href: attr(f, "href")
-                    .ok_or_else(|| bad("a File has no href".into()))?
-                    .to_string(),
-                size: num("size")?,
-                compression: attr(f, "compression").map(str::to_string),
-                chunk_size: num("chunkSize")?,
-            });
+    d.disks = read_disks(root, &mut d.problems)?;
+    for vs in elements(root.descendants(), "VirtualSystem") {
+        if d.systems.len() >= MAX_ITEMS {
+            return Err(too_many("virtual systems"));
         }
+        d.systems.push(read_system(vs));
     }
+    Ok(d)
+}
 
-    for sec in root
-        .descendants()
-        .filter(|n| n.is_element() && n.tag_name().name() == "DiskSection")
-    {
-        for disk in sec
-            .children()
-            .filter(|c| c.is_element() && c.tag_name().name() == "Disk")
-        {
-            if d.disks.len() >= MAX_DISKS {
+fn malformed(m: String) -> Error {
+    Error::invalid(m).code("ova.descriptor-malformed")
+}
+
+fn too_many(what: &str) -> Error {
+    Error::limit(format!("descriptor lists more than {MAX_ITEMS} {what}"))
+        .code("ova.descriptor-malformed")
+}
+
+/// The elements among `nodes` whose local name is `local`.
+fn elements<'a, 'i: 'a>(
+    nodes: impl Iterator<Item = roxmltree::Node<'a, 'i>>,
+    local: &'a str,
+) -> impl Iterator<Item = roxmltree::Node<'a, 'i>> {
+    nodes.filter(move |n| n.is_element() && n.tag_name().name() == local)
+}
+
+/// `References`: one entry per `File`.
+fn read_files(root: roxmltree::Node<'_, '_>) -> Result<Vec<FileRef>> {
+    let mut files = Vec::new();
+    let Some(refs) = child(root, "References") else {
+        return Ok(files);
+    };
+    for f in elements(refs.children(), "File") {
+        if files.len() >= MAX_ITEMS {
+            return Err(too_many("files"));
+        }
+        let num = |k: &str| -> Result<Option<u64>> {
+            attr(f, k)
+                .map(|v| {
+                    parse_u64(v).ok_or_else(|| malformed(format!("File {k} {v:?} is not a number")))
+                })
+                .transpose()
+        };
+        files.push(FileRef {
+            id: attr(f, "id").unwrap_or_default().to_string(),
+            href: attr(f, "href")
+                .ok_or_else(|| malformed("a File has no href".into()))?
+                .to_string(),
+            size: num("size")?,
+            compression: attr(f, "compression").map(str::to_string),
+            chunk_size: num("chunkSize")?,
+        });
+    }
+    Ok(files)
+}
+
+/// Every `DiskSection`'s `Disk`s. A capacity that is not a byte count is a problem, not an
+/// error, so that the rest of the descriptor is still reported.
+fn read_disks(root: roxmltree::Node<'_, '_>, problems: &mut Vec<String>) -> Result<Vec<DiskDesc>> {
+    let mut disks = Vec::new();
+    for sec in elements(root.descendants(), "DiskSection") {
+        for disk in elements(sec.children(), "Disk") {
+            if disks.len() >= MAX_DISKS {
                 return Err(
                     Error::limit(format!("descriptor lists more than {MAX_DISKS} disks"))
                         .code("ova.descriptor-malformed"),
@@ -283,7 +308,7 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
             };
             let disk_id = attr(disk, "diskId").unwrap_or_default().to_string();
             if capacity.is_none() {
-                d.problems.push(format!(
+                problems.push(format!(
                     "disk {disk_id:?}: capacity {capacity_raw:?} in units {:?} is not a byte count",
                     capacity_units.as_deref().unwrap_or("byte")
                 ));
@@ -291,11 +316,11 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
             let populated_size = match attr(disk, "populatedSize") {
                 Some(v) => Some(
                     parse_u64(v)
-                        .ok_or_else(|| bad(format!("populatedSize {v:?} is not a number")))?,
+                        .ok_or_else(|| malformed(format!("populatedSize {v:?} is not a number")))?,
                 ),
                 None => None,
             };
-            d.disks.push(DiskDesc {
+            disks.push(DiskDesc {
                 disk_id,
                 file_ref: attr(disk, "fileRef").map(str::to_string),
                 capacity_raw,
@@ -306,49 +331,42 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
             });
         }
     }
+    Ok(disks)
+}
 
-    for vs in root
-        .descendants()
-        .filter(|n| n.is_element() && n.tag_name().name() == "VirtualSystem")
-    {
-        if d.systems.len() >= MAX_ITEMS {
-            return Err(too_many("virtual systems"));
-        }
-        let mut s = VirtualSystem {
-            id: attr(vs, "id").unwrap_or_default().to_string(),
-            name: child(vs, "Name").and_then(node_text),
-            ..VirtualSystem::default()
-        };
-        if let Some(os) = child(vs, "OperatingSystemSection") {
-            s.os_id = attr(os, "id").map(str::to_string);
-            s.os_type = attr(os, "osType")
-                .map(str::to_string)
-                .or_else(|| child(os, "Description").and_then(node_text));
-        }
-        if let Some(hw) = child(vs, "VirtualHardwareSection") {
-            for item in hw
-                .children()
-                .filter(|c| c.is_element() && c.tag_name().name() == "Item")
-            {
-                let rtype = child(item, "ResourceType").and_then(node_text);
-                let qty = child(item, "VirtualQuantity")
-                    .and_then(node_text)
-                    .and_then(|q| parse_u64(&q));
-                match rtype.as_deref() {
-                    Some("3") if s.cpus.is_none() => s.cpus = qty,
-                    Some("4") if s.memory.is_none() => {
-                        // DSP0004: AllocationUnits defaults to bytes when absent.
-                        let units = child(item, "AllocationUnits").and_then(node_text);
-                        let mult = unit_multiplier(units.as_deref().unwrap_or("byte"));
-                        s.memory = qty.zip(mult).and_then(|(q, m)| q.checked_mul(m));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        d.systems.push(s);
+/// A `VirtualSystem`: name, operating system, and the first CPU and memory items.
+fn read_system(vs: roxmltree::Node<'_, '_>) -> VirtualSystem {
+    let mut s = VirtualSystem {
+        id: attr(vs, "id").unwrap_or_default().to_string(),
+        name: child(vs, "Name").and_then(node_text),
+        ..VirtualSystem::default()
+    };
+    if let Some(os) = child(vs, "OperatingSystemSection") {
+        s.os_id = attr(os, "id").map(str::to_string);
+        s.os_type = attr(os, "osType")
+            .map(str::to_string)
+            .or_else(|| child(os, "Description").and_then(node_text));
     }
-    Ok(d)
+    let Some(hw) = child(vs, "VirtualHardwareSection") else {
+        return s;
+    };
+    for item in elements(hw.children(), "Item") {
+        let rtype = child(item, "ResourceType").and_then(node_text);
+        let qty = child(item, "VirtualQuantity")
+            .and_then(node_text)
+            .and_then(|q| parse_u64(&q));
+        match rtype.as_deref() {
+            Some("3") if s.cpus.is_none() => s.cpus = qty,
+            Some("4") if s.memory.is_none() => {
+                // DSP0004: AllocationUnits defaults to bytes when absent.
+                let units = child(item, "AllocationUnits").and_then(node_text);
+                let mult = unit_multiplier(units.as_deref().unwrap_or("byte"));
+                s.memory = qty.zip(mult).and_then(|(q, m)| q.checked_mul(m));
+            }
+            _ => {}
+        }
+    }
+    s
 }
 
 #[cfg(test)]

@@ -276,125 +276,28 @@ pub fn walk_into(
     let mut pos = 0u64;
     let mut headers = 0usize;
     let mut ext = Ext::default();
-    loop {
-        if pos == size {
-            // No end-of-archive blocks: GNU tar accepts this too (with a warning).
+    // No end-of-archive blocks (pos == size): GNU tar accepts this too (with a warning).
+    while pos != size {
+        let Some(block) = next_header(src, pos, &mut headers, members.len(), opts)? else {
             break;
-        }
-        let mut block = [0u8; 512];
-        src.read_exact_at(&mut block, pos)
-            .map_err(|e| Error::from(e).context("reading a tar header").at(pos))?;
-        if block.iter().all(|b| *b == 0) {
-            break;
-        }
-        headers = headers.saturating_add(1);
-        if headers > opts.max_headers || members.len() >= opts.max_members {
-            if opts.strict {
-                return Err(Error::limit(format!(
-                    "the archive has more than {} members or {} headers",
-                    opts.max_members, opts.max_headers
-                ))
-                .at(pos)
-                .code("ova.too-many-members"));
-            }
-            break;
-        }
-        if !header_checksum_ok(&block) {
-            return Err(malformed("tar header checksum mismatch", pos));
-        }
+        };
         let mut h = Header::new_old();
         h.as_mut_bytes().copy_from_slice(&block);
-        let header_size = h
-            .entry_size()
-            .map_err(|e| malformed(format!("tar size field: {e}"), pos))?;
-        let etype = h.entry_type();
-        let is_ext = etype.is_gnu_longname()
-            || etype.is_gnu_longlink()
-            || etype.is_pax_local_extensions()
-            || etype.is_pax_global_extensions();
-        let mut data_size = header_size;
-        if !is_ext {
-            if let Some(p) = &ext.pax {
-                if let Some(v) = pax_value(p, "size", pos)? {
-                    data_size = v
-                        .parse::<u64>()
-                        .map_err(|_| malformed(format!("pax size {v:?} is not a number"), pos))?;
-                }
-            }
-        }
-        let mut data = pos
-            .checked_add(BLOCK)
-            .ok_or_else(|| malformed("offset overflows", pos))?;
-        if etype.is_gnu_sparse() && block.get(482).is_some_and(|b| *b != 0) {
-            data = skip_sparse_extensions(src, data, &mut headers, opts)?;
-        }
-        let end = data
-            .checked_add(data_size)
-            .ok_or_else(|| malformed("member size overflows", pos))?;
-        if end > size {
-            return Err(Error::truncated(format!(
-                "tar member of {data_size} bytes at {data:#x} passes the end of the archive ({size} bytes)"
-            ))
-            .at(pos)
-            .code("ova.truncated"));
-        }
-        let padded = data_size
-            .checked_add(BLOCK - 1)
-            .map(|s| s & !(BLOCK - 1))
-            .ok_or_else(|| malformed("member size overflows", pos))?;
-        let next = data
-            .checked_add(padded)
-            .ok_or_else(|| malformed("member size overflows", pos))?;
-
-        let read_ext = |cap: u64, what: &str| -> Result<Vec<u8>> {
-            if data_size > cap {
-                return Err(
-                    Error::limit(format!("{what} of {data_size} bytes exceeds {cap}"))
-                        .at(pos)
-                        .code("ova.tar-malformed"),
-                );
-            }
-            crate::io::read_vec(src, data, data_size, budget, what)
-        };
-        if etype.is_gnu_longname() {
-            if ext.long_name.is_some() {
-                return Err(malformed("two GNU long names for one member", pos));
-            }
-            ext.long_name = Some(trim_nul(read_ext(MAX_NAME, "GNU long name")?));
-        } else if etype.is_gnu_longlink() {
-            if ext.long_link.is_some() {
-                return Err(malformed("two GNU long link names for one member", pos));
-            }
-            ext.long_link = Some(trim_nul(read_ext(MAX_NAME, "GNU long link name")?));
-        } else if etype.is_pax_local_extensions() {
-            if ext.pax.is_some() {
-                return Err(malformed("two pax headers for one member", pos));
-            }
-            let recs = read_ext(MAX_PAX, "pax header")?;
-            // Validate every record now so that a malformed one fails at its header.
-            for r in PaxExtensions::new(&recs) {
-                r.map_err(|e| malformed(format!("pax header: {e}"), pos))?;
-            }
-            ext.pax_first = ext.long_name.is_none();
-            ext.pax = Some(recs);
-        } else if etype.is_pax_global_extensions() {
-            // Global records would silently change how later members read (a `path` or `size`
-            // for all of them): a differential between tar readers. Refuse those keys.
-            let recs = read_ext(MAX_PAX, "pax global header")?;
-            for k in ["path", "linkpath", "size"] {
-                if pax_value(&recs, k, pos)?.is_some() {
-                    return Err(malformed(format!("pax global header sets {k:?}"), pos));
-                }
-            }
-            if pax_sparse(&recs, pos)?.is_some() {
-                return Err(malformed("pax global header sets GNU.sparse keys", pos)
-                    .code("ova.sparse-member"));
-            }
+        let span = member_span(src, &h, &ext, pos, size, &mut headers, opts)?;
+        if is_extension(h.entry_type()) {
+            read_extension(src, budget, h.entry_type(), &span, pos, &mut ext)?;
         } else {
-            let m = make_member(&block, &h, std::mem::take(&mut ext), pos, data, data_size)?;
+            let m = make_member(
+                &block,
+                &h,
+                std::mem::take(&mut ext),
+                pos,
+                span.data,
+                span.len,
+            )?;
             members.push(m);
         }
-        pos = next;
+        pos = span.next;
         if pos > size {
             // Padding of the last member is missing: the data itself was present.
             break;
@@ -405,6 +308,167 @@ pub fn walk_into(
             "extension header without a following member",
             pos,
         ));
+    }
+    Ok(())
+}
+
+/// The header block at `pos`, counted against the walk's caps; `None` at the end-of-archive
+/// block or, when probing, past a cap.
+fn next_header(
+    src: &dyn ReadAt,
+    pos: u64,
+    headers: &mut usize,
+    members: usize,
+    opts: WalkOptions,
+) -> Result<Option<[u8; 512]>> {
+    let mut block = [0u8; 512];
+    src.read_exact_at(&mut block, pos)
+        .map_err(|e| Error::from(e).context("reading a tar header").at(pos))?;
+    if block.iter().all(|b| *b == 0) {
+        return Ok(None);
+    }
+    *headers = headers.saturating_add(1);
+    if *headers > opts.max_headers || members >= opts.max_members {
+        if opts.strict {
+            return Err(Error::limit(format!(
+                "the archive has more than {} members or {} headers",
+                opts.max_members, opts.max_headers
+            ))
+            .at(pos)
+            .code("ova.too-many-members"));
+        }
+        return Ok(None);
+    }
+    if !header_checksum_ok(&block) {
+        return Err(malformed("tar header checksum mismatch", pos));
+    }
+    Ok(Some(block))
+}
+
+/// GNU long names and links, and pax local and global records: headers that describe the
+/// next member (or all of them) rather than being one.
+fn is_extension(etype: tar::EntryType) -> bool {
+    etype.is_gnu_longname()
+        || etype.is_gnu_longlink()
+        || etype.is_pax_local_extensions()
+        || etype.is_pax_global_extensions()
+}
+
+/// Where a header's data lies.
+struct Span {
+    /// Offset of the data.
+    data: u64,
+    /// Its length (a pax `size` record wins over the header's field).
+    len: u64,
+    /// Offset of the next header (the data padded to a block).
+    next: u64,
+}
+
+/// The span of the data of the header at `pos`, checked against the archive's `size`.
+fn member_span(
+    src: &dyn ReadAt,
+    h: &Header,
+    ext: &Ext,
+    pos: u64,
+    size: u64,
+    headers: &mut usize,
+    opts: WalkOptions,
+) -> Result<Span> {
+    let header_size = h
+        .entry_size()
+        .map_err(|e| malformed(format!("tar size field: {e}"), pos))?;
+    let etype = h.entry_type();
+    let mut len = header_size;
+    if !is_extension(etype) {
+        if let Some(p) = &ext.pax {
+            if let Some(v) = pax_value(p, "size", pos)? {
+                len = v
+                    .parse::<u64>()
+                    .map_err(|_| malformed(format!("pax size {v:?} is not a number"), pos))?;
+            }
+        }
+    }
+    let mut data = pos
+        .checked_add(BLOCK)
+        .ok_or_else(|| malformed("offset overflows", pos))?;
+    if etype.is_gnu_sparse() && h.as_bytes().get(482).is_some_and(|b| *b != 0) {
+        data = skip_sparse_extensions(src, data, headers, opts)?;
+    }
+    let end = data
+        .checked_add(len)
+        .ok_or_else(|| malformed("member size overflows", pos))?;
+    if end > size {
+        return Err(Error::truncated(format!(
+            "tar member of {len} bytes at {data:#x} passes the end of the archive ({size} bytes)"
+        ))
+        .at(pos)
+        .code("ova.truncated"));
+    }
+    let padded = len
+        .checked_add(BLOCK - 1)
+        .map(|s| s & !(BLOCK - 1))
+        .ok_or_else(|| malformed("member size overflows", pos))?;
+    let next = data
+        .checked_add(padded)
+        .ok_or_else(|| malformed("member size overflows", pos))?;
+    Ok(Span { data, len, next })
+}
+
+/// Reads an extension header's records into `ext` (or, for pax global records, refuses the
+/// keys that would change how later members read).
+fn read_extension(
+    src: &dyn ReadAt,
+    budget: &Budget,
+    etype: tar::EntryType,
+    span: &Span,
+    pos: u64,
+    ext: &mut Ext,
+) -> Result<()> {
+    let read_ext = |cap: u64, what: &str| -> Result<Vec<u8>> {
+        if span.len > cap {
+            return Err(
+                Error::limit(format!("{what} of {} bytes exceeds {cap}", span.len))
+                    .at(pos)
+                    .code("ova.tar-malformed"),
+            );
+        }
+        crate::io::read_vec(src, span.data, span.len, budget, what)
+    };
+    if etype.is_gnu_longname() {
+        if ext.long_name.is_some() {
+            return Err(malformed("two GNU long names for one member", pos));
+        }
+        ext.long_name = Some(trim_nul(read_ext(MAX_NAME, "GNU long name")?));
+    } else if etype.is_gnu_longlink() {
+        if ext.long_link.is_some() {
+            return Err(malformed("two GNU long link names for one member", pos));
+        }
+        ext.long_link = Some(trim_nul(read_ext(MAX_NAME, "GNU long link name")?));
+    } else if etype.is_pax_local_extensions() {
+        if ext.pax.is_some() {
+            return Err(malformed("two pax headers for one member", pos));
+        }
+        let recs = read_ext(MAX_PAX, "pax header")?;
+        // Validate every record now so that a malformed one fails at its header.
+        for r in PaxExtensions::new(&recs) {
+            r.map_err(|e| malformed(format!("pax header: {e}"), pos))?;
+        }
+        ext.pax_first = ext.long_name.is_none();
+        ext.pax = Some(recs);
+    } else if etype.is_pax_global_extensions() {
+        // Global records would silently change how later members read (a `path` or `size`
+        // for all of them): a differential between tar readers. Refuse those keys.
+        let recs = read_ext(MAX_PAX, "pax global header")?;
+        for k in ["path", "linkpath", "size"] {
+            if pax_value(&recs, k, pos)?.is_some() {
+                return Err(malformed(format!("pax global header sets {k:?}"), pos));
+            }
+        }
+        if pax_sparse(&recs, pos)?.is_some() {
+            return Err(
+                malformed("pax global header sets GNU.sparse keys", pos).code("ova.sparse-member")
+            );
+        }
     }
     Ok(())
 }

@@ -225,27 +225,37 @@ fn gpt_signature_at(head: &[u8], sector: u64) -> bool {
 type Gpt = (Vec<Value>, String, u64);
 
 /// Reads the primary GPT with 512-byte sectors, or failing that with 4096-byte ones.
-fn find_gpt(head: &[u8], size: u64, findings: &mut Vec<Finding>) -> Option<Gpt> {
+fn find_gpt(head: &[u8], size: u64, limits: &Limits, findings: &mut Vec<Finding>) -> Option<Gpt> {
     if gpt_signature_at(head, SECTOR) {
-        describe_gpt(head, size, SECTOR, findings)
+        describe_gpt(head, size, SECTOR, limits, findings)
     } else if gpt_signature_at(head, SECTOR_4K) {
-        describe_gpt(head, size, SECTOR_4K, findings)
+        describe_gpt(head, size, SECTOR_4K, limits, findings)
     } else {
         None
     }
 }
 
 /// Describes the partition tables found in `head` (the first bytes of a disk of `size`
-/// bytes). Returns details for `format-specific.data` and informational findings.
+/// bytes) under the default [`Limits`]: [`describe_with`] for a caller without limits of
+/// its own.
+pub fn describe(head: &[u8], size: u64) -> (Map<String, Value>, Vec<Finding>) {
+    describe_with(head, size, &Limits::default())
+}
+
+/// Describes the partition tables found in `head` (the first bytes of a disk of `size`
+/// bytes). Returns details for `format-specific.data` and informational findings. The GPT
+/// entry array is range-checked under the caller's `limits`.
 ///
 /// # Security
 /// Works only on `head`; all offsets come from constants or are checked with `get`, and at
-/// most [`MAX_LISTED`] partitions are listed.
-pub fn describe(head: &[u8], size: u64) -> (Map<String, Value>, Vec<Finding>) {
+/// most `MAX_LISTED` partitions are listed.
+pub fn describe_with(
+    head: &[u8],
+    size: u64,
+    limits: &Limits,
+) -> (Map<String, Value>, Vec<Finding>) {
     let mut details = Map::new();
     let mut findings = Vec::new();
-    let mut table = "none";
-    let mut partitions: Vec<Value> = Vec::new();
 
     let fat = fat_kind(head);
     if let Some((kind, bps)) = fat {
@@ -255,67 +265,19 @@ pub fn describe(head: &[u8], size: u64) -> (Map<String, Value>, Vec<Finding>) {
 
     let has_signature = head.get(510..512) == Some(&MBR_SIGNATURE[..]);
     // A FAT volume boot record also ends in 0x55AA; its "entries" are boot code, not a table.
-    if has_signature && fat.is_none() {
-        let mut entries = Vec::new();
-        for k in 0..4usize {
-            let off = MBR_ENTRIES.saturating_add(k.saturating_mul(16));
-            if let Some((_, e)) = head.get(off..).and_then(|b| mbr_entry(b).ok()) {
-                if e.kind != 0 {
-                    entries.push((k, e));
-                }
-            }
-        }
+    let (table, partitions) = if has_signature && fat.is_none() {
+        let entries = mbr_entries(head);
         let protective = entries.iter().any(|(_, e)| e.kind == MBR_TYPE_PROTECTIVE);
-        if let Some((parts, guid, sector)) = find_gpt(head, size, &mut findings) {
-            table = "gpt";
-            details.insert("disk-guid".into(), json!(guid));
-            details.insert("protective-mbr".into(), json!(protective));
-            details.insert("logical-sector-size".into(), json!(sector));
-            partitions = parts;
-        } else {
-            table = "mbr";
-            if entries.is_empty() {
-                findings.push(
-                    Finding::warn(
-                        "raw.mbr-no-partitions",
-                        "the MBR has a boot signature but no partition entries",
-                    )
-                    .at(MBR_ENTRIES as u64),
-                );
-            }
-            for (k, e) in entries {
-                let end = end_bytes(u64::from(e.lba_start), u64::from(e.sectors), SECTOR);
-                if end.is_none_or(|end| end > size) {
-                    findings.push(
-                        Finding::warn(
-                            "raw.partition-out-of-bounds",
-                            format!(
-                                "MBR partition {} (sectors {}+{}) ends past the end of the disk ({size} bytes)",
-                                k.saturating_add(1),
-                                e.lba_start,
-                                e.sectors
-                            ),
-                        )
-                        .at(MBR_ENTRIES.saturating_add(k.saturating_mul(16)) as u64),
-                    );
-                }
-                partitions.push(json!({
-                    "index": k.saturating_add(1),
-                    "type": format!("0x{:02x}", e.kind),
-                    "bootable": e.status == 0x80,
-                    "start": u64::from(e.lba_start).saturating_mul(SECTOR),
-                    "length": u64::from(e.sectors).saturating_mul(SECTOR),
-                }));
-            }
+        match find_gpt(head, size, limits, &mut findings) {
+            Some(gpt) => ("gpt", gpt_details(&mut details, gpt, protective)),
+            None => ("mbr", mbr_partitions(entries, size, &mut findings)),
         }
-    } else if let Some((parts, guid, sector)) = find_gpt(head, size, &mut findings) {
+    } else if let Some(gpt) = find_gpt(head, size, limits, &mut findings) {
         // A GPT without a protective MBR still is a GPT.
-        table = "gpt";
-        details.insert("disk-guid".into(), json!(guid));
-        details.insert("protective-mbr".into(), json!(false));
-        details.insert("logical-sector-size".into(), json!(sector));
-        partitions = parts;
-    }
+        ("gpt", gpt_details(&mut details, gpt, false))
+    } else {
+        ("none", Vec::new())
+    };
 
     details.insert("partition-table".into(), json!(table));
     if table != "none" {
@@ -324,15 +286,114 @@ pub fn describe(head: &[u8], size: u64) -> (Map<String, Value>, Vec<Finding>) {
     (details, findings)
 }
 
+/// The four MBR entries that are in use, with their slot.
+fn mbr_entries(head: &[u8]) -> Vec<(usize, MbrEntry)> {
+    let mut entries = Vec::new();
+    for k in 0..4usize {
+        let off = MBR_ENTRIES.saturating_add(k.saturating_mul(16));
+        if let Some((_, e)) = head.get(off..).and_then(|b| mbr_entry(b).ok()) {
+            if e.kind != 0 {
+                entries.push((k, e));
+            }
+        }
+    }
+    entries
+}
+
+/// The GPT's details; returns its partitions.
+fn gpt_details(details: &mut Map<String, Value>, gpt: Gpt, protective: bool) -> Vec<Value> {
+    let (parts, guid, sector) = gpt;
+    details.insert("disk-guid".into(), json!(guid));
+    details.insert("protective-mbr".into(), json!(protective));
+    details.insert("logical-sector-size".into(), json!(sector));
+    parts
+}
+
+/// The MBR's partitions, each checked against the disk's end.
+fn mbr_partitions(
+    entries: Vec<(usize, MbrEntry)>,
+    size: u64,
+    findings: &mut Vec<Finding>,
+) -> Vec<Value> {
+    if entries.is_empty() {
+        findings.push(
+            Finding::warn(
+                "raw.mbr-no-partitions",
+                "the MBR has a boot signature but no partition entries",
+            )
+            .at(MBR_ENTRIES as u64),
+        );
+    }
+    let mut partitions = Vec::new();
+    for (k, e) in entries {
+        let end = end_bytes(u64::from(e.lba_start), u64::from(e.sectors), SECTOR);
+        if end.is_none_or(|end| end > size) {
+            findings.push(
+                Finding::warn(
+                    "raw.partition-out-of-bounds",
+                    format!(
+                        "MBR partition {} (sectors {}+{}) ends past the end of the disk ({size} bytes)",
+                        k.saturating_add(1),
+                        e.lba_start,
+                        e.sectors
+                    ),
+                )
+                .at(MBR_ENTRIES.saturating_add(k.saturating_mul(16)) as u64),
+            );
+        }
+        partitions.push(json!({
+            "index": k.saturating_add(1),
+            "type": format!("0x{:02x}", e.kind),
+            "bootable": e.status == 0x80,
+            "start": u64::from(e.lba_start).saturating_mul(SECTOR),
+            "length": u64::from(e.sectors).saturating_mul(SECTOR),
+        }));
+    }
+    partitions
+}
+
 /// Reads the primary GPT at LBA 1 of `sector`-byte sectors. `None` when there is no usable
 /// GPT header there.
-fn describe_gpt(head: &[u8], size: u64, sector: u64, findings: &mut Vec<Finding>) -> Option<Gpt> {
+fn describe_gpt(
+    head: &[u8],
+    size: u64,
+    sector: u64,
+    limits: &Limits,
+    findings: &mut Vec<Finding>,
+) -> Option<Gpt> {
     let at = usize::try_from(sector).ok()?;
     let hdr_bytes = head.get(at..at.checked_add(512)?)?;
     if hdr_bytes.get(..8) != Some(&GPT_SIGNATURE[..]) {
         return None;
     }
     let (_, h) = gpt_header(hdr_bytes).ok()?;
+    gpt_header_findings(hdr_bytes, &h, sector, findings)?;
+    let guid = guid_string(&h.disk_guid);
+    if !(GPT_ENTRY_MIN..=GPT_ENTRY_MAX).contains(&h.entry_size) || h.entry_size % 8 != 0 {
+        findings.push(
+            Finding::warn(
+                "raw.gpt-checksum",
+                format!("GPT entry size {} is not valid", h.entry_size),
+            )
+            .at(sector),
+        );
+        return Some((Vec::new(), guid, sector));
+    }
+    let start = gpt_array_findings(head, &h, size, sector, limits, findings)?;
+    let Some(start) = start else {
+        return Some((Vec::new(), guid, sector));
+    };
+    let parts = gpt_partitions(head, &h, start, size, sector, findings)?;
+    Some((parts, guid, sector))
+}
+
+/// The header's own CRC32 and its claimed place.
+fn gpt_header_findings(
+    hdr_bytes: &[u8],
+    h: &GptHeader,
+    sector: u64,
+    findings: &mut Vec<Finding>,
+) -> Option<()> {
     let hsize = usize::try_from(h.header_size).ok()?;
     let crc_ok = match hdr_bytes.get(..hsize) {
         Some(covered) if h.header_size >= GPT_HEADER_MIN => {
@@ -365,19 +426,21 @@ fn describe_gpt(head: &[u8], size: u64, sector: u64, findings: &mut Vec<Finding>
             .at(sector),
         );
     }
-    let mut parts = Vec::new();
-    if !(GPT_ENTRY_MIN..=GPT_ENTRY_MAX).contains(&h.entry_size) || h.entry_size % 8 != 0 {
-        findings.push(
-            Finding::warn(
-                "raw.gpt-checksum",
-                format!("GPT entry size {} is not valid", h.entry_size),
-            )
-            .at(sector),
-        );
-        return Some((parts, guid_string(&h.disk_guid), sector));
-    }
-    // The entry array is a metadata table like any other: it must lie inside the disk and
-    // stay under the table cap. Only what lies inside the head is described either way.
+    Some(())
+}
+
+/// The entry array's range (a metadata table like any other: inside the disk, under the
+/// table cap) and, when it lies wholly in the head, its CRC32. Returns where the array starts
+/// in the head, if that is addressable.
+fn gpt_array_findings(
+    head: &[u8],
+    h: &GptHeader,
+    size: u64,
+    sector: u64,
+    limits: &Limits,
+    findings: &mut Vec<Finding>,
+) -> Option<Option<usize>> {
+    // Only what lies inside the head is described either way.
     let spec = TableSpec {
         name: "GPT partition entry array",
         offset: h.entries_lba.saturating_mul(sector),
@@ -385,7 +448,7 @@ fn describe_gpt(head: &[u8], size: u64, sector: u64, findings: &mut Vec<Finding>
         entry_size: u64::from(h.entry_size),
         align: sector,
     };
-    if let Err(e) = check_table(spec, size, &Limits::default()) {
+    if let Err(e) = check_table(spec, size, limits) {
         findings.push(Finding::warn("raw.gpt-checksum", e.message().to_string()).at(sector));
     }
     let esize = usize::try_from(h.entry_size).ok()?;
@@ -396,7 +459,6 @@ fn describe_gpt(head: &[u8], size: u64, sector: u64, findings: &mut Vec<Finding>
     let total = usize::try_from(h.entries_count)
         .ok()
         .and_then(|c| c.checked_mul(esize));
-    // The entry array's CRC can be checked only when the whole array is in the head.
     if let (Some(start), Some(total)) = (start, total) {
         if let Some(array) = start
             .checked_add(total)
@@ -413,9 +475,21 @@ fn describe_gpt(head: &[u8], size: u64, sector: u64, findings: &mut Vec<Finding>
             }
         }
     }
-    let Some(start) = start else {
-        return Some((parts, guid_string(&h.disk_guid), sector));
-    };
+    Some(start)
+}
+
+/// The used GPT entries that lie in the head (at most [`MAX_LISTED`]), each checked against
+/// the disk's end.
+fn gpt_partitions(
+    head: &[u8],
+    h: &GptHeader,
+    start: usize,
+    size: u64,
+    sector: u64,
+    findings: &mut Vec<Finding>,
+) -> Option<Vec<Value>> {
+    let esize = usize::try_from(h.entry_size).ok()?;
+    let mut parts = Vec::new();
     let count = usize::try_from(h.entries_count).unwrap_or(usize::MAX);
     for k in 0..count {
         if parts.len() >= MAX_LISTED {
@@ -460,7 +534,7 @@ fn describe_gpt(head: &[u8], size: u64, sector: u64, findings: &mut Vec<Finding>
             "length": sectors.unwrap_or(0).saturating_mul(sector),
         }));
     }
-    Some((parts, guid_string(&h.disk_guid), sector))
+    Some(parts)
 }
 
 #[cfg(test)]
@@ -553,6 +627,21 @@ mod tests {
         let crc = crc32fast::hash(&b[4096..4096 + 92]);
         b[4096 + 16..4096 + 20].copy_from_slice(&crc.to_le_bytes());
         b
+    }
+
+    #[test]
+    fn the_entry_array_is_capped_by_the_callers_limits() {
+        // 128 entries pass the default cap but not a caller's cap of 64 entries per table.
+        let (_, f) = describe(&gpt_4k(250), 1 << 20);
+        assert!(f.is_empty(), "{f:?}");
+        let tight = Limits {
+            max_table_entries: 64,
+            ..Limits::default()
+        };
+        let (d, f) = describe_with(&gpt_4k(250), 1 << 20, &tight);
+        let codes: Vec<_> = f.iter().map(|f| f.code).collect();
+        assert_eq!(codes, ["raw.gpt-checksum"]);
+        assert_eq!(d["partitions"].as_array().unwrap().len(), 1);
     }
 
     #[test]

@@ -24,12 +24,12 @@ pub struct RawImage {
 ///
 /// # Errors
 /// `Io` when the source cannot be read.
-pub fn open(src: Source, _limits: &Limits) -> Result<RawImage> {
+pub fn open(src: Source, limits: &Limits) -> Result<RawImage> {
     let size = src.size()?;
     let mut info = ImageInfo::new(Format::Raw, size);
     info.actual_size = src.allocated_size();
     let head = crate::io::read_up_to(src.as_ref(), 0, crate::partition::HEAD_LEN)?;
-    let (details, mut findings) = crate::partition::describe(&head, size);
+    let (details, mut findings) = crate::partition::describe_with(&head, size, limits);
     info.details = details;
     if is_ovf_descriptor(&head) {
         findings.push(Finding::reject(

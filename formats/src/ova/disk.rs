@@ -1,0 +1,397 @@
+//! The appliance's disks: which member holds each, its bytes (decompressed when gzip), and
+//! the disk opened as an image with the disk-level findings (declared format, capacity).
+
+use std::sync::{Arc, OnceLock};
+
+use serde::Serialize;
+
+use crate::detect::Detection;
+use crate::error::{Error, ErrorKind, Result};
+use crate::finding::Finding;
+use crate::format::Format;
+use crate::image::{Image, ImageInfo, RefKind, Reference};
+use crate::io::{ReadAt, Source};
+use crate::limits::{Budget, Limits};
+
+use super::check::{self, HrefKind};
+use super::gzip::gunzip_with;
+use super::ovf::{DiskDesc, FileRef};
+use super::tar::MemberKind;
+use super::{manifest, read_ova, Ova, OvaImage};
+
+/// A disk of the appliance: the descriptor's `Disk`, and where its data is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DiskEntry {
+    /// 0-based index in `DiskSection` order: what `--disk N` selects.
+    pub index: usize,
+    /// The descriptor's entry.
+    #[serde(flatten)]
+    pub desc: DiskDesc,
+    /// The `File` href holding the disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub href: Option<String>,
+    /// The file's compression, when not `identity`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    /// Index of the member holding the disk, when the href names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member: Option<usize>,
+}
+
+impl DiskEntry {
+    /// The entry for disk `index` of a descriptor, backed by `file` (its `References` entry,
+    /// if it has one) and, inside an archive, by `member`.
+    pub fn new(
+        index: usize,
+        desc: &DiskDesc,
+        file: Option<&FileRef>,
+        member: Option<usize>,
+    ) -> DiskEntry {
+        DiskEntry {
+            index,
+            desc: desc.clone(),
+            href: file.map(|f| f.href.clone()),
+            compression: file
+                .and_then(|f| f.compression.clone())
+                .filter(|c| c != "identity"),
+            member,
+        }
+    }
+}
+
+/// What every disk of one archive shares: one metadata budget (the archive's
+/// `Limits::budget()`, charged by the walk, the descriptor, the manifest and then every disk's
+/// parser), one cap on inflated gzip bytes, and each disk opened at most once.
+pub(super) struct Shared {
+    pub(super) metadata: Budget,
+    pub(super) inflate: Budget,
+    opened: Vec<OnceLock<Result<Arc<OpenedDisk>>>>,
+}
+
+impl Shared {
+    pub(super) fn new(metadata: Budget, limits: &Limits, disks: usize) -> Self {
+        Shared {
+            metadata,
+            inflate: Budget::new(limits.max_inflated_bytes),
+            opened: (0..disks).map(|_| OnceLock::new()).collect(),
+        }
+    }
+}
+
+/// The same error again, for a disk whose failed open is remembered. Only non-`Io` errors
+/// are remembered, and they carry no I/O source, so nothing is lost.
+fn replay(e: &Error) -> Error {
+    let mut out = Error::new(e.kind(), e.message()).code(e.finding_code());
+    if let Some(at) = e.offset() {
+        out = out.at(at);
+    }
+    out
+}
+
+/// Detects a disk's format; an appliance inside an appliance is refused, because opening it
+/// would recurse without bound.
+///
+/// # Errors
+/// `Unsafe` (`ova.disk-format`) for a nested OVA; `Io`.
+pub(super) fn detect_disk(src: &dyn ReadAt, disk: usize) -> Result<Detection> {
+    let det = crate::detect(src)?;
+    if det.matches.contains(&Format::Ova) {
+        return Err(Error::unsafe_(format!("disk {disk} is itself an OVA")).code("ova.disk-format"));
+    }
+    Ok(det)
+}
+
+/// Opens a disk of the archive as `format`, charging the archive's one budget: the command's
+/// when its limits are per command, else one made for the archive. Every table the disk holds
+/// stays charged until the disk is dropped.
+///
+/// # Errors
+/// As [`crate::open()`]; `LimitExceeded` when the disks together pass the budget.
+fn open_shared(
+    src: Source,
+    format: Format,
+    limits: &Limits,
+    budget: &Budget,
+) -> Result<Box<dyn Image>> {
+    let own = Limits {
+        shared: Some(budget.clone()),
+        ..limits.clone()
+    };
+    crate::open_disk_format(src, format, &own)
+}
+
+/// Prefixes a disk's finding with which disk it is about.
+pub(super) fn about_disk(mut f: Finding, d: &DiskEntry) -> Finding {
+    f.message = format!(
+        "disk {} ({}): {}",
+        d.index,
+        d.href.as_deref().unwrap_or("no file"),
+        f.message
+    );
+    f
+}
+
+/// A disk opened inside an OVA, with the disk-level findings (declared format, capacity).
+pub(super) struct OpenedDisk {
+    pub(super) image: Arc<dyn Image>,
+    pub(super) findings: Vec<Finding>,
+}
+
+impl Ova {
+    /// The disk's bytes: a window onto its member, or the decompressed member for
+    /// `compression="gzip"` (see [`super::gunzip`] for the bound).
+    ///
+    /// # Errors
+    /// `Invalid` for an unknown disk; `Unsupported` (`ova.href`) for a disk whose file is not a
+    /// member; `Unsupported` for other compressions; as [`super::gunzip`].
+    pub fn disk_source(&self, disk: usize, limits: &Limits) -> Result<Source> {
+        self.disk_source_with(disk, limits, &self.shared.inflate)
+    }
+
+    fn disk_source_with(&self, disk: usize, limits: &Limits, budget: &Budget) -> Result<Source> {
+        let d = self.disks.get(disk).ok_or_else(|| {
+            Error::invalid(format!(
+                "the appliance has {} disks; there is no disk {disk}",
+                self.disks.len()
+            ))
+        })?;
+        let Some(member) = d.member else {
+            return Err(Error::unsupported(format!(
+                "disk {disk} ({:?}) has no member in the archive",
+                d.href.as_deref().unwrap_or("no file")
+            ))
+            .code("ova.href"));
+        };
+        if let Some(m) = self.members.get(member) {
+            if m.kind == MemberKind::Sparse {
+                return Err(Error::unsafe_(format!(
+                    "disk {disk} member {:?} is a GNU sparse file: its stored bytes are not the disk",
+                    m.name
+                ))
+                .code("ova.sparse-member"));
+            }
+            if m.kind != MemberKind::Regular {
+                return Err(Error::unsafe_(format!(
+                    "disk {disk} member {:?} is not a regular file",
+                    m.name
+                ))
+                .code("ova.member-type"));
+            }
+        }
+        let window = self.member_source(member)?;
+        match d.compression.as_deref() {
+            None => Ok(window),
+            Some("gzip") => gunzip_with(window.as_ref(), limits, budget),
+            Some(c) => Err(
+                Error::unsupported(format!("disk {disk} uses compression {c:?}"))
+                    .code("ova.file-unsupported"),
+            ),
+        }
+    }
+
+    /// A disk number past the last disk: the caller's mistake, not a verdict on the archive.
+    fn no_such_disk(&self, disk: usize) -> Error {
+        Error::usage(format!(
+            "no disk {disk}: the OVA has {} disk(s), numbered from 0",
+            self.disks.len()
+        ))
+    }
+
+    /// Disk `disk` opened, at most once per archive: later calls get the same image (or the
+    /// same error), so a command that lists, checks and opens disks parses each one once.
+    ///
+    /// # Errors
+    /// As [`Ova::open_disk`]. An `Io` error is not remembered: a later call tries again.
+    pub(super) fn opened(&self, disk: usize, limits: &Limits) -> Result<Arc<OpenedDisk>> {
+        let slot = self
+            .shared
+            .opened
+            .get(disk)
+            .ok_or_else(|| self.no_such_disk(disk))?;
+        if let Some(done) = slot.get() {
+            return done.as_ref().map(Arc::clone).map_err(replay);
+        }
+        match self.open_one(disk, limits) {
+            Ok(o) => {
+                let o = Arc::new(o);
+                let _ = slot.set(Ok(Arc::clone(&o)));
+                Ok(o)
+            }
+            Err(e) if e.kind() == ErrorKind::Io => Err(e),
+            Err(e) => {
+                let _ = slot.set(Err(replay(&e)));
+                Err(e)
+            }
+        }
+    }
+
+    fn open_one(&self, disk: usize, limits: &Limits) -> Result<OpenedDisk> {
+        let d = self
+            .disks
+            .get(disk)
+            .ok_or_else(|| self.no_such_disk(disk))?;
+        let src = self.disk_source_with(disk, limits, &self.shared.inflate)?;
+        let det = detect_disk(src.as_ref(), disk)?;
+        let mut findings = Vec::new();
+        if det.is_ambiguous() {
+            let names: Vec<&str> = det.matches.iter().map(|f| f.name()).collect();
+            findings.push(Finding::reject(
+                "format.ambiguous",
+                format!("the disk matches several formats: {}", names.join(", ")),
+            ));
+        }
+        let format = det.format();
+        if let Some(declared) = d.desc.declared_format() {
+            if declared != format {
+                findings.push(Finding::reject(
+                    "ova.disk-format",
+                    format!(
+                        "the descriptor declares {declared} ({}) but the disk is {format}",
+                        d.desc.format_url.as_deref().unwrap_or("")
+                    ),
+                ));
+            }
+        }
+        let image = open_shared(src, format, limits, &self.shared.metadata)?;
+        let vsize = image.info().virtual_size;
+        if let Some(cap) = d.desc.capacity {
+            if cap != vsize {
+                findings.push(Finding::reject(
+                    "ova.capacity-mismatch",
+                    format!("the descriptor's capacity is {cap} bytes but the {format} disk's virtual size is {vsize}"),
+                ));
+            }
+        }
+        let findings = findings.into_iter().map(|f| about_disk(f, d)).collect();
+        Ok(OpenedDisk {
+            image: Arc::from(image),
+            findings,
+        })
+    }
+
+    /// Opens disk `disk`'s own image (its format's info, findings and mapping), without the
+    /// appliance's facts and findings: for listing.
+    ///
+    /// # Errors
+    /// As [`Ova::open_disk`].
+    pub fn open_inner(&self, disk: usize, limits: &Limits) -> Result<Arc<dyn Image>> {
+        Ok(Arc::clone(&self.opened(disk, limits)?.image))
+    }
+
+    /// Opens disk `disk` (0-based, `DiskSection` order) as an [`OvaImage`].
+    ///
+    /// # Errors
+    /// As [`Ova::disk_source`], plus whatever the disk's own parser reports (`Unsafe`
+    /// `ova.disk-format` for an OVA nested in the disk).
+    pub fn open_disk(&self, disk: usize, limits: &Limits) -> Result<OvaImage> {
+        let opened = self.opened(disk, limits)?;
+        let d = self
+            .disks
+            .get(disk)
+            .ok_or_else(|| self.no_such_disk(disk))?;
+        let inner = Arc::clone(&opened.image);
+        let ii = inner.info();
+        let mut info = ImageInfo::new(Format::Ova, ii.virtual_size);
+        info.actual_size = self.src.allocated_size();
+        info.cluster_size = ii.cluster_size;
+        info.dirty = ii.dirty;
+        info.encrypted = ii.encrypted;
+        info.references = ii.references.clone();
+        if let Some(desc) = &self.descriptor {
+            for f in &desc.files {
+                if check::href_kind(&f.href) != HrefKind::Name {
+                    info.references.push(Reference {
+                        kind: RefKind::Href,
+                        target: f.href.clone(),
+                        format: None,
+                        offset: None,
+                    });
+                }
+            }
+        }
+        info.detail("disk", disk);
+        info.detail("disk-format", ii.format.name());
+        info.detail(
+            "disk-details",
+            serde_json::Value::Object(ii.details.clone()),
+        );
+        let disks: Vec<serde_json::Value> = self
+            .disks
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                let vs = if e.index == disk {
+                    Some(ii.virtual_size)
+                } else if e.compression.is_none() {
+                    // Other disks: metadata only (a gzip disk would be decompressed: skipped).
+                    self.opened(e.index, limits)
+                        .ok()
+                        .map(|o| o.image.info().virtual_size)
+                } else {
+                    None
+                };
+                if let (Some(obj), Some(vs)) = (v.as_object_mut(), vs) {
+                    obj.insert("virtual-size".into(), vs.into());
+                }
+                v
+            })
+            .collect();
+        info.detail("disks", disks);
+        if let Some(desc) = &self.descriptor {
+            info.detail(
+                "virtual-systems",
+                serde_json::to_value(&desc.systems).unwrap_or_default(),
+            );
+        }
+        info.detail("members", self.members.len());
+        if let Some(m) = &self.manifest {
+            let algos: Vec<manifest::Algo> = m.entries.iter().map(|e| e.algo).collect();
+            info.detail(
+                "manifest",
+                serde_json::to_value(algos.first()).unwrap_or_default(),
+            );
+        }
+        let mut findings = self.findings.clone();
+        findings.extend(opened.findings.iter().cloned());
+        findings.extend(inner.findings().iter().cloned().map(|f| about_disk(f, d)));
+        Ok(OvaImage {
+            ova: self.clone(),
+            disk: d.clone(),
+            inner,
+            info,
+            findings,
+        })
+    }
+}
+
+/// Opens disk `disk` (0-based, in the descriptor's `DiskSection` order; `None` for the first
+/// disk backed by a file) of the OVA in `src`.
+///
+/// # Errors
+/// As [`read_ova`] and [`Ova::open_disk`]; `Invalid` (`ova.descriptor-missing`) when there
+/// is no usable descriptor or no disk.
+pub fn open_disk(src: Source, limits: &Limits, disk: Option<usize>) -> Result<Box<dyn Image>> {
+    let ova = read_ova(src, limits)?;
+    if ova.descriptor.is_none() {
+        let f = ova
+            .findings
+            .iter()
+            .find(|f| f.code.starts_with("ova.descriptor"))
+            .map(|f| f.message.clone())
+            .unwrap_or_else(|| "no usable descriptor".into());
+        let code = if ova.descriptor_member.is_none() {
+            "ova.descriptor-missing"
+        } else {
+            "ova.descriptor-malformed"
+        };
+        return Err(Error::invalid(f).code(code));
+    }
+    let i = match disk {
+        Some(i) => i,
+        None => ova.default_disk().ok_or_else(|| {
+            Error::invalid("the descriptor lists no disk with a file").code("ova.no-disks")
+        })?,
+    };
+    Ok(Box::new(ova.open_disk(i, limits)?))
+}

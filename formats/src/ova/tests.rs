@@ -1,0 +1,136 @@
+//! The archive's shared state: each disk opened once, one metadata budget and one inflate cap
+//! for all disks.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use super::*;
+use crate::error::ErrorKind;
+
+/// A minimal ISO 9660 image (primary descriptor and terminator): its parser reads 64 KiB.
+fn iso() -> Vec<u8> {
+    let mut v = vec![0u8; 18 * 2048];
+    let pvd = 16 * 2048;
+    v[pvd] = 1;
+    v[pvd + 1..pvd + 6].copy_from_slice(b"CD001");
+    v[pvd + 6] = 1;
+    v[pvd + 80..pvd + 84].copy_from_slice(&18u32.to_le_bytes());
+    v[pvd + 84..pvd + 88].copy_from_slice(&18u32.to_be_bytes());
+    v[pvd + 128..pvd + 130].copy_from_slice(&2048u16.to_le_bytes());
+    v[pvd + 130..pvd + 132].copy_from_slice(&2048u16.to_be_bytes());
+    let term = 17 * 2048;
+    v[term] = 255;
+    v[term + 1..term + 6].copy_from_slice(b"CD001");
+    v[term + 6] = 1;
+    v
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// An appliance of `disks` (name, stored bytes, gzip), descriptor first.
+fn appliance(disks: &[(&str, Vec<u8>, bool)]) -> Source {
+    let mut files = String::new();
+    let mut ds = String::new();
+    for (i, (name, data, gz)) in disks.iter().enumerate() {
+        let comp = if *gz {
+            r#" ovf:compression="gzip""#
+        } else {
+            ""
+        };
+        files += &format!(
+            r#"<File ovf:id="f{i}" ovf:href="{name}" ovf:size="{}"{comp}/>"#,
+            data.len()
+        );
+        ds += &format!(r#"<Disk ovf:diskId="d{i}" ovf:fileRef="f{i}" ovf:capacity="1"/>"#);
+    }
+    let xml = format!(
+        r#"<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References>{files}</References><DiskSection><Info>d</Info>{ds}</DiskSection></Envelope>"#
+    );
+    let mut b = ::tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = ::tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    add("vm.ovf", xml.as_bytes());
+    for (name, data, _) in disks {
+        add(name, data);
+    }
+    Arc::new(b.into_inner().unwrap())
+}
+
+#[test]
+fn each_disk_is_opened_once() {
+    let o = read_ova(appliance(&[("a.iso", iso(), false)]), &Limits::default()).unwrap();
+    let first = o.open_inner(0, &Limits::default()).unwrap();
+    let left = o.shared.metadata.left();
+    let again = o.open_inner(0, &Limits::default()).unwrap();
+    assert!(Arc::ptr_eq(&first, &again));
+    assert_eq!(
+        o.shared.metadata.left(),
+        left,
+        "a second open charges nothing"
+    );
+    let img = o.open_disk(0, &Limits::default()).unwrap();
+    assert!(std::ptr::addr_eq(img.inner(), first.as_ref()));
+    // A failed open is remembered too, with the same code.
+    let e1 = o.open_inner(5, &Limits::default()).err().unwrap();
+    assert_eq!(e1.kind(), ErrorKind::Usage);
+}
+
+#[test]
+fn the_disks_share_the_archives_metadata_budget() {
+    let disks = [("a.iso", iso(), false), ("b.iso", iso(), false)];
+    // A command's budget is the archive's: its disks charge the command.
+    let limits = Limits::default().per_command();
+    let o = read_ova(appliance(&disks), &limits).unwrap();
+    assert!(o.shared.metadata == limits.budget());
+    // Without one, the archive makes one budget for all its disks, charged with the archive's
+    // own tables (descriptor, manifest) and given back as they go.
+    let o = read_ova(appliance(&disks), &Limits::default()).unwrap();
+    assert!(o.shared.metadata != Limits::default().budget());
+    let before = o.shared.metadata.left();
+    o.open_inner(0, &Limits::default()).unwrap();
+    o.open_inner(1, &Limits::default()).unwrap();
+    assert!(o.shared.metadata.left() <= before);
+}
+
+#[test]
+fn the_disks_share_one_inflate_cap() {
+    let raw = vec![7u8; 3000];
+    let disks = [("a.img", gzip(&raw), true), ("b.img", gzip(&raw), true)];
+    let limits = Limits {
+        max_inflated_bytes: 4000,
+        ..Limits::default()
+    };
+    let o = read_ova(appliance(&disks), &limits).unwrap();
+    assert_eq!(o.open_inner(0, &limits).unwrap().info().virtual_size, 3000);
+    let e = o.open_inner(1, &limits).err().unwrap();
+    assert_eq!(e.finding_code(), "ova.gzip-limit");
+    // Each alone fits: a fresh read of the archive starts a fresh cap.
+    let o = read_ova(appliance(&disks), &limits).unwrap();
+    assert!(o.open_inner(1, &limits).is_ok());
+}
+
+#[test]
+fn a_standalone_descriptor_is_read_under_the_callers_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.ovf");
+    let xml =
+        r#"<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"><References/></Envelope>"#;
+    std::fs::write(&path, xml).unwrap();
+    assert!(read_ovf_dir(&path, &Limits::default()).is_ok());
+    let tiny = Limits {
+        max_metadata_bytes: 10,
+        ..Limits::default()
+    };
+    let e = read_ovf_dir(&path, &tiny).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::LimitExceeded);
+}

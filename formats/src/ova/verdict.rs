@@ -1,0 +1,143 @@
+//! The verdicts built on a read archive: manifest digests, `ova check`'s whole policy, and the
+//! gate's per-disk inspection.
+
+use crate::error::{ErrorKind, Result};
+use crate::finding::Finding;
+
+use super::disk::about_disk;
+use super::{check, manifest, Ova};
+use crate::limits::Limits;
+
+impl Ova {
+    /// Applies the gate's `policy` to every disk backed by a file except `skip` (the disk a
+    /// caller already inspected through [`crate::policy::inspect`]), for a gate that checks
+    /// every disk. Each disk gets its disk-level findings (declared format, capacity) and what
+    /// [`crate::policy::inspect`] reports for its own bytes (findings, structural check, size
+    /// limit, backing-file allowance), prefixed with the disk. The archive is read once:
+    /// archive-level findings and manifest digests are not repeated, and one budget bounds
+    /// the inflated bytes of all gzip disks.
+    ///
+    /// # Errors
+    /// Only `Io` errors; every other problem is a finding.
+    pub fn inspect_disks(
+        &self,
+        policy: &crate::policy::Policy,
+        limits: &Limits,
+        skip: Option<usize>,
+    ) -> Result<Vec<(usize, Vec<Finding>)>> {
+        let own = crate::policy::Policy {
+            disk: None,
+            expect_format: None,
+            ..policy.clone()
+        };
+        let mut out = Vec::new();
+        for d in self.disks.iter().filter(|d| d.href.is_some()) {
+            if Some(d.index) == skip {
+                continue;
+            }
+            let findings = match self.opened(d.index, limits) {
+                Ok(o) => {
+                    let src = o.image.source().clone();
+                    let mut f: Vec<Finding> = o
+                        .findings
+                        .iter()
+                        .filter(|f| f.code != "format.ambiguous")
+                        .cloned()
+                        .collect();
+                    let r = crate::policy::inspect(src, &own, limits)?;
+                    f.extend(r.findings.into_iter().map(|x| about_disk(x, d)));
+                    f
+                }
+                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+                Err(e) => vec![about_disk(Finding::from_error(&e), d)],
+            };
+            out.push((d.index, findings));
+        }
+        Ok(out)
+    }
+
+    /// Verifies every manifest digest by reading each listed member in full.
+    ///
+    /// # Errors
+    /// `Io` when the archive cannot be read.
+    pub fn verify_manifest(&self) -> Result<Vec<Finding>> {
+        let mut out = Vec::new();
+        let Some(mf) = &self.manifest else {
+            return Ok(out);
+        };
+        for e in &mf.entries {
+            let Some(i) = self
+                .members
+                .iter()
+                .position(|m| check::normalized_name(m) == Some(e.name.as_str()))
+            else {
+                continue; // reported as ova.manifest-missing-member
+            };
+            let Some(m) = self.members.get(i) else {
+                continue;
+            };
+            let got = manifest::digest(self.member_source(i)?.as_ref(), e.algo)?;
+            if got != e.digest {
+                out.push(
+                    Finding::reject(
+                        "ova.manifest-mismatch",
+                        format!(
+                            "{:?} {:?} digest is {got}, the manifest says {}",
+                            m.name, e.algo, e.digest
+                        ),
+                    )
+                    .at(m.offset),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// The whole `ova check` policy: archive findings, manifest digests, and for every disk
+    /// its declared format and capacity, its own findings and its structural check.
+    /// Findings are sorted, rejections first.
+    ///
+    /// # Errors
+    /// Only `Io` errors; every other problem is a finding.
+    pub fn check_all(&self, limits: &Limits) -> Result<Vec<Finding>> {
+        let mut out = self.findings.clone();
+        out.extend(self.verify_manifest()?);
+        for d in &self.disks {
+            if d.member.is_none() {
+                if d.href.is_some() {
+                    continue; // reported as ova.href
+                }
+                out.push(Finding::info(
+                    "ova.disk-blank",
+                    format!(
+                        "disk {} ({:?}) has no file: a blank disk created on import",
+                        d.index, d.desc.disk_id
+                    ),
+                ));
+                continue;
+            }
+            match self.opened(d.index, limits) {
+                Ok(o) => {
+                    out.extend(o.findings.iter().cloned());
+                    out.extend(o.image.findings().iter().cloned().map(|f| about_disk(f, d)));
+                    match o.image.check(limits) {
+                        Ok(more) => out.extend(more.into_iter().map(|f| about_disk(f, d))),
+                        Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+                        Err(e) => out.push(about_disk(Finding::from_error(&e), d)),
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+                Err(e) => out.push(about_disk(Finding::from_error(&e), d)),
+            }
+        }
+        if self.disks.is_empty() && self.descriptor.is_some() {
+            out.push(Finding::warn(
+                "ova.no-disks",
+                "the descriptor lists no disks",
+            ));
+        }
+        out.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
+        out.dedup();
+        Ok(out)
+    }
+}
