@@ -89,3 +89,11 @@ fn vhd_gives_its_budget_back() {
     case("vpc", "fixed.vhd", &["-o", "subformat=fixed"], false);
     case("vpc", "empty-fixed.vhd", &["-o", "subformat=fixed"], true);
 }
+
+#[test]
+fn vdi_gives_its_budget_back() {
+    case("vdi", "dynamic.vdi", &[], false);
+    case("vdi", "empty-dynamic.vdi", &[], true);
+    case("vdi", "static.vdi", &["-o", "static=on"], false);
+    case("vdi", "empty-static.vdi", &["-o", "static=on"], true);
+}

@@ -201,6 +201,20 @@ fn header_fields_qemu_refuses_are_refused() {
 }
 
 #[test]
+fn an_empty_block_map_overlaps_no_data_area() {
+    // No blocks: the map takes no bytes, so a data area starting before its offset and
+    // reaching past it overlaps nothing (glimpse before the RegionIndex said it did).
+    let mut b = build(0, &[], TYPE_DYNAMIC);
+    b.resize(1024, 0);
+    put32(&mut b, 340, 1024);
+    assert_eq!(codes(open_bytes(&b).unwrap().findings()), [] as [&str; 0]);
+    // One entry, the data area over it: still rejected.
+    let mut b = build(MIB, &[UNALLOCATED], TYPE_DYNAMIC);
+    put32(&mut b, 344, 0);
+    assert_eq!(codes(open_bytes(&b).unwrap().findings()), ["vdi.header"]);
+}
+
+#[test]
 fn differencing_images_are_reported() {
     let mut b = build(MIB, &[UNALLOCATED], TYPE_DIFF);
     b[424..440].copy_from_slice(&[
