@@ -46,7 +46,7 @@ pub fn check_table(spec: TableSpec<'_>, file_size: u64, limits: &Limits) -> Resu
             .at(offset)
             .code("table.too-large")
     })?;
-    if align > 1 && offset % align != 0 {
+    if align > 1 && offset.checked_rem(align) != Some(0) {
         return Err(Error::invalid(format!(
             "{name} at {offset:#x} is not aligned to {align} bytes"
         ))

@@ -114,15 +114,16 @@ pub fn probe(p: &Probe<'_>) -> bool {
 /// padded with the reserved zero byte so that the checksum still adds up).
 fn tail_footer(src: &dyn ReadAt, size: u64) -> Result<Option<(u64, Vec<u8>)>> {
     if size >= FOOTER_LEN as u64 {
-        let at = size - FOOTER_LEN as u64;
+        let at = size.saturating_sub(FOOTER_LEN as u64);
         let buf = read_up_to(src, at, FOOTER_LEN)?;
         if buf.starts_with(COOKIE) {
             return Ok(Some((at, buf)));
         }
     }
-    if size >= FOOTER_LEN as u64 - 1 {
-        let at = size - (FOOTER_LEN as u64 - 1);
-        let mut buf = read_up_to(src, at, FOOTER_LEN - 1)?;
+    let old_len = FOOTER_LEN.saturating_sub(1);
+    if size >= old_len as u64 {
+        let at = size.saturating_sub(old_len as u64);
+        let mut buf = read_up_to(src, at, old_len)?;
         if buf.starts_with(COOKIE) {
             buf.push(0);
             return Ok(Some((at, buf)));
@@ -279,7 +280,7 @@ fn choose_footer(
             Ok(from_head(head))
         }
         (None, false) => {
-            if size < FOOTER_LEN as u64 - 1 {
+            if size < FOOTER_LEN.saturating_sub(1) as u64 {
                 return Err(Error::truncated(format!(
                     "a VHD needs at least one 512-byte footer; the file has {size} bytes"
                 )));
@@ -656,28 +657,31 @@ impl VhdImage {
     fn map_dynamic(&self, d: &Dynamic, guest: u64, span: u64) -> Result<Extent> {
         let end = guest.saturating_add(span);
         let bs = d.block_size;
-        let idx = guest / bs;
+        let idx = guest.checked_div(bs).unwrap_or(0);
         let block_guest = idx.saturating_mul(bs);
         let Some(sector) = d.entry(idx) else {
             let mut next = block_guest.saturating_add(bs);
             let mut n = 0;
-            while next < end && n < MAX_SCAN && d.entry(next / bs).is_none() {
+            while next < end && n < MAX_SCAN && d.entry(next.checked_div(bs).unwrap_or(0)).is_none()
+            {
                 next = next.saturating_add(bs);
-                n += 1;
+                n = n.saturating_add(1);
             }
             return Ok(Extent {
                 start: guest,
-                len: next.min(end) - guest,
+                len: next.min(end).saturating_sub(guest),
                 kind: ExtentKind::Unallocated,
             });
         };
         let block_host = u64::from(sector).saturating_mul(SECTOR);
-        let in_block = guest - block_guest;
+        let in_block = guest.saturating_sub(block_guest);
         let stop = block_guest.saturating_add(bs).min(end);
         let first = in_block / SECTOR;
-        let last = (stop - 1 - block_guest) / SECTOR;
+        // stop > guest >= block_guest: the last sector the span touches.
+        let last = stop.saturating_sub(1).saturating_sub(block_guest) / SECTOR;
         let (b0, b1) = (first / 8, last / 8);
-        let n = usize::try_from(b1 - b0 + 1).map_err(|_| Error::limit("bitmap too large"))?;
+        let n = usize::try_from(b1.saturating_sub(b0).saturating_add(1))
+            .map_err(|_| Error::limit("bitmap too large"))?;
         let mut bits = vec![0u8; n];
         let at = block_host.saturating_add(b0);
         self.src.read_exact_at(&mut bits, at).map_err(|e| {
@@ -688,7 +692,7 @@ impl VhdImage {
                 .at(at)
         })?;
         let bit = |s: u64| -> bool {
-            let byte = usize::try_from(s / 8 - b0)
+            let byte = usize::try_from((s / 8).saturating_sub(b0))
                 .ok()
                 .and_then(|i| bits.get(i))
                 .copied()
@@ -699,9 +703,9 @@ impl VhdImage {
         // ignores the bitmap and reads the block; the two agree on every image QEMU or
         // Hyper-V writes (QEMU sets every bit, Hyper-V zeroes unwritten sectors).
         let set = bit(first);
-        let mut s = first + 1;
+        let mut s = first.saturating_add(1);
         while s <= last && bit(s) == set {
-            s += 1;
+            s = s.saturating_add(1);
         }
         let run_end = block_guest
             .saturating_add(s.saturating_mul(SECTOR))
@@ -717,7 +721,7 @@ impl VhdImage {
         };
         Ok(Extent {
             start: guest,
-            len: run_end - guest,
+            len: run_end.saturating_sub(guest),
             kind,
         })
     }
