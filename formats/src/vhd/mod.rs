@@ -60,6 +60,8 @@ struct Dynamic {
     tail_footer: Option<u64>,
     /// The source's size.
     file_size: u64,
+    /// Where a differencing disk's parent locators keep their data: (offset, bytes).
+    locators: Vec<(u64, u64)>,
 }
 
 impl Dynamic {
@@ -429,6 +431,7 @@ fn open_dynamic(
         header_offset: hoff,
         tail_footer,
         file_size: size,
+        locators: locator_data(footer, &header),
     };
     blocks_in_file(&d)?;
     if let Some(f) = metadata_overlap(&d) {
@@ -605,6 +608,20 @@ fn metadata_regions(d: &Dynamic) -> Vec<Region<'static>> {
     regions
 }
 
+/// Where a differencing disk's parent locators keep their data (at most eight, each at most
+/// `MAX_LOCATOR` bytes long); none for other disks, whose locators nobody reads.
+fn locator_data(footer: &Footer, header: &DynHeader) -> Vec<(u64, u64)> {
+    if footer.disk_type != TYPE_DIFFERENCING {
+        return Vec::new();
+    }
+    header
+        .locators
+        .iter()
+        .filter(|l| l.platform != [0; 4] && l.data_length <= MAX_LOCATOR)
+        .map(|l| (l.data_offset, u64::from(l.data_length)))
+        .collect()
+}
+
 /// The placement of the tables themselves: the footer copy, the dynamic header, the BAT and
 /// the footer must not share a byte. A BAT inside the header passes every entry check, and
 /// qemu's first allocating write then rewrites the header with a BAT entry.
@@ -728,7 +745,13 @@ impl VhdImage {
 
     fn check_dynamic(&self, d: &Dynamic, limits: &Limits) -> Result<Vec<Finding>> {
         let mut out = Findings::new();
-        let metadata = RegionIndex::new(metadata_regions(d));
+        let mut regions = metadata_regions(d);
+        regions.extend(
+            d.locators
+                .iter()
+                .map(|&(at, len)| Region::new("a parent locator's data", at, len)),
+        );
+        let metadata = RegionIndex::new(regions);
         // The block list below, held for the length of the check.
         let _held = limits
             .budget()
