@@ -169,6 +169,19 @@ fn duplicate_blocks_are_found_by_check() {
 }
 
 #[test]
+fn check_findings_are_capped_per_code() {
+    // Twenty entries share data block 0: nineteen duplicates, sixteen kept and one summary.
+    let b = build(20 * MIB, &[0; 20], TYPE_DYNAMIC);
+    let found = open_bytes(&b).unwrap().check(&Limits::default()).unwrap();
+    assert_eq!(found.len(), crate::finding::PER_CODE + 1);
+    assert!(found.iter().all(|f| f.code == "vdi.duplicate-block"));
+    assert_eq!(
+        found.last().unwrap().message,
+        "3 more like this (19 in all)"
+    );
+}
+
+#[test]
 fn header_fields_qemu_refuses_are_refused() {
     for (at, v) in [
         (68usize, 0x0001_0000u32),
