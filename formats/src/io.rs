@@ -422,7 +422,7 @@ impl<R: ReadAt + ?Sized> ReadAt for Window<R> {
         if offset >= self.len {
             return Ok(0);
         }
-        let avail = usize::try_from(self.len - offset).unwrap_or(usize::MAX);
+        let avail = usize::try_from(self.len.saturating_sub(offset)).unwrap_or(usize::MAX);
         let n = avail.min(buf.len());
         let Some(abs) = self.start.checked_add(offset) else {
             return Ok(0);
@@ -449,11 +449,11 @@ pub fn linear_extent(src: &dyn ReadAt, guest: u64, end: u64) -> Result<crate::Ex
     use crate::ExtentKind;
     let end = end.max(guest.saturating_add(1));
     let (len, kind) = match src.next_data(guest)? {
-        None => (end - guest, ExtentKind::Zero),
-        Some(d) if d > guest => (d.min(end) - guest, ExtentKind::Zero),
+        None => (end.saturating_sub(guest), ExtentKind::Zero),
+        Some(d) if d > guest => (d.min(end).saturating_sub(guest), ExtentKind::Zero),
         Some(_) => {
             let hole = src.next_hole(guest)?.clamp(guest.saturating_add(1), end);
-            (hole - guest, ExtentKind::Data { host: guest })
+            (hole.saturating_sub(guest), ExtentKind::Data { host: guest })
         }
     };
     Ok(crate::Extent {
@@ -491,7 +491,7 @@ impl LinearMap {
             let len = e.end().min(end).saturating_sub(guest).max(1);
             let kind = match e.kind {
                 ExtentKind::Data { host } => ExtentKind::Data {
-                    host: host.saturating_add(guest - e.start),
+                    host: host.saturating_add(guest.saturating_sub(e.start)),
                 },
                 k => k,
             };
@@ -574,7 +574,7 @@ pub fn for_each_chunk(src: &dyn ReadAt, mut f: impl FnMut(&[u8], u64) -> Result<
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     while pos < size {
-        let n = usize::try_from(size - pos)
+        let n = usize::try_from(size.saturating_sub(pos))
             .unwrap_or(usize::MAX)
             .min(buf.len());
         let chunk = buf.get_mut(..n).unwrap_or_default();

@@ -46,7 +46,7 @@ pub fn check_table(spec: TableSpec<'_>, file_size: u64, limits: &Limits) -> Resu
             .at(offset)
             .code("table.too-large")
     })?;
-    if align > 1 && offset % align != 0 {
+    if align > 1 && offset.checked_rem(align) != Some(0) {
         return Err(Error::invalid(format!(
             "{name} at {offset:#x} is not aligned to {align} bytes"
         ))
@@ -126,6 +126,24 @@ pub fn read_entries<T>(
         entries,
         _charge: Some(charge),
     })
+}
+
+/// Reads `len` bytes at `offset` (a header, a name) charged to `budget` for as long as the
+/// returned [`Charge`] lives: drop both and every byte is back.
+///
+/// # Errors
+/// `LimitExceeded` when the budget says no; as [`read_vec`] otherwise.
+pub fn read_held(
+    src: &dyn ReadAt,
+    offset: u64,
+    len: u64,
+    budget: &Budget,
+    what: &str,
+) -> Result<(Vec<u8>, Charge)> {
+    let charge = budget.charge(len, what)?;
+    // The real charge is held above; read_vec's own accounting goes to a throwaway budget.
+    let bytes = read_vec(src, offset, len, &Budget::new(len), what)?;
+    Ok((bytes, charge))
 }
 
 #[cfg(test)]

@@ -81,3 +81,19 @@ fn case(fmt: &str, name: &str, opts: &[&str], empty: bool) {
 fn raw_gives_its_budget_back() {
     case("raw", "a.img", &[], false);
 }
+
+#[test]
+fn vhd_gives_its_budget_back() {
+    case("vpc", "dynamic.vhd", &[], false);
+    case("vpc", "empty-dynamic.vhd", &[], true);
+    case("vpc", "fixed.vhd", &["-o", "subformat=fixed"], false);
+    case("vpc", "empty-fixed.vhd", &["-o", "subformat=fixed"], true);
+}
+
+#[test]
+fn vdi_gives_its_budget_back() {
+    case("vdi", "dynamic.vdi", &[], false);
+    case("vdi", "empty-dynamic.vdi", &[], true);
+    case("vdi", "static.vdi", &["-o", "static=on"], false);
+    case("vdi", "empty-static.vdi", &["-o", "static=on"], true);
+}

@@ -52,7 +52,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<RawImage> {
 fn is_ovf_descriptor(head: &[u8]) -> bool {
     let text = head.strip_prefix(b"\xef\xbb\xbf").unwrap_or(head);
     let start = text.iter().position(|b| !b.is_ascii_whitespace());
-    let markup = start.is_some_and(|i| text[i] == b'<');
+    let markup = start.is_some_and(|i| text.get(i) == Some(&b'<'));
     let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
     markup && has(b"schemas.dmtf.org/ovf/envelope") && has(b"Envelope")
 }

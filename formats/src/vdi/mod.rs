@@ -12,13 +12,14 @@ use nom::number::complete::{le_u32, le_u64};
 use nom::IResult;
 
 use crate::error::{Error, Result};
-use crate::finding::Finding;
+use crate::finding::{Finding, Findings};
 use crate::format::Format;
 use crate::image::{Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
-use crate::io::{read_vec, Source};
-use crate::limits::Limits;
+use crate::io::{ReadAt, Source};
+use crate::limits::{Budget, Limits};
 use crate::probe::Probe;
-use crate::table::{check_table, TableSpec};
+use crate::ranges::{Region, RegionIndex};
+use crate::table::{check_table, read_entries, read_held, Table, TableSpec};
 
 /// The signature at offset 64.
 pub const SIGNATURE: u32 = 0xBEDA_107F;
@@ -46,8 +47,6 @@ pub const TYPE_DIFF: u32 = 4;
 pub const MAX_BLOCKS: u32 = (0x8000_0000u32 - 512) / 4;
 /// Map entries one `mapping` call may walk over while coalescing.
 const MAX_SCAN: u64 = 1 << 16;
-/// Findings of one kind reported by `check` before they are summarised.
-const MAX_REPORTED: usize = 8;
 
 /// The VDI 1.1 header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,7 +182,7 @@ pub struct VdiImage {
     info: ImageInfo,
     findings: Vec<Finding>,
     header: Header,
-    bmap: Vec<u32>,
+    bmap: Table<u32>,
 }
 
 impl VdiImage {
@@ -217,13 +216,61 @@ fn hdr_err(msg: String, at: u64) -> Error {
 pub fn open(src: Source, limits: &Limits) -> Result<VdiImage> {
     let size = src.size()?;
     let budget = limits.budget();
+    let h = read_header(src.as_ref(), size, &budget)?;
+    check_header(&h)?;
+    let mut findings = Vec::new();
+    let info_refs = parent(&h, &mut findings);
+    if h.blocks_allocated > h.blocks {
+        findings.push(
+            Finding::reject(
+                "vdi.header",
+                format!(
+                    "{} blocks allocated of {} in the disk",
+                    h.blocks_allocated, h.blocks
+                ),
+            )
+            .at(388),
+        );
+    }
+    let spec = TableSpec {
+        name: "VDI block map",
+        offset: u64::from(h.offset_bmap),
+        entries: u64::from(h.blocks),
+        entry_size: 4,
+        align: 512,
+    };
+    let bmap_len = check_table(spec, size, limits)?;
+    layout(&h, bmap_len, &mut findings);
+    let bmap = read_entries(src.as_ref(), spec, size, limits, &budget, |c| {
+        c.try_into().map(u32::from_le_bytes).unwrap_or(UNALLOCATED)
+    })?;
+    blocks_in_file(&h, &bmap, size)?;
+    let mut info = describe(&h, &src);
+    info.references = info_refs;
+    Ok(VdiImage {
+        src,
+        info,
+        findings,
+        header: h,
+        bmap,
+    })
+}
+
+/// Reads and parses the header; its bytes are given back once parsed.
+fn read_header(src: &dyn ReadAt, size: u64, budget: &Budget) -> Result<Header> {
     if size < HEADER_LEN as u64 {
         return Err(Error::truncated(format!(
             "a VDI header needs 512 bytes; the file has {size}"
         )));
     }
-    let buf = read_vec(src.as_ref(), 0, HEADER_LEN as u64, &budget, "VDI header")?;
-    let h = Header::parse(&buf)?;
+    let (buf, _held) = read_held(src, 0, HEADER_LEN as u64, budget, "VDI header")?;
+    Header::parse(&buf)
+}
+
+/// Refuses what QEMU refuses: another signature, version, sector or block size, unaligned
+/// offsets, extra data per block, too many blocks, a disk larger than its blocks, an unknown
+/// image type.
+fn check_header(h: &Header) -> Result<()> {
     if h.signature != SIGNATURE {
         return Err(Error::invalid(format!("bad VDI signature {:#010x}", h.signature)).at(64));
     }
@@ -279,8 +326,6 @@ pub fn open(src: Source, limits: &Limits) -> Result<VdiImage> {
             368,
         ));
     }
-    let mut findings = Vec::new();
-    let mut info_refs = Vec::new();
     if !matches!(
         h.image_type,
         TYPE_DYNAMIC | TYPE_STATIC | TYPE_UNDO | TYPE_DIFF
@@ -293,47 +338,37 @@ pub fn open(src: Source, limits: &Limits) -> Result<VdiImage> {
             76,
         ));
     }
+    Ok(())
+}
+
+/// A differencing image: one finding, and the parent's UUID as a reference.
+fn parent(h: &Header, findings: &mut Vec<Finding>) -> Vec<Reference> {
     let differencing = matches!(h.image_type, TYPE_UNDO | TYPE_DIFF)
         || h.uuid_link != [0; 16]
         || h.uuid_parent_modify != [0; 16];
-    if differencing {
-        let parent = uuid_string(&h.uuid_link);
-        findings.push(
-            Finding::reject(
-                "vdi.differencing",
-                format!("a differencing VDI (type {}) over parent image {parent}: its unallocated blocks live in another file, which glimpse never opens", h.image_type),
-            )
-            .at(424),
-        );
-        info_refs.push(Reference {
-            kind: RefKind::ParentLocator,
-            target: format!("uuid:{parent}"),
-            format: Some("vdi".into()),
-            offset: Some(424),
-        });
+    if !differencing {
+        return Vec::new();
     }
-    if h.blocks_allocated > h.blocks {
-        findings.push(
-            Finding::reject(
-                "vdi.header",
-                format!(
-                    "{} blocks allocated of {} in the disk",
-                    h.blocks_allocated, h.blocks
-                ),
-            )
-            .at(388),
-        );
-    }
+    let parent = uuid_string(&h.uuid_link);
+    findings.push(
+        Finding::reject(
+            "vdi.differencing",
+            format!("a differencing VDI (type {}) over parent image {parent}: its unallocated blocks live in another file, which glimpse never opens", h.image_type),
+        )
+        .at(424),
+    );
+    vec![Reference {
+        kind: RefKind::ParentLocator,
+        target: format!("uuid:{parent}"),
+        format: Some("vdi".into()),
+        offset: Some(424),
+    }]
+}
 
+/// The block map must not overlap the header, nor the data area (at least one block) the
+/// header or the block map.
+fn layout(h: &Header, bmap_len: u64, findings: &mut Vec<Finding>) {
     let bmap_off = u64::from(h.offset_bmap);
-    let spec = TableSpec {
-        name: "VDI block map",
-        offset: bmap_off,
-        entries: u64::from(h.blocks),
-        entry_size: 4,
-        align: 512,
-    };
-    let bmap_len = check_table(spec, size, limits)?;
     if bmap_off < HEADER_LEN as u64 {
         findings.push(
             Finding::reject(
@@ -344,10 +379,14 @@ pub fn open(src: Source, limits: &Limits) -> Result<VdiImage> {
         );
     }
     let data_off = u64::from(h.offset_data);
-    let blocks_used = h.blocks_allocated.max(1);
-    if (data_off < bmap_off.saturating_add(bmap_len)
-        && bmap_off < data_off.saturating_add(u64::from(blocks_used) << 20))
-        || data_off < HEADER_LEN as u64
+    let data_len = u64::from(h.blocks_allocated.max(1)).saturating_mul(u64::from(BLOCK_SIZE));
+    let metadata = RegionIndex::new(vec![
+        Region::new("the header", 0, HEADER_LEN as u64),
+        Region::new("the block map", bmap_off, bmap_len),
+    ]);
+    if metadata
+        .hit(data_off, data_off.saturating_add(data_len))
+        .is_some()
     {
         findings.push(
             Finding::reject(
@@ -357,18 +396,11 @@ pub fn open(src: Source, limits: &Limits) -> Result<VdiImage> {
             .at(344),
         );
     }
-    let raw = read_vec(src.as_ref(), bmap_off, bmap_len, &budget, "VDI block map")?;
-    let mut bmap = Vec::new();
-    bmap.try_reserve_exact(raw.len() / 4)
-        .map_err(|_| Error::limit("VDI block map: cannot allocate"))?;
-    bmap.extend(
-        raw.chunks_exact(4)
-            .filter_map(|c| c.try_into().ok())
-            .map(u32::from_le_bytes),
-    );
-    drop(raw);
+}
 
-    // A block past the end of the file cannot be read: refuse now rather than fail mid-copy.
+/// A block past the end of the file cannot be read: refuse now rather than fail mid-copy.
+fn blocks_in_file(h: &Header, bmap: &[u32], size: u64) -> Result<()> {
+    let data_off = u64::from(h.offset_data);
     for (i, &e) in bmap.iter().enumerate() {
         if e >= ZERO {
             continue;
@@ -381,11 +413,20 @@ pub fn open(src: Source, limits: &Limits) -> Result<VdiImage> {
             return Err(Error::corrupt(format!(
                 "block map entry {i} points at data block {e}, which ends at {end:#x}, past the end of the file ({size} bytes)"
             ))
-            .at(bmap_off.saturating_add((i as u64).saturating_mul(4)))
+            .at(entry_at(h, i))
             .code("vdi.block-out-of-range"));
         }
     }
+    Ok(())
+}
 
+/// Byte offset of block map entry `i`.
+fn entry_at(h: &Header, i: usize) -> u64 {
+    u64::from(h.offset_bmap).saturating_add((i as u64).saturating_mul(4))
+}
+
+/// The image's info from its header.
+fn describe(h: &Header, src: &Source) -> ImageInfo {
     // QEMU rounds an odd disk size up to whole sectors ('VBoxManage convertfromraw' writes
     // such sizes); glimpse reports the same size.
     let virtual_size = h.disk_size.div_ceil(512).saturating_mul(512);
@@ -403,14 +444,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VdiImage> {
     );
     info.detail("block-size", BLOCK_SIZE);
     info.detail("uuid", uuid_string(&h.uuid_image));
-    info.references = info_refs;
-    Ok(VdiImage {
-        src,
-        info,
-        findings,
-        header: h,
-        bmap,
-    })
+    info
 }
 
 /// What one block map entry means, for coalescing.
@@ -433,6 +467,67 @@ impl VdiImage {
             Some(e) => Slot::Data(e),
         }
     }
+
+    /// The block map's entries past the allocated blocks, a count that disagrees with the
+    /// header, and data blocks used twice.
+    fn check_map(&self, limits: &Limits) -> Result<Vec<Finding>> {
+        let mut out = Findings::new();
+        // The (data block, entry) list below, held for the length of the check.
+        let _held = limits.budget().charge(
+            (self.bmap.len() as u64).saturating_mul(8),
+            "VDI block map check",
+        )?;
+        let mut seen: Vec<(u32, u32)> = Vec::new();
+        seen.try_reserve_exact(self.bmap.len())
+            .map_err(|_| Error::limit("VDI check: cannot allocate"))?;
+        let allocated = self.header.blocks_allocated;
+        for (i, &e) in self.bmap.iter().enumerate() {
+            if e >= ZERO {
+                continue;
+            }
+            // Entries number at most MAX_BLOCKS, which fits a u32.
+            seen.push((e, u32::try_from(i).unwrap_or(u32::MAX)));
+            if e >= allocated {
+                out.push(
+                    Finding::reject(
+                        "vdi.block-out-of-range",
+                        format!("block map entry {i} points at data block {e}, but only {allocated} are allocated"),
+                    )
+                    .at(entry_at(&self.header, i)),
+                );
+            }
+        }
+        if seen.len() as u64 != u64::from(allocated) {
+            // qemu-img check counts this as a corruption too: the next allocation would reuse
+            // a block that is in use.
+            out.push(
+                Finding::reject(
+                    "vdi.header",
+                    format!(
+                        "header says {allocated} blocks are allocated; the block map uses {}",
+                        seen.len()
+                    ),
+                )
+                .at(388),
+            );
+        }
+        seen.sort_unstable();
+        for w in seen.windows(2) {
+            if let [(a, ia), (b, ib)] = w {
+                if a == b {
+                    let at = usize::try_from(*ib).unwrap_or(usize::MAX);
+                    out.push(
+                        Finding::reject(
+                            "vdi.duplicate-block",
+                            format!("block map entries {ia} and {ib} both use data block {a}"),
+                        )
+                        .at(entry_at(&self.header, at)),
+                    );
+                }
+            }
+        }
+        Ok(out.finish())
+    }
 }
 
 impl Image for VdiImage {
@@ -445,81 +540,7 @@ impl Image for VdiImage {
     }
 
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
-        let mut out = Vec::new();
-        let bmap_off = u64::from(self.header.offset_bmap);
-        let budget = limits.budget();
-        budget.take(
-            (self.bmap.len() as u64).saturating_mul(8),
-            "VDI block map check",
-        )?;
-        let mut seen: Vec<(u32, usize)> = Vec::new();
-        seen.try_reserve_exact(self.bmap.len())
-            .map_err(|_| Error::limit("VDI check: cannot allocate"))?;
-        let mut out_of_range = 0usize;
-        for (i, &e) in self.bmap.iter().enumerate() {
-            if e >= ZERO {
-                continue;
-            }
-            seen.push((e, i));
-            if e >= self.header.blocks_allocated {
-                out_of_range += 1;
-                if out_of_range <= MAX_REPORTED {
-                    out.push(
-                        Finding::reject(
-                            "vdi.block-out-of-range",
-                            format!("block map entry {i} points at data block {e}, but only {} are allocated", self.header.blocks_allocated),
-                        )
-                        .at(bmap_off.saturating_add((i as u64).saturating_mul(4))),
-                    );
-                }
-            }
-        }
-        if out_of_range > MAX_REPORTED {
-            out.push(Finding::reject(
-                "vdi.block-out-of-range",
-                format!("{out_of_range} entries in all point past the allocated blocks"),
-            ));
-        }
-        if seen.len() as u64 != u64::from(self.header.blocks_allocated) {
-            // qemu-img check counts this as a corruption too: the next allocation would reuse
-            // a block that is in use.
-            out.push(
-                Finding::reject(
-                    "vdi.header",
-                    format!(
-                        "header says {} blocks are allocated; the block map uses {}",
-                        self.header.blocks_allocated,
-                        seen.len()
-                    ),
-                )
-                .at(388),
-            );
-        }
-        seen.sort_unstable();
-        let mut dups = 0usize;
-        for w in seen.windows(2) {
-            if let [(a, ia), (b, ib)] = w {
-                if a == b {
-                    dups += 1;
-                    if dups <= MAX_REPORTED {
-                        out.push(
-                            Finding::reject(
-                                "vdi.duplicate-block",
-                                format!("block map entries {ia} and {ib} both use data block {a}"),
-                            )
-                            .at(bmap_off.saturating_add((*ib as u64).saturating_mul(4))),
-                        );
-                    }
-                }
-            }
-        }
-        if dups > MAX_REPORTED {
-            out.push(Finding::reject(
-                "vdi.duplicate-block",
-                format!("{dups} shared data blocks in all"),
-            ));
-        }
-        Ok(out)
+        self.check_map(limits)
     }
 
     fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {

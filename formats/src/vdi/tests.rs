@@ -169,6 +169,19 @@ fn duplicate_blocks_are_found_by_check() {
 }
 
 #[test]
+fn check_findings_are_capped_per_code() {
+    // Twenty entries share data block 0: nineteen duplicates, sixteen kept and one summary.
+    let b = build(20 * MIB, &[0; 20], TYPE_DYNAMIC);
+    let found = open_bytes(&b).unwrap().check(&Limits::default()).unwrap();
+    assert_eq!(found.len(), crate::finding::PER_CODE + 1);
+    assert!(found.iter().all(|f| f.code == "vdi.duplicate-block"));
+    assert_eq!(
+        found.last().unwrap().message,
+        "3 more like this (19 in all)"
+    );
+}
+
+#[test]
 fn header_fields_qemu_refuses_are_refused() {
     for (at, v) in [
         (68usize, 0x0001_0000u32),
@@ -198,6 +211,20 @@ fn header_fields_qemu_refuses_are_refused() {
     let mut b = build(MIB, &[0], TYPE_DYNAMIC);
     b[64] ^= 1;
     assert_eq!(open_bytes(&b).err().unwrap().kind(), ErrorKind::Invalid);
+}
+
+#[test]
+fn an_empty_block_map_overlaps_no_data_area() {
+    // No blocks: the map takes no bytes, so a data area starting before its offset and
+    // reaching past it overlaps nothing (glimpse before the RegionIndex said it did).
+    let mut b = build(0, &[], TYPE_DYNAMIC);
+    b.resize(1024, 0);
+    put32(&mut b, 340, 1024);
+    assert_eq!(codes(open_bytes(&b).unwrap().findings()), [] as [&str; 0]);
+    // One entry, the data area over it: still rejected.
+    let mut b = build(MIB, &[UNALLOCATED], TYPE_DYNAMIC);
+    put32(&mut b, 344, 0);
+    assert_eq!(codes(open_bytes(&b).unwrap().findings()), ["vdi.header"]);
 }
 
 #[test]

@@ -206,7 +206,10 @@ impl Footer {
 
     /// Sectors described by the CHS geometry.
     pub fn chs_sectors(&self) -> u64 {
-        u64::from(self.cylinders) * u64::from(self.heads) * u64::from(self.sectors)
+        // At most 65535 × 255 × 255: no overflow.
+        u64::from(self.cylinders)
+            .saturating_mul(u64::from(self.heads))
+            .saturating_mul(u64::from(self.sectors))
     }
 
     /// True when QEMU sizes this disk by its CHS geometry rather than by the current size.
@@ -316,30 +319,20 @@ pub fn bitmap_len(block_size: u64) -> u64 {
 /// asked: the geometry rounds down.
 pub fn geometry(total_sectors: u64) -> (u16, u8, u8) {
     let total = total_sectors.min(MAX_GEOMETRY_SECTORS);
-    let (spt, heads, cth): (u64, u64, u64);
-    if total >= 65535 * 16 * 63 {
-        spt = 255;
-        heads = 16;
-        cth = total / spt;
+    let (spt, heads, cth): (u64, u64, u64) = if total >= 65535 * 16 * 63 {
+        (255, 16, total / 255)
     } else {
-        let mut s = 17u64;
-        let mut c = total / s;
-        let mut h = c.div_ceil(1024).max(4);
-        if c >= h * 1024 || h > 16 {
-            s = 31;
-            h = 16;
-            c = total / s;
+        let c = total / 17;
+        let h = c.div_ceil(1024).max(4);
+        if c < h.saturating_mul(1024) && h <= 16 {
+            (17, h, c)
+        } else if total / 31 < 16 * 1024 {
+            (31, 16, total / 31)
+        } else {
+            (63, 16, total / 63)
         }
-        if c >= h * 1024 {
-            s = 63;
-            h = 16;
-            c = total / s;
-        }
-        spt = s;
-        heads = h;
-        cth = c;
-    }
-    let cyls = cth / heads;
+    };
+    let cyls = cth.checked_div(heads).unwrap_or(0);
     (
         u16::try_from(cyls).unwrap_or(u16::MAX),
         u8::try_from(heads).unwrap_or(u8::MAX),

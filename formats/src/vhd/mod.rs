@@ -16,14 +16,14 @@
 pub mod footer;
 
 use crate::error::{Error, Result};
-use crate::finding::Finding;
+use crate::finding::{Finding, Findings};
 use crate::format::Format;
 use crate::image::{Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
-use crate::io::{read_up_to, read_vec, ReadAt, Source};
-use crate::limits::Limits;
+use crate::io::{read_up_to, ReadAt, Source};
+use crate::limits::{Budget, Charge, Limits};
 use crate::probe::Probe;
-use crate::ranges::{overlap_finding, Region};
-use crate::table::{check_table, TableSpec};
+use crate::ranges::{overlap_finding, Region, RegionIndex};
+use crate::table::{read_entries, read_held, Table, TableSpec};
 
 use footer::{
     bitmap_len, checksum, BAT_UNUSED, COOKIE, DYN_CHECKSUM_AT, DYN_COOKIE, DYN_HEADER_LEN,
@@ -42,14 +42,12 @@ const MAX_BLOCK: u64 = 256 << 20;
 const MAX_SCAN: u64 = 1 << 16;
 /// Largest parent locator decoded: a Windows path of 32767 UTF-16 units.
 const MAX_LOCATOR: u32 = 65536;
-/// Findings of one kind reported by `check` before they are summarised.
-const MAX_REPORTED: usize = 8;
 
 /// Where the dynamic-disk structures are.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Dynamic {
     /// BAT entries: the sector of each block's bitmap, or `BAT_UNUSED`.
-    bat: Vec<u32>,
+    bat: Table<u32>,
     /// Guest bytes per block.
     block_size: u64,
     /// Bytes of the sector bitmap before each block's data.
@@ -62,6 +60,8 @@ struct Dynamic {
     tail_footer: Option<u64>,
     /// The source's size.
     file_size: u64,
+    /// Where a differencing disk's parent locators keep their data: (offset, bytes).
+    locators: Vec<(u64, u64)>,
 }
 
 impl Dynamic {
@@ -73,6 +73,11 @@ impl Dynamic {
     /// Host bytes one allocated block takes: bitmap plus data.
     fn block_span(&self) -> u64 {
         self.bitmap_len.saturating_add(self.block_size)
+    }
+
+    /// Byte offset of BAT entry `i`.
+    fn entry_at(&self, i: usize) -> u64 {
+        self.bat_offset.saturating_add((i as u64).saturating_mul(4))
     }
 }
 
@@ -111,15 +116,16 @@ pub fn probe(p: &Probe<'_>) -> bool {
 /// padded with the reserved zero byte so that the checksum still adds up).
 fn tail_footer(src: &dyn ReadAt, size: u64) -> Result<Option<(u64, Vec<u8>)>> {
     if size >= FOOTER_LEN as u64 {
-        let at = size - FOOTER_LEN as u64;
+        let at = size.saturating_sub(FOOTER_LEN as u64);
         let buf = read_up_to(src, at, FOOTER_LEN)?;
         if buf.starts_with(COOKIE) {
             return Ok(Some((at, buf)));
         }
     }
-    if size >= FOOTER_LEN as u64 - 1 {
-        let at = size - (FOOTER_LEN as u64 - 1);
-        let mut buf = read_up_to(src, at, FOOTER_LEN - 1)?;
+    let old_len = FOOTER_LEN.saturating_sub(1);
+    if size >= old_len as u64 {
+        let at = size.saturating_sub(old_len as u64);
+        let mut buf = read_up_to(src, at, old_len)?;
         if buf.starts_with(COOKIE) {
             buf.push(0);
             return Ok(Some((at, buf)));
@@ -165,15 +171,72 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdImage> {
 
     let head = read_up_to(src.as_ref(), 0, FOOTER_LEN)?;
     let tail = tail_footer(src.as_ref(), size)?;
-    // A zero-size fixed disk is one sector: the same footer is head and tail.
-    let head_ok = head.len() == FOOTER_LEN
-        && head.starts_with(COOKIE)
-        && tail.as_ref().is_none_or(|(at, _)| *at != 0);
-    let tail_type = tail.as_ref().and_then(|(_, b)| be32_at(b, 60));
+    let chosen = choose_footer(head, tail.as_ref(), size, &mut findings)?;
+    let footer = parse_footer(&chosen)?;
+    let footer_at = chosen.at;
+    let fixed = footer.disk_type == TYPE_FIXED;
+    let (virtual_size, uses_chs) = disk_size(&footer, footer_at, &mut findings)?;
+    let mut info = describe(&footer, virtual_size, uses_chs, &src);
 
-    // Which footer describes the disk. QEMU reads the copy at offset 0 whenever it is there,
-    // and the last sector only for fixed disks; glimpse reads the same one but checks the other.
-    let (footer_at, footer_buf, from_head) = match (&tail, head_ok) {
+    let dynamic = if fixed {
+        if virtual_size > footer_at {
+            return Err(Error::truncated(format!(
+                "the fixed VHD's data ({virtual_size} bytes) runs into its footer at {footer_at:#x}"
+            ))
+            .at(footer_at)
+            .code("vhd.truncated"));
+        }
+        None
+    } else {
+        let d = open_dynamic(
+            src.as_ref(),
+            &footer,
+            virtual_size,
+            size,
+            tail.as_ref().map(|(at, _)| *at),
+            limits,
+            &budget,
+            &mut info,
+            &mut findings,
+        )?;
+        Some(d)
+    };
+
+    Ok(VhdImage {
+        src,
+        info,
+        findings,
+        footer,
+        dynamic,
+    })
+}
+
+/// The footer that describes the disk: its bytes, where they were read, and whether they are
+/// the copy at offset 0.
+struct Chosen {
+    at: u64,
+    buf: Vec<u8>,
+    from_head: bool,
+}
+
+/// Which footer describes the disk. QEMU reads the copy at offset 0 whenever it is there,
+/// and the last sector only for fixed disks; glimpse reads the same one but checks the other.
+fn choose_footer(
+    head: Vec<u8>,
+    tail: Option<&(u64, Vec<u8>)>,
+    size: u64,
+    findings: &mut Vec<Finding>,
+) -> Result<Chosen> {
+    // A zero-size fixed disk is one sector: the same footer is head and tail.
+    let head_ok =
+        head.len() == FOOTER_LEN && head.starts_with(COOKIE) && tail.is_none_or(|(at, _)| *at != 0);
+    let tail_type = tail.and_then(|(_, b)| be32_at(b, 60));
+    let from_head = |buf: Vec<u8>| Chosen {
+        at: 0,
+        buf,
+        from_head: true,
+    };
+    match (tail, head_ok) {
         (Some((at, buf)), _) if tail_type == Some(TYPE_FIXED) => {
             if head_ok {
                 findings.push(
@@ -184,7 +247,11 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdImage> {
                     .at(0),
                 );
             }
-            (*at, buf.clone(), false)
+            Ok(Chosen {
+                at: *at,
+                buf: buf.clone(),
+                from_head: false,
+            })
         }
         (Some((at, buf)), true) => {
             if buf.as_slice() != head.as_slice() {
@@ -196,16 +263,14 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdImage> {
                     .at(*at),
                 );
             }
-            (0, head.clone(), true)
+            Ok(from_head(head))
         }
-        (Some((at, _)), false) => {
-            return Err(Error::corrupt(format!(
-                "a {} VHD without the footer copy at offset 0",
-                disk_type_name(tail_type.unwrap_or(0))
-            ))
-            .at(*at)
-            .code("vhd.footer-mismatch"))
-        }
+        (Some((at, _)), false) => Err(Error::corrupt(format!(
+            "a {} VHD without the footer copy at offset 0",
+            disk_type_name(tail_type.unwrap_or(0))
+        ))
+        .at(*at)
+        .code("vhd.footer-mismatch")),
         (None, true) => {
             findings.push(
                 Finding::reject(
@@ -214,22 +279,26 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdImage> {
                 )
                 .at(size),
             );
-            (0, head.clone(), true)
+            Ok(from_head(head))
         }
         (None, false) => {
-            if size < FOOTER_LEN as u64 - 1 {
+            if size < FOOTER_LEN.saturating_sub(1) as u64 {
                 return Err(Error::truncated(format!(
                     "a VHD needs at least one 512-byte footer; the file has {size} bytes"
                 )));
             }
-            return Err(Error::invalid(
+            Err(Error::invalid(
                 "no VHD footer (\"conectix\") at offset 0 or in the last sector",
-            ));
+            ))
         }
-    };
+    }
+}
 
-    let stored = be32_at(&footer_buf, FOOTER_CHECKSUM_AT);
-    let computed = checksum(&footer_buf, FOOTER_CHECKSUM_AT);
+/// Checks the chosen footer's checksum, parses it and accepts only the three disk types.
+fn parse_footer(chosen: &Chosen) -> Result<Footer> {
+    let footer_at = chosen.at;
+    let stored = be32_at(&chosen.buf, FOOTER_CHECKSUM_AT);
+    let computed = checksum(&chosen.buf, FOOTER_CHECKSUM_AT);
     if stored != Some(computed) {
         // QEMU 10 refuses the image too ("Incorrect header checksum").
         return Err(Error::corrupt(format!(
@@ -239,29 +308,31 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdImage> {
         .at(footer_at.saturating_add(FOOTER_CHECKSUM_AT as u64))
         .code("vhd.checksum"));
     }
-    let footer = Footer::parse(&footer_buf, footer_at)?;
-
+    let footer = Footer::parse(&chosen.buf, footer_at)?;
     match footer.disk_type {
-        TYPE_FIXED if from_head => {
-            return Err(Error::corrupt(
-                "a fixed-disk footer at offset 0 with no footer at the end of the file",
-            )
-            .at(0)
-            .code("vhd.footer-mismatch"))
-        }
-        TYPE_FIXED | TYPE_DYNAMIC | TYPE_DIFFERENCING => {}
-        t => {
-            return Err(Error::unsupported(format!(
-                "VHD disk type {t} (only 2 fixed, 3 dynamic, 4 differencing exist)"
-            ))
-            .at(footer_at.saturating_add(60))
-            .code("vhd.disk-type"))
-        }
+        TYPE_FIXED if chosen.from_head => Err(Error::corrupt(
+            "a fixed-disk footer at offset 0 with no footer at the end of the file",
+        )
+        .at(0)
+        .code("vhd.footer-mismatch")),
+        TYPE_FIXED | TYPE_DYNAMIC | TYPE_DIFFERENCING => Ok(footer),
+        t => Err(Error::unsupported(format!(
+            "VHD disk type {t} (only 2 fixed, 3 dynamic, 4 differencing exist)"
+        ))
+        .at(footer_at.saturating_add(60))
+        .code("vhd.disk-type")),
     }
-    let fixed = footer.disk_type == TYPE_FIXED;
+}
 
+/// The virtual size as QEMU computes it, and whether it comes from the CHS geometry.
+fn disk_size(footer: &Footer, footer_at: u64, findings: &mut Vec<Finding>) -> Result<(u64, bool)> {
+    let fixed = footer.disk_type == TYPE_FIXED;
     let chs_bytes = footer.chs_sectors().saturating_mul(SECTOR);
-    let current = footer.current_size / SECTOR * SECTOR;
+    let current = footer
+        .current_size
+        .checked_div(SECTOR)
+        .unwrap_or(0)
+        .saturating_mul(SECTOR);
     let uses_chs = footer.qemu_uses_chs();
     let virtual_size = if fixed {
         footer.current_size
@@ -297,7 +368,12 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdImage> {
         .at(footer_at.saturating_add(48))
         .code("vhd.too-large"));
     }
+    Ok((virtual_size, uses_chs))
+}
 
+/// The image's info from its footer.
+fn describe(footer: &Footer, virtual_size: u64, uses_chs: bool, src: &Source) -> ImageInfo {
+    let fixed = footer.disk_type == TYPE_FIXED;
     let mut info = ImageInfo::new(Format::Vhd, virtual_size);
     info.actual_size = src.allocated_size();
     info.detail("disk-type", disk_type_name(footer.disk_type));
@@ -318,38 +394,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdImage> {
             "chs"
         },
     );
-
-    let dynamic = if fixed {
-        if virtual_size > footer_at {
-            return Err(Error::truncated(format!(
-                "the fixed VHD's data ({virtual_size} bytes) runs into its footer at {footer_at:#x}"
-            ))
-            .at(footer_at)
-            .code("vhd.truncated"));
-        }
-        None
-    } else {
-        let d = open_dynamic(
-            src.as_ref(),
-            &footer,
-            virtual_size,
-            size,
-            tail.as_ref().map(|(at, _)| *at),
-            limits,
-            &budget,
-            &mut info,
-            &mut findings,
-        )?;
-        Some(d)
-    };
-
-    Ok(VhdImage {
-        src,
-        info,
-        findings,
-        footer,
-        dynamic,
-    })
+    info
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -360,11 +405,55 @@ fn open_dynamic(
     size: u64,
     tail_footer: Option<u64>,
     limits: &Limits,
-    budget: &crate::limits::Budget,
+    budget: &Budget,
     info: &mut ImageInfo,
     findings: &mut Vec<Finding>,
 ) -> Result<Dynamic> {
     let hoff = footer.data_offset;
+    let (header, _held) = read_dyn_header(src, hoff, size, budget, findings)?;
+    let block_size = check_block_size(&header, hoff, virtual_size)?;
+    let bat_offset = header.table_offset;
+    let spec = TableSpec {
+        name: "VHD BAT",
+        offset: bat_offset,
+        entries: u64::from(header.max_table_entries),
+        entry_size: 4,
+        align: 1,
+    };
+    let bat = read_entries(src, spec, size, limits, budget, |c| {
+        be32_at(c, 0).unwrap_or(BAT_UNUSED)
+    })?;
+    let d = Dynamic {
+        bat,
+        block_size,
+        bitmap_len: bitmap_len(block_size),
+        bat_offset,
+        header_offset: hoff,
+        tail_footer,
+        file_size: size,
+        locators: locator_data(footer, &header),
+    };
+    blocks_in_file(&d)?;
+    if let Some(f) = metadata_overlap(&d) {
+        findings.push(f);
+    }
+    info.cluster_size = Some(block_size);
+    info.detail("block-size", block_size);
+    if footer.disk_type == TYPE_DIFFERENCING {
+        report_parent(src, &header, hoff, size, budget, info, findings);
+    }
+    Ok(d)
+}
+
+/// Reads and parses the dynamic disk header at `hoff` (charged until the `Charge` drops), and
+/// reports a checksum that does not add up.
+fn read_dyn_header(
+    src: &dyn ReadAt,
+    hoff: u64,
+    size: u64,
+    budget: &Budget,
+    findings: &mut Vec<Finding>,
+) -> Result<(DynHeader, Charge)> {
     if hoff
         .checked_add(DYN_HEADER_LEN as u64)
         .is_none_or(|e| e > size)
@@ -375,7 +464,7 @@ fn open_dynamic(
         .at(hoff)
         .code("vhd.dynamic-header"));
     }
-    let hbuf = read_vec(
+    let (hbuf, held) = read_held(
         src,
         hoff,
         DYN_HEADER_LEN as u64,
@@ -404,7 +493,11 @@ fn open_dynamic(
             .at(hoff.saturating_add(DYN_CHECKSUM_AT as u64)),
         );
     }
+    Ok((header, held))
+}
 
+/// The block size, when QEMU and the spec read it alike and the BAT covers the disk.
+fn check_block_size(header: &DynHeader, hoff: u64, virtual_size: u64) -> Result<u64> {
     let block_size = u64::from(header.block_size);
     if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
         return Err(Error::unsupported(format!(
@@ -421,33 +514,12 @@ fn open_dynamic(
         .at(hoff.saturating_add(28))
         .code("vhd.dynamic-header"));
     }
-    let bat_offset = header.table_offset;
-    let spec = TableSpec {
-        name: "VHD BAT",
-        offset: bat_offset,
-        entries,
-        entry_size: 4,
-        align: 1,
-    };
-    let bat_len = check_table(spec, size, limits)?;
-    let raw = read_vec(src, bat_offset, bat_len, budget, "VHD BAT")?;
-    let mut bat = Vec::new();
-    bat.try_reserve_exact(raw.len() / 4)
-        .map_err(|_| Error::limit("VHD BAT: cannot allocate"))?;
-    bat.extend(raw.chunks_exact(4).filter_map(|c| be32_at(c, 0)));
-    drop(raw);
+    Ok(block_size)
+}
 
-    let d = Dynamic {
-        bat,
-        block_size,
-        bitmap_len: bitmap_len(block_size),
-        bat_offset,
-        header_offset: hoff,
-        tail_footer,
-        file_size: size,
-    };
-    // QEMU refuses the image when any block passes the end of the file (its
-    // free_data_block_offset check); so does glimpse, naming the entry.
+/// QEMU refuses the image when any block passes the end of the file (its
+/// free_data_block_offset check); so does glimpse, naming the entry.
+fn blocks_in_file(d: &Dynamic) -> Result<()> {
     for (i, &e) in d.bat.iter().enumerate() {
         if e == BAT_UNUSED {
             continue;
@@ -455,65 +527,68 @@ fn open_dynamic(
         let end = u64::from(e)
             .saturating_mul(SECTOR)
             .saturating_add(d.block_span());
-        if end > size {
+        if end > d.file_size {
             return Err(Error::corrupt(format!(
-                "BAT entry {i} puts block at sector {e}, ending at {end:#x}, past the end of the file ({size} bytes)"
+                "BAT entry {i} puts block at sector {e}, ending at {end:#x}, past the end of the file ({} bytes)",
+                d.file_size
             ))
-            .at(bat_offset.saturating_add((i as u64).saturating_mul(4)))
+            .at(d.entry_at(i))
             .code("vhd.bat-entry-out-of-bounds"));
         }
     }
-
-    if let Some(f) = metadata_overlap(&d) {
-        findings.push(f);
-    }
-    info.cluster_size = Some(block_size);
-    info.detail("block-size", block_size);
-
-    if footer.disk_type == TYPE_DIFFERENCING {
-        let name = header.parent_name();
-        findings.push(
-            Finding::reject(
-                "vhd.differencing",
-                format!("a differencing VHD over parent {name:?}: its unallocated sectors live in another file, which glimpse never opens"),
-            )
-            .at(hoff.saturating_add(64)),
-        );
-        if !name.is_empty() {
-            info.references.push(Reference {
-                kind: RefKind::ParentLocator,
-                target: name,
-                format: Some("vhd".into()),
-                offset: Some(hoff.saturating_add(64)),
-            });
-        }
-        for (n, loc) in header.locators.iter().enumerate() {
-            if loc.platform == [0; 4] || loc.data_length == 0 {
-                continue;
-            }
-            let at = hoff
-                .saturating_add(576)
-                .saturating_add((n as u64).saturating_mul(24));
-            match read_locator(src, loc, size, budget) {
-                Ok(target) => info.references.push(Reference {
-                    kind: RefKind::ParentLocator,
-                    target,
-                    format: Some("vhd".into()),
-                    offset: Some(loc.data_offset),
-                }),
-                Err(e) => findings.push(
-                    Finding::reject("vhd.differencing", format!("parent locator {n}: {e}")).at(at),
-                ),
-            }
-        }
-    }
-    Ok(d)
+    Ok(())
 }
 
-/// The placement of the tables themselves: the footer copy, the dynamic header, the BAT and
-/// the footer must not share a byte. A BAT inside the header passes every entry check, and
-/// qemu's first allocating write then rewrites the header with a BAT entry.
-fn metadata_overlap(d: &Dynamic) -> Option<Finding> {
+/// A differencing disk: one finding, and the parent's name and locators as references.
+fn report_parent(
+    src: &dyn ReadAt,
+    header: &DynHeader,
+    hoff: u64,
+    size: u64,
+    budget: &Budget,
+    info: &mut ImageInfo,
+    findings: &mut Vec<Finding>,
+) {
+    let name = header.parent_name();
+    findings.push(
+        Finding::reject(
+            "vhd.differencing",
+            format!("a differencing VHD over parent {name:?}: its unallocated sectors live in another file, which glimpse never opens"),
+        )
+        .at(hoff.saturating_add(64)),
+    );
+    if !name.is_empty() {
+        info.references.push(Reference {
+            kind: RefKind::ParentLocator,
+            target: name,
+            format: Some("vhd".into()),
+            offset: Some(hoff.saturating_add(64)),
+        });
+    }
+    for (n, loc) in header.locators.iter().enumerate() {
+        if loc.platform == [0; 4] || loc.data_length == 0 {
+            continue;
+        }
+        let at = hoff
+            .saturating_add(576)
+            .saturating_add((n as u64).saturating_mul(24));
+        match read_locator(src, loc, size, budget) {
+            Ok(target) => info.references.push(Reference {
+                kind: RefKind::ParentLocator,
+                target,
+                format: Some("vhd".into()),
+                offset: Some(loc.data_offset),
+            }),
+            Err(e) => findings.push(
+                Finding::reject("vhd.differencing", format!("parent locator {n}: {e}")).at(at),
+            ),
+        }
+    }
+}
+
+/// The metadata of a dynamic disk: the footer copy, the dynamic header, the BAT and the
+/// footer at the end.
+fn metadata_regions(d: &Dynamic) -> Vec<Region<'static>> {
     let mut regions = vec![
         Region::new("the footer copy", 0, FOOTER_LEN as u64),
         Region::new(
@@ -530,9 +605,30 @@ fn metadata_overlap(d: &Dynamic) -> Option<Finding> {
     if let Some(t) = d.tail_footer {
         regions.push(Region::new("the footer", t, d.file_size.saturating_sub(t)));
     }
+    regions
+}
+
+/// Where a differencing disk's parent locators keep their data (at most eight, each at most
+/// `MAX_LOCATOR` bytes long); none for other disks, whose locators nobody reads.
+fn locator_data(footer: &Footer, header: &DynHeader) -> Vec<(u64, u64)> {
+    if footer.disk_type != TYPE_DIFFERENCING {
+        return Vec::new();
+    }
+    header
+        .locators
+        .iter()
+        .filter(|l| l.platform != [0; 4] && l.data_length <= MAX_LOCATOR)
+        .map(|l| (l.data_offset, u64::from(l.data_length)))
+        .collect()
+}
+
+/// The placement of the tables themselves: the footer copy, the dynamic header, the BAT and
+/// the footer must not share a byte. A BAT inside the header passes every entry check, and
+/// qemu's first allocating write then rewrites the header with a BAT entry.
+fn metadata_overlap(d: &Dynamic) -> Option<Finding> {
     overlap_finding(
         "vhd.metadata-overlap",
-        &mut regions,
+        &mut metadata_regions(d),
         "a write through the BAT would destroy metadata",
     )
 }
@@ -543,7 +639,7 @@ fn read_locator(
     src: &dyn ReadAt,
     loc: &footer::ParentLocator,
     size: u64,
-    budget: &crate::limits::Budget,
+    budget: &Budget,
 ) -> Result<String> {
     if loc.data_length > MAX_LOCATOR {
         return Err(Error::limit(format!(
@@ -558,7 +654,7 @@ fn read_locator(
             loc.data_offset
         )));
     }
-    let raw = read_vec(src, loc.data_offset, len, budget, "VHD parent locator")?;
+    let (raw, _held) = read_held(src, loc.data_offset, len, budget, "VHD parent locator")?;
     let text = match &loc.platform {
         b"W2ku" | b"W2ru" => {
             let units: Vec<u16> = raw
@@ -578,28 +674,31 @@ impl VhdImage {
     fn map_dynamic(&self, d: &Dynamic, guest: u64, span: u64) -> Result<Extent> {
         let end = guest.saturating_add(span);
         let bs = d.block_size;
-        let idx = guest / bs;
+        let idx = guest.checked_div(bs).unwrap_or(0);
         let block_guest = idx.saturating_mul(bs);
         let Some(sector) = d.entry(idx) else {
             let mut next = block_guest.saturating_add(bs);
             let mut n = 0;
-            while next < end && n < MAX_SCAN && d.entry(next / bs).is_none() {
+            while next < end && n < MAX_SCAN && d.entry(next.checked_div(bs).unwrap_or(0)).is_none()
+            {
                 next = next.saturating_add(bs);
-                n += 1;
+                n = n.saturating_add(1);
             }
             return Ok(Extent {
                 start: guest,
-                len: next.min(end) - guest,
+                len: next.min(end).saturating_sub(guest),
                 kind: ExtentKind::Unallocated,
             });
         };
         let block_host = u64::from(sector).saturating_mul(SECTOR);
-        let in_block = guest - block_guest;
+        let in_block = guest.saturating_sub(block_guest);
         let stop = block_guest.saturating_add(bs).min(end);
         let first = in_block / SECTOR;
-        let last = (stop - 1 - block_guest) / SECTOR;
+        // stop > guest >= block_guest: the last sector the span touches.
+        let last = stop.saturating_sub(1).saturating_sub(block_guest) / SECTOR;
         let (b0, b1) = (first / 8, last / 8);
-        let n = usize::try_from(b1 - b0 + 1).map_err(|_| Error::limit("bitmap too large"))?;
+        let n = usize::try_from(b1.saturating_sub(b0).saturating_add(1))
+            .map_err(|_| Error::limit("bitmap too large"))?;
         let mut bits = vec![0u8; n];
         let at = block_host.saturating_add(b0);
         self.src.read_exact_at(&mut bits, at).map_err(|e| {
@@ -610,7 +709,7 @@ impl VhdImage {
                 .at(at)
         })?;
         let bit = |s: u64| -> bool {
-            let byte = usize::try_from(s / 8 - b0)
+            let byte = usize::try_from((s / 8).saturating_sub(b0))
                 .ok()
                 .and_then(|i| bits.get(i))
                 .copied()
@@ -621,9 +720,9 @@ impl VhdImage {
         // ignores the bitmap and reads the block; the two agree on every image QEMU or
         // Hyper-V writes (QEMU sets every bit, Hyper-V zeroes unwritten sectors).
         let set = bit(first);
-        let mut s = first + 1;
+        let mut s = first.saturating_add(1);
         while s <= last && bit(s) == set {
-            s += 1;
+            s = s.saturating_add(1);
         }
         let run_end = block_guest
             .saturating_add(s.saturating_mul(SECTOR))
@@ -639,91 +738,66 @@ impl VhdImage {
         };
         Ok(Extent {
             start: guest,
-            len: run_end - guest,
+            len: run_end.saturating_sub(guest),
             kind,
         })
     }
 
     fn check_dynamic(&self, d: &Dynamic, limits: &Limits) -> Result<Vec<Finding>> {
-        let mut out = Vec::new();
-        let span = d.block_span();
-        let mut metadata: Vec<(u64, u64, &str)> = vec![
-            (0, FOOTER_LEN as u64, "the footer copy"),
-            (
-                d.header_offset,
-                DYN_HEADER_LEN as u64,
-                "the dynamic disk header",
-            ),
-            (
-                d.bat_offset,
-                (d.bat.len() as u64).saturating_mul(4),
-                "the BAT",
-            ),
-        ];
-        if let Some(t) = d.tail_footer {
-            metadata.push((t, d.file_size.saturating_sub(t), "the footer"));
-        }
-        let budget = limits.budget();
-        budget.take((d.bat.len() as u64).saturating_mul(16), "VHD BAT check")?;
+        let mut out = Findings::new();
+        let mut regions = metadata_regions(d);
+        regions.extend(
+            d.locators
+                .iter()
+                .map(|&(at, len)| Region::new("a parent locator's data", at, len)),
+        );
+        let metadata = RegionIndex::new(regions);
+        // The block list below, held for the length of the check.
+        let _held = limits
+            .budget()
+            .charge((d.bat.len() as u64).saturating_mul(16), "VHD BAT check")?;
         let mut blocks: Vec<(u64, usize)> = Vec::new();
         blocks
             .try_reserve_exact(d.bat.len())
             .map_err(|_| Error::limit("VHD BAT check: cannot allocate"))?;
-        let mut into_meta = 0usize;
+        let span = d.block_span();
         for (i, &e) in d.bat.iter().enumerate() {
             if e == BAT_UNUSED {
                 continue;
             }
             let start = u64::from(e).saturating_mul(SECTOR);
-            let end = start.saturating_add(span);
             blocks.push((start, i));
-            if let Some((_, _, what)) = metadata
-                .iter()
-                .find(|(m, len, _)| start < m.saturating_add(*len) && *m < end)
-            {
-                into_meta += 1;
-                if into_meta <= MAX_REPORTED {
-                    out.push(
-                        Finding::reject(
-                            "vhd.entry-into-metadata",
-                            format!("BAT entry {i} puts a block at {start:#x} over {what}"),
-                        )
-                        .at(d.bat_offset.saturating_add((i as u64).saturating_mul(4))),
-                    );
-                }
+            if let Some(r) = metadata.hit(start, start.saturating_add(span)) {
+                out.push(
+                    Finding::reject(
+                        "vhd.entry-into-metadata",
+                        format!("BAT entry {i} puts a block at {start:#x} over {}", r.name),
+                    )
+                    .at(d.entry_at(i)),
+                );
             }
         }
-        if into_meta > MAX_REPORTED {
-            out.push(Finding::reject(
-                "vhd.entry-into-metadata",
-                format!("{into_meta} BAT entries in all overlap metadata"),
-            ));
-        }
-        blocks.sort_unstable();
-        let mut dup = 0usize;
-        for w in blocks.windows(2) {
-            if let [(a, ia), (b, ib)] = w {
-                if *b < a.saturating_add(span) {
-                    dup += 1;
-                    if dup <= MAX_REPORTED {
-                        out.push(
-                            Finding::reject(
-                                "vhd.duplicate-block",
-                                format!("BAT entries {ia} and {ib} map blocks at {a:#x} and {b:#x}, which overlap"),
-                            )
-                            .at(d.bat_offset.saturating_add((*ib as u64).saturating_mul(4))),
-                        );
-                    }
-                }
+        duplicate_blocks(d, &mut blocks, &mut out);
+        Ok(out.finish())
+    }
+}
+
+/// Blocks that share host bytes: `blocks` (host offset, BAT index) is sorted here.
+fn duplicate_blocks(d: &Dynamic, blocks: &mut [(u64, usize)], out: &mut Findings) {
+    let span = d.block_span();
+    blocks.sort_unstable();
+    for w in blocks.windows(2) {
+        if let [(a, ia), (b, ib)] = w {
+            if *b < a.saturating_add(span) {
+                out.push(
+                    Finding::reject(
+                        "vhd.duplicate-block",
+                        format!("BAT entries {ia} and {ib} map blocks at {a:#x} and {b:#x}, which overlap"),
+                    )
+                    .at(d.entry_at(*ib)),
+                );
             }
         }
-        if dup > MAX_REPORTED {
-            out.push(Finding::reject(
-                "vhd.duplicate-block",
-                format!("{dup} overlapping blocks in all"),
-            ));
-        }
-        Ok(out)
     }
 }
 

@@ -332,6 +332,38 @@ fn bat_entry_into_metadata_is_found_by_check() {
 }
 
 #[test]
+fn bat_entry_over_a_parent_locator_is_found_by_check() {
+    // Block 0's bitmap is at 0x800, its data at 0xa00: put a locator's data there.
+    let mut d = Dyn::new(BLOCK, &[0]);
+    d.footers(|f| put32(f, 60, TYPE_DIFFERENCING));
+    d.header_mut()[576..580].copy_from_slice(b"W2ku");
+    put32(d.header_mut(), 576 + 8, 40);
+    put64(d.header_mut(), 576 + 16, 0xa00);
+    d.reseal_header();
+    let img = d.open().unwrap();
+    assert_eq!(codes(img.findings()), ["vhd.differencing"]);
+    let found = img.check(&Limits::default()).unwrap();
+    assert_eq!(codes(&found), ["vhd.entry-into-metadata"]);
+    assert!(
+        found[0].message.contains("parent locator"),
+        "{}",
+        found[0].message
+    );
+    // The same locator fields in a dynamic disk are not metadata: nobody reads them.
+    let mut d = Dyn::new(BLOCK, &[0]);
+    d.header_mut()[576..580].copy_from_slice(b"W2ku");
+    put32(d.header_mut(), 576 + 8, 40);
+    put64(d.header_mut(), 576 + 16, 0xa00);
+    d.reseal_header();
+    assert!(d
+        .open()
+        .unwrap()
+        .check(&Limits::default())
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
 fn duplicate_blocks_are_found_by_check() {
     let mut d = Dyn::new(2 * BLOCK, &[0]);
     let e0 = u32::from_be_bytes(d.bytes[1536..1540].try_into().unwrap());
