@@ -182,7 +182,7 @@ impl Walk<'_> {
             return Ok(true);
         }
         let cb = self.img.geo.cluster_bits;
-        let Some(last) = off.checked_add(len.max(1) - 1) else {
+        let Some(last) = off.checked_add(len.saturating_sub(1)) else {
             return Ok(false);
         };
         if !self.counts.inc(off, len, times)? {
@@ -218,7 +218,7 @@ impl Walk<'_> {
         let h = &self.img.header;
         let cs = self.img.geo.cluster_size();
         let rt_off = h.refcount_table_offset;
-        let rt_len = u64::from(h.refcount_table_clusters) * cs;
+        let rt_len = u64::from(h.refcount_table_clusters).saturating_mul(cs);
         self.meta(Kind::RefTable, rt_off, rt_len, 1)?;
         let spec = TableSpec {
             name: "refcount table",
@@ -245,7 +245,7 @@ impl Walk<'_> {
             if off == 0 {
                 continue;
             }
-            if off % cs != 0 {
+            if self.img.geo.in_cluster(off) != 0 {
                 self.rep.push(
                     Finding::reject(
                         "table.misaligned",
@@ -289,7 +289,7 @@ impl Walk<'_> {
             if off == 0 {
                 continue;
             }
-            let problem = if off % cs != 0 {
+            let problem = if self.img.geo.in_cluster(off) != 0 {
                 Some(("table.misaligned", "is not cluster aligned"))
             } else if !self.counts.inc(off, cs, times)? {
                 Some(("table.out-of-bounds", "lies past the end of the file"))
@@ -350,15 +350,15 @@ impl Walk<'_> {
             let b = self.l2s.get(j).map(l2);
             let m = match (a, b) {
                 (Some(a), Some(b)) if a <= b => {
-                    i += 1;
+                    i = i.saturating_add(1);
                     a
                 }
                 (_, Some(b)) => {
-                    j += 1;
+                    j = j.saturating_add(1);
                     b
                 }
                 (Some(a), None) => {
-                    i += 1;
+                    i = i.saturating_add(1);
                     a
                 }
                 (None, None) => break,
@@ -438,7 +438,7 @@ impl Walk<'_> {
     /// Checks data clusters `[host, host+len)` against metadata.
     fn data_in_meta(&mut self, host: u64, len: u64, at: u64) {
         let cb = self.img.geo.cluster_bits;
-        let last = host.saturating_add(len.max(1) - 1);
+        let last = host.saturating_add(len.saturating_sub(1));
         if (host >> cb..=last >> cb).any(|c| self.is_meta(c)) {
             self.l2_problem(
                 "qcow2.entry-into-metadata",
@@ -506,7 +506,7 @@ impl Walk<'_> {
         if host == 0 || !self.copied_checked {
             return Ok(());
         }
-        if host % cs != 0 {
+        if geo.in_cluster(host) != 0 {
             self.l2_problem(
                 "qcow2.l2-entry-out-of-bounds",
                 format!("data cluster {host:#x} is not cluster aligned"),
@@ -518,7 +518,10 @@ impl Walk<'_> {
         // to the last allocated one (qemu ends the file there).
         let need = if geo.extended {
             let alloc = bitmap & 0xffff_ffff;
-            (64 - u64::from(alloc.leading_zeros())).max(1) * (cs / 32)
+            64u64
+                .saturating_sub(u64::from(alloc.leading_zeros()))
+                .max(1)
+                .saturating_mul(cs / 32)
         } else {
             cs
         };
@@ -567,7 +570,7 @@ impl Walk<'_> {
         let (mut leaked, mut first_leak) = (0u64, None);
         let mut cluster = 0u64;
         while cluster < n {
-            let bi = cluster / epb;
+            let bi = cluster.checked_div(epb).unwrap_or(0);
             let has_block = self
                 .blocks
                 .get(usize::try_from(bi).unwrap_or(usize::MAX))
@@ -577,7 +580,7 @@ impl Walk<'_> {
                 let next_block = present.get(k).map_or(n, |b| b.saturating_mul(epb));
                 cluster = next_block
                     .min(self.counts.next_touched(cluster))
-                    .max(cluster + 1);
+                    .max(cluster.saturating_add(1));
                 continue;
             }
             let rc = stored.get(cluster)?;
@@ -605,10 +608,10 @@ impl Walk<'_> {
                     .at(offset),
                 );
             } else if rc > u64::from(counted) && !self.skip_leaks {
-                leaked += 1;
+                leaked = leaked.saturating_add(1);
                 first_leak.get_or_insert(offset);
             }
-            cluster += 1;
+            cluster = cluster.saturating_add(1);
         }
         if leaked > 0 {
             let mut f = Finding::warn(
@@ -640,7 +643,7 @@ struct Stored<'a> {
 
 impl Stored<'_> {
     fn get(&mut self, cluster: u64) -> Result<u64> {
-        let block_off = usize::try_from(cluster / self.epb)
+        let block_off = usize::try_from(cluster.checked_div(self.epb).unwrap_or(0))
             .ok()
             .and_then(|i| self.blocks.get(i))
             .copied()
@@ -666,7 +669,7 @@ impl Stored<'_> {
         Ok(self
             .cur
             .as_ref()
-            .map(|(_, b)| refcount::get(b, cluster % self.epb, order))
+            .map(|(_, b)| refcount::get(b, cluster.checked_rem(self.epb).unwrap_or(0), order))
             .unwrap_or(0))
     }
 }
@@ -735,7 +738,9 @@ impl Walk<'_> {
                     off,
                 ));
             }
-            let len = 40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len);
+            let len = [u64::from(extra), u64::from(id_len), u64::from(name_len)]
+                .iter()
+                .fold(40u64, |a, b| a.saturating_add(*b));
             let entry_at = off;
             off = off.saturating_add(len);
             if off > img.file_size {
@@ -887,7 +892,9 @@ impl Walk<'_> {
             self.meta(Kind::BitmapTable, table_off, bytes, 1)?;
             for (k, v) in (0u64..).zip(bt.iter().copied()) {
                 let off = v & L1E_OFFSET_MASK;
-                if off != 0 && (off % cs != 0 || !self.meta(Kind::BitmapData, off, cs, 1)?) {
+                if off != 0
+                    && (img.geo.in_cluster(off) != 0 || !self.meta(Kind::BitmapData, off, cs, 1)?)
+                {
                     return Ok(Err(bad(
                         format!("bitmap {i}: data cluster {off:#x} is invalid"),
                         table_off.saturating_add(k.saturating_mul(8)),

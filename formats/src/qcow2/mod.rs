@@ -398,8 +398,7 @@ impl Qcow2Image {
 
     /// The L2 table at `offset` (cached), after checking alignment and range.
     fn l2(&self, offset: u64) -> Result<table::L2Table> {
-        let cs = self.geo.cluster_size();
-        if offset % cs != 0 {
+        if self.geo.in_cluster(offset) != 0 {
             return Err(Error::corrupt(format!(
                 "L2 table offset {offset:#x} is not cluster aligned"
             ))
@@ -418,7 +417,7 @@ impl Qcow2Image {
     /// ends inside the cluster.
     fn piece_at(&self, cm: ClusterMap, pos: u64, cluster_start: u64) -> (Piece, u64) {
         let cs = self.geo.cluster_size();
-        let within = pos - cluster_start;
+        let within = pos.saturating_sub(cluster_start);
         match cm {
             ClusterMap::Whole(Piece::Data(h)) => (
                 Piece::Data(h.saturating_add(within)),
@@ -426,8 +425,9 @@ impl Qcow2Image {
             ),
             ClusterMap::Whole(p) => (p, cluster_start.saturating_add(cs)),
             ClusterMap::Sub { host, alloc, zero } => {
-                let sub = cs / 32;
-                let si = within / sub;
+                // 32 subclusters of `1 << sub_bits` bytes.
+                let sub_bits = self.geo.cluster_bits.saturating_sub(5);
+                let si = within >> sub_bits;
                 let kind = |i: u64| -> u8 {
                     if (alloc >> i) & 1 == 1 {
                         2
@@ -438,16 +438,16 @@ impl Qcow2Image {
                     }
                 };
                 let k = kind(si);
-                let mut sj = si + 1;
+                let mut sj = si.saturating_add(1);
                 while sj < 32 && kind(sj) == k {
-                    sj += 1;
+                    sj = sj.saturating_add(1);
                 }
                 let piece = match k {
                     2 => Piece::Data(host.saturating_add(within)),
                     1 => Piece::Zero,
                     _ => Piece::Unallocated,
                 };
-                (piece, cluster_start.saturating_add(sj * sub))
+                (piece, cluster_start.saturating_add(sj << sub_bits))
             }
         }
     }

@@ -84,21 +84,28 @@ impl Geometry {
     }
     /// Entries per L2 table.
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / self.l2_entry_size()
+        self.cluster_size() >> self.l2_entry_size().trailing_zeros()
+    }
+    /// The offset of byte `off` inside its cluster (0 when `off` is cluster aligned).
+    pub fn in_cluster(&self, off: u64) -> u64 {
+        off & !(u64::MAX << self.cluster_bits)
     }
     /// `x` of the spec's compressed descriptor: bits below it hold the host offset, bits
     /// from it the number of additional 512-byte sectors.
     pub fn csize_shift(&self) -> u32 {
-        62 - (self.cluster_bits - 8)
+        62u32.saturating_sub(self.cluster_bits.saturating_sub(8))
     }
     /// Decodes a compressed descriptor to (host offset, bytes to its last sector's end), as
     /// qemu's `qcow2_parse_compressed_l2_entry` computes them.
     pub fn compressed(&self, entry: u64) -> (u64, u64) {
         let shift = self.csize_shift();
-        let host = entry & ((1u64 << shift) - 1);
-        let mask = (1u64 << (self.cluster_bits - 8)) - 1;
-        let sectors = ((entry >> shift) & mask) + 1;
-        (host, sectors * SECTOR - (host % SECTOR))
+        let host = entry & !(u64::MAX << shift);
+        let mask = !(u64::MAX << self.cluster_bits.saturating_sub(8));
+        let sectors = ((entry >> shift) & mask).saturating_add(1);
+        (
+            host,
+            sectors.saturating_mul(SECTOR).saturating_sub(host % SECTOR),
+        )
     }
 }
 
