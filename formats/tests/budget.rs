@@ -155,3 +155,39 @@ fn qed_gives_its_budget_back() {
         assert_eq!(limits.budget().left(), full);
     }
 }
+
+/// Whatever budget a command has, an open or a check that runs out of it part way gives back
+/// everything it took: every error path of qcow2's open and check returns its charges.
+#[test]
+fn qcow2_gives_its_budget_back_when_it_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("s.qcow2");
+    let ap = a.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ap, "64M"]);
+    qemu_io("qcow2", &a, &["write -P 0x5a 0 1M"]);
+    qemu_img(&["snapshot", "-c", "s1", ap]);
+    qemu_io(
+        "qcow2",
+        &a,
+        &["write -P 0x11 512k 1M", "write -P 0x22 40M 64k"],
+    );
+    let (mut opened, mut checked) = (0, 0);
+    for kib in (8..=1024).step_by(8) {
+        let limits = Limits {
+            max_metadata_bytes: kib << 10,
+            ..Limits::default()
+        }
+        .per_command();
+        let full = limits.budget().left();
+        let src: Source = Arc::new(File::open(&a).unwrap());
+        if let Ok((_, img)) = open_detected(src, &limits) {
+            opened += 1;
+            if img.check(&limits).is_ok() {
+                checked += 1;
+            }
+        }
+        assert_eq!(limits.budget().left(), full, "{kib} KiB");
+    }
+    // Some budgets fail the open, some the check, some neither.
+    assert!(opened > 0 && checked > 0 && checked < opened && opened < 128);
+}

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::limits::Budget;
+use crate::limits::{Budget, Charge};
 
 /// Clusters per page (log2).
 const PAGE_BITS: u32 = 12;
@@ -38,7 +38,8 @@ pub struct Counts<'a> {
     /// The last page used (page number, index): runs of references mostly stay in a page.
     last: Option<(u64, usize)>,
     budget: &'a Budget,
-    held: u64,
+    /// The pages' bytes, held until the counters are dropped.
+    held: Option<Charge>,
 }
 
 impl<'a> Counts<'a> {
@@ -51,7 +52,7 @@ impl<'a> Counts<'a> {
             store: Vec::new(),
             last: None,
             budget,
-            held: 0,
+            held: None,
         }
     }
 
@@ -72,15 +73,18 @@ impl<'a> Counts<'a> {
             }
         }
         if !self.pages.contains_key(&p) {
-            if self.held.saturating_add(PAGE_BYTES) > MAX_PAGE_BYTES {
+            let held = self.held.as_ref().map_or(0, Charge::bytes);
+            if held.saturating_add(PAGE_BYTES) > MAX_PAGE_BYTES {
                 return Err(Error::limit(format!(
                     "refcount check: the referenced clusters need more than {} MiB of counters",
                     MAX_PAGE_BYTES >> 20
                 ))
                 .code("table.too-large"));
             }
-            self.budget.take(PAGE_BYTES, "refcount check")?;
-            self.held = self.held.saturating_add(PAGE_BYTES);
+            match self.held.as_mut() {
+                Some(c) => c.grow(PAGE_BYTES, "refcount check")?,
+                None => self.held = Some(self.budget.charge(PAGE_BYTES, "refcount check")?),
+            }
             let mut v = Vec::new();
             v.try_reserve_exact(PAGE)
                 .map_err(|_| Error::limit("refcount check: cannot allocate"))?;
@@ -152,12 +156,6 @@ impl<'a> Counts<'a> {
             .range(p..)
             .next()
             .map_or(self.clusters, |(k, _)| k << PAGE_BITS)
-    }
-}
-
-impl Drop for Counts<'_> {
-    fn drop(&mut self) {
-        self.budget.give_back(self.held);
     }
 }
 
