@@ -191,3 +191,16 @@ fn qcow2_gives_its_budget_back_when_it_runs_out() {
     // Some budgets fail the open, some the check, some neither.
     assert!(opened > 0 && checked > 0 && checked < opened && opened < 128);
 }
+
+/// Persistent bitmaps: the bitmap directory and tables that check reads come back too.
+#[test]
+fn qcow2_with_bitmaps_gives_its_budget_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("b.qcow2");
+    let ap = a.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ap, "64M"]);
+    qemu_io("qcow2", &a, &["write -P 0x5a 0 1M"]);
+    qemu_img(&["bitmap", "--add", ap, "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", ap, "b1"]);
+    round_trips_the_budget(&a);
+}

@@ -844,13 +844,15 @@ impl Walk<'_> {
         if let Err(e) = check_table(spec, img.file_size, &unlimited) {
             return Ok(Err(bad(e.message().to_string(), dir_off)));
         }
-        let dir = read_entries(
+        // Entries have variable lengths: the directory stays bytes, held by one charge (the
+        // range was checked above; the read's own budget is only its scratch count).
+        let _held = self.budget.charge(dir_size, "bitmap directory")?;
+        let dir = read_vec(
             img.src.as_ref(),
-            spec,
-            img.file_size,
-            &unlimited,
-            self.budget,
-            |b| b.first().copied().unwrap_or(0),
+            dir_off,
+            dir_size,
+            &Budget::new(dir_size),
+            "bitmap directory",
         )?;
         self.meta(Kind::BitmapDir, dir_off, dir_size, 1)?;
         let mut pos = 0usize;
