@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::finding::{Finding, Findings};
 use crate::io::read_vec;
 use crate::limits::{Budget, Charge, Limits};
@@ -236,7 +236,9 @@ impl Walk<'_> {
             |c| table::be64(c, 0),
         )?;
         self.held.grow(rt_len, RECORDS)?;
-        self.blocks.reserve_exact(rt.len());
+        self.blocks
+            .try_reserve_exact(rt.len())
+            .map_err(|_| Error::limit("refcount table: cannot allocate"))?;
         for (i, e) in (0u64..).zip(rt.iter().copied()) {
             let at = rt_off.saturating_add(i.saturating_mul(8));
             self.reserved("refcount table entry", e, REFT_RESERVED_MASK, at);
