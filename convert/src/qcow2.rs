@@ -16,19 +16,17 @@
 //! leaks and no errors. Zero chunks stay unallocated.
 
 use byteorder::{BigEndian, ByteOrder};
+use glimpse_formats::qcow2::header::{
+    DEFAULT_REFCOUNT_ORDER as REFCOUNT_ORDER, INCOMPAT_COMPRESSION, MAGIC, MAX_CLUSTER_BITS,
+    MAX_L1_BYTES, MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS, V2_HEADER_LEN, V3_HEADER_LEN,
+};
+use glimpse_formats::qcow2::refcount::entries_per_block;
+use glimpse_formats::qcow2::table::{Geometry, OFLAG_COMPRESSED, OFLAG_COPIED, SECTOR};
 
 use crate::{
     Chunk, Codec, Compressor, Error, Measure, Payload, Result, Target, WriteOptions, Writer,
 };
 
-const MAGIC: &[u8; 4] = b"QFI\xfb";
-const OFLAG_COPIED: u64 = 1 << 63;
-const OFLAG_COMPRESSED: u64 = 1 << 62;
-/// 16-bit refcounts, qemu's default.
-const REFCOUNT_ORDER: u32 = 4;
-/// qemu's `QCOW_MAX_L1_SIZE` and `QCOW_MAX_REFTABLE_SIZE`.
-const MAX_L1_BYTES: u64 = 32 << 20;
-const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Options this writer understands (qemu-img's names).
 const OPTIONS: &[&str] = &["compat", "cluster_size", "compression_type"];
 
@@ -48,7 +46,8 @@ fn parse_opts(opts: &WriteOptions) -> Result<Opts> {
         Some(v) => return Err(Error::invalid(format!("compat={v}: expected 0.10 or 1.1"))),
     };
     let cs = opts.size("cluster_size")?.unwrap_or(65536);
-    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+    let sizes = 1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS;
+    if !cs.is_power_of_two() || !sizes.contains(&cs) {
         return Err(Error::invalid(format!(
             "cluster_size={cs}: must be a power of two from 512 to 2M"
         )));
@@ -95,7 +94,7 @@ fn layout(cluster_bits: u32, virtual_size: u64) -> Result<Layout> {
     // Worst case: every guest cluster stored, every L2 table present, one cluster of slack
     // for a compressed stream's tail.
     let fixed = 1 + l1_clusters + data + l1_entries + 1;
-    let epb = (cs * 8) >> REFCOUNT_ORDER;
+    let epb = entries_per_block(cluster_bits, REFCOUNT_ORDER);
     let (mut blocks, mut rt) = (0u64, 0u64);
     loop {
         let nb = (fixed + blocks + rt).div_ceil(epb);
@@ -257,8 +256,14 @@ impl Qcow2Writer {
     }
 
     fn header(&self) -> Vec<u8> {
-        let mut h = vec![0u8; if self.o.v3 { 120 } else { 80 }];
-        h[0..4].copy_from_slice(MAGIC);
+        // The header, then 8 zero bytes: the end-of-extensions marker.
+        let len = if self.o.v3 {
+            V3_HEADER_LEN
+        } else {
+            V2_HEADER_LEN
+        };
+        let mut h = vec![0u8; len as usize + 8];
+        h[0..4].copy_from_slice(&MAGIC);
         BigEndian::write_u32(&mut h[4..8], if self.o.v3 { 3 } else { 2 });
         BigEndian::write_u32(&mut h[20..24], self.o.cluster_bits);
         // qemu reads the size in whole 512-byte sectors, rounding down, and qemu-img rounds
@@ -278,12 +283,12 @@ impl Qcow2Writer {
             u32::try_from(self.lay.rt_clusters).unwrap_or(0),
         );
         if self.o.v3 {
-            BigEndian::write_u64(&mut h[72..80], if self.o.zstd { 1 << 3 } else { 0 });
+            let incompat = if self.o.zstd { INCOMPAT_COMPRESSION } else { 0 };
+            BigEndian::write_u64(&mut h[72..80], incompat);
             BigEndian::write_u32(&mut h[96..100], REFCOUNT_ORDER);
-            BigEndian::write_u32(&mut h[100..104], 112);
+            BigEndian::write_u32(&mut h[100..104], V3_HEADER_LEN);
             h[104] = u8::from(self.o.zstd);
         }
-        // The remaining 8 zero bytes are the end-of-extensions marker.
         h
     }
 }
@@ -343,8 +348,12 @@ impl Writer for Qcow2Writer {
                 let len = z.len() as u64;
                 let off = self.alloc_bytes(len);
                 self.file.write_all_at(&z, off)?;
-                let shift = 62 - (self.o.cluster_bits - 8);
-                let extra = ((off + len - 1) >> 9) - (off >> 9);
+                let shift = Geometry {
+                    cluster_bits: self.o.cluster_bits,
+                    extended: false,
+                }
+                .csize_shift();
+                let extra = (off + len - 1) / SECTOR - off / SECTOR;
                 self.set_entry(cluster, OFLAG_COMPRESSED | (extra << shift) | off)?;
             }
         }
@@ -371,7 +380,7 @@ impl Writer for Qcow2Writer {
         }
         self.flush_l2()?;
         let cs = self.cs;
-        let epb = (cs * 8) >> REFCOUNT_ORDER;
+        let epb = entries_per_block(self.o.cluster_bits, REFCOUNT_ORDER);
         let first_block = self.end.div_ceil(cs);
         let mut blocks = 0u64;
         loop {
@@ -415,7 +424,7 @@ impl Writer for Qcow2Writer {
 /// qemu's `qcow2_refcount_metadata_size`: refcount blocks and table for `clusters` clusters.
 fn refcount_metadata_size(clusters: u64, cs: u64) -> u64 {
     let per_table_cluster = cs / 8;
-    let per_block = (cs * 8) >> REFCOUNT_ORDER;
+    let per_block = entries_per_block(cs.trailing_zeros(), REFCOUNT_ORDER);
     let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
     loop {
         let last = n;

@@ -97,3 +97,126 @@ fn vdi_gives_its_budget_back() {
     case("vdi", "static.vdi", &["-o", "static=on"], false);
     case("vdi", "empty-static.vdi", &["-o", "static=on"], true);
 }
+
+/// A qcow2 with data: the L1 table, the L2 cache and the check's charges all come back.
+#[test]
+fn qcow2_gives_its_budget_back() {
+    case("qcow2", "a.qcow2", &[], false);
+}
+
+#[test]
+fn qcow2_extended_l2_gives_its_budget_back() {
+    case(
+        "qcow2",
+        "x.qcow2",
+        &["-o", "extended_l2=on,cluster_size=128k"],
+        false,
+    );
+}
+
+#[test]
+fn qcow2_empty_gives_its_budget_back() {
+    case("qcow2", "e.qcow2", &[], true);
+}
+
+/// `qemu-img convert -c` of a qcow2 with data: compressed clusters.
+#[test]
+fn qcow2_compressed_gives_its_budget_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.qcow2");
+    let c = dir.path().join("c.qcow2");
+    let (ap, cp) = (a.to_str().unwrap(), c.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", "qcow2", ap, "64M"]);
+    qemu_io(
+        "qcow2",
+        &a,
+        &["write -P 0x5a 0 1M", "write -P 0x11 33M 64k"],
+    );
+    qemu_img(&["convert", "-q", "-c", "-O", "qcow2", ap, cp]);
+    round_trips_the_budget(&c);
+}
+
+/// An internal snapshot, then more writes: snapshot L1 tables and shared clusters.
+#[test]
+fn qcow2_snapshot_gives_its_budget_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("s.qcow2");
+    let ap = a.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ap, "64M"]);
+    qemu_io("qcow2", &a, &["write -P 0x5a 0 1M"]);
+    qemu_img(&["snapshot", "-c", "s1", ap]);
+    qemu_io(
+        "qcow2",
+        &a,
+        &["write -P 0x11 512k 1M", "write -P 0x22 40M 64k"],
+    );
+    round_trips_the_budget(&a);
+}
+
+#[test]
+fn qed_gives_its_budget_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    let p = dir.path().join("a.qed");
+    let (bp, pp) = (base.to_str().unwrap(), p.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", "qed", "-b", bp, "-F", "raw", pp, "3M"]);
+    let limits = Limits::default().per_command();
+    let full = limits.budget().left();
+    for _ in 0..3 {
+        let src: Source = Arc::new(File::open(&p).unwrap());
+        let (_, img) = open_detected(src, &limits).unwrap();
+        img.check(&limits).unwrap();
+        drop(img);
+        assert_eq!(limits.budget().left(), full);
+    }
+}
+
+/// Whatever budget a command has, an open or a check that runs out of it part way gives back
+/// everything it took: every error path of qcow2's open and check returns its charges.
+#[test]
+fn qcow2_gives_its_budget_back_when_it_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("s.qcow2");
+    let ap = a.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ap, "64M"]);
+    qemu_io("qcow2", &a, &["write -P 0x5a 0 1M"]);
+    qemu_img(&["snapshot", "-c", "s1", ap]);
+    qemu_io(
+        "qcow2",
+        &a,
+        &["write -P 0x11 512k 1M", "write -P 0x22 40M 64k"],
+    );
+    let (mut opened, mut checked) = (0, 0);
+    for kib in (8..=1024).step_by(8) {
+        let limits = Limits {
+            max_metadata_bytes: kib << 10,
+            ..Limits::default()
+        }
+        .per_command();
+        let full = limits.budget().left();
+        let src: Source = Arc::new(File::open(&a).unwrap());
+        if let Ok((_, img)) = open_detected(src, &limits) {
+            opened += 1;
+            if img.check(&limits).is_ok() {
+                checked += 1;
+            }
+        }
+        assert_eq!(limits.budget().left(), full, "{kib} KiB");
+    }
+    // Some budgets fail the open, some the check, some neither.
+    assert!(opened > 0 && checked > 0 && checked < opened && opened < 128);
+}
+
+/// Persistent bitmaps: the bitmap directory and tables that check reads come back too.
+#[test]
+fn qcow2_with_bitmaps_gives_its_budget_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("b.qcow2");
+    let ap = a.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ap, "64M"]);
+    qemu_io("qcow2", &a, &["write -P 0x5a 0 1M"]);
+    qemu_img(&["bitmap", "--add", ap, "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", ap, "b1"]);
+    round_trips_the_budget(&a);
+}

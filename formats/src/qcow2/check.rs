@@ -12,11 +12,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::error::Result;
-use crate::finding::{Finding, Severity};
+use crate::error::{Error, Result};
+use crate::finding::{Finding, Findings};
 use crate::io::read_vec;
-use crate::limits::{Budget, Limits};
-use crate::table::{check_table, TableSpec};
+use crate::limits::{Budget, Charge, Limits};
+use crate::table::{check_table, read_entries, TableSpec};
 
 use super::counts::{Counts, COUNT_MAX, F_COPIED, F_SHARED};
 use super::header::{self, MAX_SNAPSHOTS};
@@ -26,9 +26,6 @@ use super::table::{
     OFLAG_COMPRESSED, OFLAG_COPIED, SECTOR,
 };
 use super::Qcow2Image;
-
-/// Findings of one code reported individually before they are summarised.
-const PER_CODE: usize = 8;
 
 /// qemu's `QCOW_MAX_SNAPSHOT_EXTRA_DATA`.
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;
@@ -92,47 +89,15 @@ struct L2Ref {
     active: bool,
 }
 
-#[derive(Default)]
-struct Report {
-    findings: Vec<Finding>,
-    per_code: BTreeMap<&'static str, u64>,
-}
-
-impl Report {
-    fn add(&mut self, f: Finding) {
-        let n = self.per_code.entry(f.code).or_insert(0);
-        *n += 1;
-        if *n <= PER_CODE as u64 {
-            self.findings.push(f);
-        }
-    }
-
-    fn finish(mut self) -> Vec<Finding> {
-        for (code, n) in &self.per_code {
-            if *n > PER_CODE as u64 {
-                let sev = self
-                    .findings
-                    .iter()
-                    .find(|f| f.code == *code)
-                    .map(|f| f.severity);
-                let msg = format!("{} more like this ({n} in all)", n - PER_CODE as u64);
-                self.findings.push(match sev {
-                    Some(Severity::Warn) => Finding::warn(code, msg),
-                    _ => Finding::reject(code, msg),
-                });
-            }
-        }
-        self.findings
-    }
-}
-
 /// The state of one check.
 struct Walk<'a> {
     img: &'a Qcow2Image,
     limits: &'a Limits,
     budget: &'a Budget,
     counts: Counts<'a>,
-    rep: Report,
+    rep: Findings,
+    /// Budget held by the records below (metadata, L2 tables, runs, refcount blocks).
+    held: Charge,
     metas: Vec<Meta>,
     l2s: Vec<L2Ref>,
     /// Disjoint, sorted union of `metas` (L2 tables are looked up in `l2s`).
@@ -144,20 +109,12 @@ struct Walk<'a> {
     copied_checked: bool,
 }
 
-/// Runs the structural check, drawing on the image's budget (the one `open` used) and giving
-/// back everything it took.
+/// Runs the structural check, drawing on the image's budget (the one `open` used): every
+/// table and record it holds is charged until dropped, so all of it comes back.
 ///
 /// # Errors
 /// `Io` on read errors; `LimitExceeded` when the metadata does not fit the budget.
 pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
-    let before = img.budget.left();
-    let r = run(img, limits);
-    let taken = before.saturating_sub(img.budget.left());
-    img.budget.give_back(taken);
-    r
-}
-
-fn run(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
     let h = &img.header;
     let cs = img.geo.cluster_size();
     let clusters = img.file_size.div_ceil(cs);
@@ -166,7 +123,8 @@ fn run(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
         limits,
         budget: &img.budget,
         counts: Counts::new(img.geo.cluster_bits, clusters, &img.budget),
-        rep: Report::default(),
+        rep: Findings::new(),
+        held: img.budget.charge(0, "check records")?,
         metas: Vec::new(),
         l2s: Vec::new(),
         meta_runs: Vec::new(),
@@ -184,7 +142,7 @@ fn run(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
     w.refcount_table()?;
     if let Some((off, len)) = img.ext.crypto {
         if !w.meta(Kind::Crypto, off, len, 1)? {
-            w.rep.add(
+            w.rep.push(
                 Finding::reject(
                     "table.out-of-bounds",
                     "the encryption header lies past the end of the file",
@@ -196,7 +154,7 @@ fn run(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
     // When the bitmaps cannot be walked, their clusters would look leaked.
     if let Some((nb, dir_size, dir_off)) = img.ext.bitmaps {
         if let Err(f) = w.bitmaps(nb, dir_size, dir_off)? {
-            w.rep.add(f);
+            w.rep.push(f);
             w.skip_leaks = true;
         }
     }
@@ -212,6 +170,8 @@ fn run(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
     Ok(w.rep.finish())
 }
 
+const RECORDS: &str = "metadata list";
+
 impl Walk<'_> {
     /// Records a metadata structure and counts its clusters `times`. False when it leaves
     /// the file.
@@ -222,13 +182,13 @@ impl Walk<'_> {
             return Ok(true);
         }
         let cb = self.img.geo.cluster_bits;
-        let Some(last) = off.checked_add(len.max(1) - 1) else {
+        let Some(last) = off.checked_add(len.saturating_sub(1)) else {
             return Ok(false);
         };
         if !self.counts.inc(off, len, times)? {
             return Ok(false);
         }
-        self.budget.take(RECORD_BYTES, "metadata list")?;
+        self.held.grow(RECORD_BYTES, RECORDS)?;
         self.metas.push(Meta {
             start: off >> cb,
             end: (last >> cb).saturating_add(1),
@@ -240,7 +200,7 @@ impl Walk<'_> {
 
     fn reserved(&mut self, what: &str, entry: u64, mask: u64, at: u64) {
         if entry & mask != 0 {
-            self.rep.add(
+            self.rep.push(
                 Finding::reject(
                     "qcow2.reserved-bits",
                     format!(
@@ -258,26 +218,37 @@ impl Walk<'_> {
         let h = &self.img.header;
         let cs = self.img.geo.cluster_size();
         let rt_off = h.refcount_table_offset;
-        let rt_len = u64::from(h.refcount_table_clusters) * cs;
+        let rt_len = u64::from(h.refcount_table_clusters).saturating_mul(cs);
         self.meta(Kind::RefTable, rt_off, rt_len, 1)?;
-        let rt = read_vec(
+        let spec = TableSpec {
+            name: "refcount table",
+            offset: rt_off,
+            entries: rt_len / 8,
+            entry_size: 8,
+            align: cs,
+        };
+        let rt = read_entries(
             self.img.src.as_ref(),
-            rt_off,
-            rt_len,
+            spec,
+            self.img.file_size,
+            self.limits,
             self.budget,
-            "refcount table",
+            |c| table::be64(c, 0),
         )?;
-        self.blocks.reserve_exact(rt.len() / 8);
-        for (i, e) in entries(&rt) {
-            let at = rt_off.saturating_add(i);
+        self.held.grow(rt_len, RECORDS)?;
+        self.blocks
+            .try_reserve_exact(rt.len())
+            .map_err(|_| Error::limit("refcount table: cannot allocate"))?;
+        for (i, e) in (0u64..).zip(rt.iter().copied()) {
+            let at = rt_off.saturating_add(i.saturating_mul(8));
             self.reserved("refcount table entry", e, REFT_RESERVED_MASK, at);
             let off = e & REFT_OFFSET_MASK;
             self.blocks.push(0);
             if off == 0 {
                 continue;
             }
-            if off % cs != 0 {
-                self.rep.add(
+            if self.img.geo.in_cluster(off) != 0 {
+                self.rep.push(
                     Finding::reject(
                         "table.misaligned",
                         format!("refcount block at {off:#x} is not cluster aligned"),
@@ -287,7 +258,7 @@ impl Walk<'_> {
                 continue;
             }
             if !self.meta(Kind::RefBlock, off, cs, 1)? {
-                self.rep.add(
+                self.rep.push(
                     Finding::reject(
                         "table.out-of-bounds",
                         format!("refcount block at {off:#x} lies past the end of the file"),
@@ -300,7 +271,6 @@ impl Walk<'_> {
                 *last = off;
             }
         }
-        self.budget.give_back(rt_len);
         Ok(())
     }
 
@@ -321,7 +291,7 @@ impl Walk<'_> {
             if off == 0 {
                 continue;
             }
-            let problem = if off % cs != 0 {
+            let problem = if self.img.geo.in_cluster(off) != 0 {
                 Some(("table.misaligned", "is not cluster aligned"))
             } else if !self.counts.inc(off, cs, times)? {
                 Some(("table.out-of-bounds", "lies past the end of the file"))
@@ -330,13 +300,13 @@ impl Walk<'_> {
             };
             if let Some((code, what)) = problem {
                 self.rep
-                    .add(Finding::reject(code, format!("L2 table at {off:#x} {what}")).at(at));
+                    .push(Finding::reject(code, format!("L2 table at {off:#x} {what}")).at(at));
                 continue;
             }
             if active && self.copied_checked {
                 self.counts.flag(off >> cb, e & OFLAG_COPIED != 0)?;
             }
-            self.budget.take(RECORD_BYTES, "list of L2 tables")?;
+            self.held.grow(RECORD_BYTES, RECORDS)?;
             self.l2s.push(L2Ref { off, times, active });
         }
         // One record per distinct table from here on.
@@ -352,8 +322,15 @@ impl Walk<'_> {
             }
         });
         let dropped = before.saturating_sub(self.l2s.len()) as u64;
-        self.budget.give_back(dropped.saturating_mul(RECORD_BYTES));
-        Ok(())
+        self.release(dropped.saturating_mul(RECORD_BYTES))
+    }
+
+    /// Gives back `bytes` of the records' charge (the records were dropped).
+    fn release(&mut self, bytes: u64) -> Result<()> {
+        let keep = self.held.bytes().saturating_sub(bytes);
+        // The old charge comes back as the new, empty one replaces it.
+        self.held = self.budget.charge(0, RECORDS)?;
+        self.held.grow(keep, RECORDS)
     }
 
     /// Compares every metadata structure's clusters with every other's.
@@ -375,15 +352,15 @@ impl Walk<'_> {
             let b = self.l2s.get(j).map(l2);
             let m = match (a, b) {
                 (Some(a), Some(b)) if a <= b => {
-                    i += 1;
+                    i = i.saturating_add(1);
                     a
                 }
                 (_, Some(b)) => {
-                    j += 1;
+                    j = j.saturating_add(1);
                     b
                 }
                 (Some(a), None) => {
-                    i += 1;
+                    i = i.saturating_add(1);
                     a
                 }
                 (None, None) => break,
@@ -403,14 +380,14 @@ impl Walk<'_> {
                 match self.meta_runs.last_mut() {
                     Some(r) if m.start <= r.1 => r.1 = r.1.max(m.end),
                     _ => {
-                        self.budget.take(16, "metadata list")?;
+                        self.held.grow(16, RECORDS)?;
                         self.meta_runs.push((m.start, m.end));
                     }
                 }
             }
         }
         for (p, m) in found {
-            self.rep.add(
+            self.rep.push(
                 Finding::reject(
                     "qcow2.metadata-overlap",
                     format!(
@@ -437,37 +414,33 @@ impl Walk<'_> {
 
     /// Reads each distinct L2 table once, in file order, and counts its data clusters.
     fn walk_l2s(&mut self) -> Result<()> {
-        let cs = self.img.geo.cluster_size();
-        let step = usize::try_from(self.img.geo.l2_entry_size()).unwrap_or(8);
-        let extended = self.img.geo.extended;
+        let geo = self.img.geo;
+        let step = geo.l2_entry_size();
         for k in 0..self.l2s.len() {
             let Some(r) = self.l2s.get(k).copied() else {
                 break;
             };
-            let raw = read_vec(self.img.src.as_ref(), r.off, cs, self.budget, "L2 table")?;
-            for (n, e) in raw.chunks_exact(step).enumerate() {
-                let entry = table::be64(e, 0);
-                let bitmap = if extended { table::be64(e, 8) } else { 0 };
-                let at = r.off.saturating_add((n * step) as u64);
+            let l2 = table::read_l2(self.img.src.as_ref(), &geo, r.off, self.budget)?;
+            for (n, (entry, bitmap)) in (0u64..).zip(l2.iter().copied()) {
+                let at = r.off.saturating_add(n.saturating_mul(step));
                 if entry & OFLAG_COMPRESSED != 0 {
                     self.compressed(entry, bitmap, at, r.times)?;
                 } else {
                     self.standard(entry, bitmap, at, r)?;
                 }
             }
-            self.budget.give_back(cs);
         }
         Ok(())
     }
 
     fn l2_problem(&mut self, code: &'static str, msg: String, at: u64) {
-        self.rep.add(Finding::reject(code, msg).at(at));
+        self.rep.push(Finding::reject(code, msg).at(at));
     }
 
     /// Checks data clusters `[host, host+len)` against metadata.
     fn data_in_meta(&mut self, host: u64, len: u64, at: u64) {
         let cb = self.img.geo.cluster_bits;
-        let last = host.saturating_add(len.max(1) - 1);
+        let last = host.saturating_add(len.saturating_sub(1));
         if (host >> cb..=last >> cb).any(|c| self.is_meta(c)) {
             self.l2_problem(
                 "qcow2.entry-into-metadata",
@@ -535,7 +508,7 @@ impl Walk<'_> {
         if host == 0 || !self.copied_checked {
             return Ok(());
         }
-        if host % cs != 0 {
+        if geo.in_cluster(host) != 0 {
             self.l2_problem(
                 "qcow2.l2-entry-out-of-bounds",
                 format!("data cluster {host:#x} is not cluster aligned"),
@@ -547,7 +520,10 @@ impl Walk<'_> {
         // to the last allocated one (qemu ends the file there).
         let need = if geo.extended {
             let alloc = bitmap & 0xffff_ffff;
-            (64 - u64::from(alloc.leading_zeros())).max(1) * (cs / 32)
+            64u64
+                .saturating_sub(u64::from(alloc.leading_zeros()))
+                .max(1)
+                .saturating_mul(cs / 32)
         } else {
             cs
         };
@@ -576,6 +552,10 @@ impl Walk<'_> {
     fn compare(&mut self) -> Result<()> {
         let h = &self.img.header;
         let epb = refcount::entries_per_block(h.cluster_bits, h.refcount_order);
+        let n_present = self.blocks.iter().filter(|b| **b != 0).count();
+        let _present_held = self
+            .budget
+            .charge((n_present as u64).saturating_mul(8), "refcount blocks")?;
         let present: Vec<u64> = (0u64..)
             .zip(self.blocks.iter())
             .filter(|(_, b)| **b != 0)
@@ -592,7 +572,7 @@ impl Walk<'_> {
         let (mut leaked, mut first_leak) = (0u64, None);
         let mut cluster = 0u64;
         while cluster < n {
-            let bi = cluster / epb;
+            let bi = cluster.checked_div(epb).unwrap_or(0);
             let has_block = self
                 .blocks
                 .get(usize::try_from(bi).unwrap_or(usize::MAX))
@@ -602,7 +582,7 @@ impl Walk<'_> {
                 let next_block = present.get(k).map_or(n, |b| b.saturating_mul(epb));
                 cluster = next_block
                     .min(self.counts.next_touched(cluster))
-                    .max(cluster + 1);
+                    .max(cluster.saturating_add(1));
                 continue;
             }
             let rc = stored.get(cluster)?;
@@ -610,7 +590,7 @@ impl Walk<'_> {
             let counted = word & COUNT_MAX;
             let offset = cluster << h.cluster_bits;
             if word & F_COPIED != 0 && rc != 1 || word & F_SHARED != 0 && rc == 1 {
-                self.rep.add(
+                self.rep.push(
                     Finding::reject(
                         "qcow2.copied-flag",
                         format!(
@@ -622,7 +602,7 @@ impl Walk<'_> {
             }
             if counted == COUNT_MAX && rc >= u64::from(counted) {
             } else if rc < u64::from(counted) {
-                self.rep.add(
+                self.rep.push(
                     Finding::reject(
                         "refcount.mismatch",
                         format!("cluster {offset:#x} has refcount {rc} but {counted} references"),
@@ -630,10 +610,10 @@ impl Walk<'_> {
                     .at(offset),
                 );
             } else if rc > u64::from(counted) && !self.skip_leaks {
-                leaked += 1;
+                leaked = leaked.saturating_add(1);
                 first_leak.get_or_insert(offset);
             }
-            cluster += 1;
+            cluster = cluster.saturating_add(1);
         }
         if leaked > 0 {
             let mut f = Finding::warn(
@@ -641,7 +621,7 @@ impl Walk<'_> {
                 format!("{leaked} clusters have a refcount but fewer references (leaked space)"),
             );
             f.offset = first_leak;
-            self.rep.findings.push(f);
+            self.rep.push(f);
         }
         Ok(())
     }
@@ -665,7 +645,7 @@ struct Stored<'a> {
 
 impl Stored<'_> {
     fn get(&mut self, cluster: u64) -> Result<u64> {
-        let block_off = usize::try_from(cluster / self.epb)
+        let block_off = usize::try_from(cluster.checked_div(self.epb).unwrap_or(0))
             .ok()
             .and_then(|i| self.blocks.get(i))
             .copied()
@@ -691,7 +671,7 @@ impl Stored<'_> {
         Ok(self
             .cur
             .as_ref()
-            .map(|(_, b)| refcount::get(b, cluster % self.epb, order))
+            .map(|(_, b)| refcount::get(b, cluster.checked_rem(self.epb).unwrap_or(0), order))
             .unwrap_or(0))
     }
 }
@@ -702,13 +682,6 @@ impl Drop for Stored<'_> {
             self.budget.give_back(old.len() as u64);
         }
     }
-}
-
-/// (byte offset within the table, entry) for each 8-byte big-endian entry.
-fn entries(raw: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
-    raw.chunks_exact(8)
-        .enumerate()
-        .map(|(i, c)| (i as u64 * 8, table::be64(c, 0)))
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -743,7 +716,7 @@ impl Walk<'_> {
             off = off.saturating_add(7) & !7;
             let Ok(fixed) = read_vec(img.src.as_ref(), off, 40, self.budget, "snapshot entry")
             else {
-                self.rep.add(bad(
+                self.rep.push(bad(
                     format!("snapshot {i} lies past the end of the file"),
                     off,
                 ));
@@ -755,23 +728,25 @@ impl Walk<'_> {
             let (id_len, name_len) = (be16(&fixed, 12), be16(&fixed, 14));
             let extra = be32(&fixed, 36);
             if extra > MAX_SNAPSHOT_EXTRA {
-                self.rep.add(bad(
+                self.rep.push(bad(
                     format!("snapshot {i} has {extra} bytes of extra data (qemu allows 1024)"),
                     off,
                 ));
                 return Ok(l1s);
             }
             if h.version >= 3 && extra < MIN_V3_SNAPSHOT_EXTRA {
-                self.rep.add(bad(
+                self.rep.push(bad(
                     format!("snapshot table entry {i} is incomplete: {extra} bytes of extra data, version 3 needs 16"),
                     off,
                 ));
             }
-            let len = 40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len);
+            let len = [u64::from(extra), u64::from(id_len), u64::from(name_len)]
+                .iter()
+                .fold(40u64, |a, b| a.saturating_add(*b));
             let entry_at = off;
             off = off.saturating_add(len);
             if off > img.file_size {
-                self.rep.add(bad(
+                self.rep.push(bad(
                     format!("snapshot {i} lies past the end of the file"),
                     entry_at,
                 ));
@@ -794,18 +769,18 @@ impl Walk<'_> {
                     }
                     *n = n.saturating_add(1);
                 }
-                Ok(_) => self.rep.add(bad(
+                Ok(_) => self.rep.push(bad(
                     format!("snapshot {i}'s L1 table is larger than 32 MiB"),
                     entry_at,
                 )),
                 Err(e) => self
                     .rep
-                    .add(bad(format!("snapshot {i}: {}", e.message()), entry_at)),
+                    .push(bad(format!("snapshot {i}: {}", e.message()), entry_at)),
             }
         }
         let total = off.saturating_sub(h.snapshots_offset);
         if !self.meta(Kind::SnapTable, h.snapshots_offset, total, 1)? {
-            self.rep.add(bad(
+            self.rep.push(bad(
                 "the snapshot table lies past the end of the file".into(),
                 h.snapshots_offset,
             ));
@@ -824,16 +799,22 @@ impl Walk<'_> {
                 self.skip_leaks = true;
                 break;
             }
-            let raw = read_vec(
+            let spec = TableSpec {
+                name: "snapshot L1 table",
+                offset: off,
+                entries: bytes / 8,
+                entry_size: 8,
+                align: self.img.geo.cluster_size(),
+            };
+            let l1 = read_entries(
                 self.img.src.as_ref(),
-                off,
-                bytes,
+                spec,
+                self.img.file_size,
+                self.limits,
                 self.budget,
-                "snapshot L1 table",
+                |c| table::be64(c, 0),
             )?;
-            self.walk_l1(off, entries(&raw).map(|(_, e)| e), times, false)?;
-            drop(raw);
-            self.budget.give_back(bytes);
+            self.walk_l1(off, l1.iter().copied(), times, false)?;
         }
         Ok(())
     }
@@ -865,11 +846,14 @@ impl Walk<'_> {
         if let Err(e) = check_table(spec, img.file_size, &unlimited) {
             return Ok(Err(bad(e.message().to_string(), dir_off)));
         }
+        // Entries have variable lengths: the directory stays bytes, held by one charge (the
+        // range was checked above; the read's own budget is only its scratch count).
+        let _held = self.budget.charge(dir_size, "bitmap directory")?;
         let dir = read_vec(
             img.src.as_ref(),
             dir_off,
             dir_size,
-            self.budget,
+            &Budget::new(dir_size),
             "bitmap directory",
         )?;
         self.meta(Kind::BitmapDir, dir_off, dir_size, 1)?;
@@ -901,26 +885,27 @@ impl Walk<'_> {
                 Ok(b) => b,
                 Err(err) => return Ok(Err(bad(format!("bitmap {i}: {}", err.message()), at))),
             };
-            let raw = read_vec(
+            let bt = read_entries(
                 img.src.as_ref(),
-                table_off,
-                bytes,
+                spec,
+                img.file_size,
+                self.limits,
                 self.budget,
-                "bitmap table",
+                |c| table::be64(c, 0),
             )?;
             self.meta(Kind::BitmapTable, table_off, bytes, 1)?;
-            for (k, v) in entries(&raw) {
+            for (k, v) in (0u64..).zip(bt.iter().copied()) {
                 let off = v & L1E_OFFSET_MASK;
-                if off != 0 && (off % cs != 0 || !self.meta(Kind::BitmapData, off, cs, 1)?) {
+                if off != 0
+                    && (img.geo.in_cluster(off) != 0 || !self.meta(Kind::BitmapData, off, cs, 1)?)
+                {
                     return Ok(Err(bad(
                         format!("bitmap {i}: data cluster {off:#x} is invalid"),
-                        table_off.saturating_add(k),
+                        table_off.saturating_add(k.saturating_mul(8)),
                     )));
                 }
             }
-            self.budget.give_back(bytes);
         }
-        self.budget.give_back(dir_size);
         Ok(Ok(()))
     }
 }

@@ -9,11 +9,13 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::limits::Budget;
+use crate::limits::{Budget, Charge};
 
 /// Clusters per page (log2).
 const PAGE_BITS: u32 = 12;
 const PAGE: usize = 1 << PAGE_BITS;
+/// A cluster's index inside its page.
+const PAGE_MASK: u64 = !(u64::MAX << PAGE_BITS);
 /// Bytes of one page, charged to the budget.
 const PAGE_BYTES: u64 = (PAGE * 2) as u64;
 /// Counting stops growing here (a larger stored refcount then matches).
@@ -36,7 +38,8 @@ pub struct Counts<'a> {
     /// The last page used (page number, index): runs of references mostly stay in a page.
     last: Option<(u64, usize)>,
     budget: &'a Budget,
-    held: u64,
+    /// The pages' bytes, held until the counters are dropped.
+    held: Option<Charge>,
 }
 
 impl<'a> Counts<'a> {
@@ -49,7 +52,7 @@ impl<'a> Counts<'a> {
             store: Vec::new(),
             last: None,
             budget,
-            held: 0,
+            held: None,
         }
     }
 
@@ -63,28 +66,31 @@ impl<'a> Counts<'a> {
             return Ok(None);
         }
         let p = cluster >> PAGE_BITS;
-        let i = usize::try_from(cluster & (PAGE as u64 - 1)).unwrap_or(0);
+        let i = usize::try_from(cluster & PAGE_MASK).unwrap_or(0);
         if let Some((lp, k)) = self.last {
             if lp == p {
                 return Ok(self.store.get_mut(k).and_then(|pg| pg.get_mut(i)));
             }
         }
         if !self.pages.contains_key(&p) {
-            if self.held.saturating_add(PAGE_BYTES) > MAX_PAGE_BYTES {
+            let held = self.held.as_ref().map_or(0, Charge::bytes);
+            if held.saturating_add(PAGE_BYTES) > MAX_PAGE_BYTES {
                 return Err(Error::limit(format!(
                     "refcount check: the referenced clusters need more than {} MiB of counters",
                     MAX_PAGE_BYTES >> 20
                 ))
                 .code("table.too-large"));
             }
-            self.budget.take(PAGE_BYTES, "refcount check")?;
-            self.held += PAGE_BYTES;
+            match self.held.as_mut() {
+                Some(c) => c.grow(PAGE_BYTES, "refcount check")?,
+                None => self.held = Some(self.budget.charge(PAGE_BYTES, "refcount check")?),
+            }
             let mut v = Vec::new();
             v.try_reserve_exact(PAGE)
                 .map_err(|_| Error::limit("refcount check: cannot allocate"))?;
             v.resize(PAGE, 0u16);
             self.store.push(v.into_boxed_slice());
-            self.pages.insert(p, self.store.len() - 1);
+            self.pages.insert(p, self.store.len().saturating_sub(1));
         }
         let k = self.pages.get(&p).copied().unwrap_or(usize::MAX);
         self.last = Some((p, k));
@@ -100,7 +106,7 @@ impl<'a> Counts<'a> {
         if len == 0 {
             return Ok(true);
         }
-        let Some(last) = start.checked_add(len - 1) else {
+        let Some(last) = start.checked_add(len.saturating_sub(1)) else {
             return Ok(false);
         };
         let (a, b) = (start >> self.cluster_bits, last >> self.cluster_bits);
@@ -129,7 +135,7 @@ impl<'a> Counts<'a> {
 
     /// The counter word of `cluster` (0 when its page was never touched).
     pub fn get(&self, cluster: u64) -> u16 {
-        let i = usize::try_from(cluster & (PAGE as u64 - 1)).unwrap_or(0);
+        let i = usize::try_from(cluster & PAGE_MASK).unwrap_or(0);
         self.pages
             .get(&(cluster >> PAGE_BITS))
             .and_then(|k| self.store.get(*k))
@@ -150,12 +156,6 @@ impl<'a> Counts<'a> {
             .range(p..)
             .next()
             .map_or(self.clusters, |(k, _)| k << PAGE_BITS)
-    }
-}
-
-impl Drop for Counts<'_> {
-    fn drop(&mut self) {
-        self.budget.give_back(self.held);
     }
 }
 

@@ -14,6 +14,10 @@ pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 pub const V2_HEADER_LEN: u32 = 72;
 /// Smallest version 3 header: fields through `header_length`.
 pub const V3_MIN_HEADER_LEN: u32 = 104;
+/// The version 3 header qemu writes: fields through `compression_type`, padded to 8 bytes.
+pub const V3_HEADER_LEN: u32 = 112;
+/// Refcount order of version 2 images (16-bit refcounts), and qemu's default.
+pub const DEFAULT_REFCOUNT_ORDER: u32 = 4;
 /// Smallest cluster: 512 bytes.
 pub const MIN_CLUSTER_BITS: u32 = 9;
 /// QEMU's implementation limit: 2 MiB clusters.
@@ -132,6 +136,16 @@ fn nom_err(what: &str, offset: u64) -> Error {
 /// `Truncated` when `buf` is shorter than the header; `Invalid`/`Unsupported` with a
 /// `qcow2.*` code for a bad field.
 pub fn parse(buf: &[u8]) -> Result<Header> {
+    let (rest, mut h) = parse_v2(buf)?;
+    if h.version == 3 {
+        parse_v3(rest, &mut h)?;
+    }
+    check_features(&h)?;
+    Ok(h)
+}
+
+/// The version 2 fields, with the magic, version and cluster bits checked; the rest of `buf`.
+fn parse_v2(buf: &[u8]) -> Result<(&[u8], Header)> {
     let fixed = (
         be_u32::<&[u8], nom::error::Error<&[u8]>>,
         be_u32,
@@ -171,7 +185,7 @@ pub fn parse(buf: &[u8]) -> Result<Header> {
                 .code("qcow2.cluster-bits"),
         );
     }
-    let mut h = Header {
+    let h = Header {
         version,
         backing_file_offset: bfo,
         backing_file_size: bfs,
@@ -187,36 +201,45 @@ pub fn parse(buf: &[u8]) -> Result<Header> {
         incompatible_features: 0,
         compatible_features: 0,
         autoclear_features: 0,
-        refcount_order: 4,
+        refcount_order: DEFAULT_REFCOUNT_ORDER,
         header_length: V2_HEADER_LEN,
         compression_type: 0,
     };
-    if version == 3 {
-        let v3: nom::IResult<&[u8], (u64, u64, u64, u32, u32)> =
-            (be_u64, be_u64, be_u64, be_u32, be_u32).parse(rest);
-        let Ok((rest, (inc, comp, auto, ro, hl))) = v3 else {
-            return Err(nom_err("the version 3 fields", 72));
-        };
-        if hl < V3_MIN_HEADER_LEN || hl % 8 != 0 || u64::from(hl) > h.cluster_size() {
-            return Err(Error::invalid(format!(
-                "header_length {hl} must be a multiple of 8 between 104 and the cluster size"
-            ))
-            .at(100)
-            .code("qcow2.header-length"));
-        }
-        h.incompatible_features = inc;
-        h.compatible_features = comp;
-        h.autoclear_features = auto;
-        h.refcount_order = ro;
-        h.header_length = hl;
-        if hl > 104 {
-            let r: nom::IResult<&[u8], u8> = nom_u8(rest);
-            let Ok((_, ct)) = r else {
-                return Err(nom_err("compression_type", 104));
-            };
-            h.compression_type = ct;
-        }
+    Ok((rest, h))
+}
+
+/// The version 3 fields after the version 2 ones (`rest`), into `h`.
+fn parse_v3(rest: &[u8], h: &mut Header) -> Result<()> {
+    let v3: nom::IResult<&[u8], (u64, u64, u64, u32, u32)> =
+        (be_u64, be_u64, be_u64, be_u32, be_u32).parse(rest);
+    let Ok((rest, (inc, comp, auto, ro, hl))) = v3 else {
+        return Err(nom_err("the version 3 fields", 72));
+    };
+    if hl < V3_MIN_HEADER_LEN || hl % 8 != 0 || u64::from(hl) > h.cluster_size() {
+        return Err(Error::invalid(format!(
+            "header_length {hl} must be a multiple of 8 between 104 and the cluster size"
+        ))
+        .at(100)
+        .code("qcow2.header-length"));
     }
+    h.incompatible_features = inc;
+    h.compatible_features = comp;
+    h.autoclear_features = auto;
+    h.refcount_order = ro;
+    h.header_length = hl;
+    if hl > V3_MIN_HEADER_LEN {
+        let r: nom::IResult<&[u8], u8> = nom_u8(rest);
+        let Ok((_, ct)) = r else {
+            return Err(nom_err("compression_type", 104));
+        };
+        h.compression_type = ct;
+    }
+    Ok(())
+}
+
+/// The refcount order, feature bits, compression type and encryption method, in qemu's
+/// order.
+fn check_features(h: &Header) -> Result<()> {
     if h.refcount_order > 6 {
         return Err(
             Error::invalid(format!("refcount_order {} exceeds 6", h.refcount_order))
@@ -258,7 +281,7 @@ pub fn parse(buf: &[u8]) -> Result<Header> {
                 .code("qcow2.encrypted"),
         );
     }
-    Ok(h)
+    Ok(())
 }
 
 /// What the header extensions say.

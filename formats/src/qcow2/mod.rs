@@ -22,14 +22,17 @@ use crate::format::Format;
 use crate::image::{Codec, Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, Source};
 use crate::limits::{Budget, Limits};
+use crate::lru::Lru;
 use crate::probe::Probe;
-use crate::table::{check_table, TableSpec};
+use crate::table::{check_table, read_entries, Table, TableSpec};
 
 use header::{Extensions, Header};
-use table::{ClusterMap, Geometry, L2Cache, Piece, L1E_OFFSET_MASK};
+use table::{ClusterMap, Geometry, L2Table, Piece, L1E_OFFSET_MASK};
 
 /// L1 entries scanned per `mapping` call when skipping unallocated L2 ranges.
 const MAX_L1_SCAN: usize = 1 << 16;
+/// Parsed L2 tables the cache holds at most (it is also bounded in bytes).
+const MAX_CACHED_L2: usize = 64;
 
 /// An opened qcow2 image.
 pub struct Qcow2Image {
@@ -39,9 +42,9 @@ pub struct Qcow2Image {
     header: Header,
     ext: Extensions,
     geo: Geometry,
-    l1: Vec<u64>,
+    l1: Table<u64>,
     file_size: u64,
-    cache: L2Cache,
+    cache: Lru<u64, L2Table>,
     budget: Budget,
 }
 
@@ -60,17 +63,51 @@ pub fn probe(p: &Probe<'_>) -> bool {
 /// Reads the first cluster and the L1 table, bounded by `limits`. Never opens another file.
 pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
     let file_size = src.size()?;
-    let head = read_up_to(src.as_ref(), 0, 112)?;
+    let head = read_up_to(src.as_ref(), 0, header::V3_HEADER_LEN as usize)?;
     let h = header::parse(&head)?;
     let cs = h.cluster_size();
     let budget = limits.budget();
     let first_len = cs.min(file_size);
     let first = read_vec(src.as_ref(), 0, first_len, &budget, "first cluster")?;
+    let parsed = first_cluster(&h, &first);
+    drop(first);
+    budget.give_back(first_len);
+    let (backing, ext) = parsed?;
+
     let mut findings = Vec::new();
     let mut info = ImageInfo::new(Format::Qcow2, h.size);
     info.actual_size = src.allocated_size();
     info.cluster_size = Some(cs);
+    references(&h, &ext, backing, &mut info, &mut findings);
+    features(&h, &mut info, &mut findings);
+    let geo = Geometry {
+        cluster_bits: h.cluster_bits,
+        extended: h.extended_l2(),
+    };
+    let l1 = read_l1(&src, &h, &geo, file_size, limits, &budget)?;
+    check_refcount_table(&h, file_size, limits)?;
+    check_snapshot_table(&h, file_size, limits, &mut findings)?;
+    details(&h, &mut info);
 
+    let table_bytes = geo.l2_entries().saturating_mul(16);
+    let cache = Lru::new((limits.max_cache_bytes / 4).max(table_bytes), MAX_CACHED_L2);
+    Ok(Qcow2Image {
+        src,
+        info,
+        findings,
+        header: h,
+        ext,
+        geo,
+        l1,
+        file_size,
+        cache,
+        budget,
+    })
+}
+
+/// The backing file name and the header extensions, from the first cluster.
+fn first_cluster(h: &Header, first: &[u8]) -> Result<(Option<String>, Extensions)> {
+    let cs = h.cluster_size();
     // Backing file name: must lie inside the first cluster and be at most 1023 bytes
     // (qemu: "Backing file name too long").
     let mut ext_end = cs;
@@ -87,16 +124,12 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
             .at(8)
             .code("qcow2.backing-file"));
         }
-        let name = header::slice(
-            &first,
-            h.backing_file_offset,
-            u64::from(h.backing_file_size),
-        )?;
+        let name = header::slice(first, h.backing_file_offset, u64::from(h.backing_file_size))?;
         backing = Some(String::from_utf8_lossy(name).into_owned());
         // qemu stops reading extensions where the backing file name starts.
         ext_end = ext_end.min(h.backing_file_offset);
     }
-    let ext = header::parse_extensions(&first, u64::from(h.header_length), ext_end)?;
+    let ext = header::parse_extensions(first, u64::from(h.header_length), ext_end)?;
     if let Some((nb, dir_size, dir_off)) = ext.bitmaps {
         // qemu refuses to open such an image (qcow2_read_extensions).
         if nb > header::MAX_BITMAPS || dir_size > header::MAX_BITMAP_DIRECTORY_BYTES {
@@ -109,7 +142,17 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
             .code("table.too-large"));
         }
     }
+    Ok((backing, ext))
+}
 
+/// Reports the backing file and the external data file as references and findings.
+fn references(
+    h: &Header,
+    ext: &Extensions,
+    backing: Option<String>,
+    info: &mut ImageInfo,
+    findings: &mut Vec<Finding>,
+) {
     if let Some(name) = backing {
         let format = ext.backing_format.as_ref().map(|(f, _)| f.clone());
         findings.push(
@@ -150,6 +193,15 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
             h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0,
         );
     }
+}
+
+/// True when the dirty (lazy refcounts) bit is set.
+fn dirty(h: &Header) -> bool {
+    h.incompatible_features & header::INCOMPAT_DIRTY != 0
+}
+
+/// Reports the corrupt and dirty bits and the encryption.
+fn features(h: &Header, info: &mut ImageInfo, findings: &mut Vec<Finding>) {
     if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
         findings.push(
             Finding::reject(
@@ -159,8 +211,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
             .at(72),
         );
     }
-    let dirty = h.incompatible_features & header::INCOMPAT_DIRTY != 0;
-    if dirty {
+    if dirty(h) {
         findings.push(
             Finding::warn(
                 "qcow2.lazy-refcounts-dirty",
@@ -183,13 +234,19 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
         m.insert("format".into(), fmt.into());
         info.detail("encrypt", serde_json::Value::Object(m));
     }
+}
 
-    // The active L1 table must cover the virtual size (qemu: "L1 table is too small").
-    let geo = Geometry {
-        cluster_bits: h.cluster_bits,
-        extended: h.extended_l2(),
-    };
-    let clusters = h.size.div_ceil(cs);
+/// Reads the active L1 table, which must cover the virtual size (qemu: "L1 table is too
+/// small").
+fn read_l1(
+    src: &Source,
+    h: &Header,
+    geo: &Geometry,
+    file_size: u64,
+    limits: &Limits,
+    budget: &Budget,
+) -> Result<Table<u64>> {
+    let clusters = h.size.div_ceil(h.cluster_size());
     let need_l1 = clusters.div_ceil(geo.l2_entries());
     if u64::from(h.l1_size).saturating_mul(8) > header::MAX_L1_BYTES {
         return Err(Error::limit(format!(
@@ -199,17 +256,14 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
         .at(36)
         .code("table.too-large"));
     }
-    let l1_len = check_table(
-        TableSpec {
-            name: "L1 table",
-            offset: h.l1_table_offset,
-            entries: u64::from(h.l1_size),
-            entry_size: 8,
-            align: cs,
-        },
-        file_size,
-        limits,
-    )?;
+    let spec = TableSpec {
+        name: "L1 table",
+        offset: h.l1_table_offset,
+        entries: u64::from(h.l1_size),
+        entry_size: 8,
+        align: h.cluster_size(),
+    };
+    check_table(spec, file_size, limits)?;
     if u64::from(h.l1_size) < need_l1 {
         return Err(Error::invalid(format!(
             "L1 table has {} entries but {need_l1} are needed for {} bytes",
@@ -218,14 +272,14 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
         .at(36)
         .code("qcow2.l1-size"));
     }
-    let raw_l1 = read_vec(src.as_ref(), h.l1_table_offset, l1_len, &budget, "L1 table")?;
-    let mut l1 = Vec::new();
-    l1.try_reserve_exact(raw_l1.len() / 8)
-        .map_err(|_| Error::limit("L1 table: cannot allocate"))?;
-    l1.extend(raw_l1.chunks_exact(8).map(|c| table::be64(c, 0)));
-    drop(raw_l1);
+    read_entries(src.as_ref(), spec, file_size, limits, budget, |c| {
+        table::be64(c, 0)
+    })
+}
 
-    // Refcount table: range only here; `check` reads it.
+/// Range-checks the refcount table (`check` reads it).
+fn check_refcount_table(h: &Header, file_size: u64, limits: &Limits) -> Result<()> {
+    let cs = h.cluster_size();
     let rt_bytes = u64::from(h.refcount_table_clusters).saturating_mul(cs);
     if rt_bytes > header::MAX_REFTABLE_BYTES {
         return Err(Error::limit(format!(
@@ -250,7 +304,16 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
         file_size,
         limits,
     )?;
+    Ok(())
+}
 
+/// Range-checks the snapshot table (`check` walks it) and reports the snapshots.
+fn check_snapshot_table(
+    h: &Header,
+    file_size: u64,
+    limits: &Limits,
+    findings: &mut Vec<Finding>,
+) -> Result<()> {
     if h.nb_snapshots > header::MAX_SNAPSHOTS {
         return Err(
             Error::invalid(format!("{} snapshots exceed qemu's 65536", h.nb_snapshots))
@@ -266,7 +329,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
                 offset: h.snapshots_offset,
                 entries: u64::from(h.nb_snapshots),
                 entry_size: 40,
-                align: cs,
+                align: h.cluster_size(),
             },
             file_size,
             limits,
@@ -279,8 +342,12 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
             .at(h.snapshots_offset),
         );
     }
+    Ok(())
+}
 
-    info.dirty = Some(dirty);
+/// The header fields `qemu-img info` shows as format-specific details.
+fn details(h: &Header, info: &mut ImageInfo) {
+    info.dirty = Some(dirty(h));
     if h.version == 2 {
         info.detail("compat", "0.10");
     } else {
@@ -308,21 +375,6 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
         );
         info.detail("extended-l2", h.extended_l2());
     }
-
-    let table_bytes = geo.l2_entries().saturating_mul(16);
-    let cache = L2Cache::new((limits.max_cache_bytes / 4).max(table_bytes), table_bytes);
-    Ok(Qcow2Image {
-        src,
-        info,
-        findings,
-        header: h,
-        ext,
-        geo,
-        l1,
-        file_size,
-        cache,
-        budget,
-    })
 }
 
 impl Qcow2Image {
@@ -346,24 +398,26 @@ impl Qcow2Image {
 
     /// The L2 table at `offset` (cached), after checking alignment and range.
     fn l2(&self, offset: u64) -> Result<table::L2Table> {
-        let cs = self.geo.cluster_size();
-        if offset % cs != 0 {
+        if self.geo.in_cluster(offset) != 0 {
             return Err(Error::corrupt(format!(
                 "L2 table offset {offset:#x} is not cluster aligned"
             ))
             .at(offset)
             .code("table.misaligned"));
         }
-        self.cache.get(offset, || {
-            table::read_l2(self.src.as_ref(), &self.geo, offset, &self.budget)
-        })
+        let cost = self.geo.l2_entries().saturating_mul(16);
+        self.cache.get_or_load(
+            offset,
+            |_| cost,
+            || table::read_l2(self.src.as_ref(), &self.geo, offset, &self.budget),
+        )
     }
 
     /// The piece backing guest offset `pos` inside its cluster and where that piece's run
     /// ends inside the cluster.
     fn piece_at(&self, cm: ClusterMap, pos: u64, cluster_start: u64) -> (Piece, u64) {
         let cs = self.geo.cluster_size();
-        let within = pos - cluster_start;
+        let within = pos.saturating_sub(cluster_start);
         match cm {
             ClusterMap::Whole(Piece::Data(h)) => (
                 Piece::Data(h.saturating_add(within)),
@@ -371,8 +425,9 @@ impl Qcow2Image {
             ),
             ClusterMap::Whole(p) => (p, cluster_start.saturating_add(cs)),
             ClusterMap::Sub { host, alloc, zero } => {
-                let sub = cs / 32;
-                let si = within / sub;
+                // 32 subclusters of `1 << sub_bits` bytes.
+                let sub_bits = self.geo.cluster_bits.saturating_sub(5);
+                let si = within >> sub_bits;
                 let kind = |i: u64| -> u8 {
                     if (alloc >> i) & 1 == 1 {
                         2
@@ -383,16 +438,16 @@ impl Qcow2Image {
                     }
                 };
                 let k = kind(si);
-                let mut sj = si + 1;
+                let mut sj = si.saturating_add(1);
                 while sj < 32 && kind(sj) == k {
-                    sj += 1;
+                    sj = sj.saturating_add(1);
                 }
                 let piece = match k {
                     2 => Piece::Data(host.saturating_add(within)),
                     1 => Piece::Zero,
                     _ => Piece::Unallocated,
                 };
-                (piece, cluster_start.saturating_add(sj * sub))
+                (piece, cluster_start.saturating_add(sj << sub_bits))
             }
         }
     }

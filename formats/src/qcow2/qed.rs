@@ -87,14 +87,18 @@ pub fn open(src: Source, limits: &Limits) -> Result<QedImage> {
                 .at(56)
                 .code("qed.header"));
         }
+        let budget = limits.budget();
+        let len = u64::from(bfs);
         let name = crate::io::read_vec(
             src.as_ref(),
             u64::from(bfo),
-            u64::from(bfs),
-            &limits.budget(),
+            len,
+            &budget,
             "QED backing file name",
         )?;
         let target = String::from_utf8_lossy(&name).into_owned();
+        drop(name);
+        budget.give_back(len);
         findings.push(
             Finding::reject(
                 "qcow2.backing-file",

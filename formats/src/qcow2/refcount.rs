@@ -11,22 +11,24 @@ pub const REFT_RESERVED_MASK: u64 = 0x1ff;
 
 /// Entries per refcount block.
 pub fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
-    (1u64 << (cluster_bits + 3)) >> refcount_order.min(6)
+    (1u64 << cluster_bits.saturating_add(3)) >> refcount_order.min(6)
 }
 
 /// The refcount at `index` of `block` (0 when `index` lies outside it).
 pub fn get(block: &[u8], index: u64, refcount_order: u32) -> u64 {
-    let bits = 1u64 << refcount_order.min(6);
+    let order = refcount_order.min(6);
+    let bits = 1u64 << order;
     if bits < 8 {
-        let per_byte = 8 / bits;
-        let Some(byte) = usize::try_from(index / per_byte)
+        // `1 << per_byte` entries per byte.
+        let per_byte = 3u32.saturating_sub(order);
+        let Some(byte) = usize::try_from(index >> per_byte)
             .ok()
             .and_then(|i| block.get(i))
         else {
             return 0;
         };
-        let shift = (index % per_byte) * bits;
-        return (u64::from(*byte) >> shift) & ((1u64 << bits) - 1);
+        let shift = (index & !(u64::MAX << per_byte)) << order;
+        return (u64::from(*byte) >> shift) & !(u64::MAX << bits);
     }
     let width = bits / 8;
     let Some(start) = index

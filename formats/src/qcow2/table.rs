@@ -1,10 +1,11 @@
-//! L1 and L2 tables: entry layouts and a small cache of parsed L2 tables.
+//! L1 and L2 tables: entry layouts and the parsed L2 tables the cache holds.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::io::{read_vec, ReadAt};
-use crate::limits::Budget;
+use crate::io::ReadAt;
+use crate::limits::{Budget, Limits};
+use crate::table::{read_entries, Table, TableSpec};
 
 /// L1 entry bits 9-55: offset of the L2 table (cluster aligned).
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -83,20 +84,28 @@ impl Geometry {
     }
     /// Entries per L2 table.
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / self.l2_entry_size()
+        self.cluster_size() >> self.l2_entry_size().trailing_zeros()
     }
-    /// `x` of the spec's compressed descriptor: bits below it hold the host offset.
-    fn csize_shift(&self) -> u32 {
-        62 - (self.cluster_bits - 8)
+    /// The offset of byte `off` inside its cluster (0 when `off` is cluster aligned).
+    pub fn in_cluster(&self, off: u64) -> u64 {
+        off & !(u64::MAX << self.cluster_bits)
+    }
+    /// `x` of the spec's compressed descriptor: bits below it hold the host offset, bits
+    /// from it the number of additional 512-byte sectors.
+    pub fn csize_shift(&self) -> u32 {
+        62u32.saturating_sub(self.cluster_bits.saturating_sub(8))
     }
     /// Decodes a compressed descriptor to (host offset, bytes to its last sector's end), as
     /// qemu's `qcow2_parse_compressed_l2_entry` computes them.
     pub fn compressed(&self, entry: u64) -> (u64, u64) {
         let shift = self.csize_shift();
-        let host = entry & ((1u64 << shift) - 1);
-        let mask = (1u64 << (self.cluster_bits - 8)) - 1;
-        let sectors = ((entry >> shift) & mask) + 1;
-        (host, sectors * SECTOR - (host % SECTOR))
+        let host = entry & !(u64::MAX << shift);
+        let mask = !(u64::MAX << self.cluster_bits.saturating_sub(8));
+        let sectors = ((entry >> shift) & mask).saturating_add(1);
+        (
+            host,
+            sectors.saturating_mul(SECTOR).saturating_sub(host % SECTOR),
+        )
     }
 }
 
@@ -145,8 +154,9 @@ pub fn decode(g: &Geometry, entry: u64, bitmap: u64) -> Result<ClusterMap> {
     })
 }
 
-/// A parsed L2 table: (entry, bitmap) pairs.
-pub type L2Table = Arc<Vec<(u64, u64)>>;
+/// A parsed L2 table: (entry, bitmap) pairs, charged to the budget until the last clone
+/// is dropped.
+pub type L2Table = Arc<Table<(u64, u64)>>;
 
 /// Reads and parses the L2 table at `offset` (one cluster).
 ///
@@ -154,20 +164,21 @@ pub type L2Table = Arc<Vec<(u64, u64)>>;
 /// `Truncated` (`table.out-of-bounds`) past the file end; `LimitExceeded` when the budget is
 /// spent; `Io`.
 pub fn read_l2(src: &dyn ReadAt, g: &Geometry, offset: u64, budget: &Budget) -> Result<L2Table> {
-    let raw = read_vec(src, offset, g.cluster_size(), budget, "L2 table")?;
-    let step = usize::try_from(g.l2_entry_size()).unwrap_or(8);
-    let mut out = Vec::new();
-    let n = raw.len() / step;
-    out.try_reserve_exact(n)
-        .map_err(|_| Error::limit("L2 table: cannot allocate"))?;
-    for e in raw.chunks_exact(step) {
-        let a = be64(e, 0);
-        let b = if g.extended { be64(e, 8) } else { 0 };
-        out.push((a, b));
-    }
-    // The raw bytes were charged; the parsed copy replaces them.
-    budget.give_back(g.cluster_size());
-    Ok(Arc::new(out))
+    let spec = TableSpec {
+        name: "L2 table",
+        offset,
+        entries: g.l2_entries(),
+        entry_size: g.l2_entry_size(),
+        align: 1,
+    };
+    // The range against the file is the bounded read's check (`Truncated`, as it always was):
+    // `check_table` only checks the entry count and overflow here.
+    let limits = Limits::default();
+    let extended = g.extended;
+    let t = read_entries(src, spec, u64::MAX, &limits, budget, |e| {
+        (be64(e, 0), if extended { be64(e, 8) } else { 0 })
+    })?;
+    Ok(Arc::new(t))
 }
 
 /// Big-endian u64 at `at` of `b`, 0 if short (callers pass exact chunks).
@@ -176,52 +187,6 @@ pub fn be64(b: &[u8], at: usize) -> u64 {
         .and_then(|s| <[u8; 8]>::try_from(s).ok())
         .map(u64::from_be_bytes)
         .unwrap_or(0)
-}
-
-/// A small LRU of parsed L2 tables keyed by host offset, bounded in bytes.
-pub struct L2Cache {
-    inner: Mutex<Vec<(u64, L2Table)>>,
-    max_tables: usize,
-}
-
-impl L2Cache {
-    /// A cache holding at most `max_bytes` of tables of `table_bytes` each (at least one).
-    pub fn new(max_bytes: u64, table_bytes: u64) -> Self {
-        let n = (max_bytes / table_bytes.max(1)).clamp(1, 64);
-        L2Cache {
-            inner: Mutex::new(Vec::new()),
-            max_tables: usize::try_from(n).unwrap_or(1),
-        }
-    }
-
-    /// The table at `offset`, read through `load` on a miss.
-    ///
-    /// # Errors
-    /// Whatever `load` returns.
-    pub fn get(&self, offset: u64, load: impl FnOnce() -> Result<L2Table>) -> Result<L2Table> {
-        {
-            let mut c = self
-                .inner
-                .lock()
-                .map_err(|_| Error::corrupt("L2 cache poisoned"))?;
-            if let Some(i) = c.iter().position(|(o, _)| *o == offset) {
-                let e = c.remove(i);
-                let t = e.1.clone();
-                c.push(e);
-                return Ok(t);
-            }
-        }
-        let t = load()?;
-        let mut c = self
-            .inner
-            .lock()
-            .map_err(|_| Error::corrupt("L2 cache poisoned"))?;
-        if c.len() >= self.max_tables && !c.is_empty() {
-            c.remove(0);
-        }
-        c.push((offset, t.clone()));
-        Ok(t)
-    }
 }
 
 #[cfg(test)]
