@@ -34,8 +34,8 @@ use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{mapping_span, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
 use crate::io::{read_vec, Source};
-use crate::limits::Limits;
-use crate::table::{check_table, TableSpec};
+use crate::limits::{Budget, Charge, Limits};
+use crate::table::{check_table, read_entries, Table, TableSpec};
 
 use bat::{Geometry, Reserved};
 use header::{HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SECTION_END, HEADER_SIZE};
@@ -52,7 +52,7 @@ pub struct VhdxImage {
     info: ImageInfo,
     findings: Vec<Finding>,
     geo: Geometry,
-    bat: Arc<Vec<u64>>,
+    bat: Arc<Table<u64>>,
     /// A log with entries: the BAT may be stale, so nothing is mapped.
     log_non_empty: bool,
 }
@@ -60,6 +60,24 @@ pub struct VhdxImage {
 /// True when the file starts with the "vhdxfile" identifier.
 pub fn probe(p: &Probe<'_>) -> bool {
     p.starts_with(header::FILE_SIGNATURE)
+}
+
+/// Reads `len` bytes at `offset`, charged to `budget` until the returned [`Charge`] drops.
+///
+/// # Errors
+/// As [`read_vec`].
+fn read_held(
+    src: &dyn crate::ReadAt,
+    offset: u64,
+    len: u64,
+    budget: &Budget,
+    what: &str,
+) -> Result<(Vec<u8>, Charge)> {
+    let v = read_vec(src, offset, len, budget, what)?;
+    // Move the bytes `read_vec` took into a charge of their own.
+    budget.give_back(len);
+    let held = budget.charge(len, what)?;
+    Ok((v, held))
 }
 
 /// Opens a VHDX image.
@@ -82,15 +100,15 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
     let r = src.as_ref();
     let mut findings = Vec::new();
 
-    let id = read_vec(r, 0, 8 + 512, &budget, "file identifier")?;
+    let (id, _id_held) = read_held(r, 0, 8 + 512, &budget, "file identifier")?;
     if id.get(..8) != Some(&header::FILE_SIGNATURE[..]) {
         return Err(Error::invalid("no \"vhdxfile\" identifier at offset 0").at(0));
     }
     let creator = header::creator(&id);
 
     // Headers: the valid one with the higher sequence number is current.
-    let b1 = read_vec(r, HEADER1_OFFSET, HEADER_SIZE as u64, &budget, "header 1")?;
-    let b2 = read_vec(r, HEADER2_OFFSET, HEADER_SIZE as u64, &budget, "header 2")?;
+    let (b1, _b1_held) = read_held(r, HEADER1_OFFSET, HEADER_SIZE as u64, &budget, "header 1")?;
+    let (b2, _b2_held) = read_held(r, HEADER2_OFFSET, HEADER_SIZE as u64, &budget, "header 2")?;
     let h1 = header::parse_header(&b1, HEADER1_OFFSET, 0);
     let h2 = header::parse_header(&b2, HEADER2_OFFSET, 1);
     for (h, off, n) in [(&h1, HEADER1_OFFSET, 1), (&h2, HEADER2_OFFSET, 2)] {
@@ -113,14 +131,14 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
 
     // Region tables. qemu reads only the first; the spec allows either. A bad first table with
     // a good second one is usable, but qemu would refuse the file, so it is rejected.
-    let t1 = read_vec(
+    let (t1, _t1_held) = read_held(
         r,
         REGION1_OFFSET,
         REGION_TABLE_SIZE as u64,
         &budget,
         "region table 1",
     )?;
-    let t2 = read_vec(
+    let (t2, _t2_held) = read_held(
         r,
         REGION2_OFFSET,
         REGION_TABLE_SIZE as u64,
@@ -302,15 +320,20 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
         .at(table_at)
         .code("vhdx.region-table"));
     }
-    let raw = read_vec(r, bat_region.offset, bat_bytes, &budget, "BAT")?;
-    let mut bat: Vec<u64> = Vec::new();
-    bat.try_reserve_exact(raw.len() / 8)
-        .map_err(|_| Error::limit("BAT: cannot allocate"))?;
-    bat.extend(
-        raw.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))),
-    );
-    drop(raw);
+    let bat = read_entries(
+        r,
+        TableSpec {
+            name: "BAT",
+            offset: bat_region.offset,
+            entries: geo.entries,
+            entry_size: 8,
+            align: REGION_ALIGN,
+        },
+        file_size,
+        limits,
+        &budget,
+        |c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])),
+    )?;
     bat::validate(
         &bat,
         &geo,

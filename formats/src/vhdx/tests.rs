@@ -685,7 +685,7 @@ mod prop {
             info: ImageInfo::new(Format::Vhdx, size),
             findings: Vec::new(),
             geo,
-            bat: Arc::new(bat),
+            bat: Arc::new(crate::table::Table::unbudgeted(bat)),
             log_non_empty: false,
         }
     }

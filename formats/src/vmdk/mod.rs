@@ -22,7 +22,7 @@ use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{mapping_span, Codec, Extent, ExtentKind, Image, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, Source};
-use crate::limits::Limits;
+use crate::limits::{Budget, Charge, Limits};
 
 use descriptor::{Descriptor, MAX_DESCRIPTOR};
 use header::{SparseHeader, GD_AT_END, HEADER_LEN, MAGIC_BYTES, SECTOR};
@@ -35,7 +35,7 @@ const QEMU_DESC_WINDOW: usize = 20 * 512;
 /// Grain table lookups one `mapping` call may do while coalescing a run.
 const MAX_STEPS: u32 = 4096;
 /// Findings of one code reported before the rest are summarised.
-const MAX_PER_CODE: usize = 16;
+const MAX_PER_CODE: usize = crate::finding::PER_CODE;
 /// `createType` values of a single self-contained sparse file.
 const SELF_CONTAINED: [&str; 2] = ["monolithicSparse", "streamOptimized"];
 
@@ -64,7 +64,7 @@ pub(crate) struct Sparse {
     /// True when the head said `gdOffset = GD_AT_END`.
     pub(crate) footer_form: bool,
     /// Grain directory: one grain table sector per entry.
-    pub(crate) gd: Vec<u32>,
+    pub(crate) gd: crate::table::Table<u32>,
     /// Source size.
     pub(crate) file_size: u64,
     /// Parsed grain tables.
@@ -95,6 +95,24 @@ pub fn probe(p: &Probe<'_>) -> bool {
         || descriptor::looks_like_descriptor(&p.head)
 }
 
+/// Reads `len` bytes at `offset`, charged to `budget` until the returned [`Charge`] drops.
+///
+/// # Errors
+/// As [`read_vec`].
+fn read_held(
+    src: &dyn crate::ReadAt,
+    offset: u64,
+    len: u64,
+    budget: &Budget,
+    what: &str,
+) -> Result<(Vec<u8>, Charge)> {
+    let v = read_vec(src, offset, len, budget, what)?;
+    // Move the bytes `read_vec` took into a charge of their own.
+    budget.give_back(len);
+    let held = budget.charge(len, what)?;
+    Ok((v, held))
+}
+
 /// Opens a VMDK image.
 ///
 /// # Errors
@@ -115,7 +133,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VmdkImage> {
     // qemu reads at most 1 MiB - 1 of a descriptor file, up to the first NUL.
     let budget = limits.budget();
     let len = size.min(MAX_DESCRIPTOR - 1);
-    let text = read_vec(src.as_ref(), 0, len, &budget, "VMDK descriptor")?;
+    let (text, _held) = read_held(src.as_ref(), 0, len, &budget, "VMDK descriptor")?;
     if !descriptor::looks_like_descriptor(&text) {
         return Err(Error::invalid(
             "neither a VMDK sparse header nor a VMDK descriptor",
@@ -445,7 +463,7 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
     let desc = if h.descriptor_offset == 0 {
         None
     } else {
-        let area = read_vec(
+        let (area, _held) = read_held(
             src.as_ref(),
             desc_at,
             desc_len,
@@ -477,7 +495,7 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
         // qemu reads that descriptor up to 1 MiB - 1 from its offset, past the declared size,
         // up to a NUL: parse what it parses so that every extent it would open is reported.
         let len = size.saturating_sub(desc_at).min(MAX_DESCRIPTOR - 1);
-        let text = read_vec(
+        let (text, _held) = read_held(
             src.as_ref(),
             desc_at,
             len,
