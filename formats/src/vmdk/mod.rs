@@ -445,40 +445,7 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
     h.validate(0)?;
     let mut findings = Vec::new();
     let mut refs = Vec::new();
-
-    // Descriptor: bounded, at the sector the header names.
-    let desc_len = h
-        .descriptor_size
-        .checked_mul(SECTOR)
-        .filter(|l| *l <= MAX_DESCRIPTOR)
-        .ok_or_else(|| {
-            Error::limit(format!(
-                "embedded VMDK descriptor of {} sectors is too large",
-                h.descriptor_size
-            ))
-            .at(36)
-            .code("vmdk.descriptor-size")
-        })?;
-    let desc_at = table::sector_offset(h.descriptor_offset, "VMDK descriptor")?;
-    let desc = if h.descriptor_offset == 0 {
-        None
-    } else {
-        let (area, _held) = read_held(
-            src.as_ref(),
-            desc_at,
-            desc_len,
-            &budget,
-            "embedded VMDK descriptor",
-        )
-        .map_err(|e| {
-            if e.kind() == crate::ErrorKind::Truncated {
-                e.code("vmdk.descriptor-offset")
-            } else {
-                e
-            }
-        })?;
-        Some(descriptor::parse(descriptor::text_of(&area), desc_at))
-    };
+    let (desc, desc_at) = read_embedded(&src, &h, &budget)?;
 
     // What qemu sees: it reads CID, parentCID and parentFileNameHint from byte 512 whatever
     // the header says.
@@ -492,20 +459,7 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
             "vmdk.descriptor-only",
             "a sparse header of capacity 0 wraps a descriptor: qemu reads its extents from other files",
         ));
-        // qemu reads that descriptor up to 1 MiB - 1 from its offset, past the declared size,
-        // up to a NUL: parse what it parses so that every extent it would open is reported.
-        let len = size.saturating_sub(desc_at).min(MAX_DESCRIPTOR - 1);
-        let (text, _held) = read_held(
-            src.as_ref(),
-            desc_at,
-            len,
-            &budget,
-            "embedded VMDK descriptor",
-        )?;
-        let body = descriptor::text_of(&text);
-        let desc = descriptor::parse(body, desc_at);
-        let loose = descriptor::loose_extents(body, desc_at, &desc.extents);
-        return descriptor_only(src, desc, loose, findings, refs);
+        return wrapped_descriptor(src, size, desc_at, &budget, findings, refs);
     }
 
     if h.descriptor_offset != 1 {
@@ -531,54 +485,162 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
         (h, 0)
     };
 
-    let compressed = hdr.compressed();
-    let vsize = hdr.capacity.saturating_mul(SECTOR);
-    let grain = hdr.grain_bytes();
-    let mut self_name = String::new();
-    if let Some(desc) = &desc {
+    let self_name = if let Some(desc) = &desc {
         syntax_findings(desc, &mut findings);
-        create_type_finding(desc, Some(compressed), &mut findings);
+        create_type_finding(desc, Some(hdr.compressed()), &mut findings);
         parent_findings(desc, &mut findings, &mut refs);
-        // As qemu does for an embedded descriptor, the first SPARSE extent is this file
-        // itself, whatever name it gives. Anything else would be read from another file.
-        let mut own = false;
-        for e in &desc.extents {
-            if !own && e.kind == "SPARSE" {
-                own = true;
-                self_name = e.file.clone().unwrap_or_default();
-                if e.sectors != hdr.capacity {
-                    findings.push(
-                        Finding::warn(
-                            "vmdk.extent-size",
-                            format!(
-                                "the descriptor says {} sectors, the header {}",
-                                e.sectors, hdr.capacity
-                            ),
-                        )
-                        .at(e.at),
-                    );
-                }
-                continue;
-            }
-            external_extent(e, &mut findings, &mut refs);
-        }
-        if !own {
-            findings.push(
-                Finding::reject(
-                    "vmdk.descriptor-syntax",
-                    "the embedded descriptor does not describe this file",
-                )
-                .at(desc_at),
-            );
-        }
+        own_extent(desc, &hdr, desc_at, &mut findings, &mut refs)
     } else {
         findings.push(Finding::reject(
             "vmdk.descriptor-syntax",
             "the sparse file has no embedded descriptor",
         ));
+        String::new()
+    };
+    let gd = read_directories(&src, &hdr, size, limits, &budget)?;
+    if hdr.unclean_shutdown != 0 {
+        findings.push(
+            Finding::warn("vmdk.unclean-shutdown", "the extent was not closed cleanly").at(72),
+        );
     }
+    let info = sparse_info(&src, &hdr, desc.as_ref(), self_name, refs);
+    let cache = GtCache::new(hdr.gtes_per_gt, size, limits.clone());
+    let sparse = Sparse {
+        hdr,
+        hdr_at,
+        footer_form,
+        gd,
+        file_size: size,
+        cache,
+    };
+    Ok(VmdkImage {
+        src,
+        info,
+        findings,
+        body: Body::Sparse(Box::new(sparse)),
+    })
+}
 
-    // Grain directory, and the redundant one when the header uses it (qemu reads both).
+/// The embedded descriptor the header names (bounded), parsed, and its byte offset.
+fn read_embedded(
+    src: &Source,
+    h: &SparseHeader,
+    budget: &Budget,
+) -> Result<(Option<Descriptor>, u64)> {
+    let desc_len = h
+        .descriptor_size
+        .checked_mul(SECTOR)
+        .filter(|l| *l <= MAX_DESCRIPTOR)
+        .ok_or_else(|| {
+            Error::limit(format!(
+                "embedded VMDK descriptor of {} sectors is too large",
+                h.descriptor_size
+            ))
+            .at(36)
+            .code("vmdk.descriptor-size")
+        })?;
+    let desc_at = table::sector_offset(h.descriptor_offset, "VMDK descriptor")?;
+    let desc = if h.descriptor_offset == 0 {
+        None
+    } else {
+        let (area, _held) = read_held(
+            src.as_ref(),
+            desc_at,
+            desc_len,
+            budget,
+            "embedded VMDK descriptor",
+        )
+        .map_err(|e| {
+            if e.kind() == crate::ErrorKind::Truncated {
+                e.code("vmdk.descriptor-offset")
+            } else {
+                e
+            }
+        })?;
+        Some(descriptor::parse(descriptor::text_of(&area), desc_at))
+    };
+    Ok((desc, desc_at))
+}
+
+/// A capacity-0 sparse file wrapping a descriptor: read as qemu reads it, a descriptor file.
+fn wrapped_descriptor(
+    src: Source,
+    size: u64,
+    desc_at: u64,
+    budget: &Budget,
+    findings: Vec<Finding>,
+    refs: Vec<Reference>,
+) -> Result<VmdkImage> {
+    // qemu reads that descriptor up to 1 MiB - 1 from its offset, past the declared size,
+    // up to a NUL: parse what it parses so that every extent it would open is reported.
+    let len = size.saturating_sub(desc_at).min(MAX_DESCRIPTOR - 1);
+    let (text, _held) = read_held(
+        src.as_ref(),
+        desc_at,
+        len,
+        budget,
+        "embedded VMDK descriptor",
+    )?;
+    let body = descriptor::text_of(&text);
+    let desc = descriptor::parse(body, desc_at);
+    let loose = descriptor::loose_extents(body, desc_at, &desc.extents);
+    descriptor_only(src, desc, loose, findings, refs)
+}
+
+/// The extents of an embedded descriptor: the first SPARSE one is this file (its name is
+/// returned); every other is reported as another file's.
+fn own_extent(
+    desc: &Descriptor,
+    hdr: &SparseHeader,
+    desc_at: u64,
+    findings: &mut Vec<Finding>,
+    refs: &mut Vec<Reference>,
+) -> String {
+    let mut self_name = String::new();
+    // As qemu does for an embedded descriptor, the first SPARSE extent is this file
+    // itself, whatever name it gives. Anything else would be read from another file.
+    let mut own = false;
+    for e in &desc.extents {
+        if !own && e.kind == "SPARSE" {
+            own = true;
+            self_name = e.file.clone().unwrap_or_default();
+            if e.sectors != hdr.capacity {
+                findings.push(
+                    Finding::warn(
+                        "vmdk.extent-size",
+                        format!(
+                            "the descriptor says {} sectors, the header {}",
+                            e.sectors, hdr.capacity
+                        ),
+                    )
+                    .at(e.at),
+                );
+            }
+            continue;
+        }
+        external_extent(e, findings, refs);
+    }
+    if !own {
+        findings.push(
+            Finding::reject(
+                "vmdk.descriptor-syntax",
+                "the embedded descriptor does not describe this file",
+            )
+            .at(desc_at),
+        );
+    }
+    self_name
+}
+
+/// The grain directory, and the placement of the redundant one when the header uses it
+/// (qemu reads both; `check` compares them).
+fn read_directories(
+    src: &Source,
+    hdr: &SparseHeader,
+    size: u64,
+    limits: &Limits,
+    budget: &Budget,
+) -> Result<crate::table::Table<u32>> {
     let gd_entries = hdr.gd_entries();
     let gd = table::read_directory(
         src.as_ref(),
@@ -587,7 +649,7 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
         gd_entries,
         size,
         limits,
-        &budget,
+        budget,
     )
     .map_err(|e| e.context("VMDK"))?;
     if hdr.flags & header::FLAG_REDUNDANT != 0 && hdr.rgd_offset != 0 {
@@ -604,12 +666,20 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
             limits,
         )?;
     }
-    if hdr.unclean_shutdown != 0 {
-        findings.push(
-            Finding::warn("vmdk.unclean-shutdown", "the extent was not closed cleanly").at(72),
-        );
-    }
+    Ok(gd)
+}
 
+/// What `info` says about a sparse file.
+fn sparse_info(
+    src: &Source,
+    hdr: &SparseHeader,
+    desc: Option<&Descriptor>,
+    self_name: String,
+    refs: Vec<Reference>,
+) -> ImageInfo {
+    let compressed = hdr.compressed();
+    let vsize = hdr.capacity.saturating_mul(SECTOR);
+    let grain = hdr.grain_bytes();
     let mut info = ImageInfo::new(Format::Vmdk, vsize);
     info.actual_size = src.allocated_size();
     info.cluster_size = Some(grain);
@@ -620,7 +690,7 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
     } else {
         "monolithicSparse"
     };
-    common_details(&mut info, desc.as_ref().unwrap_or(&empty), ct.to_string());
+    common_details(&mut info, desc.unwrap_or(&empty), ct.to_string());
     let mut ext = serde_json::Map::new();
     if compressed {
         ext.insert("compressed".into(), true.into());
@@ -631,22 +701,7 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
     ext.insert("format".into(), "".into());
     info.detail("extents", vec![serde_json::Value::Object(ext)]);
     info.references = refs;
-
-    let cache = GtCache::new(hdr.gtes_per_gt, size, limits.clone());
-    let sparse = Sparse {
-        hdr,
-        hdr_at,
-        footer_form,
-        gd,
-        file_size: size,
-        cache,
-    };
-    Ok(VmdkImage {
-        src,
-        info,
-        findings,
-        body: Body::Sparse(Box::new(sparse)),
-    })
+    info
 }
 
 impl Sparse {
