@@ -283,7 +283,7 @@ fn qemu_parent_hint(text: &[u8]) -> Option<String> {
     const KEY: &[u8] = b"parentFileNameHint";
     let at = text.windows(KEY.len()).position(|w| w == KEY)?;
     let name = text
-        .get(at.checked_add(KEY.len() + 2)?..)
+        .get(at.checked_add(KEY.len())?.checked_add(2)?..)
         .unwrap_or_default();
     let end = name.iter().position(|&b| b == b'"').unwrap_or(name.len());
     let name = name.get(..end.min(1024)).unwrap_or_default();
@@ -336,7 +336,7 @@ fn syntax_findings(desc: &Descriptor, findings: &mut Vec<Finding>) {
             "vmdk.descriptor-syntax",
             format!(
                 "{} more descriptor syntax errors",
-                desc.errors.len() - MAX_PER_CODE
+                desc.errors.len().saturating_sub(MAX_PER_CODE)
             ),
         ));
     }
@@ -712,21 +712,27 @@ impl Sparse {
     fn grain(&self, src: &dyn crate::ReadAt, g: u64) -> Result<(Grain, Grain, u64)> {
         let per = u64::from(self.hdr.gtes_per_gt);
         let gb = self.hdr.grain_bytes();
-        let gdi = usize::try_from(g / per).map_err(|_| Error::corrupt("grain index overflows"))?;
+        // `per` is at least 1 (the header is validated at open).
+        let overflow = || Error::corrupt("grain index overflows");
+        let gd_index = g.checked_div(per).ok_or_else(overflow)?;
+        let gdi = usize::try_from(gd_index).map_err(|_| overflow())?;
         let gt_sector = self
             .gd
             .get(gdi)
             .copied()
             .ok_or_else(|| Error::corrupt(format!("grain {g} has no grain directory entry")))?;
         if gt_sector == 0 {
-            let end = (g / per)
+            let end = gd_index
                 .saturating_add(1)
                 .saturating_mul(per)
                 .saturating_mul(gb);
             return Ok((Grain::Unallocated, Grain::Unallocated, end));
         }
         let gt = self.cache.get(src, u64::from(gt_sector))?;
-        let gti = usize::try_from(g % per).map_err(|_| Error::corrupt("grain index overflows"))?;
+        let gti = g
+            .checked_rem(per)
+            .and_then(|i| usize::try_from(i).ok())
+            .ok_or_else(overflow)?;
         let kind = |e: u32| match e {
             0 => Grain::Unallocated,
             1 if self.hdr.zero_grain() => Grain::Zero,
@@ -743,7 +749,7 @@ impl Sparse {
                     break;
                 }
                 last = next;
-                n += 1;
+                n = n.saturating_add(1);
             }
         }
         Ok((first, last, g.saturating_add(n).saturating_mul(gb)))
@@ -809,18 +815,20 @@ impl Sparse {
         sector: u64,
     ) -> Result<Extent> {
         let gb = self.hdr.grain_bytes();
-        let g = guest / gb;
+        let g = guest
+            .checked_div(gb)
+            .ok_or_else(|| Error::corrupt("VMDK grain size is zero"))?;
         let (stored, host) = grain_marker(src, &self.hdr, self.file_size, g, sector)?;
         let grain_end = g.saturating_add(1).saturating_mul(gb);
         Ok(Extent {
             start: guest,
-            len: grain_end.min(end) - guest,
+            len: grain_end.min(end).saturating_sub(guest),
             kind: ExtentKind::Compressed {
                 codec: Codec::Zlib,
                 host,
                 stored_len: stored,
                 unit_size: gb,
-                skip: guest % gb,
+                skip: guest.checked_rem(gb).unwrap_or(0),
             },
         })
     }
