@@ -9,24 +9,39 @@ use super::{grain_marker, Sparse};
 use crate::error::{ErrorKind, Result};
 use crate::finding::{Finding, Findings};
 use crate::io::ReadAt;
-use crate::limits::{Budget, Limits};
+use crate::limits::{Budget, Charge, Limits};
 use crate::ranges::{overlap_finding, Region, RegionIndex};
 
 /// Metadata spans in sectors: `(start, end, what)`.
 type Spans = Vec<(u64, u64, &'static str)>;
 
+/// Budget bytes one entry of the grain table list holds.
+const TABLE_BYTES: u64 = std::mem::size_of::<(u64, usize)>() as u64;
+/// Budget bytes one metadata span holds: in the list, then in its index.
+const SPAN_BYTES: u64 = (std::mem::size_of::<(u64, u64, &str)>()
+    + std::mem::size_of::<Region<'static>>()
+    + std::mem::size_of::<u64>()) as u64;
+
 /// Grain-table bytes a check may read: each stored table is walked once and compared with its
 /// redundant copy once, so a valid image needs at most three times its file size. Alternating
 /// directory entries that defeat the table cache stop here instead of running for minutes.
+///
+/// It also holds the budget charged for what the check builds (table list, metadata spans and
+/// their index, grain list): charged before each grows, given back when the check returns.
 struct Work {
     left: u64,
+    held: Charge,
 }
 
 impl Work {
-    fn new(file_size: u64) -> Self {
-        Work {
+    fn new(file_size: u64, budget: &Budget) -> Result<Self> {
+        Ok(Work {
             left: file_size.saturating_mul(4).saturating_add(1 << 20),
-        }
+            held: budget.charge(0, "VMDK check lists")?,
+        })
+    }
+    fn hold(&mut self, bytes: u64, what: &str) -> Result<()> {
+        self.held.grow(bytes, what)
     }
     fn spend(&mut self, bytes: u64) -> Result<()> {
         self.left = self.left.checked_sub(bytes).ok_or_else(|| {
@@ -103,6 +118,7 @@ fn redundant(
             sink.error(&e.context(format!("redundant grain directory entry {i}")));
             continue;
         }
+        work.hold(SPAN_BYTES, "VMDK metadata spans")?;
         meta.push((r, r.saturating_add(gt_sectors), "a redundant grain table"));
         if p == 0 {
             mismatch(sink, i);
@@ -191,8 +207,9 @@ fn fixed_spans(s: &Sparse) -> Spans {
 fn grain_tables(
     s: &Sparse,
     meta: &[(u64, u64, &'static str)],
+    work: &mut Work,
     sink: &mut Findings,
-) -> Vec<(u64, usize)> {
+) -> Result<Vec<(u64, usize)>> {
     let gt_sectors = s.cache.table_len().div_ceil(SECTOR);
     let mut tables: Vec<(u64, usize)> = Vec::new();
     for (i, &gt) in s.gd.iter().enumerate() {
@@ -200,7 +217,10 @@ fn grain_tables(
             continue;
         }
         match s.cache.check(u64::from(gt)) {
-            Ok(_) => tables.push((u64::from(gt), i)),
+            Ok(_) => {
+                work.hold(TABLE_BYTES, "VMDK grain table list")?;
+                tables.push((u64::from(gt), i));
+            }
             Err(e) => sink.error(&e.context(format!("grain directory entry {i}"))),
         }
     }
@@ -230,18 +250,17 @@ fn grain_tables(
             );
         }
     }
-    tables
+    Ok(tables)
 }
 
 /// Every grain pointer of every stored grain table: inside the file, off the metadata in
-/// `meta`. Returns the grains as `(start, end, grain)` in sectors, charged to `held`.
+/// `meta`. Returns the grains as `(start, end, grain)` in sectors, charged to `work`.
 fn grain_pointers(
     s: &Sparse,
     src: &dyn ReadAt,
     tables: &[(u64, usize)],
     meta: &RegionIndex<'_>,
     work: &mut Work,
-    held: &mut crate::limits::Charge,
     sink: &mut Findings,
 ) -> Result<Vec<(u64, u64, u64)>> {
     let hdr = &s.hdr;
@@ -284,7 +303,7 @@ fn grain_pointers(
                     .at(at),
                 );
             }
-            held.grow(24, "VMDK grain list")?;
+            work.hold(24, "VMDK grain list")?;
             grains.push((start, end, g));
         }
     }
@@ -343,21 +362,25 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
     let mut sink = Findings::new();
     let gt_sectors = s.cache.table_len().div_ceil(SECTOR);
 
+    let mut work = Work::new(s.file_size, &budget)?;
     let mut meta = fixed_spans(s);
     fixed_overlap(&meta, &mut sink);
-    let tables = grain_tables(s, &meta, &mut sink);
-    meta.extend(
-        tables
-            .iter()
-            .map(|&(gt, _)| (gt, gt.saturating_add(gt_sectors), "a grain table")),
-    );
-    let mut work = Work::new(s.file_size);
+    let tables = grain_tables(s, &meta, &mut work, &mut sink)?;
+    // One span per stored table: directory entries naming the same table are already
+    // `vmdk.duplicate-grain`, and repeating their span would only grow the index.
+    let mut last = None;
+    for &(gt, _) in &tables {
+        if last == Some(gt) {
+            continue;
+        }
+        last = Some(gt);
+        work.hold(SPAN_BYTES, "VMDK metadata spans")?;
+        meta.push((gt, gt.saturating_add(gt_sectors), "a grain table"));
+    }
     redundant(s, src, limits, &budget, &mut work, &mut meta, &mut sink)?;
     let meta = index(&meta);
 
-    // Charges for the grain list, given back when the check returns.
-    let mut held = budget.charge(0, "VMDK grain list")?;
-    let mut grains = grain_pointers(s, src, &tables, &meta, &mut work, &mut held, &mut sink)?;
+    let mut grains = grain_pointers(s, src, &tables, &meta, &mut work, &mut sink)?;
     grains.sort_unstable();
     for w in grains.windows(2) {
         if let [(_, a_end, ga), (b, _, gb_)] = w {
