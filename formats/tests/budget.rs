@@ -220,3 +220,21 @@ fn qcow2_with_bitmaps_gives_its_budget_back() {
     qemu_img(&["bitmap", "--add", "-g", "512", ap, "b1"]);
     round_trips_the_budget(&a);
 }
+
+#[test]
+fn vmdk_gives_its_budget_back() {
+    case("vmdk", "sparse.vmdk", &[], false);
+    case("vmdk", "sparse-empty.vmdk", &[], true);
+    let so = ["-o", "subformat=streamOptimized"];
+    case("vmdk", "stream.vmdk", &so, false);
+    case("vmdk", "stream-empty.vmdk", &so, true);
+}
+
+#[test]
+fn vhdx_gives_its_budget_back() {
+    case("vhdx", "dynamic.vhdx", &[], false);
+    case("vhdx", "dynamic-empty.vhdx", &[], true);
+    let fixed = ["-o", "subformat=fixed"];
+    case("vhdx", "fixed.vhdx", &fixed, false);
+    case("vhdx", "fixed-empty.vhdx", &fixed, true);
+}

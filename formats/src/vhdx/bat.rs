@@ -2,6 +2,8 @@
 //! entry after every `chunk_ratio` payload entries.
 
 use crate::error::{Error, Result};
+use crate::limits::Budget;
+use crate::ranges::{Region, RegionIndex};
 
 /// "Block not present": reads as zeros (no parent) or from the parent.
 pub const NOT_PRESENT: u64 = 0;
@@ -107,13 +109,68 @@ pub struct Reserved<'a> {
     pub name: &'a str,
 }
 
+/// Bytes BAT entry `i` (`state`) claims in the file, or `None` when it claims none.
+///
+/// # Errors
+/// `Invalid` (`vhdx.bat-state`) at `at` for a state not valid for that entry.
+fn entry_len(
+    geo: &Geometry,
+    i: u64,
+    state: u64,
+    virtual_size: u64,
+    at: u64,
+) -> Result<Option<u64>> {
+    if geo.is_bitmap(i) {
+        return match state {
+            NOT_PRESENT => Ok(None),
+            // qemu ignores bitmap entries of non-differencing files; a present one is still
+            // held to the file's bounds and kept apart from everything else.
+            SB_PRESENT => Ok(Some(BITMAP_BLOCK_SIZE)),
+            _ => Err(Error::invalid(format!(
+                "BAT entry {i}: sector bitmap state {state} is not valid here"
+            ))
+            .at(at)
+            .code("vhdx.bat-state")),
+        };
+    }
+    match state {
+        NOT_PRESENT | UNDEFINED | ZERO | UNMAPPED | UNMAPPED_V095 => return Ok(None),
+        FULLY_PRESENT => {}
+        PARTIALLY_PRESENT if geo.has_parent => {}
+        _ => {
+            return Err(Error::invalid(format!(
+                "BAT entry {i}: payload state {state} is not valid{}",
+                if state == PARTIALLY_PRESENT {
+                    " without a parent"
+                } else {
+                    ""
+                }
+            ))
+            .at(at)
+            .code("vhdx.bat-state"))
+        }
+    }
+    // qemu lets the last block end at the end of the virtual disk rather than a whole block
+    // later ("QEMU created images with partial last blocks in the past").
+    let block = i.saturating_sub(
+        i.checked_div(geo.chunk_ratio.saturating_add(1))
+            .unwrap_or(0),
+    );
+    let start = block.saturating_mul(geo.block_size);
+    Ok(Some(
+        geo.block_size
+            .min(virtual_size.saturating_sub(start))
+            .max(1),
+    ))
+}
+
 /// Checks every BAT entry: states, file offsets against the file size and the metadata
 /// structures, and that no two blocks share host bytes.
 ///
 /// # Errors
 /// `Invalid` (`vhdx.bat-state`), `Corrupt` (`vhdx.bat-entry-out-of-bounds`,
 /// `vhdx.entry-into-metadata`, `vhdx.duplicate-block`), each at the entry's offset;
-/// `LimitExceeded` when the offset list cannot be allocated.
+/// `LimitExceeded` when the offset list cannot be allocated or `budget` cannot hold it.
 pub fn validate(
     bat: &[u64],
     geo: &Geometry,
@@ -121,57 +178,22 @@ pub fn validate(
     virtual_size: u64,
     file_size: u64,
     reserved: &[Reserved<'_>],
+    budget: &Budget,
 ) -> Result<()> {
+    let reserved = RegionIndex::new(
+        reserved
+            .iter()
+            .map(|r| Region::new(r.name, r.start, r.len))
+            .collect(),
+    );
     let mut used: Vec<(u64, u64, u64)> = Vec::new();
-    used.try_reserve(bat.len())
-        .map_err(|_| Error::limit("BAT: cannot allocate the offset list"))?;
+    let mut held = budget.charge(0, "BAT offset list")?;
     for (i, &entry) in bat.iter().enumerate() {
         let i = i as u64;
         let at = bat_offset.saturating_add(i.saturating_mul(8));
-        let state = entry & STATE_MASK;
         let host = entry & OFFSET_MASK;
-        let len = if geo.is_bitmap(i) {
-            match state {
-                NOT_PRESENT => continue,
-                // qemu ignores bitmap entries of non-differencing files; a present one is still
-                // held to the file's bounds and kept apart from everything else.
-                SB_PRESENT => BITMAP_BLOCK_SIZE,
-                _ => {
-                    return Err(Error::invalid(format!(
-                        "BAT entry {i}: sector bitmap state {state} is not valid here"
-                    ))
-                    .at(at)
-                    .code("vhdx.bat-state"))
-                }
-            }
-        } else {
-            match state {
-                NOT_PRESENT | UNDEFINED | ZERO | UNMAPPED | UNMAPPED_V095 => continue,
-                FULLY_PRESENT => {}
-                PARTIALLY_PRESENT if geo.has_parent => {}
-                _ => {
-                    return Err(Error::invalid(format!(
-                        "BAT entry {i}: payload state {state} is not valid{}",
-                        if state == PARTIALLY_PRESENT {
-                            " without a parent"
-                        } else {
-                            ""
-                        }
-                    ))
-                    .at(at)
-                    .code("vhdx.bat-state"))
-                }
-            }
-            // qemu lets the last block end at the end of the virtual disk rather than a whole
-            // block later ("QEMU created images with partial last blocks in the past").
-            let block = i.saturating_sub(
-                i.checked_div(geo.chunk_ratio.saturating_add(1))
-                    .unwrap_or(0),
-            );
-            let start = block.saturating_mul(geo.block_size);
-            geo.block_size
-                .min(virtual_size.saturating_sub(start))
-                .max(1)
+        let Some(len) = entry_len(geo, i, entry & STATE_MASK, virtual_size, at)? else {
+            continue;
         };
         match host.checked_add(len) {
             Some(end) if end <= file_size => {}
@@ -189,11 +211,7 @@ pub fn validate(
         } else {
             geo.block_size
         };
-        let span_end = host.saturating_add(span);
-        if let Some(r) = reserved
-            .iter()
-            .find(|r| host < r.start.saturating_add(r.len) && r.start < span_end)
-        {
+        if let Some(r) = reserved.hit(host, host.saturating_add(span)) {
             return Err(Error::corrupt(format!(
                 "BAT entry {i}: block at {host:#x} overlaps the {} at {:#x}",
                 r.name, r.start
@@ -201,8 +219,19 @@ pub fn validate(
             .at(at)
             .code("vhdx.entry-into-metadata"));
         }
+        held.grow(24, "BAT offset list")?;
+        used.try_reserve(1)
+            .map_err(|_| Error::limit("BAT: cannot allocate the offset list"))?;
         used.push((host, len, i));
     }
+    shared_blocks(&mut used, bat_offset)
+}
+
+/// Fails when two of the `(host, len, index)` blocks share host bytes.
+///
+/// # Errors
+/// `Corrupt` (`vhdx.duplicate-block`) at the later entry's offset.
+fn shared_blocks(used: &mut [(u64, u64, u64)], bat_offset: u64) -> Result<()> {
     used.sort_unstable();
     for w in used.windows(2) {
         if let [(a, alen, ai), (b, _, bi)] = w {

@@ -33,9 +33,9 @@ use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{read_vec, Source};
-use crate::limits::Limits;
+use crate::limits::{Budget, Charge, Limits};
 use crate::probe::Probe;
-use crate::table::{check_table, TableSpec};
+use crate::table::{check_table, read_entries, Table, TableSpec};
 
 use bat::{Geometry, Reserved};
 use header::{HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SECTION_END, HEADER_SIZE};
@@ -52,7 +52,7 @@ pub struct VhdxImage {
     info: ImageInfo,
     findings: Vec<Finding>,
     geo: Geometry,
-    bat: Arc<Vec<u64>>,
+    bat: Arc<Table<u64>>,
     /// A log with entries: the BAT may be stale, so nothing is mapped.
     log_non_empty: bool,
 }
@@ -60,6 +60,24 @@ pub struct VhdxImage {
 /// True when the file starts with the "vhdxfile" identifier.
 pub fn probe(p: &Probe<'_>) -> bool {
     p.starts_with(header::FILE_SIGNATURE)
+}
+
+/// Reads `len` bytes at `offset`, charged to `budget` until the returned [`Charge`] drops.
+///
+/// # Errors
+/// As [`read_vec`].
+fn read_held(
+    src: &dyn crate::ReadAt,
+    offset: u64,
+    len: u64,
+    budget: &Budget,
+    what: &str,
+) -> Result<(Vec<u8>, Charge)> {
+    let v = read_vec(src, offset, len, budget, what)?;
+    // Move the bytes `read_vec` took into a charge of their own.
+    budget.give_back(len);
+    let held = budget.charge(len, what)?;
+    Ok((v, held))
 }
 
 /// Opens a VHDX image.
@@ -82,15 +100,70 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
     let r = src.as_ref();
     let mut findings = Vec::new();
 
-    let id = read_vec(r, 0, 8 + 512, &budget, "file identifier")?;
+    let (hdr, creator) = read_headers(r, &budget, &mut findings)?;
+    let (regions, table_at) = read_region_table(r, &budget, &mut findings)?;
+    let placed = place_regions(&hdr, &regions, table_at, file_size, limits)?;
+    let md = read_metadata(r, &regions.metadata, table_at, &budget, &mut findings)?;
+    // qemu counts the disk in 512-byte sectors: `total_sectors = virtual_disk_size >> 9`.
+    let virtual_size = md.virtual_disk_size & !511;
+    let has_parent = md.file_flags & metadata::HAS_PARENT != 0;
+    let geo = Geometry::new(
+        u64::from(md.block_size),
+        u64::from(md.logical_sector_size),
+        md.virtual_disk_size,
+        has_parent,
+    );
+    let bat = read_bat(r, &regions.bat, &geo, table_at, file_size, limits, &budget)?;
+    bat::validate(
+        &bat,
+        &geo,
+        regions.bat.offset,
+        virtual_size,
+        file_size,
+        &placed,
+        &budget,
+    )?;
+
+    // Log.
+    let log_non_empty = log::non_empty(r, &hdr, &budget)?;
+    if log_non_empty {
+        findings.push(
+            Finding::reject(
+                "vhdx.log-not-empty",
+                "the log holds entries: the metadata on disk may be stale until the log is replayed, which glimpse does not do",
+            )
+            .at(hdr.log_offset),
+        );
+    }
+    let mut info = ImageInfo::new(Format::Vhdx, virtual_size);
+    info.actual_size = src.allocated_size();
+    describe(&mut info, &md, &creator, log_non_empty, &mut findings);
+    Ok(VhdxImage {
+        src,
+        info,
+        findings,
+        geo,
+        bat: Arc::new(bat),
+        log_non_empty,
+    })
+}
+
+/// The file identifier and the current header (the valid one with the higher sequence
+/// number), with the creator string the identifier holds.
+fn read_headers(
+    r: &dyn crate::ReadAt,
+    budget: &Budget,
+    findings: &mut Vec<Finding>,
+) -> Result<(header::Header, String)> {
+    let (id, _id_held) = read_held(r, 0, 8 + 512, budget, "file identifier")?;
     if id.get(..8) != Some(&header::FILE_SIGNATURE[..]) {
         return Err(Error::invalid("no \"vhdxfile\" identifier at offset 0").at(0));
     }
     let creator = header::creator(&id);
 
     // Headers: the valid one with the higher sequence number is current.
-    let b1 = read_vec(r, HEADER1_OFFSET, HEADER_SIZE as u64, &budget, "header 1")?;
-    let b2 = read_vec(r, HEADER2_OFFSET, HEADER_SIZE as u64, &budget, "header 2")?;
+    let (b1, _b1_held) = read_held(r, HEADER1_OFFSET, HEADER_SIZE as u64, budget, "header 1")?;
+    let (b2, _b2_held) = read_held(r, HEADER2_OFFSET, HEADER_SIZE as u64, budget, "header 2")?;
     let h1 = header::parse_header(&b1, HEADER1_OFFSET, 0);
     let h2 = header::parse_header(&b2, HEADER2_OFFSET, 1);
     for (h, off, n) in [(&h1, HEADER1_OFFSET, 1), (&h2, HEADER2_OFFSET, 2)] {
@@ -110,21 +183,30 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
         }
     }
     let hdr = header::select(h1, h2)?;
+    Ok((hdr, creator))
+}
 
+/// The region table in use: table 1 as qemu reads it, or table 2 (rejected) when only it is
+/// valid. Returns the parsed table and its offset.
+fn read_region_table(
+    r: &dyn crate::ReadAt,
+    budget: &Budget,
+    findings: &mut Vec<Finding>,
+) -> Result<(region::RegionTable, u64)> {
     // Region tables. qemu reads only the first; the spec allows either. A bad first table with
     // a good second one is usable, but qemu would refuse the file, so it is rejected.
-    let t1 = read_vec(
+    let (t1, _t1_held) = read_held(
         r,
         REGION1_OFFSET,
         REGION_TABLE_SIZE as u64,
-        &budget,
+        budget,
         "region table 1",
     )?;
-    let t2 = read_vec(
+    let (t2, _t2_held) = read_held(
         r,
         REGION2_OFFSET,
         REGION_TABLE_SIZE as u64,
-        &budget,
+        budget,
         "region table 2",
     )?;
     let (table, table_at) = match (region::table_valid(&t1), region::table_valid(&t2)) {
@@ -168,11 +250,20 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
             )
         }
     };
-    let regions = region::parse(table, table_at)?;
+    Ok((region::parse(table, table_at)?, table_at))
+}
 
-    // Every region lies inside the file, past the header section, and apart from the others.
+/// Every region and the log lie inside the file, past the header section, and apart from
+/// the others. Returns what the payload must not touch.
+fn place_regions(
+    hdr: &header::Header,
+    regions: &region::RegionTable,
+    table_at: u64,
+    file_size: u64,
+    limits: &Limits,
+) -> Result<Vec<Reserved<'static>>> {
     // Region lengths are 32-bit, so a region is at most 4 GiB: the table cap that matters is
-    // applied to the BAT entries actually read, below.
+    // applied to the BAT entries actually read (`read_bat`).
     let region_limits = Limits {
         max_table_entries: u64::from(u32::MAX),
         ..limits.clone()
@@ -226,9 +317,17 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
             name,
         });
     }
+    Ok(placed)
+}
 
-    // Metadata.
-    let md_region = regions.metadata;
+/// The metadata table and items, with findings for sizes qemu accepts but the spec does not.
+fn read_metadata(
+    r: &dyn crate::ReadAt,
+    md_region: &region::Region,
+    table_at: u64,
+    budget: &Budget,
+    findings: &mut Vec<Finding>,
+) -> Result<metadata::Metadata> {
     if u64::from(md_region.length) < metadata::TABLE_SIZE {
         return Err(Error::invalid(format!(
             "metadata region of {} bytes cannot hold its table",
@@ -237,18 +336,17 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
         .at(table_at)
         .code("vhdx.metadata"));
     }
-    let md_table = read_vec(
+    let (md_table, md_held) = read_held(
         r,
         md_region.offset,
         metadata::TABLE_SIZE,
-        &budget,
+        budget,
         "metadata table",
     )?;
     let entries = metadata::parse_table(&md_table, md_region.offset)?;
-    drop(md_table);
-    budget.give_back(metadata::TABLE_SIZE);
-    let md = metadata::read_items(r, &md_region, &entries, &budget)?;
-    findings.extend(metadata::item_overlap(&md_region, &entries));
+    drop((md_table, md_held));
+    let md = metadata::read_items(r, md_region, &entries, budget)?;
+    findings.extend(metadata::item_overlap(md_region, &entries));
     let lss = u64::from(md.logical_sector_size);
     if md.virtual_disk_size.checked_rem(lss) != Some(0) {
         findings.push(
@@ -271,29 +369,27 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
             ),
         ));
     }
-    // qemu counts the disk in 512-byte sectors: `total_sectors = virtual_disk_size >> 9`.
-    let virtual_size = md.virtual_disk_size & !511;
-    let has_parent = md.file_flags & metadata::HAS_PARENT != 0;
-    let geo = Geometry::new(
-        u64::from(md.block_size),
-        lss,
-        md.virtual_disk_size,
-        has_parent,
-    );
+    Ok(md)
+}
 
-    // BAT.
-    let bat_region = regions.bat;
-    let bat_bytes = check_table(
-        TableSpec {
-            name: "BAT",
-            offset: bat_region.offset,
-            entries: geo.entries,
-            entry_size: 8,
-            align: REGION_ALIGN,
-        },
-        file_size,
-        limits,
-    )?;
+/// Reads the BAT: as many entries as the geometry needs, within the BAT region.
+fn read_bat(
+    r: &dyn crate::ReadAt,
+    bat_region: &region::Region,
+    geo: &Geometry,
+    table_at: u64,
+    file_size: u64,
+    limits: &Limits,
+    budget: &Budget,
+) -> Result<Table<u64>> {
+    let spec = TableSpec {
+        name: "BAT",
+        offset: bat_region.offset,
+        entries: geo.entries,
+        entry_size: 8,
+        align: REGION_ALIGN,
+    };
+    let bat_bytes = check_table(spec, file_size, limits)?;
     if bat_bytes > u64::from(bat_region.length) {
         return Err(Error::corrupt(format!(
             "the BAT region ({} bytes) is too small for {} entries",
@@ -302,38 +398,19 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
         .at(table_at)
         .code("vhdx.region-table"));
     }
-    let raw = read_vec(r, bat_region.offset, bat_bytes, &budget, "BAT")?;
-    let mut bat: Vec<u64> = Vec::new();
-    bat.try_reserve_exact(raw.len() / 8)
-        .map_err(|_| Error::limit("BAT: cannot allocate"))?;
-    bat.extend(
-        raw.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))),
-    );
-    drop(raw);
-    bat::validate(
-        &bat,
-        &geo,
-        bat_region.offset,
-        virtual_size,
-        file_size,
-        &placed,
-    )?;
+    read_entries(r, spec, file_size, limits, budget, |c| {
+        u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))
+    })
+}
 
-    // Log.
-    let log_non_empty = log::non_empty(r, &hdr, &budget)?;
-    if log_non_empty {
-        findings.push(
-            Finding::reject(
-                "vhdx.log-not-empty",
-                "the log holds entries: the metadata on disk may be stale until the log is replayed, which glimpse does not do",
-            )
-            .at(hdr.log_offset),
-        );
-    }
-
-    let mut info = ImageInfo::new(Format::Vhdx, virtual_size);
-    info.actual_size = src.allocated_size();
+/// Fills `info` from the metadata and reports the parent of a differencing file.
+fn describe(
+    info: &mut ImageInfo,
+    md: &metadata::Metadata,
+    creator: &str,
+    log_non_empty: bool,
+    findings: &mut Vec<Finding>,
+) {
     info.cluster_size = Some(u64::from(md.block_size));
     info.dirty = Some(log_non_empty);
     info.detail("block-size", md.block_size);
@@ -367,7 +444,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
         info.detail("parent-locator-type", pl.locator_type.clone());
         info.detail("parent-locator", map);
     }
-    if has_parent {
+    if md.file_flags & metadata::HAS_PARENT != 0 {
         let names: Vec<&str> = info.references.iter().map(|r| r.target.as_str()).collect();
         findings.push(
             Finding::reject(
@@ -380,15 +457,6 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
             .at(md.file_parameters_at),
         );
     }
-
-    Ok(VhdxImage {
-        src,
-        info,
-        findings,
-        geo,
-        bat: Arc::new(bat),
-        log_non_empty,
-    })
 }
 
 impl VhdxImage {

@@ -654,7 +654,17 @@ fn sector_bitmap_entry_states() {
     assert_eq!(geo.payload_index(16), 17);
     let mut entries = vec![0u64; 18];
     let file = 8u64 << 30;
-    let ok = |e: &[u64]| bat::validate(e, &geo, 2 << 20, 17 * (256 << 20), file, &[]);
+    let ok = |e: &[u64]| {
+        bat::validate(
+            e,
+            &geo,
+            2 << 20,
+            17 * (256 << 20),
+            file,
+            &[],
+            &crate::limits::Budget::new(1 << 20),
+        )
+    };
     assert!(ok(&entries).is_ok());
     entries[16] = (300 << 20) | bat::SB_PRESENT;
     assert!(ok(&entries).is_ok());
@@ -691,7 +701,7 @@ mod prop {
             info: ImageInfo::new(Format::Vhdx, size),
             findings: Vec::new(),
             geo,
-            bat: Arc::new(bat),
+            bat: Arc::new(crate::table::Table::unbudgeted(bat)),
             log_non_empty: false,
         }
     }

@@ -1,104 +1,66 @@
 //! Structural checks of a sparse extent: every grain table and every grain pointer.
 //!
 //! Reads all metadata (each grain table once, each compressed grain's marker) but no guest
-//! data. Work is bounded by the metadata budget, which every grain table read is charged to.
-
-use std::collections::BTreeMap;
+//! data. Work is bounded by a counter proportional to the file size ([`Work`]); memory by the
+//! metadata budget, every charge of which is given back when the check returns.
 
 use super::header::SECTOR;
-use super::{grain_marker, Sparse, MAX_PER_CODE};
-use crate::error::{Error, ErrorKind, Result};
-use crate::finding::Finding;
+use super::{grain_marker, Sparse};
+use crate::error::{ErrorKind, Result};
+use crate::finding::{Finding, Findings};
 use crate::io::ReadAt;
-use crate::limits::Limits;
-use crate::ranges::{overlap_finding, Region};
+use crate::limits::{Budget, Charge, Limits};
+use crate::ranges::{overlap_finding, Region, RegionIndex};
 
-/// Collects findings, at most [`MAX_PER_CODE`] per code, then one summary per code.
-#[derive(Default)]
-struct Sink {
-    findings: Vec<Finding>,
-    dropped: BTreeMap<&'static str, u64>,
-}
+/// Metadata spans in sectors: `(start, end, what)`.
+type Spans = Vec<(u64, u64, &'static str)>;
 
-impl Sink {
-    fn push(&mut self, f: Finding) {
-        let n = self.findings.iter().filter(|g| g.code == f.code).count();
-        if n < MAX_PER_CODE {
-            self.findings.push(f);
-        } else {
-            *self.dropped.entry(f.code).or_insert(0) += 1;
-        }
-    }
-    fn error(&mut self, e: &Error) {
-        self.push(Finding::from_error(e));
-    }
-    fn finish(mut self) -> Vec<Finding> {
-        for (code, n) in self.dropped {
-            self.findings.push(Finding::reject(
-                code,
-                format!("{n} more findings of this kind"),
-            ));
-        }
-        self.findings
-    }
-}
+/// Budget bytes one entry of the grain table list holds.
+const TABLE_BYTES: u64 = std::mem::size_of::<(u64, usize)>() as u64;
+/// Budget bytes one metadata span holds: in the list, then in its index.
+const SPAN_BYTES: u64 = (std::mem::size_of::<(u64, u64, &str)>()
+    + std::mem::size_of::<Region<'static>>()
+    + std::mem::size_of::<u64>()) as u64;
 
 /// Grain-table bytes a check may read: each stored table is walked once and compared with its
 /// redundant copy once, so a valid image needs at most three times its file size. Alternating
 /// directory entries that defeat the table cache stop here instead of running for minutes.
+///
+/// It also holds the budget charged for what the check builds (table list, metadata spans and
+/// their index, grain list): charged before each grows, given back when the check returns.
 struct Work {
     left: u64,
+    held: Charge,
 }
 
 impl Work {
-    fn new(file_size: u64) -> Self {
-        Work {
+    fn new(file_size: u64, budget: &Budget) -> Result<Self> {
+        Ok(Work {
             left: file_size.saturating_mul(4).saturating_add(1 << 20),
-        }
+            held: budget.charge(0, "VMDK check lists")?,
+        })
+    }
+    fn hold(&mut self, bytes: u64, what: &str) -> Result<()> {
+        self.held.grow(bytes, what)
     }
     fn spend(&mut self, bytes: u64) -> Result<()> {
         self.left = self.left.checked_sub(bytes).ok_or_else(|| {
-            Error::limit("VMDK grain tables: more reads than four times the file size")
+            crate::error::Error::limit(
+                "VMDK grain tables: more reads than four times the file size",
+            )
         })?;
         Ok(())
     }
 }
 
-/// Metadata ranges in sectors, sorted, with a running maximum of ends for overlap queries.
-struct Ranges {
-    spans: Vec<(u64, u64, &'static str)>,
-    max_end: Vec<u64>,
-}
-
-impl Ranges {
-    fn new(mut spans: Vec<(u64, u64, &'static str)>) -> Self {
-        spans.retain(|(s, e, _)| e > s);
-        spans.sort_unstable();
-        let mut m = 0;
-        let max_end = spans
+/// An index of metadata spans given in sectors (the index compares them in sectors too).
+fn index(spans: &[(u64, u64, &'static str)]) -> RegionIndex<'static> {
+    RegionIndex::new(
+        spans
             .iter()
-            .map(|(_, e, _)| {
-                m = m.max(*e);
-                m
-            })
-            .collect();
-        Ranges { spans, max_end }
-    }
-    /// A metadata structure that `[start, end)` overlaps, if any.
-    fn hit(&self, start: u64, end: u64) -> Option<&'static str> {
-        // Spans starting before `end`; any of them ending after `start` overlaps.
-        let n = self.spans.partition_point(|(s, _, _)| *s < end);
-        let last = n.checked_sub(1)?;
-        if self.max_end.get(last).copied().unwrap_or(0) <= start {
-            return None;
-        }
-        self.spans
-            .get(..n)?
-            .iter()
-            .rev()
-            .find(|(_, e, _)| *e > start)
-            .map(|(_, _, name)| *name)
-    }
+            .map(|&(start, end, name)| Region::new(name, start, end.saturating_sub(start)))
+            .collect(),
+    )
 }
 
 /// The redundant directory and its tables: inside the file, counted as metadata, and saying
@@ -107,10 +69,11 @@ impl Ranges {
 fn redundant(
     s: &Sparse,
     src: &dyn ReadAt,
-    budget: &crate::limits::Budget,
+    limits: &Limits,
+    budget: &Budget,
     work: &mut Work,
-    meta: &mut Vec<(u64, u64, &'static str)>,
-    sink: &mut Sink,
+    meta: &mut Spans,
+    sink: &mut Findings,
 ) -> Result<()> {
     let hdr = &s.hdr;
     if hdr.flags & super::header::FLAG_REDUNDANT == 0 || hdr.rgd_offset == 0 {
@@ -118,20 +81,23 @@ fn redundant(
     }
     let gt_sectors = s.cache.table_len().div_ceil(SECTOR);
     let at = hdr.rgd_offset.saturating_mul(SECTOR);
-    let len = (s.gd.len() as u64).saturating_mul(4);
-    let rgd = match crate::io::read_vec(src, at, len, budget, "redundant grain directory") {
-        Ok(b) => {
-            let entries = super::table::entries(&b);
-            budget.give_back(len);
-            entries
-        }
+    let rgd = match super::table::read_directory(
+        src,
+        "redundant grain directory",
+        hdr.rgd_offset,
+        s.gd.len() as u64,
+        s.file_size,
+        limits,
+        budget,
+    ) {
+        Ok(t) => t,
         Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::LimitExceeded) => return Err(e),
         Err(e) => {
             sink.error(&e);
             return Ok(());
         }
     };
-    let mismatch = |sink: &mut Sink, i: usize| {
+    let mismatch = |sink: &mut Findings, i: usize| {
         sink.push(
             Finding::warn(
                 "vmdk.redundant-mismatch",
@@ -152,6 +118,7 @@ fn redundant(
             sink.error(&e.context(format!("redundant grain directory entry {i}")));
             continue;
         }
+        work.hold(SPAN_BYTES, "VMDK metadata spans")?;
         meta.push((r, r.saturating_add(gt_sectors), "a redundant grain table"));
         if p == 0 {
             mismatch(sink, i);
@@ -181,7 +148,7 @@ fn redundant(
 /// The fixed structures (header, descriptor, directories, footer) must not share a sector: a
 /// directory placed over the descriptor passes every entry check, and the first grain table
 /// qemu allocates through it rewrites the descriptor.
-fn fixed_overlap(meta: &[(u64, u64, &'static str)], sink: &mut Sink) {
+fn fixed_overlap(meta: &[(u64, u64, &'static str)], sink: &mut Findings) {
     let mut regions: Vec<Region<'_>> = meta
         .iter()
         .map(|&(start, end, name)| {
@@ -201,19 +168,10 @@ fn fixed_overlap(meta: &[(u64, u64, &'static str)], sink: &mut Sink) {
     }
 }
 
-/// Runs the structural checks.
-///
-/// # Errors
-/// `Io`; `LimitExceeded` when the metadata budget runs out.
-pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec<Finding>> {
-    let budget = limits.budget();
+/// The fixed structures: header, descriptor, directories and footer, in sectors.
+fn fixed_spans(s: &Sparse) -> Spans {
     let hdr = &s.hdr;
-    let mut sink = Sink::default();
     let gd_sectors = (s.gd.len() as u64).saturating_mul(4).div_ceil(SECTOR);
-    let gt_bytes = s.cache.table_len();
-    let gt_sectors = gt_bytes.div_ceil(SECTOR);
-    let file_sectors = s.file_size.div_ceil(SECTOR);
-
     let mut meta = vec![
         (0, 1, "header"),
         (
@@ -230,7 +188,7 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
     if s.footer_form {
         meta.push((
             (s.hdr_at / SECTOR).saturating_sub(1),
-            file_sectors,
+            s.file_size.div_ceil(SECTOR),
             "footer",
         ));
     }
@@ -241,15 +199,28 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
             "redundant grain directory",
         ));
     }
-    fixed_overlap(&meta, &mut sink);
-    // Grain tables: each must be inside the file and apart from every other structure.
+    meta
+}
+
+/// The grain tables the directory names, sorted by sector with their directory index: each
+/// inside the file, apart from the others and from the fixed structures in `meta`.
+fn grain_tables(
+    s: &Sparse,
+    meta: &[(u64, u64, &'static str)],
+    work: &mut Work,
+    sink: &mut Findings,
+) -> Result<Vec<(u64, usize)>> {
+    let gt_sectors = s.cache.table_len().div_ceil(SECTOR);
     let mut tables: Vec<(u64, usize)> = Vec::new();
     for (i, &gt) in s.gd.iter().enumerate() {
         if gt == 0 {
             continue;
         }
         match s.cache.check(u64::from(gt)) {
-            Ok(_) => tables.push((u64::from(gt), i)),
+            Ok(_) => {
+                work.hold(TABLE_BYTES, "VMDK grain table list")?;
+                tables.push((u64::from(gt), i));
+            }
             Err(e) => sink.error(&e.context(format!("grain directory entry {i}"))),
         }
     }
@@ -267,41 +238,41 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
             }
         }
     }
-    {
-        let fixed = Ranges::new(meta.clone());
-        for &(gt, i) in &tables {
-            if let Some(what) = fixed.hit(gt, gt.saturating_add(gt_sectors)) {
-                sink.push(
-                    Finding::reject(
-                        "vmdk.entry-into-metadata",
-                        format!("grain table {i} overlaps the {what}"),
-                    )
-                    .at(gt.saturating_mul(SECTOR)),
-                );
-            }
+    let fixed = index(meta);
+    for &(gt, i) in &tables {
+        if let Some(what) = fixed.hit(gt, gt.saturating_add(gt_sectors)) {
+            sink.push(
+                Finding::reject(
+                    "vmdk.entry-into-metadata",
+                    format!("grain table {i} overlaps the {}", what.name),
+                )
+                .at(gt.saturating_mul(SECTOR)),
+            );
         }
     }
-    meta.extend(
-        tables
-            .iter()
-            .map(|&(gt, _)| (gt, gt.saturating_add(gt_sectors), "a grain table")),
-    );
-    let mut work = Work::new(s.file_size);
-    redundant(s, src, &budget, &mut work, &mut meta, &mut sink)?;
-    let meta = Ranges::new(meta);
+    Ok(tables)
+}
 
-    // Every grain pointer.
-    let vsize = hdr.capacity.saturating_mul(SECTOR);
-    let gb = hdr.grain_bytes();
+/// Every grain pointer of every stored grain table: inside the file, off the metadata in
+/// `meta`. Returns the grains as `(start, end, grain)` in sectors, charged to `work`.
+fn grain_pointers(
+    s: &Sparse,
+    src: &dyn ReadAt,
+    tables: &[(u64, usize)],
+    meta: &RegionIndex<'_>,
+    work: &mut Work,
+    sink: &mut Findings,
+) -> Result<Vec<(u64, u64, u64)>> {
+    let hdr = &s.hdr;
+    let gt_bytes = s.cache.table_len();
+    let gt_sectors = gt_bytes.div_ceil(SECTOR);
     let per = u64::from(hdr.gtes_per_gt);
     let mut grains: Vec<(u64, u64, u64)> = Vec::new();
-    // Charges for the grain list, given back when the check returns.
-    let mut held = budget.charge(0, "VMDK grain list")?;
     // A table that shares sectors with the previous one is already a finding; walking its
     // entries again would only repeat the same grains (30,000 GD entries naming one GT would
     // list 15 million grains from a 200 KiB file), so each stored table is walked once.
     let mut walked_to = 0u64;
-    for &(gt_sector, i) in &tables {
+    for &(gt_sector, i) in tables {
         if gt_sector < walked_to {
             continue;
         }
@@ -317,51 +288,99 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
         };
         for (j, &e) in gt.iter().enumerate() {
             let g = (i as u64).saturating_mul(per).saturating_add(j as u64);
-            let guest = g.saturating_mul(gb);
-            if e == 0 || (e == 1 && hdr.zero_grain()) || guest >= vsize {
-                continue;
-            }
-            let start = u64::from(e);
             let at = gt_sector
                 .saturating_mul(SECTOR)
                 .saturating_add((j as u64).saturating_mul(4));
-            let end = if hdr.compressed() {
-                match grain_marker(src, hdr, s.file_size, g, start) {
-                    Ok((stored, host)) => host.saturating_add(stored).div_ceil(SECTOR),
-                    Err(err) if err.kind() == ErrorKind::Io => return Err(err),
-                    Err(err) => {
-                        sink.error(&err.at(at));
-                        continue;
-                    }
-                }
-            } else {
-                let need = gb.min(vsize - guest).div_ceil(SECTOR);
-                let end = start.saturating_add(need);
-                if end.saturating_mul(SECTOR) > s.file_size {
-                    sink.push(
-                        Finding::reject(
-                            "vmdk.gt-entry-out-of-bounds",
-                            format!("grain {g} at sector {start} passes the end of the file"),
-                        )
-                        .at(at),
-                    );
-                    continue;
-                }
-                end
+            let Some((start, end)) = grain_span(s, src, g, e, at, sink)? else {
+                continue;
             };
             if let Some(what) = meta.hit(start, end) {
                 sink.push(
                     Finding::reject(
                         "vmdk.entry-into-metadata",
-                        format!("grain {g} at sector {start} overlaps {what}"),
+                        format!("grain {g} at sector {start} overlaps {}", what.name),
                     )
                     .at(at),
                 );
             }
-            held.grow(24, "VMDK grain list")?;
+            work.hold(24, "VMDK grain list")?;
             grains.push((start, end, g));
         }
     }
+    Ok(grains)
+}
+
+/// The sectors `[start, end)` grain `g` (entry `e`, stored at byte `at`) occupies, or `None`
+/// when it occupies none or is a finding.
+fn grain_span(
+    s: &Sparse,
+    src: &dyn ReadAt,
+    g: u64,
+    e: u32,
+    at: u64,
+    sink: &mut Findings,
+) -> Result<Option<(u64, u64)>> {
+    let hdr = &s.hdr;
+    let vsize = hdr.capacity.saturating_mul(SECTOR);
+    let gb = hdr.grain_bytes();
+    let guest = g.saturating_mul(gb);
+    if e == 0 || (e == 1 && hdr.zero_grain()) || guest >= vsize {
+        return Ok(None);
+    }
+    let start = u64::from(e);
+    if hdr.compressed() {
+        return match grain_marker(src, hdr, s.file_size, g, start) {
+            Ok((stored, host)) => Ok(Some((start, host.saturating_add(stored).div_ceil(SECTOR)))),
+            Err(err) if err.kind() == ErrorKind::Io => Err(err),
+            Err(err) => {
+                sink.error(&err.at(at));
+                Ok(None)
+            }
+        };
+    }
+    let need = gb.min(vsize.saturating_sub(guest)).div_ceil(SECTOR);
+    let end = start.saturating_add(need);
+    if end.saturating_mul(SECTOR) > s.file_size {
+        sink.push(
+            Finding::reject(
+                "vmdk.gt-entry-out-of-bounds",
+                format!("grain {g} at sector {start} passes the end of the file"),
+            )
+            .at(at),
+        );
+        return Ok(None);
+    }
+    Ok(Some((start, end)))
+}
+
+/// Runs the structural checks.
+///
+/// # Errors
+/// `Io`; `LimitExceeded` when the metadata budget or the work bound runs out.
+pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec<Finding>> {
+    let budget = limits.budget();
+    let mut sink = Findings::new();
+    let gt_sectors = s.cache.table_len().div_ceil(SECTOR);
+
+    let mut work = Work::new(s.file_size, &budget)?;
+    let mut meta = fixed_spans(s);
+    fixed_overlap(&meta, &mut sink);
+    let tables = grain_tables(s, &meta, &mut work, &mut sink)?;
+    // One span per stored table: directory entries naming the same table are already
+    // `vmdk.duplicate-grain`, and repeating their span would only grow the index.
+    let mut last = None;
+    for &(gt, _) in &tables {
+        if last == Some(gt) {
+            continue;
+        }
+        last = Some(gt);
+        work.hold(SPAN_BYTES, "VMDK metadata spans")?;
+        meta.push((gt, gt.saturating_add(gt_sectors), "a grain table"));
+    }
+    redundant(s, src, limits, &budget, &mut work, &mut meta, &mut sink)?;
+    let meta = index(&meta);
+
+    let mut grains = grain_pointers(s, src, &tables, &meta, &mut work, &mut sink)?;
     grains.sort_unstable();
     for w in grains.windows(2) {
         if let [(_, a_end, ga), (b, _, gb_)] = w {

@@ -183,155 +183,122 @@ pub fn parse(text: &[u8], base: u64) -> Descriptor {
         let at = base.saturating_add(pos);
         pos = pos.saturating_add(raw.len() as u64).saturating_add(1);
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let Ok(line) = std::str::from_utf8(raw) else {
-            d.errors.push(SyntaxError {
-                at,
-                message: "line is not UTF-8 text".into(),
-            });
-            continue;
-        };
-        if line.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
-            d.errors.push(SyntaxError {
-                at,
-                message: "line holds control characters".into(),
-            });
-            continue;
-        }
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if let Some(ext) = parse_extent(line, at) {
-            match ext {
-                Ok(e) if d.extents.len() < MAX_EXTENTS => d.extents.push(e),
-                Ok(_) => d.errors.push(SyntaxError {
-                    at,
-                    message: format!("more than {MAX_EXTENTS} extents"),
-                }),
-                Err(m) => d.errors.push(SyntaxError {
-                    at,
-                    message: format!("bad extent line {line:?}: {m}"),
-                }),
-            }
-            continue;
-        }
-        let Some((k, v)) = line.split_once('=') else {
-            d.errors.push(SyntaxError {
-                at,
-                message: format!("unrecognised line {line:?}"),
-            });
-            continue;
-        };
-        let (k, v) = (k.trim(), v.trim());
-        if k.is_empty()
-            || !k
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        {
-            d.errors.push(SyntaxError {
-                at,
-                message: format!("bad key {k:?}"),
-            });
-            continue;
-        }
-        let value = match unquote(v) {
-            Some(inner) if !inner.contains('"') => inner,
-            Some(_) => {
-                d.errors.push(SyntaxError {
-                    at,
-                    message: format!("value of {k} has stray quotes"),
-                });
-                continue;
-            }
-            None if v.contains('"') => {
-                d.errors.push(SyntaxError {
-                    at,
-                    message: format!("value of {k} has unbalanced quotes"),
-                });
-                continue;
-            }
-            None => v,
-        };
-        let dup = |d: &mut Descriptor| {
-            d.errors.push(SyntaxError {
-                at,
-                message: format!("{k} is given twice"),
-            })
-        };
-        match k {
-            "version" => {
-                if d.version.is_some() {
-                    dup(&mut d);
-                } else if !VERSIONS.contains(&value) {
-                    d.errors.push(SyntaxError {
-                        at,
-                        message: format!("descriptor version {value:?}"),
-                    });
-                } else {
-                    d.version = Some(value.to_string());
-                }
-            }
-            "CID" | "parentCID" => {
-                let Some(cid) = parse_cid(value) else {
-                    d.errors.push(SyntaxError {
-                        at,
-                        message: format!("{k} {value:?} is not a 32-bit hex number"),
-                    });
-                    continue;
-                };
-                let slot = if k == "CID" {
-                    &mut d.cid
-                } else {
-                    &mut d.parent_cid
-                };
-                if slot.is_some() {
-                    dup(&mut d);
-                } else {
-                    *slot = Some(cid);
-                }
-            }
-            "createType" => {
-                if d.create_type.is_some() {
-                    dup(&mut d);
-                } else {
-                    d.create_type = Some(value.to_string());
-                }
-            }
-            "parentFileNameHint" => {
-                if d.parent_hint.is_some() {
-                    dup(&mut d);
-                } else {
-                    d.parent_hint = Some(value.to_string());
-                    d.parent_hint_at = Some(at);
-                }
-            }
-            _ => {
-                if d.keys.insert(k.to_string(), value.to_string()).is_some() {
-                    dup(&mut d);
-                }
-            }
+        if let Err(message) = parse_line(&mut d, raw, at) {
+            d.errors.push(SyntaxError { at, message });
         }
     }
-    if d.version.is_none() {
-        d.errors.push(SyntaxError {
-            at: base,
-            message: "descriptor has no version line".into(),
-        });
-    }
-    // qemu refuses to open a descriptor without CID and parentCID.
-    if d.cid.is_none() {
-        d.errors.push(SyntaxError {
-            at: base,
-            message: "descriptor has no CID".into(),
-        });
-    }
-    if d.parent_cid.is_none() {
-        d.errors.push(SyntaxError {
-            at: base,
-            message: "descriptor has no parentCID".into(),
-        });
-    }
+    required_keys(&mut d, base);
     d
+}
+
+/// One line at byte `at`: blank, a comment, an extent or a `key = value` pair.
+fn parse_line(d: &mut Descriptor, raw: &[u8], at: u64) -> Result<(), String> {
+    let line = std::str::from_utf8(raw).map_err(|_| "line is not UTF-8 text".to_string())?;
+    if line.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+        return Err("line holds control characters".into());
+    }
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return Ok(());
+    }
+    if let Some(ext) = parse_extent(line, at) {
+        return match ext {
+            Ok(e) if d.extents.len() < MAX_EXTENTS => {
+                d.extents.push(e);
+                Ok(())
+            }
+            Ok(_) => Err(format!("more than {MAX_EXTENTS} extents")),
+            Err(m) => Err(format!("bad extent line {line:?}: {m}")),
+        };
+    }
+    let (k, value) = key_value(line)?;
+    set_key(d, k, value, at)
+}
+
+/// Splits `key = value`, checking the key's characters and the value's quotes.
+fn key_value(line: &str) -> Result<(&str, &str), String> {
+    let Some((k, v)) = line.split_once('=') else {
+        return Err(format!("unrecognised line {line:?}"));
+    };
+    let (k, v) = (k.trim(), v.trim());
+    if k.is_empty()
+        || !k
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(format!("bad key {k:?}"));
+    }
+    match unquote(v) {
+        Some(inner) if !inner.contains('"') => Ok((k, inner)),
+        Some(_) => Err(format!("value of {k} has stray quotes")),
+        None if v.contains('"') => Err(format!("value of {k} has unbalanced quotes")),
+        None => Ok((k, v)),
+    }
+}
+
+/// Records key `k` (at byte `at`); a key given twice is an error (a known key keeps its
+/// first value).
+fn set_key(d: &mut Descriptor, k: &str, value: &str, at: u64) -> Result<(), String> {
+    let dup = || Err(format!("{k} is given twice"));
+    match k {
+        "version" => {
+            if d.version.is_some() {
+                return dup();
+            }
+            if !VERSIONS.contains(&value) {
+                return Err(format!("descriptor version {value:?}"));
+            }
+            d.version = Some(value.to_string());
+        }
+        "CID" | "parentCID" => {
+            let cid = parse_cid(value)
+                .ok_or_else(|| format!("{k} {value:?} is not a 32-bit hex number"))?;
+            let slot = if k == "CID" {
+                &mut d.cid
+            } else {
+                &mut d.parent_cid
+            };
+            if slot.is_some() {
+                return dup();
+            }
+            *slot = Some(cid);
+        }
+        "createType" => {
+            if d.create_type.is_some() {
+                return dup();
+            }
+            d.create_type = Some(value.to_string());
+        }
+        "parentFileNameHint" => {
+            if d.parent_hint.is_some() {
+                return dup();
+            }
+            d.parent_hint = Some(value.to_string());
+            d.parent_hint_at = Some(at);
+        }
+        _ => {
+            if d.keys.insert(k.to_string(), value.to_string()).is_some() {
+                return dup();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The keys a descriptor must have: qemu refuses to open one without CID and parentCID.
+fn required_keys(d: &mut Descriptor, base: u64) {
+    for (missing, message) in [
+        (d.version.is_none(), "descriptor has no version line"),
+        (d.cid.is_none(), "descriptor has no CID"),
+        (d.parent_cid.is_none(), "descriptor has no parentCID"),
+    ] {
+        if missing {
+            d.errors.push(SyntaxError {
+                at: base,
+                message: message.into(),
+            });
+        }
+    }
 }
 
 /// C's `isspace`: what `sscanf` skips between conversions.

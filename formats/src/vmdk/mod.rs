@@ -21,7 +21,7 @@ use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{Codec, Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, Source};
-use crate::limits::Limits;
+use crate::limits::{Budget, Charge, Limits};
 use crate::probe::Probe;
 
 use descriptor::{Descriptor, MAX_DESCRIPTOR};
@@ -35,7 +35,7 @@ const QEMU_DESC_WINDOW: usize = 20 * 512;
 /// Grain table lookups one `mapping` call may do while coalescing a run.
 const MAX_STEPS: u32 = 4096;
 /// Findings of one code reported before the rest are summarised.
-const MAX_PER_CODE: usize = 16;
+const MAX_PER_CODE: usize = crate::finding::PER_CODE;
 /// `createType` values of a single self-contained sparse file.
 const SELF_CONTAINED: [&str; 2] = ["monolithicSparse", "streamOptimized"];
 
@@ -64,7 +64,7 @@ pub(crate) struct Sparse {
     /// True when the head said `gdOffset = GD_AT_END`.
     pub(crate) footer_form: bool,
     /// Grain directory: one grain table sector per entry.
-    pub(crate) gd: Vec<u32>,
+    pub(crate) gd: crate::table::Table<u32>,
     /// Source size.
     pub(crate) file_size: u64,
     /// Parsed grain tables.
@@ -95,6 +95,24 @@ pub fn probe(p: &Probe<'_>) -> bool {
         || descriptor::looks_like_descriptor(&p.head)
 }
 
+/// Reads `len` bytes at `offset`, charged to `budget` until the returned [`Charge`] drops.
+///
+/// # Errors
+/// As [`read_vec`].
+fn read_held(
+    src: &dyn crate::ReadAt,
+    offset: u64,
+    len: u64,
+    budget: &Budget,
+    what: &str,
+) -> Result<(Vec<u8>, Charge)> {
+    let v = read_vec(src, offset, len, budget, what)?;
+    // Move the bytes `read_vec` took into a charge of their own.
+    budget.give_back(len);
+    let held = budget.charge(len, what)?;
+    Ok((v, held))
+}
+
 /// Opens a VMDK image.
 ///
 /// # Errors
@@ -115,7 +133,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VmdkImage> {
     // qemu reads at most 1 MiB - 1 of a descriptor file, up to the first NUL.
     let budget = limits.budget();
     let len = size.min(MAX_DESCRIPTOR - 1);
-    let text = read_vec(src.as_ref(), 0, len, &budget, "VMDK descriptor")?;
+    let (text, _held) = read_held(src.as_ref(), 0, len, &budget, "VMDK descriptor")?;
     if !descriptor::looks_like_descriptor(&text) {
         return Err(Error::invalid(
             "neither a VMDK sparse header nor a VMDK descriptor",
@@ -265,7 +283,7 @@ fn qemu_parent_hint(text: &[u8]) -> Option<String> {
     const KEY: &[u8] = b"parentFileNameHint";
     let at = text.windows(KEY.len()).position(|w| w == KEY)?;
     let name = text
-        .get(at.checked_add(KEY.len() + 2)?..)
+        .get(at.checked_add(KEY.len())?.checked_add(2)?..)
         .unwrap_or_default();
     let end = name.iter().position(|&b| b == b'"').unwrap_or(name.len());
     let name = name.get(..end.min(1024)).unwrap_or_default();
@@ -318,7 +336,7 @@ fn syntax_findings(desc: &Descriptor, findings: &mut Vec<Finding>) {
             "vmdk.descriptor-syntax",
             format!(
                 "{} more descriptor syntax errors",
-                desc.errors.len() - MAX_PER_CODE
+                desc.errors.len().saturating_sub(MAX_PER_CODE)
             ),
         ));
     }
@@ -427,40 +445,7 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
     h.validate(0)?;
     let mut findings = Vec::new();
     let mut refs = Vec::new();
-
-    // Descriptor: bounded, at the sector the header names.
-    let desc_len = h
-        .descriptor_size
-        .checked_mul(SECTOR)
-        .filter(|l| *l <= MAX_DESCRIPTOR)
-        .ok_or_else(|| {
-            Error::limit(format!(
-                "embedded VMDK descriptor of {} sectors is too large",
-                h.descriptor_size
-            ))
-            .at(36)
-            .code("vmdk.descriptor-size")
-        })?;
-    let desc_at = table::sector_offset(h.descriptor_offset, "VMDK descriptor")?;
-    let desc = if h.descriptor_offset == 0 {
-        None
-    } else {
-        let area = read_vec(
-            src.as_ref(),
-            desc_at,
-            desc_len,
-            &budget,
-            "embedded VMDK descriptor",
-        )
-        .map_err(|e| {
-            if e.kind() == crate::ErrorKind::Truncated {
-                e.code("vmdk.descriptor-offset")
-            } else {
-                e
-            }
-        })?;
-        Some(descriptor::parse(descriptor::text_of(&area), desc_at))
-    };
+    let (desc, desc_at) = read_embedded(&src, &h, &budget)?;
 
     // What qemu sees: it reads CID, parentCID and parentFileNameHint from byte 512 whatever
     // the header says.
@@ -474,20 +459,7 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
             "vmdk.descriptor-only",
             "a sparse header of capacity 0 wraps a descriptor: qemu reads its extents from other files",
         ));
-        // qemu reads that descriptor up to 1 MiB - 1 from its offset, past the declared size,
-        // up to a NUL: parse what it parses so that every extent it would open is reported.
-        let len = size.saturating_sub(desc_at).min(MAX_DESCRIPTOR - 1);
-        let text = read_vec(
-            src.as_ref(),
-            desc_at,
-            len,
-            &budget,
-            "embedded VMDK descriptor",
-        )?;
-        let body = descriptor::text_of(&text);
-        let desc = descriptor::parse(body, desc_at);
-        let loose = descriptor::loose_extents(body, desc_at, &desc.extents);
-        return descriptor_only(src, desc, loose, findings, refs);
+        return wrapped_descriptor(src, size, desc_at, &budget, findings, refs);
     }
 
     if h.descriptor_offset != 1 {
@@ -513,107 +485,25 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
         (h, 0)
     };
 
-    let compressed = hdr.compressed();
-    let vsize = hdr.capacity.saturating_mul(SECTOR);
-    let grain = hdr.grain_bytes();
-    let mut self_name = String::new();
-    if let Some(desc) = &desc {
+    let self_name = if let Some(desc) = &desc {
         syntax_findings(desc, &mut findings);
-        create_type_finding(desc, Some(compressed), &mut findings);
+        create_type_finding(desc, Some(hdr.compressed()), &mut findings);
         parent_findings(desc, &mut findings, &mut refs);
-        // As qemu does for an embedded descriptor, the first SPARSE extent is this file
-        // itself, whatever name it gives. Anything else would be read from another file.
-        let mut own = false;
-        for e in &desc.extents {
-            if !own && e.kind == "SPARSE" {
-                own = true;
-                self_name = e.file.clone().unwrap_or_default();
-                if e.sectors != hdr.capacity {
-                    findings.push(
-                        Finding::warn(
-                            "vmdk.extent-size",
-                            format!(
-                                "the descriptor says {} sectors, the header {}",
-                                e.sectors, hdr.capacity
-                            ),
-                        )
-                        .at(e.at),
-                    );
-                }
-                continue;
-            }
-            external_extent(e, &mut findings, &mut refs);
-        }
-        if !own {
-            findings.push(
-                Finding::reject(
-                    "vmdk.descriptor-syntax",
-                    "the embedded descriptor does not describe this file",
-                )
-                .at(desc_at),
-            );
-        }
+        own_extent(desc, &hdr, desc_at, &mut findings, &mut refs)
     } else {
         findings.push(Finding::reject(
             "vmdk.descriptor-syntax",
             "the sparse file has no embedded descriptor",
         ));
-    }
-
-    // Grain directory, and the redundant one when the header uses it (qemu reads both).
-    let gd_entries = hdr.gd_entries();
-    let gd = table::read_directory(
-        src.as_ref(),
-        "grain directory",
-        hdr.gd_offset,
-        gd_entries,
-        size,
-        limits,
-        &budget,
-    )
-    .map_err(|e| e.context("VMDK"))?;
-    if hdr.flags & header::FLAG_REDUNDANT != 0 && hdr.rgd_offset != 0 {
-        let offset = table::sector_offset(hdr.rgd_offset, "redundant grain directory")?;
-        crate::table::check_table(
-            crate::table::TableSpec {
-                name: "redundant grain directory",
-                offset,
-                entries: gd_entries,
-                entry_size: 4,
-                align: SECTOR,
-            },
-            size,
-            limits,
-        )?;
-    }
+        String::new()
+    };
+    let gd = read_directories(&src, &hdr, size, limits, &budget)?;
     if hdr.unclean_shutdown != 0 {
         findings.push(
             Finding::warn("vmdk.unclean-shutdown", "the extent was not closed cleanly").at(72),
         );
     }
-
-    let mut info = ImageInfo::new(Format::Vmdk, vsize);
-    info.actual_size = src.allocated_size();
-    info.cluster_size = Some(grain);
-    let empty = Descriptor::default();
-    // qemu names the create type of a sparse file from its header, not its descriptor.
-    let ct = if compressed {
-        "streamOptimized"
-    } else {
-        "monolithicSparse"
-    };
-    common_details(&mut info, desc.as_ref().unwrap_or(&empty), ct.to_string());
-    let mut ext = serde_json::Map::new();
-    if compressed {
-        ext.insert("compressed".into(), true.into());
-    }
-    ext.insert("virtual-size".into(), vsize.into());
-    ext.insert("filename".into(), self_name.into());
-    ext.insert("cluster-size".into(), grain.into());
-    ext.insert("format".into(), "".into());
-    info.detail("extents", vec![serde_json::Value::Object(ext)]);
-    info.references = refs;
-
+    let info = sparse_info(&src, &hdr, desc.as_ref(), self_name, refs);
     let cache = GtCache::new(hdr.gtes_per_gt, size, limits.clone());
     let sparse = Sparse {
         hdr,
@@ -631,6 +521,189 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
     })
 }
 
+/// The embedded descriptor the header names (bounded), parsed, and its byte offset.
+fn read_embedded(
+    src: &Source,
+    h: &SparseHeader,
+    budget: &Budget,
+) -> Result<(Option<Descriptor>, u64)> {
+    let desc_len = h
+        .descriptor_size
+        .checked_mul(SECTOR)
+        .filter(|l| *l <= MAX_DESCRIPTOR)
+        .ok_or_else(|| {
+            Error::limit(format!(
+                "embedded VMDK descriptor of {} sectors is too large",
+                h.descriptor_size
+            ))
+            .at(36)
+            .code("vmdk.descriptor-size")
+        })?;
+    let desc_at = table::sector_offset(h.descriptor_offset, "VMDK descriptor")?;
+    let desc = if h.descriptor_offset == 0 {
+        None
+    } else {
+        let (area, _held) = read_held(
+            src.as_ref(),
+            desc_at,
+            desc_len,
+            budget,
+            "embedded VMDK descriptor",
+        )
+        .map_err(|e| {
+            if e.kind() == crate::ErrorKind::Truncated {
+                e.code("vmdk.descriptor-offset")
+            } else {
+                e
+            }
+        })?;
+        Some(descriptor::parse(descriptor::text_of(&area), desc_at))
+    };
+    Ok((desc, desc_at))
+}
+
+/// A capacity-0 sparse file wrapping a descriptor: read as qemu reads it, a descriptor file.
+fn wrapped_descriptor(
+    src: Source,
+    size: u64,
+    desc_at: u64,
+    budget: &Budget,
+    findings: Vec<Finding>,
+    refs: Vec<Reference>,
+) -> Result<VmdkImage> {
+    // qemu reads that descriptor up to 1 MiB - 1 from its offset, past the declared size,
+    // up to a NUL: parse what it parses so that every extent it would open is reported.
+    let len = size.saturating_sub(desc_at).min(MAX_DESCRIPTOR - 1);
+    let (text, _held) = read_held(
+        src.as_ref(),
+        desc_at,
+        len,
+        budget,
+        "embedded VMDK descriptor",
+    )?;
+    let body = descriptor::text_of(&text);
+    let desc = descriptor::parse(body, desc_at);
+    let loose = descriptor::loose_extents(body, desc_at, &desc.extents);
+    descriptor_only(src, desc, loose, findings, refs)
+}
+
+/// The extents of an embedded descriptor: the first SPARSE one is this file (its name is
+/// returned); every other is reported as another file's.
+fn own_extent(
+    desc: &Descriptor,
+    hdr: &SparseHeader,
+    desc_at: u64,
+    findings: &mut Vec<Finding>,
+    refs: &mut Vec<Reference>,
+) -> String {
+    let mut self_name = String::new();
+    // As qemu does for an embedded descriptor, the first SPARSE extent is this file
+    // itself, whatever name it gives. Anything else would be read from another file.
+    let mut own = false;
+    for e in &desc.extents {
+        if !own && e.kind == "SPARSE" {
+            own = true;
+            self_name = e.file.clone().unwrap_or_default();
+            if e.sectors != hdr.capacity {
+                findings.push(
+                    Finding::warn(
+                        "vmdk.extent-size",
+                        format!(
+                            "the descriptor says {} sectors, the header {}",
+                            e.sectors, hdr.capacity
+                        ),
+                    )
+                    .at(e.at),
+                );
+            }
+            continue;
+        }
+        external_extent(e, findings, refs);
+    }
+    if !own {
+        findings.push(
+            Finding::reject(
+                "vmdk.descriptor-syntax",
+                "the embedded descriptor does not describe this file",
+            )
+            .at(desc_at),
+        );
+    }
+    self_name
+}
+
+/// The grain directory, and the placement of the redundant one when the header uses it
+/// (qemu reads both; `check` compares them).
+fn read_directories(
+    src: &Source,
+    hdr: &SparseHeader,
+    size: u64,
+    limits: &Limits,
+    budget: &Budget,
+) -> Result<crate::table::Table<u32>> {
+    let gd_entries = hdr.gd_entries();
+    let gd = table::read_directory(
+        src.as_ref(),
+        "grain directory",
+        hdr.gd_offset,
+        gd_entries,
+        size,
+        limits,
+        budget,
+    )
+    .map_err(|e| e.context("VMDK"))?;
+    if hdr.flags & header::FLAG_REDUNDANT != 0 && hdr.rgd_offset != 0 {
+        let offset = table::sector_offset(hdr.rgd_offset, "redundant grain directory")?;
+        crate::table::check_table(
+            crate::table::TableSpec {
+                name: "redundant grain directory",
+                offset,
+                entries: gd_entries,
+                entry_size: 4,
+                align: SECTOR,
+            },
+            size,
+            limits,
+        )?;
+    }
+    Ok(gd)
+}
+
+/// What `info` says about a sparse file.
+fn sparse_info(
+    src: &Source,
+    hdr: &SparseHeader,
+    desc: Option<&Descriptor>,
+    self_name: String,
+    refs: Vec<Reference>,
+) -> ImageInfo {
+    let compressed = hdr.compressed();
+    let vsize = hdr.capacity.saturating_mul(SECTOR);
+    let grain = hdr.grain_bytes();
+    let mut info = ImageInfo::new(Format::Vmdk, vsize);
+    info.actual_size = src.allocated_size();
+    info.cluster_size = Some(grain);
+    let empty = Descriptor::default();
+    // qemu names the create type of a sparse file from its header, not its descriptor.
+    let ct = if compressed {
+        "streamOptimized"
+    } else {
+        "monolithicSparse"
+    };
+    common_details(&mut info, desc.unwrap_or(&empty), ct.to_string());
+    let mut ext = serde_json::Map::new();
+    if compressed {
+        ext.insert("compressed".into(), true.into());
+    }
+    ext.insert("virtual-size".into(), vsize.into());
+    ext.insert("filename".into(), self_name.into());
+    ext.insert("cluster-size".into(), grain.into());
+    ext.insert("format".into(), "".into());
+    info.detail("extents", vec![serde_json::Value::Object(ext)]);
+    info.references = refs;
+    info
+}
+
 impl Sparse {
     /// What backs grain number `g`, as `(first, last, end)`: the grain's entry, the entry of
     /// the last grain of the uniform run it starts inside its grain table (the same kind;
@@ -639,21 +712,27 @@ impl Sparse {
     fn grain(&self, src: &dyn crate::ReadAt, g: u64) -> Result<(Grain, Grain, u64)> {
         let per = u64::from(self.hdr.gtes_per_gt);
         let gb = self.hdr.grain_bytes();
-        let gdi = usize::try_from(g / per).map_err(|_| Error::corrupt("grain index overflows"))?;
+        // `per` is at least 1 (the header is validated at open).
+        let overflow = || Error::corrupt("grain index overflows");
+        let gd_index = g.checked_div(per).ok_or_else(overflow)?;
+        let gdi = usize::try_from(gd_index).map_err(|_| overflow())?;
         let gt_sector = self
             .gd
             .get(gdi)
             .copied()
             .ok_or_else(|| Error::corrupt(format!("grain {g} has no grain directory entry")))?;
         if gt_sector == 0 {
-            let end = (g / per)
+            let end = gd_index
                 .saturating_add(1)
                 .saturating_mul(per)
                 .saturating_mul(gb);
             return Ok((Grain::Unallocated, Grain::Unallocated, end));
         }
         let gt = self.cache.get(src, u64::from(gt_sector))?;
-        let gti = usize::try_from(g % per).map_err(|_| Error::corrupt("grain index overflows"))?;
+        let gti = g
+            .checked_rem(per)
+            .and_then(|i| usize::try_from(i).ok())
+            .ok_or_else(overflow)?;
         let kind = |e: u32| match e {
             0 => Grain::Unallocated,
             1 if self.hdr.zero_grain() => Grain::Zero,
@@ -670,7 +749,7 @@ impl Sparse {
                     break;
                 }
                 last = next;
-                n += 1;
+                n = n.saturating_add(1);
             }
         }
         Ok((first, last, g.saturating_add(n).saturating_mul(gb)))
@@ -736,18 +815,20 @@ impl Sparse {
         sector: u64,
     ) -> Result<Extent> {
         let gb = self.hdr.grain_bytes();
-        let g = guest / gb;
+        let g = guest
+            .checked_div(gb)
+            .ok_or_else(|| Error::corrupt("VMDK grain size is zero"))?;
         let (stored, host) = grain_marker(src, &self.hdr, self.file_size, g, sector)?;
         let grain_end = g.saturating_add(1).saturating_mul(gb);
         Ok(Extent {
             start: guest,
-            len: grain_end.min(end) - guest,
+            len: grain_end.min(end).saturating_sub(guest),
             kind: ExtentKind::Compressed {
                 codec: Codec::Zlib,
                 host,
                 stored_len: stored,
                 unit_size: gb,
-                skip: guest % gb,
+                skip: guest.checked_rem(gb).unwrap_or(0),
             },
         })
     }

@@ -63,7 +63,8 @@ pub fn read_footer(src: &dyn ReadAt, size: u64, head: &SparseHeader) -> Result<S
             0,
         ));
     }
-    let at = size - 3 * SECTOR;
+    // `size` is at least four sectors (above).
+    let at = size.saturating_sub(3 * SECTOR);
     let mut buf = [0u8; 3 * HEADER_LEN];
     src.read_exact_at(&mut buf, at)
         .map_err(|e| Error::from(e).context("reading the VMDK footer").at(at))?;
@@ -79,7 +80,8 @@ pub fn read_footer(src: &dyn ReadAt, size: u64, head: &SparseHeader) -> Result<S
             at,
         ));
     }
-    let e = parse_marker(eos, size - SECTOR)?;
+    let eos_at = size.saturating_sub(SECTOR);
+    let e = parse_marker(eos, eos_at)?;
     if e != (Marker {
         val: 0,
         size: 0,
@@ -87,10 +89,10 @@ pub fn read_footer(src: &dyn ReadAt, size: u64, head: &SparseHeader) -> Result<S
     }) {
         return Err(footer_err(
             "the VMDK stream does not end with an end-of-stream marker".into(),
-            size - SECTOR,
+            eos_at,
         ));
     }
-    let fat = size - 2 * SECTOR;
+    let fat = size.saturating_sub(2 * SECTOR);
     let f = SparseHeader::parse(fh, fat).map_err(|e| e.code("vmdk.footer"))?;
     let same = f.version == head.version
         && f.flags == head.flags

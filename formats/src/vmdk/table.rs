@@ -5,22 +5,26 @@
 //! unallocated grain, 1 for a zero grain when the header's zero-grain flag is set, otherwise
 //! the sector of the grain (or of its marker in a stream).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::header::SECTOR;
 use crate::error::{Error, Result};
-use crate::io::{read_vec, ReadAt};
+use crate::io::ReadAt;
 use crate::limits::{Budget, Limits};
-use crate::table::{check_table, TableSpec};
+use crate::lru::Lru;
+use crate::table::{check_table, read_entries, Table, TableSpec};
 
 /// Grain tables kept parsed by one image; qemu keeps 16.
 const CACHE_TABLES: usize = 64;
 
+/// Decodes one little-endian u32 entry.
+fn entry(c: &[u8]) -> u32 {
+    c.try_into().map(u32::from_le_bytes).unwrap_or(0)
+}
+
 /// Decodes little-endian u32 entries.
 pub fn entries(buf: &[u8]) -> Vec<u32> {
-    buf.chunks_exact(4)
-        .map(|c| c.try_into().map(u32::from_le_bytes).unwrap_or(0))
-        .collect()
+    buf.chunks_exact(4).map(entry).collect()
 }
 
 /// The byte offset of a table stored at `sector`.
@@ -37,7 +41,7 @@ pub fn sector_offset(sector: u64, what: &str) -> Result<u64> {
 /// Checks and reads a directory (GD or redundant GD) of `count` entries at `sector`.
 ///
 /// # Errors
-/// The errors of [`check_table`] and [`read_vec`].
+/// The errors of [`read_entries`]. The directory stays charged to `budget` until dropped.
 pub fn read_directory(
     src: &dyn ReadAt,
     name: &str,
@@ -46,23 +50,16 @@ pub fn read_directory(
     file_size: u64,
     limits: &Limits,
     budget: &Budget,
-) -> Result<Vec<u32>> {
+) -> Result<Table<u32>> {
     let offset = sector_offset(sector, name)?;
-    let len = check_table(
-        TableSpec {
-            name,
-            offset,
-            entries: count,
-            entry_size: 4,
-            align: SECTOR,
-        },
-        file_size,
-        limits,
-    )?;
-    let buf = read_vec(src, offset, len, budget, name)?;
-    let out = entries(&buf);
-    budget.give_back(len);
-    Ok(out)
+    let spec = TableSpec {
+        name,
+        offset,
+        entries: count,
+        entry_size: 4,
+        align: SECTOR,
+    };
+    read_entries(src, spec, file_size, limits, budget, entry)
 }
 
 /// A small cache of parsed grain tables, keyed by byte offset.
@@ -70,7 +67,7 @@ pub struct GtCache {
     per_gt: u32,
     file_size: u64,
     limits: Limits,
-    tables: Mutex<Vec<(u64, Arc<Vec<u32>>)>>,
+    tables: Lru<u64, Arc<Vec<u32>>>,
 }
 
 impl GtCache {
@@ -80,7 +77,7 @@ impl GtCache {
             per_gt,
             file_size,
             limits,
-            tables: Mutex::new(Vec::new()),
+            tables: Lru::new(u64::MAX, CACHE_TABLES),
         }
     }
 
@@ -115,33 +112,21 @@ impl GtCache {
     /// As [`check_table`]; `Io` on read errors.
     pub fn get(&self, src: &dyn ReadAt, sector: u64) -> Result<Arc<Vec<u32>>> {
         let offset = self.check(sector)?;
-        {
-            let tables = self
-                .tables
-                .lock()
-                .map_err(|_| Error::corrupt("grain table cache poisoned"))?;
-            if let Some((_, t)) = tables.iter().find(|(o, _)| *o == offset) {
-                return Ok(t.clone());
-            }
-        }
-        // At most 512 entries (checked at open): 2 KiB, so no budget is needed.
-        let len =
-            usize::try_from(self.table_len()).map_err(|_| Error::limit("grain table too large"))?;
-        let mut buf = vec![0u8; len];
-        src.read_exact_at(&mut buf, offset).map_err(|e| {
-            Error::from(e)
-                .context("reading a VMDK grain table")
-                .at(offset)
-        })?;
-        let t = Arc::new(entries(&buf));
-        let mut tables = self
-            .tables
-            .lock()
-            .map_err(|_| Error::corrupt("grain table cache poisoned"))?;
-        if tables.len() >= CACHE_TABLES {
-            tables.remove(0);
-        }
-        tables.push((offset, t.clone()));
-        Ok(t)
+        self.tables.get_or_load(
+            offset,
+            |_| self.table_len(),
+            || {
+                // At most 512 entries (checked at open): 2 KiB, so no budget is needed.
+                let len = usize::try_from(self.table_len())
+                    .map_err(|_| Error::limit("grain table too large"))?;
+                let mut buf = vec![0u8; len];
+                src.read_exact_at(&mut buf, offset).map_err(|e| {
+                    Error::from(e)
+                        .context("reading a VMDK grain table")
+                        .at(offset)
+                })?;
+                Ok(Arc::new(entries(&buf)))
+            },
+        )
     }
 }

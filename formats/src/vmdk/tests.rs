@@ -559,6 +559,29 @@ fn redundant_tables_must_agree() {
     assert!(sparse_codes(b).contains(&"vmdk.entry-into-metadata"));
 }
 
+/// 30,000 GD entries all naming the one GT, whose 512 one-sector grains all exist.
+fn shared_gt_image() -> Vec<u8> {
+    let gd_entries = 30_000u64;
+    let cap = gd_entries * 512; // grains of one sector keep the file small
+    let gd_sectors = (gd_entries * 4).div_ceil(512);
+    let gt = 1 + gd_sectors;
+    let first_grain = gt + 4;
+    let mut img = header(1, 1, 1, 0, first_grain, 0);
+    img[12..20].copy_from_slice(&cap.to_le_bytes());
+    img[20..28].copy_from_slice(&1u64.to_le_bytes());
+    img[28..36].copy_from_slice(&0u64.to_le_bytes()); // no embedded descriptor
+    img[36..44].copy_from_slice(&0u64.to_le_bytes());
+    for i in 0..gd_entries as usize {
+        put(&mut img, 512 + i * 4, &(gt as u32).to_le_bytes());
+    }
+    for j in 0..512usize {
+        let g = (first_grain + j as u64) as u32;
+        put(&mut img, gt as usize * 512 + j * 4, &g.to_le_bytes());
+    }
+    put(&mut img, (first_grain as usize + 512) * 512 - 1, &[0u8]);
+    img
+}
+
 #[test]
 fn grain_tables_shared_by_many_directory_entries_are_walked_once() {
     // 30,000 GD entries all naming the one GT, whose 512 grains all exist: a record per
@@ -605,4 +628,31 @@ fn a_vsphere_encrypted_descriptor_marks_the_image_encrypted() {
     }
     let plain = open_bytes(sparse_with(&desc("monolithicSparse", ""))).unwrap();
     assert!(!plain.info().encrypted);
+}
+
+#[test]
+fn check_charges_its_lists_and_gives_them_back() {
+    // The GD (30,000 entries, 120,000 bytes) stays charged while the image lives; check's
+    // grain-table list (16 bytes per entry) is charged while it runs and then given back.
+    let open_with = |bytes: u64| {
+        let limits = Limits {
+            max_metadata_bytes: bytes,
+            ..Limits::default()
+        }
+        .per_command();
+        let img = open(Arc::new(shared_gt_image()), &limits).unwrap();
+        (limits, img)
+    };
+    let (limits, img) = open_with(1 << 20);
+    assert_eq!(limits.budget().left(), (1 << 20) - 120_000);
+    let f = img.check(&limits).unwrap();
+    assert!(f.iter().any(|f| f.code == "vmdk.duplicate-grain"), "{f:?}");
+    assert_eq!(limits.budget().left(), (1 << 20) - 120_000);
+    drop(img);
+    assert_eq!(limits.budget().left(), 1 << 20);
+    // Room for the GD but not for 30,000 table records.
+    let (limits, img) = open_with(400_000);
+    let e = img.check(&limits).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::LimitExceeded, "{e}");
+    assert_eq!(limits.budget().left(), 400_000 - 120_000);
 }
