@@ -29,7 +29,7 @@ pub enum Format {
     Luks,
     /// QEMU copy-on-write version 1 (qemu's `qcow`): detected so that it can be refused.
     Qcow1,
-    /// Parallels / Virtuozzo ploop: detected so that it can be refused.
+    /// Parallels / Virtuozzo ploop (qemu's `parallels`; Glance's `ploop`).
     Parallels,
     /// Bochs growing redolog: detected so that it can be refused.
     Bochs,

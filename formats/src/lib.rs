@@ -1,8 +1,9 @@
 //! # glimpse-formats
 //!
 //! Safe parsers, structural checks and guest readers for virtual-disk images: qcow2, VMDK,
-//! VHD, VHDX, VDI, raw, ISO and OVA/OVF, plus detection of QED and LUKS and of the formats
-//! qemu opens that glimpse does not read ([`unsupported`]: qcow1, Parallels, Bochs, cloop, DMG).
+//! VHD, VHDX, VDI, Parallels (ploop), raw, ISO and OVA/OVF, plus detection of QED and LUKS and
+//! of the formats qemu opens that glimpse does not read ([`unsupported`]: qcow1, Bochs, cloop,
+//! DMG).
 //!
 //! The layers, top to bottom:
 //!
@@ -44,6 +45,7 @@ pub mod unsupported;
 pub mod iso;
 pub mod luks;
 pub mod ova;
+pub mod parallels;
 pub mod partition;
 pub mod qcow2;
 pub mod raw;
@@ -80,9 +82,8 @@ pub fn open(src: Source, format: Format, limits: &Limits) -> Result<Box<dyn Imag
         Format::Iso => Box::new(iso::open(src, limits)?),
         Format::Luks => Box::new(luks::open(src, limits)?),
         Format::Ova => ova::open_disk(src, limits, None)?,
-        Format::Qcow1 | Format::Parallels | Format::Bochs | Format::Cloop | Format::Dmg => {
-            unsupported::open(format)?
-        }
+        Format::Parallels => Box::new(parallels::open(src, limits)?),
+        Format::Qcow1 | Format::Bochs | Format::Cloop | Format::Dmg => unsupported::open(format)?,
     };
     if image.info().virtual_size > limits.max_virtual_size {
         return Err(Error::limit(format!(
