@@ -288,6 +288,7 @@ const TARGETS: &[(&str, &str, &str, bool, &str, bool)] = &[
     ),
     ("vdi-dynamic", "vdi", "", false, "vdi", true),
     ("vdi-static", "vdi", "static=on", false, "vdi", true),
+    ("ploop", "ploop", "", false, "parallels", true),
 ];
 
 #[test]
@@ -303,6 +304,12 @@ fn every_source_converts_to_every_target_identically_and_cleanly() {
     let failures: Vec<String> = jobs
         .par_iter()
         .filter_map(|(f, (label, fmt, opts, compress, qfmt, qcheck))| {
+            // qemu-img (10.0) aborts on any Parallels image of 2^31 sectors or more (its
+            // block status counts sectors in an int), its own `qemu-img create` output
+            // included: no referee for the 1 TiB source.
+            if *qfmt == "parallels" && f.name.contains("1t") {
+                return None;
+            }
             let src = dir.join(&f.name);
             let out = work.path().join(format!("{}.{label}", f.name));
             let mut args = vec!["convert", "-O", fmt];
