@@ -138,3 +138,29 @@ fn upload_refuses_them_before_sending_anything() {
         assert!(err.contains("nothing was sent"), "{args:?}: {err}");
     }
 }
+
+/// A good Parallels image declared ploop (or detected, with no declaration) passes the
+/// inspection: upload goes on to create the image, which fails here only because the URL has
+/// no server. The same file declared raw is refused before anything is sent.
+#[test]
+fn upload_inspects_a_good_ploop_and_goes_on() {
+    let good =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parallels/v2-qemu.parallels");
+    for declared in [Some("ploop"), None] {
+        let mut args = vec!["upload", "--name", "x"];
+        if let Some(d) = declared {
+            args.extend(["--disk-format", d]);
+        }
+        args.push(s(&good));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
+            .args(&args)
+            .env("OS_IMAGE_URL", "http://127.0.0.1:9")
+            .env("OS_AUTH_TOKEN", "unused")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("POST"), "{args:?}: {err}");
+        assert!(!err.contains("rejected"), "{args:?}: {err}");
+    }
+}
