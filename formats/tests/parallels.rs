@@ -209,3 +209,82 @@ fn every_truncated_prefix_fails_cleanly() {
         }
     }
 }
+
+/// `fixtures/hostile/parallels/*` and the code each must produce (see the README there).
+#[test]
+fn hostile_fixtures_give_their_codes() {
+    let dir = fixtures().join("hostile/parallels");
+    let cases = [
+        ("bat-past-eof.parallels", "parallels.cluster-past-eof"),
+        ("truncated.parallels", "parallels.truncated"),
+        (
+            "cluster-in-header.parallels",
+            "parallels.cluster-in-metadata",
+        ),
+        ("duplicate-cluster.parallels", "parallels.duplicate-cluster"),
+        ("bat-too-large.parallels", "table.too-large"),
+        ("in-use.parallels", "parallels.dirty"),
+        ("cluster-size-zero.parallels", "parallels.cluster-size"),
+        ("version-1.parallels", "parallels.header"),
+        ("data-offset-in-bat.parallels", "parallels.data-offset"),
+        ("unknown-extension.parallels", "parallels.unknown-extension"),
+        ("extension-bad-checksum.parallels", "parallels.extension"),
+        ("extension-over-bat.parallels", "parallels.metadata-overlap"),
+        ("DiskDescriptor.xml", "parallels.descriptor"),
+    ];
+    let mut seen = 0;
+    for (name, code) in cases {
+        let path = dir.join(name);
+        assert!(
+            std::fs::metadata(&path).unwrap().len() < 64 * 1024,
+            "{name}"
+        );
+        let s = src(&path);
+        assert_eq!(
+            detect(s.as_ref()).unwrap().matches,
+            [Format::Parallels],
+            "{name}"
+        );
+        let report = inspect(
+            s,
+            &Policy {
+                expect_format: Some(Format::Parallels),
+                ..Policy::default()
+            },
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(report.verdict(), Verdict::Reject, "{name}");
+        assert!(
+            report.findings.iter().any(|f| f.code == code),
+            "{name}: {:?}",
+            report.findings
+        );
+        // Readers never panic on them, whatever the verdict.
+        if let Ok(img) = open(src(&path), Format::Parallels, &Limits::tight()) {
+            let img: Arc<dyn Image> = Arc::from(img);
+            let r = GuestReader::new(img.clone(), &Limits::tight());
+            let mut buf = vec![0u8; img.info().virtual_size.min(1 << 20) as usize];
+            let _ = r.read_at(&mut buf, 0);
+        }
+        seen += 1;
+    }
+    let on_disk = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            let n = e.as_ref().unwrap().file_name();
+            let n = n.to_string_lossy();
+            n.ends_with(".parallels") || n.ends_with(".xml")
+        })
+        .count();
+    assert_eq!(seen, on_disk, "every hostile file has a case");
+    // The descriptor's rejection names the file it lists.
+    let e = open(
+        src(&dir.join("DiskDescriptor.xml")),
+        Format::Parallels,
+        &Limits::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.message().contains("root.hds"), "{}", e.message());
+}

@@ -222,8 +222,11 @@ fn duplicates(used: &[(u64, usize)], cs: u64) -> Vec<Finding> {
 fn metadata_findings(img: &ParallelsImage, used: &[(u64, usize)]) -> Vec<Finding> {
     let mut out = Vec::new();
     let cs = img.cluster;
+    // The spec holds extension clusters to the rules of data clusters: not below the data
+    // offset, so the header's region runs to the data area (or the BAT's end, if later).
     let bat_end = HEADER_LEN.saturating_add((img.bat.len() as u64).saturating_mul(4));
-    let mut regions = vec![Region::new("the header and BAT", 0, bat_end)];
+    let head = bat_end.max(img.data_start);
+    let mut regions = vec![Region::new("the header and BAT", 0, head)];
     if let Some(ext) = img.ext {
         regions.push(Region::new("the format extension cluster", ext, cs));
     }
