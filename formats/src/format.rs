@@ -99,7 +99,7 @@ impl fmt::Display for Format {
 
 /// The error of parsing an unknown format name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown format {0:?} (expected raw, qcow2, vmdk, vhd, vhdx, vdi, iso, ova; vpc is an alias of vhd)")]
+#[error("unknown format {0:?} (expected raw, qcow2, vmdk, vhd, vhdx, vdi, ploop, iso, ova; vpc is an alias of vhd, parallels of ploop)")]
 pub struct UnknownFormat(pub String);
 
 impl FromStr for Format {
