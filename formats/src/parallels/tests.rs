@@ -299,3 +299,60 @@ fn a_ploop_descriptor_is_detected_and_refused_naming_its_files() {
         .is_empty());
     assert!(!crate::unsupported::is_unsupported(Format::Parallels));
 }
+
+#[test]
+fn descriptor_names_are_bounded_and_a_bom_is_allowed() {
+    let mut xml = b"\xEF\xBB\xBF  <Parallels_disk_image>".to_vec();
+    for i in 0..40 {
+        xml.extend(format!("<File>d{i}.hds</File>").bytes());
+    }
+    assert!(is_descriptor(&xml));
+    let names = descriptor_files(&xml);
+    assert_eq!(names.len(), MAX_NAMES);
+    assert_eq!(names[0], "d0.hds");
+    let e = open_bytes(b"<Parallels_disk_image></Parallels_disk_image>")
+        .err()
+        .unwrap();
+    assert!(e.message().contains("no image file"), "{}", e.message());
+    // Not a descriptor: the root element after other text, or too far in.
+    assert!(!is_descriptor(b"hello <Parallels_disk_image>"));
+    let mut far = vec![b' '; 2000];
+    far.extend(b"<Parallels_disk_image>");
+    assert!(!is_descriptor(&far));
+    assert_eq!(
+        open_bytes(b"not an image at all").err().unwrap().kind(),
+        ErrorKind::Invalid
+    );
+}
+
+#[test]
+fn extension_feature_flags_and_walks_are_bounded() {
+    // A feature with flags set, and one whose data passes the cluster.
+    let mut ext = extension(&[(FEATURE_DIRTY_BITMAP, bitmap(16, &[]))]);
+    put64(&mut ext, 24 + 8, 1);
+    let sum = Md5::digest(&ext[24..]);
+    ext[8..24].copy_from_slice(&sum);
+    let b = with_extension(ext);
+    assert_eq!(
+        codes(open_bytes(&b).unwrap().findings()),
+        ["parallels.extension"]
+    );
+    let mut ext = extension(&[(FEATURE_DIRTY_BITMAP, bitmap(16, &[]))]);
+    put32(&mut ext, 24 + 16, u32::MAX);
+    let sum = Md5::digest(&ext[24..]);
+    ext[8..24].copy_from_slice(&sum);
+    let b = with_extension(ext);
+    assert_eq!(
+        codes(open_bytes(&b).unwrap().findings()),
+        ["parallels.extension"]
+    );
+    // A cluster of nothing but non-zero feature headers with no data ends without a marker.
+    let mut c = vec![0u8; CS];
+    for at in (24..CS - 23).step_by(24) {
+        put64(&mut c, at, 0x77);
+    }
+    assert_eq!(
+        header::features(&c).err().unwrap().finding_code(),
+        "parallels.extension"
+    );
+}
