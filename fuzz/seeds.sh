@@ -19,7 +19,7 @@ for tool in qemu-img genisoimage xorriso sgdisk mkfs.vfat tar sha1sum truncate; 
     command -v "$tool" >/dev/null || { echo "seeds.sh: $tool is required" >&2; exit 2; }
 done
 
-targets=(detect qcow2 vmdk vmdk_descriptor vhd vhdx vdi iso ova luks check reader convert_roundtrip)
+targets=(detect qcow2 vmdk vmdk_descriptor vhd vhdx vdi parallels iso ova luks check reader convert_roundtrip)
 for t in "${targets[@]}"; do mkdir -p "$out/$t"; done
 
 # Images larger than this are left out: libFuzzer copies every input, and big inputs are
@@ -145,6 +145,16 @@ for f in dynamic.vdi static.vdi; do cuts "$f" 65536; done
 add vdi *.vdi*
 cd ..
 
+# ---- parallels -------------------------------------------------------------------------
+mkdir p && cd p
+qi convert -O parallels -o cluster_size=4k ../disk.raw c4k.parallels
+qi convert -O parallels ../disk.raw c1m.parallels
+qi create -f parallels empty-64g.parallels 64G
+for f in c4k.parallels c1m.parallels; do cuts "$f" 65536; done
+add parallels *.parallels* "$here"/../fixtures/parallels/*.parallels \
+    "$here"/../fixtures/hostile/parallels/*.parallels "$here"/../fixtures/hostile/parallels/*.xml
+cd ..
+
 # ---- iso -------------------------------------------------------------------------------
 mkdir o o/tree o/tree/sub && cd o
 printf 'hello\n' >tree/readme.txt
@@ -212,7 +222,7 @@ cd ..
 
 # ---- detect: head and tail windows of every format, and polyglots --------------------------------
 mkdir w
-for f in q/*.qcow2 v/*.vmdk v/d/* h/*.vhd x/*.vhdx i/*.vdi o/*.iso a/*.ova l/*.luks r/*.raw disk.qed; do
+for f in q/*.qcow2 v/*.vmdk v/d/* h/*.vhd x/*.vhdx i/*.vdi p/*.parallels o/*.iso a/*.ova l/*.luks r/*.raw disk.qed; do
     n=w/$(basename "$f").win
     if [ "$(stat -c %s "$f")" -le $((65536 + 512)) ]; then cp "$f" "$n"; else
         head -c 65536 "$f" >"$n"
@@ -229,7 +239,7 @@ add detect w/*
 
 # ---- check and reader: every image and cut-down copy, plus partitioned raw disks ------------------
 for t in check reader; do
-    for d in qcow2 vmdk vmdk_descriptor vhd vhdx vdi iso ova luks; do
+    for d in qcow2 vmdk vmdk_descriptor vhd vhdx vdi parallels iso ova luks; do
         cp -n "$out/$d"/* "$out/$t"/ 2>/dev/null || true
     done
     (cd r && add "$t" "${raws[@]}")

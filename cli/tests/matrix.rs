@@ -223,10 +223,9 @@ fn map_data_ranges_match_qemu_img_on_qcow2_vmdk_and_vdi() {
     let (dir, list) = fixtures();
     let mut failures = Vec::new();
     let mut checked = 0;
-    for f in list
-        .iter()
-        .filter(|f| readable(f) && matches!(f.format.as_str(), "qcow2" | "vmdk" | "vdi"))
-    {
+    for f in list.iter().filter(|f| {
+        readable(f) && matches!(f.format.as_str(), "qcow2" | "vmdk" | "vdi" | "parallels")
+    }) {
         let p = dir.join(&f.name);
         let ours = json(&glimpse(&["map", "--output", "json", s(&p)]));
         let theirs = json(&qemu_img(&["map", "--output=json", "-f", &f.qemu, s(&p)]));
@@ -282,6 +281,7 @@ const TARGETS: &[(&str, &str, &str, bool, &str, bool)] = &[
     ),
     ("vdi-dynamic", "vdi", "", false, "vdi", true),
     ("vdi-static", "vdi", "static=on", false, "vdi", true),
+    ("ploop", "ploop", "", false, "parallels", true),
 ];
 
 #[test]
@@ -297,6 +297,12 @@ fn every_source_converts_to_every_target_identically_and_cleanly() {
     let failures: Vec<String> = jobs
         .par_iter()
         .filter_map(|(f, (label, fmt, opts, compress, qfmt, qcheck))| {
+            // qemu-img (10.0) aborts on any Parallels image of 2^31 sectors or more (its
+            // block status counts sectors in an int), its own `qemu-img create` output
+            // included: no referee for the 1 TiB source.
+            if *qfmt == "parallels" && f.name.contains("1t") {
+                return None;
+            }
             let src = dir.join(&f.name);
             let out = work.path().join(format!("{}.{label}", f.name));
             let mut args = vec!["convert", "-O", fmt];

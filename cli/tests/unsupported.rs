@@ -26,11 +26,10 @@ fn report(v: Value) -> Value {
 
 /// Each fixture and the format `check` names; the codes are its line in the folder's
 /// `expected-codes`.
-const CASES: [(&str, &str); 10] = [
+const CASES: [(&str, &str); 9] = [
     ("unsupported/bochs-growing.bochs", "bochs"),
     ("unsupported/cloop-v2.cloop", "cloop"),
     ("unsupported/udif-zero.dmg", "dmg"),
-    ("unsupported/parallels-empty.parallels", "parallels"),
     ("unsupported/qcow1-empty.qcow", "qcow1"),
     ("vmdk/version-first-extent-after-comments.vmdk", "vmdk"),
     ("vmdk/binary-after-nul.vmdk", "vmdk"),
@@ -91,21 +90,15 @@ fn convert_refuses_them_even_forced() {
     }
 }
 
-/// `upload` inspects a declared ploop like any other format: a Parallels file is refused by
-/// name until glimpse reads it, and anything else declared ploop (or a Parallels file declared
-/// raw) is a mismatch. The refusal comes before any request: the URL here has no server.
+/// `upload` inspects a declared ploop like any other format (glimpse reads Parallels since
+/// issue 14): anything else declared ploop, or a Parallels file declared raw, is a mismatch.
+/// The refusal comes before any request: the URL here has no server.
 #[test]
 fn upload_refuses_them_before_sending_anything() {
     let parallels = fixture("unsupported/parallels-empty.parallels");
     let qcow1 = fixture("unsupported/qcow1-empty.qcow");
-    let cases: [(&Path, Option<&str>, &[&str]); 4] = [
-        (&parallels, Some("ploop"), &["format.unsupported"]),
-        (&parallels, None, &["format.unsupported"]),
-        (
-            &parallels,
-            Some("raw"),
-            &["format.mismatch", "format.unsupported"],
-        ),
+    let cases: [(&Path, Option<&str>, &[&str]); 2] = [
+        (&parallels, Some("raw"), &["format.mismatch"]),
         (
             &qcow1,
             Some("ploop"),
@@ -130,5 +123,31 @@ fn upload_refuses_them_before_sending_anything() {
             assert!(err.contains(code), "{args:?}: {err}");
         }
         assert!(err.contains("nothing was sent"), "{args:?}: {err}");
+    }
+}
+
+/// A good Parallels image declared ploop (or detected, with no declaration) passes the
+/// inspection: upload goes on to create the image, which fails here only because the URL has
+/// no server. The same file declared raw is refused before anything is sent.
+#[test]
+fn upload_inspects_a_good_ploop_and_goes_on() {
+    let good =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parallels/v2-qemu.parallels");
+    for declared in [Some("ploop"), None] {
+        let mut args = vec!["upload", "--name", "x"];
+        if let Some(d) = declared {
+            args.extend(["--disk-format", d]);
+        }
+        args.push(s(&good));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
+            .args(&args)
+            .env("OS_IMAGE_URL", "http://127.0.0.1:9")
+            .env("OS_AUTH_TOKEN", "unused")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("POST"), "{args:?}: {err}");
+        assert!(!err.contains("rejected"), "{args:?}: {err}");
     }
 }

@@ -14,6 +14,7 @@ pub mod output;
 pub mod pipeline;
 pub mod stamp;
 
+pub mod ploop;
 pub mod qcow2;
 pub mod raw;
 pub mod vdi;
@@ -253,6 +254,7 @@ pub const WRITER_VARIANTS: &[(Format, &str, bool)] = &[
     (Format::Vhd, "subformat=fixed", false),
     (Format::Vhdx, "", false),
     (Format::Vdi, "", false),
+    (Format::Parallels, "cluster_size=64k", false),
 ];
 
 /// True when `format` (with `opts`) can be written to a pipe.
@@ -299,6 +301,7 @@ pub fn create(
         Format::Vhd => vhd::create(target, opts, virtual_size),
         Format::Vhdx => vhdx::create(target, opts, virtual_size),
         Format::Vdi => vdi::create(target, opts, virtual_size),
+        Format::Parallels => ploop::create(target, opts, virtual_size),
         other => Err(Error::unsupported(format!("cannot write {other} images"))),
     }
 }
@@ -324,6 +327,7 @@ pub fn measure(
         Format::Vhd => vhd::measure(opts, virtual_size, data_bytes),
         Format::Vhdx => vhdx::measure(opts, virtual_size, data_bytes),
         Format::Vdi => vdi::measure(opts, virtual_size, data_bytes),
+        Format::Parallels => ploop::measure(opts, virtual_size, data_bytes),
         other => Err(Error::unsupported(format!("cannot write {other} images"))),
     }
 }
@@ -337,6 +341,7 @@ pub fn measure_granularity(format: Format, opts: &WriteOptions, virtual_size: u6
         Format::Qcow2 => opts.size("cluster_size")?.unwrap_or(65536),
         Format::Vmdk => 65536,
         Format::Vdi => 1 << 20,
+        Format::Parallels => ploop::cluster_size(opts)?,
         // A dynamic VHD allocates whole blocks; fixed ones (and azure=on) are fully allocated.
         Format::Vhd
             if opts.get("subformat") == Some("fixed") || opts.flag("azure")?.unwrap_or(false) =>

@@ -62,7 +62,7 @@ pub fn detect_probe(p: &Probe<'_>) -> Detection {
             Format::Iso => crate::iso::probe(p),
             Format::Ova => crate::ova::probe(p),
             Format::Qcow1 => crate::unsupported::probe_qcow1(p),
-            Format::Parallels => crate::unsupported::probe_parallels(p),
+            Format::Parallels => crate::parallels::probe(p),
             Format::Bochs => crate::unsupported::probe_bochs(p),
             Format::Cloop => crate::unsupported::probe_cloop(p),
             Format::Dmg => crate::unsupported::probe_dmg(p),

@@ -29,7 +29,7 @@ pub enum Format {
     Luks,
     /// QEMU copy-on-write version 1 (qemu's `qcow`): detected so that it can be refused.
     Qcow1,
-    /// Parallels / Virtuozzo ploop: detected so that it can be refused.
+    /// Parallels / Virtuozzo ploop (qemu's `parallels`; Glance's `ploop`).
     Parallels,
     /// Bochs growing redolog: detected so that it can be refused.
     Bochs,
@@ -99,7 +99,7 @@ impl fmt::Display for Format {
 
 /// The error of parsing an unknown format name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown format {0:?} (expected raw, qcow2, vmdk, vhd, vhdx, vdi, iso, ova; vpc is an alias of vhd)")]
+#[error("unknown format {0:?} (expected raw, qcow2, vmdk, vhd, vhdx, vdi, ploop, iso, ova; vpc is an alias of vhd, parallels of ploop)")]
 pub struct UnknownFormat(pub String);
 
 impl FromStr for Format {

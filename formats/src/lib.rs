@@ -1,8 +1,9 @@
 //! # glimpse-formats
 //!
 //! Safe parsers, structural checks and guest readers for virtual-disk images: qcow2, VMDK,
-//! VHD, VHDX, VDI, raw, ISO and OVA/OVF, plus detection of QED and LUKS and of the formats
-//! qemu opens that glimpse does not read ([`unsupported`]: qcow1, Parallels, Bochs, cloop, DMG).
+//! VHD, VHDX, VDI, Parallels (ploop), raw, ISO and OVA/OVF, plus detection of QED and LUKS and
+//! of the formats qemu opens that glimpse does not read ([`unsupported`]: qcow1, Bochs, cloop,
+//! DMG).
 //!
 //! The layers, top to bottom:
 //!
@@ -52,6 +53,7 @@ pub mod unsupported;
 pub mod iso;
 pub mod luks;
 pub mod ova;
+pub mod parallels;
 pub mod partition;
 pub mod qcow2;
 pub mod raw;
@@ -113,9 +115,8 @@ pub(crate) fn open_disk_format(
                 Error::unsafe_("an OVA cannot be the disk of an OVA").code("ova.disk-format")
             )
         }
-        Format::Qcow1 | Format::Parallels | Format::Bochs | Format::Cloop | Format::Dmg => {
-            unsupported::open(format)?
-        }
+        Format::Parallels => Box::new(parallels::open(src, limits)?),
+        Format::Qcow1 | Format::Bochs | Format::Cloop | Format::Dmg => unsupported::open(format)?,
     };
     if image.info().virtual_size > limits.max_virtual_size {
         return Err(Error::limit(format!(

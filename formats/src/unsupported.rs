@@ -6,8 +6,7 @@
 //! value is accepted here, because a file with the magic is at best a broken image of that
 //! format, never a raw disk.
 //!
-//! Sources: qemu `block/qcow.c` (`qcow_probe`), `block/parallels.c` (`parallels_probe`),
-//! `block/bochs.c` (`bochs_probe`), `block/cloop.c` (`cloop_probe`) and `block/dmg.c`
+//! Sources: qemu `block/qcow.c` (`qcow_probe`), `block/bochs.c` (`bochs_probe`), `block/cloop.c` (`cloop_probe`) and `block/dmg.c`
 //! (`dmg_find_koly_offset`).
 
 use crate::error::{Error, Result};
@@ -19,9 +18,6 @@ use crate::probe::Probe;
 const QCOW_MAGIC: &[u8; 4] = b"QFI\xfb";
 /// The only version qemu's qcow driver opens.
 const QCOW1_VERSION: [u8; 4] = [0, 0, 0, 1];
-
-/// Parallels (and Virtuozzo ploop) header magics, 16 bytes at byte 0.
-const PARALLELS_MAGICS: [&[u8; 16]; 2] = [b"WithoutFreeSpace", b"WithouFreSpacExt"];
 
 /// Bochs header magic at byte 0 (a NUL-terminated string in a 32-byte field).
 const BOCHS_MAGIC: &[u8] = b"Bochs Virtual HD Image";
@@ -40,11 +36,6 @@ pub const DMG_SEARCH: usize = 1023;
 /// True for a qcow version 1 image.
 pub fn probe_qcow1(p: &Probe<'_>) -> bool {
     p.starts_with(QCOW_MAGIC) && p.head_at(4, 4) == Some(&QCOW1_VERSION[..])
-}
-
-/// True for a Parallels image (either magic; any version).
-pub fn probe_parallels(p: &Probe<'_>) -> bool {
-    PARALLELS_MAGICS.iter().any(|m| p.starts_with(&m[..]))
 }
 
 /// True for a Bochs image (the magic string; any type, sub-type and version).
@@ -71,7 +62,7 @@ pub fn probe_dmg(p: &Probe<'_>) -> bool {
 pub fn is_unsupported(format: Format) -> bool {
     matches!(
         format,
-        Format::Qcow1 | Format::Parallels | Format::Bochs | Format::Cloop | Format::Dmg
+        Format::Qcow1 | Format::Bochs | Format::Cloop | Format::Dmg
     )
 }
 
@@ -101,10 +92,8 @@ mod tests {
 
     #[test]
     fn each_signature_is_its_format() {
-        let cases: [(Vec<u8>, Format); 6] = [
+        let cases: [(Vec<u8>, Format); 4] = [
             (with(b"QFI\xfb\0\0\0\x01", 4096), Format::Qcow1),
-            (with(b"WithoutFreeSpace\x02\0\0\0", 4096), Format::Parallels),
-            (with(b"WithouFreSpacExt\x02\0\0\0", 4096), Format::Parallels),
             (with(b"Bochs Virtual HD Image\0", 4096), Format::Bochs),
             (
                 with(b"#!/bin/sh\n#V2.0 Format\nmodprobe", 4096),

@@ -238,3 +238,9 @@ fn vhdx_gives_its_budget_back() {
     case("vhdx", "fixed.vhdx", &fixed, false);
     case("vhdx", "fixed-empty.vhdx", &fixed, true);
 }
+
+#[test]
+fn parallels_gives_its_budget_back() {
+    case("parallels", "a.hds", &[], false);
+    case("parallels", "empty.hds", &[], true);
+}

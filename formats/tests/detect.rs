@@ -78,7 +78,6 @@ fn unsupported_formats_are_rejected_by_name() {
         ("bochs-growing.bochs", Format::Bochs),
         ("cloop-v2.cloop", Format::Cloop),
         ("udif-zero.dmg", Format::Dmg),
-        ("parallels-empty.parallels", Format::Parallels),
         ("qcow1-empty.qcow", Format::Qcow1),
     ];
     for (name, want) in cases {

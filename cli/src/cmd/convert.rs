@@ -27,6 +27,7 @@ use crate::source::is_stdin;
          the virtual size is otherwise kept exact (qemu's force_size)
   vhdx:  subformat=dynamic|fixed, block_size=1M..256M
   vdi:   static=on|off
+  ploop: cluster_size=N (a multiple of 512; default 1M); alias parallels
 DST is written to a temporary file in its directory and renamed into place on success;
 an existing DST is untouched by a failed or interrupted conversion.
 DST may be - (stdout) for raw, vmdk subformat=streamOptimized and vhd subformat=fixed.")]

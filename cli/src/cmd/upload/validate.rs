@@ -26,7 +26,7 @@ pub enum DiskFormat {
     Vdi,
     /// ISO 9660.
     Iso,
-    /// Virtuozzo ploop (detected; refused until glimpse reads it).
+    /// Virtuozzo ploop (qemu's `parallels`).
     Ploop,
 }
 
@@ -140,8 +140,8 @@ pub fn plan(disk: DiskFormat, container: ContainerFormat) -> Result<Plan, String
             container.name()
         )),
         (_, ContainerFormat::Ova) => Plan::Expect(Format::Ova),
-        // glimpse detects Parallels/ploop but does not read it yet: the policy refuses it by
-        // name (format.unsupported), and anything else declared ploop is a format.mismatch.
+        // ploop is qemu's parallels: inspected like every format; anything else declared
+        // ploop is a format.mismatch.
         (DiskFormat::Ploop, _) => Plan::Expect(Format::Parallels),
         // Nova boots ami/ari/aki as plain bytes: any image-format header in them is refused.
         (DiskFormat::Ami | DiskFormat::Ari | DiskFormat::Aki, _) => Plan::Expect(Format::Raw),
