@@ -140,7 +140,7 @@ pub fn load(path: &Path, expect: Option<Format>, opts: &InputOpts) -> anyhow::Re
         disk: opts.disk,
         ..Policy::default()
     };
-    let report = inspect(src, &policy, &Limits::default())?;
+    let report = inspect(src, &policy, &limits())?;
     let verdict = report.verdict();
     let Report {
         image, findings, ..

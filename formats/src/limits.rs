@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
-/// The default metadata budget of a command.
-pub const DEFAULT_METADATA_BYTES: u64 = 512 << 20;
+/// The default budget of a command: its metadata, its reader caches and its conversion buffers
+/// together (docs/memory.md). With the few tens of MiB nothing charges (code, stacks, codec
+/// state, one chunk per worker), a command stays within 256 MiB of memory on any input.
+pub const DEFAULT_METADATA_BYTES: u64 = 224 << 20;
 
 /// Caps applied while opening and walking an image. Every allocation whose size comes from the
 /// image is charged to a [`Budget`] made from these.
@@ -16,7 +18,9 @@ pub const DEFAULT_METADATA_BYTES: u64 = 512 << 20;
 /// budget, so the command as a whole, not each image, stays within `max_metadata_bytes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Total metadata bytes `open` and `check` may read and hold (tables, descriptors).
+    /// Total bytes `open`, `check`, the guest readers and the conversion pipeline may hold at
+    /// once (tables, descriptors, caches, buffers): per image, or per command with
+    /// [`Limits::per_command`].
     pub max_metadata_bytes: u64,
     /// Entries in any one table (L1, grain directory, BAT, block map, ...).
     pub max_table_entries: u64,
@@ -35,8 +39,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             // QEMU caps one qcow2 L1 table at 32 MiB and the refcount table at 8 MiB; a full
-            // check also holds L2 and refcount blocks one at a time. 512 MiB is far above any
-            // real image's metadata and well inside the machine.
+            // check also holds L2 and refcount blocks one at a time and at most 128 MiB of
+            // refcount counters.
             max_metadata_bytes: DEFAULT_METADATA_BYTES,
             // 32 MiB of 8-byte entries: QEMU's QCOW_MAX_L1_SIZE.
             max_table_entries: 4 << 20,

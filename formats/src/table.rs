@@ -64,6 +64,9 @@ pub fn check_table(spec: TableSpec<'_>, file_size: u64, limits: &Limits) -> Resu
     }
 }
 
+/// Bytes of a table read at once by [`read_entries`].
+const READ_PIECE: u64 = 1 << 20;
+
 /// A decoded table and the budget it holds: the bytes come back when the table is dropped.
 #[derive(Debug)]
 pub struct Table<T> {
@@ -108,20 +111,38 @@ pub fn read_entries<T>(
         .map_err(|_| Error::limit(format!("{}: too many entries", spec.name)))?;
     let held = (std::mem::size_of::<T>() as u64).saturating_mul(spec.entries);
     let charge = budget.charge(held, spec.name)?;
-    let raw = read_vec(src, spec.offset, len, budget, spec.name)?;
     let mut entries = Vec::new();
-    let reserved = entries.try_reserve_exact(n);
-    if reserved.is_err() {
-        budget.give_back(len);
-        return Err(Error::limit(format!(
-            "{}: cannot allocate {n} entries",
-            spec.name
-        )));
+    entries
+        .try_reserve_exact(n)
+        .map_err(|_| Error::limit(format!("{}: cannot allocate {n} entries", spec.name)))?;
+    // Read in pieces of at most READ_PIECE whole entries, so that the raw bytes and the decoded
+    // table are never both held in full (a 32 MiB L1 table costs 32 MiB, not 64).
+    let size = spec.entry_size.max(1);
+    let per_piece = (READ_PIECE / size).max(1);
+    let (piece, _piece_charge) = read_held(
+        src,
+        spec.offset,
+        len.min(per_piece.saturating_mul(size)),
+        budget,
+        spec.name,
+    )?;
+    let mut buf = piece;
+    let step = usize::try_from(size).unwrap_or(usize::MAX);
+    let mut at = 0u64;
+    while at < len {
+        let n = usize::try_from(len.saturating_sub(at).min(per_piece.saturating_mul(size)))
+            .map_err(|_| Error::limit(format!("{}: too large", spec.name)))?;
+        let chunk = buf
+            .get_mut(..n)
+            .ok_or_else(|| Error::invalid(format!("{}: read piece", spec.name)))?;
+        if at > 0 {
+            src.read_exact_at(chunk, spec.offset.saturating_add(at))
+                .map_err(|e| Error::from(e).context(spec.name).at(spec.offset))?;
+        }
+        entries.extend(chunk.chunks_exact(step).map(&decode));
+        at = at.saturating_add(n as u64);
     }
-    let size = usize::try_from(spec.entry_size.max(1)).unwrap_or(usize::MAX);
-    entries.extend(raw.chunks_exact(size).map(decode));
-    drop(raw);
-    budget.give_back(len);
+    buf.clear();
     Ok(Table {
         entries,
         _charge: Some(charge),

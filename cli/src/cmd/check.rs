@@ -63,7 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         allow_encrypted: args.allow_encrypted,
         ..Policy::default()
     };
-    let limits = Limits::default();
+    let limits = crate::common::limits();
     let outcomes: Vec<Outcome> = args
         .files
         .par_iter()

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use glimpse_formats::digest::{content_digest, file_digests, stream_digests, Algo};
 use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{Limits, ReadAt};
+use glimpse_formats::ReadAt;
 use serde_json::{json, Map, Value};
 
 use crate::common::{failed, load, name, print_json, InputOpts, OutputFormat};
@@ -60,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     "virtual-size".into(),
                     json!(loaded.image.info().virtual_size),
                 );
-                let reader = GuestReader::new(loaded.image, &Limits::default());
+                let reader = GuestReader::new(loaded.image, &crate::common::limits());
                 let d = content_digest(&reader, &|_, _| {})?;
                 m.insert("content".into(), json!(d));
             } else {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use glimpse_formats::compare::{first_difference, first_nonzero};
 use glimpse_formats::reader::GuestReader;
-use glimpse_formats::Limits;
 
 use crate::common::{load, InputOpts};
 
@@ -27,7 +26,7 @@ pub struct Args {
 /// Runs `glimpse compare`: exit 0 identical, 1 different or refused by the policy (an overlay
 /// without `--force`), 2 error.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let limits = Limits::default();
+    let limits = crate::common::limits();
     let open = |p: &PathBuf| {
         load(p, None, &args.input)
             .map(|l| GuestReader::new(l.image, &limits))

@@ -26,7 +26,7 @@ pub struct Args {
 
 /// Runs `glimpse info`: exit 0 when every file was read, 2 otherwise.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let limits = Limits::default();
+    let limits = crate::common::limits();
     let mut out = Vec::new();
     let mut code = 0;
     for path in &args.files {

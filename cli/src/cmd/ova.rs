@@ -54,7 +54,7 @@ struct ExtractArgs {
 
 /// Runs the command; returns the exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let limits = Limits::default();
+    let limits = crate::common::limits();
     let (file, output) = match &args.command {
         Command::List(a) | Command::Check(a) => (a.file.clone(), a.output),
         Command::Extract(a) => (a.file.clone(), a.output),

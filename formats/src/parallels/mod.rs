@@ -15,13 +15,13 @@
 pub mod check;
 pub mod header;
 
-use crate::probe::Probe;
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{Extent, ExtentKind, Image, ImageCore, ImageInfo};
 use crate::io::{read_up_to, read_vec, Source};
 use crate::limits::Limits;
+use crate::probe::Probe;
 use crate::table::{read_entries, Table, TableSpec};
 
 pub use header::{DirtyBitmap, Header};

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use glimpse_formats::policy::{self, Policy, Verdict};
-use glimpse_formats::{Limits, Severity};
+use glimpse_formats::Severity;
 use serde_json::{json, Map, Value};
 
 use self::auth::AuthOptions;
@@ -229,7 +229,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
     else {
         // QED, LUKS: there is no disk_format to declare, and the policy refuses them anyway
         let report =
-            policy::inspect_detected(src, detection, &Policy::default(), &Limits::default())
+            policy::inspect_detected(src, detection, &Policy::default(), &crate::common::limits())
                 .context("cannot read")?;
         report_findings(args, &report.findings, false);
         eprintln!(
@@ -286,7 +286,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
         disk: None,
         allow_encrypted: args.allow_encrypted,
     };
-    let report = policy::inspect_detected(src, detection, &policy, &Limits::default())
+    let report = policy::inspect_detected(src, detection, &policy, &crate::common::limits())
         .context("cannot read")?;
     let rejected = report.verdict() == Verdict::Reject;
     report_findings(args, &report.findings, args.force);
