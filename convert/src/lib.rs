@@ -241,6 +241,28 @@ pub trait Writer: Send {
     fn finish(self: Box<Self>) -> Result<()>;
 }
 
+/// Refuses a chunk that does not start where the `kind` writer stands (`pos`) or, when `align`
+/// is above 1, that does not start on a multiple of it.
+pub(crate) fn check_chunk_at(kind: &str, chunk: &Chunk, pos: u64, align: u64) -> Result<()> {
+    if chunk.guest != pos || chunk.guest % align.max(1) != 0 {
+        return Err(Error::invalid(format!(
+            "{kind} writer: chunk at {} but expected {pos}",
+            chunk.guest
+        )));
+    }
+    Ok(())
+}
+
+/// [`Writer::write_zeros`] for writers whose zero chunks are only a position check: one
+/// [`Payload::Zero`] chunk for the whole span.
+pub(crate) fn write_zero_span<W: Writer + ?Sized>(w: &mut W, guest: u64, len: u64) -> Result<()> {
+    w.write_chunk(Chunk {
+        guest,
+        len,
+        payload: Payload::Zero,
+    })
+}
+
 /// One configuration of each writer variant, as `(format, -o options, -c)`: the set that
 /// round-trip tests and the `convert_roundtrip` fuzz target run every input through.
 pub const WRITER_VARIANTS: &[(Format, &str, bool)] = &[

@@ -20,7 +20,10 @@ use glimpse_formats::parallels::header::{
     HEADER_LEN, INUSE_CLOSED, MAGIC_EXT, MAX_BAT_ENTRIES, MAX_TRACKS, SECTOR, VERSION,
 };
 
-use crate::{Chunk, Error, Measure, Payload, Result, Target, WriteOptions, Writer};
+use crate::{
+    check_chunk_at, write_zero_span, Chunk, Error, Measure, Payload, Result, Target, WriteOptions,
+    Writer,
+};
 
 /// qemu-img's default cluster size.
 pub const DEFAULT_CLUSTER: u64 = 1 << 20;
@@ -160,12 +163,7 @@ impl Writer for PloopWriter {
 
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         let cs = self.plan.cluster;
-        if chunk.guest != self.pos || chunk.guest % cs != 0 {
-            return Err(Error::invalid(format!(
-                "ploop writer: chunk at {} but expected {}",
-                chunk.guest, self.pos
-            )));
-        }
+        check_chunk_at("ploop", &chunk, self.pos, cs)?;
         let index = usize::try_from(chunk.guest / cs).map_err(|_| Error::invalid("chunk index"))?;
         match chunk.payload {
             Payload::Zero => {}
@@ -189,12 +187,7 @@ impl Writer for PloopWriter {
     }
 
     fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
-        // Zero chunks are only a position check here: one call for the whole span.
-        self.write_chunk(Chunk {
-            guest,
-            len,
-            payload: Payload::Zero,
-        })
+        write_zero_span(self, guest, len)
     }
 
     fn finish(self: Box<Self>) -> Result<()> {

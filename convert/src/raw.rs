@@ -3,7 +3,9 @@
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 
-use crate::{Chunk, Error, Payload, Result, Target, WriteOptions, Writer};
+use crate::{
+    check_chunk_at, write_zero_span, Chunk, Error, Payload, Result, Target, WriteOptions, Writer,
+};
 
 /// Chunk size: big enough to amortise syscalls, small enough to find holes.
 const CHUNK: u64 = 1 << 20;
@@ -74,12 +76,7 @@ impl Writer for RawWriter {
     }
 
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
-        if chunk.guest != self.pos {
-            return Err(Error::invalid(format!(
-                "raw writer: chunk at {} but expected {}",
-                chunk.guest, self.pos
-            )));
-        }
+        check_chunk_at("raw", &chunk, self.pos, 1)?;
         match (&mut self.target, chunk.payload) {
             (Target::File(f), Payload::Data(d)) => {
                 f.seek(SeekFrom::Start(chunk.guest))?;
@@ -97,12 +94,7 @@ impl Writer for RawWriter {
     }
 
     fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
-        // Zero chunks are only a position check here: one call for the whole span.
-        self.write_chunk(Chunk {
-            guest,
-            len,
-            payload: Payload::Zero,
-        })
+        write_zero_span(self, guest, len)
     }
 
     fn finish(self: Box<Self>) -> Result<()> {

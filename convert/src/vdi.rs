@@ -20,7 +20,10 @@ use glimpse_formats::vdi::{
     VERSION_1_1,
 };
 
-use crate::{Chunk, Error, Measure, Payload, Result, Target, WriteOptions, Writer};
+use crate::{
+    check_chunk_at, write_zero_span, Chunk, Error, Measure, Payload, Result, Target, WriteOptions,
+    Writer,
+};
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
 /// The text line VirtualBox writes before the signature.
@@ -164,12 +167,7 @@ impl Writer for VdiWriter {
     }
 
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
-        if chunk.guest != self.pos || chunk.guest % BLOCK != 0 {
-            return Err(Error::invalid(format!(
-                "vdi writer: chunk at {} but expected {}",
-                chunk.guest, self.pos
-            )));
-        }
+        check_chunk_at("vdi", &chunk, self.pos, BLOCK)?;
         let index =
             usize::try_from(chunk.guest / BLOCK).map_err(|_| Error::invalid("chunk index"))?;
         match chunk.payload {
@@ -195,12 +193,7 @@ impl Writer for VdiWriter {
     }
 
     fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
-        // Zero chunks are only a position check here: one call for the whole span.
-        self.write_chunk(Chunk {
-            guest,
-            len,
-            payload: Payload::Zero,
-        })
+        write_zero_span(self, guest, len)
     }
 
     fn finish(self: Box<Self>) -> Result<()> {

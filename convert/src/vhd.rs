@@ -31,7 +31,10 @@ use glimpse_formats::vhd::footer::{
     FOOTER_CHECKSUM_AT, FOOTER_LEN, MAX_SECTORS, TYPE_DYNAMIC, TYPE_FIXED, VHD_EPOCH,
 };
 
-use crate::{Chunk, Error, Measure, Payload, Result, Target, WriteOptions, Writer};
+use crate::{
+    check_chunk_at, write_zero_span, Chunk, Error, Measure, Payload, Result, Target, WriteOptions,
+    Writer,
+};
 
 /// Chunk size of fixed disks: big enough to amortise syscalls, small enough to find holes.
 const FIXED_CHUNK: u64 = 1 << 20;
@@ -282,12 +285,7 @@ impl Writer for FixedWriter {
     }
 
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
-        if chunk.guest != self.pos {
-            return Err(Error::invalid(format!(
-                "vhd writer: chunk at {} but expected {}",
-                chunk.guest, self.pos
-            )));
-        }
+        check_chunk_at("vhd", &chunk, self.pos, 1)?;
         match (&mut self.target, chunk.payload) {
             (Target::File(f), Payload::Data(d)) => f.write_all_at(&d, chunk.guest)?,
             (Target::Stream(w), Payload::Data(d)) => w.write_all(&d)?,
@@ -302,12 +300,7 @@ impl Writer for FixedWriter {
     }
 
     fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
-        // Zero chunks are only a position check here: one call for the whole span.
-        self.write_chunk(Chunk {
-            guest,
-            len,
-            payload: Payload::Zero,
-        })
+        write_zero_span(self, guest, len)
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
@@ -378,12 +371,7 @@ impl Writer for DynamicWriter {
     }
 
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
-        if chunk.guest != self.pos || chunk.guest % self.chunk_size() != 0 {
-            return Err(Error::invalid(format!(
-                "vhd writer: chunk at {} but expected {}",
-                chunk.guest, self.pos
-            )));
-        }
+        check_chunk_at("vhd", &chunk, self.pos, self.chunk_size())?;
         match chunk.payload {
             // A zero chunk of an allocated block reads from the file's hole.
             Payload::Zero => {}
@@ -401,12 +389,7 @@ impl Writer for DynamicWriter {
     }
 
     fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
-        // Zero chunks are only a position check here: one call for the whole span.
-        self.write_chunk(Chunk {
-            guest,
-            len,
-            payload: Payload::Zero,
-        })
+        write_zero_span(self, guest, len)
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
