@@ -6,122 +6,37 @@
 mod support;
 
 use std::fs::File;
-use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
-use glimpse_convert::pipeline::{convert, ConvertOptions};
-use glimpse_convert::{create, measure, Target, WriteOptions};
-use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{open, Format, Image, Limits, Source};
-use support::qemu_img;
+use glimpse_convert::{create, Target, WriteOptions};
+use glimpse_formats::Format;
+use support::{assert_measured, assert_round_trip, convert_raw, qemu_img, sparse_source};
 
 const MIB: u64 = 1 << 20;
 
-/// Pseudo-random 64 KiB runs with zero runs long enough to leave whole blocks empty.
-fn source_bytes(size: u64, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let mut data = vec![0u8; size as usize];
-    for (i, chunk) in data.chunks_mut(65536).enumerate() {
-        if (i / 20) % 3 == 1 || next() % 4 == 0 {
-            continue;
-        }
-        for b in chunk.iter_mut() {
-            *b = next() as u8;
-        }
-    }
-    data
-}
-
 fn round_trip(dir: &Path, size: u64, opts: &str, seed: u64) {
-    let data = source_bytes(size, seed);
-    let input = dir.join(format!("src-{seed}.raw"));
-    File::create(&input).unwrap().write_all(&data).unwrap();
+    let (input, data) = sparse_source(dir, &format!("src-{seed}.raw"), size, seed);
     let out = dir.join(format!("out-{seed}.vdi"));
+    let target = Target::File(File::create(&out).unwrap());
+    let stats = convert_raw(&input, Format::Vdi, opts, target);
 
-    let limits = Limits::default();
-    let img: Arc<dyn Image> =
-        Arc::from(open(Arc::new(File::open(&input).unwrap()), Format::Raw, &limits).unwrap());
-    let reader = GuestReader::new(img.clone(), &limits);
-    let wopts = WriteOptions::parse(opts, false).unwrap();
-    let w = create(
-        Format::Vdi,
-        &wopts,
-        Target::File(File::create(&out).unwrap()),
-        size,
-    )
-    .unwrap();
-    let stats = convert(img, w, &reader, &ConvertOptions::default()).unwrap();
-
-    let want = size.div_ceil(512) * 512;
+    let what = format!("{opts} size {size}");
     let check = qemu_img(&["check", "-f", "vdi", out.to_str().unwrap()]);
     assert!(
         check.status.success(),
-        "{opts} size {size}: {}",
+        "{what}: {}",
         String::from_utf8_lossy(&check.stdout)
     );
-    let cmp = qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "vdi",
-        input.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        cmp.status.success(),
-        "{opts} size {size}: {}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
-    let info = qemu_img(&["info", "-f", "vdi", out.to_str().unwrap()]);
-    let text = String::from_utf8_lossy(&info.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("virtual size:"))
-        .expect("a virtual size line");
-    assert!(
-        line.ends_with(&format!("({want} bytes)")),
-        "{opts} size {size}: {line}"
-    );
-
-    let s: Source = Arc::new(File::open(&out).unwrap());
-    assert_eq!(
-        glimpse_formats::detect(s.as_ref()).unwrap().matches,
-        [Format::Vdi]
-    );
-    let back_img: Arc<dyn Image> = Arc::from(open(s, Format::Vdi, &limits).unwrap());
-    assert_eq!(back_img.info().virtual_size, want);
-    assert!(back_img.findings().is_empty(), "{:?}", back_img.findings());
-    assert!(back_img.check(&limits).unwrap().is_empty());
+    let want = size.div_ceil(512) * 512;
+    let img = assert_round_trip(&input, &data, &out, Format::Vdi, want, &what);
     let kind = if opts.contains("static=on") {
         "static"
     } else {
         "dynamic"
     };
-    assert_eq!(back_img.info().details["image-type"], kind);
-    let mut back = vec![0xAAu8; want as usize];
-    GuestReader::new(back_img, &limits)
-        .read_at(&mut back, 0)
-        .unwrap();
-    assert!(
-        back[..data.len()] == data[..],
-        "{opts} size {size}: guest bytes differ"
-    );
-    assert!(back[data.len()..].iter().all(|&b| b == 0));
+    assert_eq!(img.info().details["image-type"], kind);
 
-    let m = measure(Format::Vdi, &wopts, size, stats.data_chunks * MIB).unwrap();
-    assert_eq!(
-        m.required,
-        std::fs::metadata(&out).unwrap().len(),
-        "{opts} size {size}"
-    );
+    assert_measured(&out, Format::Vdi, opts, size, stats.data_chunks * MIB);
 }
 
 #[test]

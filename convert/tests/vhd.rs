@@ -6,53 +6,20 @@
 mod support;
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use glimpse_convert::pipeline::{convert, ConvertOptions};
-use glimpse_convert::{create, measure, Target, WriteOptions};
-use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{open, Format, Image, Limits, Source};
-use support::{qemu_img, qemu_virtual_size};
+use glimpse_convert::{create, Target, WriteOptions};
+use glimpse_formats::{open, Format, Limits};
+use support::{assert_measured, assert_round_trip, convert_raw, sparse_source};
 
 /// A raw source of `size` bytes: pseudo-random 64 KiB runs with zero runs between them.
 fn source(dir: &Path, size: u64, seed: u64) -> (PathBuf, Vec<u8>) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let mut data = vec![0u8; size as usize];
-    for (i, chunk) in data.chunks_mut(65536).enumerate() {
-        // Runs of zeros long enough to leave whole 1 MiB and 2 MiB chunks empty.
-        if (i / 20) % 3 == 1 || next() % 4 == 0 {
-            continue;
-        }
-        for b in chunk.iter_mut() {
-            *b = next() as u8;
-        }
-    }
-    let p = dir.join(format!("src-{seed}-{size}.raw"));
-    File::create(&p).unwrap().write_all(&data).unwrap();
-    (p, data)
+    sparse_source(dir, &format!("src-{seed}-{size}.raw"), size, seed)
 }
 
 fn run(input: &Path, target: Target, opts: &str) -> glimpse_convert::pipeline::Stats {
-    let limits = Limits::default();
-    let img: Arc<dyn Image> =
-        Arc::from(open(Arc::new(File::open(input).unwrap()), Format::Raw, &limits).unwrap());
-    let reader = GuestReader::new(img.clone(), &limits);
-    let w = create(
-        Format::Vhd,
-        &WriteOptions::parse(opts, false).unwrap(),
-        target,
-        img.info().virtual_size,
-    )
-    .unwrap();
-    convert(img, w, &reader, &ConvertOptions::default()).unwrap()
+    convert_raw(input, Format::Vhd, opts, target)
 }
 
 /// Converts, then checks the output with qemu-img and glimpse. Returns the output's path.
@@ -60,45 +27,8 @@ fn round_trip(dir: &Path, size: u64, opts: &str, want_size: u64, seed: u64) -> P
     let (input, data) = source(dir, size, seed);
     let out = dir.join(format!("out-{seed}-{size}.vhd"));
     let stats = run(&input, Target::File(File::create(&out).unwrap()), opts);
-
-    let cmp = qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "vpc",
-        input.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        cmp.status.success(),
-        "{opts} size {size}: {}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
-    assert_eq!(
-        qemu_virtual_size(&out, Format::Vhd),
-        want_size,
-        "{opts} size {size}"
-    );
-
-    let s: Source = Arc::new(File::open(&out).unwrap());
-    assert_eq!(
-        glimpse_formats::detect(s.as_ref()).unwrap().matches,
-        [Format::Vhd]
-    );
-    let img: Arc<dyn Image> = Arc::from(open(s, Format::Vhd, &Limits::default()).unwrap());
-    assert_eq!(img.info().virtual_size, want_size, "{opts} size {size}");
-    assert!(img.findings().is_empty(), "{:?}", img.findings());
-    assert!(img.check(&Limits::default()).unwrap().is_empty());
-    let mut back = vec![0xAAu8; want_size as usize];
-    GuestReader::new(img.clone(), &Limits::default())
-        .read_at(&mut back, 0)
-        .unwrap();
-    assert!(
-        back[..data.len()] == data[..],
-        "{opts} size {size}: guest bytes differ"
-    );
-    assert!(back[data.len()..].iter().all(|&b| b == 0));
+    let what = format!("{opts} size {size}");
+    let img = assert_round_trip(&input, &data, &out, Format::Vhd, want_size, &what);
 
     // measure() predicts the file exactly when data is counted in the writer's chunks.
     let fixed = img.info().details["disk-type"] == "fixed";
@@ -107,18 +37,7 @@ fn round_trip(dir: &Path, size: u64, opts: &str, want_size: u64, seed: u64) -> P
     } else {
         img.info().cluster_size.unwrap()
     };
-    let m = measure(
-        Format::Vhd,
-        &WriteOptions::parse(opts, false).unwrap(),
-        size,
-        stats.data_chunks * chunk,
-    )
-    .unwrap();
-    assert_eq!(
-        m.required,
-        std::fs::metadata(&out).unwrap().len(),
-        "{opts} size {size}"
-    );
+    assert_measured(&out, Format::Vhd, opts, size, stats.data_chunks * chunk);
     out
 }
 
