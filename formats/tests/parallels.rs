@@ -7,44 +7,18 @@
 
 mod support;
 
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use glimpse_formats::policy::{inspect, Policy, Verdict};
+use glimpse_formats::policy::Verdict;
 use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{detect, open, Format, Image, Limits, Source};
-use support::{data_ranges, qemu_data_ranges, qemu_img, qemu_json, raw_source};
-
-fn src(path: &Path) -> Source {
-    Arc::new(File::open(path).unwrap())
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
-}
-
-fn assert_same_guest(img: Arc<dyn Image>, raw: &Path) {
-    let size = img.info().virtual_size;
-    let r = GuestReader::new(img, &Limits::default());
-    let mut f = File::open(raw).unwrap();
-    assert_eq!(f.metadata().unwrap().len(), size);
-    let mut pos = 0;
-    let mut a = vec![0u8; 1 << 20];
-    let mut b = vec![0u8; 1 << 20];
-    while pos < size {
-        let n = (size - pos).min(1 << 20) as usize;
-        r.read_at(&mut a[..n], pos).unwrap();
-        f.read_exact(&mut b[..n]).unwrap();
-        assert!(
-            a[..n] == b[..n],
-            "guest bytes differ in the MiB at {pos:#x}"
-        );
-        pos += n as u64;
-    }
-}
+use glimpse_formats::{detect, open, Format, Image, Limits};
+use glimpse_testkit::fixtures_dir as fixtures;
+use support::{
+    assert_same_guest, data_ranges, for_each_prefix, inspect_as, qemu_data_ranges, qemu_img,
+    qemu_json, qemu_to_raw, raw_source, read_guest, src,
+};
 
 /// Opens `path` and compares it with qemu-img in every way this file promises.
 fn assert_reads_like_qemu(path: &Path, tmp: &Path) -> Arc<dyn Image> {
@@ -66,15 +40,7 @@ fn assert_reads_like_qemu(path: &Path, tmp: &Path) -> Arc<dyn Image> {
     );
     assert!(img.findings().is_empty(), "{name}: {:?}", img.findings());
     assert!(img.check(&Limits::default()).unwrap().is_empty(), "{name}");
-    let report = inspect(
-        s,
-        &Policy {
-            expect_format: Some(Format::Parallels),
-            ..Policy::default()
-        },
-        &Limits::default(),
-    )
-    .unwrap();
+    let report = inspect_as(s, Format::Parallels, &Limits::default());
     assert_eq!(
         report.verdict(),
         Verdict::Pass,
@@ -88,15 +54,7 @@ fn assert_reads_like_qemu(path: &Path, tmp: &Path) -> Arc<dyn Image> {
     );
     let raw = tmp.join("guest.raw");
     let _ = std::fs::remove_file(&raw);
-    qemu_img(&[
-        "convert",
-        "-f",
-        "parallels",
-        "-O",
-        "raw",
-        p,
-        raw.to_str().unwrap(),
-    ]);
+    qemu_to_raw(path, "parallels", &raw);
     assert_same_guest(img.clone(), &raw);
     img
 }
@@ -193,20 +151,10 @@ fn qemu_made_images_read_like_qemu() {
 fn every_truncated_prefix_fails_cleanly() {
     for name in ["v1-sectors.parallels", "with-bitmap.parallels"] {
         let bytes = std::fs::read(fixtures().join("parallels").join(name)).unwrap();
-        let len = bytes.len();
-        let mut n = 0;
-        while n < len {
-            let s: Source = Arc::new(bytes[..n].to_vec());
-            if let Ok(img) = open(s, Format::Parallels, &Limits::default()) {
-                let _ = img.check(&Limits::default());
-                let img: Arc<dyn Image> = Arc::from(img);
-                let r = GuestReader::new(img.clone(), &Limits::default());
-                let mut buf = vec![0u8; img.info().virtual_size as usize];
-                // A cluster cut short is an error, never a panic or a short read.
-                let _ = r.read_at(&mut buf, 0);
-            }
-            n += if n < 2048 || n + 2048 > len { 1 } else { 509 };
-        }
+        for_each_prefix(&bytes, Format::Parallels, 2048, 509, |img| {
+            // A cluster cut short is an error, never a panic or a short read.
+            let _ = read_guest(&img);
+        });
     }
 }
 
@@ -245,15 +193,7 @@ fn hostile_fixtures_give_their_codes() {
             [Format::Parallels],
             "{name}"
         );
-        let report = inspect(
-            s,
-            &Policy {
-                expect_format: Some(Format::Parallels),
-                ..Policy::default()
-            },
-            &Limits::default(),
-        )
-        .unwrap();
+        let report = inspect_as(s, Format::Parallels, &Limits::default());
         assert_eq!(report.verdict(), Verdict::Reject, "{name}");
         assert!(
             report.findings.iter().any(|f| f.code == code),

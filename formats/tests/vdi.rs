@@ -5,39 +5,14 @@
 
 mod support;
 
-use std::fs::File;
-use std::io::Read;
-use std::path::Path;
 use std::sync::Arc;
 
-use glimpse_formats::policy::{inspect, Policy, Verdict};
-use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{detect, open, Format, Image, Limits, Source};
-use support::{data_ranges, qemu_data_ranges, qemu_img, qemu_json, raw_source};
-
-fn src(path: &Path) -> Source {
-    Arc::new(File::open(path).unwrap())
-}
-
-fn assert_same_guest(img: Arc<dyn Image>, raw: &Path) {
-    let size = img.info().virtual_size;
-    let r = GuestReader::new(img, &Limits::default());
-    let mut f = File::open(raw).unwrap();
-    assert_eq!(f.metadata().unwrap().len(), size);
-    let mut pos = 0;
-    let mut a = vec![0u8; 1 << 20];
-    let mut b = vec![0u8; 1 << 20];
-    while pos < size {
-        let n = (size - pos).min(1 << 20) as usize;
-        r.read_at(&mut a[..n], pos).unwrap();
-        f.read_exact(&mut b[..n]).unwrap();
-        assert!(
-            a[..n] == b[..n],
-            "guest bytes differ in the MiB at {pos:#x}"
-        );
-        pos += n as u64;
-    }
-}
+use glimpse_formats::policy::{Policy, Verdict};
+use glimpse_formats::{detect, open, Format, Image, Limits};
+use support::{
+    assert_same_guest, data_ranges, for_each_prefix, inspect_as, qemu_data_ranges, qemu_img,
+    qemu_json, qemu_to_raw, raw_source, read_guest, src,
+};
 
 #[test]
 fn qemu_made_vdis_read_like_qemu() {
@@ -82,15 +57,7 @@ fn qemu_made_vdis_read_like_qemu() {
         assert_eq!(img.info().details["image-type"], kind);
         assert!(img.findings().is_empty());
         assert!(img.check(&Limits::default()).unwrap().is_empty());
-        let report = inspect(
-            s,
-            &Policy {
-                expect_format: Some(Format::Vdi),
-                ..Policy::default()
-            },
-            &Limits::default(),
-        )
-        .unwrap();
+        let report = inspect_as(s, Format::Vdi, &Limits::default());
         assert_eq!(report.verdict(), Verdict::Pass, "{:?}", report.findings);
         assert_eq!(
             data_ranges(img.as_ref()),
@@ -98,15 +65,7 @@ fn qemu_made_vdis_read_like_qemu() {
             "{opts}"
         );
         let raw = dir.path().join(format!("t{n}.raw"));
-        qemu_img(&[
-            "convert",
-            "-f",
-            "vdi",
-            "-O",
-            "raw",
-            vdi.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ]);
+        qemu_to_raw(&vdi, "vdi", &raw);
         assert_same_guest(img, &raw);
     }
 }
@@ -126,20 +85,10 @@ fn every_truncated_prefix_fails_cleanly() {
         vdi.to_str().unwrap(),
     ]);
     let bytes = std::fs::read(&vdi).unwrap();
-    let len = bytes.len();
-    let mut n = 0;
-    while n < len {
-        let s: Source = Arc::new(bytes[..n].to_vec());
-        if let Ok(img) = open(s, Format::Vdi, &Limits::default()) {
-            let _ = img.check(&Limits::default());
-            let img: Arc<dyn Image> = Arc::from(img);
-            data_ranges(img.as_ref());
-            let r = GuestReader::new(img.clone(), &Limits::default());
-            let mut buf = vec![0u8; img.info().virtual_size as usize];
-            r.read_at(&mut buf, 0).unwrap();
-        }
-        n += if n < 4096 || n + 4096 > len { 1 } else { 4093 };
-    }
+    for_each_prefix(&bytes, Format::Vdi, 4096, 4093, |img| {
+        data_ranges(img.as_ref());
+        read_guest(&img).unwrap();
+    });
 }
 
 /// `fixtures/hostile/vdi/*.vdi` give the codes their `expected-codes` lines list (see the

@@ -5,20 +5,16 @@
 
 mod support;
 
-use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use glimpse_formats::policy::{inspect, Policy, Verdict};
-use glimpse_formats::reader::GuestReader;
-use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits, Source};
+use glimpse_formats::policy::{Policy, Verdict};
+use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits};
 use glimpse_testkit::qemu::virtual_size as qemu_virtual_size;
-use support::{qemu_img, raw_source};
-
-fn src(path: &Path) -> Source {
-    Arc::new(File::open(path).unwrap())
-}
+use support::{
+    assert_same_guest, for_each_prefix, inspect_as, qemu_img, qemu_to_raw, raw_source, read_guest,
+    src,
+};
 
 fn walk(img: &dyn Image) {
     let size = img.info().virtual_size;
@@ -71,27 +67,6 @@ fn qemu_data_runs(path: &Path) -> Vec<(u64, u64, u64)> {
     out
 }
 
-/// Guest bytes through glimpse equal qemu-img's raw conversion, compared 1 MiB at a time.
-fn assert_same_guest(img: Arc<dyn Image>, raw: &Path) {
-    let size = img.info().virtual_size;
-    let r = GuestReader::new(img, &Limits::default());
-    let mut f = File::open(raw).unwrap();
-    assert_eq!(f.metadata().unwrap().len(), size);
-    let mut pos = 0;
-    let mut a = vec![0u8; 1 << 20];
-    let mut b = vec![0u8; 1 << 20];
-    while pos < size {
-        let n = (size - pos).min(1 << 20) as usize;
-        r.read_at(&mut a[..n], pos).unwrap();
-        f.read_exact(&mut b[..n]).unwrap();
-        assert!(
-            a[..n] == b[..n],
-            "guest bytes differ in the MiB at {pos:#x}"
-        );
-        pos += n as u64;
-    }
-}
-
 #[test]
 fn qemu_made_vhds_read_like_qemu() {
     let dir = tempfile::tempdir().unwrap();
@@ -135,15 +110,7 @@ fn qemu_made_vhds_read_like_qemu() {
         );
         assert!(img.findings().is_empty(), "{opts}: {:?}", img.findings());
         assert!(img.check(&Limits::default()).unwrap().is_empty());
-        let report = inspect(
-            s,
-            &Policy {
-                expect_format: Some(Format::Vhd),
-                ..Policy::default()
-            },
-            &Limits::default(),
-        )
-        .unwrap();
+        let report = inspect_as(s, Format::Vhd, &Limits::default());
         assert_eq!(
             report.verdict(),
             Verdict::Pass,
@@ -153,15 +120,7 @@ fn qemu_made_vhds_read_like_qemu() {
         walk(img.as_ref());
         assert_eq!(data_runs(img.as_ref()), qemu_data_runs(&vhd), "{opts}");
         let raw = dir.path().join(format!("t{n}.raw"));
-        qemu_img(&[
-            "convert",
-            "-f",
-            "vpc",
-            "-O",
-            "raw",
-            vhd.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ]);
+        qemu_to_raw(&vhd, "vpc", &raw);
         assert_same_guest(img, &raw);
     }
 }
@@ -183,15 +142,7 @@ fn fixed_vhd_declared_raw_is_a_mismatch() {
     // qemu-img itself calls it raw.
     let json = qemu_img(&["info", "--output=json", vhd.to_str().unwrap()]);
     assert!(json.contains("\"format\": \"raw\""));
-    let report = inspect(
-        src(&vhd),
-        &Policy {
-            expect_format: Some(Format::Raw),
-            ..Policy::default()
-        },
-        &Limits::default(),
-    )
-    .unwrap();
+    let report = inspect_as(src(&vhd), Format::Raw, &Limits::default());
     assert_eq!(report.verdict(), Verdict::Reject);
     assert!(
         report.findings.iter().any(|f| f.code == "format.mismatch"),
@@ -219,20 +170,10 @@ fn every_truncated_prefix_fails_cleanly() {
             vhd.to_str().unwrap(),
         ]);
         let bytes = std::fs::read(&vhd).unwrap();
-        let len = bytes.len();
-        let mut n = 0;
-        while n < len {
-            let s: Source = Arc::new(bytes[..n].to_vec());
-            if let Ok(img) = open(s, Format::Vhd, &Limits::default()) {
-                let _ = img.check(&Limits::default());
-                let img: Arc<dyn Image> = Arc::from(img);
-                walk(img.as_ref());
-                let r = GuestReader::new(img.clone(), &Limits::default());
-                let mut buf = vec![0u8; img.info().virtual_size as usize];
-                r.read_at(&mut buf, 0).unwrap();
-            }
-            n += if n < 4096 || n + 4096 > len { 1 } else { 4093 };
-        }
+        for_each_prefix(&bytes, Format::Vhd, 4096, 4093, |img| {
+            walk(img.as_ref());
+            read_guest(&img).unwrap();
+        });
     }
 }
 

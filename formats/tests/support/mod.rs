@@ -3,8 +3,14 @@
 #![allow(dead_code)]
 
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use glimpse_formats::policy::{inspect, Policy, Report};
+use glimpse_formats::reader::GuestReader;
+use glimpse_formats::{open, Format, Image, Limits, Result, Source};
 
 // qemu-img as the referee and the mapping walk are the shared test kit's (glimpse-testkit),
 // under the names these tests have always used.
@@ -43,4 +49,84 @@ pub fn raw_source(dir: &Path, size: u64, seed: u64) -> PathBuf {
         f.write_all_at(&data, at).unwrap();
     }
     p
+}
+
+/// The file at `path` as a source.
+pub fn src(path: &Path) -> Source {
+    Arc::new(File::open(path).unwrap())
+}
+
+/// `inspect` of `s` with a policy that expects `format`.
+pub fn inspect_as(s: Source, format: Format, limits: &Limits) -> Report {
+    inspect(
+        s,
+        &Policy {
+            expect_format: Some(format),
+            ..Policy::default()
+        },
+        limits,
+    )
+    .unwrap()
+}
+
+/// `qemu-img convert -f <qemu_format> -O raw image raw`: the guest bytes as qemu-img reads them.
+pub fn qemu_to_raw(image: &Path, qemu_format: &str, raw: &Path) {
+    qemu_img(&[
+        "convert",
+        "-f",
+        qemu_format,
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+}
+
+/// Guest bytes through glimpse equal the raw file `raw`, compared 1 MiB at a time.
+pub fn assert_same_guest(img: Arc<dyn Image>, raw: &Path) {
+    let size = img.info().virtual_size;
+    let r = GuestReader::new(img, &Limits::default());
+    let mut f = File::open(raw).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), size);
+    let mut pos = 0;
+    let mut a = vec![0u8; 1 << 20];
+    let mut b = vec![0u8; 1 << 20];
+    while pos < size {
+        let n = (size - pos).min(1 << 20) as usize;
+        r.read_at(&mut a[..n], pos).unwrap();
+        f.read_exact(&mut b[..n]).unwrap();
+        assert!(
+            a[..n] == b[..n],
+            "guest bytes differ in the MiB at {pos:#x}"
+        );
+        pos += n as u64;
+    }
+}
+
+/// Reads the whole guest of `img` in one call.
+pub fn read_guest(img: &Arc<dyn Image>) -> Result<()> {
+    let r = GuestReader::new(img.clone(), &Limits::default());
+    let mut buf = vec![0u8; img.info().virtual_size as usize];
+    r.read_at(&mut buf, 0)
+}
+
+/// Opens prefixes of `bytes` as `format`: every length within `edge` bytes of either end,
+/// every `step` bytes between. Each prefix that opens is checked, then handed to `each`.
+pub fn for_each_prefix(
+    bytes: &[u8],
+    format: Format,
+    edge: usize,
+    step: usize,
+    mut each: impl FnMut(Arc<dyn Image>),
+) {
+    let len = bytes.len();
+    let mut n = 0;
+    while n < len {
+        let s: Source = Arc::new(bytes[..n].to_vec());
+        if let Ok(img) = open(s, format, &Limits::default()) {
+            let _ = img.check(&Limits::default());
+            each(Arc::from(img));
+        }
+        n += if n < edge || n + edge > len { 1 } else { step };
+    }
 }
