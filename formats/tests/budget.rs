@@ -7,7 +7,7 @@
 mod support;
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use glimpse_formats::reader::GuestReader;
@@ -74,6 +74,30 @@ fn case(fmt: &str, name: &str, opts: &[&str], empty: bool) {
     round_trips_the_budget(&p);
 }
 
+/// [`case`] for each `(name, create options)` variant of `fmt`, once with data and once empty.
+fn with_and_without_data(fmt: &str, variants: &[(&str, &[&str])]) {
+    for (name, opts) in variants {
+        case(fmt, name, opts, false);
+        case(fmt, &format!("empty-{name}"), opts, true);
+    }
+}
+
+/// A 64 MiB qcow2 `s.qcow2` in `dir` with data, an internal snapshot, then more writes:
+/// snapshot L1 tables and shared clusters.
+fn qcow2_with_snapshot(dir: &Path) -> PathBuf {
+    let a = dir.join("s.qcow2");
+    let ap = a.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ap, "64M"]);
+    qemu_io("qcow2", &a, &["write -P 0x5a 0 1M"]);
+    qemu_img(&["snapshot", "-c", "s1", ap]);
+    qemu_io(
+        "qcow2",
+        &a,
+        &["write -P 0x11 512k 1M", "write -P 0x22 40M 64k"],
+    );
+    a
+}
+
 // Each format adds its cases here as its tables move to `table::read_entries` and
 // `limits::Charge`, which give their bytes back on drop.
 
@@ -84,18 +108,21 @@ fn raw_gives_its_budget_back() {
 
 #[test]
 fn vhd_gives_its_budget_back() {
-    case("vpc", "dynamic.vhd", &[], false);
-    case("vpc", "empty-dynamic.vhd", &[], true);
-    case("vpc", "fixed.vhd", &["-o", "subformat=fixed"], false);
-    case("vpc", "empty-fixed.vhd", &["-o", "subformat=fixed"], true);
+    with_and_without_data(
+        "vpc",
+        &[
+            ("dynamic.vhd", &[]),
+            ("fixed.vhd", &["-o", "subformat=fixed"]),
+        ],
+    );
 }
 
 #[test]
 fn vdi_gives_its_budget_back() {
-    case("vdi", "dynamic.vdi", &[], false);
-    case("vdi", "empty-dynamic.vdi", &[], true);
-    case("vdi", "static.vdi", &["-o", "static=on"], false);
-    case("vdi", "empty-static.vdi", &["-o", "static=on"], true);
+    with_and_without_data(
+        "vdi",
+        &[("dynamic.vdi", &[]), ("static.vdi", &["-o", "static=on"])],
+    );
 }
 
 /// A qcow2 with data: the L1 table, the L2 cache and the check's charges all come back.
@@ -136,20 +163,11 @@ fn qcow2_compressed_gives_its_budget_back() {
     round_trips_the_budget(&c);
 }
 
-/// An internal snapshot, then more writes: snapshot L1 tables and shared clusters.
+/// An internal snapshot, then more writes (see [`qcow2_with_snapshot`]).
 #[test]
 fn qcow2_snapshot_gives_its_budget_back() {
     let dir = tempfile::tempdir().unwrap();
-    let a = dir.path().join("s.qcow2");
-    let ap = a.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", ap, "64M"]);
-    qemu_io("qcow2", &a, &["write -P 0x5a 0 1M"]);
-    qemu_img(&["snapshot", "-c", "s1", ap]);
-    qemu_io(
-        "qcow2",
-        &a,
-        &["write -P 0x11 512k 1M", "write -P 0x22 40M 64k"],
-    );
+    let a = qcow2_with_snapshot(dir.path());
     round_trips_the_budget(&a);
 }
 
@@ -177,16 +195,7 @@ fn qed_gives_its_budget_back() {
 #[test]
 fn qcow2_gives_its_budget_back_when_it_runs_out() {
     let dir = tempfile::tempdir().unwrap();
-    let a = dir.path().join("s.qcow2");
-    let ap = a.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", ap, "64M"]);
-    qemu_io("qcow2", &a, &["write -P 0x5a 0 1M"]);
-    qemu_img(&["snapshot", "-c", "s1", ap]);
-    qemu_io(
-        "qcow2",
-        &a,
-        &["write -P 0x11 512k 1M", "write -P 0x22 40M 64k"],
-    );
+    let a = qcow2_with_snapshot(dir.path());
     let (mut opened, mut checked) = (0, 0);
     for kib in (8..=1024).step_by(8) {
         let limits = Limits {
@@ -223,24 +232,27 @@ fn qcow2_with_bitmaps_gives_its_budget_back() {
 
 #[test]
 fn vmdk_gives_its_budget_back() {
-    case("vmdk", "sparse.vmdk", &[], false);
-    case("vmdk", "sparse-empty.vmdk", &[], true);
-    let so = ["-o", "subformat=streamOptimized"];
-    case("vmdk", "stream.vmdk", &so, false);
-    case("vmdk", "stream-empty.vmdk", &so, true);
+    with_and_without_data(
+        "vmdk",
+        &[
+            ("sparse.vmdk", &[]),
+            ("stream.vmdk", &["-o", "subformat=streamOptimized"]),
+        ],
+    );
 }
 
 #[test]
 fn vhdx_gives_its_budget_back() {
-    case("vhdx", "dynamic.vhdx", &[], false);
-    case("vhdx", "dynamic-empty.vhdx", &[], true);
-    let fixed = ["-o", "subformat=fixed"];
-    case("vhdx", "fixed.vhdx", &fixed, false);
-    case("vhdx", "fixed-empty.vhdx", &fixed, true);
+    with_and_without_data(
+        "vhdx",
+        &[
+            ("dynamic.vhdx", &[]),
+            ("fixed.vhdx", &["-o", "subformat=fixed"]),
+        ],
+    );
 }
 
 #[test]
 fn parallels_gives_its_budget_back() {
-    case("parallels", "a.hds", &[], false);
-    case("parallels", "empty.hds", &[], true);
+    with_and_without_data("parallels", &[("a.hds", &[])]);
 }
