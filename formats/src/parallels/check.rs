@@ -150,27 +150,21 @@ pub fn check(img: &ParallelsImage, limits: &Limits) -> Result<Vec<Finding>> {
         let at = HEADER_LEN.saturating_add((i as u64).saturating_mul(4));
         used.push((host, i));
         if host < img.data_start {
-            inside += 1;
-            if inside <= MAX_REPORTED {
-                out.push(
-                    Finding::reject(
-                        "parallels.cluster-in-metadata",
-                        format!("BAT entry {i} points at {host:#x}, before the data area at {:#x} (inside the header and BAT)", img.data_start),
-                    )
-                    .at(at),
-                );
-            }
+            push_capped(&mut out, &mut inside, || {
+                Finding::reject(
+                    "parallels.cluster-in-metadata",
+                    format!("BAT entry {i} points at {host:#x}, before the data area at {:#x} (inside the header and BAT)", img.data_start),
+                )
+                .at(at)
+            });
         } else if (host - img.data_start) % cs != 0 {
-            off_grid += 1;
-            if off_grid <= MAX_REPORTED {
-                out.push(
-                    Finding::warn(
-                        "parallels.cluster-misaligned",
-                        format!("BAT entry {i} points at {host:#x}, not a whole number of clusters after the data area at {:#x}", img.data_start),
-                    )
-                    .at(at),
-                );
-            }
+            push_capped(&mut out, &mut off_grid, || {
+                Finding::warn(
+                    "parallels.cluster-misaligned",
+                    format!("BAT entry {i} points at {host:#x}, not a whole number of clusters after the data area at {:#x}", img.data_start),
+                )
+                .at(at)
+            });
         }
     }
     summarise(&mut out, "parallels.cluster-in-metadata", inside);
@@ -179,6 +173,15 @@ pub fn check(img: &ParallelsImage, limits: &Limits) -> Result<Vec<Finding>> {
     out.extend(duplicates(&used, cs));
     out.extend(metadata_findings(img, &used));
     Ok(out)
+}
+
+/// Counts one more finding of a kind in `n`, and adds the one `make` builds while no more than
+/// [`MAX_REPORTED`] have been counted ([`summarise`] gives the total past that).
+fn push_capped(out: &mut Vec<Finding>, n: &mut usize, make: impl FnOnce() -> Finding) {
+    *n = n.saturating_add(1);
+    if *n <= MAX_REPORTED {
+        out.push(make());
+    }
 }
 
 fn summarise(out: &mut Vec<Finding>, code: &'static str, n: usize) {
@@ -194,16 +197,13 @@ fn duplicates(used: &[(u64, usize)], cs: u64) -> Vec<Finding> {
     for w in used.windows(2) {
         if let [(a, ia), (b, ib)] = w {
             if a.saturating_add(cs) > *b {
-                n += 1;
-                if n <= MAX_REPORTED {
-                    out.push(
-                        Finding::reject(
-                            "parallels.duplicate-cluster",
-                            format!("BAT entries {ia} and {ib} use the same host bytes ({a:#x} and {b:#x}): a write to one guest cluster changes the other"),
-                        )
-                        .at(HEADER_LEN.saturating_add((*ib as u64).saturating_mul(4))),
-                    );
-                }
+                push_capped(&mut out, &mut n, || {
+                    Finding::reject(
+                        "parallels.duplicate-cluster",
+                        format!("BAT entries {ia} and {ib} use the same host bytes ({a:#x} and {b:#x}): a write to one guest cluster changes the other"),
+                    )
+                    .at(HEADER_LEN.saturating_add((*ib as u64).saturating_mul(4)))
+                });
             }
         }
     }

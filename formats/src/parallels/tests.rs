@@ -210,9 +210,14 @@ fn extension(features: &[(u64, Vec<u8>)]) -> Vec<u8> {
         c[pos + 24..pos + 24 + data.len()].copy_from_slice(data);
         pos += 24 + data.len().div_ceil(8) * 8;
     }
-    let sum = Md5::digest(&c[24..]);
-    c[8..24].copy_from_slice(&sum);
+    seal(&mut c);
     c
+}
+
+/// Writes the extension cluster's checksum, after a test has edited it.
+fn seal(ext: &mut [u8]) {
+    let sum = Md5::digest(&ext[24..]);
+    ext[8..24].copy_from_slice(&sum);
 }
 
 fn bitmap(sectors: u64, l1: &[u64]) -> Vec<u8> {
@@ -328,24 +333,20 @@ fn descriptor_names_are_bounded_and_a_bom_is_allowed() {
 #[test]
 fn extension_feature_flags_and_walks_are_bounded() {
     // A feature with flags set, and one whose data passes the cluster.
-    let mut ext = extension(&[(FEATURE_DIRTY_BITMAP, bitmap(16, &[]))]);
-    put64(&mut ext, 24 + 8, 1);
-    let sum = Md5::digest(&ext[24..]);
-    ext[8..24].copy_from_slice(&sum);
-    let b = with_extension(ext);
-    assert_eq!(
-        codes(open_bytes(&b).unwrap().findings()),
-        ["parallels.extension"]
-    );
-    let mut ext = extension(&[(FEATURE_DIRTY_BITMAP, bitmap(16, &[]))]);
-    put32(&mut ext, 24 + 16, u32::MAX);
-    let sum = Md5::digest(&ext[24..]);
-    ext[8..24].copy_from_slice(&sum);
-    let b = with_extension(ext);
-    assert_eq!(
-        codes(open_bytes(&b).unwrap().findings()),
-        ["parallels.extension"]
-    );
+    let edits: [fn(&mut [u8]); 2] = [
+        |ext| put64(ext, 24 + 8, 1),
+        |ext| put32(ext, 24 + 16, u32::MAX),
+    ];
+    for edit in edits {
+        let mut ext = extension(&[(FEATURE_DIRTY_BITMAP, bitmap(16, &[]))]);
+        edit(&mut ext);
+        seal(&mut ext);
+        let b = with_extension(ext);
+        assert_eq!(
+            codes(open_bytes(&b).unwrap().findings()),
+            ["parallels.extension"]
+        );
+    }
     // A cluster of nothing but non-zero feature headers with no data ends without a marker.
     let mut c = vec![0u8; CS];
     for at in (24..CS - 23).step_by(24) {
