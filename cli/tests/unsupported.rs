@@ -90,6 +90,29 @@ fn convert_refuses_them_even_forced() {
     }
 }
 
+/// Runs `glimpse upload <first> [--disk-format <declared>] <path>` against an image service URL
+/// with no server behind it. Returns the arguments, the exit code and stderr.
+fn upload_to_nowhere<'a>(
+    first: &[&'a str],
+    declared: Option<&'a str>,
+    path: &'a Path,
+) -> (Vec<&'a str>, Option<i32>, String) {
+    let mut args = vec!["upload"];
+    args.extend_from_slice(first);
+    if let Some(d) = declared {
+        args.extend(["--disk-format", d]);
+    }
+    args.push(s(path));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(&args)
+        .env("OS_IMAGE_URL", "http://127.0.0.1:9")
+        .env("OS_AUTH_TOKEN", "unused")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (args, out.status.code(), err)
+}
+
 /// `upload` inspects a declared ploop like any other format (glimpse reads Parallels since
 /// issue 14): anything else declared ploop, or a Parallels file declared raw, is a mismatch.
 /// The refusal comes before any request: the URL here has no server.
@@ -106,19 +129,8 @@ fn upload_refuses_them_before_sending_anything() {
         ),
     ];
     for (path, declared, codes) in cases {
-        let mut args = vec!["upload"];
-        if let Some(d) = declared {
-            args.extend(["--disk-format", d]);
-        }
-        args.push(s(path));
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
-            .args(&args)
-            .env("OS_IMAGE_URL", "http://127.0.0.1:9")
-            .env("OS_AUTH_TOKEN", "unused")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        let (args, code, err) = upload_to_nowhere(&[], declared, path);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
         for code in codes {
             assert!(err.contains(code), "{args:?}: {err}");
         }
@@ -134,19 +146,8 @@ fn upload_inspects_a_good_ploop_and_goes_on() {
     let good =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parallels/v2-qemu.parallels");
     for declared in [Some("ploop"), None] {
-        let mut args = vec!["upload", "--name", "x"];
-        if let Some(d) = declared {
-            args.extend(["--disk-format", d]);
-        }
-        args.push(s(&good));
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
-            .args(&args)
-            .env("OS_IMAGE_URL", "http://127.0.0.1:9")
-            .env("OS_AUTH_TOKEN", "unused")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let (args, code, err) = upload_to_nowhere(&["--name", "x"], declared, &good);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
         assert!(err.contains("POST"), "{args:?}: {err}");
         assert!(!err.contains("rejected"), "{args:?}: {err}");
     }
