@@ -391,4 +391,20 @@ mod tests {
         let e = inspect(src, &p, &Limits::default()).err().unwrap();
         assert_eq!(e.kind(), ErrorKind::Usage);
     }
+
+    #[test]
+    fn an_opened_image_gets_the_findings_inspect_gives() {
+        let src: Source = Arc::new(Vec::<u8>::new());
+        let p = Policy {
+            expect_format: Some(Format::Qcow2),
+            max_virtual_size: Some(0),
+            ..Policy::default()
+        };
+        let r = inspect(src.clone(), &p, &Limits::default()).unwrap();
+        let det = crate::detect(src.as_ref()).unwrap();
+        let img = crate::open(src, det.format(), &Limits::default()).unwrap();
+        let f = inspect_image(img.as_ref(), &det, &p, &Limits::default()).unwrap();
+        assert_eq!(f, r.findings);
+        assert!(f.iter().any(|f| f.code == "format.mismatch"));
+    }
 }
