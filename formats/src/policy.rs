@@ -49,6 +49,8 @@ pub struct Report {
     pub image: Option<Box<dyn Image>>,
     /// All findings, sorted by severity (rejections first), then offset.
     pub findings: Vec<Finding>,
+    /// The read archive, when the image is an OVA that could be read as one.
+    pub appliance: Option<crate::ova::Ova>,
 }
 
 impl Report {
@@ -95,6 +97,9 @@ pub fn inspect(src: Source, policy: &Policy, limits: &Limits) -> Result<Report> 
 
 /// [`inspect`] with detection already done (by a caller that needed it first).
 ///
+/// An OVA is read once: the report keeps the read archive ([`Report::appliance`]), whose
+/// disks are each opened at most once, for [`every_disk`].
+///
 /// # Errors
 /// `Io` and `Usage` errors, as [`inspect`].
 pub fn inspect_detected(
@@ -103,6 +108,68 @@ pub fn inspect_detected(
     policy: &Policy,
     limits: &Limits,
 ) -> Result<Report> {
+    let mut findings = preflight(&detection, src.size()?, policy)?;
+    let mut appliance = None;
+    let opened = if detection.format() == Format::Ova {
+        match crate::ova::read_ova(src, limits) {
+            Ok(ova) => {
+                let img = ova.open_selected(policy.disk, limits);
+                appliance = Some(ova);
+                img.map(|i| Box::new(i) as Box<dyn Image>)
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        crate::open(src, detection.format(), limits)
+    };
+    let image = match opened {
+        Ok(img) => Some(img),
+        Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::Usage) => return Err(e),
+        Err(e) => {
+            findings.push(Finding::from_error(&e));
+            None
+        }
+    };
+    if let Some(img) = &image {
+        judge(img.as_ref(), policy, limits, &mut findings)?;
+    }
+    Ok(Report {
+        detection,
+        image,
+        findings: finish(findings, policy),
+        appliance,
+    })
+}
+
+/// The policy applied to an image the caller already opened (with `detection`, what detection
+/// found in its bytes): the same findings [`inspect_detected`] reports for it, without
+/// detecting or opening it again. The image's own findings, its structural check (unless
+/// `policy.skip_structure`), encryption, size limit and the backing-file allowance; sorted,
+/// rejections first. `policy.disk` is not consulted: the image is the one chosen.
+///
+/// # Errors
+/// `Io` errors only; every other problem is a finding.
+pub fn inspect_image(
+    image: &dyn Image,
+    detection: &Detection,
+    policy: &Policy,
+    limits: &Limits,
+) -> Result<Vec<Finding>> {
+    let own = Policy {
+        disk: None,
+        ..policy.clone()
+    };
+    let mut findings = preflight(detection, image.source().size()?, &own)?;
+    judge(image, &own, limits, &mut findings)?;
+    Ok(finish(findings, policy))
+}
+
+/// The findings decided before opening: an empty file, an ambiguous, mismatched or
+/// unsupported format.
+///
+/// # Errors
+/// `Usage` when `policy.disk` is given for an image that is not an OVA.
+fn preflight(detection: &Detection, size: u64, policy: &Policy) -> Result<Vec<Finding>> {
     let mut findings = Vec::new();
     let format = detection.format();
     if let (Some(disk), false) = (policy.disk, format == Format::Ova) {
@@ -110,7 +177,7 @@ pub fn inspect_detected(
             "--disk {disk} applies to an OVA only, and this is a {format} image"
         )));
     }
-    if src.size()? == 0 {
+    if size == 0 {
         findings.push(Finding::reject(
             "raw.empty",
             "the file is empty (0 bytes): it holds no disk",
@@ -142,44 +209,39 @@ pub fn inspect_detected(
             format!("{format} images are not accepted by image services"),
         ));
     }
+    Ok(findings)
+}
 
-    let opened = if format == Format::Ova {
-        crate::ova::open_disk(src, limits, policy.disk)
-    } else {
-        crate::open(src, format, limits)
-    };
-    let image = match opened {
-        Ok(img) => Some(img),
-        Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::Usage) => return Err(e),
-        Err(e) => {
-            findings.push(Finding::from_error(&e));
-            None
-        }
-    };
-
-    if let Some(img) = &image {
-        findings.extend(img.findings().iter().cloned());
-        if !policy.skip_structure {
-            match img.check(limits) {
-                Ok(more) => findings.extend(more),
-                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
-                Err(e) => findings.push(Finding::from_error(&e)),
-            }
-        }
-        if let Some(f) = encrypted(img.info(), policy) {
-            findings.push(f);
-        }
-        let vsize = img.info().virtual_size;
-        if let Some(max) = policy.max_virtual_size {
-            if vsize > max {
-                findings.push(Finding::reject(
-                    "size.limit",
-                    format!("virtual size {vsize} exceeds the maximum of {max}"),
-                ));
-            }
+/// The findings about an opened image: its own, its structural check, encryption and size.
+///
+/// # Errors
+/// `Io` errors of the structural check.
+fn judge(img: &dyn Image, policy: &Policy, limits: &Limits, out: &mut Vec<Finding>) -> Result<()> {
+    out.extend(img.findings().iter().cloned());
+    if !policy.skip_structure {
+        match img.check(limits) {
+            Ok(more) => out.extend(more),
+            Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+            Err(e) => out.push(Finding::from_error(&e)),
         }
     }
+    if let Some(f) = encrypted(img.info(), policy) {
+        out.push(f);
+    }
+    let vsize = img.info().virtual_size;
+    if let Some(max) = policy.max_virtual_size {
+        if vsize > max {
+            out.push(Finding::reject(
+                "size.limit",
+                format!("virtual size {vsize} exceeds the maximum of {max}"),
+            ));
+        }
+    }
+    Ok(())
+}
 
+/// The backing-file allowance, then the order: severity (rejections first), then offset.
+fn finish(mut findings: Vec<Finding>, policy: &Policy) -> Vec<Finding> {
     if policy.allow_backing_file {
         for f in &mut findings {
             if BACKING_CODES.contains(&f.code) {
@@ -189,11 +251,68 @@ pub fn inspect_detected(
     }
     findings.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
     findings.dedup();
-    Ok(Report {
-        detection,
-        image,
-        findings,
-    })
+    findings
+}
+
+/// One disk's verdict in a gate that checks every disk of an OVA.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskVerdict {
+    /// 0-based disk index (`usize::MAX` for a failure not about one disk).
+    pub disk: usize,
+    /// The disk's file, when it names one.
+    pub href: Option<String>,
+    /// Pass or reject.
+    pub verdict: Verdict,
+    /// The disk's findings.
+    pub findings: Vec<Finding>,
+}
+
+/// A gate checks every disk: for an OVA inspected without `policy.disk`, every other disk
+/// with a file is inspected under the same policy on the archive `report` already read
+/// ([`crate::ova::Ova::inspect_disks`]; each disk opened once). Their findings join the
+/// report's (so any rejecting disk rejects the appliance), re-sorted; the per-disk verdicts
+/// are returned, the inspected disk first. `None` when the report is not of an OVA read as an
+/// archive, or one disk was chosen.
+pub fn every_disk(
+    report: &mut Report,
+    policy: &Policy,
+    limits: &Limits,
+) -> Option<Vec<DiskVerdict>> {
+    if report.format() != Format::Ova || policy.disk.is_some() {
+        return None;
+    }
+    let appliance = report.appliance.as_ref()?;
+    let first = appliance.default_disk();
+    let mut per_disk = match appliance.inspect_disks(policy, limits, first) {
+        Ok(v) => v,
+        Err(e) => vec![(usize::MAX, vec![Finding::from_error(&e)])],
+    };
+    if let Some(i) = first {
+        per_disk.insert(0, (i, report.findings.clone()));
+    }
+    let mut out = Vec::new();
+    for (i, findings) in per_disk {
+        let reject = findings.iter().any(|f| f.severity == Severity::Reject);
+        out.push(DiskVerdict {
+            disk: i,
+            href: appliance.disks.get(i).and_then(|d| d.href.clone()),
+            verdict: if reject {
+                Verdict::Reject
+            } else {
+                Verdict::Pass
+            },
+            findings: findings.clone(),
+        });
+        for f in findings {
+            if !report.findings.contains(&f) {
+                report.findings.push(f);
+            }
+        }
+    }
+    report
+        .findings
+        .sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
+    Some(out)
 }
 
 /// `image.encrypted` for an image whose guest data is encrypted: a rejection unless the
@@ -271,5 +390,21 @@ mod tests {
         };
         let e = inspect(src, &p, &Limits::default()).err().unwrap();
         assert_eq!(e.kind(), ErrorKind::Usage);
+    }
+
+    #[test]
+    fn an_opened_image_gets_the_findings_inspect_gives() {
+        let src: Source = Arc::new(Vec::<u8>::new());
+        let p = Policy {
+            expect_format: Some(Format::Qcow2),
+            max_virtual_size: Some(0),
+            ..Policy::default()
+        };
+        let r = inspect(src.clone(), &p, &Limits::default()).unwrap();
+        let det = crate::detect(src.as_ref()).unwrap();
+        let img = crate::open(src, det.format(), &Limits::default()).unwrap();
+        let f = inspect_image(img.as_ref(), &det, &p, &Limits::default()).unwrap();
+        assert_eq!(f, r.findings);
+        assert!(f.iter().any(|f| f.code == "format.mismatch"));
     }
 }

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use glimpse_formats::policy::{inspect, Policy, Report, Verdict};
-use glimpse_formats::{ova, Finding, Format, Limits, Severity, Source};
+use glimpse_formats::policy::{self, inspect, Policy, Report, Verdict};
+use glimpse_formats::{Format, Limits, Severity};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
@@ -99,49 +99,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     Ok(code)
 }
 
-/// An OVA checked without `--disk`: a gate checks every disk, not only the first. The other
-/// disks with a file are inspected under the same policy ([`ova::Ova::inspect_disks`]); their
-/// findings join the report (so any rejecting disk rejects the appliance), and the per-disk
-/// verdicts and findings are returned for the JSON `disks` array.
-fn every_disk(
-    src: &Source,
-    mut report: Report,
-    policy: &Policy,
-    limits: &Limits,
-) -> (Report, Option<Value>) {
-    if report.format() != Format::Ova || policy.disk.is_some() {
-        return (report, None);
-    }
-    let Ok(appliance) = ova::read_ova(src.clone(), limits) else {
-        return (report, None);
-    };
-    let first = appliance.default_disk();
-    let mut per_disk = match appliance.inspect_disks(policy, limits, first) {
-        Ok(v) => v,
-        Err(e) => vec![(usize::MAX, vec![Finding::from_error(&e)])],
-    };
-    if let Some(i) = first {
-        per_disk.insert(0, (i, report.findings.clone()));
-    }
-    let mut disks = Vec::new();
-    for (i, findings) in per_disk {
-        let reject = findings.iter().any(|f| f.severity == Severity::Reject);
-        disks.push(json!({
-            "disk": i,
-            "href": appliance.disks.get(i).and_then(|d| d.href.clone()),
-            "verdict": if reject { Verdict::Reject } else { Verdict::Pass },
-            "findings": findings,
-        }));
-        for f in findings {
-            if !report.findings.contains(&f) {
-                report.findings.push(f);
-            }
-        }
-    }
-    report
-        .findings
-        .sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
-    (report, Some(Value::Array(disks)))
+/// An OVA checked without `--disk`: a gate checks every disk, not only the first
+/// ([`policy::every_disk`], on the archive `inspect` already read). The per-disk verdicts and
+/// findings are returned for the JSON `disks` array.
+fn every_disk(report: &mut Report, policy: &Policy, limits: &Limits) -> Option<Value> {
+    let disks = policy::every_disk(report, policy, limits)?;
+    serde_json::to_value(disks).ok()
 }
 
 fn check_one(path: &std::path::Path, policy: &Policy, limits: &Limits) -> Outcome {
@@ -150,11 +113,12 @@ fn check_one(path: &std::path::Path, policy: &Policy, limits: &Limits) -> Outcom
         Ok(s) => s,
         Err(e) => return Outcome::Failed(fname, e),
     };
-    let report = match inspect(src.clone(), policy, limits).map_err(anyhow::Error::from) {
+    let report = match inspect(src, policy, limits).map_err(anyhow::Error::from) {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(fname, e),
     };
-    let (report, disks) = every_disk(&src, report, policy, limits);
+    let mut report = report;
+    let disks = every_disk(&mut report, policy, limits);
     let verdict = report.verdict();
     let mut obj = match report.info() {
         Some(info) => info_json(&fname, info),

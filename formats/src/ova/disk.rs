@@ -135,6 +135,8 @@ pub(super) fn about_disk(mut f: Finding, d: &DiskEntry) -> Finding {
 /// A disk opened inside an OVA, with the disk-level findings (declared format, capacity).
 pub(super) struct OpenedDisk {
     pub(super) image: Arc<dyn Image>,
+    /// What detection found in the disk's bytes.
+    pub(super) detection: Detection,
     pub(super) findings: Vec<Finding>,
 }
 
@@ -266,6 +268,7 @@ impl Ova {
         let findings = findings.into_iter().map(|f| about_disk(f, d)).collect();
         Ok(OpenedDisk {
             image: Arc::from(image),
+            detection: det,
             findings,
         })
     }
@@ -369,29 +372,41 @@ impl Ova {
 /// disk backed by a file) of the OVA in `src`.
 ///
 /// # Errors
-/// As [`read_ova`] and [`Ova::open_disk`]; `Invalid` (`ova.descriptor-missing`) when there
-/// is no usable descriptor or no disk.
+/// As [`read_ova`] and [`Ova::open_selected`].
 pub fn open_disk(src: Source, limits: &Limits, disk: Option<usize>) -> Result<Box<dyn Image>> {
     let ova = read_ova(src, limits)?;
-    if ova.descriptor.is_none() {
-        let f = ova
-            .findings
-            .iter()
-            .find(|f| f.code.starts_with("ova.descriptor"))
-            .map(|f| f.message.clone())
-            .unwrap_or_else(|| "no usable descriptor".into());
-        let code = if ova.descriptor_member.is_none() {
-            "ova.descriptor-missing"
-        } else {
-            "ova.descriptor-malformed"
+    Ok(Box::new(ova.open_selected(disk, limits)?))
+}
+
+impl Ova {
+    /// Opens disk `disk` (0-based, in the descriptor's `DiskSection` order; `None` for the
+    /// first disk backed by a file) of this read archive, without reading the archive again.
+    ///
+    /// # Errors
+    /// As [`Ova::open_disk`]; `Invalid` (`ova.descriptor-missing`,
+    /// `ova.descriptor-malformed`) when there is no usable descriptor, (`ova.no-disks`) when
+    /// no disk has a file.
+    pub fn open_selected(&self, disk: Option<usize>, limits: &Limits) -> Result<OvaImage> {
+        if self.descriptor.is_none() {
+            let f = self
+                .findings
+                .iter()
+                .find(|f| f.code.starts_with("ova.descriptor"))
+                .map(|f| f.message.clone())
+                .unwrap_or_else(|| "no usable descriptor".into());
+            let code = if self.descriptor_member.is_none() {
+                "ova.descriptor-missing"
+            } else {
+                "ova.descriptor-malformed"
+            };
+            return Err(Error::invalid(f).code(code));
+        }
+        let i = match disk {
+            Some(i) => i,
+            None => self.default_disk().ok_or_else(|| {
+                Error::invalid("the descriptor lists no disk with a file").code("ova.no-disks")
+            })?,
         };
-        return Err(Error::invalid(f).code(code));
+        self.open_disk(i, limits)
     }
-    let i = match disk {
-        Some(i) => i,
-        None => ova.default_disk().ok_or_else(|| {
-            Error::invalid("the descriptor lists no disk with a file").code("ova.no-disks")
-        })?,
-    };
-    Ok(Box::new(ova.open_disk(i, limits)?))
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::error::ErrorKind;
+use crate::io::ReadAt;
 
 /// A minimal ISO 9660 image (primary descriptor and terminator): its parser reads 64 KiB.
 fn iso() -> Vec<u8> {
@@ -133,4 +134,75 @@ fn a_standalone_descriptor_is_read_under_the_callers_limits() {
     };
     let e = read_ovf_dir(&path, &tiny).err().unwrap();
     assert_eq!(e.kind(), ErrorKind::LimitExceeded);
+}
+
+/// An archive in memory that counts the reads touching given offsets.
+struct Counting {
+    data: Vec<u8>,
+    watched: Vec<u64>,
+    hits: Vec<std::sync::atomic::AtomicUsize>,
+}
+
+impl Counting {
+    fn new(data: Vec<u8>, watched: Vec<u64>) -> Self {
+        let hits = watched.iter().map(|_| Default::default()).collect();
+        Counting {
+            data,
+            watched,
+            hits,
+        }
+    }
+    fn hits(&self) -> Vec<usize> {
+        self.hits
+            .iter()
+            .map(|h| h.load(std::sync::atomic::Ordering::SeqCst))
+            .collect()
+    }
+    fn reset(&self) {
+        for h in &self.hits {
+            h.store(0, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl ReadAt for Counting {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let end = offset + buf.len() as u64;
+        for (w, h) in self.watched.iter().zip(&self.hits) {
+            if offset <= *w && *w < end {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        self.data.as_slice().read_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.data.len() as u64)
+    }
+}
+
+#[test]
+fn the_gate_reads_the_archive_once_and_opens_each_disk_once() {
+    let src = appliance(&[("a.iso", iso(), false), ("b.iso", iso(), false)]);
+    let mut bytes = vec![0u8; usize::try_from(src.size().unwrap()).unwrap()];
+    src.read_exact_at(&mut bytes, 0).unwrap();
+    let o = read_ova(src, &Limits::default()).unwrap();
+    // Watched: the second disk's tar header, the descriptor's data, the second disk's
+    // primary volume descriptor (what detecting and opening an ISO read).
+    let disk1 = o.members[2].offset;
+    let watched = vec![disk1 - 512, o.members[0].offset, disk1 + 16 * 2048];
+    let counting = Arc::new(Counting::new(bytes, watched));
+    let src: Source = counting.clone();
+    let det = crate::detect(src.as_ref()).unwrap();
+    counting.reset();
+    let policy = crate::policy::Policy::default();
+    let limits = Limits::default();
+    let mut report = crate::policy::inspect_detected(src, det, &policy, &limits).unwrap();
+    let disks = crate::policy::every_disk(&mut report, &policy, &limits).unwrap();
+    assert_eq!(disks.len(), 2);
+    let [header, descriptor, pvd] = counting.hits()[..] else {
+        panic!("three watched offsets");
+    };
+    assert_eq!(header, 1, "the archive's headers are walked once");
+    assert_eq!(descriptor, 1, "the descriptor is read once");
+    assert_eq!(pvd, 2, "the second disk is detected once and opened once");
 }

@@ -12,8 +12,9 @@ impl Ova {
     /// Applies the gate's `policy` to every disk backed by a file except `skip` (the disk a
     /// caller already inspected through [`crate::policy::inspect`]), for a gate that checks
     /// every disk. Each disk gets its disk-level findings (declared format, capacity) and what
-    /// [`crate::policy::inspect`] reports for its own bytes (findings, structural check, size
-    /// limit, backing-file allowance), prefixed with the disk. The archive is read once:
+    /// [`crate::policy::inspect_image`] reports for the disk as this archive opened it (its
+    /// findings, structural check, size limit, backing-file allowance), prefixed with the
+    /// disk: each disk is detected and opened once per archive. The archive is read once:
     /// archive-level findings and manifest digests are not repeated, and one budget bounds
     /// the inflated bytes of all gzip disks.
     ///
@@ -37,15 +38,16 @@ impl Ova {
             }
             let findings = match self.opened(d.index, limits) {
                 Ok(o) => {
-                    let src = o.image.source().clone();
                     let mut f: Vec<Finding> = o
                         .findings
                         .iter()
                         .filter(|f| f.code != "format.ambiguous")
                         .cloned()
                         .collect();
-                    let r = crate::policy::inspect(src, &own, limits)?;
-                    f.extend(r.findings.into_iter().map(|x| about_disk(x, d)));
+                    // The disk as opened above: neither detected nor opened again.
+                    let r =
+                        crate::policy::inspect_image(o.image.as_ref(), &o.detection, &own, limits)?;
+                    f.extend(r.into_iter().map(|x| about_disk(x, d)));
                     f
                 }
                 Err(e) if e.kind() == ErrorKind::Io => return Err(e),

@@ -286,8 +286,11 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
         disk: None,
         allow_encrypted: args.allow_encrypted,
     };
-    let report = policy::inspect_detected(src, detection, &policy, &crate::common::limits())
-        .context("cannot read")?;
+    let limits = crate::common::limits();
+    let mut report =
+        policy::inspect_detected(src, detection, &policy, &limits).context("cannot read")?;
+    // The gate is no weaker than `check`: every disk of an OVA, on the archive read above.
+    policy::every_disk(&mut report, &policy, &limits);
     let rejected = report.verdict() == Verdict::Reject;
     report_findings(args, &report.findings, args.force);
     if rejected && !args.force {
