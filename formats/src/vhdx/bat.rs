@@ -170,11 +170,26 @@ pub struct Validation {
     pub findings: Vec<Finding>,
     /// Bad entries as (BAT index, code), sorted by index, one per index.
     bad: Vec<(u64, &'static str)>,
+    /// File offset of the BAT, for the offset of an entry.
+    bat_offset: u64,
     /// Budget held for `bad` as long as it lives.
     _held: Option<Charge>,
 }
 
 impl Validation {
+    /// The error `mapping` gives for BAT entry `i` (payload block `block`), when it is bad:
+    /// `Corrupt` with the code of the finding that rejects the entry, at the entry.
+    pub fn refuse(&self, i: u64, block: u64) -> Result<()> {
+        match self.bad_code(i) {
+            None => Ok(()),
+            Some(code) => Err(Error::corrupt(format!(
+                "payload block {block} (BAT entry {i}) is rejected by check ({code})"
+            ))
+            .at(self.bat_offset.saturating_add(i.saturating_mul(8)))
+            .code(code)),
+        }
+    }
+
     /// The code of the finding that rejects BAT entry `i`, when it is bad.
     pub fn bad_code(&self, i: u64) -> Option<&'static str> {
         self.bad
@@ -195,6 +210,7 @@ impl Validation {
         Validation {
             findings: Vec::new(),
             bad: Vec::new(),
+            bat_offset: 0,
             _held: None,
         }
     }
@@ -302,6 +318,7 @@ pub fn validate(
     Ok(Validation {
         findings: out.finish(),
         bad,
+        bat_offset,
         _held: Some(held),
     })
 }

@@ -468,12 +468,7 @@ impl VhdxImage {
     /// data, the host offset of the block.
     fn block_kind(&self, block: u64) -> Result<(u64, Option<u64>)> {
         let idx = self.geo.payload_index(block);
-        if let Some(code) = self.bad.bad_code(idx) {
-            return Err(Error::corrupt(format!(
-                "payload block {block} (BAT entry {idx}) is rejected by check ({code})"
-            ))
-            .code(code));
-        }
+        self.bad.refuse(idx, block)?;
         let entry = usize::try_from(idx)
             .ok()
             .and_then(|i| self.bat.get(i))

@@ -432,6 +432,9 @@ fn duplicate_block() {
         );
     }
     assert!((&img as &dyn Image).mapping(2 << 20, 1).is_ok());
+    // The refusal names the entry's offset.
+    let e = (&img as &dyn Image).mapping(3 << 20, 1).unwrap_err();
+    assert_eq!(e.offset(), Some(bat + 24));
 }
 
 #[test]
