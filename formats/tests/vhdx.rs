@@ -169,26 +169,54 @@ fn extents_are_disjoint_and_cover_the_disk() {
     }
 }
 
-/// Opens a prefix of `data`; when it opens, walks and reads everything. Must never panic.
-fn try_prefix(data: &Arc<Vec<u8>>, len: u64) -> bool {
+/// Opens a prefix of `data`; when it opens, walks and reads everything and returns the codes
+/// `check` reports. Must never panic. A prefix that cuts off allocated blocks opens (bad BAT
+/// entries are check findings), and then the walk must be refused where it reaches them; a
+/// prefix that checks clean must map and read to the end.
+fn try_prefix(data: &Arc<Vec<u8>>, len: u64) -> Option<Vec<&'static str>> {
     let src: Source = Arc::new(Window::new(data.clone(), 0, len).unwrap());
-    let Ok(img) = glimpse_formats::open(src, Format::Vhdx, &Limits::tight()) else {
-        return false;
-    };
+    let img = glimpse_formats::open(src, Format::Vhdx, &Limits::tight()).ok()?;
     let img: Arc<dyn Image> = Arc::from(img);
+    let codes: Vec<&'static str> = img
+        .check(&Limits::tight())
+        .unwrap()
+        .iter()
+        .map(|f| f.code)
+        .collect();
     let size = img.info().virtual_size;
     let reader = GuestReader::new(img.clone(), &Limits::tight());
     let mut pos = 0;
     let mut buf = vec![0u8; 1 << 16];
+    let mut refused = None;
     while pos < size {
-        let Ok(e) = img.mapping(pos, 1 << 16) else {
-            return true;
+        let e = match img.mapping(pos, 1 << 16) {
+            Ok(e) => e,
+            Err(e) => {
+                refused = Some(e.finding_code());
+                break;
+            }
         };
         let n = usize::try_from(e.len).unwrap();
-        let _ = reader.read_at(&mut buf[..n], pos);
+        let read = reader.read_at(&mut buf[..n], pos);
+        if codes.is_empty() {
+            read.unwrap();
+        }
         pos = e.end();
     }
-    true
+    if codes.is_empty() {
+        assert_eq!(refused, None, "prefix of {len} bytes checks clean");
+    } else {
+        assert!(
+            codes.iter().all(|c| *c == "vhdx.bat-entry-out-of-bounds"),
+            "prefix of {len} bytes: {codes:?}"
+        );
+        assert_eq!(
+            refused,
+            Some("vhdx.bat-entry-out-of-bounds"),
+            "prefix of {len} bytes"
+        );
+    }
+    Some(codes)
 }
 
 #[test]
@@ -224,13 +252,23 @@ fn truncated_prefixes_fail_cleanly() {
                     .filter(|&l| l < full),
             );
         }
+        let mut cut = 0;
         for len in lens {
-            if try_prefix(&data, len) {
-                // A prefix may open only when it still holds every allocated block.
-                assert!(len > 4 * MIB, "{name}: prefix of {len} bytes opened");
+            if let Some(codes) = try_prefix(&data, len) {
+                // A prefix checks clean only when it still holds every allocated block.
+                if codes.is_empty() {
+                    assert!(len > 4 * MIB, "{name}: prefix of {len} bytes checks clean");
+                } else {
+                    cut += 1;
+                }
             }
         }
-        assert!(try_prefix(&data, full), "{name}: the whole file must open");
+        assert!(cut > 0, "{name}: no prefix opened with blocks cut off");
+        assert_eq!(
+            try_prefix(&data, full),
+            Some(vec![]),
+            "{name}: the whole file must open and check clean"
+        );
     }
 }
 

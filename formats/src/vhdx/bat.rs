@@ -2,7 +2,8 @@
 //! entry after every `chunk_ratio` payload entries.
 
 use crate::error::{Error, Result};
-use crate::limits::Budget;
+use crate::finding::{Finding, Findings};
+use crate::limits::{Budget, Charge};
 use crate::ranges::{Region, RegionIndex};
 
 /// "Block not present": reads as zeros (no parent) or from the parent.
@@ -109,28 +110,23 @@ pub struct Reserved<'a> {
     pub name: &'a str,
 }
 
-/// Bytes BAT entry `i` (`state`) claims in the file, or `None` when it claims none.
-///
-/// # Errors
-/// `Invalid` (`vhdx.bat-state`) at `at` for a state not valid for that entry.
+/// Bytes BAT entry `i` (`state`) claims in the file, `Ok(None)` when it claims none, or
+/// `Err` with the message of a `vhdx.bat-state` finding for a state not valid for that entry.
 fn entry_len(
     geo: &Geometry,
     i: u64,
     state: u64,
     virtual_size: u64,
-    at: u64,
-) -> Result<Option<u64>> {
+) -> std::result::Result<Option<u64>, String> {
     if geo.is_bitmap(i) {
         return match state {
             NOT_PRESENT => Ok(None),
             // qemu ignores bitmap entries of non-differencing files; a present one is still
             // held to the file's bounds and kept apart from everything else.
             SB_PRESENT => Ok(Some(BITMAP_BLOCK_SIZE)),
-            _ => Err(Error::invalid(format!(
+            _ => Err(format!(
                 "BAT entry {i}: sector bitmap state {state} is not valid here"
-            ))
-            .at(at)
-            .code("vhdx.bat-state")),
+            )),
         };
     }
     match state {
@@ -138,7 +134,7 @@ fn entry_len(
         FULLY_PRESENT => {}
         PARTIALLY_PRESENT if geo.has_parent => {}
         _ => {
-            return Err(Error::invalid(format!(
+            return Err(format!(
                 "BAT entry {i}: payload state {state} is not valid{}",
                 if state == PARTIALLY_PRESENT {
                     " without a parent"
@@ -146,8 +142,6 @@ fn entry_len(
                     ""
                 }
             ))
-            .at(at)
-            .code("vhdx.bat-state"))
         }
     }
     // qemu lets the last block end at the end of the virtual disk rather than a whole block
@@ -164,13 +158,97 @@ fn entry_len(
     ))
 }
 
+/// Bytes charged per bad entry recorded: an index and a code.
+const BAD_ENTRY_BYTES: u64 = 24;
+
+/// What [`validate`] found: the findings for bad BAT entries and which entries they are.
+/// `open` keeps it; `check` reports the findings and `mapping` refuses the entries.
+#[derive(Debug)]
+pub struct Validation {
+    /// Rejecting findings in the order found (entries in BAT order, then shared blocks),
+    /// capped per code by [`Findings`].
+    pub findings: Vec<Finding>,
+    /// Bad entries as (BAT index, code), sorted by index, one per index.
+    bad: Vec<(u64, &'static str)>,
+    /// File offset of the BAT, for the offset of an entry.
+    bat_offset: u64,
+    /// Budget held for `bad` as long as it lives.
+    _held: Option<Charge>,
+}
+
+impl Validation {
+    /// The error `mapping` gives for BAT entry `i` (payload block `block`), when it is bad:
+    /// `Corrupt` with the code of the finding that rejects the entry, at the entry.
+    pub fn refuse(&self, i: u64, block: u64) -> Result<()> {
+        match self.bad_code(i) {
+            None => Ok(()),
+            Some(code) => Err(Error::corrupt(format!(
+                "payload block {block} (BAT entry {i}) is rejected by check ({code})"
+            ))
+            .at(self.bat_offset.saturating_add(i.saturating_mul(8)))
+            .code(code)),
+        }
+    }
+
+    /// The code of the finding that rejects BAT entry `i`, when it is bad.
+    pub fn bad_code(&self, i: u64) -> Option<&'static str> {
+        self.bad
+            .binary_search_by_key(&i, |&(j, _)| j)
+            .ok()
+            .and_then(|k| self.bad.get(k))
+            .map(|&(_, code)| code)
+    }
+
+    /// True when every entry is good.
+    pub fn is_clean(&self) -> bool {
+        self.bad.is_empty()
+    }
+
+    /// No bad entries (tests building an image without a file).
+    #[cfg(test)]
+    pub(crate) fn none() -> Self {
+        Validation {
+            findings: Vec::new(),
+            bad: Vec::new(),
+            bat_offset: 0,
+            _held: None,
+        }
+    }
+}
+
+/// Collects the findings and bad entries of one [`validate`] run.
+struct Collector {
+    out: Findings,
+    bad: Vec<(u64, &'static str)>,
+    held: Charge,
+}
+
+impl Collector {
+    /// Records a rejecting finding `code` at `at` for entry `i`.
+    fn reject(&mut self, i: u64, code: &'static str, msg: String, at: u64) -> Result<()> {
+        self.out.push(Finding::reject(code, msg).at(at));
+        self.mark(i, code)
+    }
+
+    /// Records entry `i` as bad with `code`, charged to the budget.
+    fn mark(&mut self, i: u64, code: &'static str) -> Result<()> {
+        self.held.grow(BAD_ENTRY_BYTES, "VHDX bad BAT entries")?;
+        self.bad
+            .try_reserve(1)
+            .map_err(|_| Error::limit("BAT: cannot allocate the bad-entry list"))?;
+        self.bad.push((i, code));
+        Ok(())
+    }
+}
+
 /// Checks every BAT entry: states, file offsets against the file size and the metadata
-/// structures, and that no two blocks share host bytes.
+/// structures, and that no two blocks share host bytes. A bad entry is not an error: it is
+/// a finding (`vhdx.bat-state`, `vhdx.bat-entry-out-of-bounds`, `vhdx.entry-into-metadata`,
+/// `vhdx.duplicate-block`, each at the entry's offset) and a mark on the entry.
 ///
 /// # Errors
-/// `Invalid` (`vhdx.bat-state`), `Corrupt` (`vhdx.bat-entry-out-of-bounds`,
-/// `vhdx.entry-into-metadata`, `vhdx.duplicate-block`), each at the entry's offset;
-/// `LimitExceeded` when the offset list cannot be allocated or `budget` cannot hold it.
+/// `LimitExceeded` when the offset or bad-entry lists cannot be allocated or `budget` cannot
+/// hold them.
 pub fn validate(
     bat: &[u64],
     geo: &Geometry,
@@ -179,31 +257,38 @@ pub fn validate(
     file_size: u64,
     reserved: &[Reserved<'_>],
     budget: &Budget,
-) -> Result<()> {
+) -> Result<Validation> {
     let reserved = RegionIndex::new(
         reserved
             .iter()
             .map(|r| Region::new(r.name, r.start, r.len))
             .collect(),
     );
+    let mut c = Collector {
+        out: Findings::new(),
+        bad: Vec::new(),
+        held: budget.charge(0, "VHDX bad BAT entries")?,
+    };
     let mut used: Vec<(u64, u64, u64)> = Vec::new();
     let mut held = budget.charge(0, "BAT offset list")?;
     for (i, &entry) in bat.iter().enumerate() {
         let i = i as u64;
         let at = bat_offset.saturating_add(i.saturating_mul(8));
         let host = entry & OFFSET_MASK;
-        let Some(len) = entry_len(geo, i, entry & STATE_MASK, virtual_size, at)? else {
-            continue;
-        };
-        match host.checked_add(len) {
-            Some(end) if end <= file_size => {}
-            _ => {
-                return Err(Error::corrupt(format!(
-                    "BAT entry {i}: block of {len} bytes at {host:#x} passes the end of the file ({file_size} bytes)"
-                ))
-                .at(at)
-                .code("vhdx.bat-entry-out-of-bounds"))
+        let len = match entry_len(geo, i, entry & STATE_MASK, virtual_size) {
+            Ok(Some(len)) => len,
+            Ok(None) => continue,
+            Err(msg) => {
+                c.reject(i, "vhdx.bat-state", msg, at)?;
+                continue;
             }
+        };
+        if host.checked_add(len).is_none_or(|end| end > file_size) {
+            let msg = format!(
+                "BAT entry {i}: block of {len} bytes at {host:#x} passes the end of the file ({file_size} bytes)"
+            );
+            c.reject(i, "vhdx.bat-entry-out-of-bounds", msg, at)?;
+            continue;
         }
         // qemu checks overlap with the whole block size, even for a short last block.
         let span = if geo.is_bitmap(i) {
@@ -212,36 +297,51 @@ pub fn validate(
             geo.block_size
         };
         if let Some(r) = reserved.hit(host, host.saturating_add(span)) {
-            return Err(Error::corrupt(format!(
+            let msg = format!(
                 "BAT entry {i}: block at {host:#x} overlaps the {} at {:#x}",
                 r.name, r.start
-            ))
-            .at(at)
-            .code("vhdx.entry-into-metadata"));
+            );
+            c.reject(i, "vhdx.entry-into-metadata", msg, at)?;
+            continue;
         }
         held.grow(24, "BAT offset list")?;
         used.try_reserve(1)
             .map_err(|_| Error::limit("BAT: cannot allocate the offset list"))?;
         used.push((host, len, i));
     }
-    shared_blocks(&mut used, bat_offset)
+    shared_blocks(&mut used, bat_offset, &mut c)?;
+    drop((used, held));
+    let Collector { out, mut bad, held } = c;
+    // Stable: an entry's own code comes before any sharing code, and is the one kept.
+    bad.sort_by_key(|&(i, _)| i);
+    bad.dedup_by_key(|&mut (i, _)| i);
+    Ok(Validation {
+        findings: out.finish(),
+        bad,
+        bat_offset,
+        _held: Some(held),
+    })
 }
 
-/// Fails when two of the `(host, len, index)` blocks share host bytes.
-///
-/// # Errors
-/// `Corrupt` (`vhdx.duplicate-block`) at the later entry's offset.
-fn shared_blocks(used: &mut [(u64, u64, u64)], bat_offset: u64) -> Result<()> {
+/// Reports every pair of the `(host, len, index)` blocks that share host bytes: a finding
+/// (`vhdx.duplicate-block`) at the later entry's offset, and both entries marked bad.
+fn shared_blocks(used: &mut [(u64, u64, u64)], bat_offset: u64, c: &mut Collector) -> Result<()> {
     used.sort_unstable();
-    for w in used.windows(2) {
-        if let [(a, alen, ai), (b, _, bi)] = w {
-            if *b < a.saturating_add(*alen) {
-                return Err(Error::corrupt(format!(
-                    "BAT entries {ai} and {bi} share host bytes at {b:#x}"
-                ))
-                .at(bat_offset.saturating_add(bi.saturating_mul(8)))
-                .code("vhdx.duplicate-block"));
+    // The block reaching furthest so far: a long block can cover several later ones.
+    let mut reach: Option<(u64, u64)> = None;
+    for &(b, blen, bi) in used.iter() {
+        let end = b.saturating_add(blen);
+        match reach {
+            Some((a_end, ai)) if b < a_end => {
+                let msg = format!("BAT entries {ai} and {bi} share host bytes at {b:#x}");
+                let at = bat_offset.saturating_add(bi.saturating_mul(8));
+                c.reject(bi, "vhdx.duplicate-block", msg, at)?;
+                c.mark(ai, "vhdx.duplicate-block")?;
+                if end > a_end {
+                    reach = Some((end, bi));
+                }
             }
+            _ => reach = Some((end, bi)),
         }
     }
     Ok(())

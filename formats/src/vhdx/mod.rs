@@ -6,8 +6,9 @@
 //!
 //! `open` checks every structure before any guest byte is mapped: both header checksums, the
 //! region table checksum, every region through [`check_table`], every metadata item and its
-//! placement (`vhdx.metadata-overlap`), and every BAT entry (state, bounds, overlap with
-//! metadata, sharing). A non-empty log is reported and makes `mapping` fail, because glimpse
+//! placement (`vhdx.metadata-overlap`), and the BAT table itself. Bad BAT *entries* (state,
+//! bounds, overlap with metadata, sharing) do not fail `open`: they are recorded, reported by
+//! `check`, and refused by `mapping` when a read reaches them. A non-empty log is reported and makes `mapping` fail, because glimpse
 //! does not replay it. A parent (differencing file) is reported as a reference and never
 //! opened.
 
@@ -53,6 +54,8 @@ pub struct VhdxImage {
     findings: Vec<Finding>,
     geo: Geometry,
     bat: Arc<Table<u64>>,
+    /// Bad BAT entries and their findings, found at `open`.
+    bad: Arc<bat::Validation>,
     /// A log with entries: the BAT may be stale, so nothing is mapped.
     log_non_empty: bool,
 }
@@ -85,11 +88,11 @@ fn read_held(
 /// # Errors
 /// `Truncated` when a structure passes the end of the file; `Corrupt` for checksums
 /// (`vhdx.header-checksum`, `vhdx.region-checksum`), overlapping regions
-/// (`vhdx.region-table`) and bad BAT entries (`vhdx.bat-entry-out-of-bounds`,
-/// `vhdx.entry-into-metadata`, `vhdx.duplicate-block`); `Invalid` for impossible values
-/// (`vhdx.metadata`, `vhdx.block-size`, `vhdx.bat-state`); `Unsupported` for required
+/// (`vhdx.region-table`); `Invalid` for impossible values (`vhdx.metadata`,
+/// `vhdx.block-size`); `Unsupported` for required
 /// regions or items glimpse does not know (`vhdx.unknown-region`, `vhdx.metadata`);
-/// `LimitExceeded` (`table.too-large`) when the BAT passes `limits`.
+/// `LimitExceeded` (`table.too-large`) when the BAT passes `limits`. Bad BAT entries are
+/// not errors: `check` reports them and `mapping` refuses them.
 ///
 /// # Security
 /// Reads only from `src`, within `limits`. A parent locator is decoded and reported, never
@@ -114,7 +117,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
         has_parent,
     );
     let bat = read_bat(r, &regions.bat, &geo, table_at, file_size, limits, &budget)?;
-    bat::validate(
+    let bad = bat::validate(
         &bat,
         &geo,
         regions.bat.offset,
@@ -144,6 +147,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
         findings,
         geo,
         bat: Arc::new(bat),
+        bad: Arc::new(bad),
         log_non_empty,
     })
 }
@@ -464,6 +468,7 @@ impl VhdxImage {
     /// data, the host offset of the block.
     fn block_kind(&self, block: u64) -> Result<(u64, Option<u64>)> {
         let idx = self.geo.payload_index(block);
+        self.bad.refuse(idx, block)?;
         let entry = usize::try_from(idx)
             .ok()
             .and_then(|i| self.bat.get(i))
@@ -490,6 +495,10 @@ impl Image for VhdxImage {
             source: &self.src,
         }
     }
+    /// The bad BAT entries `open` found, capped per code.
+    fn check(&self, _limits: &Limits) -> Result<Vec<Finding>> {
+        Ok(self.bad.findings.clone())
+    }
     fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         if self.log_non_empty {
             return Err(
@@ -514,7 +523,10 @@ impl Image for VhdxImage {
         let mut run_end = first.saturating_add(1).saturating_mul(bs).min(end);
         while run_end < end && block.saturating_sub(first) < MAX_BLOCKS_PER_CALL {
             block = block.saturating_add(1);
-            let (s, h) = self.block_kind(block)?;
+            // A block that cannot be mapped ends the run; a call starting there reports it.
+            let Ok((s, h)) = self.block_kind(block) else {
+                break;
+            };
             let same = match (kind, h) {
                 (ExtentKind::Data { .. }, Some(h)) => {
                     host.and_then(|h0| {

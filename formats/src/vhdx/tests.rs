@@ -354,14 +354,43 @@ fn set_bat(v: &mut [u8], i: u64, entry: u64) {
     put64(v, bat + 8 * i, entry);
 }
 
+/// Opens `v` (which must open: bad entries are not open errors) and returns the codes of
+/// its `check` findings, each a rejection.
+fn check_codes(img: &VhdxImage) -> Vec<&'static str> {
+    let found = (img as &dyn Image).check(&Limits::default()).unwrap();
+    assert!(found.iter().all(|f| f.severity == crate::Severity::Reject));
+    found.iter().map(|f| f.code).collect()
+}
+
+/// The error `mapping` gives for guest offset `guest`, which must be refused.
+fn refused(img: &VhdxImage, guest: u64) -> (ErrorKind, &'static str) {
+    let e = (img as &dyn Image).mapping(guest, 1).unwrap_err();
+    (e.kind(), e.finding_code())
+}
+
 #[test]
 fn bat_entry_out_of_bounds() {
     let mut v = small();
     set_bat(&mut v, 1, (1 << 40) | bat::FULLY_PRESENT);
+    let img = open_v(v).unwrap();
+    assert_eq!(check_codes(&img), ["vhdx.bat-entry-out-of-bounds"]);
     assert_eq!(
-        err_code(open_v(v)),
+        refused(&img, 1 << 20),
         (ErrorKind::Corrupt, "vhdx.bat-entry-out-of-bounds")
     );
+    // The good blocks around it still map.
+    let m = &img as &dyn Image;
+    assert!(matches!(
+        m.mapping(0, 1).unwrap().kind,
+        ExtentKind::Data { .. }
+    ));
+    assert!(matches!(
+        m.mapping(2 << 20, 1).unwrap().kind,
+        ExtentKind::Data { .. }
+    ));
+    // A run from a good block stops before the bad one.
+    let e = m.mapping(0, 4 << 20).unwrap();
+    assert_eq!(e.len, 1 << 20);
 }
 
 #[test]
@@ -369,8 +398,14 @@ fn entry_into_metadata() {
     for target in [0u64, 1 << 20, 2 << 20, 3 << 20] {
         let mut v = small();
         set_bat(&mut v, 1, target | bat::FULLY_PRESENT);
+        let img = open_v(v).unwrap();
         assert_eq!(
-            err_code(open_v(v)),
+            check_codes(&img),
+            ["vhdx.entry-into-metadata"],
+            "{target:#x}"
+        );
+        assert_eq!(
+            refused(&img, 1 << 20),
             (ErrorKind::Corrupt, "vhdx.entry-into-metadata"),
             "{target:#x}"
         );
@@ -383,10 +418,87 @@ fn duplicate_block() {
     let (bat, _) = regions_of(&v);
     let first = get64(&v, bat);
     set_bat(&mut v, 3, first);
+    let img = open_v(v).unwrap();
+    assert_eq!(check_codes(&img), ["vhdx.duplicate-block"]);
+    let f = (&img as &dyn Image).check(&Limits::default()).unwrap();
+    // Reported at the later entry.
+    assert_eq!(f[0].offset, Some(bat + 24));
+    // Both blocks that share bytes are refused; the others still map.
+    for guest in [0, 3 << 20] {
+        assert_eq!(
+            refused(&img, guest),
+            (ErrorKind::Corrupt, "vhdx.duplicate-block"),
+            "{guest:#x}"
+        );
+    }
+    assert!((&img as &dyn Image).mapping(2 << 20, 1).is_ok());
+    // The refusal names the entry's offset.
+    let e = (&img as &dyn Image).mapping(3 << 20, 1).unwrap_err();
+    assert_eq!(e.offset(), Some(bat + 24));
+}
+
+#[test]
+fn every_bad_entry_is_reported_in_bat_order() {
+    let mut v = small();
+    let (bat, _) = regions_of(&v);
+    let first = get64(&v, bat);
+    set_bat(&mut v, 1, 4);
+    set_bat(&mut v, 2, (1 << 40) | bat::FULLY_PRESENT);
+    set_bat(&mut v, 3, first);
+    let img = open_v(v).unwrap();
     assert_eq!(
-        err_code(open_v(v)),
-        (ErrorKind::Corrupt, "vhdx.duplicate-block")
+        check_codes(&img),
+        [
+            "vhdx.bat-state",
+            "vhdx.bat-entry-out-of-bounds",
+            "vhdx.duplicate-block"
+        ]
     );
+    for (block, code) in [
+        (0, "vhdx.duplicate-block"),
+        (1, "vhdx.bat-state"),
+        (2, "vhdx.bat-entry-out-of-bounds"),
+        (3, "vhdx.duplicate-block"),
+    ] {
+        assert_eq!(refused(&img, block << 20), (ErrorKind::Corrupt, code));
+    }
+    // Open's own findings do not carry the BAT's.
+    assert!(codes(&img).iter().all(|(c, _)| !c.starts_with("vhdx.b")));
+}
+
+#[test]
+fn bad_entry_findings_are_capped_per_code() {
+    let geo = Geometry::new(1 << 20, 512, 40 << 20, false);
+    let entries = vec![4u64; 40];
+    let found = bat::validate(
+        &entries,
+        &geo,
+        1 << 20,
+        40 << 20,
+        1 << 30,
+        &[],
+        &crate::limits::Budget::new(1 << 20),
+    )
+    .unwrap();
+    assert_eq!(found.findings.len(), crate::finding::PER_CODE + 1);
+    assert!(found.findings.iter().all(|f| f.code == "vhdx.bat-state"));
+    assert!(found.findings[crate::finding::PER_CODE]
+        .message
+        .contains("24 more"));
+    // Every bad entry is still refused, past the cap too.
+    assert_eq!(found.bad_code(39), Some("vhdx.bat-state"));
+    // The list of bad entries is charged to the budget.
+    let e = bat::validate(
+        &entries,
+        &geo,
+        1 << 20,
+        40 << 20,
+        1 << 30,
+        &[],
+        &crate::limits::Budget::new(100),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::LimitExceeded);
 }
 
 #[test]
@@ -394,9 +506,11 @@ fn bat_state() {
     for state in [4u64, bat::PARTIALLY_PRESENT] {
         let mut v = small();
         set_bat(&mut v, 1, state);
+        let img = open_v(v).unwrap();
+        assert_eq!(check_codes(&img), ["vhdx.bat-state"], "{state}");
         assert_eq!(
-            err_code(open_v(v)),
-            (ErrorKind::Invalid, "vhdx.bat-state"),
+            refused(&img, 1 << 20),
+            (ErrorKind::Corrupt, "vhdx.bat-state"),
             "{state}"
         );
     }
@@ -405,6 +519,7 @@ fn bat_state() {
         let mut v = small();
         set_bat(&mut v, 1, state);
         let img = open_v(v).unwrap();
+        assert!(check_codes(&img).is_empty());
         assert_eq!(
             (&img as &dyn Image).mapping(1 << 20, 1 << 20).unwrap().kind,
             ExtentKind::Unallocated
@@ -665,11 +780,15 @@ fn sector_bitmap_entry_states() {
             &crate::limits::Budget::new(1 << 20),
         )
     };
-    assert!(ok(&entries).is_ok());
+    assert!(ok(&entries).unwrap().is_clean());
     entries[16] = (300 << 20) | bat::SB_PRESENT;
-    assert!(ok(&entries).is_ok());
+    assert!(ok(&entries).unwrap().is_clean());
     entries[16] = bat::ZERO;
-    assert_eq!(ok(&entries).unwrap_err().finding_code(), "vhdx.bat-state");
+    let found = ok(&entries).unwrap();
+    assert_eq!(found.bad_code(16), Some("vhdx.bat-state"));
+    assert_eq!(found.bad_code(15), None);
+    assert_eq!(found.findings.len(), 1);
+    assert_eq!(found.findings[0].code, "vhdx.bat-state");
 }
 
 mod prop {
@@ -702,6 +821,7 @@ mod prop {
             findings: Vec::new(),
             geo,
             bat: Arc::new(crate::table::Table::unbudgeted(bat)),
+            bad: Arc::new(bat::Validation::none()),
             log_non_empty: false,
         }
     }
