@@ -118,7 +118,9 @@ fn charge_batches(
         return Ok((None, per_batch));
     };
     let fit = b.left() / chunk.saturating_mul(3).max(1);
-    let n = per_batch.min(usize::try_from(fit).unwrap_or(usize::MAX)).max(1);
+    let n = per_batch
+        .min(usize::try_from(fit).unwrap_or(usize::MAX))
+        .max(1);
     let bytes = (n as u64).saturating_mul(chunk).saturating_mul(3);
     Ok((Some(b.charge(bytes, "conversion buffers")?), n))
 }

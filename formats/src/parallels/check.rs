@@ -150,7 +150,7 @@ pub fn check(img: &ParallelsImage, limits: &Limits) -> Result<Vec<Finding>> {
         let at = HEADER_LEN.saturating_add((i as u64).saturating_mul(4));
         used.push((host, i));
         if host < img.data_start {
-            inside += 1;
+            inside = inside.saturating_add(1);
             if inside <= MAX_REPORTED {
                 out.push(
                     Finding::reject(
@@ -160,8 +160,8 @@ pub fn check(img: &ParallelsImage, limits: &Limits) -> Result<Vec<Finding>> {
                     .at(at),
                 );
             }
-        } else if (host - img.data_start) % cs != 0 {
-            off_grid += 1;
+        } else if host.saturating_sub(img.data_start).checked_rem(cs) != Some(0) {
+            off_grid = off_grid.saturating_add(1);
             if off_grid <= MAX_REPORTED {
                 out.push(
                     Finding::warn(
@@ -194,7 +194,7 @@ fn duplicates(used: &[(u64, usize)], cs: u64) -> Vec<Finding> {
     for w in used.windows(2) {
         if let [(a, ia), (b, ib)] = w {
             if a.saturating_add(cs) > *b {
-                n += 1;
+                n = n.saturating_add(1);
                 if n <= MAX_REPORTED {
                     out.push(
                         Finding::reject(
