@@ -26,6 +26,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 
+use glimpse_formats::image::Image;
+use glimpse_formats::reader::ChunkPlanner;
 pub use glimpse_formats::{Codec, Error, ErrorKind, Format, Result};
 
 /// Where a writer puts its output.
@@ -330,6 +332,26 @@ pub fn measure(
         Format::Parallels => ploop::measure(opts, virtual_size, data_bytes),
         other => Err(Error::unsupported(format!("cannot write {other} images"))),
     }
+}
+
+/// Output size for `format` with `opts` of a copy of `image`: the guest bytes that hold data
+/// are counted at the writer's chunk size ([`measure_granularity`]) with a
+/// [`ChunkPlanner`], then passed to [`measure`].
+///
+/// # Errors
+/// `Invalid` for bad options; `Unsupported` for formats glimpse cannot write; the image's
+/// mapping errors.
+pub fn measure_image(format: Format, opts: &WriteOptions, image: &dyn Image) -> Result<Measure> {
+    let virtual_size = image.info().virtual_size;
+    let chunk = measure_granularity(format, opts, virtual_size)?;
+    let mut data = 0u64;
+    for plan in ChunkPlanner::new(image, chunk) {
+        let plan = plan?;
+        if plan.read {
+            data = data.saturating_add(plan.len);
+        }
+    }
+    measure(format, opts, virtual_size, data)
 }
 
 /// Chunk size used to count data bytes for [`measure`] of `format`.
