@@ -26,6 +26,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 
+use glimpse_formats::image::Image;
+use glimpse_formats::reader::ChunkPlanner;
 pub use glimpse_formats::{Codec, Error, ErrorKind, Format, Result};
 
 /// Where a writer puts its output.
@@ -354,6 +356,26 @@ pub fn measure(
     }
 }
 
+/// Output size for `format` with `opts` of a copy of `image`: the guest bytes that hold data
+/// are counted at the writer's chunk size ([`measure_granularity`]) with a
+/// [`ChunkPlanner`], then passed to [`measure`].
+///
+/// # Errors
+/// `Invalid` for bad options; `Unsupported` for formats glimpse cannot write; the image's
+/// mapping errors.
+pub fn measure_image(format: Format, opts: &WriteOptions, image: &dyn Image) -> Result<Measure> {
+    let virtual_size = image.info().virtual_size;
+    let chunk = measure_granularity(format, opts, virtual_size)?;
+    let mut data = 0u64;
+    for plan in ChunkPlanner::new(image, chunk) {
+        let plan = plan?;
+        if plan.read {
+            data = data.saturating_add(plan.len);
+        }
+    }
+    measure(format, opts, virtual_size, data)
+}
+
 /// Chunk size used to count data bytes for [`measure`] of `format`.
 ///
 /// # Errors
@@ -445,6 +467,50 @@ impl WriteCombiner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use glimpse_formats::image::{Extent, ExtentKind, ImageCore, ImageInfo};
+    use glimpse_formats::Source;
+    use std::sync::Arc;
+
+    /// A 16 KiB disk whose only data is guest bytes 5000..6000.
+    struct OneRun {
+        info: ImageInfo,
+        src: Source,
+    }
+    impl Image for OneRun {
+        fn core(&self) -> ImageCore<'_> {
+            ImageCore {
+                info: &self.info,
+                findings: &[],
+                source: &self.src,
+            }
+        }
+        fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+            let (kind, end) = match guest {
+                0..5000 => (ExtentKind::Unallocated, 5000),
+                5000..6000 => (ExtentKind::Data { host: guest }, 6000),
+                _ => (ExtentKind::Unallocated, 16384),
+            };
+            Ok(Extent {
+                start: guest,
+                len: span.min(end - guest),
+                kind,
+            })
+        }
+    }
+
+    #[test]
+    fn measure_image_counts_data_at_the_writer_chunk_size() {
+        let image = OneRun {
+            info: ImageInfo::new(Format::Raw, 16384),
+            src: Arc::new(vec![0u8; 16384]),
+        };
+        let opts = WriteOptions::default();
+        // Raw counts 4 KiB chunks: the run lies inside chunk 4096..8192.
+        let m = measure_image(Format::Raw, &opts, &image).unwrap();
+        assert_eq!((m.required, m.fully_allocated), (4096, 16384));
+        assert_eq!(m, measure(Format::Raw, &opts, 16384, 4096).unwrap());
+        assert!(measure_image(Format::Iso, &opts, &image).is_err());
+    }
 
     #[test]
     fn options_parse_like_qemu_img() {

@@ -30,6 +30,17 @@
 //! names it: references are reported as [`Reference`]s and findings.
 
 #![warn(missing_docs)]
+// Hostile input: outside tests the whole crate is held to "no panics, no silent overflow".
+// Tests may index and unwrap freely.
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::unwrap_used,
+        clippy::expect_used
+    )
+)]
 
 pub mod codes;
 pub mod compare;

@@ -118,7 +118,7 @@ pub fn read_entries<T>(
     // Read in pieces of at most READ_PIECE whole entries, so that the raw bytes and the decoded
     // table are never both held in full (a 32 MiB L1 table costs 32 MiB, not 64).
     let size = spec.entry_size.max(1);
-    let per_piece = (READ_PIECE / size).max(1);
+    let per_piece = READ_PIECE.checked_div(size).unwrap_or(1).max(1);
     let (piece, _piece_charge) = read_held(
         src,
         spec.offset,

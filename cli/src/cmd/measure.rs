@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-use glimpse_convert::{measure, measure_granularity, Measure, WriteOptions};
-use glimpse_formats::reader::ChunkPlanner;
+use glimpse_convert::{measure, measure_image, Measure, WriteOptions};
 use glimpse_formats::Format;
 use serde_json::json;
 
@@ -66,21 +65,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 
 fn sizes(args: &Args) -> anyhow::Result<Measure> {
     let opts = WriteOptions::parse(&args.options.join(","), args.compress)?;
-    let (vsize, data) = match (&args.src, args.size) {
+    Ok(match (&args.src, args.size) {
         (Some(src), _) => {
             let image = load(src, None, &args.input)?.image;
-            let gran = measure_granularity(args.output_format, &opts, image.info().virtual_size)?;
-            let mut data = 0u64;
-            for plan in ChunkPlanner::new(image.as_ref(), gran) {
-                let plan = plan?;
-                if plan.read {
-                    data += plan.len;
-                }
-            }
-            (image.info().virtual_size, data)
+            measure_image(args.output_format, &opts, image.as_ref())?
         }
-        (None, Some(s)) => (s, 0),
+        (None, Some(s)) => measure(args.output_format, &opts, s, 0)?,
         (None, None) => anyhow::bail!("give a source image or --size"),
-    };
-    Ok(measure(args.output_format, &opts, vsize, data)?)
+    })
 }

@@ -373,7 +373,7 @@ impl Image for IsoImage {
             .at(guest)
             .code("iso.truncated"));
         }
-        let end = guest.saturating_add(span.min(self.file_size - guest));
+        let end = guest.saturating_add(span.min(self.file_size.saturating_sub(guest)));
         crate::io::linear_extent(self.src.as_ref(), guest, end)
     }
 }

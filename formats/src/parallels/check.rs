@@ -157,7 +157,7 @@ pub fn check(img: &ParallelsImage, limits: &Limits) -> Result<Vec<Finding>> {
                 )
                 .at(at)
             });
-        } else if (host - img.data_start) % cs != 0 {
+        } else if host.saturating_sub(img.data_start).checked_rem(cs) != Some(0) {
             push_capped(&mut out, &mut off_grid, || {
                 Finding::warn(
                     "parallels.cluster-misaligned",

@@ -33,7 +33,7 @@ use header::{
 /// BAT entries one `mapping` call may walk over while coalescing.
 const MAX_SCAN: u64 = 1 << 16;
 /// Findings of one kind reported before they are summarised.
-pub(crate) const MAX_REPORTED: usize = 8;
+pub(crate) const MAX_REPORTED: usize = crate::finding::PER_CODE;
 /// The root element of a ploop `DiskDescriptor.xml`.
 const DESCRIPTOR_TAG: &[u8] = b"<Parallels_disk_image";
 /// How far into the file the descriptor's root element is looked for.
@@ -372,14 +372,14 @@ impl ParallelsImage {
             }
             let at = HEADER_LEN.saturating_add((i as u64).saturating_mul(4));
             let (code, n, msg) = if host >= self.file_size {
-                past += 1;
+                past = past.saturating_add(1);
                 (
                     "parallels.cluster-past-eof",
                     past,
                     format!("BAT entry {i} points at {host:#x}, at or past the end of the file ({} bytes)", self.file_size),
                 )
             } else {
-                short += 1;
+                short = short.saturating_add(1);
                 (
                     "parallels.truncated",
                     short,
@@ -429,7 +429,10 @@ impl Image for ParallelsImage {
     fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         let end = guest.saturating_add(span);
         let cs = self.cluster;
-        let idx = guest / cs;
+        // The cluster size is at least one sector (checked at open).
+        let idx = guest
+            .checked_div(cs)
+            .ok_or_else(|| Error::corrupt("zero cluster size"))?;
         let first = self.entry(idx);
         if first != 0 {
             let host = self.host_of(first);
@@ -453,21 +456,23 @@ impl Image for ParallelsImage {
                     && self.host_of(e)
                         == self
                             .host_of(first)
-                            .saturating_add((next - idx).saturating_mul(cs))
+                            .saturating_add(next.saturating_sub(idx).saturating_mul(cs))
                     && self.host_of(e).saturating_add(cs) <= self.file_size
             };
             if !contiguous {
                 break;
             }
             next = next.saturating_add(1);
-            n += 1;
+            n = n.saturating_add(1);
         }
-        let len = next.saturating_mul(cs).min(end) - guest;
+        let len = next.saturating_mul(cs).min(end).saturating_sub(guest);
         let kind = if first == 0 {
             ExtentKind::Unallocated
         } else {
             ExtentKind::Data {
-                host: self.host_of(first).saturating_add(guest % cs),
+                host: self
+                    .host_of(first)
+                    .saturating_add(guest.checked_rem(cs).unwrap_or(0)),
             }
         };
         Ok(Extent {

@@ -451,6 +451,133 @@ impl Qcow2Image {
             }
         }
     }
+
+    /// Phase 1 of `extent_at` when L1 entry `l1i` names no L2 table: the unallocated run
+    /// over it and the following empty L1 entries (at most [`MAX_L1_SCAN`] of them).
+    fn unallocated_l1_run(&self, guest: u64, end: u64, l1i: usize, reach: u64) -> Extent {
+        let mut j = l1i.saturating_add(1);
+        let stop = l1i.saturating_add(MAX_L1_SCAN).min(self.l1.len());
+        while j < stop && self.l1.get(j).copied().unwrap_or(0) & L1E_OFFSET_MASK == 0 {
+            j = j.saturating_add(1);
+        }
+        let run_end = if j >= self.l1.len() {
+            u64::MAX
+        } else {
+            (j as u64).saturating_mul(reach)
+        };
+        Extent {
+            start: guest,
+            len: run_end.min(end).saturating_sub(guest),
+            kind: ExtentKind::Unallocated,
+        }
+    }
+
+    /// Phase 2 of `extent_at`: walks the L2 table at `l2_off` (for L1 entry `l1i`) from
+    /// `guest` while the pieces continue the first one, stopping at the table's end or
+    /// `end`. A compressed first piece is an extent of its own.
+    fn l2_run(&self, guest: u64, end: u64, l1i: usize, l2_off: u64) -> Result<Extent> {
+        let cb = self.geo.cluster_bits;
+        let l2e = self.geo.l2_entries();
+        let l2 = self.l2(l2_off)?;
+        let table_end = (l1i as u64).saturating_add(1).saturating_mul(l2e << cb);
+        let limit = end.min(table_end);
+        let base = (l1i as u64).saturating_mul(l2e);
+        let aligned = |h: u64, pos: u64| self.geo.in_cluster(h) == self.geo.in_cluster(pos);
+        let mut pos = guest;
+        let mut first: Option<Piece> = None;
+        while pos < limit {
+            let (entry, bm) = (pos >> cb)
+                .checked_sub(base)
+                .and_then(|ci| usize::try_from(ci).ok())
+                .and_then(|ci| l2.get(ci).copied())
+                .ok_or_else(|| Error::corrupt("L2 index outside its table"))?;
+            let cm = table::decode(&self.geo, entry, bm)
+                .map_err(|e| e.context(format!("guest offset {pos:#x}")).at(l2_off))?;
+            let cstart = pos & (u64::MAX << cb);
+            let (piece, run_end) = self.piece_at(cm, pos, cstart);
+            match (first, piece) {
+                (None, Piece::Compressed { host, stored_len }) => {
+                    return self.compressed_extent(guest, end, cstart, host, stored_len);
+                }
+                (None, p) => {
+                    if let Piece::Data(h) = p {
+                        if !aligned(h, pos) {
+                            return Err(Error::corrupt(format!(
+                                "data cluster for guest offset {pos:#x} is not cluster aligned"
+                            ))
+                            .at(l2_off)
+                            .code("qcow2.l2-entry-out-of-bounds"));
+                        }
+                    }
+                    first = Some(p);
+                }
+                (Some(Piece::Data(h0)), Piece::Data(h))
+                    if h0.checked_add(pos.saturating_sub(guest)) == Some(h) && aligned(h, pos) => {}
+                (Some(Piece::Zero), Piece::Zero)
+                | (Some(Piece::Unallocated), Piece::Unallocated) => {}
+                _ => break,
+            }
+            pos = run_end.min(limit);
+        }
+        self.run_extent(guest, pos.saturating_sub(guest), first)
+    }
+
+    /// The extent for a compressed cluster starting at `cstart` that backs `guest`: the
+    /// rest of that cluster, up to `end`.
+    fn compressed_extent(
+        &self,
+        guest: u64,
+        end: u64,
+        cstart: u64,
+        host: u64,
+        stored_len: u64,
+    ) -> Result<Extent> {
+        if host >= self.file_size {
+            return Err(Error::corrupt(format!(
+                "compressed cluster for guest offset {guest:#x} lies past the end of the file"
+            ))
+            .at(host)
+            .code("qcow2.l2-entry-out-of-bounds"));
+        }
+        let cs = self.geo.cluster_size();
+        let kind = ExtentKind::Compressed {
+            codec: self.codec(),
+            host,
+            stored_len,
+            unit_size: cs,
+            skip: guest.saturating_sub(cstart),
+        };
+        Ok(Extent {
+            start: guest,
+            len: cstart.saturating_add(cs).min(end).saturating_sub(guest),
+            kind,
+        })
+    }
+
+    /// Phase 3 of `extent_at`: the extent for a run of `len` bytes at `guest` backed like
+    /// `first`, after checking that a data run ends inside the file.
+    fn run_extent(&self, guest: u64, len: u64, first: Option<Piece>) -> Result<Extent> {
+        let kind = match first {
+            Some(Piece::Data(host)) => {
+                if host.checked_add(len).is_none_or(|e| e > self.file_size) {
+                    return Err(Error::corrupt(format!(
+                        "guest offset {guest:#x} maps to host {host:#x}+{len}, past the end of the file ({} bytes)",
+                        self.file_size
+                    ))
+                    .at(host)
+                    .code("qcow2.l2-entry-out-of-bounds"));
+                }
+                ExtentKind::Data { host }
+            }
+            Some(Piece::Zero) => ExtentKind::Zero,
+            _ => ExtentKind::Unallocated,
+        };
+        Ok(Extent {
+            start: guest,
+            len,
+            kind,
+        })
+    }
 }
 
 impl Image for Qcow2Image {
@@ -472,110 +599,16 @@ impl Image for Qcow2Image {
             )
             .code("qcow2.data-file"));
         }
-        let cb = self.geo.cluster_bits;
-        let cs = self.geo.cluster_size();
-        let l2e = self.geo.l2_entries();
-        let reach = l2e << cb; // guest bytes per L2 table; cluster_bits <= 21 so no overflow
-        let l1i =
-            usize::try_from(guest / reach).map_err(|_| Error::corrupt("L1 index overflows"))?;
+        // Guest bytes per L2 table; cluster_bits <= 21 so no overflow, and never zero.
+        let reach = self.geo.l2_entries() << self.geo.cluster_bits;
+        let l1i = guest
+            .checked_div(reach)
+            .and_then(|i| usize::try_from(i).ok())
+            .ok_or_else(|| Error::corrupt("L1 index overflows"))?;
         let l2_off = self.l1.get(l1i).copied().unwrap_or(0) & L1E_OFFSET_MASK;
         if l2_off == 0 {
-            let mut j = l1i.saturating_add(1);
-            let stop = l1i.saturating_add(MAX_L1_SCAN).min(self.l1.len());
-            while j < stop && self.l1.get(j).copied().unwrap_or(0) & L1E_OFFSET_MASK == 0 {
-                j += 1;
-            }
-            let run_end = if j >= self.l1.len() {
-                u64::MAX
-            } else {
-                (j as u64).saturating_mul(reach)
-            };
-            return Ok(Extent {
-                start: guest,
-                len: run_end.min(end) - guest,
-                kind: ExtentKind::Unallocated,
-            });
+            return Ok(self.unallocated_l1_run(guest, end, l1i, reach));
         }
-        let l2 = self.l2(l2_off)?;
-        let table_end = (l1i as u64).saturating_add(1).saturating_mul(reach);
-        let limit = end.min(table_end);
-        let base = (l1i as u64).saturating_mul(l2e);
-        let mut pos = guest;
-        let mut first: Option<Piece> = None;
-        while pos < limit {
-            let ci = (pos >> cb) - base;
-            let (entry, bm) = l2
-                .get(usize::try_from(ci).unwrap_or(usize::MAX))
-                .copied()
-                .ok_or_else(|| Error::corrupt("L2 index outside its table"))?;
-            let cm = table::decode(&self.geo, entry, bm)
-                .map_err(|e| e.context(format!("guest offset {pos:#x}")).at(l2_off))?;
-            let cstart = pos & !(cs - 1);
-            let (piece, run_end) = self.piece_at(cm, pos, cstart);
-            let run_end = run_end.min(limit);
-            match (first, piece) {
-                (None, Piece::Compressed { host, stored_len }) => {
-                    if host >= self.file_size {
-                        return Err(Error::corrupt(format!(
-                            "compressed cluster for guest offset {guest:#x} lies past the end of the file"
-                        ))
-                        .at(host)
-                        .code("qcow2.l2-entry-out-of-bounds"));
-                    }
-                    let len = cstart.saturating_add(cs).min(end) - guest;
-                    let kind = ExtentKind::Compressed {
-                        codec: self.codec(),
-                        host,
-                        stored_len,
-                        unit_size: cs,
-                        skip: guest - cstart,
-                    };
-                    return Ok(Extent {
-                        start: guest,
-                        len,
-                        kind,
-                    });
-                }
-                (None, p) => {
-                    if let Piece::Data(h) = p {
-                        if h % cs != pos % cs {
-                            return Err(Error::corrupt(format!(
-                                "data cluster for guest offset {pos:#x} is not cluster aligned"
-                            ))
-                            .at(l2_off)
-                            .code("qcow2.l2-entry-out-of-bounds"));
-                        }
-                    }
-                    first = Some(p);
-                }
-                (Some(Piece::Data(h0)), Piece::Data(h))
-                    if h0.checked_add(pos - guest) == Some(h) && h % cs == pos % cs => {}
-                (Some(Piece::Zero), Piece::Zero)
-                | (Some(Piece::Unallocated), Piece::Unallocated) => {}
-                _ => break,
-            }
-            pos = run_end;
-        }
-        let len = pos - guest;
-        let kind = match first {
-            Some(Piece::Data(host)) => {
-                if host.checked_add(len).is_none_or(|e| e > self.file_size) {
-                    return Err(Error::corrupt(format!(
-                        "guest offset {guest:#x} maps to host {host:#x}+{len}, past the end of the file ({} bytes)",
-                        self.file_size
-                    ))
-                    .at(host)
-                    .code("qcow2.l2-entry-out-of-bounds"));
-                }
-                ExtentKind::Data { host }
-            }
-            Some(Piece::Zero) => ExtentKind::Zero,
-            _ => ExtentKind::Unallocated,
-        };
-        Ok(Extent {
-            start: guest,
-            len,
-            kind,
-        })
+        self.l2_run(guest, end, l1i, l2_off)
     }
 }

@@ -546,7 +546,8 @@ impl Image for VdiImage {
     fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         let end = guest.saturating_add(span);
         let bs = u64::from(BLOCK_SIZE);
-        let idx = guest / bs;
+        // BLOCK_SIZE is a nonzero constant, so the division and remainder never fail.
+        let idx = guest.checked_div(bs).unwrap_or(0);
         let first = self.slot(idx);
         let mut next = idx.saturating_add(1);
         let mut n = 0;
@@ -554,7 +555,7 @@ impl Image for VdiImage {
             let s = self.slot(next);
             let contiguous = match (first, s) {
                 (Slot::Data(a), Slot::Data(b)) => {
-                    u64::from(b) == u64::from(a).saturating_add(next - idx)
+                    u64::from(b) == u64::from(a).saturating_add(next.saturating_sub(idx))
                 }
                 (a, b) => a == b,
             };
@@ -562,16 +563,16 @@ impl Image for VdiImage {
                 break;
             }
             next = next.saturating_add(1);
-            n += 1;
+            n = n.saturating_add(1);
         }
-        let len = next.saturating_mul(bs).min(end) - guest;
+        let len = next.saturating_mul(bs).min(end).saturating_sub(guest);
         let kind = match first {
             Slot::Unallocated => ExtentKind::Unallocated,
             Slot::Zero => ExtentKind::Zero,
             Slot::Data(e) => ExtentKind::Data {
                 host: u64::from(self.header.offset_data)
                     .saturating_add(u64::from(e).saturating_mul(bs))
-                    .saturating_add(guest % bs),
+                    .saturating_add(guest.checked_rem(bs).unwrap_or(0)),
             },
         };
         Ok(Extent {

@@ -760,7 +760,12 @@ impl Sparse {
     fn extent_at(&self, src: &dyn crate::ReadAt, guest: u64, span: u64) -> Result<Extent> {
         let end = guest.saturating_add(span);
         let gb = self.hdr.grain_bytes();
-        let (first, mut last, mut run_end) = self.grain(src, guest / gb)?;
+        // The grain size is at least one sector (checked at open).
+        let grain_of = |g: u64| {
+            g.checked_div(gb)
+                .ok_or_else(|| Error::corrupt("zero grain size").code("vmdk.header"))
+        };
+        let (first, mut last, mut run_end) = self.grain(src, grain_of(guest)?)?;
         if let Grain::At(sector) = first {
             if self.hdr.compressed() {
                 return self.compressed(src, guest, end, sector);
@@ -770,22 +775,22 @@ impl Sparse {
         // number of table lookups.
         let mut steps = 0u32;
         while run_end < end && steps < MAX_STEPS {
-            steps += 1;
-            let (next, next_last, next_end) = self.grain(src, run_end / gb)?;
+            steps = steps.saturating_add(1);
+            let (next, next_last, next_end) = self.grain(src, grain_of(run_end)?)?;
             if !continues(last, next, self.hdr.grain_size) {
                 break;
             }
             last = next_last;
             run_end = next_end;
         }
-        let len = run_end.min(end) - guest;
+        let len = run_end.min(end).saturating_sub(guest);
         let kind = match first {
             Grain::Unallocated => ExtentKind::Unallocated,
             Grain::Zero => ExtentKind::Zero,
             Grain::At(sector) => {
                 let host = sector
                     .checked_mul(SECTOR)
-                    .and_then(|h| h.checked_add(guest % gb))
+                    .and_then(|h| h.checked_add(guest.checked_rem(gb)?))
                     .ok_or_else(|| {
                         Error::corrupt("grain offset overflows").code("vmdk.gt-entry-out-of-bounds")
                     })?;
