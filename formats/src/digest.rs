@@ -366,8 +366,8 @@ mod tests {
     }
 
     /// An empty disk whose mapping ends every extent at a 512 MiB boundary, like qcow2's.
-    struct Empty(crate::ImageInfo, Source);
-    impl crate::Image for Empty {
+    struct Empty(crate::image::ImageInfo, Source);
+    impl crate::image::Image for Empty {
         fn core(&self) -> crate::ImageCore<'_> {
             crate::ImageCore {
                 info: &self.0,
@@ -375,11 +375,11 @@ mod tests {
                 source: &self.1,
             }
         }
-        fn extent_at(&self, guest: u64, span: u64) -> Result<crate::Extent> {
-            Ok(crate::Extent {
+        fn extent_at(&self, guest: u64, span: u64) -> Result<crate::image::Extent> {
+            Ok(crate::image::Extent {
                 start: guest,
                 len: span.min((512 << 20) - guest % (512 << 20)),
-                kind: crate::ExtentKind::Unallocated,
+                kind: crate::image::ExtentKind::Unallocated,
             })
         }
     }
@@ -389,7 +389,7 @@ mod tests {
         // 1 TiB + 100 bytes: 2049 extents, 16 million blocks.
         let size = (1u64 << 40) + 100;
         let img = Empty(
-            crate::ImageInfo::new(Format::Qcow2, size),
+            crate::image::ImageInfo::new(Format::Qcow2, size),
             Arc::new(Vec::new()),
         );
         let r = GuestReader::new(Arc::new(img), &Limits::default());

@@ -20,7 +20,7 @@ pub enum ErrorKind {
     Unsupported,
     /// Structures disagree with each other (tables overlap, checksums fail, ...).
     Corrupt,
-    /// A declared size exceeds the caller's [`crate::Limits`].
+    /// A declared size exceeds the caller's [`crate::limits::Limits`].
     LimitExceeded,
     /// The image asks for something dangerous (a reference to another file, ...).
     Unsafe,

@@ -65,7 +65,7 @@ impl Finding {
         self
     }
     /// A rejecting finding made from an error that stopped parsing.
-    pub fn from_error(err: &crate::Error) -> Self {
+    pub fn from_error(err: &crate::error::Error) -> Self {
         Finding {
             code: err.finding_code(),
             severity: Severity::Reject,
@@ -104,7 +104,7 @@ impl Findings {
     }
 
     /// Adds the rejecting finding for an error that stopped one part of a check.
-    pub fn error(&mut self, e: &crate::Error) {
+    pub fn error(&mut self, e: &crate::error::Error) {
         self.push(Finding::from_error(e));
     }
 

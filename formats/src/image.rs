@@ -235,7 +235,7 @@ impl dyn Image + '_ {
             // bound), but its start may not.
             let size = self.source().size()?;
             if host >= size {
-                return Err(crate::Error::corrupt(format!(
+                return Err(crate::error::Error::corrupt(format!(
                     "mapping at {guest:#x} returned compressed data at {host:#x}, past the end of the source ({size} bytes)"
                 ))
                 .at(host));
@@ -253,7 +253,7 @@ impl dyn Image + '_ {
 fn mapping_span(guest: u64, max_len: u64, virtual_size: u64) -> Result<u64> {
     match virtual_size.checked_sub(guest) {
         Some(room) if room > 0 && max_len > 0 => Ok(max_len.min(room)),
-        _ => Err(crate::Error::invalid(format!(
+        _ => Err(crate::error::Error::invalid(format!(
             "guest offset {guest:#x} (length {max_len}) is outside the virtual disk ({virtual_size} bytes)"
         ))),
     }
@@ -269,7 +269,7 @@ pub fn validate_extent(e: &Extent, guest: u64, max_len: u64, virtual_size: u64) 
     let end = e.start.checked_add(e.len);
     if e.start != guest || e.len == 0 || e.len > max_len || end.is_none_or(|end| end > virtual_size)
     {
-        return Err(crate::Error::corrupt(format!(
+        return Err(crate::error::Error::corrupt(format!(
             "mapping at {guest:#x} returned {}+{} (max {max_len}, size {virtual_size})",
             e.start, e.len
         )));
@@ -284,7 +284,7 @@ pub fn validate_extent(e: &Extent, guest: u64, max_len: u64, virtual_size: u64) 
         // A unit is decompressed whole and the extent cut out of it: the extent must lie
         // inside the unit (so `skip < unit_size`), and the unit must store some bytes.
         if skip.checked_add(e.len).is_none_or(|end| end > unit_size) || stored_len == 0 {
-            return Err(crate::Error::corrupt(format!(
+            return Err(crate::error::Error::corrupt(format!(
                 "mapping at {guest:#x} returned compressed {}+{} at {skip} of a {unit_size}-byte unit stored in {stored_len} bytes",
                 e.start, e.len
             )));
@@ -296,7 +296,7 @@ pub fn validate_extent(e: &Extent, guest: u64, max_len: u64, virtual_size: u64) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorKind;
+    use crate::error::ErrorKind;
     use std::sync::{Arc, Mutex};
 
     /// An image that answers every request with `answer(guest, span)` and records the spans it
@@ -330,7 +330,7 @@ mod tests {
 
     fn fixed(kind: ExtentKind, extra: u64) -> Fixed {
         Fixed {
-            info: ImageInfo::new(crate::Format::Raw, 1000),
+            info: ImageInfo::new(crate::format::Format::Raw, 1000),
             src: Arc::new(vec![0u8; 100]),
             kind,
             extra,

@@ -253,7 +253,7 @@ pub fn open_path(path: &std::path::Path, access: Access) -> Result<Opened> {
 /// message rather than a source, so that a chain printer does not repeat it.
 fn open_error(shown: &dyn std::fmt::Display, e: &io::Error) -> Error {
     Error::new(
-        crate::ErrorKind::Io,
+        crate::error::ErrorKind::Io,
         format!("{shown}: cannot open: {}", os_message(e)),
     )
 }
@@ -445,8 +445,8 @@ impl<R: ReadAt + ?Sized> ReadAt for Window<R> {
 ///
 /// # Errors
 /// `Io` from the hole queries.
-pub fn linear_extent(src: &dyn ReadAt, guest: u64, end: u64) -> Result<crate::Extent> {
-    use crate::ExtentKind;
+pub fn linear_extent(src: &dyn ReadAt, guest: u64, end: u64) -> Result<crate::image::Extent> {
+    use crate::image::ExtentKind;
     let end = end.max(guest.saturating_add(1));
     let (len, kind) = match src.next_data(guest)? {
         None => (end.saturating_sub(guest), ExtentKind::Zero),
@@ -456,7 +456,7 @@ pub fn linear_extent(src: &dyn ReadAt, guest: u64, end: u64) -> Result<crate::Ex
             (hole.saturating_sub(guest), ExtentKind::Data { host: guest })
         }
     };
-    Ok(crate::Extent {
+    Ok(crate::image::Extent {
         start: guest,
         len,
         kind,
@@ -468,7 +468,7 @@ pub fn linear_extent(src: &dyn ReadAt, guest: u64, end: u64) -> Result<crate::Ex
 /// filesystems, and the pipeline asks once per chunk).
 #[derive(Default)]
 pub struct LinearMap {
-    recent: std::sync::Mutex<Vec<crate::Extent>>,
+    recent: std::sync::Mutex<Vec<crate::image::Extent>>,
 }
 
 impl LinearMap {
@@ -485,9 +485,9 @@ impl LinearMap {
         guest: u64,
         end: u64,
         limit: u64,
-    ) -> Result<crate::Extent> {
-        use crate::ExtentKind;
-        let clip = |e: &crate::Extent| {
+    ) -> Result<crate::image::Extent> {
+        use crate::image::ExtentKind;
+        let clip = |e: &crate::image::Extent| {
             let len = e.end().min(end).saturating_sub(guest).max(1);
             let kind = match e.kind {
                 ExtentKind::Data { host } => ExtentKind::Data {
@@ -495,7 +495,7 @@ impl LinearMap {
                 },
                 k => k,
             };
-            crate::Extent {
+            crate::image::Extent {
                 start: guest,
                 len,
                 kind,
@@ -653,7 +653,7 @@ mod tests {
         let e = open_path(dir.path(), Access::Random).unwrap_err();
         assert_eq!(e.finding_code(), "source.directory");
         let e = open_path(&dir.path().join("missing"), Access::Random).unwrap_err();
-        assert_eq!(e.kind(), crate::ErrorKind::Io);
+        assert_eq!(e.kind(), crate::error::ErrorKind::Io);
         assert_eq!(e.to_string().matches("missing").count(), 1, "{e}");
         assert!(!e.to_string().contains("os error"), "{e}");
         let file = dir.path().join("f");
@@ -671,11 +671,11 @@ mod tests {
         assert_eq!(read_vec(&data, 0, 16, &b, "t").unwrap(), vec![7; 16]);
         assert_eq!(
             read_vec(&data, 60, 16, &b, "t").unwrap_err().kind(),
-            crate::ErrorKind::Truncated
+            crate::error::ErrorKind::Truncated
         );
         assert_eq!(
             read_vec(&data, 0, 32, &b, "t").unwrap_err().kind(),
-            crate::ErrorKind::LimitExceeded
+            crate::error::ErrorKind::LimitExceeded
         );
     }
 }

@@ -91,7 +91,7 @@ const BACKING_CODES: &[&str] = &["qcow2.backing-file", "vmdk.parent", "vhdx.diff
 /// # Security
 /// Never opens a file the image names. Reads metadata only, within `limits`.
 pub fn inspect(src: Source, policy: &Policy, limits: &Limits) -> Result<Report> {
-    let detection = crate::detect(src.as_ref())?;
+    let detection = crate::detect::detect(src.as_ref())?;
     inspect_detected(src, detection, policy, limits)
 }
 
@@ -401,7 +401,7 @@ mod tests {
             ..Policy::default()
         };
         let r = inspect(src.clone(), &p, &Limits::default()).unwrap();
-        let det = crate::detect(src.as_ref()).unwrap();
+        let det = crate::detect::detect(src.as_ref()).unwrap();
         let img = crate::open(src, det.format(), &Limits::default()).unwrap();
         let f = inspect_image(img.as_ref(), &det, &p, &Limits::default()).unwrap();
         assert_eq!(f, r.findings);

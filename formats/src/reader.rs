@@ -359,8 +359,8 @@ mod tests {
 
     /// An image whose one extent is a compressed unit of absurd size.
     struct Absurd {
-        src: crate::Source,
-        info: crate::ImageInfo,
+        src: crate::io::Source,
+        info: crate::image::ImageInfo,
     }
     impl Image for Absurd {
         fn core(&self) -> crate::ImageCore<'_> {
@@ -390,12 +390,12 @@ mod tests {
     fn an_absurd_compressed_unit_is_a_limit_error_not_a_panic_or_allocation() {
         let img = Absurd {
             src: Arc::new(vec![0u8; 4096]),
-            info: crate::ImageInfo::new(crate::Format::Qcow2, 1 << 20),
+            info: crate::image::ImageInfo::new(crate::format::Format::Qcow2, 1 << 20),
         };
         let r = GuestReader::new(Arc::new(img), &Limits::default());
         let mut buf = [0u8; 512];
         let e = r.read_at(&mut buf, 0).unwrap_err();
-        assert_eq!(e.kind(), crate::ErrorKind::LimitExceeded);
+        assert_eq!(e.kind(), crate::error::ErrorKind::LimitExceeded);
     }
 
     #[test]

@@ -170,7 +170,7 @@ pub fn read_held(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorKind;
+    use crate::error::ErrorKind;
 
     fn spec(offset: u64, entries: u64) -> TableSpec<'static> {
         TableSpec {

@@ -408,7 +408,7 @@ mod tests {
         assert_eq!(img.info().virtual_size, 32 * 2048);
         assert_eq!(img.info().details["volume-id"], "TESTVOL");
         let e = (&img as &dyn Image).mapping(100, u64::MAX).unwrap();
-        crate::validate_extent(&e, 100, u64::MAX, 32 * 2048).unwrap();
+        crate::image::validate_extent(&e, 100, u64::MAX, 32 * 2048).unwrap();
         assert_eq!(e.len, 32 * 2048 - 100);
     }
 

@@ -432,7 +432,7 @@ mod tests {
         assert!(img.info().encrypted);
         assert_eq!(
             (&img as &dyn Image).mapping(0, 1).unwrap_err().kind(),
-            crate::ErrorKind::Unsupported
+            crate::error::ErrorKind::Unsupported
         );
     }
 

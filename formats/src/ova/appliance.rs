@@ -66,7 +66,7 @@ pub fn read_dir(path: &Path, limits: &Limits) -> Result<Appliance> {
 /// # Errors
 /// `Io`.
 pub fn not_a_tar(src: &dyn ReadAt) -> Result<Option<Format>> {
-    let det = crate::detect(src)?;
+    let det = crate::detect::detect(src)?;
     let mut magic = [0u8; 5];
     let ustar = src.read_exact_at(&mut magic, 257).is_ok() && &magic == b"ustar";
     Ok((!ustar && !det.matches.contains(&Format::Ova)).then(|| det.format()))

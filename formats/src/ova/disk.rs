@@ -95,7 +95,7 @@ fn replay(e: &Error) -> Error {
 /// # Errors
 /// `Unsafe` (`ova.disk-format`) for a nested OVA; `Io`.
 pub(super) fn detect_disk(src: &dyn ReadAt, disk: usize) -> Result<Detection> {
-    let det = crate::detect(src)?;
+    let det = crate::detect::detect(src)?;
     if det.matches.contains(&Format::Ova) {
         return Err(Error::unsafe_(format!("disk {disk} is itself an OVA")).code("ova.disk-format"));
     }

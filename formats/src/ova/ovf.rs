@@ -69,18 +69,18 @@ impl DiskDesc {
     }
 
     /// The glimpse format the URL names, when it names one.
-    pub fn declared_format(&self) -> Option<crate::Format> {
+    pub fn declared_format(&self) -> Option<crate::format::Format> {
         let url = self.format_url.as_deref()?.to_ascii_lowercase();
         if url.contains("vmdk") {
-            Some(crate::Format::Vmdk)
+            Some(crate::format::Format::Vmdk)
         } else if url.contains("qcow") {
-            Some(crate::Format::Qcow2)
+            Some(crate::format::Format::Qcow2)
         } else if url.contains("vhdx") {
-            Some(crate::Format::Vhdx)
+            Some(crate::format::Format::Vhdx)
         } else if url.contains("vhd") {
-            Some(crate::Format::Vhd)
+            Some(crate::format::Format::Vhd)
         } else if url.contains("vdi") {
-            Some(crate::Format::Vdi)
+            Some(crate::format::Format::Vdi)
         } else {
             None
         }

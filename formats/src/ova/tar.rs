@@ -647,7 +647,7 @@ mod tests {
             )
             .unwrap_err()
             .kind(),
-            crate::ErrorKind::Truncated
+            crate::error::ErrorKind::Truncated
         );
         a[0] ^= 1;
         let e = walk(&a, &Budget::new(1 << 20), WalkOptions::default()).unwrap_err();

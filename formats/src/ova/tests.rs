@@ -192,7 +192,7 @@ fn the_gate_reads_the_archive_once_and_opens_each_disk_once() {
     let watched = vec![disk1 - 512, o.members[0].offset, disk1 + 16 * 2048];
     let counting = Arc::new(Counting::new(bytes, watched));
     let src: Source = counting.clone();
-    let det = crate::detect(src.as_ref()).unwrap();
+    let det = crate::detect::detect(src.as_ref()).unwrap();
     counting.reset();
     let policy = crate::policy::Policy::default();
     let limits = Limits::default();

@@ -314,7 +314,11 @@ fn header_findings(h: &Header, size: u64) -> Vec<Finding> {
 impl ParallelsImage {
     /// Reads the format extension cluster, as qemu does on a read-only open, and turns what
     /// qemu would refuse into findings.
-    fn read_extension(&mut self, budget: &crate::Budget, out: &mut Vec<Finding>) -> Result<()> {
+    fn read_extension(
+        &mut self,
+        budget: &crate::limits::Budget,
+        out: &mut Vec<Finding>,
+    ) -> Result<()> {
         if self.header.ext_off == 0 {
             return Ok(());
         }

@@ -6,8 +6,8 @@ use md5::{Digest, Md5};
 
 use super::header::{EXT_MAGIC, FEATURE_DIRTY_BITMAP};
 use super::*;
+use crate::error::ErrorKind;
 use crate::reader::GuestReader;
-use crate::ErrorKind;
 
 const CS: usize = 4096;
 
@@ -59,7 +59,10 @@ fn read_all(img: ParallelsImage) -> Vec<u8> {
 #[test]
 fn maps_coalesces_and_reads() {
     let b = build(&[1, 2, 0, 0, 4, 3], 6 * 8 + 3);
-    assert_eq!(crate::detect(&b).unwrap().matches, [Format::Parallels]);
+    assert_eq!(
+        crate::detect::detect(&b).unwrap().matches,
+        [Format::Parallels]
+    );
     let img = open_bytes(&b).unwrap();
     assert_eq!(img.info().virtual_size, (6 * 8 + 3) * 512);
     assert_eq!(img.info().cluster_size, Some(CS as u64));
@@ -70,7 +73,7 @@ fn maps_coalesces_and_reads() {
     let mut ext = Vec::new();
     while pos < img.info().virtual_size {
         let e = (&img as &dyn Image).mapping(pos, u64::MAX).unwrap();
-        crate::validate_extent(&e, pos, u64::MAX, img.info().virtual_size).unwrap();
+        crate::image::validate_extent(&e, pos, u64::MAX, img.info().virtual_size).unwrap();
         pos = e.end();
         ext.push((e.len, e.kind));
     }
@@ -281,7 +284,7 @@ fn the_format_extension_is_read_and_checked() {
 fn a_ploop_descriptor_is_detected_and_refused_naming_its_files() {
     let xml = b"<?xml version='1.0' encoding='UTF-8'?>\n<Parallels_disk_image Version=\"1.0\">\n  <StorageData><Storage><Image><File>root.hds</File></Image><Image><File>/etc/shadow</File></Image></Storage></StorageData>\n</Parallels_disk_image>\n";
     assert_eq!(
-        crate::detect(&xml.to_vec()).unwrap().matches,
+        crate::detect::detect(&xml.to_vec()).unwrap().matches,
         [Format::Parallels]
     );
     let e = open_bytes(xml).err().unwrap();
@@ -298,7 +301,7 @@ fn a_ploop_descriptor_is_detected_and_refused_naming_its_files() {
     assert!(!is_descriptor(
         b"<?xml version='1.0'?><a><Parallels_disk_image/></a>"
     ));
-    assert!(crate::detect(&b"WithoutFreeSpac".to_vec())
+    assert!(crate::detect::detect(&b"WithoutFreeSpac".to_vec())
         .unwrap()
         .matches
         .is_empty());

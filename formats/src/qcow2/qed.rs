@@ -157,7 +157,7 @@ mod tests {
             .expect("qemu-img must be installed");
         assert!(st.success());
         let f = std::fs::File::open(&p).unwrap();
-        let det = crate::detect(&f).unwrap();
+        let det = crate::detect::detect(&f).unwrap();
         assert_eq!(det.matches, vec![Format::Qed]);
         let img = open(Arc::new(f), &Limits::default()).unwrap();
         assert_eq!(img.info().virtual_size, 3 << 20);

@@ -78,7 +78,7 @@ impl Image for RawImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ExtentKind;
+    use crate::image::ExtentKind;
     use std::io::{Seek, SeekFrom, Write};
     use std::sync::Arc;
 
@@ -88,7 +88,7 @@ mod tests {
         let img = open(Arc::new(xml.to_vec()), &Limits::default()).unwrap();
         let codes: Vec<&str> = img.findings().iter().map(|f| f.code).collect();
         assert_eq!(codes, ["raw.ovf-descriptor"]);
-        assert_eq!(img.findings()[0].severity, crate::Severity::Reject);
+        assert_eq!(img.findings()[0].severity, crate::finding::Severity::Reject);
         // Markup without the namespace, or the namespace after binary bytes, is just data.
         for data in [
             &b"<html><Envelope/></html>"[..],
@@ -111,7 +111,7 @@ mod tests {
         let mut data = 0;
         while pos < img.info().virtual_size {
             let e = (&img as &dyn Image).mapping(pos, u64::MAX).unwrap();
-            crate::validate_extent(&e, pos, u64::MAX, 3 << 20).unwrap();
+            crate::image::validate_extent(&e, pos, u64::MAX, 3 << 20).unwrap();
             if let ExtentKind::Data { host } = e.kind {
                 assert_eq!(host, pos);
                 data += e.len;

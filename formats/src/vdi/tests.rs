@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::error::ErrorKind;
 use crate::reader::GuestReader;
-use crate::ErrorKind;
 
 const MIB: u64 = 1 << 20;
 
@@ -62,7 +62,7 @@ fn maps_coalesces_and_reads() {
     put32(&mut b, 388, 5);
     b.extend(std::iter::repeat_n(5u8, MIB as usize)); // block 4
     let img = open_bytes(&b).unwrap();
-    assert!(crate::detect(&b).unwrap().matches == [Format::Vdi]);
+    assert!(crate::detect::detect(&b).unwrap().matches == [Format::Vdi]);
     assert_eq!(
         img.info().virtual_size,
         8 * MIB,
@@ -75,7 +75,7 @@ fn maps_coalesces_and_reads() {
     let mut ext = Vec::new();
     while pos < img.info().virtual_size {
         let e = (&img as &dyn Image).mapping(pos, u64::MAX).unwrap();
-        crate::validate_extent(&e, pos, u64::MAX, 8 * MIB).unwrap();
+        crate::image::validate_extent(&e, pos, u64::MAX, 8 * MIB).unwrap();
         pos = e.end();
         ext.push((e.len / MIB, e.kind));
     }

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use super::footer::{geometry, DYN_CHECKSUM_AT, FOOTER_CHECKSUM_AT};
 use super::*;
+use crate::error::ErrorKind;
 use crate::reader::GuestReader;
-use crate::ErrorKind;
 
 const BLOCK: u64 = 1 << 16;
 
@@ -110,7 +110,7 @@ fn walk(img: &dyn Image) -> Vec<Extent> {
     let mut out = Vec::new();
     while pos < size {
         let e = img.mapping(pos, u64::MAX).unwrap();
-        crate::validate_extent(&e, pos, u64::MAX, size).unwrap();
+        crate::image::validate_extent(&e, pos, u64::MAX, size).unwrap();
         pos = e.end();
         out.push(e);
     }
@@ -169,7 +169,7 @@ fn sector_bitmap_clear_bits_are_unallocated() {
 fn probe_finds_fixed_footer_in_the_last_sector() {
     let mut b = vec![7u8; 4096];
     b.extend(footer(TYPE_FIXED, 4096, b"qem2", u64::MAX));
-    let det = crate::detect(&b).unwrap();
+    let det = crate::detect::detect(&b).unwrap();
     assert_eq!(det.matches, [Format::Vhd]);
     let img = open(Arc::new(b.clone()), &Limits::default()).unwrap();
     assert_eq!(img.info().virtual_size, 4096);
@@ -185,7 +185,7 @@ fn probe_finds_fixed_footer_in_the_last_sector() {
 
     // The old 511-byte footer.
     b.pop();
-    assert_eq!(crate::detect(&b).unwrap().matches, [Format::Vhd]);
+    assert_eq!(crate::detect::detect(&b).unwrap().matches, [Format::Vhd]);
     assert_eq!(
         open(Arc::new(b), &Limits::default())
             .unwrap()

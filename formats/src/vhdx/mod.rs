@@ -64,7 +64,7 @@ pub fn probe(p: &Probe<'_>) -> bool {
 /// # Errors
 /// As [`read_vec`].
 fn read_held(
-    src: &dyn crate::ReadAt,
+    src: &dyn crate::io::ReadAt,
     offset: u64,
     len: u64,
     budget: &Budget,
@@ -149,7 +149,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdxImage> {
 /// The file identifier and the current header (the valid one with the higher sequence
 /// number), with the creator string the identifier holds.
 fn read_headers(
-    r: &dyn crate::ReadAt,
+    r: &dyn crate::io::ReadAt,
     budget: &Budget,
     findings: &mut Vec<Finding>,
 ) -> Result<(header::Header, String)> {
@@ -187,7 +187,7 @@ fn read_headers(
 /// The region table in use: table 1 as qemu reads it, or table 2 (rejected) when only it is
 /// valid. Returns the parsed table and its offset.
 fn read_region_table(
-    r: &dyn crate::ReadAt,
+    r: &dyn crate::io::ReadAt,
     budget: &Budget,
     findings: &mut Vec<Finding>,
 ) -> Result<(region::RegionTable, u64)> {
@@ -320,7 +320,7 @@ fn place_regions(
 
 /// The metadata table and items, with findings for sizes qemu accepts but the spec does not.
 fn read_metadata(
-    r: &dyn crate::ReadAt,
+    r: &dyn crate::io::ReadAt,
     md_region: &region::Region,
     table_at: u64,
     budget: &Budget,
@@ -372,7 +372,7 @@ fn read_metadata(
 
 /// Reads the BAT: as many entries as the geometry needs, within the BAT region.
 fn read_bat(
-    r: &dyn crate::ReadAt,
+    r: &dyn crate::io::ReadAt,
     bat_region: &region::Region,
     geo: &Geometry,
     table_at: u64,

@@ -4,7 +4,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use super::*;
-use crate::ErrorKind;
+use crate::error::ErrorKind;
 
 fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img")
@@ -50,7 +50,7 @@ fn open_v(v: Vec<u8>) -> Result<VhdxImage> {
     open(Arc::new(v), &Limits::default())
 }
 
-fn codes(img: &VhdxImage) -> Vec<(&'static str, crate::Severity)> {
+fn codes(img: &VhdxImage) -> Vec<(&'static str, crate::finding::Severity)> {
     img.findings()
         .iter()
         .map(|f| (f.code, f.severity))
@@ -155,7 +155,7 @@ fn header_checksum_one_bad_warns_both_bad_rejects() {
     let img = open_v(v.clone()).unwrap();
     assert_eq!(
         codes(&img),
-        vec![("vhdx.header-checksum", crate::Severity::Warn)]
+        vec![("vhdx.header-checksum", crate::finding::Severity::Warn)]
     );
     v[usize::try_from(HEADER2_OFFSET).unwrap() + 100] ^= 1;
     assert_eq!(
@@ -187,14 +187,14 @@ fn region_checksum() {
     let img = open_v(v.clone()).unwrap();
     assert_eq!(
         codes(&img),
-        vec![("vhdx.region-checksum", crate::Severity::Warn)]
+        vec![("vhdx.region-checksum", crate::finding::Severity::Warn)]
     );
     let mut v1 = base;
     v1[usize::try_from(REGION1_OFFSET).unwrap() + 1000] ^= 1;
     let img = open_v(v1).unwrap();
     assert_eq!(
         codes(&img),
-        vec![("vhdx.region-checksum", crate::Severity::Reject)]
+        vec![("vhdx.region-checksum", crate::finding::Severity::Reject)]
     );
     v[usize::try_from(REGION1_OFFSET).unwrap() + 1000] ^= 1;
     assert_eq!(
@@ -207,7 +207,7 @@ fn region_checksum() {
     let img = open_v(v).unwrap();
     assert_eq!(
         codes(&img),
-        vec![("vhdx.region-table", crate::Severity::Warn)]
+        vec![("vhdx.region-table", crate::finding::Severity::Warn)]
     );
 }
 
@@ -279,7 +279,7 @@ fn overlap_finding(v: Vec<u8>) -> Option<String> {
         .iter()
         .find(|f| f.code == "vhdx.metadata-overlap")
         .map(|f| {
-            assert_eq!(f.severity, crate::Severity::Reject);
+            assert_eq!(f.severity, crate::finding::Severity::Reject);
             f.message.clone()
         })
 }
@@ -358,7 +358,9 @@ fn set_bat(v: &mut [u8], i: u64, entry: u64) {
 /// its `check` findings, each a rejection.
 fn check_codes(img: &VhdxImage) -> Vec<&'static str> {
     let found = (img as &dyn Image).check(&Limits::default()).unwrap();
-    assert!(found.iter().all(|f| f.severity == crate::Severity::Reject));
+    assert!(found
+        .iter()
+        .all(|f| f.severity == crate::finding::Severity::Reject));
     found.iter().map(|f| f.code).collect()
 }
 
@@ -598,7 +600,7 @@ fn log_not_empty() {
     let img = open_v(v).unwrap();
     assert_eq!(
         codes(&img),
-        vec![("vhdx.log-not-empty", crate::Severity::Reject)]
+        vec![("vhdx.log-not-empty", crate::finding::Severity::Reject)]
     );
     assert_eq!(img.info().details["log-state"], "non-empty");
     assert_eq!(
@@ -666,7 +668,7 @@ fn differencing() {
     let img = open_v(v).unwrap();
     assert_eq!(
         codes(&img),
-        vec![("vhdx.differencing", crate::Severity::Reject)]
+        vec![("vhdx.differencing", crate::finding::Severity::Reject)]
     );
     let refs = &img.info().references;
     assert_eq!(refs.len(), 1);
@@ -709,7 +711,7 @@ fn mapping_coalesces_and_is_bounded() {
     let mut got = Vec::new();
     while pos < 8 << 20 {
         let e = (&img as &dyn Image).mapping(pos, u64::MAX).unwrap();
-        crate::validate_extent(&e, pos, u64::MAX, 8 << 20).unwrap();
+        crate::image::validate_extent(&e, pos, u64::MAX, 8 << 20).unwrap();
         got.push((
             e.start >> 20,
             e.len >> 20,
@@ -853,7 +855,7 @@ mod prop {
             let mut pos = 0;
             while pos < size {
                 let e = (&img as &dyn Image).mapping(pos, max).unwrap();
-                crate::validate_extent(&e, pos, max, size).unwrap();
+                crate::image::validate_extent(&e, pos, max, size).unwrap();
                 // Every block the extent touches has the extent's kind.
                 let mut b = e.start / bs;
                 while b * bs < e.end() {
@@ -884,7 +886,7 @@ struct Patched {
     patches: Vec<(usize, u8)>,
 }
 
-impl crate::ReadAt for Patched {
+impl crate::io::ReadAt for Patched {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         let n = self.base.as_slice().read_at(buf, offset)?;
         let off = usize::try_from(offset).unwrap_or(usize::MAX);
@@ -971,7 +973,7 @@ fn random_mutations_never_panic() {
             let Ok(e) = img.mapping(pos, u64::MAX) else {
                 break;
             };
-            crate::validate_extent(&e, pos, u64::MAX, size).unwrap();
+            crate::image::validate_extent(&e, pos, u64::MAX, size).unwrap();
             let n = usize::try_from(e.len.min(4096)).unwrap();
             let _ = reader.read_at(&mut buf[..n], pos);
             pos = e.end();

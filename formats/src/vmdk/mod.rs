@@ -100,7 +100,7 @@ pub fn probe(p: &Probe<'_>) -> bool {
 /// # Errors
 /// As [`read_vec`].
 fn read_held(
-    src: &dyn crate::ReadAt,
+    src: &dyn crate::io::ReadAt,
     offset: u64,
     len: u64,
     budget: &Budget,
@@ -551,7 +551,7 @@ fn read_embedded(
             "embedded VMDK descriptor",
         )
         .map_err(|e| {
-            if e.kind() == crate::ErrorKind::Truncated {
+            if e.kind() == crate::error::ErrorKind::Truncated {
                 e.code("vmdk.descriptor-offset")
             } else {
                 e
@@ -709,7 +709,7 @@ impl Sparse {
     /// the last grain of the uniform run it starts inside its grain table (the same kind;
     /// for data, host-contiguous grains), and the guest end of that run. A missing grain
     /// table is one run. Work is bounded by one table (at most 512 entries).
-    fn grain(&self, src: &dyn crate::ReadAt, g: u64) -> Result<(Grain, Grain, u64)> {
+    fn grain(&self, src: &dyn crate::io::ReadAt, g: u64) -> Result<(Grain, Grain, u64)> {
         let per = u64::from(self.hdr.gtes_per_gt);
         let gb = self.hdr.grain_bytes();
         // `per` is at least 1 (the header is validated at open).
@@ -757,7 +757,7 @@ impl Sparse {
 
     /// What backs guest bytes from `guest`, for at most `span` bytes (already clamped to the
     /// capacity by the mapping entry point).
-    fn extent_at(&self, src: &dyn crate::ReadAt, guest: u64, span: u64) -> Result<Extent> {
+    fn extent_at(&self, src: &dyn crate::io::ReadAt, guest: u64, span: u64) -> Result<Extent> {
         let end = guest.saturating_add(span);
         let gb = self.hdr.grain_bytes();
         // The grain size is at least one sector (checked at open).
@@ -814,7 +814,7 @@ impl Sparse {
     /// A compressed grain: read its marker for the stored length.
     fn compressed(
         &self,
-        src: &dyn crate::ReadAt,
+        src: &dyn crate::io::ReadAt,
         guest: u64,
         end: u64,
         sector: u64,
@@ -855,7 +855,7 @@ fn continues(last: Grain, next: Grain, grain_sectors: u64) -> bool {
 /// `Corrupt` (`vmdk.gt-entry-out-of-bounds`) when the grain passes the end of the file,
 /// (`vmdk.grain-marker`) when the marker is not this grain's.
 pub(crate) fn grain_marker(
-    src: &dyn crate::ReadAt,
+    src: &dyn crate::io::ReadAt,
     hdr: &SparseHeader,
     file_size: u64,
     g: u64,

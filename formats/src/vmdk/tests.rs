@@ -4,8 +4,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use super::*;
+use crate::error::ErrorKind;
 use crate::reader::GuestReader;
-use crate::ErrorKind;
 
 const CAP: u64 = 10240; // sectors: 5 MiB, 80 grains of 64 KiB
 const GRAIN: usize = 65536;
@@ -149,7 +149,7 @@ fn read_all(img: VmdkImage) -> Vec<u8> {
     let mut pos = 0;
     while pos < vsize {
         let e = arc.mapping(pos, u64::MAX).unwrap();
-        crate::validate_extent(&e, pos, u64::MAX, vsize).unwrap();
+        crate::image::validate_extent(&e, pos, u64::MAX, vsize).unwrap();
         pos = e.end();
     }
     let r = GuestReader::new(arc, &Limits::default());
@@ -503,7 +503,7 @@ fn warnings_for_extent_size_and_unclean_shutdown() {
         .iter()
         .find(|f| f.code == "vmdk.extent-size")
         .unwrap();
-    assert_eq!(f.severity, crate::Severity::Warn);
+    assert_eq!(f.severity, crate::finding::Severity::Warn);
     let mut b = sparse();
     b[72] = 1;
     let img = open_bytes(b).unwrap();
@@ -512,7 +512,7 @@ fn warnings_for_extent_size_and_unclean_shutdown() {
         .iter()
         .find(|f| f.code == "vmdk.unclean-shutdown")
         .unwrap();
-    assert_eq!(f.severity, crate::Severity::Warn);
+    assert_eq!(f.severity, crate::finding::Severity::Warn);
 }
 
 #[test]
@@ -550,7 +550,8 @@ fn redundant_tables_must_agree() {
     let f = img.check(&Limits::default()).unwrap();
     assert!(
         f.iter()
-            .any(|f| f.code == "vmdk.redundant-mismatch" && f.severity == crate::Severity::Warn),
+            .any(|f| f.code == "vmdk.redundant-mismatch"
+                && f.severity == crate::finding::Severity::Warn),
         "{f:?}"
     );
     // A grain on top of the redundant grain table is into metadata.
