@@ -213,11 +213,7 @@ mod tests {
 
     impl Image for Listed {
         fn core(&self) -> ImageCore<'_> {
-            ImageCore {
-                info: &self.info,
-                findings: &[] as &[Finding],
-                source: &self.src,
-            }
+            ImageCore::new(&self.info, &[] as &[Finding], &self.src)
         }
         fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
             if self.fail_at == Some(guest) {

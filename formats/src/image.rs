@@ -164,6 +164,17 @@ pub struct ImageCore<'a> {
     pub source: &'a Source,
 }
 
+impl<'a> ImageCore<'a> {
+    /// The view of an image's `info`, `findings` and `source`.
+    pub fn new(info: &'a ImageInfo, findings: &'a [Finding], source: &'a Source) -> Self {
+        ImageCore {
+            info,
+            findings,
+            source,
+        }
+    }
+}
+
 /// An opened image.
 ///
 /// Formats implement [`Image::core`] and [`Image::extent_at`]; callers ask
@@ -312,11 +323,7 @@ mod tests {
 
     impl Image for Fixed {
         fn core(&self) -> ImageCore<'_> {
-            ImageCore {
-                info: &self.info,
-                findings: &[],
-                source: &self.src,
-            }
+            ImageCore::new(&self.info, &[], &self.src)
         }
         fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
             self.asked.lock().unwrap().push((guest, span));

@@ -364,11 +364,7 @@ mod tests {
     }
     impl Image for Absurd {
         fn core(&self) -> crate::ImageCore<'_> {
-            crate::ImageCore {
-                info: &self.info,
-                findings: &[],
-                source: &self.src,
-            }
+            crate::ImageCore::new(&self.info, &[], &self.src)
         }
         fn extent_at(&self, guest: u64, len: u64) -> Result<Extent> {
             let kind = ExtentKind::Compressed {

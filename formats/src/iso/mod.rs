@@ -357,11 +357,7 @@ fn hybrid(
 
 impl Image for IsoImage {
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: &self.src,
-        }
+        ImageCore::new(&self.info, &self.findings, &self.src)
     }
     fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         // The virtual size is the file size at open; a file that shrank since is truncated.

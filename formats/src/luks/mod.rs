@@ -388,11 +388,7 @@ fn luks2_segment(json: &serde_json::Value, hdr_size: u64, info: &mut ImageInfo) 
 
 impl Image for LuksImage {
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: &self.src,
-        }
+        ImageCore::new(&self.info, &self.findings, &self.src)
     }
     fn extent_at(&self, guest: u64, _span: u64) -> Result<Extent> {
         Err(Error::unsupported("LUKS guest data is encrypted and cannot be mapped").at(guest))

@@ -190,11 +190,7 @@ impl Image for OvaImage {
     /// The source is the disk's (a window onto its member), which its extents' host offsets
     /// are in.
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: self.inner.source(),
-        }
+        ImageCore::new(&self.info, &self.findings, self.inner.source())
     }
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
         let mut out = self.ova.verify_manifest()?;

@@ -419,11 +419,7 @@ impl ParallelsImage {
 
 impl Image for ParallelsImage {
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: &self.src,
-        }
+        ImageCore::new(&self.info, &self.findings, &self.src)
     }
 
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {

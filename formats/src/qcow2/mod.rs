@@ -582,11 +582,7 @@ impl Qcow2Image {
 
 impl Image for Qcow2Image {
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: &self.src,
-        }
+        ImageCore::new(&self.info, &self.findings, &self.src)
     }
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
         check::check(self, limits)

@@ -122,11 +122,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<QedImage> {
 
 impl Image for QedImage {
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: &self.src,
-        }
+        ImageCore::new(&self.info, &self.findings, &self.src)
     }
     fn extent_at(&self, _guest: u64, _span: u64) -> Result<Extent> {
         Err(

@@ -59,11 +59,7 @@ fn is_ovf_descriptor(head: &[u8]) -> bool {
 
 impl Image for RawImage {
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: &self.src,
-        }
+        ImageCore::new(&self.info, &self.findings, &self.src)
     }
     fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         self.runs.extent(

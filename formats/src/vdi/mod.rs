@@ -532,11 +532,7 @@ impl VdiImage {
 
 impl Image for VdiImage {
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: &self.src,
-        }
+        ImageCore::new(&self.info, &self.findings, &self.src)
     }
 
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {

@@ -803,11 +803,7 @@ fn duplicate_blocks(d: &Dynamic, blocks: &mut [(u64, usize)], out: &mut Findings
 
 impl Image for VhdImage {
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: &self.src,
-        }
+        ImageCore::new(&self.info, &self.findings, &self.src)
     }
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
         match &self.dynamic {

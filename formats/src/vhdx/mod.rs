@@ -483,11 +483,7 @@ impl VhdxImage {
 
 impl Image for VhdxImage {
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: &self.src,
-        }
+        ImageCore::new(&self.info, &self.findings, &self.src)
     }
     /// The bad BAT entries `open` found, capped per code.
     fn check(&self, _limits: &Limits) -> Result<Vec<Finding>> {

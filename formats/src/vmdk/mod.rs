@@ -903,11 +903,7 @@ pub(crate) fn grain_marker(
 
 impl Image for VmdkImage {
     fn core(&self) -> ImageCore<'_> {
-        ImageCore {
-            info: &self.info,
-            findings: &self.findings,
-            source: &self.src,
-        }
+        ImageCore::new(&self.info, &self.findings, &self.src)
     }
     fn check(&self, limits: &Limits) -> Result<Vec<Finding>> {
         match &self.body {
