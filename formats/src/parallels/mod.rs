@@ -448,6 +448,12 @@ impl Image for ParallelsImage {
         let mut next = idx.saturating_add(1);
         let mut n = 0;
         while next.saturating_mul(cs) < end && n < MAX_SCAN {
+            if first == 0 && next >= self.bat.len() as u64 {
+                // Past the BAT every cluster is unallocated: one step to the span's end, not
+                // one per cluster (a 64 KiB BAT under a 464 GiB disk once cost seconds).
+                next = end.div_ceil(cs);
+                break;
+            }
             let e = self.entry(next);
             let contiguous = if first == 0 {
                 e == 0
