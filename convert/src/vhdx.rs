@@ -277,30 +277,9 @@ impl Writer for VhdxWriter {
             file,
             l,
             mut bat,
-            pos,
+            pos: _,
             next_host,
         } = *self;
-        // Blocks the pipeline never reached (the sector padding past an odd-sized source).
-        let last = if pos == 0 {
-            0
-        } else {
-            (pos - 1) / l.geo.block_size + 1
-        };
-        for block in last..l.geo.data_blocks {
-            if let Some(e) = usize::try_from(l.geo.payload_index(block))
-                .ok()
-                .and_then(|i| bat.get_mut(i))
-            {
-                *e = if l.fixed {
-                    block
-                        .saturating_mul(l.geo.block_size)
-                        .saturating_add(l.data_start)
-                        | FULLY_PRESENT
-                } else {
-                    l.zero_state
-                };
-            }
-        }
         let mut buf = vec![0u8; 8 + 512];
         buf[..8].copy_from_slice(header::FILE_SIGNATURE);
         for (i, u) in CREATOR.encode_utf16().enumerate() {

@@ -27,10 +27,10 @@ use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
-use crate::io::{read_vec, Source};
-use crate::limits::{Budget, Charge, Limits};
+use crate::io::Source;
+use crate::limits::{Budget, Limits};
 use crate::probe::Probe;
-use crate::table::{check_table, read_entries, Table, TableSpec};
+use crate::table::{check_table, read_entries, read_held, Table, TableSpec};
 
 use bat::{Geometry, Reserved};
 use header::{HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SECTION_END, HEADER_SIZE};
@@ -57,24 +57,6 @@ pub struct VhdxImage {
 /// True when the file starts with the "vhdxfile" identifier.
 pub fn probe(p: &Probe<'_>) -> bool {
     p.starts_with(header::FILE_SIGNATURE)
-}
-
-/// Reads `len` bytes at `offset`, charged to `budget` until the returned [`Charge`] drops.
-///
-/// # Errors
-/// As [`read_vec`].
-fn read_held(
-    src: &dyn crate::io::ReadAt,
-    offset: u64,
-    len: u64,
-    budget: &Budget,
-    what: &str,
-) -> Result<(Vec<u8>, Charge)> {
-    let v = read_vec(src, offset, len, budget, what)?;
-    // Move the bytes `read_vec` took into a charge of their own.
-    budget.give_back(len);
-    let held = budget.charge(len, what)?;
-    Ok((v, held))
 }
 
 /// Opens a VHDX image.

@@ -20,9 +20,10 @@ use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{Codec, Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
-use crate::io::{read_up_to, read_vec, Source};
-use crate::limits::{Budget, Charge, Limits};
+use crate::io::{read_up_to, Source};
+use crate::limits::{Budget, Limits};
 use crate::probe::Probe;
+use crate::table::read_held;
 
 use descriptor::{Descriptor, MAX_DESCRIPTOR};
 use header::{SparseHeader, GD_AT_END, HEADER_LEN, MAGIC_BYTES, SECTOR};
@@ -93,24 +94,6 @@ pub fn probe(p: &Probe<'_>) -> bool {
     p.starts_with(MAGIC_BYTES)
         || p.starts_with(COWD_MAGIC)
         || descriptor::looks_like_descriptor(&p.head)
-}
-
-/// Reads `len` bytes at `offset`, charged to `budget` until the returned [`Charge`] drops.
-///
-/// # Errors
-/// As [`read_vec`].
-fn read_held(
-    src: &dyn crate::io::ReadAt,
-    offset: u64,
-    len: u64,
-    budget: &Budget,
-    what: &str,
-) -> Result<(Vec<u8>, Charge)> {
-    let v = read_vec(src, offset, len, budget, what)?;
-    // Move the bytes `read_vec` took into a charge of their own.
-    budget.give_back(len);
-    let held = budget.charge(len, what)?;
-    Ok((v, held))
 }
 
 /// Opens a VMDK image.
