@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod copy;
 pub mod output;
 pub mod pipeline;
 pub mod stamp;
@@ -25,6 +26,7 @@ pub mod vmdk;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
+use std::sync::Arc;
 
 use glimpse_formats::image::Image;
 use glimpse_formats::reader::ChunkPlanner;
@@ -155,6 +157,28 @@ pub enum Payload {
     Data(Vec<u8>),
     /// The chunk compressed with the writer's [`Compressor`].
     Compressed(Vec<u8>),
+    /// Guest bytes that lie verbatim in the source file, not all zero: the writer copies
+    /// them file to file ([`copy::CopyFrom::write_to`]). Only sent to writers whose
+    /// [`Writer::accepts_copy`] is true.
+    Copy(copy::CopyFrom),
+}
+
+impl Payload {
+    /// Writes a [`Payload::Data`] or [`Payload::Copy`] chunk at `off` of `file`.
+    ///
+    /// # Errors
+    /// Write or copy errors; `Invalid` for other payloads (the caller handles those).
+    pub(crate) fn write_at(&self, file: &File, off: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            Payload::Data(d) => file.write_all_at(d, off)?,
+            Payload::Copy(c) => c.write_to(file, off)?,
+            Payload::Zero | Payload::Compressed(_) => {
+                return Err(Error::invalid("only data chunks can be written in place"))
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One chunk of guest data. Chunks arrive in guest order, aligned to the writer's chunk size;
@@ -201,6 +225,12 @@ pub trait Writer: Send {
     /// Compression the parallel stage applies before [`Writer::write_chunk`], if any.
     fn compressor(&self) -> Option<Compressor> {
         None
+    }
+
+    /// True when the writer takes [`Payload::Copy`] chunks (it writes to a file and stores
+    /// data chunks uncompressed).
+    fn accepts_copy(&self) -> bool {
+        false
     }
 
     /// Lays down the next chunk. Chunks arrive in guest order, with no gaps: zero ranges come
@@ -407,10 +437,15 @@ pub struct WriteCombiner {
     file: File,
     buf: Vec<u8>,
     at: u64,
+    /// A file-to-file copy not yet made: source, source offset, file offset, length. Copies
+    /// that continue it in both files are merged into one call.
+    copy: Option<(Arc<copy::SourceFile>, u64, u64, u64)>,
 }
 
 /// Bytes a [`WriteCombiner`] holds before it writes.
 const COMBINE: usize = 4 << 20;
+/// The longest file-to-file copy a [`WriteCombiner`] merges (it holds no memory for it).
+const MAX_COPY: u64 = 64 << 20;
 
 impl WriteCombiner {
     /// Wraps `file`.
@@ -419,7 +454,56 @@ impl WriteCombiner {
             file,
             buf: Vec::new(),
             at: 0,
+            copy: None,
         }
+    }
+
+    /// Writes a [`Payload::Data`] or [`Payload::Copy`] chunk at `off`, combined with the
+    /// writes and copies next to it.
+    ///
+    /// # Errors
+    /// Write or copy errors; `Invalid` for other payloads.
+    pub fn put(&mut self, payload: &Payload, off: u64) -> Result<()> {
+        match payload {
+            Payload::Data(d) => self.write_all_at(d, off)?,
+            Payload::Copy(c) => {
+                let mut pos = off;
+                for r in &c.runs {
+                    if let Some(at) = r.at {
+                        self.copy_at(&c.src, at, pos, r.len)?;
+                    }
+                    pos = pos.saturating_add(r.len);
+                }
+            }
+            Payload::Zero | Payload::Compressed(_) => {
+                return Err(Error::invalid("only data chunks can be written in place"))
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes at `from` of `src` to `to` (possibly later, merged with the next
+    /// copies when they continue this one in both files).
+    fn copy_at(
+        &mut self,
+        src: &Arc<copy::SourceFile>,
+        from: u64,
+        to: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        if let Some((s, f, t, l)) = &mut self.copy {
+            if Arc::ptr_eq(s, src)
+                && f.checked_add(*l) == Some(from)
+                && t.checked_add(*l) == Some(to)
+                && *l + len <= MAX_COPY
+            {
+                *l += len;
+                return Ok(());
+            }
+        }
+        self.flush()?;
+        self.copy = Some((src.clone(), from, to, len));
+        Ok(())
     }
 
     /// Writes `data` at `off` (possibly later: call [`WriteCombiner::flush`] before relying
@@ -429,6 +513,7 @@ impl WriteCombiner {
     /// Write errors of the file.
     pub fn write_all_at(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
+        self.flush_copy()?;
         let contiguous = self.at.checked_add(self.buf.len() as u64) == Some(off);
         if !(contiguous && self.buf.len() + data.len() <= COMBINE) {
             self.flush()?;
@@ -447,9 +532,17 @@ impl WriteCombiner {
     /// Write errors of the file.
     pub fn flush(&mut self) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
+        self.flush_copy()?;
         if !self.buf.is_empty() {
             self.file.write_all_at(&self.buf, self.at)?;
             self.buf.clear();
+        }
+        Ok(())
+    }
+
+    fn flush_copy(&mut self) -> std::io::Result<()> {
+        if let Some((src, from, to, len)) = self.copy.take() {
+            src.copy_to(&self.file, from, to, len)?;
         }
         Ok(())
     }
@@ -469,7 +562,6 @@ mod tests {
     use super::*;
     use glimpse_formats::image::{Extent, ExtentKind, ImageCore, ImageInfo};
     use glimpse_formats::Source;
-    use std::sync::Arc;
 
     /// A 16 KiB disk whose only data is guest bytes 5000..6000.
     struct OneRun {

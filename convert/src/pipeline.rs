@@ -9,6 +9,13 @@
 //!    shared source), detect all-zero chunks and compress where the writer asks.
 //! 3. One writer thread lays the chunks down in order.
 //!
+//! Where the source's data lies verbatim in a file and the writer stores chunks uncompressed
+//! ([`Writer::accepts_copy`]), step 2 reads nothing into memory: the producing thread maps
+//! each chunk to runs of the source file, probes them until a non-zero byte shows they are
+//! not all zero, and sends a [`Payload::Copy`] that the writer copies file to file (see
+//! [`crate::copy`]). No thread pool is involved then, so no worker spins waiting for work.
+//! Chunks that need decompressing still go to the workers.
+//!
 //! At most three batches are alive at once (one being prepared, one queued, one being
 //! written), so memory stays bounded by `3 × batch_bytes` whatever the image size. With a
 //! [`ConvertOptions::budget`] (the command's, from `Limits::per_command`) those bytes are
@@ -24,6 +31,7 @@ use glimpse_formats::limits::{Budget, Charge};
 use glimpse_formats::reader::{ChunkPlan, ChunkPlanner, GuestReader};
 use rayon::prelude::*;
 
+use crate::copy::{CopyFrom, CopyMode, Run, SourceFile};
 use crate::{Chunk, Compressor, Error, Payload, Result, Writer};
 
 /// Pipeline settings.
@@ -36,6 +44,8 @@ pub struct ConvertOptions<'a> {
     pub cancel: Option<&'a AtomicBool>,
     /// The command's memory budget, charged with the batches' bytes while converting.
     pub budget: Option<Budget>,
+    /// How data that lies verbatim in the source file reaches the output.
+    pub copy: CopyMode,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -45,6 +55,7 @@ impl Default for ConvertOptions<'_> {
             progress: None,
             cancel: None,
             budget: None,
+            copy: CopyMode::default(),
         }
     }
 }
@@ -60,6 +71,127 @@ pub struct Stats {
     pub zero_chunks: u64,
     /// Chunks passed as data or compressed.
     pub data_chunks: u64,
+    /// Bytes copied file to file by the kernel (`copy_file_range`).
+    pub kernel_copied: u64,
+    /// Bytes copied file to file through a buffer (forced, or where the kernel refused).
+    pub buffer_copied: u64,
+}
+
+/// The runs of the source file that hold the chunk `plan`, or `None` when part of it is
+/// compressed (it must then be read and decompressed).
+fn copy_runs(image: &dyn Image, plan: &ChunkPlan, base: u64) -> Result<Option<Vec<Run>>> {
+    use glimpse_formats::image::ExtentKind;
+    let end = plan.guest.saturating_add(plan.len);
+    let mut runs: Vec<Run> = Vec::new();
+    let mut pos = plan.guest;
+    while pos < end {
+        let e = image.mapping(pos, end - pos)?;
+        let at = match e.kind {
+            ExtentKind::Data { host } => Some(
+                base.checked_add(host)
+                    .ok_or_else(|| Error::corrupt("data extent past the largest offset"))?,
+            ),
+            ExtentKind::Zero | ExtentKind::Unallocated => None,
+            ExtentKind::Compressed { .. } => return Ok(None),
+        };
+        let len = e.end().min(end).saturating_sub(pos);
+        match runs.last_mut() {
+            Some(last)
+                if last.at.is_none() == at.is_none()
+                    && last.at.map(|a| a.saturating_add(last.len)) == at =>
+            {
+                last.len += len;
+            }
+            _ => runs.push(Run { at, len }),
+        }
+        pos = e.end();
+    }
+    Ok(Some(runs))
+}
+
+/// Prepares `plan` as a file-to-file copy (or zeros) when its bytes lie verbatim in `src`;
+/// `None` when they must be read.
+fn prepare_copy(
+    image: &dyn Image,
+    src: &Arc<SourceFile>,
+    base: u64,
+    plan: &ChunkPlan,
+) -> Result<Option<Chunk>> {
+    if !plan.read {
+        return Ok(Some(Chunk {
+            guest: plan.guest,
+            len: plan.len,
+            payload: Payload::Zero,
+        }));
+    }
+    let Some(runs) = copy_runs(image, plan, base)? else {
+        return Ok(None);
+    };
+    let copy = CopyFrom {
+        src: src.clone(),
+        runs,
+    };
+    let zero = copy
+        .is_zero()
+        .map_err(|e| Error::from(e).context(format!("reading guest offset {:#x}", plan.guest)))?;
+    Ok(Some(Chunk {
+        guest: plan.guest,
+        len: plan.len,
+        payload: if zero {
+            Payload::Zero
+        } else {
+            Payload::Copy(copy)
+        },
+    }))
+}
+
+/// The source file for copies, when `image`'s data lies verbatim in one and the writer takes
+/// copies: a duplicate descriptor and the offset of the source's byte 0 in it.
+fn copy_source(
+    image: &dyn Image,
+    writer: &dyn Writer,
+    comp: Option<Compressor>,
+    mode: CopyMode,
+) -> Option<(Arc<SourceFile>, u64)> {
+    if mode == CopyMode::Off || comp.is_some() || !writer.accepts_copy() {
+        return None;
+    }
+    let (file, base) = image.source().backing_file()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let file = file.try_clone().ok()?;
+    Some((Arc::new(SourceFile::new(file, mode)), base))
+}
+
+/// Prepares one batch: copies (or zeros) on this thread where the source allows, the rest
+/// (reads, decompression, compression) on the workers. The pool is not entered when nothing
+/// needs it.
+fn prepare_batch(
+    image: &dyn Image,
+    reader: &GuestReader,
+    plans: Vec<ChunkPlan>,
+    comp: Option<Compressor>,
+    copy: Option<&(Arc<SourceFile>, u64)>,
+) -> Result<Vec<Chunk>> {
+    let pre: Vec<Option<Chunk>> = match copy {
+        Some((src, base)) => plans
+            .iter()
+            .map(|p| prepare_copy(image, src, *base, p))
+            .collect::<Result<_>>()?,
+        None => vec![None; plans.len()],
+    };
+    if pre.iter().all(Option::is_some) {
+        return Ok(pre.into_iter().flatten().collect());
+    }
+    plans
+        .into_par_iter()
+        .zip(pre)
+        .map(|(p, c)| match c {
+            Some(c) => Ok(c),
+            None => prepare(reader, p, comp),
+        })
+        .collect()
 }
 
 fn prepare(reader: &GuestReader, plan: ChunkPlan, comp: Option<Compressor>) -> Result<Chunk> {
@@ -142,6 +274,7 @@ pub fn convert(
     // hold on a 64-core machine too.
     let per_batch = usize::try_from((opts.batch_bytes / chunk).max(1)).unwrap_or(64);
     let (_held, per_batch) = charge_batches(opts.budget.as_ref(), per_batch, chunk)?;
+    let copy = copy_source(image.as_ref(), writer.as_ref(), comp, opts.copy);
     let mut planner = ChunkPlanner::new(image.as_ref(), chunk);
     let (tx, rx) = sync_channel::<Vec<Chunk>>(1);
     let mut stats = Stats {
@@ -186,10 +319,7 @@ pub fn convert(
                     return Ok(());
                 }
                 stats.read_bytes += plans.iter().filter(|p| p.read).map(|p| p.len).sum::<u64>();
-                let chunks: Vec<Chunk> = plans
-                    .into_par_iter()
-                    .map(|p| prepare(reader, p, comp))
-                    .collect::<Result<_>>()?;
+                let chunks = prepare_batch(image.as_ref(), reader, plans, comp, copy.as_ref())?;
                 for c in &chunks {
                     if c.payload == Payload::Zero {
                         stats.zero_chunks += c.len.div_ceil(chunk);
@@ -211,6 +341,10 @@ pub fn convert(
         produced?;
         written
     })?;
+    if let Some((src, _)) = &copy {
+        stats.kernel_copied = src.kernel_bytes();
+        stats.buffer_copied = src.fallback_bytes();
+    }
     Ok(stats)
 }
 

@@ -161,13 +161,17 @@ impl Writer for PloopWriter {
         self.plan.cluster
     }
 
+    fn accepts_copy(&self) -> bool {
+        true
+    }
+
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         let cs = self.plan.cluster;
         check_chunk_at("ploop", &chunk, self.pos, cs)?;
         let index = usize::try_from(chunk.guest / cs).map_err(|_| Error::invalid("chunk index"))?;
         match chunk.payload {
             Payload::Zero => {}
-            Payload::Data(d) => {
+            p @ (Payload::Data(_) | Payload::Copy(_)) => {
                 let at = self.plan.data_at() + self.allocated * cs;
                 let slot = self
                     .bat
@@ -176,7 +180,7 @@ impl Writer for PloopWriter {
                 *slot = u32::try_from(at / cs)
                     .map_err(|_| Error::invalid("ploop image too large for its BAT"))?;
                 self.allocated += 1;
-                self.file.write_all_at(&d, at)?;
+                p.write_at(&self.file, at)?;
             }
             Payload::Compressed(_) => {
                 return Err(Error::invalid("ploop writer got a compressed chunk"))

@@ -298,6 +298,10 @@ impl Writer for Qcow2Writer {
         self.cs
     }
 
+    fn accepts_copy(&self) -> bool {
+        !self.compress
+    }
+
     fn compressor(&self) -> Option<Compressor> {
         // qemu compresses into a buffer of cluster_size - 1 bytes and stores the cluster
         // uncompressed when that does not fit; zlib level 6 (Z_DEFAULT_COMPRESSION) and
@@ -321,9 +325,9 @@ impl Writer for Qcow2Writer {
         let cluster = chunk.guest / self.cs;
         match chunk.payload {
             Payload::Zero => {}
-            Payload::Data(buf) => {
+            p @ (Payload::Data(_) | Payload::Copy(_)) => {
                 let off = self.alloc_cluster();
-                self.file.write_all_at(&buf, off)?;
+                self.file.put(&p, off)?;
                 self.set_entry(cluster, off | OFLAG_COPIED)?;
             }
             Payload::Compressed(mut z) => {

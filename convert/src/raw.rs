@@ -1,7 +1,7 @@
 //! Raw writer: guest bytes as they are. Zero chunks become holes in a file target.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 
 use crate::{
     check_chunk_at, write_zero_span, Chunk, Error, Payload, Result, Target, WriteOptions, Writer,
@@ -75,14 +75,20 @@ impl Writer for RawWriter {
         CHUNK
     }
 
+    fn accepts_copy(&self) -> bool {
+        matches!(self.target, Target::File(_))
+    }
+
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         check_chunk_at("raw", &chunk, self.pos, 1)?;
         match (&mut self.target, chunk.payload) {
-            (Target::File(f), Payload::Data(d)) => {
-                f.seek(SeekFrom::Start(chunk.guest))?;
-                f.write_all(&d)?;
+            (Target::File(f), p @ (Payload::Data(_) | Payload::Copy(_))) => {
+                p.write_at(f, chunk.guest)?
             }
             (Target::Stream(w), Payload::Data(d)) => w.write_all(&d)?,
+            (Target::Stream(_), Payload::Copy(_)) => {
+                return Err(Error::invalid("raw writer got a copy for a stream"))
+            }
             (Target::File(_), Payload::Zero) => {}
             (Target::Stream(w), Payload::Zero) => write_zeros(w.as_mut(), chunk.len)?,
             (_, Payload::Compressed(_)) => {

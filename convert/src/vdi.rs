@@ -166,13 +166,17 @@ impl Writer for VdiWriter {
         BLOCK
     }
 
+    fn accepts_copy(&self) -> bool {
+        true
+    }
+
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         check_chunk_at("vdi", &chunk, self.pos, BLOCK)?;
         let index =
             usize::try_from(chunk.guest / BLOCK).map_err(|_| Error::invalid("chunk index"))?;
         match chunk.payload {
             Payload::Zero => {}
-            Payload::Data(d) => {
+            p @ (Payload::Data(_) | Payload::Copy(_)) => {
                 let slot = self
                     .bmap
                     .get_mut(index)
@@ -182,7 +186,7 @@ impl Writer for VdiWriter {
                     self.allocated += 1;
                 }
                 let at = self.plan.data_at() + u64::from(*slot) * BLOCK;
-                self.file.write_all_at(&d, at)?;
+                p.write_at(&self.file, at)?;
             }
             Payload::Compressed(_) => {
                 return Err(Error::invalid("vdi writer got a compressed chunk"))

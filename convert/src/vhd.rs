@@ -284,11 +284,20 @@ impl Writer for FixedWriter {
         FIXED_CHUNK
     }
 
+    fn accepts_copy(&self) -> bool {
+        matches!(self.target, Target::File(_))
+    }
+
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         check_chunk_at("vhd", &chunk, self.pos, 1)?;
         match (&mut self.target, chunk.payload) {
-            (Target::File(f), Payload::Data(d)) => f.write_all_at(&d, chunk.guest)?,
+            (Target::File(f), p @ (Payload::Data(_) | Payload::Copy(_))) => {
+                p.write_at(f, chunk.guest)?
+            }
             (Target::Stream(w), Payload::Data(d)) => w.write_all(&d)?,
+            (Target::Stream(_), Payload::Copy(_)) => {
+                return Err(Error::invalid("vhd writer got a copy for a stream"))
+            }
             (Target::File(_), Payload::Zero) => {}
             (Target::Stream(w), Payload::Zero) => crate::raw::write_zeros(w.as_mut(), chunk.len)?,
             (_, Payload::Compressed(_)) => {
@@ -370,15 +379,21 @@ impl Writer for DynamicWriter {
         self.plan.block.min(SUB_CHUNK)
     }
 
+    fn accepts_copy(&self) -> bool {
+        true
+    }
+
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         check_chunk_at("vhd", &chunk, self.pos, self.chunk_size())?;
         match chunk.payload {
             // A zero chunk of an allocated block reads from the file's hole.
             Payload::Zero => {}
-            Payload::Data(d) => {
+            p @ (Payload::Data(_) | Payload::Copy(_)) => {
                 let data_at = self.data_of(chunk.guest / self.plan.block)?;
-                self.file
-                    .write_all_at(&d, data_at.saturating_add(chunk.guest % self.plan.block))?;
+                p.write_at(
+                    &self.file,
+                    data_at.saturating_add(chunk.guest % self.plan.block),
+                )?;
             }
             Payload::Compressed(_) => {
                 return Err(Error::invalid("vhd writer got a compressed chunk"))

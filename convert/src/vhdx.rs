@@ -234,6 +234,10 @@ impl Writer for VhdxWriter {
         self.l.geo.block_size.min(SUB_CHUNK)
     }
 
+    fn accepts_copy(&self) -> bool {
+        true
+    }
+
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         if chunk.guest != self.pos || chunk.guest % self.chunk_size() != 0 {
             return Err(Error::invalid(format!(
@@ -244,10 +248,9 @@ impl Writer for VhdxWriter {
         let bs = self.l.geo.block_size;
         let block = chunk.guest / bs;
         match chunk.payload {
-            Payload::Data(d) => {
+            p @ (Payload::Data(_) | Payload::Copy(_)) => {
                 let host = self.host_of(block)?;
-                self.file
-                    .write_all_at(&d, host.saturating_add(chunk.guest % bs))?;
+                p.write_at(&self.file, host.saturating_add(chunk.guest % bs))?;
             }
             // Every entry starts as a zero block (see `create`); a block allocated by an
             // earlier chunk reads its zero chunks from the file's hole.

@@ -457,9 +457,9 @@ impl Writer for SparseWriter {
                 self.file.write_all(&d)?;
                 self.next += GRAIN_SECTORS;
             }
-            Payload::Compressed(_) => {
+            Payload::Compressed(_) | Payload::Copy(_) => {
                 return Err(Error::invalid(
-                    "monolithicSparse VMDK got a compressed chunk",
+                    "monolithicSparse VMDK got a compressed chunk or a copy",
                 ))
             }
         }
@@ -608,6 +608,7 @@ impl Writer for StreamWriter {
                 Some(pad_compressed(&z, chunk.len)?)
             }
             Payload::Compressed(z) => Some(z),
+            Payload::Copy(_) => return Err(Error::invalid("streamOptimized VMDK got a copy")),
             Payload::Data(d) => {
                 let mut d = d;
                 d.resize(chunk.len.div_ceil(SECTOR) as usize * SECTOR as usize, 0);

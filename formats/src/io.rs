@@ -47,6 +47,14 @@ pub trait ReadAt: Send + Sync {
         self.size()
     }
 
+    /// The file that holds this source's bytes verbatim, and the file offset of the source's
+    /// byte 0, when there is one: a file, or a window onto one. A converter then copies data
+    /// file to file in the kernel (`copy_file_range`) instead of through a buffer. Sources
+    /// that transform bytes (decryption, a network) say `None`, the default.
+    fn backing_file(&self) -> Option<(&File, u64)> {
+        None
+    }
+
     /// Fills `buf` from `offset`, failing with `UnexpectedEof` if the source ends first.
     /// Short reads are retried, so implementations may return fewer bytes than asked.
     ///
@@ -108,6 +116,9 @@ impl ReadAt for File {
             Ok(o) => Ok(o),
             Err(()) => self.size(),
         }
+    }
+    fn backing_file(&self) -> Option<(&File, u64)> {
+        Some((self, 0))
     }
 }
 
@@ -392,6 +403,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
     fn next_hole(&self, offset: u64) -> io::Result<u64> {
         (**self).next_hole(offset)
     }
+    fn backing_file(&self) -> Option<(&File, u64)> {
+        (**self).backing_file()
+    }
 }
 
 /// A window onto `len` bytes of another source starting at `start` (an OVA member, say).
@@ -435,6 +449,10 @@ impl<R: ReadAt + ?Sized> ReadAt for Window<R> {
     }
     fn allocated_size(&self) -> Option<u64> {
         Some(self.len)
+    }
+    fn backing_file(&self) -> Option<(&File, u64)> {
+        let (f, base) = self.inner.backing_file()?;
+        Some((f, base.checked_add(self.start)?))
     }
 }
 

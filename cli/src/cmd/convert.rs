@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Context;
+use glimpse_convert::copy::CopyMode;
 use glimpse_convert::output::{check_not_source, OutputFile, OutputOptions};
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{create, Target, WriteOptions};
@@ -56,6 +57,11 @@ pub struct Args {
     /// Write image data to stdout even when it is a terminal.
     #[arg(long)]
     force_tty: bool,
+    /// How data stored verbatim in the source file is copied: kernel (copy_file_range, a
+    /// reflink on XFS and btrfs; read/write where the kernel refuses), readwrite (the same
+    /// bytes through a buffer), off (read every chunk into memory). The output is the same.
+    #[arg(long, value_name = "MODE", value_parser = ["kernel", "readwrite", "off"], default_value = "kernel")]
+    copy: String,
     #[command(flatten)]
     input: InputOpts,
     /// Source image.
@@ -269,6 +275,11 @@ fn run_pipeline(
         progress: Some(&progress),
         cancel: Some(&CANCEL),
         budget: Some(crate::common::limits().budget()),
+        copy: match args.copy.as_str() {
+            "readwrite" => CopyMode::ReadWrite,
+            "off" => CopyMode::Off,
+            _ => CopyMode::Kernel,
+        },
         ..ConvertOptions::default()
     };
     let result = convert(image, writer, &reader, &copts);
@@ -277,8 +288,10 @@ fn run_pipeline(
     }
     if let (Ok(stats), "json") = (&result, mode.as_str()) {
         eprintln!(
-            "{{\"event\":\"done\",\"done\":{size},\"total\":{size},\"read\":{},\"elapsed\":{:.3}}}",
+            "{{\"event\":\"done\",\"done\":{size},\"total\":{size},\"read\":{},\"kernel_copied\":{},\"buffer_copied\":{},\"elapsed\":{:.3}}}",
             stats.read_bytes,
+            stats.kernel_copied,
+            stats.buffer_copied,
             start.elapsed().as_secs_f64()
         );
     }

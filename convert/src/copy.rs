@@ -1,0 +1,324 @@
+//! Guest bytes copied file to file, without passing through the converter's buffers.
+//!
+//! When the source's data extents are bytes of a file, verbatim (raw, and the uncompressed
+//! clusters, grains and blocks of every format), the pipeline does not read them into memory:
+//! it probes each chunk just far enough to know it is not all zero (usually its first 4 KiB)
+//! and hands the writer a [`Payload::Copy`](crate::Payload::Copy): where the bytes lie in the
+//! source file. The writer then copies them with `copy_file_range(2)`, which is a reflink on
+//! XFS and btrfs and an in-kernel copy with no user-space buffer elsewhere.
+//!
+//! Where the kernel refuses (`EXDEV`, `EINVAL`, `ENOSYS`, `EOPNOTSUPP`: another file system,
+//! an old kernel, a special file), the copy falls back to `pread`/`pwrite` through one buffer,
+//! for the rest of the conversion. The choice of what to copy is made before either method
+//! runs, so both give the same output file, byte for byte.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How data that lies verbatim in the source file reaches the output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CopyMode {
+    /// `copy_file_range`, falling back to read/write where the kernel says no.
+    #[default]
+    Kernel,
+    /// The same choice of bytes, moved with `pread`/`pwrite` (the fallback, forced).
+    ReadWrite,
+    /// No file-to-file copies: every chunk is read into memory by the workers, as for
+    /// sources that are not files.
+    Off,
+}
+
+/// The source file that copies read from, with counters of how the bytes moved.
+#[derive(Debug)]
+pub struct SourceFile {
+    file: File,
+    /// False once the kernel refused a copy (or when read/write is forced).
+    kernel: AtomicBool,
+    kernel_bytes: AtomicU64,
+    fallback_bytes: AtomicU64,
+}
+
+impl SourceFile {
+    /// Wraps `file` (a duplicate of the source's descriptor) for copies in `mode`.
+    pub fn new(file: File, mode: CopyMode) -> Self {
+        SourceFile {
+            file,
+            kernel: AtomicBool::new(mode == CopyMode::Kernel),
+            kernel_bytes: AtomicU64::new(0),
+            fallback_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// The file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Bytes copied by the kernel so far.
+    pub fn kernel_bytes(&self) -> u64 {
+        self.kernel_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes copied through a buffer so far (forced, or after the kernel refused).
+    pub fn fallback_bytes(&self) -> u64 {
+        self.fallback_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Copies `len` bytes from `from` in the source to `to` in `dst`.
+    ///
+    /// # Errors
+    /// `UnexpectedEof` when the source ends first; any other I/O error of either file.
+    pub fn copy_to(&self, dst: &File, from: u64, to: u64, len: u64) -> io::Result<()> {
+        let (mut from, mut to, mut left) = (from, to, len);
+        while left > 0 && self.kernel.load(Ordering::Relaxed) {
+            match kernel_copy(&self.file, from, dst, to, left) {
+                Ok(0) => return Err(ended_early()),
+                Ok(n) => {
+                    self.kernel_bytes.fetch_add(n, Ordering::Relaxed);
+                    from = from.saturating_add(n);
+                    to = to.saturating_add(n);
+                    left = left.saturating_sub(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if refused(&e) => self.kernel.store(false, Ordering::Relaxed),
+                Err(e) => return Err(e),
+            }
+        }
+        if left > 0 {
+            buffered_copy(&self.file, from, dst, to, left)?;
+            self.fallback_bytes.fetch_add(left, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// One run of a chunk's guest bytes: at `at` in the source file, or zeros when `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// Source file offset of the run's first byte; `None` for zeros.
+    pub at: Option<u64>,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// A chunk's guest bytes as runs of the source file, in guest order.
+#[derive(Debug, Clone)]
+pub struct CopyFrom {
+    /// The file the runs point into.
+    pub src: Arc<SourceFile>,
+    /// The runs; their lengths add up to the chunk's length.
+    pub runs: Vec<Run>,
+}
+
+impl PartialEq for CopyFrom {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.src, &other.src) && self.runs == other.runs
+    }
+}
+
+impl Eq for CopyFrom {}
+
+impl CopyFrom {
+    /// Writes the chunk to `dst` at `to`: its data runs are copied, its zero runs are left
+    /// alone (every writer puts data chunks in a part of the file not written before, which
+    /// reads as zeros).
+    ///
+    /// # Errors
+    /// As [`SourceFile::copy_to`].
+    pub fn write_to(&self, dst: &File, to: u64) -> io::Result<()> {
+        let mut pos = to;
+        for r in &self.runs {
+            if let Some(at) = r.at {
+                self.src.copy_to(dst, at, pos, r.len)?;
+            }
+            pos = pos.saturating_add(r.len);
+        }
+        Ok(())
+    }
+
+    /// True when every byte the runs name is zero. Reads each data run only until its first
+    /// non-zero byte: 4 KiB first, then 64 KiB at a time, so a chunk of data usually costs one
+    /// small read, and the chunk still goes to the writer as zeros exactly when a full read
+    /// would have found it all zero.
+    ///
+    /// # Errors
+    /// `UnexpectedEof` when the source ends first; other read errors.
+    pub fn is_zero(&self) -> io::Result<bool> {
+        PROBE.with(|b| {
+            let mut buf = b.borrow_mut();
+            for r in &self.runs {
+                let Some(at) = r.at else { continue };
+                let mut done = 0u64;
+                let mut step = 4096u64;
+                while done < r.len {
+                    let n = step.min(r.len - done);
+                    let piece = buf.get_mut(..n as usize).unwrap_or_default();
+                    self.src
+                        .file
+                        .read_exact_at(piece, at.saturating_add(done))?;
+                    if !crate::pipeline::is_zero(piece) {
+                        return Ok(false);
+                    }
+                    done += n;
+                    step = PROBE_BYTES as u64;
+                }
+            }
+            Ok(true)
+        })
+    }
+}
+
+/// The largest piece a zero probe reads at once.
+const PROBE_BYTES: usize = 64 << 10;
+/// Bytes a read/write fallback copy moves at once.
+const FALLBACK_BYTES: usize = 1 << 20;
+
+thread_local! {
+    static PROBE: RefCell<Vec<u8>> = RefCell::new(vec![0; PROBE_BYTES]);
+    static FALLBACK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn ended_early() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "source ended early")
+}
+
+/// Errors by which the kernel says it cannot copy between these files (rather than that
+/// something went wrong): the caller falls back to read/write.
+fn refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF)
+    )
+}
+
+/// One `copy_file_range` call of at most 1 GiB; returns the bytes copied (0 at the source's
+/// end).
+fn kernel_copy(src: &File, from: u64, dst: &File, to: u64, len: u64) -> io::Result<u64> {
+    let mut off_in = libc::loff_t::try_from(from).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut off_out = libc::loff_t::try_from(to).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let n = usize::try_from(len.min(1 << 30)).unwrap_or(1 << 30);
+    // SAFETY: both descriptors are open for the call's duration and the offsets point at
+    // live locals; the kernel reads and writes only the files.
+    let r = unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            &mut off_in,
+            dst.as_raw_fd(),
+            &mut off_out,
+            n,
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(r).unwrap_or(0))
+}
+
+fn buffered_copy(src: &File, from: u64, dst: &File, to: u64, len: u64) -> io::Result<()> {
+    FALLBACK.with(|b| {
+        let mut buf = b.borrow_mut();
+        if buf.len() < FALLBACK_BYTES {
+            buf.resize(FALLBACK_BYTES, 0);
+        }
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(FALLBACK_BYTES as u64) as usize;
+            let piece = buf.get_mut(..n).unwrap_or_default();
+            src.read_exact_at(piece, from.saturating_add(done))?;
+            dst.write_all_at(piece, to.saturating_add(done))?;
+            done += n as u64;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(bytes: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
+        f
+    }
+
+    #[test]
+    fn kernel_and_fallback_copies_give_the_same_file() {
+        let data: Vec<u8> = (0..3 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let mut outs = Vec::new();
+        for mode in [CopyMode::Kernel, CopyMode::ReadWrite] {
+            let src = Arc::new(SourceFile::new(file_with(&data), mode));
+            let c = CopyFrom {
+                src: src.clone(),
+                runs: vec![
+                    Run {
+                        at: Some(5),
+                        len: 1 << 20,
+                    },
+                    Run { at: None, len: 700 },
+                    Run {
+                        at: Some(2 << 20),
+                        len: 4096,
+                    },
+                ],
+            };
+            let out = tempfile::tempfile().unwrap();
+            c.write_to(&out, 100).unwrap();
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut &out, &mut got).unwrap();
+            let moved = src.kernel_bytes() + src.fallback_bytes();
+            assert_eq!(moved, (1 << 20) + 4096);
+            if mode == CopyMode::ReadWrite {
+                assert_eq!(src.kernel_bytes(), 0);
+            } else {
+                // ext4, XFS, btrfs and tmpfs all copy in the kernel on Linux >= 5.3.
+                assert_eq!(src.fallback_bytes(), 0, "the kernel refused the copy");
+            }
+            outs.push(got);
+        }
+        assert_eq!(outs[0], outs[1]);
+        let o = &outs[0];
+        assert_eq!(&o[100..100 + (1 << 20)], &data[5..5 + (1 << 20)]);
+        assert!(o[100 + (1 << 20)..100 + (1 << 20) + 700]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(&o[o.len() - 4096..], &data[2 << 20..(2 << 20) + 4096]);
+    }
+
+    #[test]
+    fn a_copy_past_the_source_end_fails_in_both_modes() {
+        for mode in [CopyMode::Kernel, CopyMode::ReadWrite] {
+            let src = SourceFile::new(file_with(&[1u8; 1000]), mode);
+            let out = tempfile::tempfile().unwrap();
+            let e = src.copy_to(&out, 500, 0, 1000).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn the_zero_probe_finds_late_data_and_reads_little_of_early_data() {
+        let mut data = vec![0u8; 1 << 20];
+        let src = Arc::new(SourceFile::new(file_with(&data), CopyMode::Kernel));
+        let runs = vec![Run {
+            at: Some(0),
+            len: 1 << 20,
+        }];
+        let c = CopyFrom {
+            src,
+            runs: runs.clone(),
+        };
+        assert!(c.is_zero().unwrap());
+        data[(1 << 20) - 1] = 1;
+        let c = CopyFrom {
+            src: Arc::new(SourceFile::new(file_with(&data), CopyMode::Kernel)),
+            runs,
+        };
+        assert!(!c.is_zero().unwrap());
+    }
+}
