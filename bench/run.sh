@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Times glimpse against its peers side by side with hyperfine, on generated images of 1 and
-# 2 GiB with mixed content (bench/gen-mixed.py). Results: bench/results/*.json and a summary
-# of ratios (glimpse wall time / peer wall time, by mean) in bench/results/summary.md.
+# Times glimpse against its peers side by side with hyperfine, on generated images of 1, 2
+# and 4 GiB with mixed content (bench/gen-mixed.py). Results: bench/results/*.json and a
+# summary (medians with min and max, and the ratio of medians, glimpse / peer) in
+# bench/results/summary.md.
 #
-#   bench/run.sh [GROUP...]    groups: info check checksum compare convert (default: all)
+#   bench/run.sh [GROUP...]    groups: info check checksum compare convert compress
+#                              (default: all)
+#
+# convert: the uncompressed conversions at SIZES (default "1g 4g"), each in the page cache
+# ("hot": one warm-up run, then RUNS) and after dropping it before every run ("cold": needs
+# root to write /proc/sys/vm/drop_caches; skipped with a message otherwise). With
+# REFLINK_DIR set to a directory on XFS or btrfs, raw -> raw and raw -> qcow2 also run there,
+# where glimpse's copy_file_range becomes a reflink. compress: the compressing conversions.
 #
 # Needs: hyperfine, qemu-img, python3, GNU time (/usr/bin/time) for peak RSS.
 set -euo pipefail
@@ -12,18 +20,26 @@ for t in hyperfine qemu-img python3 /usr/bin/time; do
     command -v "$t" >/dev/null || { echo "bench: $t is required (apt-get install hyperfine qemu-utils time)" >&2; exit 1; }
 done
 cargo build -q --release -p glimpse
-G=$PWD/target/release/glimpse
+G=${CARGO_TARGET_DIR:-$PWD/target}/release/glimpse
 W=$PWD/bench/work
 R=$PWD/bench/results
 mkdir -p "$W" "$R"
 RUNS=${RUNS:-5}
 HEAVY_RUNS=${HEAVY_RUNS:-3}
+SIZES=${SIZES:-1g 4g}
 groups=("$@")
-[ ${#groups[@]} -gt 0 ] || groups=(info check checksum compare convert)
+[ ${#groups[@]} -gt 0 ] || groups=(info check checksum compare convert compress)
+# Dropping the page cache needs root.
+can_drop() { [ -w /proc/sys/vm/drop_caches ]; }
 
 img() {  # make test images once
     [ -f "$W/mixed-1g.raw" ] || python3 bench/gen-mixed.py "$W/mixed-1g.raw" 1024 42
     [ -f "$W/mixed-2g.raw" ] || python3 bench/gen-mixed.py "$W/mixed-2g.raw" 2048 43
+    for sz in $SIZES; do
+        [ -f "$W/mixed-$sz.raw" ] || python3 bench/gen-mixed.py "$W/mixed-$sz.raw" $((${sz%g} * 1024)) 44
+        [ -f "$W/mixed-$sz.qcow2" ] || qemu-img convert -f raw -O qcow2 "$W/mixed-$sz.raw" "$W/mixed-$sz.qcow2"
+        [ -f "$W/mixed-$sz-zlib.qcow2" ] || qemu-img convert -W -m 8 -c -f raw -O qcow2 "$W/mixed-$sz.raw" "$W/mixed-$sz-zlib.qcow2"
+    done
     [ -f "$W/mixed-1g.qcow2" ] || qemu-img convert -f raw -O qcow2 "$W/mixed-1g.raw" "$W/mixed-1g.qcow2"
     [ -f "$W/mixed-2g.qcow2" ] || qemu-img convert -f raw -O qcow2 "$W/mixed-2g.raw" "$W/mixed-2g.qcow2"
     [ -f "$W/mixed-1g-zlib.qcow2" ] || qemu-img convert -c -f raw -O qcow2 "$W/mixed-1g.raw" "$W/mixed-1g-zlib.qcow2"
@@ -32,9 +48,9 @@ img() {  # make test images once
     [ -f "$W/empty-1t.qcow2" ] || qemu-img create -q -f qcow2 "$W/empty-1t.qcow2" 1T
 }
 
-hf() {  # hf NAME RUNS CMD_GLIMPSE CMD_PEER [PREPARE]
-    local name=$1 runs=$2 a=$3 b=$4 prep=${5:-}
-    local args=(--warmup 1 --runs "$runs" --export-json "$R/$name.json" -N --style basic)
+hf() {  # hf NAME RUNS CMD_GLIMPSE CMD_PEER [PREPARE [WARMUP]]
+    local name=$1 runs=$2 a=$3 b=$4 prep=${5:-} warm=${6:-1}
+    local args=(--warmup "$warm" --runs "$runs" --export-json "$R/$name.json" -N --style basic)
     [ -z "$prep" ] || args+=(--prepare "$prep")
     echo "== $name"
     hyperfine "${args[@]}" -n glimpse "$a" -n peer "$b" | grep -E 'Time|±|faster' || true
@@ -65,13 +81,40 @@ compare)
     hf compare-raw-qcow2 "$RUNS" "$G compare $W/mixed-1g.raw $W/mixed-1g.qcow2" "qemu-img compare $W/mixed-1g.raw $W/mixed-1g.qcow2"
     hf compare-raw-zlib-qcow2 "$RUNS" "$G compare $W/mixed-1g.raw $W/mixed-1g-zlib.qcow2" "qemu-img compare $W/mixed-1g.raw $W/mixed-1g-zlib.qcow2" ;;
 convert)
+    # Uncompressed conversions: glimpse copies verbatim data file to file (copy_file_range).
+    O=$W/out
+    for sz in $SIZES; do
+        S=$W/mixed-$sz.raw Q=$W/mixed-$sz.qcow2 Z=$W/mixed-$sz-zlib.qcow2
+        cases=("raw-raw|-O raw $S|-O raw $S"
+               "raw-qcow2|-O qcow2 $S|-O qcow2 $S"
+               "raw-vdi|-O vdi $S|-O vdi $S"
+               "raw-vhd|-O vhd $S|-O vpc $S"
+               "qcow2-raw|-O raw $Q|-O raw $Q"
+               "qcow2-vhd|-O vhd $Q|-O vpc $Q"
+               "zlib-qcow2-raw|-O raw $Z|-O raw $Z")
+        for c in "${cases[@]}"; do
+            IFS='|' read -r name go qo <<<"$c"
+            hf "convert-$sz-$name-hot" "$RUNS" "$G convert $go $O.g" "qemu-img convert $qo $O.q" "rm -f $O.g $O.q; sync"
+            if can_drop; then
+                hf "convert-$sz-$name-cold" "$RUNS" "$G convert $go $O.g" "qemu-img convert $qo $O.q" \
+                    "sh -c 'rm -f $O.g $O.q; sync; echo 3 > /proc/sys/vm/drop_caches'" 0
+            else
+                echo "== convert-$sz-$name-cold: skipped (dropping the page cache needs root)"
+            fi
+        done
+    done
+    if [ -n "${REFLINK_DIR:-}" ]; then
+        D=$REFLINK_DIR
+        [ -f "$D/mixed-1g.raw" ] || cp --sparse=always "$W/mixed-1g.raw" "$D/mixed-1g.raw"
+        hf "convert-1g-raw-raw-reflink" "$RUNS" "$G convert -O raw $D/mixed-1g.raw $D/out.g" "qemu-img convert -O raw $D/mixed-1g.raw $D/out.q" "rm -f $D/out.g $D/out.q; sync"
+        hf "convert-1g-raw-qcow2-reflink" "$RUNS" "$G convert -O qcow2 $D/mixed-1g.raw $D/out.g" "qemu-img convert -O qcow2 $D/mixed-1g.raw $D/out.q" "rm -f $D/out.g $D/out.q; sync"
+        rm -f "$D/out.g" "$D/out.q"
+    fi
+    rss convert-4g-raw-qcow2-glimpse $G convert -O qcow2 "$W/mixed-${SIZES##* }.raw" "$O.g"; rm -f "$O.g" "$O.q" ;;
+compress)
     O=$W/out
     for sz in 1g 2g; do
         S=$W/mixed-$sz.raw
-        hf "convert-$sz-raw-qcow2" "$RUNS" "$G convert -O qcow2 $S $O.g" "qemu-img convert -O qcow2 $S $O.q" "rm -f $O.g $O.q; sync"
-        hf "convert-$sz-qcow2-raw" "$RUNS" "$G convert -O raw $W/mixed-$sz.qcow2 $O.g" "qemu-img convert -O raw $W/mixed-$sz.qcow2 $O.q" "rm -f $O.g $O.q; sync"
-        hf "convert-$sz-raw-vhd" "$RUNS" "$G convert -O vhd $S $O.g" "qemu-img convert -O vpc $S $O.q" "rm -f $O.g $O.q; sync"
-        hf "convert-$sz-raw-vdi" "$RUNS" "$G convert -O vdi $S $O.g" "qemu-img convert -O vdi $S $O.q" "rm -f $O.g $O.q; sync"
         hf "convert-$sz-raw-qcow2-zlib" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -c -O qcow2 $S $O.q" "rm -f $O.g $O.q; sync"
         hf "convert-$sz-raw-qcow2-zlib-vs-W-m8" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -W -m 8 -c -O qcow2 $S $O.q" "rm -f $O.g $O.q; sync"
         hf "convert-$sz-raw-qcow2-zstd" "$HEAVY_RUNS" "$G convert -c -O qcow2 -o compression_type=zstd $S $O.g" "qemu-img convert -c -O qcow2 -o compression_type=zstd $S $O.q" "rm -f $O.g $O.q; sync"
@@ -87,8 +130,7 @@ convert)
         rss "convert-2g-$name-qemu" qemu-img convert $qo "$S" "$O.q"
         printf '%s\t%s\t%s\n' "$name" "$(stat -c %s "$O.g")" "$(stat -c %s "$O.q")" >> "$R/convert-sizes.tsv"
         rm -f "$O.g" "$O.q"
-    done
-    rss convert-2g-raw-qcow2-glimpse $G convert -O qcow2 "$S" "$O.g"; rm -f "$O.g" ;;
+    done ;;
 *) echo "unknown group $g" >&2; exit 2 ;;
 esac
 done

@@ -59,6 +59,18 @@ impl SourceFile {
         &self.file
     }
 
+    /// Tells the kernel that `len` bytes at `from` will be read soon (`POSIX_FADV_WILLNEED`):
+    /// it starts reading them in the background. Advice only: errors are ignored.
+    pub fn will_need(&self, from: u64, len: u64) {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(from), libc::off_t::try_from(len)) else {
+            return;
+        };
+        // SAFETY: advice on an open descriptor; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+
     /// Bytes copied by the kernel so far.
     pub fn kernel_bytes(&self) -> u64 {
         self.kernel_bytes.load(Ordering::Relaxed)

@@ -111,22 +111,7 @@ fn copy_runs(image: &dyn Image, plan: &ChunkPlan, base: u64) -> Result<Option<Ve
 
 /// Prepares `plan` as a file-to-file copy (or zeros) when its bytes lie verbatim in `src`;
 /// `None` when they must be read.
-fn prepare_copy(
-    image: &dyn Image,
-    src: &Arc<SourceFile>,
-    base: u64,
-    plan: &ChunkPlan,
-) -> Result<Option<Chunk>> {
-    if !plan.read {
-        return Ok(Some(Chunk {
-            guest: plan.guest,
-            len: plan.len,
-            payload: Payload::Zero,
-        }));
-    }
-    let Some(runs) = copy_runs(image, plan, base)? else {
-        return Ok(None);
-    };
+fn prepare_copy(src: &Arc<SourceFile>, plan: &ChunkPlan, runs: Vec<Run>) -> Result<Chunk> {
     let copy = CopyFrom {
         src: src.clone(),
         runs,
@@ -134,7 +119,7 @@ fn prepare_copy(
     let zero = copy
         .is_zero()
         .map_err(|e| Error::from(e).context(format!("reading guest offset {:#x}", plan.guest)))?;
-    Ok(Some(Chunk {
+    Ok(Chunk {
         guest: plan.guest,
         len: plan.len,
         payload: if zero {
@@ -142,7 +127,57 @@ fn prepare_copy(
         } else {
             Payload::Copy(copy)
         },
-    }))
+    })
+}
+
+/// The chunks of one batch that can be copied (or are zeros), with `None` for those that must
+/// be read. The source ranges the copies name are announced to the kernel first
+/// (`POSIX_FADV_WILLNEED`), so that from a cold cache they arrive in a few large reads while
+/// the zero probes wait for their first pages, instead of one small read per chunk.
+fn prepare_copies(
+    image: &dyn Image,
+    src: &Arc<SourceFile>,
+    base: u64,
+    plans: &[ChunkPlan],
+) -> Result<Vec<Option<Chunk>>> {
+    let runs: Vec<Option<Vec<Run>>> = plans
+        .iter()
+        .map(|p| match p.read {
+            true => copy_runs(image, p, base),
+            false => Ok(Some(Vec::new())),
+        })
+        .collect::<Result<_>>()?;
+    let mut ahead: Option<(u64, u64)> = None;
+    for r in runs.iter().flatten().flatten() {
+        let Some(at) = r.at else { continue };
+        match &mut ahead {
+            Some((from, len)) if from.saturating_add(*len) == at => *len += r.len,
+            _ => {
+                if let Some((from, len)) = ahead.replace((at, r.len)) {
+                    src.will_need(from, len);
+                }
+            }
+        }
+    }
+    if let Some((from, len)) = ahead {
+        src.will_need(from, len);
+    }
+    plans
+        .iter()
+        .zip(runs)
+        .map(|(p, runs)| match runs {
+            Some(runs) if !p.read => {
+                debug_assert!(runs.is_empty());
+                Ok(Some(Chunk {
+                    guest: p.guest,
+                    len: p.len,
+                    payload: Payload::Zero,
+                }))
+            }
+            Some(runs) => prepare_copy(src, p, runs).map(Some),
+            None => Ok(None),
+        })
+        .collect()
 }
 
 /// The source file for copies, when `image`'s data lies verbatim in one and the writer takes
@@ -175,10 +210,7 @@ fn prepare_batch(
     copy: Option<&(Arc<SourceFile>, u64)>,
 ) -> Result<Vec<Chunk>> {
     let pre: Vec<Option<Chunk>> = match copy {
-        Some((src, base)) => plans
-            .iter()
-            .map(|p| prepare_copy(image, src, *base, p))
-            .collect::<Result<_>>()?,
+        Some((src, base)) => prepare_copies(image, src, *base, &plans)?,
         None => vec![None; plans.len()],
     };
     if pre.iter().all(Option::is_some) {
