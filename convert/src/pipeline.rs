@@ -130,16 +130,17 @@ fn prepare_copy(src: &Arc<SourceFile>, plan: &ChunkPlan, runs: Vec<Run>) -> Resu
     })
 }
 
-/// The chunks of one batch that can be copied (or are zeros), with `None` for those that must
-/// be read. The source ranges the copies name are announced to the kernel first
-/// (`POSIX_FADV_WILLNEED`), so that from a cold cache they arrive in a few large reads while
-/// the zero probes wait for their first pages, instead of one small read per chunk.
-fn prepare_copies(
+/// The source runs of each chunk of a batch (`None` for a chunk that must be read, an empty
+/// list for a zero span). The ranges they name are announced to the kernel
+/// (`POSIX_FADV_WILLNEED`) here, a batch before they are probed and copied, so that from a
+/// cold cache they arrive in a few large reads while the previous batch is being probed,
+/// instead of one small read per chunk.
+fn map_batch(
     image: &dyn Image,
-    src: &Arc<SourceFile>,
+    src: &SourceFile,
     base: u64,
     plans: &[ChunkPlan],
-) -> Result<Vec<Option<Chunk>>> {
+) -> Result<Vec<Option<Vec<Run>>>> {
     let runs: Vec<Option<Vec<Run>>> = plans
         .iter()
         .map(|p| match p.read {
@@ -162,18 +163,25 @@ fn prepare_copies(
     if let Some((from, len)) = ahead {
         src.will_need(from, len);
     }
+    Ok(runs)
+}
+
+/// The chunks of one batch that can be copied (or are zeros), with `None` for those that must
+/// be read.
+fn prepare_copies(
+    src: &Arc<SourceFile>,
+    plans: &[ChunkPlan],
+    runs: Vec<Option<Vec<Run>>>,
+) -> Result<Vec<Option<Chunk>>> {
     plans
         .iter()
         .zip(runs)
         .map(|(p, runs)| match runs {
-            Some(runs) if !p.read => {
-                debug_assert!(runs.is_empty());
-                Ok(Some(Chunk {
-                    guest: p.guest,
-                    len: p.len,
-                    payload: Payload::Zero,
-                }))
-            }
+            Some(_) if !p.read => Ok(Some(Chunk {
+                guest: p.guest,
+                len: p.len,
+                payload: Payload::Zero,
+            })),
             Some(runs) => prepare_copy(src, p, runs).map(Some),
             None => Ok(None),
         })
@@ -199,19 +207,47 @@ fn copy_source(
     Some((Arc::new(SourceFile::new(file, mode)), base))
 }
 
+/// The plans of one batch and, when the source allows copies, their source runs.
+struct Batch {
+    plans: Vec<ChunkPlan>,
+    runs: Option<Vec<Option<Vec<Run>>>>,
+}
+
+/// Plans the next batch of at most `per_batch` chunks (empty at the end) and maps it to source
+/// runs when copies are possible.
+fn next_batch(
+    planner: &mut ChunkPlanner<'_>,
+    per_batch: usize,
+    image: &dyn Image,
+    copy: Option<&(Arc<SourceFile>, u64)>,
+) -> Result<Batch> {
+    let mut plans = Vec::with_capacity(per_batch);
+    while plans.len() < per_batch {
+        match planner.next() {
+            None => break,
+            Some(p) => plans.push(p?),
+        }
+    }
+    let runs = match copy {
+        Some((src, base)) => Some(map_batch(image, src, *base, &plans)?),
+        None => None,
+    };
+    Ok(Batch { plans, runs })
+}
+
 /// Prepares one batch: copies (or zeros) on this thread where the source allows, the rest
 /// (reads, decompression, compression) on the workers. The pool is not entered when nothing
 /// needs it.
 fn prepare_batch(
-    image: &dyn Image,
     reader: &GuestReader,
-    plans: Vec<ChunkPlan>,
+    batch: Batch,
     comp: Option<Compressor>,
     copy: Option<&(Arc<SourceFile>, u64)>,
 ) -> Result<Vec<Chunk>> {
-    let pre: Vec<Option<Chunk>> = match copy {
-        Some((src, base)) => prepare_copies(image, src, *base, &plans)?,
-        None => vec![None; plans.len()],
+    let Batch { plans, runs } = batch;
+    let pre: Vec<Option<Chunk>> = match (copy, runs) {
+        (Some((src, _)), Some(runs)) => prepare_copies(src, &plans, runs)?,
+        _ => vec![None; plans.len()],
     };
     if pre.iter().all(Option::is_some) {
         return Ok(pre.into_iter().flatten().collect());
@@ -336,22 +372,26 @@ pub fn convert(
         });
 
         let mut produce = || -> Result<()> {
+            // One batch ahead: its source ranges are being read in while this one is probed.
+            let mut next = next_batch(&mut planner, per_batch, image.as_ref(), copy.as_ref())?;
             loop {
                 if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                     return Err(Error::invalid("conversion cancelled"));
                 }
-                let mut plans = Vec::with_capacity(per_batch);
-                while plans.len() < per_batch {
-                    match planner.next() {
-                        None => break,
-                        Some(p) => plans.push(p?),
-                    }
-                }
-                if plans.is_empty() {
+                if next.plans.is_empty() {
                     return Ok(());
                 }
-                stats.read_bytes += plans.iter().filter(|p| p.read).map(|p| p.len).sum::<u64>();
-                let chunks = prepare_batch(image.as_ref(), reader, plans, comp, copy.as_ref())?;
+                let batch = std::mem::replace(
+                    &mut next,
+                    next_batch(&mut planner, per_batch, image.as_ref(), copy.as_ref())?,
+                );
+                stats.read_bytes += batch
+                    .plans
+                    .iter()
+                    .filter(|p| p.read)
+                    .map(|p| p.len)
+                    .sum::<u64>();
+                let chunks = prepare_batch(reader, batch, comp, copy.as_ref())?;
                 for c in &chunks {
                     if c.payload == Payload::Zero {
                         stats.zero_chunks += c.len.div_ceil(chunk);
