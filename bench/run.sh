@@ -9,8 +9,8 @@
 #
 # convert: the uncompressed conversions at SIZES (default "1g 4g"), each in the page cache
 # ("hot": one warm-up run, then RUNS) and after dropping it before every run ("cold": needs
-# root to write /proc/sys/vm/drop_caches; skipped with a message otherwise). With
-# REFLINK_DIR set to a directory on XFS or btrfs, raw -> raw and raw -> qcow2 also run there,
+# root to write /proc/sys/vm/drop_caches; skipped with a message otherwise). reflink (not in
+# the default set): raw -> raw and raw -> qcow2 in REFLINK_DIR, a directory on XFS or btrfs,
 # where glimpse's copy_file_range becomes a reflink. compress: the compressing conversions.
 #
 # Needs: hyperfine, qemu-img, python3, GNU time (/usr/bin/time) for peak RSS.
@@ -103,14 +103,14 @@ convert)
             fi
         done
     done
-    if [ -n "${REFLINK_DIR:-}" ]; then
-        D=$REFLINK_DIR
-        [ -f "$D/mixed-1g.raw" ] || cp --sparse=always "$W/mixed-1g.raw" "$D/mixed-1g.raw"
-        hf "convert-1g-raw-raw-reflink" "$RUNS" "$G convert -O raw $D/mixed-1g.raw $D/out.g" "qemu-img convert -O raw $D/mixed-1g.raw $D/out.q" "rm -f $D/out.g $D/out.q; sync"
-        hf "convert-1g-raw-qcow2-reflink" "$RUNS" "$G convert -O qcow2 $D/mixed-1g.raw $D/out.g" "qemu-img convert -O qcow2 $D/mixed-1g.raw $D/out.q" "rm -f $D/out.g $D/out.q; sync"
-        rm -f "$D/out.g" "$D/out.q"
-    fi
     rss convert-4g-raw-qcow2-glimpse $G convert -O qcow2 "$W/mixed-${SIZES##* }.raw" "$O.g"; rm -f "$O.g" "$O.q" ;;
+reflink)
+    # REFLINK_DIR: a directory on XFS or btrfs (e.g. a loop-mounted XFS image).
+    D=${REFLINK_DIR:?reflink needs REFLINK_DIR=a directory on XFS or btrfs}
+    [ -f "$D/mixed-1g.raw" ] || cp --sparse=always "$W/mixed-1g.raw" "$D/mixed-1g.raw"
+    hf "convert-1g-raw-raw-reflink" "$RUNS" "$G convert -O raw $D/mixed-1g.raw $D/out.g" "qemu-img convert -O raw $D/mixed-1g.raw $D/out.q" "rm -f $D/out.g $D/out.q; sync"
+    hf "convert-1g-raw-qcow2-reflink" "$RUNS" "$G convert -O qcow2 $D/mixed-1g.raw $D/out.g" "qemu-img convert -O qcow2 $D/mixed-1g.raw $D/out.q" "rm -f $D/out.g $D/out.q; sync"
+    rm -f "$D/out.g" "$D/out.q" ;;
 compress)
     O=$W/out
     for sz in 1g 2g; do
