@@ -94,6 +94,9 @@ convert)
                "zlib-qcow2-raw|-O raw $Z|-O raw $Z")
         for c in "${cases[@]}"; do
             IFS='|' read -r name go qo <<<"$c"
+            # Start each case from a page cache that holds nothing else, so that reclaiming
+            # earlier cases' pages does not land in one tool's runs (the warm-up reads the source).
+            can_drop && { sync; echo 3 > /proc/sys/vm/drop_caches; }
             hf "convert-$sz-$name-hot" "$RUNS" "$G convert $go $O.g" "qemu-img convert $qo $O.q" "rm -f $O.g $O.q; sync"
             if can_drop; then
                 hf "convert-$sz-$name-cold" "$RUNS" "$G convert $go $O.g" "qemu-img convert $qo $O.q" \
