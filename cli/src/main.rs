@@ -38,6 +38,8 @@ enum Command {
     Ova(cmd::ova::Args),
     /// Validate, then upload to OpenStack Glance and verify what it stored.
     Upload(Box<cmd::upload::Args>),
+    /// Check every image already stored in a Glance catalog, where it is stored.
+    Audit(Box<cmd::audit::Args>),
 }
 
 /// Keeps freed chunk buffers in the heap for reuse. The pipeline allocates and frees
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
         Command::Measure(a) => cmd::measure::run(a),
         Command::Ova(a) => cmd::ova::run(a),
         Command::Upload(a) => cmd::upload::run(*a),
+        Command::Audit(a) => cmd::audit::run(*a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -6,7 +6,7 @@ pub(crate) mod auth;
 pub(crate) mod glance;
 pub(crate) mod http;
 mod signal;
-mod validate;
+pub(crate) mod validate;
 
 use std::fs::File;
 use std::path::PathBuf;
