@@ -82,7 +82,8 @@ impl Checked {
         }
     }
 
-    fn has(&self, code: &str) -> bool {
+    /// True when a finding has this code.
+    pub fn has(&self, code: &str) -> bool {
         self.findings.iter().any(|f| f.code == code)
     }
 }

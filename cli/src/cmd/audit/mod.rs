@@ -131,6 +131,8 @@ pub struct Outcome {
     pub requests: u64,
     /// True when the image was deactivated.
     pub deactivated: bool,
+    /// Audit it again alone ([`Msg::Retry`]).
+    pub retry: bool,
 }
 
 /// What the workers share.
@@ -138,6 +140,8 @@ pub struct Ctx<'a> {
     catalog: Catalog<'a>,
     verify_digests: bool,
     deactivate: bool,
+    /// More than one worker shares the metadata budget.
+    parallel: bool,
 }
 
 /// Runs `glimpse audit`.
@@ -176,6 +180,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         catalog,
         verify_digests: args.verify_digests,
         deactivate: args.deactivate_rejected,
+        parallel: args.jobs > 1,
     };
     Ok(audit(&args, &ctx))
 }
@@ -205,6 +210,9 @@ enum Msg {
     Done(Box<Outcome>),
     /// The listing failed; images already queued are still audited.
     ListFailed(anyhow::Error),
+    /// The image hit the metadata budget that all workers share: it is audited again, alone,
+    /// once the others are done, so that a busy budget never reads as a rejection.
+    Retry(Value),
 }
 
 fn audit(args: &Args, ctx: &Ctx<'_>) -> u8 {
@@ -221,7 +229,7 @@ fn audit(args: &Args, ctx: &Ctx<'_>) -> u8 {
         tags: args.tags.clone(),
         page_size: args.page_size,
     };
-    let mut summary = Summary::default();
+    let mut collector = Collector::new(args.progress);
     std::thread::scope(|s| {
         let lister_tx = msg_tx.clone();
         s.spawn(move || list(args, ctx, &filters, &work_tx, &lister_tx));
@@ -231,8 +239,15 @@ fn audit(args: &Args, ctx: &Ctx<'_>) -> u8 {
             s.spawn(move || work(ctx, &rx, &tx));
         }
         drop(msg_tx);
-        summary = collect(&msg_rx, args.progress);
+        collector.run(&msg_rx);
     });
+    // Images whose metadata did not fit the budget the other workers were sharing: again,
+    // one at a time, with all of it.
+    for record in std::mem::take(&mut collector.retries) {
+        let outcome = audit_one(ctx, &record, false);
+        collector.done(&outcome);
+    }
+    let mut summary = collector.finish();
     summary.elapsed = started.elapsed().as_secs_f64();
     summary.print();
     summary.exit_code()
@@ -321,8 +336,13 @@ fn work(ctx: &Ctx<'_>, rx: &Mutex<Receiver<Value>>, tx: &SyncSender<Msg>) {
             Err(_) => return,
         };
         let Ok(record) = next else { return };
-        let outcome = audit_one(ctx, &record);
-        if tx.send(Msg::Done(Box::new(outcome))).is_err() {
+        let outcome = audit_one(ctx, &record, ctx.parallel);
+        let msg = if outcome.retry {
+            Msg::Retry(record)
+        } else {
+            Msg::Done(Box::new(outcome))
+        };
+        if tx.send(msg).is_err() {
             return;
         }
     }
@@ -354,11 +374,12 @@ fn error_outcome(record: &Value, e: &anyhow::Error) -> Outcome {
         bytes: 0,
         requests: 0,
         deactivated: false,
+        retry: false,
     }
 }
 
 /// Audits one image.
-fn audit_one(ctx: &Ctx<'_>, record: &Value) -> Outcome {
+fn audit_one(ctx: &Ctx<'_>, record: &Value, may_retry: bool) -> Outcome {
     let id = match record.get("id").and_then(Value::as_str) {
         Some(id) if valid_id(id) => id.to_string(),
         other => {
@@ -379,6 +400,12 @@ fn audit_one(ctx: &Ctx<'_>, record: &Value) -> Outcome {
             }
         })
         .with_context(|| format!("image {id}"));
+    if may_retry && checked.has("size.limit") {
+        return Outcome {
+            retry: true,
+            ..error_outcome(record, &anyhow!("retried alone"))
+        };
+    }
     let mut line = head(record);
     let verdict = match &result {
         Err(_) => AuditVerdict::Error,
@@ -435,6 +462,7 @@ fn audit_one(ctx: &Ctx<'_>, record: &Value) -> Outcome {
         bytes: checked.bytes,
         requests: checked.requests,
         deactivated,
+        retry: false,
     }
 }
 
@@ -518,77 +546,101 @@ impl Summary {
     }
 }
 
-/// The main thread: prints each image's line as it arrives, and counts.
-fn collect(rx: &Receiver<Msg>, progress: bool) -> Summary {
-    let bar = progress.then(|| {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(0),
-            indicatif::ProgressDrawTarget::stderr(),
-        );
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{pos}/{len} images [{wide_bar}] {per_sec} {elapsed_precise} {msg}",
-        ) {
-            bar.set_style(style);
-        }
-        bar
-    });
-    let mut s = Summary::default();
-    let mut stdout = std::io::stdout().lock();
-    for msg in rx {
-        match msg {
-            Msg::Listed(n) => {
-                s.listed = s.listed.saturating_add(n);
-                if let Some(b) = &bar {
-                    b.set_length(s.listed);
-                }
+/// The main thread's side: prints each image's line as it arrives, and counts.
+struct Collector {
+    summary: Summary,
+    bar: Option<indicatif::ProgressBar>,
+    /// Images to audit again alone (see [`Msg::Retry`]).
+    retries: Vec<Value>,
+}
+
+impl Collector {
+    fn new(progress: bool) -> Self {
+        let bar = progress.then(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(0),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{pos}/{len} images [{wide_bar}] {per_sec} {elapsed_precise} {msg}",
+            ) {
+                bar.set_style(style);
             }
-            Msg::Done(o) => {
-                if let Some(slot) = s.by_verdict.get_mut(o.verdict as usize) {
-                    *slot = slot.saturating_add(1);
-                }
-                s.bytes = s.bytes.saturating_add(o.bytes);
-                s.requests = s.requests.saturating_add(o.requests);
-                if o.deactivated {
-                    s.deactivated += 1;
-                } else if o
-                    .line
-                    .get("deactivation")
-                    .and_then(Value::as_str)
-                    .is_some_and(|d| d.starts_with("failed"))
-                {
-                    s.deactivation_failed += 1;
-                }
-                if o.verdict == AuditVerdict::Error {
-                    if let Some(e) = o.line.get("error").and_then(Value::as_str) {
-                        let msg = format!("glimpse: {e}");
-                        match &bar {
-                            Some(b) => b.suspend(|| eprintln!("{msg}")),
-                            None => eprintln!("{msg}"),
-                        }
+            bar
+        });
+        Collector {
+            summary: Summary::default(),
+            bar,
+            retries: Vec::new(),
+        }
+    }
+
+    fn say(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| eprintln!("{msg}")),
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    fn run(&mut self, rx: &Receiver<Msg>) {
+        for msg in rx {
+            match msg {
+                Msg::Listed(n) => {
+                    self.summary.listed = self.summary.listed.saturating_add(n);
+                    if let Some(b) = &self.bar {
+                        b.set_length(self.summary.listed);
                     }
                 }
-                use std::io::Write as _;
-                let _ = writeln!(stdout, "{}", o.line);
-                if let Some(b) = &bar {
-                    b.inc(1);
-                    let bad = s.count(AuditVerdict::Reject) + s.count(AuditVerdict::Mismatch);
-                    b.set_message(format!("{bad} failed"));
+                Msg::Done(o) => self.done(&o),
+                Msg::Retry(record) => self.retries.push(record),
+                Msg::ListFailed(e) => {
+                    self.say(&format!("glimpse: {e:#}"));
+                    self.summary.list_error = Some(format!("{e:#}"));
                 }
-            }
-            Msg::ListFailed(e) => {
-                let msg = format!("glimpse: {e:#}");
-                match &bar {
-                    Some(b) => b.suspend(|| eprintln!("{msg}")),
-                    None => eprintln!("{msg}"),
-                }
-                s.list_error = Some(format!("{e:#}"));
             }
         }
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
+
+    fn done(&mut self, o: &Outcome) {
+        let s = &mut self.summary;
+        if let Some(slot) = s.by_verdict.get_mut(o.verdict as usize) {
+            *slot = slot.saturating_add(1);
+        }
+        s.bytes = s.bytes.saturating_add(o.bytes);
+        s.requests = s.requests.saturating_add(o.requests);
+        if o.deactivated {
+            s.deactivated += 1;
+        } else if o
+            .line
+            .get("deactivation")
+            .and_then(Value::as_str)
+            .is_some_and(|d| d.starts_with("failed"))
+        {
+            s.deactivation_failed += 1;
+        }
+        let bad = s.count(AuditVerdict::Reject) + s.count(AuditVerdict::Mismatch);
+        if o.verdict == AuditVerdict::Error {
+            if let Some(e) = o.line.get("error").and_then(Value::as_str) {
+                self.say(&format!("glimpse: {e}"));
+            }
+        }
+        {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{}", o.line);
+        }
+        if let Some(b) = &self.bar {
+            b.inc(1);
+            b.set_message(format!("{bad} failed"));
+        }
     }
-    s
+
+    fn finish(self) -> Summary {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+        self.summary
+    }
 }
 
 /// The severity of an audit finding of its own (not the policy's).
