@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod common;
+// Parts of the interface are wired into the commands in the following commits.
+#[allow(dead_code, unused_imports)]
+mod remote;
 mod source;
 
 /// Inspect, validate, convert and upload virtual-disk images (qcow2, VMDK, VHD, VHDX, VDI,
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::Ova(a) => cmd::ova::run(a),
         Command::Upload(a) => cmd::upload::run(*a),
     };
+    remote::log_transfers();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -2,9 +2,9 @@
 //! hashing it, then verify what Glance stored. Any failure after the create deletes the image
 //! (unless `--keep-on-failure`), so a failed upload leaves nothing behind.
 
-mod auth;
+pub(crate) mod auth;
 mod glance;
-mod http;
+pub(crate) mod http;
 mod signal;
 mod validate;
 
