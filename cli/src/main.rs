@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod common;
+// Parts of the interface are wired into the commands in the following commits.
+#[allow(dead_code, unused_imports)]
+mod remote;
 mod source;
 
 /// Inspect, validate, convert and upload virtual-disk images (qcow2, VMDK, VHD, VHDX, VDI,
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Command::Upload(a) => cmd::upload::run(*a),
         Command::Audit(a) => cmd::audit::run(*a),
     };
+    remote::log_transfers();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
