@@ -198,8 +198,15 @@ impl<'a> Catalog<'a> {
 
     fn action(&self, id: &str, action: &str) -> anyhow::Result<()> {
         let url = format!("{}/actions/{action}", self.image_url(id)?);
-        self.http
-            .expect(Method::POST, &url, Some(self.token), Body::Empty)?;
+        // Glance refuses a body here (400 "A body is not expected"), and a POST without a
+        // length goes out chunked, which counts as one: say Content-Length: 0.
+        let mut nothing = std::io::empty();
+        self.http.expect(
+            Method::POST,
+            &url,
+            Some(self.token),
+            Body::Stream(&mut nothing, 0),
+        )?;
         Ok(())
     }
 

@@ -3,6 +3,9 @@
 //! `container_format=ova`); Glance's `size` and `virtual_size` against what the data says;
 //! and, with `--verify-digests`, its `checksum` and `os_hash_value` against one full read.
 
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::ValueEnum;
 use glimpse_formats::policy::{self, Policy};
@@ -11,6 +14,7 @@ use serde_json::Value;
 
 use super::{digest, mismatch, AuditVerdict, Ctx};
 use crate::cmd::upload::validate::{self, ContainerFormat, DiskFormat, Plan};
+use crate::remote::HttpSource;
 
 /// Whether the digests were verified.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -134,10 +138,13 @@ pub fn check(ctx: &Ctx<'_>, id: &str, record: &Value, out: &mut Checked) -> anyh
         return Ok(());
     };
     let stored = open_stored(ctx, id)?;
-    let result = inspect(&stored.source, expect, out);
-    let (requests, bytes) = (stored.transfer)();
-    out.requests = out.requests.saturating_add(requests);
-    out.bytes = out.bytes.saturating_add(bytes);
+    let source: Source = Arc::new(stored.source.clone());
+    let result = inspect(&source, expect, out);
+    drop(source);
+    let t = stored.source.transfer();
+    out.requests = out.requests.saturating_add(t.requests);
+    out.bytes = out.bytes.saturating_add(t.bytes);
+    drop(stored);
     result?;
     compare_sizes(record, out);
     Ok(())
@@ -271,19 +278,150 @@ pub fn verify_digests(
     Ok(())
 }
 
-/// The stored data as a positional source, and a way to ask what reading it cost
-/// (requests, bytes).
-struct Stored {
-    source: Source,
-    transfer: Box<dyn Fn() -> (u64, u64)>,
+/// Remote sources open at once, and a wake-up when one closes: each source charges its block
+/// cache to the command's one metadata budget, so how many fit at once is the budget's call,
+/// not `-j`'s.
+#[derive(Default)]
+pub struct Gate {
+    open: Mutex<usize>,
+    closed: Condvar,
+}
+
+/// What one remote source charges the budget (its block cache), and the headroom kept for the
+/// metadata of the images being inspected: a worker opens a source only while both fit, or
+/// when no other source is open.
+const SOURCE_CHARGE: u64 = 32 << 20;
+const RESERVE: u64 = 32 << 20;
+
+/// The stored data of one image, read with range requests; gives its gate slot back when
+/// dropped.
+struct Stored<'g> {
+    source: HttpSource,
+    gate: &'g Gate,
+}
+
+impl Drop for Stored<'_> {
+    fn drop(&mut self) {
+        self.gate.leave();
+    }
+}
+
+impl Gate {
+    fn leave(&self) {
+        if let Ok(mut n) = self.open.lock() {
+            *n = n.saturating_sub(1);
+        }
+        self.closed.notify_all();
+    }
+
+    /// Waits until a source fits in the budget (or none is open), then takes a slot.
+    fn enter(&self) -> anyhow::Result<()> {
+        let budget = crate::common::limits().budget();
+        let mut n = self
+            .open
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a worker panicked"))?;
+        while *n > 0 && budget.left() < SOURCE_CHARGE.saturating_add(RESERVE) {
+            n = self
+                .closed
+                .wait_timeout(n, Duration::from_millis(100))
+                .map_err(|_| anyhow::anyhow!("a worker panicked"))?
+                .0;
+        }
+        *n = n.saturating_add(1);
+        Ok(())
+    }
+
+    fn others_open(&self) -> bool {
+        self.open.lock().map(|n| *n > 0).unwrap_or(false)
+    }
 }
 
 /// Opens `GET /v2/images/{id}/file` for range reads.
-fn open_stored(ctx: &Ctx<'_>, id: &str) -> anyhow::Result<Stored> {
-    let _ = (
-        ctx.catalog.file_url(id)?,
-        ctx.catalog.agent(),
-        ctx.catalog.auth_headers(),
-    );
-    anyhow::bail!("remote reads (issue 16) are not in this build yet")
+fn open_stored<'g>(ctx: &'g Ctx<'_>, id: &str) -> anyhow::Result<Stored<'g>> {
+    let url = ctx.catalog.file_url(id)?;
+    loop {
+        ctx.gate.enter()?;
+        match HttpSource::open(ctx.catalog.agent(), &url, ctx.catalog.auth_headers()) {
+            Ok(source) => {
+                return Ok(Stored {
+                    source,
+                    gate: &ctx.gate,
+                })
+            }
+            Err(e) => {
+                ctx.gate.leave();
+                // The budget was taken between the wait and the open: wait again, unless
+                // nothing else holds it.
+                let busy = format!("{e:#}").contains("metadata budget exhausted");
+                if !(busy && ctx.gate.others_open()) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_verdict_puts_policy_rejections_before_mismatches() {
+        let mut c = Checked::default();
+        assert_eq!(c.verdict(), AuditVerdict::Pass);
+        c.uninspectable = true;
+        assert_eq!(c.verdict(), AuditVerdict::Uninspectable);
+        c.findings.push(mismatch("audit.size-mismatch", "x".into()));
+        assert_eq!(c.verdict(), AuditVerdict::Mismatch);
+        c.findings.push(Finding::reject("qcow2.data-file", "y"));
+        assert_eq!(c.verdict(), AuditVerdict::Reject);
+        let mut w = Checked::default();
+        w.findings.push(Finding::warn("qcow2.dirty", "z"));
+        assert_eq!(w.verdict(), AuditVerdict::Pass);
+    }
+
+    #[test]
+    fn sizes_are_compared_only_when_both_are_known() {
+        let mut c = Checked {
+            stored_size: Some(100),
+            virtual_size: Some(1 << 20),
+            ..Checked::default()
+        };
+        compare_sizes(&json!({"size": 100, "virtual_size": 1048576}), &mut c);
+        assert!(c.findings.is_empty());
+        compare_sizes(&json!({"size": 99, "virtual_size": null}), &mut c);
+        assert_eq!(c.findings.len(), 1);
+        assert!(c.has("audit.size-mismatch"));
+        let mut c = Checked {
+            virtual_size: Some(1 << 40),
+            ..Checked::default()
+        };
+        compare_sizes(&json!({"virtual_size": 1048576}), &mut c);
+        assert!(c.has("audit.virtual-size-mismatch"));
+        // a declared format that is not the real one: the sizes are not comparable
+        let mut c = Checked {
+            virtual_size: Some(1 << 40),
+            findings: vec![Finding::reject("format.mismatch", "m")],
+            ..Checked::default()
+        };
+        compare_sizes(&json!({"virtual_size": 1048576}), &mut c);
+        assert!(!c.has("audit.virtual-size-mismatch"));
+    }
+
+    #[test]
+    fn pairs_glimpse_cannot_read_say_why() {
+        assert_eq!(
+            plan(&json!({"disk_format": "qcow2", "container_format": "bare"})),
+            Ok(glimpse_formats::Format::Qcow2)
+        );
+        assert_eq!(
+            plan(&json!({"disk_format": "vmdk", "container_format": "ova"})),
+            Ok(glimpse_formats::Format::Ova)
+        );
+        assert!(plan(&json!({"disk_format": "raw", "container_format": "docker"})).is_err());
+        assert!(plan(&json!({"disk_format": "zfs", "container_format": "bare"})).is_err());
+        assert!(plan(&json!({"disk_format": null, "container_format": null})).is_err());
+    }
 }

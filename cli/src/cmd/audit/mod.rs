@@ -142,6 +142,8 @@ pub struct Ctx<'a> {
     deactivate: bool,
     /// More than one worker shares the metadata budget.
     parallel: bool,
+    /// Bounds the remote sources open at once by the budget.
+    gate: inspect::Gate,
 }
 
 /// Runs `glimpse audit`.
@@ -181,6 +183,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         verify_digests: args.verify_digests,
         deactivate: args.deactivate_rejected,
         parallel: args.jobs > 1,
+        gate: inspect::Gate::default(),
     };
     Ok(audit(&args, &ctx))
 }
