@@ -277,6 +277,25 @@ fn the_audit_finds_exactly_the_hostile_and_corrupted_images_and_deactivates_them
     assert_eq!(got[corrupted]["verdict"], "pass", "{}", got[corrupted]);
     assert_eq!(got[corrupted]["digests"], "not-checked");
 
+    // --quick skips the structural walk: the same verdicts from the headers alone, and less
+    // read for every image
+    let quick = audit(&g.url, &["--tag", &s.tag, "--quick"]);
+    assert_eq!(quick.status.code(), Some(1), "{:?}", text(&quick));
+    let quick = by_id(&lines(&quick));
+    for (id, label, _, _) in &s.expect {
+        assert_eq!(
+            quick[id]["verdict"], got[id]["verdict"],
+            "{label}: {}",
+            quick[id]
+        );
+        assert!(
+            quick[id]["bytes_read"].as_u64() <= got[id]["bytes_read"].as_u64(),
+            "{label}: {} vs {}",
+            quick[id],
+            got[id]
+        );
+    }
+
     // 2. --deactivate-rejected: exactly the failing images are deactivated; a member can no
     // longer download them (an admin still can), and can download the others.
     let out = audit(

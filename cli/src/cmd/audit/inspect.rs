@@ -139,7 +139,7 @@ pub fn check(ctx: &Ctx<'_>, id: &str, record: &Value, out: &mut Checked) -> anyh
     };
     let stored = open_stored(ctx, id)?;
     let source: Source = Arc::new(stored.source.clone());
-    let result = inspect(&source, expect, out);
+    let result = inspect(&source, expect, ctx.quick, out);
     drop(source);
     let t = stored.source.transfer();
     out.requests = out.requests.saturating_add(t.requests);
@@ -153,12 +153,14 @@ pub fn check(ctx: &Ctx<'_>, id: &str, record: &Value, out: &mut Checked) -> anyh
 fn inspect(
     source: &Source,
     expect: glimpse_formats::Format,
+    quick: bool,
     out: &mut Checked,
 ) -> anyhow::Result<()> {
     let size = source.size().context("reading the stored data's size")?;
     out.stored_size = Some(size);
     let policy = Policy {
         expect_format: Some(expect),
+        skip_structure: quick,
         ..Policy::default()
     };
     let limits = crate::common::limits();
