@@ -432,6 +432,23 @@ fn errors_are_exit_2_with_the_image_named() {
     assert_eq!(l[0]["verdict"], "error");
     assert!(l[0]["error"].as_str().unwrap().contains("404"), "{}", l[0]);
 
+    // a stored object cut short after the upload: Glance still announces the recorded size,
+    // then closes the connection early, so the image cannot be read: an error, named
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let id = seed(g, &unique("truncated"), "raw", "bare", &data, &[]);
+    let stored = audit_support::stored_file(BIN, &id);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stored)
+        .unwrap()
+        .set_len(300_000)
+        .unwrap();
+    let out = audit(&g.url, &["--image", &id]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert_eq!(lines(&out)[0]["verdict"], "error", "{stdout}");
+    assert!(stderr.contains(&id), "{stderr}");
+
     // an id that is not one is a usage error before anything is sent
     let out = audit(&g.url, &["--image", "../../etc"]);
     assert_eq!(out.status.code(), Some(2));
