@@ -188,14 +188,14 @@ pub fn load(path: &Path, expect: Option<Format>, opts: &InputOpts) -> anyhow::Re
         }
         eprintln!(
             "glimpse: warning: {}: reading despite: {reasons}",
-            path.display()
+            name(path)
         );
     }
     if let Some(b) = image.info().backing_file() {
         eprintln!(
             "glimpse: warning: {}: the backing file {:?} is not read, so what is read here is \
              only this overlay's data, not the guest disk",
-            path.display(),
+            name(path),
             b.target
         );
     }
@@ -376,7 +376,10 @@ pub fn print_json(items: Vec<Value>) {
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
-/// The display name of a path.
+/// The display name of a path (a URL without its credentials or query).
 pub fn name(path: &Path) -> String {
-    path.display().to_string()
+    match crate::source::remote_input(path) {
+        Some(url) => crate::remote::display(url),
+        None => path.display().to_string(),
+    }
 }

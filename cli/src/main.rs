@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod common;
+// Parts of the interface are wired into the commands in the following commits.
+#[allow(dead_code, unused_imports)]
+mod remote;
 mod source;
 
 /// Inspect, validate, convert and upload virtual-disk images (qcow2, VMDK, VHD, VHDX, VDI,
@@ -38,6 +41,8 @@ enum Command {
     Ova(cmd::ova::Args),
     /// Validate, then upload to OpenStack Glance and verify what it stored.
     Upload(Box<cmd::upload::Args>),
+    /// Check every image already stored in a Glance catalog, where it is stored.
+    Audit(Box<cmd::audit::Args>),
 }
 
 /// Keeps freed chunk buffers in the heap for reuse. The pipeline allocates and frees
@@ -80,7 +85,9 @@ fn main() -> ExitCode {
         Command::Measure(a) => cmd::measure::run(a),
         Command::Ova(a) => cmd::ova::run(a),
         Command::Upload(a) => cmd::upload::run(*a),
+        Command::Audit(a) => cmd::audit::run(*a),
     };
+    remote::log_transfers();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

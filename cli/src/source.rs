@@ -27,9 +27,22 @@ pub fn open_input(path: &Path, access: Access) -> anyhow::Result<Opened> {
     Ok(open_path(path, access)?)
 }
 
+/// The input as text when it names a remote object (`http(s)://`, `glance://`).
+pub fn remote_input(path: &Path) -> Option<&str> {
+    path.to_str().filter(|s| crate::remote::is_remote(s))
+}
+
 /// Opens `path` as a positional source for commands that parse an image: a regular file or a
-/// block device (whose size comes from the device).
+/// block device (whose size comes from the device), or a URL whose server answers range
+/// requests.
 pub fn open_random(path: &Path) -> anyhow::Result<Source> {
+    if let Some(url) = remote_input(path) {
+        let src = crate::remote::open(url)?;
+        if !src.ranges_supported() {
+            anyhow::bail!("{}", crate::remote::NO_RANGES);
+        }
+        return Ok(Arc::new(src));
+    }
     let Opened { file, .. } = open_input(path, Access::Random)?;
     Ok(Arc::new(file))
 }

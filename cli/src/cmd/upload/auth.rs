@@ -48,6 +48,98 @@ pub struct AuthOptions {
     pub tls: Tls,
 }
 
+/// The authentication options of every command that talks to Glance (`upload`, `audit`), as
+/// the OpenStack clients take them: flags, or the `OS_*` variables.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AuthArgs {
+    /// A Keystone token (with --os-image-url); never printed.
+    #[arg(long, env = "OS_AUTH_TOKEN", hide_env_values = true)]
+    os_auth_token: Option<String>,
+    /// The image service endpoint, e.g. http://glance:9292 (overrides the catalog).
+    #[arg(long, env = "OS_IMAGE_URL")]
+    os_image_url: Option<String>,
+    /// A cloud in clouds.yaml.
+    #[arg(long, env = "OS_CLOUD")]
+    os_cloud: Option<String>,
+    /// Keystone v3 URL.
+    #[arg(long, env = "OS_AUTH_URL")]
+    os_auth_url: Option<String>,
+    /// User name.
+    #[arg(long, env = "OS_USERNAME")]
+    os_username: Option<String>,
+    /// User id.
+    #[arg(long, env = "OS_USER_ID")]
+    os_user_id: Option<String>,
+    /// Password; never printed.
+    #[arg(long, env = "OS_PASSWORD", hide_env_values = true)]
+    os_password: Option<String>,
+    /// Project name.
+    #[arg(long, env = "OS_PROJECT_NAME")]
+    os_project_name: Option<String>,
+    /// Project id.
+    #[arg(long, env = "OS_PROJECT_ID")]
+    os_project_id: Option<String>,
+    /// The user's domain name.
+    #[arg(long, env = "OS_USER_DOMAIN_NAME")]
+    os_user_domain_name: Option<String>,
+    /// The user's domain id.
+    #[arg(long, env = "OS_USER_DOMAIN_ID")]
+    os_user_domain_id: Option<String>,
+    /// The project's domain name.
+    #[arg(long, env = "OS_PROJECT_DOMAIN_NAME")]
+    os_project_domain_name: Option<String>,
+    /// The project's domain id.
+    #[arg(long, env = "OS_PROJECT_DOMAIN_ID")]
+    os_project_domain_id: Option<String>,
+    /// Region of the image endpoint in the catalog.
+    #[arg(long, env = "OS_REGION_NAME")]
+    os_region_name: Option<String>,
+    /// Catalog interface: public (default), internal or admin.
+    #[arg(long, env = "OS_INTERFACE")]
+    os_interface: Option<String>,
+    /// A PEM bundle of CA certificates to trust instead of the built-in roots.
+    #[arg(long, env = "OS_CACERT")]
+    os_cacert: Option<PathBuf>,
+    /// Do not verify TLS certificates.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl AuthArgs {
+    /// The options as given (clouds.yaml not read yet: see [`apply_cloud`]).
+    pub fn options(&self) -> AuthOptions {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        AuthOptions {
+            token: self
+                .os_auth_token
+                .clone()
+                .filter(|t| !t.is_empty())
+                .map(Secret::new),
+            image_url: self.os_image_url.clone(),
+            cloud: self.os_cloud.clone(),
+            auth_url: self.os_auth_url.clone(),
+            username: self.os_username.clone(),
+            user_id: self.os_user_id.clone(),
+            password: self.os_password.clone().map(Secret::new),
+            project_name: self
+                .os_project_name
+                .clone()
+                .or_else(|| env("OS_TENANT_NAME")),
+            project_id: self.os_project_id.clone().or_else(|| env("OS_TENANT_ID")),
+            user_domain_name: self.os_user_domain_name.clone(),
+            user_domain_id: self.os_user_domain_id.clone(),
+            project_domain_name: self.os_project_domain_name.clone(),
+            project_domain_id: self.os_project_domain_id.clone(),
+            region: self.os_region_name.clone(),
+            interface: self.os_interface.clone(),
+            tls: Tls {
+                insecure: self.insecure,
+                cacert: self.os_cacert.clone(),
+            },
+        }
+    }
+}
+
 /// What a request to Glance needs.
 #[derive(Debug)]
 pub struct Session {

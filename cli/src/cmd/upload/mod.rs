@@ -2,11 +2,11 @@
 //! hashing it, then verify what Glance stored. Any failure after the create deletes the image
 //! (unless `--keep-on-failure`), so a failed upload leaves nothing behind.
 
-mod auth;
-mod glance;
-mod http;
+pub(crate) mod auth;
+pub(crate) mod glance;
+pub(crate) mod http;
 mod signal;
-mod validate;
+pub(crate) mod validate;
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -17,9 +17,8 @@ use glimpse_formats::policy::{self, Policy, Verdict};
 use glimpse_formats::Severity;
 use serde_json::{json, Map, Value};
 
-use self::auth::AuthOptions;
 use self::glance::{Digests, Glance, HashingBody};
-use self::http::{Http, Secret, Tls};
+use self::http::Http;
 use self::validate::{ContainerFormat, DiskFormat, Plan};
 use crate::common::{failed, open_source, parse_size, OutputFormat};
 
@@ -106,57 +105,8 @@ pub struct Args {
     #[arg(long)]
     force: bool,
 
-    /// A Keystone token (with --os-image-url); never printed.
-    #[arg(long, env = "OS_AUTH_TOKEN", hide_env_values = true)]
-    os_auth_token: Option<String>,
-    /// The image service endpoint, e.g. http://glance:9292 (overrides the catalog).
-    #[arg(long, env = "OS_IMAGE_URL")]
-    os_image_url: Option<String>,
-    /// A cloud in clouds.yaml.
-    #[arg(long, env = "OS_CLOUD")]
-    os_cloud: Option<String>,
-    /// Keystone v3 URL.
-    #[arg(long, env = "OS_AUTH_URL")]
-    os_auth_url: Option<String>,
-    /// User name.
-    #[arg(long, env = "OS_USERNAME")]
-    os_username: Option<String>,
-    /// User id.
-    #[arg(long, env = "OS_USER_ID")]
-    os_user_id: Option<String>,
-    /// Password; never printed.
-    #[arg(long, env = "OS_PASSWORD", hide_env_values = true)]
-    os_password: Option<String>,
-    /// Project name.
-    #[arg(long, env = "OS_PROJECT_NAME")]
-    os_project_name: Option<String>,
-    /// Project id.
-    #[arg(long, env = "OS_PROJECT_ID")]
-    os_project_id: Option<String>,
-    /// The user's domain name.
-    #[arg(long, env = "OS_USER_DOMAIN_NAME")]
-    os_user_domain_name: Option<String>,
-    /// The user's domain id.
-    #[arg(long, env = "OS_USER_DOMAIN_ID")]
-    os_user_domain_id: Option<String>,
-    /// The project's domain name.
-    #[arg(long, env = "OS_PROJECT_DOMAIN_NAME")]
-    os_project_domain_name: Option<String>,
-    /// The project's domain id.
-    #[arg(long, env = "OS_PROJECT_DOMAIN_ID")]
-    os_project_domain_id: Option<String>,
-    /// Region of the image endpoint in the catalog.
-    #[arg(long, env = "OS_REGION_NAME")]
-    os_region_name: Option<String>,
-    /// Catalog interface: public (default), internal or admin.
-    #[arg(long, env = "OS_INTERFACE")]
-    os_interface: Option<String>,
-    /// A PEM bundle of CA certificates to trust instead of the built-in roots.
-    #[arg(long, env = "OS_CACERT")]
-    os_cacert: Option<PathBuf>,
-    /// Do not verify TLS certificates.
-    #[arg(long)]
-    insecure: bool,
+    #[command(flatten)]
+    auth: auth::AuthArgs,
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
@@ -195,7 +145,7 @@ fn run_checked(args: &Args) -> anyhow::Result<u8> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let mut opts = auth_options(args);
+    let mut opts = args.auth.options();
     auth::apply_cloud(&mut opts)?;
     require_scheme("OS_IMAGE_URL (--os-image-url)", opts.image_url.as_deref())?;
     require_scheme("OS_AUTH_URL (--os-auth-url)", opts.auth_url.as_deref())?;
@@ -208,7 +158,7 @@ fn run_checked(args: &Args) -> anyhow::Result<u8> {
 
 /// An endpoint without `http://` or `https://` would otherwise fail later with a confusing
 /// "relative URL" error: say what is missing.
-fn require_scheme(what: &str, url: Option<&str>) -> anyhow::Result<()> {
+pub(crate) fn require_scheme(what: &str, url: Option<&str>) -> anyhow::Result<()> {
     match url {
         Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
             bail!("{what} {u:?} has no scheme: write https://{u} (or http://{u})")
@@ -335,35 +285,6 @@ fn report_findings(args: &Args, findings: &[glimpse_formats::Finding], forced: b
         if let Ok(text) = serde_json::to_string_pretty(&out) {
             println!("{text}");
         }
-    }
-}
-
-fn auth_options(a: &Args) -> AuthOptions {
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    AuthOptions {
-        token: a
-            .os_auth_token
-            .clone()
-            .filter(|t| !t.is_empty())
-            .map(Secret::new),
-        image_url: a.os_image_url.clone(),
-        cloud: a.os_cloud.clone(),
-        auth_url: a.os_auth_url.clone(),
-        username: a.os_username.clone(),
-        user_id: a.os_user_id.clone(),
-        password: a.os_password.clone().map(Secret::new),
-        project_name: a.os_project_name.clone().or_else(|| env("OS_TENANT_NAME")),
-        project_id: a.os_project_id.clone().or_else(|| env("OS_TENANT_ID")),
-        user_domain_name: a.os_user_domain_name.clone(),
-        user_domain_id: a.os_user_domain_id.clone(),
-        project_domain_name: a.os_project_domain_name.clone(),
-        project_domain_id: a.os_project_domain_id.clone(),
-        region: a.os_region_name.clone(),
-        interface: a.os_interface.clone(),
-        tls: Tls {
-            insecure: a.insecure,
-            cacert: a.os_cacert.clone(),
-        },
     }
 }
 

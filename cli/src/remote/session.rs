@@ -1,0 +1,169 @@
+//! The process-wide side of remote inputs: the TLS and auth options a command was given, one
+//! agent for every URL it opens, and the sources opened so far (for the transfer figures).
+
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{anyhow, Context};
+use ureq::Agent;
+
+use super::{is_url, shown, HttpSource, Secret, Transfer};
+use crate::cmd::upload::auth::{self, AuthOptions};
+use crate::cmd::upload::http::{self, Http, Tls};
+
+/// How remote inputs are reached.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// `--insecure`, `OS_CACERT`.
+    pub tls: Tls,
+    /// Log requests (never headers) to stderr.
+    pub verbose: bool,
+    /// Credentials for `glance://IMAGE_ID` (else taken from the `OS_*` variables).
+    pub auth: Option<AuthOptions>,
+}
+
+static CONFIG: OnceLock<Config> = OnceLock::new();
+static AGENT: OnceLock<Agent> = OnceLock::new();
+static OPENED: Mutex<Vec<(String, HttpSource)>> = Mutex::new(Vec::new());
+
+/// Sets the options for this command; the first call wins (one command per process).
+pub fn configure(config: Config) {
+    let _ = CONFIG.set(config);
+}
+
+fn config() -> &'static Config {
+    CONFIG.get_or_init(|| Config {
+        tls: Tls {
+            insecure: false,
+            cacert: env("OS_CACERT").map(Into::into),
+        },
+        verbose: false,
+        auth: None,
+    })
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+/// True when `-v` was given for remote inputs.
+pub fn verbose() -> bool {
+    config().verbose
+}
+
+fn agent() -> anyhow::Result<Agent> {
+    if let Some(a) = AGENT.get() {
+        return Ok(a.clone());
+    }
+    let a = http::agent(&config().tls)?;
+    Ok(AGENT.get_or_init(|| a).clone())
+}
+
+/// The `glance://` prefix of an image in the Glance of the auth options.
+pub const GLANCE: &str = "glance://";
+
+/// True for an input that names a remote object: an `http(s)://` URL or `glance://IMAGE_ID`.
+pub fn is_remote(s: &str) -> bool {
+    is_url(s) || s.starts_with(GLANCE)
+}
+
+/// The auth options from the `OS_*` variables, as `upload` reads them without flags.
+pub fn env_auth() -> AuthOptions {
+    AuthOptions {
+        token: env("OS_AUTH_TOKEN").map(Secret::new),
+        image_url: env("OS_IMAGE_URL"),
+        cloud: env("OS_CLOUD"),
+        auth_url: env("OS_AUTH_URL"),
+        username: env("OS_USERNAME"),
+        user_id: env("OS_USER_ID"),
+        password: env("OS_PASSWORD").map(Secret::new),
+        project_name: env("OS_PROJECT_NAME").or_else(|| env("OS_TENANT_NAME")),
+        project_id: env("OS_PROJECT_ID").or_else(|| env("OS_TENANT_ID")),
+        user_domain_name: env("OS_USER_DOMAIN_NAME"),
+        user_domain_id: env("OS_USER_DOMAIN_ID"),
+        project_domain_name: env("OS_PROJECT_DOMAIN_NAME"),
+        project_domain_id: env("OS_PROJECT_DOMAIN_ID"),
+        region: env("OS_REGION_NAME"),
+        interface: env("OS_INTERFACE"),
+        tls: config().tls.clone(),
+    }
+}
+
+/// Opens `input` (an `http(s)://` URL or `glance://IMAGE_ID`) and remembers it under its
+/// shown name for [`transfer_of`].
+///
+/// # Errors
+/// As [`HttpSource::open`]; for Glance, authentication failures.
+pub fn open(input: &str) -> anyhow::Result<HttpSource> {
+    let agent = agent()?;
+    let src = if let Some(id) = input.strip_prefix(GLANCE) {
+        let id = id.trim_end_matches('/');
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            anyhow::bail!("{input}: not an image id (glance://IMAGE_ID)");
+        }
+        let mut opts = config().auth.clone().unwrap_or_else(env_auth);
+        auth::apply_cloud(&mut opts)?;
+        let client = Http::new(agent.clone(), config().verbose);
+        let session = auth::authenticate(&client, &opts).context("glance:// needs credentials")?;
+        let url = format!("{}/v2/images/{id}/file", session.image_url);
+        HttpSource::open(agent, &url, vec![("X-Auth-Token".into(), session.token)])
+            .map_err(|e| anyhow!("{input}: {e:#}"))?
+    } else {
+        HttpSource::open(agent, input, Vec::new())?
+    };
+    if config().verbose {
+        eprintln!(
+            "glimpse: {}: {} bytes, range requests {}",
+            src.shown(),
+            src.size_hint().map_or("unknown".into(), |s| s.to_string()),
+            if src.ranges_supported() {
+                "supported"
+            } else {
+                "not supported"
+            }
+        );
+    }
+    if let Ok(mut o) = OPENED.lock() {
+        o.push((display(input), src.clone()));
+    }
+    Ok(src)
+}
+
+/// How an input is named in output: a URL without credentials, `glance://ID` as given.
+pub fn display(input: &str) -> String {
+    if is_url(input) {
+        shown(input)
+    } else {
+        input.to_string()
+    }
+}
+
+/// The transfer of every source opened under `name` (0 requests when none was).
+pub fn transfer_of(name: &str) -> Option<Transfer> {
+    let o = OPENED.lock().ok()?;
+    let mut found = false;
+    let mut t = Transfer::default();
+    for (n, s) in o.iter().filter(|(n, _)| n == name) {
+        let _ = n;
+        found = true;
+        let x = s.transfer();
+        t.requests += x.requests;
+        t.bytes += x.bytes;
+    }
+    found.then_some(t)
+}
+
+/// Prints each remote source's transfer to stderr (with `-v`).
+pub fn log_transfers() {
+    if !config().verbose {
+        return;
+    }
+    if let Ok(o) = OPENED.lock() {
+        for (n, s) in o.iter() {
+            let t = s.transfer();
+            eprintln!(
+                "glimpse: {n}: transfer: {} requests, {} bytes",
+                t.requests, t.bytes
+            );
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! `glimpse audit` against the real glance-api of scripts/glance-testenv.sh: a catalog seeded
+//! through the Images API with good images of every format, hostile ones that Glance itself
+//! let in, and one whose stored bytes were changed after the upload. Each test tags its own
+//! images and audits only that tag, so the tests of this binary share one Glance safely.
+
+mod audit_support;
+mod upload_support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use audit_support::{audit, codes, corrupt_in_store, download_status, ids, lines, record, seed};
+use glimpse_testkit::qemu::img as qemu_img;
+use serde_json::Value;
+use upload_support::{glance, raw_file, text, unique, TOKEN};
+
+const BIN: &str = "audit";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A 3 MiB raw source converted by qemu-img to `fmt` with `opts`.
+fn make(dir: &Path, fmt: &str, opts: &[&str]) -> Vec<u8> {
+    let src = raw_file(dir, "src.raw", 3 * 1024 * 1024);
+    let out = dir.join(format!("disk-{fmt}-{}", opts.join("_").replace('=', "-")));
+    let mut args = vec!["convert", "-q", "-f", "raw", "-O", fmt];
+    args.extend_from_slice(opts);
+    args.push(src.to_str().unwrap());
+    args.push(out.to_str().unwrap());
+    qemu_img(&args);
+    std::fs::read(out).unwrap()
+}
+
+fn iso(dir: &Path) -> Vec<u8> {
+    let content = dir.join("iso-content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("README.TXT"), b"glimpse audit test\n").unwrap();
+    let iso = dir.join("disk.iso");
+    let out = Command::new("genisoimage")
+        .args(["-quiet", "-V", "GLIMPSE", "-o"])
+        .arg(&iso)
+        .arg(&content)
+        .output()
+        .expect("genisoimage is required for this test");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(iso).unwrap()
+}
+
+/// An OVA as exporters make one: descriptor, manifest, streamOptimized VMDK.
+fn ova(dir: &Path) -> Vec<u8> {
+    use sha2::{Digest as _, Sha256};
+    let work = dir.join("ova");
+    std::fs::create_dir_all(&work).unwrap();
+    let vmdk = make(dir, "vmdk", &["-o", "subformat=streamOptimized"]);
+    std::fs::write(work.join("disk1.vmdk"), &vmdk).unwrap();
+    let ovf = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData">
+  <References>
+    <File ovf:href="disk1.vmdk" ovf:id="file1" ovf:size="{}"/>
+  </References>
+  <DiskSection>
+    <Info>Virtual disk information</Info>
+    <Disk ovf:capacity="3145728" ovf:capacityAllocationUnits="byte" ovf:diskId="vmdisk1" ovf:fileRef="file1" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <VirtualSystem ovf:id="glimpse-audit">
+    <Info>A virtual machine</Info>
+    <Name>glimpse-audit</Name>
+    <VirtualHardwareSection>
+      <Info>Virtual hardware requirements</Info>
+      <Item>
+        <rasd:ElementName>disk0</rasd:ElementName>
+        <rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource>
+        <rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>17</rasd:ResourceType>
+      </Item>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"#,
+        vmdk.len()
+    );
+    std::fs::write(work.join("glimpse.ovf"), &ovf).unwrap();
+    let mf = format!(
+        "SHA256(glimpse.ovf)= {}\nSHA256(disk1.vmdk)= {}\n",
+        hex(&Sha256::digest(ovf.as_bytes())),
+        hex(&Sha256::digest(&vmdk))
+    );
+    std::fs::write(work.join("glimpse.mf"), mf).unwrap();
+    let out_path = dir.join("good.ova");
+    let out = Command::new("tar")
+        .args(["--format=ustar", "-cf"])
+        .arg(&out_path)
+        .arg("-C")
+        .arg(&work)
+        .args(["glimpse.ovf", "glimpse.mf", "disk1.vmdk"])
+        .output()
+        .expect("tar is required for this test");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(out_path).unwrap()
+}
+
+fn hostile(folder: &str, name: &str) -> Vec<u8> {
+    let p: PathBuf = glimpse_testkit::hostile::dir(folder).join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// What the seeded catalog holds and what the audit must say of each image.
+struct Seeded {
+    tag: String,
+    /// id -> (label, expected verdict, a code the findings must hold)
+    expect: Vec<(String, &'static str, &'static str, Option<&'static str>)>,
+}
+
+fn seed_catalog() -> Seeded {
+    let g = glance(BIN);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tag = unique("hostile-catalog");
+    let t = [tag.as_str()];
+    let mut expect = Vec::new();
+    let mut put = |label: &'static str,
+                   disk: &str,
+                   container: &str,
+                   data: Vec<u8>,
+                   verdict: &'static str,
+                   code: Option<&'static str>| {
+        let id = seed(g, &format!("{tag}-{label}"), disk, container, &data, &t);
+        expect.push((id, label, verdict, code));
+    };
+    // good images of every format, bare (so Glance inspected them too)
+    put(
+        "raw",
+        "raw",
+        "bare",
+        read(raw_file(d, "a.raw", 1 << 20)),
+        "pass",
+        None,
+    );
+    put(
+        "qcow2",
+        "qcow2",
+        "bare",
+        make(d, "qcow2", &[]),
+        "pass",
+        None,
+    );
+    put(
+        "vmdk-stream",
+        "vmdk",
+        "bare",
+        make(d, "vmdk", &["-o", "subformat=streamOptimized"]),
+        "pass",
+        None,
+    );
+    put(
+        "vmdk-sparse",
+        "vmdk",
+        "bare",
+        make(d, "vmdk", &["-o", "subformat=monolithicSparse"]),
+        "pass",
+        None,
+    );
+    put("vhd", "vhd", "bare", make(d, "vpc", &[]), "pass", None);
+    put("vhdx", "vhdx", "bare", make(d, "vhdx", &[]), "pass", None);
+    put("vdi", "vdi", "bare", make(d, "vdi", &[]), "pass", None);
+    put("iso", "iso", "bare", iso(d), "pass", None);
+    put("ova", "vmdk", "ova", ova(d), "pass", None);
+    // hostile images Glance let in: its inspector accepts a qcow2 declared raw (it only
+    // logs a warning), and inspects nothing that is not container_format=bare
+    put(
+        "qcow2-declared-raw",
+        "raw",
+        "bare",
+        make(d, "qcow2", &[]),
+        "reject",
+        Some("format.mismatch"),
+    );
+    put(
+        "backing-file",
+        "qcow2",
+        "ovf",
+        hostile("qcow2", "backing-file.qcow2"),
+        "reject",
+        Some("qcow2.backing-file"),
+    );
+    put(
+        "data-file",
+        "qcow2",
+        "ovf",
+        hostile("qcow2", "data-file-bit.qcow2"),
+        "reject",
+        Some("qcow2.data-file"),
+    );
+    put(
+        "vmdk-host-extent",
+        "vmdk",
+        "ovf",
+        hostile("vmdk", "external-extent-no-slash.vmdk"),
+        "reject",
+        Some("vmdk.external-extent"),
+    );
+    put(
+        "ova-traversal",
+        "vmdk",
+        "ova",
+        hostile("ova", "traversal.ova"),
+        "reject",
+        Some("ova.member-name"),
+    );
+    // a good image whose stored bytes change after the upload
+    let data = read(raw_file(d, "b.raw", 1 << 20));
+    let id = seed(g, &format!("{tag}-corrupted"), "raw", "bare", &data, &t);
+    corrupt_in_store(BIN, &id);
+    expect.push((id, "corrupted", "mismatch", Some("audit.checksum-mismatch")));
+    Seeded { tag, expect }
+}
+
+fn read(p: PathBuf) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+fn by_id(lines: &[Value]) -> std::collections::BTreeMap<String, Value> {
+    lines
+        .iter()
+        .map(|l| (l["id"].as_str().unwrap().to_string(), l.clone()))
+        .collect()
+}
+
+#[test]
+fn the_audit_finds_exactly_the_hostile_and_corrupted_images_and_deactivates_them() {
+    let g = glance(BIN);
+    let s = seed_catalog();
+
+    // 1. A read-only audit with digests: every image judged as expected, nothing changed.
+    let out = audit(&g.url, &["--tag", &s.tag, "--verify-digests", "-j", "4"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let got = by_id(&lines(&out));
+    assert_eq!(got.len(), s.expect.len(), "{stdout}");
+    for (id, label, verdict, code) in &s.expect {
+        let line = &got[id];
+        assert_eq!(line["verdict"], *verdict, "{label}: {line}");
+        if let Some(c) = code {
+            assert!(codes(line).iter().any(|x| x == c), "{label}: {line}");
+        }
+        assert_eq!(
+            line["digests"],
+            if *label == "corrupted" {
+                "mismatch"
+            } else {
+                "verified"
+            },
+            "{label}: {line}"
+        );
+        assert!(line["bytes_read"].as_u64().unwrap() > 0, "{label}: {line}");
+        assert!(line.get("deactivated").is_none(), "{label}: {line}");
+        assert_eq!(record(g, id)["status"], "active", "{label}");
+    }
+    assert!(stderr.contains("images audited"), "{stderr}");
+
+    // Without --verify-digests the corrupted image is not read in full, so it passes the
+    // policy (its bytes are still a raw disk): corruption is what the digests are for.
+    let out = audit(&g.url, &["--tag", &s.tag]);
+    let got = by_id(&lines(&out));
+    let corrupted = &s.expect.last().unwrap().0;
+    assert_eq!(got[corrupted]["verdict"], "pass", "{}", got[corrupted]);
+    assert_eq!(got[corrupted]["digests"], "not-checked");
+
+    // --quick skips the structural walk: the same verdicts from the headers alone, and less
+    // read for every image
+    let quick = audit(&g.url, &["--tag", &s.tag, "--quick"]);
+    assert_eq!(quick.status.code(), Some(1), "{:?}", text(&quick));
+    let quick = by_id(&lines(&quick));
+    for (id, label, _, _) in &s.expect {
+        assert_eq!(
+            quick[id]["verdict"], got[id]["verdict"],
+            "{label}: {}",
+            quick[id]
+        );
+        assert!(
+            quick[id]["bytes_read"].as_u64() <= got[id]["bytes_read"].as_u64(),
+            "{label}: {} vs {}",
+            quick[id],
+            got[id]
+        );
+    }
+
+    // 2. --deactivate-rejected: exactly the failing images are deactivated; a member can no
+    // longer download them (an admin still can), and can download the others.
+    let out = audit(
+        &g.url,
+        &["--tag", &s.tag, "--verify-digests", "--deactivate-rejected"],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let got = by_id(&lines(&out));
+    for (id, label, verdict, _) in &s.expect {
+        let bad = *verdict != "pass";
+        assert_eq!(
+            got[id].get("deactivated").and_then(Value::as_bool),
+            bad.then_some(true),
+            "{label}: {}",
+            got[id]
+        );
+        let status = record(g, id)["status"].as_str().unwrap().to_string();
+        assert_eq!(
+            status,
+            if bad { "deactivated" } else { "active" },
+            "{label}"
+        );
+        assert_eq!(
+            download_status(g, id, false),
+            if bad { 403 } else { 200 },
+            "member download of {label}"
+        );
+        if bad {
+            assert_eq!(
+                download_status(g, id, true),
+                200,
+                "admin download of {label}"
+            );
+        }
+    }
+    assert!(stderr.contains("deactivated"), "{stderr}");
+
+    // The default listing is of active images: what was deactivated is not audited again.
+    let out = audit(&g.url, &["--tag", &s.tag, "--verify-digests"]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let n_good = s.expect.iter().filter(|e| e.2 == "pass").count();
+    assert_eq!(lines(&out).len(), n_good);
+
+    // 3. --reactivate undoes one.
+    let (id, label, _, _) = s.expect.iter().find(|e| e.2 == "reject").unwrap();
+    let out = audit(&g.url, &["--reactivate", id]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert_eq!(lines(&out)[0]["reactivated"], true);
+    assert_eq!(record(g, id)["status"], "active", "{label}");
+    assert_eq!(download_status(g, id, false), 200);
+    // and the audit names it again
+    let out = audit(&g.url, &["--image", id]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert_eq!(lines(&out)[0]["verdict"], "reject");
+}
+
+/// `n` small raw images with a fresh tag; returns the tag and the sorted ids.
+fn seed_raw(n: usize, label: &str) -> (String, Vec<String>) {
+    let g = glance(BIN);
+    let tag = unique(label);
+    let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    let mut ids: Vec<String> = (0..n)
+        .map(|i| seed(g, &format!("{tag}-{i}"), "raw", "bare", &data, &[&tag]))
+        .collect();
+    ids.sort();
+    (tag, ids)
+}
+
+#[test]
+fn paging_marker_and_shards_cover_the_catalog_exactly_once() {
+    let g = glance(BIN);
+    let (tag, all) = seed_raw(23, "paging");
+
+    // small pages: every image once, over several listing requests
+    let out = audit(
+        &g.url,
+        &["--tag", &tag, "--page-size", "4", "-j", "3", "-v"],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert_eq!(ids(&lines(&out)), all);
+    let list_requests = stderr
+        .lines()
+        .filter(|l| l.contains("GET ") && l.contains("/v2/images?") && !l.contains("->"))
+        .count();
+    assert!(
+        list_requests >= 6,
+        "{list_requests} listing requests:\n{stderr}"
+    );
+    assert!(!stderr.contains(TOKEN), "the token leaked into the log");
+
+    // --marker resumes after an id, in id order
+    let out = audit(
+        &g.url,
+        &["--tag", &tag, "--page-size", "5", "--marker", &all[9]],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert_eq!(ids(&lines(&out)), all[10..].to_vec());
+
+    // three shards: disjoint, and together the whole catalog
+    let mut union = BTreeSet::new();
+    let mut total = 0;
+    for k in 0..3 {
+        let shard = format!("{k}/3");
+        let out = audit(
+            &g.url,
+            &["--tag", &tag, "--shard", &shard, "--page-size", "7"],
+        );
+        assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+        let got = ids(&lines(&out));
+        total += got.len();
+        union.extend(got);
+    }
+    assert_eq!(total, all.len(), "an image was audited by two shards");
+    assert_eq!(union.into_iter().collect::<Vec<_>>(), all);
+
+    // --image, repeated: exactly those, no listing
+    let out = audit(&g.url, &["--image", &all[3], "--image", &all[17], "-v"]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert_eq!(ids(&lines(&out)), vec![all[3].clone(), all[17].clone()]);
+    assert!(!text(&out).1.contains("/v2/images?"), "listed with --image");
+}
+
+#[test]
+fn errors_are_exit_2_with_the_image_named() {
+    let g = glance(BIN);
+    let missing = "00000000-0000-4000-8000-000000000000";
+    let out = audit(&g.url, &["--image", missing]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    let l = lines(&out);
+    assert_eq!(l[0]["id"], missing);
+    assert_eq!(l[0]["verdict"], "error");
+    assert!(l[0]["error"].as_str().unwrap().contains("404"), "{}", l[0]);
+
+    // a stored object cut short after the upload: Glance still announces the recorded size,
+    // then closes the connection early, so the image cannot be read: an error, named
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let id = seed(g, &unique("truncated"), "raw", "bare", &data, &[]);
+    let stored = audit_support::stored_file(BIN, &id);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stored)
+        .unwrap()
+        .set_len(300_000)
+        .unwrap();
+    let out = audit(&g.url, &["--image", &id]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert_eq!(lines(&out)[0]["verdict"], "error", "{stdout}");
+    assert!(stderr.contains(&id), "{stderr}");
+
+    // an id that is not one is a usage error before anything is sent
+    let out = audit(&g.url, &["--image", "../../etc"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("not an image id"), "{:?}", text(&out));
+
+    // nothing listening: the listing fails, exit 2
+    let out = audit("http://127.0.0.1:9", &[]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    assert!(text(&out).1.contains("listing failed"), "{:?}", text(&out));
+
+    // --shard is K/N with K < N
+    let out = audit(&g.url, &["--shard", "3/3"]);
+    assert_eq!(out.status.code(), Some(2));
+}
