@@ -157,6 +157,13 @@ pub const ALL: &[&str] = &[
     "source.not-seekable",
     "output.not-regular",
     "output.same-as-source",
+    // `glimpse audit`: findings about an image stored in Glance, beside the check policy's.
+    "audit.checksum-mismatch",
+    "audit.os-hash-mismatch",
+    "audit.os-hash-unchecked",
+    "audit.size-mismatch",
+    "audit.uninspectable",
+    "audit.virtual-size-mismatch",
 ];
 
 /// True when `code` is a registered finding or error code.
