@@ -8,6 +8,7 @@
 //! allocation beyond what was asked for. URLs are shown without userinfo and query (a presigned
 //! URL's signature is a credential), and header values are [`Secret`]s.
 
+mod readahead;
 mod session;
 mod url;
 
@@ -23,7 +24,7 @@ use ureq::http::{HeaderMap, Response};
 use ureq::{Agent, Body};
 
 pub use self::session::{
-    configure, display, env_auth, is_remote, log_transfers, open, transfer_of, verbose, Config,
+    annotate, configure, display, is_remote, log_transfers, open, Config, Opts,
 };
 pub use self::url::{is_url, shown};
 pub use crate::cmd::upload::http::Secret;
@@ -78,6 +79,8 @@ struct Inner {
     inflight: Mutex<Vec<u64>>,
     landed: Condvar,
     _charge: Option<Charge>,
+    /// Consecutive misses that each followed a cached block.
+    streak: AtomicU64,
     requests: AtomicU64,
     bytes: AtomicU64,
 }
@@ -128,6 +131,7 @@ impl HttpSource {
             inflight: Mutex::new(Vec::new()),
             landed: Condvar::new(),
             _charge: Some(charge),
+            streak: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         };
@@ -164,6 +168,18 @@ impl HttpSource {
     /// The URL as it may be shown: no userinfo, no query, no fragment.
     pub fn shown(&self) -> &str {
         &self.inner.shown
+    }
+
+    /// The whole object, front to back: with several range requests in flight when the
+    /// server answers ranges, else one streamed GET ([`HttpSource::stream`]).
+    ///
+    /// # Errors
+    /// As [`HttpSource::stream`].
+    pub fn sequential(&self) -> io::Result<Box<dyn Read + Send>> {
+        match (self.inner.ranges, self.inner.size) {
+            (true, Some(size)) => Ok(Box::new(readahead::Readahead::new(self.clone(), size))),
+            _ => Ok(Box::new(self.stream()?)),
+        }
     }
 
     /// The object's whole body, front to back, in one GET. A connection lost mid-body is
@@ -395,10 +411,19 @@ impl Inner {
                 continue;
             }
             let blocks = size.div_ceil(BLOCK);
+            // Metadata reads jump around; a read that follows the previous block doubles the
+            // window (up to READAHEAD_BLOCKS), anything else starts again at one block.
             let sequential = b > 0 && self.cache.get(b - 1).ok().flatten().is_some();
+            let window = if sequential {
+                let s = self.streak.fetch_add(1, Ordering::Relaxed).min(4);
+                (1u64 << s).min(READAHEAD_BLOCKS)
+            } else {
+                self.streak.store(0, Ordering::Relaxed);
+                1
+            };
             let mut n = 1;
             if sequential {
-                while n < READAHEAD_BLOCKS
+                while n < window
                     && b + n < blocks
                     && !inflight.contains(&(b + n))
                     && self.cache.get(b + n).ok().flatten().is_none()
