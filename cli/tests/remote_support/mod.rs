@@ -127,6 +127,9 @@ server.serve_forever()
 /// Makes (once) `www/name` by converting a deterministic raw disk of `len` bytes with
 /// qemu-img to `format` (with `opts`), and returns its local path.
 pub fn image(binary: &str, name: &str, len: usize, format: &str, opts: &[&str]) -> PathBuf {
+    // tests run in parallel and share fixtures: one maker at a time
+    static MAKING: Mutex<()> = Mutex::new(());
+    let _one = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let dir = www(binary);
     let out = dir.join(name);
     if out.exists() {
@@ -305,7 +308,8 @@ fn serve(
             }
             Some(Fault::ShiftRange(by)) => {
                 for l in head.iter_mut() {
-                    if let Some(r) = l.strip_prefix("Range: bytes=") {
+                    let lower = l.to_ascii_lowercase();
+                    if let Some(r) = lower.strip_prefix("range: bytes=") {
                         let (a, b) = r.split_once('-').unwrap();
                         let a: u64 = a.parse::<u64>().unwrap() + by;
                         let b = b
