@@ -203,7 +203,8 @@ pub fn annotate(v: &mut serde_json::Value) {
 }
 
 fn annotate_one(v: &mut serde_json::Value) {
-    let Some(m) = v.as_object_mut() else {
+    // error.json objects stay as documented: {filename, error}
+    let Some(m) = v.as_object_mut().filter(|m| !m.contains_key("error")) else {
         return;
     };
     let Some(t) = m
