@@ -40,6 +40,8 @@ const READAHEAD_BLOCKS: u64 = 16;
 /// Tries per request (connection resets, timeouts, 5xx), with doubling backoff.
 const ATTEMPTS: u32 = 5;
 const BACKOFF: Duration = Duration::from_millis(100);
+/// How long a GET may take to start answering before it is retried.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a source has cost on the wire so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -207,11 +209,21 @@ impl Inner {
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Sends a GET with `range` (inclusive ends) and the pinning header.
-    fn get(&self, range: Option<(u64, u64)>, pin: bool) -> Result<Response<Body>, Fail> {
-        let mut req = self.agent.get(&self.url);
-        if let Some((a, b)) = range {
-            req = req.header("Range", format!("bytes={a}-{b}"));
+    /// Sends a GET with `range` (inclusive ends; no end: to the end of the object) and the
+    /// pinning header.
+    fn get(&self, range: Option<(u64, Option<u64>)>, pin: bool) -> Result<Response<Body>, Fail> {
+        // The agent waits an hour for an answer (Glance answers a PUT only once it has stored
+        // the data); a GET that has not started answering in a minute is retried instead.
+        let mut req = self
+            .agent
+            .get(&self.url)
+            .config()
+            .timeout_recv_response(Some(RESPONSE_TIMEOUT))
+            .build();
+        match range {
+            Some((a, Some(b))) => req = req.header("Range", format!("bytes={a}-{b}")),
+            Some((a, None)) => req = req.header("Range", format!("bytes={a}-")),
+            None => {}
         }
         if pin {
             if let Some(v) = self.etag.as_ref().or(self.last_modified.as_ref()) {
@@ -260,7 +272,7 @@ impl Inner {
         let this = &*self;
         let (size, ranges, etag, lm, block) = this
             .retry(|| {
-                let mut resp = this.get(Some((0, BLOCK - 1)), false)?;
+                let mut resp = this.get(Some((0, Some(BLOCK - 1))), false)?;
                 let status = resp.status().as_u16();
                 let etag = header(resp.headers(), "etag");
                 let lm = header(resp.headers(), "last-modified");
@@ -370,7 +382,7 @@ impl Inner {
             .checked_add(buf.len() as u64 - 1)
             .ok_or_else(|| io::Error::other("range past 2^64"))?;
         self.retry(|| {
-            let mut resp = self.get(Some((offset, end)), true)?;
+            let mut resp = self.get(Some((offset, Some(end))), true)?;
             match resp.status().as_u16() {
                 206 => {}
                 200 | 412 => {
@@ -509,7 +521,7 @@ impl Stream {
         let pos = self.pos;
         let resp = inner.retry(|| {
             let resumed = pos > 0;
-            let mut resp = inner.get(resumed.then_some((pos, u64::MAX)), resumed)?;
+            let mut resp = inner.get(resumed.then_some((pos, None)), resumed)?;
             match resp.status().as_u16() {
                 200 if !resumed => {
                     let len = resp.body().content_length();

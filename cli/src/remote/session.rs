@@ -173,8 +173,8 @@ pub struct Opts {
     /// roots.
     #[arg(long, env = "OS_CACERT", value_name = "FILE")]
     pub os_cacert: Option<std::path::PathBuf>,
-    /// For URL inputs: log requests and print the transfer (requests, bytes) to stderr;
-    /// never credentials.
+    /// For URL inputs: print each one's size, range support and transfer (requests, bytes)
+    /// to stderr; never credentials.
     #[arg(short = 'v', long)]
     pub verbose: bool,
 }
