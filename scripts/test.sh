@@ -2,7 +2,8 @@
 # The whole test suite, on a fresh Debian machine with Rust stable, qemu-img and Python 3.
 # Installs what the tests need and the machine lacks (needs root or sudo for apt), then runs
 # `cargo test --workspace`. The upload tests start a real glance-api themselves through
-# scripts/glance-testenv.sh (its venv is installed on first use under target/).
+# scripts/glance-testenv.sh (its venv is installed on first use under target/); the remote tests
+# start nginx (scripts/nginx-testenv.sh; the binary is /usr/sbin/nginx, not on a user's PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ declare -A NEED=(
     [qemu-img]=qemu-utils [genisoimage]=genisoimage [xorriso]=xorriso [sgdisk]=gdisk
     [mkfs.vfat]=dosfstools [mcopy]=mtools [curl]=curl [tar]=tar [gzip]=gzip
     [/usr/bin/time]=time [openssl]=openssl [losetup]=mount [isoinfo]=genisoimage
+    [/usr/sbin/nginx]=nginx-light [python3]=python3
 )
 missing=()
 for tool in "${!NEED[@]}"; do

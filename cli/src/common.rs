@@ -368,11 +368,12 @@ pub fn info_rows(filename: &str, info: &ImageInfo) -> Vec<(String, String)> {
 
 /// Prints JSON: one object for one file, an array for several.
 pub fn print_json(items: Vec<Value>) {
-    let v = if items.len() == 1 {
+    let mut v = if items.len() == 1 {
         items.into_iter().next().unwrap_or(Value::Null)
     } else {
         Value::Array(items)
     };
+    crate::remote::annotate(&mut v);
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 

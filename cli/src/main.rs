@@ -7,8 +7,6 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod common;
-// Parts of the interface are wired into the commands in the following commits.
-#[allow(dead_code, unused_imports)]
 mod remote;
 mod source;
 

@@ -15,6 +15,8 @@ use crate::common::{
 /// Arguments of `glimpse check`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    remote: crate::remote::Opts,
     /// The declared format: a different detected format is a rejection (a qcow2 declared raw,
     /// or a raw declared qcow2). Glance's names; vpc is accepted for vhd.
     #[arg(long, value_parser = parse_format, value_name = "FORMAT")]
@@ -55,6 +57,7 @@ enum Outcome {
 /// Runs `glimpse check`: exit 0 when every file passes, 1 when any is rejected, 2 when any
 /// could not be checked.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    args.remote.apply();
     let policy = Policy {
         expect_format: args.expect_format,
         max_virtual_size: args.max_virtual_size,

@@ -13,6 +13,8 @@ use crate::source::open_stream;
 /// Arguments of `glimpse checksum`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    remote: crate::remote::Opts,
     /// Algorithms, comma-separated: md5, sha1, sha256, sha512. The default, md5 and sha512,
     /// gives Glance's `checksum` and `os_hash_value` (os_hash_algo=sha512).
     #[arg(
@@ -38,6 +40,7 @@ pub struct Args {
 
 /// Runs `glimpse checksum`.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    args.remote.apply();
     if args.input.disk.is_some() && !args.content {
         // File digests cover the whole OVA: a disk number would be silently ignored.
         return Err(crate::common::usage(
@@ -101,6 +104,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 /// File digests of `path`: read in parallel blocks from a file or block device (whose size
 /// comes from the device), or front to back from a pipe, FIFO or stdin (`-`).
 fn digest_file(path: &Path, algos: &[Algo]) -> anyhow::Result<(u64, Vec<(Algo, String)>)> {
+    if let Some(url) = crate::source::remote_input(path) {
+        // The body is read once, front to back, whether or not the server answers ranges.
+        let src = crate::remote::open(url)?;
+        let mut body = src.sequential()?;
+        let (size, digests) = stream_digests(&mut body, algos, &|_| {})?;
+        if src.size_hint().is_some_and(|s| s != size) {
+            anyhow::bail!(
+                "the server sent {size} bytes for an object of {} bytes",
+                src.size_hint().unwrap_or(0)
+            );
+        }
+        return Ok((size, digests));
+    }
     let (mut file, kind) = open_stream(path)?;
     if kind.is_random_access() {
         let size = ReadAt::size(&file)?;

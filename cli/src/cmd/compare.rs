@@ -11,6 +11,8 @@ use crate::common::{load, InputOpts};
 /// Arguments of `glimpse compare`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    remote: crate::remote::Opts,
     /// Sizes must be equal; without it, the larger image's extra tail must be zero (as in
     /// qemu-img compare).
     #[arg(long, short = 's')]
@@ -26,11 +28,12 @@ pub struct Args {
 /// Runs `glimpse compare`: exit 0 identical, 1 different or refused by the policy (an overlay
 /// without `--force`), 2 error.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    args.remote.apply();
     let limits = crate::common::limits();
     let open = |p: &PathBuf| {
         load(p, None, &args.input)
             .map(|l| GuestReader::new(l.image, &limits))
-            .with_context(|| p.display().to_string())
+            .with_context(|| crate::common::name(p))
     };
     let (a, b) = (open(&args.a)?, open(&args.b)?);
     let (sa, sb) = (a.virtual_size(), b.virtual_size());
@@ -48,7 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     } else {
         (&b, &args.b)
     };
-    if let Some(off) = first_nonzero(longer, common).with_context(|| name.display().to_string())? {
+    if let Some(off) = first_nonzero(longer, common).with_context(|| crate::common::name(name))? {
         println!("Content mismatch at offset {off}! (the larger image has data past the end of the smaller)");
         return Ok(1);
     }

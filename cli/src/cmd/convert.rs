@@ -33,6 +33,8 @@ DST is written to a temporary file in its directory and renamed into place on su
 an existing DST is untouched by a failed or interrupted conversion.
 DST may be - (stdout) for raw, vmdk subformat=streamOptimized and vhd subformat=fixed.")]
 pub struct Args {
+    #[command(flatten)]
+    remote: crate::remote::Opts,
     /// Declared source format; a different detected format is refused.
     #[arg(short = 'f', value_parser = parse_format, value_name = "FORMAT")]
     source_format: Option<Format>,
@@ -167,6 +169,7 @@ fn open_output(args: &Args) -> anyhow::Result<(Target, Option<OutputFile>)> {
 
 /// Runs `glimpse convert`.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    args.remote.apply();
     install_signal_handlers();
     let mut opts = WriteOptions::parse(&args.options.join(","), args.compress)?;
     let to_stdout = is_stdin(&args.dst);
@@ -299,5 +302,5 @@ fn run_pipeline(
 }
 
 fn display(p: &Path) -> String {
-    p.display().to_string()
+    crate::common::name(p)
 }

@@ -12,6 +12,8 @@ use crate::common::{
 /// Arguments of `glimpse info`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    remote: crate::remote::Opts,
     /// Output format: with json, one object for one file, an array for several; a file that
     /// could not be read is an object with `filename` and `error`.
     #[arg(long, value_enum, default_value_t)]
@@ -26,6 +28,7 @@ pub struct Args {
 
 /// Runs `glimpse info`: exit 0 when every file was read, 2 otherwise.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    args.remote.apply();
     let limits = crate::common::limits();
     let mut out = Vec::new();
     let mut code = 0;

@@ -10,6 +10,8 @@ use crate::common::{failed, load, name, print_json, InputOpts, OutputFormat};
 /// Arguments of `glimpse map`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    remote: crate::remote::Opts,
     /// Output format: with json, an array of extents, or an object with `filename` and
     /// `error` when the image cannot be mapped.
     #[arg(long, value_enum, default_value_t)]
@@ -45,6 +47,7 @@ fn json(r: &Run) -> Value {
 
 /// Runs `glimpse map`: exit 0, 1 when the policy refuses the image, 2 when it cannot be read.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    args.remote.apply();
     let entries = match extents(&args) {
         Ok(e) => e,
         Err(e) => {

@@ -13,6 +13,8 @@ use crate::common::{
 /// Arguments of `glimpse measure`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    remote: crate::remote::Opts,
     /// Output format.
     #[arg(short = 'O', value_parser = parse_format, value_name = "FORMAT")]
     output_format: Format,
@@ -37,6 +39,7 @@ pub struct Args {
 
 /// Runs `glimpse measure`: exit 0, 1 when the policy refuses the source, 2 on errors.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    args.remote.apply();
     let m = match sizes(&args) {
         Ok(m) => m,
         Err(e) => {

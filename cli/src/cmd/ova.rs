@@ -33,6 +33,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct FileArgs {
+    #[command(flatten)]
+    remote: crate::remote::Opts,
     /// The OVA (or a standalone .ovf descriptor).
     file: PathBuf,
     /// Output format.
@@ -42,6 +44,8 @@ struct FileArgs {
 
 #[derive(clap::Args)]
 struct ExtractArgs {
+    #[command(flatten)]
+    remote: crate::remote::Opts,
     /// The OVA.
     file: PathBuf,
     /// The directory to extract into (created if missing; existing files are never
@@ -56,8 +60,14 @@ struct ExtractArgs {
 pub fn run(args: Args) -> anyhow::Result<u8> {
     let limits = crate::common::limits();
     let (file, output) = match &args.command {
-        Command::List(a) | Command::Check(a) => (a.file.clone(), a.output),
-        Command::Extract(a) => (a.file.clone(), a.output),
+        Command::List(a) | Command::Check(a) => {
+            a.remote.apply();
+            (a.file.clone(), a.output)
+        }
+        Command::Extract(a) => {
+            a.remote.apply();
+            (a.file.clone(), a.output)
+        }
     };
     let result = match args.command {
         Command::List(a) => list(&a, &limits),
@@ -66,7 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     // --output json: one document whatever happens (the error also goes to stderr).
     if let (Err(e), OutputFormat::Json) = (&result, output) {
-        let v = crate::common::error_json(&file.display().to_string(), e);
+        let v = crate::common::error_json(&crate::common::name(&file), e);
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
     result
@@ -78,10 +88,10 @@ fn open_input(path: &Path, limits: &Limits) -> anyhow::Result<Result<Appliance, 
     let read = if ova::is_ovf_path(path) {
         ova::read_dir(path, limits)
     } else {
-        let src = open_source(path).with_context(|| path.display().to_string())?;
+        let src = open_source(path).with_context(|| crate::common::name(path).to_string())?;
         ova::read_archive(src, limits)
     };
-    ova::or_rejection(read).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    ova::or_rejection(read).map_err(|e| anyhow::anyhow!("{}: {e}", crate::common::name(path)))
 }
 
 fn opt_size(v: &Value) -> String {
@@ -94,11 +104,13 @@ fn ensure_tar(path: &Path) -> anyhow::Result<()> {
     if ova::is_ovf_path(path) {
         return Ok(());
     }
-    let src = open_source(path).with_context(|| path.display().to_string())?;
-    if let Some(looks) = ova::not_a_tar(src.as_ref()).with_context(|| path.display().to_string())? {
+    let src = open_source(path).with_context(|| crate::common::name(path).to_string())?;
+    if let Some(looks) =
+        ova::not_a_tar(src.as_ref()).with_context(|| crate::common::name(path).to_string())?
+    {
         anyhow::bail!(
             "{}: not an OVA (no tar archive; the file looks like {looks})",
-            path.display()
+            crate::common::name(path)
         );
     }
     Ok(())
@@ -108,14 +120,14 @@ fn list(a: &FileArgs, limits: &Limits) -> anyhow::Result<u8> {
     ensure_tar(&a.file)?;
     let input = match open_input(&a.file, limits)? {
         Ok(i) => i,
-        Err(f) => anyhow::bail!("{}: {}", a.file.display(), f.message),
+        Err(f) => anyhow::bail!("{}: {}", crate::common::name(&a.file), f.message),
     };
-    let doc = input.listing(&a.file.display().to_string(), limits);
+    let doc = input.listing(&crate::common::name(&a.file).to_string(), limits);
     if a.output == OutputFormat::Json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(0);
     }
-    println!("{}", a.file.display());
+    println!("{}", crate::common::name(&a.file));
     print_members(&doc);
     if matches!(input, Appliance::Dir(_)) {
         print_references(&doc);
@@ -220,7 +232,7 @@ fn print_findings(
 ) -> anyhow::Result<()> {
     if output == OutputFormat::Json {
         let mut doc = json!({
-            "filename": file.display().to_string(),
+            "filename": crate::common::name(file).to_string(),
             "format": "ova",
             "verdict": ova::verdict(findings),
             "findings": findings,
@@ -231,7 +243,7 @@ fn print_findings(
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!("{}: {}", file.display(), ova::verdict(findings));
+    println!("{}: {}", crate::common::name(file), ova::verdict(findings));
     for f in findings {
         let sev = match f.severity {
             Severity::Reject => "reject",
@@ -251,7 +263,7 @@ fn check(a: &FileArgs, limits: &Limits) -> anyhow::Result<u8> {
     let findings = match open_input(&a.file, limits)? {
         Ok(input) => input
             .check(limits)
-            .with_context(|| a.file.display().to_string())?,
+            .with_context(|| crate::common::name(&a.file).to_string())?,
         Err(f) => vec![f],
     };
     print_findings(&a.file, &findings, a.output, Value::Null)?;
@@ -266,24 +278,30 @@ fn extract(a: &ExtractArgs, limits: &Limits) -> anyhow::Result<u8> {
     if ova::is_ovf_path(&a.file) {
         anyhow::bail!(
             "{}: extract takes an OVA archive, not a descriptor",
-            a.file.display()
+            crate::common::name(&a.file)
         );
     }
     let o = match open_input(&a.file, limits)? {
         Ok(Appliance::Archive(o)) => o,
-        Ok(Appliance::Dir(_)) => anyhow::bail!("{}: not an OVA archive", a.file.display()),
+        Ok(Appliance::Dir(_)) => {
+            anyhow::bail!("{}: not an OVA archive", crate::common::name(&a.file))
+        }
         Err(f) => {
             print_findings(&a.file, &[f], a.output, json!({"written": []}))?;
             eprintln!(
                 "glimpse: {}: rejected; nothing was extracted",
-                a.file.display()
+                crate::common::name(&a.file)
             );
             return Ok(1);
         }
     };
-    let x = o
-        .extract(&a.dir, limits)
-        .with_context(|| format!("extracting {} into {}", a.file.display(), a.dir.display()))?;
+    let x = o.extract(&a.dir, limits).with_context(|| {
+        format!(
+            "extracting {} into {}",
+            crate::common::name(&a.file),
+            a.dir.display()
+        )
+    })?;
     let written: Vec<String> = x.written.iter().map(|p| p.display().to_string()).collect();
     if a.output == OutputFormat::Json {
         print_findings(
@@ -302,7 +320,7 @@ fn extract(a: &ExtractArgs, limits: &Limits) -> anyhow::Result<u8> {
     if x.rejected {
         eprintln!(
             "glimpse: {}: rejected; nothing was extracted",
-            a.file.display()
+            crate::common::name(&a.file)
         );
         return Ok(1);
     }

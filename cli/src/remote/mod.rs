@@ -8,6 +8,7 @@
 //! allocation beyond what was asked for. URLs are shown without userinfo and query (a presigned
 //! URL's signature is a credential), and header values are [`Secret`]s.
 
+mod readahead;
 mod session;
 mod url;
 
@@ -23,7 +24,7 @@ use ureq::http::{HeaderMap, Response};
 use ureq::{Agent, Body};
 
 pub use self::session::{
-    configure, display, env_auth, is_remote, log_transfers, open, transfer_of, verbose, Config,
+    annotate, configure, display, is_remote, log_transfers, open, Config, Opts,
 };
 pub use self::url::{is_url, shown};
 pub use crate::cmd::upload::http::Secret;
@@ -39,6 +40,8 @@ const READAHEAD_BLOCKS: u64 = 16;
 /// Tries per request (connection resets, timeouts, 5xx), with doubling backoff.
 const ATTEMPTS: u32 = 5;
 const BACKOFF: Duration = Duration::from_millis(100);
+/// How long a GET may take to start answering before it is retried.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a source has cost on the wire so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -78,6 +81,8 @@ struct Inner {
     inflight: Mutex<Vec<u64>>,
     landed: Condvar,
     _charge: Option<Charge>,
+    /// Consecutive misses that each followed a cached block.
+    streak: AtomicU64,
     requests: AtomicU64,
     bytes: AtomicU64,
 }
@@ -128,6 +133,7 @@ impl HttpSource {
             inflight: Mutex::new(Vec::new()),
             landed: Condvar::new(),
             _charge: Some(charge),
+            streak: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         };
@@ -166,6 +172,18 @@ impl HttpSource {
         &self.inner.shown
     }
 
+    /// The whole object, front to back: with several range requests in flight when the
+    /// server answers ranges, else one streamed GET ([`HttpSource::stream`]).
+    ///
+    /// # Errors
+    /// As [`HttpSource::stream`].
+    pub fn sequential(&self) -> io::Result<Box<dyn Read + Send>> {
+        match (self.inner.ranges, self.inner.size) {
+            (true, Some(size)) => Ok(Box::new(readahead::Readahead::new(self.clone(), size))),
+            _ => Ok(Box::new(self.stream()?)),
+        }
+    }
+
     /// The object's whole body, front to back, in one GET. A connection lost mid-body is
     /// resumed with a ranged GET pinned to the same version when the server supports ranges.
     ///
@@ -191,11 +209,21 @@ impl Inner {
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Sends a GET with `range` (inclusive ends) and the pinning header.
-    fn get(&self, range: Option<(u64, u64)>, pin: bool) -> Result<Response<Body>, Fail> {
-        let mut req = self.agent.get(&self.url);
-        if let Some((a, b)) = range {
-            req = req.header("Range", format!("bytes={a}-{b}"));
+    /// Sends a GET with `range` (inclusive ends; no end: to the end of the object) and the
+    /// pinning header.
+    fn get(&self, range: Option<(u64, Option<u64>)>, pin: bool) -> Result<Response<Body>, Fail> {
+        // The agent waits an hour for an answer (Glance answers a PUT only once it has stored
+        // the data); a GET that has not started answering in a minute is retried instead.
+        let mut req = self
+            .agent
+            .get(&self.url)
+            .config()
+            .timeout_recv_response(Some(RESPONSE_TIMEOUT))
+            .build();
+        match range {
+            Some((a, Some(b))) => req = req.header("Range", format!("bytes={a}-{b}")),
+            Some((a, None)) => req = req.header("Range", format!("bytes={a}-")),
+            None => {}
         }
         if pin {
             if let Some(v) = self.etag.as_ref().or(self.last_modified.as_ref()) {
@@ -244,7 +272,7 @@ impl Inner {
         let this = &*self;
         let (size, ranges, etag, lm, block) = this
             .retry(|| {
-                let mut resp = this.get(Some((0, BLOCK - 1)), false)?;
+                let mut resp = this.get(Some((0, Some(BLOCK - 1))), false)?;
                 let status = resp.status().as_u16();
                 let etag = header(resp.headers(), "etag");
                 let lm = header(resp.headers(), "last-modified");
@@ -354,7 +382,7 @@ impl Inner {
             .checked_add(buf.len() as u64 - 1)
             .ok_or_else(|| io::Error::other("range past 2^64"))?;
         self.retry(|| {
-            let mut resp = self.get(Some((offset, end)), true)?;
+            let mut resp = self.get(Some((offset, Some(end))), true)?;
             match resp.status().as_u16() {
                 206 => {}
                 200 | 412 => {
@@ -395,10 +423,19 @@ impl Inner {
                 continue;
             }
             let blocks = size.div_ceil(BLOCK);
+            // Metadata reads jump around; a read that follows the previous block doubles the
+            // window (up to READAHEAD_BLOCKS), anything else starts again at one block.
             let sequential = b > 0 && self.cache.get(b - 1).ok().flatten().is_some();
+            let window = if sequential {
+                let s = self.streak.fetch_add(1, Ordering::Relaxed).min(4);
+                (1u64 << s).min(READAHEAD_BLOCKS)
+            } else {
+                self.streak.store(0, Ordering::Relaxed);
+                1
+            };
             let mut n = 1;
             if sequential {
-                while n < READAHEAD_BLOCKS
+                while n < window
                     && b + n < blocks
                     && !inflight.contains(&(b + n))
                     && self.cache.get(b + n).ok().flatten().is_none()
@@ -484,7 +521,7 @@ impl Stream {
         let pos = self.pos;
         let resp = inner.retry(|| {
             let resumed = pos > 0;
-            let mut resp = inner.get(resumed.then_some((pos, u64::MAX)), resumed)?;
+            let mut resp = inner.get(resumed.then_some((pos, None)), resumed)?;
             match resp.status().as_u16() {
                 200 if !resumed => {
                     let len = resp.body().content_length();

@@ -45,11 +45,6 @@ fn env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
-/// True when `-v` was given for remote inputs.
-pub fn verbose() -> bool {
-    config().verbose
-}
-
 fn agent() -> anyhow::Result<Agent> {
     if let Some(a) = AGENT.get() {
         return Ok(a.clone());
@@ -67,7 +62,7 @@ pub fn is_remote(s: &str) -> bool {
 }
 
 /// The auth options from the `OS_*` variables, as `upload` reads them without flags.
-pub fn env_auth() -> AuthOptions {
+fn env_auth() -> AuthOptions {
     AuthOptions {
         token: env("OS_AUTH_TOKEN").map(Secret::new),
         image_url: env("OS_IMAGE_URL"),
@@ -137,8 +132,8 @@ pub fn display(input: &str) -> String {
     }
 }
 
-/// The transfer of every source opened under `name` (0 requests when none was).
-pub fn transfer_of(name: &str) -> Option<Transfer> {
+/// The transfer of every source opened under `name`, when any was.
+fn transfer_of(name: &str) -> Option<Transfer> {
     let o = OPENED.lock().ok()?;
     let mut found = false;
     let mut t = Transfer::default();
@@ -166,4 +161,58 @@ pub fn log_transfers() {
             );
         }
     }
+}
+
+/// Options for URL inputs, on every command that reads an image.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Opts {
+    /// For https:// inputs: do not verify TLS certificates.
+    #[arg(long)]
+    pub insecure: bool,
+    /// For https:// inputs: a PEM bundle of CA certificates to trust instead of the built-in
+    /// roots.
+    #[arg(long, env = "OS_CACERT", value_name = "FILE")]
+    pub os_cacert: Option<std::path::PathBuf>,
+    /// For URL inputs: print each one's size, range support and transfer (requests, bytes)
+    /// to stderr; never credentials.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+}
+
+impl Opts {
+    /// Makes these the options of every URL this command opens.
+    pub fn apply(&self) {
+        configure(Config {
+            tls: Tls {
+                insecure: self.insecure,
+                cacert: self.os_cacert.clone(),
+            },
+            verbose: self.verbose,
+            auth: None,
+        });
+    }
+}
+
+/// Adds `"transfer": {requests, bytes}` to each JSON object whose `filename` was opened
+/// remotely (an array is walked one level).
+pub fn annotate(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Array(items) => items.iter_mut().for_each(annotate_one),
+        other => annotate_one(other),
+    }
+}
+
+fn annotate_one(v: &mut serde_json::Value) {
+    // error.json objects stay as documented: {filename, error}
+    let Some(m) = v.as_object_mut().filter(|m| !m.contains_key("error")) else {
+        return;
+    };
+    let Some(t) = m
+        .get("filename")
+        .and_then(|f| f.as_str())
+        .and_then(transfer_of)
+    else {
+        return;
+    };
+    m.insert("transfer".into(), t.json());
 }

@@ -1,6 +1,5 @@
 //! The Images API v2 calls glimpse makes, and the upload body that hashes what it sends.
 
-use std::fs::File;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -183,7 +182,7 @@ type Block = Arc<Vec<u8>>;
 /// Reads the file once, in blocks, hands each block to an md5 thread and a sha512 thread, and
 /// serves the same bytes to the HTTP body. Memory stays bounded by the two queues.
 pub struct HashingBody<'a> {
-    file: File,
+    file: Box<dyn Read + Send>,
     remaining: u64,
     block: Block,
     pos: usize,
@@ -195,9 +194,10 @@ pub struct HashingBody<'a> {
 }
 
 impl<'a> HashingBody<'a> {
-    /// A body of exactly `len` bytes of `file` (from its current position).
+    /// A body of exactly `len` bytes of `file` (from its current position): a local file or a
+    /// remote object read front to back.
     pub fn new(
-        file: File,
+        file: Box<dyn Read + Send>,
         len: u64,
         interrupted: &'a AtomicBool,
         progress: Option<indicatif::ProgressBar>,
@@ -340,7 +340,7 @@ mod tests {
         let mut f = f2;
         f.rewind().unwrap();
         let stop = AtomicBool::new(false);
-        let mut body = HashingBody::new(f, data.len() as u64, &stop, None);
+        let mut body = HashingBody::new(Box::new(f), data.len() as u64, &stop, None);
         let mut sent = Vec::new();
         let mut buf = [0u8; 7000];
         loop {
@@ -364,12 +364,12 @@ mod tests {
         use std::io::Seek;
         f.rewind().unwrap();
         let stop = AtomicBool::new(true);
-        let mut body = HashingBody::new(f.try_clone().unwrap(), 100, &stop, None);
+        let mut body = HashingBody::new(Box::new(f.try_clone().unwrap()), 100, &stop, None);
         assert!(body.read(&mut [0u8; 10]).is_err());
         assert!(body.finish().is_err());
         f.rewind().unwrap();
         let go = AtomicBool::new(false);
-        let mut body = HashingBody::new(f, 200, &go, None);
+        let mut body = HashingBody::new(Box::new(f), 200, &go, None);
         assert_eq!(
             body.read(&mut [0u8; 10]).unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof

@@ -131,7 +131,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     match run_checked(&args) {
         Ok(code) => Ok(code),
         Err(e) => {
-            let (v, status) = failed(&args.file.display().to_string(), &e);
+            let (v, status) = failed(&crate::common::name(&args.file), &e);
             if args.output == OutputFormat::Json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
@@ -141,6 +141,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 }
 
 fn run_checked(args: &Args) -> anyhow::Result<u8> {
+    let given = args.auth.options();
+    crate::remote::configure(crate::remote::Config {
+        tls: given.tls.clone(),
+        verbose: args.verbose,
+        auth: Some(given),
+    });
     let local = match inspect(args)? {
         Ok(l) => l,
         Err(code) => return Ok(code),
@@ -184,7 +190,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
         report_findings(args, &report.findings, false);
         eprintln!(
             "glimpse: {}: not uploaded: {detected} is not a Glance disk_format (nothing was sent)",
-            args.file.display()
+            crate::common::name(&args.file)
         );
         return Ok(Err(1));
     };
@@ -201,7 +207,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
         Plan::Uninspectable(why) => {
             eprintln!(
                 "glimpse: warning: {}: disk_format {} / container_format {}: {why}",
-                args.file.display(),
+                crate::common::name(&args.file),
                 disk.name(),
                 container.name()
             );
@@ -215,7 +221,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
                 if !args.force {
                     eprintln!(
                         "glimpse: {}: not uploaded: the image failed the check (nothing was sent)",
-                        args.file.display()
+                        crate::common::name(&args.file)
                     );
                     return Ok(Err(1));
                 }
@@ -246,7 +252,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
     if rejected && !args.force {
         eprintln!(
             "glimpse: {}: not uploaded: the image failed the check (nothing was sent)",
-            args.file.display()
+            crate::common::name(&args.file)
         );
         return Ok(Err(1));
     }
@@ -274,14 +280,14 @@ fn report_findings(args: &Args, findings: &[glimpse_formats::Finding], forced: b
             .unwrap_or_default();
         eprintln!(
             "glimpse: {}: {sev}: {}{at}: {}",
-            args.file.display(),
+            crate::common::name(&args.file),
             f.code,
             f.message
         );
     }
     let rejected = findings.iter().any(|f| f.severity == Severity::Reject);
     if rejected && !forced && args.output == OutputFormat::Json {
-        let out = json!({"filename": args.file.display().to_string(), "verdict": "reject", "findings": findings});
+        let out = json!({"filename": crate::common::name(&args.file), "verdict": "reject", "findings": findings});
         if let Ok(text) = serde_json::to_string_pretty(&out) {
             println!("{text}");
         }
@@ -295,7 +301,8 @@ const GIB: u64 = 1 << 30;
 /// cannot be deleted, so it is set only after the upload has been verified.
 fn create_body(args: &Args, local: &Local) -> Value {
     let name = args.name.clone().unwrap_or_else(|| {
-        args.file
+        // A URL's name without its query (a presigned URL's signature).
+        PathBuf::from(crate::common::name(&args.file))
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
@@ -351,7 +358,7 @@ fn upload(args: &Args, local: &Local, glance: &Glance<'_>) -> anyhow::Result<u8>
             Ok(0)
         }
         Err(e) => {
-            let (v, _) = failed(&args.file.display().to_string(), &e);
+            let (v, _) = failed(&crate::common::name(&args.file), &e);
             if args.output == OutputFormat::Json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
@@ -374,7 +381,13 @@ fn send_and_verify(
     glance: &Glance<'_>,
     id: &str,
 ) -> anyhow::Result<Value> {
-    let file = File::open(&args.file).context("cannot open")?;
+    let file: Box<dyn std::io::Read + Send> = match crate::source::remote_input(&args.file) {
+        // Streamed from the server into Glance: no local copy.
+        Some(url) => crate::remote::open(url)?
+            .sequential()
+            .context("cannot read")?,
+        None => Box::new(File::open(&args.file).context("cannot open")?),
+    };
     let progress = args.progress.then(|| {
         let bar = indicatif::ProgressBar::with_draw_target(
             Some(local.size),

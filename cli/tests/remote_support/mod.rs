@@ -1,0 +1,362 @@
+//! Shared by the remote-input test binaries: a real nginx started through the project's own
+//! `scripts/nginx-testenv.sh`, Python's `http.server` (a server without range support), a
+//! fault-injecting HTTP proxy on loopback in front of nginx, and fixture images made with
+//! qemu-img. Nothing here stands in for a server: the proxy forwards every request to nginx
+//! and only drops, delays, rewrites or replaces what the test asks for.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// The directory every server of this test binary serves: `target/remote-tests/<binary>/www`,
+/// emptied once per run.
+pub fn www(binary: &str) -> &'static Path {
+    static W: OnceLock<PathBuf> = OnceLock::new();
+    W.get_or_init(|| {
+        let d = target_dir().join("remote-tests").join(binary).join("www");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+}
+
+/// nginx from `scripts/nginx-testenv.sh`, serving [`www`]; started once per test binary and
+/// stopped by the script's owner watcher when the binary exits. Panics loudly when it
+/// cannot start: these tests never skip.
+pub fn nginx(binary: &str) -> &'static str {
+    static N: OnceLock<String> = OnceLock::new();
+    N.get_or_init(|| {
+        let dir = target_dir().join("remote-tests").join(binary).join("nginx");
+        let out = Command::new("bash")
+            .arg(workspace().join("scripts/nginx-testenv.sh"))
+            .arg("start")
+            .arg(&dir)
+            .arg(www(binary))
+            .arg("--owner-pid")
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .output()
+            .expect("running scripts/nginx-testenv.sh (bash is required)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "scripts/nginx-testenv.sh start failed ({}): the remote tests need /usr/sbin/nginx \
+             (Debian: nginx-light; scripts/test.sh installs it).\nstdout:\n{stdout}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("NGINX_URL="))
+            .unwrap_or_else(|| panic!("no NGINX_URL in the script's output: {stdout}"))
+            .to_string()
+    })
+}
+
+/// Python's `http.server` (no range support) serving [`www`], once per test binary; it exits
+/// by itself when this process has gone.
+pub fn plain_server(binary: &str) -> &'static str {
+    static P: OnceLock<String> = OnceLock::new();
+    P.get_or_init(|| {
+        const PY: &str = r#"
+import functools, http.server, os, sys, threading, time
+owner = int(sys.argv[2])
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
+class Quiet(handler.func):
+    def log_message(self, *a):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+    functools.partial(Quiet, directory=sys.argv[1]))
+print(server.server_address[1], flush=True)
+def watch():
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(owner, 0)
+        except OSError:
+            os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+server.serve_forever()
+"#;
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(PY)
+            .arg(www(binary))
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 is required for the plain-server tests");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // reaped when it exits (it follows this process's lifetime)
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let port: u16 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("python http.server did not start: {line:?}"));
+        format!("http://127.0.0.1:{port}")
+    })
+}
+
+/// Makes (once) `www/name` by converting a deterministic raw disk of `len` bytes with
+/// qemu-img to `format` (with `opts`), and returns its local path.
+pub fn image(binary: &str, name: &str, len: usize, format: &str, opts: &[&str]) -> PathBuf {
+    // tests run in parallel and share fixtures: one maker at a time
+    static MAKING: Mutex<()> = Mutex::new(());
+    let _one = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = www(binary);
+    let out = dir.join(name);
+    if out.exists() {
+        return out;
+    }
+    let raw = dir.join(format!("{name}.src.raw"));
+    std::fs::write(&raw, disk_bytes(len, name.len() as u32)).unwrap();
+    if format == "raw" {
+        std::fs::rename(&raw, &out).unwrap();
+        return out;
+    }
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", format])
+        .args(opts)
+        .arg(&raw)
+        .arg(&out)
+        .status()
+        .expect("qemu-img is required (Debian: qemu-utils)");
+    assert!(st.success(), "qemu-img convert to {format} failed");
+    std::fs::remove_file(&raw).unwrap();
+    out
+}
+
+/// Varied bytes with zero runs (so images have both data and holes).
+pub fn disk_bytes(len: usize, seed: u32) -> Vec<u8> {
+    let mut x: u32 = 0x9E37_79B9 ^ seed;
+    (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            if (i / (256 << 10)) % 3 == 1 {
+                0
+            } else {
+                x as u8
+            }
+        })
+        .collect()
+}
+
+/// `glimpse` with no OpenStack variables from the caller's environment.
+pub fn glimpse() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("OS_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// Runs glimpse with `args`.
+pub fn run(args: &[&str]) -> Output {
+    glimpse().args(args).output().unwrap()
+}
+
+/// stdout and stderr as text.
+pub fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Parses stdout as JSON.
+pub fn json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", text(o)))
+}
+
+/// `(requests, bytes)` from the `-v` line `NAME: transfer: N requests, M bytes`.
+pub fn transfer_line(stderr: &str) -> (u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(": transfer: "))
+        .unwrap_or_else(|| panic!("no transfer line in {stderr}"));
+    let nums: Vec<u64> = line
+        .rsplit(": transfer: ")
+        .next()
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+/// What the proxy does with the n-th GET (0-based, counted over the proxy's life).
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Close the connection without answering.
+    Reset,
+    /// Answer 503 without asking nginx.
+    Unavailable,
+    /// Forward the head and half the body, then close.
+    CutBody,
+    /// Ask nginx for the range shifted by this many bytes (the answer names what nginx sent).
+    ShiftRange(u64),
+    /// Before forwarding, replace the served file with these bytes (a new version: new ETag).
+    Replace(PathBuf, Vec<u8>),
+}
+
+/// An HTTP/1.1 proxy on loopback in front of `upstream`, one request at a time per
+/// connection, each forwarded on its own connection to the upstream.
+pub struct FaultProxy {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// GET requests seen.
+    pub gets: Arc<AtomicUsize>,
+    /// Request heads seen.
+    pub heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` that applies `faults` (by GET number).
+    pub fn start(upstream: &str, faults: Vec<(usize, Fault)>) -> FaultProxy {
+        let up = upstream.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let gets = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let faults: Arc<Mutex<HashMap<usize, Fault>>> =
+            Arc::new(Mutex::new(faults.into_iter().collect()));
+        let (g, h) = (gets.clone(), heads.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let (g, h, f, up) = (g.clone(), h.clone(), faults.clone(), up.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(client, &up, &g, &h, &f);
+                });
+            }
+        });
+        FaultProxy { url, gets, heads }
+    }
+}
+
+fn read_head(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Vec<String>>> {
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l)? == 0 {
+            return Ok(None);
+        }
+        let l = l.trim_end().to_string();
+        if l.is_empty() {
+            return Ok(Some(lines));
+        }
+        lines.push(l);
+    }
+}
+
+fn serve(
+    client: TcpStream,
+    upstream: &str,
+    gets: &AtomicUsize,
+    heads: &Mutex<Vec<String>>,
+    faults: &Mutex<HashMap<usize, Fault>>,
+) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut out = client.try_clone()?;
+    let mut reader = BufReader::new(client);
+    while let Some(mut head) = read_head(&mut reader)? {
+        heads.lock().unwrap().push(head.join("\n"));
+        let n = gets.fetch_add(1, Ordering::SeqCst);
+        let fault = faults.lock().unwrap().remove(&n);
+        match &fault {
+            Some(Fault::Reset) => {
+                let _ = out.shutdown(Shutdown::Both);
+                return Ok(());
+            }
+            Some(Fault::Unavailable) => {
+                out.write_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nRetry-After: 0\r\n\r\nbusy",
+                )?;
+                continue;
+            }
+            Some(Fault::ShiftRange(by)) => {
+                for l in head.iter_mut() {
+                    let lower = l.to_ascii_lowercase();
+                    if let Some(r) = lower.strip_prefix("range: bytes=") {
+                        let (a, b) = r.split_once('-').unwrap();
+                        let a: u64 = a.parse::<u64>().unwrap() + by;
+                        let b = b
+                            .parse::<u64>()
+                            .map(|b| (b + by).to_string())
+                            .unwrap_or_default();
+                        *l = format!("Range: bytes={a}-{b}");
+                    }
+                }
+            }
+            Some(Fault::Replace(path, data)) => {
+                let tmp = path.with_extension("replacing");
+                std::fs::write(&tmp, data)?;
+                // a visibly newer mtime, so that Last-Modified changes too
+                let later = std::time::SystemTime::now() + Duration::from_secs(5);
+                std::fs::File::options()
+                    .write(true)
+                    .open(&tmp)?
+                    .set_modified(later)?;
+                std::fs::rename(&tmp, path)?;
+            }
+            _ => {}
+        }
+        // Forward on a fresh connection that the upstream closes after answering.
+        let mut up = TcpStream::connect(upstream)?;
+        let mut req = String::new();
+        for l in &head {
+            if !l.to_ascii_lowercase().starts_with("connection:") {
+                req.push_str(l);
+                req.push_str("\r\n");
+            }
+        }
+        req.push_str("Connection: close\r\n\r\n");
+        up.write_all(req.as_bytes())?;
+        let mut resp = Vec::new();
+        up.read_to_end(&mut resp)?;
+        if let Some(Fault::CutBody) = fault {
+            let end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let body = resp.len() - end;
+            out.write_all(&resp[..end + body / 2])?;
+            let _ = out.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        out.write_all(&resp)?;
+        // The upstream said Connection: close; so does the reply: one request per connection.
+        let _ = out.shutdown(Shutdown::Both);
+        return Ok(());
+    }
+    Ok(())
+}
