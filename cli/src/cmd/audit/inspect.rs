@@ -380,7 +380,8 @@ mod tests {
         c.findings.push(Finding::reject("qcow2.data-file", "y"));
         assert_eq!(c.verdict(), AuditVerdict::Reject);
         let mut w = Checked::default();
-        w.findings.push(Finding::warn("qcow2.lazy-refcounts-dirty", "z"));
+        w.findings
+            .push(Finding::warn("qcow2.lazy-refcounts-dirty", "z"));
         assert_eq!(w.verdict(), AuditVerdict::Pass);
     }
 
