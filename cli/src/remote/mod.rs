@@ -112,10 +112,26 @@ impl HttpSource {
     /// The server cannot be reached, answers with an error status, or its answer is
     /// inconsistent (a `Content-Range` that is not what was asked).
     pub fn open(agent: Agent, url: &str, headers: Vec<(String, Secret)>) -> anyhow::Result<Self> {
+        Self::open_with_cache(agent, url, headers, CACHE_BYTES)
+    }
+
+    /// As [`HttpSource::open`], with a block cache of `cache_bytes` (at least one readahead
+    /// window) charged to the command's budget instead of the default 32 MiB: a command that
+    /// holds many sources at once (`audit -j N`) gives each a smaller one.
+    ///
+    /// # Errors
+    /// As [`HttpSource::open`].
+    pub fn open_with_cache(
+        agent: Agent,
+        url: &str,
+        headers: Vec<(String, Secret)>,
+        cache_bytes: u64,
+    ) -> anyhow::Result<Self> {
+        let cache_bytes = cache_bytes.max(BLOCK.saturating_mul(READAHEAD_BLOCKS));
         let shown = shown(url);
         let budget = crate::common::limits().budget();
         let charge = budget
-            .charge(CACHE_BYTES, "the HTTP block cache")
+            .charge(cache_bytes, "the HTTP block cache")
             .map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
         let mut inner = Inner {
             agent,
@@ -127,8 +143,8 @@ impl HttpSource {
             last_modified: None,
             ranges: false,
             cache: Lru::new(
-                CACHE_BYTES,
-                usize::try_from(CACHE_BYTES / BLOCK).unwrap_or(128),
+                cache_bytes,
+                usize::try_from(cache_bytes / BLOCK).unwrap_or(128),
             ),
             inflight: Mutex::new(Vec::new()),
             landed: Condvar::new(),

@@ -339,12 +339,22 @@ impl Gate {
     }
 }
 
+/// The HTTP block cache of each image being inspected: one readahead window (4 MiB), so that
+/// about fifty inspections fit in the command's budget at once instead of seven with the
+/// default 32 MiB (metadata reads are small; a full read streams past the cache).
+const SOURCE_CACHE: u64 = 4 << 20;
+
 /// Opens `GET /v2/images/{id}/file` for range reads.
 fn open_stored<'g>(ctx: &'g Ctx<'_>, id: &str) -> anyhow::Result<Stored<'g>> {
     let url = ctx.catalog.file_url(id)?;
     loop {
         ctx.gate.enter()?;
-        match HttpSource::open(ctx.catalog.agent(), &url, ctx.catalog.auth_headers()) {
+        match HttpSource::open_with_cache(
+            ctx.catalog.agent(),
+            &url,
+            ctx.catalog.auth_headers(),
+            SOURCE_CACHE,
+        ) {
             Ok(source) => {
                 return Ok(Stored {
                     source,
