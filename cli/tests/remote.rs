@@ -235,11 +235,10 @@ fn convert_of_a_stream_vmdk_larger_than_the_cache_reads_it_once() {
     ]);
     assert!(o.status.success(), "{:?}", text(&o));
     let (requests, bytes) = transfer_line(&text(&o).1);
-    // One pass over the grains (a second, the structural walk's, would double it); blocks that
-    // hold the ends of grains two workers read out of order are fetched again (1.26 times the
-    // file was measured).
+    // One pass over the grains: a second one (the structural walk's, or blocks evicted between
+    // planning and reading) would show as a multiple of the file. 1.011 times was measured.
     assert!(
-        bytes <= size + size / 2,
+        bytes <= size + (2 << 20),
         "{bytes} bytes over {requests} requests for a {size}-byte streamOptimized VMDK"
     );
     let local = dir.path().join("local.raw");

@@ -372,19 +372,30 @@ pub fn convert(
         });
 
         let mut produce = || -> Result<()> {
-            // One batch ahead: its source ranges are being read in while this one is probed.
-            let mut next = next_batch(&mut planner, per_batch, image.as_ref(), copy.as_ref())?;
+            // With copies, one batch ahead: its source ranges are read in while this one is
+            // probed. Without, each batch is planned just before it is read: planning a
+            // streamOptimized VMDK reads its grain markers, and through a bounded remote
+            // cache the blocks they pull in must still be there when the grains are read.
+            let mut ahead: Option<Batch> = None;
             loop {
                 if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                     return Err(Error::invalid("conversion cancelled"));
                 }
-                if next.plans.is_empty() {
+                let batch = match ahead.take() {
+                    Some(b) => b,
+                    None => next_batch(&mut planner, per_batch, image.as_ref(), copy.as_ref())?,
+                };
+                if batch.plans.is_empty() {
                     return Ok(());
                 }
-                let batch = std::mem::replace(
-                    &mut next,
-                    next_batch(&mut planner, per_batch, image.as_ref(), copy.as_ref())?,
-                );
+                if copy.is_some() {
+                    ahead = Some(next_batch(
+                        &mut planner,
+                        per_batch,
+                        image.as_ref(),
+                        copy.as_ref(),
+                    )?);
+                }
                 stats.read_bytes += batch
                     .plans
                     .iter()
