@@ -27,6 +27,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || SUDO=sudo
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Debian starts the packaged nginx on port 80 when it installs it; the tests start their
+    # own on 127.0.0.1 (scripts/nginx-testenv.sh), so stop the system one again.
+    if [[ " ${missing[*]} " == *" nginx-light "* ]]; then
+        $SUDO service nginx stop >/dev/null 2>&1 || $SUDO /usr/sbin/nginx -s stop >/dev/null 2>&1 || true
+    fi
 fi
 
 exec cargo test --workspace "$@"
