@@ -131,35 +131,6 @@ pub fn limits() -> Limits {
         .clone()
 }
 
-/// The structural check of a remote image, which `load` ran without: every format's, except
-/// a VMDK with compressed grains (streamOptimized). That check reads each grain's marker, which
-/// over HTTP means fetching the whole file, and the commands that load an image read their
-/// grains through the reader, which checks each grain's marker (`vmdk.grain-marker`) and
-/// bounds before using it: `convert https://.../disk.vmdk` then reads the source once. `check`
-/// and `info` do not come through here and still run the whole check.
-fn structure_unless_every_grain(report: &mut Report) -> anyhow::Result<()> {
-    let Some(image) = &report.image else {
-        return Ok(());
-    };
-    let info = image.info();
-    let streamed = info.format == Format::Vmdk
-        && info.details.get("create-type").and_then(Value::as_str) == Some("streamOptimized");
-    if streamed {
-        return Ok(());
-    }
-    match image.check(&limits()) {
-        Ok(more) => report.findings.extend(more),
-        Err(e) if e.kind() == glimpse_formats::ErrorKind::Io => return Err(e.into()),
-        Err(e) => report
-            .findings
-            .push(glimpse_formats::Finding::from_error(&e)),
-    }
-    report
-        .findings
-        .sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
-    Ok(())
-}
-
 /// Detects, opens and checks `path` under the default policy (plus `expect`), refusing a
 /// rejected image unless `--force`, and an encrypted one always. Errors do not name the path.
 pub fn load(path: &Path, expect: Option<Format>, opts: &InputOpts) -> anyhow::Result<Loaded> {
@@ -168,13 +139,13 @@ pub fn load(path: &Path, expect: Option<Format>, opts: &InputOpts) -> anyhow::Re
     let policy = Policy {
         expect_format: expect,
         disk: opts.disk,
-        skip_structure: remote,
+        // A streamOptimized VMDK's check reads every grain's marker: over HTTP the whole
+        // file, which the commands that load an image then read again. Their readers check
+        // each grain's marker and bounds as they read it.
+        skip_data_walk: remote,
         ..Policy::default()
     };
-    let mut report = inspect(src, &policy, &limits())?;
-    if remote {
-        structure_unless_every_grain(&mut report)?;
-    }
+    let report = inspect(src, &policy, &limits())?;
     let verdict = report.verdict();
     let Report {
         image, findings, ..

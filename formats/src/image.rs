@@ -212,6 +212,14 @@ pub trait Image: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// True when [`Image::check`] reads part of every stored unit of guest data (the marker of
+    /// each compressed VMDK grain), so that over a network it costs the whole file. Readers
+    /// check each such unit as they read it, so a command that reads all guest data anyway can
+    /// leave this check out ([`Policy::skip_data_walk`](crate::policy::Policy)).
+    fn check_reads_every_unit(&self) -> bool {
+        false
+    }
+
     /// The format's step of [`mapping`](#method.mapping): what backs guest bytes from `guest`,
     /// for at most `span` bytes. Only `mapping` calls it, with `1 <= span <= virtual_size -
     /// guest` already checked; it returns an extent starting at `guest` and at most `span`

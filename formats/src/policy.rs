@@ -23,6 +23,10 @@ pub struct Policy {
     pub allow_backing_file: bool,
     /// Skip the structural checks that read all metadata ([`Image::check`]).
     pub skip_structure: bool,
+    /// Skip them only for an image whose check reads every stored unit of guest data
+    /// ([`Image::check_reads_every_unit`]): for a caller that then reads the guest data from a
+    /// remote source, through readers that check each unit as they read it.
+    pub skip_data_walk: bool,
     /// Which disk of a container with several (an OVA) to open; `None` for the first.
     /// A disk number on an image that is not an OVA, or past its last disk, is a `Usage` error.
     pub disk: Option<usize>,
@@ -218,7 +222,8 @@ fn preflight(detection: &Detection, size: u64, policy: &Policy) -> Result<Vec<Fi
 /// `Io` errors of the structural check.
 fn judge(img: &dyn Image, policy: &Policy, limits: &Limits, out: &mut Vec<Finding>) -> Result<()> {
     out.extend(img.findings().iter().cloned());
-    if !policy.skip_structure {
+    let skip = policy.skip_structure || (policy.skip_data_walk && img.check_reads_every_unit());
+    if !skip {
         match img.check(limits) {
             Ok(more) => out.extend(more),
             Err(e) if e.kind() == ErrorKind::Io => return Err(e),

@@ -894,6 +894,9 @@ impl Image for VmdkImage {
             Body::DescriptorOnly => Ok(Vec::new()),
         }
     }
+    fn check_reads_every_unit(&self) -> bool {
+        matches!(&self.body, Body::Sparse(s) if s.hdr.compressed())
+    }
     fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
         match &self.body {
             Body::Sparse(s) => s.extent_at(self.src.as_ref(), guest, span),

@@ -239,6 +239,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
         max_virtual_size: args.max_virtual_size,
         allow_backing_file: args.allow_backing_file,
         skip_structure: false,
+        skip_data_walk: false,
         disk: None,
         allow_encrypted: args.allow_encrypted,
     };
