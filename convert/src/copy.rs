@@ -143,14 +143,23 @@ impl CopyFrom {
     /// # Errors
     /// As [`SourceFile::copy_to`].
     pub fn write_to(&self, dst: &File, to: u64) -> io::Result<()> {
-        let mut pos = to;
-        for r in &self.runs {
-            if let Some(at) = r.at {
-                self.src.copy_to(dst, at, pos, r.len)?;
-            }
-            pos = pos.saturating_add(r.len);
+        for (from, at, len) in self.placed(to) {
+            self.src.copy_to(dst, from, at, len)?;
         }
         Ok(())
+    }
+
+    /// The data runs of the chunk written at `to`, as (source offset, output offset, length);
+    /// zero runs are skipped but keep their place.
+    pub fn placed(&self, to: u64) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.runs
+            .iter()
+            .scan(to, |pos, r| {
+                let at = *pos;
+                *pos = pos.saturating_add(r.len);
+                Some(r.at.map(|from| (from, at, r.len)))
+            })
+            .flatten()
     }
 
     /// True when every byte the runs name is zero. Reads each data run only until its first

@@ -467,12 +467,8 @@ impl WriteCombiner {
         match payload {
             Payload::Data(d) => self.write_all_at(d, off)?,
             Payload::Copy(c) => {
-                let mut pos = off;
-                for r in &c.runs {
-                    if let Some(at) = r.at {
-                        self.copy_at(&c.src, at, pos, r.len)?;
-                    }
-                    pos = pos.saturating_add(r.len);
+                for (from, at, len) in c.placed(off) {
+                    self.copy_at(&c.src, from, at, len)?;
                 }
             }
             Payload::Zero | Payload::Compressed(_) => {
