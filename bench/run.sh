@@ -12,6 +12,7 @@
 # root to write /proc/sys/vm/drop_caches; skipped with a message otherwise). reflink (not in
 # the default set): raw -> raw and raw -> qcow2 in REFLINK_DIR, a directory on XFS or btrfs,
 # where glimpse's copy_file_range becomes a reflink. compress: the compressing conversions.
+# CASES="raw-raw raw-qcow2" limits convert to those cases, MODES="hot" (or "cold") to one mode.
 #
 # Needs: hyperfine, qemu-img, python3, GNU time (/usr/bin/time) for peak RSS.
 set -euo pipefail
@@ -94,11 +95,15 @@ convert)
                "zlib-qcow2-raw|-O raw $Z|-O raw $Z")
         for c in "${cases[@]}"; do
             IFS='|' read -r name go qo <<<"$c"
+            [ -z "${CASES:-}" ] || [[ " $CASES " == *" $name "* ]] || continue
             # Start each case from a page cache that holds nothing else, so that reclaiming
             # earlier cases' pages does not land in one tool's runs (the warm-up reads the source).
             can_drop && { sync; echo 3 > /proc/sys/vm/drop_caches; }
-            hf "convert-$sz-$name-hot" "$RUNS" "$G convert $go $O.g" "qemu-img convert $qo $O.q" "rm -f $O.g $O.q; sync"
-            if can_drop; then
+            [[ " ${MODES:-hot cold} " == *" hot "* ]] &&
+            hf "convert-$sz-$name-hot" "$RUNS" "$G convert $go $O.g" "qemu-img convert $qo $O.q" "sh -c 'rm -f $O.g $O.q; sync'"
+            if [[ " ${MODES:-hot cold} " != *" cold "* ]]; then
+                :
+            elif can_drop; then
                 hf "convert-$sz-$name-cold" "$RUNS" "$G convert $go $O.g" "qemu-img convert $qo $O.q" \
                     "sh -c 'rm -f $O.g $O.q; sync; echo 3 > /proc/sys/vm/drop_caches'" 0
             else
@@ -111,17 +116,17 @@ reflink)
     # REFLINK_DIR: a directory on XFS or btrfs (e.g. a loop-mounted XFS image).
     D=${REFLINK_DIR:?reflink needs REFLINK_DIR=a directory on XFS or btrfs}
     [ -f "$D/mixed-1g.raw" ] || cp --sparse=always "$W/mixed-1g.raw" "$D/mixed-1g.raw"
-    hf "convert-1g-raw-raw-reflink" "$RUNS" "$G convert -O raw $D/mixed-1g.raw $D/out.g" "qemu-img convert -O raw $D/mixed-1g.raw $D/out.q" "rm -f $D/out.g $D/out.q; sync"
-    hf "convert-1g-raw-qcow2-reflink" "$RUNS" "$G convert -O qcow2 $D/mixed-1g.raw $D/out.g" "qemu-img convert -O qcow2 $D/mixed-1g.raw $D/out.q" "rm -f $D/out.g $D/out.q; sync"
+    hf "convert-1g-raw-raw-reflink" "$RUNS" "$G convert -O raw $D/mixed-1g.raw $D/out.g" "qemu-img convert -O raw $D/mixed-1g.raw $D/out.q" "sh -c 'rm -f $D/out.g $D/out.q; sync'"
+    hf "convert-1g-raw-qcow2-reflink" "$RUNS" "$G convert -O qcow2 $D/mixed-1g.raw $D/out.g" "qemu-img convert -O qcow2 $D/mixed-1g.raw $D/out.q" "sh -c 'rm -f $D/out.g $D/out.q; sync'"
     rm -f "$D/out.g" "$D/out.q" ;;
 compress)
     O=$W/out
     for sz in 1g 2g; do
         S=$W/mixed-$sz.raw
-        hf "convert-$sz-raw-qcow2-zlib" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -c -O qcow2 $S $O.q" "rm -f $O.g $O.q; sync"
-        hf "convert-$sz-raw-qcow2-zlib-vs-W-m8" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -W -m 8 -c -O qcow2 $S $O.q" "rm -f $O.g $O.q; sync"
-        hf "convert-$sz-raw-qcow2-zstd" "$HEAVY_RUNS" "$G convert -c -O qcow2 -o compression_type=zstd $S $O.g" "qemu-img convert -c -O qcow2 -o compression_type=zstd $S $O.q" "rm -f $O.g $O.q; sync"
-        hf "convert-$sz-raw-vmdk-stream" "$HEAVY_RUNS" "$G convert -O vmdk -o subformat=streamOptimized $S $O.g" "qemu-img convert -O vmdk -o subformat=streamOptimized $S $O.q" "rm -f $O.g $O.q; sync"
+        hf "convert-$sz-raw-qcow2-zlib" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -c -O qcow2 $S $O.q" "sh -c 'rm -f $O.g $O.q; sync'"
+        hf "convert-$sz-raw-qcow2-zlib-vs-W-m8" "$HEAVY_RUNS" "$G convert -c -O qcow2 $S $O.g" "qemu-img convert -W -m 8 -c -O qcow2 $S $O.q" "sh -c 'rm -f $O.g $O.q; sync'"
+        hf "convert-$sz-raw-qcow2-zstd" "$HEAVY_RUNS" "$G convert -c -O qcow2 -o compression_type=zstd $S $O.g" "qemu-img convert -c -O qcow2 -o compression_type=zstd $S $O.q" "sh -c 'rm -f $O.g $O.q; sync'"
+        hf "convert-$sz-raw-vmdk-stream" "$HEAVY_RUNS" "$G convert -O vmdk -o subformat=streamOptimized $S $O.g" "qemu-img convert -O vmdk -o subformat=streamOptimized $S $O.q" "sh -c 'rm -f $O.g $O.q; sync'"
     done
     # Output sizes at the same codec, and peak memory.
     S=$W/mixed-2g.raw

@@ -199,6 +199,53 @@ impl CopyFrom {
     }
 }
 
+/// File-to-file copies into one file, where a copy that continues the pending one in both
+/// files joins it: one `copy_file_range` (and one reservation of blocks) for up to 64 MiB
+/// instead of one per chunk.
+#[derive(Debug, Default)]
+pub struct CopyMerger {
+    /// Source, source offset, output offset, length.
+    pending: Option<(Arc<SourceFile>, u64, u64, u64)>,
+}
+
+/// The longest copy a [`CopyMerger`] makes of merged ones (it holds no memory for them).
+const MAX_MERGED: u64 = 64 << 20;
+
+impl CopyMerger {
+    /// Copies the data runs of `c` to `dst` at `to`, possibly later (see [`CopyMerger::flush`]).
+    ///
+    /// # Errors
+    /// As [`SourceFile::copy_to`], for the copy this one could not join.
+    pub fn put(&mut self, dst: &File, c: &CopyFrom, to: u64) -> io::Result<()> {
+        for (from, at, len) in c.placed(to) {
+            if let Some((s, f, t, l)) = &mut self.pending {
+                if Arc::ptr_eq(s, &c.src)
+                    && f.checked_add(*l) == Some(from)
+                    && t.checked_add(*l) == Some(at)
+                    && l.saturating_add(len) <= MAX_MERGED
+                {
+                    *l += len;
+                    continue;
+                }
+            }
+            self.flush(dst)?;
+            self.pending = Some((c.src.clone(), from, at, len));
+        }
+        Ok(())
+    }
+
+    /// Makes the pending copy.
+    ///
+    /// # Errors
+    /// As [`SourceFile::copy_to`].
+    pub fn flush(&mut self, dst: &File) -> io::Result<()> {
+        if let Some((src, from, to, len)) = self.pending.take() {
+            src.copy_to(dst, from, to, len)?;
+        }
+        Ok(())
+    }
+}
+
 /// The largest piece a zero probe reads at once.
 const PROBE_BYTES: usize = 64 << 10;
 /// Bytes a read/write fallback copy moves at once.
@@ -365,6 +412,34 @@ mod tests {
         assert!(got[..1 << 20].iter().all(|&b| b == 0));
         assert_eq!(&got[1 << 20..(1 << 20) + (64 << 10)], &data[..]);
         assert!(got[(1 << 20) + (64 << 10)..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn copies_that_continue_each_other_are_made_as_one() {
+        let data: Vec<u8> = (0..4 << 20).map(|i| (i % 253) as u8).collect();
+        let src = Arc::new(SourceFile::new(file_with(&data), CopyMode::Kernel));
+        let chunk = |from: u64| CopyFrom {
+            src: src.clone(),
+            runs: vec![Run {
+                at: Some(from),
+                len: 1 << 20,
+            }],
+        };
+        let out = tempfile::tempfile().unwrap();
+        let mut m = CopyMerger::default();
+        m.put(&out, &chunk(0), 0).unwrap();
+        m.put(&out, &chunk(1 << 20), 1 << 20).unwrap();
+        // Both chunks are still one pending copy: nothing was written.
+        assert_eq!(src.kernel_bytes() + src.fallback_bytes(), 0);
+        // A chunk that does not continue it (another output place) makes the pending copy.
+        m.put(&out, &chunk(2 << 20), 3 << 20).unwrap();
+        assert_eq!(src.kernel_bytes() + src.fallback_bytes(), 2 << 20);
+        m.flush(&out).unwrap();
+        let mut got = vec![0u8; 4 << 20];
+        out.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(&got[..2 << 20], &data[..2 << 20]);
+        assert!(got[2 << 20..3 << 20].iter().all(|&b| b == 0));
+        assert_eq!(&got[3 << 20..], &data[2 << 20..3 << 20]);
     }
 
     #[test]

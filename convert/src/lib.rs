@@ -26,7 +26,6 @@ pub mod vmdk;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::sync::Arc;
 
 use glimpse_formats::image::Image;
 use glimpse_formats::reader::ChunkPlanner;
@@ -437,15 +436,12 @@ pub struct WriteCombiner {
     file: File,
     buf: Vec<u8>,
     at: u64,
-    /// A file-to-file copy not yet made: source, source offset, file offset, length. Copies
-    /// that continue it in both files are merged into one call.
-    copy: Option<(Arc<copy::SourceFile>, u64, u64, u64)>,
+    /// File-to-file copies not yet made.
+    copies: copy::CopyMerger,
 }
 
 /// Bytes a [`WriteCombiner`] holds before it writes.
 const COMBINE: usize = 4 << 20;
-/// The longest file-to-file copy a [`WriteCombiner`] merges (it holds no memory for it).
-const MAX_COPY: u64 = 64 << 20;
 
 impl WriteCombiner {
     /// Wraps `file`.
@@ -454,7 +450,7 @@ impl WriteCombiner {
             file,
             buf: Vec::new(),
             at: 0,
-            copy: None,
+            copies: copy::CopyMerger::default(),
         }
     }
 
@@ -467,38 +463,13 @@ impl WriteCombiner {
         match payload {
             Payload::Data(d) => self.write_all_at(d, off)?,
             Payload::Copy(c) => {
-                for (from, at, len) in c.placed(off) {
-                    self.copy_at(&c.src, from, at, len)?;
-                }
+                self.flush_buf()?;
+                self.copies.put(&self.file, c, off)?;
             }
             Payload::Zero | Payload::Compressed(_) => {
                 return Err(Error::invalid("only data chunks can be written in place"))
             }
         }
-        Ok(())
-    }
-
-    /// Copies `len` bytes at `from` of `src` to `to` (possibly later, merged with the next
-    /// copies when they continue this one in both files).
-    fn copy_at(
-        &mut self,
-        src: &Arc<copy::SourceFile>,
-        from: u64,
-        to: u64,
-        len: u64,
-    ) -> std::io::Result<()> {
-        if let Some((s, f, t, l)) = &mut self.copy {
-            if Arc::ptr_eq(s, src)
-                && f.checked_add(*l) == Some(from)
-                && t.checked_add(*l) == Some(to)
-                && *l + len <= MAX_COPY
-            {
-                *l += len;
-                return Ok(());
-            }
-        }
-        self.flush()?;
-        self.copy = Some((src.clone(), from, to, len));
         Ok(())
     }
 
@@ -509,7 +480,7 @@ impl WriteCombiner {
     /// Write errors of the file.
     pub fn write_all_at(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.flush_copy()?;
+        self.copies.flush(&self.file)?;
         let contiguous = self.at.checked_add(self.buf.len() as u64) == Some(off);
         if !(contiguous && self.buf.len() + data.len() <= COMBINE) {
             self.flush()?;
@@ -527,18 +498,15 @@ impl WriteCombiner {
     /// # Errors
     /// Write errors of the file.
     pub fn flush(&mut self) -> std::io::Result<()> {
+        self.copies.flush(&self.file)?;
+        self.flush_buf()
+    }
+
+    fn flush_buf(&mut self) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.flush_copy()?;
         if !self.buf.is_empty() {
             self.file.write_all_at(&self.buf, self.at)?;
             self.buf.clear();
-        }
-        Ok(())
-    }
-
-    fn flush_copy(&mut self) -> std::io::Result<()> {
-        if let Some((src, from, to, len)) = self.copy.take() {
-            src.copy_to(&self.file, from, to, len)?;
         }
         Ok(())
     }
@@ -558,6 +526,7 @@ mod tests {
     use super::*;
     use glimpse_formats::image::{Extent, ExtentKind, ImageCore, ImageInfo};
     use glimpse_formats::Source;
+    use std::sync::Arc;
 
     /// A 16 KiB disk whose only data is guest bytes 5000..6000.
     struct OneRun {

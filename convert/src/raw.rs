@@ -26,6 +26,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
         target,
         pos: 0,
         virtual_size,
+        copies: crate::copy::CopyMerger::default(),
     }))
 }
 
@@ -55,6 +56,8 @@ pub(crate) fn reserve_len(f: &File, size: u64) -> Result<()> {
 
 struct RawWriter {
     target: Target,
+    /// Copies of chunks that continue each other, made as one.
+    copies: crate::copy::CopyMerger,
     pos: u64,
     virtual_size: u64,
 }
@@ -82,9 +85,8 @@ impl Writer for RawWriter {
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         check_chunk_at("raw", &chunk, self.pos, 1)?;
         match (&mut self.target, chunk.payload) {
-            (Target::File(f), p @ (Payload::Data(_) | Payload::Copy(_))) => {
-                p.write_at(f, chunk.guest)?
-            }
+            (Target::File(f), Payload::Copy(c)) => self.copies.put(f, &c, chunk.guest)?,
+            (Target::File(f), p @ Payload::Data(_)) => p.write_at(f, chunk.guest)?,
             (Target::Stream(w), Payload::Data(d)) => w.write_all(&d)?,
             (Target::Stream(_), Payload::Copy(_)) => {
                 return Err(Error::invalid("raw writer got a copy for a stream"))
@@ -105,7 +107,11 @@ impl Writer for RawWriter {
 
     fn finish(self: Box<Self>) -> Result<()> {
         match self.target {
-            Target::File(f) => finish_file(f, self.virtual_size),
+            Target::File(f) => {
+                let mut copies = self.copies;
+                copies.flush(&f)?;
+                finish_file(f, self.virtual_size)
+            }
             Target::Stream(mut w) => {
                 if self.pos != self.virtual_size {
                     return Err(Error::invalid(
