@@ -4,7 +4,9 @@
 //!
 //! - `subformat=dynamic|fixed`: `dynamic` (the default) is sparse: a footer copy, a dynamic
 //!   disk header, a Block Allocation Table, then one block (sector bitmap + data) per block of
-//!   guest data that is not all zeros, then the footer. `fixed` is the guest disk followed by
+//!   guest data that is not all zeros, then the footer. Each bitmap is placed so that its
+//!   block's data starts on a 4 KiB boundary of the file (the BAT may point at any sector):
+//!   copies into the file then fill whole pages, and on XFS and btrfs can be reflinks. `fixed` is the guest disk followed by
 //!   the footer; it can be written to a pipe.
 //! - `force_size=on|off`: `on` (the default) keeps the virtual size exact. The footer names
 //!   creator application `qem2`, which every QEMU since 2.6 and Hyper-V/Azure size by the
@@ -263,14 +265,35 @@ pub fn measure(opts: &WriteOptions, virtual_size: u64, data_bytes: u64) -> Resul
             fully_allocated: n,
         });
     }
-    let per_block = bitmap_len(plan.block) + plan.block;
-    let base = BAT_AT + plan.bat_len() + FOOTER_LEN as u64;
+    let bitmap = bitmap_len(plan.block);
+    let first = block_at(BAT_AT + plan.bat_len(), bitmap);
+    // From one block's bitmap to the next: the data ends on a 4 KiB boundary (blocks are
+    // whole multiples of it), so the stride is the same for every block.
+    let stride = block_at(first + bitmap + plan.block, bitmap) - first;
+    let size = |blocks: u64| match blocks {
+        0 => BAT_AT + plan.bat_len() + FOOTER_LEN as u64,
+        n => first
+            .saturating_add((n - 1).saturating_mul(stride))
+            .saturating_add(bitmap + plan.block + FOOTER_LEN as u64),
+    };
     let blocks = data_bytes.div_ceil(plan.block).min(plan.entries());
     Ok(Measure {
-        required: base + blocks * per_block,
-        fully_allocated: base + plan.entries() * per_block,
+        required: size(blocks),
+        fully_allocated: size(plan.entries()),
     })
 }
+
+/// Where a block allocated at the file's first free byte `next` puts its sector bitmap: late
+/// enough that the data after it starts on a 4 KiB boundary.
+fn block_at(next: u64, bitmap_len: u64) -> u64 {
+    next.saturating_add(bitmap_len)
+        .div_ceil(DATA_ALIGN)
+        .saturating_mul(DATA_ALIGN)
+        .saturating_sub(bitmap_len)
+}
+
+/// Alignment of each block's data in the file: a page, so copies fill whole pages.
+const DATA_ALIGN: u64 = 4096;
 
 struct FixedWriter {
     target: Target,
@@ -361,6 +384,7 @@ impl DynamicWriter {
                 .saturating_mul(512)
                 .saturating_add(bitmap_len));
         }
+        self.next = block_at(self.next, bitmap_len);
         let sector = u32::try_from(self.next / 512)
             .map_err(|_| Error::invalid("dynamic VHD grows past the 2 TiB its BAT can address"))?;
         *slot = sector;
@@ -453,10 +477,27 @@ mod tests {
     }
 
     #[test]
+    fn every_blocks_data_starts_on_a_page() {
+        assert_eq!(block_at(2048, 512), 3584);
+        assert_eq!(block_at(3584, 512), 3584);
+        for (next, bitmap) in [(2048, 512), (5000 * 512, 4096), (7 * 512, 65536)] {
+            let at = block_at(next, bitmap);
+            assert!(at >= next && at % 512 == 0 && (at + bitmap) % 4096 == 0);
+            assert!(at - next < 4096);
+        }
+    }
+
+    #[test]
     fn measure_counts_blocks() {
+        // Footer copy and header (1536), BAT (512), then blocks whose bitmap sits 512 bytes
+        // before a 4 KiB boundary: the first at 3584 (data at 4096), then one every
+        // 4096 + 2 MiB; the footer last.
         let m = measure(&opts(""), 10 * MIB, 3 * MIB).unwrap();
-        assert_eq!(m.required, 1536 + 512 + 512 + 2 * ((2 << 20) + 512));
-        assert_eq!(m.fully_allocated, 1536 + 512 + 512 + 5 * ((2 << 20) + 512));
+        assert_eq!(m.required, 4096 + (4096 + (2 << 20)) + (2 << 20) + 512);
+        assert_eq!(
+            m.fully_allocated,
+            4096 + 4 * (4096 + (2 << 20)) + (2 << 20) + 512
+        );
         let m = measure(&opts("subformat=fixed"), 10 * MIB, 0).unwrap();
         assert_eq!(m.required, 10 * MIB + 512);
     }
