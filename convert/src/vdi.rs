@@ -7,7 +7,8 @@
 //!   every block is mapped in order; zero blocks are left as holes in the file.
 //!
 //! The layout is qemu-img's: the 512-byte header, the block map from offset 512, then the data
-//! blocks. A virtual size that is not a whole number of 512-byte sectors is rounded up to one
+//! blocks, except that the data starts on the next 4 KiB boundary after the map (the header
+//! names where; qemu-img starts it right after the map, 512 bytes past a page). A virtual size that is not a whole number of 512-byte sectors is rounded up to one
 //! (QEMU rounds the size it reads up the same way, so storing it rounded keeps every reader in
 //! agreement).
 
@@ -29,6 +30,8 @@ const BLOCK: u64 = BLOCK_SIZE as u64;
 /// The text line VirtualBox writes before the signature.
 const TEXT: &[u8] = b"<<< Oracle VM VirtualBox Disk Image >>>\n";
 const BMAP_AT: u64 = 512;
+/// Alignment of the first data block in the file (blocks are 1 MiB, so all of them).
+const DATA_ALIGN: u64 = 4096;
 
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -65,8 +68,10 @@ impl Plan {
         (u64::from(self.blocks) * 4).div_ceil(512) * 512
     }
 
+    /// Where the data blocks start: after the block map, on a 4 KiB boundary, so that copies
+    /// into blocks fill whole pages (and can be reflinks on XFS and btrfs).
     fn data_at(&self) -> u64 {
-        BMAP_AT + self.bmap_len()
+        (BMAP_AT + self.bmap_len()).div_ceil(DATA_ALIGN) * DATA_ALIGN
     }
 
     fn header(&self, allocated: u32) -> Result<Vec<u8>> {
@@ -131,6 +136,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
         bmap,
         allocated,
         pos: 0,
+        copies: crate::copy::CopyMerger::default(),
     }))
 }
 
@@ -159,6 +165,8 @@ struct VdiWriter {
     bmap: Vec<u32>,
     allocated: u32,
     pos: u64,
+    /// Copies of blocks that follow each other in both files, made as one.
+    copies: crate::copy::CopyMerger,
 }
 
 impl Writer for VdiWriter {
@@ -186,7 +194,10 @@ impl Writer for VdiWriter {
                     self.allocated += 1;
                 }
                 let at = self.plan.data_at() + u64::from(*slot) * BLOCK;
-                p.write_at(&self.file, at)?;
+                match &p {
+                    Payload::Copy(c) => self.copies.put(&self.file, c, at)?,
+                    _ => p.write_at(&self.file, at)?,
+                }
             }
             Payload::Compressed(_) => {
                 return Err(Error::invalid("vdi writer got a compressed chunk"))
@@ -200,7 +211,8 @@ impl Writer for VdiWriter {
         write_zero_span(self, guest, len)
     }
 
-    fn finish(self: Box<Self>) -> Result<()> {
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.copies.flush(&self.file)?;
         let f = &self.file;
         f.write_all_at(&self.plan.header(self.allocated)?, 0)?;
         let mut map = Vec::with_capacity(self.plan.bmap_len() as usize);
@@ -226,12 +238,16 @@ mod tests {
         assert!(p.is_static && p.blocks == 4 && p.size == 3 * BLOCK + 512);
         assert!(Plan::new(&WriteOptions::parse("static=maybe", false).unwrap(), 1).is_err());
         assert!(Plan::new(&WriteOptions::parse("subformat=x", false).unwrap(), 1).is_err());
+        // Header and block map end at 1024; the data starts on the next page.
         let m = measure(&WriteOptions::default(), 10 * BLOCK, 3 * BLOCK).unwrap();
         assert_eq!(
             (m.required, m.fully_allocated),
-            (1024 + 3 * BLOCK, 1024 + 10 * BLOCK)
+            (4096 + 3 * BLOCK, 4096 + 10 * BLOCK)
         );
         let m = measure(&o, 10 * BLOCK, 0).unwrap();
-        assert_eq!(m.required, 1024 + 10 * BLOCK);
+        assert_eq!(m.required, 4096 + 10 * BLOCK);
+        // A block map that fills 4 KiB exactly (1,024 blocks from 512) still rounds up.
+        let p = Plan::new(&WriteOptions::default(), 1024 * BLOCK).unwrap();
+        assert_eq!(p.data_at(), 8192);
     }
 }
