@@ -118,6 +118,8 @@ reflink)
     [ -f "$D/mixed-1g.raw" ] || cp --sparse=always "$W/mixed-1g.raw" "$D/mixed-1g.raw"
     hf "convert-1g-raw-raw-reflink" "$RUNS" "$G convert -O raw $D/mixed-1g.raw $D/out.g" "qemu-img convert -O raw $D/mixed-1g.raw $D/out.q" "sh -c 'rm -f $D/out.g $D/out.q; sync'"
     hf "convert-1g-raw-qcow2-reflink" "$RUNS" "$G convert -O qcow2 $D/mixed-1g.raw $D/out.g" "qemu-img convert -O qcow2 $D/mixed-1g.raw $D/out.q" "sh -c 'rm -f $D/out.g $D/out.q; sync'"
+    hf "convert-1g-raw-vhd-reflink" "$RUNS" "$G convert -O vhd $D/mixed-1g.raw $D/out.g" "qemu-img convert -O vpc $D/mixed-1g.raw $D/out.q" "sh -c 'rm -f $D/out.g $D/out.q; sync'"
+    hf "convert-1g-raw-vdi-reflink" "$RUNS" "$G convert -O vdi $D/mixed-1g.raw $D/out.g" "qemu-img convert -O vdi $D/mixed-1g.raw $D/out.q" "sh -c 'rm -f $D/out.g $D/out.q; sync'"
     rm -f "$D/out.g" "$D/out.q" ;;
 compress)
     O=$W/out
