@@ -157,21 +157,28 @@ pub enum Payload {
     /// The chunk compressed with the writer's [`Compressor`].
     Compressed(Vec<u8>),
     /// Guest bytes that lie verbatim in the source file, not all zero: the writer copies
-    /// them file to file ([`copy::CopyFrom::write_to`]). Only sent to writers whose
+    /// them file to file ([`copy::CopyMerger::put`]). Only sent to writers whose
     /// [`Writer::accepts_copy`] is true.
     Copy(copy::CopyFrom),
 }
 
 impl Payload {
-    /// Writes a [`Payload::Data`] or [`Payload::Copy`] chunk at `off` of `file`.
+    /// Writes a [`Payload::Data`] or [`Payload::Copy`] chunk at `off` of `file`. Copies go
+    /// through `copies`, which joins those that continue each other: the writer calls
+    /// [`copy::CopyMerger::flush`] before it finishes the file.
     ///
     /// # Errors
     /// Write or copy errors; `Invalid` for other payloads (the caller handles those).
-    pub(crate) fn write_at(&self, file: &File, off: u64) -> Result<()> {
+    pub(crate) fn write_at(
+        &self,
+        file: &File,
+        off: u64,
+        copies: &mut copy::CopyMerger,
+    ) -> Result<()> {
         use std::os::unix::fs::FileExt;
         match self {
             Payload::Data(d) => file.write_all_at(d, off)?,
-            Payload::Copy(c) => c.write_to(file, off)?,
+            Payload::Copy(c) => copies.put(file, c, off)?,
             Payload::Zero | Payload::Compressed(_) => {
                 return Err(Error::invalid("only data chunks can be written in place"))
             }

@@ -123,6 +123,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
         bat,
         allocated: 0,
         pos: 0,
+        copies: crate::copy::CopyMerger::default(),
     }))
 }
 
@@ -154,6 +155,8 @@ struct PloopWriter {
     bat: Vec<u32>,
     allocated: u64,
     pos: u64,
+    /// Pending file-to-file copies.
+    copies: crate::copy::CopyMerger,
 }
 
 impl Writer for PloopWriter {
@@ -180,7 +183,7 @@ impl Writer for PloopWriter {
                 *slot = u32::try_from(at / cs)
                     .map_err(|_| Error::invalid("ploop image too large for its BAT"))?;
                 self.allocated += 1;
-                p.write_at(&self.file, at)?;
+                p.write_at(&self.file, at, &mut self.copies)?;
             }
             Payload::Compressed(_) => {
                 return Err(Error::invalid("ploop writer got a compressed chunk"))
@@ -194,7 +197,8 @@ impl Writer for PloopWriter {
         write_zero_span(self, guest, len)
     }
 
-    fn finish(self: Box<Self>) -> Result<()> {
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.copies.flush(&self.file)?;
         let f = &self.file;
         let mut meta = self.plan.header()?;
         meta.reserve(self.bat.len() * 4);

@@ -56,7 +56,7 @@ pub(crate) fn reserve_len(f: &File, size: u64) -> Result<()> {
 
 struct RawWriter {
     target: Target,
-    /// Copies of chunks that continue each other, made as one.
+    /// Pending file-to-file copies.
     copies: crate::copy::CopyMerger,
     pos: u64,
     virtual_size: u64,
@@ -85,8 +85,9 @@ impl Writer for RawWriter {
     fn write_chunk(&mut self, chunk: Chunk) -> Result<()> {
         check_chunk_at("raw", &chunk, self.pos, 1)?;
         match (&mut self.target, chunk.payload) {
-            (Target::File(f), Payload::Copy(c)) => self.copies.put(f, &c, chunk.guest)?,
-            (Target::File(f), p @ Payload::Data(_)) => p.write_at(f, chunk.guest)?,
+            (Target::File(f), p @ (Payload::Data(_) | Payload::Copy(_))) => {
+                p.write_at(f, chunk.guest, &mut self.copies)?
+            }
             (Target::Stream(w), Payload::Data(d)) => w.write_all(&d)?,
             (Target::Stream(_), Payload::Copy(_)) => {
                 return Err(Error::invalid("raw writer got a copy for a stream"))

@@ -8,9 +8,9 @@
 //!
 //! The layout is qemu-img's: the 512-byte header, the block map from offset 512, then the data
 //! blocks, except that the data starts on the next 4 KiB boundary after the map (the header
-//! names where; qemu-img starts it right after the map, 512 bytes past a page). A virtual size that is not a whole number of 512-byte sectors is rounded up to one
-//! (QEMU rounds the size it reads up the same way, so storing it rounded keeps every reader in
-//! agreement).
+//! names where; qemu-img starts it right after the map, 512 bytes past a page). A virtual size
+//! that is not a whole number of 512-byte sectors is rounded up to one (QEMU rounds the size it
+//! reads up the same way, so storing it rounded keeps every reader in agreement).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -165,7 +165,7 @@ struct VdiWriter {
     bmap: Vec<u32>,
     allocated: u32,
     pos: u64,
-    /// Copies of blocks that follow each other in both files, made as one.
+    /// Pending file-to-file copies.
     copies: crate::copy::CopyMerger,
 }
 
@@ -194,10 +194,7 @@ impl Writer for VdiWriter {
                     self.allocated += 1;
                 }
                 let at = self.plan.data_at() + u64::from(*slot) * BLOCK;
-                match &p {
-                    Payload::Copy(c) => self.copies.put(&self.file, c, at)?,
-                    _ => p.write_at(&self.file, at)?,
-                }
+                p.write_at(&self.file, at, &mut self.copies)?;
             }
             Payload::Compressed(_) => {
                 return Err(Error::invalid("vdi writer got a compressed chunk"))

@@ -226,6 +226,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
             pos: 0,
             plan,
             footer,
+            copies: crate::copy::CopyMerger::default(),
         }));
     }
     let Target::File(file) = target else {
@@ -247,6 +248,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
         next,
         pos: 0,
         bitmap: vec![0xFF; bitmap_len(plan.block) as usize],
+        copies: crate::copy::CopyMerger::default(),
     }))
 }
 
@@ -300,6 +302,8 @@ struct FixedWriter {
     pos: u64,
     plan: Plan,
     footer: Vec<u8>,
+    /// Pending file-to-file copies.
+    copies: crate::copy::CopyMerger,
 }
 
 impl Writer for FixedWriter {
@@ -315,7 +319,7 @@ impl Writer for FixedWriter {
         check_chunk_at("vhd", &chunk, self.pos, 1)?;
         match (&mut self.target, chunk.payload) {
             (Target::File(f), p @ (Payload::Data(_) | Payload::Copy(_))) => {
-                p.write_at(f, chunk.guest)?
+                p.write_at(f, chunk.guest, &mut self.copies)?
             }
             (Target::Stream(w), Payload::Data(d)) => w.write_all(&d)?,
             (Target::Stream(_), Payload::Copy(_)) => {
@@ -342,6 +346,8 @@ impl Writer for FixedWriter {
         }
         match self.target {
             Target::File(f) => {
+                let mut copies = self.copies;
+                copies.flush(&f)?;
                 f.set_len(size)?;
                 f.write_all_at(&self.footer, size)?;
                 Ok(())
@@ -367,6 +373,8 @@ struct DynamicWriter {
     /// A full sector bitmap: QEMU marks every sector of an allocated block present, and so
     /// does glimpse (the block's data is whole, zeros included).
     bitmap: Vec<u8>,
+    /// Pending file-to-file copies.
+    copies: crate::copy::CopyMerger,
 }
 
 impl DynamicWriter {
@@ -414,10 +422,8 @@ impl Writer for DynamicWriter {
             Payload::Zero => {}
             p @ (Payload::Data(_) | Payload::Copy(_)) => {
                 let data_at = self.data_of(chunk.guest / self.plan.block)?;
-                p.write_at(
-                    &self.file,
-                    data_at.saturating_add(chunk.guest % self.plan.block),
-                )?;
+                let at = data_at.saturating_add(chunk.guest % self.plan.block);
+                p.write_at(&self.file, at, &mut self.copies)?;
             }
             Payload::Compressed(_) => {
                 return Err(Error::invalid("vhd writer got a compressed chunk"))
@@ -431,7 +437,8 @@ impl Writer for DynamicWriter {
         write_zero_span(self, guest, len)
     }
 
-    fn finish(self: Box<Self>) -> Result<()> {
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.copies.flush(&self.file)?;
         let f = &self.file;
         let mut bat = Vec::with_capacity(self.plan.bat_len() as usize);
         for e in &self.bat {

@@ -169,6 +169,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
         bat,
         pos: 0,
         next_host: l.data_start,
+        copies: crate::copy::CopyMerger::default(),
     }))
 }
 
@@ -197,6 +198,8 @@ struct VhdxWriter {
     bat: Vec<u64>,
     pos: u64,
     next_host: u64,
+    /// Pending file-to-file copies.
+    copies: crate::copy::CopyMerger,
 }
 
 impl VhdxWriter {
@@ -250,7 +253,8 @@ impl Writer for VhdxWriter {
         match chunk.payload {
             p @ (Payload::Data(_) | Payload::Copy(_)) => {
                 let host = self.host_of(block)?;
-                p.write_at(&self.file, host.saturating_add(chunk.guest % bs))?;
+                let at = host.saturating_add(chunk.guest % bs);
+                p.write_at(&self.file, at, &mut self.copies)?;
             }
             // Every entry starts as a zero block (see `create`); a block allocated by an
             // earlier chunk reads its zero chunks from the file's hole.
@@ -282,7 +286,9 @@ impl Writer for VhdxWriter {
             mut bat,
             pos: _,
             next_host,
+            mut copies,
         } = *self;
+        copies.flush(&file)?;
         let mut buf = vec![0u8; 8 + 512];
         buf[..8].copy_from_slice(header::FILE_SIGNATURE);
         for (i, u) in CREATOR.encode_utf16().enumerate() {
