@@ -254,6 +254,25 @@ fn convert_of_a_stream_vmdk_larger_than_the_cache_reads_it_once() {
 }
 
 #[test]
+fn checksum_of_a_url_fetches_each_byte_once() {
+    let base = nginx(BIN);
+    // Several readahead chunks and a short last block; and an object smaller than one block.
+    for (name, len) in [("once.raw", (9 << 20) + 4096), ("small.raw", 100 << 10)] {
+        let p = image(BIN, name, len, "raw", &[]);
+        let o = run(&["checksum", "--output", "json", &url(base, &p)]);
+        assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+        let v = json(&o);
+        let t = &v["transfer"];
+        assert_eq!(t["bytes"].as_u64(), Some(len as u64), "{name}: {t}");
+        let l = json(&run(&["checksum", "--output", "json", p.to_str().unwrap()]));
+        for k in ["md5", "sha512", "size"] {
+            assert!(v[k].is_string() || v[k].is_u64(), "{name}: {v}");
+            assert_eq!(v[k], l[k], "{name}: {k}");
+        }
+    }
+}
+
+#[test]
 fn check_of_a_large_qcow2_reads_only_metadata() {
     let base = nginx(BIN);
     let p = image(BIN, "big.qcow2", 96 << 20, "qcow2", &[]);

@@ -420,6 +420,34 @@ impl Inner {
         })
     }
 
+    /// As [`Inner::fetch`], but the whole blocks that open the range come from the cache when
+    /// they are there (the first block, which opening the source fetched): a front-to-back
+    /// read does not fetch them again.
+    fn fetch_after_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0usize;
+        loop {
+            let pos = offset.saturating_add(done as u64);
+            if pos % BLOCK != 0 {
+                break;
+            }
+            let Some(block) = self.cache.get(pos / BLOCK).map_err(io::Error::other)? else {
+                break;
+            };
+            let Some(dst) = buf.get_mut(done..done + block.len()) else {
+                break;
+            };
+            dst.copy_from_slice(&block);
+            done += block.len();
+            if block.len() as u64 != BLOCK {
+                break;
+            }
+        }
+        match buf.get_mut(done..) {
+            Some(rest) => self.fetch(rest, offset.saturating_add(done as u64)),
+            None => Ok(()),
+        }
+    }
+
     /// Block `b`, from the cache or the server; on a miss after block `b - 1` (reads running
     /// front to back), up to [`READAHEAD_BLOCKS`] uncached blocks in one request.
     fn block(&self, b: u64, size: u64) -> io::Result<Arc<[u8]>> {

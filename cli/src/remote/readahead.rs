@@ -46,7 +46,7 @@ impl Readahead {
                         .map_err(io::Error::other)
                         .and_then(|len| {
                             let mut buf = vec![0; len];
-                            src.inner.fetch(&mut buf, start).map(|()| buf)
+                            src.inner.fetch_after_cached(&mut buf, start).map(|()| buf)
                         });
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
