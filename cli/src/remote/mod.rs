@@ -722,4 +722,28 @@ mod tests {
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes -1-2/3"), None);
     }
+
+    proptest::proptest! {
+        /// A server's header is hostile input: any text either fails or gives a range that
+        /// lies inside the size it names.
+        #[test]
+        fn any_content_range_is_refused_or_consistent(v in ".{0,64}") {
+            if let Some((a, b, total)) = parse_content_range(&v) {
+                proptest::prop_assert!(a <= b);
+                proptest::prop_assert!(total.is_none_or(|t| b < t));
+            }
+        }
+
+        #[test]
+        fn well_formed_content_ranges_read_back(a: u64, len: u64, extra: u64, star: bool) {
+            let b = a.saturating_add(len);
+            let total = b.checked_add(1).and_then(|t| t.checked_add(extra));
+            let v = match (star, total) {
+                (false, Some(t)) => format!("bytes {a}-{b}/{t}"),
+                _ => format!("bytes {a}-{b}/*"),
+            };
+            let want = (a, b, total.filter(|_| !star));
+            proptest::prop_assert_eq!(parse_content_range(&v), Some(want));
+        }
+    }
 }

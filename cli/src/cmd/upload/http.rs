@@ -317,6 +317,26 @@ impl Http {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// An error body is whatever the server (or a proxy in front of it) sends: the reason
+        /// made of it is one line without markup, at most 600 characters and an ellipsis.
+        #[test]
+        fn any_error_body_gives_a_short_plain_line(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
+            let r = reason(&body);
+            proptest::prop_assert!(!r.is_empty());
+            proptest::prop_assert!(r.chars().count() <= 603, "{} chars", r.chars().count());
+            proptest::prop_assert!(!r.contains(['\n', '\r', '<']), "{r:?}");
+        }
+
+        #[test]
+        fn any_json_message_gives_a_short_plain_line(msg in "\\PC{0,2000}") {
+            let body = serde_json::json!({"error": {"message": msg}}).to_string();
+            let r = reason(body.as_bytes());
+            proptest::prop_assert!(r.chars().count() <= 603);
+            proptest::prop_assert!(!r.contains(['\n', '\r', '<']), "{r:?}");
+        }
+    }
+
     #[test]
     fn reasons_from_openstack_bodies() {
         assert_eq!(reason(br#"{"error": {"message": "The request you have made requires authentication.", "code": 401}}"#),
