@@ -12,7 +12,7 @@ use std::process::Command;
 
 use audit_support::{audit, codes, corrupt_in_store, download_status, ids, lines, record, seed};
 use glimpse_testkit::qemu::img as qemu_img;
-use serde_json::Value;
+use serde_json::{json, Value};
 use upload_support::{glance, raw_file, text, unique, TOKEN};
 
 const BIN: &str = "audit";
@@ -462,4 +462,83 @@ fn errors_are_exit_2_with_the_image_named() {
     // --shard is K/N with K < N
     let out = audit(&g.url, &["--shard", "3/3"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// docs/json/audit.json refuses what the audit never prints, so the validation in
+/// `audit_support::lines` proves something; and it takes the shapes the tests above do not
+/// reach (a failed deactivation or reactivation, an OVA's disks).
+#[test]
+fn the_audit_schema_takes_every_line_shape_and_refuses_others() {
+    use audit_support::schema::check_against;
+    let audited = json!({
+        "id": "5873312c-0000-4000-8000-000000000000", "name": "web-01", "owner": "3f1e",
+        "disk_format": "vmdk", "container_format": "ova", "status": "active",
+        "verdict": "reject",
+        "findings": [{"code": "ova.member-name", "severity": "reject", "message": "m", "offset": 512}],
+        "disks": [{"disk": 0, "href": "disk1.vmdk", "verdict": "reject", "findings": []},
+                  {"disk": usize::MAX, "href": null, "verdict": "pass", "findings": []}],
+        "size": {"glance": 4096, "stored": 4096}, "virtual_size": {"glance": null, "glimpse": 1048576},
+        "digests": "not-checked", "bytes_read": 4096, "requests": 1,
+        "deactivated": false, "deactivation": "failed: 403 Forbidden"
+    });
+    let with = |k: &str, v: Value| {
+        let mut l = audited.clone();
+        l[k] = v;
+        l
+    };
+    let without = |k: &str| {
+        let mut l = audited.clone();
+        l.as_object_mut().unwrap().remove(k);
+        l
+    };
+    let mut failed_read = without("deactivation");
+    failed_read.as_object_mut().unwrap().remove("deactivated");
+    failed_read["verdict"] = json!("error");
+    failed_read["error"] = json!("image x: reading the stored data: connection closed");
+    let unread = json!({"id": "00000000-0000-4000-8000-000000000000", "name": null, "owner": null,
+        "disk_format": null, "container_format": null, "status": null, "verdict": "error",
+        "error": "404 Not Found"});
+    let good = [
+        audited.clone(),
+        failed_read.clone(),
+        unread.clone(),
+        json!({"id": "x", "reactivated": true}),
+        json!({"id": "x", "reactivated": false, "error": "403 Forbidden"}),
+    ];
+    for v in &good {
+        if let Err(e) = check_against("audit.json", v) {
+            panic!("{e}: {v}");
+        }
+    }
+    let mut error_without_message = failed_read.clone();
+    error_without_message
+        .as_object_mut()
+        .unwrap()
+        .remove("error");
+    let mut unread_with_findings = unread.clone();
+    unread_with_findings["findings"] = json!([]);
+    let bad = [
+        with("verdict", json!("maybe")),
+        with("verdict", json!("error")),
+        with("error", json!("a pass cannot have an error")),
+        with("digests", json!("skipped")),
+        with("bytes-read", json!(1)),
+        with("size", json!({"glance": 1})),
+        with(
+            "findings",
+            json!([{"code": "c", "severity": "fatal", "message": "m"}]),
+        ),
+        with(
+            "disks",
+            json!([{"disk": 0, "verdict": "pass", "findings": []}]),
+        ),
+        without("requests"),
+        error_without_message,
+        unread_with_findings,
+        json!({"id": "x", "reactivated": true, "verdict": "pass"}),
+        json!({"id": "x"}),
+    ];
+    for v in &bad {
+        assert!(check_against("audit.json", v).is_err(), "accepted {v}");
+    }
 }

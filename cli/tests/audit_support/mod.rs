@@ -11,6 +11,10 @@ use serde_json::{json, Value};
 
 use crate::upload_support::{glimpse, Glance, TOKEN};
 
+/// The validator of docs/json (the audit binaries do not include `support`, which has more).
+#[path = "../support/schema.rs"]
+pub mod schema;
+
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -129,11 +133,17 @@ pub fn audit(url: &str, args: &[&str]) -> Output {
     audit_cmd(url, args).output().unwrap()
 }
 
-/// The JSON lines of an audit's stdout.
+/// The JSON lines of an audit's stdout, each checked against docs/json/audit.json (the audit
+/// line is a contract for pipelines, like every other JSON output).
 pub fn lines(o: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&o.stdout)
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
+        .map(|l| {
+            let line: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}"));
+            schema::assert_valid("audit.json", &line);
+            line
+        })
         .collect()
 }
 
