@@ -476,7 +476,7 @@ fn the_audit_schema_takes_every_line_shape_and_refuses_others() {
         "verdict": "reject",
         "findings": [{"code": "ova.member-name", "severity": "reject", "message": "m", "offset": 512}],
         "disks": [{"disk": 0, "href": "disk1.vmdk", "verdict": "reject", "findings": []},
-                  {"disk": usize::MAX, "href": null, "verdict": "pass", "findings": []}],
+                  {"disk": null, "href": null, "verdict": "reject", "findings": []}],
         "size": {"glance": 4096, "stored": 4096}, "virtual_size": {"glance": null, "glimpse": 1048576},
         "digests": "not-checked", "bytes_read": 4096, "requests": 1,
         "deactivated": false, "deactivation": "failed: 403 Forbidden"

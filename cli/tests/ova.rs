@@ -498,11 +498,16 @@ fn check_checks_every_disk_unless_one_is_chosen() {
     let out = glimpse(&["check", "--output", "json", s(&ova)]);
     assert_eq!(out.status.code(), Some(1), "{}", json_of(&out));
     let all = json_of(&out);
+    support::schema::assert_valid("check.json", &all);
     let v = one(&all);
     assert_eq!(v["verdict"], "reject");
     assert!(codes(v).contains(&"qcow2.backing-file".to_string()), "{v}");
     let disks = v["disks"].as_array().unwrap();
     assert_eq!(disks.len(), 2);
+    assert_eq!(
+        (disks[0]["disk"].as_u64(), disks[1]["disk"].as_u64()),
+        (Some(0), Some(1))
+    );
     assert_eq!(disks[0]["verdict"], "pass");
     assert_eq!(disks[1]["verdict"], "reject");
     assert_eq!(disks[1]["href"], "b.qcow2");

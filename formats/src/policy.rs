@@ -262,8 +262,8 @@ fn finish(mut findings: Vec<Finding>, policy: &Policy) -> Vec<Finding> {
 /// One disk's verdict in a gate that checks every disk of an OVA.
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskVerdict {
-    /// 0-based disk index (`usize::MAX` for a failure not about one disk).
-    pub disk: usize,
+    /// 0-based disk index; `None` (JSON `null`) for a failure not about one disk.
+    pub disk: Option<usize>,
     /// The disk's file, when it names one.
     pub href: Option<String>,
     /// Pass or reject.
@@ -289,18 +289,20 @@ pub fn every_disk(
     let appliance = report.appliance.as_ref()?;
     let first = appliance.default_disk();
     let mut per_disk = match appliance.inspect_disks(policy, limits, first) {
-        Ok(v) => v,
-        Err(e) => vec![(usize::MAX, vec![Finding::from_error(&e)])],
+        Ok(v) => v.into_iter().map(|(i, f)| (Some(i), f)).collect(),
+        Err(e) => vec![(None, vec![Finding::from_error(&e)])],
     };
     if let Some(i) = first {
-        per_disk.insert(0, (i, report.findings.clone()));
+        per_disk.insert(0, (Some(i), report.findings.clone()));
     }
     let mut out = Vec::new();
     for (i, findings) in per_disk {
         let reject = findings.iter().any(|f| f.severity == Severity::Reject);
         out.push(DiskVerdict {
             disk: i,
-            href: appliance.disks.get(i).and_then(|d| d.href.clone()),
+            href: i
+                .and_then(|i| appliance.disks.get(i))
+                .and_then(|d| d.href.clone()),
             verdict: if reject {
                 Verdict::Reject
             } else {
