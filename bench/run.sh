@@ -13,6 +13,8 @@
 # the default set): raw -> raw and raw -> qcow2 in REFLINK_DIR, a directory on XFS or btrfs,
 # where glimpse's copy_file_range becomes a reflink. compress: the compressing conversions.
 # CASES="raw-raw raw-qcow2" limits convert to those cases, MODES="hot" (or "cold") to one mode.
+# interleaved (not in the default set): raw -> raw and raw -> qcow2 at SIZES in the page cache,
+# ROUNDS (6) hyperfine runs of RUNS_PER_ROUND (5) with the tools' order swapped every round.
 #
 # Needs: hyperfine, qemu-img, python3, GNU time (/usr/bin/time) for peak RSS.
 set -euo pipefail
@@ -97,8 +99,13 @@ convert)
             IFS='|' read -r name go qo <<<"$c"
             [ -z "${CASES:-}" ] || [[ " $CASES " == *" $name "* ]] || continue
             # Start each case from a page cache that holds nothing else, so that reclaiming
-            # earlier cases' pages does not land in one tool's runs (the warm-up reads the source).
+            # earlier cases' pages does not land in one tool's runs. Then read the source in
+            # with cat, as a file is after it was downloaded or read: neither tool's way of
+            # reading decides the cache both then copy from (glimpse's WILLNEED readahead
+            # leaves 4 KiB pages, which make later copies of them 5-10% dearer than the large
+            # folios of a sequential read; qemu-img's reads are not sensitive to it).
             can_drop && { sync; echo 3 > /proc/sys/vm/drop_caches; }
+            cat "${go##* }" >/dev/null
             [[ " ${MODES:-hot cold} " == *" hot "* ]] &&
             hf "convert-$sz-$name-hot" "$RUNS" "$G convert $go $O.g" "qemu-img convert $qo $O.q" "sh -c 'rm -f $O.g $O.q; sync'"
             if [[ " ${MODES:-hot cold} " != *" cold "* ]]; then
@@ -112,6 +119,40 @@ convert)
         done
     done
     rss convert-4g-raw-qcow2-glimpse $G convert -O qcow2 "$W/mixed-${SIZES##* }.raw" "$O.g"; rm -f "$O.g" "$O.q" ;;
+interleaved)
+    # The two cases of the 0.6 target, in the page cache, measured in ROUNDS hyperfine runs of
+    # RUNS_PER_ROUND each with the two tools' order swapped every round, so that a machine
+    # whose speed drifts over a minute (a VM's host) weighs on both tools alike. All times go
+    # into one result file per case.
+    O=$W/out
+    for sz in $SIZES; do
+        S=$W/mixed-$sz.raw
+        for o in raw qcow2; do
+            can_drop && { sync; echo 3 > /proc/sys/vm/drop_caches; }
+            cat "$S" >/dev/null
+            parts=()
+            for r in $(seq 1 "${ROUNDS:-6}"); do
+                a=("$G convert -O $o $S $O.g" "qemu-img convert -O $o $S $O.q") n=(glimpse peer)
+                (( r % 2 )) || { a=("${a[1]}" "${a[0]}"); n=(peer glimpse); }
+                hyperfine --warmup 1 --runs "${RUNS_PER_ROUND:-5}" -N --style none \
+                    --export-json "$R/.round-$r.json" --prepare "sh -c 'rm -f $O.g $O.q; sync'" \
+                    -n "${n[0]}" "${a[0]}" -n "${n[1]}" "${a[1]}" >/dev/null
+                parts+=("$R/.round-$r.json")
+            done
+            python3 - "$R/interleaved-$sz-raw-$o.json" "${parts[@]}" <<'PY'
+import json, sys
+merged = {}
+for path in sys.argv[2:]:
+    for r in json.load(open(path))["results"]:
+        merged.setdefault(r["command"], []).extend(r["times"])
+json.dump({"results": [{"command": c, "times": t} for c, t in merged.items()]},
+          open(sys.argv[1], "w"))
+PY
+            rm -f "${parts[@]}"
+            echo "== interleaved-$sz-raw-$o: ${ROUNDS:-6} rounds of ${RUNS_PER_ROUND:-5} runs each"
+        done
+    done
+    rm -f "$O.g" "$O.q" ;;
 reflink)
     # REFLINK_DIR: a directory on XFS or btrfs (e.g. a loop-mounted XFS image).
     D=${REFLINK_DIR:?reflink needs REFLINK_DIR=a directory on XFS or btrfs}
