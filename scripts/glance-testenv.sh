@@ -30,6 +30,8 @@ START_TIMEOUT=${GLANCE_START_TIMEOUT:-90}
 SIZE_CAP=${GLANCE_IMAGE_SIZE_CAP:-}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SELF=$HERE/$(basename "${BASH_SOURCE[0]}")
+# shellcheck source=testenv-watcher.sh
+. "$HERE/testenv-watcher.sh"
 export PIP_CONSTRAINT=${PIP_CONSTRAINT:-$HERE/glance-constraints.txt}
 
 die() { echo "glance-testenv: $*" >&2; exit 1; }
@@ -276,30 +278,7 @@ EOF
     echo "$port" > "$D/run/port"
 }
 
-# The watcher runs detached from the caller's stdio (a test that reads our output must see
-# EOF), takes the DIR lock before it decides, and follows run/owner, which a later
-# `start --owner-pid` may point at a new owner.
-start_watcher() {
-    echo "$OWNER" > "$D/run/owner"
-    if [ -s "$D/run/watcher.pid" ] && kill -0 "$(cat "$D/run/watcher.pid")" 2>/dev/null; then
-        return 0
-    fi
-    GLANCE_TESTENV_DIR=$D GLANCE_TESTENV_SELF=$SELF setsid bash -c '
-        D=$GLANCE_TESTENV_DIR
-        while :; do
-            sleep 0.5
-            exec 9>"$D/run/lock"; flock 9
-            owner=$(cat "$D/run/owner" 2>/dev/null || true)
-            if [ -z "$owner" ] || ! kill -0 "$owner" 2>/dev/null; then
-                rm -f "$D/run/owner" "$D/run/watcher.pid"
-                # stop while still holding the lock (fd 9 stays open across exec)
-                GLANCE_TESTENV_LOCKED=1 exec "$GLANCE_TESTENV_SELF" stop "$D"
-            fi
-            if [ "$(cat "$D/run/watcher.pid" 2>/dev/null)" != "$$" ]; then exit 0; fi
-            exec 9>&-
-        done' < /dev/null >> "$D/log/watcher.log" 2>&1 9>&- 8>&- &
-    echo $! > "$D/run/watcher.pid"
-}
+start_watcher() { start_owner_watcher "$D" "$SELF" GLANCE_TESTENV_LOCKED "$OWNER"; }
 
 do_start() {
     local port=$PORT_ARG pid

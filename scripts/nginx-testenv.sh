@@ -16,6 +16,8 @@ set -euo pipefail
 NGINX=${NGINX:-/usr/sbin/nginx}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SELF=$HERE/$(basename "${BASH_SOURCE[0]}")
+# shellcheck source=testenv-watcher.sh
+. "$HERE/testenv-watcher.sh"
 
 die() { echo "nginx-testenv: $*" >&2; exit 1; }
 usage() { sed -n '2,14p' "$SELF" >&2; exit 2; }
@@ -68,26 +70,7 @@ do_stop() {
     echo "nginx stopped (pid $pid)"
 }
 
-start_watcher() {
-    echo "$OWNER" > "$D/run/owner"
-    if [ -s "$D/run/watcher.pid" ] && kill -0 "$(cat "$D/run/watcher.pid")" 2>/dev/null; then
-        return 0
-    fi
-    NGINX_TESTENV_DIR=$D NGINX_TESTENV_SELF=$SELF setsid bash -c '
-        D=$NGINX_TESTENV_DIR
-        while :; do
-            sleep 0.5
-            exec 9>"$D/run/lock"; flock 9
-            owner=$(cat "$D/run/owner" 2>/dev/null || true)
-            if [ -z "$owner" ] || ! kill -0 "$owner" 2>/dev/null; then
-                rm -f "$D/run/owner" "$D/run/watcher.pid"
-                NGINX_TESTENV_LOCKED=1 exec "$NGINX_TESTENV_SELF" stop "$D"
-            fi
-            if [ "$(cat "$D/run/watcher.pid" 2>/dev/null)" != "$$" ]; then exit 0; fi
-            exec 9>&-
-        done' < /dev/null >> "$D/log/watcher.log" 2>&1 9>&- 8>&- &
-    echo $! > "$D/run/watcher.pid"
-}
+start_watcher() { start_owner_watcher "$D" "$SELF" NGINX_TESTENV_LOCKED "$OWNER"; }
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
