@@ -207,8 +207,8 @@ impl CopyFrom {
 }
 
 /// File-to-file copies into one file, where a copy that continues the pending one in both
-/// files joins it: one `copy_file_range` (and one reservation of blocks) for up to 64 MiB
-/// instead of one per chunk.
+/// files joins it: one kernel copy (and one reservation of blocks) for up to 64 MiB instead
+/// of one per chunk.
 #[derive(Debug, Default)]
 pub struct CopyMerger {
     /// Source, source offset, output offset, length.
@@ -254,6 +254,10 @@ impl CopyMerger {
         Ok(())
     }
 }
+
+/// The page size that writers align copied data to (VHD block data, VDI data), so that a
+/// copy fills whole pages of the output and, on XFS and btrfs, can be a reflink.
+pub(crate) const PAGE: u64 = 4096;
 
 /// The largest piece a zero probe reads at once.
 const PROBE_BYTES: usize = 64 << 10;

@@ -30,8 +30,6 @@ const BLOCK: u64 = BLOCK_SIZE as u64;
 /// The text line VirtualBox writes before the signature.
 const TEXT: &[u8] = b"<<< Oracle VM VirtualBox Disk Image >>>\n";
 const BMAP_AT: u64 = 512;
-/// Alignment of the first data block in the file (blocks are 1 MiB, so all of them).
-const DATA_ALIGN: u64 = 4096;
 
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -71,7 +69,8 @@ impl Plan {
     /// Where the data blocks start: after the block map, on a 4 KiB boundary, so that copies
     /// into blocks fill whole pages (and can be reflinks on XFS and btrfs).
     fn data_at(&self) -> u64 {
-        (BMAP_AT + self.bmap_len()).div_ceil(DATA_ALIGN) * DATA_ALIGN
+        // Blocks are 1 MiB, so aligning the first aligns them all.
+        (BMAP_AT + self.bmap_len()).div_ceil(crate::copy::PAGE) * crate::copy::PAGE
     }
 
     fn header(&self, allocated: u32) -> Result<Vec<u8>> {

@@ -6,8 +6,8 @@
 //!   disk header, a Block Allocation Table, then one block (sector bitmap + data) per block of
 //!   guest data that is not all zeros, then the footer. Each bitmap is placed so that its
 //!   block's data starts on a 4 KiB boundary of the file (the BAT may point at any sector):
-//!   copies into the file then fill whole pages, and on XFS and btrfs can be reflinks. `fixed` is the guest disk followed by
-//!   the footer; it can be written to a pipe.
+//!   copies into the file then fill whole pages, and on XFS and btrfs can be reflinks.
+//!   `fixed` is the guest disk followed by the footer; it can be written to a pipe.
 //! - `force_size=on|off`: `on` (the default) keeps the virtual size exact. The footer names
 //!   creator application `qem2`, which every QEMU since 2.6 and Hyper-V/Azure size by the
 //!   footer's current size; the CHS geometry is the spec's (rounded down, as the spec
@@ -289,13 +289,10 @@ pub fn measure(opts: &WriteOptions, virtual_size: u64, data_bytes: u64) -> Resul
 /// enough that the data after it starts on a 4 KiB boundary.
 fn block_at(next: u64, bitmap_len: u64) -> u64 {
     next.saturating_add(bitmap_len)
-        .div_ceil(DATA_ALIGN)
-        .saturating_mul(DATA_ALIGN)
+        .div_ceil(crate::copy::PAGE)
+        .saturating_mul(crate::copy::PAGE)
         .saturating_sub(bitmap_len)
 }
-
-/// Alignment of each block's data in the file: a page, so copies fill whole pages.
-const DATA_ALIGN: u64 = 4096;
 
 struct FixedWriter {
     target: Target,
