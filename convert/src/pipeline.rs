@@ -306,6 +306,9 @@ pub fn is_zero(buf: &[u8]) -> bool {
         && rem.iter().all(|&b| b == 0)
 }
 
+/// Guest bytes of the first batch; each next one is twice as large, up to the full batch.
+const FIRST_BATCH_BYTES: u64 = 1 << 20;
+
 /// Charges the three batches that can be alive at once to `budget`, when there is one, with
 /// fewer chunks per batch when the budget has less left (at least one chunk per batch).
 /// Returns the charge and the chunks per batch.
@@ -377,13 +380,24 @@ pub fn convert(
             // streamOptimized VMDK reads its grain markers, and through a bounded remote
             // cache the blocks they pull in must still be there when the grains are read.
             let mut ahead: Option<Batch> = None;
+            // The first batches are small and grow to `per_batch`, so that the writer starts
+            // after a few chunks are ready rather than a whole batch: 1 GiB raw -> qcow2 (64 KiB
+            // chunks) waited 2 ms for its first 512 chunks to be probed.
+            let mut size = usize::try_from(FIRST_BATCH_BYTES / chunk)
+                .unwrap_or(1)
+                .clamp(1, per_batch);
+            let mut grow = || {
+                let n = size;
+                size = size.saturating_mul(2).min(per_batch);
+                n
+            };
             loop {
                 if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                     return Err(Error::invalid("conversion cancelled"));
                 }
                 let batch = match ahead.take() {
                     Some(b) => b,
-                    None => next_batch(&mut planner, per_batch, image.as_ref(), copy.as_ref())?,
+                    None => next_batch(&mut planner, grow(), image.as_ref(), copy.as_ref())?,
                 };
                 if batch.plans.is_empty() {
                     return Ok(());
@@ -391,7 +405,7 @@ pub fn convert(
                 if copy.is_some() {
                     ahead = Some(next_batch(
                         &mut planner,
-                        per_batch,
+                        grow(),
                         image.as_ref(),
                         copy.as_ref(),
                     )?);
@@ -506,6 +520,50 @@ mod tests {
             .all(|&(g, l, zero)| zero && l == run && g % run == 0));
         assert_eq!(stats.zero_chunks, size / 65536);
         assert_eq!(stats.read_bytes, 0);
+    }
+
+    /// A disk whose every byte is data, stored at its guest offset in the source.
+    struct Full {
+        info: ImageInfo,
+        src: Source,
+    }
+    impl Image for Full {
+        fn core(&self) -> ImageCore<'_> {
+            ImageCore {
+                info: &self.info,
+                findings: &[],
+                source: &self.src,
+            }
+        }
+        fn extent_at(&self, guest: u64, span: u64) -> glimpse_formats::Result<Extent> {
+            Ok(Extent {
+                start: guest,
+                len: span.min(self.info.virtual_size - guest),
+                kind: ExtentKind::Data { host: guest },
+            })
+        }
+    }
+
+    #[test]
+    fn the_writer_starts_on_a_small_first_batch_and_batches_grow_to_the_full_size() {
+        let size = 48u64 << 20;
+        let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
+        let image: Arc<dyn Image> = Arc::new(Full {
+            info: ImageInfo::new(Format::Raw, size),
+            src: Arc::new(bytes),
+        });
+        let reader = GuestReader::new(image.clone(), &Limits::default());
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let done = Mutex::new(Vec::new());
+        let progress = |d: u64, _: u64| done.lock().unwrap().push(d >> 20);
+        let opts = ConvertOptions {
+            progress: Some(&progress),
+            ..ConvertOptions::default()
+        };
+        convert(image, Box::new(Recorder(calls.clone())), &reader, &opts).unwrap();
+        // MiB done after each batch: 1, 2, 4, 8 and 16 MiB, then the full 32 MiB (the rest).
+        assert_eq!(*done.lock().unwrap(), [1, 3, 7, 15, 31, 48]);
+        assert_eq!(calls.lock().unwrap().len(), 48 * 16);
     }
 
     #[test]
