@@ -371,6 +371,11 @@ impl Pipe {
 /// One `splice` of at most the pipe's capacity from `src` at `from` into this thread's pipe,
 /// then out of it into `dst` at `to`; returns the bytes copied (0 at the source's end). Like
 /// `copy_file_range`, whose in-kernel path is the same, but through a pipe 16 times larger.
+/// The piece ends at the next multiple of the capacity in `dst`: ext4 gives a write a folio as
+/// large as the write and the alignment of its offset allow, and a copy into a packed output
+/// (qcow2 data from 192 KiB) otherwise wrote every piece across folio boundaries. Measured on
+/// 1 GiB raw -> qcow2 in the page cache: 118 -> 116 ms and 121 -> 115 ms in two runs; raw -> vdi
+/// 121 -> 115 ms.
 /// A pipe that an error leaves holding bytes is dropped, so the next copy starts empty; the
 /// caller, which keeps the offsets, may retry the same range another way.
 fn spliced_copy(src: &File, from: u64, dst: &File, to: u64, len: u64) -> io::Result<u64> {
@@ -384,7 +389,14 @@ fn spliced_copy(src: &File, from: u64, dst: &File, to: u64, len: u64) -> io::Res
         };
         let mut off_in = libc::loff_t::try_from(from).map_err(|_| io::ErrorKind::InvalidInput)?;
         let mut off_out = libc::loff_t::try_from(to).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let n = usize::try_from(len.min(*cap)).unwrap_or(4096);
+        // Up to the next multiple of the capacity in the output, so that a long copy to an
+        // unaligned offset writes whole aligned pieces after its first, which the page cache
+        // can hold in large folios. Less than a page short of it means the pipe could not take
+        // a whole capacity (the files' offsets differ within a page, so every page of the
+        // source costs a pipe slot and a part): then a whole capacity, not a sliver.
+        let room = *cap - to % *cap;
+        let room = if room < PAGE { *cap } else { room };
+        let n = usize::try_from(len.min(room)).unwrap_or(4096);
         // SAFETY: both descriptors are open for the call's duration and the offset points at a
         // live local; the kernel moves page references from the file into the pipe.
         let got = unsafe {
@@ -527,28 +539,44 @@ mod tests {
     }
 
     #[test]
-    fn a_spliced_copy_moves_at_most_a_pipe_and_the_right_bytes() {
+    fn a_spliced_copy_moves_at_most_a_pipe_to_an_aligned_end_and_the_right_bytes() {
         let data: Vec<u8> = (0..(5 << 20) + 333).map(|i| (i * 13 % 241) as u8).collect();
         let src = file_with(&data);
-        let out = tempfile::tempfile().unwrap();
         let cap = Pipe::new().unwrap().2;
         assert!(cap >= 4096);
-        // Unaligned offsets in both files, a length of several pipes, then the source's end.
-        let (mut from, mut to, mut left) = (7u64, 4099u64, (4u64 << 20) + 1001);
-        while left > 0 {
-            let n = spliced_copy(&src, from, &out, to, left).unwrap();
-            assert!(
-                n > 0 && n <= cap.min(left),
-                "{n} bytes of {left}, pipe {cap}"
-            );
-            (from, to, left) = (from + n, to + n, left - n);
+        // A length of several pipes, then the source's end; offsets unaligned in both files,
+        // then page-aligned as in a packed output (qcow2 data from 192 KiB).
+        for (start, at) in [(7u64, 4099u64), (64 << 10, 192 << 10)] {
+            let out = tempfile::tempfile().unwrap();
+            let len = (4u64 << 20) + 1001;
+            let (mut from, mut to, mut left) = (start, at, len);
+            let mut pieces = Vec::new();
+            while left > 0 {
+                let n = spliced_copy(&src, from, &out, to, left).unwrap();
+                assert!(
+                    n > 0 && n <= left.min(cap),
+                    "{n} bytes of {left}, pipe {cap}"
+                );
+                pieces.push(n);
+                (from, to, left) = (from + n, to + n, left - n);
+            }
+            if start % 4096 != 0 {
+                // Every piece is nearly a whole pipe: no slivers to reach an alignment that a
+                // pipe of partial pages cannot keep.
+                assert!(pieces[..pieces.len() - 1].iter().all(|&n| n + 8192 > cap));
+            } else {
+                // Whole pages fill the pipe: after the first piece, whole aligned pipes.
+                assert_eq!(pieces[0], cap - at % cap);
+                assert!(pieces[1..pieces.len() - 1].iter().all(|&n| n == cap));
+            }
+            let mut got = vec![0u8; len as usize];
+            out.read_exact_at(&mut got, at).unwrap();
+            assert_eq!(&got[..], &data[start as usize..(start + len) as usize]);
+            let mut head = vec![1u8; at as usize];
+            out.read_exact_at(&mut head, 0).unwrap();
+            assert!(head.iter().all(|&b| b == 0));
         }
-        let mut got = vec![0u8; (4 << 20) + 1001];
-        out.read_exact_at(&mut got, 4099).unwrap();
-        assert_eq!(&got[..], &data[7..7 + (4 << 20) + 1001]);
-        let mut head = [1u8; 4099];
-        out.read_exact_at(&mut head, 0).unwrap();
-        assert!(head.iter().all(|&b| b == 0));
+        let out = tempfile::tempfile().unwrap();
         let end = data.len() as u64;
         assert_eq!(spliced_copy(&src, end, &out, 0, 100).unwrap(), 0);
         assert_eq!(spliced_copy(&src, end - 10, &out, 0, 100).unwrap(), 10);
