@@ -452,13 +452,15 @@ mod tests {
     use glimpse_formats::{Format, Limits, Source};
     use std::sync::Mutex;
 
-    /// An empty disk whose mapping, like qcow2's, ends every extent at `run` bytes.
-    struct Empty {
+    /// A disk whose mapping, like qcow2's, ends every extent at `run` bytes: all unallocated,
+    /// or with `data` all data, stored at its guest offset in the source.
+    struct Plain {
         info: ImageInfo,
         src: Source,
         run: u64,
+        data: bool,
     }
-    impl Image for Empty {
+    impl Image for Plain {
         fn core(&self) -> ImageCore<'_> {
             ImageCore {
                 info: &self.info,
@@ -471,7 +473,10 @@ mod tests {
             Ok(Extent {
                 start: guest,
                 len,
-                kind: ExtentKind::Unallocated,
+                kind: match self.data {
+                    true => ExtentKind::Data { host: guest },
+                    false => ExtentKind::Unallocated,
+                },
             })
         }
     }
@@ -499,10 +504,11 @@ mod tests {
     fn an_empty_petabyte_disk_is_one_zero_span_per_extent() {
         let size = 1u64 << 50;
         let run = 1u64 << 40; // 1024 extents
-        let image: Arc<dyn Image> = Arc::new(Empty {
+        let image: Arc<dyn Image> = Arc::new(Plain {
             info: ImageInfo::new(Format::Qcow2, size),
             src: Arc::new(Vec::new()),
             run,
+            data: false,
         });
         let reader = GuestReader::new(image.clone(), &Limits::default());
         let calls = Arc::new(Mutex::new(Vec::new()));
@@ -522,35 +528,15 @@ mod tests {
         assert_eq!(stats.read_bytes, 0);
     }
 
-    /// A disk whose every byte is data, stored at its guest offset in the source.
-    struct Full {
-        info: ImageInfo,
-        src: Source,
-    }
-    impl Image for Full {
-        fn core(&self) -> ImageCore<'_> {
-            ImageCore {
-                info: &self.info,
-                findings: &[],
-                source: &self.src,
-            }
-        }
-        fn extent_at(&self, guest: u64, span: u64) -> glimpse_formats::Result<Extent> {
-            Ok(Extent {
-                start: guest,
-                len: span.min(self.info.virtual_size - guest),
-                kind: ExtentKind::Data { host: guest },
-            })
-        }
-    }
-
     #[test]
     fn the_writer_starts_on_a_small_first_batch_and_batches_grow_to_the_full_size() {
         let size = 48u64 << 20;
         let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
-        let image: Arc<dyn Image> = Arc::new(Full {
+        let image: Arc<dyn Image> = Arc::new(Plain {
             info: ImageInfo::new(Format::Raw, size),
             src: Arc::new(bytes),
+            run: size,
+            data: true,
         });
         let reader = GuestReader::new(image.clone(), &Limits::default());
         let calls = Arc::new(Mutex::new(Vec::new()));
@@ -569,10 +555,11 @@ mod tests {
     #[test]
     fn zero_spans_reach_a_qcow2_output_in_constant_time() {
         let size = 1u64 << 50;
-        let image: Arc<dyn Image> = Arc::new(Empty {
+        let image: Arc<dyn Image> = Arc::new(Plain {
             info: ImageInfo::new(Format::Raw, size),
             src: Arc::new(Vec::new()),
             run: size,
+            data: false,
         });
         let reader = GuestReader::new(image.clone(), &Limits::default());
         let out = tempfile::tempfile().unwrap();
