@@ -374,7 +374,7 @@ impl Pipe {
 /// The piece ends at the next multiple of the capacity in `dst`: ext4 gives a write a folio as
 /// large as the write and the alignment of its offset allow, and a copy into a packed output
 /// (qcow2 data from 192 KiB) otherwise wrote every piece across folio boundaries. Measured on
-/// 1 GiB raw -> qcow2 in the page cache: 118 -> 116 ms and 121 -> 115 ms in two runs; raw -> vdi
+/// 1 GiB raw -> qcow2 in the page cache: 118 -> 116 ms and 115 -> 112 ms in two runs; raw -> vdi
 /// 121 -> 115 ms.
 /// A pipe that an error leaves holding bytes is dropped, so the next copy starts empty; the
 /// caller, which keeps the offsets, may retry the same range another way.
