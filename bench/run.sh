@@ -37,6 +37,17 @@ groups=("$@")
 # Dropping the page cache needs root.
 can_drop() { [ -w /proc/sys/vm/drop_caches ]; }
 
+# read_in FILE: start a hot case from a page cache that holds nothing else, so that reclaiming
+# earlier cases' pages does not land in one tool's runs, then read FILE in with cat, as a file
+# is after it was downloaded or read: neither tool's way of reading decides the cache both then
+# copy from (glimpse's WILLNEED readahead leaves 4 KiB pages, which make later copies of them
+# 5-10% dearer than the large folios of a sequential read; qemu-img's reads are not sensitive
+# to it).
+read_in() {
+    can_drop && { sync; echo 3 > /proc/sys/vm/drop_caches; }
+    cat "$1" >/dev/null
+}
+
 # Free page reporting (a VM's virtio-balloon): the guest hands memory that has been free for a
 # while back to its host, and a run whose page cache lands on such memory pays the host a page
 # fault per page. Conversions that write more than a GiB free that much again when the next
@@ -121,14 +132,7 @@ convert)
         for c in "${cases[@]}"; do
             IFS='|' read -r name go qo <<<"$c"
             [ -z "${CASES:-}" ] || [[ " $CASES " == *" $name "* ]] || continue
-            # Start each case from a page cache that holds nothing else, so that reclaiming
-            # earlier cases' pages does not land in one tool's runs. Then read the source in
-            # with cat, as a file is after it was downloaded or read: neither tool's way of
-            # reading decides the cache both then copy from (glimpse's WILLNEED readahead
-            # leaves 4 KiB pages, which make later copies of them 5-10% dearer than the large
-            # folios of a sequential read; qemu-img's reads are not sensitive to it).
-            can_drop && { sync; echo 3 > /proc/sys/vm/drop_caches; }
-            cat "${go##* }" >/dev/null
+            read_in "${go##* }"
             [[ " ${MODES:-hot cold} " == *" hot "* ]] &&
             hf "convert-$sz-$name-hot" "$RUNS" "$G convert $go $O.g" "qemu-img convert $qo $O.q" "sh -c 'rm -f $O.g $O.q; sync'"
             if [[ " ${MODES:-hot cold} " != *" cold "* ]]; then
@@ -151,8 +155,7 @@ interleaved)
     for sz in $SIZES; do
         S=$W/mixed-$sz.raw
         for o in raw qcow2; do
-            can_drop && { sync; echo 3 > /proc/sys/vm/drop_caches; }
-            cat "$S" >/dev/null
+            read_in "$S"
             parts=()
             for r in $(seq 1 "${ROUNDS:-6}"); do
                 a=("$G convert -O $o $S $O.g" "qemu-img convert -O $o $S $O.q") n=(glimpse peer)

@@ -1,7 +1,7 @@
 # Sourced by glance-testenv.sh and nginx-testenv.sh: the owner watcher that stops a test
 # service when the process that started it (the test binary) is gone.
 
-# start_watcher DIR SELF LOCKVAR OWNER: record OWNER in DIR/run/owner and, unless a watcher
+# start_owner_watcher DIR SELF LOCKVAR OWNER: record OWNER in DIR/run/owner and, unless a watcher
 # already runs, start one. It runs detached from the caller's stdio (a test that reads the
 # script's output must see EOF), takes the DIR lock before it decides, and follows
 # run/owner, which a later `start --owner-pid` may point at a new owner. When the owner is

@@ -389,11 +389,9 @@ fn spliced_copy(src: &File, from: u64, dst: &File, to: u64, len: u64) -> io::Res
         };
         let mut off_in = libc::loff_t::try_from(from).map_err(|_| io::ErrorKind::InvalidInput)?;
         let mut off_out = libc::loff_t::try_from(to).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // Up to the next multiple of the capacity in the output, so that a long copy to an
-        // unaligned offset writes whole aligned pieces after its first, which the page cache
-        // can hold in large folios. Less than a page short of it means the pipe could not take
-        // a whole capacity (the files' offsets differ within a page, so every page of the
-        // source costs a pipe slot and a part): then a whole capacity, not a sliver.
+        // Less than a page short of the boundary means the pipe could not take a whole
+        // capacity (the files' offsets differ within a page, so every page of the source costs
+        // a pipe slot and a part): then a whole capacity, not a sliver.
         let room = *cap - to % *cap;
         let room = if room < PAGE { *cap } else { room };
         let n = usize::try_from(len.min(room)).unwrap_or(4096);
