@@ -276,7 +276,8 @@ pub struct DiskVerdict {
 /// with a file is inspected under the same policy on the archive `report` already read
 /// ([`crate::ova::Ova::inspect_disks`]; each disk opened once). Their findings join the
 /// report's (so any rejecting disk rejects the appliance), re-sorted; the per-disk verdicts
-/// are returned, the inspected disk first. `None` when the report is not of an OVA read as an
+/// are returned, the inspected disk first, then (without a disk index) the findings of
+/// members that are no disk but hold an image. `None` when the report is not of an OVA read as an
 /// archive, or one disk was chosen.
 pub fn every_disk(
     report: &mut Report,
@@ -294,6 +295,12 @@ pub fn every_disk(
     };
     if let Some(i) = first {
         per_disk.insert(0, (Some(i), report.findings.clone()));
+    }
+    // Members that are no disk but hold an image: checked too (see `Ova::other_members`).
+    match appliance.other_members(limits) {
+        Ok(f) if f.is_empty() => {}
+        Ok(f) => per_disk.push((None, f)),
+        Err(e) => per_disk.push((None, vec![Finding::from_error(&e)])),
     }
     let mut out = Vec::new();
     for (i, findings) in per_disk {

@@ -1271,3 +1271,419 @@ fn old_style_tar_headers_are_detected_and_read() {
     );
     assert!(rejects(&check(bytes)).is_empty());
 }
+
+/// Recomputes a raw header's checksum after its fields were edited.
+fn resum(b: &mut [u8]) {
+    b[148..156].fill(b' ');
+    let sum: u32 = b[..512].iter().map(|x| u32::from(*x)).sum();
+    b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+/// A whole member `hidden.img` (header, data, padding): what a header other readers frame
+/// differently hides in its data.
+fn hidden() -> Vec<u8> {
+    raw_member(b"hidden.img", b'0', &disk_bytes(1024, 9), USTAR, b"")
+}
+
+/// A pax header member holding `records` as given (lengths and all).
+fn pax_member(records: &str) -> Vec<u8> {
+    raw_member(b"PaxHeaders/x", b'x', records.as_bytes(), USTAR, b"")
+}
+
+/// One pax record with its length prefix.
+fn pax_record(key: &str, value: &str) -> String {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    format!("{len}{body}")
+}
+
+/// The names Python's tarfile and GNU tar list for the archive at `path`, as far as each gets
+/// (both tools must be installed; a reader that fails part-way lists what it read before).
+fn names_as_far_as_read(path: &Path) -> (Vec<String>, Vec<String>) {
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().expect("python3 and GNU tar must be installed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let tarfile = run(std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, tarfile\ntry:\n  for m in tarfile.open(sys.argv[1]): print(m.name)\nexcept Exception as e: print('error:', e)",
+        ])
+        .arg(path));
+    let gnu = run(std::process::Command::new("tar").arg("-tf").arg(path));
+    (tarfile, gnu)
+}
+
+/// Headers whose size or checksum the `tar` crate reads in a form that Python's tarfile or GNU
+/// tar reads differently: glimpse refuses each archive, and (where one of them reads it at
+/// all) that reader finds `hidden.img`, a member glimpse would never have seen.
+#[test]
+fn headers_other_readers_frame_differently_are_refused() {
+    let h = hidden();
+    let n = h.len();
+    let notes_with = |edit: &dyn Fn(&mut [u8])| {
+        let mut m = raw_member(b"notes.txt", b'0', &h, USTAR, b"");
+        edit(&mut m[..512]);
+        resum(&mut m[..512]);
+        m
+    };
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        // A directory with data: neither reader skips a directory's data.
+        (
+            "directory with a size",
+            raw_member(b"d/", b'5', &h, USTAR, b""),
+            true,
+        ),
+        (
+            "directory with a pax size",
+            {
+                let mut m = pax_member(&pax_record("size", &n.to_string()));
+                m.extend(raw_block(b"d/", b'5', 0, USTAR, b""));
+                m.extend(&h);
+                m
+            },
+            true,
+        ),
+        // A pax length with a `+`: tarfile and GNU tar ignore the record (size 0).
+        (
+            "pax length +N",
+            {
+                let body = format!(" size={n}\n");
+                let mut m = pax_member(&format!("+{}{body}", body.len() + 4));
+                m.extend(raw_block(b"notes.txt", b'0', 0, USTAR, b""));
+                m.extend(&h);
+                m
+            },
+            true,
+        ),
+        // A pax size with a `+`: GNU tar refuses it and reads the data as headers.
+        (
+            "pax size +N",
+            {
+                let mut m = pax_member(&pax_record("size", &format!("+{n}")));
+                m.extend(raw_block(b"notes.txt", b'0', 0, USTAR, b""));
+                m.extend(&h);
+                m
+            },
+            true,
+        ),
+        // Base-256 with a high byte set: the tar crate keeps the low 8 bytes.
+        (
+            "base-256 size with high bytes",
+            notes_with(&|b| {
+                b[124..136].fill(0);
+                b[124] = 0x80;
+                b[127] = 1;
+                b[128..136].copy_from_slice(&(n as u64).to_be_bytes());
+            }),
+            true,
+        ),
+        // A checksum written with a `+`: GNU tar reads base-64, fails, and skips one block.
+        (
+            "checksum +N",
+            {
+                let mut m = raw_member(b"notes.txt", b'0', &h, USTAR, b"");
+                let digits = String::from_utf8(m[148..154].to_vec()).unwrap();
+                // `+NNNNN` keeps the value when the sum fits five octal digits.
+                assert!(digits.starts_with('0'));
+                m[148..156].copy_from_slice(format!("+{}\0 ", &digits[1..]).as_bytes());
+                m
+            },
+            true,
+        ),
+        // Negative base-256 (-1): tarfile reads the next header at once, GNU tar skips a block.
+        (
+            "negative base-256 size",
+            notes_with(&|b| {
+                b[124..136].fill(0xff);
+            }),
+            true,
+        ),
+        // A `+` in an octal size: tarfile reads it as the tar crate does, GNU tar as base-64
+        // (and fails): no hidden member, but the readers disagree on the size.
+        (
+            "octal size +N",
+            notes_with(&|b| {
+                b[124..136].copy_from_slice(format!("+{:010o}\0", n).as_bytes());
+            }),
+            false,
+        ),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (what, extra, differential) in cases {
+        let bytes = with_member(extra);
+        let e = ova::read_ova(src(bytes.clone()), &Limits::default())
+            .err()
+            .unwrap_or_else(|| panic!("{what}: accepted"));
+        assert_eq!(e.finding_code(), "ova.tar-malformed", "{what}: {e}");
+        // The probe sends it to the OVA reader rather than calling it raw.
+        assert_eq!(
+            glimpse_formats::detect(&bytes).unwrap().format(),
+            Format::Ova,
+            "{what}"
+        );
+        let path = tmp.path().join("a.ova");
+        std::fs::write(&path, &bytes).unwrap();
+        let (tarfile, gnu) = names_as_far_as_read(&path);
+        let found = tarfile.iter().chain(&gnu).any(|n| n == "hidden.img");
+        assert_eq!(
+            found, differential,
+            "{what}: tarfile {tarfile:?}, GNU tar {gnu:?}"
+        );
+    }
+}
+
+/// The encodings real writers use are all read, and read as the other readers read them.
+#[test]
+fn plain_octal_and_base256_fields_are_read() {
+    let disk = disk_bytes(4096, 3);
+    let xml = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
+    type Edit = Box<dyn Fn(&mut [u8])>;
+    let variants: Vec<(&str, Edit)> = vec![
+        (
+            "GNU tar: %011o and %06o NUL space",
+            Box::new(|_b: &mut [u8]| {}),
+        ),
+        (
+            "leading spaces, space-terminated (old tar)",
+            Box::new(|b: &mut [u8]| b[124..136].copy_from_slice(b"      10000 ")),
+        ),
+        (
+            "twelve digits, no terminator",
+            Box::new(|b: &mut [u8]| b[124..136].copy_from_slice(b"000000010000")),
+        ),
+        (
+            "base-256",
+            Box::new(|b: &mut [u8]| {
+                b[124..136].fill(0);
+                b[124] = 0x80;
+                b[128..136].copy_from_slice(&4096u64.to_be_bytes());
+            }),
+        ),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (what, edit) in variants {
+        let mut d = raw_member(b"d.img", b'0', &disk, USTAR, b"");
+        edit(&mut d[..512]);
+        resum(&mut d[..512]);
+        let mut bytes = raw_member(b"a.ovf", b'0', xml.as_bytes(), USTAR, b"");
+        bytes.extend(d);
+        bytes.extend([0u8; 1024]);
+        let o = ova::read_ova(src(bytes.clone()), &Limits::default())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(o.members[1].size, 4096, "{what}");
+        assert!(rejects(&check(bytes.clone())).is_empty(), "{what}");
+        let path = tmp.path().join("a.ova");
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(tarfile_names(&path), ["a.ovf", "d.img"], "{what}");
+        assert_eq!(gnu_tar_names(&path), ["a.ovf", "d.img"], "{what}");
+    }
+    // A checksum in seven digits and a NUL, as some writers put it.
+    let mut m = raw_member(b"notes.txt", b'0', b"hi", USTAR, b"");
+    let sum = String::from_utf8(m[148..154].to_vec()).unwrap();
+    m[148..156].copy_from_slice(format!("0{sum}\0").as_bytes());
+    assert!(ova::tar::header_checksum_ok(m[..512].try_into().unwrap()));
+}
+
+/// A descriptor that two readers would resolve to different disk files, or that would
+/// overflow the parser's stack, is refused.
+#[test]
+fn descriptors_readers_resolve_differently_are_refused() {
+    let good = ovf_xml(&[DiskSpec::plain("d.img", 4096)]);
+    let refs =
+        r#"<References><File ovf:id="file0" ovf:href="d.img" ovf:size="4096"/></References>"#;
+    let cases = [
+        (
+            "a second References",
+            good.replacen(
+                refs,
+                &format!(
+                    "{refs}<References><File ovf:id=\"file0\" ovf:href=\"x.img\"/></References>"
+                ),
+                1,
+            ),
+            "two References",
+        ),
+        (
+            "a References inside the VirtualSystem",
+            good.replacen(
+                "<Name>testvm</Name>",
+                &format!("<Name>testvm</Name>{refs}"),
+                1,
+            ),
+            "two References",
+        ),
+        (
+            "a References in another namespace",
+            good.replacen(refs, &format!("<x:References xmlns:x=\"urn:x\"/>{refs}"), 1),
+            "two References",
+        ),
+        (
+            "two Files with one id",
+            good.replacen(
+                "</References>",
+                r#"<File ovf:id="file0" ovf:href="x.img"/></References>"#,
+                1,
+            ),
+            "two File elements",
+        ),
+        (
+            "a child of References that is not a File",
+            good.replacen(
+                "</References>",
+                r#"<Other ovf:id="file0" ovf:href="x.img"/></References>"#,
+                1,
+            ),
+            "not only File",
+        ),
+        (
+            "an href in two namespaces",
+            good.replacen(
+                r#"ovf:href="d.img""#,
+                r#"x:href="d.img" ovf:href="x.img" xmlns:x="urn:x""#,
+                1,
+            ),
+            "two \"href\" attributes",
+        ),
+        (
+            "a Disk fileRef in two namespaces",
+            good.replacen(
+                r#"ovf:fileRef="file0""#,
+                r#"ovf:fileRef="file0" x:fileRef="file9" xmlns:x="urn:x""#,
+                1,
+            ),
+            "two \"fileRef\" attributes",
+        ),
+        (
+            "elements nested 100,000 deep",
+            good.replacen(
+                "</VirtualSystem>",
+                &format!(
+                    "{}{}</VirtualSystem>",
+                    "<a>".repeat(100_000),
+                    "</a>".repeat(100_000)
+                ),
+                1,
+            ),
+            "nest deeper than 64",
+        ),
+    ];
+    for (what, xml, says) in cases {
+        assert_ne!(xml, good, "{what}: the edit did not apply");
+        let mut bytes = raw_member(b"a.ovf", b'0', xml.as_bytes(), USTAR, b"");
+        bytes.extend(raw_member(b"d.img", b'0', &disk_bytes(4096, 3), USTAR, b""));
+        bytes.extend(raw_member(b"x.img", b'0', &disk_bytes(4096, 4), USTAR, b""));
+        bytes.extend([0u8; 1024]);
+        let f = check(bytes);
+        let hit = f
+            .iter()
+            .find(|f| f.code == "ova.descriptor-malformed")
+            .unwrap_or_else(|| panic!("{what}: {f:?}"));
+        assert_eq!(hit.severity, Severity::Reject, "{what}");
+        assert!(hit.message.contains(says), "{what}: {}", hit.message);
+    }
+    // Sixty levels (more than any real descriptor) and a `>` inside a quoted value still read.
+    let deep = good.replacen(
+        "</VirtualSystem>",
+        &format!(
+            "{}<b v=\"a>b\"/>{}</VirtualSystem>",
+            "<a>".repeat(60),
+            "</a>".repeat(60)
+        ),
+        1,
+    );
+    let mut bytes = raw_member(b"a.ovf", b'0', deep.as_bytes(), USTAR, b"");
+    bytes.extend(raw_member(b"d.img", b'0', &disk_bytes(4096, 3), USTAR, b""));
+    bytes.extend([0u8; 1024]);
+    assert!(rejects(&check(bytes)).is_empty());
+}
+
+#[test]
+fn names_that_display_as_others_or_collide_by_case_are_refused() {
+    let f = check(with_member(raw_member(
+        "evil\u{202e}gnp.txt".as_bytes(),
+        b'0',
+        b"hi",
+        USTAR,
+        b"",
+    )));
+    assert!(rejects(&f).contains(&"ova.member-name"), "{f:?}");
+    let f = check(with_member(raw_member(b"D.IMG", b'0', b"hi", USTAR, b"")));
+    let hit = f.iter().find(|f| f.code == "ova.member-name").unwrap();
+    assert!(hit.message.contains("only in case"), "{}", hit.message);
+}
+
+/// The probe reads every header, as `ova check` does: a descriptor stored after many other
+/// members still makes the archive an OVA, not a raw disk that `check` would pass.
+#[test]
+fn a_descriptor_after_many_members_is_still_found() {
+    let mut bytes = Vec::new();
+    for i in 0..100 {
+        bytes.extend(raw_member(
+            format!("pad{i}.txt").as_bytes(),
+            b'0',
+            b"x",
+            USTAR,
+            b"",
+        ));
+    }
+    let xml = ovf_xml(&[]);
+    bytes.extend(raw_member(b"a.ovf", b'0', xml.as_bytes(), USTAR, b""));
+    bytes.extend([0u8; 1024]);
+    assert_eq!(
+        glimpse_formats::detect(&bytes).unwrap().format(),
+        Format::Ova
+    );
+}
+
+/// Members that are no disk of the descriptor but hold an image are checked like disks: a
+/// qcow2 with a backing file rejects the appliance wherever it sits; a clean one and plain
+/// bytes do not.
+#[test]
+fn image_members_the_descriptor_does_not_use_are_checked() {
+    let q = |name: &str| {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fixtures/hostile/qcow2")
+                .join(name),
+        )
+        .unwrap()
+    };
+    let with = |name: &str, data: &[u8]| {
+        let mut members = vec![
+            file(
+                "a.ovf",
+                ovf_xml(&[DiskSpec::plain("d.img", 4096)]).as_bytes(),
+            ),
+            file("d.img", &disk_bytes(4096, 3)),
+        ];
+        members.push(file(name, data));
+        tar_of(&members)
+    };
+    let f = check(with("evil.qcow2", &q("backing-file.qcow2")));
+    let hit = f
+        .iter()
+        .find(|f| f.code == "qcow2.backing-file")
+        .unwrap_or_else(|| panic!("{f:?}"));
+    assert_eq!(hit.severity, Severity::Reject);
+    assert!(
+        hit.message.contains("member \"evil.qcow2\""),
+        "{}",
+        hit.message
+    );
+    // The gate (`glimpse check`) reaches the same verdict.
+    let bytes = with("evil.qcow2", &q("backing-file.qcow2"));
+    let s = src(bytes);
+    let mut r = policy::inspect(s, &Policy::default(), &Limits::default()).unwrap();
+    policy::every_disk(&mut r, &Policy::default(), &Limits::default());
+    assert_eq!(r.verdict(), Verdict::Reject, "{:?}", r.findings);
+
+    assert!(rejects(&check(with("extra.qcow2", &q("clean.qcow2")))).is_empty());
+    assert!(rejects(&check(with("notes.txt", b"plain text"))).is_empty());
+}

@@ -66,6 +66,9 @@ fn raw_problem(raw: &[u8], kind: MemberKind) -> Option<&'static str> {
     if n.chars().any(|c| c.is_control()) {
         return Some("contains a control character");
     }
+    if n.chars().any(invisible) {
+        return Some("contains an invisible or text-direction character");
+    }
     if n.contains('/') {
         return Some("names a file in a subdirectory (OVA members must be flat)");
     }
@@ -73,6 +76,17 @@ fn raw_problem(raw: &[u8], kind: MemberKind) -> Option<&'static str> {
         return Some("is longer than 255 bytes");
     }
     None
+}
+
+/// Characters that print as nothing or reorder the text around them (Unicode format
+/// characters: bidirectional overrides and isolates, zero-width characters, the BOM, tags):
+/// a name holding one does not read, in a listing, as the name it is (`evil\u{202e}gnp.vmdk`
+/// shows as `evilkmdv.png`).
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{E0001}' | '\u{E0020}'..='\u{E007F}')
 }
 
 /// How the readers disagree on a member's name, if they do (trailing `/` aside: `tarfile`
@@ -126,26 +140,33 @@ pub fn member_findings(members: &[Member]) -> Vec<Finding> {
 }
 
 /// Members that resolve to the same name under any one reader: extraction would let the
-/// later replace the earlier, and which one a consumer reads depends on the reader.
+/// later replace the earlier, and which one a consumer reads depends on the reader. Names
+/// that differ only in case count as the same: on a case-insensitive file system (macOS,
+/// Windows) they are one file.
 fn duplicate_findings(members: &[Member]) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut seen: [std::collections::HashSet<&str>; 3] = Default::default();
+    let mut folded = std::collections::HashSet::new();
     for m in members {
         let mut dup = None;
         for (set, (who, raw)) in seen.iter_mut().zip(readings(m)) {
             if let Some(n) = normalize(raw, m.kind) {
                 if !set.insert(n) && dup.is_none() {
-                    dup = Some((who, n));
+                    dup = Some(format!("{n:?} appears more than once (as {who} reads it)"));
                 }
             }
         }
-        if let Some((who, n)) = dup {
+        if let Some(n) = normalize(&m.raw_name, m.kind) {
+            if !folded.insert(n.to_lowercase()) && dup.is_none() {
+                dup = Some(format!(
+                    "{n:?} differs from an earlier member's only in case"
+                ));
+            }
+        }
+        if let Some(why) = dup {
             out.push(
-                Finding::reject(
-                    "ova.member-name",
-                    format!("member name {n:?} appears more than once (as {who} reads it)"),
-                )
-                .at(m.header_offset),
+                Finding::reject("ova.member-name", format!("member name {why}"))
+                    .at(m.header_offset),
             );
         }
     }

@@ -108,7 +108,7 @@ pub(super) fn detect_disk(src: &dyn ReadAt, disk: usize) -> Result<Detection> {
 ///
 /// # Errors
 /// As [`crate::open()`]; `LimitExceeded` when the disks together pass the budget.
-fn open_shared(
+pub(super) fn open_shared(
     src: Source,
     format: Format,
     limits: &Limits,

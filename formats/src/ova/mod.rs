@@ -60,11 +60,16 @@ pub use ovf::{Descriptor, DiskDesc, FileRef, VirtualSystem};
 
 use disk::{about_disk, Shared};
 
-/// Headers the probe walks at most, looking for the `.ovf` member.
-const PROBE_MEMBERS: usize = 64;
+/// Bytes of extension records (pax headers, GNU long names) the probe reads at most.
+const PROBE_BUDGET: u64 = 16 << 20;
 
 /// True when the source is a tar archive (ustar magic at 257, or a valid old-style header
-/// checksum) one of whose first members is an `.ovf` descriptor.
+/// checksum) that has an `.ovf` descriptor among its members, or that glimpse cannot read
+/// through: a header other tar readers may frame differently, or more members, headers or
+/// extension bytes than the OVA reader takes. Such an archive goes to the OVA reader, which
+/// refuses it, rather than passing as a raw disk that Glance, `tarfile` or GNU tar would read
+/// as an appliance. The walk reads every header (up to [`tar::MAX_HEADERS`] of them), as
+/// `ova check` does, so a descriptor stored after many other members is found too.
 pub fn probe(p: &Probe<'_>) -> bool {
     let Some(head) = p.head_at(0, 512) else {
         return false;
@@ -75,18 +80,21 @@ pub fn probe(p: &Probe<'_>) -> bool {
     if !(ustar || tar::header_checksum_ok(&block)) {
         return false;
     }
-    let budget = Budget::new(1 << 20);
-    let opts = tar::WalkOptions {
-        max_members: PROBE_MEMBERS,
-        max_headers: 4 * PROBE_MEMBERS,
-        strict: false,
-    };
+    let budget = Budget::new(PROBE_BUDGET);
     let mut members = Vec::new();
-    // A truncated or damaged archive still probes as OVA, so that the user sees the OVA error.
-    let _ = tar::walk_into(p.src, &budget, opts, &mut members);
-    members
-        .iter()
-        .any(|m| m.kind == MemberKind::Regular && is_ext(&m.name, "ovf"))
+    // A truncated archive whose descriptor was seen still probes as OVA, so that the user sees
+    // the OVA error; one cut short before any descriptor is left to the other probes.
+    let walked = tar::walk_into(p.src, &budget, tar::WalkOptions::default(), &mut members);
+    let unreadable = walked.err().is_some_and(|e| {
+        !matches!(
+            e.kind(),
+            crate::error::ErrorKind::Truncated | crate::error::ErrorKind::Io
+        )
+    });
+    unreadable
+        || members
+            .iter()
+            .any(|m| m.kind == MemberKind::Regular && is_ext(&m.name, "ovf"))
 }
 
 fn is_ext(name: &str, ext: &str) -> bool {

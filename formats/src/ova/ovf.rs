@@ -14,6 +14,10 @@ pub const MAX_DESCRIPTOR: u64 = 16 << 20;
 const MAX_NODES: u32 = 1_000_000;
 /// Entries kept per list (files, systems).
 const MAX_ITEMS: usize = 10_000;
+/// Elements may nest this deep (real descriptors nest about 6 deep). roxmltree parses nested
+/// elements by recursion, so a descriptor nested tens of thousands deep would overflow the
+/// stack, which aborts the process: the depth is bounded before roxmltree sees the text.
+pub const MAX_DEPTH: usize = 64;
 /// Disks a descriptor may list: each is opened and checked, so keep the work modest. Real
 /// appliances have a handful.
 pub const MAX_DISKS: usize = 256;
@@ -213,6 +217,11 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
     }
     let text = std::str::from_utf8(bytes)
         .map_err(|e| malformed(format!("descriptor is not UTF-8: {e}")))?;
+    if nests_deeper_than(bytes, MAX_DEPTH) {
+        return Err(malformed(format!(
+            "descriptor elements nest deeper than {MAX_DEPTH}"
+        )));
+    }
     let opts = roxmltree::ParsingOptions {
         allow_dtd: false,
         nodes_limit: MAX_NODES,
@@ -240,6 +249,83 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
     Ok(d)
 }
 
+/// True when elements in `text` nest deeper than `max`. The scan skips comments, CDATA,
+/// processing instructions and declarations, and reads a start tag to its `>` outside quoted
+/// values; on text that is not well-formed it may count more than a parser would, never
+/// fewer before the parser's own error.
+fn nests_deeper_than(text: &[u8], max: usize) -> bool {
+    let find = |from: usize, pat: &[u8]| -> Option<usize> {
+        text.get(from..)?
+            .windows(pat.len())
+            .position(|w| w == pat)
+            .map(|p| from.saturating_add(p).saturating_add(pat.len()))
+    };
+    let mut depth = 0usize;
+    let mut i = 0usize;
+    while let Some(at) = text
+        .get(i..)
+        .and_then(|t| t.iter().position(|b| *b == b'<'))
+        .map(|p| i.saturating_add(p))
+    {
+        let rest = text.get(at..).unwrap_or_default();
+        let end = if rest.starts_with(b"<!--") {
+            find(at.saturating_add(4), b"-->")
+        } else if rest.starts_with(b"<![CDATA[") {
+            find(at.saturating_add(9), b"]]>")
+        } else if rest.starts_with(b"<?") {
+            find(at.saturating_add(2), b"?>")
+        } else if rest.starts_with(b"<!") {
+            find(at.saturating_add(2), b">")
+        } else if rest.starts_with(b"</") {
+            depth = depth.saturating_sub(1);
+            find(at.saturating_add(2), b">")
+        } else {
+            let mut quote = None;
+            let close = rest.iter().enumerate().skip(1).find_map(|(j, b)| {
+                match (quote, *b) {
+                    (None, b'"' | b'\'') => quote = Some(*b),
+                    (Some(q), c) if c == q => quote = None,
+                    (None, b'>') => return Some(j),
+                    _ => {}
+                }
+                None
+            });
+            if let Some(j) = close {
+                if rest.get(j.saturating_sub(1)) != Some(&b'/') {
+                    depth = depth.saturating_add(1);
+                    if depth > max {
+                        return true;
+                    }
+                }
+            }
+            close.map(|j| at.saturating_add(j).saturating_add(1))
+        };
+        // Unterminated: the parser fails there, at no greater depth.
+        let Some(next) = end else {
+            return false;
+        };
+        i = next;
+    }
+    false
+}
+
+/// Refuses an element that carries two attributes of one local name (`ovf:href` and
+/// `x:href`): a reader that matches by local name and one that matches the OVF namespace
+/// would take different values.
+fn unique_attributes(n: roxmltree::Node<'_, '_>) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for a in n.attributes() {
+        if !seen.insert(a.name()) {
+            return Err(malformed(format!(
+                "<{}> has two {:?} attributes (in different namespaces)",
+                n.tag_name().name(),
+                a.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn malformed(m: String) -> Error {
     Error::invalid(m).code("ova.descriptor-malformed")
 }
@@ -257,16 +343,39 @@ fn elements<'a, 'i: 'a>(
     nodes.filter(move |n| n.is_element() && n.tag_name().name() == local)
 }
 
-/// `References`: one entry per `File`.
+/// `References`: one entry per `File`. Glance reads the last `References` element at any
+/// depth, every child of it, and the last `File` with an id, all by local name; glimpse reads
+/// the one `References` of the `Envelope`. So that both read the same files, a second
+/// `References` anywhere (in any namespace), one elsewhere than under the `Envelope`, a child
+/// that is not a `File`, and two `File`s with one id are refused.
 fn read_files(root: roxmltree::Node<'_, '_>) -> Result<Vec<FileRef>> {
     let mut files = Vec::new();
-    let Some(refs) = child(root, "References") else {
+    let mut ids = std::collections::HashSet::new();
+    let mut sections = elements(root.descendants(), "References");
+    let Some(refs) = sections.next() else {
         return Ok(files);
     };
-    for f in elements(refs.children(), "File") {
+    if sections.next().is_some() {
+        return Err(malformed(
+            "the descriptor has two References sections (Glance reads the last one)".into(),
+        ));
+    }
+    if refs.parent() != Some(root) {
+        return Err(malformed(
+            "the References section is not a child of the Envelope".into(),
+        ));
+    }
+    for f in refs.children().filter(|c| c.is_element()) {
+        if f.tag_name().name() != "File" {
+            return Err(malformed(format!(
+                "References holds a <{}>, not only File elements",
+                f.tag_name().name()
+            )));
+        }
         if files.len() >= MAX_ITEMS {
             return Err(too_many("files"));
         }
+        unique_attributes(f)?;
         let num = |k: &str| -> Result<Option<u64>> {
             attr(f, k)
                 .map(|v| {
@@ -274,8 +383,14 @@ fn read_files(root: roxmltree::Node<'_, '_>) -> Result<Vec<FileRef>> {
                 })
                 .transpose()
         };
+        let id = attr(f, "id").unwrap_or_default().to_string();
+        if !ids.insert(id.clone()) {
+            return Err(malformed(format!(
+                "two File elements have the id {id:?} (Glance takes the last)"
+            )));
+        }
         files.push(FileRef {
-            id: attr(f, "id").unwrap_or_default().to_string(),
+            id,
             href: attr(f, "href")
                 .ok_or_else(|| malformed("a File has no href".into()))?
                 .to_string(),
@@ -299,6 +414,7 @@ fn read_disks(root: roxmltree::Node<'_, '_>, problems: &mut Vec<String>) -> Resu
                         .code("ova.descriptor-malformed"),
                 );
             }
+            unique_attributes(disk)?;
             let capacity_raw = attr(disk, "capacity").unwrap_or_default().to_string();
             let capacity_units = attr(disk, "capacityAllocationUnits").map(str::to_string);
             let mult = unit_multiplier(capacity_units.as_deref().unwrap_or("byte"));

@@ -5,7 +5,7 @@
 //! uses the crate's [`tar::Header`] only to decode fields. Each member's data stays in the
 //! archive: callers read it through a [`crate::io::Window`].
 
-use ::tar::{EntryType, Header, PaxExtensions};
+use ::tar::{EntryType, Header};
 
 use crate::error::{Error, Result};
 use crate::io::ReadAt;
@@ -170,11 +170,9 @@ fn header_names(block: &[u8; 512]) -> (Vec<u8>, Vec<u8>) {
 
 /// Which GNU sparse form a member's pax records declare, if any.
 fn pax_sparse(recs: &[u8], at: u64) -> Result<Option<String>> {
-    let mut any = false;
-    for r in PaxExtensions::new(recs) {
-        let r = r.map_err(|e| malformed(format!("pax header: {e}"), at))?;
-        any |= r.key_bytes().starts_with(b"GNU.sparse.");
-    }
+    let any = pax_records(recs, at)?
+        .iter()
+        .any(|(k, _)| k.starts_with(b"GNU.sparse."));
     if !any {
         return Ok(None);
     }
@@ -214,12 +212,10 @@ fn malformed(msg: impl Into<String>, at: u64) -> Error {
     Error::invalid(msg).at(at).code("ova.tar-malformed")
 }
 
-/// True when `block` is a tar header whose checksum is right. The sum is taken as unsigned
-/// bytes, as POSIX and the `tar` crate do.
+/// True when `block` is a tar header whose checksum is right and written in plain octal (see
+/// [`numeric`]). The sum is taken as unsigned bytes, as POSIX and the `tar` crate do.
 pub fn header_checksum_ok(block: &[u8; 512]) -> bool {
-    let mut h = Header::new_old();
-    h.as_mut_bytes().copy_from_slice(block);
-    let Ok(declared) = h.cksum() else {
+    let Some(declared) = block.get(148..156).and_then(|f| numeric(f, false)) else {
         return false;
     };
     let sum: u32 = block
@@ -233,7 +229,100 @@ pub fn header_checksum_ok(block: &[u8; 512]) -> bool {
             }
         })
         .sum();
-    sum == declared
+    u64::from(sum) == declared
+}
+
+/// A numeric header field, read only in the form every tar reader reads alike: optional
+/// leading spaces, octal digits, then nothing but NULs and spaces to the end of the field; or,
+/// where `base256` allows, GNU's base-256 form (lead byte 0x80) of a value below 2^63. `None`
+/// for anything else. The `tar` crate is more lenient than Python's `tarfile` and GNU tar, and
+/// each leniency is a way to frame members differently from them: it takes a `+` (GNU tar
+/// reads a `+` as obsolete base-64 and, failing, skips to the next block, reading the member's
+/// data as headers), drops the high bytes and the sign of a base-256 value (both other readers
+/// refuse it), and reads a checksum the same way.
+fn numeric(f: &[u8], base256: bool) -> Option<u64> {
+    if f.first().is_some_and(|b| b & 0x80 != 0) {
+        if !base256 || f.first() != Some(&0x80) {
+            return None;
+        }
+        let (high, low) = f.split_at(f.len().checked_sub(8)?);
+        if high.iter().skip(1).any(|b| *b != 0) {
+            return None;
+        }
+        let v = u64::from_be_bytes(low.try_into().ok()?);
+        return (v <= i64::MAX as u64).then_some(v);
+    }
+    let start = f.iter().position(|b| *b != b' ')?;
+    let rest = f.get(start..)?;
+    let digits = rest
+        .iter()
+        .take_while(|b| (b'0'..=b'7').contains(*b))
+        .count();
+    let (d, tail) = rest.split_at(digits);
+    if d.is_empty() || tail.iter().any(|b| *b != 0 && *b != b' ') {
+        return None;
+    }
+    d.iter().try_fold(0u64, |v, b| {
+        v.checked_mul(8)?
+            .checked_add(u64::from(b.saturating_sub(b'0')))
+    })
+}
+
+/// ASCII decimal digits only (no sign, no spaces), at most 19 of them: a pax length or `size`
+/// as `tarfile` (`\d+` on bytes) and GNU tar read it.
+fn decimal(d: &[u8]) -> Option<u64> {
+    if d.is_empty() || d.len() > 19 || !d.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    d.iter()
+        .try_fold(0u64, |v, b| {
+            v.checked_mul(10)?
+                .checked_add(u64::from(b.saturating_sub(b'0')))
+        })
+        .filter(|v| *v <= i64::MAX as u64)
+}
+
+/// The records of a pax extended header as (key, value), each stored as `LEN KEY=VALUE\n`
+/// where LEN, in ASCII decimal digits, counts the whole record. Reading stops, as in `tarfile`
+/// and GNU tar, at a NUL where a record would start; anything after it must be NULs too. Every
+/// other shape is an error: in particular a length with a `+`, which Rust's integer parsing
+/// (and so the `tar` crate) takes and both other readers do not, so that they would size the
+/// member differently.
+fn pax_records(recs: &[u8], at: u64) -> Result<Vec<(&[u8], &[u8])>> {
+    let bad = |what: &str| malformed(format!("pax header: {what}"), at);
+    let mut out = Vec::new();
+    let mut rest = recs;
+    while let Some(first) = rest.first() {
+        if *first == 0 {
+            if rest.iter().any(|b| *b != 0) {
+                return Err(bad("bytes after the NUL that ends the records"));
+            }
+            break;
+        }
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let len = rest
+            .get(..digits)
+            .and_then(decimal)
+            .filter(|_| rest.get(digits) == Some(&b' '))
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| bad("a record does not start with its length in decimal digits"))?;
+        let body = rest
+            .get(..len)
+            .filter(|r| r.last() == Some(&b'\n'))
+            .and_then(|r| r.get(digits.saturating_add(1)..len.saturating_sub(1)))
+            .ok_or_else(|| bad("a record's length does not end it at a newline"))?;
+        let eq = body
+            .iter()
+            .position(|b| *b == b'=')
+            .filter(|e| *e > 0)
+            .ok_or_else(|| bad("a record has no key"))?;
+        out.push((
+            body.get(..eq).unwrap_or_default(),
+            body.get(eq.saturating_add(1)..).unwrap_or_default(),
+        ));
+        rest = rest.get(len..).unwrap_or_default();
+    }
+    Ok(out)
 }
 
 /// Strips the NUL terminator GNU long names carry.
@@ -295,6 +384,19 @@ pub fn walk_into(
                 span.data,
                 span.len,
             )?;
+            if m.size != 0
+                && !matches!(
+                    m.kind,
+                    MemberKind::Regular | MemberKind::Sparse | MemberKind::Other
+                )
+            {
+                // tarfile and GNU tar skip the data of regular members only: they would read
+                // these bytes as the next headers, members glimpse never sees.
+                return Err(malformed(
+                    format!("a {} member with {} bytes of data", m.kind.as_str(), m.size),
+                    pos,
+                ));
+            }
             members.push(m);
         }
         pos = span.next;
@@ -375,16 +477,18 @@ fn member_span(
     opts: WalkOptions,
 ) -> Result<Span> {
     let header_size = h
-        .entry_size()
-        .map_err(|e| malformed(format!("tar size field: {e}"), pos))?;
+        .as_bytes()
+        .get(124..136)
+        .and_then(|f| numeric(f, true))
+        .ok_or_else(|| malformed("tar size field is not plain octal or base-256", pos))?;
     let etype = h.entry_type();
     let mut len = header_size;
     if !is_extension(etype) {
         if let Some(p) = &ext.pax {
             if let Some(v) = pax_value(p, "size", pos)? {
-                len = v
-                    .parse::<u64>()
-                    .map_err(|_| malformed(format!("pax size {v:?} is not a number"), pos))?;
+                len = decimal(v.as_bytes()).ok_or_else(|| {
+                    malformed(format!("pax size {v:?} is not a decimal number"), pos)
+                })?;
             }
         }
     }
@@ -450,9 +554,7 @@ fn read_extension(
         }
         let recs = read_ext(MAX_PAX, "pax header")?;
         // Validate every record now so that a malformed one fails at its header.
-        for r in PaxExtensions::new(&recs) {
-            r.map_err(|e| malformed(format!("pax header: {e}"), pos))?;
-        }
+        pax_records(&recs, pos)?;
         ext.pax_first = ext.long_name.is_none();
         ext.pax = Some(recs);
     } else if etype.is_pax_global_extensions() {
@@ -576,11 +678,9 @@ fn make_member(
 /// The value of pax record `key`, the last one winning as in POSIX.
 fn pax_value<'a>(recs: &'a [u8], key: &str, at: u64) -> Result<Option<&'a str>> {
     let mut found = None;
-    for r in PaxExtensions::new(recs) {
-        let r = r.map_err(|e| malformed(format!("pax header: {e}"), at))?;
-        if r.key_bytes() == key.as_bytes() {
-            let v = r
-                .value()
+    for (k, v) in pax_records(recs, at)? {
+        if k == key.as_bytes() {
+            let v = std::str::from_utf8(v)
                 .map_err(|_| malformed(format!("pax {key} is not UTF-8"), at))?;
             found = Some(v);
         }

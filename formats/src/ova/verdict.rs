@@ -3,6 +3,9 @@
 
 use crate::error::{ErrorKind, Result};
 use crate::finding::Finding;
+use crate::format::Format;
+
+use super::tar::MemberKind;
 
 use super::disk::about_disk;
 use super::{check, manifest, Ova};
@@ -54,6 +57,62 @@ impl Ova {
                 Err(e) => vec![about_disk(Finding::from_error(&e), d)],
             };
             out.push((d.index, findings));
+        }
+        Ok(out)
+    }
+
+    /// Findings for the regular members that are no disk of the descriptor (an ISO the
+    /// descriptor references for a CD drive, a file it does not name) but hold an image
+    /// format: `ova extract` writes them and a consumer may use them, so each gets the same
+    /// structural check and policy findings as a disk, prefixed with its name. Members that
+    /// detect as raw bytes (or as the descriptor, manifest and certificate) are left alone.
+    ///
+    /// # Errors
+    /// Only `Io` errors; every other problem is a finding.
+    pub fn other_members(&self, limits: &Limits) -> Result<Vec<Finding>> {
+        let used: std::collections::HashSet<usize> =
+            self.disks.iter().filter_map(|d| d.member).collect();
+        let mut out = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            let meta = ["ovf", "mf", "cert"].iter().any(|e| {
+                m.name
+                    .rsplit_once('.')
+                    .is_some_and(|(_, x)| x.eq_ignore_ascii_case(e))
+            });
+            if m.kind != MemberKind::Regular || used.contains(&i) || meta {
+                continue;
+            }
+            let about = |mut f: Finding| {
+                f.message = format!(
+                    "member {:?} (no disk of the descriptor): {}",
+                    m.name, f.message
+                );
+                f
+            };
+            let src = self.member_source(i)?;
+            let det = match super::disk::detect_disk(src.as_ref(), i) {
+                Ok(d) => d,
+                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+                Err(e) => {
+                    out.push(about(Finding::from_error(&e)));
+                    continue;
+                }
+            };
+            let format = det.format();
+            if format == Format::Raw && !det.is_ambiguous() {
+                continue;
+            }
+            let opened = super::disk::open_shared(src, format, limits, &self.shared.metadata)
+                .and_then(|img| {
+                    let mut f = img.findings().to_vec();
+                    f.extend(img.check(limits)?);
+                    Ok(f)
+                });
+            match opened {
+                Ok(f) => out.extend(f.into_iter().map(about)),
+                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+                Err(e) => out.push(about(Finding::from_error(&e))),
+            }
         }
         Ok(out)
     }
@@ -132,6 +191,7 @@ impl Ova {
                 Err(e) => out.push(about_disk(Finding::from_error(&e), d)),
             }
         }
+        out.extend(self.other_members(limits)?);
         if self.disks.is_empty() && self.descriptor.is_some() {
             out.push(Finding::warn(
                 "ova.no-disks",
