@@ -106,6 +106,7 @@ pub const ALL: &[&str] = &[
     "vdi.duplicate-block",
     "vdi.header",
     "vhd.bat-entry-out-of-bounds",
+    "vhd.bitmap-hides-data",
     "vhd.block-size",
     "vhd.checksum",
     "vhd.differencing",

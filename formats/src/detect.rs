@@ -21,6 +21,11 @@ pub use crate::probe::{Probe, HEAD_LEN, TAIL_LEN, TRAILER_LEN};
 pub struct Detection {
     /// Every non-raw format that matched, in `Format::ALL` order. Empty means raw.
     pub matches: Vec<Format>,
+    /// The first sector ends in the MBR signature (0x55AA) and is not a FAT boot sector: a
+    /// partition table to anything that reads the file as a raw disk. Glance's format
+    /// inspector reports such a file as `gpt`, so a qcow2 (or any container) carrying it is
+    /// two formats to Glance and is refused there.
+    pub partition_table: bool,
 }
 
 impl Detection {
@@ -29,10 +34,34 @@ impl Detection {
     pub fn format(&self) -> Format {
         self.matches.first().copied().unwrap_or(Format::Raw)
     }
-    /// True when more than one format matched.
+    /// True when more than one format matched, or a container format (anything but raw, ISO
+    /// and OVA, which hold partition tables as content or not at all) also carries a
+    /// partition-table signature in its first sector.
     pub fn is_ambiguous(&self) -> bool {
-        self.matches.len() > 1
+        self.matches.len() > 1 || self.container_with_partition_table()
     }
+
+    fn container_with_partition_table(&self) -> bool {
+        self.partition_table && !matches!(self.format(), Format::Raw | Format::Iso | Format::Ova)
+    }
+
+    /// The names of what matched, for messages: the formats, then `mbr/gpt` when a container
+    /// also carries a partition-table signature.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut n: Vec<&'static str> = self.matches.iter().map(|f| f.name()).collect();
+        if self.container_with_partition_table() {
+            n.push("mbr/gpt");
+        }
+        n
+    }
+}
+
+/// True when the 512-byte boot sector `s` ends in the MBR signature and is not a FAT volume
+/// boot record (which ends in the same signature): two FATs and the fixed-disk media byte,
+/// the test Glance's inspector makes.
+fn partition_signature(s: &[u8]) -> bool {
+    s.get(510..512) == Some(&[0x55, 0xAA][..])
+        && !(s.get(0x10) == Some(&2) && s.get(0x15) == Some(&0xF8))
 }
 
 /// Detects every format the source matches.
@@ -94,5 +123,9 @@ pub fn detect_probe(p: &Probe<'_>) -> Detection {
     if matches.iter().any(by_magic) {
         matches.retain(|f| !matches!(f, Format::Dmg | Format::Cloop));
     }
-    Detection { matches }
+    let partition_table = p.head_at(0, 512).is_some_and(partition_signature);
+    Detection {
+        matches,
+        partition_table,
+    }
 }

@@ -188,7 +188,7 @@ fn preflight(detection: &Detection, size: u64, policy: &Policy) -> Result<Vec<Fi
         ));
     }
     if detection.is_ambiguous() {
-        let names: Vec<&str> = detection.matches.iter().map(|f| f.name()).collect();
+        let names = detection.names();
         findings.push(Finding::reject(
             "format.ambiguous",
             format!("the file matches several formats: {}", names.join(", ")),

@@ -134,3 +134,64 @@ fn iso_with_a_descriptor_in_its_system_area_is_not_a_clean_iso() {
     assert!(codes.contains(&"format.ambiguous"), "{codes:?}");
     assert!(codes.contains(&"vmdk.external-extent"), "{codes:?}");
 }
+
+/// A container whose first sector ends in the MBR signature is a partitioned disk to anything
+/// that reads it raw, and two formats to Glance's inspector (its `gpt` match): refused as
+/// ambiguous, for every container qemu-img writes. A raw disk with a partition table, a FAT
+/// boot sector and a clean image are not.
+#[test]
+fn containers_carrying_a_partition_table_signature_are_ambiguous() {
+    let tmp = tempfile::tempdir().unwrap();
+    for fmt in ["qcow2", "vmdk", "vpc", "vhdx", "vdi", "parallels"] {
+        let path = tmp.path().join(format!("t.{fmt}"));
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", fmt])
+            .arg(&path)
+            .arg("16M")
+            .status()
+            .expect("qemu-img must be installed");
+        assert!(st.success(), "{fmt}");
+        let clean = std::fs::read(&path).unwrap();
+        let det = detect(&clean).unwrap();
+        assert!(!det.is_ambiguous(), "{fmt}: {:?}", det.names());
+        let mut bytes = clean.clone();
+        bytes[510] = 0x55;
+        bytes[511] = 0xAA;
+        if fmt == "vpc" {
+            // The footer copy at byte 0 is checksummed (the one's complement of its byte sum,
+            // the field itself left out).
+            bytes[64..68].fill(0);
+            let sum: u32 = bytes[..512].iter().map(|b| u32::from(*b)).sum();
+            bytes[64..68].copy_from_slice(&(!sum).to_be_bytes());
+        }
+        // qemu still opens it as the container.
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(qemu_format(&path).as_deref(), Some(fmt), "{fmt}");
+        let det = detect(&bytes).unwrap();
+        assert!(det.is_ambiguous(), "{fmt}");
+        assert!(det.names().contains(&"mbr/gpt"), "{fmt}: {:?}", det.names());
+        let r = inspect(
+            Arc::new(bytes.clone()),
+            &Policy::default(),
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(r.verdict(), Verdict::Reject, "{fmt}");
+        assert!(
+            r.findings.iter().any(|f| f.code == "format.ambiguous"),
+            "{fmt}"
+        );
+        // The same sector laid out as a FAT boot record is not a partition table.
+        bytes[0x10] = 2;
+        bytes[0x15] = 0xF8;
+        assert!(!detect(&bytes).unwrap().partition_table, "{fmt}");
+    }
+    let mut raw = vec![0u8; 1 << 20];
+    raw[446 + 4] = 0x83;
+    raw[446 + 8] = 1;
+    raw[446 + 12] = 100;
+    raw[510] = 0x55;
+    raw[511] = 0xAA;
+    let det = detect(&raw).unwrap();
+    assert!(det.partition_table && !det.is_ambiguous());
+}

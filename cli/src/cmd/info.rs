@@ -67,7 +67,7 @@ fn describe(
     let mut obj = info_json(fname, img.info());
     let mut rows = info_rows(fname, img.info());
     if det.is_ambiguous() {
-        let names: Vec<&str> = det.matches.iter().map(|f| f.name()).collect();
+        let names = det.names();
         obj.insert("detected-formats".into(), json!(names));
         rows.push((
             "detected formats".into(),

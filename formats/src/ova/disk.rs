@@ -237,7 +237,7 @@ impl Ova {
         let det = detect_disk(src.as_ref(), disk)?;
         let mut findings = Vec::new();
         if det.is_ambiguous() {
-            let names: Vec<&str> = det.matches.iter().map(|f| f.name()).collect();
+            let names = det.names();
             findings.push(Finding::reject(
                 "format.ambiguous",
                 format!("the disk matches several formats: {}", names.join(", ")),

@@ -40,6 +40,8 @@ const MIN_BLOCK: u64 = 4096;
 const MAX_BLOCK: u64 = 256 << 20;
 /// BAT entries one `mapping` call may walk over while coalescing unallocated blocks.
 const MAX_SCAN: u64 = 1 << 16;
+/// Bytes of a clear bitmap run read at once when `check` looks for data under it.
+const PROBE: u64 = 1 << 20;
 /// Largest parent locator decoded: a Windows path of 32767 UTF-16 units.
 const MAX_LOCATOR: u32 = 65536;
 
@@ -690,57 +692,91 @@ impl VhdImage {
                 kind: ExtentKind::Unallocated,
             });
         };
+        // The whole block is data, whatever its sector bitmap says: QEMU (the referee for
+        // guest content) reads it that way. A bitmap that hides data from a reader that obeys
+        // it (the spec, Hyper-V) is a finding of `check` (`vhd.bitmap-hides-data`).
         let block_host = u64::from(sector).saturating_mul(SECTOR);
         let in_block = guest.saturating_sub(block_guest);
         let stop = block_guest.saturating_add(bs).min(end);
-        let first = in_block / SECTOR;
-        // stop > guest >= block_guest: the last sector the span touches.
-        let last = stop.saturating_sub(1).saturating_sub(block_guest) / SECTOR;
-        let (b0, b1) = (first / 8, last / 8);
-        let n = usize::try_from(b1.saturating_sub(b0).saturating_add(1))
-            .map_err(|_| Error::limit("bitmap too large"))?;
-        let mut bits = vec![0u8; n];
-        let at = block_host.saturating_add(b0);
-        self.src.read_exact_at(&mut bits, at).map_err(|e| {
-            Error::from(e)
-                .context(format!(
-                    "reading the sector bitmap for guest offset {guest:#x}"
-                ))
-                .at(at)
-        })?;
-        let bit = |s: u64| -> bool {
-            let byte = usize::try_from((s / 8).saturating_sub(b0))
-                .ok()
-                .and_then(|i| bits.get(i))
-                .copied()
-                .unwrap_or(0);
-            byte & (0x80 >> (s % 8)) != 0
-        };
-        // The spec reads a clear bit as "not in this image" (zeros for a dynamic disk). QEMU
-        // ignores the bitmap and reads the block; the two agree on every image QEMU or
-        // Hyper-V writes (QEMU sets every bit, Hyper-V zeroes unwritten sectors).
-        let set = bit(first);
-        let mut s = first.saturating_add(1);
-        while s <= last && bit(s) == set {
-            s = s.saturating_add(1);
-        }
-        let run_end = block_guest
-            .saturating_add(s.saturating_mul(SECTOR))
-            .min(stop);
-        let kind = if set {
-            ExtentKind::Data {
+        Ok(Extent {
+            start: guest,
+            len: stop.saturating_sub(guest),
+            kind: ExtentKind::Data {
                 host: block_host
                     .saturating_add(d.bitmap_len)
                     .saturating_add(in_block),
-            }
-        } else {
-            ExtentKind::Unallocated
-        };
-        Ok(Extent {
-            start: guest,
-            len: run_end.saturating_sub(guest),
-            kind,
+            },
         })
+    }
+
+    /// The first allocated block whose sector bitmap marks sectors absent that hold bytes
+    /// other than zero: QEMU reads those bytes and a reader that obeys the bitmap (the spec,
+    /// Hyper-V) reads zeros, so the one file is two disks. Reads each allocated block's bitmap
+    /// and the data of its clear runs only: QEMU sets every bit, and Hyper-V zeroes the
+    /// sectors it leaves clear. Work is bounded by the file's size.
+    fn bitmap_hides_data(&self, d: &Dynamic, limits: &Limits) -> Result<Option<Finding>> {
+        let n = usize::try_from(d.bitmap_len).map_err(|_| Error::limit("bitmap too large"))?;
+        let _held = limits.budget().charge(
+            d.bitmap_len.saturating_add(PROBE),
+            "VHD sector bitmap check",
+        )?;
+        let mut bits = vec![0u8; n];
+        let mut data = vec![0u8; PROBE as usize];
+        let vsize = self.info.virtual_size;
+        for (i, &e) in d.bat.iter().enumerate() {
+            if e == BAT_UNUSED {
+                continue;
+            }
+            let host = u64::from(e).saturating_mul(SECTOR);
+            let guest0 = (i as u64).saturating_mul(d.block_size);
+            let sectors = d.block_size.min(vsize.saturating_sub(guest0)) / SECTOR;
+            // Blocks past the file's end are `check`'s other findings.
+            if self.src.read_exact_at(&mut bits, host).is_err() {
+                continue;
+            }
+            let clear = |s: u64| {
+                let byte = usize::try_from(s / 8).ok().and_then(|x| bits.get(x));
+                byte.is_some_and(|b| b & (0x80 >> (s % 8)) == 0)
+            };
+            let mut s = 0;
+            while s < sectors {
+                if !clear(s) {
+                    s = s.saturating_add(1);
+                    continue;
+                }
+                let run = s;
+                while s < sectors && clear(s) {
+                    s = s.saturating_add(1);
+                }
+                let mut at = host
+                    .saturating_add(d.bitmap_len)
+                    .saturating_add(run.saturating_mul(SECTOR));
+                let stop = host
+                    .saturating_add(d.bitmap_len)
+                    .saturating_add(s.saturating_mul(SECTOR))
+                    .min(d.file_size);
+                while at < stop {
+                    let len = stop.saturating_sub(at).min(PROBE);
+                    let buf = data.get_mut(..len as usize).unwrap_or_default();
+                    self.src.read_exact_at(buf, at)?;
+                    if buf.iter().any(|b| *b != 0) {
+                        let off = guest0
+                            .saturating_add(at.saturating_sub(host.saturating_add(d.bitmap_len)));
+                        return Ok(Some(
+                            Finding::reject(
+                                "vhd.bitmap-hides-data",
+                                format!(
+                                    "block {i}'s sector bitmap marks guest bytes at {off:#x} absent, but the block holds data there: QEMU reads the data, a reader that follows the bitmap reads zeros"
+                                ),
+                            )
+                            .at(at),
+                        ));
+                    }
+                    at = at.saturating_add(len);
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn check_dynamic(&self, d: &Dynamic, limits: &Limits) -> Result<Vec<Finding>> {
@@ -778,6 +814,13 @@ impl VhdImage {
             }
         }
         duplicate_blocks(d, &mut blocks, &mut out);
+        // Bitmaps are read only where the blocks are sound: a block over the metadata or over
+        // another block is refused already, and its "bitmap" is something else.
+        if out.is_empty() {
+            if let Some(f) = self.bitmap_hides_data(d, limits)? {
+                out.push(f);
+            }
+        }
         Ok(out.finish())
     }
 }

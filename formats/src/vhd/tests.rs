@@ -148,8 +148,11 @@ fn dynamic_disk_maps_and_reads() {
     assert!(buf[5 * BLOCK as usize..].iter().all(|&b| b == 6));
 }
 
+/// A block reads whole, as QEMU reads it, whatever its sector bitmap says; `check` rejects a
+/// bitmap that marks absent sectors holding data (a reader that obeys it sees zeros there),
+/// and accepts clear bits over zeros (how Hyper-V leaves unwritten sectors).
 #[test]
-fn sector_bitmap_clear_bits_are_unallocated() {
+fn sector_bitmaps_never_hide_data() {
     let mut d = Dyn::new(BLOCK, &[0]);
     let bitmap = d.bytes.len() - 512 - BLOCK as usize - 512;
     d.bytes[bitmap] = 0b1100_0000; // sectors 0-1 present, 2-7 absent
@@ -157,12 +160,22 @@ fn sector_bitmap_clear_bits_are_unallocated() {
     let e = (&img as &dyn Image).mapping(0, u64::MAX).unwrap();
     assert_eq!(
         (e.len, matches!(e.kind, ExtentKind::Data { .. })),
-        (1024, true)
+        (BLOCK, true)
     );
-    let e = (&img as &dyn Image).mapping(1024, u64::MAX).unwrap();
-    assert_eq!((e.len, e.kind), (3072, ExtentKind::Unallocated));
     let e = (&img as &dyn Image).mapping(100, 10).unwrap();
     assert_eq!(e.len, 10);
+    let f = img.check(&Limits::default()).unwrap();
+    let hit = f
+        .iter()
+        .find(|f| f.code == "vhd.bitmap-hides-data")
+        .unwrap_or_else(|| panic!("{f:?}"));
+    assert_eq!(hit.severity, crate::finding::Severity::Reject);
+    assert!(hit.message.contains("0x400"), "{}", hit.message);
+    // The same bitmap over zeros: nothing hidden.
+    let data = bitmap + 512;
+    d.bytes[data + 1024..data + BLOCK as usize].fill(0);
+    let f = d.open().unwrap().check(&Limits::default()).unwrap();
+    assert!(!codes(&f).contains(&"vhd.bitmap-hides-data"), "{f:?}");
 }
 
 #[test]
