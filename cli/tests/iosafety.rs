@@ -577,3 +577,57 @@ fn printing_commands_end_quietly_when_stdout_closes() {
         assert_eq!(stderr(&o), "", "{cmd}");
     }
 }
+
+/// A small tmpfs mounted on a directory, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> SmallFs {
+        tool(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                s(dir),
+            ],
+        );
+        SmallFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_reported_on_the_output_not_the_input() {
+    let d = tempfile::tempdir().unwrap();
+    let src = qcow2_file(d.path(), "a.qcow2", 8);
+    let small = d.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let _fs = SmallFs::mount(&small, "2m");
+    for fmt in ["raw", "qcow2"] {
+        let dst = small.join(format!("out.{fmt}"));
+        std::fs::write(&dst, b"OLD\n").unwrap();
+        let listing = names(&small);
+        let o = glimpse(&["convert", "-O", fmt, s(&src), s(&dst)]);
+        let e = stderr(&o);
+        assert_eq!(code(&o), 2, "{fmt}: {e}");
+        assert!(
+            e.starts_with(&format!("glimpse: {}: cannot write: ", s(&dst)))
+                && e.contains("No space left on device"),
+            "{fmt}: {e}"
+        );
+        assert!(
+            !e.contains("cannot read") && !e.contains(s(&src)),
+            "{fmt}: {e}"
+        );
+        assert_eq!(std::fs::read(&dst).unwrap(), b"OLD\n", "{fmt}");
+        assert_eq!(names(&small), listing, "{fmt}");
+    }
+}

@@ -202,6 +202,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let size = image.info().virtual_size;
     let (target, output) = open_output(&args)?;
     let result = create(args.output_format, &opts, target, size)
+        .map_err(glimpse_convert::pipeline::output_side)
         .and_then(|writer| run_pipeline(&args, image, writer));
     // A signal that came before the rename wins: the output is dropped, so removed.
     let result = match (result, output) {
@@ -210,6 +211,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         (Ok(_), None) => Ok(()),
         (Err(_), _) if cancelled() => Err(interrupted(&args)),
         (Err(e), _) if to_stdout && is_broken_pipe(&e) => return Ok(EXIT_BROKEN_PIPE),
+        // A write error names the output (a full disk is not the input's fault).
+        (Err(e), _) if e.finding_code() == "output.write" => {
+            Err(anyhow::anyhow!("{}: {e}", display(&args.dst)))
+        }
         (Err(e), _) => Err(anyhow::anyhow!("{}: {e}", display(&args.src))),
     };
     TEMP_PATH.store(std::ptr::null_mut(), Ordering::SeqCst);
