@@ -578,6 +578,80 @@ fn printing_commands_end_quietly_when_stdout_closes() {
     }
 }
 
+/// Names in `dir` that [`names`] did not list before: the temporary files left behind.
+fn leftovers(dir: &Path, before: &[String]) -> Vec<String> {
+    names(dir)
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect()
+}
+
+#[test]
+fn a_sighup_stops_convert_like_sigint() {
+    let d = tempfile::tempdir().unwrap();
+    let src = data_file(d.path(), "big.raw", 512);
+    let dst = d.path().join("out.qcow2");
+    std::fs::write(&dst, b"old output\n").unwrap();
+    let listing = names(d.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["convert", "--progress", "json", "-c", "-O", "qcow2"])
+        .args([&src, &dst])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("\"progress\""));
+    assert_eq!(leftovers(d.path(), &listing).len(), 1, "a temporary file");
+    // SAFETY: sending SIGHUP to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGHUP) },
+        0
+    );
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(2), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("interrupted by SIGHUP")),
+        "{rest:?}"
+    );
+    assert_eq!(std::fs::read(&dst).unwrap(), b"old output\n");
+    assert_eq!(names(d.path()), listing);
+}
+
+#[test]
+fn the_file_size_limit_fails_the_write_and_names_the_output() {
+    let d = tempfile::tempdir().unwrap();
+    let src = qcow2_file(d.path(), "a.qcow2", 8);
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    // raw sets its length first; qcow2 grows as it writes (the writer thread's error path).
+    for fmt in ["raw", "qcow2", "vmdk"] {
+        let dst = d.path().join(format!("old.{fmt}"));
+        std::fs::write(&dst, b"OLD\n").unwrap();
+        let listing = names(d.path());
+        let o = tool_any(
+            "sh",
+            &[
+                "-c",
+                &format!(
+                    "ulimit -f 1024; exec '{bin}' convert -O {fmt} '{}' '{}'",
+                    s(&src),
+                    s(&dst)
+                ),
+            ],
+        );
+        let e = stderr(&o);
+        // Not killed by SIGXFSZ (status 153 in a shell): an ordinary error.
+        assert_eq!(o.status.code(), Some(2), "{fmt}: {:?} {e}", o.status);
+        assert!(
+            e.starts_with(&format!("glimpse: {}: ", s(&dst))),
+            "{fmt}: the error names the output: {e}"
+        );
+        assert!(e.contains("File too large"), "{fmt}: {e}");
+        assert_eq!(std::fs::read(&dst).unwrap(), b"OLD\n", "{fmt}");
+        assert_eq!(names(d.path()), listing, "{fmt}");
+    }
+}
+
 /// A small tmpfs mounted on a directory, unmounted on drop.
 struct SmallFs(PathBuf);
 
