@@ -587,6 +587,139 @@ fn leftovers(dir: &Path, before: &[String]) -> Vec<String> {
 }
 
 #[test]
+fn convert_onto_a_file_the_source_refers_to_is_refused_even_with_force() {
+    let d = tempfile::tempdir().unwrap();
+    let sub = d.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let base = data_file(&sub, "base.raw", 4);
+    let base_md5 = digest_with("md5sum", &base);
+    // An overlay whose backing file is named relative to the overlay's directory.
+    let ov = sub.join("ov.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&ov),
+        ],
+    );
+    tool("qemu-io", &["-c", "write -P 0x55 0 64k", s(&ov)]);
+    // An external data file, a VMDK flat extent and a backing file that does not exist yet.
+    // qemu-img create makes the data file relative to its current directory.
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o"])
+        .args(["data_file=data.raw,data_file_raw=on", "ext.qcow2", "4M"])
+        .current_dir(&sub)
+        .status()
+        .expect("qemu-img is required for these tests");
+    assert!(made.success());
+    let flat = sub.join("flat.vmdk");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            s(&flat),
+            "4M",
+        ],
+    );
+    let orphan = sub.join("orphan.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.raw",
+            "-F",
+            "raw",
+            s(&orphan),
+            "4M",
+        ],
+    );
+    std::os::unix::fs::symlink("sub/base.raw", d.path().join("link.raw")).unwrap();
+    std::fs::hard_link(&base, d.path().join("hard.raw")).unwrap();
+    let before: Vec<(PathBuf, String)> = [sub.join("data.raw"), sub.join("flat-flat.vmdk")]
+        .into_iter()
+        .map(|p| {
+            let m = digest_with("md5sum", &p);
+            (p, m)
+        })
+        .collect();
+    let listing = names(d.path());
+    let sub_listing = names(&sub);
+    // Run from the parent directory: the reference resolves against the source's directory.
+    for (src, dst, kind) in [
+        ("sub/ov.qcow2", "sub/base.raw", "the backing file"),
+        ("sub/ov.qcow2", "link.raw", "the backing file"),
+        ("sub/ov.qcow2", "hard.raw", "the backing file"),
+        (
+            "./sub/../sub/ov.qcow2",
+            "./sub/base.raw",
+            "the backing file",
+        ),
+        ("sub/ext.qcow2", "sub/data.raw", "the external data file"),
+        ("sub/flat.vmdk", "sub/flat-flat.vmdk", "an extent file"),
+        ("sub/orphan.qcow2", "sub/gone.raw", "the backing file"),
+    ] {
+        for force in [true, false] {
+            let mut args = vec!["convert", "-O", "raw", src, dst];
+            if force {
+                args.insert(1, "--force");
+            }
+            let o = glimpse_in(d.path(), &args);
+            let e = stderr(&o);
+            // Without --force the policy refuses the image first (exit 1, nothing written).
+            assert_eq!(code(&o), if force { 2 } else { 1 }, "{args:?}: {e}");
+            if force {
+                assert!(
+                    e.contains("output.source-reference") && e.contains(kind),
+                    "{args:?}: {e}"
+                );
+            } else {
+                assert!(e.contains("rejected by the safety policy"), "{args:?}: {e}");
+            }
+            assert_eq!(digest_with("md5sum", &base), base_md5, "{args:?}");
+            for (p, m) in &before {
+                assert_eq!(&digest_with("md5sum", p), m, "{args:?}");
+            }
+            assert_eq!(names(d.path()), listing, "{args:?}");
+            assert_eq!(names(&sub), sub_listing, "{args:?}");
+        }
+    }
+    // The overlay still converts to any other name, in the current directory too.
+    let o = glimpse_in(
+        d.path(),
+        &[
+            "convert",
+            "--force",
+            "-O",
+            "raw",
+            "sub/ov.qcow2",
+            "base.raw",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::metadata(d.path().join("base.raw")).unwrap().len(),
+        4 << 20
+    );
+}
+
+#[test]
 fn a_sighup_stops_convert_like_sigint() {
     let d = tempfile::tempdir().unwrap();
     let src = data_file(d.path(), "big.raw", 512);

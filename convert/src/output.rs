@@ -7,12 +7,16 @@
 //! keeps every byte unless a new one replaced it whole.
 //!
 //! A destination that is the source (the same device and inode, whatever path names it) is
-//! refused before anything is created.
+//! refused before anything is created, and so is one that is a file the source refers to
+//! (a backing file, an external data file or extent, a parent): replacing it would destroy
+//! the data of the very chain being read ([`check_not_referenced`]).
 
 use std::fs::{File, Permissions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use glimpse_formats::Reference;
 
 use crate::{Error, ErrorKind, Result, Target};
 
@@ -154,6 +158,104 @@ pub fn check_not_source(source: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses `dest` when it is a file that `source` refers to (`refs`: its backing file,
+/// external data file, extents, parent locators, hrefs, as `info` reports them). A relative
+/// reference is resolved against the source's directory, as qemu does (both as the source was
+/// named and through its symbolic links). The destination matches when it has the same
+/// canonical path, or, when both exist, the same device and inode. Nothing is opened: only
+/// paths are resolved and files stat-ed. References that are no local path (a URL, qemu's
+/// `json:`) are skipped; `source` None (a remote image) checks absolute references only.
+///
+/// # Errors
+/// `Invalid` with code `output.source-reference`.
+pub fn check_not_referenced(source: Option<&Path>, refs: &[Reference], dest: &Path) -> Result<()> {
+    let mut bases: Vec<PathBuf> = Vec::new();
+    if let Some(src) = source {
+        let dir = match src.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        bases.push(dir);
+        if let Some(p) = std::fs::canonicalize(src)
+            .ok()
+            .and_then(|c| c.parent().map(Path::to_path_buf))
+        {
+            bases.push(p);
+        }
+    }
+    let dest_id = std::fs::metadata(dest).ok().map(|m| (m.dev(), m.ino()));
+    let dest_canon = canonical(dest);
+    for r in refs {
+        for cand in ref_paths(&r.target, &bases) {
+            let same_inode = dest_id.is_some()
+                && std::fs::metadata(&cand).ok().map(|m| (m.dev(), m.ino())) == dest_id;
+            if same_inode
+                || dest_canon
+                    .as_ref()
+                    .is_some_and(|d| canonical(&cand).as_ref() == Some(d))
+            {
+                return Err(Error::invalid(format!(
+                    "{}: the destination is {} the source refers to ({:?}); refusing to \
+                     overwrite a file the input's data depends on, even with --force",
+                    dest.display(),
+                    ref_kind(r),
+                    r.target
+                ))
+                .code("output.source-reference"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ref_kind(r: &Reference) -> &'static str {
+    use glimpse_formats::RefKind;
+    match r.kind {
+        RefKind::BackingFile => "the backing file",
+        RefKind::DataFile => "the external data file",
+        RefKind::Extent => "an extent file",
+        RefKind::ParentLocator => "the parent (a parent locator)",
+        RefKind::Href => "a file",
+    }
+}
+
+/// The local paths a reference may name: relative ones against each base directory, and
+/// with Windows separators (VHD/VHDX parent locators) read as `/` too.
+fn ref_paths(target: &str, bases: &[PathBuf]) -> Vec<PathBuf> {
+    let t = target.strip_prefix("file:").unwrap_or(target);
+    if t.is_empty() || t.contains("://") || t.starts_with("json:") {
+        return Vec::new();
+    }
+    let mut names = vec![t.to_string()];
+    if t.contains('\\') {
+        names.push(t.replace('\\', "/"));
+    }
+    let mut out = Vec::new();
+    for n in names {
+        let p = Path::new(&n);
+        if p.is_absolute() {
+            out.push(p.to_path_buf());
+        } else {
+            out.extend(bases.iter().map(|b| b.join(p)));
+        }
+    }
+    out
+}
+
+/// The canonical form of `p`: the path with every symbolic link resolved when it exists, or
+/// its canonical directory and its name when only the directory does.
+fn canonical(p: &Path) -> Option<PathBuf> {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return Some(c);
+    }
+    let name = p.file_name()?;
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::canonicalize(dir).ok().map(|d| d.join(name))
+}
+
 /// Follows a symbolic link at `dest`, so that the file it names is replaced, not the link.
 fn resolve(dest: &Path) -> Result<PathBuf> {
     match std::fs::symlink_metadata(dest) {
@@ -261,5 +363,81 @@ mod tests {
                 OutputFile::create(Path::new(dest), None, OutputOptions::default()).unwrap_err();
             assert_eq!(e.finding_code(), "output.not-regular", "{dest}");
         }
+    }
+
+    fn reference(kind: glimpse_formats::RefKind, target: &str) -> Reference {
+        Reference {
+            kind,
+            target: target.into(),
+            format: None,
+            offset: None,
+        }
+    }
+
+    #[test]
+    fn a_file_the_source_refers_to_is_refused_however_it_is_named() {
+        use glimpse_formats::RefKind;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let src = sub.join("ov.qcow2");
+        std::fs::write(&src, b"overlay").unwrap();
+        let base = sub.join("base.raw");
+        std::fs::write(&base, b"base").unwrap();
+        std::os::unix::fs::symlink(&base, dir.path().join("link.raw")).unwrap();
+        std::fs::hard_link(&base, dir.path().join("hard.raw")).unwrap();
+        let refused = |refs: &[Reference], src: Option<&Path>, dest: &Path| {
+            let e = check_not_referenced(src, refs, dest).unwrap_err();
+            assert_eq!(
+                e.finding_code(),
+                "output.source-reference",
+                "{}",
+                dest.display()
+            );
+            e.to_string()
+        };
+        let backing = [reference(RefKind::BackingFile, "base.raw")];
+        // Relative to the source's directory, not to the current one.
+        let msg = refused(&backing, Some(&src), &base);
+        assert!(
+            msg.contains("backing file") && msg.contains("--force"),
+            "{msg}"
+        );
+        refused(&backing, Some(&src), &sub.join(".").join("base.raw"));
+        refused(&backing, Some(&src), &dir.path().join("link.raw"));
+        refused(&backing, Some(&src), &dir.path().join("hard.raw"));
+        // The source named through a symbolic link to its directory: qemu resolves against
+        // the directory as named, and the canonical one is checked too.
+        let via = dir.path().join("via");
+        std::os::unix::fs::symlink(&sub, &via).unwrap();
+        refused(&backing, Some(&via.join("ov.qcow2")), &base);
+        // Absolute references, other kinds, a parent locator with Windows separators.
+        let abs = [reference(RefKind::DataFile, base.to_str().unwrap())];
+        refused(&abs, None, &base);
+        refused(
+            &[reference(RefKind::Extent, "./base.raw")],
+            Some(&src),
+            &base,
+        );
+        refused(
+            &[reference(RefKind::ParentLocator, ".\\base.raw")],
+            Some(&src),
+            &base,
+        );
+        // A reference to a file that does not exist yet: writing it would create the base.
+        let missing = [reference(RefKind::BackingFile, "gone.raw")];
+        refused(&missing, Some(&src), &sub.join("gone.raw"));
+        // Anything else passes: another name, a URL, qemu's json:, a remote source's
+        // relative reference.
+        assert!(check_not_referenced(Some(&src), &backing, &sub.join("out.raw")).is_ok());
+        assert!(check_not_referenced(Some(&src), &backing, &dir.path().join("base.raw")).is_ok());
+        let other = [
+            reference(RefKind::BackingFile, "http://host/base.raw"),
+            reference(RefKind::BackingFile, "json:{}"),
+            reference(RefKind::BackingFile, ""),
+        ];
+        assert!(check_not_referenced(Some(&src), &other, &base).is_ok());
+        assert!(check_not_referenced(None, &backing, &base).is_ok());
+        assert_eq!(std::fs::read(&base).unwrap(), b"base");
     }
 }

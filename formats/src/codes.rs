@@ -157,6 +157,7 @@ pub const ALL: &[&str] = &[
     "source.not-seekable",
     "output.not-regular",
     "output.same-as-source",
+    "output.source-reference",
     "output.write",
     // `glimpse audit`: findings about an image stored in Glance, beside the check policy's.
     "audit.checksum-mismatch",

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use glimpse_convert::copy::CopyMode;
-use glimpse_convert::output::{check_not_source, OutputFile, OutputOptions};
+use glimpse_convert::output::{check_not_referenced, check_not_source, OutputFile, OutputOptions};
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{create, Target, WriteOptions};
 use glimpse_formats::reader::GuestReader;
@@ -152,6 +152,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let image = load(&args.src, args.source_format, &args.input)
         .with_context(|| display(&args.src))?
         .image;
+    if !to_stdout {
+        let src =
+            (!args.src.to_str().is_some_and(crate::remote::is_remote)).then(|| identity(&args.src));
+        check_not_referenced(src.as_deref(), &image.info().references, &args.dst)
+            .map_err(refused)?;
+    }
     if interrupt::cancelled() {
         return Err(interrupted(&args));
     }
