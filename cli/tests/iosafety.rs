@@ -838,3 +838,73 @@ fn a_full_disk_is_reported_on_the_output_not_the_input() {
         assert_eq!(names(&small), listing, "{fmt}");
     }
 }
+
+#[test]
+fn a_replaced_output_keeps_its_owner_and_mode_and_its_other_links_are_named() {
+    use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+    let d = tempfile::tempdir().unwrap();
+    let src = qcow2_file(d.path(), "a.qcow2", 4);
+    let dst = d.path().join("shared.raw");
+    std::fs::write(&dst, b"OLD-DATA\n").unwrap();
+    let link = d.path().join("shared-link.raw");
+    std::fs::hard_link(&dst, &link).unwrap();
+    // Root converting another user's file gives it back to that user.
+    // SAFETY: geteuid has no preconditions.
+    let (uid, gid) = if unsafe { libc::geteuid() } == 0 {
+        (65534, 65534)
+    } else {
+        let m = std::fs::metadata(&dst).unwrap();
+        (m.uid(), m.gid())
+    };
+    chown(&dst, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let o = glimpse(&["convert", "-O", "raw", s(&src), s(&dst)]);
+    let e = stderr(&o);
+    assert_eq!(code(&o), 0, "{e}");
+    assert!(
+        e.contains("shared.raw: has 1 other hard link") && e.contains("keep the old content"),
+        "{e}"
+    );
+    let m = std::fs::metadata(&dst).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (uid, gid, 0o640));
+    let q = tool("qemu-img", &["compare", "-F", "raw", s(&src), s(&dst)]);
+    assert!(q.status.success());
+    // The atomic replacement leaves the other link on the old inode, as the warning says.
+    assert_eq!(std::fs::read(&link).unwrap(), b"OLD-DATA\n");
+    // No warning for a file with one link.
+    let o = glimpse(&["convert", "-O", "raw", s(&src), s(&dst)]);
+    assert_eq!((code(&o), stderr(&o)), (0, String::new()));
+}
+
+#[test]
+fn long_names_and_dangling_links_as_destination() {
+    let d = tempfile::tempdir().unwrap();
+    let src = qcow2_file(d.path(), "a.qcow2", 4);
+    let listing = names(d.path());
+    // Any name the file system allows (NAME_MAX is 255 bytes).
+    for len in [240, 251] {
+        let name = format!("{}.raw", "a".repeat(len));
+        let o = glimpse_in(d.path(), &["convert", "-O", "raw", "a.qcow2", &name]);
+        assert_eq!(code(&o), 0, "{len}: {}", stderr(&o));
+        let q = tool(
+            "qemu-img",
+            &["compare", "-F", "raw", s(&src), s(&d.path().join(&name))],
+        );
+        assert!(q.status.success());
+        std::fs::remove_file(d.path().join(&name)).unwrap();
+    }
+    assert_eq!(names(d.path()), listing);
+    // A symbolic link to nothing: refused, clearly, and nothing is created through it.
+    std::os::unix::fs::symlink("nonexist.raw", d.path().join("dang.raw")).unwrap();
+    let listing = names(d.path());
+    let o = glimpse_in(d.path(), &["convert", "-O", "raw", "a.qcow2", "dang.raw"]);
+    let e = stderr(&o);
+    assert_eq!(code(&o), 2, "{e}");
+    assert_eq!(
+        e.trim_end(),
+        "glimpse: dang.raw: is a symbolic link to \"nonexist.raw\", which does not exist; \
+         refusing to create a file through a dangling link: give the path of the file to \
+         write (output.dangling-link)"
+    );
+    assert_eq!(names(d.path()), listing);
+}

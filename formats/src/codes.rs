@@ -155,6 +155,7 @@ pub const ALL: &[&str] = &[
     "usage.invalid",
     "source.directory",
     "source.not-seekable",
+    "output.dangling-link",
     "output.not-regular",
     "output.same-as-source",
     "output.source-reference",

@@ -120,6 +120,14 @@ fn open_output(args: &Args) -> anyhow::Result<Output> {
     )
     .map_err(refused)?;
     let registered = interrupt::register(out.temp_path());
+    if out.other_links() > 0 {
+        eprintln!(
+            "glimpse: warning: {}: has {} other hard link(s); they keep the old content: the \
+             output is a new file renamed into place, never the old one rewritten",
+            display(&args.dst),
+            out.other_links()
+        );
+    }
     Ok((out.target()?, Some((out, registered))))
 }
 
