@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod common;
+mod interrupt;
 mod remote;
 mod source;
 

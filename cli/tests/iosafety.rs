@@ -577,3 +577,334 @@ fn printing_commands_end_quietly_when_stdout_closes() {
         assert_eq!(stderr(&o), "", "{cmd}");
     }
 }
+
+/// Names in `dir` that [`names`] did not list before: the temporary files left behind.
+fn leftovers(dir: &Path, before: &[String]) -> Vec<String> {
+    names(dir)
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect()
+}
+
+#[test]
+fn convert_onto_a_file_the_source_refers_to_is_refused_even_with_force() {
+    let d = tempfile::tempdir().unwrap();
+    let sub = d.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let base = data_file(&sub, "base.raw", 4);
+    let base_md5 = digest_with("md5sum", &base);
+    // An overlay whose backing file is named relative to the overlay's directory.
+    let ov = sub.join("ov.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&ov),
+        ],
+    );
+    tool("qemu-io", &["-c", "write -P 0x55 0 64k", s(&ov)]);
+    // An external data file, a VMDK flat extent and a backing file that does not exist yet.
+    // qemu-img create makes the data file relative to its current directory.
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o"])
+        .args(["data_file=data.raw,data_file_raw=on", "ext.qcow2", "4M"])
+        .current_dir(&sub)
+        .status()
+        .expect("qemu-img is required for these tests");
+    assert!(made.success());
+    let flat = sub.join("flat.vmdk");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            s(&flat),
+            "4M",
+        ],
+    );
+    let orphan = sub.join("orphan.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.raw",
+            "-F",
+            "raw",
+            s(&orphan),
+            "4M",
+        ],
+    );
+    std::os::unix::fs::symlink("sub/base.raw", d.path().join("link.raw")).unwrap();
+    std::fs::hard_link(&base, d.path().join("hard.raw")).unwrap();
+    let before: Vec<(PathBuf, String)> = [sub.join("data.raw"), sub.join("flat-flat.vmdk")]
+        .into_iter()
+        .map(|p| {
+            let m = digest_with("md5sum", &p);
+            (p, m)
+        })
+        .collect();
+    let listing = names(d.path());
+    let sub_listing = names(&sub);
+    // Run from the parent directory: the reference resolves against the source's directory.
+    for (src, dst, kind) in [
+        ("sub/ov.qcow2", "sub/base.raw", "the backing file"),
+        ("sub/ov.qcow2", "link.raw", "the backing file"),
+        ("sub/ov.qcow2", "hard.raw", "the backing file"),
+        (
+            "./sub/../sub/ov.qcow2",
+            "./sub/base.raw",
+            "the backing file",
+        ),
+        ("sub/ext.qcow2", "sub/data.raw", "the external data file"),
+        ("sub/flat.vmdk", "sub/flat-flat.vmdk", "an extent file"),
+        ("sub/orphan.qcow2", "sub/gone.raw", "the backing file"),
+    ] {
+        for force in [true, false] {
+            let mut args = vec!["convert", "-O", "raw", src, dst];
+            if force {
+                args.insert(1, "--force");
+            }
+            let o = glimpse_in(d.path(), &args);
+            let e = stderr(&o);
+            // Without --force the policy refuses the image first (exit 1, nothing written).
+            assert_eq!(code(&o), if force { 2 } else { 1 }, "{args:?}: {e}");
+            if force {
+                assert!(
+                    e.contains("output.source-reference") && e.contains(kind),
+                    "{args:?}: {e}"
+                );
+            } else {
+                assert!(e.contains("rejected by the safety policy"), "{args:?}: {e}");
+            }
+            assert_eq!(digest_with("md5sum", &base), base_md5, "{args:?}");
+            for (p, m) in &before {
+                assert_eq!(&digest_with("md5sum", p), m, "{args:?}");
+            }
+            assert_eq!(names(d.path()), listing, "{args:?}");
+            assert_eq!(names(&sub), sub_listing, "{args:?}");
+        }
+    }
+    // The overlay still converts to any other name, in the current directory too.
+    let o = glimpse_in(
+        d.path(),
+        &[
+            "convert",
+            "--force",
+            "-O",
+            "raw",
+            "sub/ov.qcow2",
+            "base.raw",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::metadata(d.path().join("base.raw")).unwrap().len(),
+        4 << 20
+    );
+}
+
+#[test]
+fn a_sighup_stops_convert_like_sigint() {
+    let d = tempfile::tempdir().unwrap();
+    let src = data_file(d.path(), "big.raw", 512);
+    let dst = d.path().join("out.qcow2");
+    std::fs::write(&dst, b"old output\n").unwrap();
+    let listing = names(d.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["convert", "--progress", "json", "-c", "-O", "qcow2"])
+        .args([&src, &dst])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("\"progress\""));
+    assert_eq!(leftovers(d.path(), &listing).len(), 1, "a temporary file");
+    // SAFETY: sending SIGHUP to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGHUP) },
+        0
+    );
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(2), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("interrupted by SIGHUP")),
+        "{rest:?}"
+    );
+    assert_eq!(std::fs::read(&dst).unwrap(), b"old output\n");
+    assert_eq!(names(d.path()), listing);
+}
+
+#[test]
+fn the_file_size_limit_fails_the_write_and_names_the_output() {
+    let d = tempfile::tempdir().unwrap();
+    let src = qcow2_file(d.path(), "a.qcow2", 8);
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    // raw sets its length first; qcow2 grows as it writes (the writer thread's error path).
+    for fmt in ["raw", "qcow2", "vmdk"] {
+        let dst = d.path().join(format!("old.{fmt}"));
+        std::fs::write(&dst, b"OLD\n").unwrap();
+        let listing = names(d.path());
+        let o = tool_any(
+            "sh",
+            &[
+                "-c",
+                &format!(
+                    "ulimit -f 1024; exec '{bin}' convert -O {fmt} '{}' '{}'",
+                    s(&src),
+                    s(&dst)
+                ),
+            ],
+        );
+        let e = stderr(&o);
+        // Not killed by SIGXFSZ (status 153 in a shell): an ordinary error.
+        assert_eq!(o.status.code(), Some(2), "{fmt}: {:?} {e}", o.status);
+        assert!(
+            e.starts_with(&format!("glimpse: {}: ", s(&dst))),
+            "{fmt}: the error names the output: {e}"
+        );
+        assert!(e.contains("File too large"), "{fmt}: {e}");
+        assert_eq!(std::fs::read(&dst).unwrap(), b"OLD\n", "{fmt}");
+        assert_eq!(names(d.path()), listing, "{fmt}");
+    }
+}
+
+/// A small tmpfs mounted on a directory, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> SmallFs {
+        tool(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                s(dir),
+            ],
+        );
+        SmallFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_reported_on_the_output_not_the_input() {
+    let d = tempfile::tempdir().unwrap();
+    let src = qcow2_file(d.path(), "a.qcow2", 8);
+    let small = d.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let _fs = SmallFs::mount(&small, "2m");
+    for fmt in ["raw", "qcow2"] {
+        let dst = small.join(format!("out.{fmt}"));
+        std::fs::write(&dst, b"OLD\n").unwrap();
+        let listing = names(&small);
+        let o = glimpse(&["convert", "-O", fmt, s(&src), s(&dst)]);
+        let e = stderr(&o);
+        assert_eq!(code(&o), 2, "{fmt}: {e}");
+        assert!(
+            e.starts_with(&format!("glimpse: {}: cannot write: ", s(&dst)))
+                && e.contains("No space left on device"),
+            "{fmt}: {e}"
+        );
+        assert!(
+            !e.contains("cannot read") && !e.contains(s(&src)),
+            "{fmt}: {e}"
+        );
+        assert_eq!(std::fs::read(&dst).unwrap(), b"OLD\n", "{fmt}");
+        assert_eq!(names(&small), listing, "{fmt}");
+    }
+}
+
+#[test]
+fn a_replaced_output_keeps_its_owner_and_mode_and_its_other_links_are_named() {
+    use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+    let d = tempfile::tempdir().unwrap();
+    let src = qcow2_file(d.path(), "a.qcow2", 4);
+    let dst = d.path().join("shared.raw");
+    std::fs::write(&dst, b"OLD-DATA\n").unwrap();
+    let link = d.path().join("shared-link.raw");
+    std::fs::hard_link(&dst, &link).unwrap();
+    // Root converting another user's file gives it back to that user.
+    // SAFETY: geteuid has no preconditions.
+    let (uid, gid) = if unsafe { libc::geteuid() } == 0 {
+        (65534, 65534)
+    } else {
+        let m = std::fs::metadata(&dst).unwrap();
+        (m.uid(), m.gid())
+    };
+    chown(&dst, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let o = glimpse(&["convert", "-O", "raw", s(&src), s(&dst)]);
+    let e = stderr(&o);
+    assert_eq!(code(&o), 0, "{e}");
+    assert!(
+        e.contains("shared.raw: has 1 other hard link") && e.contains("keep the old content"),
+        "{e}"
+    );
+    let m = std::fs::metadata(&dst).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (uid, gid, 0o640));
+    let q = tool("qemu-img", &["compare", "-F", "raw", s(&src), s(&dst)]);
+    assert!(q.status.success());
+    // The atomic replacement leaves the other link on the old inode, as the warning says.
+    assert_eq!(std::fs::read(&link).unwrap(), b"OLD-DATA\n");
+    // No warning for a file with one link.
+    let o = glimpse(&["convert", "-O", "raw", s(&src), s(&dst)]);
+    assert_eq!((code(&o), stderr(&o)), (0, String::new()));
+}
+
+#[test]
+fn long_names_and_dangling_links_as_destination() {
+    let d = tempfile::tempdir().unwrap();
+    let src = qcow2_file(d.path(), "a.qcow2", 4);
+    let listing = names(d.path());
+    // Any name the file system allows (NAME_MAX is 255 bytes).
+    for len in [240, 251] {
+        let name = format!("{}.raw", "a".repeat(len));
+        let o = glimpse_in(d.path(), &["convert", "-O", "raw", "a.qcow2", &name]);
+        assert_eq!(code(&o), 0, "{len}: {}", stderr(&o));
+        let q = tool(
+            "qemu-img",
+            &["compare", "-F", "raw", s(&src), s(&d.path().join(&name))],
+        );
+        assert!(q.status.success());
+        std::fs::remove_file(d.path().join(&name)).unwrap();
+    }
+    assert_eq!(names(d.path()), listing);
+    // A symbolic link to nothing: refused, clearly, and nothing is created through it.
+    std::os::unix::fs::symlink("nonexist.raw", d.path().join("dang.raw")).unwrap();
+    let listing = names(d.path());
+    let o = glimpse_in(d.path(), &["convert", "-O", "raw", "a.qcow2", "dang.raw"]);
+    let e = stderr(&o);
+    assert_eq!(code(&o), 2, "{e}");
+    assert_eq!(
+        e.trim_end(),
+        "glimpse: dang.raw: is a symbolic link to \"nonexist.raw\", which does not exist; \
+         refusing to create a file through a dangling link: give the path of the file to \
+         write (output.dangling-link)"
+    );
+    assert_eq!(names(d.path()), listing);
+}

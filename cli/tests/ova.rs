@@ -581,3 +581,127 @@ fn a_large_gzip_disk_is_not_held_in_memory() {
     let kib: u64 = err.trim().lines().last().unwrap().trim().parse().unwrap();
     assert!(kib < 64 * 1024, "peak RSS {kib} KiB");
 }
+
+/// Names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Starts `ova extract` of `ova` into `dir` and waits until its first temporary file exists.
+fn extract_until_a_temporary_file(ova: &Path, dir: &Path) -> std::process::Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["ova", "extract", s(ova), s(dir)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let writing = || {
+        std::fs::read_dir(dir).is_ok_and(|r| {
+            r.flatten().any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".glimpse-extract-")
+            })
+        })
+    };
+    while !writing() && start.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    if !writing() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no temporary file appeared");
+    }
+    child
+}
+
+#[test]
+fn a_signal_during_extract_leaves_no_temporary_file() {
+    let t = tempfile::tempdir().unwrap();
+    // Large enough that writing it outlasts the signal.
+    let disk = disk_bytes(384 << 20, 9);
+    let ova = appliance(t.path(), "big.ova", &[("d.img", disk)], "SHA256");
+    std::fs::remove_dir_all(t.path().join("big.ova.d")).unwrap();
+    for (sig, name) in [
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGHUP, "SIGHUP"),
+    ] {
+        // A directory with a file of the user's, and one glimpse creates.
+        let mine = t.path().join(format!("mine-{name}"));
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::write(mine.join("unrelated.txt"), b"keep me").unwrap();
+        let fresh = t.path().join(format!("fresh-{name}"));
+        for dir in [&mine, &fresh] {
+            let mut child = extract_until_a_temporary_file(&ova, dir);
+            // SAFETY: sending a signal to our own child process.
+            assert_eq!(
+                unsafe { libc::kill(i32::try_from(child.id()).unwrap(), sig) },
+                0
+            );
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            let status = child.wait().unwrap();
+            assert_eq!(status.code(), Some(2), "{name}: {err}");
+            assert!(
+                err.contains(&format!("interrupted by {name}; nothing was extracted")),
+                "{name}: {err}"
+            );
+        }
+        assert_eq!(listing(&mine), ["unrelated.txt"], "{name}");
+        assert_eq!(
+            std::fs::read(mine.join("unrelated.txt")).unwrap(),
+            b"keep me"
+        );
+        assert!(
+            !fresh.exists(),
+            "{name}: the directory glimpse made is removed"
+        );
+    }
+    // Two signals: the second does not wait, and still removes the temporary files.
+    let dir = t.path().join("twice");
+    std::fs::create_dir(&dir).unwrap();
+    let mut child = extract_until_a_temporary_file(&ova, &dir);
+    let pid = i32::try_from(child.id()).unwrap();
+    for _ in 0..2 {
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    }
+    let status = child.wait().unwrap();
+    assert!(matches!(status.code(), Some(143) | Some(2)), "{status:?}");
+    assert_eq!(listing(&dir), Vec::<String>::new());
+}
+
+#[test]
+fn extract_under_a_file_size_limit_fails_cleanly() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk_bytes(4 << 20, 3);
+    let ova = appliance(t.path(), "x.ova", &[("d.img", disk)], "SHA256");
+    let dir = t.path().join("out");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("unrelated.txt"), b"keep me").unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 1024; exec '{}' ova extract '{}' '{}'",
+            env!("CARGO_BIN_EXE_glimpse"),
+            s(&ova),
+            s(&dir)
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // An ordinary error (not death by SIGXFSZ), naming the file it could not write.
+    assert_eq!(out.status.code(), Some(2), "{:?} {err}", out.status);
+    assert!(
+        err.contains("writing") && err.contains("d.img") && err.contains("File too large"),
+        "{err}"
+    );
+    assert_eq!(listing(&dir), ["unrelated.txt"]);
+}

@@ -7,14 +7,29 @@
 //! keeps every byte unless a new one replaced it whole.
 //!
 //! A destination that is the source (the same device and inode, whatever path names it) is
-//! refused before anything is created.
+//! refused before anything is created, and so is one that is a file the source refers to
+//! (a backing file, an external data file or extent, a parent): replacing it would destroy
+//! the data of the very chain being read ([`check_not_referenced`]).
+//!
+//! A replaced destination keeps its permission bits, and its owner and group when the process
+//! may set them. Its other hard links, if any, keep the old content: the new file is a new
+//! inode. Writing in place instead (as `qemu-img convert` does) would truncate the old data
+//! before the new one exists, so a failure or a signal would lose both;
+//! [`OutputFile::other_links`] lets the caller say so.
 
 use std::fs::{File, Permissions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use glimpse_formats::Reference;
+
 use crate::{Error, ErrorKind, Result, Target};
+
+/// The longest part of the destination's name that goes into the temporary file's name, in
+/// bytes: with the dot, the random part and the suffix the temporary name stays far below
+/// NAME_MAX (255) whatever name the destination has.
+const TEMP_NAME_MAX: usize = 100;
 
 /// How an [`OutputFile`] is made durable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -30,14 +45,16 @@ pub struct OutputFile {
     temp: tempfile::NamedTempFile,
     dest: PathBuf,
     opts: OutputOptions,
+    other_links: u64,
 }
 
 impl OutputFile {
     /// Creates the temporary file for `dest`, after refusing a destination that is `source`
     /// (`output.same-as-source`) or that exists and is not a regular file
     /// (`output.not-regular`). A symbolic link as destination is followed: its target is what
-    /// gets replaced. A new file gets the usual mode (0666 less the umask); a replaced one
-    /// keeps its permission bits.
+    /// gets replaced; a link whose target does not exist is refused (`output.dangling-link`).
+    /// A new file gets the usual mode (0666 less the umask); a replaced one keeps its
+    /// permission bits, and its owner and group where the process may set them.
     ///
     /// # Errors
     /// `Invalid` for the refusals above; `Io` when the temporary file cannot be created.
@@ -56,10 +73,7 @@ impl OutputFile {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = temp_stem(&dest);
         let mode = existing.as_ref().map_or(0o666, |m| m.mode() & 0o777);
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
@@ -67,13 +81,27 @@ impl OutputFile {
             .permissions(Permissions::from_mode(mode))
             .tempfile_in(&dir)
             .map_err(|e| io_error(&dest, "cannot create a temporary file beside", e))?;
-        if existing.is_some() {
+        if let Some(m) = &existing {
+            // The owner first: a change of owner may clear the set-id bits the mode restores.
+            keep_owner(temp.as_file(), m);
             // The mode given at creation is reduced by the umask; a replaced file keeps its own.
             temp.as_file()
                 .set_permissions(Permissions::from_mode(mode))
                 .map_err(|e| io_error(temp.path(), "cannot set the mode of", e))?;
         }
-        Ok(OutputFile { temp, dest, opts })
+        let other_links = existing.as_ref().map_or(0, |m| m.nlink().saturating_sub(1));
+        Ok(OutputFile {
+            temp,
+            dest,
+            opts,
+            other_links,
+        })
+    }
+
+    /// How many other hard links the replaced destination has: they keep the old content,
+    /// since the new file is a new inode (0 for a new destination).
+    pub fn other_links(&self) -> u64 {
+        self.other_links
     }
 
     /// A writer target on the temporary file.
@@ -111,7 +139,9 @@ impl OutputFile {
     /// # Errors
     /// `Io` when fsync or the rename fails; the temporary file is then removed.
     pub fn commit(self) -> Result<()> {
-        let OutputFile { temp, dest, opts } = self;
+        let OutputFile {
+            temp, dest, opts, ..
+        } = self;
         if opts.fsync {
             temp.as_file()
                 .sync_all()
@@ -154,15 +184,153 @@ pub fn check_not_source(source: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Follows a symbolic link at `dest`, so that the file it names is replaced, not the link.
+/// Refuses `dest` when it is a file that `source` refers to (`refs`: its backing file,
+/// external data file, extents, parent locators, hrefs, as `info` reports them). A relative
+/// reference is resolved against the source's directory, as qemu does (both as the source was
+/// named and through its symbolic links). The destination matches when it has the same
+/// canonical path, or, when both exist, the same device and inode. Nothing is opened: only
+/// paths are resolved and files stat-ed. References that are no local path (a URL, qemu's
+/// `json:`) are skipped; `source` None (a remote image) checks absolute references only.
+///
+/// # Errors
+/// `Invalid` with code `output.source-reference`.
+pub fn check_not_referenced(source: Option<&Path>, refs: &[Reference], dest: &Path) -> Result<()> {
+    let mut bases: Vec<PathBuf> = Vec::new();
+    if let Some(src) = source {
+        let dir = match src.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        bases.push(dir);
+        if let Some(p) = std::fs::canonicalize(src)
+            .ok()
+            .and_then(|c| c.parent().map(Path::to_path_buf))
+        {
+            bases.push(p);
+        }
+    }
+    let dest_id = std::fs::metadata(dest).ok().map(|m| (m.dev(), m.ino()));
+    let dest_canon = canonical(dest);
+    for r in refs {
+        for cand in ref_paths(&r.target, &bases) {
+            let same_inode = dest_id.is_some()
+                && std::fs::metadata(&cand).ok().map(|m| (m.dev(), m.ino())) == dest_id;
+            if same_inode
+                || dest_canon
+                    .as_ref()
+                    .is_some_and(|d| canonical(&cand).as_ref() == Some(d))
+            {
+                return Err(Error::invalid(format!(
+                    "{}: the destination is {} the source refers to ({:?}); refusing to \
+                     overwrite a file the input's data depends on, even with --force",
+                    dest.display(),
+                    ref_kind(r),
+                    r.target
+                ))
+                .code("output.source-reference"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ref_kind(r: &Reference) -> &'static str {
+    use glimpse_formats::RefKind;
+    match r.kind {
+        RefKind::BackingFile => "the backing file",
+        RefKind::DataFile => "the external data file",
+        RefKind::Extent => "an extent file",
+        RefKind::ParentLocator => "the parent (a parent locator)",
+        RefKind::Href => "a file",
+    }
+}
+
+/// The local paths a reference may name: relative ones against each base directory, and
+/// with Windows separators (VHD/VHDX parent locators) read as `/` too.
+fn ref_paths(target: &str, bases: &[PathBuf]) -> Vec<PathBuf> {
+    let t = target.strip_prefix("file:").unwrap_or(target);
+    if t.is_empty() || t.contains("://") || t.starts_with("json:") {
+        return Vec::new();
+    }
+    let mut names = vec![t.to_string()];
+    if t.contains('\\') {
+        names.push(t.replace('\\', "/"));
+    }
+    let mut out = Vec::new();
+    for n in names {
+        let p = Path::new(&n);
+        if p.is_absolute() {
+            out.push(p.to_path_buf());
+        } else {
+            out.extend(bases.iter().map(|b| b.join(p)));
+        }
+    }
+    out
+}
+
+/// The canonical form of `p`: the path with every symbolic link resolved when it exists, or
+/// its canonical directory and its name when only the directory does.
+fn canonical(p: &Path) -> Option<PathBuf> {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return Some(c);
+    }
+    let name = p.file_name()?;
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::canonicalize(dir).ok().map(|d| d.join(name))
+}
+
+/// The destination's name as it goes into the temporary name: lossily decoded and cut to
+/// [`TEMP_NAME_MAX`] bytes at a character boundary.
+fn temp_stem(dest: &Path) -> String {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut end = name.len().min(TEMP_NAME_MAX);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.get(..end).unwrap_or_default().to_string()
+}
+
+/// Gives the temporary file the replaced file's owner and group, where the process may: root
+/// may give any; another user only a group it belongs to. A refusal leaves the temporary
+/// file's own (the process's) owner, as before.
+fn keep_owner(f: &File, old: &std::fs::Metadata) {
+    use std::os::unix::fs::fchown;
+    let Ok(now) = f.metadata() else { return };
+    if now.uid() == old.uid() && now.gid() == old.gid() {
+        return;
+    }
+    if fchown(f, Some(old.uid()), Some(old.gid())).is_err() {
+        // Not root: the owner cannot change, but the group may.
+        let _ = fchown(f, None, Some(old.gid()));
+    }
+}
+
+/// Follows a symbolic link at `dest`, so that the file it names is replaced, not the link. A
+/// link whose target does not exist (or a loop) is refused: glimpse does not create files
+/// through a dangling link, whose target may be anywhere.
 fn resolve(dest: &Path) -> Result<PathBuf> {
     match std::fs::symlink_metadata(dest) {
         Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(dest).map_err(|e| {
-            io_error(
-                dest,
-                "is a symbolic link whose target cannot be resolved:",
-                e,
-            )
+            let target = std::fs::read_link(dest)
+                .map(|t| format!("{:?}", t.display().to_string()))
+                .unwrap_or_else(|_| "?".into());
+            let why = if e.kind() == io::ErrorKind::NotFound {
+                "which does not exist".to_string()
+            } else {
+                format!("which cannot be followed ({e})")
+            };
+            Error::invalid(format!(
+                "{}: is a symbolic link to {target}, {why}; refusing to create a file through \
+                 a dangling link: give the path of the file to write",
+                dest.display()
+            ))
+            .code("output.dangling-link")
         }),
         _ => Ok(dest.to_path_buf()),
     }
@@ -261,5 +429,145 @@ mod tests {
                 OutputFile::create(Path::new(dest), None, OutputOptions::default()).unwrap_err();
             assert_eq!(e.finding_code(), "output.not-regular", "{dest}");
         }
+    }
+
+    fn reference(kind: glimpse_formats::RefKind, target: &str) -> Reference {
+        Reference {
+            kind,
+            target: target.into(),
+            format: None,
+            offset: None,
+        }
+    }
+
+    #[test]
+    fn a_file_the_source_refers_to_is_refused_however_it_is_named() {
+        use glimpse_formats::RefKind;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let src = sub.join("ov.qcow2");
+        std::fs::write(&src, b"overlay").unwrap();
+        let base = sub.join("base.raw");
+        std::fs::write(&base, b"base").unwrap();
+        std::os::unix::fs::symlink(&base, dir.path().join("link.raw")).unwrap();
+        std::fs::hard_link(&base, dir.path().join("hard.raw")).unwrap();
+        let refused = |refs: &[Reference], src: Option<&Path>, dest: &Path| {
+            let e = check_not_referenced(src, refs, dest).unwrap_err();
+            assert_eq!(
+                e.finding_code(),
+                "output.source-reference",
+                "{}",
+                dest.display()
+            );
+            e.to_string()
+        };
+        let backing = [reference(RefKind::BackingFile, "base.raw")];
+        // Relative to the source's directory, not to the current one.
+        let msg = refused(&backing, Some(&src), &base);
+        assert!(
+            msg.contains("backing file") && msg.contains("--force"),
+            "{msg}"
+        );
+        refused(&backing, Some(&src), &sub.join(".").join("base.raw"));
+        refused(&backing, Some(&src), &dir.path().join("link.raw"));
+        refused(&backing, Some(&src), &dir.path().join("hard.raw"));
+        // The source named through a symbolic link to its directory: qemu resolves against
+        // the directory as named, and the canonical one is checked too.
+        let via = dir.path().join("via");
+        std::os::unix::fs::symlink(&sub, &via).unwrap();
+        refused(&backing, Some(&via.join("ov.qcow2")), &base);
+        // Absolute references, other kinds, a parent locator with Windows separators.
+        let abs = [reference(RefKind::DataFile, base.to_str().unwrap())];
+        refused(&abs, None, &base);
+        refused(
+            &[reference(RefKind::Extent, "./base.raw")],
+            Some(&src),
+            &base,
+        );
+        refused(
+            &[reference(RefKind::ParentLocator, ".\\base.raw")],
+            Some(&src),
+            &base,
+        );
+        // A reference to a file that does not exist yet: writing it would create the base.
+        let missing = [reference(RefKind::BackingFile, "gone.raw")];
+        refused(&missing, Some(&src), &sub.join("gone.raw"));
+        // Anything else passes: another name, a URL, qemu's json:, a remote source's
+        // relative reference.
+        assert!(check_not_referenced(Some(&src), &backing, &sub.join("out.raw")).is_ok());
+        assert!(check_not_referenced(Some(&src), &backing, &dir.path().join("base.raw")).is_ok());
+        let other = [
+            reference(RefKind::BackingFile, "http://host/base.raw"),
+            reference(RefKind::BackingFile, "json:{}"),
+            reference(RefKind::BackingFile, ""),
+        ];
+        assert!(check_not_referenced(Some(&src), &other, &base).is_ok());
+        assert!(check_not_referenced(None, &backing, &base).is_ok());
+        assert_eq!(std::fs::read(&base).unwrap(), b"base");
+    }
+
+    #[test]
+    fn a_long_destination_name_gets_a_temporary_name_that_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [240, 250, 255] {
+            let dest = dir.path().join("é".repeat(len / 2) + &"a".repeat(len % 2));
+            let out = OutputFile::create(&dest, None, OutputOptions::default()).unwrap();
+            let temp = out.temp_path().file_name().unwrap().len();
+            assert!(temp <= 130, "{temp}");
+            out.as_file().write_all(b"new").unwrap();
+            out.commit().unwrap();
+            assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+            std::fs::remove_file(&dest).unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_dangling_link_is_refused_with_its_target_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("dang.raw");
+        std::os::unix::fs::symlink("nowhere.raw", &link).unwrap();
+        let e = OutputFile::create(&link, None, OutputOptions::default()).unwrap_err();
+        assert_eq!(e.finding_code(), "output.dangling-link");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("\"nowhere.raw\", which does not exist"),
+            "{msg}"
+        );
+        assert!(!dir.path().join("nowhere.raw").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_replaced_file_keeps_mode_owner_and_group_and_counts_its_other_links() {
+        use std::os::unix::fs::{chown, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.img");
+        std::fs::write(&dest, b"old").unwrap();
+        std::fs::hard_link(&dest, dir.path().join("other.img")).unwrap();
+        // Root gives the file away; another user keeps its own ids.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let (uid, gid) = if root {
+            (65534, 65534)
+        } else {
+            let m = std::fs::metadata(&dest).unwrap();
+            (m.uid(), m.gid())
+        };
+        chown(&dest, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&dest, Permissions::from_mode(0o640)).unwrap();
+        let out = OutputFile::create(&dest, None, OutputOptions::default()).unwrap();
+        assert_eq!(out.other_links(), 1);
+        out.as_file().write_all(b"new").unwrap();
+        out.commit().unwrap();
+        let m = std::fs::metadata(&dest).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (uid, gid, 0o640));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        // The other link is the old inode, with the old bytes.
+        assert_eq!(std::fs::read(dir.path().join("other.img")).unwrap(), b"old");
+        let fresh = OutputFile::create(&dir.path().join("new.img"), None, OutputOptions::default())
+            .unwrap();
+        assert_eq!(fresh.other_links(), 0);
     }
 }

@@ -328,6 +328,23 @@ fn charge_batches(
     Ok((Some(b.charge(bytes, "conversion buffers")?), n))
 }
 
+/// An I/O error of a writer (created or writing) is about the output (a full disk,
+/// `ulimit -f`, a quota): it says "cannot write" and carries `output.write`, so that the
+/// caller names the output, not the input. (`From<io::Error>` would call it "cannot read".)
+/// Other errors are returned as they are.
+pub fn output_side(e: Error) -> Error {
+    match (e.kind(), e.io_error()) {
+        (glimpse_formats::ErrorKind::Io, Some(io)) => {
+            let os = match io.raw_os_error() {
+                Some(n) => std::io::Error::from_raw_os_error(n),
+                None => std::io::Error::new(io.kind(), io.to_string()),
+            };
+            Error::io(os, "cannot write").code("output.write")
+        }
+        _ => e,
+    }
+}
+
 /// Converts `image` into `writer`.
 ///
 /// # Errors
@@ -362,16 +379,16 @@ pub fn convert(
                 for c in batch {
                     done = done.saturating_add(c.len);
                     if c.payload == Payload::Zero {
-                        w.write_zeros(c.guest, c.len)?;
+                        w.write_zeros(c.guest, c.len).map_err(output_side)?;
                     } else {
-                        w.write_chunk(c)?;
+                        w.write_chunk(c).map_err(output_side)?;
                     }
                 }
                 if let Some(p) = progress {
                     p(done, size);
                 }
             }
-            w.finish()
+            w.finish().map_err(output_side)
         });
 
         let mut produce = || -> Result<()> {

@@ -34,12 +34,14 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
 /// system's largest file is smaller (`EFBIG`, or `EINVAL` past `i64::MAX`).
 ///
 /// # Errors
-/// `LimitExceeded` for a size the file system cannot hold; `Io` for other errors.
+/// `LimitExceeded` for a size the file system cannot hold; `Io` for other errors (both with
+/// code `output.write`).
 pub(crate) fn reserve_len(f: &File, size: u64) -> Result<()> {
     let too_big = |why: String| {
         Error::limit(format!(
-            "the output file system cannot hold a {size}-byte file ({why}); write to a file system with a larger maximum file size, or to another format"
+            "the output file system (or the file-size limit, ulimit -f) cannot hold a {size}-byte file ({why}); write to a file system with a larger maximum file size, or to another format"
         ))
+        .code("output.write")
     };
     if i64::try_from(size).is_err() {
         return Err(too_big("past the largest file offset".into()));
@@ -49,7 +51,7 @@ pub(crate) fn reserve_len(f: &File, size: u64) -> Result<()> {
         if matches!(e.raw_os_error(), Some(27 | 22)) {
             too_big(e.to_string())
         } else {
-            Error::from(e)
+            crate::pipeline::output_side(Error::from(e))
         }
     })
 }

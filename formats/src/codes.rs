@@ -156,8 +156,11 @@ pub const ALL: &[&str] = &[
     "usage.invalid",
     "source.directory",
     "source.not-seekable",
+    "output.dangling-link",
     "output.not-regular",
     "output.same-as-source",
+    "output.source-reference",
+    "output.write",
     // `glimpse audit`: findings about an image stored in Glance, beside the check policy's.
     "audit.checksum-mismatch",
     "audit.os-hash-mismatch",

@@ -1687,3 +1687,60 @@ fn image_members_the_descriptor_does_not_use_are_checked() {
     assert!(rejects(&check(with("extra.qcow2", &q("clean.qcow2")))).is_empty());
     assert!(rejects(&check(with("notes.txt", b"plain text"))).is_empty());
 }
+
+#[test]
+fn a_cancelled_extraction_removes_its_temporary_files_and_releases_their_hooks() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    struct Live;
+    impl Drop for Live {
+        fn drop(&mut self) {
+            LIVE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = disk_bytes(3 << 20, 21);
+    let o = ova::read_ova(
+        src(appliance(&[("d.img", disk.clone())], Some(Algo::Sha256))),
+        &Limits::default(),
+    )
+    .unwrap();
+    let cancel = AtomicBool::new(false);
+    let seen = std::sync::Mutex::new(Vec::new());
+    // The signal arrives while the second member (the manifest) is being written.
+    let hook = |p: &Path| -> Box<dyn std::any::Any> {
+        let mut s = seen.lock().unwrap();
+        s.push(p.to_path_buf());
+        if s.len() == 2 {
+            cancel.store(true, Ordering::SeqCst);
+        }
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        Box::new(Live)
+    };
+    let hooks = ova::ExtractHooks {
+        cancel: Some(&cancel),
+        temp: Some(&hook),
+    };
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("keep.txt"), b"keep").unwrap();
+    let e = o
+        .extract_with(&mine, &Limits::default(), &hooks)
+        .unwrap_err();
+    assert!(e.to_string().contains("cancelled"), "{e}");
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|p| p.starts_with(&mine) && !p.exists()));
+    assert_eq!(tree(&mine), [mine.join("keep.txt")]);
+    assert_eq!(LIVE.load(Ordering::SeqCst), 0, "every hook value dropped");
+    // A directory the extraction created is removed; without a cancel it completes.
+    cancel.store(true, Ordering::SeqCst);
+    let fresh = tmp.path().join("fresh/out");
+    assert!(o.extract_with(&fresh, &Limits::default(), &hooks).is_err());
+    assert!(!fresh.exists());
+    let x = o
+        .extract_with(&fresh, &Limits::default(), &ova::ExtractHooks::default())
+        .unwrap();
+    assert_eq!(x.written.len(), 3);
+    assert_eq!(std::fs::read(fresh.join("d.img")).unwrap(), disk);
+}

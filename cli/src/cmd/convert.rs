@@ -1,21 +1,20 @@
 //! `glimpse convert`: parallel streaming conversion between formats.
 
 use std::io::IsTerminal;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Context;
 use glimpse_convert::copy::CopyMode;
-use glimpse_convert::output::{check_not_source, OutputFile, OutputOptions};
+use glimpse_convert::output::{check_not_referenced, check_not_source, OutputFile, OutputOptions};
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{create, Target, WriteOptions};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::Format;
 
 use crate::common::{load, parse_format, InputOpts};
+use crate::interrupt;
 use crate::source::is_stdin;
 
 /// Arguments of `glimpse convert`.
@@ -72,62 +71,15 @@ pub struct Args {
     dst: PathBuf,
 }
 
-static CANCEL: AtomicBool = AtomicBool::new(false);
-/// The signal that set [`CANCEL`].
-static SIGNAL: AtomicI32 = AtomicI32::new(0);
-/// The temporary output file, as a C string the signal handler can unlink (null when none).
-static TEMP_PATH: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
-
-/// The first SIGINT/SIGTERM asks the pipeline to stop (it then drops the temporary file); a
-/// second one does not wait: it removes the temporary file and exits.
-extern "C" fn on_signal(sig: libc::c_int) {
-    if CANCEL.swap(true, Ordering::SeqCst) {
-        let p = TEMP_PATH.load(Ordering::SeqCst);
-        // SAFETY: unlink and _exit are async-signal-safe; `p` is null or a leaked,
-        // NUL-terminated string that is never freed.
-        unsafe {
-            if !p.is_null() {
-                libc::unlink(p);
-            }
-            libc::_exit(128 + sig);
-        }
-    }
-    SIGNAL.store(sig, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only touches atomics and calls async-signal-safe functions.
-        unsafe {
-            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-}
-
-/// Lets the signal handler remove `path` (leaked on purpose: the handler may read it at any
-/// time, so it is never freed).
-fn register_temp(path: &Path) {
-    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
-        TEMP_PATH.store(c.into_raw(), Ordering::SeqCst);
-    }
-}
-
 /// The error for a conversion a signal stopped (exit 2, as every command that could not do
 /// its work; upload says the same).
 fn interrupted(args: &Args) -> anyhow::Error {
-    let sig = match SIGNAL.load(Ordering::SeqCst) {
-        libc::SIGTERM => "SIGTERM",
-        _ => "SIGINT",
-    };
     anyhow::anyhow!(
-        "{}: interrupted by {sig}; {} was not written",
+        "{}: interrupted by {}; {} was not written",
         display(&args.src),
+        interrupt::signal_name(),
         display(&args.dst)
     )
-}
-
-fn cancelled() -> bool {
-    CANCEL.load(Ordering::SeqCst)
 }
 
 /// True when `e` comes from writing to a pipe whose reader has gone (`| head -c 1000`).
@@ -151,8 +103,12 @@ fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
 /// 128 + SIGPIPE: the status a shell shows for a writer whose reader went away.
 const EXIT_BROKEN_PIPE: u8 = 141;
 
+/// The output: its target, and the temporary file with its registration for the signal
+/// handler (none for stdout).
+type Output = (Target, Option<(OutputFile, interrupt::Registered)>);
+
 /// Where the image goes: stdout, or a temporary file renamed onto DST on success.
-fn open_output(args: &Args) -> anyhow::Result<(Target, Option<OutputFile>)> {
+fn open_output(args: &Args) -> anyhow::Result<Output> {
     if is_stdin(&args.dst) {
         let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
         return Ok((Target::Stream(Box::new(out)), None));
@@ -163,14 +119,22 @@ fn open_output(args: &Args) -> anyhow::Result<(Target, Option<OutputFile>)> {
         OutputOptions { fsync: args.fsync },
     )
     .map_err(refused)?;
-    register_temp(out.temp_path());
-    Ok((out.target()?, Some(out)))
+    let registered = interrupt::register(out.temp_path());
+    if out.other_links() > 0 {
+        eprintln!(
+            "glimpse: warning: {}: has {} other hard link(s); they keep the old content: the \
+             output is a new file renamed into place, never the old one rewritten",
+            display(&args.dst),
+            out.other_links()
+        );
+    }
+    Ok((out.target()?, Some((out, registered))))
 }
 
 /// Runs `glimpse convert`.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     args.remote.apply();
-    install_signal_handlers();
+    interrupt::install();
     let mut opts = WriteOptions::parse(&args.options.join(","), args.compress)?;
     let to_stdout = is_stdin(&args.dst);
     opts.output_name = args
@@ -196,23 +160,33 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let image = load(&args.src, args.source_format, &args.input)
         .with_context(|| display(&args.src))?
         .image;
-    if cancelled() {
+    if !to_stdout {
+        let src =
+            (!args.src.to_str().is_some_and(crate::remote::is_remote)).then(|| identity(&args.src));
+        check_not_referenced(src.as_deref(), &image.info().references, &args.dst)
+            .map_err(refused)?;
+    }
+    if interrupt::cancelled() {
         return Err(interrupted(&args));
     }
     let size = image.info().virtual_size;
     let (target, output) = open_output(&args)?;
     let result = create(args.output_format, &opts, target, size)
+        .map_err(glimpse_convert::pipeline::output_side)
         .and_then(|writer| run_pipeline(&args, image, writer));
     // A signal that came before the rename wins: the output is dropped, so removed.
     let result = match (result, output) {
-        (Ok(_), _) if cancelled() => Err(interrupted(&args)),
-        (Ok(_), Some(out)) => out.commit().map_err(anyhow::Error::from),
+        (Ok(_), _) if interrupt::cancelled() => Err(interrupted(&args)),
+        (Ok(_), Some((out, _registered))) => out.commit().map_err(anyhow::Error::from),
         (Ok(_), None) => Ok(()),
-        (Err(_), _) if cancelled() => Err(interrupted(&args)),
+        (Err(_), _) if interrupt::cancelled() => Err(interrupted(&args)),
         (Err(e), _) if to_stdout && is_broken_pipe(&e) => return Ok(EXIT_BROKEN_PIPE),
+        // A write error names the output (a full disk is not the input's fault).
+        (Err(e), _) if e.finding_code() == "output.write" => {
+            Err(anyhow::anyhow!("{}: {e}", display(&args.dst)))
+        }
         (Err(e), _) => Err(anyhow::anyhow!("{}: {e}", display(&args.src))),
     };
-    TEMP_PATH.store(std::ptr::null_mut(), Ordering::SeqCst);
     result.map(|()| 0)
 }
 
@@ -276,7 +250,7 @@ fn run_pipeline(
     };
     let copts = ConvertOptions {
         progress: Some(&progress),
-        cancel: Some(&CANCEL),
+        cancel: Some(interrupt::flag()),
         budget: Some(crate::common::limits().budget()),
         copy: match args.copy.as_str() {
             "readwrite" => CopyMode::ReadWrite,

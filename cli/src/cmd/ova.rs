@@ -295,13 +295,27 @@ fn extract(a: &ExtractArgs, limits: &Limits) -> anyhow::Result<u8> {
             return Ok(1);
         }
     };
-    let x = o.extract(&a.dir, limits).with_context(|| {
-        format!(
-            "extracting {} into {}",
+    crate::interrupt::install();
+    let register = |p: &Path| -> Box<dyn std::any::Any> { Box::new(crate::interrupt::register(p)) };
+    let hooks = ova::ExtractHooks {
+        cancel: Some(crate::interrupt::flag()),
+        temp: Some(&register),
+    };
+    let x = match o.extract_with(&a.dir, limits, &hooks) {
+        // A signal wins over the error it caused: the temporary files are gone.
+        Err(_) if crate::interrupt::cancelled() => anyhow::bail!(
+            "{}: interrupted by {}; nothing was extracted",
             crate::common::name(&a.file),
-            a.dir.display()
-        )
-    })?;
+            crate::interrupt::signal_name()
+        ),
+        r => r.with_context(|| {
+            format!(
+                "extracting {} into {}",
+                crate::common::name(&a.file),
+                a.dir.display()
+            )
+        })?,
+    };
     let written: Vec<String> = x.written.iter().map(|p| p.display().to_string()).collect();
     if a.output == OutputFormat::Json {
         print_findings(

@@ -1,7 +1,9 @@
 //! `ova extract`: every regular member written beside each other, only for an archive that
 //! passes the check, never replacing a file.
 
+use std::any::Any;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 use crate::finding::{Finding, Severity};
@@ -24,6 +26,22 @@ impl Ova {
     /// Writes nothing at all for a rejected archive; never creates links, devices or
     /// directories other than `dir`.
     pub fn extract(&self, dir: &Path, limits: &Limits) -> Result<Extraction> {
+        self.extract_with(dir, limits, &ExtractHooks::default())
+    }
+
+    /// [`Ova::extract`] for a caller that handles signals: `hooks.cancel` stops the writing
+    /// (the temporary files are removed, as on any error), and `hooks.temp` learns each
+    /// temporary file's path (so that a signal handler can remove it when the process cannot
+    /// wait); what it returns is dropped once that file is renamed into place or removed.
+    ///
+    /// # Errors
+    /// As [`Ova::extract`]; `Invalid` when cancelled.
+    pub fn extract_with(
+        &self,
+        dir: &Path,
+        limits: &Limits,
+        hooks: &ExtractHooks<'_>,
+    ) -> Result<Extraction> {
         let findings = self.check_all(limits)?;
         if findings.iter().any(|f| f.severity == Severity::Reject) {
             return Ok(Extraction {
@@ -32,6 +50,7 @@ impl Ova {
                 rejected: true,
             });
         }
+        hooks.check()?;
         let mut plan = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
             if m.kind != MemberKind::Regular {
@@ -57,7 +76,7 @@ impl Ova {
         let created_dir = std::fs::symlink_metadata(dir).is_err();
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(e, format!("creating {}", dir.display())))?;
-        let written = self.write_all(plan).inspect_err(|_| {
+        let written = self.write_all(plan, hooks).inspect_err(|_| {
             if created_dir {
                 // Only succeeds when empty: never removes anything but our own directory.
                 let _ = std::fs::remove_dir(dir);
@@ -74,14 +93,20 @@ impl Ova {
     /// are written, renames each into place without replacing anything. On any failure the
     /// temporary files and the files already renamed are removed: an existing file is never
     /// opened for writing, truncated or replaced.
-    fn write_all(&self, plan: Vec<(usize, PathBuf)>) -> Result<Vec<PathBuf>> {
+    fn write_all(
+        &self,
+        plan: Vec<(usize, PathBuf)>,
+        hooks: &ExtractHooks<'_>,
+    ) -> Result<Vec<PathBuf>> {
         let mut temps = Vec::new();
         for (i, path) in plan {
             // Dropping a temporary file removes it.
-            temps.push((self.write_member(i, &path)?, path));
+            temps.push((self.write_member(i, &path, hooks)?, path));
         }
+        // Past this point every member is written: a signal no longer stops the renames.
+        hooks.check()?;
         let mut written: Vec<PathBuf> = Vec::new();
-        for (tmp, path) in temps {
+        for ((tmp, _registered), path) in temps {
             if let Err(e) = tmp.persist_noclobber(&path) {
                 for p in &written {
                     let _ = std::fs::remove_file(p);
@@ -96,7 +121,12 @@ impl Ova {
         Ok(written)
     }
 
-    fn write_member(&self, i: usize, path: &Path) -> Result<tempfile::NamedTempFile> {
+    fn write_member(
+        &self,
+        i: usize,
+        path: &Path,
+        hooks: &ExtractHooks<'_>,
+    ) -> Result<(tempfile::NamedTempFile, Option<Box<dyn Any>>)> {
         use std::io::Write;
         use std::os::unix::fs::PermissionsExt;
         let dir = path.parent().unwrap_or(Path::new("."));
@@ -106,11 +136,38 @@ impl Ova {
             .permissions(std::fs::Permissions::from_mode(0o644))
             .tempfile_in(dir)
             .map_err(|e| Error::io(e, format!("creating a temporary file in {}", dir.display())))?;
+        let registered = hooks.temp.map(|t| t(tmp.path()));
+        hooks.check()?;
         let src = self.member_source(i)?;
         let f = tmp.as_file_mut();
-        crate::io::for_each_chunk(src.as_ref(), |chunk, _| f.write_all(chunk).map_err(werr))?;
+        crate::io::for_each_chunk(src.as_ref(), |chunk, _| {
+            hooks.check()?;
+            f.write_all(chunk).map_err(werr)
+        })?;
         f.sync_all().map_err(werr)?;
-        Ok(tmp)
+        Ok((tmp, registered))
+    }
+}
+
+/// Learns a temporary file's path; what it returns lives as long as that file.
+pub type TempHook<'a> = dyn Fn(&Path) -> Box<dyn Any> + 'a;
+
+/// What a caller that handles signals gives [`Ova::extract_with`].
+#[derive(Default, Clone, Copy)]
+pub struct ExtractHooks<'a> {
+    /// Set (by a signal handler, say) to stop before the next chunk.
+    pub cancel: Option<&'a AtomicBool>,
+    /// Called with each temporary file's path as soon as it exists; the value it returns is
+    /// dropped when that file is renamed into place or removed.
+    pub temp: Option<&'a TempHook<'a>>,
+}
+
+impl ExtractHooks<'_> {
+    fn check(&self) -> Result<()> {
+        if self.cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+            return Err(Error::invalid("extraction cancelled"));
+        }
+        Ok(())
     }
 }
 

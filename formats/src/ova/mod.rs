@@ -54,7 +54,7 @@ pub use appliance::{
 pub use archive::read_ova;
 pub use dir::{read_ovf_dir, OvfDir};
 pub use disk::{open_disk, DiskEntry};
-pub use extract::Extraction;
+pub use extract::{ExtractHooks, Extraction};
 pub use gzip::{gunzip, SPOOL_THRESHOLD};
 pub use ovf::{Descriptor, DiskDesc, FileRef, VirtualSystem};
 

@@ -1,0 +1,166 @@
+//! Signals for the commands that write files through temporary ones (`convert`,
+//! `ova extract`): none of them may leave a temporary file behind, whatever stops them.
+//!
+//! - SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session): the first one sets a flag
+//!   the command polls; it stops, its error path drops the temporary files and it exits 2. A
+//!   second one does not wait (the command may be blocked on a network read): the handler
+//!   removes every registered temporary file itself and exits 128 + the signal.
+//! - SIGXFSZ (`ulimit -f`) is ignored, so that a write past the limit fails with EFBIG and the
+//!   ordinary error path removes the temporary file, as qemu-img does (the default action kills
+//!   the process and leaves the file).
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+/// The signal that set [`CANCEL`].
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// One slot of the list of temporary files the handler removes: a C string (null when the
+/// slot is free). Slots are leaked and never unlinked from the list, so the handler can walk
+/// it at any time; a free slot is reused.
+struct Slot {
+    path: AtomicPtr<libc::c_char>,
+    next: AtomicPtr<Slot>,
+}
+
+static SLOTS: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    if CANCEL.swap(true, Ordering::SeqCst) {
+        // SAFETY: only atomic loads, unlink and _exit, which are async-signal-safe. Every
+        // slot and every path is a leaked allocation that is never freed while in the list
+        // (a path taken out of a slot is leaked too), so each pointer is null or valid.
+        unsafe {
+            let mut s = SLOTS.load(Ordering::SeqCst);
+            while let Some(slot) = s.as_ref() {
+                let p = slot.path.load(Ordering::SeqCst);
+                if !p.is_null() {
+                    libc::unlink(p);
+                }
+                s = slot.next.load(Ordering::SeqCst);
+            }
+            libc::_exit(128 + sig);
+        }
+    }
+    SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+/// Installs the handlers (see the module's documentation).
+pub fn install() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only touches atomics and calls async-signal-safe functions.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+    // SAFETY: ignoring a signal has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+/// The flag the first signal sets.
+pub fn flag() -> &'static AtomicBool {
+    &CANCEL
+}
+
+/// True once a signal asked the command to stop.
+pub fn cancelled() -> bool {
+    CANCEL.load(Ordering::SeqCst)
+}
+
+/// The name of the signal that stopped the command.
+pub fn signal_name() -> &'static str {
+    match SIGNAL.load(Ordering::SeqCst) {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "SIGINT",
+    }
+}
+
+/// A temporary file the handler removes until this is dropped (when the file was renamed
+/// into place or removed).
+pub struct Registered(Option<&'static Slot>);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0 {
+            // The string is leaked, not freed: the handler may be reading it right now.
+            slot.path.store(std::ptr::null_mut(), Ordering::SeqCst);
+        }
+    }
+}
+
+/// Lets the handler remove `path` until the returned value is dropped.
+pub fn register(path: &Path) -> Registered {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return Registered(None);
+    };
+    let p = c.into_raw();
+    // A free slot first.
+    let mut s = SLOTS.load(Ordering::SeqCst);
+    // SAFETY: slots are leaked `Box`es that live for the rest of the process.
+    while let Some(slot) = unsafe { s.as_ref() } {
+        if slot
+            .path
+            .compare_exchange(std::ptr::null_mut(), p, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return Registered(Some(slot));
+        }
+        s = slot.next.load(Ordering::SeqCst);
+    }
+    let slot: &'static Slot = Box::leak(Box::new(Slot {
+        path: AtomicPtr::new(p),
+        next: AtomicPtr::new(std::ptr::null_mut()),
+    }));
+    let me = slot as *const Slot as *mut Slot;
+    let mut head = SLOTS.load(Ordering::SeqCst);
+    loop {
+        slot.next.store(head, Ordering::SeqCst);
+        match SLOTS.compare_exchange(head, me, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return Registered(Some(slot)),
+            Err(h) => head = h,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_reused_once_released() {
+        let a = register(Path::new("/nonexistent/a"));
+        let b = register(Path::new("/nonexistent/b"));
+        let count = || {
+            let mut n = 0;
+            let mut s = SLOTS.load(Ordering::SeqCst);
+            // SAFETY: as in `register`.
+            while let Some(slot) = unsafe { s.as_ref() } {
+                n += 1;
+                s = slot.next.load(Ordering::SeqCst);
+            }
+            n
+        };
+        let before = count();
+        drop(a);
+        let c = register(Path::new("/nonexistent/c"));
+        assert_eq!(count(), before);
+        drop(b);
+        drop(c);
+        let live = {
+            let mut n = 0;
+            let mut s = SLOTS.load(Ordering::SeqCst);
+            // SAFETY: as in `register`.
+            while let Some(slot) = unsafe { s.as_ref() } {
+                n += usize::from(!slot.path.load(Ordering::SeqCst).is_null());
+                s = slot.next.load(Ordering::SeqCst);
+            }
+            n
+        };
+        assert_eq!(live, 0);
+    }
+}
