@@ -380,3 +380,50 @@ fn measure_raw() {
     let req = v["required"].as_u64().unwrap();
     assert!(req > 0 && req < 8 << 20, "{req}");
 }
+
+/// Report F1: a qcow2 header size and a fixed VHD's current size that are not whole sectors
+/// lose their partial sector, as in qemu: `info` and `convert` give qemu-img's size.
+#[test]
+fn convert_output_sizes_follow_qemu_for_partial_sectors() {
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("odd.qcow2");
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", s(&q), "1M"])
+        .status
+        .success());
+    let mut b = std::fs::read(&q).unwrap();
+    b[24..32].copy_from_slice(&1000u64.to_be_bytes());
+    std::fs::write(&q, &b).unwrap();
+    // A fixed VHD (creator "win ": qemu trusts the current size) of 64 KiB - 100 bytes.
+    let v = d.path().join("odd.vhd");
+    let mut f = vec![0u8; 512];
+    f[..8].copy_from_slice(b"conectix");
+    f[8..12].copy_from_slice(&2u32.to_be_bytes());
+    f[12..16].copy_from_slice(&0x1_0000u32.to_be_bytes());
+    f[16..24].copy_from_slice(&[0xff; 8]);
+    f[28..32].copy_from_slice(b"win ");
+    f[40..48].copy_from_slice(&(65536u64 - 100).to_be_bytes());
+    f[48..56].copy_from_slice(&(65536u64 - 100).to_be_bytes());
+    f[56..60].copy_from_slice(&[0xff, 0xff, 16, 255]);
+    f[60..64].copy_from_slice(&2u32.to_be_bytes());
+    let sum = f.iter().fold(0u32, |a, &x| a.wrapping_add(u32::from(x)));
+    f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    let mut img = vec![3u8; 65536];
+    img.extend(f);
+    std::fs::write(&v, &img).unwrap();
+    for (p, fmt, want) in [(&q, "qcow2", 512u64), (&v, "vpc", 65024)] {
+        let info = json(&glimpse(&["info", "--output", "json", s(p)]));
+        assert_eq!(info["virtual-size"], want, "{fmt}");
+        let ours = d.path().join(format!("{fmt}.ours.raw"));
+        let theirs = d.path().join(format!("{fmt}.qemu.raw"));
+        let o = glimpse(&["convert", "-O", "raw", s(p), s(&ours)]);
+        assert_eq!(code(&o), 0, "{fmt}: {}", stderr(&o));
+        let q = qemu_img(&["convert", "-f", fmt, "-O", "raw", s(p), s(&theirs)]);
+        assert!(q.status.success(), "{fmt}: {}", stderr(&q));
+        let (a, b) = (
+            std::fs::read(&ours).unwrap(),
+            std::fs::read(&theirs).unwrap(),
+        );
+        assert_eq!(a.len() as u64, want, "{fmt}");
+        assert!(a == b, "{fmt}: glimpse's output differs from qemu-img's");
+    }
+}

@@ -114,6 +114,7 @@ pub const ALL: &[&str] = &[
     "vhd.duplicate-block",
     "vhd.dynamic-header",
     "vhd.entry-into-metadata",
+    "vhd.fixed-size",
     "vhd.footer-mismatch",
     "vhd.metadata-overlap",
     "vhd.size-mismatch",

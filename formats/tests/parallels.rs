@@ -179,6 +179,11 @@ fn hostile_fixtures_give_their_codes() {
         ("extension-bad-checksum.parallels", "parallels.extension"),
         ("extension-over-bat.parallels", "parallels.metadata-overlap"),
         ("DiskDescriptor.xml", "parallels.descriptor"),
+        (
+            "descriptor-after-doctype-and-comment.xml",
+            "parallels.descriptor",
+        ),
+        ("descriptor-utf16.xml", "parallels.descriptor"),
     ];
     let mut seen = 0;
     for (name, code) in cases {
@@ -218,6 +223,16 @@ fn hostile_fixtures_give_their_codes() {
         })
         .count();
     assert_eq!(seen, on_disk, "every hostile file has a case");
+    // Behind any XML prolog, in UTF-16 too, the rejection names the file the descriptor lists.
+    for name in [
+        "descriptor-after-doctype-and-comment.xml",
+        "descriptor-utf16.xml",
+    ] {
+        let e = open(src(&dir.join(name)), Format::Parallels, &Limits::default())
+            .err()
+            .unwrap();
+        assert!(e.message().contains("root.hds"), "{name}: {}", e.message());
+    }
     // The descriptor's rejection names the file it lists.
     let e = open(
         src(&dir.join("DiskDescriptor.xml")),

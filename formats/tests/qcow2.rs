@@ -633,7 +633,9 @@ fn hostile_fixtures_give_their_codes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/qcow2");
     // qemu-img check passes a cluster cut short by EOF (it reads zeros there); glimpse's
     // readers cannot read it, so check rejects it.
-    let qemu_passes = ["data-past-eof"];
+    // Nor does it look at a version 2 L2 entry's reserved zero flag, though every read of
+    // that cluster fails (asserted below).
+    let qemu_passes = ["data-past-eof", "v2-zero-flag"];
     // The codes are asserted against fixtures/hostile/qcow2/expected-codes.
     for (fx, report) in glimpse_testkit::hostile::check_dir("qcow2") {
         let p = fx.path;
@@ -669,6 +671,26 @@ fn hostile_fixtures_give_their_codes() {
     }
     let img = open_path(&dir.join("backing-file.qcow2"));
     assert_eq!(img.info().backing_file().unwrap().target, "/etc/shadow");
+    // qemu fails the read of a version 2 zero-flagged cluster, and cannot open an image
+    // whose snapshot table offset is misaligned even with no snapshots.
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, says) in [
+        ("v2-zero-flag", "Zero cluster entry found in pre-v3 image"),
+        (
+            "snapshot-offset-misaligned",
+            "Snapshot table offset invalid",
+        ),
+    ] {
+        let q = Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(dir.join(format!("{name}.qcow2")))
+            .arg(tmp.path().join("out.raw"))
+            .output()
+            .expect("qemu-img");
+        assert_eq!(q.status.code(), Some(1), "{name}");
+        let err = String::from_utf8_lossy(&q.stderr);
+        assert!(err.contains(says), "{name}: {err}");
+    }
 }
 
 #[test]
@@ -942,4 +964,21 @@ fn large_generated_cases_keep_their_verdicts() {
         (e.kind(), e.finding_code()),
         (ErrorKind::LimitExceeded, "table.too-large")
     );
+}
+
+/// Report F1: qemu keeps `size / 512` whole sectors of a header size that is not a multiple
+/// of 512; glimpse's virtual size (and so its map, reads and conversions) is the same.
+#[test]
+fn virtual_size_is_whole_sectors_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (n, size) in [1000u64, 1, 511, (64 << 20) + 100].into_iter().enumerate() {
+        let p = d.join(format!("s{n}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "64M"]);
+        let mut b = std::fs::read(&p).unwrap();
+        b[24..32].copy_from_slice(&size.to_be_bytes());
+        std::fs::write(&p, &b).unwrap();
+        assert_eq!(open_path(&p).info().virtual_size, size / 512 * 512);
+        agree_with_qemu(d, &p);
+    }
 }

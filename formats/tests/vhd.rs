@@ -201,3 +201,57 @@ fn hostile_fixtures_give_their_findings() {
         .iter()
         .any(|r| r.target.ends_with("parent.vhd")));
 }
+
+/// Report F1 and F7: a fixed VHD's size is whole sectors, as `qemu-img info -f vpc` reports
+/// it, and a footer whose size is not the data before it is refused, while the file qemu-img
+/// probes (as raw) is the whole file.
+#[test]
+fn fixed_vhd_sizes_follow_qemu_and_must_match_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let footer = |current: u64| {
+        let mut f = vec![0u8; 512];
+        f[..8].copy_from_slice(b"conectix");
+        f[8..12].copy_from_slice(&2u32.to_be_bytes());
+        f[12..16].copy_from_slice(&0x1_0000u32.to_be_bytes());
+        f[16..24].copy_from_slice(&[0xff; 8]);
+        f[28..32].copy_from_slice(b"win ");
+        f[40..48].copy_from_slice(&current.to_be_bytes());
+        f[48..56].copy_from_slice(&current.to_be_bytes());
+        f[56..60].copy_from_slice(&[0xff, 0xff, 16, 255]);
+        f[60..64].copy_from_slice(&2u32.to_be_bytes());
+        let sum = f.iter().fold(0u32, |a, &b| a.wrapping_add(u32::from(b)));
+        f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+        f
+    };
+    // (data bytes, current size, passes)
+    for (n, (data, current, ok)) in [
+        (1 << 20, (1 << 20) - 100, true),
+        (1 << 20, 1 << 20, true),
+        (4 << 20, 1 << 20, false),
+        (1 << 20, (1 << 20) - 1000, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = dir.path().join(format!("f{n}.vhd"));
+        let mut b = vec![5u8; data];
+        b.extend(footer(current));
+        std::fs::write(&p, &b).unwrap();
+        let img = open(src(&p), Format::Vhd, &Limits::default()).unwrap();
+        assert_eq!(img.info().virtual_size, qemu_virtual_size(&p, "vpc"), "{n}");
+        let report = inspect_as(src(&p), Format::Vhd, &Limits::default());
+        let codes: Vec<&str> = report.findings.iter().map(|f| f.code).collect();
+        if ok {
+            assert_eq!(report.verdict(), Verdict::Pass, "{n}: {codes:?}");
+        } else {
+            assert_eq!(codes, ["vhd.fixed-size"], "{n}");
+            assert_eq!(report.verdict(), Verdict::Reject, "{n}");
+        }
+    }
+    // qemu-img probes the F7 fixture as a raw disk of the whole file.
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/hostile/vhd/raw-with-fixed-footer.vhd");
+    let json = qemu_img(&["info", "--output=json", fx.to_str().unwrap()]);
+    assert!(json.contains("\"format\": \"raw\""), "{json}");
+    assert!(json.contains("\"virtual-size\": 65536"), "{json}");
+}

@@ -14,6 +14,7 @@
 
 pub mod check;
 pub mod header;
+mod prolog;
 
 use crate::error::{Error, Result};
 use crate::finding::Finding;
@@ -36,8 +37,8 @@ const MAX_SCAN: u64 = 1 << 16;
 pub(crate) const MAX_REPORTED: usize = crate::finding::PER_CODE;
 /// The root element of a ploop `DiskDescriptor.xml`.
 const DESCRIPTOR_TAG: &[u8] = b"<Parallels_disk_image";
-/// How far into the file the descriptor's root element is looked for.
-const DESCRIPTOR_SEARCH: usize = 1024;
+/// How far into the file the descriptor's root element is looked for: the probe's head.
+const DESCRIPTOR_SEARCH: usize = crate::probe::HEAD_LEN;
 /// File names a descriptor rejection lists at most.
 const MAX_NAMES: usize = 16;
 
@@ -48,31 +49,26 @@ pub fn probe(p: &Probe<'_>) -> bool {
     p.starts_with(&MAGIC_V1[..]) || p.starts_with(&MAGIC_EXT[..]) || is_descriptor(&p.head)
 }
 
-/// True when `head` is a ploop `DiskDescriptor.xml`: its root element within the first KiB,
-/// after nothing but an XML declaration, whitespace and a byte-order mark.
+/// True when `head` is a ploop `DiskDescriptor.xml`: after a byte-order mark and any XML
+/// prolog (declaration, comments, processing instructions, a document type declaration,
+/// whitespace; UTF-8 or UTF-16), the root element is `<Parallels_disk_image>`. A head that
+/// fills the whole search window and ends inside such a prolog counts too: libxml2 would read
+/// on, and no disk starts with 64 KiB of XML prolog.
 pub fn is_descriptor(head: &[u8]) -> bool {
     let window = head
         .get(..head.len().min(DESCRIPTOR_SEARCH))
         .unwrap_or_default();
-    let Some(at) = window
-        .windows(DESCRIPTOR_TAG.len())
-        .position(|w| w == DESCRIPTOR_TAG)
-    else {
-        return false;
-    };
-    let before = window.get(..at).unwrap_or_default();
-    let before = before.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(before);
-    let text = String::from_utf8_lossy(before);
-    let t = text.trim();
-    t.is_empty()
-        || (t.starts_with("<?xml")
-            && t.ends_with("?>")
-            && !t.get(5..).unwrap_or_default().contains('<'))
+    let full = window.len() >= DESCRIPTOR_SEARCH;
+    matches!(
+        prolog::root_is(window, DESCRIPTOR_TAG, full),
+        prolog::Root::Descriptor | prolog::Root::Unfinished
+    )
 }
 
 /// The `<File>` names a descriptor lists (at most [`MAX_NAMES`]), lossily decoded.
 pub fn descriptor_files(text: &[u8]) -> Vec<String> {
-    let text = String::from_utf8_lossy(text);
+    let text = prolog::text(text);
+    let text = String::from_utf8_lossy(&text);
     let mut out = Vec::new();
     let mut rest: &str = &text;
     while out.len() < MAX_NAMES {

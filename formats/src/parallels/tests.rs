@@ -322,11 +322,17 @@ fn descriptor_names_are_bounded_and_a_bom_is_allowed() {
         .err()
         .unwrap();
     assert!(e.message().contains("no image file"), "{}", e.message());
-    // Not a descriptor: the root element after other text, or too far in.
+    // Not a descriptor: the root element after other text.
     assert!(!is_descriptor(b"hello <Parallels_disk_image>"));
+    // Report F5: an XML parser skips any prolog, so detection does too (prolog.rs has the
+    // cases); a prolog longer than the 64 KiB window is refused rather than called raw.
     let mut far = vec![b' '; 2000];
     far.extend(b"<Parallels_disk_image>");
-    assert!(!is_descriptor(&far));
+    assert!(is_descriptor(&far));
+    let mut long = b"<?xml version='1.0'?><!--".to_vec();
+    long.resize(DESCRIPTOR_SEARCH, b'x');
+    assert!(is_descriptor(&long));
+    assert!(!is_descriptor(&long[..1000]));
     assert_eq!(
         open_bytes(b"not an image at all").err().unwrap().kind(),
         ErrorKind::Invalid

@@ -23,7 +23,7 @@ use super::header::{self, MAX_SNAPSHOTS};
 use super::refcount::{self, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 use super::table::{
     self, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
-    OFLAG_COMPRESSED, OFLAG_COPIED, SECTOR,
+    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SECTOR,
 };
 use super::Qcow2Image;
 
@@ -495,6 +495,17 @@ impl Walk<'_> {
         let geo = self.img.geo;
         let cs = geo.cluster_size();
         self.reserved("L2 entry", entry, L2E_STD_RESERVED_MASK, at);
+        // Version 2 reserves bit 0: qemu calls the image corrupt ("Zero cluster entry found
+        // in pre-v3 image") and fails the read, where glimpse's reader would serve zeros.
+        if self.img.header.version < 3 && entry & OFLAG_ZERO != 0 {
+            self.l2_problem(
+                "qcow2.reserved-bits",
+                format!(
+                    "L2 entry {entry:#018x} has the zero flag (bit 0) set, which version 2 reserves; qemu refuses to read the cluster"
+                ),
+                at,
+            );
+        }
         if let Err(err) = table::decode(&geo, entry, bitmap) {
             self.l2_problem(
                 "qcow2.l2-entry-out-of-bounds",

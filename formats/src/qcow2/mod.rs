@@ -75,7 +75,9 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
     let (backing, ext) = parsed?;
 
     let mut findings = Vec::new();
-    let mut info = ImageInfo::new(Format::Qcow2, h.size);
+    // qemu keeps whole sectors (total_sectors = size / 512) and so does glimpse: a size
+    // that is not a multiple of 512 loses its partial sector.
+    let mut info = ImageInfo::new(Format::Qcow2, h.size & !511);
     info.actual_size = src.allocated_size();
     info.cluster_size = Some(cs);
     references(&h, &ext, backing, &mut info, &mut findings);
@@ -321,7 +323,19 @@ fn check_snapshot_table(
                 .code("qcow2.snapshot-table"),
         );
     }
-    if h.nb_snapshots > 0 {
+    if h.nb_snapshots == 0 {
+        // qemu validates the offset even when there are no snapshots (qcow2_validate_table
+        // at open): it must be cluster aligned and below 2^63, or the image does not open.
+        let cs = h.cluster_size();
+        if h.snapshots_offset.checked_rem(cs) != Some(0) || h.snapshots_offset >> 63 != 0 {
+            return Err(Error::invalid(format!(
+                "snapshot table offset {:#x} is invalid (not aligned to the {cs}-byte cluster, or past 2^63) although there are no snapshots; qemu refuses to open the image",
+                h.snapshots_offset
+            ))
+            .at(64)
+            .code("qcow2.snapshot-table"));
+        }
+    } else {
         // Entries are at least 40 bytes; `check` walks them.
         check_table(
             TableSpec {

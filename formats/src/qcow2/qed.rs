@@ -74,6 +74,14 @@ pub fn open(src: Source, limits: &Limits) -> Result<QedImage> {
             .at(8)
             .code("qed.header"));
     }
+    // qemu refuses a size that is not whole sectors ("QED image size is invalid").
+    if size % 512 != 0 {
+        return Err(Error::invalid(format!(
+            "QED image size {size} is not a multiple of 512; qemu refuses it"
+        ))
+        .at(48)
+        .code("qed.header"));
+    }
     let mut info = ImageInfo::new(Format::Qed, size);
     info.cluster_size = Some(u64::from(cluster));
     info.actual_size = src.allocated_size();
@@ -161,5 +169,18 @@ mod tests {
         let r = img.info().backing_file().unwrap();
         assert!(r.target.ends_with("base.raw"));
         assert!((&img as &dyn Image).mapping(0, 1).is_err());
+
+        // Report F1 class: an image size that is not whole sectors; qemu cannot open it.
+        let mut b = std::fs::read(&p).unwrap();
+        b[48..56].copy_from_slice(&((3u64 << 20) - 100).to_le_bytes());
+        std::fs::write(&p, &b).unwrap();
+        let q = std::process::Command::new("qemu-img")
+            .arg("info")
+            .arg(&p)
+            .output()
+            .expect("qemu-img must be installed");
+        assert!(String::from_utf8_lossy(&q.stderr).contains("QED image size is invalid"));
+        let e = open(Arc::new(b), &Limits::default()).err().unwrap();
+        assert_eq!(e.finding_code(), "qed.header");
     }
 }

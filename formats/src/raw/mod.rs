@@ -2,7 +2,9 @@
 //!
 //! The virtual size is the file's exact length, as Glance reports it. qemu-img rounds a raw
 //! file's size up to a whole 512-byte sector; glimpse does not, because the bytes past the end
-//! do not exist.
+//! do not exist, and because `upload` and `audit` hold Glance's `virtual_size` to glimpse's
+//! (`cli/tests/cli.rs`: `raw_size_is_the_exact_file_length_not_rounded_like_qemu`). Every other format's size is whole
+//! sectors, as qemu's.
 
 use crate::error::Result;
 use crate::finding::Finding;

@@ -349,19 +349,40 @@ fn parent(h: &Header, findings: &mut Vec<Finding>) -> Vec<Reference> {
     if !differencing {
         return Vec::new();
     }
-    let parent = uuid_string(&h.uuid_link);
+    // The link UUID (byte 424) names the parent image; the parent UUID (byte 440, its last
+    // modification) is the other half. Name whichever is set, never a nil UUID as the parent.
+    let link = uuid_string(&h.uuid_link);
+    let modify = uuid_string(&h.uuid_parent_modify);
+    let (parent, at, named) = match (h.uuid_link != [0; 16], h.uuid_parent_modify != [0; 16]) {
+        (true, true) => (
+            link.clone(),
+            424,
+            format!("parent image {link} (parent modification UUID {modify})"),
+        ),
+        (true, false) => (link.clone(), 424, format!("parent image {link}")),
+        (false, true) => (
+            modify.clone(),
+            440,
+            format!("a parent with parent UUID {modify} (the link UUID is nil)"),
+        ),
+        (false, false) => (
+            link.clone(),
+            424,
+            "an unnamed parent (the link and parent UUIDs are nil)".to_string(),
+        ),
+    };
     findings.push(
         Finding::reject(
             "vdi.differencing",
-            format!("a differencing VDI (type {}) over parent image {parent}: its unallocated blocks live in another file, which glimpse never opens", h.image_type),
+            format!("a differencing VDI (type {}) over {named}: its unallocated blocks live in another file, which glimpse never opens", h.image_type),
         )
-        .at(424),
+        .at(at),
     );
     vec![Reference {
         kind: RefKind::ParentLocator,
         target: format!("uuid:{parent}"),
         format: Some("vdi".into()),
-        offset: Some(424),
+        offset: Some(at),
     }]
 }
 

@@ -239,12 +239,27 @@ fn differencing_images_are_reported() {
         img.info().references[0].target,
         "uuid:00112233-4455-6677-8899-010203040506"
     );
-    // A normal type with a parent UUID is differencing too.
+    assert!(img.findings()[0]
+        .message
+        .contains("over parent image 00112233-4455-6677-8899-010203040506:"));
+    // A normal type with a parent UUID is differencing too; the message names that UUID,
+    // not the nil link UUID (report: "vdi_parent_uuid.vdi").
     let mut b = build(MIB, &[UNALLOCATED], TYPE_DYNAMIC);
-    b[440] = 1;
+    b[440..456].copy_from_slice(&[0x22; 16]);
+    let img = open_bytes(&b).unwrap();
+    assert_eq!(codes(img.findings()), ["vdi.differencing"]);
+    let f = &img.findings()[0];
+    assert!(
+        f.message
+            .contains("parent UUID 22222222-2222-2222-2222-222222222222"),
+        "{}",
+        f.message
+    );
+    assert!(!f.message.contains("00000000-0000"), "{}", f.message);
+    assert_eq!(f.offset, Some(440));
     assert_eq!(
-        codes(open_bytes(&b).unwrap().findings()),
-        ["vdi.differencing"]
+        img.info().references[0].target,
+        "uuid:22222222-2222-2222-2222-222222222222"
     );
 }
 

@@ -188,6 +188,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VhdImage> {
             .at(footer_at)
             .code("vhd.truncated"));
         }
+        fixed_data_matches(&footer, footer_at, size, &mut findings);
         None
     } else {
         let d = open_dynamic(
@@ -296,6 +297,27 @@ fn choose_footer(
     }
 }
 
+/// A fixed disk is its data followed by the footer, so the bytes before the footer are the
+/// current size (rounded up to a whole sector when the size is odd). Anything else is a file
+/// two readers see differently: a raw disk whose last sector happens to be a footer is, to
+/// qemu-img (which looks for "conectix" at offset 0 only), a raw disk of the whole file, and to
+/// a VHD reader a smaller (or larger) disk.
+fn fixed_data_matches(footer: &Footer, footer_at: u64, size: u64, findings: &mut Vec<Finding>) {
+    let data = footer.current_size.div_ceil(SECTOR).saturating_mul(SECTOR);
+    if data != footer_at {
+        findings.push(
+            Finding::reject(
+                "vhd.fixed-size",
+                format!(
+                    "the fixed-VHD footer declares a {} byte disk but {footer_at} bytes precede it; qemu-img probes this file as a {size} byte raw disk, a VHD reader as a {} byte one",
+                    footer.current_size, footer.current_size
+                ),
+            )
+            .at(footer_at.saturating_add(48)),
+        );
+    }
+}
+
 /// Checks the chosen footer's checksum, parses it and accepts only the three disk types.
 fn parse_footer(chosen: &Chosen) -> Result<Footer> {
     let footer_at = chosen.at;
@@ -336,8 +358,10 @@ fn disk_size(footer: &Footer, footer_at: u64, findings: &mut Vec<Finding>) -> Re
         .unwrap_or(0)
         .saturating_mul(SECTOR);
     let uses_chs = footer.qemu_uses_chs();
+    // QEMU keeps whole sectors (total_sectors = current_size / 512): so does glimpse, for
+    // fixed disks too, whose size is the current size (the data area) whatever the creator.
     let virtual_size = if fixed {
-        footer.current_size
+        current
     } else if uses_chs {
         chs_bytes
     } else {

@@ -503,3 +503,27 @@ fn a_huge_empty_disk_maps_in_a_few_bounded_calls() {
         .iter()
         .all(|e| e.kind == ExtentKind::Unallocated && e.len <= (MAX_SCAN + 1) * BLOCK));
 }
+
+#[test]
+fn fixed_footer_size_must_match_the_data() {
+    let fixed = |data: usize, current: u64| {
+        let mut b = vec![7u8; data];
+        b.extend(footer(TYPE_FIXED, current, b"win ", u64::MAX));
+        open(Arc::new(b), &Limits::default()).unwrap()
+    };
+    // Report F7: a raw disk whose last sector is a footer declaring 16 KiB. qemu-img
+    // probes the file as a raw disk of the whole file; a VHD reader sees 16 KiB.
+    let img = fixed(65536, 16384);
+    assert_eq!(img.info().virtual_size, 16384);
+    assert_eq!(codes(img.findings()), ["vhd.fixed-size"]);
+    let f = &img.findings()[0];
+    assert!(f.message.contains("66048 byte raw disk"), "{}", f.message);
+    // Data shorter than an odd current size's whole sectors.
+    assert_eq!(codes(fixed(3584, 4000).findings()), ["vhd.fixed-size"]);
+    // Exact data, and an odd current size whose data is rounded up to a whole sector
+    // (report F1b): accepted; the size is whole sectors, as qemu-img -f vpc reports it.
+    assert!(fixed(65536, 65536).findings().is_empty());
+    let img = fixed(4096, 4000);
+    assert!(img.findings().is_empty());
+    assert_eq!(img.info().virtual_size, 3584);
+}

@@ -302,6 +302,23 @@ pub fn read_items(
             region.offset.saturating_add(u64::from(lss.offset)),
         ));
     }
+    // The spec allows 4096-byte logical sectors (Hyper-V writes them), but qemu opens only
+    // 512-byte ones ("Operation not supported"): a disk a KVM host cannot boot.
+    if logical_sector_size == 4096 {
+        return Err(Error::unsupported(
+            "logical sector size 4096: qemu reads only VHDX disks with 512-byte logical sectors",
+        )
+        .at(region.offset.saturating_add(u64::from(lss.offset)))
+        .code("vhdx.metadata"));
+    }
+    // qemu refuses a disk of size 0 (its BAT entry count underflows and the BAT region is
+    // then too small: "Invalid argument").
+    if virtual_disk_size == 0 {
+        return Err(meta_err(
+            "virtual disk size 0: qemu refuses to open such a disk",
+            region.offset.saturating_add(u64::from(vs.offset)),
+        ));
+    }
     let physical_sector_size = le32(
         &read_item(src, region, &pss, 4, budget, "Physical Sector Size")?,
         0,

@@ -752,14 +752,31 @@ fn logical_sector_size_4096() {
     let mut v = small();
     let at = item_at(&v, metadata::LOGICAL_SECTOR_SIZE);
     put32(&mut v, at, 4096);
-    let img = open_v(v).unwrap();
-    assert_eq!(img.info().details["logical-sector-size"], 4096);
+    // Report F6: qemu refuses it ("Operation not supported"), so glimpse does too.
+    assert_eq!(
+        err_code(open_v(v)),
+        (ErrorKind::Unsupported, "vhdx.metadata")
+    );
     // 2^23 sectors of 4 KiB per chunk: 32768 payload blocks of 1 MiB per bitmap entry.
-    assert_eq!(img.geo.chunk_ratio, 32768);
-    assert!(matches!(
-        (&img as &dyn Image).mapping(0, 1).unwrap().kind,
-        ExtentKind::Data { .. }
-    ));
+    assert_eq!(
+        Geometry::new(1 << 20, 4096, 4 << 20, false).chunk_ratio,
+        32768
+    );
+}
+
+#[test]
+fn virtual_disk_size_zero_is_refused() {
+    // Report F6: qemu cannot open a VHDX of size 0 ("Invalid argument"); size 1 (no whole
+    // sector) opens in both, as a 0-byte disk.
+    let mut v = small();
+    let at = item_at(&v, metadata::VIRTUAL_DISK_SIZE) as usize;
+    v[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+    assert_eq!(
+        err_code(open_v(v.clone())),
+        (ErrorKind::Invalid, "vhdx.metadata")
+    );
+    v[at..at + 8].copy_from_slice(&1u64.to_le_bytes());
+    assert_eq!(open_v(v).unwrap().info().virtual_size, 0);
 }
 
 #[test]

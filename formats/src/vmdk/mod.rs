@@ -467,6 +467,17 @@ fn open_sparse(src: Source, size: u64, head: &[u8], limits: &Limits) -> Result<V
     } else {
         (h, 0)
     };
+    // qemu refuses a file shorter than the header's grain offset ("File truncated, expecting
+    // at least N bytes"), whether or not any grain lies there.
+    let grains_at = hdr.overhead.saturating_mul(SECTOR);
+    if size < grains_at {
+        return Err(Error::truncated(format!(
+            "the header puts the first grain at sector {} (byte {grains_at}), past the end of the {size} byte file; qemu refuses to open it",
+            hdr.overhead
+        ))
+        .at(hdr_at.saturating_add(64))
+        .code("vmdk.header"));
+    }
 
     let self_name = if let Some(desc) = &desc {
         syntax_findings(desc, &mut findings);

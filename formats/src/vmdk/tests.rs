@@ -657,3 +657,21 @@ fn check_charges_its_lists_and_gives_them_back() {
     assert_eq!(e.kind(), ErrorKind::LimitExceeded, "{e}");
     assert_eq!(limits.budget().left(), 400_000 - 120_000);
 }
+
+#[test]
+fn grain_offset_past_the_end_is_refused_like_qemu() {
+    // Report F6: grain_offset (overHead, byte 64) = 0xffffffff sectors; qemu: "File
+    // truncated, expecting at least 2199023255040 bytes".
+    let mut b = sparse();
+    b[64..72].copy_from_slice(&0xffff_ffffu64.to_le_bytes());
+    let e = open_bytes(b).err().unwrap();
+    assert_eq!(
+        (e.kind(), e.finding_code()),
+        (crate::error::ErrorKind::Truncated, "vmdk.header")
+    );
+    // Exactly the file's length (no grain after it) still opens.
+    let mut b = sparse();
+    let sectors = b.len() as u64 / 512;
+    b[64..72].copy_from_slice(&sectors.to_le_bytes());
+    assert!(open_bytes(b).is_ok());
+}
