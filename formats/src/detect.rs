@@ -123,7 +123,9 @@ pub fn detect_probe(p: &Probe<'_>) -> Detection {
     if matches.iter().any(by_magic) {
         matches.retain(|f| !matches!(f, Format::Dmg | Format::Cloop));
     }
-    let partition_table = p.head_at(0, 512).is_some_and(partition_signature);
+    // A fixed (footer-only) VHD's first sector is guest data: its partition table is content,
+    // as a raw disk's is.
+    let partition_table = !fixed_vhd && p.head_at(0, 512).is_some_and(partition_signature);
     Detection {
         matches,
         partition_table,

@@ -194,4 +194,28 @@ fn containers_carrying_a_partition_table_signature_are_ambiguous() {
     raw[511] = 0xAA;
     let det = detect(&raw).unwrap();
     assert!(det.partition_table && !det.is_ambiguous());
+    // The same disk as a fixed VHD (the guest bytes, then a footer): its partition table is
+    // content.
+    let path = tmp.path().join("raw.img");
+    std::fs::write(&path, &raw).unwrap();
+    let vhd = tmp.path().join("fixed.vhd");
+    let st = std::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+        ])
+        .arg(&path)
+        .arg(&vhd)
+        .status()
+        .expect("qemu-img must be installed");
+    assert!(st.success());
+    let det = detect(&std::fs::read(&vhd).unwrap()).unwrap();
+    assert_eq!(det.matches, [Format::Vhd]);
+    assert!(!det.is_ambiguous(), "{:?}", det.names());
 }
