@@ -484,6 +484,11 @@ class H(socketserver.StreamRequestHandler):
                         ('Content-Length', 0)])
         return True
 
+    # a Content-Length past 2^64: a reply no retry will fix
+    def m_cl_over(self, f, rng, n):
+        self.send(200, [('Content-Length', 2 ** 70), ('Connection', 'close')], b'x')
+        return False
+
     def m_forbidden(self, f, rng, n):
         self.send(403, [('Content-Length', 6)], b'denied')
         return True
@@ -699,6 +704,12 @@ fn a_redirect_says_so_and_permanent_errors_are_not_retried() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).1.contains("HTTP 403"), "{:?}", text(&o));
     assert_eq!(requests(&u), 1);
+    // so is a reply that breaks HTTP
+    let u = hurl("cl_over", f);
+    let o = run(&["checksum", &u]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("content-length"), "{:?}", text(&o));
+    assert_eq!(requests(&u), 1);
     // 429 is transient: retried, and then the answer is right
     let o = run(&["checksum", "--algo", "md5", &hurl("busy", f)]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
@@ -772,4 +783,84 @@ fn a_body_that_stalls_is_given_up_on_after_the_stall_limit_and_retried() {
         took >= std::time::Duration::from_secs(29) && took < std::time::Duration::from_secs(60),
         "took {took:?}"
     );
+}
+
+#[test]
+fn an_untrusted_certificate_is_not_retried() {
+    // F11: a TLS failure fails the same way every time: one connection, not five.
+    let dir = tempfile::tempdir().unwrap();
+    let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is required for the TLS test");
+    assert!(st.success());
+    let count = dir.path().join("connections");
+    let script = "import functools, http.server, os, ssl, sys, threading, time\n\
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+        ctx.load_cert_chain(sys.argv[1], sys.argv[2])\n\
+        n = [0]\n\
+        class S(http.server.ThreadingHTTPServer):\n    \
+            def get_request(self):\n        \
+                s, a = self.socket.accept()\n        \
+                n[0] += 1\n        \
+                open(sys.argv[4], 'w').write(str(n[0]))\n        \
+                return ctx.wrap_socket(s, server_side=True), a\n\
+        h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])\n\
+        srv = S(('127.0.0.1', 0), h)\n\
+        print(srv.server_address[1], flush=True)\n\
+        def watch():\n    \
+            while True:\n        \
+                time.sleep(0.5)\n        \
+                try:\n            os.kill(int(sys.argv[5]), 0)\n        \
+                except OSError:\n            os._exit(0)\n\
+        threading.Thread(target=watch, daemon=True).start()\n\
+        srv.serve_forever()\n";
+    let p = raw("f11-tls.raw", 1 << 20);
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&cert)
+        .arg(&key)
+        .arg(www(BIN))
+        .arg(&count)
+        .arg(std::process::id().to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let u = format!(
+        "https://127.0.0.1:{}/{}",
+        port.trim(),
+        p.file_name().unwrap().to_str().unwrap()
+    );
+    let o = run(&["info", &u]);
+    let err = text(&o).1;
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.to_ascii_lowercase().contains("certificate"), "{err}");
+    assert_eq!(std::fs::read_to_string(&count).unwrap(), "1", "{err}");
+    // the same server is fine when told to trust it
+    let o = run(&["checksum", "--insecure", &u]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let _ = child.kill();
+    let _ = child.wait();
 }
