@@ -456,16 +456,24 @@ impl Inner {
 
     /// Fills `buf` with the bytes at `offset` (all inside the object) in one ranged GET.
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if buf.is_empty() {
-            return Ok(());
+        let body = self.fetch_vec(buf.len(), offset)?;
+        buf.copy_from_slice(&body);
+        Ok(())
+    }
+
+    /// The `len` bytes at `offset` (all inside the object), in one ranged GET. The body is
+    /// read into a buffer of the worker thread's own (see [`cancel`]), handed over whole.
+    fn fetch_vec(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
         }
         if !self.ranges {
             return Err(io::Error::new(io::ErrorKind::Unsupported, NO_RANGES));
         }
         let end = offset
-            .checked_add(buf.len() as u64 - 1)
+            .checked_add(len as u64 - 1)
             .ok_or_else(|| io::Error::other("range past 2^64"))?;
-        let body = self.retry(|| {
+        self.retry(|| {
             let resp = self.get(Some((offset, Some(end))), true)?;
             match resp.status().as_u16() {
                 206 => {}
@@ -484,16 +492,23 @@ impl Inner {
                     "the server returned bytes {a}-{b} when bytes {offset}-{end} were asked"
                 )));
             }
-            self.read_body(resp, buf.len() as u64)
-        })?;
-        buf.copy_from_slice(&body);
-        Ok(())
+            self.read_body(resp, len as u64)
+        })
     }
 
     /// As [`Inner::fetch`], but the whole blocks that open the range come from the cache when
     /// they are there (the first block, which opening the source fetched): a front-to-back
     /// read does not fetch them again.
-    fn fetch_after_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    fn fetch_after_cached(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        let first = match offset % BLOCK {
+            0 => self.cache.get(offset / BLOCK).map_err(io::Error::other)?,
+            _ => None,
+        };
+        if first.is_none() {
+            // The usual case: nothing cached, the fetched buffer is the chunk.
+            return self.fetch_vec(len, offset);
+        }
+        let mut buf = vec![0; len];
         let mut done = 0usize;
         loop {
             let pos = offset.saturating_add(done as u64);
@@ -512,10 +527,10 @@ impl Inner {
                 break;
             }
         }
-        match buf.get_mut(done..) {
-            Some(rest) => self.fetch(rest, offset.saturating_add(done as u64)),
-            None => Ok(()),
+        if let Some(rest) = buf.get_mut(done..) {
+            self.fetch(rest, offset.saturating_add(done as u64))?;
         }
+        Ok(buf)
     }
 
     /// Block `b`, from the cache or the server; on a miss after block `b - 1` (reads running
@@ -566,8 +581,7 @@ impl Inner {
                 .ok_or_else(|| io::Error::other("a block past the end of the object"))
                 .and_then(|(start, end)| {
                     let len = usize::try_from(end - start).map_err(io::Error::other)?;
-                    let mut buf = vec![0u8; len];
-                    self.fetch(&mut buf, start).map(|()| buf)
+                    self.fetch_vec(len, start)
                 });
             let mut first = None;
             if let Ok(buf) = &result {
