@@ -41,6 +41,14 @@ pub fn open_random(path: &Path) -> anyhow::Result<Source> {
         if !src.ranges_supported() {
             anyhow::bail!("{}", crate::remote::NO_RANGES);
         }
+        if !src.pinned() {
+            // Each read is its own request: nothing ties them to one version of the object.
+            eprintln!(
+                "glimpse: warning: {}: the server sends no ETag or Last-Modified, so a change \
+                 of the object while it is read cannot be detected",
+                src.shown()
+            );
+        }
         return Ok(Arc::new(src));
     }
     let Opened { file, .. } = open_input(path, Access::Random)?;

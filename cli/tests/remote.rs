@@ -345,3 +345,522 @@ fn a_server_without_range_support_is_refused_but_checksum_streams_it() {
     assert_eq!(strip(json(&l)), strip(json(&r)));
     assert!(text(&r).1.contains("range requests not supported"));
 }
+
+/// A misbehaving HTTP/1.1 server on 127.0.0.1 (Python, raw sockets), serving [`www`]'s files
+/// at `/<mode>/<file>?<run>` with misbehaviour `<mode>`; `/count/<mode>/<file>?<run>` answers
+/// how many requests that URL had. Each run of glimpse uses its own query, so that counters
+/// (which decide what each request gets) do not mix.
+fn hostile() -> &'static str {
+    static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    H.get_or_init(|| {
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(HOSTILE_PY)
+            .arg(remote_support::www(BIN))
+            .arg(std::process::id().to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 is required for the hostile-server tests");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let port: u16 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the hostile server did not start: {line:?}"));
+        format!("http://127.0.0.1:{port}")
+    })
+}
+
+const HOSTILE_PY: &str = r#"
+import os, re, socketserver, sys, threading, time
+ROOT, OWNER = sys.argv[1], int(sys.argv[2])
+COUNT, LOCK = {}, threading.Lock()
+LM0, LM1 = 'Tue, 01 Dec 2026 10:00:00 GMT', 'Tue, 01 Dec 2026 11:00:00 GMT'
+
+def load(name):
+    with open(os.path.join(ROOT, name), 'rb') as f:
+        return f.read()
+
+def alt(data):
+    return bytes(b ^ 0x5a for b in data)
+
+class H(socketserver.StreamRequestHandler):
+    def send(self, status, headers, body=b''):
+        h = 'HTTP/1.1 %d X\r\n' % status + ''.join('%s: %s\r\n' % kv for kv in headers) + '\r\n'
+        self.wfile.write(h.encode('latin-1') + body)
+        self.wfile.flush()
+
+    def handle(self):
+        try:
+            while self.one():
+                pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def one(self):
+        line = self.rfile.readline(65537)
+        if not line:
+            return False
+        path = line.decode().split(' ')[1]
+        hdrs = {}
+        while True:
+            l = self.rfile.readline(65537)
+            if l in (b'\r\n', b'\n', b''):
+                break
+            k, _, v = l.decode('latin-1').partition(':')
+            hdrs[k.strip().lower()] = v.strip()
+        path, _, query = path.partition('?')
+        parts = path.split('/')
+        if parts[1] == 'count':
+            with LOCK:
+                n = COUNT.get((parts[2], parts[3], query), 0)
+            self.send(200, [('Content-Length', len(str(n))), ('Connection', 'close')],
+                      str(n).encode())
+            return False
+        mode, f = parts[1], parts[2]
+        with LOCK:
+            n = COUNT.get((mode, f, query), 0)
+            COUNT[(mode, f, query)] = n + 1
+        return getattr(self, 'm_' + mode)(f, hdrs.get('range'), n)
+
+    def ranged(self, data, rng, validators=(), total=None):
+        size = len(data) if total is None else total
+        m = re.match(r'bytes=(\d+)-(\d*)', rng or '')
+        if not m:
+            self.send(200, [('Content-Length', len(data))] + list(validators), data)
+            return True
+        a = int(m.group(1))
+        b = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
+        body = (data[a:b + 1] + b'\0' * (b + 1 - a))[:b + 1 - a]
+        self.send(206, [('Content-Length', len(body)),
+                        ('Content-Range', 'bytes %d-%d/%d' % (a, b, size))] + list(validators), body)
+        return True
+
+    # no Range, no Content-Length: the body ends at the close, after half the file
+    def m_close_trunc(self, f, rng, n):
+        d = load(f)
+        self.send(200, [('Connection', 'close')], d[:len(d) // 2])
+        return False
+
+    # no Range, a Content-Length, half the body, then the close
+    def m_short_cl(self, f, rng, n):
+        d = load(f)
+        self.send(200, [('Content-Length', len(d)), ('Connection', 'close')], d[:len(d) // 2])
+        return False
+
+    # the first request gets the file, later ones another version
+    def m_change_weak(self, f, rng, n):
+        return self.ranged(load(f) if n == 0 else alt(load(f)), rng, [('ETag', 'W/"v%d"' % min(n, 1))])
+
+    def m_change_lm_drop(self, f, rng, n):
+        d = load(f) if n == 0 else alt(load(f))
+        return self.ranged(d, rng, [('Last-Modified', LM0)] if n == 0 else [])
+
+    def m_change_lm(self, f, rng, n):
+        d = load(f) if n == 0 else alt(load(f))
+        return self.ranged(d, rng, [('Last-Modified', LM0 if n == 0 else LM1)])
+
+    def m_change_noval(self, f, rng, n):
+        return self.ranged(load(f) if n == 0 else alt(load(f)), rng)
+
+    # a consistent server that claims 2^64 - 1 bytes
+    def m_huge(self, f, rng, n):
+        return self.ranged(load(f), rng, [('ETag', '"v1"')], total=2 ** 64 - 1)
+
+    def m_huge200(self, f, rng, n):
+        self.send(200, [('Content-Length', 2 ** 63 + 5)], load(f))
+        return False
+
+    def m_redirect(self, f, rng, n):
+        self.send(302, [('Location', 'http://elsewhere.example/b/%s?X-Sig=5ecre7' % f),
+                        ('Content-Length', 0)])
+        return True
+
+    # a Content-Length past 2^64: a reply no retry will fix
+    def m_cl_over(self, f, rng, n):
+        self.send(200, [('Content-Length', 2 ** 70), ('Connection', 'close')], b'x')
+        return False
+
+    def m_forbidden(self, f, rng, n):
+        self.send(403, [('Content-Length', 6)], b'denied')
+        return True
+
+    # 429 twice, then fine
+    def m_busy(self, f, rng, n):
+        if n < 2:
+            self.send(429, [('Content-Length', 4), ('Retry-After', '0')], b'busy')
+            return True
+        return self.ranged(load(f), rng, [('ETag', '"v1"')])
+
+    # the probe is fine; later requests get their headers, then nothing
+    def m_stall_after(self, f, rng, n):
+        if n == 0:
+            return self.ranged(load(f), rng, [('ETag', '"v1"')])
+        size = len(load(f))
+        m = re.match(r'bytes=(\d+)-(\d*)', rng)
+        a = int(m.group(1))
+        b = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
+        self.send(206, [('Content-Length', b + 1 - a), ('Content-Range', 'bytes %d-%d/%d' % (a, b, size)),
+                        ('ETag', '"v1"')])
+        time.sleep(600)
+        return False
+
+    # the second request (the first after the probe) gets half its body, then the connection
+    # stays open and silent; every other request is answered
+    def m_stall_once(self, f, rng, n):
+        if n != 1:
+            return self.ranged(load(f), rng, [('ETag', '"v1"')])
+        d = load(f)
+        m = re.match(r'bytes=(\d+)-(\d*)', rng)
+        a = int(m.group(1))
+        b = min(int(m.group(2)) if m.group(2) else len(d) - 1, len(d) - 1)
+        body = d[a:b + 1]
+        self.send(206, [('Content-Length', len(body)),
+                        ('Content-Range', 'bytes %d-%d/%d' % (a, b, len(d))), ('ETag', '"v1"')],
+                  body[:len(body) // 2])
+        time.sleep(600)
+        return False
+
+class S(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+server = S(('127.0.0.1', 0), H)
+print(server.server_address[1], flush=True)
+def watch():
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(OWNER, 0)
+        except OSError:
+            os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+server.serve_forever()
+"#;
+
+/// A raw file of `len` bytes under its own name (so each test has its own counters).
+fn raw(name: &str, len: usize) -> PathBuf {
+    image(BIN, name, len, "raw", &[])
+}
+
+/// The URL of `file` in `mode`, with a query of its own (fresh counters).
+fn hurl(mode: &str, file: &str) -> String {
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("{}/{mode}/{file}?run={n}", hostile())
+}
+
+/// Requests the hostile server saw for `url` (from [`hurl`]).
+fn requests(url: &str) -> u64 {
+    let path = url.strip_prefix(hostile()).unwrap();
+    let mut s = std::net::TcpStream::connect(hostile().trim_start_matches("http://")).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET /count{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    r.rsplit("\r\n\r\n").next().unwrap().trim().parse().unwrap()
+}
+
+fn md5_of(data: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x");
+    std::fs::write(&p, data).unwrap();
+    let o = run(&["checksum", "--algo", "md5", p.to_str().unwrap()]);
+    text(&o).0.split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn a_body_of_unknown_or_short_length_never_gets_a_digest() {
+    // F2: a server without Range and without Content-Length cuts the body at half: the end
+    // of the connection looks like the end of the object, so such a server is refused.
+    let p = raw("f2-trunc.raw", 3 << 20);
+    let f = p.file_name().unwrap().to_str().unwrap();
+    for args in [
+        vec!["checksum"],
+        vec!["checksum", "--output", "json"],
+        vec!["info"],
+        vec!["check"],
+    ] {
+        let u = hurl("close_trunc", f);
+        let o = run(&[&args[..], &[u.as_str()]].concat());
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {out} {err}");
+        assert!(
+            err.contains("did not say the object's size"),
+            "{args:?}: {err}"
+        );
+        assert!(!out.contains(&md5_of(&std::fs::read(&p).unwrap()[..3 << 19])));
+        assert!(
+            !out.contains("md5") && !out.contains("sha512"),
+            "{args:?}: {out}"
+        );
+    }
+    // A Content-Length, and a body that ends at half of it: an error, not a digest.
+    let u = hurl("short_cl", f);
+    let o = run(&["checksum", &u]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out} {err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("ended after"), "{err}");
+}
+
+#[test]
+fn a_changed_weak_etag_or_a_dropped_last_modified_is_a_change() {
+    // F3: the first request gets one version, every later one another.
+    let p = raw("f3-change.raw", 3 << 20);
+    let f = p.file_name().unwrap().to_str().unwrap();
+    for mode in ["change_weak", "change_lm_drop", "change_lm"] {
+        for args in [vec!["checksum"], vec!["checksum", "--content"]] {
+            let u = hurl(mode, f);
+            let o = run(&[&args[..], &[u.as_str()]].concat());
+            let (out, err) = text(&o);
+            assert_eq!(o.status.code(), Some(2), "{mode} {args:?}: {out} {err}");
+            assert!(
+                err.contains("changed on the server"),
+                "{mode} {args:?}: {err}"
+            );
+            assert!(out.is_empty(), "{mode} {args:?}: {out}");
+        }
+    }
+}
+
+#[test]
+fn checksum_of_a_server_without_validators_is_the_digest_of_one_response() {
+    // F3: no ETag, no Last-Modified; the probe gets one version, later requests another.
+    // The digest must be of one version (the one GET after the probe), never of a mix.
+    let p = raw("f3-noval.raw", 3 << 20);
+    let f = p.file_name().unwrap().to_str().unwrap();
+    let data = std::fs::read(&p).unwrap();
+    let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+    let u = hurl("change_noval", f);
+    let o = run(&["checksum", "--algo", "md5", "-v", &u]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out} {err}");
+    let got = out.split_whitespace().next().unwrap();
+    assert_eq!(got, md5_of(&other), "a digest of neither version: {out}");
+    let (requests, bytes) = transfer_line(&err);
+    assert_eq!((requests, bytes), (2, 256 * 1024 + (3 << 20)), "{err}");
+    // The commands that read at offsets say that a change cannot be seen.
+    let o = run(&["info", &u]);
+    assert!(text(&o).1.contains("cannot be detected"), "{:?}", text(&o));
+}
+
+#[test]
+fn a_huge_claimed_size_is_refused_at_once() {
+    // F5 (and F8: a debug build computed the last block's range with an overflow).
+    let p = raw("f5-huge.raw", 1 << 20);
+    let f = p.file_name().unwrap().to_str().unwrap();
+    for mode in ["huge", "huge200"] {
+        let u = hurl(mode, f);
+        for args in [vec!["checksum"], vec!["info"], vec!["check"]] {
+            let start = std::time::Instant::now();
+            let o = run(&[&args[..], &[u.as_str()]].concat());
+            let (out, err) = text(&o);
+            assert_eq!(o.status.code(), Some(2), "{mode} {args:?}: {out} {err}");
+            assert!(err.contains("more than the 1099511627776"), "{mode}: {err}");
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn a_redirect_says_so_and_permanent_errors_are_not_retried() {
+    // F11
+    let p = raw("f11-redir.raw", 1 << 20);
+    let f = p.file_name().unwrap().to_str().unwrap();
+    let u = hurl("redirect", f);
+    let o = run(&["info", &u]);
+    let err = text(&o).1;
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("HTTP 302") && err.contains("redirect"),
+        "{err}"
+    );
+    assert!(
+        err.contains("to http://elsewhere.example/b/f11-redir.raw"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("5ecre7"),
+        "the Location's query was printed: {err}"
+    );
+    assert_eq!(requests(&u), 1);
+    // 403 is final: one request
+    let u = hurl("forbidden", f);
+    let o = run(&["checksum", &u]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("HTTP 403"), "{:?}", text(&o));
+    assert_eq!(requests(&u), 1);
+    // so is a reply that breaks HTTP
+    let u = hurl("cl_over", f);
+    let o = run(&["checksum", &u]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("content-length"), "{:?}", text(&o));
+    assert_eq!(requests(&u), 1);
+    // 429 is transient: retried, and then the answer is right
+    let o = run(&["checksum", "--algo", "md5", &hurl("busy", f)]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let want = md5_of(&std::fs::read(&p).unwrap());
+    assert!(text(&o).0.starts_with(&want), "{:?}", text(&o));
+}
+
+#[test]
+fn one_sigterm_stops_a_convert_blocked_on_a_stalled_server() {
+    // F4: the probe is answered, then the server sends headers and nothing more.
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let p = raw("f4-stall.raw", 3 << 20);
+        let f = p.file_name().unwrap().to_str().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.raw");
+        std::fs::write(&out, b"PRECIOUS").unwrap();
+        let u = hurl("stall_after", f);
+        let mut child = remote_support::glimpse()
+            .args(["convert", "-O", "raw", &u, out.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // wait until the conversion is blocked on the request after the probe
+        let t0 = std::time::Instant::now();
+        while requests(&u) < 2 {
+            assert!(t0.elapsed().as_secs() < 20, "no request after the probe");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        // SAFETY: a signal to the child this test started.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let sent = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                sent.elapsed().as_secs() < 5,
+                "still running 5 s after one signal {sig}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(status.code(), Some(2), "signal {sig}: {err}");
+        assert!(err.contains("interrupted"), "{err}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"PRECIOUS");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "a temporary file was left: {left:?}");
+    }
+}
+
+#[test]
+fn a_body_that_stalls_is_given_up_on_after_the_stall_limit_and_retried() {
+    // F4: the first request after the probe sends half its body and then nothing, with the
+    // connection open. It used to hold the read for the whole 300 s body budget; it now fails
+    // after 30 s without a byte, and the retry gets the right bytes.
+    let p = raw("f4-stall-once.raw", 3 << 20);
+    let f = p.file_name().unwrap().to_str().unwrap();
+    let u = hurl("stall_once", f);
+    let start = std::time::Instant::now();
+    let o = run(&["checksum", "--algo", "md5", &u]);
+    let took = start.elapsed();
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    assert!(text(&o).0.starts_with(&md5_of(&std::fs::read(&p).unwrap())));
+    assert!(
+        took >= std::time::Duration::from_secs(29) && took < std::time::Duration::from_secs(60),
+        "took {took:?}"
+    );
+}
+
+#[test]
+fn an_untrusted_certificate_is_not_retried() {
+    // F11: a TLS failure fails the same way every time: one connection, not five.
+    let dir = tempfile::tempdir().unwrap();
+    let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is required for the TLS test");
+    assert!(st.success());
+    let count = dir.path().join("connections");
+    let script = "import functools, http.server, os, ssl, sys, threading, time\n\
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+        ctx.load_cert_chain(sys.argv[1], sys.argv[2])\n\
+        n = [0]\n\
+        class S(http.server.ThreadingHTTPServer):\n    \
+            def get_request(self):\n        \
+                s, a = self.socket.accept()\n        \
+                n[0] += 1\n        \
+                open(sys.argv[4], 'w').write(str(n[0]))\n        \
+                return ctx.wrap_socket(s, server_side=True), a\n\
+        h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])\n\
+        srv = S(('127.0.0.1', 0), h)\n\
+        print(srv.server_address[1], flush=True)\n\
+        def watch():\n    \
+            while True:\n        \
+                time.sleep(0.5)\n        \
+                try:\n            os.kill(int(sys.argv[5]), 0)\n        \
+                except OSError:\n            os._exit(0)\n\
+        threading.Thread(target=watch, daemon=True).start()\n\
+        srv.serve_forever()\n";
+    let p = raw("f11-tls.raw", 1 << 20);
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&cert)
+        .arg(&key)
+        .arg(www(BIN))
+        .arg(&count)
+        .arg(std::process::id().to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let u = format!(
+        "https://127.0.0.1:{}/{}",
+        port.trim(),
+        p.file_name().unwrap().to_str().unwrap()
+    );
+    let o = run(&["info", &u]);
+    let err = text(&o).1;
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.to_ascii_lowercase().contains("certificate"), "{err}");
+    assert_eq!(std::fs::read_to_string(&count).unwrap(), "1", "{err}");
+    // the same server is fine when told to trust it
+    let o = run(&["checksum", "--insecure", &u]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -33,7 +33,12 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
-    /// Files.
+    /// Files, `-` (stdin), or URLs (http(s)://, glance://ID; docs/remote.md). A URL's server
+    /// must say the object's size (Content-Length or Content-Range), at most 1 TiB (Glance's
+    /// default image_size_cap): a body of unknown length could be cut short unseen, so it is
+    /// refused. The digest is always of one version of the object: with an ETag or
+    /// Last-Modified, several ranged GETs pinned to it (any change fails the command); without
+    /// either, one GET, whose single response is the version digested.
     #[arg(required = true)]
     files: Vec<PathBuf>,
 }
@@ -105,7 +110,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 /// comes from the device), or front to back from a pipe, FIFO or stdin (`-`).
 fn digest_file(path: &Path, algos: &[Algo]) -> anyhow::Result<(u64, Vec<(Algo, String)>)> {
     if let Some(url) = crate::source::remote_input(path) {
-        // The body is read once, front to back, whether or not the server answers ranges.
+        // The body is read once, front to back, whether or not the server answers ranges: in
+        // ranged GETs pinned to the object's validators, or (no validator, no ranges) in one
+        // GET. Its size is known (an object of unknown size is refused when opened), and a
+        // body that ends before it is an error, never a digest.
         let src = crate::remote::open(url)?;
         let mut body = src.sequential()?;
         let (size, digests) = stream_digests(&mut body, algos, &|_| {})?;

@@ -2,20 +2,40 @@
 //! reads into `Range` requests, through a bounded block cache, pinned to one version of the
 //! object.
 //!
+//! # What a server must give
+//! - **A size** (`Content-Range`'s total, else `Content-Length`), at most [`MAX_SIZE`]: a body
+//!   whose end only the closing of the connection marks cannot be told from a truncated one,
+//!   so such a server is refused (as qemu's curl driver does).
+//! - **Validators** (`ETag`, strong or weak, and `Last-Modified`) are compared on every reply:
+//!   any change, or one that was there and is gone, means the object changed, and the read
+//!   fails. A server that sends neither cannot be pinned: `checksum` then reads the object in
+//!   one GET (its digest is of one response), and the commands that read at offsets warn.
+//! - **No redirects**: none is followed (it could carry an auth token elsewhere); the error
+//!   names the status and the `Location`.
+//!
+//! # Time
+//! A reply must start within [`RESPONSE_TIMEOUT`], and no read may wait longer than
+//! [`STALL_TIMEOUT`] for a byte; a slow body that keeps arriving is not cut. Transient failures
+//! (connection trouble, timeouts, 408, 429, 5xx) are retried [`ATTEMPTS`] times within
+//! [`RETRY_BUDGET`]; other 4xx are final. A SIGINT/SIGTERM stops a blocked read within
+//! [`cancel::POLL`] ([`cancel`]).
+//!
 //! # Security
 //! Every response is hostile input: sizes, `Content-Range` and validators are checked against
 //! what was asked and what the first response said, and nothing a server says sizes an
 //! allocation beyond what was asked for. URLs are shown without userinfo and query (a presigned
 //! URL's signature is a credential), and header values are [`Secret`]s.
 
+mod cancel;
 mod readahead;
 mod session;
 mod url;
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use glimpse_formats::limits::Charge;
 use glimpse_formats::lru::Lru;
@@ -37,11 +57,24 @@ const CACHE_BYTES: u64 = 32 << 20;
 const DIRECT: usize = 1 << 20;
 /// Blocks fetched in one request when reads run front to back (4 MiB).
 const READAHEAD_BLOCKS: u64 = 16;
-/// Tries per request (connection resets, timeouts, 5xx), with doubling backoff.
-const ATTEMPTS: u32 = 5;
+/// Tries per request (connection resets, timeouts, 408, 429, 5xx), with doubling backoff.
+pub const ATTEMPTS: u32 = 5;
 const BACKOFF: Duration = Duration::from_millis(100);
-/// How long a GET may take to start answering before it is retried.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// No new try of a request starts this long after its first: a server that fails slowly
+/// (each try just under a timeout) holds a request for at most this plus one try.
+pub const RETRY_BUDGET: Duration = Duration::from_secs(120);
+/// How long a GET may take to send its status line and headers before it is retried.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one read may wait for the next byte of a reply: a server that sends nothing for
+/// this long is stalled, and the try fails (a slow body that keeps arriving is not cut).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a ranged GET (at most 4 MiB) may take in all; the whole-object GET of a
+/// server without range support has no such limit, only [`STALL_TIMEOUT`].
+const RANGE_BODY_TIMEOUT: Duration = Duration::from_secs(300);
+/// The largest remote object glimpse reads: 1 TiB, the default `image_size_cap` of Glance
+/// (so the largest image a default Glance stores). A server that claims more (up to 16 EiB)
+/// would otherwise keep a `checksum` streaming for days.
+pub const MAX_SIZE: u64 = 1 << 40;
 
 /// What a source has cost on the wire so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -71,8 +104,11 @@ struct Inner {
     url: String,
     shown: String,
     headers: Vec<(String, Secret)>,
-    /// From `Content-Range`'s total (or `Content-Length` when ranges are not supported).
+    /// From `Content-Range`'s total (or `Content-Length` when ranges are not supported);
+    /// always known once opened (an object of unknown size is refused).
     size: Option<u64>,
+    /// As the first reply gave them (a weak ETag too: it cannot pin a range, but a change
+    /// of it is a change of the object).
     etag: Option<String>,
     last_modified: Option<String>,
     ranges: bool,
@@ -84,7 +120,7 @@ struct Inner {
     /// Consecutive misses that each followed a cached block.
     streak: AtomicU64,
     requests: AtomicU64,
-    bytes: AtomicU64,
+    bytes: Arc<AtomicU64>,
 }
 
 /// Why one attempt failed.
@@ -127,6 +163,7 @@ impl HttpSource {
         headers: Vec<(String, Secret)>,
         cache_bytes: u64,
     ) -> anyhow::Result<Self> {
+        cancel::watch_signals();
         let cache_bytes = cache_bytes.max(BLOCK.saturating_mul(READAHEAD_BLOCKS));
         let shown = shown(url);
         let budget = crate::common::limits().budget();
@@ -151,7 +188,7 @@ impl HttpSource {
             _charge: Some(charge),
             streak: AtomicU64::new(0),
             requests: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
+            bytes: Arc::new(AtomicU64::new(0)),
         };
         let first = inner.probe()?;
         if let Some(block) = first {
@@ -183,18 +220,26 @@ impl HttpSource {
         self.inner.size
     }
 
+    /// True when the server gave a validator (ETag or Last-Modified), so that a change of the
+    /// object between two requests is seen.
+    pub fn pinned(&self) -> bool {
+        self.inner.pinned()
+    }
+
     /// The URL as it may be shown: no userinfo, no query, no fragment.
     pub fn shown(&self) -> &str {
         &self.inner.shown
     }
 
     /// The whole object, front to back: with several range requests in flight when the
-    /// server answers ranges, else one streamed GET ([`HttpSource::stream`]).
+    /// server answers ranges and gives a validator, else one streamed GET
+    /// ([`HttpSource::stream`]): without a validator, the bytes of several requests could
+    /// come from several versions of the object; one response is one version.
     ///
     /// # Errors
     /// As [`HttpSource::stream`].
     pub fn sequential(&self) -> io::Result<Box<dyn Read + Send>> {
-        match (self.inner.ranges, self.inner.size) {
+        match (self.inner.ranges && self.inner.pinned(), self.inner.size) {
             (true, Some(size)) => Ok(Box::new(readahead::Readahead::new(self.clone(), size))),
             _ => Ok(Box::new(self.stream()?)),
         }
@@ -209,6 +254,8 @@ impl HttpSource {
         let mut s = Stream {
             src: self.clone(),
             body: None,
+            chunk: Vec::new(),
+            at: 0,
             pos: 0,
         };
         s.connect()?;
@@ -225,16 +272,33 @@ impl Inner {
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// True when a reply carries something to compare (see [`Inner::check_same`]).
+    fn pinned(&self) -> bool {
+        self.etag.is_some() || self.last_modified.is_some()
+    }
+
+    /// The `If-Range` value: a strong ETag, else Last-Modified (a weak ETag cannot pin).
+    fn if_range(&self) -> Option<&String> {
+        self.etag
+            .as_ref()
+            .filter(|e| !e.starts_with("W/"))
+            .or(self.last_modified.as_ref())
+    }
+
     /// Sends a GET with `range` (inclusive ends; no end: to the end of the object) and the
-    /// pinning header.
+    /// pinning header, on a worker thread (a signal ends the wait: [`cancel`]).
     fn get(&self, range: Option<(u64, Option<u64>)>, pin: bool) -> Result<Response<Body>, Fail> {
         // The agent waits an hour for an answer (Glance answers a PUT only once it has stored
-        // the data); a GET that has not started answering in a minute is retried instead.
+        // the data); a GET that has not started answering soon is retried instead. A ranged
+        // GET is at most a few MiB; the whole-object GET is only bounded by the stall limit.
+        let whole = !matches!(range, Some((_, Some(_))));
         let mut req = self
             .agent
             .get(&self.url)
             .config()
             .timeout_recv_response(Some(RESPONSE_TIMEOUT))
+            .timeout_per_read(Some(STALL_TIMEOUT))
+            .timeout_recv_body((!whole).then_some(RANGE_BODY_TIMEOUT))
             .build();
         match range {
             Some((a, Some(b))) => req = req.header("Range", format!("bytes={a}-{b}")),
@@ -242,7 +306,7 @@ impl Inner {
             None => {}
         }
         if pin {
-            if let Some(v) = self.etag.as_ref().or(self.last_modified.as_ref()) {
+            if let Some(v) = self.if_range() {
                 req = req.header("If-Range", v.as_str());
             }
         }
@@ -250,11 +314,23 @@ impl Inner {
             req = req.header(k.as_str(), v.expose());
         }
         self.count_request();
-        match req.call() {
-            Ok(r) => {
+        match cancel::run(move || req.call()).map_err(Fail::Fatal)? {
+            Ok(mut r) => {
                 let status = r.status().as_u16();
-                if status >= 500 {
+                if status >= 500 || status == 408 || status == 429 {
                     return Err(Fail::Transient(format!("HTTP {status}")));
+                }
+                if (300..400).contains(&status) {
+                    let to = header(r.headers(), "location")
+                        .map_or("no Location given".into(), |l| format!("to {}", shown(&l)));
+                    return Err(fatal(format!(
+                        "HTTP {status}: the server redirects ({to}); glimpse follows no \
+                         redirects (one could carry credentials to another host): give the \
+                         final URL"
+                    )));
+                }
+                if status >= 400 {
+                    return Err(fatal(status_message(status, &mut r)));
                 }
                 Ok(r)
             }
@@ -262,15 +338,22 @@ impl Inner {
         }
     }
 
-    /// Runs `attempt` up to [`ATTEMPTS`] times, backing off after transient failures.
+    /// Runs `attempt` up to [`ATTEMPTS`] times within [`RETRY_BUDGET`], backing off after
+    /// transient failures.
     fn retry<T>(&self, mut attempt: impl FnMut() -> Result<T, Fail>) -> io::Result<T> {
+        let start = Instant::now();
         let mut wait = BACKOFF;
         let mut last = String::new();
-        for i in 0..ATTEMPTS {
-            if i > 0 {
-                std::thread::sleep(wait);
+        let mut tries = 0;
+        while tries < ATTEMPTS {
+            if tries > 0 {
+                if start.elapsed() >= RETRY_BUDGET {
+                    break;
+                }
+                cancel::sleep(wait)?;
                 wait = wait.saturating_mul(2);
             }
+            tries += 1;
             match attempt() {
                 Ok(v) => return Ok(v),
                 Err(Fail::Fatal(e)) => return Err(e),
@@ -278,7 +361,8 @@ impl Inner {
             }
         }
         Err(io::Error::other(format!(
-            "gave up after {ATTEMPTS} tries: {last}"
+            "gave up after {tries} tries in {} s: {last}",
+            start.elapsed().as_secs()
         )))
     }
 
@@ -288,7 +372,7 @@ impl Inner {
         let this = &*self;
         let (size, ranges, etag, lm, block) = this
             .retry(|| {
-                let mut resp = this.get(Some((0, Some(BLOCK - 1))), false)?;
+                let resp = this.get(Some((0, Some(BLOCK - 1))), false)?;
                 let status = resp.status().as_u16();
                 let etag = header(resp.headers(), "etag");
                 let lm = header(resp.headers(), "last-modified");
@@ -297,6 +381,7 @@ impl Inner {
                         let (a, b, total) = content_range(resp.headers())?;
                         let total = total
                             .ok_or_else(|| fatal("the server did not say the object's size"))?;
+                        check_size(total)?;
                         let want_end = total.min(BLOCK).saturating_sub(1);
                         if a != 0 || b != want_end {
                             return Err(fatal(format!(
@@ -304,101 +389,92 @@ impl Inner {
                                  asked"
                             )));
                         }
-                        let buf = this.read_body(&mut resp, want_end + 1)?;
-                        Ok((Some(total), true, etag, lm, Some(Arc::from(buf))))
+                        let buf = this.read_body(resp, want_end + 1)?;
+                        Ok((total, true, etag, lm, Some(Arc::from(buf))))
                     }
                     416 => {
                         // Only an empty object has no byte 0.
                         match content_range_star(resp.headers()) {
-                            Some(0) => Ok((Some(0), true, etag, lm, None)),
+                            Some(0) => Ok((0, true, etag, lm, None)),
                             _ => Err(fatal("the server refused the range 0-")),
                         }
                     }
                     200 => {
-                        let len = resp.body().content_length();
+                        let len = resp.body().content_length().ok_or_else(|| {
+                            fatal(
+                                "the server did not say the object's size (no Content-Length, \
+                                 no range support): the end of its body could not be told from \
+                                 a connection cut short, so it is not read",
+                            )
+                        })?;
+                        check_size(len)?;
                         Ok((len, false, etag, lm, None))
                     }
-                    s => Err(fatal(status_message(s, &mut resp))),
+                    s => Err(fatal(format!("unexpected HTTP {s} to a GET"))),
                 }
             })
             .map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
-        // A weak ETag cannot pin a range; fall back to Last-Modified then.
-        self.etag = etag.filter(|e| !e.starts_with("W/"));
+        self.etag = etag;
         self.last_modified = lm;
-        self.size = size;
+        self.size = Some(size);
         self.ranges = ranges;
         Ok(block)
     }
 
-    /// Reads exactly `len` body bytes (a short body is transient: the connection dropped).
-    fn read_body(&self, resp: &mut Response<Body>, len: u64) -> Result<Vec<u8>, Fail> {
+    /// Reads exactly `len` body bytes on a worker thread (a short body is transient: the
+    /// connection dropped).
+    fn read_body(&self, resp: Response<Body>, len: u64) -> Result<Vec<u8>, Fail> {
         let n = usize::try_from(len).map_err(|_| fatal("range too large"))?;
-        let mut buf = vec![0; n];
-        self.read_body_into(resp, &mut buf)?;
-        Ok(buf)
+        let bytes = self.bytes.clone();
+        cancel::run(move || {
+            let mut buf = vec![0; n];
+            read_body_into(resp, &mut buf, &bytes).map(|()| buf)
+        })
+        .map_err(Fail::Fatal)?
     }
 
-    fn read_body_into(&self, resp: &mut Response<Body>, buf: &mut [u8]) -> Result<(), Fail> {
-        let mut r = resp.body_mut().as_reader();
-        let mut done = 0;
-        while let Some(rest) = buf.get_mut(done..) {
-            if rest.is_empty() {
-                break;
-            }
-            match r.read(rest) {
-                Ok(0) => {
-                    return Err(Fail::Transient(format!(
-                        "the body ended after {done} of {} bytes",
-                        buf.len()
-                    )))
-                }
-                Ok(n) => {
-                    done += n;
-                    self.count_bytes(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Fail::Transient(format!("reading the body: {e}"))),
-            }
-        }
-        Ok(())
-    }
-
-    /// Checks that a reply is the pinned object: same validator, same total.
+    /// Checks that a reply is the pinned object: the same validators (a missing one where the
+    /// first reply had one counts as a change, weak ETags are compared too), the same total.
     fn check_same(&self, headers: &HeaderMap, total: Option<u64>) -> Result<(), Fail> {
-        let changed = || {
-            fatal(
-                "the object changed on the server while it was being read (its ETag, \
-                 Last-Modified or size differs): start again",
-            )
+        let changed = |what: &str| {
+            fatal(format!(
+                "the object changed on the server while it was being read (its {what} \
+                 differs): start again"
+            ))
         };
-        if let Some(e) = &self.etag {
-            if header(headers, "etag").as_ref() != Some(e) {
-                return Err(changed());
-            }
-        } else if let Some(lm) = &self.last_modified {
-            if header(headers, "last-modified").is_some_and(|v| &v != lm) {
-                return Err(changed());
-            }
+        if header(headers, "etag") != self.etag {
+            return Err(changed("ETag"));
+        }
+        if header(headers, "last-modified") != self.last_modified {
+            return Err(changed("Last-Modified"));
         }
         if total.is_some() && total != self.size {
-            return Err(changed());
+            return Err(changed("size"));
         }
         Ok(())
     }
 
     /// Fills `buf` with the bytes at `offset` (all inside the object) in one ranged GET.
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if buf.is_empty() {
-            return Ok(());
+        let body = self.fetch_vec(buf.len(), offset)?;
+        buf.copy_from_slice(&body);
+        Ok(())
+    }
+
+    /// The `len` bytes at `offset` (all inside the object), in one ranged GET. The body is
+    /// read into a buffer of the worker thread's own (see [`cancel`]), handed over whole.
+    fn fetch_vec(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
         }
         if !self.ranges {
             return Err(io::Error::new(io::ErrorKind::Unsupported, NO_RANGES));
         }
         let end = offset
-            .checked_add(buf.len() as u64 - 1)
+            .checked_add(len as u64 - 1)
             .ok_or_else(|| io::Error::other("range past 2^64"))?;
         self.retry(|| {
-            let mut resp = self.get(Some((offset, Some(end))), true)?;
+            let resp = self.get(Some((offset, Some(end))), true)?;
             match resp.status().as_u16() {
                 206 => {}
                 200 | 412 => {
@@ -407,7 +483,7 @@ impl Inner {
                          no longer matches its ETag/Last-Modified): start again",
                     ))
                 }
-                s => return Err(fatal(status_message(s, &mut resp))),
+                s => return Err(fatal(format!("unexpected HTTP {s} to a ranged GET"))),
             }
             let (a, b, total) = content_range(resp.headers())?;
             self.check_same(resp.headers(), total)?;
@@ -416,14 +492,23 @@ impl Inner {
                     "the server returned bytes {a}-{b} when bytes {offset}-{end} were asked"
                 )));
             }
-            self.read_body_into(&mut resp, buf)
+            self.read_body(resp, len as u64)
         })
     }
 
     /// As [`Inner::fetch`], but the whole blocks that open the range come from the cache when
     /// they are there (the first block, which opening the source fetched): a front-to-back
     /// read does not fetch them again.
-    fn fetch_after_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    fn fetch_after_cached(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        let first = match offset % BLOCK {
+            0 => self.cache.get(offset / BLOCK).map_err(io::Error::other)?,
+            _ => None,
+        };
+        if first.is_none() {
+            // The usual case: nothing cached, the fetched buffer is the chunk.
+            return self.fetch_vec(len, offset);
+        }
+        let mut buf = vec![0; len];
         let mut done = 0usize;
         loop {
             let pos = offset.saturating_add(done as u64);
@@ -442,10 +527,10 @@ impl Inner {
                 break;
             }
         }
-        match buf.get_mut(done..) {
-            Some(rest) => self.fetch(rest, offset.saturating_add(done as u64)),
-            None => Ok(()),
+        if let Some(rest) = buf.get_mut(done..) {
+            self.fetch(rest, offset.saturating_add(done as u64))?;
         }
+        Ok(buf)
     }
 
     /// Block `b`, from the cache or the server; on a miss after block `b - 1` (reads running
@@ -467,6 +552,9 @@ impl Inner {
                 continue;
             }
             let blocks = size.div_ceil(BLOCK);
+            if b >= blocks {
+                return Err(io::Error::other("a block past the end of the object"));
+            }
             // Metadata reads jump around; a read that follows the previous block doubles the
             // window (up to READAHEAD_BLOCKS), anything else starts again at one block.
             let sequential = b > 0 && self.cache.get(b - 1).ok().flatten().is_some();
@@ -480,7 +568,7 @@ impl Inner {
             let mut n = 1;
             if sequential {
                 while n < window
-                    && b + n < blocks
+                    && b.saturating_add(n) < blocks
                     && !inflight.contains(&(b + n))
                     && self.cache.get(b + n).ok().flatten().is_none()
                 {
@@ -489,13 +577,11 @@ impl Inner {
             }
             inflight.extend(b..b + n);
             drop(inflight);
-            let start = b * BLOCK;
-            let end = ((b + n) * BLOCK).min(size);
-            let result = usize::try_from(end - start)
-                .map_err(io::Error::other)
-                .and_then(|len| {
-                    let mut buf = vec![0u8; len];
-                    self.fetch(&mut buf, start).map(|()| buf)
+            let result = block_span(b, n, size)
+                .ok_or_else(|| io::Error::other("a block past the end of the object"))
+                .and_then(|(start, end)| {
+                    let len = usize::try_from(end - start).map_err(io::Error::other)?;
+                    self.fetch_vec(len, start)
                 });
             let mut first = None;
             if let Ok(buf) = &result {
@@ -504,7 +590,9 @@ impl Inner {
                     if i == 0 {
                         first = Some(block.clone());
                     }
-                    let _ = self.cache.put(b + i as u64, block, chunk.len() as u64);
+                    let _ = self
+                        .cache
+                        .put(b.saturating_add(i as u64), block, chunk.len() as u64);
                 }
             }
             if let Ok(mut inflight) = self.inflight.lock() {
@@ -536,7 +624,7 @@ impl ReadAt for HttpSource {
         }
         let b = offset / BLOCK;
         let block = inner.block(b, size)?;
-        let within = usize::try_from(offset - b * BLOCK).map_err(io::Error::other)?;
+        let within = usize::try_from(offset % BLOCK).map_err(io::Error::other)?;
         let src = block.get(within..).unwrap_or_default();
         let n = src.len().min(len);
         if let (Some(d), Some(s)) = (buf.get_mut(..n), src.get(..n)) {
@@ -555,28 +643,33 @@ impl ReadAt for HttpSource {
 /// The body of an [`HttpSource`], front to back.
 pub struct Stream {
     src: HttpSource,
-    body: Option<ureq::BodyReader<'static>>,
+    /// The chunks a worker thread reads from the reply ([`pump`]), waited for in slices so
+    /// that a signal ends the wait.
+    body: Option<Receiver<io::Result<Vec<u8>>>>,
+    chunk: Vec<u8>,
+    at: usize,
     pos: u64,
 }
 
+/// Bytes per chunk a [`pump`] hands over; it holds at most three (two queued, one being read).
+const PUMP_CHUNK: usize = 256 << 10;
+
 impl Stream {
+    /// True when a cut body can be resumed with a ranged GET pinned to the same version.
+    fn resumable(&self) -> bool {
+        self.src.inner.ranges && self.src.inner.pinned()
+    }
+
     fn connect(&mut self) -> io::Result<()> {
         let inner = &*self.src.inner;
         let pos = self.pos;
         let resp = inner.retry(|| {
             let resumed = pos > 0;
-            let mut resp = inner.get(resumed.then_some((pos, None)), resumed)?;
+            let resp = inner.get(resumed.then_some((pos, None)), resumed)?;
             match resp.status().as_u16() {
                 200 if !resumed => {
                     let len = resp.body().content_length();
-                    if inner.ranges {
-                        inner.check_same(resp.headers(), len)?;
-                    } else if len.is_some() && len != inner.size {
-                        return Err(fatal(
-                            "the object changed on the server while it was being read (its \
-                             size differs): start again",
-                        ));
-                    }
+                    inner.check_same(resp.headers(), len)?;
                 }
                 206 if resumed => {
                     let (a, _, total) = content_range(resp.headers())?;
@@ -592,57 +685,105 @@ impl Stream {
                         "the object changed on the server while it was being read: start again",
                     ))
                 }
-                s => return Err(fatal(status_message(s, &mut resp))),
+                s => return Err(fatal(format!("unexpected HTTP {s} to a GET"))),
             }
             Ok(resp)
         })?;
-        self.body = Some(resp.into_body().into_reader());
+        let reader = resp.into_body().into_reader();
+        let (tx, rx) = sync_channel(2);
+        std::thread::Builder::new()
+            .name("glimpse-http-body".into())
+            .spawn(move || pump(reader, &tx))?;
+        self.body = Some(rx);
+        self.chunk = Vec::new();
+        self.at = 0;
         Ok(())
+    }
+}
+
+/// Reads a reply's body into chunks until its end, an error, or the reader going away.
+fn pump(mut r: ureq::BodyReader<'static>, tx: &SyncSender<io::Result<Vec<u8>>>) {
+    loop {
+        let mut buf = vec![0; PUMP_CHUNK];
+        let got = loop {
+            match r.read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => break other,
+            }
+        };
+        let (msg, last) = match got {
+            Ok(n) => {
+                buf.truncate(n);
+                (Ok(buf), n == 0)
+            }
+            Err(e) => (Err(e), true),
+        };
+        if tx.send(msg).is_err() || last {
+            return;
+        }
     }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
         let mut tries = 0;
         loop {
-            let Some(body) = self.body.as_mut() else {
+            if let Some(src) = self.chunk.get(self.at..).filter(|s| !s.is_empty()) {
+                let n = src.len().min(buf.len());
+                if let (Some(d), Some(s)) = (buf.get_mut(..n), src.get(..n)) {
+                    d.copy_from_slice(s);
+                }
+                self.at += n;
+                return Ok(n);
+            }
+            let Some(rx) = self.body.as_ref() else {
                 return Ok(0);
             };
-            match body.read(buf) {
-                Ok(0) => {
-                    if self.src.inner.size.is_some_and(|s| self.pos < s) {
+            let size = self.src.inner.size;
+            let failure = match cancel::wait(rx)? {
+                Some(Ok(c)) if c.is_empty() => {
+                    match size.filter(|&s| self.pos < s) {
                         // The connection closed early.
-                        if !self.src.inner.ranges || tries >= ATTEMPTS {
-                            return Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "the body ended early",
-                            ));
+                        // Not UnexpectedEof: readers turn that into "unexpected end of data"
+                        // at an offset of their own, which hides what happened.
+                        Some(s) => io::Error::other(format!(
+                            "the body ended after {} of the {s} bytes the server announced",
+                            self.pos
+                        )),
+                        None => {
+                            self.body = None;
+                            return Ok(0);
                         }
-                    } else {
-                        self.body = None;
-                        return Ok(0);
                     }
                 }
-                Ok(n) => {
-                    self.pos += n as u64;
-                    self.src.inner.count_bytes(n);
-                    if self.src.inner.size.is_some_and(|s| self.pos > s) {
+                Some(Ok(c)) => {
+                    self.pos = self.pos.saturating_add(c.len() as u64);
+                    self.src.inner.count_bytes(c.len());
+                    if size.is_some_and(|s| self.pos > s) {
                         return Err(io::Error::other(
                             "the server sent more bytes than the object's size",
                         ));
                     }
-                    return Ok(n);
+                    self.chunk = c;
+                    self.at = 0;
+                    continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    if !self.src.inner.ranges || tries >= ATTEMPTS {
-                        return Err(e);
-                    }
-                }
+                Some(Err(e)) => io::Error::other(format!(
+                    "the body ended after {} of the {} bytes the server announced: {e}",
+                    self.pos,
+                    size.unwrap_or(0)
+                )),
+                None => io::Error::other("the HTTP body reader stopped"),
+            };
+            if !self.resumable() || tries >= ATTEMPTS {
+                return Err(failure);
             }
             tries += 1;
             self.body = None;
-            std::thread::sleep(BACKOFF.saturating_mul(tries));
+            cancel::sleep(BACKOFF.saturating_mul(tries))?;
             self.connect()?;
         }
     }
@@ -697,15 +838,71 @@ fn status_message(status: u16, resp: &mut Response<Body>) -> String {
     format!("HTTP {status}: {}", crate::cmd::upload::http::reason(&body))
 }
 
+/// Connection trouble and timeouts are worth another try; a reply that breaks HTTP (a
+/// Content-Length that is not a number) or a TLS failure (a certificate that is not trusted,
+/// reported as invalid data) would fail the same way again.
 fn classify(e: ureq::Error) -> Fail {
     match e {
+        ureq::Error::Io(ref io) if io.kind() == io::ErrorKind::InvalidData => {
+            Fail::Fatal(io::Error::other(e.to_string()))
+        }
         ureq::Error::Io(_)
         | ureq::Error::Timeout(_)
         | ureq::Error::ConnectionFailed
-        | ureq::Error::Protocol(_)
         | ureq::Error::BodyStalled => Fail::Transient(e.to_string()),
         other => Fail::Fatal(io::Error::other(other.to_string())),
     }
+}
+
+/// Refuses an object larger than [`MAX_SIZE`].
+fn check_size(size: u64) -> Result<(), Fail> {
+    if size > MAX_SIZE {
+        return Err(fatal(format!(
+            "the server says the object has {size} bytes, more than the {MAX_SIZE} (1 TiB, \
+             Glance's default image_size_cap) glimpse reads from a URL"
+        )));
+    }
+    Ok(())
+}
+
+/// `[start, end)` of the `n` blocks from block `b` of an object of `size` bytes; `None`
+/// when block `b` starts at or past the end (or past 2^64).
+fn block_span(b: u64, n: u64, size: u64) -> Option<(u64, u64)> {
+    let start = b.checked_mul(BLOCK)?;
+    if start >= size {
+        return None;
+    }
+    let end = b
+        .checked_add(n)
+        .and_then(|e| e.checked_mul(BLOCK))
+        .map_or(size, |e| e.min(size));
+    Some((start, end))
+}
+
+/// Reads exactly `buf.len()` body bytes (a short body is transient: the connection dropped).
+fn read_body_into(resp: Response<Body>, buf: &mut [u8], bytes: &AtomicU64) -> Result<(), Fail> {
+    let mut r = resp.into_body().into_reader();
+    let mut done = 0;
+    while let Some(rest) = buf.get_mut(done..) {
+        if rest.is_empty() {
+            break;
+        }
+        match r.read(rest) {
+            Ok(0) => {
+                return Err(Fail::Transient(format!(
+                    "the body ended after {done} of {} bytes",
+                    buf.len()
+                )))
+            }
+            Ok(n) => {
+                done += n;
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Fail::Transient(format!("reading the body: {e}"))),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -723,7 +920,54 @@ mod tests {
         assert_eq!(parse_content_range("bytes -1-2/3"), None);
     }
 
+    #[test]
+    fn block_spans_near_2_pow_64_do_not_overflow() {
+        // The last block of a 2^64 - 1 byte object: (b + n) * BLOCK is 2^64, which wrapped
+        // to 0 and asked for a range one byte past the end.
+        let size = u64::MAX;
+        let last = size / BLOCK;
+        assert_eq!(last, (1 << 46) - 1);
+        assert_eq!(block_span(last, 1, size), Some((last * BLOCK, size)));
+        assert_eq!(block_span(last, 16, size), Some((last * BLOCK, size)));
+        assert_eq!(
+            block_span(last - 1, 16, size),
+            Some(((last - 1) * BLOCK, size))
+        );
+        assert_eq!(block_span(last + 1, 1, size), None);
+        assert_eq!(block_span(u64::MAX, u64::MAX, size), None);
+        assert_eq!(block_span(0, u64::MAX, size), Some((0, size)));
+        // ordinary ones
+        assert_eq!(block_span(0, 1, 10), Some((0, 10)));
+        assert_eq!(block_span(1, 2, 3 * BLOCK + 5), Some((BLOCK, 3 * BLOCK)));
+        assert_eq!(
+            block_span(3, 2, 3 * BLOCK + 5),
+            Some((3 * BLOCK, 3 * BLOCK + 5))
+        );
+        assert_eq!(block_span(0, 1, 0), None);
+    }
+
+    #[test]
+    fn sizes_above_the_cap_are_refused() {
+        assert!(check_size(MAX_SIZE).is_ok());
+        assert!(check_size(0).is_ok());
+        for s in [MAX_SIZE + 1, 1 << 63, u64::MAX] {
+            match check_size(s) {
+                Err(Fail::Fatal(e)) => assert!(e.to_string().contains("1 TiB"), "{e}"),
+                _ => panic!("{s} accepted"),
+            }
+        }
+    }
+
     proptest::proptest! {
+        /// Any block number, count and size: a span lies inside the object, or there is none.
+        #[test]
+        fn block_spans_lie_inside_the_object(b: u64, n in 1u64..64, size: u64) {
+            if let Some((start, end)) = block_span(b, n, size) {
+                proptest::prop_assert!(start < end && end <= size);
+                proptest::prop_assert_eq!(start % BLOCK, 0);
+            }
+        }
+
         /// A server's header is hostile input: any text either fails or gives a range that
         /// lies inside the size it names.
         #[test]

@@ -44,10 +44,7 @@ impl Readahead {
                     let len = (size - start).min(CHUNK);
                     let r = usize::try_from(len)
                         .map_err(io::Error::other)
-                        .and_then(|len| {
-                            let mut buf = vec![0; len];
-                            src.inner.fetch_after_cached(&mut buf, start).map(|()| buf)
-                        });
+                        .and_then(|len| src.inner.fetch_after_cached(len, start));
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
                         return;

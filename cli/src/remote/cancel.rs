@@ -1,0 +1,149 @@
+//! Stopping remote reads on SIGINT/SIGTERM: a command that handles those signals itself
+//! (`convert` removes its temporary file, `upload` deletes its half-made image) stops at its
+//! next check of its own flag, but a thread blocked inside a network read never gets there.
+//! So every blocking network step runs on a worker thread, and the caller waits for it in
+//! short slices, checking [`cancelled`] in between: one signal ends the wait within
+//! [`POLL`], the read fails with an `Interrupted` error and the command's own cleanup runs.
+//! The abandoned worker ends by itself at its next timeout (the process is exiting anyway).
+//!
+//! The flag is set by a handler chained in front of the command's own: installed when the
+//! first remote source is opened, and only when the command has a handler (a command that
+//! keeps the default action simply dies on the signal, which is already prompt).
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::Once;
+use std::time::Duration;
+
+/// How often a waiting caller looks at the flag.
+pub const POLL: Duration = Duration::from_millis(100);
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+/// The handlers that were installed before ours, by signal (0: none to call).
+static PREV_INT: AtomicUsize = AtomicUsize::new(0);
+static PREV_TERM: AtomicUsize = AtomicUsize::new(0);
+static PREV_INT_SIGINFO: AtomicBool = AtomicBool::new(false);
+static PREV_TERM_SIGINFO: AtomicBool = AtomicBool::new(false);
+static INSTALL: Once = Once::new();
+
+/// True once SIGINT or SIGTERM arrived (after a remote source was opened).
+pub fn cancelled() -> bool {
+    CANCEL.load(Ordering::SeqCst)
+}
+
+/// The error of a read a signal stopped.
+pub fn interrupted() -> io::Error {
+    // Not ErrorKind::Interrupted: readers retry that.
+    io::Error::other("interrupted by a signal while waiting for the server")
+}
+
+extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    CANCEL.store(true, Ordering::SeqCst);
+    let (prev, siginfo) = match sig {
+        libc::SIGINT => (&PREV_INT, &PREV_INT_SIGINFO),
+        _ => (&PREV_TERM, &PREV_TERM_SIGINFO),
+    };
+    let h = prev.load(Ordering::SeqCst);
+    if h == 0 {
+        return;
+    }
+    // SAFETY: `h` is the address of the handler the command installed (neither SIG_DFL nor
+    // SIG_IGN: those are never stored), called with the signature its flags declared.
+    unsafe {
+        if siginfo.load(Ordering::SeqCst) {
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                std::mem::transmute(h);
+            f(sig, info, ctx);
+        } else {
+            let f: extern "C" fn(libc::c_int) = std::mem::transmute(h);
+            f(sig);
+        }
+    }
+}
+
+/// Chains [`on_signal`] in front of the command's SIGINT/SIGTERM handlers, once.
+pub fn watch_signals() {
+    INSTALL.call_once(|| {
+        for (sig, prev, siginfo) in [
+            (libc::SIGINT, &PREV_INT, &PREV_INT_SIGINFO),
+            (libc::SIGTERM, &PREV_TERM, &PREV_TERM_SIGINFO),
+        ] {
+            // SAFETY: sigaction with a zeroed struct reads the current disposition; the new
+            // one keeps its mask and flags (SA_RESTART included) and adds SA_SIGINFO, and its
+            // handler only stores an atomic and calls the previous handler.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+                    continue;
+                }
+                if old.sa_sigaction == libc::SIG_DFL || old.sa_sigaction == libc::SIG_IGN {
+                    continue;
+                }
+                prev.store(old.sa_sigaction, Ordering::SeqCst);
+                siginfo.store(old.sa_flags & libc::SA_SIGINFO != 0, Ordering::SeqCst);
+                let mut sa = old;
+                sa.sa_sigaction = on_signal
+                    as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+                    as libc::sighandler_t;
+                sa.sa_flags = old.sa_flags | libc::SA_SIGINFO;
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+        }
+    });
+}
+
+/// Runs `f` (a blocking network step) on a worker thread and waits for it, giving up with
+/// [`interrupted`] when a signal arrives.
+///
+/// # Errors
+/// A signal arrived, or the worker could not be started.
+pub fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    if cancelled() {
+        return Err(interrupted());
+    }
+    let (tx, rx) = sync_channel(1);
+    std::thread::Builder::new()
+        .name("glimpse-http".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })?;
+    wait(&rx)?.ok_or_else(|| io::Error::other("an HTTP worker thread stopped"))
+}
+
+/// Waits for the next message on `rx`, giving up with [`interrupted`] when a signal arrives;
+/// `None` when the sender has gone.
+///
+/// # Errors
+/// A signal arrived.
+pub fn wait<T>(rx: &Receiver<T>) -> io::Result<Option<T>> {
+    loop {
+        match rx.recv_timeout(POLL) {
+            Ok(v) => return Ok(Some(v)),
+            Err(RecvTimeoutError::Disconnected) => return Ok(None),
+            Err(RecvTimeoutError::Timeout) => {
+                if cancelled() {
+                    return Err(interrupted());
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `d`, waking early (with [`interrupted`]) when a signal arrives.
+///
+/// # Errors
+/// A signal arrived.
+pub fn sleep(d: Duration) -> io::Result<()> {
+    let end = std::time::Instant::now() + d;
+    loop {
+        if cancelled() {
+            return Err(interrupted());
+        }
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(POLL));
+    }
+}
