@@ -311,14 +311,6 @@ pub fn read_items(
         .at(region.offset.saturating_add(u64::from(lss.offset)))
         .code("vhdx.metadata"));
     }
-    // qemu refuses a disk of size 0 (its BAT entry count underflows and the BAT region is
-    // then too small: "Invalid argument").
-    if virtual_disk_size == 0 {
-        return Err(meta_err(
-            "virtual disk size 0: qemu refuses to open such a disk",
-            region.offset.saturating_add(u64::from(vs.offset)),
-        ));
-    }
     let physical_sector_size = le32(
         &read_item(src, region, &pss, 4, budget, "Physical Sector Size")?,
         0,
