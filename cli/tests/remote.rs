@@ -718,9 +718,9 @@ fn a_redirect_says_so_and_permanent_errors_are_not_retried() {
 }
 
 #[test]
-fn one_sigterm_stops_a_convert_blocked_on_a_stalled_server() {
+fn one_signal_stops_a_convert_blocked_on_a_stalled_server() {
     // F4: the probe is answered, then the server sends headers and nothing more.
-    for sig in [libc::SIGTERM, libc::SIGINT] {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         let p = raw("f4-stall.raw", 3 << 20);
         let f = p.file_name().unwrap().to_str().unwrap();
         let dir = tempfile::tempdir().unwrap();

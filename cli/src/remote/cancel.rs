@@ -1,4 +1,4 @@
-//! Stopping remote reads on SIGINT/SIGTERM: a command that handles those signals itself
+//! Stopping remote reads on SIGINT/SIGTERM/SIGHUP: a command that handles those signals itself
 //! (`convert` removes its temporary file, `upload` deletes its half-made image) stops at its
 //! next check of its own flag, but a thread blocked inside a network read never gets there.
 //! So every blocking network step runs on a worker thread, and the caller waits for it in
@@ -23,11 +23,13 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 /// The handlers that were installed before ours, by signal (0: none to call).
 static PREV_INT: AtomicUsize = AtomicUsize::new(0);
 static PREV_TERM: AtomicUsize = AtomicUsize::new(0);
+static PREV_HUP: AtomicUsize = AtomicUsize::new(0);
 static PREV_INT_SIGINFO: AtomicBool = AtomicBool::new(false);
 static PREV_TERM_SIGINFO: AtomicBool = AtomicBool::new(false);
+static PREV_HUP_SIGINFO: AtomicBool = AtomicBool::new(false);
 static INSTALL: Once = Once::new();
 
-/// True once SIGINT or SIGTERM arrived (after a remote source was opened).
+/// True once SIGINT, SIGTERM or SIGHUP arrived (after a remote source was opened).
 pub fn cancelled() -> bool {
     CANCEL.load(Ordering::SeqCst)
 }
@@ -42,6 +44,7 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     CANCEL.store(true, Ordering::SeqCst);
     let (prev, siginfo) = match sig {
         libc::SIGINT => (&PREV_INT, &PREV_INT_SIGINFO),
+        libc::SIGHUP => (&PREV_HUP, &PREV_HUP_SIGINFO),
         _ => (&PREV_TERM, &PREV_TERM_SIGINFO),
     };
     let h = prev.load(Ordering::SeqCst);
@@ -62,12 +65,14 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     }
 }
 
-/// Chains [`on_signal`] in front of the command's SIGINT/SIGTERM handlers, once.
+/// Chains [`on_signal`] in front of the command's SIGINT/SIGTERM/SIGHUP handlers, once
+/// (`convert` treats a hang-up like an interrupt).
 pub fn watch_signals() {
     INSTALL.call_once(|| {
         for (sig, prev, siginfo) in [
             (libc::SIGINT, &PREV_INT, &PREV_INT_SIGINFO),
             (libc::SIGTERM, &PREV_TERM, &PREV_TERM_SIGINFO),
+            (libc::SIGHUP, &PREV_HUP, &PREV_HUP_SIGINFO),
         ] {
             // SAFETY: sigaction with a zeroed struct reads the current disposition; the new
             // one keeps its mask and flags (SA_RESTART included) and adds SA_SIGINFO, and its
