@@ -186,39 +186,57 @@ fn a_failed_convert_leaves_an_existing_destination_byte_identical() {
     assert_eq!(names(d.path()), listing);
 }
 
-#[test]
-fn an_interrupted_convert_removes_only_its_temporary_file() {
-    let d = tempfile::tempdir().unwrap();
-    let src = data_file(d.path(), "big.raw", 512);
-    let dst = d.path().join("out.qcow2");
-    std::fs::write(&dst, b"old output\n").unwrap();
-    let listing = names(d.path());
+/// A compressing convert of `src` to `dst` started in a child, once its first progress line
+/// arrived (so its temporary file exists); the rest of its stderr.
+fn converting(
+    src: &Path,
+    dst: &Path,
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStderr>>,
+) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
         .args(["convert", "--progress", "json", "-c", "-O", "qcow2"])
-        .args([&src, &dst])
+        .args([src, dst])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     assert!(first.contains("\"progress\""), "{first}");
-    let temps: Vec<String> = names(d.path())
-        .into_iter()
-        .filter(|n| !listing.contains(n))
-        .collect();
-    assert_eq!(temps.len(), 1, "one temporary file while converting");
-    assert!(temps[0].starts_with(".out.qcow2."), "{temps:?}");
-    // SAFETY: sending SIGINT to our own child process.
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGINT) },
-        0
-    );
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(2), "{rest:?}");
-    assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
-    assert_eq!(std::fs::read(&dst).unwrap(), b"old output\n");
-    assert_eq!(names(d.path()), listing);
+    (child, lines)
+}
+
+/// SIGINT, and SIGHUP (a closed terminal or ssh session) alike: the temporary file goes, the
+/// old output stays.
+#[test]
+fn an_interrupted_convert_removes_only_its_temporary_file() {
+    for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGHUP, "SIGHUP")] {
+        let d = tempfile::tempdir().unwrap();
+        let src = data_file(d.path(), "big.raw", 512);
+        let dst = d.path().join("out.qcow2");
+        std::fs::write(&dst, b"old output\n").unwrap();
+        let listing = names(d.path());
+        let (mut child, lines) = converting(&src, &dst);
+        let temps = leftovers(d.path(), &listing);
+        assert_eq!(temps.len(), 1, "one temporary file while converting");
+        assert!(temps[0].starts_with(".out.qcow2."), "{temps:?}");
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(
+            unsafe { libc::kill(i32::try_from(child.id()).unwrap(), sig) },
+            0
+        );
+        let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(2), "{name}: {rest:?}");
+        assert!(
+            rest.iter()
+                .any(|l| l.contains(&format!("interrupted by {name}"))),
+            "{rest:?}"
+        );
+        assert_eq!(std::fs::read(&dst).unwrap(), b"old output\n");
+        assert_eq!(names(d.path()), listing);
+    }
 }
 
 #[test]
@@ -227,14 +245,7 @@ fn a_second_signal_does_not_wait_and_still_removes_the_temporary_file() {
     let src = data_file(d.path(), "big.raw", 512);
     let dst = d.path().join("out.qcow2");
     let listing = names(d.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(["convert", "--progress", "json", "-c", "-O", "qcow2"])
-        .args([&src, &dst])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    assert!(lines.next().unwrap().unwrap().contains("\"progress\""));
+    let (mut child, lines) = converting(&src, &dst);
     let pid = i32::try_from(child.id()).unwrap();
     for _ in 0..2 {
         // SAFETY: sending SIGTERM to our own child process.
@@ -717,38 +728,6 @@ fn convert_onto_a_file_the_source_refers_to_is_refused_even_with_force() {
         std::fs::metadata(d.path().join("base.raw")).unwrap().len(),
         4 << 20
     );
-}
-
-#[test]
-fn a_sighup_stops_convert_like_sigint() {
-    let d = tempfile::tempdir().unwrap();
-    let src = data_file(d.path(), "big.raw", 512);
-    let dst = d.path().join("out.qcow2");
-    std::fs::write(&dst, b"old output\n").unwrap();
-    let listing = names(d.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(["convert", "--progress", "json", "-c", "-O", "qcow2"])
-        .args([&src, &dst])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    assert!(lines.next().unwrap().unwrap().contains("\"progress\""));
-    assert_eq!(leftovers(d.path(), &listing).len(), 1, "a temporary file");
-    // SAFETY: sending SIGHUP to our own child process.
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGHUP) },
-        0
-    );
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(2), "{rest:?}");
-    assert!(
-        rest.iter().any(|l| l.contains("interrupted by SIGHUP")),
-        "{rest:?}"
-    );
-    assert_eq!(std::fs::read(&dst).unwrap(), b"old output\n");
-    assert_eq!(names(d.path()), listing);
 }
 
 #[test]

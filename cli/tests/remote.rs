@@ -355,7 +355,10 @@ fn hostile() -> &'static str {
     H.get_or_init(|| {
         let mut child = std::process::Command::new("python3")
             .arg("-c")
-            .arg(HOSTILE_PY)
+            .arg(format!(
+                "{HOSTILE_PY}{}",
+                remote_support::SERVE_UNTIL_THE_OWNER_EXITS
+            ))
             .arg(remote_support::www(BIN))
             .arg(std::process::id().to_string())
             .stdin(std::process::Stdio::null())
@@ -534,16 +537,7 @@ class S(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 server = S(('127.0.0.1', 0), H)
-print(server.server_address[1], flush=True)
-def watch():
-    while True:
-        time.sleep(0.5)
-        try:
-            os.kill(OWNER, 0)
-        except OSError:
-            os._exit(0)
-threading.Thread(target=watch, daemon=True).start()
-server.serve_forever()
+owner = OWNER
 "#;
 
 /// A raw file of `len` bytes under its own name (so each test has its own counters).

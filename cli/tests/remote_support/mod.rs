@@ -74,6 +74,22 @@ pub fn nginx(binary: &str) -> &'static str {
     })
 }
 
+/// The end of a Python test server script: prints the port `server` listens on, serves until
+/// the process whose pid is `owner` (the test binary) has gone, then exits. The script defines
+/// `server` and `owner` and imports `os`, `threading` and `time`.
+pub const SERVE_UNTIL_THE_OWNER_EXITS: &str = r#"
+print(server.server_address[1], flush=True)
+def watch():
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(owner, 0)
+        except OSError:
+            os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+server.serve_forever()
+"#;
+
 /// Python's `http.server` (no range support) serving [`www`], once per test binary; it exits
 /// by itself when this process has gone.
 pub fn plain_server(binary: &str) -> &'static str {
@@ -88,20 +104,10 @@ class Quiet(handler.func):
         pass
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
     functools.partial(Quiet, directory=sys.argv[1]))
-print(server.server_address[1], flush=True)
-def watch():
-    while True:
-        time.sleep(0.5)
-        try:
-            os.kill(owner, 0)
-        except OSError:
-            os._exit(0)
-threading.Thread(target=watch, daemon=True).start()
-server.serve_forever()
 "#;
         let mut child = Command::new("python3")
             .arg("-c")
-            .arg(PY)
+            .arg(format!("{PY}{SERVE_UNTIL_THE_OWNER_EXITS}"))
             .arg(www(binary))
             .arg(std::process::id().to_string())
             .stdin(Stdio::null())
