@@ -56,14 +56,6 @@ impl Detection {
     }
 }
 
-/// True when the 512-byte boot sector `s` ends in the MBR signature and is not a FAT volume
-/// boot record (which ends in the same signature): two FATs and the fixed-disk media byte,
-/// the test Glance's inspector makes.
-fn partition_signature(s: &[u8]) -> bool {
-    s.get(510..512) == Some(&[0x55, 0xAA][..])
-        && !(s.get(0x10) == Some(&2) && s.get(0x15) == Some(&0xF8))
-}
-
 /// Detects every format the source matches.
 ///
 /// # Errors
@@ -125,7 +117,9 @@ pub fn detect_probe(p: &Probe<'_>) -> Detection {
     }
     // A fixed (footer-only) VHD's first sector is guest data: its partition table is content,
     // as a raw disk's is.
-    let partition_table = !fixed_vhd && p.head_at(0, 512).is_some_and(partition_signature);
+    let partition_table = !fixed_vhd
+        && p.head_at(0, 512)
+            .is_some_and(crate::partition::table_signature);
     Detection {
         matches,
         partition_table,

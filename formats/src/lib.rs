@@ -60,6 +60,7 @@ pub mod ranges;
 pub mod reader;
 pub mod table;
 pub mod unsupported;
+mod xml;
 
 pub mod iso;
 pub mod luks;

@@ -217,7 +217,7 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
     }
     let text = std::str::from_utf8(bytes)
         .map_err(|e| malformed(format!("descriptor is not UTF-8: {e}")))?;
-    if nests_deeper_than(bytes, MAX_DEPTH) {
+    if crate::xml::nests_deeper_than(bytes, MAX_DEPTH) {
         return Err(malformed(format!(
             "descriptor elements nest deeper than {MAX_DEPTH}"
         )));
@@ -247,66 +247,6 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
         d.systems.push(read_system(vs));
     }
     Ok(d)
-}
-
-/// True when elements in `text` nest deeper than `max`. The scan skips comments, CDATA,
-/// processing instructions and declarations, and reads a start tag to its `>` outside quoted
-/// values; on text that is not well-formed it may count more than a parser would, never
-/// fewer before the parser's own error.
-fn nests_deeper_than(text: &[u8], max: usize) -> bool {
-    let find = |from: usize, pat: &[u8]| -> Option<usize> {
-        text.get(from..)?
-            .windows(pat.len())
-            .position(|w| w == pat)
-            .map(|p| from.saturating_add(p).saturating_add(pat.len()))
-    };
-    let mut depth = 0usize;
-    let mut i = 0usize;
-    while let Some(at) = text
-        .get(i..)
-        .and_then(|t| t.iter().position(|b| *b == b'<'))
-        .map(|p| i.saturating_add(p))
-    {
-        let rest = text.get(at..).unwrap_or_default();
-        let end = if rest.starts_with(b"<!--") {
-            find(at.saturating_add(4), b"-->")
-        } else if rest.starts_with(b"<![CDATA[") {
-            find(at.saturating_add(9), b"]]>")
-        } else if rest.starts_with(b"<?") {
-            find(at.saturating_add(2), b"?>")
-        } else if rest.starts_with(b"<!") {
-            find(at.saturating_add(2), b">")
-        } else if rest.starts_with(b"</") {
-            depth = depth.saturating_sub(1);
-            find(at.saturating_add(2), b">")
-        } else {
-            let mut quote = None;
-            let close = rest.iter().enumerate().skip(1).find_map(|(j, b)| {
-                match (quote, *b) {
-                    (None, b'"' | b'\'') => quote = Some(*b),
-                    (Some(q), c) if c == q => quote = None,
-                    (None, b'>') => return Some(j),
-                    _ => {}
-                }
-                None
-            });
-            if let Some(j) = close {
-                if rest.get(j.saturating_sub(1)) != Some(&b'/') {
-                    depth = depth.saturating_add(1);
-                    if depth > max {
-                        return true;
-                    }
-                }
-            }
-            close.map(|j| at.saturating_add(j).saturating_add(1))
-        };
-        // Unterminated: the parser fails there, at no greater depth.
-        let Some(next) = end else {
-            return false;
-        };
-        i = next;
-    }
-    false
 }
 
 /// Refuses an element that carries two attributes of one local name (`ovf:href` and

@@ -74,11 +74,9 @@ impl Ova {
             self.disks.iter().filter_map(|d| d.member).collect();
         let mut out = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
-            let meta = ["ovf", "mf", "cert"].iter().any(|e| {
-                m.name
-                    .rsplit_once('.')
-                    .is_some_and(|(_, x)| x.eq_ignore_ascii_case(e))
-            });
+            let meta = ["ovf", "mf", "cert"]
+                .iter()
+                .any(|e| super::is_ext(&m.name, e));
             if m.kind != MemberKind::Regular || used.contains(&i) || meta {
                 continue;
             }

@@ -6,6 +6,8 @@
 //! exactly those (XML 1.0 `prolog ::= XMLDecl? Misc* (doctypedecl Misc*)?`), lexically: no
 //! DTD is processed and no entity expanded. The work is one pass over a bounded window.
 
+use crate::xml::past;
+
 /// What the bytes before the root element say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Root {
@@ -49,13 +51,6 @@ fn as_bytes(window: &[u8]) -> Vec<u8> {
             .unwrap_or(window)
             .to_vec(),
     }
-}
-
-/// The position just past the first `needle` at or after `from`.
-fn past(text: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
-    let rest = text.get(from..)?;
-    let at = rest.windows(needle.len()).position(|w| w == needle)?;
-    from.checked_add(at)?.checked_add(needle.len())
 }
 
 /// The position just past a document type declaration starting at `from` (`<!DOCTYPE`):

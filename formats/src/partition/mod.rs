@@ -180,6 +180,16 @@ fn guid_string(g: &[u8; 16]) -> String {
     s
 }
 
+/// True when the boot sector `head` ends in the MBR signature and is not a FAT volume boot
+/// record by Glance's test (two FATs and the fixed-disk media byte): what Glance's format
+/// inspector reports as `gpt`. Detection uses it to find containers that also carry a
+/// partition table ([`crate::detect::Detection::partition_table`]); Glance's test rather than
+/// [`fat_kind`], so that whatever Glance calls a partition table glimpse does too.
+pub fn table_signature(head: &[u8]) -> bool {
+    head.get(510..512) == Some(&MBR_SIGNATURE[..])
+        && !(head.get(0x10) == Some(&2) && head.get(0x15) == Some(&0xF8))
+}
+
 /// True when `head` starts with a FAT boot sector (BIOS parameter block).
 fn fat_kind(head: &[u8]) -> Option<(&'static str, u16)> {
     let jump = head.first().copied()?;
