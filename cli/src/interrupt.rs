@@ -4,7 +4,8 @@
 //! - SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session): the first one sets a flag
 //!   the command polls; it stops, its error path drops the temporary files and it exits 2. A
 //!   second one does not wait (the command may be blocked on a network read): the handler
-//!   removes every registered temporary file itself and exits 128 + the signal.
+//!   removes every registered temporary file, then every registered directory that is empty
+//!   (those the command created), itself and exits 128 + the signal.
 //! - SIGXFSZ (`ulimit -f`) is ignored, so that a write past the limit fails with EFBIG and the
 //!   ordinary error path removes the temporary file, as qemu-img does (the default action kills
 //!   the process and leaves the file).
@@ -29,17 +30,36 @@ static SLOTS: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
 
 extern "C" fn on_signal(sig: libc::c_int) {
     if CANCEL.swap(true, Ordering::SeqCst) {
-        // SAFETY: only atomic loads, unlink and _exit, which are async-signal-safe. Every
+        // SAFETY: only atomic loads, unlink, rmdir and _exit, which are async-signal-safe. Every
         // slot and every path is a leaked allocation that is never freed while in the list
         // (a path taken out of a slot is leaked too), so each pointer is null or valid.
         unsafe {
+            let mut slots = 0usize;
             let mut s = SLOTS.load(Ordering::SeqCst);
             while let Some(slot) = s.as_ref() {
                 let p = slot.path.load(Ordering::SeqCst);
                 if !p.is_null() {
                     libc::unlink(p);
                 }
+                slots += 1;
                 s = slot.next.load(Ordering::SeqCst);
+            }
+            // Then the directories, innermost first whatever the list's order: rmdir only
+            // removes an empty directory (and fails on anything else), and each pass that
+            // removes one may have emptied its parent (so at most one pass per slot).
+            for _ in 0..slots {
+                let mut removed = false;
+                let mut s = SLOTS.load(Ordering::SeqCst);
+                while let Some(slot) = s.as_ref() {
+                    let p = slot.path.load(Ordering::SeqCst);
+                    if !p.is_null() && libc::rmdir(p) == 0 {
+                        removed = true;
+                    }
+                    s = slot.next.load(Ordering::SeqCst);
+                }
+                if !removed {
+                    break;
+                }
             }
             libc::_exit(128 + sig);
         }
@@ -80,8 +100,8 @@ pub fn signal_name() -> &'static str {
     }
 }
 
-/// A temporary file the handler removes until this is dropped (when the file was renamed
-/// into place or removed).
+/// A temporary file (or a directory the command created) the handler removes until this is
+/// dropped (when the file was renamed into place or removed).
 pub struct Registered(Option<&'static Slot>);
 
 impl Drop for Registered {

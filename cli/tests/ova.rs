@@ -664,18 +664,116 @@ fn a_signal_during_extract_leaves_no_temporary_file() {
             "{name}: the directory glimpse made is removed"
         );
     }
-    // Two signals: the second does not wait, and still removes the temporary files.
+    // Two signals: the second does not wait, and still removes the temporary files and the
+    // directories glimpse made, however deep.
     let dir = t.path().join("twice");
     std::fs::create_dir(&dir).unwrap();
-    let mut child = extract_until_a_temporary_file(&ova, &dir);
-    let pid = i32::try_from(child.id()).unwrap();
-    for _ in 0..2 {
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let fresh = t.path().join("twice-fresh");
+    for (into, made) in [(dir.clone(), None), (fresh.join("a/b"), Some(&fresh))] {
+        let mut child = extract_until_a_temporary_file(&ova, &into);
+        let pid = i32::try_from(child.id()).unwrap();
+        for _ in 0..2 {
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        }
+        let status = child.wait().unwrap();
+        assert!(matches!(status.code(), Some(143) | Some(2)), "{status:?}");
+        match made {
+            None => assert_eq!(listing(&into), Vec::<String>::new()),
+            Some(top) => assert!(!top.exists(), "{} is left", top.display()),
+        }
     }
+}
+
+/// A ustar header for a regular file.
+fn ustar_header(name: &str, size: u64) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[148..156].copy_from_slice(b"        ");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    h
+}
+
+#[test]
+fn a_signal_stops_extract_while_it_checks_the_manifest() {
+    use std::os::unix::fs::FileExt;
+    let t = tempfile::tempdir().unwrap();
+    // Three members of almost 8 GiB each, all holes in a sparse archive: digesting them for
+    // the manifest takes far longer than the CPU limit below, writing them never starts.
+    let big: u64 = (8 << 30) - 512;
+    let xml = ovf_xml(&[]).into_bytes();
+    let mut mf = String::new();
+    for i in 0..3 {
+        mf += &format!("SHA512(m{i}.img)= {}\n", "0".repeat(128));
+    }
+    let ova = t.path().join("holes.ova");
+    let f = std::fs::File::create(&ova).unwrap();
+    let mut at = 0u64;
+    let mut put = |name: &str, data: &[u8], size: u64| {
+        f.write_all_at(&ustar_header(name, size), at).unwrap();
+        f.write_all_at(data, at + 512).unwrap();
+        at += 512 + size.div_ceil(512) * 512;
+    };
+    put("vm.ovf", &xml, xml.len() as u64);
+    put("vm.mf", mf.as_bytes(), mf.len() as u64);
+    for i in 0..3 {
+        put(&format!("m{i}.img"), &[], big);
+    }
+    f.set_len(at + 1024).unwrap();
+    drop(f);
+    let dir = t.path().join("fresh/out");
+    // A CPU limit, so that a signal that is not noticed fails the test rather than hanging.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -t 20; exec '{}' ova extract '{}' '{}'",
+            env!("CARGO_BIN_EXE_glimpse"),
+            s(&ova),
+            s(&dir)
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it has read 256 MiB: it is digesting.
+    let read = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/io"))
+            .ok()
+            .and_then(|io| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix("rchar: ").map(|n| n.trim().parse().ok()))
+                    .flatten()
+            })
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    while read(child.id()) < 256 << 20 && start.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(read(child.id()) >= 256 << 20, "the digest never started");
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGINT) },
+        0
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     let status = child.wait().unwrap();
-    assert!(matches!(status.code(), Some(143) | Some(2)), "{status:?}");
-    assert_eq!(listing(&dir), Vec::<String>::new());
+    assert_eq!(status.code(), Some(2), "{status:?}: {err}");
+    assert!(
+        err.contains("interrupted by SIGINT; nothing was extracted"),
+        "{err}"
+    );
+    assert!(!t.path().join("fresh").exists());
 }
 
 #[test]

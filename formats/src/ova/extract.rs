@@ -29,10 +29,11 @@ impl Ova {
         self.extract_with(dir, limits, &ExtractHooks::default())
     }
 
-    /// [`Ova::extract`] for a caller that handles signals: `hooks.cancel` stops the writing
-    /// (the temporary files are removed, as on any error), and `hooks.temp` learns each
-    /// temporary file's path (so that a signal handler can remove it when the process cannot
-    /// wait); what it returns is dropped once that file is renamed into place or removed.
+    /// [`Ova::extract`] for a caller that handles signals: `hooks.cancel` stops the check and
+    /// the writing (the temporary files are removed, as on any error), and `hooks.temp` learns
+    /// each temporary file's path and each directory this creates (so that a signal handler
+    /// can remove them when the process cannot wait); what it returns is dropped once that
+    /// file is renamed into place or removed, and once the extraction ends for a directory.
     ///
     /// # Errors
     /// As [`Ova::extract`]; `Invalid` when cancelled.
@@ -42,7 +43,7 @@ impl Ova {
         limits: &Limits,
         hooks: &ExtractHooks<'_>,
     ) -> Result<Extraction> {
-        let findings = self.check_all(limits)?;
+        let findings = self.check_all_with(limits, hooks.cancel)?;
         if findings.iter().any(|f| f.severity == Severity::Reject) {
             return Ok(Extraction {
                 written: Vec::new(),
@@ -73,15 +74,32 @@ impl Ova {
                 ));
             }
         }
-        let created_dir = std::fs::symlink_metadata(dir).is_err();
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(e, format!("creating {}", dir.display())))?;
-        let written = self.write_all(plan, hooks).inspect_err(|_| {
-            if created_dir {
-                // Only succeeds when empty: never removes anything but our own directory.
-                let _ = std::fs::remove_dir(dir);
+        // The directories create_dir_all is about to make, outermost first. Each is handed to
+        // `hooks.temp` before it exists, so that a handler that cannot wait removes it too.
+        let created: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let _registered: Vec<_> = created
+            .iter()
+            .filter_map(|d| hooks.temp.map(|t| t(d)))
+            .collect();
+        let remove_created = || {
+            for d in created.iter().rev() {
+                // Only succeeds when empty: never removes anything but our own directories.
+                let _ = std::fs::remove_dir(d);
             }
+        };
+        std::fs::create_dir_all(dir).map_err(|e| {
+            remove_created();
+            Error::io(e, format!("creating {}", dir.display()))
         })?;
+        let written = self
+            .write_all(plan, hooks)
+            .inspect_err(|_| remove_created())?;
         Ok(Extraction {
             written,
             findings,
@@ -149,7 +167,8 @@ impl Ova {
     }
 }
 
-/// Learns a temporary file's path; what it returns lives as long as that file.
+/// Learns the path of a temporary file or of a directory the extraction creates; what it
+/// returns lives as long as that path is temporary.
 pub type TempHook<'a> = dyn Fn(&Path) -> Box<dyn Any> + 'a;
 
 /// What a caller that handles signals gives [`Ova::extract_with`].
@@ -157,8 +176,9 @@ pub type TempHook<'a> = dyn Fn(&Path) -> Box<dyn Any> + 'a;
 pub struct ExtractHooks<'a> {
     /// Set (by a signal handler, say) to stop before the next chunk.
     pub cancel: Option<&'a AtomicBool>,
-    /// Called with each temporary file's path as soon as it exists; the value it returns is
-    /// dropped when that file is renamed into place or removed.
+    /// Called with each temporary file's path as soon as it exists, and with each directory
+    /// the extraction creates just before it exists; the value it returns is dropped when
+    /// that file is renamed into place or removed, or when the extraction ends.
     pub temp: Option<&'a TempHook<'a>>,
 }
 

@@ -1,5 +1,7 @@
 //! The OVF manifest (`.mf`): one `ALGO(name)= hexdigest` line per file.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::Serialize;
 use sha1::Digest;
 
@@ -120,19 +122,30 @@ fn hex(bytes: &[u8]) -> String {
 /// # Errors
 /// `Io` / `Truncated` when the source cannot be read in full.
 pub fn digest(src: &dyn ReadAt, algo: Algo) -> Result<String> {
-    fn run<D: Digest>(src: &dyn ReadAt) -> Result<String> {
+    digest_with(src, algo, None)
+}
+
+/// [`digest`] that stops with `Invalid` before the next chunk once `cancel` is set.
+///
+/// # Errors
+/// As [`digest`]; `Invalid` when cancelled.
+pub fn digest_with(src: &dyn ReadAt, algo: Algo, cancel: Option<&AtomicBool>) -> Result<String> {
+    fn run<D: Digest>(src: &dyn ReadAt, cancel: Option<&AtomicBool>) -> Result<String> {
         let mut d = D::new();
         crate::io::for_each_chunk(src, |chunk, _| {
+            if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                return Err(Error::invalid("cancelled"));
+            }
             d.update(chunk);
             Ok(())
         })?;
         Ok(hex(&d.finalize()))
     }
     match algo {
-        Algo::Sha1 => run::<sha1::Sha1>(src),
-        Algo::Sha256 => run::<sha2::Sha256>(src),
-        Algo::Sha384 => run::<sha2::Sha384>(src),
-        Algo::Sha512 => run::<sha2::Sha512>(src),
+        Algo::Sha1 => run::<sha1::Sha1>(src, cancel),
+        Algo::Sha256 => run::<sha2::Sha256>(src, cancel),
+        Algo::Sha384 => run::<sha2::Sha384>(src, cancel),
+        Algo::Sha512 => run::<sha2::Sha512>(src, cancel),
     }
 }
 

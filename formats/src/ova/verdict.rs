@@ -1,7 +1,9 @@
 //! The verdicts built on a read archive: manifest digests, `ova check`'s whole policy, and the
 //! gate's per-disk inspection.
 
-use crate::error::{ErrorKind, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::{Error, ErrorKind, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 
@@ -120,6 +122,14 @@ impl Ova {
     /// # Errors
     /// `Io` when the archive cannot be read.
     pub fn verify_manifest(&self) -> Result<Vec<Finding>> {
+        self.verify_manifest_with(None)
+    }
+
+    /// [`Ova::verify_manifest`] that stops with `Invalid` once `cancel` is set.
+    ///
+    /// # Errors
+    /// As [`Ova::verify_manifest`]; `Invalid` when cancelled.
+    pub fn verify_manifest_with(&self, cancel: Option<&AtomicBool>) -> Result<Vec<Finding>> {
         let mut out = Vec::new();
         let Some(mf) = &self.manifest else {
             return Ok(out);
@@ -135,7 +145,7 @@ impl Ova {
             let Some(m) = self.members.get(i) else {
                 continue;
             };
-            let got = manifest::digest(self.member_source(i)?.as_ref(), e.algo)?;
+            let got = manifest::digest_with(self.member_source(i)?.as_ref(), e.algo, cancel)?;
             if got != e.digest {
                 out.push(
                     Finding::reject(
@@ -159,9 +169,29 @@ impl Ova {
     /// # Errors
     /// Only `Io` errors; every other problem is a finding.
     pub fn check_all(&self, limits: &Limits) -> Result<Vec<Finding>> {
+        self.check_all_with(limits, None)
+    }
+
+    /// [`Ova::check_all`] that stops with `Invalid` once `cancel` is set: the manifest digests
+    /// poll it before each chunk, the disks before each disk.
+    ///
+    /// # Errors
+    /// As [`Ova::check_all`]; `Invalid` when cancelled.
+    pub fn check_all_with(
+        &self,
+        limits: &Limits,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Vec<Finding>> {
+        let cancelled = || -> Result<()> {
+            if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                return Err(Error::invalid("cancelled"));
+            }
+            Ok(())
+        };
         let mut out = self.findings.clone();
-        out.extend(self.verify_manifest()?);
+        out.extend(self.verify_manifest_with(cancel)?);
         for d in &self.disks {
+            cancelled()?;
             if d.member.is_none() {
                 if d.href.is_some() {
                     continue; // reported as ova.href
@@ -189,6 +219,7 @@ impl Ova {
                 Err(e) => out.push(about_disk(Finding::from_error(&e), d)),
             }
         }
+        cancelled()?;
         out.extend(self.other_members(limits)?);
         if self.disks.is_empty() && self.descriptor.is_some() {
             out.push(Finding::warn(
