@@ -1617,6 +1617,34 @@ fn names_that_display_as_others_or_collide_by_case_are_refused() {
     let f = check(with_member(raw_member(b"D.IMG", b'0', b"hi", USTAR, b"")));
     let hit = f.iter().find(|f| f.code == "ova.member-name").unwrap();
     assert!(hit.message.contains("only in case"), "{}", hit.message);
+    // The same name with a precomposed and with a decomposed accent, in either order, and a
+    // case difference on top of a normalisation difference.
+    let nfc = "caf\u{e9}.img";
+    let nfd = "cafe\u{301}.img";
+    for (a, b) in [(nfc, nfd), (nfd, nfc), (nfc, "CAFE\u{301}.IMG")] {
+        let mut bytes = raw_member(
+            b"a.ovf",
+            b'0',
+            ovf_xml(&[DiskSpec::plain(a, 4096)]).as_bytes(),
+            USTAR,
+            b"",
+        );
+        bytes.extend(raw_member(
+            a.as_bytes(),
+            b'0',
+            &disk_bytes(4096, 3),
+            USTAR,
+            b"",
+        ));
+        bytes.extend(raw_member(b.as_bytes(), b'0', b"hi", USTAR, b""));
+        bytes.extend([0u8; 1024]);
+        let f = check(bytes);
+        let hit = f.iter().find(|f| f.code == "ova.member-name");
+        assert!(
+            hit.is_some_and(|h| h.message.contains("Unicode normalisation")),
+            "{a:?} then {b:?}: {f:?}"
+        );
+    }
 }
 
 /// The probe reads every header, as `ova check` does: a descriptor stored after many other

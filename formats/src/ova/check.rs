@@ -1,6 +1,8 @@
 //! The archive-level rules of `ova check`: member names and types, the descriptor's place,
 //! hrefs and sizes. Each rule yields findings; none reads member data.
 
+use unicode_normalization::UnicodeNormalization;
+
 use crate::finding::Finding;
 
 use super::tar::{Member, MemberKind};
@@ -141,8 +143,9 @@ pub fn member_findings(members: &[Member]) -> Vec<Finding> {
 
 /// Members that resolve to the same name under any one reader: extraction would let the
 /// later replace the earlier, and which one a consumer reads depends on the reader. Names
-/// that differ only in case count as the same: on a case-insensitive file system (macOS,
-/// Windows) they are one file.
+/// that differ only in case or in Unicode normalisation (`é` as one code point or as `e` and
+/// a combining accent) count as the same: on a case-insensitive or normalising file system
+/// (macOS, Windows) they are one file, and in a listing they read the same.
 fn duplicate_findings(members: &[Member]) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut seen: [std::collections::HashSet<&str>; 3] = Default::default();
@@ -157,9 +160,10 @@ fn duplicate_findings(members: &[Member]) -> Vec<Finding> {
             }
         }
         if let Some(n) = normalize(&m.raw_name, m.kind) {
-            if !folded.insert(n.to_lowercase()) && dup.is_none() {
+            let key: String = n.nfc().collect::<String>().to_lowercase().nfc().collect();
+            if !folded.insert(key) && dup.is_none() {
                 dup = Some(format!(
-                    "{n:?} differs from an earlier member's only in case"
+                    "{n:?} differs from an earlier member's only in case or Unicode normalisation"
                 ));
             }
         }
