@@ -1,11 +1,14 @@
-//! Signals for the commands that write files through temporary ones (`convert`,
-//! `ova extract`): none of them may leave a temporary file behind, whatever stops them.
+//! Signals for the commands that must clean up what they made, whatever stops them: the
+//! temporary files of `convert` and `ova extract`, the half-made image of `upload`.
 //!
 //! - SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session): the first one sets a flag
-//!   the command polls; it stops, its error path drops the temporary files and it exits 2. A
-//!   second one does not wait (the command may be blocked on a network read): the handler
-//!   removes every registered temporary file, then every registered directory that is empty
-//!   (those the command created), itself and exits 128 + the signal.
+//!   the command polls; it stops, its error path cleans up and it exits 2.
+//! - A second one ([`Again::Exits`], for the commands whose leftovers are local files) does not
+//!   wait (the command may be blocked on a network read): the handler removes every
+//!   registered temporary file, then every registered directory that is empty (those the
+//!   command created), itself and exits 128 + the signal. With [`Again::Waits`] (`upload`,
+//!   whose leftover is an image only it can delete) a second signal changes nothing, and
+//!   blocked calls return EINTR rather than restart, so that the flag is seen soon.
 //! - SIGXFSZ (`ulimit -f`) is ignored, so that a write past the limit fails with EFBIG and the
 //!   ordinary error path removes the temporary file, as qemu-img does (the default action kills
 //!   the process and leaves the file).
@@ -17,6 +20,17 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
 static CANCEL: AtomicBool = AtomicBool::new(false);
 /// The signal that set [`CANCEL`].
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// Whether a second signal exits at once ([`Again::Exits`]).
+static EXIT_ON_SECOND: AtomicBool = AtomicBool::new(true);
+
+/// What a second signal does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Again {
+    /// Removes the registered paths and exits at once.
+    Exits,
+    /// Nothing: the command finishes its own cleanup.
+    Waits,
+}
 
 /// One slot of the list of temporary files the handler removes: a C string (null when the
 /// slot is free). Slots are leaked and never unlinked from the list, so the handler can walk
@@ -29,7 +43,7 @@ struct Slot {
 static SLOTS: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
 
 extern "C" fn on_signal(sig: libc::c_int) {
-    if CANCEL.swap(true, Ordering::SeqCst) {
+    if CANCEL.swap(true, Ordering::SeqCst) && EXIT_ON_SECOND.load(Ordering::SeqCst) {
         // SAFETY: only atomic loads, unlink, rmdir and _exit, which are async-signal-safe. Every
         // slot and every path is a leaked allocation that is never freed while in the list
         // (a path taken out of a slot is leaked too), so each pointer is null or valid.
@@ -68,11 +82,21 @@ extern "C" fn on_signal(sig: libc::c_int) {
 }
 
 /// Installs the handlers (see the module's documentation).
-pub fn install() {
+pub fn install(again: Again) {
+    EXIT_ON_SECOND.store(again == Again::Exits, Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only touches atomics and calls async-signal-safe functions.
+        // SAFETY: `sigaction` with a zeroed struct, an empty mask and a handler that only
+        // touches atomics and calls async-signal-safe functions.
         unsafe {
-            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = if again == Again::Exits {
+                libc::SA_RESTART
+            } else {
+                0
+            };
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
     // SAFETY: ignoring a signal has no preconditions.

@@ -353,46 +353,63 @@ fn a_killed_connection_leaves_no_image_behind() {
     assert!(g.images_named(&name).is_empty(), "an image was left behind");
 }
 
+/// SIGINT, SIGHUP (a closed ssh session) and SIGTERM sent twice (a second signal does not cut
+/// the cleanup short): each stops the upload and the half-made image is deleted.
 #[test]
-fn ctrl_c_during_the_upload_deletes_the_image() {
+fn a_signal_during_the_upload_deletes_the_image() {
     let g = glance(BIN);
     let proxy = Proxy::start(&g.url, PutMode::Throttle(16 * 1024));
     let dir = tempfile::tempdir().unwrap();
     let file = raw_file(dir.path(), "disk.raw", 8 * 1024 * 1024);
-    let name = unique("sigint");
-    let child = glimpse()
-        .arg("upload")
-        .args([
-            "--os-auth-token",
-            TOKEN,
-            "--os-image-url",
-            &proxy.url,
-            "--name",
-            &name,
-            file.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while proxy.put_bytes.load(Ordering::SeqCst) < 64 * 1024 {
+    for (sig, sig_name, times) in [
+        (libc::SIGINT, "SIGINT", 1),
+        (libc::SIGHUP, "SIGHUP", 1),
+        (libc::SIGTERM, "SIGTERM", 2),
+    ] {
+        let name = unique("signal");
+        let before = proxy.put_bytes.load(Ordering::SeqCst);
+        let child = glimpse()
+            .arg("upload")
+            .args([
+                "--os-auth-token",
+                TOKEN,
+                "--os-image-url",
+                &proxy.url,
+                "--name",
+                &name,
+                file.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while proxy.put_bytes.load(Ordering::SeqCst) < before + 64 * 1024 {
+            assert!(
+                Instant::now() < deadline,
+                "{sig_name}: the upload never started: {:?}",
+                proxy.heads()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = i32::try_from(child.id()).unwrap();
+        for _ in 0..times {
+            // SAFETY: sending a signal to our own child process.
+            assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        }
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{sig_name}: {stdout}\n{stderr}");
         assert!(
-            Instant::now() < deadline,
-            "the upload never started: {:?}",
-            proxy.heads()
+            stderr.contains(&format!("interrupted by {sig_name}")),
+            "{stderr}"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        assert!(stderr.contains("deleted"), "{sig_name}: {stderr}");
+        assert!(
+            g.images_named(&name).is_empty(),
+            "{sig_name}: an image was left behind"
+        );
     }
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: sending SIGINT to our own child process.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
-    assert!(stderr.contains("interrupted"), "{stderr}");
-    assert!(stderr.contains("deleted"), "{stderr}");
-    assert!(g.images_named(&name).is_empty(), "an image was left behind");
 }
 
 #[test]

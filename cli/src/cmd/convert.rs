@@ -134,7 +134,7 @@ fn open_output(args: &Args) -> anyhow::Result<Output> {
 /// Runs `glimpse convert`.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     args.remote.apply();
-    interrupt::install();
+    interrupt::install(interrupt::Again::Exits);
     let mut opts = WriteOptions::parse(&args.options.join(","), args.compress)?;
     let to_stdout = is_stdin(&args.dst);
     opts.output_name = args

@@ -295,7 +295,7 @@ fn extract(a: &ExtractArgs, limits: &Limits) -> anyhow::Result<u8> {
             return Ok(1);
         }
     };
-    crate::interrupt::install();
+    crate::interrupt::install(crate::interrupt::Again::Exits);
     let register = |p: &Path| -> Box<dyn std::any::Any> { Box::new(crate::interrupt::register(p)) };
     let hooks = ova::ExtractHooks {
         cancel: Some(crate::interrupt::flag()),

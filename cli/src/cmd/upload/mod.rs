@@ -5,7 +5,6 @@
 pub(crate) mod auth;
 pub(crate) mod glance;
 pub(crate) mod http;
-mod signal;
 pub(crate) mod validate;
 
 use std::fs::File;
@@ -21,6 +20,7 @@ use self::glance::{Digests, Glance, HashingBody};
 use self::http::Http;
 use self::validate::{ContainerFormat, DiskFormat, Plan};
 use crate::common::{failed, open_source, parse_size, OutputFormat};
+use crate::interrupt;
 
 /// Image visibility.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -157,7 +157,7 @@ fn run_checked(args: &Args) -> anyhow::Result<u8> {
     require_scheme("OS_AUTH_URL (--os-auth-url)", opts.auth_url.as_deref())?;
     let http = Http::new(http::agent(&opts.tls)?, args.verbose);
     let session = auth::authenticate(&http, &opts)?;
-    signal::install();
+    interrupt::install(interrupt::Again::Waits);
     let glance = Glance::new(&http, &session.token, &session.image_url);
     upload(args, &local, &glance)
 }
@@ -341,8 +341,11 @@ fn create_body(args: &Args, local: &Local) -> Value {
 
 /// Everything after local validation: create, send, verify, and delete on any failure.
 fn upload(args: &Args, local: &Local, glance: &Glance<'_>) -> anyhow::Result<u8> {
-    if signal::interrupted() {
-        bail!("interrupted before the image was created");
+    if interrupt::cancelled() {
+        bail!(
+            "interrupted by {} before the image was created",
+            interrupt::signal_name()
+        );
     }
     let record = glance.create(create_body(args, local))?;
     let id = record
@@ -401,7 +404,7 @@ fn send_and_verify(
         }
         bar
     });
-    let mut body = HashingBody::new(file, local.size, signal::flag(), progress);
+    let mut body = HashingBody::new(file, local.size, interrupt::flag(), progress);
     let started = Instant::now();
     let sent = glance.put_data(id, args.import, &mut body, local.size);
     if args.verbose && sent.is_ok() {
@@ -420,8 +423,11 @@ fn send_and_verify(
         Ok(()) => body.finish()?,
         Err(e) => {
             let _ = body.finish();
-            if signal::interrupted() {
-                bail!("interrupted during the upload");
+            if interrupt::cancelled() {
+                bail!(
+                    "interrupted by {} during the upload",
+                    interrupt::signal_name()
+                );
             }
             return Err(e.context("the upload failed"));
         }
@@ -434,8 +440,11 @@ fn send_and_verify(
     } else {
         glance.get(id)?
     };
-    if signal::interrupted() {
-        bail!("interrupted after the upload");
+    if interrupt::cancelled() {
+        bail!(
+            "interrupted by {} after the upload",
+            interrupt::signal_name()
+        );
     }
     verify(&image, local, &digests)?;
     if args.protected {
@@ -476,8 +485,11 @@ fn wait_for_import(glance: &Glance<'_>, id: &str, timeout: Duration) -> anyhow::
         // Sleep in short steps so that Ctrl-C is noticed quickly.
         let until = Instant::now() + delay;
         while Instant::now() < until {
-            if signal::interrupted() {
-                bail!("interrupted while waiting for the import");
+            if interrupt::cancelled() {
+                bail!(
+                    "interrupted by {} while waiting for the import",
+                    interrupt::signal_name()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
