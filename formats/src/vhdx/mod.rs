@@ -370,6 +370,22 @@ fn read_bat(
         align: REGION_ALIGN,
     };
     let bat_bytes = check_table(spec, file_size, limits)?;
+    if geo.data_blocks == 0 && !geo.has_parent {
+        // qemu counts the entries of an empty disk as (0 - 1) >> log2(chunk ratio) in 32
+        // bits and refuses to open the file ("Invalid argument") unless the BAT region holds
+        // that many; `qemu-img create` writes such a region. glimpse needs none of them, but
+        // a disk qemu cannot open must not pass.
+        let qemu_wants = u64::from(u32::MAX >> geo.chunk_ratio.trailing_zeros().min(31));
+        if qemu_wants > u64::from(bat_region.length) / 8 {
+            return Err(Error::corrupt(format!(
+                "an empty disk whose BAT region ({} bytes) is smaller than the {qemu_wants} \
+                 entries qemu reads for it: qemu cannot open it",
+                bat_region.length
+            ))
+            .at(table_at)
+            .code("vhdx.region-table"));
+        }
+    }
     if bat_bytes > u64::from(bat_region.length) {
         return Err(Error::corrupt(format!(
             "the BAT region ({} bytes) is too small for {} entries",

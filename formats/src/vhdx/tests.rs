@@ -765,15 +765,46 @@ fn logical_sector_size_4096() {
 }
 
 #[test]
-fn virtual_disk_size_zero_and_one_open_as_empty_disks() {
+fn virtual_disk_size_zero_and_one_open_as_qemu_opens_them() {
     // qemu opens a VHDX of size 0 that `qemu-img create` writes, and the one glimpse writes for
-    // an empty disk (convert/tests/vhdx.rs `empty_disk` checks both against qemu-img); size 1
-    // (no whole sector) opens in both as a 0-byte disk.
+    // an empty disk (convert/tests/vhdx.rs `empty_disk` checks both against qemu-img): their
+    // BAT regions hold the (0 - 1) >> log2(chunk ratio) entries qemu counts for an empty disk.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.vhdx");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        empty.to_str().unwrap(),
+        "0",
+    ]);
+    let img = open_v(std::fs::read(&empty).unwrap()).unwrap();
+    assert_eq!(img.info().virtual_size, 0);
+    // An image of 4 MiB with its size set to 0 keeps a 1 MiB BAT region: qemu refuses it, and
+    // so does glimpse. Size 1 (no whole sector) opens in both as a 0-byte disk.
     let mut v = small();
     let at = item_at(&v, metadata::VIRTUAL_DISK_SIZE) as usize;
+    let qemu_opens = |v: &[u8]| {
+        let f = dir.path().join("mutated.vhdx");
+        std::fs::write(&f, v).unwrap();
+        Command::new("qemu-img")
+            .args(["info", f.to_str().unwrap()])
+            .output()
+            .expect("qemu-img must be installed for these tests")
+            .status
+            .success()
+    };
     v[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
-    assert_eq!(open_v(v.clone()).unwrap().info().virtual_size, 0);
+    assert!(!qemu_opens(&v));
+    assert_eq!(
+        err_code(open_v(v.clone())),
+        (ErrorKind::Corrupt, "vhdx.region-table")
+    );
     v[at..at + 8].copy_from_slice(&1u64.to_le_bytes());
+    assert!(qemu_opens(&v));
     assert_eq!(open_v(v).unwrap().info().virtual_size, 0);
 }
 
