@@ -84,6 +84,9 @@ impl OutputFile {
         if let Some(m) = &existing {
             // The owner first: a change of owner may clear the set-id bits the mode restores.
             keep_owner(temp.as_file(), m);
+            // Then the extended attributes (a change of owner clears file capabilities), ACLs
+            // among them, before the mode, which agrees with the ACL it came with.
+            keep_xattrs(temp.as_file(), &dest);
             // The mode given at creation is reduced by the umask; a replaced file keeps its own.
             temp.as_file()
                 .set_permissions(Permissions::from_mode(mode))
@@ -308,6 +311,55 @@ fn keep_owner(f: &File, old: &std::fs::Metadata) {
     if fchown(f, Some(old.uid()), Some(old.gid())).is_err() {
         // Not root: the owner cannot change, but the group may.
         let _ = fchown(f, None, Some(old.gid()));
+    }
+}
+
+/// Gives the temporary file the extended attributes of the file it replaces — POSIX ACLs
+/// (`system.posix_acl_access`), `user.*` attributes, and the security labels the process may
+/// set — as `cp --preserve=xattr` does, since the rename makes a new inode where rewriting in
+/// place (qemu-img) keeps them. What the process may not set, or the file system does not
+/// hold, is left as the new file has it. Linux bounds a list and a value at 64 KiB each.
+fn keep_xattrs(f: &File, old: &Path) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    const MAX: usize = 64 << 10;
+    let Ok(path) = std::ffi::CString::new(old.as_os_str().as_bytes()) else {
+        return;
+    };
+    let mut names = vec![0u8; MAX];
+    // SAFETY: `path` is a valid C string and `names` a writable buffer of the length given.
+    let n = unsafe { libc::listxattr(path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    let Ok(n) = usize::try_from(n) else { return };
+    let mut value = vec![0u8; MAX];
+    for name in names.get(..n).unwrap_or_default().split(|b| *b == 0) {
+        let Ok(name) = std::ffi::CString::new(name) else {
+            continue;
+        };
+        if name.as_bytes().is_empty() {
+            continue;
+        }
+        // SAFETY: as above, for one attribute's value.
+        let len = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        let Ok(len) = usize::try_from(len) else {
+            continue;
+        };
+        // SAFETY: `f` is an open descriptor, `name` a C string and `value[..len]` initialised.
+        unsafe {
+            libc::fsetxattr(
+                f.as_raw_fd(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                len.min(value.len()),
+                0,
+            );
+        }
     }
 }
 
@@ -569,5 +621,68 @@ mod tests {
         let fresh = OutputFile::create(&dir.path().join("new.img"), None, OutputOptions::default())
             .unwrap();
         assert_eq!(fresh.other_links(), 0);
+    }
+
+    fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let n = std::ffi::CString::new(name).unwrap();
+        let mut v = vec![0u8; 4096];
+        // SAFETY: C strings and a writable buffer of the length given.
+        let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        v.truncate(usize::try_from(len).ok()?);
+        Some(v)
+    }
+
+    fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+        use std::os::unix::ffi::OsStrExt;
+        let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let n = std::ffi::CString::new(name).unwrap();
+        // SAFETY: C strings and an initialised buffer of the length given.
+        let r = unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "setxattr {name}: {}", io::Error::last_os_error());
+    }
+
+    #[test]
+    fn a_replaced_file_keeps_its_acl_and_extended_attributes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.img");
+        std::fs::write(&dest, b"old").unwrap();
+        std::fs::set_permissions(&dest, Permissions::from_mode(0o640)).unwrap();
+        // An access ACL in the kernel's xattr form (version 2; tag, permissions, id):
+        // owner rw, user 65534 r, group r, mask r, others nothing.
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (0x01u16, 6u16, u32::MAX),
+            (0x02, 4, 65534),
+            (0x04, 4, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ] {
+            acl.extend(tag.to_le_bytes());
+            acl.extend(perm.to_le_bytes());
+            acl.extend(id.to_le_bytes());
+        }
+        set_xattr(&dest, "system.posix_acl_access", &acl);
+        set_xattr(&dest, "user.glimpse.test", b"kept");
+        let out = OutputFile::create(&dest, None, OutputOptions::default()).unwrap();
+        out.as_file().write_all(b"new").unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        assert_eq!(
+            xattr(&dest, "user.glimpse.test").as_deref(),
+            Some(&b"kept"[..])
+        );
+        assert_eq!(xattr(&dest, "system.posix_acl_access"), Some(acl));
+        assert_eq!(std::fs::metadata(&dest).unwrap().mode() & 0o7777, 0o640);
     }
 }
