@@ -37,10 +37,7 @@ pub fn remote_input(path: &Path) -> Option<&str> {
 /// requests.
 pub fn open_random(path: &Path) -> anyhow::Result<Source> {
     if let Some(url) = remote_input(path) {
-        let src = crate::remote::open(url)?;
-        if !src.ranges_supported() {
-            anyhow::bail!("{}", crate::remote::NO_RANGES);
-        }
+        let src = open_remote(url)?;
         if !src.pinned() {
             // Each read is its own request: nothing ties them to one version of the object.
             eprintln!(
@@ -53,6 +50,15 @@ pub fn open_random(path: &Path) -> anyhow::Result<Source> {
     }
     let Opened { file, .. } = open_input(path, Access::Random)?;
     Ok(Arc::new(file))
+}
+
+/// Opens a URL for reading at any offset: its server must answer range requests.
+pub fn open_remote(url: &str) -> anyhow::Result<crate::remote::HttpSource> {
+    let src = crate::remote::open(url)?;
+    if !src.ranges_supported() {
+        anyhow::bail!("{}", crate::remote::NO_RANGES);
+    }
+    Ok(src)
 }
 
 /// Opens `path` for a front-to-back read: also pipes, FIFOs and stdin.

@@ -126,3 +126,145 @@ fn upload_from_a_server_without_ranges_is_refused_before_anything_is_created() {
         .contains("does not support range requests"));
     assert!(g.images_named(&name).is_empty(), "nothing was created");
 }
+
+/// A server for `upload URL` races: `/swap/GOOD/BAD` serves GOOD (strong ETag `"a"`) until a
+/// request from offset 0 arrives a second time, then BAD (ETag `"b"`), honouring `If-Range`
+/// and `If-Match`; `/noval/GOOD` serves GOOD with ranges and no validator at all.
+fn swap_server() -> &'static str {
+    static S: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        let py = format!(
+            r#"
+import http.server, os, re, sys, threading, time
+root, owner = sys.argv[1], int(sys.argv[2])
+lock = threading.Lock()
+starts = {{}}
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        parts = self.path.split('/')
+        mode, good = parts[1], parts[2]
+        rng = self.headers.get('Range')
+        m = re.match(r'bytes=(\d+)-(\d*)', rng or '')
+        a = int(m.group(1)) if m else 0
+        with lock:
+            if a == 0:
+                starts[self.path] = starts.get(self.path, 0) + 1
+            swapped = mode == 'swap' and starts.get(self.path, 0) > 1
+        name = parts[3] if swapped else good
+        data = open(os.path.join(root, name), 'rb').read()
+        tag = '"b"' if swapped else '"a"'
+        val = [('ETag', tag)] if mode == 'swap' else []
+        if mode == 'swap' and self.headers.get('If-Match') not in (None, tag):
+            return self.reply(412, [], b'')
+        if mode == 'swap' and self.headers.get('If-Range') not in (None, tag):
+            m = None
+        if not m:
+            return self.reply(200, val, data)
+        b = min(int(m.group(2)) if m.group(2) else len(data) - 1, len(data) - 1)
+        self.reply(206, val + [('Content-Range', 'bytes %d-%d/%d' % (a, b, len(data)))],
+                   data[a:b + 1])
+    def reply(self, status, headers, body):
+        self.send_response(status)
+        for k, v in headers + [('Content-Length', str(len(body))), ('Accept-Ranges', 'bytes')]:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), H)
+{}"#,
+            remote_support::SERVE_UNTIL_THE_OWNER_EXITS
+        );
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(py)
+            .arg(remote_support::www(BIN))
+            .arg(std::process::id().to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 is required for these tests");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        format!("http://127.0.0.1:{}", line.trim())
+    })
+}
+
+#[test]
+fn upload_sends_the_object_it_checked_or_nothing() {
+    let g = upload_support::glance(BIN);
+    let good = remote_support::image(BIN, "good.qcow2", 2 << 20, "qcow2", &[]);
+    let bad = remote_support::www(BIN).join("backed.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/passwd",
+            "-F",
+            "raw",
+        ])
+        .arg(&bad)
+        .arg("2M")
+        .status()
+        .expect("qemu-img must be installed");
+    assert!(st.success());
+    // As long as the good one: the size does not give the swap away.
+    let len = std::fs::metadata(&good).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&bad)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    let (good_md5, good_sha512) = upload_support::digests(&good);
+    // The object is replaced by an image with a backing file once the check has read it. The
+    // upload sends the object it checked (from the blocks it holds, or pinned to its ETag),
+    // or stops because the object changed and deletes its image; it never sends the other.
+    let name = upload_support::unique("swapped");
+    let out = upload_support::upload(
+        &g.url,
+        &[
+            "--name",
+            &name,
+            "--output",
+            "json",
+            &format!("{}/swap/good.qcow2/backed.qcow2", swap_server()),
+        ],
+    );
+    let (o, e) = upload_support::text(&out);
+    if out.status.code() == Some(0) {
+        let image = upload_support::json(&out);
+        assert_eq!(image["checksum"], good_md5.as_str(), "{e}");
+        assert_eq!(image["os_hash_value"], good_sha512.as_str());
+        g.delete(image["id"].as_str().unwrap());
+    } else {
+        assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
+        assert!(e.contains("changed on the server"), "{e}");
+        assert!(g.images_named(&name).is_empty(), "an image was left behind");
+    }
+    // A server with no validator cannot be pinned: refused before anything is created.
+    let name = upload_support::unique("noval");
+    let out = upload_support::upload(
+        &g.url,
+        &[
+            "--name",
+            &name,
+            &format!("{}/noval/good.qcow2", swap_server()),
+        ],
+    );
+    let (o, e) = upload_support::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
+    assert!(e.contains("no ETag or Last-Modified"), "{e}");
+    assert!(g.images_named(&name).is_empty(), "nothing was created");
+}

@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use self::glance::{Digests, Glance, HashingBody};
 use self::http::Http;
 use self::validate::{ContainerFormat, DiskFormat, Plan};
-use crate::common::{failed, open_source, parse_size, OutputFormat};
+use crate::common::{failed, parse_size, OutputFormat};
 use crate::interrupt;
 
 /// Image visibility.
@@ -118,6 +118,10 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 
 /// What the local inspection established.
 struct Local {
+    /// The input as it was checked, streamed to Glance from the same open file or the same
+    /// pinned remote object: what is uploaded is what was checked, even if the path is
+    /// replaced or the object changes in between.
+    input: Input,
     disk: DiskFormat,
     container: ContainerFormat,
     size: u64,
@@ -174,8 +178,49 @@ pub(crate) fn require_scheme(what: &str, url: Option<&str>) -> anyhow::Result<()
 }
 
 /// Local validation. `Ok(Err(1))` is a rejection already reported.
+/// The opened input.
+enum Input {
+    File(File),
+    Remote(crate::remote::HttpSource),
+}
+
+impl Input {
+    /// Opens `path` once, for both the check and the upload. A remote object must be pinnable
+    /// (an ETag or Last-Modified): otherwise the bytes sent could not be tied to those checked.
+    fn open(path: &std::path::Path) -> anyhow::Result<(Self, glimpse_formats::Source)> {
+        if let Some(url) = crate::source::remote_input(path) {
+            let src = crate::source::open_remote(url)?;
+            if !src.pinned() {
+                bail!(
+                    "the server sends no ETag or Last-Modified, so the bytes uploaded could not \
+                     be tied to the bytes checked; nothing was sent"
+                );
+            }
+            return Ok((Self::Remote(src.clone()), std::sync::Arc::new(src)));
+        }
+        let file = crate::source::open_input(path, glimpse_formats::io::Access::Random)?.file;
+        let checked = file.try_clone().context("cannot open")?;
+        Ok((Self::File(file), std::sync::Arc::new(checked)))
+    }
+
+    /// The whole input, front to back.
+    fn reader(&self) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
+        Ok(match self {
+            // Streamed from the server into Glance: no local copy.
+            Self::Remote(src) => src.sequential().context("cannot read")?,
+            Self::File(f) => {
+                // The check read at offsets (pread): this descriptor's position is its own
+                // to set.
+                let mut f = f.try_clone().context("cannot open")?;
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).context("cannot read")?;
+                Box::new(f)
+            }
+        })
+    }
+}
+
 fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
-    let src = open_source(&args.file)?;
+    let (input, src) = Input::open(&args.file)?;
     let size = src.size().context("cannot read")?;
     let detection = glimpse_formats::detect(src.as_ref()).context("cannot read")?;
     let detected = detection.format();
@@ -227,6 +272,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
                 }
             }
             return Ok(Ok(Local {
+                input,
                 disk,
                 container,
                 size,
@@ -259,6 +305,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
     }
     let virtual_size = report.info().map(|i| i.virtual_size);
     Ok(Ok(Local {
+        input,
         disk,
         container,
         size,
@@ -385,13 +432,7 @@ fn send_and_verify(
     glance: &Glance<'_>,
     id: &str,
 ) -> anyhow::Result<Value> {
-    let file: Box<dyn std::io::Read + Send> = match crate::source::remote_input(&args.file) {
-        // Streamed from the server into Glance: no local copy.
-        Some(url) => crate::remote::open(url)?
-            .sequential()
-            .context("cannot read")?,
-        None => Box::new(File::open(&args.file).context("cannot open")?),
-    };
+    let file = local.input.reader()?;
     let progress = args.progress.then(|| {
         let bar = indicatif::ProgressBar::with_draw_target(
             Some(local.size),
