@@ -164,6 +164,7 @@ impl HttpSource {
         cache_bytes: u64,
     ) -> anyhow::Result<Self> {
         cancel::watch_signals();
+        cancel::watch_agent(&agent);
         let cache_bytes = cache_bytes.max(BLOCK.saturating_mul(READAHEAD_BLOCKS));
         let shown = shown(url);
         let budget = crate::common::limits().budget();
@@ -356,6 +357,9 @@ impl Inner {
             tries += 1;
             match attempt() {
                 Ok(v) => return Ok(v),
+                // A signal shut the connections down ([`cancel::watch_agent`]): whatever the
+                // read said, it is an interrupted one.
+                Err(_) if cancel::cancelled() => return Err(cancel::interrupted()),
                 Err(Fail::Fatal(e)) => return Err(e),
                 Err(Fail::Transient(m)) => last = m,
             }
@@ -421,16 +425,12 @@ impl Inner {
         Ok(block)
     }
 
-    /// Reads exactly `len` body bytes on a worker thread (a short body is transient: the
-    /// connection dropped).
+    /// Reads exactly `len` body bytes (a short body is transient: the connection dropped).
     fn read_body(&self, resp: Response<Body>, len: u64) -> Result<Vec<u8>, Fail> {
         let n = usize::try_from(len).map_err(|_| fatal("range too large"))?;
-        let bytes = self.bytes.clone();
-        cancel::run(move || {
-            let mut buf = vec![0; n];
-            read_body_into(resp, &mut buf, &bytes).map(|()| buf)
-        })
-        .map_err(Fail::Fatal)?
+        let mut buf = vec![0; n];
+        read_body_into(resp, &mut buf, &self.bytes)?;
+        Ok(buf)
     }
 
     /// Checks that a reply is the pinned object: the same validators (a missing one where the
@@ -454,24 +454,18 @@ impl Inner {
         Ok(())
     }
 
-    /// Fills `buf` with the bytes at `offset` (all inside the object) in one ranged GET.
+    /// Fills `buf` with the bytes at `offset` (all inside the object) in one ranged GET. The
+    /// body is read on this thread, straight into `buf`: a signal ends a read blocked on a
+    /// stalled server by shutting the agent's connections down ([`cancel::watch_agent`]).
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let body = self.fetch_vec(buf.len(), offset)?;
-        buf.copy_from_slice(&body);
-        Ok(())
-    }
-
-    /// The `len` bytes at `offset` (all inside the object), in one ranged GET. The body is
-    /// read into a buffer of the worker thread's own (see [`cancel`]), handed over whole.
-    fn fetch_vec(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
-        if len == 0 {
-            return Ok(Vec::new());
+        if buf.is_empty() {
+            return Ok(());
         }
         if !self.ranges {
             return Err(io::Error::new(io::ErrorKind::Unsupported, NO_RANGES));
         }
         let end = offset
-            .checked_add(len as u64 - 1)
+            .checked_add(buf.len() as u64 - 1)
             .ok_or_else(|| io::Error::other("range past 2^64"))?;
         self.retry(|| {
             let resp = self.get(Some((offset, Some(end))), true)?;
@@ -492,8 +486,15 @@ impl Inner {
                     "the server returned bytes {a}-{b} when bytes {offset}-{end} were asked"
                 )));
             }
-            self.read_body(resp, len as u64)
+            read_body_into(resp, buf, &self.bytes)
         })
+    }
+
+    /// The `len` bytes at `offset` (all inside the object), in one ranged GET.
+    fn fetch_vec(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        self.fetch(&mut buf, offset)?;
+        Ok(buf)
     }
 
     /// As [`Inner::fetch`], but the whole blocks that open the range come from the cache when
@@ -778,6 +779,9 @@ impl Read for Stream {
                 )),
                 None => io::Error::other("the HTTP body reader stopped"),
             };
+            if cancel::cancelled() {
+                return Err(cancel::interrupted());
+            }
             if !self.resumable() || tries >= ATTEMPTS {
                 return Err(failure);
             }
