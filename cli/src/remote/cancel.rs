@@ -1,20 +1,25 @@
 //! Stopping remote reads on SIGINT/SIGTERM/SIGHUP: a command that handles those signals itself
 //! (`convert` removes its temporary file, `upload` deletes its half-made image) stops at its
 //! next check of its own flag, but a thread blocked inside a network read never gets there.
-//! Two ways, one per kind of step:
+//! Two ways:
 //!
-//! - Sending a request and waiting for its status and headers (which includes resolving the
-//!   host and connecting) runs on a worker thread ([`run`]; long-lived, reused), and the caller
-//!   waits for it in short slices, checking [`cancelled`] in between: one signal ends the wait
-//!   within [`POLL`], the read fails with an interrupted error and the command's own cleanup
-//!   runs. The abandoned worker finishes its step by itself at its next timeout (the process is
-//!   exiting anyway).
-//! - Reading a body runs on the caller's thread, straight into the caller's buffer (a `convert`
-//!   reads hundreds of MiB this way; handing each body over from a worker thread cost it about
-//!   half again its time). A watcher thread shuts down the connections of every agent a remote
-//!   source uses ([`watch_agent`]) within [`POLL`] of a signal (`ureq::Agent::shutdown`), which
-//!   ends a read blocked on a stalled server with an error that the retry loop reports as
-//!   interrupted.
+//! - A step on a worker thread ([`run`]; long-lived, reused), which the caller waits for in
+//!   short slices, checking [`cancelled`] in between: one signal ends the wait within
+//!   [`POLL`], the read fails with an interrupted error and the command's own cleanup runs.
+//!   The abandoned worker finishes its step by itself at its next timeout (the process is
+//!   exiting anyway). Sending a request and waiting for its headers (name lookup and connect
+//!   included) goes this way for the first request, streams and every retry.
+//! - A step on the caller's own thread, ended by a watcher thread that shuts down the
+//!   connections of every agent a remote source uses ([`watch_agent`]) within [`POLL`] of a
+//!   signal (`ureq::Agent::shutdown`): a blocked read fails at once, and the retry loop
+//!   reports it as interrupted. Every ranged body goes this way, straight into the caller's
+//!   buffer, and so do the request and headers of the first try of each ranged read: a
+//!   `convert` reads hundreds of MiB in hundreds of requests, and handing each body over from
+//!   a worker (a fresh thread, a zeroed buffer, a copy) made it half again as slow; the
+//!   worker's two wake-ups per request alone cost it 10%. A shutdown does not end a connect
+//!   or a name lookup in progress: on that first try (the server answered the previous
+//!   request moments before) those are bounded by their timeouts (30 s for a connect)
+//!   instead.
 //!
 //! The flag is set by a handler chained in front of the command's own: installed when the
 //! first remote source is opened, and only when the command has a handler (a command that

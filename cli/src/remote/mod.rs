@@ -287,8 +287,16 @@ impl Inner {
     }
 
     /// Sends a GET with `range` (inclusive ends; no end: to the end of the object) and the
-    /// pinning header, on a worker thread (a signal ends the wait: [`cancel`]).
-    fn get(&self, range: Option<(u64, Option<u64>)>, pin: bool) -> Result<Response<Body>, Fail> {
+    /// pinning header. `here`: on this thread, where a signal ends the wait for the reply by
+    /// shutting the connections down ([`cancel::watch_agent`]), but not a connect or a name
+    /// lookup (those are bounded by their timeouts); else on a worker thread, whose wait a
+    /// signal ends at any step ([`cancel::run`]) but which costs two thread wake-ups.
+    fn get(
+        &self,
+        range: Option<(u64, Option<u64>)>,
+        pin: bool,
+        here: bool,
+    ) -> Result<Response<Body>, Fail> {
         // The agent waits an hour for an answer (Glance answers a PUT only once it has stored
         // the data); a GET that has not started answering soon is retried instead. A ranged
         // GET is at most a few MiB; the whole-object GET is only bounded by the stall limit.
@@ -315,7 +323,15 @@ impl Inner {
             req = req.header(k.as_str(), v.expose());
         }
         self.count_request();
-        match cancel::run(move || req.call()).map_err(Fail::Fatal)? {
+        let reply = if here {
+            if cancel::cancelled() {
+                return Err(Fail::Fatal(cancel::interrupted()));
+            }
+            req.call()
+        } else {
+            cancel::run(move || req.call()).map_err(Fail::Fatal)?
+        };
+        match reply {
             Ok(mut r) => {
                 let status = r.status().as_u16();
                 if status >= 500 || status == 408 || status == 429 {
@@ -340,8 +356,8 @@ impl Inner {
     }
 
     /// Runs `attempt` up to [`ATTEMPTS`] times within [`RETRY_BUDGET`], backing off after
-    /// transient failures.
-    fn retry<T>(&self, mut attempt: impl FnMut() -> Result<T, Fail>) -> io::Result<T> {
+    /// transient failures. `attempt` is told whether it is the first try.
+    fn retry<T>(&self, mut attempt: impl FnMut(bool) -> Result<T, Fail>) -> io::Result<T> {
         let start = Instant::now();
         let mut wait = BACKOFF;
         let mut last = String::new();
@@ -355,7 +371,7 @@ impl Inner {
                 wait = wait.saturating_mul(2);
             }
             tries += 1;
-            match attempt() {
+            match attempt(tries == 1) {
                 Ok(v) => return Ok(v),
                 // A signal shut the connections down ([`cancel::watch_agent`]): whatever the
                 // read said, it is an interrupted one.
@@ -375,8 +391,8 @@ impl Inner {
         let shown = self.shown.clone();
         let this = &*self;
         let (size, ranges, etag, lm, block) = this
-            .retry(|| {
-                let resp = this.get(Some((0, Some(BLOCK - 1))), false)?;
+            .retry(|_| {
+                let resp = this.get(Some((0, Some(BLOCK - 1))), false, false)?;
                 let status = resp.status().as_u16();
                 let etag = header(resp.headers(), "etag");
                 let lm = header(resp.headers(), "last-modified");
@@ -467,8 +483,12 @@ impl Inner {
         let end = offset
             .checked_add(buf.len() as u64 - 1)
             .ok_or_else(|| io::Error::other("range past 2^64"))?;
-        self.retry(|| {
-            let resp = self.get(Some((offset, Some(end))), true)?;
+        // The first try sends from this thread: the server answered the request before (the
+        // probe at least), and a ranged read is the step a `convert` makes hundreds of times,
+        // where the worker's two wake-ups cost 10% of its time. A retry, which follows a
+        // failure that can be a server gone away, waits on a worker.
+        self.retry(|first| {
+            let resp = self.get(Some((offset, Some(end))), true, first)?;
             match resp.status().as_u16() {
                 206 => {}
                 200 | 412 => {
@@ -664,9 +684,9 @@ impl Stream {
     fn connect(&mut self) -> io::Result<()> {
         let inner = &*self.src.inner;
         let pos = self.pos;
-        let resp = inner.retry(|| {
+        let resp = inner.retry(|_| {
             let resumed = pos > 0;
-            let resp = inner.get(resumed.then_some((pos, None)), resumed)?;
+            let resp = inner.get(resumed.then_some((pos, None)), resumed, false)?;
             match resp.status().as_u16() {
                 200 if !resumed => {
                     let len = resp.body().content_length();
