@@ -122,11 +122,11 @@ pub fn watch_signals() {
     });
 }
 
-/// Shuts down `agent`'s connections within [`POLL`] of a signal, ending any body read blocked
-/// on one (`ureq::Agent::shutdown` closes the sockets in use; the agent refuses new requests
-/// afterwards). Only when a handler was chained ([`watch_signals`], called first): without
-/// one, nothing sets the flag. Each source registers its agent: a command with a handler
-/// opens one or two.
+/// Shuts down `agent`'s connections within [`POLL`] of a signal, ending any read blocked on
+/// one, of a body or of a reply's headers (`ureq::Agent::shutdown` closes the sockets in use;
+/// the agent refuses new requests afterwards). Only when a handler was chained
+/// ([`watch_signals`], called first): without one, nothing sets the flag. Each source
+/// registers its agent: a command with a handler opens one or two.
 pub fn watch_agent(agent: &Agent) {
     if !WATCHING.load(Ordering::SeqCst) {
         return;
@@ -146,7 +146,7 @@ pub fn watch_agent(agent: &Agent) {
                     }
                 }
             });
-        // Without the watcher a blocked body read ends at its stall timeout, as before.
+        // A thread that cannot start leaves a blocked read to its stall timeout.
         drop(spawned);
     });
 }
@@ -171,10 +171,10 @@ pub fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> io::Res
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The workers waiting for a job. A worker lives for the rest of the process once started, so
-/// a network step costs two channel hops rather than a thread's start and end (a `convert`
-/// makes hundreds of requests, each two steps). There are never more workers than network steps that ran at the same
-/// time: a worker takes a job only when idle, and one that a signal abandoned finishes its step
-/// (bounded by the timeouts) before it waits again, while [`run`] starts none after a signal.
+/// a step costs two channel hops rather than a thread's start and end. There are never more
+/// workers than steps that ran at the same time: a worker takes a job only when idle, and one
+/// that a signal abandoned finishes its step (bounded by the timeouts) before it waits again,
+/// while [`run`] starts none after a signal.
 static IDLE: Mutex<Vec<Sender<Job>>> = Mutex::new(Vec::new());
 
 /// Hands `job` to an idle worker, or to a new one when all are busy.
