@@ -1,10 +1,25 @@
 //! Stopping remote reads on SIGINT/SIGTERM/SIGHUP: a command that handles those signals itself
 //! (`convert` removes its temporary file, `upload` deletes its half-made image) stops at its
 //! next check of its own flag, but a thread blocked inside a network read never gets there.
-//! So every blocking network step runs on a worker thread, and the caller waits for it in
-//! short slices, checking [`cancelled`] in between: one signal ends the wait within
-//! [`POLL`], the read fails with an `Interrupted` error and the command's own cleanup runs.
-//! The abandoned worker ends by itself at its next timeout (the process is exiting anyway).
+//! Two ways:
+//!
+//! - A step on a worker thread ([`run`]; long-lived, reused), which the caller waits for in
+//!   short slices, checking [`cancelled`] in between: one signal ends the wait within
+//!   [`POLL`], the read fails with an interrupted error and the command's own cleanup runs.
+//!   The abandoned worker finishes its step by itself at its next timeout (the process is
+//!   exiting anyway). Sending a request and waiting for its headers (name lookup and connect
+//!   included) goes this way for the first request, streams and every retry.
+//! - A step on the caller's own thread, ended by a watcher thread that shuts down the
+//!   connections of every agent a remote source uses ([`watch_agent`]) within [`POLL`] of a
+//!   signal (`ureq::Agent::shutdown`): a blocked read fails at once, and the retry loop
+//!   reports it as interrupted. Every ranged body goes this way, straight into the caller's
+//!   buffer, and so do the request and headers of the first try of each ranged read: a
+//!   `convert` reads hundreds of MiB in hundreds of requests, and handing each body over from
+//!   a worker (a fresh thread, a zeroed buffer, a copy) made it half again as slow; the
+//!   worker's two wake-ups per request alone cost it 10%. A shutdown does not end a connect
+//!   or a name lookup in progress: on that first try (the server answered the previous
+//!   request moments before) those are bounded by their timeouts (30 s for a connect)
+//!   instead.
 //!
 //! The flag is set by a handler chained in front of the command's own: installed when the
 //! first remote source is opened, and only when the command has a handler (a command that
@@ -12,9 +27,11 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
-use std::sync::Once;
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, SendError, Sender};
+use std::sync::{Mutex, Once};
 use std::time::Duration;
+
+use ureq::Agent;
 
 /// How often a waiting caller looks at the flag.
 pub const POLL: Duration = Duration::from_millis(100);
@@ -28,6 +45,11 @@ static PREV_INT_SIGINFO: AtomicBool = AtomicBool::new(false);
 static PREV_TERM_SIGINFO: AtomicBool = AtomicBool::new(false);
 static PREV_HUP_SIGINFO: AtomicBool = AtomicBool::new(false);
 static INSTALL: Once = Once::new();
+/// True once a handler was chained, so that [`CANCEL`] can be set.
+static WATCHING: AtomicBool = AtomicBool::new(false);
+/// The agents to shut down when a signal arrives ([`watch_agent`]).
+static AGENTS: Mutex<Vec<Agent>> = Mutex::new(Vec::new());
+static WATCHER: Once = Once::new();
 
 /// True once SIGINT, SIGTERM or SIGHUP arrived (after a remote source was opened).
 pub fn cancelled() -> bool {
@@ -92,9 +114,40 @@ pub fn watch_signals() {
                     as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
                     as libc::sighandler_t;
                 sa.sa_flags = old.sa_flags | libc::SA_SIGINFO;
-                libc::sigaction(sig, &sa, std::ptr::null_mut());
+                if libc::sigaction(sig, &sa, std::ptr::null_mut()) == 0 {
+                    WATCHING.store(true, Ordering::SeqCst);
+                }
             }
         }
+    });
+}
+
+/// Shuts down `agent`'s connections within [`POLL`] of a signal, ending any read blocked on
+/// one, of a body or of a reply's headers (`ureq::Agent::shutdown` closes the sockets in use;
+/// the agent refuses new requests afterwards). Only when a handler was chained
+/// ([`watch_signals`], called first): without one, nothing sets the flag. Each source
+/// registers its agent: a command with a handler opens one or two.
+pub fn watch_agent(agent: &Agent) {
+    if !WATCHING.load(Ordering::SeqCst) {
+        return;
+    }
+    if let Ok(mut agents) = AGENTS.lock() {
+        agents.push(agent.clone());
+    }
+    WATCHER.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("glimpse-signal".into())
+            .spawn(|| loop {
+                std::thread::sleep(POLL);
+                if cancelled() {
+                    let agents = AGENTS.lock().map(|mut a| std::mem::take(&mut *a));
+                    for a in agents.unwrap_or_default() {
+                        a.shutdown();
+                    }
+                }
+            });
+        // A thread that cannot start leaves a blocked read to its stall timeout.
+        drop(spawned);
     });
 }
 
@@ -108,12 +161,56 @@ pub fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> io::Res
         return Err(interrupted());
     }
     let (tx, rx) = sync_channel(1);
+    submit(Box::new(move || {
+        let _ = tx.send(f());
+    }))?;
+    wait(&rx)?.ok_or_else(|| io::Error::other("an HTTP worker thread stopped"))
+}
+
+/// A network step for a worker.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The workers waiting for a job. A worker lives for the rest of the process once started, so
+/// a step costs two channel hops rather than a thread's start and end. There are never more
+/// workers than steps that ran at the same time: a worker takes a job only when idle, and one
+/// that a signal abandoned finishes its step (bounded by the timeouts) before it waits again,
+/// while [`run`] starts none after a signal.
+static IDLE: Mutex<Vec<Sender<Job>>> = Mutex::new(Vec::new());
+
+/// Hands `job` to an idle worker, or to a new one when all are busy.
+fn submit(mut job: Job) -> io::Result<()> {
+    loop {
+        let idle = IDLE.lock().ok().and_then(|mut w| w.pop());
+        let Some(worker) = idle else { break };
+        match worker.send(job) {
+            Ok(()) => return Ok(()),
+            // A listed worker is waiting, so this does not happen; were it gone, the next.
+            Err(SendError(j)) => job = j,
+        }
+    }
     std::thread::Builder::new()
         .name("glimpse-http".into())
-        .spawn(move || {
-            let _ = tx.send(f());
-        })?;
-    wait(&rx)?.ok_or_else(|| io::Error::other("an HTTP worker thread stopped"))
+        .spawn(move || work(job))?;
+    Ok(())
+}
+
+/// A worker: runs its first job, then waits on its own channel for the next, listed in
+/// [`IDLE`] while it waits.
+fn work(first: Job) {
+    let (tx, rx) = channel::<Job>();
+    let mut job = first;
+    loop {
+        job();
+        match IDLE.lock() {
+            Ok(mut idle) => idle.push(tx.clone()),
+            Err(_) => return,
+        }
+        // `tx` lives here, so this waits until a job comes.
+        match rx.recv() {
+            Ok(j) => job = j,
+            Err(_) => return,
+        }
+    }
 }
 
 /// Waits for the next message on `rx`, giving up with [`interrupted`] when a signal arrives;

@@ -164,6 +164,7 @@ impl HttpSource {
         cache_bytes: u64,
     ) -> anyhow::Result<Self> {
         cancel::watch_signals();
+        cancel::watch_agent(&agent);
         let cache_bytes = cache_bytes.max(BLOCK.saturating_mul(READAHEAD_BLOCKS));
         let shown = shown(url);
         let budget = crate::common::limits().budget();
@@ -286,8 +287,16 @@ impl Inner {
     }
 
     /// Sends a GET with `range` (inclusive ends; no end: to the end of the object) and the
-    /// pinning header, on a worker thread (a signal ends the wait: [`cancel`]).
-    fn get(&self, range: Option<(u64, Option<u64>)>, pin: bool) -> Result<Response<Body>, Fail> {
+    /// pinning header. `here`: on this thread, where a signal ends the wait for the reply by
+    /// shutting the connections down ([`cancel::watch_agent`]), but not a connect or a name
+    /// lookup (those are bounded by their timeouts); else on a worker thread, whose wait a
+    /// signal ends at any step ([`cancel::run`]) but which costs two thread wake-ups.
+    fn get(
+        &self,
+        range: Option<(u64, Option<u64>)>,
+        pin: bool,
+        here: bool,
+    ) -> Result<Response<Body>, Fail> {
         // The agent waits an hour for an answer (Glance answers a PUT only once it has stored
         // the data); a GET that has not started answering soon is retried instead. A ranged
         // GET is at most a few MiB; the whole-object GET is only bounded by the stall limit.
@@ -314,7 +323,15 @@ impl Inner {
             req = req.header(k.as_str(), v.expose());
         }
         self.count_request();
-        match cancel::run(move || req.call()).map_err(Fail::Fatal)? {
+        let reply = if here {
+            if cancel::cancelled() {
+                return Err(Fail::Fatal(cancel::interrupted()));
+            }
+            req.call()
+        } else {
+            cancel::run(move || req.call()).map_err(Fail::Fatal)?
+        };
+        match reply {
             Ok(mut r) => {
                 let status = r.status().as_u16();
                 if status >= 500 || status == 408 || status == 429 {
@@ -339,8 +356,8 @@ impl Inner {
     }
 
     /// Runs `attempt` up to [`ATTEMPTS`] times within [`RETRY_BUDGET`], backing off after
-    /// transient failures.
-    fn retry<T>(&self, mut attempt: impl FnMut() -> Result<T, Fail>) -> io::Result<T> {
+    /// transient failures. `attempt` is told whether it is the first try.
+    fn retry<T>(&self, mut attempt: impl FnMut(bool) -> Result<T, Fail>) -> io::Result<T> {
         let start = Instant::now();
         let mut wait = BACKOFF;
         let mut last = String::new();
@@ -354,8 +371,11 @@ impl Inner {
                 wait = wait.saturating_mul(2);
             }
             tries += 1;
-            match attempt() {
+            match attempt(tries == 1) {
                 Ok(v) => return Ok(v),
+                // A signal shut the connections down ([`cancel::watch_agent`]): whatever the
+                // read said, it is an interrupted one.
+                Err(_) if cancel::cancelled() => return Err(cancel::interrupted()),
                 Err(Fail::Fatal(e)) => return Err(e),
                 Err(Fail::Transient(m)) => last = m,
             }
@@ -371,8 +391,8 @@ impl Inner {
         let shown = self.shown.clone();
         let this = &*self;
         let (size, ranges, etag, lm, block) = this
-            .retry(|| {
-                let resp = this.get(Some((0, Some(BLOCK - 1))), false)?;
+            .retry(|_| {
+                let resp = this.get(Some((0, Some(BLOCK - 1))), false, false)?;
                 let status = resp.status().as_u16();
                 let etag = header(resp.headers(), "etag");
                 let lm = header(resp.headers(), "last-modified");
@@ -421,16 +441,12 @@ impl Inner {
         Ok(block)
     }
 
-    /// Reads exactly `len` body bytes on a worker thread (a short body is transient: the
-    /// connection dropped).
+    /// Reads exactly `len` body bytes (a short body is transient: the connection dropped).
     fn read_body(&self, resp: Response<Body>, len: u64) -> Result<Vec<u8>, Fail> {
         let n = usize::try_from(len).map_err(|_| fatal("range too large"))?;
-        let bytes = self.bytes.clone();
-        cancel::run(move || {
-            let mut buf = vec![0; n];
-            read_body_into(resp, &mut buf, &bytes).map(|()| buf)
-        })
-        .map_err(Fail::Fatal)?
+        let mut buf = vec![0; n];
+        read_body_into(resp, &mut buf, &self.bytes)?;
+        Ok(buf)
     }
 
     /// Checks that a reply is the pinned object: the same validators (a missing one where the
@@ -454,27 +470,25 @@ impl Inner {
         Ok(())
     }
 
-    /// Fills `buf` with the bytes at `offset` (all inside the object) in one ranged GET.
+    /// Fills `buf` with the bytes at `offset` (all inside the object) in one ranged GET. The
+    /// body is read on this thread, straight into `buf`: a signal ends a read blocked on a
+    /// stalled server by shutting the agent's connections down ([`cancel::watch_agent`]).
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let body = self.fetch_vec(buf.len(), offset)?;
-        buf.copy_from_slice(&body);
-        Ok(())
-    }
-
-    /// The `len` bytes at `offset` (all inside the object), in one ranged GET. The body is
-    /// read into a buffer of the worker thread's own (see [`cancel`]), handed over whole.
-    fn fetch_vec(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
-        if len == 0 {
-            return Ok(Vec::new());
+        if buf.is_empty() {
+            return Ok(());
         }
         if !self.ranges {
             return Err(io::Error::new(io::ErrorKind::Unsupported, NO_RANGES));
         }
         let end = offset
-            .checked_add(len as u64 - 1)
+            .checked_add(buf.len() as u64 - 1)
             .ok_or_else(|| io::Error::other("range past 2^64"))?;
-        self.retry(|| {
-            let resp = self.get(Some((offset, Some(end))), true)?;
+        // The first try sends from this thread: the server answered the request before (the
+        // probe at least), and a ranged read is the step a `convert` makes hundreds of times,
+        // where the worker's two wake-ups cost 10% of its time. A retry, which follows a
+        // failure that can be a server gone away, waits on a worker.
+        self.retry(|first| {
+            let resp = self.get(Some((offset, Some(end))), true, first)?;
             match resp.status().as_u16() {
                 206 => {}
                 200 | 412 => {
@@ -492,8 +506,15 @@ impl Inner {
                     "the server returned bytes {a}-{b} when bytes {offset}-{end} were asked"
                 )));
             }
-            self.read_body(resp, len as u64)
+            read_body_into(resp, buf, &self.bytes)
         })
+    }
+
+    /// The `len` bytes at `offset` (all inside the object), in one ranged GET.
+    fn fetch_vec(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        self.fetch(&mut buf, offset)?;
+        Ok(buf)
     }
 
     /// As [`Inner::fetch`], but the whole blocks that open the range come from the cache when
@@ -663,9 +684,9 @@ impl Stream {
     fn connect(&mut self) -> io::Result<()> {
         let inner = &*self.src.inner;
         let pos = self.pos;
-        let resp = inner.retry(|| {
+        let resp = inner.retry(|_| {
             let resumed = pos > 0;
-            let resp = inner.get(resumed.then_some((pos, None)), resumed)?;
+            let resp = inner.get(resumed.then_some((pos, None)), resumed, false)?;
             match resp.status().as_u16() {
                 200 if !resumed => {
                     let len = resp.body().content_length();
@@ -778,6 +799,9 @@ impl Read for Stream {
                 )),
                 None => io::Error::other("the HTTP body reader stopped"),
             };
+            if cancel::cancelled() {
+                return Err(cancel::interrupted());
+            }
             if !self.resumable() || tries >= ATTEMPTS {
                 return Err(failure);
             }
