@@ -22,6 +22,9 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// Whether a second signal exits at once ([`Again::Exits`]).
 static EXIT_ON_SECOND: AtomicBool = AtomicBool::new(true);
+/// Whether [`install`] ran: only then can [`CANCEL`] be set (a command without the handlers
+/// dies on the signal).
+static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// What a second signal does.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -103,6 +106,12 @@ pub fn install(again: Again) {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    INSTALLED.store(true, Ordering::SeqCst);
+}
+
+/// True once [`install`] ran.
+pub fn installed() -> bool {
+    INSTALLED.load(Ordering::SeqCst)
 }
 
 /// The flag the first signal sets.

@@ -129,7 +129,9 @@ fn upload_from_a_server_without_ranges_is_refused_before_anything_is_created() {
 
 /// A server for `upload URL` races: `/swap/GOOD/BAD` serves GOOD (strong ETag `"a"`) until a
 /// request from offset 0 arrives a second time, then BAD (ETag `"b"`), honouring `If-Range`
-/// and `If-Match`; `/noval/GOOD` serves GOOD with ranges and no validator at all.
+/// and `If-Match`; `/noval/GOOD` serves GOOD with ranges and no validator at all;
+/// `/stall/GOOD` answers a range that starts in neither the first nor the last MiB with its
+/// headers and then nothing, after creating `GOOD.stalled` beside GOOD.
 fn swap_server() -> &'static str {
     static S: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     S.get_or_init(|| {
@@ -155,8 +157,18 @@ class H(http.server.BaseHTTPRequestHandler):
             swapped = mode == 'swap' and starts.get(self.path, 0) > 1
         name = parts[3] if swapped else good
         data = open(os.path.join(root, name), 'rb').read()
+        if mode == 'stall' and m and (1 << 20) <= a < len(data) - (1 << 20):
+            self.send_response(206)
+            self.send_header('Content-Length', str(len(data) - a))
+            self.send_header('Content-Range', 'bytes %d-%d/%d' % (a, len(data) - 1, len(data)))
+            self.send_header('ETag', '"a"')
+            self.end_headers()
+            self.wfile.flush()
+            open(os.path.join(root, good + '.stalled'), 'w').close()
+            time.sleep(600)
+            return
         tag = '"b"' if swapped else '"a"'
-        val = [('ETag', tag)] if mode == 'swap' else []
+        val = [('ETag', tag)] if mode != 'noval' else []
         if mode == 'swap' and self.headers.get('If-Match') not in (None, tag):
             return self.reply(412, [], b'')
         if mode == 'swap' and self.headers.get('If-Range') not in (None, tag):
@@ -267,4 +279,56 @@ fn upload_sends_the_object_it_checked_or_nothing() {
     assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
     assert!(e.contains("no ETag or Last-Modified"), "{e}");
     assert!(g.images_named(&name).is_empty(), "nothing was created");
+}
+
+#[test]
+fn one_signal_stops_an_upload_blocked_on_a_stalled_server_and_deletes_the_image() {
+    let g = upload_support::glance(BIN);
+    remote_support::image(BIN, "stalls.raw", 8 << 20, "raw", &[]);
+    let flag = remote_support::www(BIN).join("stalls.raw.stalled");
+    let _ = std::fs::remove_file(&flag);
+    let name = upload_support::unique("stalled");
+    let mut child = remote_support::glimpse()
+        .args([
+            "upload",
+            "--os-auth-token",
+            upload_support::TOKEN,
+            "--os-image-url",
+        ])
+        .arg(&g.url)
+        .args(["--name", &name])
+        .arg(format!("{}/stall/stalls.raw", swap_server()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !flag.exists() {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "the upload never reached the stall"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let sent = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        // The stall limit is 30 s: well before it, the signal must have ended the read.
+        assert!(
+            sent.elapsed().as_secs() < 10,
+            "still running 10 s after one SIGINT"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("interrupted by SIGINT"), "{err}");
+    assert!(err.contains("deleted"), "{err}");
+    assert!(g.images_named(&name).is_empty(), "an image was left behind");
 }

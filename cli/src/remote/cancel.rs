@@ -21,12 +21,10 @@
 //!   request moments before) those are bounded by their timeouts (30 s for a connect)
 //!   instead.
 //!
-//! The flag is set by a handler chained in front of the command's own: installed when the
-//! first remote source is opened, and only when the command has a handler (a command that
-//! keeps the default action simply dies on the signal, which is already prompt).
+//! The flag is the one the command's own handler sets ([`crate::interrupt`]); a command that
+//! keeps the default action simply dies on the signal, which is already prompt.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, SendError, Sender};
 use std::sync::{Mutex, Once};
 use std::time::Duration;
@@ -36,24 +34,13 @@ use ureq::Agent;
 /// How often a waiting caller looks at the flag.
 pub const POLL: Duration = Duration::from_millis(100);
 
-static CANCEL: AtomicBool = AtomicBool::new(false);
-/// The handlers that were installed before ours, by signal (0: none to call).
-static PREV_INT: AtomicUsize = AtomicUsize::new(0);
-static PREV_TERM: AtomicUsize = AtomicUsize::new(0);
-static PREV_HUP: AtomicUsize = AtomicUsize::new(0);
-static PREV_INT_SIGINFO: AtomicBool = AtomicBool::new(false);
-static PREV_TERM_SIGINFO: AtomicBool = AtomicBool::new(false);
-static PREV_HUP_SIGINFO: AtomicBool = AtomicBool::new(false);
-static INSTALL: Once = Once::new();
-/// True once a handler was chained, so that [`CANCEL`] can be set.
-static WATCHING: AtomicBool = AtomicBool::new(false);
 /// The agents to shut down when a signal arrives ([`watch_agent`]).
 static AGENTS: Mutex<Vec<Agent>> = Mutex::new(Vec::new());
 static WATCHER: Once = Once::new();
 
-/// True once SIGINT, SIGTERM or SIGHUP arrived (after a remote source was opened).
+/// True once SIGINT, SIGTERM or SIGHUP arrived.
 pub fn cancelled() -> bool {
-    CANCEL.load(Ordering::SeqCst)
+    crate::interrupt::cancelled()
 }
 
 /// The error of a read a signal stopped.
@@ -62,74 +49,16 @@ pub fn interrupted() -> io::Error {
     io::Error::other("interrupted by a signal while waiting for the server")
 }
 
-extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    CANCEL.store(true, Ordering::SeqCst);
-    let (prev, siginfo) = match sig {
-        libc::SIGINT => (&PREV_INT, &PREV_INT_SIGINFO),
-        libc::SIGHUP => (&PREV_HUP, &PREV_HUP_SIGINFO),
-        _ => (&PREV_TERM, &PREV_TERM_SIGINFO),
-    };
-    let h = prev.load(Ordering::SeqCst);
-    if h == 0 {
-        return;
-    }
-    // SAFETY: `h` is the address of the handler the command installed (neither SIG_DFL nor
-    // SIG_IGN: those are never stored), called with the signature its flags declared.
-    unsafe {
-        if siginfo.load(Ordering::SeqCst) {
-            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                std::mem::transmute(h);
-            f(sig, info, ctx);
-        } else {
-            let f: extern "C" fn(libc::c_int) = std::mem::transmute(h);
-            f(sig);
-        }
-    }
-}
-
-/// Chains [`on_signal`] in front of the command's SIGINT/SIGTERM/SIGHUP handlers, once
-/// (`convert` treats a hang-up like an interrupt).
-pub fn watch_signals() {
-    INSTALL.call_once(|| {
-        for (sig, prev, siginfo) in [
-            (libc::SIGINT, &PREV_INT, &PREV_INT_SIGINFO),
-            (libc::SIGTERM, &PREV_TERM, &PREV_TERM_SIGINFO),
-            (libc::SIGHUP, &PREV_HUP, &PREV_HUP_SIGINFO),
-        ] {
-            // SAFETY: sigaction with a zeroed struct reads the current disposition; the new
-            // one keeps its mask and flags (SA_RESTART included) and adds SA_SIGINFO, and its
-            // handler only stores an atomic and calls the previous handler.
-            unsafe {
-                let mut old: libc::sigaction = std::mem::zeroed();
-                if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
-                    continue;
-                }
-                if old.sa_sigaction == libc::SIG_DFL || old.sa_sigaction == libc::SIG_IGN {
-                    continue;
-                }
-                prev.store(old.sa_sigaction, Ordering::SeqCst);
-                siginfo.store(old.sa_flags & libc::SA_SIGINFO != 0, Ordering::SeqCst);
-                let mut sa = old;
-                sa.sa_sigaction = on_signal
-                    as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
-                    as libc::sighandler_t;
-                sa.sa_flags = old.sa_flags | libc::SA_SIGINFO;
-                if libc::sigaction(sig, &sa, std::ptr::null_mut()) == 0 {
-                    WATCHING.store(true, Ordering::SeqCst);
-                }
-            }
-        }
-    });
-}
-
 /// Shuts down `agent`'s connections within [`POLL`] of a signal, ending any read blocked on
 /// one, of a body or of a reply's headers (`ureq::Agent::shutdown` closes the sockets in use;
-/// the agent refuses new requests afterwards). Only when a handler was chained
-/// ([`watch_signals`], called first): without one, nothing sets the flag. Each source
-/// registers its agent: a command with a handler opens one or two.
-pub fn watch_agent(agent: &Agent) {
-    if !WATCHING.load(Ordering::SeqCst) {
-        return;
+/// the agent refuses new requests afterwards). Only once the command installed its handlers
+/// (false otherwise, and nothing is kept): without them, nothing sets the flag. A source calls
+/// this before each request until it returns true, so that one opened before the handlers
+/// were installed (`upload` checks its input first) is watched from then on; a command with
+/// handlers opens one or two sources.
+pub fn watch_agent(agent: &Agent) -> bool {
+    if !crate::interrupt::installed() {
+        return false;
     }
     if let Ok(mut agents) = AGENTS.lock() {
         agents.push(agent.clone());
@@ -149,6 +78,7 @@ pub fn watch_agent(agent: &Agent) {
         // A thread that cannot start leaves a blocked read to its stall timeout.
         drop(spawned);
     });
+    true
 }
 
 /// Runs `f` (a blocking network step) on a worker thread and waits for it, giving up with

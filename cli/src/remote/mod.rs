@@ -32,7 +32,7 @@ mod session;
 mod url;
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -121,6 +121,8 @@ struct Inner {
     streak: AtomicU64,
     requests: AtomicU64,
     bytes: Arc<AtomicU64>,
+    /// Whether a signal shuts `agent` down ([`cancel::watch_agent`]).
+    watched: AtomicBool,
 }
 
 /// Why one attempt failed.
@@ -163,8 +165,6 @@ impl HttpSource {
         headers: Vec<(String, Secret)>,
         cache_bytes: u64,
     ) -> anyhow::Result<Self> {
-        cancel::watch_signals();
-        cancel::watch_agent(&agent);
         let cache_bytes = cache_bytes.max(BLOCK.saturating_mul(READAHEAD_BLOCKS));
         let shown = shown(url);
         let budget = crate::common::limits().budget();
@@ -190,6 +190,7 @@ impl HttpSource {
             streak: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             bytes: Arc::new(AtomicU64::new(0)),
+            watched: AtomicBool::new(false),
         };
         let first = inner.probe()?;
         if let Some(block) = first {
@@ -321,6 +322,9 @@ impl Inner {
         }
         for (k, v) in &self.headers {
             req = req.header(k.as_str(), v.expose());
+        }
+        if !self.watched.load(Ordering::Relaxed) && cancel::watch_agent(&self.agent) {
+            self.watched.store(true, Ordering::Relaxed);
         }
         self.count_request();
         let reply = if here {
