@@ -668,6 +668,15 @@ fn a_huge_claimed_size_is_refused_at_once() {
             assert!(!err.contains("panicked"), "{err}");
         }
     }
+    // The cap is --max-remote-size: a 1 MiB object is refused under 512k and read under 1M.
+    let u = format!("{}/{f}", remote_support::nginx(BIN));
+    let o = run(&["info", "--max-remote-size", "512k", &u]);
+    let err = text(&o).1;
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("more than the 524288"), "{err}");
+    assert!(err.contains("--max-remote-size"), "{err}");
+    let o = run(&["info", "--max-remote-size", "1M", &u]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
 }
 
 #[test]

@@ -405,7 +405,7 @@ impl Inner {
                         let (a, b, total) = content_range(resp.headers())?;
                         let total = total
                             .ok_or_else(|| fatal("the server did not say the object's size"))?;
-                        check_size(total)?;
+                        check_size(total, session::max_size())?;
                         let want_end = total.min(BLOCK).saturating_sub(1);
                         if a != 0 || b != want_end {
                             return Err(fatal(format!(
@@ -431,7 +431,7 @@ impl Inner {
                                  a connection cut short, so it is not read",
                             )
                         })?;
-                        check_size(len)?;
+                        check_size(len, session::max_size())?;
                         Ok((len, false, etag, lm, None))
                     }
                     s => Err(fatal(format!("unexpected HTTP {s} to a GET"))),
@@ -882,12 +882,13 @@ fn classify(e: ureq::Error) -> Fail {
     }
 }
 
-/// Refuses an object larger than [`MAX_SIZE`].
-fn check_size(size: u64) -> Result<(), Fail> {
-    if size > MAX_SIZE {
+/// Refuses an object larger than `max` bytes (`--max-remote-size`, by default [`MAX_SIZE`]).
+fn check_size(size: u64, max: u64) -> Result<(), Fail> {
+    if size > max {
         return Err(fatal(format!(
-            "the server says the object has {size} bytes, more than the {MAX_SIZE} (1 TiB, \
-             Glance's default image_size_cap) glimpse reads from a URL"
+            "the server says the object has {size} bytes, more than the {max} glimpse reads \
+             from a URL (--max-remote-size; the default, 1T, is Glance's default \
+             image_size_cap)"
         )));
     }
     Ok(())
@@ -976,14 +977,18 @@ mod tests {
 
     #[test]
     fn sizes_above_the_cap_are_refused() {
-        assert!(check_size(MAX_SIZE).is_ok());
-        assert!(check_size(0).is_ok());
+        assert!(check_size(MAX_SIZE, MAX_SIZE).is_ok());
+        assert!(check_size(0, MAX_SIZE).is_ok());
         for s in [MAX_SIZE + 1, 1 << 63, u64::MAX] {
-            match check_size(s) {
-                Err(Fail::Fatal(e)) => assert!(e.to_string().contains("1 TiB"), "{e}"),
+            match check_size(s, MAX_SIZE) {
+                Err(Fail::Fatal(e)) => assert!(e.to_string().contains("--max-remote-size"), "{e}"),
                 _ => panic!("{s} accepted"),
             }
         }
+        // A larger cap, asked for: up to it, and no further.
+        assert!(check_size(4 << 40, 4 << 40).is_ok());
+        assert!(check_size((4 << 40) + 1, 4 << 40).is_err());
+        assert!(check_size(u64::MAX, u64::MAX).is_ok());
     }
 
     proptest::proptest! {

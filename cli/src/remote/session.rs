@@ -19,11 +19,18 @@ pub struct Config {
     pub verbose: bool,
     /// Credentials for `glance://IMAGE_ID` (else taken from the `OS_*` variables).
     pub auth: Option<AuthOptions>,
+    /// The largest object read (`--max-remote-size`).
+    pub max_size: u64,
 }
 
 static CONFIG: OnceLock<Config> = OnceLock::new();
 static AGENT: OnceLock<Agent> = OnceLock::new();
 static OPENED: Mutex<Vec<(String, HttpSource)>> = Mutex::new(Vec::new());
+
+/// The largest object this command reads from a URL.
+pub fn max_size() -> u64 {
+    config().max_size
+}
 
 /// Sets the options for this command; the first call wins (one command per process).
 pub fn configure(config: Config) {
@@ -38,6 +45,7 @@ fn config() -> &'static Config {
         },
         verbose: false,
         auth: None,
+        max_size: super::MAX_SIZE,
     })
 }
 
@@ -177,6 +185,11 @@ pub struct Opts {
     /// to stderr; never credentials.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// For URL inputs: the largest object to read (k, M, G, T suffixes); a server that says
+    /// its object is larger is refused before anything else is read. The default is Glance's
+    /// default `image_size_cap`.
+    #[arg(long, value_name = "SIZE", default_value = "1T", value_parser = crate::common::parse_size)]
+    pub max_remote_size: u64,
 }
 
 impl Opts {
@@ -189,6 +202,7 @@ impl Opts {
             },
             verbose: self.verbose,
             auth: None,
+            max_size: self.max_remote_size,
         });
     }
 }

@@ -150,6 +150,7 @@ fn run_checked(args: &Args) -> anyhow::Result<u8> {
         tls: given.tls.clone(),
         verbose: args.verbose,
         auth: Some(given),
+        max_size: crate::remote::MAX_SIZE,
     });
     let local = match inspect(args)? {
         Ok(l) => l,
