@@ -131,7 +131,8 @@ fn upload_from_a_server_without_ranges_is_refused_before_anything_is_created() {
 /// request from offset 0 arrives a second time, then BAD (ETag `"b"`), honouring `If-Range`
 /// and `If-Match`; `/noval/GOOD` serves GOOD with ranges and no validator at all;
 /// `/stall/GOOD` answers a range that starts in neither the first nor the last MiB with its
-/// headers and then nothing, after creating `GOOD.stalled` beside GOOD.
+/// headers and then nothing, after creating `GOOD.stalled` beside GOOD; `/count/GOOD` serves
+/// GOOD and counts requests and connections, which `/conns/GOOD` returns as `REQUESTS CONNS`.
 fn swap_server() -> &'static str {
     static S: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     S.get_or_init(|| {
@@ -141,6 +142,7 @@ import http.server, os, re, sys, threading, time
 root, owner = sys.argv[1], int(sys.argv[2])
 lock = threading.Lock()
 starts = {{}}
+seen = {{}}
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     def log_message(self, *a):
@@ -148,6 +150,15 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         parts = self.path.split('/')
         mode, good = parts[1], parts[2]
+        if mode == 'conns':
+            with lock:
+                reqs, conns = seen.get(good, (0, set()))
+            return self.reply(200, [], ('%d %d' % (reqs, len(conns))).encode())
+        if mode == 'count':
+            with lock:
+                reqs, conns = seen.setdefault(good, (0, set()))
+                conns.add(self.client_address[1])
+                seen[good] = (reqs + 1, conns)
         rng = self.headers.get('Range')
         m = re.match(r'bytes=(\d+)-(\d*)', rng or '')
         a = int(m.group(1)) if m else 0
@@ -331,4 +342,28 @@ fn one_signal_stops_an_upload_blocked_on_a_stalled_server_and_deletes_the_image(
     assert!(err.contains("interrupted by SIGINT"), "{err}");
     assert!(err.contains("deleted"), "{err}");
     assert!(g.images_named(&name).is_empty(), "an image was left behind");
+}
+
+#[test]
+fn ranged_reads_reuse_their_connections() {
+    remote_support::image(BIN, "reuse.raw", 16 << 20, "raw", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.raw");
+    let o = remote_support::run(&[
+        "convert",
+        "-O",
+        "raw",
+        &format!("{}/count/reuse.raw", swap_server()),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", remote_support::text(&o));
+    let mut resp = ureq::get(format!("{}/conns/reuse.raw", swap_server()))
+        .call()
+        .unwrap();
+    let counts = resp.body_mut().read_to_string().unwrap();
+    let (reqs, conns) = counts.split_once(' ').unwrap();
+    let (reqs, conns): (u64, u64) = (reqs.parse().unwrap(), conns.parse().unwrap());
+    // Each body is read to its end, so the agent keeps the connection for the next request.
+    assert!(reqs >= 8, "{counts}");
+    assert!(conns * 2 <= reqs, "{reqs} requests on {conns} connections");
 }

@@ -931,6 +931,11 @@ fn read_body_into(resp: Response<Body>, buf: &mut [u8], bytes: &AtomicU64) -> Re
             Err(e) => return Err(Fail::Transient(format!("reading the body: {e}"))),
         }
     }
+    // One more read sees the body's end, which hands the connection back to the agent's pool
+    // for the next request (no new connect, no new TLS handshake). A body longer than asked
+    // (which no server that announced the range sends) is left unread: the connection is
+    // dropped, as before.
+    let _ = r.read(&mut [0u8; 1]);
     Ok(())
 }
 
