@@ -427,3 +427,51 @@ fn convert_output_sizes_follow_qemu_for_partial_sectors() {
         assert!(a == b, "{fmt}: glimpse's output differs from qemu-img's");
     }
 }
+
+/// Every enumerated `-o` value that `convert --help` lists is one `convert` accepts: the help
+/// once offered `adapter_type=pvscsi`, which the VMDK writer refuses (as qemu-img does).
+#[test]
+fn convert_help_lists_only_option_values_convert_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    // A size whose CHS geometry is exact, so that force_size=off is a valid choice too.
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(10_514_432)
+        .unwrap();
+    let help = stdout(&glimpse(&["convert", "--help"]));
+    let block = help
+        .split("Output options (-o)")
+        .nth(1)
+        .expect("an output options section");
+    let mut tried = 0;
+    for line in block.lines() {
+        let Some((fmt, rest)) = line.trim().split_once(':') else {
+            continue;
+        };
+        if !["qcow2", "vmdk", "vhd", "vhdx", "vdi"].contains(&fmt) {
+            continue;
+        }
+        for opt in rest.split([',', ' ']) {
+            let Some((key, values)) = opt.split_once('=') else {
+                continue;
+            };
+            if !values.contains('|') {
+                continue;
+            }
+            for value in values.split('|') {
+                let out = dir.path().join(format!("out.{fmt}"));
+                let o = format!("{key}={value}");
+                let mut args = vec!["convert", "-O", fmt, "-o", &o];
+                if key == "compression_type" {
+                    args.push("-c");
+                }
+                args.extend([s(&src), s(&out)]);
+                let r = glimpse(&args);
+                assert_eq!(code(&r), 0, "-O {fmt} -o {o}: {}", stderr(&r));
+                tried += 1;
+            }
+        }
+    }
+    assert!(tried >= 15, "only {tried} option values found in the help");
+}

@@ -719,6 +719,51 @@ fn persistent_bitmaps_are_counted_by_check() {
 }
 
 #[test]
+fn bitmaps_without_the_autoclear_bit_are_leaks_as_qemu_sees_them() {
+    // A program without bitmap support clears autoclear bit 0; qemu then ignores the
+    // extension and `qemu-img check` reports the bitmap clusters as leaked (exit 3).
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "4M"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 1M", s(&p)]);
+    qemu_img(&["bitmap", "--add", s(&p), "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", s(&p), "b1"]);
+    let mut b = std::fs::read(&p).unwrap();
+    assert_eq!(
+        be64(&b, 88) & 1,
+        1,
+        "qemu-img sets the bitmaps autoclear bit"
+    );
+    let autoclear = be64(&b, 88);
+    put64(&mut b, 88, autoclear & !1);
+    std::fs::write(&p, &b).unwrap();
+    let st = Command::new("qemu-img")
+        .args(["check", s(&p)])
+        .output()
+        .unwrap();
+    assert_eq!(st.status.code(), Some(3), "qemu-img check sees leaks");
+    let f = open_bytes(b.clone())
+        .unwrap()
+        .check(&Limits::default())
+        .unwrap();
+    assert_eq!(
+        f.iter().map(|f| f.code).collect::<Vec<_>>(),
+        vec!["qcow2.leaked-clusters"]
+    );
+    // qemu does not apply the extension's limits either: it opens the image.
+    let mut at = usize::try_from(u32::from_be_bytes(b[100..104].try_into().unwrap())).unwrap();
+    while u32::from_be_bytes(b[at..at + 4].try_into().unwrap()) != 0x2385_2875 {
+        let len = u32::from_be_bytes(b[at + 4..at + 8].try_into().unwrap());
+        at += 8 + usize::try_from(len.next_multiple_of(8)).unwrap();
+    }
+    put32(&mut b, at + 8, 0xffff_ffff); // nb_bitmaps, far above qemu's 65535
+    std::fs::write(&p, &b).unwrap();
+    qemu_img(&["info", s(&p)]);
+    let img = open_bytes(b).unwrap();
+    assert_eq!(img.info().virtual_size, 4 << 20);
+}
+
+#[test]
 fn luks_encrypted_image_is_flagged_and_checks_clean() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("enc.qcow2");

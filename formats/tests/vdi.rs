@@ -86,9 +86,33 @@ fn every_truncated_prefix_fails_cleanly() {
     ]);
     let bytes = std::fs::read(&vdi).unwrap();
     for_each_prefix(&bytes, Format::Vdi, 4096, 4093, |img| {
-        data_ranges(img.as_ref());
-        read_guest(&img).unwrap();
+        // A prefix that cuts a data block opens (as in qemu), check rejects the block and
+        // reading it fails; any other prefix that opens reads whole.
+        let cut = img
+            .check(&Limits::default())
+            .unwrap()
+            .iter()
+            .any(|f| f.code == "vdi.block-out-of-range");
+        assert_eq!(read_guest(&img).is_err(), cut);
     });
+
+    // Cut inside the last block: qemu-img info still opens it, and so does glimpse `info`;
+    // the verdict is a rejection with the bad entry's code.
+    let cut = dir.path().join("cut.vdi");
+    std::fs::write(&cut, &bytes[..bytes.len() - 4096]).unwrap();
+    let info = qemu_json(&["info", "-f", "vdi", "--output=json", cut.to_str().unwrap()]);
+    let s = src(&cut);
+    let img = open(s.clone(), Format::Vdi, &Limits::default()).unwrap();
+    assert_eq!(
+        img.info().virtual_size,
+        info["virtual-size"].as_u64().unwrap()
+    );
+    let report = inspect_as(s, Format::Vdi, &Limits::default());
+    assert_eq!(report.verdict(), Verdict::Reject);
+    assert!(report
+        .findings
+        .iter()
+        .any(|f| f.code == "vdi.block-out-of-range"));
 }
 
 /// `fixtures/hostile/vdi/*.vdi` give the codes their `expected-codes` lines list (see the

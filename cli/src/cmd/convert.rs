@@ -21,7 +21,7 @@ use crate::source::is_stdin;
 #[derive(clap::Args)]
 #[command(after_help = "Output options (-o), in qemu-img's spelling:
   qcow2: compat=1.1|0.10, cluster_size=512..2M, compression_type=zlib|zstd (with -c)
-  vmdk:  subformat=monolithicSparse|streamOptimized, adapter_type=ide|lsilogic|buslogic|legacyESX|pvscsi
+  vmdk:  subformat=monolithicSparse|streamOptimized, adapter_type=ide|lsilogic|buslogic|legacyESX
   vhd:   subformat=dynamic|fixed, force_size=on|off, block_size=4k..256M (dynamic),
          azure=on (round the size up to a whole MiB and write a fixed disk, as Azure requires);
          the virtual size is otherwise kept exact (qemu's force_size)

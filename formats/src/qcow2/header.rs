@@ -52,6 +52,10 @@ pub const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 /// Compatible feature bit 0: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// Autoclear bit 0: the bitmaps extension is consistent. A program without bitmap support
+/// clears it when it writes the image, and qemu then ignores the extension
+/// (`qcow2_read_extensions`).
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Autoclear bit 1: the external data file is a consistent raw image.
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 

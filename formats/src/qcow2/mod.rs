@@ -131,7 +131,12 @@ fn first_cluster(h: &Header, first: &[u8]) -> Result<(Option<String>, Extensions
         // qemu stops reading extensions where the backing file name starts.
         ext_end = ext_end.min(h.backing_file_offset);
     }
-    let ext = header::parse_extensions(first, u64::from(h.header_length), ext_end)?;
+    let mut ext = header::parse_extensions(first, u64::from(h.header_length), ext_end)?;
+    // Without the autoclear bit qemu ignores the bitmaps extension, limits and all: its
+    // tables are then no metadata, and `qemu-img check` counts their clusters as leaks.
+    if h.autoclear_features & header::AUTOCLEAR_BITMAPS == 0 {
+        ext.bitmaps = None;
+    }
     if let Some((nb, dir_size, dir_off)) = ext.bitmaps {
         // qemu refuses to open such an image (qcow2_read_extensions).
         if nb > header::MAX_BITMAPS || dir_size > header::MAX_BITMAP_DIRECTORY_BYTES {

@@ -183,6 +183,8 @@ pub struct VdiImage {
     findings: Vec<Finding>,
     header: Header,
     bmap: Table<u32>,
+    /// The file's length when it was opened: blocks that end past it are bad entries.
+    file_size: u64,
 }
 
 impl VdiImage {
@@ -208,8 +210,8 @@ fn hdr_err(msg: String, at: u64) -> Error {
 /// `Invalid` for a bad signature; `Unsupported` (`vdi.header`) for what QEMU refuses too
 /// (versions other than 1.1, block sizes other than 1 MiB, sector sizes other than 512,
 /// unaligned offsets, block extra data, too many blocks, a disk larger than its blocks);
-/// `Corrupt` (`vdi.block-out-of-range`) for a block past the end of the file; table codes for
-/// the block map.
+/// table codes for the block map. A block past the end of the file is a `check` finding
+/// (`vdi.block-out-of-range`), and `mapping` of that block fails `Corrupt` with that code.
 ///
 /// # Security
 /// Reads only from `src`, within `limits`. A parent is reported by UUID, never looked for.
@@ -244,7 +246,6 @@ pub fn open(src: Source, limits: &Limits) -> Result<VdiImage> {
     let bmap = read_entries(src.as_ref(), spec, size, limits, &budget, |c| {
         c.try_into().map(u32::from_le_bytes).unwrap_or(UNALLOCATED)
     })?;
-    blocks_in_file(&h, &bmap, size)?;
     let mut info = describe(&h, &src);
     info.references = info_refs;
     Ok(VdiImage {
@@ -253,6 +254,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<VdiImage> {
         findings,
         header: h,
         bmap,
+        file_size: size,
     })
 }
 
@@ -419,26 +421,23 @@ fn layout(h: &Header, bmap_len: u64, findings: &mut Vec<Finding>) {
     }
 }
 
-/// A block past the end of the file cannot be read: refuse now rather than fail mid-copy.
-fn blocks_in_file(h: &Header, bmap: &[u32], size: u64) -> Result<()> {
-    let data_off = u64::from(h.offset_data);
-    for (i, &e) in bmap.iter().enumerate() {
-        if e >= ZERO {
-            continue;
-        }
-        let end = u64::from(e)
-            .saturating_add(1)
-            .saturating_mul(u64::from(BLOCK_SIZE))
-            .saturating_add(data_off);
-        if end > size {
-            return Err(Error::corrupt(format!(
-                "block map entry {i} points at data block {e}, which ends at {end:#x}, past the end of the file ({size} bytes)"
-            ))
-            .at(entry_at(h, i))
-            .code("vdi.block-out-of-range"));
-        }
-    }
-    Ok(())
+/// Where data block `e` ends in the file, when it passes `size` (qemu reads zeros there and
+/// `qemu-img check` says nothing; glimpse refuses the entry, as the open/check rule says).
+fn block_past_end(h: &Header, e: u32, size: u64) -> Option<u64> {
+    let end = u64::from(e)
+        .saturating_add(1)
+        .saturating_mul(u64::from(BLOCK_SIZE))
+        .saturating_add(u64::from(h.offset_data));
+    (end > size).then_some(end)
+}
+
+/// The error for block map entry `i` whose data block `e` ends at `end`, past the file.
+fn past_end_error(h: &Header, i: u64, e: u32, end: u64, size: u64) -> Error {
+    Error::corrupt(format!(
+        "block map entry {i} points at data block {e}, which ends at {end:#x}, past the end of the file ({size} bytes)"
+    ))
+    .at(u64::from(h.offset_bmap).saturating_add(i.saturating_mul(4)))
+    .code("vdi.block-out-of-range")
 }
 
 /// Byte offset of block map entry `i`.
@@ -489,7 +488,7 @@ impl VdiImage {
         }
     }
 
-    /// The block map's entries past the allocated blocks, a count that disagrees with the
+    /// The block map's entries past the end of the file or the allocated blocks, a count that disagrees with the
     /// header, and data blocks used twice.
     fn check_map(&self, limits: &Limits) -> Result<Vec<Finding>> {
         let mut out = Findings::new();
@@ -508,7 +507,15 @@ impl VdiImage {
             }
             // Entries number at most MAX_BLOCKS, which fits a u32.
             seen.push((e, u32::try_from(i).unwrap_or(u32::MAX)));
-            if e >= allocated {
+            if let Some(end) = block_past_end(&self.header, e, self.file_size) {
+                out.error(&past_end_error(
+                    &self.header,
+                    i as u64,
+                    e,
+                    end,
+                    self.file_size,
+                ));
+            } else if e >= allocated {
                 out.push(
                     Finding::reject(
                         "vdi.block-out-of-range",
@@ -573,6 +580,7 @@ impl Image for VdiImage {
             let contiguous = match (first, s) {
                 (Slot::Data(a), Slot::Data(b)) => {
                     u64::from(b) == u64::from(a).saturating_add(next.saturating_sub(idx))
+                        && block_past_end(&self.header, b, self.file_size).is_none()
                 }
                 (a, b) => a == b,
             };
@@ -586,11 +594,22 @@ impl Image for VdiImage {
         let kind = match first {
             Slot::Unallocated => ExtentKind::Unallocated,
             Slot::Zero => ExtentKind::Zero,
-            Slot::Data(e) => ExtentKind::Data {
-                host: u64::from(self.header.offset_data)
-                    .saturating_add(u64::from(e).saturating_mul(bs))
-                    .saturating_add(guest.checked_rem(bs).unwrap_or(0)),
-            },
+            Slot::Data(e) => {
+                if let Some(block_end) = block_past_end(&self.header, e, self.file_size) {
+                    return Err(past_end_error(
+                        &self.header,
+                        idx,
+                        e,
+                        block_end,
+                        self.file_size,
+                    ));
+                }
+                ExtentKind::Data {
+                    host: u64::from(self.header.offset_data)
+                        .saturating_add(u64::from(e).saturating_mul(bs))
+                        .saturating_add(guest.checked_rem(bs).unwrap_or(0)),
+                }
+            }
         };
         Ok(Extent {
             start: guest,

@@ -137,14 +137,27 @@ fn static_image_reports_its_type() {
 
 #[test]
 fn block_past_the_end_is_refused() {
+    // A bad entry is a check finding and a mapping error, not an open error: info and the
+    // readable blocks still work (docs/findings.md, "Open error or check finding").
     let mut b = build(2 * MIB, &[0, UNALLOCATED], TYPE_DYNAMIC);
     put32(&mut b, 516, 7);
-    let e = open_bytes(&b).err().unwrap();
+    let img = open_bytes(&b).unwrap();
+    let f = img.check(&Limits::default()).unwrap();
+    assert_eq!(codes(&f)[0], "vdi.block-out-of-range");
+    assert_eq!(f[0].offset, Some(516));
+    assert!(img.extent_at(0, MIB).is_ok());
+    let e = img.extent_at(MIB, MIB).err().unwrap();
     assert_eq!(
-        (e.kind(), e.finding_code()),
-        (ErrorKind::Corrupt, "vdi.block-out-of-range")
+        (e.kind(), e.finding_code(), e.offset()),
+        (ErrorKind::Corrupt, "vdi.block-out-of-range", Some(516))
     );
-    assert_eq!(e.offset(), Some(516));
+    // A run of contiguous blocks stops before the one past the end.
+    let mut b = build(2 * MIB, &[0, 1], TYPE_DYNAMIC);
+    b.truncate(b.len() - 4096);
+    let img = open_bytes(&b).unwrap();
+    assert_eq!(img.extent_at(0, 2 * MIB).unwrap().len, MIB);
+    assert!(img.extent_at(MIB, MIB).is_err());
+    assert!(codes(&img.check(&Limits::default()).unwrap()).contains(&"vdi.block-out-of-range"));
 }
 
 #[test]
@@ -286,11 +299,13 @@ fn every_prefix_fails_cleanly() {
     let mut n = 0;
     while n < b.len() {
         if let Ok(img) = open_bytes(&b[..n]) {
-            let _ = img.check(&Limits::default());
+            // A prefix that cuts a block opens; check rejects it and the read refuses it.
+            let cut =
+                codes(&img.check(&Limits::default()).unwrap()).contains(&"vdi.block-out-of-range");
             let img: Arc<dyn Image> = Arc::new(img);
             let r = GuestReader::new(img.clone(), &Limits::default());
             let mut buf = vec![0u8; img.info().virtual_size as usize];
-            r.read_at(&mut buf, 0).unwrap();
+            assert_eq!(r.read_at(&mut buf, 0).is_err(), cut, "prefix of {n} bytes");
         }
         n += if n < 4096 { 1 } else { 4093 };
     }
