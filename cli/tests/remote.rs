@@ -730,7 +730,7 @@ fn one_signal_stops_a_convert_blocked_on_a_stalled_server() {
         let out = dir.path().join("out.raw");
         std::fs::write(&out, b"PRECIOUS").unwrap();
         let u = hurl("stall_after", f);
-        let mut child = remote_support::glimpse()
+        let child = remote_support::glimpse()
             .args(["convert", "-O", "raw", &u, out.to_str().unwrap()])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -743,21 +743,8 @@ fn one_signal_stops_a_convert_blocked_on_a_stalled_server() {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
-        // SAFETY: a signal to the child this test started.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        let sent = std::time::Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                sent.elapsed().as_secs() < 5,
-                "still running 5 s after one signal {sig}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        };
-        let o = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
+        let (status, err) =
+            remote_support::signal_and_wait(child, sig, std::time::Duration::from_secs(5));
         assert_eq!(status.code(), Some(2), "signal {sig}: {err}");
         assert!(err.contains("interrupted"), "{err}");
         assert_eq!(std::fs::read(&out).unwrap(), b"PRECIOUS");

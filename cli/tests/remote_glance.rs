@@ -299,7 +299,7 @@ fn one_signal_stops_an_upload_blocked_on_a_stalled_server_and_deletes_the_image(
     let flag = remote_support::www(BIN).join("stalls.raw.stalled");
     let _ = std::fs::remove_file(&flag);
     let name = upload_support::unique("stalled");
-    let mut child = remote_support::glimpse()
+    let child = remote_support::glimpse()
         .args([
             "upload",
             "--os-auth-token",
@@ -322,22 +322,9 @@ fn one_signal_stops_an_upload_blocked_on_a_stalled_server_and_deletes_the_image(
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
-    // SAFETY: a signal to the child this test started.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let sent = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        // The stall limit is 30 s: well before it, the signal must have ended the read.
-        assert!(
-            sent.elapsed().as_secs() < 10,
-            "still running 10 s after one SIGINT"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+    // The stall limit is 30 s: well before it, the signal must have ended the read.
+    let (status, err) =
+        remote_support::signal_and_wait(child, libc::SIGINT, std::time::Duration::from_secs(10));
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("interrupted by SIGINT"), "{err}");
     assert!(err.contains("deleted"), "{err}");

@@ -74,6 +74,30 @@ pub fn nginx(binary: &str) -> &'static str {
     })
 }
 
+/// Sends `sig` to `child` and waits for it to exit, failing if it still runs `within` after
+/// the signal; returns its exit status and stderr (stdout and stderr must be piped).
+pub fn signal_and_wait(
+    mut child: std::process::Child,
+    sig: i32,
+    within: Duration,
+) -> (std::process::ExitStatus, String) {
+    // SAFETY: a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    let sent = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < within,
+            "still running {within:?} after one signal {sig}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let o = child.wait_with_output().unwrap();
+    (status, String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
 /// The end of a Python test server script: prints the port `server` listens on, serves until
 /// the process whose pid is `owner` (the test binary) has gone, then exits. The script defines
 /// `server` and `owner` and imports `os`, `threading` and `time`.
