@@ -150,8 +150,26 @@ impl OutputFile {
                 .sync_all()
                 .map_err(|e| io_error(temp.path(), "cannot fsync", e))?;
         }
-        temp.persist(&dest)
-            .map_err(|e| io_error(&dest, "cannot rename the output onto", e.error))?;
+        let temp = temp.into_temp_path();
+        let replaces_a_file = std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_file());
+        if replaces_a_file && exchange(&temp, &dest).is_ok() {
+            if std::fs::symlink_metadata(&temp).is_ok_and(|m| m.is_dir()) {
+                // A directory appeared there meanwhile: give it its name back, and fail as a
+                // rename onto it fails.
+                let _ = exchange(&temp, &dest);
+                return Err(io_error(
+                    &dest,
+                    "cannot rename the output onto",
+                    io::Error::from_raw_os_error(libc::EISDIR),
+                ));
+            }
+            // `temp` now names the replaced file: dropping its last name here is cheap.
+            let _ = temp.close();
+        } else {
+            // No file to replace (or a file system without the exchange): a plain rename.
+            temp.persist(&dest)
+                .map_err(|e| io_error(&dest, "cannot rename the output onto", e.error))?;
+        }
         if opts.fsync {
             let dir = match dest.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p,
@@ -162,6 +180,38 @@ impl OutputFile {
                 .map_err(|e| io_error(dir, "cannot fsync the directory", e))?;
         }
         Ok(())
+    }
+}
+
+/// Swaps the names `a` and `b` atomically (`renameat2` with `RENAME_EXCHANGE`): `b` is the new
+/// output at once, and `a` the file it replaced. A plain rename onto an existing file costs far
+/// more on ext4: replacing a file by rename makes it allocate and start writing back the new
+/// file's delayed blocks in the rename itself (`auto_da_alloc`), about 200 ms for 664 MB, where
+/// the exchange and the removal of the old file take about 30 ms. Without `--fsync` nothing
+/// is promised about durability (as with qemu-img); with it, the file is synced before and its
+/// directory after. Fails (the caller then renames) when `b` does not exist or the file system
+/// cannot exchange.
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: two valid C strings, relative to the working directory.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -621,6 +671,26 @@ mod tests {
         let fresh = OutputFile::create(&dir.path().join("new.img"), None, OutputOptions::default())
             .unwrap();
         assert_eq!(fresh.other_links(), 0);
+    }
+
+    #[test]
+    fn replacing_a_file_leaves_only_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.img");
+        for round in 0..3u8 {
+            if round > 0 {
+                assert!(dest.is_file());
+            }
+            let out = OutputFile::create(&dest, None, OutputOptions::default()).unwrap();
+            out.as_file().write_all(&[round; 4096]).unwrap();
+            out.commit().unwrap();
+            assert_eq!(std::fs::read(&dest).unwrap(), vec![round; 4096]);
+            let names: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["out.img"], "round {round}");
+        }
     }
 
     fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
