@@ -352,34 +352,7 @@ fn a_server_without_range_support_is_refused_but_checksum_streams_it() {
 /// (which decide what each request gets) do not mix.
 fn hostile() -> &'static str {
     static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    H.get_or_init(|| {
-        let mut child = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(format!(
-                "{HOSTILE_PY}{}",
-                remote_support::SERVE_UNTIL_THE_OWNER_EXITS
-            ))
-            .arg(remote_support::www(BIN))
-            .arg(std::process::id().to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 is required for the hostile-server tests");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
-        let port: u16 = line
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("the hostile server did not start: {line:?}"));
-        format!("http://127.0.0.1:{port}")
-    })
+    H.get_or_init(|| remote_support::python_server(BIN, HOSTILE_PY))
 }
 
 const HOSTILE_PY: &str = r#"

@@ -136,13 +136,12 @@ fn upload_from_a_server_without_ranges_is_refused_before_anything_is_created() {
 fn swap_server() -> &'static str {
     static S: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     S.get_or_init(|| {
-        let py = format!(
-            r#"
+        const PY: &str = r#"
 import http.server, os, re, sys, threading, time
 root, owner = sys.argv[1], int(sys.argv[2])
 lock = threading.Lock()
-starts = {{}}
-seen = {{}}
+starts = {}
+seen = {}
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     def log_message(self, *a):
@@ -196,28 +195,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), H)
-{}"#,
-            remote_support::SERVE_UNTIL_THE_OWNER_EXITS
-        );
-        let mut child = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(py)
-            .arg(remote_support::www(BIN))
-            .arg(std::process::id().to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 is required for these tests");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
-        format!("http://127.0.0.1:{}", line.trim())
+"#;
+        remote_support::python_server(BIN, PY)
     })
 }
 

@@ -129,29 +129,37 @@ class Quiet(handler.func):
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
     functools.partial(Quiet, directory=sys.argv[1]))
 "#;
-        let mut child = Command::new("python3")
-            .arg("-c")
-            .arg(format!("{PY}{SERVE_UNTIL_THE_OWNER_EXITS}"))
-            .arg(www(binary))
-            .arg(std::process::id().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 is required for the plain-server tests");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // reaped when it exits (it follows this process's lifetime)
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
-        let port: u16 = line
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("python http.server did not start: {line:?}"));
-        format!("http://127.0.0.1:{port}")
+        python_server(binary, PY)
     })
+}
+
+/// Starts the Python test server `script` (which defines `server` and `owner`, and imports
+/// `os`, `threading` and `time`; [`SERVE_UNTIL_THE_OWNER_EXITS`] is appended) with [`www`] and
+/// this process's id as its arguments, and returns its URL. It exits by itself when this
+/// process has gone.
+pub fn python_server(binary: &str, script: &str) -> String {
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(format!("{script}{SERVE_UNTIL_THE_OWNER_EXITS}"))
+        .arg(www(binary))
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is required for the test servers");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // reaped when it exits (it follows this process's lifetime)
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    let port: u16 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("a Python test server did not start: {line:?}"));
+    format!("http://127.0.0.1:{port}")
 }
 
 /// Makes (once) `www/name` by converting a deterministic raw disk of `len` bytes with
