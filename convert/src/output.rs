@@ -192,12 +192,7 @@ impl OutputFile {
 /// directory after. Fails (the caller then renames) when `b` does not exist or the file system
 /// cannot exchange.
 fn exchange(a: &Path, b: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-    };
-    let (a, b) = (c(a)?, c(b)?);
+    let (a, b) = (c_path(a)?, c_path(b)?);
     // SAFETY: two valid C strings, relative to the working directory.
     let r = unsafe {
         libc::renameat2(
@@ -371,9 +366,8 @@ fn keep_owner(f: &File, old: &std::fs::Metadata) {
 /// hold, is left as the new file has it. Linux bounds a list and a value at 64 KiB each.
 fn keep_xattrs(f: &File, old: &Path) {
     use std::os::fd::AsRawFd;
-    use std::os::unix::ffi::OsStrExt;
     const MAX: usize = 64 << 10;
-    let Ok(path) = std::ffi::CString::new(old.as_os_str().as_bytes()) else {
+    let Ok(path) = c_path(old) else {
         return;
     };
     let mut names = vec![0u8; MAX];
@@ -411,6 +405,13 @@ fn keep_xattrs(f: &File, old: &Path) {
             );
         }
     }
+}
+
+/// `p` as a C string for the libc calls above (a path never holds a NUL byte).
+fn c_path(p: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
 /// Follows a symbolic link at `dest`, so that the file it names is replaced, not the link. A
@@ -694,8 +695,7 @@ mod tests {
     }
 
     fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-        use std::os::unix::ffi::OsStrExt;
-        let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let p = c_path(path).unwrap();
         let n = std::ffi::CString::new(name).unwrap();
         let mut v = vec![0u8; 4096];
         // SAFETY: C strings and a writable buffer of the length given.
@@ -705,8 +705,7 @@ mod tests {
     }
 
     fn set_xattr(path: &Path, name: &str, value: &[u8]) {
-        use std::os::unix::ffi::OsStrExt;
-        let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let p = c_path(path).unwrap();
         let n = std::ffi::CString::new(name).unwrap();
         // SAFETY: C strings and an initialised buffer of the length given.
         let r = unsafe {

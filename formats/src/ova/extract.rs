@@ -3,7 +3,7 @@
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use crate::error::{Error, Result};
 use crate::finding::{Finding, Severity};
@@ -184,10 +184,7 @@ pub struct ExtractHooks<'a> {
 
 impl ExtractHooks<'_> {
     fn check(&self) -> Result<()> {
-        if self.cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
-            return Err(Error::invalid("extraction cancelled"));
-        }
-        Ok(())
+        super::stop_if_cancelled(self.cancel)
     }
 }
 

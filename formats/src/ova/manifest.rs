@@ -1,6 +1,6 @@
 //! The OVF manifest (`.mf`): one `ALGO(name)= hexdigest` line per file.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use serde::Serialize;
 use sha1::Digest;
@@ -133,9 +133,7 @@ pub fn digest_with(src: &dyn ReadAt, algo: Algo, cancel: Option<&AtomicBool>) ->
     fn run<D: Digest>(src: &dyn ReadAt, cancel: Option<&AtomicBool>) -> Result<String> {
         let mut d = D::new();
         crate::io::for_each_chunk(src, |chunk, _| {
-            if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
-                return Err(Error::invalid("cancelled"));
-            }
+            super::stop_if_cancelled(cancel)?;
             d.update(chunk);
             Ok(())
         })?;

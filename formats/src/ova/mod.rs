@@ -218,3 +218,12 @@ impl Image for OvaImage {
 
 #[cfg(test)]
 mod tests;
+
+/// `Invalid` once `cancel` (set by a caller's signal handler) is set: what the long steps of
+/// `ova check` and `ova extract` poll between chunks and disks.
+fn stop_if_cancelled(cancel: Option<&std::sync::atomic::AtomicBool>) -> Result<()> {
+    if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) {
+        return Err(Error::invalid("cancelled"));
+    }
+    Ok(())
+}

@@ -1,9 +1,9 @@
 //! The verdicts built on a read archive: manifest digests, `ova check`'s whole policy, and the
 //! gate's per-disk inspection.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 
@@ -182,16 +182,10 @@ impl Ova {
         limits: &Limits,
         cancel: Option<&AtomicBool>,
     ) -> Result<Vec<Finding>> {
-        let cancelled = || -> Result<()> {
-            if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
-                return Err(Error::invalid("cancelled"));
-            }
-            Ok(())
-        };
         let mut out = self.findings.clone();
         out.extend(self.verify_manifest_with(cancel)?);
         for d in &self.disks {
-            cancelled()?;
+            super::stop_if_cancelled(cancel)?;
             if d.member.is_none() {
                 if d.href.is_some() {
                     continue; // reported as ova.href
@@ -219,7 +213,7 @@ impl Ova {
                 Err(e) => out.push(about_disk(Finding::from_error(&e), d)),
             }
         }
-        cancelled()?;
+        super::stop_if_cancelled(cancel)?;
         out.extend(self.other_members(limits)?);
         if self.disks.is_empty() && self.descriptor.is_some() {
             out.push(Finding::warn(
