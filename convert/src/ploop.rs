@@ -53,10 +53,12 @@ impl Plan {
             .ok_or_else(|| Error::invalid(format!("size {virtual_size} overflows")))?;
         let entries = u32::try_from(size.div_ceil(cluster))
             .ok()
-            // qemu's cap, and what glimpse itself reads under its default limits.
+            // qemu's cap, and a BAT glimpse itself reads under its default limits.
             .filter(|&n| {
                 n <= MAX_BAT_ENTRIES
-                    && u64::from(n) <= glimpse_formats::Limits::default().max_table_entries
+                    && glimpse_formats::Limits::default()
+                        .table_bytes(u64::from(n), 4)
+                        .is_some()
             })
             .ok_or_else(|| {
                 Error::invalid(format!(

@@ -47,13 +47,19 @@ impl Plan {
             .ok_or_else(|| Error::invalid(format!("size {virtual_size} overflows")))?;
         let blocks = u32::try_from(size.div_ceil(BLOCK))
             .ok()
-            // QEMU's cap, and what glimpse itself reads under its default limits.
+            // QEMU's cap, and a block map glimpse itself reads under its default limits
+            // (32 TiB at 128 MiB of map).
             .filter(|&b| {
                 b <= MAX_BLOCKS
-                    && u64::from(b) <= glimpse_formats::Limits::default().max_table_entries
+                    && glimpse_formats::Limits::default()
+                        .table_bytes(u64::from(b), 4)
+                        .is_some()
             })
             .ok_or_else(|| {
-                Error::invalid(format!("a VDI of {size} bytes needs too many 1 MiB blocks"))
+                Error::invalid(format!(
+                    "a VDI of {size} bytes needs a block map larger than the {} bytes glimpse reads back",
+                    glimpse_formats::Limits::default().max_table_bytes
+                ))
             })?;
         Ok(Plan {
             is_static,

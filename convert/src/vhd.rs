@@ -108,11 +108,13 @@ impl Plan {
                 "a VHD holds at most 2040 GiB; {size} bytes asked"
             )));
         }
-        // glimpse must be able to read what it writes under its default limits.
-        let cap = glimpse_formats::Limits::default().max_table_entries;
-        if !fixed && size.div_ceil(block) > cap {
+        // glimpse must be able to read what it writes under its default limits (qemu's own
+        // cap, INT_MAX / 4 entries, is higher than that).
+        let limits = glimpse_formats::Limits::default();
+        if !fixed && limits.table_bytes(size.div_ceil(block), 4).is_none() {
             return Err(Error::invalid(format!(
-                "{size} bytes in blocks of {block} need more than {cap} BAT entries; use a larger block_size"
+                "{size} bytes in blocks of {block} need a BAT of more than {} bytes; use a larger block_size",
+                limits.max_table_bytes
             )));
         }
         let geometry = geometry(sectors);
@@ -471,7 +473,9 @@ mod tests {
         assert!(Plan::new(&opts("subformat=sparse"), MIB).is_err());
         assert!(Plan::new(&opts("cluster_size=64k"), MIB).is_err());
         assert!(Plan::new(&opts(""), 3 << 40).is_err());
-        assert!(Plan::new(&opts("block_size=4k"), 64 << 30).is_err());
+        // 16 Mi entries (64 MiB of BAT) are read back; 40 Mi (160 MiB) are not.
+        assert!(Plan::new(&opts("block_size=4k"), 64 << 30).is_ok());
+        assert!(Plan::new(&opts("block_size=4k"), 160 << 30).is_err());
         // force_size=off only for sizes the geometry holds exactly.
         assert_eq!(
             &Plan::new(&opts("force_size=off"), 10_514_432).unwrap().app,

@@ -107,6 +107,15 @@ fn layout(opts: &WriteOptions, virtual_size: u64) -> Result<Layout> {
         NOT_PRESENT
     };
     let geo = Geometry::new(block_size, 512, disk_size, false);
+    // qemu's only cap is the BAT region's 32-bit length, far above this: glimpse must read
+    // back what it writes under its default limits.
+    let limits = glimpse_formats::Limits::default();
+    if limits.table_bytes(geo.entries, 8).is_none() {
+        return Err(Error::invalid(format!(
+            "vhdx: {disk_size} bytes in blocks of {block_size} need a BAT of more than {} bytes; use a larger block_size",
+            limits.max_table_bytes
+        )));
+    }
     // qemu sizes the BAT region with 32-bit arithmetic that wraps for an empty disk and then
     // insists on a region that large when opening; give it one (it stays a hole).
     let region_entries = if geo.data_blocks == 0 {

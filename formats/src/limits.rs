@@ -10,6 +10,13 @@ use crate::error::{Error, Result};
 /// state, one chunk per worker), a command stays within 256 MiB of memory on any input.
 pub const DEFAULT_METADATA_BYTES: u64 = 224 << 20;
 
+/// The default cap on one table's bytes as stored (docs/memory.md). It is qemu's largest
+/// own table cap that glimpse reads whole: a VMDK grain directory of 32 Mi four-byte entries
+/// ("L1 size too big"). It admits a qcow2 L1 table at qemu's 32 MiB, a VDI of 32 TiB, a VHDX of
+/// almost 16 TiB in 1 MiB blocks; and it leaves 96 MiB of [`DEFAULT_METADATA_BYTES`] for the rest of
+/// a command (reader cache, conversion buffers, what `check` holds beside the table).
+pub const DEFAULT_TABLE_BYTES: u64 = 128 << 20;
+
 /// Caps applied while opening and walking an image. Every allocation whose size comes from the
 /// image is charged to a [`Budget`] made from these.
 ///
@@ -22,8 +29,10 @@ pub struct Limits {
     /// once (tables, descriptors, caches, buffers): per image, or per command with
     /// [`Limits::per_command`].
     pub max_metadata_bytes: u64,
-    /// Entries in any one table (L1, grain directory, BAT, block map, ...).
-    pub max_table_entries: u64,
+    /// Bytes of any one table as stored (L1, grain directory, BAT, block map, ...): entries
+    /// times entry size. Each format also applies qemu's own cap on its tables, which may be
+    /// lower (qcow2's L1 and refcount tables, VDI's block count, ...).
+    pub max_table_bytes: u64,
     /// Largest virtual size accepted at all (a sanity cap, not the policy's limit).
     pub max_virtual_size: u64,
     /// Decompressed bytes held in the guest reader's cache.
@@ -42,8 +51,7 @@ impl Default for Limits {
             // check also holds L2 and refcount blocks one at a time and at most 128 MiB of
             // refcount counters.
             max_metadata_bytes: DEFAULT_METADATA_BYTES,
-            // 32 MiB of 8-byte entries: QEMU's QCOW_MAX_L1_SIZE.
-            max_table_entries: 4 << 20,
+            max_table_bytes: DEFAULT_TABLE_BYTES,
             // 2^63 - 1: sizes travel as i64 in qemu-img's JSON.
             max_virtual_size: i64::MAX as u64,
             max_cache_bytes: 64 << 20,
@@ -60,7 +68,8 @@ impl Limits {
     pub fn tight() -> Self {
         Limits {
             max_metadata_bytes: 16 << 20,
-            max_table_entries: 1 << 16,
+            // 64 Ki eight-byte entries.
+            max_table_bytes: 512 << 10,
             max_virtual_size: 1 << 40,
             max_cache_bytes: 4 << 20,
             max_inflated_bytes: 64 << 20,
@@ -85,19 +94,13 @@ impl Limits {
         }
     }
 
-    /// Fails when `entries` exceeds the per-table cap.
-    ///
-    /// # Errors
-    /// `LimitExceeded` naming the table.
-    pub fn check_entries(&self, what: &str, entries: u64) -> Result<()> {
-        if entries > self.max_table_entries {
-            return Err(Error::limit(format!(
-                "{what}: {entries} entries exceed the limit of {}",
-                self.max_table_entries
-            ))
-            .code("table.too-large"));
-        }
-        Ok(())
+    /// The bytes of a table of `entries` entries of `entry_size` bytes, when they fit
+    /// `max_table_bytes`. Writers ask this of `Limits::default()` so that glimpse reads back
+    /// what they write.
+    pub fn table_bytes(&self, entries: u64, entry_size: u64) -> Option<u64> {
+        entries
+            .checked_mul(entry_size)
+            .filter(|&b| b <= self.max_table_bytes)
     }
 }
 

@@ -23,9 +23,10 @@ pub struct TableSpec<'a> {
 
 /// Checks a table against the source size and the limits, and returns its length in bytes.
 ///
-/// It checks, in this order: the entry count against `limits.max_table_entries`, that
-/// `entries * entry_size` does not overflow, the alignment of `offset`, and that the whole table
-/// lies inside `file_size`.
+/// It checks, in this order: the table's bytes (`entries * entry_size`, without overflow)
+/// against `limits.max_table_bytes`, the alignment of `offset`, and that the whole table lies
+/// inside `file_size`. A format's own qemu caps on a table are the format's to check, before
+/// this.
 ///
 /// # Errors
 /// `LimitExceeded` (`table.too-large`), `Invalid` (`table.misaligned`) or `Corrupt`
@@ -38,13 +39,13 @@ pub fn check_table(spec: TableSpec<'_>, file_size: u64, limits: &Limits) -> Resu
         entry_size,
         align,
     } = spec;
-    limits
-        .check_entries(name, entries)
-        .map_err(|e| e.at(offset))?;
-    let len = entries.checked_mul(entry_size).ok_or_else(|| {
-        Error::limit(format!("{name}: size overflows"))
-            .at(offset)
-            .code("table.too-large")
+    let len = limits.table_bytes(entries, entry_size).ok_or_else(|| {
+        Error::limit(format!(
+            "{name}: {entries} entries of {entry_size} bytes exceed the limit of {} bytes",
+            limits.max_table_bytes
+        ))
+        .at(offset)
+        .code("table.too-large")
     })?;
     if align > 1 && offset.checked_rem(align) != Some(0) {
         return Err(Error::invalid(format!(
@@ -171,6 +172,7 @@ pub fn read_held(
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+    use crate::limits::DEFAULT_TABLE_BYTES;
 
     fn spec(offset: u64, entries: u64) -> TableSpec<'static> {
         TableSpec {
@@ -224,7 +226,37 @@ mod tests {
             (e.kind(), e.finding_code()),
             (ErrorKind::LimitExceeded, "table.too-large")
         );
+        let e = check_table(spec(0, u64::MAX / 4), u64::MAX, &l).unwrap_err();
+        assert_eq!(e.finding_code(), "table.too-large");
         let e = check_table(spec(u64::MAX - 511, 100), u64::MAX, &l).unwrap_err();
         assert_eq!(e.finding_code(), "table.out-of-bounds");
+    }
+
+    #[test]
+    fn the_cap_is_on_bytes_not_entries() {
+        let l = Limits::default();
+        // A 5 TiB VDI's block map: 5 Mi entries of 4 bytes, above the old 4 Mi entry cap.
+        let map = TableSpec {
+            entry_size: 4,
+            ..spec(512, 5 << 20)
+        };
+        assert_eq!(check_table(map, u64::MAX, &l).unwrap(), 20 << 20);
+        // Exactly the cap passes; one entry more is refused before anything is read, even
+        // where the file is large enough to hold it.
+        let at_cap = spec(512, DEFAULT_TABLE_BYTES / 8);
+        assert_eq!(
+            check_table(at_cap, u64::MAX, &l).unwrap(),
+            DEFAULT_TABLE_BYTES
+        );
+        let over = spec(512, DEFAULT_TABLE_BYTES / 8 + 1);
+        let e = check_table(over, u64::MAX, &l).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.finding_code(), e.offset()),
+            (ErrorKind::LimitExceeded, "table.too-large", Some(512))
+        );
+        let budget = Budget::new(u64::MAX);
+        let e = read_entries(&vec![0u8; 1024], over, u64::MAX, &l, &budget, |_| 0u8);
+        assert_eq!(e.unwrap_err().finding_code(), "table.too-large");
+        assert_eq!(budget.left(), u64::MAX);
     }
 }

@@ -127,3 +127,24 @@ fn hostile_fixtures_give_their_findings() {
         assert_eq!(report.verdict(), Verdict::Reject, "{}", fx.name);
     }
 }
+
+#[test]
+fn a_qemu_made_vdi_over_4_tib_opens_and_checks_clean() {
+    // 5 Mi blocks: 20 MiB of block map, more entries than the one cap of 4 Mi entries per
+    // table that glimpse once applied to every format. qemu opens it; so must glimpse.
+    let dir = tempfile::tempdir().unwrap();
+    let vdi = dir.path().join("5t.vdi");
+    let p = vdi.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "vdi", p, "5T"]);
+    let want = qemu_json(&["info", "-f", "vdi", "--output=json", p])["virtual-size"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(want, 5 << 40);
+    let limits = Limits::default().per_command();
+    let img = open(src(&vdi), Format::Vdi, &limits).unwrap();
+    assert_eq!(img.info().virtual_size, want);
+    assert!(img.findings().is_empty(), "{:?}", img.findings());
+    assert!(img.check(&limits).unwrap().is_empty());
+    let report = inspect_as(src(&vdi), Format::Vdi, &Limits::default());
+    assert_eq!(report.verdict(), Verdict::Pass, "{:?}", report.findings);
+}

@@ -641,11 +641,12 @@ mod tests {
 
     #[test]
     fn the_entry_array_is_capped_by_the_callers_limits() {
-        // 128 entries pass the default cap but not a caller's cap of 64 entries per table.
+        // 128 entries of 128 bytes pass the default cap but not a caller's cap of 64 such
+        // entries per table.
         let (_, f) = describe(&gpt_4k(250), 1 << 20);
         assert!(f.is_empty(), "{f:?}");
         let tight = Limits {
-            max_table_entries: 64,
+            max_table_bytes: 64 * 128,
             ..Limits::default()
         };
         let (d, f) = describe_with(&gpt_4k(250), 1 << 20, &tight);

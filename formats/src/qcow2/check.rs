@@ -770,8 +770,17 @@ impl Walk<'_> {
                 entry_size: 8,
                 align: cs,
             };
+            // qemu's QCOW_MAX_L1_SIZE first, as for the active L1 table: it is below any
+            // byte cap of `Limits::default()`.
+            if u64::from(l1_size).saturating_mul(8) > header::MAX_L1_BYTES {
+                self.rep.push(bad(
+                    format!("snapshot {i}'s L1 table is larger than 32 MiB"),
+                    entry_at,
+                ));
+                continue;
+            }
             match check_table(spec, img.file_size, self.limits) {
-                Ok(bytes) if u64::from(l1_size) * 8 <= header::MAX_L1_BYTES => {
+                Ok(bytes) => {
                     let n = l1s.entry((l1_off, bytes)).or_insert(0);
                     if *n == 0 {
                         self.meta(Kind::SnapL1, l1_off, bytes, 1)?;
@@ -780,10 +789,6 @@ impl Walk<'_> {
                     }
                     *n = n.saturating_add(1);
                 }
-                Ok(_) => self.rep.push(bad(
-                    format!("snapshot {i}'s L1 table is larger than 32 MiB"),
-                    entry_at,
-                )),
                 Err(e) => self
                     .rep
                     .push(bad(format!("snapshot {i}: {}", e.message()), entry_at)),
@@ -851,7 +856,7 @@ impl Walk<'_> {
             align: cs,
         };
         let unlimited = Limits {
-            max_table_entries: u64::MAX,
+            max_table_bytes: u64::MAX,
             ..self.limits.clone()
         };
         if let Err(e) = check_table(spec, img.file_size, &unlimited) {

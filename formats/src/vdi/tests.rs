@@ -284,12 +284,39 @@ fn block_map_is_range_checked() {
         open_bytes(&b).err().unwrap().finding_code(),
         "table.out-of-bounds"
     );
+    // 800 KB of map: above the tight limits' 512 KiB per table.
     let mut b = build(MIB, &[0], TYPE_DYNAMIC);
-    put32(&mut b, 384, 100_000);
+    put32(&mut b, 384, 200_000);
     let e = open(Arc::new(b), &Limits::tight()).err().unwrap();
     assert_eq!(
         (e.kind(), e.finding_code()),
         (ErrorKind::LimitExceeded, "table.too-large")
+    );
+}
+
+#[test]
+fn block_counts_follow_qemu_then_the_byte_cap() {
+    // 5 Mi blocks (a 5 TiB disk, which qemu opens) pass the table cap: the map is only
+    // range-checked against the file.
+    let mut b = build(MIB, &[0], TYPE_DYNAMIC);
+    put32(&mut b, 384, 5 << 20);
+    assert_eq!(
+        open_bytes(&b).err().unwrap().finding_code(),
+        "table.out-of-bounds"
+    );
+    // More than 128 MiB of map: qemu would open it, glimpse refuses it before reading.
+    put32(&mut b, 384, (32 << 20) + 1);
+    let e = open_bytes(&b).err().unwrap();
+    assert_eq!(
+        (e.kind(), e.finding_code()),
+        (ErrorKind::LimitExceeded, "table.too-large")
+    );
+    // Past qemu's VDI_BLOCKS_IN_IMAGE_MAX: refused as qemu refuses it.
+    put32(&mut b, 384, MAX_BLOCKS + 1);
+    let e = open_bytes(&b).err().unwrap();
+    assert_eq!(
+        (e.kind(), e.finding_code()),
+        (ErrorKind::Unsupported, "vdi.header")
     );
 }
 

@@ -32,6 +32,9 @@ pub const SECTOR: u64 = 512;
 pub const MAX_GEOMETRY_SECTORS: u64 = 65535 * 16 * 255;
 /// QEMU refuses disks of more than 2040 GiB (`VHD_MAX_SECTORS`, 0xff000000 sectors).
 pub const MAX_SECTORS: u64 = 0xff00_0000;
+/// QEMU refuses a BAT of more than `INT_MAX / 4` entries (block/vpc.c, "Max Table Entries too
+/// large"): the BAT must fit in `INT_MAX` bytes.
+pub const MAX_TABLE_ENTRIES: u32 = 0x7FFF_FFFF / 4;
 /// Seconds between the Unix epoch and the VHD epoch (2000-01-01 00:00:00 UTC).
 pub const VHD_EPOCH: u64 = 946_684_800;
 

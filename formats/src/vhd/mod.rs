@@ -27,8 +27,8 @@ use crate::table::{read_entries, read_held, Table, TableSpec};
 
 use footer::{
     bitmap_len, checksum, BAT_UNUSED, COOKIE, DYN_CHECKSUM_AT, DYN_COOKIE, DYN_HEADER_LEN,
-    FOOTER_CHECKSUM_AT, FOOTER_LEN, MAX_SECTORS, SECTOR, TYPE_DIFFERENCING, TYPE_DYNAMIC,
-    TYPE_FIXED,
+    FOOTER_CHECKSUM_AT, FOOTER_LEN, MAX_SECTORS, MAX_TABLE_ENTRIES, SECTOR, TYPE_DIFFERENCING,
+    TYPE_DYNAMIC, TYPE_FIXED,
 };
 pub use footer::{DynHeader, Footer};
 
@@ -539,6 +539,13 @@ fn check_block_size(header: &DynHeader, hoff: u64, virtual_size: u64) -> Result<
         ))
         .at(hoff.saturating_add(28))
         .code("vhd.dynamic-header"));
+    }
+    if header.max_table_entries > MAX_TABLE_ENTRIES {
+        return Err(Error::limit(format!(
+            "a BAT of {entries} entries exceeds qemu's {MAX_TABLE_ENTRIES}"
+        ))
+        .at(hoff.saturating_add(28))
+        .code("table.too-large"));
     }
     Ok(block_size)
 }

@@ -398,14 +398,24 @@ fn bat_table_is_range_checked() {
         "table.out-of-bounds"
     );
 
-    let mut d = Dyn::new(BLOCK, &[]);
-    put32(d.header_mut(), 28, u32::MAX);
-    d.reseal_header();
-    let e = d.open().err().unwrap();
-    assert_eq!(
-        (e.kind(), e.finding_code()),
-        (ErrorKind::LimitExceeded, "table.too-large")
-    );
+    // Past qemu's INT_MAX / 4 entries, and between the byte cap (128 MiB, 32 Mi entries)
+    // and qemu's: both refused before the BAT is read, whatever the file holds.
+    for (entries, says) in [
+        (u32::MAX, "qemu"),
+        (footer::MAX_TABLE_ENTRIES + 1, "qemu"),
+        ((32 << 20) + 1, "limit of 134217728 bytes"),
+    ] {
+        let mut d = Dyn::new(BLOCK, &[]);
+        put32(d.header_mut(), 28, entries);
+        d.reseal_header();
+        let e = d.open().err().unwrap();
+        assert_eq!(
+            (e.kind(), e.finding_code()),
+            (ErrorKind::LimitExceeded, "table.too-large"),
+            "{entries}"
+        );
+        assert!(e.message().contains(says), "{entries}: {}", e.message());
+    }
     assert!(d.entries >= 1);
 
     // A BAT too small for the disk.

@@ -242,10 +242,11 @@ fn place_regions(
     file_size: u64,
     limits: &Limits,
 ) -> Result<Vec<Reserved<'static>>> {
-    // Region lengths are 32-bit, so a region is at most 4 GiB: the table cap that matters is
-    // applied to the BAT entries actually read (`read_bat`).
+    // Region lengths are 32-bit, so a region is at most 4 GiB, and a region is placed here,
+    // not read: the table cap that matters is applied to the BAT entries actually read
+    // (`read_bat`).
     let region_limits = Limits {
-        max_table_entries: u64::from(u32::MAX),
+        max_table_bytes: u64::from(u32::MAX),
         ..limits.clone()
     };
     let mut placed: Vec<Reserved<'_>> = vec![Reserved {

@@ -539,7 +539,7 @@ fn table_bounds_and_size() {
     );
     let v = small();
     let tight = Limits {
-        max_table_entries: 2,
+        max_table_bytes: 16,
         ..Limits::default()
     };
     let e = open(Arc::new(v), &tight).err().unwrap();

@@ -48,6 +48,9 @@ pub const COMPRESS_DEFLATE: u16 = 1;
 pub const MAX_GRAIN_SECTORS: u64 = 2048;
 /// Largest `numGTEsPerGT`: qemu refuses more than 512 ("L2 table size too big").
 pub const MAX_GTES_PER_GT: u32 = 512;
+/// Largest grain directory: qemu refuses more than 32 Mi entries (`vmdk_add_extent`, "L1 size
+/// too big"), 128 MiB of directory.
+pub const MAX_GD_ENTRIES: u64 = 32 << 20;
 
 /// The parsed sparse extent header. Offsets and sizes are in sectors, as on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +176,8 @@ impl SparseHeader {
     /// `Unsupported` (`vmdk.header`) for an unknown version, unknown incompatible flags or
     /// an unknown compression algorithm; `Invalid` (`vmdk.header`) for inconsistent fields;
     /// `Invalid` (`vmdk.grain-size`) for a grain size that is zero, not a power of two, or
-    /// larger than [`MAX_GRAIN_SECTORS`].
+    /// larger than [`MAX_GRAIN_SECTORS`]; `LimitExceeded` (`table.too-large`) for a grain
+    /// directory of more than [`MAX_GD_ENTRIES`].
     pub fn validate(&self, at: u64) -> Result<()> {
         let bad = |m: String| Err(Error::invalid(m).at(at).code("vmdk.header"));
         if self.version == 0 || self.version > MAX_VERSION {
@@ -247,6 +251,14 @@ impl SparseHeader {
                 self.capacity
             ));
         }
+        if self.gd_entries() > MAX_GD_ENTRIES {
+            return Err(Error::limit(format!(
+                "VMDK grain directory of {} entries exceeds qemu's {MAX_GD_ENTRIES}",
+                self.gd_entries()
+            ))
+            .at(at.saturating_add(12))
+            .code("table.too-large"));
+        }
         Ok(())
     }
 
@@ -297,6 +309,26 @@ mod tests {
             (10240, 65536, 1)
         );
         assert!(!h.compressed());
+    }
+
+    #[test]
+    fn the_grain_directory_is_capped_where_qemu_caps_it() {
+        // Grains of 128 sectors, 512 per table: one directory entry per 65536 sectors.
+        let with_capacity = |sectors: u64| {
+            let mut b = sample();
+            b[12..20].copy_from_slice(&sectors.to_le_bytes());
+            SparseHeader::parse(&b, 0).and_then(|h| h.validate(0))
+        };
+        with_capacity(MAX_GD_ENTRIES * 65536).unwrap();
+        let e = with_capacity(MAX_GD_ENTRIES * 65536 + 1).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.finding_code(), e.offset()),
+            (
+                crate::error::ErrorKind::LimitExceeded,
+                "table.too-large",
+                Some(12)
+            )
+        );
     }
 
     #[test]
