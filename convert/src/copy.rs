@@ -7,9 +7,11 @@
 //! source file. The writer then copies them with `copy_file_range(2)`, which is a reflink on
 //! XFS and btrfs and an in-kernel copy with no user-space buffer elsewhere.
 //!
-//! Where the kernel refuses (`EXDEV`, `EINVAL`, `ENOSYS`, `EOPNOTSUPP`: another file system,
-//! an old kernel, a special file), the copy falls back to `pread`/`pwrite` through one buffer,
-//! for the rest of the conversion. The choice of what to copy is made before either method
+//! Where the kernel refuses `copy_file_range` (`EXDEV`, `EINVAL`, `ENOSYS`, `EOPNOTSUPP`:
+//! another file system, an old kernel, a special file), the copy goes through a pipe with
+//! `splice(2)`, which works between file systems (an output on tmpfs or on another mount), and
+//! where that is refused too, through one buffer with `pread`/`pwrite`, for the rest of the
+//! conversion. The choice of what to copy is made before either method
 //! runs, so both give the same output file, byte for byte.
 //!
 //! On ext4, which cannot share blocks, the kernel's copy is a copy of page-cache pages, and two
@@ -43,14 +45,14 @@ pub enum CopyMode {
 #[derive(Debug)]
 pub struct SourceFile {
     file: File,
-    /// False once the kernel refused a copy (or when read/write is forced).
-    kernel: AtomicBool,
+    /// False once the kernel refused `copy_file_range` (or when read/write is forced).
+    range: AtomicBool,
     kernel_bytes: AtomicU64,
     fallback_bytes: AtomicU64,
     /// Whether the output is on ext4 ([`copies_pages`]), decided at the first copy: a
     /// conversion copies into one output file.
     pages: OnceLock<bool>,
-    /// False once `splice` was refused: kernel copies then use `copy_file_range`.
+    /// False once `splice` was refused (or when read/write is forced).
     splice: AtomicBool,
 }
 
@@ -59,11 +61,11 @@ impl SourceFile {
     pub fn new(file: File, mode: CopyMode) -> Self {
         SourceFile {
             file,
-            kernel: AtomicBool::new(mode == CopyMode::Kernel),
+            range: AtomicBool::new(mode == CopyMode::Kernel),
             kernel_bytes: AtomicU64::new(0),
             fallback_bytes: AtomicU64::new(0),
             pages: OnceLock::new(),
-            splice: AtomicBool::new(true),
+            splice: AtomicBool::new(mode == CopyMode::Kernel),
         }
     }
 
@@ -100,17 +102,23 @@ impl SourceFile {
     /// `UnexpectedEof` when the source ends first; any other I/O error of either file.
     pub fn copy_to(&self, dst: &File, from: u64, to: u64, len: u64) -> io::Result<()> {
         let (mut from, mut to, mut left) = (from, to, len);
-        let pages =
-            self.kernel.load(Ordering::Relaxed) && *self.pages.get_or_init(|| copies_pages(dst));
+        let kernel = self.range.load(Ordering::Relaxed) || self.splice.load(Ordering::Relaxed);
+        let pages = kernel && *self.pages.get_or_init(|| copies_pages(dst));
         if pages {
             reserve(dst, to, len);
         }
-        while left > 0 && self.kernel.load(Ordering::Relaxed) {
-            let spliced = pages && self.splice.load(Ordering::Relaxed);
+        while left > 0 {
+            let range = self.range.load(Ordering::Relaxed);
+            // A splice into ext4 (see `copies_pages`), and wherever `copy_file_range` was
+            // refused: it is refused between two file systems (EXDEV: an output on tmpfs, on
+            // another mount), where a splice still moves the source's pages without a buffer.
+            let spliced = self.splice.load(Ordering::Relaxed) && (pages || !range);
             let step = if spliced {
                 spliced_copy(&self.file, from, dst, to, left)
-            } else {
+            } else if range {
                 kernel_copy(&self.file, from, dst, to, left)
+            } else {
+                break;
             };
             match step {
                 Ok(0) => return Err(ended_early()),
@@ -122,7 +130,7 @@ impl SourceFile {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if refused(&e) && spliced => self.splice.store(false, Ordering::Relaxed),
-                Err(e) if refused(&e) => self.kernel.store(false, Ordering::Relaxed),
+                Err(e) if refused(&e) => self.range.store(false, Ordering::Relaxed),
                 Err(e) => return Err(e),
             }
         }
@@ -472,8 +480,15 @@ mod tests {
     fn kernel_and_fallback_copies_give_the_same_file() {
         let data: Vec<u8> = (0..3 << 20).map(|i| (i * 7 % 251) as u8).collect();
         let mut outs = Vec::new();
-        for mode in [CopyMode::Kernel, CopyMode::ReadWrite] {
+        // The third: the kernel copy after `copy_file_range` was refused (as between two file
+        // systems), which splices.
+        for (mode, range) in [
+            (CopyMode::Kernel, true),
+            (CopyMode::ReadWrite, false),
+            (CopyMode::Kernel, false),
+        ] {
             let src = Arc::new(SourceFile::new(file_with(&data), mode));
+            src.range.store(range, Ordering::Relaxed);
             let c = CopyFrom {
                 src: src.clone(),
                 runs: vec![
@@ -505,12 +520,40 @@ mod tests {
             outs.push(got);
         }
         assert_eq!(outs[0], outs[1]);
+        assert_eq!(outs[0], outs[2]);
         let o = &outs[0];
         assert_eq!(&o[100..100 + (1 << 20)], &data[5..5 + (1 << 20)]);
         assert!(o[100 + (1 << 20)..100 + (1 << 20) + 700]
             .iter()
             .all(|&b| b == 0));
         assert_eq!(&o[o.len() - 4096..], &data[2 << 20..(2 << 20) + 4096]);
+    }
+
+    #[test]
+    fn a_copy_between_two_file_systems_stays_in_the_kernel() {
+        // The source on tmpfs (/dev/shm), the output in the temporary directory, on another
+        // file system: `copy_file_range` says EXDEV there (Linux >= 5.19), and the copy splices
+        // instead of reading into a buffer.
+        let data: Vec<u8> = (0..(3 << 20) + 333).map(|i| (i * 13 % 253) as u8).collect();
+        let mut shm = tempfile::tempfile_in("/dev/shm").expect("a file on /dev/shm");
+        std::io::Write::write_all(&mut shm, &data).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("out"))
+            .unwrap();
+        let src = SourceFile::new(shm, CopyMode::Kernel);
+        src.copy_to(&out, 0, 4096, data.len() as u64).unwrap();
+        assert_eq!(
+            (src.kernel_bytes(), src.fallback_bytes()),
+            (data.len() as u64, 0)
+        );
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut &out, &mut got).unwrap();
+        assert!(got[..4096].iter().all(|&b| b == 0));
+        assert_eq!(&got[4096..], &data[..]);
     }
 
     #[test]
