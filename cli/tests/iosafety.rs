@@ -146,6 +146,47 @@ fn convert_onto_its_own_source_is_refused_through_every_spelling() {
     assert!(stderr(&o).contains("output.same-as-source"));
     assert_eq!(std::fs::read(&src).unwrap(), before);
     assert_eq!(names(d.path()), listing);
+    // stdout redirected onto the source: opened read-write in place, or appended to (both
+    // rewrote the qcow2, as `cat f >> f` would, before this was refused).
+    for redirect in ["1<>", ">>"] {
+        let o = tool_any(
+            "bash",
+            &[
+                "-c",
+                &format!(
+                    "'{}' convert -O raw '{}' - {redirect} '{}'",
+                    env!("CARGO_BIN_EXE_glimpse"),
+                    s(&src),
+                    s(&src)
+                ),
+            ],
+        );
+        assert_eq!(code(&o), 2, "{redirect}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("output.same-as-source"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(std::fs::read(&src).unwrap(), before, "{redirect}");
+        assert_eq!(names(d.path()), listing);
+    }
+    // stdout onto another file is a conversion like any other.
+    let other = d.path().join("other.raw");
+    let o = tool_any(
+        "bash",
+        &[
+            "-c",
+            &format!(
+                "'{}' convert -O raw '{}' - > '{}'",
+                env!("CARGO_BIN_EXE_glimpse"),
+                s(&src),
+                s(&other)
+            ),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(&other).unwrap().len(), 4 << 20);
+    std::fs::remove_file(&other).unwrap();
     // The source is still the image it was.
     let o = glimpse(&["check", s(&src)]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));

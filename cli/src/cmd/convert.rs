@@ -154,17 +154,24 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
              (or use --force-tty)"
         );
     }
-    if !to_stdout {
-        check_not_source(&identity(&args.src), &args.dst).map_err(refused)?;
+    // What the output lands on: DST, or the file stdout was redirected to (`- > x`, `- >> x`,
+    // `- 1<> x`), which must no more be the source than DST may; a pipe or a socket is left
+    // alone (it cannot be the file read).
+    let landing = if to_stdout {
+        stdout_file()
+    } else {
+        Some(args.dst.clone())
+    };
+    if let Some(dst) = &landing {
+        check_not_source(&identity(&args.src), dst).map_err(refused)?;
     }
     let image = load(&args.src, args.source_format, &args.input)
         .with_context(|| display(&args.src))?
         .image;
-    if !to_stdout {
+    if let Some(dst) = &landing {
         let src =
             (!args.src.to_str().is_some_and(crate::remote::is_remote)).then(|| identity(&args.src));
-        check_not_referenced(src.as_deref(), &image.info().references, &args.dst)
-            .map_err(refused)?;
+        check_not_referenced(src.as_deref(), &image.info().references, dst).map_err(refused)?;
     }
     if interrupt::cancelled() {
         return Err(interrupted(&args));
@@ -188,6 +195,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         (Err(e), _) => Err(anyhow::anyhow!("{}: {e}", display(&args.src))),
     };
     result.map(|()| 0)
+}
+
+/// `/dev/stdout` when standard output is a regular file or a block device, which a
+/// conversion could be reading: then it is compared with the source as DST would be.
+fn stdout_file() -> Option<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let path = PathBuf::from("/dev/stdout");
+    let kind = std::fs::metadata(&path).ok()?.file_type();
+    (kind.is_file() || kind.is_block_device()).then_some(path)
 }
 
 /// The path whose device and inode identify the source: stdin's file for `-`, so that
