@@ -266,8 +266,37 @@ pub fn info_json(filename: &str, info: &ImageInfo) -> Map<String, Value> {
     m
 }
 
-/// Renders a Field/Value table like `glance image-show` prints.
+/// `s` safe to print to a terminal: control characters (C0, DEL, C1: escape sequences, line
+/// breaks, carriage returns) and the bidirectional overrides and isolates are written as
+/// escapes (`\u{1b}`, `\n`), so that a string from an image (a volume label, a creator
+/// field, a file name inside an archive) can neither drive the terminal nor add a line that
+/// looks like glimpse's own. JSON output escapes them by itself.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Renders a Field/Value table like `glance image-show` prints. Every key and value is one
+/// line, made [`printable`].
 pub fn table(rows: &[(String, String)]) -> String {
+    let rows: Vec<(String, String)> = rows
+        .iter()
+        .map(|(k, v)| (printable(k).into_owned(), printable(v).into_owned()))
+        .collect();
     let w1 = rows
         .iter()
         .map(|(k, _)| k.chars().count())
@@ -276,7 +305,7 @@ pub fn table(rows: &[(String, String)]) -> String {
         .max(5);
     let w2 = rows
         .iter()
-        .flat_map(|(_, v)| v.lines().map(|l| l.chars().count()))
+        .map(|(_, v)| v.chars().count())
         .max()
         .unwrap_or(0)
         .max(5);
@@ -285,13 +314,8 @@ pub fn table(rows: &[(String, String)]) -> String {
     out.push_str(&sep);
     out.push_str(&format!("| {:<w1$} | {:<w2$} |\n", "Field", "Value"));
     out.push_str(&sep);
-    for (k, v) in rows {
-        let mut first = true;
-        for line in v.lines().chain(if v.is_empty() { Some("") } else { None }) {
-            let key = if first { k.as_str() } else { "" };
-            out.push_str(&format!("| {key:<w1$} | {line:<w2$} |\n"));
-            first = false;
-        }
+    for (k, v) in &rows {
+        out.push_str(&format!("| {k:<w1$} | {v:<w2$} |\n"));
     }
     out.push_str(&sep);
     out

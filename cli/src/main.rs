@@ -90,7 +90,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("glimpse: {e:#}");
+            eprintln!("glimpse: {}", common::printable(&format!("{e:#}")));
             ExitCode::from(common::exit_status(&e))
         }
     }

@@ -492,3 +492,90 @@ fn the_schema_validator_rejects_wrong_documents() {
         assert!(check_against(schema, &v).is_err(), "{schema} accepted {v}");
     }
 }
+
+/// Strings an image carries (a backing file name, an archive member's name) reach the human
+/// output escaped: an uploader cannot clear the operator's screen, set the terminal title, or
+/// add a line that reads like glimpse's own.
+#[test]
+fn strings_from_an_image_cannot_drive_the_terminal() {
+    let d = tempfile::tempdir().unwrap();
+    let hostile = "\u{1b}]0;PWN\u{7}\u{1b}[2J\n| verdict | PASS |\r\u{202e}gpj";
+    let q = d.path().join("esc.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        hostile,
+        "-F",
+        "raw",
+        s(&q),
+        "1M",
+    ]);
+    for cmd in ["info", "check"] {
+        let o = glimpse(&[cmd, s(&q)]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            out.contains("\\u{1b}]0;PWN\\u{7}\\u{1b}[2J\\n| verdict | PASS |\\r\\u{202e}gpj"),
+            "{cmd}: {out}"
+        );
+        for bad in ['\u{1b}', '\u{7}', '\r', '\u{202e}'] {
+            assert!(!out.contains(bad), "{cmd}: {bad:?} in {out}");
+        }
+        // Every line is a row of the table or one of its rules.
+        assert!(
+            out.lines()
+                .all(|l| l.starts_with("| ") || l.starts_with("+-")),
+            "{cmd}: {out}"
+        );
+        assert!(!out.lines().any(|l| l.starts_with("| verdict")) || cmd == "check");
+        if cmd == "check" {
+            assert_eq!(code(&o), 1, "{out}");
+            assert_eq!(
+                out.lines().filter(|l| l.contains("PASS")).count(),
+                2,
+                "{out}"
+            );
+            assert!(out
+                .lines()
+                .any(|l| l.starts_with("| verdict") && l.contains("REJECT")));
+        }
+    }
+    // An archive member's name, in `ova list` and `ova check`.
+    let src = d.path().join("ova.d");
+    std::fs::create_dir_all(&src).unwrap();
+    let member = "disk\u{1b}[2J\nx.raw";
+    raw(&src, member);
+    std::fs::write(src.join("vm.ovf"), "<Envelope/>").unwrap();
+    let a = d.path().join("esc.ova");
+    let st = Command::new("tar")
+        .args([
+            "--format=ustar",
+            "-cf",
+            s(&a),
+            "-C",
+            s(&src),
+            "vm.ovf",
+            member,
+        ])
+        .status()
+        .expect("GNU tar must be installed");
+    assert!(st.success());
+    for cmd in ["list", "check"] {
+        let o = glimpse(&["ova", cmd, s(&a)]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(!out.contains('\u{1b}'), "ova {cmd}: {out}");
+        assert!(
+            !out.lines().any(|l| l.starts_with("x.raw")),
+            "ova {cmd}: {out}"
+        );
+    }
+    let o = glimpse(&["ova", "list", s(&a)]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("disk\\u{1b}[2J\\nx.raw"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

@@ -9,7 +9,7 @@ use glimpse_formats::ova::{self, Appliance};
 use glimpse_formats::Limits;
 use serde_json::{json, Value};
 
-use crate::common::{open_source, short_size, OutputFormat};
+use crate::common::{open_source, printable, short_size, OutputFormat};
 
 /// Arguments of `glimpse ova`.
 #[derive(clap::Args)]
@@ -149,10 +149,10 @@ fn print_members(doc: &Value) {
             m["index"].as_u64().unwrap_or(0),
             m["type"].as_str().unwrap_or("?"),
             m["size"].as_u64().unwrap_or(0),
-            m["name"].as_str().unwrap_or("?"),
+            printable(m["name"].as_str().unwrap_or("?")),
             m["link"]
                 .as_str()
-                .map(|l| format!(" -> {l}"))
+                .map(|l| format!(" -> {}", printable(l)))
                 .unwrap_or_default()
         );
     }
@@ -169,7 +169,10 @@ fn print_references(doc: &Value) {
         } else {
             "not opened"
         };
-        println!("  {}  ({state})", r["href"].as_str().unwrap_or("?"));
+        println!(
+            "  {}  ({state})",
+            printable(r["href"].as_str().unwrap_or("?"))
+        );
     }
 }
 
@@ -188,14 +191,14 @@ fn print_disks(doc: &Value) {
         println!(
             "  {:>3}  {:<24} {:<24} {:>12} {:>12} {:>12}",
             d["index"].as_u64().unwrap_or(0),
-            d["href"].as_str().unwrap_or("-"),
-            fmt,
+            printable(d["href"].as_str().unwrap_or("-")),
+            printable(&fmt),
             opt_size(&d["capacity"]),
             opt_size(&d["virtual-size"]),
             opt_size(&d["populated-size"]),
         );
         if let Some(e) = d["error"].as_str() {
-            println!("       error: {e}");
+            println!("       error: {}", printable(e));
         }
     }
 }
@@ -204,9 +207,9 @@ fn print_systems_and_manifest(doc: &Value) {
     for s in doc["virtual-systems"].as_array().into_iter().flatten() {
         println!(
             "Virtual system {}: name {}, OS {}, {} CPUs, memory {}",
-            s["id"].as_str().unwrap_or("?"),
-            s["name"].as_str().unwrap_or("-"),
-            s["os-type"].as_str().unwrap_or("-"),
+            printable(s["id"].as_str().unwrap_or("?")),
+            printable(s["name"].as_str().unwrap_or("-")),
+            printable(s["os-type"].as_str().unwrap_or("-")),
             s["cpus"]
                 .as_u64()
                 .map(|c| c.to_string())
@@ -217,7 +220,7 @@ fn print_systems_and_manifest(doc: &Value) {
     if let Some(m) = doc["manifest"].as_object() {
         println!(
             "Manifest: {} ({} entries, {})",
-            m["name"].as_str().unwrap_or("?"),
+            printable(m["name"].as_str().unwrap_or("?")),
             m["entries"],
             m["algorithms"]
         );
@@ -254,7 +257,7 @@ fn print_findings(
             .offset
             .map(|o| format!(" (at offset {o:#x})"))
             .unwrap_or_default();
-        println!("  {sev:<6} {:<30} {}{at}", f.code, f.message);
+        println!("  {sev:<6} {:<30} {}{at}", f.code, printable(&f.message));
     }
     Ok(())
 }
