@@ -288,6 +288,52 @@ fn checksum_matches_md5sum_and_sha512sum() {
     );
 }
 
+/// No digests of nothing: an empty file, or a pipe whose writer wrote nothing (a failed
+/// `curl ... |`), is refused like every other command refuses a 0-byte input.
+#[test]
+fn checksum_of_an_empty_input_is_refused_unless_forced() {
+    let d = tempfile::tempdir().unwrap();
+    let empty = d.path().join("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    let o = glimpse(&["checksum", s(&empty)]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.stdout.is_empty(), "{}", stdout(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("empty"));
+    let o = glimpse(&["checksum", "--output", "json", s(&empty)]);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json(&o);
+    assert_eq!(v["error"]["code"], "raw.empty");
+    assert!(v.get("md5").is_none());
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    let o = Command::new("bash")
+        .args(["-c", &format!("false | '{bin}' checksum -")])
+        .output()
+        .expect("bash is required");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.stdout.is_empty(), "{}", stdout(&o));
+    // --force prints what md5sum and sha512sum print.
+    let v = json(&glimpse(&[
+        "checksum",
+        "--force",
+        "--output",
+        "json",
+        s(&empty),
+    ]));
+    assert_eq!(v["md5"], tool_digest("md5sum", &empty));
+    assert_eq!(v["sha512"], tool_digest("sha512sum", &empty));
+    assert_eq!(v["size"], 0);
+}
+
 #[test]
 fn content_digest_follows_the_documented_construction() {
     let d = tempfile::tempdir().unwrap();

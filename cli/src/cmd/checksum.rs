@@ -7,7 +7,7 @@ use glimpse_formats::reader::GuestReader;
 use glimpse_formats::ReadAt;
 use serde_json::{json, Map, Value};
 
-use crate::common::{failed, load, name, print_json, InputOpts, OutputFormat};
+use crate::common::{failed, load, name, print_json, InputOpts, OutputFormat, Rejected};
 use crate::source::open_stream;
 
 /// Arguments of `glimpse checksum`.
@@ -73,6 +73,17 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 m.insert("content".into(), json!(d));
             } else {
                 let (size, digests) = digest_file(path, &algos)?;
+                if size == 0 && !args.input.force {
+                    // An empty file, or a pipe whose writer failed before writing: the
+                    // digests of no bytes would read as a result.
+                    return Err(Rejected {
+                        code: "raw.empty",
+                        message: "the input is empty (0 bytes): no digests of nothing are \
+                                  printed (use --force to print them)"
+                            .into(),
+                    }
+                    .into());
+                }
                 m.insert("size".into(), json!(size));
                 for (algo, hex) in digests {
                     m.insert(algo.name().into(), json!(hex));
