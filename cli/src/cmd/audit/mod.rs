@@ -587,6 +587,8 @@ impl Collector {
     }
 
     fn say(&self, msg: &str) {
+        // Messages name images by what the catalog says (names, errors quoting image bytes).
+        let msg = crate::common::printable(msg);
         match &self.bar {
             Some(b) => b.suspend(|| eprintln!("{msg}")),
             None => eprintln!("{msg}"),
