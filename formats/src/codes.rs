@@ -85,6 +85,7 @@ pub const ALL: &[&str] = &[
     "qcow2.corrupt-bit",
     "qcow2.data-file",
     "qcow2.encrypted",
+    "qcow2.encryption-header",
     "qcow2.entry-into-metadata",
     "qcow2.header-extension",
     "qcow2.header-length",

@@ -792,6 +792,79 @@ fn luks_encrypted_image_is_flagged_and_checks_clean() {
     assert!(img.check(&Limits::default()).unwrap().is_empty());
 }
 
+/// The LUKS header of crypt_method 2 must be where qemu reads it, or qemu refuses to open the
+/// image: each broken variant below fails `qemu-img info`, and glimpse rejects it
+/// (`qcow2.encryption-header`), with or without `--allow-encrypted`.
+#[test]
+fn the_luks_header_is_where_qemu_looks_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("enc.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        "secret,id=sec0,data=hunter2",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        s(&p),
+        "1M",
+    ]);
+    let base = std::fs::read(&p).unwrap();
+    // The encryption header extension: (offset, length) after its 8-byte magic and length.
+    let mut ext = usize::try_from(u32::from_be_bytes(base[100..104].try_into().unwrap())).unwrap();
+    while u32::from_be_bytes(base[ext..ext + 4].try_into().unwrap()) != 0x0537_be77 {
+        let len = u32::from_be_bytes(base[ext + 4..ext + 8].try_into().unwrap());
+        ext += 8 + usize::try_from(len.next_multiple_of(8)).unwrap();
+    }
+    let hdr = usize::try_from(be64(&base, ext + 8)).unwrap();
+    type Mutation<'a> = &'a dyn Fn(&mut Vec<u8>);
+    let cases: [(&str, Mutation, bool); 6] = [
+        ("no extension", &|b| put32(b, ext, 0x1234_5678), true),
+        (
+            "not on a cluster",
+            &|b| put64(b, ext + 8, hdr as u64 + 512),
+            true,
+        ),
+        (
+            "no magic",
+            &|b| b[hdr..hdr + 4].copy_from_slice(b"XXXX"),
+            true,
+        ),
+        ("crypt_method 0", &|b| put32(b, 32, 0), true),
+        (
+            "LUKS2",
+            &|b| b[hdr + 6..hdr + 8].copy_from_slice(&[0, 2]),
+            true,
+        ),
+        // qemu-img info reads only the 592-byte header (no key, no I/O); opening the image
+        // with its key reads the key slots through the extension and fails.
+        (
+            "key material past the extension",
+            &|b| put64(b, ext + 16, 4096),
+            false,
+        ),
+    ];
+    for (what, mutate, qemu_refuses) in cases {
+        let mut b = base.clone();
+        mutate(&mut b);
+        let q = dir.path().join("m.qcow2");
+        std::fs::write(&q, &b).unwrap();
+        if qemu_refuses {
+            let o = Command::new("qemu-img")
+                .args(["info", s(&q)])
+                .output()
+                .expect("qemu-img is required");
+            assert!(!o.status.success(), "{what}: qemu-img opened it");
+        }
+        let img = open_bytes(b).unwrap();
+        let c = codes(&img);
+        assert!(c.contains(&"qcow2.encryption-header"), "{what}: {c:?}");
+    }
+    assert!(!codes(&open_bytes(base).unwrap()).contains(&"qcow2.encryption-header"));
+}
+
 #[test]
 fn random_byte_mutations_never_panic() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/qcow2");

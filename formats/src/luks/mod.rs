@@ -22,7 +22,7 @@ use crate::limits::Limits;
 use crate::probe::Probe;
 
 /// The LUKS magic at offset 0 (both versions).
-const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
+pub(crate) const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 /// Bytes of the LUKS1 header, key slots included.
 const LUKS1_HEADER: u64 = 592;
 /// Bytes of the LUKS2 binary header.

@@ -11,6 +11,7 @@
 
 pub mod check;
 pub mod counts;
+mod crypto;
 pub mod header;
 pub mod qed;
 pub mod refcount;
@@ -82,6 +83,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
     info.cluster_size = Some(cs);
     references(&h, &ext, backing, &mut info, &mut findings);
     features(&h, &mut info, &mut findings);
+    crypto::findings(&src, &h, &ext, limits, &mut findings);
     let geo = Geometry {
         cluster_bits: h.cluster_bits,
         extended: h.extended_l2(),
