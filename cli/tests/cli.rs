@@ -295,32 +295,26 @@ fn checksum_of_an_empty_input_is_refused_unless_forced() {
     let d = tempfile::tempdir().unwrap();
     let empty = d.path().join("empty.raw");
     std::fs::write(&empty, b"").unwrap();
-    let o = glimpse(&["checksum", s(&empty)]);
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.stdout.is_empty(), "{}", stdout(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("empty"));
+    // Refused: exit 1, nothing on stdout, the reason on stderr.
+    let refused = |o: &std::process::Output| {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(o.stdout.is_empty(), "{}", stdout(o));
+        assert!(e.contains("empty"), "{e}");
+    };
+    refused(&glimpse(&["checksum", s(&empty)]));
     let o = glimpse(&["checksum", "--output", "json", s(&empty)]);
     assert_eq!(o.status.code(), Some(1));
     let v = json(&o);
     assert_eq!(v["error"]["code"], "raw.empty");
     assert!(v.get("md5").is_none());
     let bin = env!("CARGO_BIN_EXE_glimpse");
-    let o = Command::new("bash")
-        .args(["-c", &format!("false | '{bin}' checksum -")])
-        .output()
-        .expect("bash is required");
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+    refused(
+        &Command::new("bash")
+            .args(["-c", &format!("false | '{bin}' checksum -")])
+            .output()
+            .expect("bash is required"),
     );
-    assert!(o.stdout.is_empty(), "{}", stdout(&o));
     // --force prints what md5sum and sha512sum print.
     let v = json(&glimpse(&[
         "checksum",

@@ -763,10 +763,9 @@ fn bitmaps_without_the_autoclear_bit_are_leaks_as_qemu_sees_them() {
     assert_eq!(img.info().virtual_size, 4 << 20);
 }
 
-#[test]
-fn luks_encrypted_image_is_flagged_and_checks_clean() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("enc.qcow2");
+/// A 1 MiB LUKS-encrypted qcow2 `enc.qcow2` in `dir`, made by qemu-img with a throwaway secret.
+fn luks_qcow2(dir: &Path) -> PathBuf {
+    let p = dir.join("enc.qcow2");
     qemu_img(&[
         "create",
         "-q",
@@ -779,6 +778,13 @@ fn luks_encrypted_image_is_flagged_and_checks_clean() {
         s(&p),
         "1M",
     ]);
+    p
+}
+
+#[test]
+fn luks_encrypted_image_is_flagged_and_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = luks_qcow2(dir.path());
     let img = open_path(&p);
     assert!(img.info().encrypted);
     assert_eq!(img.info().details["encrypt"]["format"], "luks");
@@ -798,19 +804,7 @@ fn luks_encrypted_image_is_flagged_and_checks_clean() {
 #[test]
 fn the_luks_header_is_where_qemu_looks_for_it() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("enc.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "--object",
-        "secret,id=sec0,data=hunter2",
-        "-f",
-        "qcow2",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        s(&p),
-        "1M",
-    ]);
+    let p = luks_qcow2(dir.path());
     let base = std::fs::read(&p).unwrap();
     // The encryption header extension: (offset, length) after its 8-byte magic and length.
     let mut ext = usize::try_from(u32::from_be_bytes(base[100..104].try_into().unwrap())).unwrap();
