@@ -21,10 +21,11 @@ pub use crate::probe::{Probe, HEAD_LEN, TAIL_LEN, TRAILER_LEN};
 pub struct Detection {
     /// Every non-raw format that matched, in `Format::ALL` order. Empty means raw.
     pub matches: Vec<Format>,
-    /// The first sector ends in the MBR signature (0x55AA) and is not a FAT boot sector: a
-    /// partition table to anything that reads the file as a raw disk. Glance's format
-    /// inspector reports such a file as `gpt`, so a qcow2 (or any container) carrying it is
-    /// two formats to Glance and is refused there.
+    /// The first sector ends in the MBR signature (0x55AA) and is not a FAT boot sector to
+    /// every reader ([`crate::partition::table_signature`]): a partition table to something
+    /// that reads the file as a raw disk. Glance's format inspector reports such a file as
+    /// `gpt`, and the kernel reads its entries, so a qcow2 (or any container) carrying it is
+    /// two formats and is refused.
     pub partition_table: bool,
 }
 
@@ -117,9 +118,7 @@ pub fn detect_probe(p: &Probe<'_>) -> Detection {
     }
     // A fixed (footer-only) VHD's first sector is guest data: its partition table is content,
     // as a raw disk's is.
-    let partition_table = !fixed_vhd
-        && p.head_at(0, 512)
-            .is_some_and(crate::partition::table_signature);
+    let partition_table = !fixed_vhd && crate::partition::table_signature(&p.head);
     Detection {
         matches,
         partition_table,

@@ -181,10 +181,11 @@ fn containers_carrying_a_partition_table_signature_are_ambiguous() {
             r.findings.iter().any(|f| f.code == "format.ambiguous"),
             "{fmt}"
         );
-        // The same sector laid out as a FAT boot record is not a partition table.
+        // Glance's two FAT bytes (two FATs, fixed-disk media) do not make it a FAT boot
+        // record: no jump, no BPB, no FAT label, and the kernel still reads the entries.
         bytes[0x10] = 2;
         bytes[0x15] = 0xF8;
-        assert!(!detect(&bytes).unwrap().partition_table, "{fmt}");
+        assert!(detect(&bytes).unwrap().is_ambiguous(), "{fmt}");
     }
     let mut raw = vec![0u8; 1 << 20];
     raw[446 + 4] = 0x83;
@@ -218,4 +219,116 @@ fn containers_carrying_a_partition_table_signature_are_ambiguous() {
     let det = detect(&std::fs::read(&vhd).unwrap()).unwrap();
     assert_eq!(det.matches, [Format::Vhd]);
     assert!(!det.is_ambiguous(), "{:?}", det.names());
+}
+
+/// `qemu-img create -f FMT` of 8 MiB, read back.
+fn qemu_created(dir: &Path, fmt: &str) -> Vec<u8> {
+    let path = dir.join(format!("c.{fmt}"));
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", fmt])
+        .arg(&path)
+        .arg("8M")
+        .status()
+        .expect("qemu-img must be installed");
+    assert!(st.success(), "{fmt}");
+    std::fs::read(&path).unwrap()
+}
+
+/// Sector 0 as an MBR with one Linux partition (active), and Glance's two FAT bytes set.
+fn fat_bytes_mbr(b: &mut [u8]) {
+    b[446] = 0x80;
+    b[446 + 4] = 0x83;
+    b[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    b[446 + 12..446 + 16].copy_from_slice(&4096u32.to_le_bytes());
+    b[462..510].fill(0);
+    b[510] = 0x55;
+    b[511] = 0xAA;
+    b[0x10] = 2;
+    b[0x15] = 0xF8;
+}
+
+fn assert_ambiguous_polyglot(bytes: Vec<u8>, want: Format, what: &str) {
+    let det = detect(&bytes).unwrap();
+    assert_eq!(det.matches, [want], "{what}");
+    assert!(det.is_ambiguous(), "{what}");
+    assert!(
+        det.names().contains(&"mbr/gpt"),
+        "{what}: {:?}",
+        det.names()
+    );
+    let r = inspect(Arc::new(bytes), &Policy::default(), &Limits::default()).unwrap();
+    assert_eq!(r.verdict(), Verdict::Reject, "{what}");
+    assert!(
+        r.findings.iter().any(|f| f.code == "format.ambiguous"),
+        "{what}: {:?}",
+        r.findings
+    );
+}
+
+/// Report red2 F2: a VHDX or Parallels file whose first sector is also a valid MBR (boot
+/// indicators 0x00/0x80, so the kernel reads it; `blkid -p` says `PTTYPE="dos"`) stays
+/// ambiguous when bytes 0x10 and 0x15 hold Glance's FAT shortcut (2, 0xF8). In Parallels,
+/// byte 0x10 is the version field, 2 already.
+#[test]
+fn fat_bytes_do_not_hide_an_mbr_in_a_container() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (fmt, want) in [("vhdx", Format::Vhdx), ("parallels", Format::Parallels)] {
+        let mut bytes = qemu_created(tmp.path(), fmt);
+        fat_bytes_mbr(&mut bytes);
+        // qemu still opens it as the container.
+        let path = tmp.path().join(format!("poly.{fmt}"));
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(qemu_format(&path).as_deref(), Some(fmt), "{fmt}");
+        assert_ambiguous_polyglot(bytes, want, fmt);
+    }
+}
+
+/// Report red2 F2, GPT variant: a VHDX whose identifier region holds a complete primary GPT
+/// (protective MBR with Glance's FAT bytes, `EFI PART` header at LBA 1 with valid CRCs, one
+/// partition) is ambiguous, at 512-byte and at 4096-byte (4Kn) sectors. (A sector 0 that
+/// is also a full FAT BPB with a GPT behind it is covered by the `partition` unit tests: the
+/// VHDX magic leaves no room for a jump instruction.)
+#[test]
+fn fat_bytes_do_not_hide_a_gpt_in_a_container() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = qemu_created(tmp.path(), "vhdx");
+    for sector in [512usize, 4096] {
+        let mut b = clean.clone();
+        let lbas = u64::try_from(b.len() / sector).unwrap();
+        b[446..510].fill(0);
+        b[446 + 4] = 0xEE;
+        b[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+        b[446 + 12..446 + 16].copy_from_slice(&u32::try_from(lbas - 1).unwrap().to_le_bytes());
+        b[510] = 0x55;
+        b[511] = 0xAA;
+        b[0x10] = 2;
+        b[0x15] = 0xF8;
+        // 4 entries of 128 bytes at LBA 2, one Linux partition at LBAs 40..=100.
+        let e = 2 * sector;
+        b[e..e + 4 * 128].fill(0);
+        b[e..e + 16].copy_from_slice(&[0xaf; 16]);
+        b[e + 16..e + 32].copy_from_slice(&[0x01; 16]);
+        b[e + 32..e + 40].copy_from_slice(&40u64.to_le_bytes());
+        b[e + 40..e + 48].copy_from_slice(&100u64.to_le_bytes());
+        let entries_crc = crc32fast::hash(&b[e..e + 4 * 128]);
+        let h = sector;
+        b[h..h + 512].fill(0);
+        b[h..h + 8].copy_from_slice(b"EFI PART");
+        b[h + 8..h + 12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+        b[h + 12..h + 16].copy_from_slice(&92u32.to_le_bytes());
+        b[h + 24..h + 32].copy_from_slice(&1u64.to_le_bytes());
+        b[h + 32..h + 40].copy_from_slice(&(lbas - 1).to_le_bytes());
+        b[h + 56..h + 72].copy_from_slice(&[0x02; 16]);
+        b[h + 72..h + 80].copy_from_slice(&2u64.to_le_bytes());
+        b[h + 80..h + 84].copy_from_slice(&4u32.to_le_bytes());
+        b[h + 84..h + 88].copy_from_slice(&128u32.to_le_bytes());
+        b[h + 88..h + 92].copy_from_slice(&entries_crc.to_le_bytes());
+        let crc = crc32fast::hash(&b[h..h + 92]);
+        b[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+        let what = format!("{sector}-byte sectors");
+        let path = tmp.path().join("gpt.vhdx");
+        std::fs::write(&path, &b).unwrap();
+        assert_eq!(qemu_format(&path).as_deref(), Some("vhdx"), "{what}");
+        assert_ambiguous_polyglot(b, Format::Vhdx, &what);
+    }
 }

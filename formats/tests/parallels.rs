@@ -170,6 +170,8 @@ fn hostile_fixtures_give_their_codes() {
             "parallels.cluster-in-metadata",
         ),
         ("duplicate-cluster.parallels", "parallels.duplicate-cluster"),
+        ("fat-bytes-mbr.parallels", "format.ambiguous"),
+        ("fat-bytes-gpt.parallels", "format.ambiguous"),
         ("bat-too-large.parallels", "table.too-large"),
         ("in-use.parallels", "parallels.dirty"),
         ("cluster-size-zero.parallels", "parallels.cluster-size"),

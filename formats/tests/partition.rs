@@ -6,7 +6,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use glimpse_formats::partition::{describe, HEAD_LEN};
-use glimpse_formats::{open, Format, Limits, Source};
+use glimpse_formats::policy::{inspect, Policy, Verdict};
+use glimpse_formats::{detect, open, Format, Limits, Source};
 
 fn run(cmd: &mut Command) {
     let out = cmd
@@ -137,6 +138,14 @@ fn fat_boot_sector_from_mkfs_vfat() {
         assert_eq!(d["bytes-per-sector"], 512);
         // A volume boot record also ends in 0x55AA but is not a partition table.
         assert_eq!(d["partition-table"], "none");
+        // And a raw FAT image is raw, never an ambiguous container (report red2 F2's fix
+        // reads more 0x55AA sectors as tables, but only a container's table is ambiguous).
+        let s: Source = Arc::new(std::fs::File::open(&p).unwrap());
+        let det = detect(s.as_ref()).unwrap();
+        assert_eq!(det.matches, [], "fat{fat}");
+        assert!(!det.is_ambiguous(), "fat{fat}");
+        let r = inspect(s, &Policy::default(), &Limits::default()).unwrap();
+        assert_eq!(r.verdict(), Verdict::Pass, "fat{fat}: {:?}", r.findings);
     }
 }
 

@@ -180,14 +180,54 @@ fn guid_string(g: &[u8; 16]) -> String {
     s
 }
 
-/// True when the boot sector `head` ends in the MBR signature and is not a FAT volume boot
-/// record by Glance's test (two FATs and the fixed-disk media byte): what Glance's format
-/// inspector reports as `gpt`. Detection uses it to find containers that also carry a
-/// partition table ([`crate::detect::Detection::partition_table`]); Glance's test rather than
-/// [`fat_kind`], so that whatever Glance calls a partition table glimpse does too.
+/// Byte of a FAT BIOS parameter block holding the number of FATs.
+const BPB_NUM_FATS: usize = 0x10;
+/// Byte of a FAT BIOS parameter block holding the media descriptor.
+const BPB_MEDIA: usize = 0x15;
+/// Media descriptor of a fixed disk.
+const MEDIA_FIXED_DISK: u8 = 0xF8;
+
+/// True when the first sector(s) of a file, `head`, read as a partition table to some
+/// consumer that reads the file as a raw disk: the sector ends in the MBR signature and is
+/// not a FAT volume boot record by every reader's test (see [`fat_boot_record_only`]).
+/// Detection uses it to find containers that also carry a partition table
+/// ([`crate::detect::Detection::partition_table`]). Pass the whole head: the GPT header of a
+/// 4Kn disk is looked for at byte 4096.
+///
+/// # Security
+/// Deliberately a superset of Glance's inspector (which calls any 0x55AA sector `gpt` unless
+/// bytes 0x10 and 0x15 are 2 and 0xF8) and of the Linux kernel's msdos parser (which reads
+/// the entries whenever every boot indicator is 0x00 or 0x80): those two bytes alone are
+/// what an attacker sets to hide a table from a weaker test.
 pub fn table_signature(head: &[u8]) -> bool {
-    head.get(510..512) == Some(&MBR_SIGNATURE[..])
-        && !(head.get(0x10) == Some(&2) && head.get(0x15) == Some(&0xF8))
+    head.get(510..512) == Some(&MBR_SIGNATURE[..]) && !fat_boot_record_only(head)
+}
+
+/// True when a 0x55AA sector is a FAT volume boot record to every reader, so that none of
+/// them sees a partition table in it:
+/// - glimpse's own BPB test ([`fat_kind`]: jump, sector size, FAT label);
+/// - Glance's test (two FATs, the fixed-disk media byte), without which it reports `gpt`;
+/// - the Linux kernel's msdos parser, which takes the sector for a table unless some boot
+///   indicator is neither 0x00 nor 0x80 (`block/partitions/msdos.c`);
+/// - no entry of protective type 0xEE and no `EFI PART` header at byte 512 or 4096: the
+///   kernel's and firmware's GPT readers need only those, whatever the rest of the sector
+///   holds.
+fn fat_boot_record_only(head: &[u8]) -> bool {
+    let glance_fat =
+        head.get(BPB_NUM_FATS) == Some(&2) && head.get(BPB_MEDIA) == Some(&MEDIA_FIXED_DISK);
+    let status_invalid = (0..4usize).any(|k| {
+        let at = MBR_ENTRIES.saturating_add(k.saturating_mul(16));
+        head.get(at).is_some_and(|s| !matches!(s, 0x00 | 0x80))
+    });
+    let protective = mbr_entries(head)
+        .iter()
+        .any(|(_, e)| e.kind == MBR_TYPE_PROTECTIVE);
+    fat_kind(head).is_some()
+        && glance_fat
+        && status_invalid
+        && !protective
+        && !gpt_signature_at(head, SECTOR)
+        && !gpt_signature_at(head, SECTOR_4K)
 }
 
 /// True when `head` starts with a FAT boot sector (BIOS parameter block).
@@ -677,6 +717,65 @@ mod tests {
         let (d, f) = describe(&b, 1 << 20);
         assert_eq!(d["partition-table"], "gpt");
         assert_eq!((f[0].code, f[0].offset), ("raw.gpt-checksum", Some(4096)));
+    }
+
+    /// Sector 0 of `mkfs.vfat -F 16`: jump, 512-byte sectors, two FATs, fixed-disk media,
+    /// the FAT16 label, zeros where MBR entries would be, 0x55AA.
+    fn fat16_boot_sector() -> Vec<u8> {
+        let mut b = vec![0u8; 8192];
+        b[..3].copy_from_slice(&[0xEB, 0x3C, 0x90]);
+        b[11..13].copy_from_slice(&512u16.to_le_bytes());
+        b[BPB_NUM_FATS] = 2;
+        b[BPB_MEDIA] = MEDIA_FIXED_DISK;
+        b[54..62].copy_from_slice(b"FAT16   ");
+        b[510] = 0x55;
+        b[511] = 0xAA;
+        b
+    }
+
+    /// Report red2 F2: a 0x55AA sector is a FAT boot record, not a partition table, only when
+    /// glimpse's BPB test, Glance's two bytes and the kernel's boot-indicator test all say so,
+    /// and no GPT (0xEE entry, `EFI PART` at 512 or 4096) stands behind it.
+    #[test]
+    fn table_signature_is_a_superset_of_glance_and_the_kernel() {
+        // Glance's two bytes alone (report F2): no jump, no BPB, no label.
+        let mut b = mbr(&[(0x83, 2048, 4096)]);
+        b[BPB_NUM_FATS] = 2;
+        b[BPB_MEDIA] = MEDIA_FIXED_DISK;
+        assert!(table_signature(&b));
+        // A real FAT16 boot sector whose entries are all zero: the kernel reads an (empty)
+        // table there.
+        let fat = fat16_boot_sector();
+        assert!(fat_kind(&fat).is_some());
+        assert!(table_signature(&fat));
+        // Boot code over a status byte: a FAT boot record to everyone.
+        let mut vbr = fat.clone();
+        vbr[446 + 16] = 0x0E;
+        assert!(!table_signature(&vbr));
+        // ... unless Glance's test does not call it FAT (a floppy's media byte).
+        let mut floppy = vbr.clone();
+        floppy[BPB_MEDIA] = 0xF0;
+        assert!(table_signature(&floppy));
+        // ... or a GPT stands behind it, at 512- or 4096-byte sectors, or it has an 0xEE
+        // entry (the kernel's GPT parser looks only for that, then at the GPT headers).
+        for at in [512usize, 4096] {
+            let mut g = vbr.clone();
+            g[at..at + 8].copy_from_slice(GPT_SIGNATURE);
+            assert!(table_signature(&g), "{at}");
+        }
+        let mut pmbr = vbr.clone();
+        pmbr[446 + 4] = MBR_TYPE_PROTECTIVE;
+        assert!(table_signature(&pmbr));
+        // No 0x55AA, no table signature; the head may be shorter than a sector.
+        let mut none = vbr.clone();
+        none[510] = 0;
+        assert!(!table_signature(&none));
+        assert!(!table_signature(&vbr[..511]));
+        // Raw disks keep their description: a FAT volume, no partition table.
+        let (d, f) = describe(&fat, 8192);
+        assert_eq!(d["boot-sector"], "fat16");
+        assert_eq!(d["partition-table"], "none");
+        assert!(f.is_empty(), "{f:?}");
     }
 
     #[test]
