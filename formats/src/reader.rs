@@ -14,8 +14,10 @@ pub const MAX_UNIT: u64 = 64 << 20;
 
 /// Decompresses one unit (cluster or grain) into at most `unit_size` bytes.
 ///
-/// A stream that would inflate beyond `unit_size` is cut there (the caller never needs more);
-/// a stream that ends before `min_len` bytes, or is not valid for `codec`, is an error.
+/// A deflate or zstd stream that would inflate beyond `unit_size` is cut there (the caller
+/// never needs more); a zlib stream (VMDK) must end within `unit_size`, as qemu's reading
+/// requires. A stream that ends before `min_len` bytes, or is not valid for `codec`, is an
+/// error.
 ///
 /// # Errors
 /// `Corrupt` for garbage or truncated streams; `LimitExceeded` for an absurd `unit_size`.
@@ -33,29 +35,26 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
         Codec::Deflate | Codec::Zlib => {
             let mut d = flate2::Decompress::new(codec == Codec::Zlib);
             let mut inp = input;
-            loop {
-                let before_in = d.total_in();
-                let before_out = d.total_out();
-                let done = usize::try_from(before_out).unwrap_or(cap);
-                let Some(dst) = out.get_mut(done..) else {
-                    break done;
-                };
-                if dst.is_empty() {
-                    break done;
+            let (now, ended) = inflate_into(&mut d, &mut inp, &mut out, codec)?;
+            // qemu reads a VMDK grain with zlib's `uncompress`, which fails unless the
+            // stream ends (Adler-32 checked) within the grain: a stream that inflates past
+            // it, or stops short of its end, is a read error there and here. qcow2's raw
+            // deflate clusters may run on: qemu stops at the cluster size too.
+            if codec == Codec::Zlib && !ended {
+                let mut probe = [0u8; 1];
+                let (more, ended) = inflate_into(&mut d, &mut inp, &mut probe, codec)?;
+                if more > 0 {
+                    return Err(Error::corrupt(format!(
+                        "zlib stream inflates past the {cap}-byte unit"
+                    )));
                 }
-                let status = d
-                    .decompress(inp, dst, flate2::FlushDecompress::None)
-                    .map_err(|e| Error::corrupt(format!("invalid {codec:?} stream: {e}")))?;
-                let used = usize::try_from(d.total_in().saturating_sub(before_in)).unwrap_or(0);
-                inp = inp.get(used..).unwrap_or_default();
-                let now = usize::try_from(d.total_out()).unwrap_or(cap);
-                if status == flate2::Status::StreamEnd {
-                    break now;
-                }
-                if d.total_in() == before_in && d.total_out() == before_out {
-                    break now;
+                if !ended {
+                    return Err(Error::corrupt(
+                        "zlib stream ends without its end marker and checksum",
+                    ));
                 }
             }
+            now
         }
         Codec::Zstd => {
             let mut dec = zstd::stream::read::Decoder::with_buffer(input)
@@ -83,6 +82,42 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
     }
     out.truncate(produced);
     Ok(out)
+}
+
+/// Inflates from `inp` into `out` until `out` is full, the stream ends, or no progress is
+/// made. Returns the bytes written and whether the stream ended (for zlib, with its Adler-32
+/// verified).
+fn inflate_into(
+    d: &mut flate2::Decompress,
+    inp: &mut &[u8],
+    out: &mut [u8],
+    codec: Codec,
+) -> Result<(usize, bool)> {
+    let start = d.total_out();
+    let cap = out.len();
+    loop {
+        let before_in = d.total_in();
+        let before_out = d.total_out();
+        let done = usize::try_from(before_out.saturating_sub(start)).unwrap_or(cap);
+        let Some(dst) = out.get_mut(done..) else {
+            return Ok((done, false));
+        };
+        if dst.is_empty() {
+            return Ok((done, false));
+        }
+        let status = d
+            .decompress(inp, dst, flate2::FlushDecompress::None)
+            .map_err(|e| Error::corrupt(format!("invalid {codec:?} stream: {e}")))?;
+        let used = usize::try_from(d.total_in().saturating_sub(before_in)).unwrap_or(0);
+        *inp = inp.get(used..).unwrap_or_default();
+        let now = usize::try_from(d.total_out().saturating_sub(start)).unwrap_or(cap);
+        if status == flate2::Status::StreamEnd {
+            return Ok((now, true));
+        }
+        if d.total_in() == before_in && d.total_out() == before_out {
+            return Ok((now, false));
+        }
+    }
 }
 
 /// Reads guest bytes of an image at any offset. `Sync`: share it between workers.
@@ -418,5 +453,57 @@ mod tests {
         zp.extend_from_slice(&[0; 100]);
         assert_eq!(decompress(Codec::Zstd, &zp, 65536, 65536).unwrap(), data);
         assert!(decompress(Codec::Zstd, &[0x28, 0xb5, 0x2f, 0xfd, 9, 9], 512, 512).is_err());
+    }
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// Report F5: a VMDK grain's zlib stream must end within the grain, as qemu's
+    /// `uncompress` requires; raw deflate (qcow2) keeps stopping at the unit, as qemu does.
+    #[test]
+    fn a_zlib_stream_must_end_within_the_unit() {
+        let grain = vec![5u8; 65536];
+        let exact = zlib(&grain);
+        assert_eq!(
+            decompress(Codec::Zlib, &exact, 65536, 65536).unwrap(),
+            grain
+        );
+        // Trailing bytes after the stream's end are ignored, as zlib ignores them.
+        let mut padded = exact.clone();
+        padded.extend_from_slice(&[0; 64]);
+        assert_eq!(
+            decompress(Codec::Zlib, &padded, 65536, 65536).unwrap(),
+            grain
+        );
+        // A short stream still serves the bytes it has.
+        assert_eq!(
+            decompress(Codec::Zlib, &zlib(&grain[..4096]), 65536, 512)
+                .unwrap()
+                .len(),
+            4096
+        );
+        let over = zlib(&[grain.clone(), vec![9u8; 8192]].concat());
+        let e = decompress(Codec::Zlib, &over, 65536, 65536).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt);
+        // Over by the Adler-32 alone: the stream has no end within the unit.
+        assert!(decompress(Codec::Zlib, &exact[..exact.len() - 4], 65536, 65536).is_err());
+        let mut bad_sum = exact.clone();
+        let n = bad_sum.len();
+        bad_sum[n - 1] ^= 1;
+        assert!(decompress(Codec::Zlib, &bad_sum, 65536, 65536).is_err());
+        let deflate = {
+            let mut e =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(&[grain.clone(), vec![9u8; 8192]].concat())
+                .unwrap();
+            e.finish().unwrap()
+        };
+        assert_eq!(
+            decompress(Codec::Deflate, &deflate, 65536, 65536).unwrap(),
+            grain
+        );
     }
 }

@@ -1094,3 +1094,151 @@ fn virtual_size_is_whole_sectors_like_qemu() {
         agree_with_qemu(d, &p);
     }
 }
+
+/// The bitmaps extension's position in the first cluster of `b`.
+fn bitmaps_ext_at(b: &[u8]) -> usize {
+    let mut at = usize::try_from(u32::from_be_bytes(b[100..104].try_into().unwrap())).unwrap();
+    while u32::from_be_bytes(b[at..at + 4].try_into().unwrap()) != 0x2385_2875 {
+        let len = u32::from_be_bytes(b[at + 4..at + 8].try_into().unwrap());
+        assert_ne!(len, 0, "no bitmaps extension");
+        at += 8 + usize::try_from(len.next_multiple_of(8)).unwrap();
+    }
+    at
+}
+
+/// A qemu-made 64 MiB image with bitmaps `b0` (64 KiB granularity) and `b1` (512 bytes);
+/// returns its bytes and the bitmap directory's offset.
+fn two_bitmaps(dir: &Path) -> (Vec<u8>, usize) {
+    let p = dir.join("bm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "64M"]);
+    qemu_img(&["bitmap", "--add", s(&p), "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", s(&p), "b1"]);
+    let b = std::fs::read(&p).unwrap();
+    let ext = bitmaps_ext_at(&b);
+    let dir_off = usize::try_from(be64(&b, ext + 24)).unwrap();
+    (b, dir_off)
+}
+
+/// The finding codes `check` gives for `b`, and whether qemu-img opens it (`qemu-img info`).
+fn check_and_qemu(dir: &Path, b: &[u8]) -> (Vec<&'static str>, bool) {
+    let p = dir.join("mutated.qcow2");
+    std::fs::write(&p, b).unwrap();
+    let opens = glimpse_testkit::qemu::run(&["info", s(&p)])
+        .status
+        .success();
+    let f = open_bytes(b.to_vec())
+        .unwrap()
+        .check(&Limits::default())
+        .unwrap();
+    (f.iter().map(|f| f.code).collect(), opens)
+}
+
+/// Report F4: every bitmap constraint qemu applies at open is a `qcow2.bitmaps` finding of
+/// `check`, found before any bitmap table is read; an in-use bitmap's table size is free, as
+/// in qemu.
+#[test]
+fn bitmap_directory_constraints_agree_with_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, d) = two_bitmaps(dir.path());
+    assert_eq!(check_and_qemu(dir.path(), &clean), (vec![], true));
+    let ext = bitmaps_ext_at(&clean);
+    let e1 = d + (24 + 2usize).next_multiple_of(8);
+    type Mutation = fn(&mut Vec<u8>, usize, usize, usize);
+    let cases: &[(&str, Mutation)] = &[
+        ("table size", |b, d, _, _| {
+            let n = u32::from_be_bytes(b[d + 8..d + 12].try_into().unwrap());
+            put32(b, d + 8, n + 4);
+        }),
+        ("granularity 2^40", |b, d, _, _| b[d + 17] = 40),
+        ("granularity 2^8", |b, d, _, _| b[d + 17] = 8),
+        ("reserved flag", |b, d, _, _| b[d + 15] |= 4),
+        ("type", |b, d, _, _| b[d + 16] = 2),
+        ("misaligned table", |b, d, _, _| {
+            let off = be64(b, d);
+            put64(b, d, off + 512);
+        }),
+        ("duplicate name", |b, _, e1, _| b[e1 + 25] = b'0'),
+        ("nb_bitmaps", |b, _, _, ext| put32(b, ext + 8, 3)),
+        ("reserved field", |b, _, _, ext| put32(b, ext + 12, 1)),
+    ];
+    for (what, mutate) in cases {
+        let mut b = clean.clone();
+        mutate(&mut b, d, e1, ext);
+        let (codes, opens) = check_and_qemu(dir.path(), &b);
+        assert!(!opens, "{what}: qemu-img opens it");
+        assert!(codes.contains(&"qcow2.bitmaps"), "{what}: {codes:?}");
+    }
+    // In use: qemu does not load the table, so any size within its limits opens.
+    let mut b = clean.clone();
+    let n = u32::from_be_bytes(b[d + 8..d + 12].try_into().unwrap());
+    put32(&mut b, d + 8, n + 1);
+    b[d + 15] |= 1;
+    assert_eq!(check_and_qemu(dir.path(), &b), (vec![], true));
+}
+
+/// A source that counts the reads touching `[lo, hi)`.
+struct CountingSource {
+    data: Vec<u8>,
+    lo: u64,
+    hi: u64,
+    hits: std::sync::atomic::AtomicUsize,
+}
+
+impl glimpse_formats::io::ReadAt for CountingSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        if offset < self.hi && offset + buf.len() as u64 > self.lo {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.data.as_slice().read_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.data.len() as u64)
+    }
+}
+
+/// Report F1: a thousand bitmaps naming one table (each entry qemu-valid) read the table
+/// once, and the sharing is a finding, so the walk costs the table and not the bitmaps
+/// times the table.
+#[test]
+fn bitmaps_sharing_a_table_read_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, d) = two_bitmaps(dir.path());
+    let ext = bitmaps_ext_at(&b);
+    let first: Vec<u8> = b[d..d + 32].to_vec(); // b0: 24 bytes, "b0", padding
+    let (table, entries) = (
+        be64(&b, d),
+        u64::from(u32::from_be_bytes(b[d + 8..d + 12].try_into().unwrap())),
+    );
+    let n = 1000usize;
+    let new_dir = b.len().next_multiple_of(65536);
+    let mut entries_bytes = Vec::new();
+    for i in 0..n {
+        let mut e = first.clone();
+        e[18..20].copy_from_slice(&5u16.to_be_bytes());
+        e.truncate(24);
+        e.extend_from_slice(format!("b{i:04}").as_bytes());
+        e.resize(32, 0);
+        entries_bytes.extend_from_slice(&e);
+    }
+    b.resize(new_dir, 0);
+    b.extend_from_slice(&entries_bytes);
+    b.resize(b.len().next_multiple_of(65536), 0);
+    put32(&mut b, ext + 8, n as u32);
+    put64(&mut b, ext + 16, entries_bytes.len() as u64);
+    put64(&mut b, ext + 24, new_dir as u64);
+    let src = Arc::new(CountingSource {
+        data: b,
+        lo: table,
+        hi: table + entries * 8,
+        hits: Default::default(),
+    });
+    let img = qcow2::open(src.clone() as Source, &Limits::default()).unwrap();
+    let f = img.check(&Limits::default()).unwrap();
+    let codes: Vec<_> = f.iter().map(|f| f.code).collect();
+    assert!(codes.contains(&"qcow2.bitmaps"), "{codes:?}");
+    assert!(
+        f.iter().any(|f| f.message.contains("1000 bitmaps")),
+        "{f:?}"
+    );
+    assert_eq!(src.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

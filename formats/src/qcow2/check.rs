@@ -10,7 +10,8 @@
 //! [`Counts`]), one record per distinct L2 table and per other metadata structure, all
 //! charged to the image's budget.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Result};
 use crate::finding::{Finding, Findings};
@@ -18,8 +19,9 @@ use crate::io::read_vec;
 use crate::limits::{Budget, Charge, Limits};
 use crate::table::{check_table, read_entries, TableSpec};
 
+use super::bitmap;
 use super::counts::{Counts, COUNT_MAX, F_COPIED, F_SHARED};
-use super::header::{self, MAX_SNAPSHOTS};
+use super::header::{self, BitmapsExt, MAX_SNAPSHOTS};
 use super::refcount::{self, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 use super::table::{
     self, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
@@ -152,8 +154,8 @@ pub fn check(img: &Qcow2Image, limits: &Limits) -> Result<Vec<Finding>> {
         }
     }
     // When the bitmaps cannot be walked, their clusters would look leaked.
-    if let Some((nb, dir_size, dir_off)) = img.ext.bitmaps {
-        if let Err(f) = w.bitmaps(nb, dir_size, dir_off)? {
+    if let Some(b) = img.ext.bitmaps {
+        if let Err(f) = w.bitmaps(b)? {
             w.rep.push(f);
             w.skip_leaks = true;
         }
@@ -837,9 +839,17 @@ impl Walk<'_> {
 
     /// Records the bitmap directory, tables and data clusters, as qemu's
     /// `qcow2_check_bitmaps_refcounts` counts them. `Ok(Err(finding))` when malformed.
-    fn bitmaps(&mut self, nb: u32, dir_size: u64, dir_off: u64) -> Result<Result<(), Finding>> {
+    ///
+    /// The directory is held to qemu's constraints before any table is read. Each distinct
+    /// table is then claimed (recorded and counted once per bitmap naming it) before it is
+    /// read, and read once; as in [`Walk::snapshot_l1s`], distinct tables that together
+    /// exceed the file overlap, and the walk stops there. So the work is bounded by the
+    /// directory and the file, however many bitmaps name one table.
+    fn bitmaps(&mut self, ext: BitmapsExt) -> Result<Result<(), Finding>> {
         let img = self.img;
         let cs = img.geo.cluster_size();
+        let cb = img.geo.cluster_bits;
+        let (nb, dir_size, dir_off) = (ext.nb_bitmaps, ext.directory_size, ext.directory_offset);
         let bad = |msg: String, at: u64| Finding::reject("qcow2.bitmaps", msg).at(at);
         if dir_size > header::MAX_BITMAP_DIRECTORY_BYTES {
             return Ok(Err(Finding::reject(
@@ -847,6 +857,16 @@ impl Walk<'_> {
                 format!("bitmap directory of {dir_size} bytes exceeds qemu's limit"),
             )
             .at(dir_off)));
+        }
+        // qemu refuses these at open (qcow2_read_extensions, bitmap_list_load).
+        if ext.reserved != 0 || nb == 0 || dir_size == 0 {
+            return Ok(Err(bad(
+                format!(
+                    "the bitmaps extension is malformed ({nb} bitmaps, {dir_size}-byte directory, reserved field {:#x})",
+                    ext.reserved
+                ),
+                dir_off,
+            )));
         }
         let spec = TableSpec {
             name: "bitmap directory",
@@ -862,44 +882,114 @@ impl Walk<'_> {
         if let Err(e) = check_table(spec, img.file_size, &unlimited) {
             return Ok(Err(bad(e.message().to_string(), dir_off)));
         }
-        // Entries have variable lengths: the directory stays bytes, held by one charge (the
-        // range was checked above; the read's own budget is only its scratch count).
-        let _held = self.budget.charge(dir_size, "bitmap directory")?;
-        let dir = read_vec(
-            img.src.as_ref(),
-            dir_off,
-            dir_size,
-            &Budget::new(dir_size),
-            "bitmap directory",
-        )?;
-        self.meta(Kind::BitmapDir, dir_off, dir_size, 1)?;
-        let mut pos = 0usize;
-        for i in 0..nb {
-            let at = dir_off.saturating_add(pos as u64);
-            let Some(e) = dir.get(pos..pos.saturating_add(24)) else {
-                return Ok(Err(bad(
-                    format!("bitmap {i} lies past the directory's end"),
-                    at,
-                )));
+        if !self.meta(Kind::BitmapDir, dir_off, dir_size, 1)? {
+            return Ok(Err(bad(
+                "the bitmap directory lies past the end of the file".into(),
+                dir_off,
+            )));
+        }
+        let entries = {
+            // Entries have variable lengths: the directory stays bytes, held by one charge
+            // (the range was checked above; the read's own budget is only its scratch
+            // count). The entry list and the name set are charged per declared bitmap.
+            let _held = self.budget.charge(dir_size, "bitmap directory")?;
+            let _list = self
+                .budget
+                .charge(u64::from(nb).saturating_mul(BITMAP_BYTES), "bitmap list")?;
+            let dir = read_vec(
+                img.src.as_ref(),
+                dir_off,
+                dir_size,
+                &Budget::new(dir_size),
+                "bitmap directory",
+            )?;
+            let disk = bitmap::Disk {
+                cluster_bits: cb,
+                len: img.header.size & !511,
             };
-            let table_off = table::be64(e, 0);
-            let table_size = be32(e, 8);
-            let name_size = be16(e, 18);
-            let extra = be32(e, 20);
-            let len = 24usize
-                .saturating_add(usize::try_from(extra).unwrap_or(usize::MAX))
-                .saturating_add(usize::from(name_size));
-            pos = pos.saturating_add(len.div_ceil(8).saturating_mul(8));
+            match bitmap::directory(&dir, dir_off, nb, disk) {
+                Ok(v) => v,
+                Err(f) => return Ok(Err(f)),
+            }
+        };
+        // Distinct tables by offset: how many bitmaps name each, and the first of them.
+        let mut tables: BTreeMap<u64, BitmapTable> = BTreeMap::new();
+        for e in &entries {
             let spec = TableSpec {
                 name: "bitmap table",
-                offset: table_off,
-                entries: u64::from(table_size),
+                offset: e.table_offset,
+                entries: u64::from(e.table_size),
                 entry_size: 8,
                 align: cs,
             };
             let bytes = match check_table(spec, img.file_size, self.limits) {
                 Ok(b) => b,
-                Err(err) => return Ok(Err(bad(format!("bitmap {i}: {}", err.message()), at))),
+                Err(err) => {
+                    return Ok(Err(bad(
+                        format!("bitmap {}: {}", e.index, err.message()),
+                        e.at,
+                    )))
+                }
+            };
+            let t = tables.entry(e.table_offset).or_insert(BitmapTable {
+                bytes,
+                times: 0,
+                first: e.index,
+            });
+            if t.bytes != bytes {
+                self.rep.push(bad(
+                    format!(
+                        "bitmaps {} and {} name tables of different sizes at {:#x}",
+                        t.first, e.index, e.table_offset
+                    ),
+                    e.at,
+                ));
+                t.bytes = t.bytes.max(bytes);
+            }
+            t.times = t.times.saturating_add(1);
+        }
+        drop(entries);
+        // Claim every table before reading any: a shared table is one finding, and a table
+        // over other metadata is found by `overlaps` without being read again.
+        for (&off, t) in &tables {
+            if t.times > 1 {
+                self.rep.push(bad(
+                    format!(
+                        "{} bitmaps (bitmap {} and later ones) share the bitmap table at {off:#x}",
+                        t.times, t.first
+                    ),
+                    off,
+                ));
+            }
+            if !self.meta(Kind::BitmapTable, off, t.bytes, t.times)? {
+                return Ok(Err(bad(
+                    format!(
+                        "bitmap {}: its table lies past the end of the file",
+                        t.first
+                    ),
+                    off,
+                )));
+            }
+        }
+        // Data clusters by offset, with the bitmaps naming them: one record each.
+        let mut data: HashMap<u64, u16> = HashMap::new();
+        let mut walked = 0u64;
+        for (off, t) in tables {
+            walked = walked.saturating_add(t.bytes);
+            if walked > img.file_size {
+                self.rep.push(bad(
+                    "the bitmap tables together are larger than the file: they overlap".into(),
+                    off,
+                ));
+                self.skip_leaks = true;
+                break;
+            }
+            let spec = TableSpec {
+                name: "bitmap table",
+                offset: off,
+                entries: t.bytes / 8,
+                entry_size: 8,
+                align: cs,
             };
             let bt = read_entries(
                 img.src.as_ref(),
@@ -909,19 +999,54 @@ impl Walk<'_> {
                 self.budget,
                 |c| table::be64(c, 0),
             )?;
-            self.meta(Kind::BitmapTable, table_off, bytes, 1)?;
             for (k, v) in (0u64..).zip(bt.iter().copied()) {
-                let off = v & L1E_OFFSET_MASK;
-                if off != 0
-                    && (img.geo.in_cluster(off) != 0 || !self.meta(Kind::BitmapData, off, cs, 1)?)
-                {
+                let at = off.saturating_add(k.saturating_mul(8));
+                if let Some(why) = bitmap::table_entry_problem(v, cb) {
                     return Ok(Err(bad(
-                        format!("bitmap {i}: data cluster {off:#x} is invalid"),
-                        table_off.saturating_add(k.saturating_mul(8)),
+                        format!("bitmap {}: table entry {v:#018x} {why}", t.first),
+                        at,
                     )));
                 }
+                let d = v & bitmap::TABLE_OFFSET_MASK;
+                if d == 0 {
+                    continue;
+                }
+                if d.checked_add(cs).is_none_or(|e| e > img.file_size) {
+                    return Ok(Err(bad(
+                        format!(
+                            "bitmap {}: data cluster {d:#x} lies past the end of the file",
+                            t.first
+                        ),
+                        at,
+                    )));
+                }
+                match data.entry(d) {
+                    Entry::Occupied(mut o) => {
+                        let n = o.get_mut();
+                        *n = n.saturating_add(t.times);
+                    }
+                    Entry::Vacant(slot) => {
+                        self.held.grow(RECORD_BYTES, RECORDS)?;
+                        slot.insert(t.times);
+                    }
+                }
             }
+        }
+        for (d, times) in data {
+            // In the file (checked above): `meta` records it.
+            self.meta(Kind::BitmapData, d, cs, times)?;
         }
         Ok(Ok(()))
     }
 }
+
+/// One distinct bitmap table: its bytes, how many bitmaps name it, the first of them.
+struct BitmapTable {
+    bytes: u64,
+    times: u16,
+    first: u32,
+}
+
+/// Budget charged per declared bitmap while the directory is checked: its entry and its
+/// name in the set of names.
+const BITMAP_BYTES: u64 = 64;

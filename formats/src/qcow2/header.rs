@@ -288,6 +288,19 @@ fn check_features(h: &Header) -> Result<()> {
     Ok(())
 }
 
+/// The bitmaps extension's fields (`docs/interop/qcow2.rst`, "Bitmaps extension").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BitmapsExt {
+    /// Number of bitmaps in the bitmap directory.
+    pub nb_bitmaps: u32,
+    /// Reserved, must be zero (qemu refuses the image otherwise).
+    pub reserved: u32,
+    /// Size of the bitmap directory in bytes.
+    pub directory_size: u64,
+    /// Offset into the image file of the bitmap directory (cluster aligned).
+    pub directory_offset: u64,
+}
+
 /// What the header extensions say.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Extensions {
@@ -297,8 +310,8 @@ pub struct Extensions {
     pub data_file: Option<(String, u64)>,
     /// Full disk encryption header: (offset, length) in bytes.
     pub crypto: Option<(u64, u64)>,
-    /// Bitmaps extension: (nb_bitmaps, directory size, directory offset).
-    pub bitmaps: Option<(u32, u64, u64)>,
+    /// Bitmaps extension.
+    pub bitmaps: Option<BitmapsExt>,
     /// Feature name table present.
     pub feature_table: bool,
 }
@@ -375,7 +388,14 @@ pub fn parse_extensions(cluster: &[u8], start: u64, end: u64) -> Result<Extensio
                 let r: nom::IResult<&[u8], (u32, u32, u64, u64)> =
                     (be_u32, be_u32, be_u64, be_u64).parse(data);
                 match r {
-                    Ok((_, (n, _, sz, o))) if len == 24 => ext.bitmaps = Some((n, sz, o)),
+                    Ok((_, (n, r, sz, o))) if len == 24 => {
+                        ext.bitmaps = Some(BitmapsExt {
+                            nb_bitmaps: n,
+                            reserved: r,
+                            directory_size: sz,
+                            directory_offset: o,
+                        })
+                    }
                     _ => {
                         return Err(bad(
                             format!("bitmaps extension has length {len}, not 24"),

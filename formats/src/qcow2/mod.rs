@@ -9,6 +9,7 @@
 //! Backing and data files are reported as [`Reference`]s and findings, never opened. Every
 //! table goes through [`check_table`] against the file size and QEMU's own caps.
 
+pub mod bitmap;
 pub mod check;
 pub mod counts;
 mod crypto;
@@ -139,7 +140,8 @@ fn first_cluster(h: &Header, first: &[u8]) -> Result<(Option<String>, Extensions
     if h.autoclear_features & header::AUTOCLEAR_BITMAPS == 0 {
         ext.bitmaps = None;
     }
-    if let Some((nb, dir_size, dir_off)) = ext.bitmaps {
+    if let Some(b) = ext.bitmaps {
+        let (nb, dir_size, dir_off) = (b.nb_bitmaps, b.directory_size, b.directory_offset);
         // qemu refuses to open such an image (qcow2_read_extensions).
         if nb > header::MAX_BITMAPS || dir_size > header::MAX_BITMAP_DIRECTORY_BYTES {
             return Err(Error::limit(format!(
