@@ -347,9 +347,8 @@ pub fn parse_extensions(cluster: &[u8], start: u64, end: u64) -> Result<Extensio
         let Ok((_, (typ, len))) = r else {
             return Err(nom_err("header extension", off));
         };
-        if typ == EXT_END {
-            break;
-        }
+        // qemu checks the length before the type, the end marker's too ("Header extension
+        // too large"): a huge length there makes the image unopenable.
         let data_end = hdr_end
             .checked_add(u64::from(len))
             .filter(|e| *e <= end)
@@ -359,6 +358,9 @@ pub fn parse_extensions(cluster: &[u8], start: u64, end: u64) -> Result<Extensio
                     off,
                 )
             })?;
+        if typ == EXT_END {
+            break;
+        }
         let data = slice(cluster, hdr_end, u64::from(len))?;
         match typ {
             EXT_BACKING_FORMAT => ext.backing_format = Some((string(data), hdr_end)),
@@ -445,5 +447,20 @@ mod tests {
             parse_extensions(&c, 508, 512).unwrap_err().finding_code(),
             "qcow2.header-extension"
         );
+    }
+
+    #[test]
+    fn the_end_markers_length_is_checked_as_qemu_checks_it() {
+        // The end marker (type 0) at 112, its length what is left of the area or more: qemu
+        // checks the length before the type ("Header extension too large").
+        let mut c = vec![0u8; 512];
+        for (len, ok) in [(0u32, true), (392, true), (393, false), (u32::MAX, false)] {
+            c[116..120].copy_from_slice(&len.to_be_bytes());
+            let r = parse_extensions(&c, 112, 512);
+            assert_eq!(r.is_ok(), ok, "{len}");
+            if !ok {
+                assert_eq!(r.unwrap_err().finding_code(), "qcow2.header-extension");
+            }
+        }
     }
 }
