@@ -128,6 +128,7 @@ pub const ALL: &[&str] = &[
     "vhdx.duplicate-block",
     "vhdx.entry-into-metadata",
     "vhdx.header-checksum",
+    "vhdx.log",
     "vhdx.log-not-empty",
     "vhdx.metadata",
     "vhdx.metadata-overlap",

@@ -6,7 +6,7 @@
 //! will not read guest data through metadata the log says is stale.
 
 use super::header::{Guid, Header, NIL_GUID};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::{read_vec, ReadAt};
 use crate::limits::Budget;
 
@@ -29,6 +29,7 @@ const MAX_SCAN: u64 = 64 << 20;
 /// `Truncated` when the log passes the end of the file (the caller checked it is inside);
 /// `LimitExceeded` when the budget is spent; `Io` on read errors.
 pub fn non_empty(src: &dyn ReadAt, h: &Header, budget: &Budget) -> Result<bool> {
+    check_fields(h)?;
     if h.log_guid == NIL_GUID || h.log_length == 0 {
         return Ok(false);
     }
@@ -47,6 +48,42 @@ pub fn non_empty(src: &dyn ReadAt, h: &Header, budget: &Budget) -> Result<bool> 
         pos = pos.saturating_add(n);
     }
     Ok(false)
+}
+
+/// A log's length is a whole number of these (block/vhdx.h, `VHDX_LOG_MIN_SIZE`).
+const LOG_LENGTH_UNIT: u64 = 1 << 20;
+
+/// The current header's log fields as qemu checks them before it opens the file at all
+/// (block/vhdx-log.c, `vhdx_parse_log`): the log version must be 0, and a log that a GUID
+/// names must be a whole number of MiB long. (Its offset is placed with the regions.)
+///
+/// # Errors
+/// `Invalid` (`vhdx.log`) at the field.
+fn check_fields(h: &Header) -> Result<()> {
+    let bad = |m: String, at: u64| {
+        Err(Error::invalid(m)
+            .at(h.offset.saturating_add(at))
+            .code("vhdx.log"))
+    };
+    if h.log_version != 0 {
+        return bad(
+            format!(
+                "log version {} (only 0 exists): qemu refuses to open the file",
+                h.log_version
+            ),
+            64,
+        );
+    }
+    if h.log_guid != NIL_GUID && u64::from(h.log_length) % LOG_LENGTH_UNIT != 0 {
+        return bad(
+            format!(
+                "a log of {} bytes is not a whole number of MiB: qemu refuses to open the file",
+                h.log_length
+            ),
+            68,
+        );
+    }
+    Ok(())
 }
 
 fn has_entry(buf: &[u8], guid: &Guid) -> bool {

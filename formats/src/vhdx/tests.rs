@@ -586,6 +586,42 @@ fn with_log_guid(v: &mut [u8]) -> u64 {
     get64(v, HEADER1_OFFSET + 72)
 }
 
+/// qemu refuses a current header whose log version is not 0, or whose log (named by a GUID) is
+/// not a whole number of MiB long, before it looks at anything else (`vhdx_parse_log`).
+#[test]
+fn log_fields_qemu_refuses() {
+    let version = |v: &mut Vec<u8>| {
+        for h in [HEADER1_OFFSET, HEADER2_OFFSET] {
+            let a = usize::try_from(h + 64).unwrap();
+            v[a..a + 2].copy_from_slice(&1u16.to_le_bytes());
+        }
+        fix_headers(v);
+    };
+    let length = |v: &mut Vec<u8>| {
+        with_log_guid(v);
+        for h in [HEADER1_OFFSET, HEADER2_OFFSET] {
+            put32(v, h + 68, 512 << 10);
+        }
+        fix_headers(v);
+    };
+    for (what, mutate) in [
+        ("log version", &version as &dyn Fn(&mut Vec<u8>)),
+        ("log length", &length),
+    ] {
+        let mut v = small();
+        mutate(&mut v);
+        let e = open_v(v).err().unwrap_or_else(|| panic!("{what}: opened"));
+        assert_eq!(e.finding_code(), "vhdx.log", "{what}");
+    }
+    // Without a log GUID the length does not matter (qemu stops at the GUID).
+    let mut v = small();
+    for h in [HEADER1_OFFSET, HEADER2_OFFSET] {
+        put32(&mut v, h + 68, 512 << 10);
+    }
+    fix_headers(&mut v);
+    open_v(v).unwrap();
+}
+
 #[test]
 fn log_not_empty() {
     let mut v = small();
