@@ -255,3 +255,51 @@ fn fixed_vhd_sizes_follow_qemu_and_must_match_the_data() {
     assert!(json.contains("\"format\": \"raw\""), "{json}");
     assert!(json.contains("\"virtual-size\": 65536"), "{json}");
 }
+
+/// A fixed disk of a creator qemu sizes by its geometry ("vpc ", Virtual PC, and "qemu") is as
+/// large as the geometry says, rounded down from the data, as `qemu-img info -f vpc` and a
+/// guest of qemu see it; a geometry larger than the data is refused, since qemu would serve
+/// the footer as disk data. Found by the differential campaign against qemu-img (class B).
+#[test]
+fn a_fixed_disk_of_virtual_pc_is_as_large_as_its_geometry() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: u64 = 16 << 20;
+    for (n, (app, cyls, size, ok)) in [
+        (b"vpc ", 481u16, 481 * 4 * 17 * 512, true),
+        (b"qemu", 481, 481 * 4 * 17 * 512, true),
+        (b"win ", 481, data, true),
+        (b"vpc ", 482, 0, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut f = vec![0u8; 512];
+        f[..8].copy_from_slice(b"conectix");
+        f[8..12].copy_from_slice(&2u32.to_be_bytes());
+        f[12..16].copy_from_slice(&0x1_0000u32.to_be_bytes());
+        f[16..24].copy_from_slice(&[0xff; 8]);
+        f[28..32].copy_from_slice(app);
+        f[40..48].copy_from_slice(&data.to_be_bytes());
+        f[48..56].copy_from_slice(&data.to_be_bytes());
+        f[56..58].copy_from_slice(&cyls.to_be_bytes());
+        f[58..60].copy_from_slice(&[4, 17]);
+        f[60..64].copy_from_slice(&2u32.to_be_bytes());
+        let sum = f.iter().fold(0u32, |a, &b| a.wrapping_add(u32::from(b)));
+        f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+        let p = dir.path().join(format!("vpc{n}.vhd"));
+        let mut b = vec![5u8; usize::try_from(data).unwrap()];
+        b.extend(f);
+        std::fs::write(&p, &b).unwrap();
+        let report = inspect_as(src(&p), Format::Vhd, &Limits::default());
+        let codes: Vec<&str> = report.findings.iter().map(|f| f.code).collect();
+        if ok {
+            let img = open(src(&p), Format::Vhd, &Limits::default()).unwrap();
+            assert_eq!(img.info().virtual_size, size, "{n}");
+            assert_eq!(size, qemu_virtual_size(&p, "vpc"), "{n}");
+            assert_eq!(report.verdict(), Verdict::Pass, "{n}: {codes:?}");
+        } else {
+            assert!(codes.contains(&"vhd.truncated"), "{n}: {codes:?}");
+            assert_eq!(report.verdict(), Verdict::Reject, "{n}");
+        }
+    }
+}

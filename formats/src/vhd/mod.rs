@@ -350,7 +350,6 @@ fn parse_footer(chosen: &Chosen) -> Result<Footer> {
 
 /// The virtual size as QEMU computes it, and whether it comes from the CHS geometry.
 fn disk_size(footer: &Footer, footer_at: u64, findings: &mut Vec<Finding>) -> Result<(u64, bool)> {
-    let fixed = footer.disk_type == TYPE_FIXED;
     let chs_bytes = footer.chs_sectors().saturating_mul(SECTOR);
     let current = footer
         .current_size
@@ -358,15 +357,12 @@ fn disk_size(footer: &Footer, footer_at: u64, findings: &mut Vec<Finding>) -> Re
         .unwrap_or(0)
         .saturating_mul(SECTOR);
     let uses_chs = footer.qemu_uses_chs();
-    // QEMU keeps whole sectors (total_sectors = current_size / 512): so does glimpse, for
-    // fixed disks too, whose size is the current size (the data area) whatever the creator.
-    let virtual_size = if fixed {
-        current
-    } else if uses_chs {
-        chs_bytes
-    } else {
-        current
-    };
+    // QEMU keeps whole sectors (total_sectors = current_size / 512), and applies the creator
+    // rule to fixed disks as to dynamic ones (`vpc_open`, before it looks at the type): a
+    // Virtual PC fixed disk is as large as its geometry, which rounds down, and that is the
+    // disk a guest of qemu (and of Virtual PC) sees. A geometry larger than the data area
+    // is refused by the caller: qemu would serve the footer and past it as disk data.
+    let virtual_size = if uses_chs { chs_bytes } else { current };
     // Only where readers disagree: QEMU sizes such a disk by its geometry while Hyper-V,
     // Azure and the spec's "current size" say otherwise.
     if uses_chs && chs_bytes != current {
