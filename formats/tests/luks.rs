@@ -9,7 +9,17 @@ use glimpse_formats::{detect, open, ErrorKind, Format, Limits, Source, Window};
 use sha2::{Digest, Sha256};
 
 fn qemu_luks(dir: &Path, size: &str) -> PathBuf {
-    let out = dir.join("v.luks");
+    qemu_luks_with(dir, "v.luks", size, "")
+}
+
+/// A LUKS1 volume made by qemu-img, secret "abc", with extra `-o` options
+/// (`cipher-alg=..,cipher-mode=..`, or "" for qemu's defaults: aes-256, xts-plain64, sha256).
+fn qemu_luks_with(dir: &Path, name: &str, size: &str, opts: &str) -> PathBuf {
+    let out = dir.join(name);
+    let o = format!(
+        "key-secret=sec0,iter-time=10{}{opts}",
+        if opts.is_empty() { "" } else { "," }
+    );
     let st = Command::new("qemu-img")
         .args([
             "create",
@@ -19,14 +29,40 @@ fn qemu_luks(dir: &Path, size: &str) -> PathBuf {
             "--object",
             "secret,id=sec0,data=abc",
             "-o",
-            "key-secret=sec0,iter-time=10",
+            &o,
         ])
         .arg(&out)
         .arg(size)
         .status()
         .expect("qemu-img is required");
-    assert!(st.success());
+    assert!(st.success(), "qemu-img create -o {o}");
     out
+}
+
+/// Does `qemu-img info -f luks` open it? It reads the header only, with no key (NO_IO).
+fn qemu_info_opens(path: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["info", "-f", "luks"])
+        .arg(path)
+        .output()
+        .expect("qemu-img is required")
+        .status
+        .success()
+}
+
+/// Does qemu open it with its key (secret "abc") and read its first sector?
+fn qemu_opens_with_key(path: &Path) -> bool {
+    let opts = format!(
+        "driver=luks,key-secret=sec0,file.filename={}",
+        path.display()
+    );
+    Command::new("qemu-io")
+        .args(["--object", "secret,id=sec0,data=abc", "--image-opts", &opts])
+        .args(["-c", "read 0 512"])
+        .output()
+        .expect("qemu-io is required (qemu-utils)")
+        .status
+        .success()
 }
 
 /// `qemu-img info --output=json -f luks`: the header is readable without the secret.
@@ -66,6 +102,310 @@ fn luks1_matches_qemu_img_info() {
     let r = inspect(s, &Policy::default(), &Limits::default()).unwrap();
     assert_eq!(r.verdict(), Verdict::Reject);
     assert!(r.findings.iter().any(|f| f.code == "format.unsupported"));
+}
+
+/// qemu-img's own LUKS1 volumes open, whatever the cipher, mode, IV generator and hashes.
+#[test]
+fn luks1_made_by_qemu_with_each_algorithm_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    for (k, opts) in [
+        "cipher-alg=aes-128,hash-alg=sha512",
+        "cipher-alg=aes-192,ivgen-alg=essiv,ivgen-hash-alg=sm3",
+        "cipher-alg=serpent-192,ivgen-alg=plain,hash-alg=sha1",
+        "cipher-alg=serpent-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha224",
+        "cipher-alg=twofish-256,cipher-mode=ctr,hash-alg=ripemd160",
+        "cipher-alg=cast5-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=md5,hash-alg=sha384",
+        "cipher-mode=ecb,ivgen-alg=plain64,ivgen-hash-alg=sha1,hash-alg=md5",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = qemu_luks_with(dir.path(), &format!("v{k}.luks"), "1M", opts);
+        let q = qemu_info(&p);
+        let s: Source = Arc::new(std::fs::File::open(&p).unwrap());
+        let img =
+            open(s, Format::Luks, &Limits::default()).unwrap_or_else(|e| panic!("{opts}: {e}"));
+        let qd = &q["format-specific"]["data"];
+        assert_eq!(
+            img.info().details["payload-offset"],
+            qd["payload-offset"],
+            "{opts}"
+        );
+        assert_eq!(img.info().details["hash"], qd["hash-alg"], "{opts}");
+    }
+}
+
+/// Each header below is a qemu-made one with one field changed. qemu refuses every one
+/// (crypto/block-luks.c `qcrypto_block_luks_check_header` and `..._parse_header`), mostly
+/// already in `qemu-img info`, which reads no key; the last few only when it opens the volume
+/// with its key. glimpse refuses them all: `luks.header`, Invalid, at the field at fault.
+#[test]
+fn luks1_headers_qemu_refuses_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Default aes-256-xts-plain64 (64 key bytes, key material every 504 sectors from 8, payload
+    // at 4040); aes-256-cbc (32 bytes, every 256 sectors); aes-128-xts (32 bytes).
+    let xts256 = std::fs::read(qemu_luks_with(d, "xts256.luks", "1M", "")).unwrap();
+    let cbc = std::fs::read(qemu_luks_with(d, "cbc.luks", "1M", "cipher-mode=cbc")).unwrap();
+    let xts128 =
+        std::fs::read(qemu_luks_with(d, "xts128.luks", "1M", "cipher-alg=aes-128")).unwrap();
+    let put32 =
+        |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let name = |b: &mut Vec<u8>, at: usize, v: &[u8]| {
+        b[at..at + 32].fill(0);
+        b[at..at + v.len()].copy_from_slice(v);
+    };
+    let slot = |k: usize, field: usize| 208 + 48 * k + field;
+    type Mutation<'a> = &'a dyn Fn(&mut Vec<u8>);
+    // (what, base, mutation, offset of the field glimpse names, refused by qemu-img info)
+    let cases: &[(&str, &Vec<u8>, Mutation, usize, bool)] = &[
+        (
+            "slot 0 state",
+            &xts256,
+            &|b| put32(b, slot(0, 0), 0x00AC_71F4),
+            slot(0, 0),
+            true,
+        ),
+        (
+            "slot 5 state zero",
+            &xts256,
+            &|b| put32(b, slot(5, 0), 0),
+            slot(5, 0),
+            true,
+        ),
+        (
+            "slot 3 stripes",
+            &xts256,
+            &|b| put32(b, slot(3, 44), 3999),
+            slot(3, 44),
+            true,
+        ),
+        (
+            "slot 0 stripes",
+            &xts256,
+            &|b| put32(b, slot(0, 44), 7),
+            slot(0, 44),
+            true,
+        ),
+        (
+            "enabled slot iterations",
+            &xts256,
+            &|b| put32(b, slot(0, 4), 0),
+            slot(0, 4),
+            true,
+        ),
+        (
+            "master key iterations",
+            &xts256,
+            &|b| put32(b, 164, 0),
+            164,
+            true,
+        ),
+        (
+            "key material in the header",
+            &xts256,
+            &|b| put32(b, slot(0, 40), 7),
+            slot(0, 40),
+            true,
+        ),
+        (
+            "key material in the payload",
+            &xts256,
+            &|b| put32(b, slot(7, 40), 4000),
+            slot(7, 40),
+            true,
+        ),
+        (
+            "key material of two slots",
+            &xts256,
+            &|b| put32(b, slot(2, 40), 8 + 504),
+            slot(2, 40),
+            true,
+        ),
+        (
+            "payload under the header",
+            &xts256,
+            &|b| put32(b, 104, 7),
+            104,
+            true,
+        ),
+        (
+            "payload over slot 6",
+            &xts256,
+            &|b| put32(b, 104, 0xdc8),
+            slot(6, 40),
+            true,
+        ),
+        (
+            "key bytes +1 overlaps",
+            &xts256,
+            &|b| put32(b, 108, 65),
+            slot(1, 40),
+            true,
+        ),
+        ("key bytes odd", &xts256, &|b| put32(b, 108, 63), 108, true),
+        ("key bytes zero", &xts256, &|b| put32(b, 108, 0), 108, true),
+        ("key bytes 20", &cbc, &|b| put32(b, 108, 20), 108, true),
+        (
+            "cipher name case",
+            &xts256,
+            &|b| name(b, 8, b"AES"),
+            8,
+            true,
+        ),
+        ("cipher name byte", &xts256, &|b| b[8] = 0xc2, 8, true),
+        (
+            "cipher name unknown",
+            &xts256,
+            &|b| name(b, 8, b"sm4"),
+            8,
+            true,
+        ),
+        (
+            "cipher name trailing space",
+            &xts256,
+            &|b| name(b, 8, b"aes "),
+            8,
+            true,
+        ),
+        (
+            "cipher name unterminated",
+            &xts256,
+            &|b| b[8..40].fill(b'a'),
+            8,
+            true,
+        ),
+        (
+            "cast5 with a 32-byte key",
+            &xts256,
+            &|b| name(b, 8, b"cast5"),
+            108,
+            true,
+        ),
+        (
+            "cipher mode",
+            &xts256,
+            &|b| name(b, 40, b"wts-plain64"),
+            40,
+            true,
+        ),
+        (
+            "cipher mode case",
+            &xts256,
+            &|b| name(b, 40, b"XTS-plain64"),
+            40,
+            true,
+        ),
+        (
+            "no iv generator",
+            &xts256,
+            &|b| name(b, 40, b"xtsplain64"),
+            40,
+            true,
+        ),
+        ("iv generator", &xts256, &|b| b[40 + 8] = 9, 40, true),
+        (
+            "iv generator empty",
+            &xts256,
+            &|b| name(b, 40, b"xts-"),
+            40,
+            true,
+        ),
+        (
+            "iv hash unknown",
+            &xts256,
+            &|b| name(b, 40, b"xts-plain64:sha257"),
+            40,
+            true,
+        ),
+        (
+            "essiv without a hash",
+            &cbc,
+            &|b| name(b, 40, b"cbc-essiv"),
+            40,
+            true,
+        ),
+        (
+            "essiv digest no aes key",
+            &cbc,
+            &|b| name(b, 40, b"cbc-essiv:sha1"),
+            40,
+            true,
+        ),
+        (
+            "cipher mode unterminated",
+            &xts256,
+            &|b| b[40..72].fill(b'x'),
+            40,
+            true,
+        ),
+        ("hash spec byte", &xts256, &|b| b[72] = b'9', 72, true),
+        (
+            "hash spec case",
+            &xts256,
+            &|b| name(b, 72, b"SHA256"),
+            72,
+            true,
+        ),
+        (
+            "hash spec unterminated",
+            &xts256,
+            &|b| b[72..104].fill(b's'),
+            72,
+            true,
+        ),
+        // qemu-img info opens these; qemu cannot open them with their key.
+        (
+            "xts key of 49 bytes",
+            &xts256,
+            &|b| put32(b, 108, 49),
+            108,
+            false,
+        ),
+        (
+            "cast5 in xts mode",
+            &xts128,
+            &|b| name(b, 8, b"cast5"),
+            40,
+            false,
+        ),
+        (
+            "24-byte key outside xts",
+            &cbc,
+            &|b| put32(b, 108, 24),
+            108,
+            false,
+        ),
+    ];
+    for &(what, base, mutate, at, info_refuses) in cases {
+        let mut b = base.clone();
+        mutate(&mut b);
+        let p = d.join("m.luks");
+        std::fs::write(&p, &b).unwrap();
+        if info_refuses {
+            assert!(!qemu_info_opens(&p), "{what}: qemu-img info opened it");
+        } else {
+            assert!(qemu_info_opens(&p), "{what}: qemu-img info refused it");
+            assert!(
+                !qemu_opens_with_key(&p),
+                "{what}: qemu opened it with its key"
+            );
+        }
+        let e = open(Arc::new(b), Format::Luks, &Limits::default())
+            .err()
+            .unwrap_or_else(|| panic!("{what}: glimpse opened it"));
+        assert_eq!(
+            (e.kind(), e.finding_code(), e.offset()),
+            (ErrorKind::Invalid, "luks.header", Some(at as u64)),
+            "{what}: {e}"
+        );
+    }
+    for base in [&xts256, &cbc, &xts128] {
+        let p = d.join("m.luks");
+        std::fs::write(&p, base).unwrap();
+        assert!(qemu_opens_with_key(&p));
+        assert!(open(Arc::new(base.clone()), Format::Luks, &Limits::default()).is_ok());
+    }
 }
 
 #[test]

@@ -765,7 +765,13 @@ fn bitmaps_without_the_autoclear_bit_are_leaks_as_qemu_sees_them() {
 
 /// A 1 MiB LUKS-encrypted qcow2 `enc.qcow2` in `dir`, made by qemu-img with a throwaway secret.
 fn luks_qcow2(dir: &Path) -> PathBuf {
-    let p = dir.join("enc.qcow2");
+    luks_qcow2_with(dir, "enc.qcow2", "")
+}
+
+/// A LUKS-encrypted qcow2 made by qemu-img, with extra `encrypt.*` options after a comma
+/// (e.g. ",encrypt.cipher-alg=twofish-256"), or "" for qemu's defaults.
+fn luks_qcow2_with(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    let p = dir.join(name);
     qemu_img(&[
         "create",
         "-q",
@@ -774,11 +780,21 @@ fn luks_qcow2(dir: &Path) -> PathBuf {
         "-f",
         "qcow2",
         "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        &format!("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10{extra}"),
         s(&p),
         "1M",
     ]);
     p
+}
+
+/// The offset of the LUKS header that a qcow2's encryption header extension names.
+fn luks_header_at(b: &[u8]) -> usize {
+    let mut ext = usize::try_from(u32::from_be_bytes(b[100..104].try_into().unwrap())).unwrap();
+    while u32::from_be_bytes(b[ext..ext + 4].try_into().unwrap()) != 0x0537_be77 {
+        let len = u32::from_be_bytes(b[ext + 4..ext + 8].try_into().unwrap());
+        ext += 8 + usize::try_from(len.next_multiple_of(8)).unwrap();
+    }
+    usize::try_from(be64(b, ext + 8)).unwrap()
 }
 
 #[test]
@@ -857,6 +873,108 @@ fn the_luks_header_is_where_qemu_looks_for_it() {
         assert!(c.contains(&"qcow2.encryption-header"), "{what}: {c:?}");
     }
     assert!(!codes(&open_bytes(base).unwrap()).contains(&"qcow2.encryption-header"));
+}
+
+/// The LUKS header inside the qcow2 must pass the checks qemu makes before it opens one
+/// (crypto/block-luks.c `qcrypto_block_luks_check_header`, `..._parse_header`): each field
+/// changed below makes `qemu-img info` fail, and glimpse rejects the image
+/// (`qcow2.encryption-header`), so `--allow-encrypted` cannot pass what qemu cannot open.
+/// qemu-made images with other ciphers pass.
+#[test]
+fn a_luks_header_qemu_refuses_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        (
+            "twofish.qcow2",
+            ",encrypt.cipher-alg=twofish-128,encrypt.hash-alg=sha512",
+        ),
+        (
+            "essiv.qcow2",
+            ",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+        ),
+        (
+            "cast5.qcow2",
+            ",encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain",
+        ),
+    ] {
+        let p = luks_qcow2_with(dir.path(), name, extra);
+        let c = codes(&open_path(&p));
+        assert!(!c.contains(&"qcow2.encryption-header"), "{extra}: {c:?}");
+    }
+    let base = std::fs::read(luks_qcow2(dir.path())).unwrap();
+    let h = luks_header_at(&base);
+    let slot = |k: usize, field: usize| h + 208 + 48 * k + field;
+    let name = |b: &mut Vec<u8>, at: usize, v: &[u8]| {
+        b[h + at..h + at + 32].fill(0);
+        b[h + at..h + at + v.len()].copy_from_slice(v);
+    };
+    type Mutation<'a> = &'a dyn Fn(&mut Vec<u8>);
+    // The differential campaign's A6 cases (qemu's message in the comment), and a few more.
+    // (what, mutation, offset in the file of the field glimpse names)
+    let cases: &[(&str, Mutation, usize)] = &[
+        // "Keyslot 0 state (active/disable) is corrupted"
+        (
+            "slot state",
+            &|b| put32(b, slot(0, 0), 0x00AC_71F4),
+            slot(0, 0),
+        ),
+        // "Keyslot 0 is corrupted (stripes 7 != 4000)"
+        ("stripes", &|b| put32(b, slot(4, 44), 7), slot(4, 44)),
+        // "Keyslot 0 iteration count is zero"
+        ("slot iterations", &|b| put32(b, slot(0, 4), 0), slot(0, 4)),
+        // "Algorithm '?es' with key size 32 bytes not supported"
+        ("cipher name", &|b| b[h + 8] = 0xc2, h + 8),
+        // "Hash algorithm '9ha256' not supported"
+        ("hash spec", &|b| b[h + 72] = b'9', h + 72),
+        // "IV generator 'plai\t64' not supported"
+        ("iv generator", &|b| b[h + 48] = 9, h + 40),
+        // "Cipher mode 'wts' not supported"
+        ("cipher mode", &|b| name(b, 40, b"wts-plain64"), h + 40),
+        // "Keyslot 0 is overlapping with the LUKS header"
+        (
+            "key material in the header",
+            &|b| put32(b, slot(0, 40), 7),
+            slot(0, 40),
+        ),
+        // "Keyslot 6 is overlapping with the encrypted payload"
+        (
+            "payload over the key material",
+            &|b| put32(b, h + 104, 0xdc8),
+            slot(6, 40),
+        ),
+        // "Keyslots 0 and 1 are overlapping in the header"
+        ("key bytes", &|b| put32(b, h + 108, 65), slot(1, 40)),
+        // "LUKS key iteration count is zero"
+        ("master key iterations", &|b| put32(b, h + 164, 0), h + 164),
+        // "LUKS header hash spec is not NUL terminated"
+        (
+            "hash spec unterminated",
+            &|b| b[h + 72..h + 104].fill(b's'),
+            h + 72,
+        ),
+    ];
+    for &(what, mutate, at) in cases {
+        let mut b = base.clone();
+        mutate(&mut b);
+        let q = dir.path().join("m.qcow2");
+        std::fs::write(&q, &b).unwrap();
+        let o = Command::new("qemu-img")
+            .args(["info", s(&q)])
+            .output()
+            .expect("qemu-img is required");
+        assert!(!o.status.success(), "{what}: qemu-img opened it");
+        let img = open_bytes(b).unwrap();
+        let f = img
+            .findings()
+            .iter()
+            .find(|f| f.code == "qcow2.encryption-header")
+            .unwrap_or_else(|| panic!("{what}: {:?}", codes(&img)));
+        assert_eq!(
+            (f.severity, f.offset),
+            (Severity::Reject, Some(at as u64)),
+            "{what}"
+        );
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //! rejects LUKS as `format.unsupported` anyway.
 
 use nom::bytes::complete::take;
-use nom::number::complete::{be_u16, be_u32, be_u64};
+use nom::number::complete::{be_u16, be_u64};
 use nom::IResult;
 use sha2::{Digest, Sha256};
 
@@ -21,16 +21,14 @@ use crate::io::{read_vec, Source};
 use crate::limits::Limits;
 use crate::probe::Probe;
 
+mod luks1;
+
+use luks1::{HEADER_LEN as LUKS1_HEADER, SECTOR as LUKS1_SECTOR};
+
 /// The LUKS magic at offset 0 (both versions).
 pub(crate) const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
-/// Bytes of the LUKS1 header, key slots included.
-const LUKS1_HEADER: u64 = 592;
 /// Bytes of the LUKS2 binary header.
 const LUKS2_BINARY: u64 = 4096;
-/// LUKS1 sector size: the payload offset counts 512-byte sectors.
-const LUKS1_SECTOR: u64 = 512;
-/// LUKS1 key slot state: active.
-const SLOT_ACTIVE: u32 = 0x00AC_71F3;
 /// LUKS2 header sizes allowed by the on-disk format spec (binary header plus JSON area),
 /// 16 KiB to 4 MiB in powers of two.
 const LUKS2_MIN_HDR: u64 = 16 << 10;
@@ -48,61 +46,6 @@ fn cstr(b: &[u8]) -> String {
     String::from_utf8_lossy(b.get(..end).unwrap_or_default())
         .trim()
         .to_string()
-}
-
-/// The LUKS1 header fields we use (LUKS1 on-disk format, all integers big-endian).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Luks1 {
-    /// Cipher name, e.g. "aes" (32 bytes, NUL-padded).
-    cipher_name: String,
-    /// Cipher mode, e.g. "xts-plain64" (32 bytes, NUL-padded).
-    cipher_mode: String,
-    /// Hash specification for PBKDF2 and the anti-forensic splitter (32 bytes).
-    hash_spec: String,
-    /// Start of the bulk data, in 512-byte sectors.
-    payload_offset: u32,
-    /// Master key length in bytes.
-    key_bytes: u32,
-    /// Volume UUID (40 bytes, NUL-padded text).
-    uuid: String,
-    /// Indexes of the key slots whose state is active.
-    active_slots: Vec<u32>,
-}
-
-fn luks1(i: &[u8]) -> IResult<&[u8], Luks1> {
-    let (i, _magic) = take(6usize)(i)?;
-    let (i, _version) = be_u16(i)?;
-    let (i, cipher_name) = take(32usize)(i)?;
-    let (i, cipher_mode) = take(32usize)(i)?;
-    let (i, hash_spec) = take(32usize)(i)?;
-    let (i, payload_offset) = be_u32(i)?;
-    let (i, key_bytes) = be_u32(i)?;
-    let (i, _mk_digest) = take(20usize)(i)?;
-    let (i, _mk_salt) = take(32usize)(i)?;
-    let (i, _mk_iterations) = be_u32(i)?;
-    let (mut i, uuid) = take(40usize)(i)?;
-    let mut active_slots = Vec::new();
-    for k in 0..8u32 {
-        let (rest, state) = be_u32(i)?;
-        // iterations (4), salt (32), key material offset (4), stripes (4)
-        let (rest, _) = take(44usize)(rest)?;
-        i = rest;
-        if state == SLOT_ACTIVE {
-            active_slots.push(k);
-        }
-    }
-    Ok((
-        i,
-        Luks1 {
-            cipher_name: cstr(cipher_name),
-            cipher_mode: cstr(cipher_mode),
-            hash_spec: cstr(hash_spec),
-            payload_offset,
-            key_bytes,
-            uuid: cstr(uuid),
-            active_slots,
-        },
-    ))
 }
 
 /// The LUKS2 binary header fields we use (LUKS2 on-disk format, big-endian).
@@ -166,7 +109,9 @@ fn header_error(msg: impl Into<String>, at: u64) -> Error {
 ///
 /// # Errors
 /// `Truncated` (`luks.truncated`) when the header or the payload offset passes the end of the
-/// file; `Invalid` (`luks.header`) for a bad magic, version or JSON area; `LimitExceeded` when
+/// file; `Invalid` (`luks.header`) for a bad magic, version or JSON area, and for a LUKS1
+/// header qemu refuses to open (see `luks1`: key slots, iteration counts, algorithm names and
+/// key size), with the offset of the field at fault; `LimitExceeded` when
 /// the JSON area does not fit the metadata budget; `Io` on read errors.
 ///
 /// # Security
@@ -206,25 +151,32 @@ pub fn open(src: Source, limits: &Limits) -> Result<LuksImage> {
     info.actual_size = src.allocated_size();
     info.detail("version", version);
     let payload_offset = if version == 1 {
-        let (_, h) = luks1(&first).map_err(|_| {
+        let (_, h) = luks1::parse(&first).map_err(|_| {
             Error::truncated("LUKS1 header cut short")
                 .at(0)
                 .code("luks.truncated")
         })?;
         let payload = u64::from(h.payload_offset).saturating_mul(LUKS1_SECTOR);
-        info.detail("cipher", format!("{}-{}", h.cipher_name, h.cipher_mode));
-        info.detail("hash", h.hash_spec);
-        info.detail("uuid", h.uuid);
+        let active: Vec<usize> = h
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.active == luks1::SLOT_ENABLED)
+            .map(|(k, _)| k)
+            .collect();
+        info.detail(
+            "cipher",
+            format!("{}-{}", cstr(&h.cipher_name), cstr(&h.cipher_mode)),
+        );
+        info.detail("hash", cstr(&h.hash_spec));
+        info.detail("uuid", cstr(&h.uuid));
         info.detail("key-bytes", h.key_bytes);
-        info.detail("key-slots", h.active_slots.len());
-        info.detail("active-key-slots", h.active_slots);
+        info.detail("key-slots", active.len());
+        info.detail("active-key-slots", active);
         info.detail("payload-offset", payload);
-        if payload < LUKS1_HEADER {
-            return Err(header_error(
-                format!("payload offset {payload} overlaps the header"),
-                104,
-            ));
-        }
+        // What qemu checks before it opens the volume, even without its key.
+        luks1::check_layout(&h)?;
+        luks1::check_algorithms(&h)?;
         payload
     } else {
         open_luks2(&src, &budget, &mut info, &mut findings)?
