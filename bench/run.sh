@@ -153,6 +153,15 @@ convert)
             hf "convert-$sz-raw-qcow2-replace-hot" "$RUNS" "$G convert -O qcow2 $S $O.g" "qemu-img convert -O qcow2 $S $O.q"
             rm -f "$O.g" "$O.q"
         fi
+        # Onto another file system (tmpfs: /dev/shm, or a /tmp that is one), where the kernel
+        # refuses copy_file_range between the two (EXDEV) and glimpse splices instead.
+        if [[ " ${MODES:-hot cold} " == *" hot "* ]] && [ -d /dev/shm ] &&
+           { [ -z "${CASES:-}" ] || [[ " $CASES " == *" raw-qcow2-tmpfs "* ]]; }; then
+            read_in "$S"
+            T=/dev/shm/glimpse-bench-out
+            hf "convert-$sz-raw-qcow2-tmpfs-hot" "$RUNS" "$G convert -O qcow2 $S $T.g" "qemu-img convert -O qcow2 $S $T.q" "sh -c 'rm -f $T.g $T.q'"
+            rm -f "$T.g" "$T.q"
+        fi
     done
     rss "convert-${SIZES##* }-raw-qcow2-glimpse" $G convert -O qcow2 "$W/mixed-${SIZES##* }.raw" "$O.g"; rm -f "$O.g" "$O.q" ;;
 interleaved)
