@@ -83,6 +83,11 @@ struct Seed {
 
 fn no_fix(_: &mut [u8]) {}
 
+/// Fields at `(offset, width)`, all of one byte order.
+fn fields(list: &[(usize, usize)], be: bool) -> Vec<Field> {
+    list.iter().map(|&(a, n)| (a, n, be)).collect()
+}
+
 fn fix_vhdx(b: &mut [u8]) {
     for h in [64 << 10, 128 << 10] {
         vhdx_crc(b, h, 4096);
@@ -95,28 +100,12 @@ fn fix_vhdx(b: &mut [u8]) {
 /// The qcow2 header fields and, after them, each header extension's type and length and the
 /// fields of the bitmaps and encryption extensions.
 fn qcow2_fields(b: &[u8]) -> Vec<Field> {
-    let mut f: Vec<Field> = [
-        (4, 4),
-        (8, 8),
-        (16, 4),
-        (20, 4),
-        (24, 8),
-        (32, 4),
-        (36, 4),
-        (40, 8),
-        (48, 8),
-        (56, 4),
-        (60, 4),
-        (64, 8),
-        (72, 8),
-        (80, 8),
-        (88, 8),
-        (96, 4),
-        (100, 4),
-    ]
-    .into_iter()
-    .map(|(a, n)| (a, n, true))
-    .collect();
+    #[rustfmt::skip]
+    let header = [
+        (4, 4), (8, 8), (16, 4), (20, 4), (24, 8), (32, 4), (36, 4), (40, 8), (48, 8),
+        (56, 4), (60, 4), (64, 8), (72, 8), (80, 8), (88, 8), (96, 4), (100, 4),
+    ];
+    let mut f = fields(&header, true);
     let mut at = usize::try_from(get(b, (100, 4, true))).unwrap();
     while at + 8 <= b.len() {
         let typ = get(b, (at, 4, true));
@@ -133,6 +122,7 @@ fn qcow2_fields(b: &[u8]) -> Vec<Field> {
     f
 }
 
+#[rustfmt::skip]
 fn seeds(dir: &Path) -> Vec<Seed> {
     let make = |name: &str, args: &[&str]| {
         let p = dir.join(name);
@@ -141,138 +131,60 @@ fn seeds(dir: &Path) -> Vec<Seed> {
         qemu_img(&a);
         std::fs::read(&p).unwrap()
     };
-    let mut out = Vec::new();
-    // qcow2: v3 with a persistent bitmap, v2, and LUKS-encrypted.
-    let p = dir.join("bm.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "16M"]);
-    qemu_img(&["bitmap", "--add", s(&p), "b0"]);
-    let b = std::fs::read(&p).unwrap();
-    out.push(Seed {
+    let qcow2 = |bytes: Vec<u8>| Seed {
         qemu: "qcow2",
         format: Format::Qcow2,
-        fields: qcow2_fields(&b),
-        bytes: b,
+        fields: qcow2_fields(&bytes),
+        bytes,
         fix: no_fix,
-    });
-    let b = make(
-        "v2.qcow2",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10,cluster_size=4k",
-            "-o",
-            "size=16M",
-        ],
-    );
-    out.push(Seed {
-        qemu: "qcow2",
-        format: Format::Qcow2,
-        fields: qcow2_fields(&b),
-        bytes: b,
-        fix: no_fix,
-    });
-    let b = make(
-        "luks.qcow2",
-        &[
-            "create",
-            "-q",
-            "--object",
-            "secret,id=s0,data=x",
-            "-f",
-            "qcow2",
-            "-o",
+    };
+    // qcow2: v3 with a persistent bitmap, v2 with 4 KiB clusters, and LUKS-encrypted.
+    let bm = dir.join("bm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&bm), "16M"]);
+    qemu_img(&["bitmap", "--add", s(&bm), "b0"]);
+    let mut out = vec![
+        qcow2(std::fs::read(&bm).unwrap()),
+        qcow2(make("v2.qcow2", &["create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4k,size=16M"])),
+        qcow2(make("luks.qcow2", &[
+            "create", "-q", "--object", "secret,id=s0,data=x", "-f", "qcow2", "-o",
             "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,size=1M",
-        ],
-    );
-    out.push(Seed {
-        qemu: "qcow2",
-        format: Format::Qcow2,
-        fields: qcow2_fields(&b),
-        bytes: b,
-        fix: no_fix,
-    });
-    // VHDX: the current header's fields and the region table's (both copies of each).
-    let b = make("d.vhdx", &["create", "-q", "-f", "vhdx", "-o", "size=16M"]);
-    let mut fields = Vec::new();
+        ])),
+    ];
+    // VHDX: both headers' sequence, log and version fields, both region tables' entries.
+    let mut vhdx = Vec::new();
     for h in [64usize << 10, 128 << 10] {
-        fields.extend([
-            (h + 8, 8, false),
-            (h + 64, 2, false),
-            (h + 66, 2, false),
-            (h + 68, 4, false),
-            (h + 72, 8, false),
-        ]);
+        vhdx.extend([(h + 8, 8), (h + 64, 2), (h + 66, 2), (h + 68, 4), (h + 72, 8)]);
     }
     for r in [192usize << 10, 256 << 10] {
-        fields.push((r + 8, 4, false));
-        for e in 0..2 {
-            let at = r + 16 + 32 * e;
-            fields.extend([
-                (at + 16, 8, false),
-                (at + 24, 4, false),
-                (at + 28, 4, false),
-            ]);
-        }
+        vhdx.extend([(r + 8, 4), (r + 32, 8), (r + 40, 4), (r + 44, 4), (r + 64, 8), (r + 72, 4), (r + 76, 4)]);
     }
     out.push(Seed {
         qemu: "vhdx",
         format: Format::Vhdx,
-        bytes: b,
-        fields,
+        bytes: make("d.vhdx", &["create", "-q", "-f", "vhdx", "-o", "size=16M"]),
+        fields: fields(&vhdx, false),
         fix: fix_vhdx,
     });
     // VDI: the header after its text.
-    let b = make("d.vdi", &["create", "-q", "-f", "vdi", "-o", "size=16M"]);
-    let fields = [
-        (0x44, 4),
-        (0x48, 4),
-        (0x4c, 4),
-        (0x50, 4),
-        (0x154, 4),
-        (0x158, 4),
-        (0x168, 4),
-        (0x170, 8),
-        (0x178, 4),
-        (0x17c, 4),
-        (0x180, 4),
-        (0x184, 4),
-    ]
-    .into_iter()
-    .map(|(a, n)| (a, n, false))
-    .collect();
     out.push(Seed {
         qemu: "vdi",
         format: Format::Vdi,
-        bytes: b,
-        fields,
+        bytes: make("d.vdi", &["create", "-q", "-f", "vdi", "-o", "size=16M"]),
+        fields: fields(&[
+            (0x44, 4), (0x48, 4), (0x4c, 4), (0x50, 4), (0x154, 4), (0x158, 4), (0x168, 4),
+            (0x170, 8), (0x178, 4), (0x17c, 4), (0x180, 4), (0x184, 4),
+        ], false),
         fix: no_fix,
     });
     // VMDK, monolithicSparse: the sparse header.
-    let b = make("d.vmdk", &["create", "-q", "-f", "vmdk", "-o", "size=16M"]);
-    let fields = [
-        (4, 4),
-        (8, 4),
-        (12, 8),
-        (20, 8),
-        (28, 8),
-        (36, 8),
-        (44, 4),
-        (48, 8),
-        (56, 8),
-        (64, 8),
-        (77, 2),
-    ]
-    .into_iter()
-    .map(|(a, n)| (a, n, false))
-    .collect();
     out.push(Seed {
         qemu: "vmdk",
         format: Format::Vmdk,
-        bytes: b,
-        fields,
+        bytes: make("d.vmdk", &["create", "-q", "-f", "vmdk", "-o", "size=16M"]),
+        fields: fields(&[
+            (4, 4), (8, 4), (12, 8), (20, 8), (28, 8), (36, 8), (44, 4), (48, 8), (56, 8),
+            (64, 8), (77, 2),
+        ], false),
         fix: no_fix,
     });
     out
