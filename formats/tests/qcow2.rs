@@ -763,6 +763,17 @@ fn bitmaps_without_the_autoclear_bit_are_leaks_as_qemu_sees_them() {
     assert_eq!(img.info().virtual_size, 4 << 20);
 }
 
+/// Asserts that `qemu-img info` cannot open the qcow2 `bytes` (written to `dir/m.qcow2`).
+fn assert_qemu_refuses(dir: &Path, bytes: &[u8], what: &str) {
+    let q = dir.join("m.qcow2");
+    std::fs::write(&q, bytes).unwrap();
+    let o = Command::new("qemu-img")
+        .args(["info", s(&q)])
+        .output()
+        .expect("qemu-img is required");
+    assert!(!o.status.success(), "{what}: qemu-img opened it");
+}
+
 /// A 1 MiB LUKS-encrypted qcow2 `enc.qcow2` in `dir`, made by qemu-img with a throwaway secret.
 fn luks_qcow2(dir: &Path) -> PathBuf {
     luks_qcow2_with(dir, "enc.qcow2", "")
@@ -859,14 +870,8 @@ fn the_luks_header_is_where_qemu_looks_for_it() {
     for (what, mutate, qemu_refuses) in cases {
         let mut b = base.clone();
         mutate(&mut b);
-        let q = dir.path().join("m.qcow2");
-        std::fs::write(&q, &b).unwrap();
         if qemu_refuses {
-            let o = Command::new("qemu-img")
-                .args(["info", s(&q)])
-                .output()
-                .expect("qemu-img is required");
-            assert!(!o.status.success(), "{what}: qemu-img opened it");
+            assert_qemu_refuses(dir.path(), &b, what);
         }
         let img = open_bytes(b).unwrap();
         let c = codes(&img);
@@ -956,13 +961,7 @@ fn a_luks_header_qemu_refuses_is_rejected() {
     for &(what, mutate, at) in cases {
         let mut b = base.clone();
         mutate(&mut b);
-        let q = dir.path().join("m.qcow2");
-        std::fs::write(&q, &b).unwrap();
-        let o = Command::new("qemu-img")
-            .args(["info", s(&q)])
-            .output()
-            .expect("qemu-img is required");
-        assert!(!o.status.success(), "{what}: qemu-img opened it");
+        assert_qemu_refuses(dir.path(), &b, what);
         let img = open_bytes(b).unwrap();
         let f = img
             .findings()
