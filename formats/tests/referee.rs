@@ -88,6 +88,24 @@ fn fields(list: &[(usize, usize)], be: bool) -> Vec<Field> {
     list.iter().map(|&(a, n)| (a, n, be)).collect()
 }
 
+/// The VHD checksum (one's complement of the byte sum, its own 4 bytes as zero) of `len`
+/// bytes at `at`, with the checksum at `at + sum_at`.
+fn vhd_sum(b: &mut [u8], at: usize, len: usize, sum_at: usize) {
+    b[at + sum_at..at + sum_at + 4].fill(0);
+    let sum = b[at..at + len]
+        .iter()
+        .fold(0u32, |a, &x| a.wrapping_add(u32::from(x)));
+    b[at + sum_at..at + sum_at + 4].copy_from_slice(&(!sum).to_be_bytes());
+}
+
+/// A dynamic VHD's footer copies (at 0 and in the last sector) and its dynamic header.
+fn fix_vhd(b: &mut [u8]) {
+    let end = b.len() - 512;
+    vhd_sum(b, 0, 512, 64);
+    vhd_sum(b, end, 512, 64);
+    vhd_sum(b, 512, 1024, 36);
+}
+
 fn fix_vhdx(b: &mut [u8]) {
     for h in [64 << 10, 128 << 10] {
         vhdx_crc(b, h, 4096);
@@ -184,6 +202,33 @@ fn seeds(dir: &Path) -> Vec<Seed> {
         fields: fields(&[
             (4, 4), (8, 4), (12, 8), (20, 8), (28, 8), (36, 8), (44, 4), (48, 8), (56, 8),
             (64, 8), (77, 2),
+        ], false),
+        fix: no_fix,
+    });
+    // VHD, dynamic: the footer's fields (the copy at 0, then the one at the end: a change to
+    // one copy only is a disagreement), and the dynamic header's.
+    let vhd = make("d.vhd", &["create", "-q", "-f", "vpc", "-o", "subformat=dynamic,size=16M"]);
+    let tail = vhd.len() - 512;
+    let mut f = Vec::new();
+    for at in [0, tail] {
+        f.extend([(at + 8, 4), (at + 12, 4), (at + 16, 8), (at + 40, 8), (at + 48, 8), (at + 56, 2), (at + 58, 1), (at + 59, 1), (at + 60, 4)]);
+    }
+    f.extend([(512 + 8, 8), (512 + 16, 8), (512 + 24, 4), (512 + 28, 4), (512 + 32, 4)]);
+    out.push(Seed {
+        qemu: "vpc",
+        format: Format::Vhd,
+        bytes: vhd,
+        fields: fields(&f, true),
+        fix: fix_vhd,
+    });
+    // Parallels: the header after its magic.
+    out.push(Seed {
+        qemu: "parallels",
+        format: Format::Parallels,
+        bytes: make("d.hds", &["create", "-q", "-f", "parallels", "-o", "size=16M"]),
+        fields: fields(&[
+            (16, 4), (20, 4), (24, 4), (28, 4), (32, 4), (36, 8), (44, 4), (48, 4), (52, 4),
+            (56, 8),
         ], false),
         fix: no_fix,
     });
