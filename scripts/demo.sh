@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v qemu-img >/dev/null || { echo "demo.sh: qemu-img is required (apt-get install qemu-utils)" >&2; exit 1; }
 cargo build -q --release -p glimpse
-G=$PWD/target/release/glimpse
+# The binary cargo just built: under CARGO_TARGET_DIR when that is set.
+target=${CARGO_TARGET_DIR:-$PWD/target}
+case $target in /*) ;; *) target=$PWD/$target ;; esac
+G=$target/release/glimpse
 D=$(mktemp -d)
 trap 'rm -rf "$D"' EXIT
 
