@@ -386,7 +386,7 @@ pub(super) fn check_algorithms(h: &Luks1) -> Result<()> {
         };
         // ESSIV keys a second instance of the cipher with the hash's digest
         // (`qcrypto_block_luks_essiv_cipher`): the digest must be a key size of the cipher.
-        if cipher_key != digest && !(name != b"cast5" && [16, 24, 32].contains(&digest)) {
+        if !sizes.contains(&digest) {
             return Err(bad_mode(format!(
                 "essiv with a {digest}-byte digest has no \"{}\" key of that size",
                 show(name)

@@ -9,6 +9,8 @@ use std::collections::HashSet;
 
 use crate::finding::Finding;
 
+use super::table::{be16, be32, be64};
+
 /// qemu's `BME_MAX_TABLE_SIZE`: entries of one bitmap table.
 pub const MAX_TABLE_ENTRIES: u32 = 0x800_0000;
 /// qemu's `BME_MAX_PHYS_SIZE`: bytes of bitmap data one bitmap may occupy (it keeps the
@@ -60,24 +62,6 @@ pub struct Disk {
     pub cluster_bits: u32,
     /// The disk length qemu uses (`bdrv_getlength`: whole sectors of the virtual size).
     pub len: u64,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at.saturating_add(4))
-        .and_then(|s| <[u8; 4]>::try_from(s).ok())
-        .map_or(0, u32::from_be_bytes)
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    b.get(at..at.saturating_add(2))
-        .and_then(|s| <[u8; 2]>::try_from(s).ok())
-        .map_or(0, u16::from_be_bytes)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at.saturating_add(8))
-        .and_then(|s| <[u8; 8]>::try_from(s).ok())
-        .map_or(0, u64::from_be_bytes)
 }
 
 fn bad(msg: String, at: u64) -> Finding {

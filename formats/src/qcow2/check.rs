@@ -24,7 +24,7 @@ use super::counts::{Counts, COUNT_MAX, F_COPIED, F_SHARED};
 use super::header::{self, BitmapsExt, MAX_SNAPSHOTS};
 use super::refcount::{self, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 use super::table::{
-    self, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
+    self, be16, be32, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
     OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SECTOR,
 };
 use super::Qcow2Image;
@@ -695,20 +695,6 @@ impl Drop for Stored<'_> {
             self.budget.give_back(old.len() as u64);
         }
     }
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at.saturating_add(4))
-        .and_then(|s| <[u8; 4]>::try_from(s).ok())
-        .map(u32::from_be_bytes)
-        .unwrap_or(0)
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    b.get(at..at.saturating_add(2))
-        .and_then(|s| <[u8; 2]>::try_from(s).ok())
-        .map(u16::from_be_bytes)
-        .unwrap_or(0)
 }
 
 /// Distinct snapshot L1 tables: (offset, bytes) -> snapshots naming it.

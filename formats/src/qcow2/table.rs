@@ -189,6 +189,22 @@ pub fn be64(b: &[u8], at: usize) -> u64 {
         .unwrap_or(0)
 }
 
+/// Big-endian u32 at `at` of `b`, 0 if short.
+pub fn be32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at.saturating_add(4))
+        .and_then(|s| <[u8; 4]>::try_from(s).ok())
+        .map(u32::from_be_bytes)
+        .unwrap_or(0)
+}
+
+/// Big-endian u16 at `at` of `b`, 0 if short.
+pub fn be16(b: &[u8], at: usize) -> u16 {
+    b.get(at..at.saturating_add(2))
+        .and_then(|s| <[u8; 2]>::try_from(s).ok())
+        .map(u16::from_be_bytes)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -366,18 +366,16 @@ fn disk_size(footer: &Footer, footer_at: u64, findings: &mut Vec<Finding>) -> Re
     // Only where readers disagree: QEMU sizes such a disk by its geometry while Hyper-V,
     // Azure and the spec's "current size" say otherwise.
     if uses_chs && chs_bytes != current {
-        let qemu = chs_bytes;
         findings.push(
             Finding::info(
                 "vhd.size-mismatch",
                 format!(
-                    "footer current size is {} bytes but the CHS geometry {}/{}/{} gives {chs_bytes}; for creator {:?} qemu-img -f vpc uses {} ({qemu} bytes), glimpse uses {virtual_size}",
+                    "footer current size is {} bytes but the CHS geometry {}/{}/{} gives {chs_bytes}; for creator {:?} qemu-img -f vpc and glimpse use the geometry, Hyper-V and Azure the current size",
                     footer.current_size,
                     footer.cylinders,
                     footer.heads,
                     footer.sectors,
                     footer.creator_name(),
-                    if uses_chs { "the geometry" } else { "the current size" },
                 ),
             )
             .at(footer_at.saturating_add(48)),
