@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde_json::Value;
 use sha2::Digest;
-use support::{codes, glimpse, json_of, s};
+use support::{codes, glimpse, json_of, s, unnamed_files_in};
 
 fn reject_codes(v: &Value) -> Vec<String> {
     v["findings"]
@@ -592,7 +592,8 @@ fn listing(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Starts `ova extract` of `ova` into `dir` and waits until its first temporary file exists.
+/// Starts `ova extract` of `ova` into `dir` and waits until its first temporary file exists:
+/// one without a name (O_TMPFILE), so the directory shows nothing new meanwhile.
 fn extract_until_a_temporary_file(ova: &Path, dir: &Path) -> std::process::Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
         .args(["ova", "extract", s(ova), s(dir)])
@@ -601,23 +602,21 @@ fn extract_until_a_temporary_file(ova: &Path, dir: &Path) -> std::process::Child
         .spawn()
         .unwrap();
     let start = std::time::Instant::now();
-    let writing = || {
-        std::fs::read_dir(dir).is_ok_and(|r| {
-            r.flatten().any(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(".glimpse-extract-")
-            })
-        })
-    };
-    while !writing() && start.elapsed() < std::time::Duration::from_secs(120) {
+    while !(dir.is_dir() && unnamed_files_in(child.id(), dir) > 0)
+        && start.elapsed() < std::time::Duration::from_secs(120)
+    {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    if !writing() {
+    if unnamed_files_in(child.id(), dir) == 0 {
         let _ = child.kill();
         let _ = child.wait();
         panic!("no temporary file appeared");
     }
+    let hidden: Vec<String> = listing(dir)
+        .into_iter()
+        .filter(|n| n.starts_with(".glimpse-extract-"))
+        .collect();
+    assert!(hidden.is_empty(), "a named temporary file: {hidden:?}");
     child
 }
 
@@ -683,6 +682,14 @@ fn a_signal_during_extract_leaves_no_temporary_file() {
             Some(top) => assert!(!top.exists(), "{} is left", top.display()),
         }
     }
+    // SIGKILL, which no handler sees: the member being written has no name, so nothing is
+    // left in the directory (a directory the extraction made stays, empty).
+    let dir = t.path().join("killed");
+    std::fs::create_dir(&dir).unwrap();
+    let mut child = extract_until_a_temporary_file(&ova, &dir);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(listing(&dir), Vec::<String>::new());
 }
 
 /// A ustar header for a regular file.

@@ -4,7 +4,9 @@
 //! directory, so same filesystem), and [`OutputFile::commit`] renames that into place only
 //! after the conversion succeeded. A failure, a cancellation or a panic drops the
 //! [`OutputFile`], which removes the temporary file and nothing else: an existing destination
-//! keeps every byte unless a new one replaced it whole.
+//! keeps every byte unless a new one replaced it whole. Where the file system allows, the
+//! temporary file has no name at all until the commit (`O_TMPFILE`,
+//! [`glimpse_formats::tmpfile`]), so that even a SIGKILL leaves nothing behind.
 //!
 //! A destination that is the source (the same device and inode, whatever path names it) is
 //! refused before anything is created, and so is one that is a file the source refers to
@@ -22,6 +24,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use glimpse_formats::tmpfile::Temp;
 use glimpse_formats::Reference;
 
 use crate::{Error, ErrorKind, Result, Target};
@@ -42,7 +45,7 @@ pub struct OutputOptions {
 /// A destination being written through a temporary file in its directory.
 #[derive(Debug)]
 pub struct OutputFile {
-    temp: tempfile::NamedTempFile,
+    temp: Temp,
     dest: PathBuf,
     opts: OutputOptions,
     other_links: u64,
@@ -75,11 +78,7 @@ impl OutputFile {
         };
         let name = temp_stem(&dest);
         let mode = existing.as_ref().map_or(0o666, |m| m.mode() & 0o777);
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".glimpse-tmp")
-            .permissions(Permissions::from_mode(mode))
-            .tempfile_in(&dir)
+        let temp = Temp::create_in(&dir, &format!(".{name}."), ".glimpse-tmp", mode)
             .map_err(|e| io_error(&dest, "cannot create a temporary file beside", e))?;
         if let Some(m) = &existing {
             // The owner first: a change of owner may clear the set-id bits the mode restores.
@@ -90,7 +89,7 @@ impl OutputFile {
             // The mode given at creation is reduced by the umask; a replaced file keeps its own.
             temp.as_file()
                 .set_permissions(Permissions::from_mode(mode))
-                .map_err(|e| io_error(temp.path(), "cannot set the mode of", e))?;
+                .map_err(|e| io_error(&dest, "cannot set the mode of the output for", e))?;
         }
         let other_links = existing.as_ref().map_or(0, |m| m.nlink().saturating_sub(1));
         Ok(OutputFile {
@@ -116,7 +115,7 @@ impl OutputFile {
             .temp
             .as_file()
             .try_clone()
-            .map_err(|e| io_error(self.temp.path(), "cannot open", e))?;
+            .map_err(|e| io_error(&self.dest, "cannot open the output for", e))?;
         Ok(Target::File(f))
     }
 
@@ -126,8 +125,9 @@ impl OutputFile {
         self.temp.as_file()
     }
 
-    /// The temporary file's path (for a signal handler that must remove it itself).
-    pub fn temp_path(&self) -> &Path {
+    /// The temporary file's path, for a signal handler that must remove it itself: `None`
+    /// when it has no name (`O_TMPFILE`), so that nothing can be left behind.
+    pub fn temp_path(&self) -> Option<&Path> {
         self.temp.path()
     }
 
@@ -148,9 +148,23 @@ impl OutputFile {
         if opts.fsync {
             temp.as_file()
                 .sync_all()
-                .map_err(|e| io_error(temp.path(), "cannot fsync", e))?;
+                .map_err(|e| io_error(&dest, "cannot fsync the output for", e))?;
         }
-        let temp = temp.into_temp_path();
+        let temp = if std::fs::symlink_metadata(&dest).is_err() {
+            // Nothing there: the file gets its final name directly, never replacing one that
+            // appeared meanwhile (that is replaced as below).
+            match temp.persist_noclobber(&dest) {
+                Ok(_) => return sync_dir(&dest, opts),
+                Err((e, t)) if e.kind() == io::ErrorKind::AlreadyExists => t,
+                Err((e, _)) => return Err(io_error(&dest, "cannot rename the output onto", e)),
+            }
+        } else {
+            temp
+        };
+        let temp = temp
+            .into_named()
+            .map_err(|e| io_error(&dest, "cannot name the output beside", e))?
+            .into_temp_path();
         let replaces_a_file = std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_file());
         if replaces_a_file && exchange(&temp, &dest).is_ok() {
             if std::fs::symlink_metadata(&temp).is_ok_and(|m| m.is_dir()) {
@@ -170,17 +184,22 @@ impl OutputFile {
             temp.persist(&dest)
                 .map_err(|e| io_error(&dest, "cannot rename the output onto", e.error))?;
         }
-        if opts.fsync {
-            let dir = match dest.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => Path::new("."),
-            };
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_error(dir, "cannot fsync the directory", e))?;
-        }
-        Ok(())
+        sync_dir(&dest, opts)
     }
+}
+
+/// fsyncs the directory of `dest` when asked, so that its new name is durable.
+fn sync_dir(dest: &Path, opts: OutputOptions) -> Result<()> {
+    if opts.fsync {
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error(dir, "cannot fsync the directory", e))?;
+    }
+    Ok(())
 }
 
 /// Swaps the names `a` and `b` atomically (`renameat2` with `RENAME_EXCHANGE`): `b` is the new
@@ -469,9 +488,10 @@ mod tests {
             panic!("file target")
         };
         f.write_all(b"new").unwrap();
-        let temp = out.temp_path().to_path_buf();
+        // O_TMPFILE: the file being written has no name, so nothing can be left behind.
+        assert!(out.temp_path().is_none());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         drop(out);
-        assert!(!temp.exists());
         assert_eq!(std::fs::read(&dest).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 
@@ -615,12 +635,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for len in [240, 250, 255] {
             let dest = dir.path().join("é".repeat(len / 2) + &"a".repeat(len % 2));
-            let out = OutputFile::create(&dest, None, OutputOptions::default()).unwrap();
-            let temp = out.temp_path().file_name().unwrap().len();
+            // The name a temporary file gets where it needs one (a file system without
+            // O_TMPFILE, or when it replaces a file).
+            let stem = temp_stem(&dest);
+            let named =
+                Temp::create_named_in(dir.path(), &format!(".{stem}."), ".glimpse-tmp", 0o600)
+                    .unwrap();
+            let temp = named.path().unwrap().file_name().unwrap().len();
             assert!(temp <= 130, "{temp}");
-            out.as_file().write_all(b"new").unwrap();
-            out.commit().unwrap();
-            assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+            drop(named);
+            // Written new, then replaced.
+            for content in [&b"new"[..], b"newer"] {
+                let out = OutputFile::create(&dest, None, OutputOptions::default()).unwrap();
+                out.as_file().write_all(content).unwrap();
+                out.commit().unwrap();
+                assert_eq!(std::fs::read(&dest).unwrap(), content);
+            }
             std::fs::remove_file(&dest).unwrap();
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

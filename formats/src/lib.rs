@@ -59,6 +59,7 @@ pub mod probe;
 pub mod ranges;
 pub mod reader;
 pub mod table;
+pub mod tmpfile;
 pub mod unsupported;
 mod xml;
 

@@ -1716,6 +1716,31 @@ fn image_members_the_descriptor_does_not_use_are_checked() {
     assert!(rejects(&check(with("notes.txt", b"plain text"))).is_empty());
 }
 
+/// An archive in memory that sets `cancel` at the first read of byte `at` once `armed`: a
+/// signal that arrives while that member is being written.
+struct Tripwire {
+    bytes: Vec<u8>,
+    at: u64,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ReadAt for Tripwire {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering;
+        if self.armed.load(Ordering::SeqCst)
+            && offset <= self.at
+            && self.at < offset + buf.len() as u64
+        {
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+        self.bytes.as_slice().read_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.bytes.len() as u64)
+    }
+}
+
 #[test]
 fn a_cancelled_extraction_removes_its_temporary_files_and_releases_their_hooks() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1728,20 +1753,31 @@ fn a_cancelled_extraction_removes_its_temporary_files_and_releases_their_hooks()
     }
     let tmp = tempfile::tempdir().unwrap();
     let disk = disk_bytes(3 << 20, 21);
+    let bytes = appliance(&[("d.img", disk.clone())], Some(Algo::Sha256));
+    // The manifest's first byte: the signal arrives while it (the second member) is written.
+    let at = bytes
+        .windows(7)
+        .position(|w| w == b"SHA256(")
+        .expect("a manifest") as u64;
+    let armed = Arc::new(AtomicBool::new(false));
+    let cancel = Arc::new(AtomicBool::new(false));
     let o = ova::read_ova(
-        src(appliance(&[("d.img", disk.clone())], Some(Algo::Sha256))),
+        Arc::new(Tripwire {
+            bytes,
+            at,
+            armed: armed.clone(),
+            cancel: cancel.clone(),
+        }),
         &Limits::default(),
     )
     .unwrap();
-    let cancel = AtomicBool::new(false);
     let seen = std::sync::Mutex::new(Vec::new());
-    // The signal arrives while the second member (the manifest) is being written.
+    // Told of each directory the extraction makes (after the check, which reads every
+    // member), and of each temporary file that has a name: on this machine's file systems
+    // they have none (O_TMPFILE), so there is nothing to remove.
     let hook = |p: &Path| -> Box<dyn std::any::Any> {
-        let mut s = seen.lock().unwrap();
-        s.push(p.to_path_buf());
-        if s.len() == 2 {
-            cancel.store(true, Ordering::SeqCst);
-        }
+        seen.lock().unwrap().push(p.to_path_buf());
+        armed.store(true, Ordering::SeqCst);
         LIVE.fetch_add(1, Ordering::SeqCst);
         Box::new(Live)
     };
@@ -1749,23 +1785,30 @@ fn a_cancelled_extraction_removes_its_temporary_files_and_releases_their_hooks()
         cancel: Some(&cancel),
         temp: Some(&hook),
     };
-    let mine = tmp.path().join("mine");
-    std::fs::create_dir(&mine).unwrap();
-    std::fs::write(mine.join("keep.txt"), b"keep").unwrap();
+    let top = tmp.path().join("fresh");
+    let fresh = top.join("out");
     let e = o
-        .extract_with(&mine, &Limits::default(), &hooks)
+        .extract_with(&fresh, &Limits::default(), &hooks)
         .unwrap_err();
     assert!(e.to_string().contains("cancelled"), "{e}");
     let seen = std::mem::take(&mut *seen.lock().unwrap());
-    assert_eq!(seen.len(), 2);
-    assert!(seen.iter().all(|p| p.starts_with(&mine) && !p.exists()));
-    assert_eq!(tree(&mine), [mine.join("keep.txt")]);
+    assert_eq!(seen, [top.clone(), fresh.clone()], "the directories only");
+    assert!(
+        !top.exists(),
+        "the directories the extraction made are removed"
+    );
     assert_eq!(LIVE.load(Ordering::SeqCst), 0, "every hook value dropped");
-    // A directory the extraction created is removed; without a cancel it completes.
-    cancel.store(true, Ordering::SeqCst);
-    let fresh = tmp.path().join("fresh/out");
-    assert!(o.extract_with(&fresh, &Limits::default(), &hooks).is_err());
-    assert!(!fresh.exists());
+    // Into a directory of the user's: its file stays, nothing else appears.
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("keep.txt"), b"keep").unwrap();
+    cancel.store(false, Ordering::SeqCst);
+    // No directory to make: armed from the start, the manifest's read is the write phase's
+    // (the check reads before any temporary file exists, so a cancel there also writes none).
+    armed.store(true, Ordering::SeqCst);
+    assert!(o.extract_with(&mine, &Limits::default(), &hooks).is_err());
+    assert_eq!(tree(&mine), [mine.join("keep.txt")]);
+    // Without a cancel it completes.
     let x = o
         .extract_with(&fresh, &Limits::default(), &ova::ExtractHooks::default())
         .unwrap();

@@ -105,7 +105,7 @@ const EXIT_BROKEN_PIPE: u8 = 141;
 
 /// The output: its target, and the temporary file with its registration for the signal
 /// handler (none for stdout).
-type Output = (Target, Option<(OutputFile, interrupt::Registered)>);
+type Output = (Target, Option<(OutputFile, Option<interrupt::Registered>)>);
 
 /// Where the image goes: stdout, or a temporary file renamed onto DST on success.
 fn open_output(args: &Args) -> anyhow::Result<Output> {
@@ -119,7 +119,8 @@ fn open_output(args: &Args) -> anyhow::Result<Output> {
         OutputOptions { fsync: args.fsync },
     )
     .map_err(refused)?;
-    let registered = interrupt::register(out.temp_path());
+    // A temporary file without a name (O_TMPFILE) needs no removing.
+    let registered = out.temp_path().map(interrupt::register);
     if out.other_links() > 0 {
         eprintln!(
             "glimpse: warning: {}: has {} other hard link(s); they keep the old content: the \

@@ -58,3 +58,34 @@ pub fn content_digest(path: &Path) -> String {
         .unwrap_or_else(|| panic!("no content digest in {v}"))
         .to_string()
 }
+
+/// The descriptors process `pid` holds open on files in `dir` that have no name: `O_TMPFILE` files, which
+/// /proc shows as `DIR/#INODE (deleted)`. Proves that an output being written is one.
+pub fn unnamed_files_in(pid: u32, dir: &Path) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    fds.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|t| {
+            let t = t.to_string_lossy();
+            t.strip_prefix(&*dir.to_string_lossy())
+                .and_then(|r| r.strip_prefix("/#"))
+                .is_some_and(|r| r.ends_with(" (deleted)"))
+        })
+        .count()
+}
+
+/// Waits up to two minutes until `pid` holds an unnamed file in `dir`; panics otherwise.
+pub fn wait_for_unnamed_file(pid: u32, dir: &Path) {
+    let start = std::time::Instant::now();
+    while unnamed_files_in(pid, dir) == 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "no unnamed temporary file appeared in {}",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}

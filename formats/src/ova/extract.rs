@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 use crate::error::{Error, Result};
 use crate::finding::{Finding, Severity};
 use crate::limits::Limits;
+use crate::tmpfile::Temp;
 
 use super::tar::MemberKind;
 use super::{check, Ova};
@@ -125,14 +126,11 @@ impl Ova {
         hooks.check()?;
         let mut written: Vec<PathBuf> = Vec::new();
         for ((tmp, _registered), path) in temps {
-            if let Err(e) = tmp.persist_noclobber(&path) {
+            if let Err((e, _)) = tmp.persist_noclobber(&path) {
                 for p in &written {
                     let _ = std::fs::remove_file(p);
                 }
-                return Err(Error::io(
-                    e.error,
-                    format!("renaming into {}", path.display()),
-                ));
+                return Err(Error::io(e, format!("renaming into {}", path.display())));
             }
             written.push(path);
         }
@@ -144,17 +142,14 @@ impl Ova {
         i: usize,
         path: &Path,
         hooks: &ExtractHooks<'_>,
-    ) -> Result<(tempfile::NamedTempFile, Option<Box<dyn Any>>)> {
+    ) -> Result<(Temp, Option<Box<dyn Any>>)> {
         use std::io::Write;
-        use std::os::unix::fs::PermissionsExt;
         let dir = path.parent().unwrap_or(Path::new("."));
         let werr = |e: std::io::Error| Error::io(e, format!("writing {}", path.display()));
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".glimpse-extract-")
-            .permissions(std::fs::Permissions::from_mode(0o644))
-            .tempfile_in(dir)
+        // Without a name where the file system allows (O_TMPFILE): a SIGKILL leaves nothing.
+        let mut tmp = Temp::create_in(dir, ".glimpse-extract-", "", 0o644)
             .map_err(|e| Error::io(e, format!("creating a temporary file in {}", dir.display())))?;
-        let registered = hooks.temp.map(|t| t(tmp.path()));
+        let registered = tmp.path().and_then(|p| hooks.temp.map(|t| t(p)));
         hooks.check()?;
         let src = self.member_source(i)?;
         let f = tmp.as_file_mut();
@@ -176,7 +171,8 @@ pub type TempHook<'a> = dyn Fn(&Path) -> Box<dyn Any> + 'a;
 pub struct ExtractHooks<'a> {
     /// Set (by a signal handler, say) to stop before the next chunk.
     pub cancel: Option<&'a AtomicBool>,
-    /// Called with each temporary file's path as soon as it exists, and with each directory
+    /// Called with each temporary file's path as soon as it exists (a file without a name,
+    /// `O_TMPFILE`, has none and needs no removing), and with each directory
     /// the extraction creates just before it exists; the value it returns is dropped when
     /// that file is renamed into place or removed, or when the extraction ends.
     pub temp: Option<&'a TempHook<'a>>,
