@@ -487,6 +487,10 @@ fn the_schema_validator_rejects_wrong_documents() {
             "upload.json",
             serde_json::json!({"file": "x", "verdict": "reject", "findings": []}),
         ),
+        (
+            "upload.json",
+            serde_json::json!({"filename": "x", "error": {"kind": "io", "code": "io.error", "message": "m", "offset": null}, "image_id": "i", "left_behind": "no"}),
+        ),
     ];
     for (schema, v) in bad {
         assert!(check_against(schema, &v).is_err(), "{schema} accepted {v}");

@@ -3,6 +3,9 @@
 //! and the Keystone responder serves a recorded token reply whose catalog points at the real
 //! Glance.
 
+#[path = "support/schema.rs"]
+#[allow(dead_code)]
+mod schema;
 mod upload_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -869,4 +872,231 @@ fn tls_is_verified_and_os_cacert_and_insecure_are_honoured() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr.contains("HTTP 501"), "{stderr}");
     assert!(!stderr.contains(TOKEN));
+}
+
+/// Glance made the image but its reply to the create never arrived (a reset, a gateway error):
+/// glimpse chose the id, so it still deletes that image, and says so in its JSON.
+#[test]
+fn a_lost_create_reply_leaves_no_image_behind() {
+    let g = glance(BIN);
+    let proxy = Proxy::start(&g.url, PutMode::DropReply("POST /v2/images "));
+    let dir = tempfile::tempdir().unwrap();
+    let file = raw_file(dir.path(), "disk.raw", 64 * 1024);
+    let name = unique("lostcreate");
+    let out = upload(
+        &proxy.url,
+        &["--name", &name, "--output", "json", file.to_str().unwrap()],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("creating the image"), "{stderr}");
+    assert!(
+        stderr.contains("deleted; nothing was left behind"),
+        "{stderr}"
+    );
+    let creates = proxy
+        .heads()
+        .iter()
+        .filter(|h| h.starts_with("POST /v2/images "))
+        .count();
+    assert_eq!(creates, 1, "{:?}", proxy.heads());
+    assert!(g.images_named(&name).is_empty(), "an image was left behind");
+    let v = json(&out);
+    assert_eq!(v["left_behind"], false, "{v}");
+    let id = v["image_id"].as_str().unwrap();
+    assert_eq!(id.len(), 36, "{id}");
+    assert!(
+        proxy
+            .heads()
+            .iter()
+            .any(|h| h.starts_with(&format!("DELETE /v2/images/{id} "))),
+        "{:?}",
+        proxy.heads()
+    );
+    schema::assert_valid("upload.json", &v);
+}
+
+/// A signal while Glance has not answered yet (the create, the PUT, which Glance answers only
+/// once the data is stored, or the verifying GET) ends the wait at once; the image is deleted
+/// over a new connection.
+#[test]
+fn a_signal_while_glance_holds_its_reply_ends_the_wait_and_deletes_the_image() {
+    let g = glance(BIN);
+    let dir = tempfile::tempdir().unwrap();
+    let file = raw_file(dir.path(), "disk.raw", 256 * 1024);
+    for held in ["POST /v2/images ", "PUT ", "GET /v2/images/"] {
+        let proxy = Proxy::start(&g.url, PutMode::HoldReply(held, Duration::from_secs(120)));
+        let name = unique("held");
+        let child = glimpse()
+            .arg("upload")
+            .args([
+                "--os-auth-token",
+                TOKEN,
+                "--os-image-url",
+                &proxy.url,
+                "--name",
+                &name,
+                file.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let child = KillOnDrop(child);
+        // Glance has answered the held request (the proxy holds the answer) once its next
+        // step would start; wait until the held request went out, then a little.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !proxy.heads().iter().any(|h| h.starts_with(held)) {
+            assert!(Instant::now() < deadline, "{held}: {:?}", proxy.heads());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = i32::try_from(child.0.id()).unwrap();
+        let signalled = Instant::now();
+        // SAFETY: sending SIGINT to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        let mut child = child;
+        let status = loop {
+            if let Some(s) = child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                signalled.elapsed() < Duration::from_secs(30),
+                "{held}: still waiting 30 s after SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        child
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert_eq!(status.code(), Some(2), "{held}: {stderr}");
+        assert!(stderr.contains("interrupted by SIGINT"), "{held}: {stderr}");
+        assert!(
+            stderr.contains("deleted; nothing was left behind"),
+            "{held}: {stderr}"
+        );
+        assert!(
+            g.images_named(&name).is_empty(),
+            "{held}: an image was left behind"
+        );
+    }
+}
+
+/// `--protected` is set last, after the verification; when the reply to that PATCH is lost,
+/// the image (protected by then) is unprotected and deleted, not left undeletable.
+#[test]
+fn a_lost_reply_to_protecting_leaves_no_protected_image() {
+    let g = glance(BIN);
+    let proxy = Proxy::start(&g.url, PutMode::DropReply("PATCH "));
+    let dir = tempfile::tempdir().unwrap();
+    let file = raw_file(dir.path(), "disk.raw", 64 * 1024);
+    let name = unique("protect");
+    let out = upload(
+        &proxy.url,
+        &["--name", &name, "--protected", file.to_str().unwrap()],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("deleted; nothing was left behind"),
+        "{stderr}"
+    );
+    assert!(g.images_named(&name).is_empty(), "an image was left behind");
+}
+
+/// The gate's two formats cannot be overridden through `--property`, and the other core
+/// attributes are refused there too; nothing is sent.
+#[test]
+fn core_attributes_are_refused_as_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = raw_file(dir.path(), "disk.raw", 64 * 1024);
+    for prop in [
+        "disk_format=ploop",
+        "container_format=ova",
+        "id=0b5b7d8e-0000-4000-8000-000000000000",
+        "status=active",
+        "name=x",
+    ] {
+        let out = upload(
+            "http://127.0.0.1:1",
+            &["--property", prop, file.to_str().unwrap()],
+        );
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{prop}: {stdout}\n{stderr}");
+        assert!(stderr.contains("core attribute"), "{prop}: {stderr}");
+    }
+}
+
+/// A write into the file while it is being sent (a disk still attached to a running VM):
+/// the bytes Glance got are not the ones checked, though their digests match what was sent.
+#[test]
+fn a_file_written_during_the_upload_is_not_left_in_glance() {
+    let g = glance(BIN);
+    let proxy = Proxy::start(&g.url, PutMode::Throttle(16 * 1024));
+    let dir = tempfile::tempdir().unwrap();
+    let file = raw_file(dir.path(), "disk.raw", 4 * 1024 * 1024);
+    let name = unique("inplace");
+    let child = glimpse()
+        .arg("upload")
+        .args([
+            "--os-auth-token",
+            TOKEN,
+            "--os-image-url",
+            &proxy.url,
+            "--name",
+            &name,
+            file.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.put_bytes.load(Ordering::SeqCst) < 64 * 1024 {
+        assert!(Instant::now() < deadline, "{:?}", proxy.heads());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Overwrite the last MiB in place (not yet sent), through another descriptor.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::End(-(1 << 20))).unwrap();
+    f.write_all(&vec![0xA5u8; 1 << 20]).unwrap();
+    drop(f);
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("was modified"), "{stderr}");
+    assert!(stderr.contains("deleted"), "{stderr}");
+    assert!(g.images_named(&name).is_empty(), "an image was left behind");
+}
+
+/// Endpoints are printed without the credentials a URL may carry, and one with a query (which
+/// would swallow the `/v2/...` appended to it) is refused.
+#[test]
+fn endpoint_urls_never_show_their_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = raw_file(dir.path(), "disk.raw", 1000);
+    let out = upload(
+        "http://svc:URLPASSWORD@127.0.0.1:1",
+        &["-v", file.to_str().unwrap()],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("http://127.0.0.1:1/v2/images"), "{stderr}");
+    assert!(!stderr.contains("URLPASSWORD") && !stdout.contains("URLPASSWORD"));
+    // A create that never reached Glance (connection refused) made nothing to delete.
+    assert!(stderr.contains("nothing was created"), "{stderr}");
+    assert!(!stderr.contains("DELETE"), "{stderr}");
+    let out = upload(
+        "http://127.0.0.1:1/?sig=URLSIGNATURE",
+        &[file.to_str().unwrap()],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("has a query or fragment"), "{stderr}");
+    assert!(!stderr.contains("URLSIGNATURE") && !stdout.contains("URLSIGNATURE"));
 }

@@ -26,10 +26,10 @@
 //! allocation beyond what was asked for. URLs are shown without userinfo and query (a presigned
 //! URL's signature is a credential), and header values are [`Secret`]s.
 
-mod cancel;
+pub(crate) mod cancel;
 mod readahead;
 mod session;
-mod url;
+pub(crate) mod url;
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -105,7 +105,7 @@ pub fn open(input: &str) -> anyhow::Result<HttpSource> {
         }
         let mut opts = config().auth.clone().unwrap_or_else(env_auth);
         auth::apply_cloud(&mut opts)?;
-        let client = Http::new(agent.clone(), config().verbose);
+        let client = Http::new(agent.clone(), &config().tls, config().verbose);
         let session = auth::authenticate(&client, &opts).context("glance:// needs credentials")?;
         let url = format!("{}/v2/images/{id}/file", session.image_url);
         HttpSource::open(agent, &url, vec![("X-Auth-Token".into(), session.token)])

@@ -20,6 +20,18 @@ pub fn shown(url: &str) -> String {
     format!("{scheme}://{host}{path}")
 }
 
+/// `url` without userinfo (`user:password@`), for a request glimpse builds itself on an
+/// endpoint that has no query: the query it adds (a listing's marker) is worth showing.
+pub fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(auth_end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{host}{tail}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -32,6 +44,11 @@ mod tests {
         );
         assert_eq!(shown("http://h:8080/a/b"), "http://h:8080/a/b");
         assert_eq!(shown("http://h?sig=1"), "http://h");
+        assert_eq!(
+            without_userinfo("http://u:p@h:1/v2/images?marker=m"),
+            "http://h:1/v2/images?marker=m"
+        );
+        assert_eq!(without_userinfo("http://h?a=b@c"), "http://h?a=b@c");
         assert!(is_url("HTTPS://x/y") && is_url("http://x") && !is_url("disk.qcow2"));
         assert!(!is_url("ftp://x") && !is_url("htt"));
     }

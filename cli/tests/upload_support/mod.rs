@@ -214,6 +214,12 @@ pub enum PutMode {
     CutAfter(usize),
     /// Forward slowly: this many bytes every 20 ms.
     Throttle(usize),
+    /// Forward every request, but hold Glance's reply to the requests whose head starts with
+    /// this for this long (a Glance or gateway slow to answer).
+    HoldReply(&'static str, Duration),
+    /// Forward every request, but drop Glance's reply to the requests whose head starts with
+    /// this and close the connection (a reply lost on the way, after Glance acted).
+    DropReply(&'static str),
 }
 
 /// A loopback TCP proxy in front of the real Glance. It is not a mock: every byte goes to and
@@ -275,12 +281,7 @@ fn serve(
     let mut server = TcpStream::connect(upstream)?;
     // Glance answers with Connection: close, so one request per connection: the reply copier
     // runs until the server closes.
-    let mut s2 = server.try_clone()?;
-    let mut c2 = client.try_clone()?;
-    let back = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut s2, &mut c2);
-        let _ = c2.shutdown(Shutdown::Write);
-    });
+    let mut back = None;
     let mut buf = vec![0u8; 64 * 1024];
     let mut head = Vec::new();
     let mut head_done = false;
@@ -298,6 +299,7 @@ fn serve(
                 head_done = true;
                 let text = String::from_utf8_lossy(&head[..end]).into_owned();
                 is_put = text.starts_with("PUT ");
+                back = Some(replies(&server, &client, mode, &text)?);
                 heads.lock().unwrap().push(text);
                 let body_start = end + 4;
                 server.write_all(&head[..body_start])?;
@@ -323,10 +325,13 @@ fn serve(
                         // the connection dies mid-upload, for both sides
                         let _ = client.shutdown(Shutdown::Both);
                         let _ = server.shutdown(Shutdown::Both);
-                        let _ = back.join();
+                        if let Some(b) = back {
+                            let _ = b.join();
+                        }
                         return Ok(());
                     }
                 }
+                PutMode::HoldReply(..) | PutMode::DropReply(_) => {}
                 PutMode::Throttle(step) => {
                     while chunk.len() > step {
                         server.write_all(&chunk[..step])?;
@@ -343,6 +348,41 @@ fn serve(
         server.write_all(chunk)?;
     }
     let _ = server.shutdown(Shutdown::Write);
-    let _ = back.join();
+    if let Some(b) = back {
+        let _ = b.join();
+    }
     Ok(())
+}
+
+/// Starts copying Glance's reply to the request whose head is `head` back to the client, held
+/// or dropped as `mode` says.
+fn replies(
+    server: &TcpStream,
+    client: &TcpStream,
+    mode: PutMode,
+    head: &str,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let mut s2 = server.try_clone()?;
+    let mut c2 = client.try_clone()?;
+    let head = head.to_string();
+    Ok(std::thread::spawn(move || {
+        match mode {
+            PutMode::HoldReply(prefix, hold) if head.starts_with(prefix) => {
+                // Glance has answered once its first bytes arrive: only then hold them.
+                let mut first = [0u8; 1];
+                if matches!(s2.read(&mut first), Ok(1)) {
+                    std::thread::sleep(hold);
+                    let _ = c2.write_all(&first);
+                }
+            }
+            PutMode::DropReply(prefix) if head.starts_with(prefix) => {
+                let _ = std::io::copy(&mut s2, &mut std::io::sink());
+                let _ = c2.shutdown(Shutdown::Both);
+                return;
+            }
+            _ => {}
+        }
+        let _ = std::io::copy(&mut s2, &mut c2);
+        let _ = c2.shutdown(Shutdown::Write);
+    }))
 }

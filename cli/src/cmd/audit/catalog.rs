@@ -304,7 +304,11 @@ mod tests {
 
     /// A client for URL-building tests (nothing is sent).
     fn catalog() -> Catalog<'static> {
-        let http: &'static Http = Box::leak(Box::new(Http::new(Agent::new_with_defaults(), false)));
+        let http: &'static Http = Box::leak(Box::new(Http::new(
+            Agent::new_with_defaults(),
+            &Default::default(),
+            false,
+        )));
         let token: &'static Secret = Box::leak(Box::new(Secret::new("t")));
         Catalog::new(
             http,

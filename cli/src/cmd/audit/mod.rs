@@ -173,7 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
     }
     let agent = http::agent(&opts.tls)?;
-    let client = Http::new(agent.clone(), args.verbose);
+    let client = Http::new(agent.clone(), &opts.tls, args.verbose);
     let session = auth::authenticate(&client, &opts)?;
     let catalog = Catalog::new(
         &client,

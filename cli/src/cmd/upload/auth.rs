@@ -52,7 +52,8 @@ pub struct AuthOptions {
 /// the OpenStack clients take them: flags, or the `OS_*` variables.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct AuthArgs {
-    /// A Keystone token (with --os-image-url); never printed.
+    /// A Keystone token (with --os-image-url); never printed. Prefer the variable: a flag's
+    /// value is visible to other local users in the process list.
     #[arg(long, env = "OS_AUTH_TOKEN", hide_env_values = true)]
     os_auth_token: Option<String>,
     /// The image service endpoint, e.g. http://glance:9292 (overrides the catalog).
@@ -70,7 +71,8 @@ pub struct AuthArgs {
     /// User id.
     #[arg(long, env = "OS_USER_ID")]
     os_user_id: Option<String>,
-    /// Password; never printed.
+    /// Password; never printed. Prefer the variable or clouds.yaml: a flag's value is
+    /// visible to other local users in the process list.
     #[arg(long, env = "OS_PASSWORD", hide_env_values = true)]
     os_password: Option<String>,
     /// Project name.
@@ -306,6 +308,7 @@ pub fn authenticate(http: &Http, opts: &AuthOptions) -> anyhow::Result<Session> 
         let Some(url) = &opts.image_url else {
             bail!("a token (--os-auth-token / OS_AUTH_TOKEN) needs the image endpoint: --os-image-url or OS_IMAGE_URL")
         };
+        check_endpoint("OS_IMAGE_URL (--os-image-url)", url)?;
         return Ok(Session {
             token: token.clone(),
             image_url: image_root(url),
@@ -321,6 +324,7 @@ pub fn authenticate(http: &Http, opts: &AuthOptions) -> anyhow::Result<Session> 
         .password
         .as_ref()
         .ok_or_else(|| anyhow!("OS_AUTH_URL is set but OS_PASSWORD is not"))?;
+    check_endpoint("OS_AUTH_URL (--os-auth-url)", auth_url)?;
     let url = tokens_url(auth_url);
     let body = password_request(opts, password)?;
     let reply = http
@@ -330,24 +334,77 @@ pub fn authenticate(http: &Http, opts: &AuthOptions) -> anyhow::Result<Session> 
             None,
             Body::Json("application/json", body),
         )
+        .map_err(|e| redact(e, password))
         .context("Keystone authentication")?;
     let token = reply
         .header("x-subject-token")
         .map(Secret::new)
-        .ok_or_else(|| anyhow!("Keystone's reply from {url} has no X-Subject-Token header"))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "Keystone's reply from {} has no X-Subject-Token header",
+                shown(&url)
+            )
+        })?;
     let image_url = match &opts.image_url {
-        Some(u) => u.clone(),
+        Some(u) => {
+            check_endpoint("OS_IMAGE_URL (--os-image-url)", u)?;
+            u.clone()
+        }
         None => {
             let doc = reply
                 .json()
-                .with_context(|| format!("Keystone's reply from {url}"))?;
-            catalog_image_url(&doc, opts.interface.as_deref(), opts.region.as_deref())?
+                .with_context(|| format!("Keystone's reply from {}", shown(&url)))?;
+            let u = catalog_image_url(&doc, opts.interface.as_deref(), opts.region.as_deref())?;
+            check_endpoint("the catalog's image endpoint", &u)?;
+            u
         }
     };
+    if auth_url.starts_with("https://") && image_url.starts_with("http://") {
+        eprintln!(
+            "glimpse: warning: the token from {} (https) goes to the image endpoint {} over plain http",
+            shown(auth_url),
+            shown(&image_url)
+        );
+    }
     Ok(Session {
         token,
         image_url: image_root(&image_url),
     })
+}
+
+/// `url` as it may be printed (no userinfo, query or fragment).
+fn shown(url: &str) -> String {
+    crate::remote::url::shown(url)
+}
+
+/// An endpoint (Keystone's or the image service's) must be an `http://` or `https://` URL
+/// without a query or fragment (glimpse appends `/v2/...` or `/v3/...` to it, which a query
+/// would swallow).
+///
+/// # Errors
+/// Any other form.
+pub fn check_endpoint(what: &str, url: &str) -> anyhow::Result<()> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("{what} {:?} is not an http:// or https:// URL", shown(url));
+    }
+    if url.contains(['?', '#']) {
+        bail!(
+            "{what} {:?} has a query or fragment; an endpoint has none",
+            shown(url)
+        );
+    }
+    Ok(())
+}
+
+/// A Keystone error that quotes the request (a misbehaving server or a proxy in front of it)
+/// must not print the password: every occurrence becomes `***`.
+fn redact(e: anyhow::Error, password: &Secret) -> anyhow::Error {
+    let secret = password.expose();
+    let text = format!("{e:#}");
+    if secret.is_empty() || !text.contains(secret) {
+        return e;
+    }
+    anyhow!("{}", text.replace(secret, "***"))
 }
 
 /// `{auth_url}/auth/tokens`, adding `/v3` when the URL names no version (as keystoneauth does
@@ -452,6 +509,35 @@ pub fn image_root(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_keystone_error_that_quotes_the_password_prints_stars() {
+        let pw = Secret::new("hunter2-PASSWORD");
+        let e = anyhow!(
+            r#"POST http://k/v3/auth/tokens failed with HTTP 401: bad credentials in {{"password":"hunter2-PASSWORD"}}"#
+        );
+        let shown = format!("{:#}", redact(e, &pw));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains(r#""password":"***""#), "{shown}");
+        let e = anyhow!("no reply");
+        assert_eq!(format!("{:#}", redact(e, &pw)), "no reply");
+    }
+
+    #[test]
+    fn image_endpoints_need_a_scheme_and_no_query() {
+        assert!(check_endpoint("e", "https://glance:9292").is_ok());
+        assert!(check_endpoint("e", "http://glance:9292/image").is_ok());
+        for bad in [
+            "glance:9292",
+            "file:///etc/passwd",
+            "http://h/?sig=S",
+            "http://h/#f",
+        ] {
+            let e = check_endpoint("e", bad).unwrap_err().to_string();
+            assert!(!e.contains("sig=S"), "{e}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -12,7 +12,41 @@ use serde_json::Value;
 use sha2::Sha512;
 use ureq::http::Method;
 
-use super::http::{Body, Http, Reply, Secret};
+use super::http::{Body, Http, Reply, Secret, StatusError};
+
+/// True when a request failed before anything reached the server: the name did not resolve,
+/// the connection was refused or timed out, or TLS failed. A create that failed so made no
+/// image.
+pub fn never_reached(e: &anyhow::Error) -> bool {
+    use ureq::Timeout;
+    e.chain().any(|c| match c.downcast_ref::<ureq::Error>() {
+        Some(
+            ureq::Error::HostNotFound
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::Timeout(Timeout::Resolve | Timeout::Connect)
+            | ureq::Error::Tls(_)
+            | ureq::Error::Rustls(_),
+        ) => true,
+        Some(ureq::Error::Io(io)) => unreachable(io),
+        _ => c.downcast_ref::<std::io::Error>().is_some_and(unreachable),
+    })
+}
+
+/// A refused connection, or a name the resolver does not know (std reports getaddrinfo's
+/// failure as an uncategorised error with this text).
+fn unreachable(io: &std::io::Error) -> bool {
+    io.kind() == std::io::ErrorKind::ConnectionRefused
+        || io
+            .to_string()
+            .contains("failed to lookup address information")
+}
+
+/// The HTTP status of a request that failed with one (a [`StatusError`] in `e`'s chain).
+pub fn status_of(e: &anyhow::Error) -> Option<u16> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<StatusError>())
+        .map(|s| s.status)
+}
 
 /// The Images API v2 with one token.
 pub struct Glance<'a> {

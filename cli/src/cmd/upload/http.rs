@@ -46,11 +46,22 @@ pub struct Tls {
 /// error pages are far smaller.
 const MAX_REPLY: u64 = 16 << 20;
 
+/// Largest estimated memory a reply's JSON may take once parsed. A parsed document costs far
+/// more than its text: an object of one short member (`{"":0}`, 6 bytes) costs about 500
+/// bytes, so the 16 MiB a reply may hold could take 1.6 GB. An image record, a token with a
+/// large catalog or a page of image records takes a few MiB at most.
+const MAX_JSON_COST: u64 = 64 << 20;
+
 /// Builds the agent.
 ///
 /// # Errors
 /// The CA file cannot be read or holds no certificate.
 pub fn agent(tls: &Tls) -> anyhow::Result<Agent> {
+    agent_with(tls, Duration::from_secs(3600))
+}
+
+/// The agent, waiting up to `reply` for a reply's headers.
+fn agent_with(tls: &Tls, reply: Duration) -> anyhow::Result<Agent> {
     let mut tls_config = TlsConfig::builder();
     if tls.insecure {
         tls_config = tls_config.disable_verification(true);
@@ -67,7 +78,7 @@ pub fn agent(tls: &Tls) -> anyhow::Result<Agent> {
         .user_agent(concat!("glimpse/", env!("CARGO_PKG_VERSION")))
         .timeout_connect(Some(Duration::from_secs(30)))
         // Glance answers a PUT only after it has stored and hashed the data.
-        .timeout_recv_response(Some(Duration::from_secs(3600)))
+        .timeout_recv_response(Some(reply))
         .timeout_recv_body(Some(Duration::from_secs(300)))
         .build();
     Ok(config.into())
@@ -113,7 +124,7 @@ impl Reply {
     /// # Errors
     /// The body is not JSON.
     pub fn json(&self) -> anyhow::Result<serde_json::Value> {
-        serde_json::from_slice(&self.body).context("the reply is not JSON")
+        parse_json(&self.body)
     }
     /// True for 2xx.
     pub fn ok(&self) -> bool {
@@ -150,10 +161,88 @@ impl fmt::Display for StatusError {
 
 impl std::error::Error for StatusError {}
 
+/// Parses a reply body as JSON, after making sure the document it describes stays within
+/// [`MAX_JSON_COST`] once in memory (a first pass that builds nothing).
+///
+/// # Errors
+/// The body is not JSON, or its document would be too large.
+pub fn parse_json(body: &[u8]) -> anyhow::Result<serde_json::Value> {
+    use serde::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let cost = de.deserialize_any(Cost).context("the reply is not JSON")?;
+    de.end().context("the reply is not JSON")?;
+    if cost > MAX_JSON_COST {
+        anyhow::bail!(
+            "the reply's JSON would take more than {} MiB of memory; refusing to parse it",
+            MAX_JSON_COST >> 20
+        );
+    }
+    serde_json::from_slice(body).context("the reply is not JSON")
+}
+
+/// A pass over a JSON document that builds nothing and estimates the bytes a
+/// `serde_json::Value` of it would take (generous per node: an object's map allocates a node
+/// of several entries however few it holds). The sums saturate rather than overflow.
+struct Cost;
+
+/// Bytes of one value, before what it holds.
+const NODE: u64 = 48;
+/// Bytes of an object's map before its members.
+const MAP: u64 = 512;
+
+impl<'de> serde::de::Visitor<'de> for Cost {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<u64, E> {
+        Ok(NODE)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<u64, E> {
+        Ok(NODE)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<u64, E> {
+        Ok(NODE)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<u64, E> {
+        Ok(NODE)
+    }
+    fn visit_str<E>(self, v: &str) -> Result<u64, E> {
+        Ok(NODE + v.len() as u64)
+    }
+    fn visit_unit<E>(self) -> Result<u64, E> {
+        Ok(NODE)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+        let mut total = NODE;
+        // A vector grows by doubling: count each element twice.
+        while let Some(c) = seq.next_element_seed(Cost)? {
+            total = total.saturating_add(c.saturating_add(NODE));
+        }
+        Ok(total)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+        let mut total = NODE + MAP;
+        while let Some(k) = map.next_key_seed(Cost)? {
+            let v = map.next_value_seed(Cost)?;
+            total = total.saturating_add(k.saturating_add(v));
+        }
+        Ok(total)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Cost {
+    type Value = u64;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
 /// Pulls a readable reason out of an OpenStack error body: JSON (`{"error": {"message"}}` from
 /// Keystone, `{"message"}`/`{"explanation"}` from Glance's webob), else the text without tags.
 pub fn reason(body: &[u8]) -> String {
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+    if let Ok(v) = parse_json(body) {
         let candidates = [
             v.pointer("/error/message"),
             v.pointer("/message"),
@@ -214,13 +303,39 @@ pub enum Body<'a> {
 /// `-v`. Never logs headers or bodies, so secrets stay out of the log.
 pub struct Http {
     agent: Agent,
+    tls: Tls,
     verbose: bool,
 }
 
 impl Http {
-    /// A client around `agent`.
-    pub fn new(agent: Agent, verbose: bool) -> Self {
-        Http { agent, verbose }
+    /// A client around `agent`, which was built from `tls` (kept for [`Http::for_cleanup`]).
+    pub fn new(agent: Agent, tls: &Tls, verbose: bool) -> Self {
+        Http {
+            agent,
+            tls: tls.clone(),
+            verbose,
+        }
+    }
+
+    /// Lets a signal end any request of this client that waits on the server: once the
+    /// command's handlers are installed, the first signal shuts down its connections (a
+    /// blocked read or write then fails at once) and it sends nothing more. The cleanup that
+    /// follows uses [`Http::for_cleanup`].
+    pub fn stop_on_signal(&self) {
+        crate::remote::cancel::watch_agent(&self.agent);
+    }
+
+    /// A new client on the same settings for the requests that clean up after a failure or a
+    /// signal (this one may be shut down), waiting at most a minute for each reply.
+    ///
+    /// # Errors
+    /// As [`agent`].
+    pub fn for_cleanup(&self) -> anyhow::Result<Self> {
+        Ok(Http {
+            agent: agent_with(&self.tls, Duration::from_secs(60))?,
+            tls: self.tls.clone(),
+            verbose: self.verbose,
+        })
     }
 
     /// Sends one request and reads the reply.
@@ -244,7 +359,9 @@ impl Http {
             v.set_sensitive(true);
             req = req.header("X-Auth-Token", v);
         }
-        let what = format!("{method} {url}");
+        // Shown without userinfo, which holds credentials (an endpoint has no query: the one
+        // a request has is glimpse's own, a listing's marker).
+        let what = format!("{method} {}", crate::remote::url::without_userinfo(url));
         if self.verbose {
             eprintln!("glimpse: {what}");
         }
@@ -298,7 +415,7 @@ impl Http {
         token: Option<&Secret>,
         body: Body<'_>,
     ) -> anyhow::Result<Reply> {
-        let what = format!("{method} {url}");
+        let what = format!("{method} {}", crate::remote::url::without_userinfo(url));
         let reply = self.send(method, url, token, body)?;
         if reply.ok() {
             return Ok(reply);
@@ -353,6 +470,31 @@ mod tests {
             "The request media type application/octet-stream is not supported by this server. Image disk_format qcow2 does not match stream data raw"
         );
         assert_eq!(reason(&[b'x'; 2000]).len(), 603);
+    }
+
+    /// A reply's JSON is parsed only when the document stays small in memory: 2 MiB of tiny
+    /// objects would take about 180 MB as a `Value`.
+    #[test]
+    fn json_that_would_balloon_in_memory_is_refused_before_it_is_built() {
+        let mut bomb = b"[".to_vec();
+        while bomb.len() < 2 << 20 {
+            bomb.extend_from_slice(br#"{"":0},"#);
+        }
+        bomb.extend_from_slice(br#"{"":0}]"#);
+        let e = parse_json(&bomb).unwrap_err();
+        assert!(format!("{e:#}").contains("more than 64 MiB"), "{e:#}");
+        // As an error body, it gives a reason without parsing it.
+        assert!(!reason(&bomb).is_empty());
+        // A large real document parses: a catalog of 2,000 endpoints, a long record.
+        let endpoints: Vec<serde_json::Value> = (0..2000)
+            .map(|i| serde_json::json!({"id": format!("e{i}"), "interface": "public", "region": "RegionOne", "region_id": "RegionOne", "url": format!("https://image-{i}.example:9292")}))
+            .collect();
+        let doc =
+            serde_json::json!({"token": {"catalog": [{"type": "image", "endpoints": endpoints}]}});
+        let text = serde_json::to_vec(&doc).unwrap();
+        assert_eq!(parse_json(&text).unwrap(), doc);
+        assert!(parse_json(b"{} x").is_err(), "trailing bytes");
+        assert!(parse_json(b"").is_err());
     }
 
     #[test]

@@ -111,6 +111,19 @@ pub struct Args {
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
+        Some((k, _)) if CORE.contains(&k) => Err(format!(
+            "{k:?} is a core attribute of the image, not an extra property{}",
+            match k {
+                "disk_format" | "container_format" => {
+                    ": the formats are the checked ones (--disk-format, --container-format)"
+                }
+                "name" | "visibility" | "min_disk" | "min_ram" | "protected" => {
+                    ": use its own option (--name, --visibility, --min-disk, --min-ram, --protected)"
+                }
+                "tags" => ": use --tag",
+                _ => "",
+            }
+        )),
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
@@ -126,6 +139,27 @@ struct Local {
     container: ContainerFormat,
     size: u64,
     virtual_size: Option<u64>,
+}
+
+/// What a local file's metadata says about its content: a write to it (even in place, which
+/// the open descriptor would not notice) changes its modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(f: &File) -> anyhow::Result<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata().context("cannot read")?;
+        Ok(Stamp {
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 /// Runs the command; returns the exit code (0 uploaded, 1 rejected before upload, 2 error).
@@ -160,11 +194,16 @@ fn run_checked(args: &Args) -> anyhow::Result<u8> {
     auth::apply_cloud(&mut opts)?;
     require_scheme("OS_IMAGE_URL (--os-image-url)", opts.image_url.as_deref())?;
     require_scheme("OS_AUTH_URL (--os-auth-url)", opts.auth_url.as_deref())?;
-    let http = Http::new(http::agent(&opts.tls)?, args.verbose);
+    let http = Http::new(http::agent(&opts.tls)?, &opts.tls, args.verbose);
     let session = auth::authenticate(&http, &opts)?;
     interrupt::install(interrupt::Again::Waits);
+    // A signal ends a request that waits on Glance (a reply can take up to an hour); the
+    // cleanup then runs on a client of its own.
+    http.stop_on_signal();
+    let cleanup = http.for_cleanup()?;
     let glance = Glance::new(&http, &session.token, &session.image_url);
-    upload(args, &local, &glance)
+    let cleaner = Glance::new(&cleanup, &session.token, &session.image_url);
+    upload(args, &local, &glance, &cleaner)
 }
 
 /// An endpoint without `http://` or `https://` would otherwise fail later with a confusing
@@ -181,7 +220,8 @@ pub(crate) fn require_scheme(what: &str, url: Option<&str>) -> anyhow::Result<()
 /// Local validation. `Ok(Err(1))` is a rejection already reported.
 /// The opened input.
 enum Input {
-    File(File),
+    /// A local file, and its metadata when it was opened, before the check.
+    File(File, Stamp),
     Remote(crate::remote::HttpSource),
 }
 
@@ -201,7 +241,22 @@ impl Input {
         }
         let file = crate::source::open_input(path, glimpse_formats::io::Access::Random)?.file;
         let checked = file.try_clone().context("cannot open")?;
-        Ok((Self::File(file), std::sync::Arc::new(checked)))
+        let stamp = Stamp::of(&file)?;
+        Ok((Self::File(file, stamp), std::sync::Arc::new(checked)))
+    }
+
+    /// Fails when the local file was written since it was opened: the bytes sent may then
+    /// differ from the bytes checked, though the digests of what was sent match (a remote
+    /// object is pinned by its validator instead).
+    fn unchanged(&self) -> anyhow::Result<()> {
+        if let Self::File(f, before) = self {
+            if Stamp::of(f)? != *before {
+                bail!(
+                    "the file was modified during the check or the upload (its size or times changed), so what Glance holds may not be what was checked"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The whole input, front to back.
@@ -209,7 +264,7 @@ impl Input {
         Ok(match self {
             // Streamed from the server into Glance: no local copy.
             Self::Remote(src) => src.sequential().context("cannot read")?,
-            Self::File(f) => {
+            Self::File(f, _) => {
                 // The check read at offsets (pread): this descriptor's position is its own
                 // to set.
                 let mut f = f.try_clone().context("cannot open")?;
@@ -345,10 +400,11 @@ fn report_findings(args: &Args, findings: &[glimpse_formats::Finding], forced: b
 
 const GIB: u64 = 1 << 30;
 
-/// The create request: core attributes, tags and extra properties in one POST (Glance takes
-/// extra properties as top-level string members). `protected` is left out: a protected image
+/// The create request: the id glimpse chose, core attributes, tags and extra properties in one
+/// POST (Glance takes extra properties as top-level string members; none may be a core
+/// attribute, [`parse_property`]). `protected` is left out: a protected image
 /// cannot be deleted, so it is set only after the upload has been verified.
-fn create_body(args: &Args, local: &Local) -> Value {
+fn create_body(args: &Args, local: &Local, id: &str) -> Value {
     let name = args.name.clone().unwrap_or_else(|| {
         // A URL's name without its query (a presigned URL's signature).
         PathBuf::from(crate::common::name(&args.file))
@@ -357,6 +413,7 @@ fn create_body(args: &Args, local: &Local) -> Value {
             .unwrap_or_default()
     });
     let mut m = Map::new();
+    m.insert("id".into(), id.into());
     m.insert("name".into(), name.into());
     m.insert("disk_format".into(), local.disk.name().into());
     m.insert("container_format".into(), local.container.name().into());
@@ -388,19 +445,39 @@ fn create_body(args: &Args, local: &Local) -> Value {
 }
 
 /// Everything after local validation: create, send, verify, and delete on any failure.
-fn upload(args: &Args, local: &Local, glance: &Glance<'_>) -> anyhow::Result<u8> {
+///
+/// glimpse chooses the image's id and sends it with the create, so that an image Glance made
+/// can be found and deleted even when the create's reply is lost (a reset, a gateway error, a
+/// signal while waiting), and so that no id from a reply ever goes into a URL.
+fn upload(
+    args: &Args,
+    local: &Local,
+    glance: &Glance<'_>,
+    cleaner: &Glance<'_>,
+) -> anyhow::Result<u8> {
     if interrupt::cancelled() {
         bail!(
             "interrupted by {} before the image was created",
             interrupt::signal_name()
         );
     }
-    let record = glance.create(create_body(args, local))?;
-    let id = record
-        .get("id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("Glance created an image but its reply has no id"))?
-        .to_string();
+    let id = new_image_id()?;
+    let created = glance
+        .create(create_body(args, local, &id))
+        .and_then(|record| match record.get("id").and_then(Value::as_str) {
+            Some(got) if got == id => Ok(()),
+            got => Err(anyhow!(
+                "Glance's reply to the create names image {got:?}, not the {id} asked for"
+            )),
+        });
+    if let Err(e) = created {
+        // 409: an image with this id exists, and is not this run's: never delete it. A
+        // request that never reached Glance made nothing.
+        if glance::status_of(&e) == Some(409) || glance::never_reached(&e) {
+            return Err(e.context("creating the image (nothing was created)"));
+        }
+        return failed_after_create(args, e, &id, cleaner, false);
+    }
     if args.verbose {
         eprintln!("glimpse: created image {id}");
     }
@@ -409,22 +486,101 @@ fn upload(args: &Args, local: &Local, glance: &Glance<'_>) -> anyhow::Result<u8>
             print_image(&image, args.output)?;
             Ok(0)
         }
-        Err(e) => {
-            let (v, _) = failed(&crate::common::name(&args.file), &e);
-            if args.output == OutputFormat::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+        Err(e) => failed_after_create(args, e, &id, cleaner, true),
+    }
+}
+
+/// Reports a failure once the create was sent, removes the image (unless
+/// `--keep-on-failure`) and says whether anything is left: on stderr, and with `--output
+/// json` as `image_id` and `left_behind` beside the error. `created` is false when the create
+/// itself failed: the image may or may not exist.
+fn failed_after_create(
+    args: &Args,
+    e: anyhow::Error,
+    id: &str,
+    cleaner: &Glance<'_>,
+    created: bool,
+) -> anyhow::Result<u8> {
+    let e = if created {
+        e
+    } else {
+        e.context("creating the image")
+    };
+    let e = if interrupt::cancelled() && !format!("{e:#}").contains("interrupted by") {
+        // The signal ended a request that was waiting on Glance.
+        e.context(format!("interrupted by {}", interrupt::signal_name()))
+    } else {
+        e
+    };
+    let (mut v, _) = failed(&crate::common::name(&args.file), &e);
+    let left_behind = if args.keep_on_failure {
+        if created {
+            eprintln!("glimpse: image {id} was kept (--keep-on-failure)");
+        } else {
+            eprintln!("glimpse: image {id} may exist; it was kept (--keep-on-failure)");
+        }
+        true
+    } else {
+        if args.protected {
+            // A lost reply to the PATCH that protects it: a protected image cannot be
+            // deleted until it is unprotected (a no-op when it is not protected).
+            let _ = cleaner.patch(
+                id,
+                json!([{"op": "replace", "path": "/protected", "value": false}]),
+            );
+        }
+        match cleaner.delete(id) {
+            Ok(()) => {
+                eprintln!("glimpse: image {id} deleted; nothing was left behind");
+                false
             }
-            if args.keep_on_failure {
-                eprintln!("glimpse: image {id} was kept (--keep-on-failure)");
-            } else {
-                match glance.delete(&id) {
-                    Ok(()) => eprintln!("glimpse: image {id} deleted; nothing was left behind"),
-                    Err(d) => eprintln!("glimpse: image {id} could NOT be deleted: {d:#}"),
+            Err(d) if !created && glance::status_of(&d) == Some(404) => {
+                eprintln!("glimpse: no image {id} was created; nothing was left behind");
+                false
+            }
+            Err(d) => {
+                eprintln!("glimpse: image {id} could NOT be deleted: {d:#}");
+                true
+            }
+        }
+    };
+    if args.output == OutputFormat::Json {
+        v["image_id"] = id.into();
+        v["left_behind"] = left_behind.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(2)
+}
+
+/// A random (version 4) UUID, the form of Glance's own image ids.
+fn new_image_id() -> anyhow::Result<String> {
+    let mut b = [0u8; 16];
+    let mut got = 0;
+    while got < b.len() {
+        let rest = &mut b[got..];
+        // SAFETY: a writable buffer of the length given.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => got += n,
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(anyhow!(e).context("cannot draw a random image id"));
                 }
             }
-            Ok(2)
         }
     }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
 }
 
 fn send_and_verify(
@@ -471,9 +627,11 @@ fn send_and_verify(
                     interrupt::signal_name()
                 );
             }
-            return Err(e.context("the upload failed"));
+            let hint = put_failure_hint(&e);
+            return Err(e.context(hint));
         }
     };
+    local.input.unchanged()?;
     let mut image = if args.import {
         glance
             .import(id)
@@ -488,7 +646,7 @@ fn send_and_verify(
             interrupt::signal_name()
         );
     }
-    verify(&image, local, &digests)?;
+    verify(&image, id, local, &digests)?;
     if args.protected {
         image = glance.patch(
             id,
@@ -496,6 +654,28 @@ fn send_and_verify(
         )?;
     }
     Ok(image)
+}
+
+/// What to say of a failed PUT: when Glance closed the connection while the data was still
+/// being sent, its reason (a reply it may have sent first) is lost; the usual causes are its
+/// size limits.
+fn put_failure_hint(e: &anyhow::Error) -> &'static str {
+    let closed = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        }) || {
+            let t = c.to_string();
+            t.contains("Broken pipe") || t.contains("Connection reset")
+        }
+    });
+    if closed {
+        "the upload failed: Glance closed the connection before it had all the data (an image over its image_size_cap or the project's storage quota ends this way)"
+    } else {
+        "the upload failed"
+    }
 }
 
 /// Polls until the import lands, fails or times out.
@@ -540,10 +720,22 @@ fn wait_for_import(glance: &Glance<'_>, id: &str, timeout: Duration) -> anyhow::
 }
 
 /// Compares Glance's record with what was sent.
-fn verify(image: &Value, local: &Local, d: &Digests) -> anyhow::Result<()> {
+fn verify(image: &Value, id: &str, local: &Local, d: &Digests) -> anyhow::Result<()> {
     let s = |k: &str| image.get(k).and_then(Value::as_str);
     let n = |k: &str| image.get(k).and_then(Value::as_u64);
     let mut bad = Vec::new();
+    for (key, want) in [
+        ("id", id),
+        ("disk_format", local.disk.name()),
+        ("container_format", local.container.name()),
+    ] {
+        if s(key) != Some(want) {
+            bad.push(format!(
+                "{key} is {} instead of {want}",
+                s(key).map_or("missing".into(), |v| format!("{v:?}"))
+            ));
+        }
+    }
     if s("status") != Some("active") {
         bad.push(format!(
             "status is {} instead of active",
