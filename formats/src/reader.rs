@@ -1,6 +1,5 @@
 //! The guest reader: guest bytes at any offset, on top of the `mapping` entry point of [`Image`].
 
-use std::io::Read;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -12,12 +11,17 @@ use crate::lru::Lru;
 /// (qcow2 clusters are at most 2 MiB; VMDK grains are far smaller).
 pub const MAX_UNIT: u64 = 64 << 20;
 
-/// Decompresses one unit (cluster or grain) into at most `unit_size` bytes.
+/// Decompresses one unit (cluster or grain) into at most `unit_size` bytes, as qemu reads it.
 ///
-/// A deflate or zstd stream that would inflate beyond `unit_size` is cut there (the caller
-/// never needs more); a zlib stream (VMDK) must end within `unit_size`, as qemu's reading
-/// requires. A stream that ends before `min_len` bytes, or is not valid for `codec`, is an
-/// error.
+/// - qcow2's clusters (raw deflate, zstd) must fill the whole cluster, even the last one of a
+///   disk that ends inside it: qemu decompresses whole clusters and fails unless its buffer is
+///   full. A deflate stream may run on past the cluster (qemu stops there too); a zstd frame
+///   may not (qemu fails unless the frame ends where the cluster does), but a cluster may be
+///   several frames one after another, which qemu reads on through.
+/// - A VMDK grain's zlib stream must end within `unit_size`, and yield at least `min_len`
+///   bytes (the part of the grain that is read).
+///
+/// A stream that is not valid for `codec` is an error.
 ///
 /// # Errors
 /// `Corrupt` for garbage or truncated streams; `LimitExceeded` for an absurd `unit_size`.
@@ -30,6 +34,10 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
         )));
     }
     let cap = usize::try_from(unit_size).map_err(|_| Error::limit("unit too large"))?;
+    let min_len = match codec {
+        Codec::Deflate | Codec::Zstd => unit_size,
+        Codec::Zlib => min_len,
+    };
     let mut out = vec![0u8; cap];
     let produced = match codec {
         Codec::Deflate | Codec::Zlib => {
@@ -56,24 +64,7 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
             }
             now
         }
-        Codec::Zstd => {
-            let mut dec = zstd::stream::read::Decoder::with_buffer(input)
-                .map_err(|e| Error::corrupt(format!("invalid zstd stream: {e}")))?
-                .single_frame();
-            let mut n = 0;
-            while let Some(dst) = out.get_mut(n..) {
-                if dst.is_empty() {
-                    break;
-                }
-                match dec.read(dst) {
-                    Ok(0) => break,
-                    Ok(k) => n = n.saturating_add(k),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Error::corrupt(format!("invalid zstd stream: {e}"))),
-                }
-            }
-            n
-        }
+        Codec::Zstd => zstd_into(input, &mut out)?,
     };
     if (produced as u64) < min_len {
         return Err(Error::corrupt(format!(
@@ -82,6 +73,34 @@ pub fn decompress(codec: Codec, input: &[u8], unit_size: u64, min_len: u64) -> R
     }
     out.truncate(produced);
     Ok(out)
+}
+
+/// Decodes zstd frames from `input` into `out` until it is full, as qemu's
+/// `qcow2_zstd_decompress` does: frame after frame, and an error when the frame being decoded
+/// when `out` fills does not end there (it would inflate past the cluster). Returns the bytes
+/// written; fewer than `out.len()` when the input ends or stops making progress.
+fn zstd_into(input: &[u8], out: &mut [u8]) -> Result<usize> {
+    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    let bad = |e: std::io::Error| Error::corrupt(format!("invalid zstd stream: {e}"));
+    let mut dec = Decoder::new().map_err(bad)?;
+    let mut inb = InBuffer::around(input);
+    let cap = out.len();
+    let mut outb = OutBuffer::around(out);
+    // What the last step said is left of its frame (0: the frame ended).
+    let mut left = 0;
+    while outb.pos() < cap {
+        let (was_in, was_out) = (inb.pos(), outb.pos());
+        left = dec.run(&mut inb, &mut outb).map_err(bad)?;
+        if inb.pos() == was_in && outb.pos() == was_out {
+            break;
+        }
+    }
+    if outb.pos() == cap && left > 0 {
+        return Err(Error::corrupt(format!(
+            "zstd frame inflates past the {cap}-byte unit"
+        )));
+    }
+    Ok(outb.pos())
 }
 
 /// Inflates from `inp` into `out` until `out` is full, the stream ends, or no progress is
@@ -124,7 +143,10 @@ fn inflate_into(
 pub struct GuestReader {
     image: Arc<dyn Image>,
     /// Decompressed units keyed by host offset.
-    cache: Lru<u64, Arc<Vec<u8>>>,
+    /// Decompressed units by host offset and stored length: two entries may name the same
+    /// host offset with different lengths, and each must read as qemu reads it, from its own
+    /// bytes (a short one fails where a longer one succeeds).
+    cache: Lru<(u64, u64), Arc<Vec<u8>>>,
     /// The cache's bytes, held from the command's budget for the reader's life.
     _charge: Option<Charge>,
 }
@@ -241,7 +263,7 @@ impl GuestReader {
         need: u64,
         guest: u64,
     ) -> Result<Arc<Vec<u8>>> {
-        if let Some(v) = self.cache.get(host)? {
+        if let Some(v) = self.cache.get((host, stored_len))? {
             if v.len() as u64 >= need {
                 return Ok(v);
             }
@@ -270,7 +292,8 @@ impl GuestReader {
         let out = decompress(codec, &raw, unit_size, need)
             .map_err(|err| err.context(format!("guest offset {guest:#x}")).at(host))?;
         let out = Arc::new(out);
-        self.cache.put(host, out.clone(), out.len() as u64)?;
+        self.cache
+            .put((host, stored_len), out.clone(), out.len() as u64)?;
         Ok(out)
     }
 }
@@ -427,6 +450,46 @@ mod tests {
         let mut buf = [0u8; 512];
         let e = r.read_at(&mut buf, 0).unwrap_err();
         assert_eq!(e.kind(), crate::error::ErrorKind::LimitExceeded);
+    }
+
+    /// As qemu reads qcow2 clusters (the content campaign's F2, F3, F4): a zstd frame that
+    /// runs past the cluster fails, several frames that fill it read, trailing bytes after
+    /// the frame that fills it are ignored, and a stream of either qcow2 codec that stops
+    /// short of the cluster fails even when less is asked for (the last cluster of a disk
+    /// that ends inside it). A VMDK grain (zlib) yields what is asked for.
+    #[test]
+    fn qcow2_clusters_decompress_as_qemu_reads_them() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let frame = |d: &[u8]| zstd::bulk::compress(d, 3).unwrap();
+        // One frame of 128 KiB for a 64 KiB cluster.
+        let long: Vec<u8> = data.iter().chain(data.iter()).copied().collect();
+        let e = decompress(Codec::Zstd, &frame(&long), 65536, 4096).unwrap_err();
+        assert!(e.to_string().contains("past the 65536-byte unit"), "{e}");
+        // Two frames of 32 KiB each.
+        let mut two = frame(&data[..32768]);
+        two.extend(frame(&data[32768..]));
+        assert_eq!(decompress(Codec::Zstd, &two, 65536, 65536).unwrap(), data);
+        // One frame, then padding.
+        let mut padded = frame(&data);
+        padded.extend([0x55u8; 300]);
+        assert_eq!(
+            decompress(Codec::Zstd, &padded, 65536, 65536).unwrap(),
+            data
+        );
+        // Half a cluster, though only half is needed.
+        let half = frame(&data[..32768]);
+        assert!(decompress(Codec::Zstd, &half, 65536, 32768).is_err());
+        let mut c = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut c, &data[..32768]).unwrap();
+        let half = c.finish().unwrap();
+        assert!(decompress(Codec::Deflate, &half, 65536, 32768).is_err());
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut z, &data[..32768]).unwrap();
+        let half = z.finish().unwrap();
+        assert_eq!(
+            decompress(Codec::Zlib, &half, 65536, 32768).unwrap(),
+            data[..32768]
+        );
     }
 
     #[test]

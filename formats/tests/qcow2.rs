@@ -1359,3 +1359,83 @@ fn bitmaps_sharing_a_table_read_it_once() {
     );
     assert_eq!(src.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// Whether `qemu-img convert` can read the whole guest of the qcow2 `bytes`.
+fn qemu_reads(dir: &Path, bytes: &[u8]) -> bool {
+    let q = dir.join("r.qcow2");
+    std::fs::write(&q, bytes).unwrap();
+    let out = dir.join("r.raw");
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw", s(&q), s(&out)])
+        .output()
+        .expect("qemu-img is required");
+    let _ = std::fs::remove_file(&out);
+    o.status.success()
+}
+
+/// Two L2 entries may name the same compressed stream with different lengths. qemu reads each
+/// from its own bytes, so the short one fails; glimpse cached decompressed clusters by host
+/// offset alone, and the short entry read the long one's cluster when that was read first
+/// (the content differential campaign's F1). Each entry now reads from its own bytes.
+#[test]
+fn compressed_entries_sharing_a_stream_read_from_their_own_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Four 64 KiB clusters, each a few KiB of noise then text: they compress, to more than
+    // one sector.
+    let mut v = Vec::new();
+    for i in 0..4u64 {
+        let mut c = noise(i + 7, 3000);
+        c.resize(64 << 10, b'.');
+        v.extend_from_slice(&c);
+    }
+    let src = dir.path().join("s.raw");
+    std::fs::write(&src, &v).unwrap();
+    let p = dir.path().join("c.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", s(&src), s(&p)]);
+    let b = std::fs::read(&p).unwrap();
+    let (l2, _) = first_l2(&b);
+    let entry = |k: usize| be64(&b, l2 + 8 * k);
+    assert!((0..4).all(|k| entry(k) & (1 << 62) != 0), "all compressed");
+    // 64 KiB clusters: the additional sector count sits at bits 54..62.
+    let (long, host) = (entry(2), entry(2) & ((1 << 54) - 1));
+    assert!(long >> 54 & 0xff >= 2, "cluster 2's stream spans sectors");
+    let mut m = b.clone();
+    // Cluster 3: cluster 2's stream, but only to the end of its first sector.
+    put64(&mut m, l2 + 24, (1 << 62) | host);
+    assert!(!qemu_reads(dir.path(), &m), "qemu fails the short entry");
+    let img: Arc<dyn Image> = Arc::new(open_bytes(m).unwrap());
+    let r = GuestReader::new(img, &Limits::default());
+    let mut buf = vec![0u8; 64 << 10];
+    // The long entry first, so that its cluster is cached; then the short one, twice.
+    r.read_at(&mut buf, 2 << 16).unwrap();
+    assert_eq!(buf, v[2 << 16..3 << 16]);
+    for _ in 0..2 {
+        let e = r.read_at(&mut buf, 3 << 16).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    }
+    r.read_at(&mut buf, 2 << 16).unwrap();
+    assert_eq!(buf, v[2 << 16..3 << 16]);
+}
+
+/// qemu refuses to open an image whose data-file-raw autoclear bit is set without a data file
+/// for reading ("data-file-raw requires a data file"; `qemu-img info` still shows it), so no
+/// guest can read it (the content campaign's F5): glimpse rejects it.
+#[test]
+fn data_file_raw_without_a_data_file_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = base_image();
+    assert!(qemu_reads(dir.path(), &b));
+    put64(&mut b, 88, 2);
+    assert!(
+        !qemu_reads(dir.path(), &b),
+        "qemu reads data-file-raw without a data file"
+    );
+    let img = open_bytes(b).unwrap();
+    let f = img
+        .findings()
+        .iter()
+        .find(|f| f.code == "qcow2.data-file")
+        .expect("a finding");
+    assert_eq!(f.severity, Severity::Reject);
+    assert_eq!(f.offset, Some(88));
+}

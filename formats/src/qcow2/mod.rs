@@ -181,6 +181,18 @@ fn references(
         });
     }
     let data_file_bit = h.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
+    if h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0 && !data_file_bit {
+        // qcow2_do_open: "data-file-raw requires a data file" (only `qemu-img info`, which
+        // opens without I/O, shows it).
+        findings.push(
+            Finding::reject(
+                "qcow2.data-file",
+                "autoclear bit 1 (data-file-raw) is set without an external data file \
+                 (incompatible bit 2): qemu refuses to read the image",
+            )
+            .at(88),
+        );
+    }
     if data_file_bit || ext.data_file.is_some() {
         let (target, offset) = match &ext.data_file {
             Some((n, o)) => (n.clone(), Some(*o)),
