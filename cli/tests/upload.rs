@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use upload_support::{
-    digests, glance, glimpse, json, raw_file, text, unique, upload, Proxy, PutMode, TOKEN,
+    digests, glance, glimpse, json, raw_file, spawn_upload, text, unique, upload, Proxy, PutMode,
+    TOKEN,
 };
 
 const BIN: &str = "upload";
@@ -371,30 +372,8 @@ fn a_signal_during_the_upload_deletes_the_image() {
     ] {
         let name = unique("signal");
         let before = proxy.put_bytes.load(Ordering::SeqCst);
-        let child = glimpse()
-            .arg("upload")
-            .args([
-                "--os-auth-token",
-                TOKEN,
-                "--os-image-url",
-                &proxy.url,
-                "--name",
-                &name,
-                file.to_str().unwrap(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while proxy.put_bytes.load(Ordering::SeqCst) < before + 64 * 1024 {
-            assert!(
-                Instant::now() < deadline,
-                "{sig_name}: the upload never started: {:?}",
-                proxy.heads()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = spawn_upload(&proxy.url, &name, &file);
+        proxy.wait_for_put_bytes(before + 64 * 1024);
         let pid = i32::try_from(child.id()).unwrap();
         for _ in 0..times {
             // SAFETY: sending a signal to our own child process.
@@ -927,21 +906,7 @@ fn a_signal_while_glance_holds_its_reply_ends_the_wait_and_deletes_the_image() {
     for held in ["POST /v2/images ", "PUT ", "GET /v2/images/"] {
         let proxy = Proxy::start(&g.url, PutMode::HoldReply(held, Duration::from_secs(120)));
         let name = unique("held");
-        let child = glimpse()
-            .arg("upload")
-            .args([
-                "--os-auth-token",
-                TOKEN,
-                "--os-image-url",
-                &proxy.url,
-                "--name",
-                &name,
-                file.to_str().unwrap(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_upload(&proxy.url, &name, &file);
         let child = KillOnDrop(child);
         // Glance has answered the held request (the proxy holds the answer) once its next
         // step would start; wait until the held request went out, then a little.
@@ -1041,26 +1006,8 @@ fn a_file_written_during_the_upload_is_not_left_in_glance() {
     let dir = tempfile::tempdir().unwrap();
     let file = raw_file(dir.path(), "disk.raw", 4 * 1024 * 1024);
     let name = unique("inplace");
-    let child = glimpse()
-        .arg("upload")
-        .args([
-            "--os-auth-token",
-            TOKEN,
-            "--os-image-url",
-            &proxy.url,
-            "--name",
-            &name,
-            file.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while proxy.put_bytes.load(Ordering::SeqCst) < 64 * 1024 {
-        assert!(Instant::now() < deadline, "{:?}", proxy.heads());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = spawn_upload(&proxy.url, &name, &file);
+    proxy.wait_for_put_bytes(64 * 1024);
     // Overwrite the last MiB in place (not yet sent), through another descriptor.
     let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     std::io::Seek::seek(&mut f, std::io::SeekFrom::End(-(1 << 20))).unwrap();

@@ -159,6 +159,26 @@ pub fn upload(url: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Starts `glimpse upload` of `file` named `name` to `url` with the test token, stdout and
+/// stderr piped, without waiting.
+pub fn spawn_upload(url: &str, name: &str, file: &Path) -> std::process::Child {
+    glimpse()
+        .arg("upload")
+        .args([
+            "--os-auth-token",
+            TOKEN,
+            "--os-image-url",
+            url,
+            "--name",
+            name,
+        ])
+        .arg(file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// An arbitrary token: the test identity filter accepts any.
 pub const TOKEN: &str = "gAAAAABtest-token-7d3c1b9e0f2a4c6e8b1d3f5a7c9e0b2d";
 
@@ -261,6 +281,19 @@ impl Proxy {
             heads,
             connections,
             put_bytes,
+        }
+    }
+
+    /// Waits up to a minute until `n` bytes of PUT bodies went through; panics otherwise.
+    pub fn wait_for_put_bytes(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.put_bytes.load(Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the upload never got {n} bytes through: {:?}",
+                self.heads()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
