@@ -1573,6 +1573,40 @@ fn descriptors_readers_resolve_differently_are_refused() {
             ),
             "nest deeper than 64",
         ),
+        (
+            // The work-amplification review's F1: 2,500 declarations took 30-44 s to parse.
+            "2,500 elements declaring a namespace, each copying those in scope",
+            good.replacen(
+                "</VirtualSystem>",
+                &format!(
+                    "<a {}>{}</a></VirtualSystem>",
+                    (0..60)
+                        .map(|i| format!("xmlns:p{i}=\"u{i}\""))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    (0..2500)
+                        .map(|i| format!("<b xmlns:q{i}=\"v\"/>"))
+                        .collect::<String>()
+                ),
+                1,
+            ),
+            "more than 128 XML namespaces",
+        ),
+        (
+            "80,000 attributes on one element",
+            good.replacen(
+                "</VirtualSystem>",
+                &format!(
+                    "<a {}/></VirtualSystem>",
+                    (0..80_000)
+                        .map(|i| format!("a{i}=\"1\""))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+                1,
+            ),
+            "more than 64 attributes",
+        ),
     ];
     for (what, xml, says) in cases {
         assert_ne!(xml, good, "{what}: the edit did not apply");

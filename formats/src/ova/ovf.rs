@@ -18,6 +18,13 @@ const MAX_ITEMS: usize = 10_000;
 /// elements by recursion, so a descriptor nested tens of thousands deep would overflow the
 /// stack, which aborts the process: the depth is bounded before roxmltree sees the text.
 pub const MAX_DEPTH: usize = 64;
+/// Attributes one element may carry (real descriptors use fewer than ten). roxmltree compares
+/// each with every earlier one of its element: 80,000 on one element took 10 s.
+pub const MAX_ATTRIBUTES: usize = 64;
+/// Namespace declarations a descriptor may make (real ones make about ten, on the Envelope).
+/// roxmltree copies every namespace in scope into each element that declares one, checking
+/// each copy against the list so far: cubic in the declarations (2,500 took 30-44 s).
+pub const MAX_NAMESPACES: usize = 128;
 /// Disks a descriptor may list: each is opened and checked, so keep the work modest. Real
 /// appliances have a handful.
 pub const MAX_DISKS: usize = 256;
@@ -217,10 +224,22 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
     }
     let text = std::str::from_utf8(bytes)
         .map_err(|e| malformed(format!("descriptor is not UTF-8: {e}")))?;
-    if crate::xml::nests_deeper_than(bytes, MAX_DEPTH) {
-        return Err(malformed(format!(
-            "descriptor elements nest deeper than {MAX_DEPTH}"
-        )));
+    let bounds = crate::xml::Bounds {
+        depth: MAX_DEPTH,
+        attributes: MAX_ATTRIBUTES,
+        namespaces: MAX_NAMESPACES,
+    };
+    if let Some(excess) = crate::xml::exceeds(bytes, bounds) {
+        use crate::xml::Excess;
+        return Err(malformed(match excess {
+            Excess::Depth => format!("descriptor elements nest deeper than {MAX_DEPTH}"),
+            Excess::Attributes => {
+                format!("a descriptor element has more than {MAX_ATTRIBUTES} attributes")
+            }
+            Excess::Namespaces => {
+                format!("the descriptor declares more than {MAX_NAMESPACES} XML namespaces")
+            }
+        }));
     }
     let opts = roxmltree::ParsingOptions {
         allow_dtd: false,
