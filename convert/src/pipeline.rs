@@ -298,13 +298,7 @@ fn prepare(reader: &GuestReader, plan: ChunkPlan, comp: Option<Compressor>) -> R
     })
 }
 
-/// True when every byte is zero. Compares 16-byte words for speed.
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut words = buf.chunks_exact(16);
-    let rem = words.remainder();
-    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
-        && rem.iter().all(|&b| b == 0)
-}
+pub use glimpse_formats::io::is_zero;
 
 /// Guest bytes of the first batch; each next one is twice as large, up to the full batch.
 const FIRST_BATCH_BYTES: u64 = 1 << 20;

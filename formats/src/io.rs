@@ -84,6 +84,15 @@ pub trait ReadAt: Send + Sync {
 /// A shared, thread-safe source.
 pub type Source = Arc<dyn ReadAt>;
 
+/// True when every byte is zero. Compares 16-byte words for speed (a byte loop is several
+/// times slower, which shows on gigabytes).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut words = buf.chunks_exact(16);
+    let rem = words.remainder();
+    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
+        && rem.iter().all(|&b| b == 0)
+}
+
 /// A file is read positionally. Its size comes from the device for a block device (`stat`
 /// says 0 there), and holes are asked for only in regular files: everything else is data.
 impl ReadAt for File {

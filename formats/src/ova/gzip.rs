@@ -65,29 +65,48 @@ fn inflate_some(dec: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
     }
 }
 
-/// Where inflated bytes go: memory first, then a temporary file.
+/// Where inflated bytes go: memory first, then a temporary file, which is sparse: runs of
+/// zeros (what a gzip bomb inflates to, and most of a real raw disk) are left as holes, so
+/// they cost no disk space or writes, and every later reader skips them as holes.
 enum Spool {
     Mem(Vec<u8>),
-    File(std::fs::File),
+    /// The file and its length so far (the last hole is made by setting the length).
+    File(std::fs::File, u64),
+}
+
+fn spill(e: std::io::Error) -> Error {
+    Error::io(e, "spooling a gzip-compressed disk")
 }
 
 impl Spool {
     fn push(&mut self, chunk: &[u8]) -> Result<()> {
-        use std::io::Write;
-        let spill = |e: std::io::Error| Error::io(e, "spooling a gzip-compressed disk");
         if let Spool::Mem(v) = self {
             if v.len().saturating_add(chunk.len()) <= SPOOL_THRESHOLD {
                 v.extend_from_slice(chunk);
                 return Ok(());
             }
-            let mut f = tempfile::tempfile().map_err(spill)?;
-            f.write_all(v).map_err(spill)?;
-            *self = Spool::File(f);
+            let f = tempfile::tempfile().map_err(spill)?;
+            let held = std::mem::take(v);
+            *self = Spool::File(f, 0);
+            self.push(&held)?;
         }
-        match self {
-            Spool::File(f) => f.write_all(chunk).map_err(spill),
-            Spool::Mem(_) => Ok(()),
+        if let Spool::File(f, len) = self {
+            if !crate::io::is_zero(chunk) {
+                std::os::unix::fs::FileExt::write_all_at(f, chunk, *len).map_err(spill)?;
+            }
+            *len = len.saturating_add(chunk.len() as u64);
         }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Source> {
+        Ok(match self {
+            Spool::Mem(v) => Arc::new(v),
+            Spool::File(f, len) => {
+                f.set_len(len).map_err(spill)?;
+                Arc::new(f)
+            }
+        })
     }
 }
 
@@ -115,8 +134,42 @@ pub(super) fn gunzip_with(src: &dyn ReadAt, limits: &Limits, budget: &Budget) ->
             .map_err(|e| e.code("ova.gzip-limit"))?;
         spool.push(buf.get(..n).unwrap_or_default())?;
     }
-    Ok(match spool {
-        Spool::Mem(v) => Arc::new(v),
-        Spool::File(f) => Arc::new(f),
-    })
+    spool.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A disk past the spool threshold lands in a sparse file: its zeros are holes (what a gzip
+    /// bomb inflates to costs no disk), its data reads back in place.
+    #[test]
+    fn a_spooled_disk_keeps_its_zeros_as_holes() {
+        let len: usize = 64 << 20;
+        let mark = b"data in the middle";
+        let at = 40 << 20;
+        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let zeros = vec![0u8; 1 << 20];
+        let mut written = 0;
+        while written < len {
+            if written == at {
+                z.write_all(mark).unwrap();
+                z.write_all(&zeros[mark.len()..]).unwrap();
+            } else {
+                z.write_all(&zeros).unwrap();
+            }
+            written += zeros.len();
+        }
+        let gz = z.finish().unwrap();
+        let src = gunzip(&gz, &Limits::default()).unwrap();
+        assert_eq!(src.size().unwrap(), len as u64);
+        let mut buf = vec![0u8; mark.len()];
+        src.read_exact_at(&mut buf, at as u64).unwrap();
+        assert_eq!(buf, mark);
+        src.read_exact_at(&mut buf, 3).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+        let allocated = src.allocated_size().expect("a file");
+        assert!(allocated < 1 << 20, "{allocated} bytes allocated");
+    }
 }
