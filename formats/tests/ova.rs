@@ -1849,3 +1849,150 @@ fn a_cancelled_extraction_removes_its_temporary_files_and_releases_their_hooks()
     assert_eq!(x.written.len(), 3);
     assert_eq!(std::fs::read(fresh.join("d.img")).unwrap(), disk);
 }
+
+/// Recomputes the checksum of the header block at the start of `b`.
+fn reseal(b: &mut [u8]) {
+    b[148..156].fill(b' ');
+    let sum: u32 = b[..512].iter().map(|x| u32::from(*x)).sum();
+    b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+/// Archives that Python's `tarfile` or GNU tar frame differently from glimpse (the tar
+/// differential campaign, /work/notes/tar-diff: RC1-RC7 and the bytes after the end): each is
+/// refused when read, before any check, so no member list can differ.
+#[test]
+fn archives_other_tar_readers_frame_differently_are_refused() {
+    let notes = raw_member(b"notes.txt", b'0', b"hi\n", USTAR, b"");
+    // RC1: a record in the padding after a pax header's declared length (tarfile parses the
+    // whole block).
+    let mut x = pax_member(&pax_record("path", "notes.txt"));
+    let declared = pax_record("path", "notes.txt").len();
+    x[512 + declared..512 + declared + 9].copy_from_slice(b"9 size=0\n");
+    let mut padded_x = x.clone();
+    padded_x.extend(notes.clone());
+    // The same after a global header.
+    let mut g = raw_member(
+        b"PaxHeaders/g",
+        b'g',
+        pax_record("comment", "c").as_bytes(),
+        USTAR,
+        b"",
+    );
+    let declared = pax_record("comment", "c").len();
+    let hidden = pax_record("path", "d.img");
+    g[512 + declared..512 + declared + hidden.len()].copy_from_slice(hidden.as_bytes());
+    let mut padded_g = g.clone();
+    padded_g.extend(notes.clone());
+    // RC2: blanks between a record's length and its key (GNU tar skips them).
+    let mut blank = pax_member("11  size=0\n");
+    blank.extend(notes.clone());
+    // RC3: type NUL with a header name ending in `/`, renamed by a pax path.
+    let mut areg = pax_member(&pax_record("path", "notes.txt"));
+    areg.extend(raw_member(b"notes/", 0, b"hi\n", USTAR, b""));
+    // RC4: a GNU long name whose padding goes on where its declared length stops.
+    let mut long = raw_member(b"././@LongLink", b'L', b"disk", b"ustar  \0", b"");
+    long[512 + 4..512 + 10].copy_from_slice(b".vmdk\0");
+    long.extend(raw_member(b"x", b'0', b"raw", b"ustar  \0", b""));
+    // RC5: an mtime tarfile cannot read (it then ends the archive silently).
+    let mut mtime = notes.clone();
+    mtime[136..148].copy_from_slice(b"zzzzzzzzzzz\0");
+    reseal(&mut mtime);
+    // RC7: a trailing global header, and seventeen extension headers in a row.
+    let trailing_g = raw_member(
+        b"PaxHeaders/g",
+        b'g',
+        pax_record("comment", "c").as_bytes(),
+        USTAR,
+        b"",
+    );
+    let mut many = Vec::new();
+    for _ in 0..17 {
+        many.extend(raw_member(
+            b"PaxHeaders/g",
+            b'g',
+            pax_record("comment", "c").as_bytes(),
+            USTAR,
+            b"",
+        ));
+    }
+    many.extend(notes.clone());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "a pax record in the padding",
+            with_member(padded_x),
+            "padding after a pax header",
+        ),
+        (
+            "a global record in the padding",
+            with_member(padded_g),
+            "padding after a pax global header",
+        ),
+        (
+            "a blank before a pax key",
+            with_member(blank),
+            "holds a blank",
+        ),
+        (
+            "type NUL named with a slash",
+            with_member(areg),
+            "reads it as a directory",
+        ),
+        (
+            "a long name in the padding",
+            with_member(long),
+            "padding after a GNU long name",
+        ),
+        (
+            "an mtime that is not octal",
+            with_member(mtime),
+            "not octal",
+        ),
+        (
+            "a trailing global header",
+            with_member(trailing_g),
+            "without a following member",
+        ),
+        (
+            "17 extension headers in a row",
+            with_member(many),
+            "extension headers in a row",
+        ),
+    ];
+    for (what, bytes, says) in cases {
+        let e = ova::read_ova(src(bytes), &Limits::default())
+            .err()
+            .unwrap_or_else(|| panic!("{what}: read"));
+        assert_eq!(e.finding_code(), "ova.tar-malformed", "{what}: {e}");
+        assert!(e.to_string().contains(says), "{what}: {e}");
+    }
+    // RC6: the file ends inside the last member's padding (both other readers fail).
+    let mut cut = with_member(Vec::new());
+    cut.truncate(cut.len() - 1024);
+    cut.extend(raw_member(b"notes.txt", b'0', b"hi\n", USTAR, b""));
+    cut.truncate(cut.len() - 509);
+    let e = ova::read_ova(src(cut), &Limits::default())
+        .err()
+        .expect("truncated");
+    assert_eq!(e.finding_code(), "ova.truncated", "{e}");
+    // Bytes after the end-of-archive blocks (`tar -i` reads on), and only NULs (fine).
+    let mut after = with_member(Vec::new());
+    after.extend(raw_member(b"d.img", b'0', b"evil", USTAR, b""));
+    let e = ova::read_ova(src(after), &Limits::default())
+        .err()
+        .expect("after the end");
+    assert!(e.to_string().contains("after the end-of-archive"), "{e}");
+    let mut nul_padded = with_member(Vec::new());
+    nul_padded.resize(nul_padded.len().next_multiple_of(10240) + 10240, 0);
+    assert!(check(nul_padded)
+        .iter()
+        .all(|f| f.severity != Severity::Reject));
+    // Empty numeric fields (NULs or spaces, as some writers leave device numbers) and a
+    // negative base-256 mtime still read.
+    let mut fields = notes.clone();
+    fields[329..345].fill(0);
+    fields[108..116].copy_from_slice(b"       \0");
+    fields[136] = 0xff;
+    fields[137..148].fill(0xff);
+    reseal(&mut fields);
+    assert!(ova::read_ova(src(with_member(fields)), &Limits::default()).is_ok());
+}

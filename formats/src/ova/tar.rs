@@ -125,11 +125,19 @@ struct Ext {
     pax: Option<Vec<u8>>,
     /// True when the pax header came before the GNU long name (or there is no long name).
     pax_first: bool,
+    /// Extension headers since the last member, pax global ones included.
+    headers: usize,
 }
 
+/// Extension headers that may precede one member. Python's `tarfile` recurses once per
+/// extension header and fails past about a thousand in a row; real archives use one or two.
+pub const MAX_EXTENSIONS_IN_A_ROW: usize = 16;
+
 impl Ext {
+    /// True when no extension header is waiting for its member: not even a pax global one,
+    /// which `tarfile` fails on at the end of the archive ("end of file header").
     fn is_empty(&self) -> bool {
-        self.long_name.is_none() && self.long_link.is_none() && self.pax.is_none()
+        self.headers == 0
     }
 }
 
@@ -268,6 +276,22 @@ fn numeric(f: &[u8], base256: bool) -> Option<u64> {
     })
 }
 
+/// The numeric fields glimpse does not otherwise use (mode, uid, gid, mtime, devmajor,
+/// devminor), as (offset, length).
+const OTHER_NUMERIC_FIELDS: [(usize, usize); 6] =
+    [(100, 8), (108, 8), (116, 8), (136, 12), (329, 8), (337, 8)];
+
+/// True when a numeric field glimpse does not use reads the same in every tar reader: empty
+/// (NULs or spaces, which `tarfile` reads as 0), plain octal as [`numeric`] reads it, or
+/// base-256 (lead byte 0x80, or 0xff for a negative value such as an mtime before 1970).
+/// `tarfile` fails on anything else (`InvalidHeaderError`) and then ends the archive there
+/// without an error, so the members after it (a disk that was checked) vanish for it.
+fn other_numeric_ok(f: &[u8]) -> bool {
+    matches!(f.first(), Some(0x80 | 0xff))
+        || field(f).iter().all(|b| *b == b' ')
+        || numeric(f, false).is_some()
+}
+
 /// ASCII decimal digits only (no sign, no spaces), at most 19 of them: a pax length or `size`
 /// as `tarfile` (`\d+` on bytes) and GNU tar read it.
 fn decimal(d: &[u8]) -> Option<u64> {
@@ -316,6 +340,17 @@ fn pax_records(recs: &[u8], at: u64) -> Result<Vec<(&[u8], &[u8])>> {
             .position(|b| *b == b'=')
             .filter(|e| *e > 0)
             .ok_or_else(|| bad("a record has no key"))?;
+        // GNU tar skips blanks between the length and the key, where `tarfile` and glimpse
+        // keep them in the key: `NN  size=0` sets a size for GNU tar only. No real key holds
+        // a blank or a control byte.
+        if body
+            .get(..eq)
+            .unwrap_or_default()
+            .iter()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(bad("a record's key holds a blank or a control byte"));
+        }
         out.push((
             body.get(..eq).unwrap_or_default(),
             body.get(eq.saturating_add(1)..).unwrap_or_default(),
@@ -368,12 +403,24 @@ pub fn walk_into(
     // No end-of-archive blocks (pos == size): GNU tar accepts this too (with a warning).
     while pos != size {
         let Some(block) = next_header(src, pos, &mut headers, members.len(), opts)? else {
+            // (Past a cap, a strict walk has failed; a probe stops quietly.)
+            if opts.strict {
+                only_zeros_after(src, pos, size)?;
+            }
             break;
         };
         let mut h = Header::new_old();
         h.as_mut_bytes().copy_from_slice(&block);
         let span = member_span(src, &h, &ext, pos, size, &mut headers, opts)?;
+        check_other_numeric(&block, pos)?;
         if is_extension(h.entry_type()) {
+            ext.headers = ext.headers.saturating_add(1);
+            if ext.headers > MAX_EXTENSIONS_IN_A_ROW {
+                return Err(malformed(
+                    format!("more than {MAX_EXTENSIONS_IN_A_ROW} extension headers in a row"),
+                    pos,
+                ));
+            }
             read_extension(src, budget, h.entry_type(), &span, pos, &mut ext)?;
         } else {
             let m = make_member(
@@ -401,8 +448,13 @@ pub fn walk_into(
         }
         pos = span.next;
         if pos > size {
-            // Padding of the last member is missing: the data itself was present.
-            break;
+            // tarfile ("unexpected end of data") and GNU tar ("Unexpected EOF", writing the
+            // member empty) both fail here.
+            return Err(
+                Error::truncated("the archive ends inside the padding of its last member")
+                    .at(size)
+                    .code("ova.truncated"),
+            );
         }
     }
     if opts.strict && !ext.is_empty() {
@@ -410,6 +462,56 @@ pub fn walk_into(
             "extension header without a following member",
             pos,
         ));
+    }
+    Ok(())
+}
+
+/// Refuses anything but NULs after the end-of-archive block at `from`: `tar -i`
+/// (`--ignore-zeros`) and `tarfile.open(ignore_zeros=True)` read on past it, and would find
+/// members glimpse never saw. Writers pad the end with NULs only.
+fn only_zeros_after(src: &dyn ReadAt, from: u64, size: u64) -> Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = from;
+    while at < size {
+        // Holes read as zeros: skip them.
+        let Some(data) = src.next_data(at)? else {
+            return Ok(());
+        };
+        at = data;
+        let n = usize::try_from(size.saturating_sub(at))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let chunk = buf.get_mut(..n).unwrap_or_default();
+        let got = src.read_at(chunk, at)?;
+        if got == 0 {
+            return Ok(());
+        }
+        if !crate::io::is_zero(chunk.get(..got).unwrap_or_default()) {
+            return Err(malformed(
+                "bytes other than NUL after the end-of-archive block (tar --ignore-zeros \
+                 reads them as members)",
+                at,
+            ));
+        }
+        at = at.saturating_add(got as u64);
+    }
+    Ok(())
+}
+
+/// Refuses a header whose mode, uid, gid, mtime or device numbers `tarfile` cannot read
+/// ([`other_numeric_ok`]).
+fn check_other_numeric(block: &[u8; 512], pos: u64) -> Result<()> {
+    for (at, len) in OTHER_NUMERIC_FIELDS {
+        let f = block.get(at..at.saturating_add(len)).unwrap_or_default();
+        if !other_numeric_ok(f) {
+            return Err(malformed(
+                format!(
+                    "a numeric header field at byte {at} is not octal: tarfile would end the \
+                     archive there"
+                ),
+                pos,
+            ));
+        }
     }
     Ok(())
 }
@@ -536,6 +638,28 @@ fn read_extension(
                     .code("ova.tar-malformed"),
             );
         }
+        // `tarfile` parses a pax header's records, and both `tarfile` and GNU tar read a GNU
+        // long name, over the whole padded block: bytes after the declared length would be
+        // records or name to them (a hidden `size`, a longer name), and nothing to glimpse.
+        // The padding must be NUL.
+        let data = span.data.saturating_add(span.len);
+        let pad = span.next.saturating_sub(data).min(BLOCK);
+        let mut padding = [0u8; 512];
+        let padding = padding
+            .get_mut(..usize::try_from(pad).unwrap_or(0))
+            .unwrap_or_default();
+        let got = src.read_at(padding, data)?;
+        if padding
+            .get(..got)
+            .unwrap_or_default()
+            .iter()
+            .any(|b| *b != 0)
+        {
+            return Err(malformed(
+                format!("the padding after a {what} is not NUL (other tar readers read it)"),
+                pos,
+            ));
+        }
         crate::io::read_vec(src, span.data, span.len, budget, what)
     };
     if etype.is_gnu_longname() {
@@ -613,6 +737,14 @@ fn make_member(
     data_size: u64,
 ) -> Result<Member> {
     let (mut tarfile, mut gnu) = header_names(block);
+    // `tarfile` turns type NUL with a header name ending in `/` into a directory, before a
+    // pax path or a GNU long name renames it, and then reads its data as the next headers.
+    if block.get(156) == Some(&0) && field(block.get(..100).unwrap_or_default()).ends_with(b"/") {
+        return Err(malformed(
+            "a member of type NUL whose header name ends in '/': tarfile reads it as a directory",
+            pos,
+        ));
+    }
     let mut raw_name = h.path_bytes().into_owned();
     let mut link = h.link_name_bytes().map(|c| c.into_owned());
     let mut kind = MemberKind::from_type(h.entry_type());
