@@ -810,3 +810,67 @@ fn extract_under_a_file_size_limit_fails_cleanly() {
     );
     assert_eq!(listing(&dir), ["unrelated.txt"]);
 }
+
+/// Runs `ova extract` with the open-file limit set to `soft`/`hard` for the child.
+fn extract_with_nofile(ova: &Path, dir: &Path, soft: u64, hard: u64) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+    cmd.args(["ova", "extract", s(ova), s(dir)]);
+    // SAFETY: only setrlimit, which is async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+/// Every member stays open until all are written (unnamed files have no other handle), so an
+/// archive of more members than the soft open-file limit (1,024 is common) used to fail with
+/// "Too many open files" after its check passed. glimpse raises the soft limit to what it
+/// needs; when even the hard limit is too low it says so before writing anything.
+#[test]
+fn an_archive_of_many_members_extracts_under_the_usual_open_file_limit() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk_bytes(4096, 5);
+    let specs = [("d.img", 4096u64, 4096u64, None)];
+    let xml = ovf_xml(&specs).into_bytes();
+    let mf = manifest_line("SHA256", "vm.ovf", &xml) + &manifest_line("SHA256", "d.img", &disk);
+    let names: Vec<String> = (0..1100).map(|i| format!("n{i}.txt")).collect();
+    let mut files = vec![("vm.ovf", xml), ("vm.mf", mf.into_bytes()), ("d.img", disk)];
+    files.extend(names.iter().map(|n| (n.as_str(), n.as_bytes().to_vec())));
+    let ova = make_ova(t.path(), "many.ova", "ustar", &files);
+    let check = glimpse(&["ova", "check", s(&ova)]);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let into = t.path().join("out");
+    let o = extract_with_nofile(&ova, &into, 1024, 4096);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(listing(&into).len(), 1103);
+    assert_eq!(std::fs::read(into.join("n7.txt")).unwrap(), b"n7.txt");
+    let low = t.path().join("low");
+    let o = extract_with_nofile(&ova, &low, 512, 512);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("open files") && err.contains("nothing was extracted"),
+        "{err}"
+    );
+    assert!(!low.exists(), "nothing is left");
+}

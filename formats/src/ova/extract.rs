@@ -117,11 +117,22 @@ impl Ova {
         plan: Vec<(usize, PathBuf)>,
         hooks: &ExtractHooks<'_>,
     ) -> Result<Vec<PathBuf>> {
+        // Every member's file stays open until all are written (an unnamed one has no other
+        // handle): make room for them under the soft open-file limit.
+        let dir = plan
+            .first()
+            .and_then(|(_, p)| p.parent())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        room_for_open_files(plan.len())?;
         let mut temps = Vec::new();
         for (i, path) in plan {
             // Dropping a temporary file removes it.
             temps.push((self.write_member(i, &path, hooks)?, path));
         }
+        // One sync of the file system for all members, rather than one fsync each (2,000
+        // members took 8 s that way, GNU tar 0.3 s): the data is on disk before any name is.
+        sync_file_system(&dir)?;
         // Past this point every member is written: a signal no longer stops the renames.
         hooks.check()?;
         let mut written: Vec<PathBuf> = Vec::new();
@@ -157,9 +168,58 @@ impl Ova {
             hooks.check()?;
             f.write_all(chunk).map_err(werr)
         })?;
-        f.sync_all().map_err(werr)?;
         Ok((tmp, registered))
     }
+}
+
+/// Raises the soft limit on open files, up to the hard limit, so that `members` files can be
+/// open at once (plus a margin for the process's own); fails before anything is written when
+/// even the hard limit is too low.
+fn room_for_open_files(members: usize) -> Result<()> {
+    const MARGIN: u64 = 64;
+    let need = (members as u64).saturating_add(MARGIN);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `getrlimit` writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Ok(());
+    }
+    if lim.rlim_cur >= need {
+        return Ok(());
+    }
+    if lim.rlim_max >= need {
+        let raised = libc::rlimit {
+            rlim_cur: need,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `setrlimit` reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok(());
+        }
+    }
+    Err(Error::limit(format!(
+        "extracting {members} members needs {need} open files, above the limit of {} \
+         (ulimit -n); nothing was extracted",
+        lim.rlim_max
+    ))
+    .code("ova.too-many-members"))
+}
+
+/// Flushes the data written into `dir`'s file system (`syncfs`), once for every member.
+fn sync_file_system(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let d =
+        std::fs::File::open(dir).map_err(|e| Error::io(e, format!("opening {}", dir.display())))?;
+    // SAFETY: an open descriptor.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(Error::io(
+            std::io::Error::last_os_error(),
+            format!("syncing the file system of {}", dir.display()),
+        ));
+    }
+    Ok(())
 }
 
 /// Learns the path of a temporary file or of a directory the extraction creates; what it
