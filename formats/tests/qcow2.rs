@@ -1439,3 +1439,309 @@ fn data_file_raw_without_a_data_file_is_rejected() {
     assert_eq!(f.severity, Severity::Reject);
     assert_eq!(f.offset, Some(88));
 }
+
+// ---- work amplification: layouts qemu never writes, built byte by byte ----
+
+/// Cluster size of a [`Layout`].
+const LCS: usize = 512;
+
+/// A version 2 qcow2 image of 512-byte clusters (16-bit refcounts, 40-byte snapshot entries)
+/// laid out one cluster after another. `finish` appends a refcount table and blocks that
+/// match every reference recorded, so the image checks clean until a test patches it.
+struct Layout {
+    b: Vec<u8>,
+    /// References per cluster.
+    refs: Vec<u16>,
+}
+
+impl Layout {
+    /// The header, and an active L1 table of `l1` entries (a disk they cover) at the
+    /// returned offset.
+    fn new(l1: usize) -> (Self, u64) {
+        let mut t = Layout {
+            b: Vec::new(),
+            refs: Vec::new(),
+        };
+        t.alloc(LCS, 1);
+        let l1_off = t.alloc(l1 * 8, 1);
+        t.b[0..4].copy_from_slice(b"QFI\xfb");
+        put32(&mut t.b, 4, 2);
+        put32(&mut t.b, 20, 9);
+        put64(&mut t.b, 24, l1 as u64 * 64 * LCS as u64);
+        put32(&mut t.b, 36, l1 as u32);
+        put64(&mut t.b, 40, l1_off);
+        (t, l1_off)
+    }
+
+    /// Appends `len` bytes as whole zeroed clusters, each referenced `times`; their offset.
+    fn alloc(&mut self, len: usize, times: u16) -> u64 {
+        let off = self.b.len();
+        let n = len.div_ceil(LCS).max(1);
+        self.b.resize(off + n * LCS, 0);
+        self.refs.resize(self.refs.len() + n, times);
+        off as u64
+    }
+
+    /// Adds `times` references to the cluster at `off`.
+    fn refer(&mut self, off: u64, times: u16) {
+        self.refs[off as usize / LCS] += times;
+    }
+
+    /// The snapshot table: one snapshot per (L1 offset, L1 entries).
+    fn snapshots(&mut self, l1s: &[(u64, u32)]) {
+        let off = self.alloc(l1s.len() * 40, 1);
+        for (i, (l1, n)) in l1s.iter().enumerate() {
+            put64(&mut self.b, off as usize + 40 * i, *l1);
+            put32(&mut self.b, off as usize + 40 * i + 8, *n);
+        }
+        put32(&mut self.b, 60, l1s.len() as u32);
+        put64(&mut self.b, 64, off);
+    }
+
+    /// Appends the refcount structures (which count themselves too) and returns the image.
+    fn finish(mut self) -> Vec<u8> {
+        // 256 refcounts per block, 64 table entries per cluster.
+        let (mut rt, mut blocks) = (1, 1);
+        loop {
+            let all = self.refs.len() + rt + blocks;
+            if all.div_ceil(256) <= blocks && blocks.div_ceil(64) <= rt {
+                break;
+            }
+            blocks = all.div_ceil(256);
+            rt = blocks.div_ceil(64);
+        }
+        let rt_off = self.alloc(rt * LCS, 1) as usize;
+        let first = self.alloc(blocks * LCS, 1) as usize;
+        for i in 0..blocks {
+            put64(&mut self.b, rt_off + 8 * i, (first + i * LCS) as u64);
+        }
+        // Block i holds clusters 256i..: cluster c's refcount is at first + 2c.
+        for (c, n) in self.refs.iter().enumerate() {
+            self.b[first + 2 * c..first + 2 * c + 2].copy_from_slice(&n.to_be_bytes());
+        }
+        put64(&mut self.b, 48, rt_off as u64);
+        put32(&mut self.b, 56, rt as u32);
+        self.b
+    }
+}
+
+/// Sets the refcount of the cluster at `off` in a [`Layout`] image.
+fn set_layout_refcount(b: &mut [u8], off: u64, v: u16) {
+    let c = off as usize / LCS;
+    let block = be64(b, be64(b, 48) as usize + 8 * (c / 256)) as usize;
+    let at = block + 2 * (c % 256);
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn check_bytes(b: Vec<u8>) -> Vec<glimpse_formats::Finding> {
+    open_bytes(b).unwrap().check(&Limits::default()).unwrap()
+}
+
+/// Work-amplification report F2: check sorted the whole list of L2 tables after each snapshot
+/// L1 table, (snapshot tables) x (L2 tables) x log: 10000 one-entry snapshot L1 tables over
+/// 65536 L2 tables took many seconds. The references to the L2 table they all name must
+/// still add up exactly.
+#[test]
+fn many_snapshot_l1_tables_sort_the_l2_tables_once() {
+    let (k, n) = (65536usize, 10000u16);
+    let (mut t, l1) = Layout::new(k);
+    let mut shared = 0;
+    for i in 0..k {
+        let l2 = t.alloc(LCS, 1);
+        // The first is shared with every snapshot: no COPIED flag on it.
+        let copied = if i == 0 {
+            shared = l2;
+            0
+        } else {
+            1 << 63
+        };
+        put64(&mut t.b, l1 as usize + 8 * i, copied | l2);
+    }
+    t.refer(shared, n);
+    let l1s: Vec<_> = (0..n)
+        .map(|_| {
+            let s = t.alloc(8, 1);
+            put64(&mut t.b, s as usize, shared);
+            (s, 1)
+        })
+        .collect();
+    t.snapshots(&l1s);
+    let b = t.finish();
+    assert_eq!(qemu_check_code(&b), 0, "the layout is a valid image");
+    assert!(check_bytes(b.clone()).is_empty());
+    let mut m = b;
+    set_layout_refcount(&mut m, shared, n);
+    let f = check_bytes(m);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(
+        (f[0].code, f[0].offset),
+        ("refcount.mismatch", Some(shared))
+    );
+    assert!(
+        f[0].message
+            .ends_with("refcount 10000 but 10001 references"),
+        "{f:?}"
+    );
+}
+
+/// Report F4: snapshots naming one L1 table counted its clusters once per snapshot, one
+/// cluster at a time: 10000 snapshots x a 32 MiB table of 512-byte clusters took many
+/// seconds. The table is counted once, `times` each cluster.
+#[test]
+fn snapshots_sharing_an_l1_table_count_it_once() {
+    let (n, entries) = (10000u16, 1usize << 22);
+    let (mut t, _) = Layout::new(1);
+    let shared = t.alloc(entries * 8, n);
+    t.snapshots(&vec![(shared, entries as u32); n.into()]);
+    let b = t.finish();
+    assert!(check_bytes(b.clone()).is_empty());
+    let last = shared + (entries * 8 - LCS) as u64;
+    let mut m = b;
+    set_layout_refcount(&mut m, last, n - 1);
+    let f = check_bytes(m);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!((f[0].code, f[0].offset), ("refcount.mismatch", Some(last)));
+    assert!(
+        f[0].message.ends_with("refcount 9999 but 10000 references"),
+        "{f:?}"
+    );
+}
+
+/// Snapshot L1 tables at one offset with different sizes are distinct tables, so counting
+/// them one table at a time cost the same as F4. Together they are larger than the file:
+/// they overlap, check says so and counts no further.
+#[test]
+fn snapshot_l1_tables_larger_than_the_file_together_are_rejected() {
+    let (n, entries) = (10000usize, 1usize << 22);
+    let (mut t, _) = Layout::new(1);
+    let shared = t.alloc(entries * 8, 1);
+    let l1s: Vec<_> = (0..n).map(|i| (shared, (entries - i) as u32)).collect();
+    t.snapshots(&l1s);
+    let f = check_bytes(t.finish());
+    assert!(
+        f.iter().any(|f| f.code == "qcow2.snapshot-table"
+            && f.severity == Severity::Reject
+            && f.message.contains("together are larger than the file")),
+        "{f:?}"
+    );
+}
+
+/// Report F6: check compared every cluster under a refcount block one at a time, through the
+/// holes of a sparse file. Here one block of 1-bit refcounts, all set, is named by each of
+/// 262144 refcount table entries: 512 GiB apparent, 2 MiB of data, many seconds. Every
+/// cluster but the four structures is leaked, and the block is referenced by every entry.
+#[test]
+fn refcount_blocks_over_a_sparse_file_are_summed_not_walked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (entries, cs, epb) = (1u64 << 18, LCS as u64, 4096u64);
+    let rt_clusters = entries * 8 / cs;
+    let (rt, blk) = (cs, cs + rt_clusters * cs);
+    let l1 = blk + cs;
+    let mut b = vec![0u8; (l1 + cs) as usize];
+    b[0..4].copy_from_slice(b"QFI\xfb");
+    put32(&mut b, 4, 3);
+    put32(&mut b, 20, 9);
+    put64(&mut b, 24, 32768);
+    put32(&mut b, 36, 1);
+    put64(&mut b, 40, l1);
+    put64(&mut b, 48, rt);
+    put32(&mut b, 56, rt_clusters as u32);
+    put32(&mut b, 96, 0); // refcount_order 0: 1-bit refcounts
+    put32(&mut b, 100, 104);
+    for i in 0..entries {
+        put64(&mut b, (rt + 8 * i) as usize, blk);
+    }
+    b[blk as usize..(blk + cs) as usize].fill(0xff);
+    let p = dir.path().join("sparse.qcow2");
+    std::fs::write(&p, &b).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(entries * epb * cs).unwrap();
+    drop(f);
+    let f = open_path(&p).check(&Limits::default()).unwrap();
+    let referenced = rt_clusters + 3;
+    let got: Vec<_> = f
+        .iter()
+        .map(|f| (f.code, f.offset, f.message.as_str()))
+        .collect();
+    let leaked = format!(
+        "{} clusters have a refcount but fewer references (leaked space)",
+        entries * epb - referenced
+    );
+    assert_eq!(
+        got,
+        [
+            (
+                "refcount.mismatch",
+                Some(blk),
+                format!("cluster {blk:#x} has refcount 1 but 16383 references").as_str()
+            ),
+            (
+                "qcow2.leaked-clusters",
+                Some(referenced * cs),
+                leaked.as_str()
+            ),
+        ]
+    );
+}
+
+/// Refcount blocks named by several table entries, alternating, over a sparse tail with a few
+/// references in it: check counts a block's leaks once and reads single entries where few are
+/// needed, and still finds what `qemu-img check` finds.
+#[test]
+fn shared_refcount_blocks_agree_with_qemu_img_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("shared.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "64M"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 1M", s(&p)]);
+    let mut b = std::fs::read(&p).unwrap();
+    let (cs, epb) = (65536u64, 32768u64);
+    let rt = be64(&b, 48) as usize;
+    let a = be64(&b, rt);
+    // Block `c`, a copy of `a` at the end of the file, with its own refcount in `a`.
+    let c = b.len() as u64;
+    b.extend_from_within(a as usize..(a + cs) as usize);
+    b[(a + 2 * (c / cs)) as usize..][..2].copy_from_slice(&1u16.to_be_bytes());
+    for i in 1..8 {
+        put64(&mut b, rt + 8 * i, if i % 2 == 0 { a } else { c });
+    }
+    // Two references in each range but the first: one leaked cluster's, one unrefcounted.
+    let (l2, _) = first_l2(&b);
+    for i in 1..8u64 {
+        for (j, k) in [(0, 5), (1, 9000)] {
+            let at = l2 + 8 * (20 + 2 * i as usize + j);
+            put64(&mut b, at, (1 << 63) | ((i * epb + k) * cs));
+        }
+    }
+    std::fs::write(&p, &b).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(8 * epb * cs).unwrap();
+    drop(f);
+    // The summary on stdout, one line per cluster on stderr.
+    let out = glimpse_testkit::qemu::run(&["check", "--output=json", s(&p)]);
+    assert_eq!(out.status.code(), Some(2), "qemu-img finds corruptions");
+    let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut qemu_bad: Vec<u64> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| l.strip_prefix("ERROR cluster "))
+        .map(|l| l.split(' ').next().unwrap().parse::<u64>().unwrap() * cs)
+        .collect();
+    qemu_bad.sort();
+    let f = open_path(&p).check(&Limits::default()).unwrap();
+    let mut bad: Vec<u64> = f
+        .iter()
+        .filter(|f| f.code == "refcount.mismatch")
+        .map(|f| f.offset.unwrap())
+        .collect();
+    bad.sort();
+    assert_eq!(bad, qemu_bad);
+    let leaks = q["leaks"].as_u64().unwrap();
+    assert!(leaks > 0);
+    let leak = f
+        .iter()
+        .find(|f| f.code == "qcow2.leaked-clusters")
+        .unwrap();
+    assert!(
+        leak.message.starts_with(&format!("{leaks} clusters ")),
+        "{leak:?}, qemu: {leaks}"
+    );
+}

@@ -144,18 +144,15 @@ impl<'a> Counts<'a> {
             .unwrap_or(0)
     }
 
-    /// True when `cluster`'s page exists.
-    pub fn touched(&self, cluster: u64) -> bool {
-        self.pages.contains_key(&(cluster >> PAGE_BITS))
-    }
-
-    /// The first cluster of the next touched page after `cluster`'s page (or `clusters`).
-    pub fn next_touched(&self, cluster: u64) -> u64 {
-        let p = (cluster >> PAGE_BITS).saturating_add(1);
-        self.pages
-            .range(p..)
-            .next()
-            .map_or(self.clusters, |(k, _)| k << PAGE_BITS)
+    /// The clusters with a non-zero counter word (a reference or a COPIED claim), in order,
+    /// with their words. The work is the pages made, not the clusters covered.
+    pub fn nonzero(&self) -> impl Iterator<Item = (u64, u16)> + '_ {
+        self.pages.iter().flat_map(move |(p, k)| {
+            let page = self.store.get(*k).map_or(&[][..], |pg| &pg[..]);
+            (p << PAGE_BITS..)
+                .zip(page.iter().copied())
+                .filter(|(_, w)| *w != 0)
+        })
     }
 }
 
@@ -170,12 +167,12 @@ mod tests {
         assert!(c.inc(512 * 5000, 1024, 3).unwrap());
         assert_eq!(c.get(5000) & COUNT_MAX, 3);
         assert_eq!(c.get(5001) & COUNT_MAX, 3);
-        assert!(!c.touched(0));
-        assert_eq!(c.next_touched(0), 4096);
         c.flag(5000, true).unwrap();
         assert_eq!(c.get(5000) & F_COPIED, F_COPIED);
         c.inc(0, 1, u16::MAX).unwrap();
         assert_eq!(c.get(0) & COUNT_MAX, COUNT_MAX);
+        let words: Vec<_> = c.nonzero().collect();
+        assert_eq!(words, [(0, COUNT_MAX), (5000, F_COPIED | 3), (5001, 3)]);
         assert!(!c.inc(512 << 30, 1, 1).unwrap());
         assert_eq!(b.left(), (1 << 20) - 2 * PAGE_BYTES);
         drop(c);

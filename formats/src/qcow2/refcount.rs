@@ -44,6 +44,40 @@ pub fn get(block: &[u8], index: u64, refcount_order: u32) -> u64 {
     bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
 }
 
+/// How many of the first `entries` entries of `block` are non-zero, a byte or an entry at a
+/// time rather than one decode per entry.
+pub fn nonzero(block: &[u8], entries: u64, refcount_order: u32) -> u64 {
+    let order = refcount_order.min(6);
+    let bits = 1u32 << order;
+    if bits >= 8 {
+        let width = usize::try_from(bits / 8).unwrap_or(1);
+        let n = usize::try_from(entries).unwrap_or(usize::MAX);
+        return block
+            .chunks_exact(width)
+            .take(n)
+            .filter(|e| e.iter().any(|b| *b != 0))
+            .count() as u64;
+    }
+    // Whole bytes (`1 << per_byte` entries each): fold each entry's bits onto its lowest,
+    // then count those.
+    let per_byte = 3u32.saturating_sub(order);
+    let lowest = (0..1u32 << per_byte).fold(0u8, |m, i| m | 1 << (i << order));
+    let whole = entries >> per_byte;
+    let full = block
+        .iter()
+        .take(usize::try_from(whole).unwrap_or(usize::MAX))
+        .map(|b| {
+            let folded = (1..bits).fold(*b, |x, s| x | b >> s);
+            u64::from((folded & lowest).count_ones())
+        })
+        .sum::<u64>();
+    let first = whole << per_byte;
+    let rest = (first..entries)
+        .filter(|i| get(block, *i, refcount_order) != 0)
+        .count() as u64;
+    full.saturating_add(rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +97,21 @@ mod tests {
         assert_eq!(get(&b, 0, 6), 0xb112_3456_789a_bcde);
         assert_eq!(get(&b, 100, 4), 0);
         assert_eq!(entries_per_block(16, 4), 32768);
+    }
+
+    #[test]
+    fn nonzero_counts_agree_with_get() {
+        let b = [0b1011_0001u8, 0x12, 0x00, 0x56, 0x00, 0x00, 0x40, 0xde];
+        for order in 0..=6 {
+            let epb = 64 >> order;
+            for entries in 0..=epb + 1 {
+                let one_by_one = (0..entries).filter(|i| get(&b, *i, order) != 0).count();
+                assert_eq!(
+                    nonzero(&b, entries, order),
+                    one_by_one as u64,
+                    "{order} {entries}"
+                );
+            }
+        }
     }
 }
