@@ -357,3 +357,172 @@ fn probe_parity_fixtures_are_vmdk_and_name_their_files() {
         }
     }
 }
+
+/// A sparse extent header (`SparseExtentHeader`, little-endian, packed) and a descriptor of
+/// `desc_sectors` sectors naming one sparse extent of `capacity` sectors.
+#[allow(clippy::too_many_arguments)]
+fn sparse_head(
+    version: u32,
+    flags: u32,
+    capacity: u64,
+    grain: u64,
+    gtes: u32,
+    gd: u64,
+    overhead: u64,
+    compress: u16,
+    create_type: &str,
+) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&0x564d_444bu32.to_le_bytes());
+    h.extend_from_slice(&version.to_le_bytes());
+    h.extend_from_slice(&flags.to_le_bytes());
+    h.extend_from_slice(&capacity.to_le_bytes());
+    h.extend_from_slice(&grain.to_le_bytes());
+    h.extend_from_slice(&1u64.to_le_bytes()); // descriptor at sector 1
+    h.extend_from_slice(&2u64.to_le_bytes()); // of 2 sectors
+    h.extend_from_slice(&gtes.to_le_bytes());
+    h.extend_from_slice(&0u64.to_le_bytes()); // no redundant directory
+    h.extend_from_slice(&gd.to_le_bytes());
+    h.extend_from_slice(&overhead.to_le_bytes());
+    h.push(0);
+    h.extend_from_slice(b"\n \r\n");
+    h.extend_from_slice(&compress.to_le_bytes());
+    h.resize(512, 0);
+    let desc = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+         createType=\"{create_type}\"\n# Extent description\nRW {capacity} SPARSE \"x.vmdk\"\n"
+    );
+    h.extend_from_slice(desc.as_bytes());
+    h.resize(3 * 512, 0);
+    h
+}
+
+/// The total that the summary finding of `code` gives ("N more like this (M in all)").
+fn summarised(findings: &[glimpse_formats::Finding], code: &str) -> Option<u64> {
+    let m = &findings
+        .iter()
+        .find(|f| f.code == code && f.message.ends_with(" in all)"))?
+        .message;
+    let n = m.rsplit_once('(')?.1.split_once(' ')?.0;
+    n.parse().ok()
+}
+
+/// A source that counts the reads touching `[lo, hi)`.
+struct CountingSource {
+    data: Vec<u8>,
+    lo: u64,
+    hi: u64,
+    hits: std::sync::atomic::AtomicUsize,
+}
+
+impl glimpse_formats::io::ReadAt for CountingSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        if offset < self.hi && offset + buf.len() as u64 > self.lo {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.data.as_slice().read_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.data.len() as u64)
+    }
+}
+
+/// Work-amplification report F3: a grain directory as long as the file, whose first sectors
+/// name grain tables stored inside the directory's own span, every entry of which names the
+/// file's last sector. Each grain asks the metadata index whether it lands on metadata; the
+/// index answered by walking back over every table span (one long span, the directory, then
+/// thousands of short ones that end early), so this 4 MiB file took 2.3 s and 16 MiB 29.5 s.
+/// The findings are what they were: every grain lands on the directory, and so does every table.
+#[test]
+fn grains_in_a_file_long_directory_are_looked_up_in_log_time() {
+    let (p, per) = (16u64, 512u64);
+    let g = 128 * p; // grain tables
+    let (gd, gt0) = (3u64, 3 + p);
+    let f = gt0 + 4 * g + 1; // file sectors
+    let x = f - 1; // every grain's sector
+    let gd_entries = (f - gd) * 128; // the directory spans sectors gd..f
+    let mut b = sparse_head(1, 1, gd_entries * per, 1, 512, gd, 0, 0, "monolithicSparse");
+    b.resize((f * 512) as usize, 0);
+    for k in 0..g {
+        let at = (gd * 512 + 4 * k) as usize;
+        b[at..at + 4].copy_from_slice(&((gt0 + 4 * k) as u32).to_le_bytes());
+    }
+    for e in 0..per * g {
+        let at = (gt0 * 512 + 4 * e) as usize;
+        b[at..at + 4].copy_from_slice(&(x as u32).to_le_bytes());
+    }
+    let img = glimpse_formats::open(Arc::new(b), Format::Vmdk, &Limits::default()).unwrap();
+    let f = img.check(&Limits::default()).unwrap();
+    // Every grain and every table overlaps the directory; every grain shares sector x with the
+    // next; the directory entries read from the tables' own sectors name a table at x, which
+    // passes the end of the file.
+    assert_eq!(
+        summarised(&f, "vmdk.entry-into-metadata"),
+        Some(per * g + g),
+        "{f:?}"
+    );
+    assert_eq!(summarised(&f, "vmdk.duplicate-grain"), Some(per * g - 1));
+    assert_eq!(summarised(&f, "table.out-of-bounds"), Some(per * g));
+    let kept: Vec<_> = f
+        .iter()
+        .filter(|f| f.code == "vmdk.entry-into-metadata" && !f.message.ends_with(" in all)"))
+        .map(|f| f.message.as_str())
+        .collect();
+    assert_eq!(kept.len(), 16);
+    assert_eq!(kept[0], "grain table 0 overlaps the grain directory");
+    assert_eq!(f.len(), 3 * 17, "{f:?}");
+}
+
+/// Work-amplification report F8: every entry of 8192 grain tables (16 MiB) names one grain
+/// marker, which check read once per entry (4 Mi `pread`s; 64 MiB took 7 s). It is read at
+/// most twice now, and each entry is still its finding: grain 0 owns the marker, every other
+/// grain is told its marker says LBA 0.
+#[test]
+fn grain_tables_naming_one_marker_read_it_at_most_twice() {
+    let (ngt, per, gs) = (8192u64, 512u64, 128u64);
+    let gd = 3u64;
+    let gt0 = gd + (ngt * 4).div_ceil(512);
+    let marker = gt0 + ngt * 4;
+    let flags = 1 | (1 << 16) | (1 << 17);
+    let mut b = sparse_head(
+        3,
+        flags,
+        ngt * per * gs,
+        gs,
+        512,
+        gd,
+        gt0,
+        1,
+        "streamOptimized",
+    );
+    b.resize(((marker + 1) * 512) as usize, 0);
+    for k in 0..ngt {
+        let at = (gd * 512 + 4 * k) as usize;
+        b[at..at + 4].copy_from_slice(&((gt0 + 4 * k) as u32).to_le_bytes());
+    }
+    for e in 0..per * ngt {
+        let at = (gt0 * 512 + 4 * e) as usize;
+        b[at..at + 4].copy_from_slice(&(marker as u32).to_le_bytes());
+    }
+    // LBA 0, 100 compressed bytes (never inflated by check).
+    let m = (marker * 512) as usize;
+    b[m + 8..m + 12].copy_from_slice(&100u32.to_le_bytes());
+    let src = Arc::new(CountingSource {
+        data: b,
+        lo: marker * 512,
+        hi: marker * 512 + 16,
+        hits: Default::default(),
+    });
+    let img = glimpse_formats::open(
+        src.clone() as glimpse_formats::Source,
+        Format::Vmdk,
+        &Limits::default(),
+    )
+    .unwrap();
+    let f = img.check(&Limits::default()).unwrap();
+    assert_eq!(summarised(&f, "vmdk.grain-marker"), Some(per * ngt - 1));
+    assert_eq!(f.len(), 17, "{f:?}");
+    assert_eq!(f[0].message, "grain 1's marker says LBA 0");
+    assert_eq!(f[0].offset, Some(gt0 * 512 + 4));
+    assert!(src.hits.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+}

@@ -18,23 +18,32 @@ pub mod qed;
 pub mod refcount;
 pub mod table;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use crate::error::{Error, Result};
 use crate::finding::Finding;
 use crate::format::Format;
 use crate::image::{Codec, Extent, ExtentKind, Image, ImageCore, ImageInfo, RefKind, Reference};
 use crate::io::{read_up_to, read_vec, Source};
-use crate::limits::{Budget, Limits};
+use crate::limits::{Budget, Charge, Limits};
 use crate::lru::Lru;
 use crate::probe::Probe;
 use crate::table::{check_table, read_entries, Table, TableSpec};
 
 use header::{Extensions, Header};
-use table::{ClusterMap, Geometry, L2Table, Piece, L1E_OFFSET_MASK};
+use table::{ClusterMap, Geometry, L2Map, Piece, Uniform, L1E_OFFSET_MASK};
 
 /// L1 entries scanned per `mapping` call when skipping unallocated L2 ranges.
 const MAX_L1_SCAN: usize = 1 << 16;
 /// Parsed L2 tables the cache holds at most (it is also bounded in bytes).
 const MAX_CACHED_L2: usize = 64;
+/// L2 tables remembered as uniform (all unallocated or all zero) at most. Past it, a table
+/// evicted from the cache is read again: distinct tables then fill at least 64 Ki clusters of
+/// the file, and a 4 Mi-entry L1 table can name each at most 64 times on average.
+const MAX_UNIFORM_L2: usize = 1 << 16;
+/// Budget bytes one remembered uniform table holds (its offset and kind, in a hash table).
+const UNIFORM_BYTES: u64 = 2 * std::mem::size_of::<(u64, Uniform)>() as u64;
 
 /// An opened qcow2 image.
 pub struct Qcow2Image {
@@ -46,8 +55,19 @@ pub struct Qcow2Image {
     geo: Geometry,
     l1: Table<u64>,
     file_size: u64,
-    cache: Lru<u64, L2Table>,
+    cache: Lru<u64, Arc<L2Map>>,
+    uniform: Mutex<UniformTables>,
     budget: Budget,
+}
+
+/// L2 tables known to map all their clusters alike ([`Uniform`]), by offset, kept apart from
+/// the table cache and far smaller. Shared L2 tables are legal (snapshots leave them), so an
+/// L1 table may name one all-unallocated table from each of its entries, or a few of them in
+/// turn, which the cache cannot hold: the mapping then crosses every such entry in one step,
+/// as it crosses entries that name no table, without reading the table again.
+struct UniformTables {
+    kinds: HashMap<u64, Uniform>,
+    held: Charge,
 }
 
 /// True when the head starts with the qcow2 magic (any version: `open` rejects bad ones).
@@ -96,6 +116,10 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
 
     let table_bytes = geo.l2_entries().saturating_mul(16);
     let cache = Lru::new((limits.max_cache_bytes / 4).max(table_bytes), MAX_CACHED_L2);
+    let uniform = Mutex::new(UniformTables {
+        kinds: HashMap::new(),
+        held: budget.charge(0, "uniform L2 tables")?,
+    });
     Ok(Qcow2Image {
         src,
         info,
@@ -106,6 +130,7 @@ pub fn open(src: Source, limits: &Limits) -> Result<Qcow2Image> {
         l1,
         file_size,
         cache,
+        uniform,
         budget,
     })
 }
@@ -431,8 +456,8 @@ impl Qcow2Image {
         }
     }
 
-    /// The L2 table at `offset` (cached), after checking alignment and range.
-    fn l2(&self, offset: u64) -> Result<table::L2Table> {
+    /// The L2 table at `offset` and its runs (cached), after checking alignment and range.
+    fn l2(&self, offset: u64) -> Result<Arc<L2Map>> {
         if self.geo.in_cluster(offset) != 0 {
             return Err(Error::corrupt(format!(
                 "L2 table offset {offset:#x} is not cluster aligned"
@@ -440,12 +465,43 @@ impl Qcow2Image {
             .at(offset)
             .code("table.misaligned"));
         }
-        let cost = self.geo.l2_entries().saturating_mul(16);
         self.cache.get_or_load(
             offset,
-            |_| cost,
-            || table::read_l2(self.src.as_ref(), &self.geo, offset, &self.budget),
+            |m| m.bytes(),
+            || {
+                let t = table::read_l2(self.src.as_ref(), &self.geo, offset, &self.budget)?;
+                Ok(Arc::new(L2Map::new(&self.geo, t, &self.budget)?))
+            },
         )
+    }
+
+    /// Guest bytes one L2 table maps; `cluster_bits <= 21`, so no overflow, and never zero.
+    fn l2_reach(&self) -> u64 {
+        self.geo.l2_entries() << self.geo.cluster_bits
+    }
+
+    fn uniform_tables(&self) -> Result<std::sync::MutexGuard<'_, UniformTables>> {
+        self.uniform
+            .lock()
+            .map_err(|_| Error::corrupt("uniform L2 table list poisoned"))
+    }
+
+    /// How the L2 table at `offset` maps all its clusters, when it is known to map them alike.
+    fn known_uniform(&self, offset: u64) -> Result<Option<Uniform>> {
+        Ok(self.uniform_tables()?.kinds.get(&offset).copied())
+    }
+
+    /// Remembers that the L2 table at `offset` maps all its clusters as `kind`, while there is
+    /// room (a table not remembered is only read again).
+    fn remember_uniform(&self, offset: u64, kind: Uniform) -> Result<()> {
+        let mut u = self.uniform_tables()?;
+        if u.kinds.len() < MAX_UNIFORM_L2
+            && !u.kinds.contains_key(&offset)
+            && u.held.grow(UNIFORM_BYTES, "uniform L2 tables").is_ok()
+        {
+            u.kinds.insert(offset, kind);
+        }
+        Ok(())
     }
 
     /// The piece backing guest offset `pos` inside its cluster and where that piece's run
@@ -487,33 +543,50 @@ impl Qcow2Image {
         }
     }
 
-    /// Phase 1 of `extent_at` when L1 entry `l1i` names no L2 table: the unallocated run
-    /// over it and the following empty L1 entries (at most [`MAX_L1_SCAN`] of them).
-    fn unallocated_l1_run(&self, guest: u64, end: u64, l1i: usize, reach: u64) -> Extent {
+    /// Phase 1 of `extent_at` when L1 entry `l1i` maps its whole range as `kind` (unallocated:
+    /// it names no L2 table, or one known to be all unallocated; zero: one known to be all
+    /// zero): the run over it and the following L1 entries that do the same (at most
+    /// [`MAX_L1_SCAN`] of them).
+    fn uniform_l1_run(&self, guest: u64, end: u64, l1i: usize, kind: Uniform) -> Result<Extent> {
+        let known = self.uniform_tables()?;
+        let alike = |j: usize| match self.l1.get(j).copied().unwrap_or(0) & L1E_OFFSET_MASK {
+            0 => kind == Uniform::Unallocated,
+            off => known.kinds.get(&off) == Some(&kind),
+        };
         let mut j = l1i.saturating_add(1);
         let stop = l1i.saturating_add(MAX_L1_SCAN).min(self.l1.len());
-        while j < stop && self.l1.get(j).copied().unwrap_or(0) & L1E_OFFSET_MASK == 0 {
+        while j < stop && alike(j) {
             j = j.saturating_add(1);
         }
-        let run_end = if j >= self.l1.len() {
+        // Past the L1 table nothing is allocated; the virtual size ends before it anyway.
+        let run_end = if j >= self.l1.len() && kind == Uniform::Unallocated {
             u64::MAX
         } else {
-            (j as u64).saturating_mul(reach)
+            (j as u64).saturating_mul(self.l2_reach())
         };
-        Extent {
+        Ok(Extent {
             start: guest,
             len: run_end.min(end).saturating_sub(guest),
-            kind: ExtentKind::Unallocated,
-        }
+            kind: match kind {
+                Uniform::Unallocated => ExtentKind::Unallocated,
+                Uniform::Zero => ExtentKind::Zero,
+            },
+        })
     }
 
     /// Phase 2 of `extent_at`: walks the L2 table at `l2_off` (for L1 entry `l1i`) from
     /// `guest` while the pieces continue the first one, stopping at the table's end or
-    /// `end`. A compressed first piece is an extent of its own.
+    /// `end`. A compressed first piece is an extent of its own. A run of entries that map
+    /// whole clusters alike is crossed in one step, and a table that is one unallocated or
+    /// zero run is remembered and continued into the next L1 entries (phase 1).
     fn l2_run(&self, guest: u64, end: u64, l1i: usize, l2_off: u64) -> Result<Extent> {
         let cb = self.geo.cluster_bits;
         let l2e = self.geo.l2_entries();
         let l2 = self.l2(l2_off)?;
+        if let Some(kind) = l2.uniform() {
+            self.remember_uniform(l2_off, kind)?;
+            return self.uniform_l1_run(guest, end, l1i, kind);
+        }
         let table_end = (l1i as u64).saturating_add(1).saturating_mul(l2e << cb);
         let limit = end.min(table_end);
         let base = (l1i as u64).saturating_mul(l2e);
@@ -521,10 +594,10 @@ impl Qcow2Image {
         let mut pos = guest;
         let mut first: Option<Piece> = None;
         while pos < limit {
-            let (entry, bm) = (pos >> cb)
+            let (ci, (entry, bm)) = (pos >> cb)
                 .checked_sub(base)
                 .and_then(|ci| usize::try_from(ci).ok())
-                .and_then(|ci| l2.get(ci).copied())
+                .and_then(|ci| Some((ci, *l2.table.get(ci)?)))
                 .ok_or_else(|| Error::corrupt("L2 index outside its table"))?;
             let cm = table::decode(&self.geo, entry, bm)
                 .map_err(|e| e.context(format!("guest offset {pos:#x}")).at(l2_off))?;
@@ -552,7 +625,15 @@ impl Qcow2Image {
                 | (Some(Piece::Unallocated), Piece::Unallocated) => {}
                 _ => break,
             }
-            pos = run_end.min(limit);
+            // The entry maps its whole cluster and the run took it: the entries after it, to
+            // the end of its run in the table, continue the run the same way.
+            let next = match cm {
+                ClusterMap::Whole(Piece::Unallocated | Piece::Zero | Piece::Data(_)) => {
+                    base.saturating_add(l2.run_end(ci) as u64) << cb
+                }
+                _ => run_end,
+            };
+            pos = next.max(run_end).min(limit);
         }
         self.run_extent(guest, pos.saturating_sub(guest), first)
     }
@@ -630,15 +711,16 @@ impl Image for Qcow2Image {
             )
             .code("qcow2.data-file"));
         }
-        // Guest bytes per L2 table; cluster_bits <= 21 so no overflow, and never zero.
-        let reach = self.geo.l2_entries() << self.geo.cluster_bits;
         let l1i = guest
-            .checked_div(reach)
+            .checked_div(self.l2_reach())
             .and_then(|i| usize::try_from(i).ok())
             .ok_or_else(|| Error::corrupt("L1 index overflows"))?;
         let l2_off = self.l1.get(l1i).copied().unwrap_or(0) & L1E_OFFSET_MASK;
         if l2_off == 0 {
-            return Ok(self.unallocated_l1_run(guest, end, l1i, reach));
+            return self.uniform_l1_run(guest, end, l1i, Uniform::Unallocated);
+        }
+        if let Some(kind) = self.known_uniform(l2_off)? {
+            return self.uniform_l1_run(guest, end, l1i, kind);
         }
         self.l2_run(guest, end, l1i, l2_off)
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::io::ReadAt;
-use crate::limits::{Budget, Limits};
+use crate::limits::{Budget, Charge, Limits};
 use crate::table::{read_entries, Table, TableSpec};
 
 /// L1 entry bits 9-55: offset of the L2 table (cluster aligned).
@@ -179,6 +179,121 @@ pub fn read_l2(src: &dyn ReadAt, g: &Geometry, offset: u64, budget: &Budget) -> 
         (be64(e, 0), if extended { be64(e, 8) } else { 0 })
     })?;
     Ok(Arc::new(t))
+}
+
+/// How an L2 table maps every one of its clusters when it maps them all alike and stores no
+/// data: the mapping then reads it as one run, and need not read it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uniform {
+    /// Every entry is unallocated.
+    Unallocated,
+    /// Every entry reads as zeros.
+    Zero,
+}
+
+/// A parsed L2 table and where its runs start, as the mapping caches it. A run is entries that
+/// each map their whole cluster alike: unallocated, zero, or data stored right after the
+/// previous entry's. The mapping crosses a run in one step instead of decoding it entry by
+/// entry: an all-unallocated 2 MiB-cluster table is 262144 entries, and an L1 table may name
+/// the same one from all its entries.
+#[derive(Debug)]
+pub struct L2Map {
+    /// The (entry, bitmap) pairs.
+    pub table: L2Table,
+    /// The indices, ascending, whose entry does not continue the previous one's run.
+    starts: Vec<u32>,
+    /// Set when the whole table is one unallocated or zero run.
+    uniform: Option<Uniform>,
+    _charge: Charge,
+}
+
+impl L2Map {
+    /// Finds the runs of `table`: two passes of one decode per entry, the first to size (and
+    /// charge) the list of run starts, the second to fill it.
+    ///
+    /// # Errors
+    /// `LimitExceeded` when the budget or the allocator says no.
+    pub fn new(g: &Geometry, table: L2Table, budget: &Budget) -> Result<Self> {
+        let starts_at = || {
+            let mut prev = None;
+            table.iter().enumerate().filter_map(move |(i, &(e, bm))| {
+                let kind = whole(g, e, bm);
+                let starts = i > 0 && !continues(g, prev, kind);
+                prev = kind;
+                starts.then_some(i)
+            })
+        };
+        let n = starts_at().count();
+        let charge = budget.charge(
+            (n as u64).saturating_mul(std::mem::size_of::<u32>() as u64),
+            "L2 table runs",
+        )?;
+        let mut starts = Vec::new();
+        starts
+            .try_reserve_exact(n)
+            .map_err(|_| Error::limit("L2 table runs: cannot allocate"))?;
+        // Entry indices are below 2^18 (one cluster of at most 2 MiB, 8 bytes each).
+        starts.extend(starts_at().filter_map(|i| u32::try_from(i).ok()));
+        let first = table.first().and_then(|&(e, bm)| whole(g, e, bm));
+        let uniform = match first {
+            Some(Piece::Unallocated) if starts.is_empty() => Some(Uniform::Unallocated),
+            Some(Piece::Zero) if starts.is_empty() => Some(Uniform::Zero),
+            _ => None,
+        };
+        Ok(L2Map {
+            table,
+            starts,
+            uniform,
+            _charge: charge,
+        })
+    }
+
+    /// One past the last index of the run entry `i` belongs to (the table's length when the run
+    /// goes to its end). O(log runs).
+    pub fn run_end(&self, i: usize) -> usize {
+        let k = self
+            .starts
+            .partition_point(|&s| usize::try_from(s).unwrap_or(usize::MAX) <= i);
+        self.starts
+            .get(k)
+            .and_then(|&s| usize::try_from(s).ok())
+            .unwrap_or(self.table.len())
+    }
+
+    /// How the table maps all its clusters, when one unallocated or zero run covers it.
+    pub fn uniform(&self) -> Option<Uniform> {
+        self.uniform
+    }
+
+    /// Bytes held: the entries and the run starts.
+    pub fn bytes(&self) -> u64 {
+        let entries = (self.table.len() as u64).saturating_mul(16);
+        entries.saturating_add((self.starts.len() as u64).saturating_mul(4))
+    }
+}
+
+/// How an entry maps its whole cluster: unallocated, zero or data; `None` for anything a run
+/// cannot cross in one step (compressed, subclusters of different kinds, an invalid entry, which
+/// the walk stops at and reports).
+fn whole(g: &Geometry, entry: u64, bitmap: u64) -> Option<Piece> {
+    match decode(g, entry, bitmap) {
+        Ok(ClusterMap::Whole(p @ (Piece::Unallocated | Piece::Zero | Piece::Data(_)))) => Some(p),
+        _ => None,
+    }
+}
+
+/// True when an entry mapping its cluster as `next` continues a run whose last entry maps its
+/// cluster as `last`, as the mapping walk decides it: both unallocated, both zero, or data in
+/// the next cluster-aligned host cluster.
+fn continues(g: &Geometry, last: Option<Piece>, next: Option<Piece>) -> bool {
+    match (last, next) {
+        (Some(Piece::Unallocated), Some(Piece::Unallocated))
+        | (Some(Piece::Zero), Some(Piece::Zero)) => true,
+        (Some(Piece::Data(a)), Some(Piece::Data(b))) => {
+            a.checked_add(g.cluster_size()) == Some(b) && g.in_cluster(b) == 0
+        }
+        _ => false,
+    }
 }
 
 /// Big-endian u64 at `at` of `b`, 0 if short (callers pass exact chunks).

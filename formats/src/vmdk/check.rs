@@ -4,10 +4,14 @@
 //! data. Work is bounded by a counter proportional to the file size ([`Work`]); memory by the
 //! metadata budget, every charge of which is given back when the check returns.
 
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+
 use super::header::SECTOR;
-use super::{grain_marker, Sparse};
-use crate::error::{ErrorKind, Result};
-use crate::finding::{Finding, Findings};
+use super::stream::Marker;
+use super::{marker_offset, marker_span, read_marker, MarkerFault, Sparse};
+use crate::error::{Error, ErrorKind, Result};
+use crate::finding::{Finding, Findings, PER_CODE};
 use crate::io::ReadAt;
 use crate::limits::{Budget, Charge, Limits};
 use crate::ranges::{overlap_finding, Region, RegionIndex};
@@ -17,10 +21,11 @@ type Spans = Vec<(u64, u64, &'static str)>;
 
 /// Budget bytes one entry of the grain table list holds.
 const TABLE_BYTES: u64 = std::mem::size_of::<(u64, usize)>() as u64;
-/// Budget bytes one metadata span holds: in the list, then in its index.
+/// Budget bytes one metadata span holds: in the list, then in its index (a region and at most
+/// two points where the region a point lies in changes).
 const SPAN_BYTES: u64 = (std::mem::size_of::<(u64, u64, &str)>()
     + std::mem::size_of::<Region<'static>>()
-    + std::mem::size_of::<u64>()) as u64;
+    + 2 * std::mem::size_of::<(u64, usize)>()) as u64;
 
 /// Grain-table bytes a check may read: each stored table is walked once and compared with its
 /// redundant copy once, so a valid image needs at most three times its file size. Alternating
@@ -50,6 +55,141 @@ impl Work {
             )
         })?;
         Ok(())
+    }
+}
+
+/// Budget bytes one remembered grain marker holds (its sector and marker, in a hash table).
+const MARKER_BYTES: u64 = 2 * std::mem::size_of::<(u64, Marker)>() as u64;
+
+/// Findings built only when they are kept. [`Findings`] keeps [`PER_CODE`] of a code and
+/// counts the rest, and entry after entry can make the same finding millions of times (16 Mi
+/// grain-table entries naming one bad marker in 64 MiB): formatting each message cost more than
+/// the rest of the check. Once a code has all its kept findings, later ones are counted with
+/// no message, which nobody sees.
+struct Sink {
+    findings: Findings,
+    /// Codes with [`PER_CODE`] findings kept.
+    full: Vec<&'static str>,
+}
+
+impl Sink {
+    fn new() -> Self {
+        Sink {
+            findings: Findings::new(),
+            full: Vec::new(),
+        }
+    }
+
+    /// True when a finding of `code` would only be counted.
+    fn is_full(&self, code: &str) -> bool {
+        // The same literal is usually the same pointer: no string compare per entry.
+        self.full
+            .iter()
+            .any(|&c| std::ptr::eq(c, code) || c == code)
+    }
+
+    /// Counts a finding of `code`, which [`Sink::is_full`] said would only be counted.
+    fn count(&mut self, code: &'static str) {
+        self.findings.push(Finding::reject(code, String::new()));
+    }
+
+    /// Adds the finding `make` builds, whose code is `code`, building it only if it is kept.
+    fn push_with(&mut self, code: &'static str, make: impl FnOnce() -> Finding) {
+        if self.is_full(code) {
+            self.count(code);
+            return;
+        }
+        self.findings.push(make());
+        // At most PER_CODE scans per code: after them the code is full.
+        if self
+            .findings
+            .kept()
+            .iter()
+            .filter(|f| f.code == code)
+            .count()
+            >= PER_CODE
+        {
+            self.full.push(code);
+        }
+    }
+
+    /// [`Findings::error`] for the error `make` builds, whose code is `code`.
+    fn error_with(&mut self, code: &'static str, make: impl FnOnce() -> Error) {
+        self.push_with(code, || Finding::from_error(&make()));
+    }
+}
+
+impl Deref for Sink {
+    type Target = Findings;
+    fn deref(&self) -> &Findings {
+        &self.findings
+    }
+}
+
+impl DerefMut for Sink {
+    fn deref_mut(&mut self) -> &mut Findings {
+        &mut self.findings
+    }
+}
+
+/// Markers of compressed grains already read and found not to fit the grain that named them,
+/// by sector. A marker belongs to one grain, so a sound image reads each once and remembers
+/// none; but every entry of every grain table may name the same marker, and reading it again
+/// for each (one `pread` per 4 bytes of table) cost seconds. Here a marker is read at most
+/// twice: for the grain it belongs to, and again when another entry names it, which fails and
+/// is remembered. Memory is charged per remembered marker; when the budget says no, the marker
+/// is read again instead.
+struct Markers {
+    bad: HashMap<u64, Marker>,
+    /// The marker of `bad` last asked for: entries naming one marker come in runs, and a
+    /// comparison is cheaper than a hash.
+    last: Option<(u64, Marker)>,
+    held: Charge,
+}
+
+impl Markers {
+    fn new(budget: &Budget) -> Result<Self> {
+        Ok(Markers {
+            bad: HashMap::new(),
+            last: None,
+            held: budget.charge(0, "VMDK grain markers")?,
+        })
+    }
+
+    /// What the marker at `sector` says of compressed grain `g`: the compressed length and the
+    /// offset of the compressed bytes, or why it does not fit.
+    ///
+    /// # Errors
+    /// `Io` from the read.
+    fn span(
+        &mut self,
+        s: &Sparse,
+        src: &dyn ReadAt,
+        g: u64,
+        sector: u64,
+    ) -> Result<std::result::Result<(u64, u64), MarkerFault>> {
+        let Some(at) = marker_offset(s.file_size, sector) else {
+            return Ok(Err(MarkerFault::Outside));
+        };
+        let known = match self.last {
+            Some((last, m)) if last == sector => Some(m),
+            _ => self.bad.get(&sector).copied(),
+        };
+        let m = match known {
+            Some(m) => m,
+            None => read_marker(src, s.file_size, at)?,
+        };
+        let span = marker_span(&s.hdr, s.file_size, g, at, m);
+        let remember = known.is_none()
+            && span.is_err()
+            && self.held.grow(MARKER_BYTES, "VMDK grain markers").is_ok();
+        if remember {
+            self.bad.insert(sector, m);
+        }
+        if known.is_some() || remember {
+            self.last = Some((sector, m));
+        }
+        Ok(span)
     }
 }
 
@@ -208,20 +348,40 @@ fn grain_tables(
     s: &Sparse,
     meta: &[(u64, u64, &'static str)],
     work: &mut Work,
-    sink: &mut Findings,
+    sink: &mut Sink,
 ) -> Result<Vec<(u64, usize)>> {
     let gt_sectors = s.cache.table_len().div_ceil(SECTOR);
     let mut tables: Vec<(u64, usize)> = Vec::new();
+    // The code of a table that passes the end of the file: every other such table is the
+    // same finding, counted without building it once that code is full (a directory as long
+    // as the file may name the last sector from every entry).
+    let mut past_end: Option<&'static str> = None;
     for (i, &gt) in s.gd.iter().enumerate() {
         if gt == 0 {
             continue;
         }
-        match s.cache.check(u64::from(gt)) {
+        let gt = u64::from(gt);
+        let passes = gt
+            .saturating_mul(SECTOR)
+            .saturating_add(s.cache.table_len())
+            > s.file_size;
+        if let Some(code) = past_end.filter(|c| passes && sink.is_full(c)) {
+            sink.count(code);
+            continue;
+        }
+        match s.cache.check(gt) {
             Ok(_) => {
                 work.hold(TABLE_BYTES, "VMDK grain table list")?;
-                tables.push((u64::from(gt), i));
+                tables.push((gt, i));
             }
-            Err(e) => sink.error(&e.context(format!("grain directory entry {i}"))),
+            Err(e) => {
+                if passes {
+                    past_end = Some(e.finding_code());
+                }
+                sink.error_with(e.finding_code(), || {
+                    e.context(format!("grain directory entry {i}"))
+                });
+            }
         }
     }
     tables.sort_unstable();
@@ -241,13 +401,13 @@ fn grain_tables(
     let fixed = index(meta);
     for &(gt, i) in &tables {
         if let Some(what) = fixed.hit(gt, gt.saturating_add(gt_sectors)) {
-            sink.push(
+            sink.push_with("vmdk.entry-into-metadata", || {
                 Finding::reject(
                     "vmdk.entry-into-metadata",
                     format!("grain table {i} overlaps the {}", what.name),
                 )
-                .at(gt.saturating_mul(SECTOR)),
-            );
+                .at(gt.saturating_mul(SECTOR))
+            });
         }
     }
     Ok(tables)
@@ -261,7 +421,8 @@ fn grain_pointers(
     tables: &[(u64, usize)],
     meta: &RegionIndex<'_>,
     work: &mut Work,
-    sink: &mut Findings,
+    markers: &mut Markers,
+    sink: &mut Sink,
 ) -> Result<Vec<(u64, u64, u64)>> {
     let hdr = &s.hdr;
     let gt_bytes = s.cache.table_len();
@@ -291,17 +452,17 @@ fn grain_pointers(
             let at = gt_sector
                 .saturating_mul(SECTOR)
                 .saturating_add((j as u64).saturating_mul(4));
-            let Some((start, end)) = grain_span(s, src, g, e, at, sink)? else {
+            let Some((start, end)) = grain_span(s, src, g, e, at, markers, sink)? else {
                 continue;
             };
             if let Some(what) = meta.hit(start, end) {
-                sink.push(
+                sink.push_with("vmdk.entry-into-metadata", || {
                     Finding::reject(
                         "vmdk.entry-into-metadata",
                         format!("grain {g} at sector {start} overlaps {}", what.name),
                     )
-                    .at(at),
-                );
+                    .at(at)
+                });
             }
             work.hold(24, "VMDK grain list")?;
             grains.push((start, end, g));
@@ -318,7 +479,8 @@ fn grain_span(
     g: u64,
     e: u32,
     at: u64,
-    sink: &mut Findings,
+    markers: &mut Markers,
+    sink: &mut Sink,
 ) -> Result<Option<(u64, u64)>> {
     let hdr = &s.hdr;
     let vsize = hdr.capacity.saturating_mul(SECTOR);
@@ -329,25 +491,32 @@ fn grain_span(
     }
     let start = u64::from(e);
     if hdr.compressed() {
-        return match grain_marker(src, hdr, s.file_size, g, start) {
-            Ok((stored, host)) => Ok(Some((start, host.saturating_add(stored).div_ceil(SECTOR)))),
-            Err(err) if err.kind() == ErrorKind::Io => Err(err),
+        let span = match markers.span(s, src, g, start) {
+            Ok(span) => span,
+            Err(err) if err.kind() == ErrorKind::Io => return Err(err),
             Err(err) => {
                 sink.error(&err.at(at));
-                Ok(None)
+                return Ok(None);
             }
         };
+        return Ok(match span {
+            Ok((stored, host)) => Some((start, host.saturating_add(stored).div_ceil(SECTOR))),
+            Err(fault) => {
+                sink.error_with(fault.code(), || fault.error(g, start).at(at));
+                None
+            }
+        });
     }
     let need = gb.min(vsize.saturating_sub(guest)).div_ceil(SECTOR);
     let end = start.saturating_add(need);
     if end.saturating_mul(SECTOR) > s.file_size {
-        sink.push(
+        sink.push_with("vmdk.gt-entry-out-of-bounds", || {
             Finding::reject(
                 "vmdk.gt-entry-out-of-bounds",
                 format!("grain {g} at sector {start} passes the end of the file"),
             )
-            .at(at),
-        );
+            .at(at)
+        });
         return Ok(None);
     }
     Ok(Some((start, end)))
@@ -359,7 +528,7 @@ fn grain_span(
 /// `Io`; `LimitExceeded` when the metadata budget or the work bound runs out.
 pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec<Finding>> {
     let budget = limits.budget();
-    let mut sink = Findings::new();
+    let mut sink = Sink::new();
     let gt_sectors = s.cache.table_len().div_ceil(SECTOR);
 
     let mut work = Work::new(s.file_size, &budget)?;
@@ -380,20 +549,23 @@ pub(crate) fn check(s: &Sparse, src: &dyn ReadAt, limits: &Limits) -> Result<Vec
     redundant(s, src, limits, &budget, &mut work, &mut meta, &mut sink)?;
     let meta = index(&meta);
 
-    let mut grains = grain_pointers(s, src, &tables, &meta, &mut work, &mut sink)?;
+    let mut markers = Markers::new(&budget)?;
+    let mut grains = grain_pointers(s, src, &tables, &meta, &mut work, &mut markers, &mut sink)?;
+    // Its budget back before the grain list is sorted.
+    drop(markers);
     grains.sort_unstable();
     for w in grains.windows(2) {
         if let [(_, a_end, ga), (b, _, gb_)] = w {
             if b < a_end {
-                sink.push(
+                sink.push_with("vmdk.duplicate-grain", || {
                     Finding::reject(
                         "vmdk.duplicate-grain",
                         format!("grains {ga} and {gb_} share host sector {b}"),
                     )
-                    .at(b.saturating_mul(SECTOR)),
-                );
+                    .at(b.saturating_mul(SECTOR))
+                });
             }
         }
     }
-    Ok(sink.finish())
+    Ok(sink.findings.finish())
 }

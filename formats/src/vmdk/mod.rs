@@ -855,42 +855,111 @@ pub(crate) fn grain_marker(
     g: u64,
     sector: u64,
 ) -> Result<(u64, u64)> {
-    let at = sector
+    let at =
+        marker_offset(file_size, sector).ok_or_else(|| MarkerFault::Outside.error(g, sector))?;
+    let m = read_marker(src, file_size, at)?;
+    marker_span(hdr, file_size, g, at, m).map_err(|f| f.error(g, sector))
+}
+
+/// Why a compressed grain's marker does not fit its grain. A fault holds no message: `check`
+/// meets one per grain-table entry, and every entry of every table may name the same bad
+/// marker, so the message is made only for a finding that is kept ([`MarkerFault::error`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MarkerFault {
+    /// The marker is not inside the file.
+    Outside,
+    /// A metadata marker of this type, not a grain's.
+    Metadata(u32),
+    /// Another grain's marker: the LBA it names.
+    Lba(u64),
+    /// More compressed bytes than qemu accepts.
+    TooLong(u32),
+    /// The compressed bytes pass the end of the file.
+    PastEnd,
+}
+
+impl MarkerFault {
+    /// The finding code of [`MarkerFault::error`].
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            MarkerFault::Outside | MarkerFault::PastEnd => "vmdk.gt-entry-out-of-bounds",
+            MarkerFault::Metadata(_) | MarkerFault::Lba(_) | MarkerFault::TooLong(_) => {
+                "vmdk.grain-marker"
+            }
+        }
+    }
+
+    /// The error for grain `g` whose entry names the marker at `sector`.
+    pub(crate) fn error(self, g: u64, sector: u64) -> Error {
+        let at = sector.saturating_mul(SECTOR);
+        let e = match self {
+            MarkerFault::Outside => {
+                return Error::corrupt(format!(
+                    "compressed grain {g} at sector {sector} lies outside the file"
+                ))
+                .code(self.code())
+            }
+            MarkerFault::Metadata(kind) => Error::corrupt(format!(
+                "grain {g} points at a metadata marker (type {kind})"
+            )),
+            MarkerFault::Lba(lba) => Error::corrupt(format!("grain {g}'s marker says LBA {lba}")),
+            MarkerFault::TooLong(size) => {
+                Error::corrupt(format!("grain {g} claims {size} compressed bytes"))
+            }
+            MarkerFault::PastEnd => {
+                Error::corrupt(format!("compressed grain {g} passes the end of the file"))
+            }
+        };
+        e.at(at).code(self.code())
+    }
+}
+
+/// The byte offset of the marker at `sector`, when the marker lies inside the file.
+pub(crate) fn marker_offset(file_size: u64, sector: u64) -> Option<u64> {
+    sector
         .checked_mul(SECTOR)
         .filter(|a| a.saturating_add(GRAIN_MARKER_LEN) <= file_size)
-        .ok_or_else(|| {
-            Error::corrupt(format!(
-                "compressed grain {g} at sector {sector} lies outside the file"
-            ))
-            .code("vmdk.gt-entry-out-of-bounds")
-        })?;
+}
+
+/// Reads the marker at byte `at` ([`marker_offset`]).
+///
+/// # Errors
+/// `Io`.
+pub(crate) fn read_marker(
+    src: &dyn crate::io::ReadAt,
+    file_size: u64,
+    at: u64,
+) -> Result<stream::Marker> {
     let mut buf = [0u8; 16];
     let n = usize::try_from(file_size.saturating_sub(at).min(16)).unwrap_or(16);
     src.read_exact_at(buf.get_mut(..n).unwrap_or_default(), at)?;
-    let m = stream::parse_marker(&buf, at)?;
-    let bad = |msg: String| Err(Error::corrupt(msg).at(at).code("vmdk.grain-marker"));
+    stream::parse_marker(&buf, at)
+}
+
+/// What marker `m`, read at byte `at`, says of compressed grain `g`: the compressed length and
+/// the offset of the compressed bytes, or why it is not this grain's.
+pub(crate) fn marker_span(
+    hdr: &SparseHeader,
+    file_size: u64,
+    g: u64,
+    at: u64,
+    m: stream::Marker,
+) -> std::result::Result<(u64, u64), MarkerFault> {
     if m.size == 0 {
-        return bad(format!(
-            "grain {g} points at a metadata marker (type {})",
-            m.kind
-        ));
+        return Err(MarkerFault::Metadata(m.kind));
     }
     // VMware's reader checks the marker's LBA; qemu does not. A mismatch means two grains
     // were swapped or a table was forged: refuse it.
     if Some(m.val) != g.checked_mul(hdr.grain_size) {
-        return bad(format!("grain {g}'s marker says LBA {}", m.val));
+        return Err(MarkerFault::Lba(m.val));
     }
     // qemu refuses a compressed grain longer than two grains.
     if u64::from(m.size) > hdr.grain_bytes().saturating_mul(2) {
-        return bad(format!("grain {g} claims {} compressed bytes", m.size));
+        return Err(MarkerFault::TooLong(m.size));
     }
     let host = at.saturating_add(GRAIN_MARKER_LEN);
     if host.saturating_add(u64::from(m.size)) > file_size {
-        return Err(
-            Error::corrupt(format!("compressed grain {g} passes the end of the file"))
-                .at(at)
-                .code("vmdk.gt-entry-out-of-bounds"),
-        );
+        return Err(MarkerFault::PastEnd);
     }
     Ok((u64::from(m.size), host))
 }
