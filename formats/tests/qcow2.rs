@@ -1,6 +1,8 @@
 //! qcow2 reader tests against qemu-img-made images, and one header mutation per finding.
 //! These tests need qemu-img and qemu-io and fail loudly without them.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use glimpse_formats::qcow2;
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{ErrorKind, ExtentKind, Image, Limits, Severity, Source};
 use glimpse_testkit::qemu::img as qemu_img;
+use support::CountingSource;
 
 fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     let out = Command::new(cmd)
@@ -1291,26 +1294,6 @@ fn bitmap_directory_constraints_agree_with_qemu() {
     put32(&mut b, d + 8, n + 1);
     b[d + 15] |= 1;
     assert_eq!(check_and_qemu(dir.path(), &b), (vec![], true));
-}
-
-/// A source that counts the reads touching `[lo, hi)`.
-struct CountingSource {
-    data: Vec<u8>,
-    lo: u64,
-    hi: u64,
-    hits: std::sync::atomic::AtomicUsize,
-}
-
-impl glimpse_formats::io::ReadAt for CountingSource {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        if offset < self.hi && offset + buf.len() as u64 > self.lo {
-            self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        self.data.as_slice().read_at(buf, offset)
-    }
-    fn size(&self) -> std::io::Result<u64> {
-        Ok(self.data.len() as u64)
-    }
 }
 
 /// Report F1: a thousand bitmaps naming one table (each entry qemu-valid) read the table

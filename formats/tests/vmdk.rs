@@ -10,7 +10,7 @@ use std::sync::Arc;
 use glimpse_formats::image::{ExtentKind, Image, RefKind};
 use glimpse_formats::reader::GuestReader;
 use glimpse_formats::{detect, ErrorKind, Format, Limits};
-use support::{data_ranges, qemu_data_ranges, qemu_img, qemu_json};
+use support::{data_ranges, qemu_data_ranges, qemu_img, qemu_json, CountingSource};
 
 /// A raw disk with random data, repeated bytes and holes, not a multiple of 64 KiB.
 fn raw(dir: &Path) -> PathBuf {
@@ -405,26 +405,6 @@ fn summarised(findings: &[glimpse_formats::Finding], code: &str) -> Option<u64> 
         .message;
     let n = m.rsplit_once('(')?.1.split_once(' ')?.0;
     n.parse().ok()
-}
-
-/// A source that counts the reads touching `[lo, hi)`.
-struct CountingSource {
-    data: Vec<u8>,
-    lo: u64,
-    hi: u64,
-    hits: std::sync::atomic::AtomicUsize,
-}
-
-impl glimpse_formats::io::ReadAt for CountingSource {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        if offset < self.hi && offset + buf.len() as u64 > self.lo {
-            self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        self.data.as_slice().read_at(buf, offset)
-    }
-    fn size(&self) -> std::io::Result<u64> {
-        Ok(self.data.len() as u64)
-    }
 }
 
 /// Work-amplification report F3: a grain directory as long as the file, whose first sectors

@@ -130,3 +130,24 @@ pub fn for_each_prefix(
         n += if n < edge || n + edge > len { 1 } else { step };
     }
 }
+
+/// A source that counts the reads touching `[lo, hi)`: proves that a walk reads a region once,
+/// not once per entry that names it.
+pub struct CountingSource {
+    pub data: Vec<u8>,
+    pub lo: u64,
+    pub hi: u64,
+    pub hits: std::sync::atomic::AtomicUsize,
+}
+
+impl glimpse_formats::io::ReadAt for CountingSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        if offset < self.hi && offset + buf.len() as u64 > self.lo {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.data.as_slice().read_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.data.len() as u64)
+    }
+}
