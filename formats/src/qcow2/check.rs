@@ -1098,8 +1098,22 @@ impl Walk<'_> {
         }
         drop(entries);
         // Claim every table before reading any: a shared table is one finding, and a table
-        // over other metadata is found by `overlaps` without being read again.
-        for (&off, t) in &tables {
+        // over other metadata is found by `overlaps` without being read again. Distinct
+        // tables that together pass the file overlap one another: claiming (which counts
+        // every cluster of a table) stops there, as for snapshot L1 tables, so that tables a
+        // few bytes apart cannot make the count (tables) x (their clusters).
+        let mut total = 0u64;
+        let mut claimed = BTreeMap::new();
+        for (off, t) in tables {
+            total = total.saturating_add(t.bytes);
+            if total > img.file_size {
+                self.rep.push(bad(
+                    "the bitmap tables together are larger than the file: they overlap".into(),
+                    off,
+                ));
+                self.skip_leaks = true;
+                break;
+            }
             if t.times > 1 {
                 self.rep.push(bad(
                     format!(
@@ -1118,20 +1132,11 @@ impl Walk<'_> {
                     off,
                 )));
             }
+            claimed.insert(off, t);
         }
         // Data clusters by offset, with the bitmaps naming them: one record each.
         let mut data: HashMap<u64, u16> = HashMap::new();
-        let mut walked = 0u64;
-        for (off, t) in tables {
-            walked = walked.saturating_add(t.bytes);
-            if walked > img.file_size {
-                self.rep.push(bad(
-                    "the bitmap tables together are larger than the file: they overlap".into(),
-                    off,
-                ));
-                self.skip_leaks = true;
-                break;
-            }
+        for (off, t) in claimed {
             let spec = TableSpec {
                 name: "bitmap table",
                 offset: off,
