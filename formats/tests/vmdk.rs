@@ -407,6 +407,19 @@ fn summarised(findings: &[glimpse_formats::Finding], code: &str) -> Option<u64> 
     n.parse().ok()
 }
 
+/// Fills the grain directory at sector `gd` with `tables` grain tables of 4 sectors each from
+/// sector `gt0`, and every one of their `per` entries with sector `grain`.
+fn point_every_grain(b: &mut [u8], gd: u64, gt0: u64, tables: u64, per: u64, grain: u64) {
+    for k in 0..tables {
+        let at = (gd * 512 + 4 * k) as usize;
+        b[at..at + 4].copy_from_slice(&((gt0 + 4 * k) as u32).to_le_bytes());
+    }
+    for e in 0..per * tables {
+        let at = (gt0 * 512 + 4 * e) as usize;
+        b[at..at + 4].copy_from_slice(&(grain as u32).to_le_bytes());
+    }
+}
+
 /// Work-amplification report F3: a grain directory as long as the file, whose first sectors
 /// name grain tables stored inside the directory's own span, every entry of which names the
 /// file's last sector. Each grain asks the metadata index whether it lands on metadata; the
@@ -423,14 +436,7 @@ fn grains_in_a_file_long_directory_are_looked_up_in_log_time() {
     let gd_entries = (f - gd) * 128; // the directory spans sectors gd..f
     let mut b = sparse_head(1, 1, gd_entries * per, 1, 512, gd, 0, 0, "monolithicSparse");
     b.resize((f * 512) as usize, 0);
-    for k in 0..g {
-        let at = (gd * 512 + 4 * k) as usize;
-        b[at..at + 4].copy_from_slice(&((gt0 + 4 * k) as u32).to_le_bytes());
-    }
-    for e in 0..per * g {
-        let at = (gt0 * 512 + 4 * e) as usize;
-        b[at..at + 4].copy_from_slice(&(x as u32).to_le_bytes());
-    }
+    point_every_grain(&mut b, gd, gt0, g, per, x);
     let img = glimpse_formats::open(Arc::new(b), Format::Vmdk, &Limits::default()).unwrap();
     let f = img.check(&Limits::default()).unwrap();
     // Every grain and every table overlaps the directory; every grain shares sector x with the
@@ -476,14 +482,7 @@ fn grain_tables_naming_one_marker_read_it_at_most_twice() {
         "streamOptimized",
     );
     b.resize(((marker + 1) * 512) as usize, 0);
-    for k in 0..ngt {
-        let at = (gd * 512 + 4 * k) as usize;
-        b[at..at + 4].copy_from_slice(&((gt0 + 4 * k) as u32).to_le_bytes());
-    }
-    for e in 0..per * ngt {
-        let at = (gt0 * 512 + 4 * e) as usize;
-        b[at..at + 4].copy_from_slice(&(marker as u32).to_le_bytes());
-    }
+    point_every_grain(&mut b, gd, gt0, ngt, per, marker);
     // LBA 0, 100 compressed bytes (never inflated by check).
     let m = (marker * 512) as usize;
     b[m + 8..m + 12].copy_from_slice(&100u32.to_le_bytes());

@@ -99,7 +99,7 @@ impl Ova {
             Error::io(e, format!("creating {}", dir.display()))
         })?;
         let written = self
-            .write_all(plan, hooks)
+            .write_all(plan, dir, hooks)
             .inspect_err(|_| remove_created())?;
         Ok(Extraction {
             written,
@@ -115,15 +115,11 @@ impl Ova {
     fn write_all(
         &self,
         plan: Vec<(usize, PathBuf)>,
+        dir: &Path,
         hooks: &ExtractHooks<'_>,
     ) -> Result<Vec<PathBuf>> {
         // Every member's file stays open until all are written (an unnamed one has no other
         // handle): make room for them under the soft open-file limit.
-        let dir = plan
-            .first()
-            .and_then(|(_, p)| p.parent())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
         room_for_open_files(plan.len())?;
         let mut temps = Vec::new();
         for (i, path) in plan {
@@ -132,7 +128,7 @@ impl Ova {
         }
         // One sync of the file system for all members, rather than one fsync each (2,000
         // members took 8 s that way, GNU tar 0.3 s): the data is on disk before any name is.
-        sync_file_system(&dir)?;
+        sync_file_system(dir)?;
         // Past this point every member is written: a signal no longer stops the renames.
         hooks.check()?;
         let mut written: Vec<PathBuf> = Vec::new();

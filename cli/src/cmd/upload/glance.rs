@@ -19,17 +19,37 @@ use super::http::{Body, Http, Reply, Secret, StatusError};
 /// image.
 pub fn never_reached(e: &anyhow::Error) -> bool {
     use ureq::Timeout;
-    e.chain().any(|c| match c.downcast_ref::<ureq::Error>() {
-        Some(
-            ureq::Error::HostNotFound
-            | ureq::Error::ConnectionFailed
-            | ureq::Error::Timeout(Timeout::Resolve | Timeout::Connect)
-            | ureq::Error::Tls(_)
-            | ureq::Error::Rustls(_),
-        ) => true,
-        Some(ureq::Error::Io(io)) => unreachable(io),
-        _ => c.downcast_ref::<std::io::Error>().is_some_and(unreachable),
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<ureq::Error>(),
+            Some(
+                ureq::Error::HostNotFound
+                    | ureq::Error::ConnectionFailed
+                    | ureq::Error::Timeout(Timeout::Resolve | Timeout::Connect)
+                    | ureq::Error::Tls(_)
+                    | ureq::Error::Rustls(_),
+            )
+        )
+    }) || io_errors(e).any(unreachable)
+}
+
+/// True when the server closed or reset the connection while glimpse was still sending.
+pub fn connection_lost(e: &anyhow::Error) -> bool {
+    io_errors(e).any(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        )
     })
+}
+
+/// The I/O errors in `e`'s chain, plain or inside a ureq error.
+fn io_errors(e: &anyhow::Error) -> impl Iterator<Item = &std::io::Error> {
+    e.chain()
+        .filter_map(|c| match c.downcast_ref::<ureq::Error>() {
+            Some(ureq::Error::Io(io)) => Some(io),
+            _ => c.downcast_ref::<std::io::Error>(),
+        })
 }
 
 /// A refused connection, or a name the resolver does not know (std reports getaddrinfo's

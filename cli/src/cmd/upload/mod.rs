@@ -660,18 +660,7 @@ fn send_and_verify(
 /// being sent, its reason (a reply it may have sent first) is lost; the usual causes are its
 /// size limits.
 fn put_failure_hint(e: &anyhow::Error) -> &'static str {
-    let closed = e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            matches!(
-                io.kind(),
-                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-            )
-        }) || {
-            let t = c.to_string();
-            t.contains("Broken pipe") || t.contains("Connection reset")
-        }
-    });
-    if closed {
+    if glance::connection_lost(e) {
         "the upload failed: Glance closed the connection before it had all the data (an image over its image_size_cap or the project's storage quota ends this way)"
     } else {
         "the upload failed"
