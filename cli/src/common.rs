@@ -84,9 +84,9 @@ pub fn error_json(filename: &str, e: &anyhow::Error) -> Value {
 pub fn failed(filename: &str, e: &anyhow::Error) -> (Value, u8) {
     let msg = format!("{e:#}");
     if msg.starts_with(&format!("{filename}:")) {
-        eprintln!("glimpse: {msg}");
+        errln!("glimpse: {msg}");
     } else {
-        eprintln!("glimpse: {filename}: {msg}");
+        errln!("glimpse: {filename}: {msg}");
     }
     (error_json(filename, e), exit_status(e))
 }
@@ -191,13 +191,13 @@ pub fn load(path: &Path, expect: Option<Format>, opts: &InputOpts) -> anyhow::Re
             }
             .into());
         }
-        eprintln!(
+        errln!(
             "glimpse: warning: {}: reading despite: {reasons}",
             name(path)
         );
     }
     if let Some(b) = image.info().backing_file() {
-        eprintln!(
+        errln!(
             "glimpse: warning: {}: the backing file {:?} is not read, so what is read here is \
              only this overlay's data, not the guest disk",
             name(path),
@@ -395,6 +395,41 @@ pub fn info_rows(filename: &str, info: &ImageInfo) -> Vec<(String, String)> {
     rows
 }
 
+/// The first error met writing to stdout, after which nothing more is written.
+static STDOUT_ERROR: std::sync::Mutex<Option<std::io::Error>> = std::sync::Mutex::new(None);
+
+/// Writes to stdout (`outln!`, `out!`) and flushes, so that a failure is seen at once. The
+/// first failure is kept for [`stdout_error`]; output after it is dropped.
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut failed = STDOUT_ERROR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if failed.is_some() {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        *failed = Some(e);
+    }
+}
+
+/// Writes to stderr (`errln!`, `errp!`), dropping what cannot be written.
+pub fn write_err(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// The error that stopped output to stdout, if any: the command then exits 2, or 141 when
+/// the reader went away.
+pub fn stdout_error() -> Option<std::io::Error> {
+    write_out(format_args!(""));
+    STDOUT_ERROR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+}
+
 /// Prints JSON: one object for one file, an array for several.
 pub fn print_json(items: Vec<Value>) {
     let mut v = if items.len() == 1 {
@@ -403,7 +438,17 @@ pub fn print_json(items: Vec<Value>) {
         Value::Array(items)
     };
     crate::remote::annotate(&mut v);
-    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+/// `e` naming the file `path` once: errors of opening a file already start with its name.
+pub fn named(e: anyhow::Error, path: &Path) -> anyhow::Error {
+    let n = name(path);
+    if format!("{e:#}").starts_with(&format!("{n}:")) {
+        e
+    } else {
+        e.context(n)
+    }
 }
 
 /// The display name of a path (a URL without its credentials or query).

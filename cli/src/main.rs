@@ -1,9 +1,43 @@
 //! The `glimpse` command line: clap definitions, rendering and glue. Logic a library user would
 //! want lives in `glimpse-formats` and `glimpse-convert`.
+// Output goes through `outln!`/`errln!`, which turn a failed write into an exit status, never
+// a panic.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// `println!` that cannot panic: a failed write to stdout (a full disk, EIO, a closed pipe)
+/// is remembered, later output is dropped, and the command exits 2 (141 for a closed pipe)
+/// when it ends (`common::write_out`).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::common::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` that cannot panic (see `outln!`).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::common::write_out(format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` that cannot panic: a message that cannot be written to stderr is dropped (there
+/// is nowhere left to say so), and the command goes on.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::common::write_err(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `eprint!` that cannot panic (see `errln!`).
+macro_rules! errp {
+    ($($arg:tt)*) => {
+        $crate::common::write_err(format_args!($($arg)*))
+    };
+}
 
 mod cmd;
 mod common;
@@ -14,7 +48,13 @@ mod source;
 /// Inspect, validate, convert and upload virtual-disk images (qcow2, VMDK, VHD, VHDX, VDI,
 /// raw, ISO, OVA).
 #[derive(Parser)]
-#[command(name = "glimpse", version, about, max_term_width = 100)]
+#[command(
+    name = "glimpse",
+    version,
+    propagate_version = true,
+    about,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -87,11 +127,20 @@ fn main() -> ExitCode {
         Command::Audit(a) => cmd::audit::run(*a),
     };
     remote::log_transfers();
-    match result {
-        Ok(code) => ExitCode::from(code),
+    let code = match result {
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("glimpse: {}", common::printable(&format!("{e:#}")));
-            ExitCode::from(common::exit_status(&e))
+            errln!("glimpse: {}", common::printable(&format!("{e:#}")));
+            common::exit_status(&e)
+        }
+    };
+    // What was printed must have reached stdout: a result a pipeline never got is a failure.
+    match common::stdout_error() {
+        None => ExitCode::from(code),
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(141),
+        Some(e) => {
+            errln!("glimpse: stdout: cannot write: {e}");
+            ExitCode::from(2)
         }
     }
 }

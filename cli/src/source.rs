@@ -6,6 +6,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use glimpse_formats::io::{open_path, opened, Access, FileKind, Opened};
 use glimpse_formats::Source;
 
@@ -15,16 +16,88 @@ pub fn is_stdin(path: &Path) -> bool {
 }
 
 /// Opens `path` (or stdin for `-`) for `access`, refusing kinds of files that cannot be read
-/// that way with a one-line message that names the file and says what to do.
+/// that way with a one-line message that names the file and says what to do. A regular file
+/// is watched for writes until [`unchanged`] is asked about `path`.
 pub fn open_input(path: &Path, access: Access) -> anyhow::Result<Opened> {
-    if is_stdin(path) {
+    let opened = if is_stdin(path) {
         let fd = std::io::stdin()
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| anyhow::anyhow!("stdin: cannot open: {e}"))?;
-        return opened(File::from(fd), access).map_err(|e| e.context("stdin").into());
+        opened(File::from(fd), access).map_err(|e| e.context("stdin"))?
+    } else {
+        open_path(path, access)?
+    };
+    if opened.kind == FileKind::Regular {
+        let file = opened.file.try_clone().context("cannot open")?;
+        let stamp = Stamp::of(&file)?;
+        WATCHED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((path.to_path_buf(), file, stamp));
     }
-    Ok(open_path(path, access)?)
+    Ok(opened)
+}
+
+/// What a local file's metadata says about its content: a write to it, even in place (which
+/// an open descriptor would not notice), changes its modification and change times, and an
+/// append or a truncation its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    /// The stamp of the open file `f`.
+    pub fn of(f: &File) -> anyhow::Result<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata().context("cannot read")?;
+        Ok(Stamp {
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// The regular files opened and not yet asked about, by the path they were opened as, each
+/// with its stamp when opened.
+type Watched = (std::path::PathBuf, File, Stamp);
+static WATCHED: std::sync::Mutex<Vec<Watched>> = std::sync::Mutex::new(Vec::new());
+
+/// Fails (`source.changed`) when the regular file opened as `path` was written to since it
+/// was opened, and stops watching it. A command asks after its last read of a file and
+/// before it reports on it or renames its output into place: a digest, a conversion or a
+/// verdict of a file rewritten while it was read would describe neither version. (A URL is
+/// pinned by its validators instead, docs/remote.md.)
+pub fn unchanged(path: &Path) -> glimpse_formats::Result<()> {
+    let watched: Vec<Watched> = {
+        let mut all = WATCHED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mine, rest) = std::mem::take(&mut *all)
+            .into_iter()
+            .partition(|(p, _, _)| p == path);
+        *all = rest;
+        mine
+    };
+    for (_, file, before) in &watched {
+        let now = Stamp::of(file).map_err(|e| {
+            glimpse_formats::Error::new(glimpse_formats::ErrorKind::Io, format!("{e:#}"))
+        })?;
+        if now != *before {
+            return Err(glimpse_formats::Error::new(
+                glimpse_formats::ErrorKind::Io,
+                "the file was written to while it was read (its size or modification time \
+                 changed): what was read is neither the old nor the new content, so no result \
+                 is given",
+            )
+            .code("source.changed"));
+        }
+    }
+    Ok(())
 }
 
 /// The input as text when it names a remote object (`http(s)://`, `glance://`).
@@ -40,7 +113,7 @@ pub fn open_random(path: &Path) -> anyhow::Result<Source> {
         let src = open_remote(url)?;
         if !src.pinned() {
             // Each read is its own request: nothing ties them to one version of the object.
-            eprintln!(
+            errln!(
                 "glimpse: warning: {}: the server sends no ETag or Last-Modified, so a change \
                  of the object while it is read cannot be detected",
                 src.shown()

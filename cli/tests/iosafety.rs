@@ -945,3 +945,257 @@ fn long_names_and_dangling_links_as_destination() {
     );
     assert_eq!(names(d.path()), listing);
 }
+
+/// Runs glimpse with stdout on `/dev/full`: every write to it fails with ENOSPC.
+fn glimpse_onto_full_stdout(args: &[&str]) -> Output {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .stdout(full)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn output_that_cannot_reach_stdout_is_an_error_never_a_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let q = qcow2_file(d.path(), "a.qcow2", 2);
+    let q = s(&q);
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["info", q],
+        vec!["check", q],
+        vec!["map", q],
+        vec!["checksum", q],
+        vec!["measure", "-O", "qcow2", q],
+        vec!["compare", q, q],
+    ];
+    for args in commands {
+        for json in [false, true] {
+            let mut a = args.clone();
+            if json && args[0] != "compare" {
+                a.extend(["--output", "json"]);
+            }
+            let o = glimpse_onto_full_stdout(&a);
+            let e = stderr(&o);
+            assert_eq!(code(&o), 2, "{a:?}: {e}");
+            assert!(
+                e.contains("glimpse: stdout: cannot write: No space left on device"),
+                "{a:?}: {e}"
+            );
+            assert!(!e.contains("panicked"), "{a:?}: {e}");
+        }
+    }
+    // Progress that cannot be shown on stderr does not stop the conversion.
+    let out = d.path().join("out.raw");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["convert", "--progress", "json", "-O", "raw", q, s(&out)])
+        .stderr(full)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0);
+    let o = glimpse(&["compare", q, s(&out)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+/// Rewrites the first 4 KiB of `path` in place, with the bytes it holds, until the returned
+/// flag is set: the content never changes, the modification time keeps moving.
+fn keep_rewriting(
+    path: &Path,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut head = vec![0u8; 4096];
+    f.read_exact_at(&mut head, 0).unwrap();
+    let flag = stop.clone();
+    let t = std::thread::spawn(move || {
+        while !flag.load(Ordering::SeqCst) {
+            f.write_all_at(&head, 0).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    (stop, t)
+}
+
+#[test]
+fn a_file_written_to_while_it_is_read_gives_no_result() {
+    // The commands that read every byte: they take long enough to see the times move (a
+    // command that reads only metadata checks the same way, in less time than a tick).
+    let d = tempfile::tempdir().unwrap();
+    let raw = data_file(d.path(), "a.raw", 64);
+    let listing = names(d.path());
+    let (stop, writer) = keep_rewriting(&raw);
+    let mut runs: Vec<(Vec<&str>, bool)> = vec![
+        (vec!["checksum", "--output", "json", s(&raw)], true),
+        (
+            vec!["checksum", "--content", "--output", "json", s(&raw)],
+            true,
+        ),
+    ];
+    let out = d.path().join("out.qcow2");
+    runs.push((vec!["convert", "-O", "qcow2", s(&raw), s(&out)], false));
+    runs.push((vec!["compare", s(&raw), s(&raw)], false));
+    for (args, json) in &runs {
+        let o = glimpse(args);
+        let e = stderr(&o);
+        assert_eq!(code(&o), 2, "{args:?}: {e}");
+        assert!(
+            e.contains("was written to while it was read"),
+            "{args:?}: {e}"
+        );
+        if *json {
+            let v = json_of(&o);
+            assert_eq!(v["error"]["code"], "source.changed", "{args:?}: {v}");
+        }
+        assert_eq!(names(d.path()), listing, "{args:?}: nothing left behind");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    // Left alone, the same file gives its results.
+    for (args, _) in &runs {
+        let o = glimpse(args);
+        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn usage_errors_found_after_parsing_still_print_one_json_document() {
+    let d = tempfile::tempdir().unwrap();
+    let q = qcow2_file(d.path(), "a.qcow2", 1);
+    for args in [
+        vec!["checksum", "--disk", "0", "--output", "json", s(&q)],
+        vec![
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "bogus=1",
+            "--output",
+            "json",
+            s(&q),
+        ],
+        vec![
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=3",
+            "--output",
+            "json",
+            s(&q),
+        ],
+        vec![
+            "measure",
+            "-O",
+            "vhd",
+            "-o",
+            "subformat=x",
+            "--output",
+            "json",
+            s(&q),
+        ],
+    ] {
+        let o = glimpse(&args);
+        assert_eq!(code(&o), 2, "{args:?}");
+        let v = json_of(&o);
+        assert_eq!(v["error"]["kind"], "usage", "{args:?}: {v}");
+        assert_eq!(v["error"]["code"], "usage.invalid", "{args:?}: {v}");
+    }
+}
+
+#[test]
+fn image_data_is_not_written_to_the_null_device() {
+    let d = tempfile::tempdir().unwrap();
+    let q = qcow2_file(d.path(), "a.qcow2", 1);
+    // `>&-` too: the runtime reopens a closed stdout on /dev/null.
+    let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["convert", "-O", "raw", s(&q), "-"])
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("stdout is /dev/null"), "{}", stderr(&o));
+}
+
+#[test]
+fn errors_name_the_file_once() {
+    let d = tempfile::tempdir().unwrap();
+    let q = qcow2_file(d.path(), "a.qcow2", 1);
+    let missing = d.path().join("missing.img");
+    let m = s(&missing);
+    let out = d.path().join("out.raw");
+    for args in [
+        vec!["compare", m, s(&q)],
+        vec!["compare", s(&q), m],
+        vec!["convert", "-O", "raw", m, s(&out)],
+        vec!["ova", "list", m],
+        vec!["ova", "check", m],
+        vec!["info", m],
+        vec!["checksum", m],
+    ] {
+        let o = glimpse(&args);
+        let e = stderr(&o);
+        assert_eq!(code(&o), 2, "{args:?}: {e}");
+        assert_eq!(e.matches(m).count(), 1, "{args:?}: {e}");
+    }
+    // A destination directory that does not exist is named, not a temporary file in it.
+    let nowhere = d.path().join("no-such-dir").join("out.raw");
+    let o = glimpse(&["convert", "-O", "raw", s(&q), s(&nowhere)]);
+    let e = stderr(&o);
+    assert_eq!(code(&o), 2, "{e}");
+    assert!(
+        e.contains(s(&nowhere)) && e.contains("No such file or directory"),
+        "{e}"
+    );
+    assert!(!e.contains("glimpse-tmp") && !e.contains(".out.raw"), "{e}");
+}
+
+#[test]
+fn a_socket_in_the_file_system_is_refused_for_what_it_is() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("s.sock");
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    for args in [
+        vec!["checksum", "--output", "json", s(&sock)],
+        vec!["info", "--output", "json", s(&sock)],
+    ] {
+        let o = glimpse(&args);
+        assert_eq!(code(&o), 2, "{args:?}");
+        let v = json_of(&o);
+        assert_eq!(v["error"]["code"], "source.not-seekable", "{args:?}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("socket"),
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn every_subcommand_answers_version() {
+    for cmd in [
+        "info", "check", "map", "compare", "checksum", "convert", "measure", "ova", "upload",
+        "audit",
+    ] {
+        let o = glimpse(&[cmd, "--version"]);
+        assert_eq!(code(&o), 0, "{cmd}: {}", stderr(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains(env!("CARGO_PKG_VERSION")),
+            "{cmd}"
+        );
+    }
+}

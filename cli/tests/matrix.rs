@@ -223,9 +223,10 @@ fn map_data_ranges_match_qemu_img_on_qcow2_vmdk_and_vdi() {
     let (dir, list) = fixtures();
     let mut failures = Vec::new();
     let mut checked = 0;
-    for f in list.iter().filter(|f| {
-        readable(f) && matches!(f.format.as_str(), "qcow2" | "vmdk" | "vdi" | "parallels")
-    }) {
+    for f in list
+        .iter()
+        .filter(|f| readable(f) && matches!(f.format.as_str(), "qcow2" | "vmdk" | "vdi" | "ploop"))
+    {
         let p = dir.join(&f.name);
         let ours = json(&glimpse(&["map", "--output", "json", s(&p)]));
         let theirs = json(&qemu_img(&["map", "--output=json", "-f", &f.qemu, s(&p)]));

@@ -54,7 +54,7 @@ impl WriteOptions {
     /// Parses `a=b,c=d` (qemu-img's `-o` syntax; `,,` escapes a comma).
     ///
     /// # Errors
-    /// `Invalid` on an item without `=`.
+    /// `Usage` on an item without `=`.
     pub fn parse(s: &str, compress: bool) -> Result<Self> {
         let mut opts = BTreeMap::new();
         let mut items = Vec::new();
@@ -76,7 +76,7 @@ impl WriteOptions {
         for item in items.into_iter().filter(|i| !i.is_empty()) {
             let (k, v) = item
                 .split_once('=')
-                .ok_or_else(|| Error::invalid(format!("option {item:?} is not key=value")))?;
+                .ok_or_else(|| Error::usage(format!("option {item:?} is not key=value")))?;
             opts.insert(k.trim().to_string(), v.trim().to_string());
         }
         Ok(WriteOptions {
@@ -94,25 +94,23 @@ impl WriteOptions {
     /// A size option such as `cluster_size=64k`, if given.
     ///
     /// # Errors
-    /// `Invalid` when the value is not a size.
+    /// `Usage` when the value is not a size.
     pub fn size(&self, key: &str) -> Result<Option<u64>> {
         self.get(key)
-            .map(|v| {
-                parse_size(v).ok_or_else(|| Error::invalid(format!("{key}={v} is not a size")))
-            })
+            .map(|v| parse_size(v).ok_or_else(|| Error::usage(format!("{key}={v} is not a size"))))
             .transpose()
     }
 
     /// A boolean option (`on`/`off`, `true`/`false`), if given.
     ///
     /// # Errors
-    /// `Invalid` for any other value.
+    /// `Usage` for any other value.
     pub fn flag(&self, key: &str) -> Result<Option<bool>> {
         self.get(key)
             .map(|v| match v {
                 "on" | "true" | "yes" | "1" => Ok(true),
                 "off" | "false" | "no" | "0" => Ok(false),
-                _ => Err(Error::invalid(format!("{key}={v}: expected on or off"))),
+                _ => Err(Error::usage(format!("{key}={v}: expected on or off"))),
             })
             .transpose()
     }
@@ -120,10 +118,10 @@ impl WriteOptions {
     /// Fails when an option outside `known` was given, naming it.
     ///
     /// # Errors
-    /// `Invalid` naming the first unknown option.
+    /// `Usage` naming the first unknown option.
     pub fn only(&self, format: &str, known: &[&str]) -> Result<()> {
         match self.opts.keys().find(|k| !known.contains(&k.as_str())) {
-            Some(k) => Err(Error::invalid(format!(
+            Some(k) => Err(Error::usage(format!(
                 "{format} does not support option {k:?} (supported: {})",
                 known.join(", ")
             ))),

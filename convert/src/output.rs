@@ -470,7 +470,7 @@ fn not_regular(dest: &Path, m: &std::fs::Metadata) -> Error {
 }
 
 fn io_error(path: &Path, what: &str, e: io::Error) -> Error {
-    Error::new(ErrorKind::Io, format!("{what} {}: {e}", path.display()))
+    Error::new(ErrorKind::Io, format!("{what} {}: {e}", path.display())).code("output.write")
 }
 
 #[cfg(test)]

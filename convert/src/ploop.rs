@@ -43,7 +43,7 @@ impl Plan {
         opts.only("ploop", &["cluster_size"])?;
         let cluster = opts.size("cluster_size")?.unwrap_or(DEFAULT_CLUSTER);
         if cluster == 0 || cluster % SECTOR != 0 || cluster / SECTOR > u64::from(MAX_TRACKS) {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "cluster_size={cluster}: a multiple of 512 up to {} bytes",
                 u64::from(MAX_TRACKS) * SECTOR
             )));

@@ -43,12 +43,12 @@ fn parse_opts(opts: &WriteOptions) -> Result<Opts> {
     let v3 = match opts.get("compat") {
         None | Some("1.1") | Some("v3") => true,
         Some("0.10") | Some("v2") => false,
-        Some(v) => return Err(Error::invalid(format!("compat={v}: expected 0.10 or 1.1"))),
+        Some(v) => return Err(Error::usage(format!("compat={v}: expected 0.10 or 1.1"))),
     };
     let cs = opts.size("cluster_size")?.unwrap_or(65536);
     let sizes = 1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS;
     if !cs.is_power_of_two() || !sizes.contains(&cs) {
-        return Err(Error::invalid(format!(
+        return Err(Error::usage(format!(
             "cluster_size={cs}: must be a power of two from 512 to 2M"
         )));
     }
@@ -56,13 +56,13 @@ fn parse_opts(opts: &WriteOptions) -> Result<Opts> {
         None | Some("zlib") => false,
         Some("zstd") => true,
         Some(v) => {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "compression_type={v}: expected zlib or zstd"
             )))
         }
     };
     if zstd && !v3 {
-        return Err(Error::invalid("compression_type=zstd needs compat=1.1"));
+        return Err(Error::usage("compression_type=zstd needs compat=1.1"));
     }
     Ok(Opts {
         v3,

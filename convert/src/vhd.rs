@@ -70,24 +70,24 @@ impl Plan {
             None => azure,
             Some("fixed") => true,
             Some("dynamic") if azure => {
-                return Err(Error::invalid(
+                return Err(Error::usage(
                     "azure=on needs a fixed VHD; drop subformat=dynamic",
                 ))
             }
             Some("dynamic") => false,
             Some(other) => {
-                return Err(Error::invalid(format!(
+                return Err(Error::usage(format!(
                     "vhd subformat {other:?}: expected dynamic or fixed"
                 )))
             }
         };
         let block = opts.size("block_size")?;
         if fixed && block.is_some() {
-            return Err(Error::invalid("block_size applies to dynamic VHDs only"));
+            return Err(Error::usage("block_size applies to dynamic VHDs only"));
         }
         let block = block.unwrap_or(DEFAULT_BLOCK);
         if !block.is_power_of_two() || !(4096..=256 * MIB).contains(&block) {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "block_size={block}: expected a power of two from 4 KiB to 256 MiB"
             )));
         }
@@ -124,7 +124,7 @@ impl Plan {
         } else if chs == sectors {
             *b"qemu"
         } else {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "force_size=off: {size} bytes cannot be represented in CHS geometry (nearest below is {} bytes); use force_size=on",
                 chs * 512
             )));

@@ -75,7 +75,7 @@ fn layout(opts: &WriteOptions, virtual_size: u64) -> Result<Layout> {
         "dynamic" => false,
         "fixed" => true,
         other => {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "vhdx: subformat={other} (expected dynamic or fixed)"
             )))
         }
@@ -90,14 +90,14 @@ fn layout(opts: &WriteOptions, virtual_size: u64) -> Result<Layout> {
         None | Some(0) => default_block_size(disk_size),
         Some(b) if (MIB..=256 * MIB).contains(&b) && b.is_power_of_two() => b,
         Some(b) => {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "vhdx: block_size={b} must be a power of two from 1M to 256M"
             )))
         }
     };
     let log_size = opts.size("log_size")?.unwrap_or(MIB);
     if log_size < MIB || log_size % MIB != 0 || log_size > u64::from(u32::MAX) {
-        return Err(Error::invalid(format!(
+        return Err(Error::usage(format!(
             "vhdx: log_size={log_size} must be a multiple of 1M, at least 1M, below 4G"
         )));
     }

@@ -64,7 +64,7 @@ fn parse_opts(opts: &WriteOptions) -> Result<Opts> {
         Some(s) if s.eq_ignore_ascii_case("monolithicSparse") => Sub::MonolithicSparse,
         Some(s) if s.eq_ignore_ascii_case("streamOptimized") => Sub::StreamOptimized,
         Some(s) => {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "vmdk subformat {s:?} is not supported (monolithicSparse or streamOptimized)"
             )))
         }
@@ -76,7 +76,7 @@ fn parse_opts(opts: &WriteOptions) -> Result<Opts> {
             .find(|k| k.eq_ignore_ascii_case(a))
             .map(|k| (*k).to_string())
             .ok_or_else(|| {
-                Error::invalid(format!(
+                Error::usage(format!(
                     "adapter_type={a}: expected one of {}",
                     ADAPTERS.join(", ")
                 ))
@@ -85,9 +85,7 @@ fn parse_opts(opts: &WriteOptions) -> Result<Opts> {
     let compat6 = opts.flag("compat6")?.unwrap_or(false);
     let hwversion = match (opts.get("hwversion"), compat6) {
         (Some(_), true) => {
-            return Err(Error::invalid(
-                "compat6 cannot be enabled with hwversion set",
-            ))
+            return Err(Error::usage("compat6 cannot be enabled with hwversion set"))
         }
         // Goes into a quoted descriptor value: digits only, so nothing can be injected.
         (Some(v), false)
@@ -96,7 +94,7 @@ fn parse_opts(opts: &WriteOptions) -> Result<Opts> {
             v.to_string()
         }
         (Some(v), false) => {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "hwversion={v}: expected a small number"
             )))
         }

@@ -157,6 +157,7 @@ pub const ALL: &[&str] = &[
     "policy.reject",
     "io.error",
     "usage.invalid",
+    "source.changed",
     "source.directory",
     "source.not-seekable",
     "output.dangling-link",

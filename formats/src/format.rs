@@ -73,19 +73,20 @@ impl Format {
             Format::Qed => "qed",
             Format::Luks => "luks",
             Format::Qcow1 => "qcow1",
-            Format::Parallels => "parallels",
+            Format::Parallels => "ploop",
             Format::Bochs => "bochs",
             Format::Cloop => "cloop",
             Format::Dmg => "dmg",
         }
     }
 
-    /// qemu-img's name for the format (`vpc` for VHD, `qcow` for qcow1), for comparisons with
+    /// qemu-img's name for the format (`vpc` for VHD, `qcow` for qcow1, `parallels` for ploop), for comparisons with
     /// qemu-img.
     pub fn qemu_name(self) -> &'static str {
         match self {
             Format::Vhd => "vpc",
             Format::Qcow1 => "qcow",
+            Format::Parallels => "parallels",
             other => other.name(),
         }
     }

@@ -255,6 +255,16 @@ pub fn open_path(path: &std::path::Path, access: Access) -> Result<Opened> {
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| open_error(&shown, &e))?;
     check_kind(FileKind::of(&meta.file_type()), access).map_err(|e| e.context(&shown))?;
+    if FileKind::of(&meta.file_type()) == FileKind::Socket {
+        // A socket can be read as stdin, but a socket in the file system cannot be opened
+        // (ENXIO): say what it is rather than report an I/O error.
+        return Err(Error::unsupported(
+            "is a socket: it cannot be opened as a file; connect to it with a client and pipe \
+             the data to `-`",
+        )
+        .code("source.not-seekable")
+        .context(&shown));
+    }
     let nonblock = access == Access::Random || FileKind::of(&meta.file_type()) != FileKind::Fifo;
     let flags = libc::O_NOCTTY | if nonblock { libc::O_NONBLOCK } else { 0 };
     let file = std::fs::OpenOptions::new()

@@ -61,7 +61,12 @@ impl Temp {
         mode: u32,
         unnamed: bool,
     ) -> io::Result<Temp> {
-        let inner = match unnamed.then(|| open_unnamed(dir, mode)).flatten() {
+        let unnamed = if unnamed {
+            open_unnamed(dir, mode)?
+        } else {
+            None
+        };
+        let inner = match unnamed {
             Some(file) => Inner::Unnamed {
                 file,
                 dir: dir.to_path_buf(),
@@ -154,9 +159,13 @@ impl Temp {
 }
 
 /// `O_TMPFILE` in `dir`, when the file system takes it and the file can be linked later
-/// (through `/proc/self/fd`); `None` otherwise.
-fn open_unnamed(dir: &Path, mode: u32) -> Option<File> {
-    let c = c_path(dir).ok()?;
+/// (through `/proc/self/fd`); `None` otherwise. An error that a named file would meet as well
+/// (no such directory, no permission, a read-only or full file system) is returned as it is,
+/// so that it is reported without a temporary name in it.
+fn open_unnamed(dir: &Path, mode: u32) -> io::Result<Option<File>> {
+    let Ok(c) = c_path(dir) else {
+        return Ok(None);
+    };
     // SAFETY: a valid C string; the flags and mode are plain integers.
     let fd = unsafe {
         libc::open(
@@ -166,11 +175,23 @@ fn open_unnamed(dir: &Path, mode: u32) -> Option<File> {
         )
     };
     if fd < 0 {
-        return None;
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(
+                libc::ENOENT
+                | libc::ENOTDIR
+                | libc::EACCES
+                | libc::EPERM
+                | libc::EROFS
+                | libc::ENOSPC
+                | libc::EDQUOT,
+            ) => Err(e),
+            _ => Ok(None),
+        };
     }
     // SAFETY: `fd` was just opened and is owned by nothing else.
     let file = unsafe { File::from_raw_fd(fd) };
-    std::fs::metadata(proc_fd(&file)).is_ok().then_some(file)
+    Ok(std::fs::metadata(proc_fd(&file)).is_ok().then_some(file))
 }
 
 fn proc_fd(file: &File) -> PathBuf {

@@ -1818,6 +1818,7 @@ fn a_cancelled_extraction_removes_its_temporary_files_and_releases_their_hooks()
     let hooks = ova::ExtractHooks {
         cancel: Some(&cancel),
         temp: Some(&hook),
+        before_commit: None,
     };
     let top = tmp.path().join("fresh");
     let fresh = top.join("out");
@@ -1842,6 +1843,20 @@ fn a_cancelled_extraction_removes_its_temporary_files_and_releases_their_hooks()
     armed.store(true, Ordering::SeqCst);
     assert!(o.extract_with(&mine, &Limits::default(), &hooks).is_err());
     assert_eq!(tree(&mine), [mine.join("keep.txt")]);
+    // A last check that fails once every member is written (the archive changed while it
+    // was read) renames nothing and removes what the extraction made.
+    let refuse = || -> glimpse_formats::Result<()> {
+        Err(glimpse_formats::Error::usage("the archive changed"))
+    };
+    let last = ova::ExtractHooks {
+        before_commit: Some(&refuse),
+        ..ova::ExtractHooks::default()
+    };
+    let e = o
+        .extract_with(&fresh, &Limits::default(), &last)
+        .unwrap_err();
+    assert!(e.to_string().contains("the archive changed"), "{e}");
+    assert!(!top.exists(), "nothing left: {:?}", tree(tmp.path()));
     // Without a cancel it completes.
     let x = o
         .extract_with(&fresh, &Limits::default(), &ova::ExtractHooks::default())

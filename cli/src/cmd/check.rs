@@ -86,7 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     code = code.max(1);
                 }
                 if args.output == OutputFormat::Human {
-                    print!("{human}");
+                    out!("{human}");
                 }
                 items.push(json);
             }
@@ -122,6 +122,9 @@ fn check_one(path: &std::path::Path, policy: &Policy, limits: &Limits) -> Outcom
     };
     let mut report = report;
     let disks = every_disk(&mut report, policy, limits);
+    if let Err(e) = crate::source::unchanged(path) {
+        return Outcome::Failed(fname, e.into());
+    }
     let verdict = report.verdict();
     let mut obj = match report.info() {
         Some(info) => info_json(&fname, info),

@@ -46,12 +46,6 @@ pub struct Args {
 /// Runs `glimpse checksum`.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     args.remote.apply();
-    if args.input.disk.is_some() && !args.content {
-        // File digests cover the whole OVA: a disk number would be silently ignored.
-        return Err(crate::common::usage(
-            "--disk selects a disk for --content only",
-        ));
-    }
     let mut items = Vec::new();
     let mut code = 0;
     let mut algos = args.algo.clone();
@@ -60,6 +54,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for path in &args.files {
         let fname = name(path);
         let result = (|| -> anyhow::Result<Value> {
+            if args.input.disk.is_some() && !args.content {
+                // File digests cover the whole OVA: a disk number would be silently ignored.
+                // Said for each file, so that --output json still prints a document.
+                return Err(crate::common::usage(
+                    "--disk selects a disk for --content only",
+                ));
+            }
             let mut m = Map::new();
             m.insert("filename".into(), json!(fname));
             if args.content {
@@ -89,16 +90,17 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     m.insert(algo.name().into(), json!(hex));
                 }
             }
+            crate::source::unchanged(path)?;
             Ok(Value::Object(m))
         })();
         match result {
             Ok(v) => {
                 if args.output == OutputFormat::Human {
                     if args.content {
-                        println!("{}  {fname}", v["content"].as_str().unwrap_or_default());
+                        outln!("{}  {fname}", v["content"].as_str().unwrap_or_default());
                     } else {
                         for a in &algos {
-                            println!("{}  {fname}", v[a.name()].as_str().unwrap_or_default());
+                            outln!("{}  {fname}", v[a.name()].as_str().unwrap_or_default());
                         }
                     }
                 }

@@ -2,11 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use glimpse_formats::compare::{first_difference, first_nonzero};
 use glimpse_formats::reader::GuestReader;
 
-use crate::common::{load, InputOpts};
+use crate::common::{load, named, InputOpts};
 
 /// Arguments of `glimpse compare`.
 #[derive(clap::Args)]
@@ -29,32 +28,51 @@ pub struct Args {
 /// without `--force`), 2 error.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     args.remote.apply();
+    let difference = first_mismatch(&args)?;
+    // Neither file may have been written to while it was compared.
+    for p in [&args.a, &args.b] {
+        crate::source::unchanged(p).map_err(|e| named(e.into(), p))?;
+    }
+    match difference {
+        Some(message) => {
+            outln!("{message}");
+            Ok(1)
+        }
+        None => {
+            outln!("Images are identical.");
+            Ok(0)
+        }
+    }
+}
+
+/// What qemu-img compare says of two images that differ, or `None` when they are the same.
+fn first_mismatch(args: &Args) -> anyhow::Result<Option<String>> {
     let limits = crate::common::limits();
     let open = |p: &PathBuf| {
         load(p, None, &args.input)
             .map(|l| GuestReader::new(l.image, &limits))
-            .with_context(|| crate::common::name(p))
+            .map_err(|e| named(e, p))
     };
     let (a, b) = (open(&args.a)?, open(&args.b)?);
     let (sa, sb) = (a.virtual_size(), b.virtual_size());
     if args.strict && sa != sb {
-        println!("Strict mode: Image size mismatch! ({sa} and {sb} bytes)");
-        return Ok(1);
+        return Ok(Some(format!(
+            "Strict mode: Image size mismatch! ({sa} and {sb} bytes)"
+        )));
     }
     let common = sa.min(sb);
     if let Some(off) = first_difference(&a, &b, common)? {
-        println!("Content mismatch at offset {off}!");
-        return Ok(1);
+        return Ok(Some(format!("Content mismatch at offset {off}!")));
     }
     let (longer, name) = if sa > sb {
         (&a, &args.a)
     } else {
         (&b, &args.b)
     };
-    if let Some(off) = first_nonzero(longer, common).with_context(|| crate::common::name(name))? {
-        println!("Content mismatch at offset {off}! (the larger image has data past the end of the smaller)");
-        return Ok(1);
+    if let Some(off) = first_nonzero(longer, common).map_err(|e| named(e.into(), name))? {
+        return Ok(Some(format!(
+            "Content mismatch at offset {off}! (the larger image has data past the end of the smaller)"
+        )));
     }
-    println!("Images are identical.");
-    Ok(0)
+    Ok(None)
 }

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::Context;
 use glimpse_convert::copy::CopyMode;
 use glimpse_convert::output::{check_not_referenced, check_not_source, OutputFile, OutputOptions};
 use glimpse_convert::pipeline::{convert, ConvertOptions};
@@ -122,7 +121,7 @@ fn open_output(args: &Args) -> anyhow::Result<Output> {
     // A temporary file without a name (O_TMPFILE) needs no removing.
     let registered = out.temp_path().map(interrupt::register);
     if out.other_links() > 0 {
-        eprintln!(
+        errln!(
             "glimpse: warning: {}: has {} other hard link(s); they keep the old content: the \
              output is a new file renamed into place, never the old one rewritten",
             display(&args.dst),
@@ -155,6 +154,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
              (or use --force-tty)"
         );
     }
+    if to_stdout && stdout_is_null() {
+        anyhow::bail!(
+            "stdout is /dev/null (or was closed, which the runtime turns into /dev/null): the \
+             image would be discarded; redirect stdout to a file, pipe or device \
+             (output.not-regular)"
+        );
+    }
     // What the output lands on: DST, or the file stdout was redirected to (`- > x`, `- >> x`,
     // `- 1<> x`), which must no more be the source than DST may; a pipe or a socket is left
     // alone (it cannot be the file read).
@@ -167,7 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         check_not_source(&identity(&args.src), dst).map_err(refused)?;
     }
     let image = load(&args.src, args.source_format, &args.input)
-        .with_context(|| display(&args.src))?
+        .map_err(|e| crate::common::named(e, &args.src))?
         .image;
     if let Some(dst) = &landing {
         let src =
@@ -185,8 +191,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // A signal that came before the rename wins: the output is dropped, so removed.
     let result = match (result, output) {
         (Ok(_), _) if interrupt::cancelled() => Err(interrupted(&args)),
-        (Ok(_), Some((out, _registered))) => out.commit().map_err(anyhow::Error::from),
-        (Ok(_), None) => Ok(()),
+        (Ok(_), output) => match crate::source::unchanged(&args.src) {
+            // The output is dropped, so removed; an existing DST keeps its content.
+            Err(e) => Err(anyhow::Error::from(e).context(display(&args.src))),
+            Ok(()) => match output {
+                Some((out, _registered)) => out.commit().map_err(anyhow::Error::from),
+                None => Ok(()),
+            },
+        },
         (Err(_), _) if interrupt::cancelled() => Err(interrupted(&args)),
         (Err(e), _) if to_stdout && is_broken_pipe(&e) => return Ok(EXIT_BROKEN_PIPE),
         // A write error names the output (a full disk is not the input's fault).
@@ -196,6 +208,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         (Err(e), _) => Err(anyhow::anyhow!("{}: {e}", display(&args.src))),
     };
     result.map(|()| 0)
+}
+
+/// True when standard output is the null device (`> /dev/null`, or a closed descriptor, which
+/// Rust's runtime reopens on `/dev/null` at start).
+fn stdout_is_null() -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (Ok(out), Ok(null)) = (
+        std::fs::metadata("/dev/stdout"),
+        std::fs::metadata("/dev/null"),
+    ) else {
+        return false;
+    };
+    out.file_type().is_char_device() && out.rdev() == null.rdev()
 }
 
 /// `/dev/stdout` when standard output is a regular file or a block device, which a
@@ -258,7 +283,7 @@ fn run_pipeline(
                 *l = done;
             }
             let secs = start.elapsed().as_secs_f64().max(1e-9);
-            eprintln!(
+            errln!(
                 "{{\"event\":\"progress\",\"done\":{done},\"total\":{total},\"rate\":{},\"elapsed\":{:.3}}}",
                 (done as f64 / secs) as u64,
                 secs
@@ -281,7 +306,7 @@ fn run_pipeline(
         pb.finish_and_clear();
     }
     if let (Ok(stats), "json") = (&result, mode.as_str()) {
-        eprintln!(
+        errln!(
             "{{\"event\":\"done\",\"done\":{size},\"total\":{size},\"read\":{},\"kernel_copied\":{},\"buffer_copied\":{},\"elapsed\":{:.3}}}",
             stats.read_bytes,
             stats.kernel_copied,

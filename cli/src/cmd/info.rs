@@ -38,7 +38,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             Ok((v, t)) => {
                 out.push(v);
                 if args.output == OutputFormat::Human {
-                    print!("{t}");
+                    out!("{t}");
                 }
             }
             Err(e) => {
@@ -74,5 +74,6 @@ fn describe(
             format!("{} (ambiguous!)", names.join(", ")),
         ));
     }
+    crate::source::unchanged(path)?;
     Ok((Value::Object(obj), table(&rows)))
 }

@@ -61,10 +61,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     match args.output {
         OutputFormat::Json => {
             let v: Vec<Value> = entries.iter().map(json).collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
         }
         OutputFormat::Human => {
-            println!("{:<20} {:<20} {:<20} kind", "Offset", "Length", "Mapped to");
+            outln!("{:<20} {:<20} {:<20} kind", "Offset", "Length", "Mapped to");
             for e in &entries {
                 let kind = match e.kind {
                     RunKind::Compressed => "compressed",
@@ -76,7 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     RunKind::Data { host } => format!("{host:#x}"),
                     _ => "-".into(),
                 };
-                println!("{:<#20x} {:<#20x} {:<20} {kind}", e.start, e.len, mapped);
+                outln!("{:<#20x} {:<#20x} {:<20} {kind}", e.start, e.len, mapped);
             }
         }
     }
@@ -86,5 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 /// The merged extents of the image.
 fn extents(args: &Args) -> anyhow::Result<Vec<Run>> {
     let image = load(&args.file, None, &args.input)?.image;
-    Ok(Merged::all(image.as_ref()).collect::<glimpse_formats::Result<_>>()?)
+    let runs = Merged::all(image.as_ref()).collect::<glimpse_formats::Result<_>>()?;
+    crate::source::unchanged(&args.file)?;
+    Ok(runs)
 }

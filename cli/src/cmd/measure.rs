@@ -52,15 +52,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
     };
     match args.output {
-        OutputFormat::Json => println!(
+        OutputFormat::Json => outln!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({"required": m.required, "fully-allocated": m.fully_allocated})
             )?
         ),
         OutputFormat::Human => {
-            println!("required size: {}", m.required);
-            println!("fully allocated size: {}", m.fully_allocated);
+            outln!("required size: {}", m.required);
+            outln!("fully allocated size: {}", m.fully_allocated);
         }
     }
     Ok(0)
@@ -71,7 +71,9 @@ fn sizes(args: &Args) -> anyhow::Result<Measure> {
     Ok(match (&args.src, args.size) {
         (Some(src), _) => {
             let image = load(src, None, &args.input)?.image;
-            measure_image(args.output_format, &opts, image.as_ref())?
+            let m = measure_image(args.output_format, &opts, image.as_ref())?;
+            crate::source::unchanged(src)?;
+            m
         }
         (None, Some(s)) => measure(args.output_format, &opts, s, 0)?,
         (None, None) => anyhow::bail!("give a source image or --size"),

@@ -77,7 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // --output json: one document whatever happens (the error also goes to stderr).
     if let (Err(e), OutputFormat::Json) = (&result, output) {
         let v = crate::common::error_json(&crate::common::name(&file), e);
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
     result
 }
@@ -88,7 +88,7 @@ fn open_input(path: &Path, limits: &Limits) -> anyhow::Result<Result<Appliance, 
     let read = if ova::is_ovf_path(path) {
         ova::read_dir(path, limits)
     } else {
-        let src = open_source(path).with_context(|| crate::common::name(path).to_string())?;
+        let src = open_source(path).map_err(|e| crate::common::named(e, path))?;
         ova::read_archive(src, limits)
     };
     ova::or_rejection(read).map_err(|e| anyhow::anyhow!("{}: {e}", crate::common::name(path)))
@@ -104,9 +104,9 @@ fn ensure_tar(path: &Path) -> anyhow::Result<()> {
     if ova::is_ovf_path(path) {
         return Ok(());
     }
-    let src = open_source(path).with_context(|| crate::common::name(path).to_string())?;
+    let src = open_source(path).map_err(|e| crate::common::named(e, path))?;
     if let Some(looks) =
-        ova::not_a_tar(src.as_ref()).with_context(|| crate::common::name(path).to_string())?
+        ova::not_a_tar(src.as_ref()).map_err(|e| crate::common::named(e.into(), path))?
     {
         anyhow::bail!(
             "{}: not an OVA (no tar archive; the file looks like {looks})",
@@ -123,11 +123,12 @@ fn list(a: &FileArgs, limits: &Limits) -> anyhow::Result<u8> {
         Err(f) => anyhow::bail!("{}: {}", crate::common::name(&a.file), f.message),
     };
     let doc = input.listing(&crate::common::name(&a.file).to_string(), limits);
+    crate::source::unchanged(&a.file).map_err(|e| crate::common::named(e.into(), &a.file))?;
     if a.output == OutputFormat::Json {
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(0);
     }
-    println!("{}", crate::common::name(&a.file));
+    outln!("{}", crate::common::name(&a.file));
     print_members(&doc);
     if matches!(input, Appliance::Dir(_)) {
         print_references(&doc);
@@ -141,10 +142,10 @@ fn print_members(doc: &Value) {
     let Some(ms) = doc["members"].as_array() else {
         return;
     };
-    println!("Members:");
-    println!("  {:>3}  {:<12} {:>12}  NAME", "#", "TYPE", "SIZE");
+    outln!("Members:");
+    outln!("  {:>3}  {:<12} {:>12}  NAME", "#", "TYPE", "SIZE");
     for m in ms {
-        println!(
+        outln!(
             "  {:>3}  {:<12} {:>12}  {}{}",
             m["index"].as_u64().unwrap_or(0),
             m["type"].as_str().unwrap_or("?"),
@@ -162,14 +163,14 @@ fn print_references(doc: &Value) {
     let Some(rs) = doc["references"].as_array() else {
         return;
     };
-    println!("References:");
+    outln!("References:");
     for r in rs {
         let state = if r["openable"].as_bool() == Some(true) {
             "beside the descriptor"
         } else {
             "not opened"
         };
-        println!(
+        outln!(
             "  {}  ({state})",
             printable(r["href"].as_str().unwrap_or("?"))
         );
@@ -177,10 +178,15 @@ fn print_references(doc: &Value) {
 }
 
 fn print_disks(doc: &Value) {
-    println!("Disks:");
-    println!(
+    outln!("Disks:");
+    outln!(
         "  {:>3}  {:<24} {:<24} {:>12} {:>12} {:>12}",
-        "#", "HREF", "FORMAT", "CAPACITY", "VIRTUAL", "POPULATED"
+        "#",
+        "HREF",
+        "FORMAT",
+        "CAPACITY",
+        "VIRTUAL",
+        "POPULATED"
     );
     for d in doc["disks"].as_array().into_iter().flatten() {
         let fmt = match (d["format"].as_str(), d["detected-format"].as_str()) {
@@ -188,7 +194,7 @@ fn print_disks(doc: &Value) {
             (None, Some(f)) => f.to_string(),
             _ => "-".into(),
         };
-        println!(
+        outln!(
             "  {:>3}  {:<24} {:<24} {:>12} {:>12} {:>12}",
             d["index"].as_u64().unwrap_or(0),
             printable(d["href"].as_str().unwrap_or("-")),
@@ -198,14 +204,14 @@ fn print_disks(doc: &Value) {
             opt_size(&d["populated-size"]),
         );
         if let Some(e) = d["error"].as_str() {
-            println!("       error: {}", printable(e));
+            outln!("       error: {}", printable(e));
         }
     }
 }
 
 fn print_systems_and_manifest(doc: &Value) {
     for s in doc["virtual-systems"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "Virtual system {}: name {}, OS {}, {} CPUs, memory {}",
             printable(s["id"].as_str().unwrap_or("?")),
             printable(s["name"].as_str().unwrap_or("-")),
@@ -218,7 +224,7 @@ fn print_systems_and_manifest(doc: &Value) {
         );
     }
     if let Some(m) = doc["manifest"].as_object() {
-        println!(
+        outln!(
             "Manifest: {} ({} entries, {})",
             printable(m["name"].as_str().unwrap_or("?")),
             m["entries"],
@@ -243,10 +249,10 @@ fn print_findings(
         if let (Some(d), Some(e)) = (doc.as_object_mut(), extra.as_object()) {
             d.extend(e.clone());
         }
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!("{}: {}", crate::common::name(file), ova::verdict(findings));
+    outln!("{}: {}", crate::common::name(file), ova::verdict(findings));
     for f in findings {
         let sev = match f.severity {
             Severity::Reject => "reject",
@@ -257,7 +263,7 @@ fn print_findings(
             .offset
             .map(|o| format!(" (at offset {o:#x})"))
             .unwrap_or_default();
-        println!("  {sev:<6} {:<30} {}{at}", f.code, printable(&f.message));
+        outln!("  {sev:<6} {:<30} {}{at}", f.code, printable(&f.message));
     }
     Ok(())
 }
@@ -266,9 +272,10 @@ fn check(a: &FileArgs, limits: &Limits) -> anyhow::Result<u8> {
     let findings = match open_input(&a.file, limits)? {
         Ok(input) => input
             .check(limits)
-            .with_context(|| crate::common::name(&a.file).to_string())?,
+            .map_err(|e| crate::common::named(e.into(), &a.file))?,
         Err(f) => vec![f],
     };
+    crate::source::unchanged(&a.file).map_err(|e| crate::common::named(e.into(), &a.file))?;
     print_findings(&a.file, &findings, a.output, Value::Null)?;
     Ok(if ova::verdict(&findings) == "reject" {
         1
@@ -291,7 +298,7 @@ fn extract(a: &ExtractArgs, limits: &Limits) -> anyhow::Result<u8> {
         }
         Err(f) => {
             print_findings(&a.file, &[f], a.output, json!({"written": []}))?;
-            eprintln!(
+            errln!(
                 "glimpse: {}: rejected; nothing was extracted",
                 crate::common::name(&a.file)
             );
@@ -303,6 +310,7 @@ fn extract(a: &ExtractArgs, limits: &Limits) -> anyhow::Result<u8> {
     let hooks = ova::ExtractHooks {
         cancel: Some(crate::interrupt::flag()),
         temp: Some(&register),
+        before_commit: Some(&|| crate::source::unchanged(&a.file)),
     };
     let x = match o.extract_with(&a.dir, limits, &hooks) {
         // A signal wins over the error it caused: the temporary files are gone.
@@ -331,11 +339,11 @@ fn extract(a: &ExtractArgs, limits: &Limits) -> anyhow::Result<u8> {
         print_findings(&a.file, &x.findings, a.output, Value::Null)?;
     } else {
         for w in &written {
-            println!("{w}");
+            outln!("{w}");
         }
     }
     if x.rejected {
-        eprintln!(
+        errln!(
             "glimpse: {}: rejected; nothing was extracted",
             crate::common::name(&a.file)
         );

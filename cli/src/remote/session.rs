@@ -114,7 +114,7 @@ pub fn open(input: &str) -> anyhow::Result<HttpSource> {
         HttpSource::open(agent, input, Vec::new())?
     };
     if config().verbose {
-        eprintln!(
+        errln!(
             "glimpse: {}: {} bytes, range requests {}",
             src.shown(),
             src.size_hint().map_or("unknown".into(), |s| s.to_string()),
@@ -163,9 +163,10 @@ pub fn log_transfers() {
     if let Ok(o) = OPENED.lock() {
         for (n, s) in o.iter() {
             let t = s.transfer();
-            eprintln!(
+            errln!(
                 "glimpse: {n}: transfer: {} requests, {} bytes",
-                t.requests, t.bytes
+                t.requests,
+                t.bytes
             );
         }
     }

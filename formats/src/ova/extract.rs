@@ -96,7 +96,7 @@ impl Ova {
         };
         std::fs::create_dir_all(dir).map_err(|e| {
             remove_created();
-            Error::io(e, format!("creating {}", dir.display()))
+            Error::io(e, format!("creating {}", dir.display())).code("output.write")
         })?;
         let written = self
             .write_all(plan, dir, hooks)
@@ -131,13 +131,18 @@ impl Ova {
         sync_file_system(dir)?;
         // Past this point every member is written: a signal no longer stops the renames.
         hooks.check()?;
+        if let Some(f) = hooks.before_commit {
+            f()?;
+        }
         let mut written: Vec<PathBuf> = Vec::new();
         for ((tmp, _registered), path) in temps {
             if let Err((e, _)) = tmp.persist_noclobber(&path) {
                 for p in &written {
                     let _ = std::fs::remove_file(p);
                 }
-                return Err(Error::io(e, format!("renaming into {}", path.display())));
+                return Err(
+                    Error::io(e, format!("renaming into {}", path.display())).code("output.write")
+                );
             }
             written.push(path);
         }
@@ -152,10 +157,14 @@ impl Ova {
     ) -> Result<(Temp, Option<Box<dyn Any>>)> {
         use std::io::Write;
         let dir = path.parent().unwrap_or(Path::new("."));
-        let werr = |e: std::io::Error| Error::io(e, format!("writing {}", path.display()));
+        let werr = |e: std::io::Error| {
+            Error::io(e, format!("writing {}", path.display())).code("output.write")
+        };
         // Without a name where the file system allows (O_TMPFILE): a SIGKILL leaves nothing.
-        let mut tmp = Temp::create_in(dir, ".glimpse-extract-", "", 0o644)
-            .map_err(|e| Error::io(e, format!("creating a temporary file in {}", dir.display())))?;
+        let mut tmp = Temp::create_in(dir, ".glimpse-extract-", "", 0o644).map_err(|e| {
+            Error::io(e, format!("creating a temporary file in {}", dir.display()))
+                .code("output.write")
+        })?;
         let registered = tmp.path().and_then(|p| hooks.temp.map(|t| t(p)));
         hooks.check()?;
         let src = self.member_source(i)?;
@@ -213,7 +222,8 @@ fn sync_file_system(dir: &Path) -> Result<()> {
         return Err(Error::io(
             std::io::Error::last_os_error(),
             format!("syncing the file system of {}", dir.display()),
-        ));
+        )
+        .code("output.write"));
     }
     Ok(())
 }
@@ -232,6 +242,9 @@ pub struct ExtractHooks<'a> {
     /// the extraction creates just before it exists; the value it returns is dropped when
     /// that file is renamed into place or removed, or when the extraction ends.
     pub temp: Option<&'a TempHook<'a>>,
+    /// Called once every member is written and synced, before the first is renamed into
+    /// place: an error (the archive was written to while it was read, say) removes them all.
+    pub before_commit: Option<&'a dyn Fn() -> Result<()>>,
 }
 
 impl ExtractHooks<'_> {

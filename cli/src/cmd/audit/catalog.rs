@@ -244,7 +244,7 @@ impl<'a> Catalog<'a> {
         let url = self.file_url(id)?;
         let what = format!("GET {url}");
         if self.verbose {
-            eprintln!("glimpse: {what}");
+            errln!("glimpse: {what}");
         }
         let mut token = ureq::http::HeaderValue::from_str(self.token.expose())
             .map_err(|_| anyhow!("the token is not a valid header value"))?;
@@ -261,7 +261,7 @@ impl<'a> Catalog<'a> {
             .with_context(|| format!("{what}: no reply"))?;
         let status = resp.status().as_u16();
         if self.verbose {
-            eprintln!("glimpse: {what} -> {status}");
+            errln!("glimpse: {what} -> {status}");
         }
         let len = resp
             .headers()

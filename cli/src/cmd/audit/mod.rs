@@ -203,12 +203,12 @@ fn reactivate(catalog: &Catalog<'_>, ids: &[String]) -> u8 {
         let line = match catalog.reactivate(id) {
             Ok(()) => json!({"id": id, "reactivated": true}),
             Err(e) => {
-                eprintln!("glimpse: image {id}: cannot reactivate: {e:#}");
+                errln!("glimpse: image {id}: cannot reactivate: {e:#}");
                 code = 2;
                 json!({"id": id, "reactivated": false, "error": format!("{e:#}")})
             }
         };
-        println!("{line}");
+        outln!("{line}");
     }
     code
 }
@@ -540,7 +540,7 @@ impl Summary {
         if let Some(e) = &self.list_error {
             rows.push(("listing failed".into(), e.clone()));
         }
-        eprint!("{}", crate::common::table(&rows));
+        errp!("{}", crate::common::table(&rows));
     }
 
     fn exit_code(&self) -> u8 {
@@ -590,8 +590,8 @@ impl Collector {
         // Messages name images by what the catalog says (names, errors quoting image bytes).
         let msg = crate::common::printable(msg);
         match &self.bar {
-            Some(b) => b.suspend(|| eprintln!("{msg}")),
-            None => eprintln!("{msg}"),
+            Some(b) => b.suspend(|| errln!("{msg}")),
+            None => errln!("{msg}"),
         }
     }
 
@@ -637,11 +637,7 @@ impl Collector {
                 self.say(&format!("glimpse: {e}"));
             }
         }
-        {
-            use std::io::Write as _;
-            let mut stdout = std::io::stdout().lock();
-            let _ = writeln!(stdout, "{}", o.line);
-        }
+        outln!("{}", o.line);
         if let Some(b) = &self.bar {
             b.inc(1);
             b.set_message(format!("{bad} failed"));

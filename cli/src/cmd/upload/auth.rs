@@ -360,7 +360,7 @@ pub fn authenticate(http: &Http, opts: &AuthOptions) -> anyhow::Result<Session> 
         }
     };
     if auth_url.starts_with("https://") && image_url.starts_with("http://") {
-        eprintln!(
+        errln!(
             "glimpse: warning: the token from {} (https) goes to the image endpoint {} over plain http",
             shown(auth_url),
             shown(&image_url)

@@ -363,7 +363,7 @@ impl Http {
         // a request has is glimpse's own, a listing's marker).
         let what = format!("{method} {}", crate::remote::url::without_userinfo(url));
         if self.verbose {
-            eprintln!("glimpse: {what}");
+            errln!("glimpse: {what}");
         }
         let result = match body {
             Body::Empty => req
@@ -399,7 +399,7 @@ impl Http {
         };
         if self.verbose {
             let id = reply.header("x-openstack-request-id").unwrap_or("-");
-            eprintln!("glimpse: {what} -> {status} (request id {id})");
+            errln!("glimpse: {what} -> {status} (request id {id})");
         }
         Ok(reply)
     }

@@ -141,27 +141,6 @@ struct Local {
     virtual_size: Option<u64>,
 }
 
-/// What a local file's metadata says about its content: a write to it (even in place, which
-/// the open descriptor would not notice) changes its modification and change times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    len: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    fn of(f: &File) -> anyhow::Result<Stamp> {
-        use std::os::unix::fs::MetadataExt;
-        let m = f.metadata().context("cannot read")?;
-        Ok(Stamp {
-            len: m.len(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        })
-    }
-}
-
 /// Runs the command; returns the exit code (0 uploaded, 1 rejected before upload, 2 error).
 /// An error is one line on stderr naming the file, and with `--output json` the
 /// `{filename, error}` object on stdout.
@@ -171,7 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         Err(e) => {
             let (v, status) = failed(&crate::common::name(&args.file), &e);
             if args.output == OutputFormat::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             }
             Ok(status)
         }
@@ -211,7 +190,12 @@ fn run_checked(args: &Args) -> anyhow::Result<u8> {
 pub(crate) fn require_scheme(what: &str, url: Option<&str>) -> anyhow::Result<()> {
     match url {
         Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-            bail!("{what} {u:?} has no scheme: write https://{u} (or http://{u})")
+            match u.split_once("://") {
+                Some((scheme, _)) => bail!(
+                    "{what} {u:?}: the scheme {scheme:?} is not supported: use https:// (or http://)"
+                ),
+                None => bail!("{what} {u:?} has no scheme: write https://{u} (or http://{u})"),
+            }
         }
         _ => Ok(()),
     }
@@ -221,7 +205,7 @@ pub(crate) fn require_scheme(what: &str, url: Option<&str>) -> anyhow::Result<()
 /// The opened input.
 enum Input {
     /// A local file, and its metadata when it was opened, before the check.
-    File(File, Stamp),
+    File(File, crate::source::Stamp),
     Remote(crate::remote::HttpSource),
 }
 
@@ -241,7 +225,7 @@ impl Input {
         }
         let file = crate::source::open_input(path, glimpse_formats::io::Access::Random)?.file;
         let checked = file.try_clone().context("cannot open")?;
-        let stamp = Stamp::of(&file)?;
+        let stamp = crate::source::Stamp::of(&file)?;
         Ok((Self::File(file, stamp), std::sync::Arc::new(checked)))
     }
 
@@ -250,7 +234,7 @@ impl Input {
     /// object is pinned by its validator instead).
     fn unchanged(&self) -> anyhow::Result<()> {
         if let Self::File(f, before) = self {
-            if Stamp::of(f)? != *before {
+            if crate::source::Stamp::of(f)? != *before {
                 bail!(
                     "the file was modified during the check or the upload (its size or times changed), so what Glance holds may not be what was checked"
                 );
@@ -289,7 +273,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
             policy::inspect_detected(src, detection, &Policy::default(), &crate::common::limits())
                 .context("cannot read")?;
         report_findings(args, &report.findings, false);
-        eprintln!(
+        errln!(
             "glimpse: {}: not uploaded: {detected} is not a Glance disk_format (nothing was sent)",
             crate::common::name(&args.file)
         );
@@ -306,7 +290,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
     let expect = match plan {
         Plan::Expect(f) => f,
         Plan::Uninspectable(why) => {
-            eprintln!(
+            errln!(
                 "glimpse: warning: {}: disk_format {} / container_format {}: {why}",
                 crate::common::name(&args.file),
                 disk.name(),
@@ -320,7 +304,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
                 );
                 report_findings(args, std::slice::from_ref(&f), args.force);
                 if !args.force {
-                    eprintln!(
+                    errln!(
                         "glimpse: {}: not uploaded: the image failed the check (nothing was sent)",
                         crate::common::name(&args.file)
                     );
@@ -353,7 +337,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
     let rejected = report.verdict() == Verdict::Reject;
     report_findings(args, &report.findings, args.force);
     if rejected && !args.force {
-        eprintln!(
+        errln!(
             "glimpse: {}: not uploaded: the image failed the check (nothing was sent)",
             crate::common::name(&args.file)
         );
@@ -382,7 +366,7 @@ fn report_findings(args: &Args, findings: &[glimpse_formats::Finding], forced: b
             .offset
             .map(|o| format!(" at offset {o:#x}"))
             .unwrap_or_default();
-        eprintln!(
+        errln!(
             "glimpse: {}: {sev}: {}{at}: {}",
             crate::common::name(&args.file),
             f.code,
@@ -393,7 +377,7 @@ fn report_findings(args: &Args, findings: &[glimpse_formats::Finding], forced: b
     if rejected && !forced && args.output == OutputFormat::Json {
         let out = json!({"filename": crate::common::name(&args.file), "verdict": "reject", "findings": findings});
         if let Ok(text) = serde_json::to_string_pretty(&out) {
-            println!("{text}");
+            outln!("{text}");
         }
     }
 }
@@ -479,7 +463,7 @@ fn upload(
         return failed_after_create(args, e, &id, cleaner, false);
     }
     if args.verbose {
-        eprintln!("glimpse: created image {id}");
+        errln!("glimpse: created image {id}");
     }
     match send_and_verify(args, local, glance, &id) {
         Ok(image) => {
@@ -515,9 +499,9 @@ fn failed_after_create(
     let (mut v, _) = failed(&crate::common::name(&args.file), &e);
     let left_behind = if args.keep_on_failure {
         if created {
-            eprintln!("glimpse: image {id} was kept (--keep-on-failure)");
+            errln!("glimpse: image {id} was kept (--keep-on-failure)");
         } else {
-            eprintln!("glimpse: image {id} may exist; it was kept (--keep-on-failure)");
+            errln!("glimpse: image {id} may exist; it was kept (--keep-on-failure)");
         }
         true
     } else {
@@ -531,15 +515,15 @@ fn failed_after_create(
         }
         match cleaner.delete(id) {
             Ok(()) => {
-                eprintln!("glimpse: image {id} deleted; nothing was left behind");
+                errln!("glimpse: image {id} deleted; nothing was left behind");
                 false
             }
             Err(d) if !created && glance::status_of(&d) == Some(404) => {
-                eprintln!("glimpse: no image {id} was created; nothing was left behind");
+                errln!("glimpse: no image {id} was created; nothing was left behind");
                 false
             }
             Err(d) => {
-                eprintln!("glimpse: image {id} could NOT be deleted: {d:#}");
+                errln!("glimpse: image {id} could NOT be deleted: {d:#}");
                 true
             }
         }
@@ -547,7 +531,7 @@ fn failed_after_create(
     if args.output == OutputFormat::Json {
         v["image_id"] = id.into();
         v["left_behind"] = left_behind.into();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     }
     Ok(2)
 }
@@ -612,7 +596,7 @@ fn send_and_verify(
         } else {
             0.0
         };
-        eprintln!(
+        errln!(
             "glimpse: sent {} bytes in {secs:.2} s ({rate:.1} MiB/s)",
             local.size
         );
@@ -808,7 +792,7 @@ const CORE: &[&str] = &[
 
 fn print_image(image: &Value, output: OutputFormat) -> anyhow::Result<()> {
     if output == OutputFormat::Json {
-        println!("{}", serde_json::to_string_pretty(image)?);
+        outln!("{}", serde_json::to_string_pretty(image)?);
         return Ok(());
     }
     let Some(obj) = image.as_object() else {
@@ -855,12 +839,12 @@ fn print_image(image: &Value, output: OutputFormat) -> anyhow::Result<()> {
         .unwrap_or(5)
         .max(5);
     let line = format!("+-{}-+-{}-+", "-".repeat(w0), "-".repeat(w1));
-    println!("{line}");
-    println!("| {:w0$} | {:w1$} |", "Field", "Value");
-    println!("{line}");
+    outln!("{line}");
+    outln!("| {:w0$} | {:w1$} |", "Field", "Value");
+    outln!("{line}");
     for (k, v) in &rows {
-        println!("| {k:w0$} | {v:w1$} |");
+        outln!("| {k:w0$} | {v:w1$} |");
     }
-    println!("{line}");
+    outln!("{line}");
     Ok(())
 }
