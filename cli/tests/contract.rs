@@ -583,3 +583,41 @@ fn strings_from_an_image_cannot_drive_the_terminal() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+#[test]
+fn ova_documents_match_their_schemas() {
+    let d = tempfile::tempdir().unwrap();
+    let mut inputs = vec![
+        ova(d.path()),
+        d.path().join("missing.ova"),
+        raw(d.path(), "r.raw"),
+    ];
+    let hostile = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile/ova");
+    let mut listed: Vec<PathBuf> = std::fs::read_dir(&hostile)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ova"))
+        .collect();
+    listed.sort();
+    assert!(listed.len() >= 10, "{listed:?}");
+    inputs.extend(listed);
+    let mut reports = 0;
+    for (i, p) in inputs.iter().enumerate() {
+        for (cmd, schema) in [("list", "ova-list.json"), ("check", "ova-check.json")] {
+            let o = glimpse(&["ova", cmd, "--output", "json", s(p)]);
+            assert!(matches!(code(&o), 0..=2), "{cmd} {p:?}: {}", stderr(&o));
+            let v = json_of(&o);
+            assert_valid(schema, &v);
+            assert_kebab(&v, &[]);
+            reports += usize::from(v.get("error").is_none());
+        }
+        let into = d.path().join(format!("x{i}"));
+        let o = glimpse(&["ova", "extract", "--output", "json", s(p), s(&into)]);
+        let v = json_of(&o);
+        assert_valid("ova-check.json", &v);
+        if code(&o) == 0 {
+            assert!(!v["written"].as_array().unwrap().is_empty(), "{p:?}: {v}");
+        }
+    }
+    assert!(reports > 20, "most inputs give a report, not an error");
+}
