@@ -376,8 +376,10 @@ pub fn measure(
     data_bytes: u64,
 ) -> Result<Measure> {
     match format {
+        // A raw output is as long as the disk, holes or not: qemu-img measure says the same
+        // (report writer-edge F2: `required` once counted only the data, below the file).
         Format::Raw => Ok(Measure {
-            required: data_bytes,
+            required: virtual_size,
             fully_allocated: virtual_size,
         }),
         Format::Qcow2 => qcow2::measure(opts, virtual_size, data_bytes),
@@ -566,11 +568,14 @@ mod tests {
             info: ImageInfo::new(Format::Raw, 16384),
             src: Arc::new(vec![0u8; 16384]),
         };
-        let opts = WriteOptions::default();
-        // Raw counts 4 KiB chunks: the run lies inside chunk 4096..8192.
-        let m = measure_image(Format::Raw, &opts, &image).unwrap();
-        assert_eq!((m.required, m.fully_allocated), (4096, 16384));
-        assert_eq!(m, measure(Format::Raw, &opts, 16384, 4096).unwrap());
+        let opts = WriteOptions::parse("cluster_size=4096", false).unwrap();
+        // 4 KiB clusters: the run lies inside cluster 4096..8192.
+        let m = measure_image(Format::Qcow2, &opts, &image).unwrap();
+        assert_eq!(m, measure(Format::Qcow2, &opts, 16384, 4096).unwrap());
+        assert_ne!(m, measure(Format::Qcow2, &opts, 16384, 8192).unwrap());
+        // A raw output is as long as the disk, whatever its data.
+        let m = measure_image(Format::Raw, &WriteOptions::default(), &image).unwrap();
+        assert_eq!((m.required, m.fully_allocated), (16384, 16384));
         assert!(measure_image(Format::Iso, &opts, &image).is_err());
     }
 

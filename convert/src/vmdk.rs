@@ -234,7 +234,8 @@ fn capacity_of(virtual_size: u64) -> Result<u64> {
     let capacity = virtual_size.div_ceil(SECTOR);
     if capacity > MAX_SECTOR {
         return Err(Error::invalid(format!(
-            "{virtual_size} bytes exceed the VMDK sparse limit of 2 TiB"
+            "{virtual_size} bytes: glimpse writes VMDK disks smaller than 2 TiB (2^32 sectors); \
+             write qcow2, vhdx or raw for a larger disk"
         )));
     }
     Ok(capacity)

@@ -129,12 +129,15 @@ fn bitmap_findings(b: &DirtyBitmap, disk_sectors: u64, at: u64) -> Vec<Finding> 
 /// # Errors
 /// `LimitExceeded` when the budget cannot cover the BAT walk.
 pub fn check(img: &ParallelsImage, limits: &Limits) -> Result<Vec<Finding>> {
-    let _held = limits.budget().charge(
-        (img.bat.len() as u64).saturating_mul(16),
-        "Parallels BAT check",
-    )?;
-    let mut used: Vec<(u64, usize)> = Vec::new();
-    used.try_reserve_exact(img.bat.len())
+    // Only allocated entries are listed, by BAT index (4 bytes each), so the list is bounded
+    // by the file's clusters, not by the virtual size: an empty 12 TiB image, which glimpse
+    // writes, checks in no memory, and a full one in as much again as its BAT.
+    let allocated = img.bat.iter().filter(|&&e| e != 0).count();
+    let _held = limits
+        .budget()
+        .charge((allocated as u64).saturating_mul(4), "Parallels BAT check")?;
+    let mut used: Vec<u32> = Vec::new();
+    used.try_reserve_exact(allocated)
         .map_err(|_| Error::limit("Parallels check: cannot allocate"))?;
     let mut out = Vec::new();
     let cs = img.cluster;
@@ -148,7 +151,8 @@ pub fn check(img: &ParallelsImage, limits: &Limits) -> Result<Vec<Finding>> {
             continue; // reported at open
         }
         let at = HEADER_LEN.saturating_add((i as u64).saturating_mul(4));
-        used.push((host, i));
+        // The BAT has at most u32::MAX entries (its count is a 32-bit header field).
+        used.push(u32::try_from(i).unwrap_or(u32::MAX));
         if host < img.data_start {
             push_capped(&mut out, &mut inside, || {
                 Finding::reject(
@@ -169,8 +173,8 @@ pub fn check(img: &ParallelsImage, limits: &Limits) -> Result<Vec<Finding>> {
     }
     summarise(&mut out, "parallels.cluster-in-metadata", inside);
     summarise(&mut out, "parallels.cluster-misaligned", off_grid);
-    used.sort_unstable();
-    out.extend(duplicates(&used, cs));
+    used.sort_unstable_by_key(|&i| (host_at(img, i), i));
+    out.extend(duplicates(img, &used));
     out.extend(metadata_findings(img, &used));
     Ok(out)
 }
@@ -190,19 +194,27 @@ fn summarise(out: &mut Vec<Finding>, code: &'static str, n: usize) {
     }
 }
 
-/// Two guest clusters whose host clusters share bytes (`used` sorted by host offset).
-fn duplicates(used: &[(u64, usize)], cs: u64) -> Vec<Finding> {
+/// The host offset of BAT entry `i`.
+fn host_at(img: &ParallelsImage, i: u32) -> u64 {
+    img.bat.get(i as usize).map_or(0, |&e| img.host_of(e))
+}
+
+/// Two guest clusters whose host clusters share bytes (`used`: BAT indices sorted by host
+/// offset).
+fn duplicates(img: &ParallelsImage, used: &[u32]) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut n = 0usize;
+    let cs = img.cluster;
     for w in used.windows(2) {
-        if let [(a, ia), (b, ib)] = w {
-            if a.saturating_add(cs) > *b {
+        if let [ia, ib] = w {
+            let (a, b) = (host_at(img, *ia), host_at(img, *ib));
+            if a.saturating_add(cs) > b {
                 push_capped(&mut out, &mut n, || {
                     Finding::reject(
                         "parallels.duplicate-cluster",
                         format!("BAT entries {ia} and {ib} use the same host bytes ({a:#x} and {b:#x}): a write to one guest cluster changes the other"),
                     )
-                    .at(HEADER_LEN.saturating_add((*ib as u64).saturating_mul(4)))
+                    .at(HEADER_LEN.saturating_add(u64::from(*ib).saturating_mul(4)))
                 });
             }
         }
@@ -218,7 +230,7 @@ fn duplicates(used: &[(u64, usize)], cs: u64) -> Vec<Finding> {
 
 /// The extension cluster and the dirty bitmap clusters: inside the file, clear of the header,
 /// the BAT and each other, and of every data cluster.
-fn metadata_findings(img: &ParallelsImage, used: &[(u64, usize)]) -> Vec<Finding> {
+fn metadata_findings(img: &ParallelsImage, used: &[u32]) -> Vec<Finding> {
     let mut out = Vec::new();
     let cs = img.cluster;
     // The spec holds extension clusters to the rules of data clusters: not below the data
@@ -246,8 +258,12 @@ fn metadata_findings(img: &ParallelsImage, used: &[(u64, usize)]) -> Vec<Finding
         }
     }
     for r in regions.iter().skip(1) {
-        let first = used.partition_point(|&(h, _)| h.saturating_add(cs) <= r.start);
-        if let Some(&(h, i)) = used.get(first).filter(|&&(h, _)| h < r.end()) {
+        let first = used.partition_point(|&i| host_at(img, i).saturating_add(cs) <= r.start);
+        if let Some((h, i)) = used
+            .get(first)
+            .map(|&i| (host_at(img, i), i))
+            .filter(|&(h, _)| h < r.end())
+        {
             out.push(
                 Finding::reject(
                     "parallels.cluster-in-metadata",
@@ -258,7 +274,7 @@ fn metadata_findings(img: &ParallelsImage, used: &[(u64, usize)]) -> Vec<Finding
                         r.end()
                     ),
                 )
-                .at(HEADER_LEN.saturating_add((i as u64).saturating_mul(4))),
+                .at(HEADER_LEN.saturating_add(u64::from(i).saturating_mul(4))),
             );
         }
     }
