@@ -100,6 +100,16 @@ pub fn unchanged(path: &Path) -> glimpse_formats::Result<()> {
     Ok(())
 }
 
+/// `result` of a command's work on `path`, failed with `source.changed` when the file was
+/// written to meanwhile; either way the file is no longer watched, so a command given
+/// thousands of files holds no descriptor past each one's turn.
+pub fn settled<T>(path: &Path, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    let unchanged = unchanged(path);
+    let value = result?;
+    unchanged?;
+    Ok(value)
+}
+
 /// The input as text when it names a remote object (`http(s)://`, `glance://`).
 pub fn remote_input(path: &Path) -> Option<&str> {
     path.to_str().filter(|s| crate::remote::is_remote(s))

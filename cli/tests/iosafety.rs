@@ -1199,3 +1199,38 @@ fn every_subcommand_answers_version() {
         );
     }
 }
+
+#[test]
+fn many_files_that_fail_hold_no_descriptor_past_their_turn() {
+    let d = tempfile::tempdir().unwrap();
+    // A qcow2 header cut short: detected, then refused when opened.
+    let mut head = vec![0u8; 72];
+    head[..4].copy_from_slice(b"QFI\xfb");
+    head[4..8].copy_from_slice(&3u32.to_be_bytes());
+    let files: Vec<String> = (0..300)
+        .map(|i| {
+            let p = d.path().join(format!("t{i}.qcow2"));
+            std::fs::write(&p, &head).unwrap();
+            s(&p).to_string()
+        })
+        .collect();
+    for cmd in [
+        "info --output json",
+        "check --output json",
+        "checksum --content --output json",
+    ] {
+        let script = format!(
+            "ulimit -n 64 && exec {} {cmd} {}",
+            env!("CARGO_BIN_EXE_glimpse"),
+            files.join(" ")
+        );
+        let o = Command::new("sh").args(["-c", &script]).output().unwrap();
+        let v = json_of(&o);
+        let items = v.as_array().unwrap();
+        assert_eq!(items.len(), files.len(), "{cmd}");
+        for item in items {
+            let text = item.to_string();
+            assert!(!text.contains("Too many open files"), "{cmd}: {text}");
+        }
+    }
+}

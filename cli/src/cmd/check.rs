@@ -116,15 +116,16 @@ fn check_one(path: &std::path::Path, policy: &Policy, limits: &Limits) -> Outcom
         Ok(s) => s,
         Err(e) => return Outcome::Failed(fname, e),
     };
-    let report = match inspect(src, policy, limits).map_err(anyhow::Error::from) {
+    let checked = inspect(src, policy, limits)
+        .map_err(anyhow::Error::from)
+        .map(|mut report| {
+            let disks = every_disk(&mut report, policy, limits);
+            (report, disks)
+        });
+    let (report, disks) = match crate::source::settled(path, checked) {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(fname, e),
     };
-    let mut report = report;
-    let disks = every_disk(&mut report, policy, limits);
-    if let Err(e) = crate::source::unchanged(path) {
-        return Outcome::Failed(fname, e.into());
-    }
     let verdict = report.verdict();
     let mut obj = match report.info() {
         Some(info) => info_json(&fname, info),

@@ -90,9 +90,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     m.insert(algo.name().into(), json!(hex));
                 }
             }
-            crate::source::unchanged(path)?;
             Ok(Value::Object(m))
         })();
+        let result = crate::source::settled(path, result);
         match result {
             Ok(v) => {
                 if args.output == OutputFormat::Human {

@@ -34,7 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut code = 0;
     for path in &args.files {
         let fname = name(path);
-        match describe(path, &fname, args.disk, &limits) {
+        match crate::source::settled(path, describe(path, &fname, args.disk, &limits)) {
             Ok((v, t)) => {
                 out.push(v);
                 if args.output == OutputFormat::Human {
@@ -74,6 +74,5 @@ fn describe(
             format!("{} (ambiguous!)", names.join(", ")),
         ));
     }
-    crate::source::unchanged(path)?;
     Ok((Value::Object(obj), table(&rows)))
 }
