@@ -419,3 +419,40 @@ fn an_etag_with_non_ascii_bytes_pins() {
         text(&o)
     );
 }
+
+/// Red team round 2, F1, for `upload`: what is uploaded must be what was checked, which only a
+/// strong ETag ties together; a weak ETag or a Last-Modified alone is refused before Glance is
+/// asked anything (here no Glance listens at all).
+#[test]
+fn upload_refuses_a_weak_etag_or_a_last_modified_alone() {
+    let (name, _) = fixture();
+    for (what, faults) in [
+        (
+            "only a weak ETag",
+            vec![
+                Fault::SetHeader("ETag", Some(b"W/\"w1\"".to_vec())),
+                Fault::SetHeader("Last-Modified", None),
+            ],
+        ),
+        ("only a Last-Modified", vec![Fault::SetHeader("ETag", None)]),
+    ] {
+        let mut all = Vec::new();
+        for f in &faults {
+            all.extend(remote_support::every(0..40, f));
+        }
+        let proxy = FaultProxy::start(nginx(BIN), all);
+        let o = remote_support::glimpse()
+            .env("OS_AUTH_TOKEN", "t")
+            .env("OS_IMAGE_URL", "http://127.0.0.1:9/glance-is-not-here")
+            .args(["upload", "--name", "x", &format!("{}/{name}", proxy.url)])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{what}: {:?}", text(&o));
+        let err = text(&o).1;
+        assert!(
+            err.contains(what) && err.contains("nothing was sent"),
+            "{what}: {err}"
+        );
+        assert!(!err.contains("glance-is-not-here"), "{what}: {err}");
+    }
+}

@@ -281,7 +281,8 @@ pub enum Fault {
     ChunkedNoEnd,
     /// Send an interim reply with this 1xx status right before the reply, in one write.
     Interim(u16),
-    /// Send stray bytes after the reply and keep the connection open for the next request.
+    /// Send stray bytes 50 ms after the reply and keep the connection open for the next
+    /// request.
     Trailing,
     /// Answer 429 with this `Retry-After` without asking nginx.
     RetryAfter(&'static str),
@@ -524,9 +525,6 @@ fn serve(
             }
             Some(Fault::Trailing) => {
                 set_header(&mut head, "Connection", None);
-                body.extend_from_slice(
-                    b"GARBAGE GARBAGE GARBAGE GARBAGE GARBAGE GARBAGE GARBAGE!!\r\n",
-                );
                 keep_open = true;
             }
             Some(Fault::Interim(code)) => {
@@ -537,6 +535,12 @@ fn serve(
         let resp = [before, join_reply(&head, &body)].concat();
         if keep_open {
             out.write_all(&resp)?;
+            if let Some(Fault::Trailing) = fault {
+                // after the reply was read and its connection pooled (bytes that came with
+                // the reply ureq sees, and drops the connection)
+                std::thread::sleep(Duration::from_millis(50));
+                out.write_all(b"GARBAGE GARBAGE GARBAGE GARBAGE GARBAGE GARBAGE GARBAGE!!\r\n")?;
+            }
             continue;
         }
         if let Some(Fault::CutBody) = fault {
