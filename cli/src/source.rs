@@ -121,11 +121,11 @@ pub fn remote_input(path: &Path) -> Option<&str> {
 pub fn open_random(path: &Path) -> anyhow::Result<Source> {
     if let Some(url) = remote_input(path) {
         let src = open_remote(url)?;
-        if !src.pinned() {
-            // Each read is its own request: nothing ties them to one version of the object.
+        if let Some(why) = src.unpinned_reason() {
+            // Each read is its own request: only a strong ETag ties them to one version.
             errln!(
-                "glimpse: warning: {}: the server sends no ETag or Last-Modified, so a change \
-                 of the object while it is read cannot be detected",
+                "glimpse: warning: {}: {why}, so a change of the object while it is read \
+                 cannot be detected",
                 src.shown()
             );
         }

@@ -61,7 +61,20 @@ fn first_mismatch(args: &Args) -> anyhow::Result<Option<String>> {
         )));
     }
     let common = sa.min(sb);
-    if let Some(off) = first_difference(&a, &b, common)? {
+    // A read error does not say which image it came from; when only one input is a URL (the
+    // one that can fail mid-read for reasons of its own: a server that changed or went
+    // away), it is named.
+    let remote = |p: &PathBuf| crate::source::remote_input(p).is_some();
+    let one_remote = match (remote(&args.a), remote(&args.b)) {
+        (true, false) => Some(&args.a),
+        (false, true) => Some(&args.b),
+        _ => None,
+    };
+    let found = first_difference(&a, &b, common).map_err(|e| match one_remote {
+        Some(p) => named(e.into(), p),
+        None => e.into(),
+    })?;
+    if let Some(off) = found {
         return Ok(Some(format!("Content mismatch at offset {off}!")));
     }
     let (longer, name) = if sa > sb {

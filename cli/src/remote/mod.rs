@@ -8,8 +8,10 @@
 //!   so such a server is refused (as qemu's curl driver does).
 //! - **Validators** (`ETag`, strong or weak, and `Last-Modified`) are compared on every reply:
 //!   any change, or one that was there and is gone, means the object changed, and the read
-//!   fails. A server that sends neither cannot be pinned: `checksum` then reads the object in
-//!   one GET (its digest is of one response), and the commands that read at offsets warn.
+//!   fails. Only a strong ETag pins a read of several requests: without one (no validator, a
+//!   weak ETag, only Last-Modified) `checksum` reads the object in one GET (its digest is of
+//!   one response), `upload` refuses it, and the commands that read at offsets warn. Bytes
+//!   read twice are compared ([`Inner::verify_cached`]).
 //! - **No redirects**: none is followed (it could carry an auth token elsewhere); the error
 //!   names the status and the `Location`.
 //!
@@ -71,6 +73,9 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest a ranged GET (at most 4 MiB) may take in all; the whole-object GET of a
 /// server without range support has no such limit, only [`STALL_TIMEOUT`].
 const RANGE_BODY_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest `Retry-After` (of a 429 or 503) glimpse waits; a server that asks for more
+/// fails the request at once, with what it asked.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// The largest remote object glimpse reads: 1 TiB, the default `image_size_cap` of Glance
 /// (so the largest image a default Glance stores). A server that claims more (up to 16 EiB)
 /// would otherwise keep a `checksum` streaming for days.
@@ -107,10 +112,11 @@ struct Inner {
     /// From `Content-Range`'s total (or `Content-Length` when ranges are not supported);
     /// always known once opened (an object of unknown size is refused).
     size: Option<u64>,
-    /// As the first reply gave them (a weak ETag too: it cannot pin a range, but a change
-    /// of it is a change of the object).
-    etag: Option<String>,
-    last_modified: Option<String>,
+    /// As the first reply gave them, as bytes (an ETag may hold obs-text): a weak ETag too,
+    /// and Last-Modified; neither can pin a range, but a change of either is a change of the
+    /// object.
+    etag: Option<Vec<u8>>,
+    last_modified: Option<Vec<u8>>,
     ranges: bool,
     cache: Lru<u64, Arc<[u8]>>,
     /// Blocks being fetched right now, so that two readers do not fetch one block twice.
@@ -129,6 +135,12 @@ struct Inner {
 enum Fail {
     /// Worth another try: connection trouble, a timeout, a 5xx.
     Transient(String),
+    /// Worth one more try, on another connection: a reply that breaks HTTP where the request
+    /// may have gone out on a reused connection (stray bytes a server left after a reply), or
+    /// a header block ureq misjudges after an interim 1xx reply.
+    Once(String),
+    /// A 429 or 503 whose `Retry-After` asks for this wait (at most [`MAX_RETRY_AFTER`]).
+    Later(String, Duration),
     /// Final.
     Fatal(io::Error),
 }
@@ -167,6 +179,14 @@ impl HttpSource {
     ) -> anyhow::Result<Self> {
         let cache_bytes = cache_bytes.max(BLOCK.saturating_mul(READAHEAD_BLOCKS));
         let shown = shown(url);
+        if !url::parses(url) {
+            // Where ureq would send it is not what the text says (`http://u:pa/ss@h/` goes to
+            // the host `u`): nothing is sent, and nothing of it is printed.
+            anyhow::bail!(
+                "{shown}: glimpse reads http(s)://[user:password@]host[:port]/path URLs; \
+                 percent-encode '/', '?', '#' and '@' in a user name or password"
+            );
+        }
         let budget = crate::common::limits().budget();
         let charge = budget
             .charge(cache_bytes, "the HTTP block cache")
@@ -222,10 +242,26 @@ impl HttpSource {
         self.inner.size
     }
 
-    /// True when the server gave a validator (ETag or Last-Modified), so that a change of the
-    /// object between two requests is seen.
-    pub fn pinned(&self) -> bool {
-        self.inner.pinned()
+    /// Why the object is not pinned, for a warning or a refusal; `None` when it is: when the
+    /// server gave a strong ETag, which alone ties the bytes of two requests to one version of
+    /// the object (RFC 9110 13.1.5, RFC 9111 3.4): a weak ETag or a Last-Modified (one-second
+    /// resolution) may stay the same across a change.
+    pub fn unpinned_reason(&self) -> Option<&'static str> {
+        let i = &*self.inner;
+        if i.pinned() {
+            return None;
+        }
+        Some(match (&i.etag, &i.last_modified) {
+            (Some(_), _) => {
+                "the server sends only a weak ETag, which may stay the same when the object \
+                 changes"
+            }
+            (None, Some(_)) => {
+                "the server sends no ETag, only a Last-Modified, which may stay the same when \
+                 the object changes within a second"
+            }
+            (None, None) => "the server sends no ETag or Last-Modified",
+        })
     }
 
     /// The URL as it may be shown: no userinfo, no query, no fragment.
@@ -234,9 +270,9 @@ impl HttpSource {
     }
 
     /// The whole object, front to back: with several range requests in flight when the
-    /// server answers ranges and gives a validator, else one streamed GET
-    /// ([`HttpSource::stream`]): without a validator, the bytes of several requests could
-    /// come from several versions of the object; one response is one version.
+    /// server answers ranges and gives a strong ETag, else one streamed GET
+    /// ([`HttpSource::stream`]): without one, the bytes of several requests could come from
+    /// several versions of the object; one response is one version.
     ///
     /// # Errors
     /// As [`HttpSource::stream`].
@@ -274,17 +310,21 @@ impl Inner {
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// True when a reply carries something to compare (see [`Inner::check_same`]).
+    /// True when the first reply gave a strong ETag: only that pins a read made of several
+    /// requests (the validators are compared on every reply all the same,
+    /// [`Inner::check_same`]).
     fn pinned(&self) -> bool {
-        self.etag.is_some() || self.last_modified.is_some()
+        self.strong_etag().is_some()
     }
 
-    /// The `If-Range` value: a strong ETag, else Last-Modified (a weak ETag cannot pin).
-    fn if_range(&self) -> Option<&String> {
-        self.etag
-            .as_ref()
-            .filter(|e| !e.starts_with("W/"))
-            .or(self.last_modified.as_ref())
+    fn strong_etag(&self) -> Option<&Vec<u8>> {
+        self.etag.as_ref().filter(|e| !e.starts_with(b"W/"))
+    }
+
+    /// The `If-Range` value: a strong ETag, else Last-Modified (a weak ETag cannot pin; a
+    /// Last-Modified is no pin either, but it costs nothing to send).
+    fn if_range(&self) -> Option<&Vec<u8>> {
+        self.strong_etag().or(self.last_modified.as_ref())
     }
 
     /// Sends a GET with `range` (inclusive ends; no end: to the end of the object) and the
@@ -309,6 +349,11 @@ impl Inner {
             .timeout_recv_response(Some(RESPONSE_TIMEOUT))
             .timeout_per_read(Some(STALL_TIMEOUT))
             .timeout_recv_body((!whole).then_some(RANGE_BODY_TIMEOUT))
+            // ureq 3.5.2 compares the whole input buffer (the final reply's head and body
+            // already read) with this limit after it skips an interim 1xx reply, and fails
+            // with "response header is too big" when a 100/102/103 came first. The buffer is
+            // the real bound on a head; with this limit at its size that check cannot trip.
+            .max_response_header_size(self.agent.config().input_buffer_size().max(64 << 10))
             .build();
         match range {
             Some((a, Some(b))) => req = req.header("Range", format!("bytes={a}-{b}")),
@@ -317,7 +362,7 @@ impl Inner {
         }
         if pin {
             if let Some(v) = self.if_range() {
-                req = req.header("If-Range", v.as_str());
+                req = req.header("If-Range", v.as_slice());
             }
         }
         for (k, v) in &self.headers {
@@ -338,12 +383,19 @@ impl Inner {
         match reply {
             Ok(mut r) => {
                 let status = r.status().as_u16();
+                if status == 429 || status == 503 {
+                    if let Some(ra) = header(r.headers(), "retry-after") {
+                        return Err(retry_after(status, &ra));
+                    }
+                }
                 if status >= 500 || status == 408 || status == 429 {
                     return Err(Fail::Transient(format!("HTTP {status}")));
                 }
-                if (300..400).contains(&status) {
-                    let to = header(r.headers(), "location")
-                        .map_or("no Location given".into(), |l| format!("to {}", shown(&l)));
+                if matches!(status, 301 | 302 | 303 | 307 | 308) {
+                    let to = header(r.headers(), "location").map_or_else(
+                        || "no Location given".into(),
+                        |l| format!("to {}", url::shown_location(&l, &self.url)),
+                    );
                     return Err(fatal(format!(
                         "HTTP {status}: the server redirects ({to}); glimpse follows no \
                          redirects (one could carry credentials to another host): give the \
@@ -366,13 +418,20 @@ impl Inner {
         let mut wait = BACKOFF;
         let mut last = String::new();
         let mut tries = 0;
+        let mut once = false;
+        let mut asked: Option<Duration> = None;
         while tries < ATTEMPTS {
             if tries > 0 {
                 if start.elapsed() >= RETRY_BUDGET {
                     break;
                 }
-                cancel::sleep(wait)?;
-                wait = wait.saturating_mul(2);
+                match asked.take() {
+                    Some(d) => cancel::sleep(d)?,
+                    None => {
+                        cancel::sleep(wait)?;
+                        wait = wait.saturating_mul(2);
+                    }
+                }
             }
             tries += 1;
             match attempt(tries == 1) {
@@ -382,6 +441,21 @@ impl Inner {
                 Err(_) if cancel::cancelled() => return Err(cancel::interrupted()),
                 Err(Fail::Fatal(e)) => return Err(e),
                 Err(Fail::Transient(m)) => last = m,
+                Err(Fail::Once(m)) if once => return Err(io::Error::other(m)),
+                Err(Fail::Once(m)) => {
+                    once = true;
+                    last = m;
+                }
+                Err(Fail::Later(m, d)) => {
+                    if start.elapsed().saturating_add(d) >= RETRY_BUDGET {
+                        return Err(io::Error::other(format!(
+                            "{m}, which would end past the {} s glimpse retries a request",
+                            RETRY_BUDGET.as_secs()
+                        )));
+                    }
+                    asked = Some(d);
+                    last = m;
+                }
             }
         }
         Err(io::Error::other(format!(
@@ -396,10 +470,17 @@ impl Inner {
         let this = &*self;
         let (size, ranges, etag, lm, block) = this
             .retry(|_| {
-                let resp = this.get(Some((0, Some(BLOCK - 1))), false, false)?;
+                // The first request goes out on a new connection: a reply that breaks HTTP is
+                // the server's, not stray bytes of an earlier reply, and is final.
+                let resp =
+                    this.get(Some((0, Some(BLOCK - 1))), false, false)
+                        .map_err(|e| match e {
+                            Fail::Once(m) => fatal(m),
+                            other => other,
+                        })?;
                 let status = resp.status().as_u16();
-                let etag = header(resp.headers(), "etag");
-                let lm = header(resp.headers(), "last-modified");
+                let etag = header_bytes(resp.headers(), "etag");
+                let lm = header_bytes(resp.headers(), "last-modified");
                 match status {
                     206 => {
                         let (a, b, total) = content_range(resp.headers())?;
@@ -462,10 +543,10 @@ impl Inner {
                  differs): start again"
             ))
         };
-        if header(headers, "etag") != self.etag {
+        if header_bytes(headers, "etag") != self.etag {
             return Err(changed("ETag"));
         }
-        if header(headers, "last-modified") != self.last_modified {
+        if header_bytes(headers, "last-modified") != self.last_modified {
             return Err(changed("Last-Modified"));
         }
         if total.is_some() && total != self.size {
@@ -558,6 +639,39 @@ impl Inner {
         Ok(buf)
     }
 
+    /// Fails when `buf`, the bytes at `offset` just fetched, differ from a cached block they
+    /// overlap: the server sent two contents under one strong ETag (an in-place rewrite its
+    /// ETag did not see, or a cache in front of it serving a stale copy). Bytes are compared
+    /// only where a large read fetches again what the cache holds (the first block, which
+    /// detection read, when `convert` reads from the start); a front-to-back `checksum` takes
+    /// the first block from the cache and fetches each byte once, so it compares nothing.
+    fn verify_cached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset.saturating_add(buf.len() as u64);
+        let mut b = offset / BLOCK;
+        while let Some(start) = b.checked_mul(BLOCK).filter(|&s| s < end) {
+            if let Some(block) = self.cache.get(b).map_err(io::Error::other)? {
+                let lo = start.max(offset);
+                let hi = start.saturating_add(block.len() as u64).min(end);
+                let at = |x: u64, base: u64| usize::try_from(x.saturating_sub(base)).ok();
+                let cached = at(lo, start)
+                    .zip(at(hi, start))
+                    .and_then(|(l, h)| block.get(l..h));
+                let fetched = at(lo, offset)
+                    .zip(at(hi, offset))
+                    .and_then(|(l, h)| buf.get(l..h));
+                if lo < hi && cached != fetched {
+                    return Err(io::Error::other(format!(
+                        "the object changed on the server while it was being read (bytes at \
+                         {lo:#x} differ between two replies under the same ETag: the server \
+                         changed the content without changing its ETag): start again"
+                    )));
+                }
+            }
+            b = b.saturating_add(1);
+        }
+        Ok(())
+    }
+
     /// Block `b`, from the cache or the server; on a miss after block `b - 1` (reads running
     /// front to back), up to [`READAHEAD_BLOCKS`] uncached blocks in one request.
     fn block(&self, b: u64, size: u64) -> io::Result<Arc<[u8]>> {
@@ -645,6 +759,7 @@ impl ReadAt for HttpSource {
         let buf = buf.get_mut(..len).unwrap_or_default();
         if len >= DIRECT {
             inner.fetch(buf, offset)?;
+            inner.verify_cached(buf, offset)?;
             return Ok(len);
         }
         let b = offset / BLOCK;
@@ -823,6 +938,89 @@ fn header(h: &HeaderMap, name: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// A header's value as bytes (a validator may hold obs-text, 0x80-0xFF, which
+/// [`header`] cannot give as text), without surrounding blanks.
+fn header_bytes(h: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+    h.get(name).map(|v| v.as_bytes().trim_ascii().to_vec())
+}
+
+/// A 429 or 503 with `Retry-After: value`: a wait of at most [`MAX_RETRY_AFTER`] is waited
+/// for; a longer one (or a date past it) fails at once, saying what the server asked.
+fn retry_after(status: u16, value: &str) -> Fail {
+    let wait = value
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+        .or_else(|| {
+            let at = parse_http_date(value)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs();
+            Some(Duration::from_secs(at.saturating_sub(now)))
+        });
+    match wait {
+        Some(d) if d <= MAX_RETRY_AFTER => Fail::Later(
+            format!("HTTP {status} (Retry-After: {value})"),
+            d.max(BACKOFF),
+        ),
+        Some(d) => fatal(format!(
+            "HTTP {status}: the server asks to retry after {} s (Retry-After: {value}), more \
+             than the {} s glimpse waits: try again later",
+            d.as_secs(),
+            MAX_RETRY_AFTER.as_secs()
+        )),
+        // A value that is neither seconds nor a date: the usual backoff.
+        None => Fail::Transient(format!("HTTP {status} (Retry-After: {value:?})")),
+    }
+}
+
+/// Seconds since the epoch of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form
+/// RFC 9110 requires senders to use.
+fn parse_http_date(v: &str) -> Option<u64> {
+    let mut f = v.split_ascii_whitespace();
+    let _weekday = f.next()?;
+    let day: u64 = f.next()?.parse().ok()?;
+    let month = f.next()?;
+    let year: u64 = f.next()?.parse().ok()?;
+    let mut hms = f.next()?.split(':').map(|x| x.parse::<u64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if f.next()? != "GMT" || f.next().is_some() || hms.next().is_some() {
+        return None;
+    }
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = u64::try_from(MONTHS.iter().position(|&x| x == month)?).ok()?;
+    if !(1970..=9999).contains(&year) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    // Days from 1970-01-01 (Howard Hinnant's days_from_civil, for years from 1970).
+    let (y, mp) = if month >= 2 {
+        (year, month.checked_sub(2)?)
+    } else {
+        (year.checked_sub(1)?, month.checked_add(10)?)
+    };
+    let era = y / 400;
+    let yoe = y.checked_sub(era.checked_mul(400)?)?;
+    let doy = (153u64.checked_mul(mp)?.checked_add(2)? / 5)
+        .checked_add(day)?
+        .checked_sub(1)?;
+    let doe = yoe
+        .checked_mul(365)?
+        .checked_add(yoe / 4)?
+        .checked_sub(yoe / 100)?
+        .checked_add(doy)?;
+    let days = era
+        .checked_mul(146_097)?
+        .checked_add(doe)?
+        .checked_sub(719_468)?;
+    days.checked_mul(86_400)?
+        .checked_add(h.checked_mul(3600)?)?
+        .checked_add(m.checked_mul(60)?)?
+        .checked_add(sec)
+}
+
 /// `Content-Range: bytes A-B/TOTAL` (TOTAL may be `*`).
 fn content_range(h: &HeaderMap) -> Result<(u64, u64, Option<u64>), Fail> {
     let v = header(h, "content-range")
@@ -874,12 +1072,25 @@ fn classify(e: ureq::Error) -> Fail {
         ureq::Error::Io(ref io) if io.kind() == io::ErrorKind::InvalidData => {
             Fail::Fatal(io::Error::other(e.to_string()))
         }
+        // A reply that breaks HTTP may be stray bytes an earlier reply left on a pooled
+        // connection (which ureq drops now): one more try goes out on another connection.
+        // "response header is too big" can be ureq misjudging a head after a 1xx reply.
+        ureq::Error::Protocol(_) | ureq::Error::LargeResponseHeader(..) => {
+            Fail::Once(e.to_string())
+        }
         ureq::Error::Io(_)
         | ureq::Error::Timeout(_)
         | ureq::Error::ConnectionFailed
         | ureq::Error::BodyStalled => Fail::Transient(e.to_string()),
         other => Fail::Fatal(io::Error::other(other.to_string())),
     }
+}
+
+/// True for a body read error that is ureq's "the reply breaks HTTP".
+fn is_protocol(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|x| x.downcast_ref::<ureq::Error>())
+        .is_some_and(|x| matches!(x, ureq::Error::Protocol(_)))
 }
 
 /// Refuses an object larger than `max` bytes (`--max-remote-size`, by default [`MAX_SIZE`]).
@@ -910,6 +1121,14 @@ fn block_span(b: u64, n: u64, size: u64) -> Option<(u64, u64)> {
 
 /// Reads exactly `buf.len()` body bytes (a short body is transient: the connection dropped).
 fn read_body_into(resp: Response<Body>, buf: &mut [u8], bytes: &AtomicU64) -> Result<(), Fail> {
+    // Only a body whose Content-Length is the length asked ends where ureq knows it ends; a
+    // chunked or close-delimited one may not end for a while after its last byte (a server
+    // that keeps the connection open and never sends the last chunk or the close).
+    let delimited = resp.body().content_length() == Some(buf.len() as u64);
+    // Bytes glimpse cannot decode: a short body is no dropped connection, and would be short
+    // again.
+    let encoding = header(resp.headers(), "content-encoding")
+        .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
     let mut r = resp.into_body().into_reader();
     let mut done = 0;
     while let Some(rest) = buf.get_mut(done..) {
@@ -918,24 +1137,36 @@ fn read_body_into(resp: Response<Body>, buf: &mut [u8], bytes: &AtomicU64) -> Re
         }
         match r.read(rest) {
             Ok(0) => {
-                return Err(Fail::Transient(format!(
-                    "the body ended after {done} of {} bytes",
-                    buf.len()
-                )))
+                let msg = format!("the body ended after {done} of {} bytes", buf.len());
+                return Err(match &encoding {
+                    Some(enc) => fatal(format!(
+                        "{msg}: the server sent it with Content-Encoding: {enc}, which glimpse \
+                         neither asks for nor decodes"
+                    )),
+                    None => Fail::Transient(msg),
+                });
             }
             Ok(n) => {
                 done += n;
                 bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The body's framing is broken (a chunk size that is not a number): another try
+            // of the same server would read the same.
+            Err(e) if is_protocol(&e) => {
+                return Err(fatal(format!("reading the body: {e}")));
+            }
             Err(e) => return Err(Fail::Transient(format!("reading the body: {e}"))),
         }
     }
     // One more read sees the body's end, which hands the connection back to the agent's pool
-    // for the next request (no new connect, no new TLS handshake). A body longer than asked
-    // (which no server that announced the range sends) is left unread: the connection is
-    // dropped, as before.
-    let _ = r.read(&mut [0u8; 1]);
+    // for the next request (no new connect, no new TLS handshake). Only when the body was
+    // length-delimited: then that read returns at once. Any other body is dropped unread to
+    // its end, and so is its connection: waiting for a close or a last chunk that a server
+    // never sends would cost [`STALL_TIMEOUT`] per request.
+    if delimited {
+        let _ = r.read(&mut [0u8; 1]);
+    }
     Ok(())
 }
 
@@ -952,6 +1183,43 @@ mod tests {
         assert_eq!(parse_content_range("bytes 0-1"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes -1-2/3"), None);
+    }
+
+    #[test]
+    fn retry_after_is_waited_for_up_to_its_bound() {
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777)
+        );
+        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            parse_http_date("Tue, 29 Feb 2000 12:00:00 GMT"),
+            Some(951_825_600)
+        );
+        for bad in [
+            "",
+            "3600",
+            "Sun, 06 Nov 1994 08:49:37",
+            "Sun, 32 Nov 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(parse_http_date(bad), None, "{bad}");
+        }
+        assert!(matches!(retry_after(429, "2"), Fail::Later(_, d) if d == Duration::from_secs(2)));
+        assert!(matches!(retry_after(503, "0"), Fail::Later(_, d) if d == BACKOFF));
+        match retry_after(429, "3600") {
+            Fail::Fatal(e) => assert!(e.to_string().contains("Retry-After: 3600"), "{e}"),
+            _ => panic!("a wait of an hour"),
+        }
+        // a date in the past: at once; far ahead: refused
+        assert!(matches!(
+            retry_after(503, "Thu, 01 Jan 1970 00:00:00 GMT"),
+            Fail::Later(..)
+        ));
+        assert!(matches!(
+            retry_after(503, "Fri, 31 Dec 9999 23:59:59 GMT"),
+            Fail::Fatal(_)
+        ));
+        assert!(matches!(retry_after(503, "soon"), Fail::Transient(_)));
     }
 
     #[test]

@@ -267,6 +267,74 @@ pub enum Fault {
     ShiftRange(u64),
     /// Before forwarding, replace the served file with these bytes (a new version: new ETag).
     Replace(PathBuf, Vec<u8>),
+    /// After nginx answered, rewrite the served file with these bytes (of its size) and give
+    /// it back its modification time: nginx's ETag (mtime and size) and Last-Modified stay the
+    /// same over other content from the next GET on, as from a server whose validators lie.
+    RewriteKeepingEtag(PathBuf, Vec<u8>),
+    /// In the reply, set header `.0` to `.1` (any bytes), or remove it (`None`).
+    SetHeader(&'static str, Option<Vec<u8>>),
+    /// Send the reply without its Content-Length (its end marked by nothing), then keep the
+    /// connection open.
+    NoLength,
+    /// Send the reply's body as one chunk without the last (`0`) chunk, then keep the
+    /// connection open.
+    ChunkedNoEnd,
+    /// Send an interim reply with this 1xx status right before the reply, in one write.
+    Interim(u16),
+    /// Send stray bytes 50 ms after the reply and keep the connection open for the next
+    /// request.
+    Trailing,
+    /// Answer 429 with this `Retry-After` without asking nginx.
+    RetryAfter(&'static str),
+    /// Answer 302 with this `Location` without asking nginx.
+    Redirect(String),
+    /// Answer this status with an empty body without asking nginx.
+    Status(u16),
+}
+
+/// `fault` for each GET in `range`, as [`FaultProxy::start`] takes them.
+pub fn every(range: std::ops::Range<usize>, fault: &Fault) -> Vec<(usize, Fault)> {
+    range.map(|n| (n, fault.clone())).collect()
+}
+
+/// Splits a reply into its head's lines (status line first) and body.
+fn split_reply(resp: &[u8]) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let end = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a reply head");
+    let head = resp[..end]
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l).to_vec())
+        .collect();
+    (head, resp[end + 4..].to_vec())
+}
+
+fn join_reply(head: &[Vec<u8>], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in head {
+        out.extend_from_slice(l);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
+fn is_header(line: &[u8], name: &str) -> bool {
+    line.len() > name.len()
+        && line[..name.len()].eq_ignore_ascii_case(name.as_bytes())
+        && line[name.len()] == b':'
+}
+
+/// Without `name`, and with `name: value` when there is a value.
+fn set_header(head: &mut Vec<Vec<u8>>, name: &str, value: Option<&[u8]>) {
+    head.retain(|l| !is_header(l, name));
+    if let Some(v) = value {
+        let mut l = format!("{name}: ").into_bytes();
+        l.extend_from_slice(v);
+        head.push(l);
+    }
 }
 
 /// An HTTP/1.1 proxy on loopback in front of `upstream`, one request at a time per
@@ -288,8 +356,11 @@ impl FaultProxy {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let gets = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
-        let faults: Arc<Mutex<HashMap<usize, Fault>>> =
-            Arc::new(Mutex::new(faults.into_iter().collect()));
+        let mut by_get: HashMap<usize, Vec<Fault>> = HashMap::new();
+        for (n, f) in faults {
+            by_get.entry(n).or_default().push(f);
+        }
+        let faults = Arc::new(Mutex::new(by_get));
         let (g, h) = (gets.clone(), heads.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -307,11 +378,12 @@ impl FaultProxy {
 fn read_head(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Vec<String>>> {
     let mut lines = Vec::new();
     loop {
-        let mut l = String::new();
-        if r.read_line(&mut l)? == 0 {
+        // bytes, not UTF-8: a header may carry obs-text (an ETag sent back in If-Range)
+        let mut raw = Vec::new();
+        if r.read_until(b'\n', &mut raw)? == 0 {
             return Ok(None);
         }
-        let l = l.trim_end().to_string();
+        let l = String::from_utf8_lossy(&raw).trim_end().to_string();
         if l.is_empty() {
             return Ok(Some(lines));
         }
@@ -324,7 +396,7 @@ fn serve(
     upstream: &str,
     gets: &AtomicUsize,
     heads: &Mutex<Vec<String>>,
-    faults: &Mutex<HashMap<usize, Fault>>,
+    faults: &Mutex<HashMap<usize, Vec<Fault>>>,
 ) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut out = client.try_clone()?;
@@ -332,7 +404,12 @@ fn serve(
     while let Some(mut head) = read_head(&mut reader)? {
         heads.lock().unwrap().push(head.join("\n"));
         let n = gets.fetch_add(1, Ordering::SeqCst);
-        let fault = faults.lock().unwrap().remove(&n);
+        let all = faults.lock().unwrap().remove(&n).unwrap_or_default();
+        // The fault that decides what happens to the request; SetHeader ones rewrite the reply.
+        let fault = all
+            .iter()
+            .find(|f| !matches!(f, Fault::SetHeader(..)))
+            .cloned();
         match &fault {
             Some(Fault::Reset) => {
                 let _ = out.shutdown(Shutdown::Both);
@@ -341,6 +418,28 @@ fn serve(
             Some(Fault::Unavailable) => {
                 out.write_all(
                     b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nRetry-After: 0\r\n\r\nbusy",
+                )?;
+                continue;
+            }
+            Some(Fault::RetryAfter(v)) => {
+                out.write_all(
+                    format!(
+                        "HTTP/1.1 429 Too Many Requests\r\nContent-Length: 4\r\nRetry-After: {v}\r\n\r\nbusy"
+                    )
+                    .as_bytes(),
+                )?;
+                continue;
+            }
+            Some(Fault::Redirect(to)) => {
+                out.write_all(
+                    format!("HTTP/1.1 302 Found\r\nContent-Length: 0\r\nLocation: {to}\r\n\r\n")
+                        .as_bytes(),
+                )?;
+                continue;
+            }
+            Some(Fault::Status(code)) => {
+                out.write_all(
+                    format!("HTTP/1.1 {code} Whatever\r\nContent-Length: 0\r\n\r\n").as_bytes(),
                 )?;
                 continue;
             }
@@ -371,11 +470,19 @@ fn serve(
             }
             _ => {}
         }
+        // Validators the proxy rewrites are its own: nginx would not know them in If-Range.
+        let own = all.iter().any(|f| {
+            matches!(f, Fault::SetHeader(n, _) if n.eq_ignore_ascii_case("etag")
+                || n.eq_ignore_ascii_case("last-modified"))
+        });
         // Forward on a fresh connection that the upstream closes after answering.
         let mut up = TcpStream::connect(upstream)?;
         let mut req = String::new();
         for l in &head {
-            if !l.to_ascii_lowercase().starts_with("connection:") {
+            let lower = l.to_ascii_lowercase();
+            let dropped =
+                lower.starts_with("connection:") || (own && lower.starts_with("if-range:"));
+            if !dropped {
                 req.push_str(l);
                 req.push_str("\r\n");
             }
@@ -384,6 +491,58 @@ fn serve(
         up.write_all(req.as_bytes())?;
         let mut resp = Vec::new();
         up.read_to_end(&mut resp)?;
+        if let Some(Fault::RewriteKeepingEtag(path, data)) = &fault {
+            let mtime = std::fs::metadata(path)?.modified()?;
+            std::fs::write(path, data)?;
+            std::fs::File::options()
+                .write(true)
+                .open(path)?
+                .set_modified(mtime)?;
+        }
+        let (mut head, mut body) = split_reply(&resp);
+        for f in &all {
+            if let Fault::SetHeader(name, value) = f {
+                set_header(&mut head, name, value.as_deref());
+            }
+        }
+        let mut keep_open = false;
+        let mut before = Vec::new();
+        match &fault {
+            Some(Fault::NoLength) => {
+                set_header(&mut head, "Content-Length", None);
+                set_header(&mut head, "Connection", None);
+                keep_open = true;
+            }
+            Some(Fault::ChunkedNoEnd) => {
+                set_header(&mut head, "Content-Length", None);
+                set_header(&mut head, "Connection", None);
+                set_header(&mut head, "Transfer-Encoding", Some(b"chunked"));
+                let mut chunked = format!("{:x}\r\n", body.len()).into_bytes();
+                chunked.extend_from_slice(&body);
+                chunked.extend_from_slice(b"\r\n");
+                body = chunked;
+                keep_open = true;
+            }
+            Some(Fault::Trailing) => {
+                set_header(&mut head, "Connection", None);
+                keep_open = true;
+            }
+            Some(Fault::Interim(code)) => {
+                before = format!("HTTP/1.1 {code} Interim\r\n\r\n").into_bytes();
+            }
+            _ => {}
+        }
+        let resp = [before, join_reply(&head, &body)].concat();
+        if keep_open {
+            out.write_all(&resp)?;
+            if let Some(Fault::Trailing) = fault {
+                // after the reply was read and its connection pooled (bytes that came with
+                // the reply ureq sees, and drops the connection)
+                std::thread::sleep(Duration::from_millis(50));
+                out.write_all(b"GARBAGE GARBAGE GARBAGE GARBAGE GARBAGE GARBAGE GARBAGE!!\r\n")?;
+            }
+            continue;
+        }
         if let Some(Fault::CutBody) = fault {
             let end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
             let body = resp.len() - end;

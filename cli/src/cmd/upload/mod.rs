@@ -215,10 +215,10 @@ impl Input {
     fn open(path: &std::path::Path) -> anyhow::Result<(Self, glimpse_formats::Source)> {
         if let Some(url) = crate::source::remote_input(path) {
             let src = crate::source::open_remote(url)?;
-            if !src.pinned() {
+            if let Some(why) = src.unpinned_reason() {
                 bail!(
-                    "the server sends no ETag or Last-Modified, so the bytes uploaded could not \
-                     be tied to the bytes checked; nothing was sent"
+                    "{why}, so the bytes uploaded could not be tied to the bytes checked (only \
+                     a strong ETag can); nothing was sent"
                 );
             }
             return Ok((Self::Remote(src.clone()), std::sync::Arc::new(src)));
