@@ -470,6 +470,24 @@ mod tests {
     use glimpse_formats::{Format, Limits, Source};
     use std::sync::Mutex;
 
+    #[test]
+    fn batches_leave_the_source_its_headroom_next_to_a_writer_table_at_the_cap() {
+        // 224 MiB, of which a writer's table took 128 MiB and the reader's cache 48 MiB: the
+        // batches shrink so that 32 MiB stay for the source's tables read during the walk.
+        let b = Budget::new(224 << 20);
+        let _table = b.charge(128 << 20, "table").unwrap();
+        let _cache = b.charge(48 << 20, "cache").unwrap();
+        let (held, per) = charge_batches(Some(&b), 32, 1 << 20).unwrap();
+        assert_eq!(per, 5);
+        assert_eq!(held.map(|c| c.bytes()), Some(15 << 20));
+        assert!(b.left() >= SOURCE_HEADROOM);
+        // With room, full batches as before; with none, one chunk each.
+        let (_held, per) = charge_batches(Some(&Budget::new(224 << 20)), 32, 1 << 20).unwrap();
+        assert_eq!(per, 32);
+        let (_held, per) = charge_batches(Some(&Budget::new(4 << 20)), 32, 1 << 20).unwrap();
+        assert_eq!(per, 1);
+    }
+
     /// A disk whose mapping, like qcow2's, ends every extent at `run` bytes: all unallocated,
     /// or with `data` all data, stored at its guest offset in the source.
     struct Plain {
