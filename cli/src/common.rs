@@ -414,6 +414,14 @@ pub fn write_out(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// True once a write to stdout failed: a command that streams its output stops producing it.
+pub fn stdout_failed() -> bool {
+    STDOUT_ERROR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_some()
+}
+
 /// Writes to stderr (`errln!`, `errp!`), dropping what cannot be written.
 pub fn write_err(args: std::fmt::Arguments<'_>) {
     use std::io::Write as _;

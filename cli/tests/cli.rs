@@ -405,6 +405,37 @@ fn map_data_ranges_match_qemu_img_for_raw() {
 }
 
 #[test]
+fn map_prints_every_run_of_a_table_many_entries_name_as_one_json_document() {
+    // Two L1 entries naming one L2 table whose entries alternate unallocated and zero: 16,384
+    // runs, printed as they are found (never collected), still one JSON array equal to the
+    // runs, and the same runs in the human listing.
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("shared.qcow2");
+    support::shared_l2_qcow2(&p, 2);
+    assert_eq!(code(&glimpse(&["check", s(&p)])), 0);
+    let o = glimpse(&["map", "--output", "json", s(&p)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let got = json(&o);
+    let cs = 1u64 << 16;
+    let want: Vec<Value> = (0..16384u64)
+        .map(|i| {
+            serde_json::json!({
+                "start": i * cs, "length": cs, "depth": 0, "present": i % 2 == 1,
+                "zero": true, "data": false, "compressed": false,
+            })
+        })
+        .collect();
+    assert!(got == Value::Array(want), "the runs differ");
+    support::schema::assert_valid("map.json", &got);
+    let o = glimpse(&["map", s(&p)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let lines: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 1 + 16384);
+    assert!(lines[1].starts_with("0x0 ") && lines[1].ends_with(" unallocated"));
+    assert!(lines[2].starts_with("0x10000 ") && lines[2].ends_with(" zero"));
+}
+
+#[test]
 fn measure_raw() {
     let d = tempfile::tempdir().unwrap();
     let p = mixed_raw(d.path(), "a.raw", 8, 0);

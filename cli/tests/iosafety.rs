@@ -1074,6 +1074,50 @@ fn a_file_written_to_while_it_is_read_gives_no_result() {
 }
 
 #[test]
+fn a_map_whose_file_changes_after_output_started_is_left_unterminated() {
+    // map prints runs as it finds them: an error after the first one cannot become the
+    // {filename, error} object, so the array is left without its `]` (no pipeline takes it
+    // for a whole map), the error goes to stderr, and the exit status is 2, as qemu-img map's.
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("runs.qcow2");
+    support::shared_l2_qcow2(&q, 16);
+    let (stop, writer) = keep_rewriting(&q);
+    for json in [true, false] {
+        let mut args = vec!["map", s(&q)];
+        if json {
+            args.extend(["--output", "json"]);
+        }
+        let o = glimpse(&args);
+        let e = stderr(&o);
+        assert_eq!(code(&o), 2, "{args:?}: {e}");
+        assert!(
+            e.contains("was written to while it was read"),
+            "{args:?}: {e}"
+        );
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        if json {
+            assert!(
+                out.starts_with("[\n  {"),
+                "{args:?}: {}",
+                &out[..out.len().min(80)]
+            );
+            assert!(
+                !out.trim_end().ends_with(']'),
+                "{args:?}: the array was closed"
+            );
+            assert!(serde_json::from_str::<Value>(&out).is_err(), "{args:?}");
+        } else {
+            assert!(out.lines().count() > 1, "{args:?}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    let o = glimpse(&["map", "--output", "json", s(&q)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(json_of(&o).as_array().map(Vec::len), Some(16 * 8192));
+}
+
+#[test]
 fn usage_errors_found_after_parsing_still_print_one_json_document() {
     let d = tempfile::tempdir().unwrap();
     let q = qcow2_file(d.path(), "a.qcow2", 1);

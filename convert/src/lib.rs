@@ -14,6 +14,7 @@ pub mod copy;
 pub mod output;
 pub mod pipeline;
 pub mod stamp;
+mod table;
 
 pub mod ploop;
 pub mod qcow2;
@@ -48,6 +49,11 @@ pub struct WriteOptions {
     pub compress: bool,
     /// Base name of the output file, when it has one (VMDK names it in its descriptor).
     pub output_name: Option<String>,
+    /// The command's memory budget (`Limits::budget`): the writer's tables whose size comes
+    /// from the virtual size (block map, BAT, L1) are charged to it when the writer is
+    /// created, and a writer whose tables it cannot hold is refused before anything is
+    /// written. None charges nothing.
+    pub budget: Option<glimpse_formats::limits::Budget>,
 }
 
 impl WriteOptions {
@@ -83,6 +89,7 @@ impl WriteOptions {
             opts,
             compress,
             output_name: None,
+            budget: None,
         })
     }
 

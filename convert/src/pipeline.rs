@@ -303,9 +303,16 @@ pub use glimpse_formats::io::is_zero;
 /// Guest bytes of the first batch; each next one is twice as large, up to the full batch.
 const FIRST_BATCH_BYTES: u64 = 1 << 20;
 
+/// What the batches leave of the budget to the source's caches, which charge as the walk
+/// reads them (qcow2: up to 16 MiB of L2 tables and their lists of runs). Without it, a writer
+/// whose table takes 128 MiB (docs/memory.md) would leave the batches all the rest, and the
+/// source's first table read past them would fail.
+const SOURCE_HEADROOM: u64 = 32 << 20;
+
 /// Charges the three batches that can be alive at once to `budget`, when there is one, with
-/// fewer chunks per batch when the budget has less left (at least one chunk per batch).
-/// Returns the charge and the chunks per batch.
+/// fewer chunks per batch when the budget has less left than the full batches and
+/// [`SOURCE_HEADROOM`] (at least one chunk per batch). Returns the charge and the chunks per
+/// batch.
 fn charge_batches(
     budget: Option<&Budget>,
     per_batch: usize,
@@ -314,7 +321,7 @@ fn charge_batches(
     let Some(b) = budget else {
         return Ok((None, per_batch));
     };
-    let fit = b.left() / chunk.saturating_mul(3).max(1);
+    let fit = b.left().saturating_sub(SOURCE_HEADROOM) / chunk.saturating_mul(3).max(1);
     let n = per_batch
         .min(usize::try_from(fit).unwrap_or(usize::MAX))
         .max(1);
@@ -462,6 +469,24 @@ mod tests {
     use glimpse_formats::image::{Extent, ExtentKind, ImageCore, ImageInfo};
     use glimpse_formats::{Format, Limits, Source};
     use std::sync::Mutex;
+
+    #[test]
+    fn batches_leave_the_source_its_headroom_next_to_a_writer_table_at_the_cap() {
+        // 224 MiB, of which a writer's table took 128 MiB and the reader's cache 48 MiB: the
+        // batches shrink so that 32 MiB stay for the source's tables read during the walk.
+        let b = Budget::new(224 << 20);
+        let _table = b.charge(128 << 20, "table").unwrap();
+        let _cache = b.charge(48 << 20, "cache").unwrap();
+        let (held, per) = charge_batches(Some(&b), 32, 1 << 20).unwrap();
+        assert_eq!(per, 5);
+        assert_eq!(held.map(|c| c.bytes()), Some(15 << 20));
+        assert!(b.left() >= SOURCE_HEADROOM);
+        // With room, full batches as before; with none, one chunk each.
+        let (_held, per) = charge_batches(Some(&Budget::new(224 << 20)), 32, 1 << 20).unwrap();
+        assert_eq!(per, 32);
+        let (_held, per) = charge_batches(Some(&Budget::new(4 << 20)), 32, 1 << 20).unwrap();
+        assert_eq!(per, 1);
+    }
 
     /// A disk whose mapping, like qcow2's, ends every extent at `run` bytes: all unallocated,
     /// or with `data` all data, stored at its guest offset in the source.

@@ -20,6 +20,7 @@ use glimpse_formats::parallels::header::{
     HEADER_LEN, INUSE_CLOSED, MAGIC_EXT, MAX_BAT_ENTRIES, MAX_TRACKS, SECTOR, VERSION,
 };
 
+use crate::table::{write_pieces, Table};
 use crate::{
     check_chunk_at, write_zero_span, Chunk, Error, Measure, Payload, Result, Target, WriteOptions,
     Writer,
@@ -114,11 +115,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
             "a ploop image cannot be written to a pipe",
         ));
     };
-    let n = usize::try_from(plan.entries).map_err(|_| Error::invalid("too many clusters"))?;
-    let mut bat = Vec::new();
-    bat.try_reserve_exact(n)
-        .map_err(|_| Error::limit("cannot allocate the BAT"))?;
-    bat.resize(n, 0u32);
+    let bat = Table::new(opts, u64::from(plan.entries), 0u32, "BAT")?;
     Ok(Box::new(PloopWriter {
         file,
         plan,
@@ -154,7 +151,7 @@ pub fn cluster_size(opts: &WriteOptions) -> Result<u64> {
 struct PloopWriter {
     file: File,
     plan: Plan,
-    bat: Vec<u32>,
+    bat: Table<u32>,
     allocated: u64,
     pos: u64,
     /// Pending file-to-file copies.
@@ -180,6 +177,7 @@ impl Writer for PloopWriter {
                 let at = self.plan.data_at() + self.allocated * cs;
                 let slot = self
                     .bat
+                    .entries
                     .get_mut(index)
                     .ok_or_else(|| Error::invalid("chunk past the virtual size"))?;
                 *slot = u32::try_from(at / cs)
@@ -202,12 +200,16 @@ impl Writer for PloopWriter {
     fn finish(mut self: Box<Self>) -> Result<()> {
         self.copies.flush(&self.file)?;
         let f = &self.file;
-        let mut meta = self.plan.header()?;
-        meta.reserve(self.bat.len() * 4);
-        for e in &self.bat {
-            meta.write_u32::<LittleEndian>(*e)?;
-        }
-        f.write_all_at(&meta, 0)?;
+        let header = self.plan.header()?;
+        f.write_all_at(&header, 0)?;
+        write_pieces(
+            |b, at| f.write_all_at(b, at),
+            header.len() as u64,
+            self.bat.entries.iter().copied(),
+            u32::to_le_bytes,
+            (self.bat.entries.len() as u64).saturating_mul(4),
+            0,
+        )?;
         // The padding up to the data area, and every allocated cluster, are whole on disk (a
         // short last cluster would be "outside the image" to qemu-img check).
         f.set_len(self.plan.data_at() + self.allocated * self.plan.cluster)?;

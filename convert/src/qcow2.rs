@@ -23,6 +23,7 @@ use glimpse_formats::qcow2::header::{
 use glimpse_formats::qcow2::refcount::entries_per_block;
 use glimpse_formats::qcow2::table::{Geometry, OFLAG_COMPRESSED, OFLAG_COPIED, SECTOR};
 
+use crate::table::{write_pieces, Table};
 use crate::{
     Chunk, Codec, Compressor, Error, Measure, Payload, Result, Target, WriteOptions, Writer,
 };
@@ -124,7 +125,7 @@ struct Qcow2Writer {
     virtual_size: u64,
     compress: bool,
     lay: Layout,
-    l1: Vec<u64>,
+    l1: Table<u64>,
     l1_off: u64,
     rt_off: u64,
     /// The L2 table being filled: its L1 index and entries.
@@ -133,7 +134,9 @@ struct Qcow2Writer {
     end: u64,
     /// Where the next compressed stream may go (inside a partly used cluster).
     cfree: Option<u64>,
-    /// Refcount of every host cluster so far.
+    /// Refcount of every host cluster so far. Not charged: it grows with the clusters
+    /// written (2 bytes per cluster, 1/32768 of the output at 64 KiB clusters), not with
+    /// anything the source claims.
     refs: Vec<u16>,
     next_guest: u64,
 }
@@ -155,7 +158,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
     let first_free = rt_off + lay.rt_clusters * cs;
     let n = usize::try_from(first_free / cs).map_err(|_| Error::limit("too many clusters"))?;
     let refs = vec![1u16; n];
-    let l1 = vec![0u64; usize::try_from(lay.l1_entries).map_err(|_| Error::limit("L1 too large"))?];
+    let l1 = Table::new(opts, lay.l1_entries, 0u64, "L1 table")?;
     Ok(Box::new(Qcow2Writer {
         file: crate::WriteCombiner::new(file),
         o,
@@ -226,7 +229,11 @@ impl Qcow2Writer {
             let mut buf = vec![0u8; table.len() * 8];
             BigEndian::write_u64_into(&table, &mut buf);
             self.file.write_all_at(&buf, off)?;
-            if let Some(e) = self.l1.get_mut(usize::try_from(idx).unwrap_or(usize::MAX)) {
+            if let Some(e) = self
+                .l1
+                .entries
+                .get_mut(usize::try_from(idx).unwrap_or(usize::MAX))
+            {
                 *e = off | OFLAG_COPIED;
             }
         }
@@ -404,21 +411,35 @@ impl Writer for Qcow2Writer {
         self.refs
             .resize(usize::try_from(first_block).unwrap_or(0), 0);
         self.refs.resize(total, 1);
-        let mut rt = vec![0u8; usize::try_from(self.lay.rt_clusters * cs).unwrap_or(0)];
+        // One refcount block buffer, reused; the refcount table (the blocks' offsets, one
+        // after another) and the L1 table are written in pieces, never copied whole.
         let per = usize::try_from(epb).unwrap_or(1);
+        let mut blk = vec![0u8; usize::try_from(cs).unwrap_or(0)];
         for (b, counts) in self.refs.chunks(per).enumerate() {
             let off = (first_block + b as u64) * cs;
-            let mut blk = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+            blk.fill(0);
             for (i, r) in counts.iter().enumerate() {
                 BigEndian::write_u16(&mut blk[i * 2..i * 2 + 2], *r);
             }
             self.file.write_all_at(&blk, off)?;
-            BigEndian::write_u64(&mut rt[b * 8..b * 8 + 8], off);
         }
-        self.file.write_all_at(&rt, self.rt_off)?;
-        let mut l1 = vec![0u8; self.l1.len() * 8];
-        BigEndian::write_u64_into(&self.l1, &mut l1);
-        self.file.write_all_at(&l1, self.l1_off)?;
+        let file = &mut self.file;
+        write_pieces(
+            |b, at| file.write_all_at(b, at),
+            self.rt_off,
+            (0..blocks).map(|b| first_block.saturating_add(b).saturating_mul(cs)),
+            u64::to_be_bytes,
+            self.lay.rt_clusters.saturating_mul(cs),
+            0,
+        )?;
+        write_pieces(
+            |b, at| file.write_all_at(b, at),
+            self.l1_off,
+            self.l1.entries.iter().copied(),
+            u64::to_be_bytes,
+            (self.l1.entries.len() as u64).saturating_mul(8),
+            0,
+        )?;
         self.file.write_all_at(&self.header(), 0)?;
         self.file.flush()?;
         Ok(())

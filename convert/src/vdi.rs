@@ -21,6 +21,7 @@ use glimpse_formats::vdi::{
     VERSION_1_1,
 };
 
+use crate::table::{write_pieces, Table};
 use crate::{
     check_chunk_at, write_zero_span, Chunk, Error, Measure, Payload, Result, Target, WriteOptions,
     Writer,
@@ -125,14 +126,11 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
     let Target::File(file) = target else {
         return Err(Error::unsupported("a VDI cannot be written to a pipe"));
     };
-    let n = usize::try_from(plan.blocks).map_err(|_| Error::invalid("too many blocks"))?;
-    let mut bmap = Vec::new();
-    bmap.try_reserve_exact(n)
-        .map_err(|_| Error::limit("cannot allocate the block map"))?;
+    let mut bmap = Table::new(opts, u64::from(plan.blocks), UNALLOCATED, "block map")?;
     if plan.is_static {
-        bmap.extend(0..plan.blocks);
-    } else {
-        bmap.resize(n, UNALLOCATED);
+        for (slot, b) in bmap.entries.iter_mut().zip(0..plan.blocks) {
+            *slot = b;
+        }
     }
     let allocated = if plan.is_static { plan.blocks } else { 0 };
     Ok(Box::new(VdiWriter {
@@ -167,7 +165,7 @@ pub fn measure(opts: &WriteOptions, virtual_size: u64, data_bytes: u64) -> Resul
 struct VdiWriter {
     file: File,
     plan: Plan,
-    bmap: Vec<u32>,
+    bmap: Table<u32>,
     allocated: u32,
     pos: u64,
     /// Pending file-to-file copies.
@@ -192,6 +190,7 @@ impl Writer for VdiWriter {
             p @ (Payload::Data(_) | Payload::Copy(_)) => {
                 let slot = self
                     .bmap
+                    .entries
                     .get_mut(index)
                     .ok_or_else(|| Error::invalid("chunk past the virtual size"))?;
                 if !self.plan.is_static {
@@ -217,12 +216,14 @@ impl Writer for VdiWriter {
         self.copies.flush(&self.file)?;
         let f = &self.file;
         f.write_all_at(&self.plan.header(self.allocated)?, 0)?;
-        let mut map = Vec::with_capacity(self.plan.bmap_len() as usize);
-        for e in &self.bmap {
-            map.write_u32::<LittleEndian>(*e)?;
-        }
-        map.resize(self.plan.bmap_len() as usize, 0);
-        f.write_all_at(&map, BMAP_AT)?;
+        write_pieces(
+            |b, at| f.write_all_at(b, at),
+            BMAP_AT,
+            self.bmap.entries.iter().copied(),
+            u32::to_le_bytes,
+            self.plan.bmap_len(),
+            0,
+        )?;
         // Every allocated block is whole on disk, the last one included.
         f.set_len(self.plan.data_at() + u64::from(self.allocated) * BLOCK)?;
         Ok(())

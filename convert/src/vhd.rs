@@ -33,6 +33,7 @@ use glimpse_formats::vhd::footer::{
     FOOTER_CHECKSUM_AT, FOOTER_LEN, MAX_SECTORS, TYPE_DYNAMIC, TYPE_FIXED, VHD_EPOCH,
 };
 
+use crate::table::{write_pieces, Table};
 use crate::{
     check_chunk_at, write_zero_span, Chunk, Error, Measure, Payload, Result, Target, WriteOptions,
     Writer,
@@ -236,11 +237,7 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
             "a dynamic VHD cannot be written to a pipe; use subformat=fixed",
         ));
     };
-    let entries = usize::try_from(plan.entries()).map_err(|_| Error::invalid("too many blocks"))?;
-    let mut bat = Vec::new();
-    bat.try_reserve_exact(entries)
-        .map_err(|_| Error::limit("cannot allocate the BAT"))?;
-    bat.resize(entries, u32::MAX);
+    let bat = Table::new(opts, plan.entries(), u32::MAX, "BAT")?;
     let next = BAT_AT + plan.bat_len();
     Ok(Box::new(DynamicWriter {
         file,
@@ -365,7 +362,7 @@ struct DynamicWriter {
     file: File,
     plan: Plan,
     footer: Vec<u8>,
-    bat: Vec<u32>,
+    bat: Table<u32>,
     /// Next free byte in the file.
     next: u64,
     pos: u64,
@@ -384,6 +381,7 @@ impl DynamicWriter {
         let bitmap_len = self.bitmap.len() as u64;
         let slot = self
             .bat
+            .entries
             .get_mut(index)
             .ok_or_else(|| Error::invalid("chunk past the virtual size"))?;
         if *slot != u32::MAX {
@@ -439,14 +437,16 @@ impl Writer for DynamicWriter {
     fn finish(mut self: Box<Self>) -> Result<()> {
         self.copies.flush(&self.file)?;
         let f = &self.file;
-        let mut bat = Vec::with_capacity(self.plan.bat_len() as usize);
-        for e in &self.bat {
-            bat.write_u32::<BigEndian>(*e)?;
-        }
-        bat.resize(self.plan.bat_len() as usize, 0xFF);
         f.write_all_at(&self.footer, 0)?;
         f.write_all_at(&self.plan.header()?, HEADER_AT)?;
-        f.write_all_at(&bat, BAT_AT)?;
+        write_pieces(
+            |b, at| f.write_all_at(b, at),
+            BAT_AT,
+            self.bat.entries.iter().copied(),
+            u32::to_be_bytes,
+            self.plan.bat_len(),
+            0xFF,
+        )?;
         f.set_len(self.next)?;
         f.write_all_at(&self.footer, self.next)?;
         Ok(())

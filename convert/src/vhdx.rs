@@ -22,6 +22,7 @@ use glimpse_formats::vhdx::header::{
 use glimpse_formats::vhdx::metadata;
 use glimpse_formats::vhdx::region::{self, REGION1_OFFSET, REGION2_OFFSET, REGION_TABLE_SIZE};
 
+use crate::table::{write_pieces, Table};
 use crate::{Chunk, Error, Measure, Payload, Result, Target, WriteOptions, Writer};
 
 const MIB: u64 = 1 << 20;
@@ -151,16 +152,12 @@ pub fn create(target: Target, opts: &WriteOptions, virtual_size: u64) -> Result<
     let Target::File(file) = target else {
         return Err(Error::unsupported("vhdx cannot be written to a pipe"));
     };
-    let n = usize::try_from(l.geo.entries).map_err(|_| Error::limit("vhdx: BAT too large"))?;
-    let mut bat = Vec::new();
-    bat.try_reserve_exact(n)
-        .map_err(|_| Error::limit("vhdx: cannot allocate the BAT"))?;
-    bat.resize(n, 0u64);
+    let mut bat = Table::new(opts, l.geo.entries, 0u64, "BAT")?;
     // Every payload entry starts as the zero block it is until a data chunk allocates it.
     for block in 0..l.geo.data_blocks {
         if let Some(e) = usize::try_from(l.geo.payload_index(block))
             .ok()
-            .and_then(|i| bat.get_mut(i))
+            .and_then(|i| bat.entries.get_mut(i))
         {
             *e = if l.fixed {
                 block
@@ -204,7 +201,7 @@ pub fn measure(opts: &WriteOptions, virtual_size: u64, data_bytes: u64) -> Resul
 struct VhdxWriter {
     file: File,
     l: Layout,
-    bat: Vec<u64>,
+    bat: Table<u64>,
     pos: u64,
     next_host: u64,
     /// Pending file-to-file copies.
@@ -219,6 +216,7 @@ impl VhdxWriter {
             .map_err(|_| Error::invalid("vhdx: block index"))?;
         let slot = self
             .bat
+            .entries
             .get_mut(idx)
             .ok_or_else(|| Error::invalid("vhdx writer: chunk past the disk"))?;
         // The state is in the low 3 bits, the host offset (a whole MiB) above bit 20.
@@ -292,7 +290,7 @@ impl Writer for VhdxWriter {
         let VhdxWriter {
             file,
             l,
-            mut bat,
+            bat,
             pos: _,
             next_host,
             mut copies,
@@ -346,16 +344,16 @@ impl Writer for VhdxWriter {
         file.write_all_at(&rt, REGION1_OFFSET)?;
         file.write_all_at(&rt, REGION2_OFFSET)?;
 
-        let mut bytes = Vec::new();
-        bytes
-            .try_reserve_exact(bat.len().saturating_mul(8))
-            .map_err(|_| Error::limit("vhdx: BAT too large"))?;
-        for e in &bat {
-            bytes.extend_from_slice(&e.to_le_bytes());
-        }
-        file.write_all_at(&bytes, l.bat_offset)?;
-        drop(bytes);
-        bat.clear();
+        let bat_bytes = (bat.entries.len() as u64).saturating_mul(8);
+        write_pieces(
+            |b, at| file.write_all_at(b, at),
+            l.bat_offset,
+            bat.entries.iter().copied(),
+            u64::to_le_bytes,
+            bat_bytes,
+            0,
+        )?;
+        drop(bat);
 
         file.write_all_at(&metadata_region(&l), l.md_offset)?;
 

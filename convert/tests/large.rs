@@ -46,16 +46,25 @@ fn convert_and_check(dir: &Path, input: &Path, format: Format, opts: &str) {
     let size = img.info().virtual_size;
     let what = format!("{format} ({opts}) of {size} bytes");
     let out = dir.join(format!("out-{size}.{format}"));
+    // One budget for the source, the writer's table, the reader's cache and the batches, as
+    // the CLI has.
+    let wopts = WriteOptions {
+        budget: Some(limits.budget()),
+        ..WriteOptions::parse(opts, false).unwrap()
+    };
     let writer = create(
         format,
-        &WriteOptions::parse(opts, false).unwrap(),
+        &wopts,
         Target::File(File::create(&out).unwrap()),
         size,
     )
     .unwrap_or_else(|e| panic!("{what}: the writer refused: {e}"));
     let reader = GuestReader::new(img.clone(), &limits);
-    convert(img, writer, &reader, &ConvertOptions::default())
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let copts = ConvertOptions {
+        budget: Some(limits.budget()),
+        ..ConvertOptions::default()
+    };
+    convert(img, writer, &reader, &copts).unwrap_or_else(|e| panic!("{what}: {e}"));
 
     let check = qemu_img(&["check", "-f", format.qemu_name(), out.to_str().unwrap()]);
     assert!(
@@ -140,5 +149,55 @@ fn writers_refuse_tables_glimpse_would_not_read_back() {
         };
         assert_eq!(e.kind(), ErrorKind::Invalid, "{format} ({opts}): {e}");
         assert_eq!(std::fs::metadata(&out).unwrap().len(), 0, "{format}");
+    }
+}
+
+#[test]
+fn writers_charge_their_tables_and_refuse_what_the_budget_cannot_hold() {
+    // Tables under every cap, each of 4 MiB or more: a budget with 2 MiB left refuses them
+    // before a byte is written, and gives every byte back; one with room holds them while
+    // the writer lives.
+    for (format, opts, size, table) in [
+        (Format::Vdi, "", TIB, 4u64 << 20),
+        (Format::Parallels, "", TIB, 4 << 20),
+        (Format::Vhdx, "block_size=1M", TIB, 8 << 20),
+        (Format::Vhd, "block_size=4k", 4 << 30, 4 << 20),
+        (Format::Qcow2, "cluster_size=512", 64 << 30, 16 << 20),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let budget = glimpse_formats::limits::Budget::new(2 << 20);
+        let wopts = WriteOptions {
+            budget: Some(budget.clone()),
+            ..WriteOptions::parse(opts, false).unwrap()
+        };
+        let target = Target::File(File::create(&out).unwrap());
+        let e = match create(format, &wopts, target, size) {
+            Ok(_) => panic!("{format} ({opts}) of {size} bytes was accepted"),
+            Err(e) => e,
+        };
+        assert_eq!(e.kind(), ErrorKind::LimitExceeded, "{format} ({opts}): {e}");
+        assert_eq!(std::fs::metadata(&out).unwrap().len(), 0, "{format}");
+        assert_eq!(
+            budget.left(),
+            2 << 20,
+            "{format}: the refusal kept a charge"
+        );
+
+        let budget = glimpse_formats::limits::Budget::new(64 << 20);
+        let wopts = WriteOptions {
+            budget: Some(budget.clone()),
+            ..wopts
+        };
+        let target = Target::File(File::create(&out).unwrap());
+        let w = create(format, &wopts, target, size).unwrap();
+        let held = (64u64 << 20) - budget.left();
+        assert!(held >= table, "{format} ({opts}): {held} bytes charged");
+        drop(w);
+        assert_eq!(
+            budget.left(),
+            64 << 20,
+            "{format}: the writer kept a charge"
+        );
     }
 }

@@ -136,6 +136,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     args.remote.apply();
     interrupt::install(interrupt::Again::Exits);
     let mut opts = WriteOptions::parse(&args.options.join(","), args.compress)?;
+    // The writer's tables share the command's one budget with the source and the pipeline.
+    opts.budget = Some(crate::common::limits().budget());
     let to_stdout = is_stdin(&args.dst);
     opts.output_name = args
         .dst

@@ -89,3 +89,48 @@ pub fn wait_for_unnamed_file(pid: u32, dir: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
+
+/// A qcow2 v3 file of five 64 KiB clusters whose one L2 table alternates unallocated and
+/// zero entries, named by all `n` L1 entries (its refcount is `n`, the entries have no COPIED
+/// flag, as snapshots leave them): it passes `check`, and every guest cluster is a run of its
+/// own, `n` × 8192 runs from 320 KiB (docs/memory.md; the mem-amp review's `shared`
+/// construction). `n` is at most 8192 (one L1 cluster).
+pub fn shared_l2_qcow2(path: &Path, n: u32) {
+    const CS: u64 = 1 << 16;
+    const EPT: u64 = CS / 8;
+    assert!(n >= 1 && u64::from(n) <= EPT);
+    let mut f = vec![0u8; 5 * CS as usize];
+    let mut h = Vec::new();
+    h.extend_from_slice(b"QFI\xfb");
+    h.extend_from_slice(&3u32.to_be_bytes());
+    h.extend_from_slice(&0u64.to_be_bytes()); // no backing file
+    h.extend_from_slice(&0u32.to_be_bytes());
+    h.extend_from_slice(&16u32.to_be_bytes()); // cluster bits
+    h.extend_from_slice(&(u64::from(n) * EPT * CS).to_be_bytes()); // virtual size
+    h.extend_from_slice(&0u32.to_be_bytes()); // no encryption
+    h.extend_from_slice(&n.to_be_bytes()); // L1 entries
+    h.extend_from_slice(&CS.to_be_bytes()); // L1 at cluster 1
+    h.extend_from_slice(&(2 * CS).to_be_bytes()); // refcount table at cluster 2
+    h.extend_from_slice(&1u32.to_be_bytes());
+    h.extend_from_slice(&0u32.to_be_bytes()); // no snapshots
+    h.extend_from_slice(&0u64.to_be_bytes());
+    h.extend_from_slice(&[0u8; 24]); // incompatible, compatible, autoclear features
+    h.extend_from_slice(&4u32.to_be_bytes()); // 16-bit refcounts
+    h.extend_from_slice(&104u32.to_be_bytes()); // header length
+    f[..h.len()].copy_from_slice(&h); // then zeros: the end of the extensions
+    for i in 0..n as usize {
+        let at = CS as usize + 8 * i;
+        f[at..at + 8].copy_from_slice(&(4 * CS).to_be_bytes());
+    }
+    let rt = 2 * CS as usize;
+    f[rt..rt + 8].copy_from_slice(&(3 * CS).to_be_bytes());
+    let rb = 3 * CS as usize;
+    for (i, r) in [1u16, 1, 1, 1, n as u16].iter().enumerate() {
+        f[rb + 2 * i..rb + 2 * i + 2].copy_from_slice(&r.to_be_bytes());
+    }
+    let l2 = 4 * CS as usize;
+    for i in (1..EPT as usize).step_by(2) {
+        f[l2 + 8 * i..l2 + 8 * i + 8].copy_from_slice(&1u64.to_be_bytes());
+    }
+    std::fs::write(path, f).unwrap();
+}
