@@ -81,6 +81,16 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// would otherwise keep a `checksum` streaming for days.
 pub const MAX_SIZE: u64 = 1 << 40;
 
+/// What ranged reads of one object may transfer in all: this many times its size, plus
+/// [`TRANSFER_SLACK`]. A parser reads each byte about once (a conversion once, a check of
+/// its metadata far less), but a hostile layout can make it jump around so that every read
+/// misses the cache and refetches a readahead window: a valid 32 MiB streamOptimized VMDK
+/// whose grain tables list grains 4 MiB apart made `audit` read 12.4 GB (report audit-red 1).
+pub const TRANSFER_FACTOR: u64 = 4;
+
+/// The allowance every object has above [`TRANSFER_FACTOR`] times its size, for small objects.
+pub const TRANSFER_SLACK: u64 = 64 << 20;
+
 /// What a source has cost on the wire so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Transfer {
@@ -568,6 +578,20 @@ impl Inner {
         let end = offset
             .checked_add(buf.len() as u64 - 1)
             .ok_or_else(|| io::Error::other("range past 2^64"))?;
+        let allowance = self
+            .size
+            .unwrap_or(0)
+            .saturating_mul(TRANSFER_FACTOR)
+            .saturating_add(TRANSFER_SLACK);
+        let sent = self.bytes.load(Ordering::Relaxed);
+        if sent.saturating_add(buf.len() as u64) > allowance {
+            return Err(io::Error::other(format!(
+                "reading this object has already taken {sent} bytes, and more would pass \
+                 {allowance} ({TRANSFER_FACTOR} times its size and {} MiB): its layout makes \
+                 the reader jump around; download it and inspect the file",
+                TRANSFER_SLACK >> 20
+            )));
+        }
         // The first try sends from this thread: the server answered the request before (the
         // probe at least), and a ranged read is the step a `convert` makes hundreds of times,
         // where the worker's two wake-ups cost 10% of its time. A retry, which follows a
