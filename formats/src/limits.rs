@@ -195,6 +195,56 @@ impl Charge {
     }
 }
 
+impl Charge {
+    /// Makes room in `v` for `more` elements, charging this charge for the capacity it adds
+    /// before the allocation is made: a list that grows by pushes is then charged for what it
+    /// holds in memory (its capacity), never only for its length. The capacity roughly
+    /// doubles, as `Vec` would grow it, but never past what the budget has left; when even
+    /// `more` elements do not fit, nothing is allocated.
+    ///
+    /// # Errors
+    /// `LimitExceeded` naming `what` when the budget cannot hold the room, or the allocator
+    /// refuses it.
+    pub fn reserve<T>(&mut self, v: &mut Vec<T>, more: usize, what: &str) -> Result<()> {
+        let cap = v.capacity();
+        let need = v
+            .len()
+            .checked_add(more)
+            .ok_or_else(|| Error::limit(format!("{what}: too many entries")))?;
+        if need <= cap {
+            return Ok(());
+        }
+        let size = std::mem::size_of::<T>().max(1);
+        // Elements the budget can still pay for, on top of the capacity already charged.
+        let room = usize::try_from(self.budget.left().checked_div(size as u64).unwrap_or(0))
+            .unwrap_or(usize::MAX);
+        let new_cap = cap
+            .saturating_mul(2)
+            .max(16)
+            .min(cap.saturating_add(room))
+            .max(need);
+        let added = new_cap.saturating_sub(cap);
+        let bytes = (added as u64).saturating_mul(size as u64);
+        self.grow(bytes, what)?;
+        if v.try_reserve_exact(new_cap.saturating_sub(v.len()))
+            .is_err()
+        {
+            self.budget.give_back(bytes);
+            self.bytes = self.bytes.saturating_sub(bytes);
+            return Err(Error::limit(format!(
+                "{what}: cannot allocate {bytes} bytes"
+            )));
+        }
+        // An allocator may round a request up: what it gave beyond is charged too, or given
+        // back if the budget cannot take it (the memory is there either way).
+        let extra = (v.capacity().saturating_sub(new_cap) as u64).saturating_mul(size as u64);
+        if extra > 0 {
+            self.grow(extra, what)?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Charge {
     fn drop(&mut self) {
         self.budget.give_back(self.bytes);
@@ -222,6 +272,21 @@ mod tests {
         assert_eq!((g.bytes(), copy.budget().left()), (30, 10));
         drop(c);
         drop(g);
+        assert_eq!(limits.budget().left(), 100);
+        // Room in a list is charged for its capacity before it is allocated, and never past
+        // what the budget has left.
+        let mut h = limits.budget().charge(0, "e").unwrap();
+        let mut v: Vec<u32> = Vec::new();
+        h.reserve(&mut v, 1, "e").unwrap();
+        assert_eq!((v.capacity(), h.bytes()), (16, 64));
+        v.resize(16, 0);
+        h.reserve(&mut v, 1, "e").unwrap();
+        // Doubling to 32 would take 128 bytes; 100 - 64 leaves room for 9 more.
+        assert_eq!((v.capacity(), h.bytes()), (25, 100));
+        v.resize(25, 0);
+        assert!(h.reserve(&mut v, 1, "e").is_err());
+        assert_eq!(v.capacity(), 25);
+        drop(h);
         assert_eq!(limits.budget().left(), 100);
         // Without per_command every call is a fresh budget.
         let fresh = Limits::default();

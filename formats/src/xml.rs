@@ -22,6 +22,9 @@ pub(crate) struct Bounds {
     pub attributes: usize,
     /// Most namespace declarations (`xmlns`, `xmlns:p`) in the whole document.
     pub namespaces: usize,
+    /// Most attributes (namespace declarations included) in the whole document: a parser
+    /// holds a record for each (roxmltree about 70 bytes), which no per-element bound limits.
+    pub total_attributes: usize,
 }
 
 /// Which bound a document exceeds first.
@@ -30,6 +33,7 @@ pub(crate) enum Excess {
     Depth,
     Attributes,
     Namespaces,
+    TotalAttributes,
 }
 
 /// The first bound `text` exceeds, if any. One pass: it skips comments, CDATA, processing
@@ -40,6 +44,7 @@ pub(crate) enum Excess {
 pub(crate) fn exceeds(text: &[u8], bounds: Bounds) -> Option<Excess> {
     let mut depth = 0usize;
     let mut namespaces = 0usize;
+    let mut attributes = 0usize;
     let mut i = 0usize;
     while let Some(at) = text
         .get(i..)
@@ -66,6 +71,10 @@ pub(crate) fn exceeds(text: &[u8], bounds: Bounds) -> Option<Excess> {
             namespaces = namespaces.saturating_add(tag.namespaces);
             if namespaces > bounds.namespaces {
                 return Some(Excess::Namespaces);
+            }
+            attributes = attributes.saturating_add(tag.attributes);
+            if attributes > bounds.total_attributes {
+                return Some(Excess::TotalAttributes);
             }
             if let Some(j) = tag.close {
                 if rest.get(j.saturating_sub(1)) != Some(&b'/') {
@@ -144,6 +153,7 @@ mod tests {
         depth: 3,
         attributes: 4,
         namespaces: 3,
+        total_attributes: 8,
     };
 
     #[test]
@@ -176,5 +186,15 @@ mod tests {
         assert_eq!(exceeds(b"<a><b></b><b></b><b><c/></b></a>", B), None);
         // Unterminated: nothing more to count.
         assert_eq!(exceeds(b"<a><b><c", B), None);
+        // Attributes count across the document too, declarations included.
+        let eight = br#"<a xmlns="u" p="1" q="2"><b r="3" s="4"/><b t="5" u="6" v="7"/></a>"#;
+        assert_eq!(exceeds(eight, B), None);
+        assert_eq!(
+            exceeds(
+                br#"<a xmlns="u" p="1" q="2"><b r="3" s="4"/><b t="5" u="6" v="7" w="8"/></a>"#,
+                B
+            ),
+            Some(Excess::TotalAttributes)
+        );
     }
 }

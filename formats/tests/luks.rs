@@ -330,6 +330,86 @@ fn luks2_findings_and_errors() {
     );
 }
 
+/// The JSON area is read for its segment, digest hash and key-slot count only, everything
+/// else skipped unread (a `serde_json::Value` of a 4 MiB area took 105 MB), and it reads what
+/// the `Value` did: segment "0", else the least key; members of another type as absent; of
+/// a repeated key, the last; a key slot named twice counted once.
+#[test]
+fn luks2_json_reads_only_what_it_reports() {
+    let seg = |off: &str| {
+        format!(
+            r#"{{"type":"crypt","offset":{off},"size":"dynamic","encryption":"aes-xts-plain64"}}"#
+        )
+    };
+    let details = |json: &str| {
+        let img = open(
+            Arc::new(luks2(json, 16384, 17 << 20)),
+            Format::Luks,
+            &Limits::default(),
+        )?;
+        Ok::<_, glimpse_formats::Error>(img.info().details.clone())
+    };
+    let json = format!(
+        r#"{{"segments":{{"1":{},"0":{}}},"keyslots":{{"3":{{}},"1":[],"3":7}},"digests":{{"b":{{"hash":"sha1"}},"a":{{"hash":"sha512"}}}}}}"#,
+        seg(r#""16785408""#),
+        seg(r#""16777216""#)
+    );
+    let d = details(&json).unwrap();
+    assert_eq!(d["payload-offset"], 16_777_216);
+    assert_eq!(d["key-slots"], 2);
+    assert_eq!(d["hash"], "sha512");
+    let json = format!(
+        r#"{{"segments":{{"b":{},"a":{}}},"digests":[1]}}"#,
+        seg(r#""16785408""#),
+        seg(r#""16777216""#)
+    );
+    let d = details(&json).unwrap();
+    assert_eq!(d["payload-offset"], 16_777_216);
+    assert_eq!(d["key-slots"], 0);
+    assert!(d.get("hash").is_none());
+    // Of a repeated member, the last; one of another type is as if absent.
+    let d =
+        details(r#"{"segments":{"0":{"offset":"1","encryption":{"x":1},"offset":"16777216"}}}"#)
+            .unwrap();
+    assert_eq!(d["payload-offset"], 16_777_216);
+    assert!(d.get("cipher").is_none());
+    for (json, says) in [
+        (seg("16777216"), "no numeric offset"),
+        (r#"[1,2]"#.into(), "no segment"),
+        (
+            r#"{"segments":[{"offset":"16777216"}]}"#.into(),
+            "no segment",
+        ),
+        (r#"{"segments":{}}"#.into(), "no segment"),
+        (
+            r#"{"segments":{"0":{"offset":"16777216"}}} x"#.into(),
+            "does not parse",
+        ),
+    ] {
+        let json = if json.starts_with(r#"{"type""#) {
+            format!(r#"{{"segments":{{"0":{json}}}}}"#)
+        } else {
+            json
+        };
+        let e = details(&json).err().unwrap();
+        assert_eq!(e.finding_code(), "luks.header", "{json}");
+        assert!(e.message().contains(says), "{json}: {}", e.message());
+    }
+    // A 4 MiB area, nearly all one array of numbers, reads like a small one.
+    let mut json = String::from(r#"{"segments":{"0":{"offset":"16777216"}},"x":["#);
+    while json.len() < (4 << 20) - 4200 {
+        json.push_str("0,");
+    }
+    json.push_str("0]}");
+    let img = open(
+        Arc::new(luks2(&json, 4 << 20, 17 << 20)),
+        Format::Luks,
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(img.info().details["payload-offset"], 16_777_216);
+}
+
 #[test]
 fn luks2_truncated_prefixes_error() {
     let full: Arc<Vec<u8>> = Arc::new(luks2(JSON, 16384, 17 << 20));

@@ -1607,6 +1607,45 @@ fn descriptors_readers_resolve_differently_are_refused() {
             ),
             "more than 64 attributes",
         ),
+        (
+            // The memory-amplification review's M5: 63 attributes on each of 50,521 elements
+            // took 242 MB and passed.
+            "120,000 attributes over 2,000 elements",
+            good.replacen(
+                "</VirtualSystem>",
+                &format!(
+                    "{}</VirtualSystem>",
+                    format!(
+                        "<a {}/>",
+                        (0..60)
+                            .map(|i| format!("a{i}=\"\""))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    )
+                    .repeat(2000)
+                ),
+                1,
+            ),
+            "more than 100000 attributes in all",
+        ),
+        (
+            "300,000 elements",
+            good.replacen(
+                "</VirtualSystem>",
+                &format!("{}</VirtualSystem>", "<a/>".repeat(300_000)),
+                1,
+            ),
+            "nodes limit",
+        ),
+        (
+            "1,100,000 '<' in a comment",
+            good.replacen(
+                "</VirtualSystem>",
+                &format!("<!--{}--></VirtualSystem>", "<".repeat(1_100_000)),
+                1,
+            ),
+            "'<' or '='",
+        ),
     ];
     for (what, xml, says) in cases {
         assert_ne!(xml, good, "{what}: the edit did not apply");
@@ -2010,4 +2049,80 @@ fn archives_other_tar_readers_frame_differently_are_refused() {
     fields[137..148].fill(0xff);
     reseal(&mut fields);
     assert!(ova::read_ova(src(with_member(fields)), &Limits::default()).is_ok());
+}
+
+/// Gzip disks held in memory are charged to the command's budget and capped together at
+/// `SPOOL_MEMORY_TOTAL` (256 disks of 8 MiB each once held 2 GB); the rest spool to files, and
+/// disks naming one member share one inflated copy. Every byte of theirs comes back when they
+/// go.
+#[test]
+fn gzip_disks_in_memory_are_charged_capped_and_shared() {
+    let n = 8;
+    let disk = |seed: u8| {
+        let mut d = vec![0u8; ova::SPOOL_THRESHOLD];
+        d[..4096].fill(seed);
+        d
+    };
+    let gzs: Vec<Vec<u8>> = (0..n).map(|i| gzip(&disk(i as u8 + 1))).collect();
+    let names: Vec<String> = (0..n).map(|i| format!("d{i}.img.gz")).collect();
+    // Disks 0..n name their own member, disk n names member 0 again.
+    let specs: Vec<DiskSpec<'_>> = (0..=n)
+        .map(|i| DiskSpec {
+            href: &names[i % n],
+            size: gzs[i % n].len() as u64,
+            capacity: ova::SPOOL_THRESHOLD as u64,
+            format: None,
+            gzip: true,
+        })
+        .collect();
+    let xml = ovf_xml(&specs);
+    let mut members = vec![file("a.ovf", xml.as_bytes())];
+    members.extend((0..n).map(|i| file(&names[i], &gzs[i])));
+    let limits = Limits::default().per_command();
+    let budget = limits.budget();
+    let start = budget.left();
+    let o = ova::read_ova(src(tar_of(&members)), &limits).unwrap();
+    let walked = budget.left();
+    let sources: Vec<Source> = (0..=n)
+        .map(|i| o.disk_source(i, &limits).unwrap())
+        .collect();
+    for (i, s) in sources.iter().enumerate() {
+        let mut b = [0u8; 2];
+        s.read_exact_at(&mut b, 4095).unwrap();
+        assert_eq!(b, [(i % n) as u8 + 1, 0], "disk {i}");
+        assert_eq!(s.size().unwrap(), ova::SPOOL_THRESHOLD as u64);
+    }
+    let in_memory = sources[..n]
+        .iter()
+        .filter(|s| s.allocated_size().is_none())
+        .count();
+    assert_eq!(
+        in_memory as u64,
+        ova::SPOOL_MEMORY_TOTAL / ova::SPOOL_THRESHOLD as u64
+    );
+    assert_eq!(walked - budget.left(), ova::SPOOL_MEMORY_TOTAL);
+    assert!(
+        Arc::ptr_eq(&sources[0], &sources[n]),
+        "one member, one copy"
+    );
+    // Whole opens and checks too, under the same budget.
+    assert!(!o.check_all(&limits).unwrap().is_empty());
+    drop(sources);
+    drop(o);
+    // What the walk read (the descriptor) stays taken, as for any archive.
+    assert_eq!(budget.left(), walked);
+    assert!(start - walked < 1 << 20);
+
+    // A budget that cannot hold a disk in memory spools it to a file instead.
+    let small = Limits {
+        max_metadata_bytes: 4 << 20,
+        ..Limits::default()
+    }
+    .per_command();
+    let o = ova::read_ova(src(tar_of(&members)), &small).unwrap();
+    let s = o.disk_source(1, &small).unwrap();
+    assert!(s.allocated_size().is_some());
+    let mut b = [0u8; 2];
+    s.read_exact_at(&mut b, 4095).unwrap();
+    assert_eq!(b, [2, 0]);
 }

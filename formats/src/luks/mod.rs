@@ -20,6 +20,7 @@ use crate::image::{Extent, Image, ImageCore, ImageInfo};
 use crate::io::{read_vec, Source};
 use crate::limits::Limits;
 use crate::probe::Probe;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 
 mod luks1;
 
@@ -236,7 +237,7 @@ fn luks2_json(
     bin: &[u8],
     h: &Luks2,
     findings: &mut Vec<Finding>,
-) -> Result<serde_json::Value> {
+) -> Result<Luks2Json> {
     let json_len = h
         .hdr_size
         .checked_sub(LUKS2_BINARY)
@@ -292,42 +293,33 @@ fn luks2_json(
 
 /// Segment 0 (or the first segment): the payload offset, which must lie past the header,
 /// plus the cipher, digest hash and key-slot count for the details.
-fn luks2_segment(json: &serde_json::Value, hdr_size: u64, info: &mut ImageInfo) -> Result<u64> {
-    let segments = json.get("segments").and_then(|s| s.as_object());
-    let seg = segments
-        .and_then(|s| s.get("0"))
-        .or_else(|| segments.and_then(|s| s.values().next()));
-    let Some(seg) = seg else {
+fn luks2_segment(json: &Luks2Json, hdr_size: u64, info: &mut ImageInfo) -> Result<u64> {
+    let Some(seg) = json.segments.chosen.as_ref().map(|(_, s)| s) else {
         return Err(header_error(
             "the LUKS2 JSON area has no segment",
             LUKS2_BINARY,
         ));
     };
     let offset = seg
-        .get("offset")
-        .and_then(|o| o.as_str())
+        .offset
+        .as_deref()
         .and_then(|o| o.parse::<u64>().ok())
         .ok_or_else(|| header_error("LUKS2 segment 0 has no numeric offset", LUKS2_BINARY))?;
-    if let Some(cipher) = seg.get("encryption").and_then(|c| c.as_str()) {
-        info.detail("cipher", cipher);
+    if let Some(cipher) = &seg.encryption {
+        info.detail("cipher", cipher.as_str());
     }
-    if let Some(seg_size) = seg.get("size").and_then(|c| c.as_str()) {
-        info.detail("segment-size", seg_size);
+    if let Some(seg_size) = &seg.size {
+        info.detail("segment-size", seg_size.as_str());
     }
-    let hash = json
-        .get("digests")
-        .and_then(|d| d.as_object())
-        .and_then(|d| d.values().next())
-        .and_then(|d| d.get("hash"))
-        .and_then(|h| h.as_str());
-    if let Some(hash) = hash {
-        info.detail("hash", hash);
+    if let Some(hash) = json
+        .digests
+        .chosen
+        .as_ref()
+        .and_then(|(_, d)| d.hash.as_ref())
+    {
+        info.detail("hash", hash.as_str());
     }
-    let slots = json
-        .get("keyslots")
-        .and_then(|k| k.as_object())
-        .map_or(0, |k| k.len());
-    info.detail("key-slots", slots);
+    info.detail("key-slots", json.keyslots.count());
     info.detail("payload-offset", offset);
     if offset < hdr_size {
         return Err(header_error(
@@ -336,6 +328,200 @@ fn luks2_segment(json: &serde_json::Value, hdr_size: u64, info: &mut ImageInfo) 
         ));
     }
     Ok(offset)
+}
+
+/// What glimpse reads of a LUKS2 JSON area. Everything else is skipped as it is parsed
+/// (`IgnoredAny` allocates nothing), so a 4 MiB area of `[0,0,0,...]` costs nothing beyond its
+/// text: parsed into a `serde_json::Value` it took 105 MB. It reads what a `Value` would have
+/// shown: a member of an unexpected type is as if absent, and of a repeated key the last wins.
+#[derive(Debug, Default)]
+struct Luks2Json {
+    segments: First,
+    digests: First,
+    keyslots: Keys,
+}
+
+/// The string members of a segment or a digest that glimpse reports.
+#[derive(Debug, Default)]
+struct Fields {
+    offset: Option<String>,
+    encryption: Option<String>,
+    size: Option<String>,
+    hash: Option<String>,
+}
+
+/// The member `"0"` of a JSON object, else its first by key (the order of `serde_json`'s
+/// map); every other member is skipped unread.
+#[derive(Debug, Default)]
+struct First {
+    chosen: Option<(String, Fields)>,
+}
+
+/// How many distinct keys a JSON object has (a repeated key counts once, as in a map),
+/// remembering at most [`MAX_KEYS`] of them: past that, every further key counts.
+#[derive(Debug, Default)]
+struct Keys {
+    seen: std::collections::BTreeSet<String>,
+    more: usize,
+}
+
+/// Keys [`Keys`] remembers to count repeats: LUKS2 has at most 32 key slots.
+const MAX_KEYS: usize = 256;
+
+impl Keys {
+    fn count(&self) -> usize {
+        self.seen.len().saturating_add(self.more)
+    }
+}
+
+/// A JSON string, or `None` for a value of any other type.
+#[derive(Debug, Default)]
+struct MaybeStr(Option<String>);
+
+/// A key of a JSON object, borrowed from the text when it has no escape.
+type Key<'de> = std::borrow::Cow<'de, str>;
+
+/// A value read from a JSON object: `Default` (after skipping it) for any other JSON value.
+trait FromObject: Default {
+    fn from_object<'de, A: MapAccess<'de>>(map: A) -> std::result::Result<Self, A::Error>;
+    fn from_text(_: &str) -> Self {
+        Self::default()
+    }
+}
+
+/// The visitor of a [`FromObject`]: objects are read, everything else skipped.
+struct Lenient<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: FromObject> Visitor<'de> for Lenient<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> std::result::Result<T, A::Error> {
+        T::from_object(map)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> std::result::Result<T, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(T::default())
+    }
+    fn visit_str<E>(self, s: &str) -> std::result::Result<T, E> {
+        Ok(T::from_text(s))
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_unit<E>(self) -> std::result::Result<T, E> {
+        Ok(T::default())
+    }
+}
+
+/// `Deserialize` for each [`FromObject`] type, through [`Lenient`].
+macro_rules! lenient {
+    ($($t:ty),*) => {$(
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> std::result::Result<Self, D::Error> {
+                d.deserialize_any(Lenient(std::marker::PhantomData))
+            }
+        }
+    )*};
+}
+lenient!(Luks2Json, Fields, First, Keys, MaybeStr);
+
+impl FromObject for MaybeStr {
+    fn from_object<'de, A: MapAccess<'de>>(map: A) -> std::result::Result<Self, A::Error> {
+        IgnoredAny.visit_map(map)?;
+        Ok(MaybeStr(None))
+    }
+    fn from_text(s: &str) -> Self {
+        MaybeStr(Some(s.to_owned()))
+    }
+}
+
+impl FromObject for Luks2Json {
+    fn from_object<'de, A: MapAccess<'de>>(mut map: A) -> std::result::Result<Self, A::Error> {
+        let mut out = Luks2Json::default();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match key.as_ref() {
+                "segments" => out.segments = map.next_value()?,
+                "digests" => out.digests = map.next_value()?,
+                "keyslots" => out.keyslots = map.next_value()?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl FromObject for Fields {
+    fn from_object<'de, A: MapAccess<'de>>(mut map: A) -> std::result::Result<Self, A::Error> {
+        let mut out = Fields::default();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let slot = match key.as_ref() {
+                "offset" => &mut out.offset,
+                "encryption" => &mut out.encryption,
+                "size" => &mut out.size,
+                "hash" => &mut out.hash,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = map.next_value::<MaybeStr>()?.0;
+        }
+        Ok(out)
+    }
+}
+
+impl FromObject for First {
+    fn from_object<'de, A: MapAccess<'de>>(mut map: A) -> std::result::Result<Self, A::Error> {
+        let mut out = First::default();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            // "0" wins over any other key, then the least key; of a repeated key, the last.
+            let wanted = match &out.chosen {
+                None => true,
+                Some((k, _)) if k == "0" => key == "0",
+                Some((k, _)) => key == "0" || key.as_ref() <= k.as_str(),
+            };
+            if wanted {
+                let v: Fields = map.next_value()?;
+                out.chosen = Some((key.into_owned(), v));
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl FromObject for Keys {
+    fn from_object<'de, A: MapAccess<'de>>(mut map: A) -> std::result::Result<Self, A::Error> {
+        let mut out = Keys::default();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            map.next_value::<IgnoredAny>()?;
+            if out.seen.contains(key.as_ref()) {
+                continue;
+            }
+            if out.seen.len() < MAX_KEYS {
+                out.seen.insert(key.into_owned());
+            } else {
+                out.more = out.more.saturating_add(1);
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Image for LuksImage {

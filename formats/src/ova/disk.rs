@@ -1,7 +1,8 @@
 //! The appliance's disks: which member holds each, its bytes (decompressed when gzip), and
 //! the disk opened as an image with the disk-level findings (declared format, capacity).
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use serde::Serialize;
 
@@ -14,7 +15,7 @@ use crate::io::{ReadAt, Source};
 use crate::limits::{Budget, Limits};
 
 use super::check::{self, HrefKind};
-use super::gzip::gunzip_with;
+use super::gzip::{gunzip_with, Memory, SPOOL_MEMORY_TOTAL};
 use super::ovf::{DiskDesc, FileRef};
 use super::tar::MemberKind;
 use super::{manifest, read_ova, Ova, OvaImage};
@@ -61,11 +62,19 @@ impl DiskEntry {
 }
 
 /// What every disk of one archive shares: one metadata budget (the archive's
-/// `Limits::budget()`, charged by the walk, the descriptor, the manifest and then every disk's
-/// parser), one cap on inflated gzip bytes, and each disk opened at most once.
+/// `Limits::budget()`, charged by the walk, the descriptor, the manifest, every gzip disk held
+/// in memory and then every disk's parser), one cap on inflated gzip bytes, one on gzip bytes
+/// held in memory, each gzip member inflated at most once while a disk uses it, and each disk
+/// opened at most once.
 pub(super) struct Shared {
     pub(super) metadata: Budget,
     pub(super) inflate: Budget,
+    /// Caps the in-memory gzip spools of the archive together ([`SPOOL_MEMORY_TOTAL`]).
+    spool_memory: Budget,
+    /// The inflated bytes of each gzip member, by member index, while a source holds them:
+    /// disks naming one member share them (256 disks naming one member once inflated it 256
+    /// times, and held it 256 times).
+    inflated: Mutex<HashMap<usize, Weak<dyn ReadAt>>>,
     opened: Vec<OnceLock<Result<Arc<OpenedDisk>>>>,
 }
 
@@ -74,8 +83,31 @@ impl Shared {
         Shared {
             metadata,
             inflate: Budget::new(limits.max_inflated_bytes),
+            spool_memory: Budget::new(SPOOL_MEMORY_TOTAL),
+            inflated: Mutex::new(HashMap::new()),
             opened: (0..disks).map(|_| OnceLock::new()).collect(),
         }
+    }
+
+    /// Member `member` inflated: the bytes a live source already holds, else inflated now
+    /// (charged as [`super::gunzip`] says) and remembered while anything holds them.
+    fn inflated(&self, member: usize, window: &dyn ReadAt, limits: &Limits) -> Result<Source> {
+        // A poisoned lock only means another thread panicked; the map is still a cache.
+        let mut map = self
+            .inflated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(src) = map.get(&member).and_then(Weak::upgrade) {
+            return Ok(src);
+        }
+        let memory = Memory {
+            metadata: self.metadata.clone(),
+            total: self.spool_memory.clone(),
+        };
+        let src = gunzip_with(window, limits, &self.inflate, &memory)?;
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(member, Arc::downgrade(&src));
+        Ok(src)
     }
 }
 
@@ -148,10 +180,6 @@ impl Ova {
     /// `Invalid` for an unknown disk; `Unsupported` (`ova.href`) for a disk whose file is not a
     /// member; `Unsupported` for other compressions; as [`super::gunzip`].
     pub fn disk_source(&self, disk: usize, limits: &Limits) -> Result<Source> {
-        self.disk_source_with(disk, limits, &self.shared.inflate)
-    }
-
-    fn disk_source_with(&self, disk: usize, limits: &Limits, budget: &Budget) -> Result<Source> {
         let d = self.disks.get(disk).ok_or_else(|| {
             Error::invalid(format!(
                 "the appliance has {} disks; there is no disk {disk}",
@@ -184,7 +212,7 @@ impl Ova {
         let window = self.member_source(member)?;
         match d.compression.as_deref() {
             None => Ok(window),
-            Some("gzip") => gunzip_with(window.as_ref(), limits, budget),
+            Some("gzip") => self.shared.inflated(member, window.as_ref(), limits),
             Some(c) => Err(
                 Error::unsupported(format!("disk {disk} uses compression {c:?}"))
                     .code("ova.file-unsupported"),
@@ -233,7 +261,7 @@ impl Ova {
             .disks
             .get(disk)
             .ok_or_else(|| self.no_such_disk(disk))?;
-        let src = self.disk_source_with(disk, limits, &self.shared.inflate)?;
+        let src = self.disk_source(disk, limits)?;
         let det = detect_disk(src.as_ref(), disk)?;
         let mut findings = Vec::new();
         if det.is_ambiguous() {

@@ -55,7 +55,7 @@ pub use archive::read_ova;
 pub use dir::{read_ovf_dir, OvfDir};
 pub use disk::{open_disk, DiskEntry};
 pub use extract::{ExtractHooks, Extraction};
-pub use gzip::{gunzip, SPOOL_THRESHOLD};
+pub use gzip::{gunzip, SPOOL_MEMORY_TOTAL, SPOOL_THRESHOLD};
 pub use ovf::{Descriptor, DiskDesc, FileRef, VirtualSystem};
 
 use disk::{about_disk, Shared};

@@ -10,8 +10,10 @@ use crate::error::{Error, Result};
 
 /// Largest descriptor accepted, in bytes.
 pub const MAX_DESCRIPTOR: u64 = 16 << 20;
-/// XML nodes a descriptor may have.
-const MAX_NODES: u32 = 1_000_000;
+/// XML nodes (elements, text, comments) a descriptor may have. Real descriptors have a few
+/// hundred to a few thousand; roxmltree holds about 70 bytes a node (1,000,000 `<a/>` took
+/// 77 MB), so this bounds the tree to some 20 MB.
+pub const MAX_NODES: u32 = 250_000;
 /// Entries kept per list (files, systems).
 const MAX_ITEMS: usize = 10_000;
 /// Elements may nest this deep (real descriptors nest about 6 deep). roxmltree parses nested
@@ -25,6 +27,14 @@ pub const MAX_ATTRIBUTES: usize = 64;
 /// roxmltree copies every namespace in scope into each element that declares one, checking
 /// each copy against the list so far: cubic in the declarations (2,500 took 30-44 s).
 pub const MAX_NAMESPACES: usize = 128;
+/// Attributes (namespace declarations included) a whole descriptor may carry. Real ones
+/// carry at most a few thousand; roxmltree holds about 70 bytes for each, which the node cap
+/// does not count (63 attributes on each of 50,521 elements took 242 MB), so this bounds
+/// them to some 7 MB.
+pub const MAX_DOCUMENT_ATTRIBUTES: usize = 100_000;
+/// `<` and `=` characters a descriptor may hold anywhere (comments, text and values included):
+/// roxmltree reserves room for a node per `<` and an attribute per `=` before it parses.
+pub const MAX_MARKS: usize = 1_000_000;
 /// Disks a descriptor may list: each is opened and checked, so keep the work modest. Real
 /// appliances have a handful.
 pub const MAX_DISKS: usize = 256;
@@ -228,6 +238,7 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
         depth: MAX_DEPTH,
         attributes: MAX_ATTRIBUTES,
         namespaces: MAX_NAMESPACES,
+        total_attributes: MAX_DOCUMENT_ATTRIBUTES,
     };
     if let Some(excess) = crate::xml::exceeds(bytes, bounds) {
         use crate::xml::Excess;
@@ -239,7 +250,18 @@ pub fn parse(bytes: &[u8]) -> Result<Descriptor> {
             Excess::Namespaces => {
                 format!("the descriptor declares more than {MAX_NAMESPACES} XML namespaces")
             }
+            Excess::TotalAttributes => format!(
+                "the descriptor carries more than {MAX_DOCUMENT_ATTRIBUTES} attributes in all"
+            ),
         }));
+    }
+    // roxmltree reserves a node for every `<` of the text and an attribute for every `=`
+    // (its guess of their number) before it parses: those in comments, text and values too.
+    let marks = |c: u8| bytes.iter().filter(|b| **b == c).count();
+    if marks(b'<') > MAX_MARKS || marks(b'=') > MAX_MARKS {
+        return Err(malformed(format!(
+            "the descriptor holds more than {MAX_MARKS} '<' or '=' characters"
+        )));
     }
     let opts = roxmltree::ParsingOptions {
         allow_dtd: false,
