@@ -410,6 +410,13 @@ fn paging_marker_and_shards_cover_the_catalog_exactly_once() {
     );
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     assert_eq!(ids(&lines(&out)), all[10..].to_vec());
+    // the resume point never falls below where this run started
+    for l in lines(&out) {
+        assert!(
+            l["resume_marker"].as_str().unwrap() >= all[9].as_str(),
+            "{l}"
+        );
+    }
 
     // three shards: disjoint, and together the whole catalog
     let mut union = BTreeSet::new();
@@ -1036,4 +1043,22 @@ fn a_reject_stays_a_reject_and_is_deactivated_when_the_digest_stream_fails() {
         stderr.contains("a step failed after the verdict"),
         "{stderr}"
     );
+}
+
+/// Finding 9: a listing request that never gets its reply fails after the metadata timeout
+/// (a minute), not the upload agent's hour.
+#[test]
+fn a_stalled_listing_fails_within_the_metadata_timeout() {
+    let g = glance(BIN);
+    let proxy = Proxy::start(
+        &g.url,
+        PutMode::HoldReply("GET /v2/images?", Duration::from_secs(100)),
+    );
+    let started = std::time::Instant::now();
+    let out = audit(&proxy.url, &["--tag", &unique("stalled")]);
+    let took = started.elapsed();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("listing failed"), "{stderr}");
+    assert!(took < Duration::from_secs(90), "{took:?}\n{stderr}");
 }

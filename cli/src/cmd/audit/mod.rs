@@ -298,6 +298,8 @@ fn audit(args: &Args, ctx: &Ctx<'_>) -> u8 {
         page_size: args.page_size,
     };
     let mut collector = Collector::new(args.progress, args.images.is_empty());
+    // Nothing done yet: a resume starts where this run started.
+    collector.summary.resume = args.marker.clone();
     std::thread::scope(|s| {
         let lister_tx = msg_tx.clone();
         s.spawn(move || list(args, ctx, &filters, &work_tx, &lister_tx));
