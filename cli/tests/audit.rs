@@ -10,10 +10,15 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use audit_support::{audit, codes, corrupt_in_store, download_status, ids, lines, record, seed};
+use std::time::Duration;
+
+use audit_support::{
+    audit, audit_cmd, codes, corrupt_in_store, download_status, ids, lines, pages, record, seed,
+    Rewriter,
+};
 use glimpse_testkit::qemu::img as qemu_img;
 use serde_json::{json, Value};
-use upload_support::{glance, raw_file, text, unique, TOKEN};
+use upload_support::{glance, raw_file, text, unique, Proxy, PutMode, TOKEN};
 
 const BIN: &str = "audit";
 
@@ -294,6 +299,9 @@ fn the_audit_finds_exactly_the_hostile_and_corrupted_images_and_deactivates_them
             quick[id],
             got[id]
         );
+        // and each line says the structural pass was skipped; a full audit's does not
+        assert_eq!(quick[id]["structure"], "skipped", "{label}: {}", quick[id]);
+        assert!(got[id].get("structure").is_none(), "{label}: {}", got[id]);
     }
 
     // 2. --deactivate-rejected: exactly the failing images are deactivated; a member can no
@@ -345,6 +353,13 @@ fn the_audit_finds_exactly_the_hostile_and_corrupted_images_and_deactivates_them
     let out = audit(&g.url, &["--reactivate", id]);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     assert_eq!(lines(&out)[0]["reactivated"], true);
+    // again: it is active, and the line says so instead of claiming a reactivation
+    let out = audit(&g.url, &["--reactivate", id, "--reactivate", id]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let again = lines(&out);
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0]["reactivated"], false);
+    assert_eq!(again[0]["already_active"], true);
     assert_eq!(record(g, id)["status"], "active", "{label}");
     assert_eq!(download_status(g, id, false), 200);
     // and the audit names it again
@@ -395,6 +410,13 @@ fn paging_marker_and_shards_cover_the_catalog_exactly_once() {
     );
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     assert_eq!(ids(&lines(&out)), all[10..].to_vec());
+    // the resume point never falls below where this run started
+    for l in lines(&out) {
+        assert!(
+            l["resume_marker"].as_str().unwrap() >= all[9].as_str(),
+            "{l}"
+        );
+    }
 
     // three shards: disjoint, and together the whole catalog
     let mut union = BTreeSet::new();
@@ -498,11 +520,24 @@ fn the_audit_schema_takes_every_line_shape_and_refuses_others() {
     let unread = json!({"id": "00000000-0000-4000-8000-000000000000", "name": null, "owner": null,
         "disk_format": null, "container_format": null, "status": null, "verdict": "error",
         "error": "404 Not Found"});
+    let mut judged_with_error = audited.clone();
+    judged_with_error["error"] = json!("image x: reading the stored data: timeout");
+    let mut unread_resumable = unread.clone();
+    unread_resumable["resume_marker"] = json!(null);
     let good = [
         audited.clone(),
+        with("structure", json!("skipped")),
+        with(
+            "resume_marker",
+            json!("5873312c-0000-4000-8000-000000000000"),
+        ),
+        with("resume_marker", json!(null)),
+        judged_with_error,
         failed_read.clone(),
         unread.clone(),
+        unread_resumable,
         json!({"id": "x", "reactivated": true}),
+        json!({"id": "x", "reactivated": false, "already_active": true}),
         json!({"id": "x", "reactivated": false, "error": "403 Forbidden"}),
     ];
     for v in &good {
@@ -515,12 +550,17 @@ fn the_audit_schema_takes_every_line_shape_and_refuses_others() {
         .as_object_mut()
         .unwrap()
         .remove("error");
+    // a verdict stands with an error only when it is a reject or a mismatch
+    let mut pass_with_error = with("verdict", json!("pass"));
+    pass_with_error["error"] = json!("a pass cannot have an error");
     let mut unread_with_findings = unread.clone();
     unread_with_findings["findings"] = json!([]);
     let bad = [
         with("verdict", json!("maybe")),
         with("verdict", json!("error")),
-        with("error", json!("a pass cannot have an error")),
+        pass_with_error,
+        with("structure", json!("checked")),
+        with("resume_marker", json!(7)),
         with("digests", json!("skipped")),
         with("bytes-read", json!(1)),
         with("size", json!({"glance": 1})),
@@ -536,9 +576,489 @@ fn the_audit_schema_takes_every_line_shape_and_refuses_others() {
         error_without_message,
         unread_with_findings,
         json!({"id": "x", "reactivated": true, "verdict": "pass"}),
+        json!({"id": "x", "reactivated": false, "already_active": false}),
         json!({"id": "x"}),
     ];
     for v in &bad {
         assert!(check_against("audit.json", v).is_err(), "accepted {v}");
     }
+}
+
+/// `n` qcow2 images declared raw (a policy reject Glance lets in) and `good` raw ones, with a
+/// fresh tag; returns the tag, the sorted reject ids and the sorted good ids.
+fn seed_mixed(n: usize, good: usize, label: &str) -> (String, Vec<String>, Vec<String>) {
+    let g = glance(BIN);
+    let dir = tempfile::tempdir().unwrap();
+    let tag = unique(label);
+    let qcow2 = make(dir.path(), "qcow2", &[]);
+    let raw: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    let mut bad: Vec<String> = (0..n)
+        .map(|i| seed(g, &format!("{tag}-bad{i}"), "raw", "bare", &qcow2, &[&tag]))
+        .collect();
+    let mut ok: Vec<String> = (0..good)
+        .map(|i| seed(g, &format!("{tag}-ok{i}"), "raw", "bare", &raw, &[&tag]))
+        .collect();
+    bad.sort();
+    ok.sort();
+    (tag, bad, ok)
+}
+
+/// Finding 3 of the red team: lines come out in finish order, so the last id printed is not a
+/// resume point. Each line's `resume_marker` is: every listed id up to it has its line, and a
+/// resume from it covers the rest.
+#[test]
+fn each_line_carries_a_resume_marker_that_skips_nothing() {
+    let g = glance(BIN);
+    let (tag, all) = seed_raw(8, "watermark");
+    // the lowest id's data is slow to come: it finishes after images listed later
+    let slow: &'static str = Box::leak(format!("GET /v2/images/{}/file", all[0]).into_boxed_str());
+    let proxy = Proxy::start(&g.url, PutMode::HoldReply(slow, Duration::from_secs(3)));
+    let out = audit(&proxy.url, &["--tag", &tag, "-j", "4", "--page-size", "3"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let got = lines(&out);
+    assert_eq!(ids(&got), all);
+    assert_ne!(
+        got[0]["id"],
+        all[0].as_str(),
+        "the slow image finished first: {stdout}"
+    );
+    let mut printed = BTreeSet::new();
+    for l in &got {
+        printed.insert(l["id"].as_str().unwrap().to_string());
+        match l["resume_marker"].as_str() {
+            None => {
+                assert!(l["resume_marker"].is_null(), "{l}");
+                assert!(!printed.contains(&all[0]), "{stdout}");
+            }
+            Some(m) => {
+                for id in all.iter().filter(|id| id.as_str() <= m) {
+                    assert!(
+                        printed.contains(id),
+                        "{id} <= marker {m} has no line yet: {stdout}"
+                    );
+                }
+            }
+        }
+    }
+    // before the slow image's line, no marker can pass it
+    let slow_at = got.iter().position(|l| l["id"] == all[0].as_str()).unwrap();
+    assert!(
+        got[..slow_at].iter().all(|l| l["resume_marker"].is_null()),
+        "{stdout}"
+    );
+    assert_eq!(
+        got.last().unwrap()["resume_marker"],
+        all.last().unwrap().as_str()
+    );
+    // with --image there is no listing, hence no marker
+    let out = audit(&g.url, &["--image", &all[1]]);
+    assert!(lines(&out)[0].get("resume_marker").is_none());
+}
+
+/// Finding 2: a signal during `--deactivate-rejected` lets the deactivation under way finish,
+/// prints its line, the summary and the resume point, exits 2; Glance's state and the lines
+/// agree, and a resume from the marker covers every image.
+#[test]
+fn a_signal_mid_audit_reports_every_deactivation_made_and_where_to_resume() {
+    let g = glance(BIN);
+    let (tag, bad, ok) = seed_mixed(3, 3, "sigint");
+    // Glance acts on the deactivation at once, its reply reaches glimpse 4 s later
+    let proxy = Proxy::start(
+        &g.url,
+        PutMode::HoldReply("POST /v2/images/", Duration::from_secs(4)),
+    );
+    let child = audit_cmd(
+        &proxy.url,
+        &[
+            "--tag",
+            &tag,
+            "--deactivate-rejected",
+            "-j",
+            "2",
+            "--page-size",
+            "2",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !proxy.heads().iter().any(|h| h.starts_with("POST ")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no deactivation was sent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(started.elapsed() < Duration::from_secs(60), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(stderr.contains("by SIGINT"), "{stderr}");
+    let got = by_id(&lines(&out));
+    // every image Glance deactivated has a line that says so, and no other line does
+    let mut deactivated = 0;
+    for id in bad.iter().chain(&ok) {
+        let status = record(g, id)["status"].as_str().unwrap().to_string();
+        let said = got
+            .get(id)
+            .and_then(|l| l.get("deactivated"))
+            .and_then(Value::as_bool);
+        if status == "deactivated" {
+            deactivated += 1;
+            assert_eq!(
+                said,
+                Some(true),
+                "{id} deactivated without a line:\n{stdout}\n{stderr}"
+            );
+        } else {
+            assert_ne!(said, Some(true), "{id}: {stdout}");
+        }
+    }
+    assert!(deactivated >= 1, "{stdout}\n{stderr}");
+    // resume: the summary's marker, the same as the last line's
+    let resume = stderr
+        .lines()
+        .filter(|l| l.contains("resume with"))
+        .find_map(|l| l.split("| --marker ").nth(1))
+        .map(|m| m.split_whitespace().next().unwrap().to_string());
+    let last = lines(&out)
+        .last()
+        .and_then(|l| l["resume_marker"].as_str().map(str::to_string));
+    assert_eq!(resume, last, "{stderr}\n{stdout}");
+    let mut args = vec!["--tag", tag.as_str(), "--deactivate-rejected"];
+    if let Some(m) = &resume {
+        args.extend(["--marker", m]);
+    }
+    let again = audit(&g.url, &args);
+    assert_ne!(again.status.code(), Some(2), "{:?}", text(&again));
+    let again = by_id(&lines(&again));
+    for id in bad.iter().chain(&ok) {
+        if resume.as_deref().is_some_and(|m| id.as_str() <= m) {
+            assert!(
+                got.contains_key(id),
+                "{id} is below the marker without a line"
+            );
+        } else {
+            let done_before = got.get(id).and_then(|l| l.get("deactivated")) == Some(&json!(true));
+            assert!(
+                again.contains_key(id) || done_before,
+                "{id} was skipped by the resume"
+            );
+        }
+    }
+    // and in the end every rejected image is deactivated, every good one active
+    for id in &bad {
+        assert_eq!(record(g, id)["status"], "deactivated", "{id}");
+    }
+    for id in &ok {
+        assert_eq!(record(g, id)["status"], "active", "{id}");
+    }
+}
+
+/// Findings 6 and 10: the deactivate reply is lost after Glance acted (the record is read
+/// again: true), and an image named twice is audited and deactivated once.
+#[test]
+fn a_lost_deactivate_reply_is_settled_by_reading_the_record() {
+    let g = glance(BIN);
+    let (_, bad, _) = seed_mixed(2, 0, "lostreply");
+    let proxy = Proxy::start(&g.url, PutMode::DropReply("POST /v2/images/"));
+    let out = audit(
+        &proxy.url,
+        &[
+            "--image",
+            &bad[0],
+            "--image",
+            &bad[0],
+            "--deactivate-rejected",
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let got = lines(&out);
+    assert_eq!(got.len(), 1, "{stdout}");
+    assert_eq!(got[0]["verdict"], "reject");
+    assert_eq!(got[0]["deactivated"], true, "{stdout}");
+    assert_eq!(record(g, &bad[0])["status"], "deactivated");
+    // the same, directly: two names of one image, one audit, one deactivation
+    let out = audit(
+        &g.url,
+        &[
+            "--image",
+            &bad[1],
+            "--image",
+            &bad[1],
+            "--deactivate-rejected",
+        ],
+    );
+    let got = lines(&out);
+    assert_eq!(got.len(), 1, "{:?}", text(&out));
+    assert_eq!(got[0]["deactivated"], true);
+    assert!(text(&out).1.contains("deactivated"), "{:?}", text(&out));
+}
+
+/// Findings 7, 8, 10 and 11: a listing that changes its filters, repeats or reorders images,
+/// or sends an empty page with a `next` link ends with an error (exit 2); nothing outside the
+/// filters is audited or deactivated, and no image is audited twice.
+#[test]
+fn a_listing_that_leaves_its_filters_or_repeats_itself_is_an_error() {
+    let g = glance(BIN);
+    let (tag_a, bad_a, ok_a) = seed_mixed(2, 3, "scope-a");
+    let (tag_b, bad_b, _) = seed_mixed(2, 1, "scope-b");
+    let all_a: BTreeSet<String> = bad_a.iter().chain(&ok_a).cloned().collect();
+
+    // the next link of the first page is rewritten to list tag B instead
+    let (ta, tb) = (tag_a.clone(), tag_b.clone());
+    let proxy = Rewriter::start(
+        &g.url,
+        pages(move |_, v| {
+            if let Some(n) = v["next"].as_str() {
+                v["next"] = json!(n.replace(&ta, &tb));
+            }
+        }),
+    );
+    let out = audit(
+        &proxy.url,
+        &["--tag", &tag_a, "--page-size", "2", "--deactivate-rejected"],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("listing failed"), "{stderr}");
+    assert!(stderr.contains("changes the listing's filters"), "{stderr}");
+    for l in lines(&out) {
+        assert!(
+            all_a.contains(l["id"].as_str().unwrap()),
+            "outside the scope: {l}"
+        );
+    }
+    for id in &bad_b {
+        assert_eq!(
+            record(g, id)["status"],
+            "active",
+            "{id} deactivated out of scope"
+        );
+    }
+    assert!(!proxy
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| r.contains(&tag_b)));
+
+    // records outside the filters in a page (a gateway that serves another tag's page)
+    let (ta, tb) = (tag_a.clone(), tag_b.clone());
+    let proxy = Rewriter::start(
+        &g.url,
+        std::sync::Arc::new(move |head: &str, body: Vec<u8>| {
+            if !head.starts_with("GET /v2/images?") {
+                return Some(body);
+            }
+            let path = head.split(' ').nth(1).unwrap().replace(&ta, &tb);
+            let url = format!("{}{path}", g.url);
+            let mut r = ureq::get(&url)
+                .header("X-Auth-Token", TOKEN)
+                .call()
+                .unwrap();
+            Some(r.body_mut().read_to_vec().unwrap())
+        }),
+    );
+    let out = audit(&proxy.url, &["--tag", &tag_a, "--deactivate-rejected"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("not one asked for"), "{stderr}");
+    assert!(lines(&out).is_empty(), "{stdout}");
+    for id in &bad_b {
+        assert_eq!(
+            record(g, id)["status"],
+            "active",
+            "{id} deactivated out of scope"
+        );
+    }
+
+    // every page twice over: each image audited once, then the error
+    let proxy = Rewriter::start(
+        &g.url,
+        pages(|_, v| {
+            let imgs = v["images"].as_array().cloned().unwrap_or_default();
+            let mut twice = imgs.clone();
+            twice.extend(imgs);
+            v["images"] = json!(twice);
+        }),
+    );
+    let out = audit(&proxy.url, &["--tag", &tag_a, "--page-size", "10"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("out of id order"), "{stderr}");
+    let got = lines(&out);
+    // (the first run above deactivated the rejects of its first page, in scope: not listed now)
+    let active: Vec<String> = all_a
+        .iter()
+        .filter(|id| record(g, id)["status"] == "active")
+        .cloned()
+        .collect();
+    assert_eq!(ids(&got), active, "{stdout}\n{stderr}");
+
+    // a next link back to an earlier page (a loop), and an empty page with a next link
+    let first_next = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let seen = first_next.clone();
+    let proxy = Rewriter::start(
+        &g.url,
+        pages(move |line, v| {
+            let mut first = seen.lock().unwrap();
+            if !line.contains("marker=") {
+                *first = v["next"].as_str().map(str::to_string);
+            } else if let Some(n) = first.clone() {
+                v["next"] = json!(n);
+            }
+        }),
+    );
+    let out = audit(&proxy.url, &["--tag", &tag_a, "--page-size", "2"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("listing failed"), "{stderr}");
+    assert_eq!(lines(&out).len(), 4, "{stdout}");
+    let proxy = Rewriter::start(
+        &g.url,
+        pages(|line, v| {
+            if line.contains("marker=") {
+                v["images"] = json!([]);
+            }
+        }),
+    );
+    let out = audit(&proxy.url, &["--tag", &tag_a, "--page-size", "2"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("incomplete listing"), "{stderr}");
+}
+
+/// Findings 12 and 13: record fields of the wrong type are never copied into a line (every
+/// line validates) and are findings, not silently skipped comparisons; `verified` needs a
+/// digest that was compared.
+#[test]
+fn odd_record_fields_are_findings_and_unverifiable_digests_are_unavailable() {
+    let g = glance(BIN);
+    let (tag, all) = seed_raw(4, "oddrec");
+    let odd = all.clone();
+    let proxy = Rewriter::start(
+        &g.url,
+        pages(move |_, v| {
+            for r in v["images"].as_array_mut().unwrap() {
+                let id = r["id"].as_str().unwrap().to_string();
+                if id == odd[0] {
+                    r["size"] = json!("8192");
+                    r["name"] = json!(5);
+                } else if id == odd[1] {
+                    r["virtual_size"] = json!(1.5);
+                    r["owner"] = json!({"x": 1});
+                } else if id == odd[2] {
+                    r["size"] = json!(-1);
+                } else {
+                    r["checksum"] = Value::Null;
+                    r["os_hash_algo"] = json!("sha3_512");
+                    r["os_hash_value"] = json!("00");
+                }
+            }
+        }),
+    );
+    let out = audit(&proxy.url, &["--tag", &tag, "--verify-digests"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let got = by_id(&lines(&out));
+    for id in &all[..3] {
+        let l = &got[id];
+        assert_eq!(l["verdict"], "mismatch", "{l}");
+        assert!(codes(l).iter().any(|c| c == "audit.record-field"), "{l}");
+    }
+    assert!(got[&all[0]]["size"]["glance"].is_null());
+    assert!(got[&all[0]]["name"].is_null());
+    assert!(got[&all[1]]["virtual_size"]["glance"].is_null());
+    assert!(got[&all[2]]["size"]["glance"].is_null());
+    let l = &got[&all[3]];
+    assert_eq!(l["verdict"], "pass", "{l}");
+    assert_eq!(l["digests"], "unavailable", "{l}");
+    assert!(
+        codes(l).iter().any(|c| c == "audit.os-hash-unchecked"),
+        "{l}"
+    );
+    // a recorded algorithm in other case is still compared
+    let proxy = Rewriter::start(
+        &g.url,
+        pages(|_, v| {
+            for r in v["images"].as_array_mut().unwrap() {
+                r["checksum"] = Value::Null;
+                let a = r["os_hash_algo"].as_str().unwrap().to_ascii_uppercase();
+                r["os_hash_algo"] = json!(a);
+            }
+        }),
+    );
+    let out = audit(&proxy.url, &["--tag", &tag, "--verify-digests"]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    for l in lines(&out) {
+        assert_eq!(l["digests"], "verified", "{l}");
+    }
+}
+
+/// Finding 5: a verdict the ranged reads established stands when the later digest stream
+/// fails: the image is still a reject, is deactivated, and the line says both (exit 2).
+#[test]
+fn a_reject_stays_a_reject_and_is_deactivated_when_the_digest_stream_fails() {
+    let g = glance(BIN);
+    let (_, bad, _) = seed_mixed(1, 0, "rejectthenfail");
+    let file: &'static str = Box::leak(format!("GET /v2/images/{}/file", bad[0]).into_boxed_str());
+    // the whole-image GET (no Range) never gets a reply; the ranged reads do
+    let proxy = Rewriter::start(
+        &g.url,
+        std::sync::Arc::new(move |head: &str, body: Vec<u8>| {
+            let ranged = head.to_ascii_lowercase().contains("\r\nrange:");
+            (!head.starts_with(file) || ranged).then_some(body)
+        }),
+    );
+    let out = audit(
+        &proxy.url,
+        &[
+            "--image",
+            &bad[0],
+            "--verify-digests",
+            "--deactivate-rejected",
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    let l = &lines(&out)[0];
+    assert_eq!(l["verdict"], "reject", "{l}");
+    assert!(codes(l).iter().any(|c| c == "format.mismatch"), "{l}");
+    assert!(l["error"].as_str().unwrap().contains("file"), "{l}");
+    assert_eq!(l["deactivated"], true, "{l}");
+    assert_eq!(record(g, &bad[0])["status"], "deactivated");
+    assert!(
+        stderr.contains("a step failed after the verdict"),
+        "{stderr}"
+    );
+}
+
+/// Finding 9: a listing request that never gets its reply fails after the metadata timeout
+/// (a minute), not the upload agent's hour.
+#[test]
+fn a_stalled_listing_fails_within_the_metadata_timeout() {
+    let g = glance(BIN);
+    let proxy = Proxy::start(
+        &g.url,
+        PutMode::HoldReply("GET /v2/images?", Duration::from_secs(100)),
+    );
+    let started = std::time::Instant::now();
+    let out = audit(&proxy.url, &["--tag", &unique("stalled")]);
+    let took = started.elapsed();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("listing failed"), "{stderr}");
+    assert!(took < Duration::from_secs(90), "{took:?}\n{stderr}");
 }

@@ -2,10 +2,15 @@
 //! record, the deactivate/reactivate actions, and the stored data as a stream.
 //!
 //! Everything Glance says is hostile input: ids go into URL paths only when they look like
-//! ids, `next` links are followed only when they stay on the same endpoint, and a page that
-//! does not advance ends the listing with an error instead of looping.
+//! ids, `next` links are followed only when they stay on the same endpoint with the same
+//! filters (only the marker moves, to the page's last id), and each record is checked against
+//! the filters asked for (see [`Filters::refuses`]).
+//!
+//! Metadata calls (listing, records, actions) wait at most [`API_TIMEOUT`] for a reply; the
+//! data stream has no total limit, only [`STALL_TIMEOUT`] without a byte.
 
 use std::io::Read;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
@@ -31,9 +36,129 @@ pub struct Filters {
     pub page_size: u32,
 }
 
+/// How long a metadata call (a listing page, a record, an action) may wait for its reply.
+pub const API_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the data stream of `--verify-digests` may go without a byte (it has no total
+/// limit: a large image streams for as long as bytes keep coming).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Filters {
+    /// Why `record` is not one the listing asked for, if it is not: Glance (or whatever sits
+    /// in front of it) answered with an image outside the filters.
+    pub fn refuses(&self, record: &Value) -> Option<String> {
+        let text = |k: &str| record.get(k).and_then(Value::as_str);
+        let pairs = [
+            ("owner", &self.owner),
+            ("status", &self.status),
+            ("disk_format", &self.disk_format),
+        ];
+        for (k, want) in pairs {
+            if let Some(want) = want {
+                if text(k) != Some(want.as_str()) {
+                    return Some(format!("{k} is not {want:?}"));
+                }
+            }
+        }
+        if let Some(want) = &self.visibility {
+            if want != "all" && text("visibility") != Some(want.as_str()) {
+                return Some(format!("visibility is not {want:?}"));
+            }
+        }
+        let tags: Vec<&str> = match record.get("tags") {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        for t in &self.tags {
+            if !tags.contains(&t.as_str()) {
+                return Some(format!("it has no tag {t:?}"));
+            }
+        }
+        None
+    }
+}
+
+/// Decodes a query component (`%XX`, and `+` for a space as Python's `urlencode` writes it).
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0usize;
+    while let Some(&c) = b.get(i) {
+        let hex = b
+            .get(i.saturating_add(1)..i.saturating_add(3))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (c, hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i = i.saturating_add(3);
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i = i.saturating_add(1);
+            }
+            _ => {
+                out.push(c);
+                i = i.saturating_add(1);
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A listing URL's query: its decoded parameters other than `marker`, sorted, and its
+/// markers.
+fn query(url: &str) -> (Vec<(String, String)>, Vec<String>) {
+    let q = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let mut params = Vec::new();
+    let mut markers = Vec::new();
+    for part in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        let (k, v) = (decode(k), decode(v));
+        if k == "marker" {
+            markers.push(v);
+        } else {
+            params.push((k, v));
+        }
+    }
+    params.sort();
+    (params, markers)
+}
+
+/// Checks that `next` (an absolute URL on the endpoint) lists the same images as `first`
+/// from after `last`, the id of the page just read: the same parameters but the marker, and
+/// the marker `last`. A link that changes the filters would audit (and deactivate) images
+/// outside the ones asked for; one whose marker is elsewhere would skip images or loop.
+///
+/// # Errors
+/// Says what differs.
+pub fn check_next(first: &str, next: &str, last: Option<&str>) -> anyhow::Result<()> {
+    let (want, _) = query(first);
+    let (got, markers) = query(next);
+    if got != want {
+        bail!(
+            "listing images: Glance's `next` link {:?} changes the listing's filters",
+            clip(next)
+        );
+    }
+    match (markers.as_slice(), last) {
+        ([m], Some(last)) if m == last => Ok(()),
+        _ => bail!(
+            "listing images: Glance's `next` link {:?} does not resume after the page's last \
+             image ({})",
+            clip(next),
+            last.unwrap_or("none")
+        ),
+    }
+}
+
 /// The Images API v2 for the audit.
 pub struct Catalog<'a> {
-    http: &'a Http,
+    /// Listing pages: a signal shuts its connections down.
+    list_http: Http,
+    /// Records and actions: never shut down by a signal, so that a deactivation under way
+    /// finishes and is reported.
+    http: Http,
     /// For the data stream, which `Http` (bodies read in full) does not serve.
     agent: Agent,
     token: &'a Secret,
@@ -86,8 +211,16 @@ fn encode(s: &str) -> String {
 
 impl<'a> Catalog<'a> {
     /// A client for the image service at `root` (no `/v2`).
-    pub fn new(http: &'a Http, agent: Agent, token: &'a Secret, root: &str, verbose: bool) -> Self {
+    pub fn new(
+        list_http: Http,
+        http: Http,
+        agent: Agent,
+        token: &'a Secret,
+        root: &str,
+        verbose: bool,
+    ) -> Self {
         Catalog {
+            list_http,
             http,
             agent,
             token,
@@ -146,7 +279,7 @@ impl<'a> Catalog<'a> {
     /// leaves the image endpoint.
     pub fn page(&self, url: &str) -> anyhow::Result<(Vec<Value>, Option<String>)> {
         let reply = self
-            .http
+            .list_http
             .expect(Method::GET, url, Some(self.token), Body::Empty)?;
         let mut doc = reply.json().context("listing images")?;
         let images = match doc.get_mut("images").map(Value::take) {
@@ -249,15 +382,17 @@ impl<'a> Catalog<'a> {
         let mut token = ureq::http::HeaderValue::from_str(self.token.expose())
             .map_err(|_| anyhow!("the token is not a valid header value"))?;
         token.set_sensitive(true);
-        let req = ureq::http::Request::builder()
-            .method(Method::GET)
-            .uri(&url)
-            .header("X-Auth-Token", token)
-            .body(())
-            .map_err(|e| anyhow!("{what}: {e}"))?;
+        // No total limit on the body: an image streams as long as bytes keep coming.
         let resp = self
             .agent
-            .run(req)
+            .get(&url)
+            .config()
+            .timeout_recv_response(Some(API_TIMEOUT))
+            .timeout_per_read(Some(STALL_TIMEOUT))
+            .timeout_recv_body(None)
+            .build()
+            .header("X-Auth-Token", token)
+            .call()
             .with_context(|| format!("{what}: no reply"))?;
         let status = resp.status().as_u16();
         if self.verbose {
@@ -304,14 +439,11 @@ mod tests {
 
     /// A client for URL-building tests (nothing is sent).
     fn catalog() -> Catalog<'static> {
-        let http: &'static Http = Box::leak(Box::new(Http::new(
-            Agent::new_with_defaults(),
-            &Default::default(),
-            false,
-        )));
+        let http = || Http::new(Agent::new_with_defaults(), &Default::default(), false);
         let token: &'static Secret = Box::leak(Box::new(Secret::new("t")));
         Catalog::new(
-            http,
+            http(),
+            http(),
             Agent::new_with_defaults(),
             token,
             "http://glance:9292/",
@@ -364,5 +496,67 @@ mod tests {
         ] {
             assert!(c.next_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn next_links_keep_the_filters_and_resume_after_the_last_id() {
+        let first =
+            "http://g/v2/images?limit=2&sort_key=id&sort_dir=asc&owner=p%201&tag=a%26b&tag=c";
+        // Glance's own link: its order, `+` for a space, the marker added
+        let ok = "http://g/v2/images?tag=a%26b&tag=c&owner=p+1&limit=2&sort_key=id&sort_dir=asc&marker=x9";
+        check_next(first, ok, Some("x9")).unwrap();
+        for bad in [
+            // a filter changed, dropped or added
+            "http://g/v2/images?tag=zz&tag=c&owner=p+1&limit=2&sort_key=id&sort_dir=asc&marker=x9",
+            "http://g/v2/images?tag=c&owner=p+1&limit=2&sort_key=id&sort_dir=asc&marker=x9",
+            "http://g/v2/images?tag=a%26b&tag=c&owner=p+1&limit=2&sort_key=id&sort_dir=desc&marker=x9",
+            "http://g/v2/images?tag=a%26b&tag=c&owner=p+1&limit=2&sort_key=id&sort_dir=asc&status=x&marker=x9",
+            // a marker that is not the page's last id, or none, or two
+            "http://g/v2/images?tag=a%26b&tag=c&owner=p+1&limit=2&sort_key=id&sort_dir=asc&marker=x1",
+            "http://g/v2/images?tag=a%26b&tag=c&owner=p+1&limit=2&sort_key=id&sort_dir=asc",
+            "http://g/v2/images?tag=a%26b&tag=c&owner=p+1&limit=2&sort_key=id&sort_dir=asc&marker=x9&marker=x9",
+        ] {
+            assert!(check_next(first, bad, Some("x9")).is_err(), "{bad}");
+        }
+        assert!(check_next(first, ok, None).is_err());
+    }
+
+    #[test]
+    fn records_outside_the_filters_are_refused() {
+        let f = Filters {
+            owner: Some("p1".into()),
+            status: Some("active".into()),
+            visibility: Some("all".into()),
+            tags: vec!["a".into(), "b".into()],
+            ..Filters::default()
+        };
+        let good = serde_json::json!({"owner": "p1", "status": "active", "visibility": "private",
+            "tags": ["b", "a", "c"]});
+        assert_eq!(f.refuses(&good), None);
+        for (k, v) in [
+            ("owner", serde_json::json!("p2")),
+            ("status", serde_json::json!(["active"])),
+            ("tags", serde_json::json!(["a"])),
+            ("tags", serde_json::json!("a,b")),
+        ] {
+            let mut r = good.clone();
+            r[k] = v;
+            assert!(f.refuses(&r).is_some(), "{r}");
+        }
+        let f = Filters {
+            visibility: Some("public".into()),
+            disk_format: Some("raw".into()),
+            ..Filters::default()
+        };
+        assert!(f
+            .refuses(&serde_json::json!({"visibility": "private", "disk_format": "raw"}))
+            .is_some());
+        assert!(f
+            .refuses(&serde_json::json!({"visibility": "public", "disk_format": "qcow2"}))
+            .is_some());
+        assert_eq!(
+            f.refuses(&serde_json::json!({"visibility": "public", "disk_format": "raw"})),
+            None
+        );
     }
 }

@@ -22,11 +22,13 @@ pub enum DigestState {
     /// `--verify-digests` was not given (or the image could not be read).
     #[default]
     NotChecked,
-    /// Every digest Glance recorded matches the stored data.
+    /// Every digest Glance recorded that glimpse computes matches the stored data, and there
+    /// was at least one.
     Verified,
     /// A digest does not match.
     Mismatch,
-    /// Glance recorded no digest to verify.
+    /// Glance recorded no digest glimpse can verify (none, or only an `os_hash_algo` glimpse
+    /// does not compute).
     Unavailable,
 }
 
@@ -213,17 +215,31 @@ pub fn verify_digests(
         out.digests = DigestState::Unavailable;
         return Ok(());
     }
-    let (mut reader, len) = ctx.catalog.download(id)?;
-    out.requests = out.requests.saturating_add(1);
+    let algo_lower = algo.map(str::to_ascii_lowercase);
     let size = number(record, "size");
-    let limit = size.or(len).unwrap_or(u64::MAX - 1);
-    let got = digest::stream(&mut reader, algo, limit);
-    if let Ok(s) = &got {
-        out.bytes = out.bytes.saturating_add(s.bytes);
-    }
-    let s = got.context("reading the stored data")?;
+    // One more try after a failed stream (a store hiccup), unless a signal stopped it.
+    let mut tries = 0u32;
+    let s = loop {
+        tries = tries.saturating_add(1);
+        let got = ctx.catalog.download(id).and_then(|(mut reader, len)| {
+            out.requests = out.requests.saturating_add(1);
+            let limit = size.or(len).unwrap_or(u64::MAX - 1);
+            let got = digest::stream(&mut reader, algo_lower.as_deref(), limit);
+            if let Ok(s) = &got {
+                out.bytes = out.bytes.saturating_add(s.bytes);
+            }
+            got.context("reading the stored data")
+        });
+        match got {
+            Ok(s) => break s,
+            Err(e) if tries >= 2 || crate::interrupt::cancelled() => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    };
     let mut bad = false;
+    let mut compared = 0u32;
     if let Some(c) = checksum {
+        compared = compared.saturating_add(1);
         if !c.eq_ignore_ascii_case(&s.md5) {
             bad = true;
             out.findings.push(mismatch(
@@ -234,6 +250,9 @@ pub fn verify_digests(
                 ),
             ));
         }
+    }
+    if let (Some(_), Some(_)) = (value, &s.multihash) {
+        compared = compared.saturating_add(1);
     }
     match (value, &s.multihash) {
         (Some(v), Some(ours)) if !v.eq_ignore_ascii_case(ours) => {
@@ -274,6 +293,8 @@ pub fn verify_digests(
     }
     out.digests = if bad {
         DigestState::Mismatch
+    } else if compared == 0 {
+        DigestState::Unavailable
     } else {
         DigestState::Verified
     };

@@ -27,7 +27,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 impl Shard {
     /// True when image `id` belongs to this shard.
     pub fn owns(&self, id: &str) -> bool {
-        fnv1a(id.as_bytes()) % self.count == self.index
+        fnv1a(id.as_bytes()).checked_rem(self.count) == Some(self.index)
     }
 }
 
