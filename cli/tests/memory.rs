@@ -6,9 +6,9 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-const CEILING_KIB: u64 = 256 * 1024;
+use support::rss::CEILING_KIB;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -28,35 +28,7 @@ fn python(script: &str, args: &[&Path]) {
 }
 
 fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs glimpse with `args` under GNU time, its stdout discarded; returns (exit code, peak
-/// RSS in KiB, stderr).
-fn peak(args: &[&str]) -> (Option<i32>, u64, String) {
-    let out = Command::new("/usr/bin/time")
-        .args(["-f", "%M"])
-        .arg(env!("CARGO_BIN_EXE_glimpse"))
-        .args(args)
-        .stdout(Stdio::null())
-        .output()
-        .expect("GNU time (/usr/bin/time) must be installed");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let kib = err
-        .trim()
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no RSS from time: {err}"));
-    (out.status.code(), kib, err)
+    support::qemu::img(args);
 }
 
 fn within_ceiling(args: &[&str], codes: &[i32]) -> String {
@@ -66,17 +38,7 @@ fn within_ceiling(args: &[&str], codes: &[i32]) -> String {
 /// Runs glimpse with `args`: it must exit with one of `codes` and stay within `ceiling_kib` of
 /// peak RSS. Returns its stderr.
 fn within(args: &[&str], codes: &[i32], ceiling_kib: u64) -> String {
-    let (code, kib, err) = peak(args);
-    eprintln!("peak RSS {kib} KiB: {}", args.join(" "));
-    assert!(
-        code.is_some_and(|c| codes.contains(&c)),
-        "{args:?} exited {code:?}: {err}"
-    );
-    assert!(
-        kib <= ceiling_kib,
-        "{args:?}: peak RSS {kib} KiB > {ceiling_kib} KiB"
-    );
-    err
+    support::rss::within(args, codes, ceiling_kib, false).stderr
 }
 
 #[test]

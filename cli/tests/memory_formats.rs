@@ -5,10 +5,12 @@
 //! here; each command must stay far below 256 MiB of peak RSS (GNU time's `%M`), and the real
 //! images beside them must still work.
 
+mod support;
+
 use std::path::Path;
 use std::process::Command;
 
-const CEILING_KIB: u64 = 256 * 1024;
+use support::rss::CEILING_KIB;
 
 /// Writes the inputs: `python3 -c GEN MODE ARGS...`.
 const GEN: &str = r#"
@@ -127,51 +129,13 @@ fn gen(mode: &str, out: &Path, args: &[&str]) {
 }
 
 fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs glimpse with `args` under GNU time; returns (exit code, peak RSS in KiB, stdout,
-/// stderr).
-fn peak(args: &[&str]) -> (Option<i32>, u64, String, String) {
-    let out = Command::new("/usr/bin/time")
-        .args(["-f", "%M"])
-        .arg(env!("CARGO_BIN_EXE_glimpse"))
-        .args(args)
-        .output()
-        .expect("GNU time (/usr/bin/time) must be installed");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let kib = err
-        .trim()
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no RSS from time: {err}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    (out.status.code(), kib, stdout, err)
+    support::qemu::img(args);
 }
 
 /// Runs `args`, requiring an exit code of `codes` and at most `max_kib` of peak RSS; returns
 /// the standard output.
 fn within(args: &[&str], codes: &[i32], max_kib: u64) -> String {
-    let (code, kib, out, err) = peak(args);
-    eprintln!("peak RSS {kib} KiB: {}", args.join(" "));
-    assert!(
-        code.is_some_and(|c| codes.contains(&c)),
-        "{args:?} exited {code:?}: {out}\n{err}"
-    );
-    assert!(
-        kib <= max_kib.min(CEILING_KIB),
-        "{args:?}: peak RSS {kib} KiB > {max_kib} KiB"
-    );
-    out
+    support::rss::within(args, codes, max_kib, true).stdout
 }
 
 fn path(p: &Path) -> &str {

@@ -169,6 +169,7 @@ pub const ALL: &[&str] = &[
     "audit.checksum-mismatch",
     "audit.os-hash-mismatch",
     "audit.os-hash-unchecked",
+    "audit.record-field",
     "audit.size-mismatch",
     "audit.uninspectable",
     "audit.virtual-size-mismatch",

@@ -2,6 +2,7 @@
 //! uses a part of them (the upload tests' Glance harness is `upload_support`).
 #![allow(dead_code)]
 
+pub mod rss;
 pub mod schema;
 
 /// qemu-img as the referee: the shared test kit's helpers.
