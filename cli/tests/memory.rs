@@ -8,6 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use support::qemu::img as qemu_img;
 use support::rss::CEILING_KIB;
 
 fn root() -> PathBuf {
@@ -25,10 +26,6 @@ fn python(script: &str, args: &[&Path]) {
         "{script}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn qemu_img(args: &[&str]) {
-    support::qemu::img(args);
 }
 
 fn within_ceiling(args: &[&str], codes: &[i32]) -> String {

@@ -10,7 +10,9 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
+use support::qemu::img as qemu_img;
 use support::rss::CEILING_KIB;
+use support::s;
 
 /// Writes the inputs: `python3 -c GEN MODE ARGS...`.
 const GEN: &str = r#"
@@ -128,18 +130,10 @@ fn gen(mode: &str, out: &Path, args: &[&str]) {
     );
 }
 
-fn qemu_img(args: &[&str]) {
-    support::qemu::img(args);
-}
-
 /// Runs `args`, requiring an exit code of `codes` and at most `max_kib` of peak RSS; returns
 /// the standard output.
 fn within(args: &[&str], codes: &[i32], max_kib: u64) -> String {
     support::rss::within(args, codes, max_kib, true).stdout
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("a UTF-8 temporary path")
 }
 
 /// M2: 256 gzip disks of 8 MiB each were all held in memory at once (2 GB). Now the disks of
@@ -149,26 +143,22 @@ fn path(p: &Path) -> &str {
 fn many_gzip_disks_do_not_each_hold_memory() {
     let t = tempfile::tempdir().unwrap();
     let seed = t.path().join("seed.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", path(&seed), "1M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&seed), "1M"]);
     let shared = t.path().join("shared.ova");
-    gen("many-gz", &shared, &["256", "shared", path(&seed)]);
+    gen("many-gz", &shared, &["256", "shared", s(&seed)]);
     let distinct = t.path().join("distinct.ova");
-    gen("many-gz", &distinct, &["256", "distinct", path(&seed)]);
+    gen("many-gz", &distinct, &["256", "distinct", s(&seed)]);
     for cmd in [&["ova", "check"][..], &["check"], &["ova", "list"]] {
         let mut args = cmd.to_vec();
-        args.push(path(&shared));
+        args.push(s(&shared));
         within(&args, &[0, 1], 96 << 10);
     }
     // Distinct members: a valid appliance of 256 disks, every one of them checked.
-    let out = within(&["ova", "check", path(&distinct)], &[0], 96 << 10);
+    let out = within(&["ova", "check", s(&distinct)], &[0], 96 << 10);
     assert!(out.contains("pass"), "{out}");
-    within(&["check", path(&distinct)], &[0], 96 << 10);
+    within(&["check", s(&distinct)], &[0], 96 << 10);
     let x = t.path().join("x");
-    within(
-        &["ova", "extract", path(&distinct), path(&x)],
-        &[0, 1],
-        96 << 10,
-    );
+    within(&["ova", "extract", s(&distinct), s(&x)], &[0, 1], 96 << 10);
 }
 
 /// M4: the VMDK check's grain list grew ahead of its charges, to 278 MB before the budget
@@ -181,7 +171,7 @@ fn the_vmdk_grain_list_stays_inside_the_budget() {
     for (p, limit) in [("128", false), ("256", true)] {
         let ova = t.path().join(format!("grains-{p}.ova"));
         gen("vmdk-grains", &ova, &[p]);
-        let out = within(&["check", path(&ova)], &[1], CEILING_KIB);
+        let out = within(&["check", s(&ova)], &[1], CEILING_KIB);
         assert_eq!(out.contains("size.limit"), limit, "P = {p}: {out}");
         assert!(
             out.contains("vmdk.duplicate-grain") || limit,
@@ -197,7 +187,7 @@ fn a_descriptor_of_millions_of_attributes_is_refused_cheaply() {
     let t = tempfile::tempdir().unwrap();
     let ova = t.path().join("attrs.ova");
     gen("attrs", &ova, &[&(16_000_000).to_string()]);
-    let out = within(&["ova", "check", path(&ova)], &[1], 96 << 10);
+    let out = within(&["ova", "check", s(&ova)], &[1], 96 << 10);
     assert!(
         out.contains("ova.descriptor-malformed") && out.contains("100000 attributes in all"),
         "{out}"
@@ -212,7 +202,7 @@ fn a_luks2_json_area_costs_no_more_than_its_text() {
     let t = tempfile::tempdir().unwrap();
     let ova = t.path().join("luks-json.ova");
     gen("luks-json", &ova, &[]);
-    let out = within(&["info", "--output", "json", path(&ova)], &[0], 48 << 10);
+    let out = within(&["info", "--output", "json", s(&ova)], &[0], 48 << 10);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let data = &v["format-specific"]["data"]["disk-details"];
     assert_eq!(data["cipher"], "aes-xts-plain64", "{out}");
@@ -230,10 +220,10 @@ fn a_luks2_json_area_costs_no_more_than_its_text() {
         "secret,id=s0,data=x",
         "-o",
         "key-secret=s0",
-        path(&luks),
+        s(&luks),
         "16M",
     ]);
-    let out = within(&["info", "--output", "json", path(&luks)], &[0], 48 << 10);
+    let out = within(&["info", "--output", "json", s(&luks)], &[0], 48 << 10);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let details = &v["format-specific"]["data"];
     assert_eq!(details["cipher"], "aes-xts-plain64", "{out}");
@@ -243,8 +233,8 @@ fn a_luks2_json_area_costs_no_more_than_its_text() {
     // The same volume as the gzip disk of an appliance.
     let wrapped = t.path().join("real-luks.ova");
     let size = std::fs::metadata(&luks).unwrap().len().to_string();
-    gen("wrap", &wrapped, &[path(&luks), "raw", &size]);
-    within(&["info", path(&wrapped)], &[0], 48 << 10);
+    gen("wrap", &wrapped, &[s(&luks), "raw", &size]);
+    within(&["info", s(&wrapped)], &[0], 48 << 10);
 }
 
 /// A large descriptor of a real shape (40,000 attributes, more than any real appliance's)
@@ -254,6 +244,6 @@ fn a_large_real_descriptor_still_passes() {
     let t = tempfile::tempdir().unwrap();
     let ova = t.path().join("items.ova");
     gen("items", &ova, &["2000"]);
-    let out = within(&["ova", "check", path(&ova)], &[0], 64 << 10);
+    let out = within(&["ova", "check", s(&ova)], &[0], 64 << 10);
     assert!(out.contains("pass"), "{out}");
 }
