@@ -85,7 +85,7 @@ fn copy_runs(image: &dyn Image, plan: &ChunkPlan, base: u64) -> Result<Option<Ve
     let mut runs: Vec<Run> = Vec::new();
     let mut pos = plan.guest;
     while pos < end {
-        let e = image.mapping(pos, end - pos)?;
+        let e = image.content_mapping(pos, end - pos)?;
         let at = match e.kind {
             ExtentKind::Data { host } => Some(
                 base.checked_add(host)

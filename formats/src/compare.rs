@@ -45,8 +45,8 @@ fn next_extent(it: &mut Extents<'_>) -> Result<(u64, bool)> {
 /// # Errors
 /// What [`GuestReader::read_at`] and the mapping report for either image.
 pub fn first_difference(a: &GuestReader, b: &GuestReader, size: u64) -> Result<Option<u64>> {
-    let mut ita = Extents::new(a.image().as_ref(), 0, size);
-    let mut itb = Extents::new(b.image().as_ref(), 0, size);
+    let mut ita = Extents::content(a.image().as_ref(), 0, size);
+    let mut itb = Extents::content(b.image().as_ref(), 0, size);
     let mut pos = 0;
     let (mut ea, mut eb) = ((0u64, true), (0u64, true));
     let mut pending: Vec<Piece> = Vec::new();
@@ -157,7 +157,7 @@ fn compare_batch(a: &GuestReader, b: &GuestReader, pieces: &[Piece]) -> Result<O
 /// # Errors
 /// What [`GuestReader::read_at`] and the mapping report.
 pub fn first_nonzero(r: &GuestReader, from: u64) -> Result<Option<u64>> {
-    for e in Extents::new(r.image().as_ref(), from, u64::MAX) {
+    for e in Extents::content(r.image().as_ref(), from, u64::MAX) {
         let e = e?;
         if e.reads_as_zero() {
             continue;

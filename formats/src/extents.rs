@@ -20,6 +20,8 @@ pub struct Extents<'a> {
     image: &'a dyn Image,
     pos: u64,
     end: u64,
+    /// Asks `content_mapping`, which may join zero and unallocated bytes.
+    content: bool,
 }
 
 impl<'a> Extents<'a> {
@@ -29,6 +31,17 @@ impl<'a> Extents<'a> {
             image,
             pos: start,
             end: end.min(image.info().virtual_size),
+            content: false,
+        }
+    }
+
+    /// As [`Extents::new`], for a reader of guest content only: through
+    /// [`content_mapping`](crate::image::Image::content_extent_at), so a run that reads as zeros
+    /// may join marked-zero and unallocated bytes (and be reported as either).
+    pub fn content(image: &'a dyn Image, start: u64, end: u64) -> Self {
+        Extents {
+            content: true,
+            ..Extents::new(image, start, end)
         }
     }
 
@@ -48,7 +61,11 @@ impl Iterator for Extents<'_> {
 
     fn next(&mut self) -> Option<Result<Extent>> {
         let left = self.end.checked_sub(self.pos).filter(|n| *n > 0)?;
-        match self.image.mapping(self.pos, left) {
+        let e = match self.content {
+            true => self.image.content_mapping(self.pos, left),
+            false => self.image.mapping(self.pos, left),
+        };
+        match e {
             Ok(e) => {
                 self.pos = e.end();
                 Some(Ok(e))

@@ -229,6 +229,22 @@ pub trait Image: Send + Sync {
     /// `Corrupt` when a table entry points outside the file; `Io` on read errors; whatever the
     /// format refuses to map (`Unsupported`, `Unsafe`).
     fn extent_at(&self, guest: u64, span: u64) -> Result<Extent>;
+
+    /// [`Image::extent_at`] for a reader of guest content only (digests, convert, compare):
+    /// bytes marked zero and unallocated bytes both read as zeros (no backing file is ever
+    /// consulted), so the extent may join them, reported as either kind. Only
+    /// [`content_mapping`](#method.content_mapping) calls it.
+    ///
+    /// Formats whose tables can be named from many places (a qcow2 L2 table from every L1
+    /// entry, a VMDK grain table from every directory entry) override it: there, a table that
+    /// alternates the two kinds would otherwise cut every cluster of a huge guest into an
+    /// extent of its own, and a content walk would cost per cluster, not per stored byte.
+    ///
+    /// # Errors
+    /// As [`Image::extent_at`].
+    fn content_extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+        self.extent_at(guest, span)
+    }
 }
 
 impl dyn Image + '_ {
@@ -245,9 +261,27 @@ impl dyn Image + '_ {
     /// a table entry points outside the file or the format breaks the contract; `Io` on read
     /// errors.
     pub fn mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
+        self.checked_mapping(guest, max_len, false)
+    }
+
+    /// [`mapping`](#method.mapping) for a reader of guest content only: a run that reads as
+    /// zeros may join marked-zero and unallocated bytes and be reported as either kind
+    /// ([`Image::content_extent_at`]). Everything else, and the contract checks, are as
+    /// `mapping`'s. `map` asks `mapping`, which keeps the two kinds apart.
+    ///
+    /// # Errors
+    /// As [`mapping`](#method.mapping).
+    pub fn content_mapping(&self, guest: u64, max_len: u64) -> Result<Extent> {
+        self.checked_mapping(guest, max_len, true)
+    }
+
+    fn checked_mapping(&self, guest: u64, max_len: u64, content: bool) -> Result<Extent> {
         let virtual_size = self.info().virtual_size;
         let span = mapping_span(guest, max_len, virtual_size)?;
-        let e = self.extent_at(guest, span)?;
+        let e = match content {
+            true => self.content_extent_at(guest, span)?,
+            false => self.extent_at(guest, span)?,
+        };
         validate_extent(&e, guest, span, virtual_size)?;
         if let ExtentKind::Compressed { host, .. } = e.kind {
             // The stream's end may pass the file end (qcow2 states a sector-rounded upper

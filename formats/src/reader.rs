@@ -195,7 +195,7 @@ impl GuestReader {
             })?;
         let mut pos = guest;
         while pos < end {
-            let e = self.image.mapping(pos, end.saturating_sub(pos))?;
+            let e = self.image.content_mapping(pos, end.saturating_sub(pos))?;
             let from = usize::try_from(pos.saturating_sub(guest))
                 .map_err(|_| Error::limit("read too large"))?;
             let to = usize::try_from(e.end().saturating_sub(guest))
@@ -348,7 +348,7 @@ impl<'a> ChunkPlanner<'a> {
             return Ok((e, z));
         }
         // Ask for a long run so that one lookup covers many chunks.
-        let e = self.image.mapping(p, self.size.saturating_sub(p))?;
+        let e = self.image.content_mapping(p, self.size.saturating_sub(p))?;
         self.cur = Some((e.end(), e.reads_as_zero()));
         Ok((e.end(), e.reads_as_zero()))
     }

@@ -2023,6 +2023,101 @@ fn mapping_by_runs_matches_a_model_of_every_unit() {
     }
 }
 
+/// A content walk ([`Image::content_extent_at`]) says what the mapping says, except that zero
+/// and unallocated bytes may join: on the same random tables, its extents joined with the two
+/// kinds taken as one are the model's runs joined the same way.
+#[test]
+fn a_content_walk_joins_zero_and_unallocated_and_keeps_the_rest() {
+    use glimpse_formats::extents::{Extents, Run, RunKind};
+    let zeroed = |k: RunKind| match k {
+        RunKind::Unallocated => RunKind::Zero,
+        k => k,
+    };
+    for seed in 1..=6u64 {
+        for ext in [false, true] {
+            let (b, model, unit) = random_l2_image(seed, ext);
+            let img = open_bytes(b).unwrap();
+            let mut want = model_runs(&model, unit);
+            for r in &mut want {
+                r.kind = zeroed(r.kind);
+            }
+            let mut joined: Vec<Run> = Vec::new();
+            for r in &want {
+                if !joined.last_mut().is_some_and(|l| l.join(r)) {
+                    joined.push(*r);
+                }
+            }
+            let mut got: Vec<Run> = Vec::new();
+            let size = img.info().virtual_size;
+            for e in Extents::content(&img, 0, size) {
+                let e = e.unwrap();
+                let r = Run {
+                    start: e.start,
+                    len: e.len,
+                    kind: zeroed(RunKind::from(e.kind)),
+                };
+                if !got.last_mut().is_some_and(|l| l.join(&r)) {
+                    got.push(r);
+                }
+            }
+            assert_eq!(got, joined, "seed {seed}, extended {ext}");
+        }
+    }
+}
+
+/// Envelope report E4: one L2 table whose entries alternate unallocated and zero, named by
+/// every L1 entry (its refcount says so, and qemu-img check agrees). The mapping, as `map`
+/// and qemu show it, is one run per cluster: 8192 per 8-byte L1 entry, so a 768 KiB file
+/// took a content digest 60 s. A content walk crosses the whole disk in a few steps now.
+#[test]
+fn a_shared_table_of_alternating_zero_and_unallocated_is_one_content_run() {
+    use glimpse_formats::extents::Extents;
+    let d = tempfile::tempdir().unwrap();
+    let n = 32u64;
+    let c = 1u64 << 16;
+    let (l1, rt, rb, l2) = (1u64, 2u64, 3u64, 4u64);
+    let mut b = vec![0u8; ((l2 + 1) * c) as usize];
+    header_v3(
+        &mut b,
+        16,
+        n * (c / 8) * c,
+        (n as u32, l1 * c),
+        rt * c,
+        false,
+    );
+    for i in 0..n {
+        put64(&mut b, (l1 * c + 8 * i) as usize, l2 * c);
+    }
+    put64(&mut b, (rt * c) as usize, rb * c);
+    for cluster in 0..=l2 {
+        set_refcount(&mut b, cluster, if cluster == l2 { n as u16 } else { 1 });
+    }
+    for e in (1..c / 8).step_by(2) {
+        put64(&mut b, (l2 * c + 8 * e) as usize, 1);
+    }
+    let p = d.path().join("alt.qcow2");
+    std::fs::write(&p, &b).unwrap();
+    assert_eq!(qemu_check_code(&b), 0, "qemu-img check must pass it");
+    let img = open_path(&p);
+    assert!(img.check(&Limits::default()).unwrap().is_empty());
+    let size = img.info().virtual_size;
+    // The mapping keeps the kinds apart: one extent per cluster.
+    assert_eq!(Extents::new(&img, 0, size).count() as u64, n * (c / 8));
+    // The content walk: the whole disk reads as zeros, in one step (the first table read).
+    let content: Vec<_> = Extents::content(&img, 0, size)
+        .map(|e| e.unwrap())
+        .collect();
+    assert!(content.len() <= 2, "{content:?}");
+    assert!(content.iter().all(|e| e.reads_as_zero()));
+    assert_eq!(content.iter().map(|e| e.len).sum::<u64>(), size);
+    // And so every content consumer: the digest of an all-zero disk, fast.
+    let r = GuestReader::new(Arc::new(img) as Arc<dyn Image>, &Limits::default());
+    assert_eq!(
+        glimpse_formats::compare::first_nonzero(&r, 0).unwrap(),
+        None
+    );
+}
+
 /// Distinct bitmap tables that together pass the file overlap one another. Claiming them
 /// counts every cluster of each, so tables a cluster apart cost (tables) x (clusters): the
 /// count now stops where the sum passes the file, as for snapshot L1 tables, and the overlap

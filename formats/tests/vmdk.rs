@@ -505,3 +505,43 @@ fn grain_tables_naming_one_marker_read_it_at_most_twice() {
     assert_eq!(f[0].offset, Some(gt0 * 512 + 4));
     assert!(src.hits.load(std::sync::atomic::Ordering::SeqCst) <= 2);
 }
+
+/// Envelope report E4, in VMDK: every grain directory entry names one grain table whose
+/// entries alternate unallocated (0) and zero (1, with the zeroed-grain flag). The mapping
+/// keeps the kinds apart, one extent per grain; a content walk (digests, convert, compare)
+/// takes the whole disk as zeros in a few steps.
+#[test]
+fn a_shared_grain_table_of_alternating_zero_and_unallocated_is_one_content_run() {
+    use glimpse_formats::extents::Extents;
+    let (n, per, gs) = (64u64, 512u64, 128u64);
+    let (gd, gt) = (3u64, 4u64);
+    let mut b = sparse_head(
+        1,
+        1 | 4,
+        n * per * gs,
+        gs,
+        per as u32,
+        gd,
+        8,
+        0,
+        "monolithicSparse",
+    );
+    b.resize(((gt + 4) * 512) as usize, 0);
+    for k in 0..n {
+        let at = (gd * 512 + 4 * k) as usize;
+        b[at..at + 4].copy_from_slice(&(gt as u32).to_le_bytes());
+    }
+    for e in (1..per).step_by(2) {
+        let at = (gt * 512 + 4 * e) as usize;
+        b[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+    }
+    let img = glimpse_formats::open(Arc::new(b), Format::Vmdk, &Limits::default()).unwrap();
+    let size = img.info().virtual_size;
+    assert_eq!(Extents::new(img.as_ref(), 0, size).count() as u64, n * per);
+    let content: Vec<_> = Extents::content(img.as_ref(), 0, size)
+        .map(|e| e.unwrap())
+        .collect();
+    assert!(content.len() <= 2, "{content:?}");
+    assert!(content.iter().all(|e| e.reads_as_zero()));
+    assert_eq!(content.iter().map(|e| e.len).sum::<u64>(), size);
+}

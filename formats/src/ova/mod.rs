@@ -214,6 +214,9 @@ impl Image for OvaImage {
         // Through the disk's own entry point: its contract is checked against its own size.
         self.inner.mapping(guest, span)
     }
+    fn content_extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+        self.inner.content_mapping(guest, span)
+    }
 }
 
 #[cfg(test)]

@@ -547,11 +547,20 @@ impl Qcow2Image {
     /// it names no L2 table, or one known to be all unallocated; zero: one known to be all
     /// zero): the run over it and the following L1 entries that do the same (at most
     /// [`MAX_L1_SCAN`] of them).
-    fn uniform_l1_run(&self, guest: u64, end: u64, l1i: usize, kind: Uniform) -> Result<Extent> {
+    /// With `join` (a content walk), every L1 entry that reads as zeros continues the run,
+    /// whatever its kind.
+    fn uniform_l1_run(
+        &self,
+        guest: u64,
+        end: u64,
+        l1i: usize,
+        kind: Uniform,
+        join: bool,
+    ) -> Result<Extent> {
         let known = self.uniform_tables()?;
         let alike = |j: usize| match self.l1.get(j).copied().unwrap_or(0) & L1E_OFFSET_MASK {
-            0 => kind == Uniform::Unallocated,
-            off => known.kinds.get(&off) == Some(&kind),
+            0 => join || kind == Uniform::Unallocated,
+            off => known.kinds.get(&off).is_some_and(|&k| k == kind || join),
         };
         let mut j = l1i.saturating_add(1);
         let stop = l1i.saturating_add(MAX_L1_SCAN).min(self.l1.len());
@@ -559,7 +568,7 @@ impl Qcow2Image {
             j = j.saturating_add(1);
         }
         // Past the L1 table nothing is allocated; the virtual size ends before it anyway.
-        let run_end = if j >= self.l1.len() && kind == Uniform::Unallocated {
+        let run_end = if j >= self.l1.len() && (join || kind == Uniform::Unallocated) {
             u64::MAX
         } else {
             (j as u64).saturating_mul(self.l2_reach())
@@ -569,7 +578,7 @@ impl Qcow2Image {
             len: run_end.min(end).saturating_sub(guest),
             kind: match kind {
                 Uniform::Unallocated => ExtentKind::Unallocated,
-                Uniform::Zero => ExtentKind::Zero,
+                Uniform::Zero | Uniform::Mixed => ExtentKind::Zero,
             },
         })
     }
@@ -579,13 +588,22 @@ impl Qcow2Image {
     /// `end`. A compressed first piece is an extent of its own. A run of entries that map
     /// whole clusters alike is crossed in one step, and a table that is one unallocated or
     /// zero run is remembered and continued into the next L1 entries (phase 1).
-    fn l2_run(&self, guest: u64, end: u64, l1i: usize, l2_off: u64) -> Result<Extent> {
+    ///
+    /// With `join` (a content walk), zero and unallocated pieces continue each other, and a
+    /// table that reads as zeros throughout is remembered and crossed the same way.
+    fn l2_run(&self, guest: u64, end: u64, l1i: usize, l2_off: u64, join: bool) -> Result<Extent> {
         let cb = self.geo.cluster_bits;
         let l2e = self.geo.l2_entries();
         let l2 = self.l2(l2_off)?;
         if let Some(kind) = l2.uniform() {
             self.remember_uniform(l2_off, kind)?;
-            return self.uniform_l1_run(guest, end, l1i, kind);
+            return self.uniform_l1_run(guest, end, l1i, kind, join);
+        }
+        if l2.reads_zero() {
+            self.remember_uniform(l2_off, Uniform::Mixed)?;
+            if join {
+                return self.uniform_l1_run(guest, end, l1i, Uniform::Mixed, join);
+            }
         }
         let table_end = (l1i as u64).saturating_add(1).saturating_mul(l2e << cb);
         let limit = end.min(table_end);
@@ -623,13 +641,18 @@ impl Qcow2Image {
                     if h0.checked_add(pos.saturating_sub(guest)) == Some(h) && aligned(h, pos) => {}
                 (Some(Piece::Zero), Piece::Zero)
                 | (Some(Piece::Unallocated), Piece::Unallocated) => {}
+                (Some(Piece::Zero | Piece::Unallocated), Piece::Zero | Piece::Unallocated)
+                    if join => {}
                 _ => break,
             }
             // The entry maps its whole cluster and the run took it: the entries after it, to
             // the end of its run in the table, continue the run the same way.
             let next = match cm {
                 ClusterMap::Whole(Piece::Unallocated | Piece::Zero | Piece::Data(_)) => {
-                    base.saturating_add(l2.run_end(ci) as u64) << cb
+                    base.saturating_add(l2.run_end(ci, join) as u64) << cb
+                }
+                ClusterMap::Sub { alloc: 0, .. } if join => {
+                    base.saturating_add(l2.run_end(ci, join) as u64) << cb
                 }
                 _ => run_end,
             };
@@ -704,6 +727,16 @@ impl Image for Qcow2Image {
         check::check(self, limits)
     }
     fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+        self.walk(guest, span, false)
+    }
+    fn content_extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+        self.walk(guest, span, true)
+    }
+}
+
+impl Qcow2Image {
+    /// [`Image::extent_at`], or with `join` [`Image::content_extent_at`].
+    fn walk(&self, guest: u64, span: u64, join: bool) -> Result<Extent> {
         let end = guest.saturating_add(span);
         if self.header.incompatible_features & header::INCOMPAT_DATA_FILE != 0 {
             return Err(Error::unsupported(
@@ -717,11 +750,13 @@ impl Image for Qcow2Image {
             .ok_or_else(|| Error::corrupt("L1 index overflows"))?;
         let l2_off = self.l1.get(l1i).copied().unwrap_or(0) & L1E_OFFSET_MASK;
         if l2_off == 0 {
-            return self.uniform_l1_run(guest, end, l1i, Uniform::Unallocated);
+            return self.uniform_l1_run(guest, end, l1i, Uniform::Unallocated, join);
         }
-        if let Some(kind) = self.known_uniform(l2_off)? {
-            return self.uniform_l1_run(guest, end, l1i, kind);
+        match self.known_uniform(l2_off)? {
+            Some(Uniform::Mixed) if !join => {}
+            Some(kind) => return self.uniform_l1_run(guest, end, l1i, kind, join),
+            None => {}
         }
-        self.l2_run(guest, end, l1i, l2_off)
+        self.l2_run(guest, end, l1i, l2_off, join)
     }
 }

@@ -189,6 +189,9 @@ pub enum Uniform {
     Unallocated,
     /// Every entry reads as zeros.
     Zero,
+    /// Every entry reads as zeros, some marked zero and some unallocated: one run only for a
+    /// content walk ([`Image::content_extent_at`](crate::image::Image::content_extent_at)).
+    Mixed,
 }
 
 /// A parsed L2 table and where its runs start, as the mapping caches it. A run is entries that
@@ -202,8 +205,13 @@ pub struct L2Map {
     pub table: L2Table,
     /// The indices, ascending, whose entry does not continue the previous one's run.
     starts: Vec<u32>,
+    /// The same for a content walk, where zero and unallocated entries (and clusters whose
+    /// subclusters are all one or the other) continue each other: a subset of `starts`.
+    zstarts: Vec<u32>,
     /// Set when the whole table is one unallocated or zero run.
     uniform: Option<Uniform>,
+    /// Set when the whole table reads as zeros.
+    reads_zero: bool,
     _charge: Charge,
 }
 
@@ -214,47 +222,58 @@ impl L2Map {
     /// # Errors
     /// `LimitExceeded` when the budget or the allocator says no.
     pub fn new(g: &Geometry, table: L2Table, budget: &Budget) -> Result<Self> {
-        let starts_at = || {
+        let starts_at = |kind_of: fn(&Geometry, u64, u64) -> Option<Piece>| {
             let mut prev = None;
             table.iter().enumerate().filter_map(move |(i, &(e, bm))| {
-                let kind = whole(g, e, bm);
+                let kind = kind_of(g, e, bm);
                 let starts = i > 0 && !continues(g, prev, kind);
                 prev = kind;
                 starts.then_some(i)
             })
         };
-        let n = starts_at().count();
+        let n = starts_at(whole).count();
+        let zn = starts_at(zero_whole).count();
         let charge = budget.charge(
-            (n as u64).saturating_mul(std::mem::size_of::<u32>() as u64),
+            (n.saturating_add(zn) as u64).saturating_mul(std::mem::size_of::<u32>() as u64),
             "L2 table runs",
         )?;
-        let mut starts = Vec::new();
-        starts
-            .try_reserve_exact(n)
-            .map_err(|_| Error::limit("L2 table runs: cannot allocate"))?;
-        // Entry indices are below 2^18 (one cluster of at most 2 MiB, 8 bytes each).
-        starts.extend(starts_at().filter_map(|i| u32::try_from(i).ok()));
+        let list = |n: usize, kind_of: fn(&Geometry, u64, u64) -> Option<Piece>| {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n)
+                .map_err(|_| Error::limit("L2 table runs: cannot allocate"))?;
+            // Entry indices are below 2^18 (one cluster of at most 2 MiB, 8 bytes each).
+            v.extend(starts_at(kind_of).filter_map(|i| u32::try_from(i).ok()));
+            Ok::<_, Error>(v)
+        };
+        let starts = list(n, whole)?;
+        let zstarts = list(zn, zero_whole)?;
         let first = table.first().and_then(|&(e, bm)| whole(g, e, bm));
         let uniform = match first {
             Some(Piece::Unallocated) if starts.is_empty() => Some(Uniform::Unallocated),
             Some(Piece::Zero) if starts.is_empty() => Some(Uniform::Zero),
             _ => None,
         };
+        let zfirst = table.first().and_then(|&(e, bm)| zero_whole(g, e, bm));
+        let reads_zero = zfirst == Some(Piece::Zero) && zstarts.is_empty();
         Ok(L2Map {
             table,
             starts,
+            zstarts,
             uniform,
+            reads_zero,
             _charge: charge,
         })
     }
 
     /// One past the last index of the run entry `i` belongs to (the table's length when the run
     /// goes to its end). O(log runs).
-    pub fn run_end(&self, i: usize) -> usize {
-        let k = self
-            .starts
-            .partition_point(|&s| usize::try_from(s).unwrap_or(usize::MAX) <= i);
-        self.starts
+    pub fn run_end(&self, i: usize, join: bool) -> usize {
+        let starts = match join {
+            true => &self.zstarts,
+            false => &self.starts,
+        };
+        let k = starts.partition_point(|&s| usize::try_from(s).unwrap_or(usize::MAX) <= i);
+        starts
             .get(k)
             .and_then(|&s| usize::try_from(s).ok())
             .unwrap_or(self.table.len())
@@ -265,10 +284,16 @@ impl L2Map {
         self.uniform
     }
 
+    /// True when every cluster of the table reads as zeros (marked zero or unallocated).
+    pub fn reads_zero(&self) -> bool {
+        self.reads_zero
+    }
+
     /// Bytes held: the entries and the run starts.
     pub fn bytes(&self) -> u64 {
         let entries = (self.table.len() as u64).saturating_mul(16);
-        entries.saturating_add((self.starts.len() as u64).saturating_mul(4))
+        let starts = self.starts.len().saturating_add(self.zstarts.len()) as u64;
+        entries.saturating_add(starts.saturating_mul(4))
     }
 }
 
@@ -278,6 +303,17 @@ impl L2Map {
 fn whole(g: &Geometry, entry: u64, bitmap: u64) -> Option<Piece> {
     match decode(g, entry, bitmap) {
         Ok(ClusterMap::Whole(p @ (Piece::Unallocated | Piece::Zero | Piece::Data(_)))) => Some(p),
+        _ => None,
+    }
+}
+
+/// How an entry maps its whole cluster for a content walk: as [`whole`], except that marked
+/// zero, unallocated, and subclusters that are all one or the other are all `Zero`.
+fn zero_whole(g: &Geometry, entry: u64, bitmap: u64) -> Option<Piece> {
+    match decode(g, entry, bitmap) {
+        Ok(ClusterMap::Whole(Piece::Unallocated | Piece::Zero)) => Some(Piece::Zero),
+        Ok(ClusterMap::Sub { alloc: 0, .. }) => Some(Piece::Zero),
+        Ok(ClusterMap::Whole(p @ Piece::Data(_))) => Some(p),
         _ => None,
     }
 }

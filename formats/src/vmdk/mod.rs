@@ -702,8 +702,14 @@ impl Sparse {
     /// What backs grain number `g`, as `(first, last, end)`: the grain's entry, the entry of
     /// the last grain of the uniform run it starts inside its grain table (the same kind;
     /// for data, host-contiguous grains), and the guest end of that run. A missing grain
-    /// table is one run. Work is bounded by one table (at most 512 entries).
-    fn grain(&self, src: &dyn crate::io::ReadAt, g: u64) -> Result<(Grain, Grain, u64)> {
+    /// table is one run. Work is bounded by one table (at most 512 entries). With `join`,
+    /// zero and unallocated grains continue each other's runs ([`Image::content_extent_at`]).
+    fn grain(
+        &self,
+        src: &dyn crate::io::ReadAt,
+        g: u64,
+        join: bool,
+    ) -> Result<(Grain, Grain, u64)> {
         let per = u64::from(self.hdr.gtes_per_gt);
         let gb = self.hdr.grain_bytes();
         // `per` is at least 1 (the header is validated at open).
@@ -739,7 +745,7 @@ impl Sparse {
         if !(self.hdr.compressed() && matches!(first, Grain::At(_))) {
             for &e in gt.iter().skip(gti.saturating_add(1)) {
                 let next = kind(e);
-                if !continues(last, next, self.hdr.grain_size) {
+                if !continues(last, next, self.hdr.grain_size, join) {
                     break;
                 }
                 last = next;
@@ -750,8 +756,14 @@ impl Sparse {
     }
 
     /// What backs guest bytes from `guest`, for at most `span` bytes (already clamped to the
-    /// capacity by the mapping entry point).
-    fn extent_at(&self, src: &dyn crate::io::ReadAt, guest: u64, span: u64) -> Result<Extent> {
+    /// capacity by the mapping entry point). With `join`, as [`Sparse::grain`].
+    fn extent_at(
+        &self,
+        src: &dyn crate::io::ReadAt,
+        guest: u64,
+        span: u64,
+        join: bool,
+    ) -> Result<Extent> {
         let end = guest.saturating_add(span);
         let gb = self.hdr.grain_bytes();
         // The grain size is at least one sector (checked at open).
@@ -759,7 +771,7 @@ impl Sparse {
             g.checked_div(gb)
                 .ok_or_else(|| Error::corrupt("zero grain size").code("vmdk.header"))
         };
-        let (first, mut last, mut run_end) = self.grain(src, grain_of(guest)?)?;
+        let (first, mut last, mut run_end) = self.grain(src, grain_of(guest)?, join)?;
         if let Grain::At(sector) = first {
             if self.hdr.compressed() {
                 return self.compressed(src, guest, end, sector);
@@ -770,8 +782,8 @@ impl Sparse {
         let mut steps = 0u32;
         while run_end < end && steps < MAX_STEPS {
             steps = steps.saturating_add(1);
-            let (next, next_last, next_end) = self.grain(src, grain_of(run_end)?)?;
-            if !continues(last, next, self.hdr.grain_size) {
+            let (next, next_last, next_end) = self.grain(src, grain_of(run_end)?, join)?;
+            if !continues(last, next, self.hdr.grain_size, join) {
                 break;
             }
             last = next_last;
@@ -834,11 +846,12 @@ impl Sparse {
 }
 
 /// True when grain entry `next` extends a run ending in `last`: both unallocated, both zero,
-/// or data stored right after.
-fn continues(last: Grain, next: Grain, grain_sectors: u64) -> bool {
+/// or data stored right after; with `join`, zero and unallocated continue each other too.
+fn continues(last: Grain, next: Grain, grain_sectors: u64, join: bool) -> bool {
     match (last, next) {
         (Grain::At(a), Grain::At(b)) => Some(b) == a.checked_add(grain_sectors),
-        (a, b) => a == b,
+        (Grain::At(_), _) | (_, Grain::At(_)) => false,
+        (a, b) => join || a == b,
     }
 }
 
@@ -978,8 +991,17 @@ impl Image for VmdkImage {
         matches!(&self.body, Body::Sparse(s) if s.hdr.compressed())
     }
     fn extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+        self.walk(guest, span, false)
+    }
+    fn content_extent_at(&self, guest: u64, span: u64) -> Result<Extent> {
+        self.walk(guest, span, true)
+    }
+}
+
+impl VmdkImage {
+    fn walk(&self, guest: u64, span: u64, join: bool) -> Result<Extent> {
         match &self.body {
-            Body::Sparse(s) => s.extent_at(self.src.as_ref(), guest, span),
+            Body::Sparse(s) => s.extent_at(self.src.as_ref(), guest, span, join),
             Body::DescriptorOnly => Err(Error::unsafe_(
                 "the VMDK data lives in extent files named by the descriptor; they are never opened",
             )
