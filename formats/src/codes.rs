@@ -23,6 +23,7 @@ pub const ALL: &[&str] = &[
     "table.too-large",
     "refcount.mismatch",
     "image.encrypted",
+    "image.backing-name",
     "raw.empty",
     "raw.gpt-checksum",
     "raw.mbr-no-partitions",
