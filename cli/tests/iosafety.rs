@@ -1278,3 +1278,90 @@ fn many_files_that_fail_hold_no_descriptor_past_their_turn() {
         }
     }
 }
+
+/// Report refs-diff F1: backing names qemu resolves to the destination though they are not
+/// its path as stored (a NUL inside, json:, protocol prefixes) still refuse it, with
+/// --force, and `info` reports the path qemu opens. Every file is in the test's tempdir.
+#[test]
+fn convert_refuses_a_destination_qemu_resolves_a_backing_name_to() {
+    let d = tempfile::tempdir().unwrap();
+    let victim = d.path().join("victim.raw");
+    let content = vec![7u8; 4096];
+    std::fs::write(&victim, &content).unwrap();
+    let v = s(&victim);
+    let padded = format!("{v}XXXXX");
+    let names = [
+        padded.clone(),
+        format!("json:{{\"file.filename\":\"{v}\"}}"),
+        format!("json:{{'driver':'raw','file':{{'driver':'file','filename':'{v}'}}}}"),
+        format!("blkdebug::{v}"),
+        format!("host_device:{v}"),
+        format!("file:{v}"),
+        format!("unknownproto:{d}/other.raw", d = s(d.path())),
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let ov = d.path().join(format!("ov{i}.qcow2"));
+        tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                name,
+                "-F",
+                "raw",
+                s(&ov),
+                "1M",
+            ],
+        );
+        if name == &padded {
+            // The name as stored: the victim, a NUL, junk (qemu reads up to the NUL).
+            let mut b = std::fs::read(&ov).unwrap();
+            let at = b
+                .windows(padded.len())
+                .position(|w| w == padded.as_bytes())
+                .unwrap();
+            let tail = at + v.len();
+            b[tail..tail + 5].copy_from_slice(b"\0junk");
+            std::fs::write(&ov, &b).unwrap();
+            // qemu's own reading of the name is the victim's path.
+            let q = tool(
+                "qemu-img",
+                &["info", "--output=json", "-f", "qcow2", s(&ov)],
+            );
+            let q: Value = serde_json::from_slice(&q.stdout).unwrap();
+            assert_eq!(q["backing-filename"], v, "{q}");
+            let info = json_of(&glimpse(&["info", "--output", "json", s(&ov)]));
+            let r = &info["references"][0];
+            assert_eq!(r["target"], format!("{v}\0junk"), "{info}");
+            assert_eq!(r["resolved"], serde_json::json!([v]), "{info}");
+        }
+        let o = glimpse_in(d.path(), &["convert", "--force", "-O", "raw", s(&ov), v]);
+        let e = stderr(&o);
+        assert_eq!(code(&o), 2, "{name:?}: {e}");
+        assert!(e.contains("output.source-reference"), "{name:?}: {e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), content, "{name:?}");
+        // Another destination is written (except for the name glimpse cannot resolve).
+        let out = d.path().join(format!("out{i}.raw"));
+        let o = glimpse_in(
+            d.path(),
+            &["convert", "--force", "-O", "raw", s(&ov), s(&out)],
+        );
+        let expect = if name.starts_with("unknownproto:") {
+            2
+        } else {
+            0
+        };
+        assert_eq!(code(&o), expect, "{name:?}: {}", stderr(&o));
+    }
+    let info = json_of(&glimpse(&[
+        "info",
+        "--output",
+        "json",
+        s(&d.path().join("ov6.qcow2")),
+    ]));
+    assert_eq!(info["references"][0]["unresolved"], true, "{info}");
+}

@@ -252,49 +252,82 @@ pub fn check_not_source(source: &Path, dest: &Path) -> Result<()> {
 }
 
 /// Refuses `dest` when it is a file that `source` refers to (`refs`: its backing file,
-/// external data file, extents, parent locators, hrefs, as `info` reports them). A relative
-/// reference is resolved against the source's directory, as qemu does (both as the source was
-/// named and through its symbolic links). The destination matches when it has the same
-/// canonical path, or, when both exist, the same device and inode. Nothing is opened: only
-/// paths are resolved and files stat-ed. References that are no local path (a URL, qemu's
-/// `json:`) are skipped; `source` None (a remote image) checks absolute references only.
+/// external data file, extents, parent locators, hrefs, as `info` reports them).
+///
+/// Each reference is resolved as qemu resolves it ([`glimpse_formats::refname::resolve`]): cut
+/// at a NUL, protocol prefixes (`file:`, `blkdebug:`, `host_device:`, ...) stripped, every
+/// path of a `json:` specification. A plain relative name is resolved against the source's
+/// directory, as qemu does (both as the source was named and through its symbolic links);
+/// a relative path inside a protocol name or `json:` against the working directory too. The
+/// destination matches when it has the same canonical path as one of them, or, when both
+/// exist, the same device and inode. A name that cannot be resolved with confidence (an
+/// unknown protocol, a `json:` that does not parse) could be any file: every destination is
+/// refused. Nothing is opened: only paths are resolved and files stat-ed. Network names
+/// (`nbd:`, `http://`) name no local file; `source` None (a remote image) checks absolute and
+/// working-directory references only.
 ///
 /// # Errors
 /// `Invalid` with code `output.source-reference`.
 pub fn check_not_referenced(source: Option<&Path>, refs: &[Reference], dest: &Path) -> Result<()> {
-    let mut bases: Vec<PathBuf> = Vec::new();
+    use glimpse_formats::refname::Base;
+    let mut image_bases: Vec<PathBuf> = Vec::new();
     if let Some(src) = source {
         let dir = match src.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        bases.push(dir);
+        image_bases.push(dir);
         if let Some(p) = std::fs::canonicalize(src)
             .ok()
             .and_then(|c| c.parent().map(Path::to_path_buf))
         {
-            bases.push(p);
+            image_bases.push(p);
         }
     }
+    let mut either_bases = image_bases.clone();
+    either_bases.push(PathBuf::from("."));
     let dest_id = std::fs::metadata(dest).ok().map(|m| (m.dev(), m.ino()));
     let dest_canon = canonical(dest);
     for r in refs {
-        for cand in ref_paths(&r.target, &bases) {
-            let same_inode = dest_id.is_some()
-                && std::fs::metadata(&cand).ok().map(|m| (m.dev(), m.ino())) == dest_id;
-            if same_inode
-                || dest_canon
-                    .as_ref()
-                    .is_some_and(|d| canonical(&cand).as_ref() == Some(d))
-            {
-                return Err(Error::invalid(format!(
-                    "{}: the destination is {} the source refers to ({:?}); refusing to \
-                     overwrite a file the input's data depends on, even with --force",
-                    dest.display(),
-                    ref_kind(r),
-                    r.target
-                ))
-                .code("output.source-reference"));
+        let resolved = r.resolved();
+        if !resolved.certain {
+            return Err(Error::invalid(format!(
+                "{}: the source names {} qemu may resolve to any file ({:?}: an unknown \
+                 protocol or a json: specification glimpse cannot read with confidence); \
+                 refusing to write any destination for it, even with --force",
+                dest.display(),
+                ref_kind(r),
+                r.target
+            ))
+            .code("output.source-reference"));
+        }
+        for local in &resolved.paths {
+            let bases = match local.base {
+                Base::Image => &image_bases,
+                Base::Either => &either_bases,
+            };
+            for cand in ref_paths(&local.path, bases) {
+                let same_inode = dest_id.is_some()
+                    && std::fs::metadata(&cand).ok().map(|m| (m.dev(), m.ino())) == dest_id;
+                if same_inode
+                    || dest_canon
+                        .as_ref()
+                        .is_some_and(|d| canonical(&cand).as_ref() == Some(d))
+                {
+                    let via = if local.path == r.target {
+                        String::new()
+                    } else {
+                        format!(", which qemu opens as {:?}", local.path)
+                    };
+                    return Err(Error::invalid(format!(
+                        "{}: the destination is {} the source refers to ({:?}{via}); refusing \
+                         to overwrite a file the input's data depends on, even with --force",
+                        dest.display(),
+                        ref_kind(r),
+                        r.target
+                    ))
+                    .code("output.source-reference"));
+                }
             }
         }
     }
@@ -312,27 +345,14 @@ fn ref_kind(r: &Reference) -> &'static str {
     }
 }
 
-/// The local paths a reference may name: relative ones against each base directory, and
-/// with Windows separators (VHD/VHDX parent locators) read as `/` too.
-fn ref_paths(target: &str, bases: &[PathBuf]) -> Vec<PathBuf> {
-    let t = target.strip_prefix("file:").unwrap_or(target);
-    if t.is_empty() || t.contains("://") || t.starts_with("json:") {
-        return Vec::new();
+/// The paths a local name may be: absolute as it is, relative against each base directory.
+fn ref_paths(name: &str, bases: &[PathBuf]) -> Vec<PathBuf> {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        vec![p.to_path_buf()]
+    } else {
+        bases.iter().map(|b| b.join(p)).collect()
     }
-    let mut names = vec![t.to_string()];
-    if t.contains('\\') {
-        names.push(t.replace('\\', "/"));
-    }
-    let mut out = Vec::new();
-    for n in names {
-        let p = Path::new(&n);
-        if p.is_absolute() {
-            out.push(p.to_path_buf());
-        } else {
-            out.extend(bases.iter().map(|b| b.join(p)));
-        }
-    }
-    out
 }
 
 /// The canonical form of `p`: the path with every symbolic link resolved when it exists, or
@@ -628,6 +648,68 @@ mod tests {
         assert!(check_not_referenced(Some(&src), &other, &base).is_ok());
         assert!(check_not_referenced(None, &backing, &base).is_ok());
         assert_eq!(std::fs::read(&base).unwrap(), b"base");
+    }
+
+    #[test]
+    fn names_qemu_resolves_to_the_destination_are_refused() {
+        use glimpse_formats::RefKind;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("ov.qcow2");
+        std::fs::write(&src, b"overlay").unwrap();
+        let victim = dir.path().join("victim.raw");
+        std::fs::write(&victim, b"victim").unwrap();
+        let v = victim.to_str().unwrap();
+        let refused = |kind: RefKind, name: &str| {
+            let e = check_not_referenced(Some(&src), &[reference(kind, name)], &victim)
+                .expect_err(name);
+            assert_eq!(e.finding_code(), "output.source-reference", "{name:?}");
+        };
+        for name in [
+            format!("{v}\0junk"),
+            format!("{v}\0\0\0\0\0\0\0\0"),
+            format!("{v}\0/etc"),
+            format!("json:{{\"file.filename\":\"{v}\"}}"),
+            format!(
+                "json:{{\"driver\":\"raw\",\"file\":{{\"driver\":\"file\",\"filename\":\"{v}\"}}}}"
+            ),
+            format!("json:{{'file.filename':'{v}'}}"),
+            format!("json:{{\"driver\":\"quorum\",\"children\":[{{\"file.filename\":\"{v}\"}}]}}"),
+            format!("blkdebug::{v}"),
+            format!("blkdebug:/nonexistent/cfg:file:{v}"),
+            format!("blkverify:/nonexistent/a:{v}"),
+            format!("host_device:{v}"),
+            format!("host_cdrom:{v}"),
+            format!("file:{v}"),
+            // qemu cannot be followed with confidence: any destination is refused.
+            format!("weird:{v}"),
+            "JSON:{}".to_string(),
+            "json:{'file.filename':".to_string(),
+        ] {
+            refused(RefKind::BackingFile, &name);
+        }
+        refused(RefKind::DataFile, &format!("json:{{'filename':'{v}'}}"));
+        refused(RefKind::Extent, &format!("file:{v}"));
+        // A relative path inside a protocol name is qemu's working directory's, and the
+        // image's directory's.
+        refused(RefKind::BackingFile, "blkdebug::victim.raw");
+        // Resolved names that are another file still pass; network names name no file.
+        for name in [
+            format!("json:{{\"file.filename\":\"{v}.other\"}}"),
+            format!("{v}.other\0{v}"),
+            "nbd:127.0.0.1:1".to_string(),
+            "http://host/victim.raw".to_string(),
+        ] {
+            assert!(
+                check_not_referenced(
+                    Some(&src),
+                    &[reference(RefKind::BackingFile, &name)],
+                    &victim
+                )
+                .is_ok(),
+                "{name:?}"
+            );
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub const ALL: &[&str] = &[
     "table.too-large",
     "refcount.mismatch",
     "image.encrypted",
+    "image.backing-name",
+    "raw.vmdk-descriptor-text",
     "raw.empty",
     "raw.gpt-checksum",
     "raw.mbr-no-partitions",

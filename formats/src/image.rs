@@ -26,18 +26,62 @@ pub enum RefKind {
 }
 
 /// A reference an image makes to another file. Reported, never opened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+///
+/// Serialized with its fields and, for the kinds qemu follows (backing file, data file,
+/// extent), `resolved`: the local paths qemu opens for the name ([`crate::refname::resolve`])
+/// when they differ from the name as stored, and `unresolved: true` when the name could not be
+/// resolved with confidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reference {
     /// What kind of reference.
     pub kind: RefKind,
     /// The name or path exactly as the image states it (lossily decoded).
     pub target: String,
     /// The format the image says the target has, if it says.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
     /// Where in the file the reference is stored.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
+}
+
+impl Reference {
+    /// The local paths qemu opens for this reference ([`crate::refname::resolve`]).
+    pub fn resolved(&self) -> crate::refname::Resolved {
+        crate::refname::resolve(self.kind, &self.target)
+    }
+}
+
+impl Serialize for Reference {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let followed = matches!(
+            self.kind,
+            RefKind::BackingFile | RefKind::DataFile | RefKind::Extent
+        );
+        let r = followed.then(|| self.resolved());
+        let paths: Vec<&str> = r
+            .as_ref()
+            .map(|r| r.paths.iter().map(|p| p.path.as_str()).collect())
+            .unwrap_or_default();
+        let differs = r.is_some()
+            && paths != [self.target.as_str()]
+            && !(paths.is_empty() && self.target.is_empty());
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("kind", &self.kind)?;
+        m.serialize_entry("target", &self.target)?;
+        if let Some(f) = &self.format {
+            m.serialize_entry("format", f)?;
+        }
+        if let Some(o) = &self.offset {
+            m.serialize_entry("offset", o)?;
+        }
+        if differs {
+            m.serialize_entry("resolved", &paths)?;
+        }
+        if r.as_ref().is_some_and(|r| !r.certain) {
+            m.serialize_entry("unresolved", &true)?;
+        }
+        m.end()
+    }
 }
 
 /// What `open` learns from an image's metadata.

@@ -58,6 +58,7 @@ pub mod policy;
 pub mod probe;
 pub mod ranges;
 pub mod reader;
+pub mod refname;
 pub mod table;
 pub mod tmpfile;
 pub mod unsupported;

@@ -230,6 +230,9 @@ fn judge(img: &dyn Image, policy: &Policy, limits: &Limits, out: &mut Vec<Findin
             Err(e) => out.push(Finding::from_error(&e)),
         }
     }
+    if policy.allow_backing_file {
+        out.extend(unsafe_backing_names(img.info()));
+    }
     if let Some(f) = encrypted(img.info(), policy) {
         out.push(f);
     }
@@ -243,6 +246,31 @@ fn judge(img: &dyn Image, policy: &Policy, limits: &Limits, out: &mut Vec<Findin
         }
     }
     Ok(())
+}
+
+/// The backing-file allowance covers plain file names only: a backing or parent name in
+/// qemu's protocol syntax (`json:`, `nbd:`, `fat:`, `blkdebug:` ...), with NUL or control
+/// bytes, or under /dev, /proc or /sys stays a rejection (`image.backing-name`).
+fn unsafe_backing_names(info: &ImageInfo) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for r in &info.references {
+        if r.kind != crate::image::RefKind::BackingFile {
+            continue;
+        }
+        if let Some(why) = crate::refname::unsafe_backing_name(&r.target) {
+            let mut f = Finding::reject(
+                "image.backing-name",
+                format!(
+                    "the backing file name {:?} is no plain file name: {why}; \
+                     --allow-backing-file accepts plain names only",
+                    r.target
+                ),
+            );
+            f.offset = r.offset;
+            out.push(f);
+        }
+    }
+    out
 }
 
 /// The backing-file allowance, then the order: severity (rejections first), then offset.
@@ -374,6 +402,37 @@ mod tests {
         let r = inspect(src, &p, &Limits::default()).unwrap();
         assert_eq!(r.verdict(), Verdict::Reject);
         assert!(r.findings.iter().any(|f| f.code == "format.mismatch"));
+    }
+
+    #[test]
+    fn allowed_backing_files_must_be_plain_names() {
+        let fixture = include_bytes!("../../fixtures/hostile/qcow2/backing-file.qcow2");
+        let allow = Policy {
+            allow_backing_file: true,
+            skip_structure: true,
+            ..Policy::default()
+        };
+        let run = |name: &[u8; 11]| {
+            let mut b = fixture.to_vec();
+            b[400..411].copy_from_slice(name);
+            let r = inspect(Arc::new(b), &allow, &Limits::default()).unwrap();
+            let unsafe_name = r.findings.iter().any(|f| f.code == "image.backing-name");
+            (r.verdict(), unsafe_name)
+        };
+        assert_eq!(run(b"base.qcow2x"), (Verdict::Pass, false));
+        assert_eq!(run(b"../b/x:y.qc"), (Verdict::Pass, false));
+        for bad in [
+            b"json:{'a':1",
+            b"nbd:h:1/abc",
+            b"fat:rw:/srv",
+            b"file:/b.raw",
+            b"/dev/fd/099",
+            b"/x/../proc/",
+            b"b.raw\0junk0",
+            b"b.raw\njunk0",
+        ] {
+            assert_eq!(run(bad), (Verdict::Reject, true), "{bad:?}");
+        }
     }
 
     #[test]

@@ -59,10 +59,13 @@ pub fn is_descriptor(head: &[u8]) -> bool {
         .get(..head.len().min(DESCRIPTOR_SEARCH))
         .unwrap_or_default();
     let full = window.len() >= DESCRIPTOR_SEARCH;
-    matches!(
-        prolog::root_is(window, DESCRIPTOR_TAG, full),
-        prolog::Root::Descriptor | prolog::Root::Unfinished
-    )
+    match prolog::root_is(window, DESCRIPTOR_TAG, full) {
+        prolog::Root::Descriptor => true,
+        // Whitespace alone is no XML prolog (a file of spaces or newlines is raw, as qemu
+        // says): an unfinished prolog needs markup.
+        prolog::Root::Unfinished => prolog::text(window).contains(&b'<'),
+        prolog::Root::Other => false,
+    }
 }
 
 /// The `<File>` names a descriptor lists (at most [`MAX_NAMES`]), lossily decoded.

@@ -333,6 +333,15 @@ fn descriptor_names_are_bounded_and_a_bom_is_allowed() {
     long.resize(DESCRIPTOR_SEARCH, b'x');
     assert!(is_descriptor(&long));
     assert!(!is_descriptor(&long[..1000]));
+    // Report refs-diff F6: whitespace alone is no XML (qemu calls it raw).
+    for ws in [
+        vec![b' '; 1 << 20],
+        vec![b'\n'; 70_000],
+        vec![b'\t'; DESCRIPTOR_SEARCH],
+    ] {
+        assert!(!is_descriptor(&ws));
+        assert!(crate::detect::detect(&ws).unwrap().matches.is_empty());
+    }
     assert_eq!(
         open_bytes(b"not an image at all").err().unwrap().kind(),
         ErrorKind::Invalid

@@ -410,6 +410,91 @@ fn loose_extent(line: &[u8], at: u64) -> Option<LooseExtent> {
     })
 }
 
+/// The extent lines qemu's `vmdk_parse_extents` reads with
+/// `sscanf(p, "%10s %ld %10s \"%511[^\n\r\"]\"")` from each line start of `text` (a C
+/// string: up to its first NUL): access `RW`, a type that names a file, a non-empty name.
+/// `sscanf` skips whitespace across line breaks, so an extent may be split over lines.
+/// Returns (offset of the line holding the access word, file name), at most `max`. Whitespace runs skipped
+/// from a line start are remembered, so each byte is scanned a bounded number of times.
+pub fn qemu_rw_extents(text: &[u8], max: usize) -> Vec<(usize, &[u8])> {
+    let text = text.split(|&b| b == 0).next().unwrap_or_default();
+    let skip = |mut i: usize| {
+        while text.get(i).copied().is_some_and(c_space) {
+            i = i.saturating_add(1);
+        }
+        i
+    };
+    // A run of at most `max` non-space bytes from `i`.
+    let token = |i: usize, max: usize| {
+        let mut j = i;
+        while j.saturating_sub(i) < max && text.get(j).is_some_and(|&b| !c_space(b)) {
+            j = j.saturating_add(1);
+        }
+        j
+    };
+    let mut out = Vec::new();
+    let mut skipped_to: Option<usize> = None;
+    let mut start = 0usize;
+    while start < text.len() && out.len() < max {
+        let line = start;
+        start = text
+            .get(line..)
+            .and_then(|t| t.iter().position(|&b| b == b'\n'))
+            .map_or(text.len(), |nl| line.saturating_add(nl).saturating_add(1));
+        if skipped_to.is_some_and(|s| line <= s) {
+            continue; // an earlier line start already skipped to the same token
+        }
+        let a = skip(line);
+        skipped_to = Some(a);
+        let a_end = token(a, 10);
+        if text.get(a..a_end) != Some(&b"RW"[..]) {
+            continue;
+        }
+        let mut n = skip(a_end);
+        if matches!(text.get(n), Some(b'+' | b'-')) {
+            n = n.saturating_add(1);
+        }
+        let digits = text
+            .get(n..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if digits == 0 {
+            continue;
+        }
+        let t = skip(n.saturating_add(digits));
+        let t_end = token(t, 10);
+        let kind = text.get(t..t_end).unwrap_or_default();
+        if !matches!(
+            kind,
+            b"FLAT" | b"SPARSE" | b"VMFS" | b"VMFSSPARSE" | b"SESPARSE"
+        ) {
+            continue;
+        }
+        let q = skip(t_end);
+        if text.get(q) != Some(&b'"') {
+            continue;
+        }
+        let name = text.get(q.saturating_add(1)..).unwrap_or_default();
+        let len = name
+            .iter()
+            .take(511)
+            .take_while(|&&b| !matches!(b, b'\n' | b'\r' | b'"'))
+            .count();
+        if let Some(file) = name.get(..len).filter(|f| !f.is_empty()) {
+            // Reported at the line the access word is on (a blank line before it is
+            // read through by the same sscanf).
+            let on = text
+                .get(..a)
+                .and_then(|t| t.iter().rposition(|&b| b == b'\n'))
+                .map_or(0, |nl| nl.saturating_add(1));
+            out.push((on, file));
+        }
+    }
+    out
+}
+
 /// Every line of `text` (found at byte `base`) that a lenient reader could take as an
 /// extent naming a file but [`parse`] did not turn into an [`ExtentLine`]: each is another
 /// file qemu or VMware may open. At most [`MAX_EXTENTS`] are returned.
@@ -429,6 +514,21 @@ pub fn loose_extents(text: &[u8], base: u64, parsed: &[ExtentLine]) -> Vec<Loose
             }
             out.push(e);
         }
+    }
+    // An extent qemu's sscanf reads across line breaks (`RW\n2048\nFLAT\n"f"`).
+    for (line, file) in qemu_rw_extents(text, MAX_EXTENTS) {
+        let at = base.saturating_add(line as u64);
+        if out.len() >= MAX_EXTENTS {
+            break;
+        }
+        if known.contains(&at) || out.iter().any(|e| e.at == at) {
+            continue;
+        }
+        out.push(LooseExtent {
+            at,
+            access: "RW".to_string(),
+            file: String::from_utf8_lossy(file).into_owned(),
+        });
     }
     out
 }
@@ -480,6 +580,31 @@ mod tests {
             assert!(!qemu_probe(no.as_bytes()), "{no:?}");
         }
         assert!(!looks_like_descriptor(b"createType=\"x\"\n\0version=1\n"));
+    }
+
+    #[test]
+    fn extents_split_over_lines_are_read_as_qemu_reads_them() {
+        // report refs-diff F4: qemu's sscanf skips whitespace across line breaks.
+        let text = b"# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW\n2048\nFLAT\n\"/v/base.raw\"\n0\n";
+        let d = parse(text, 0);
+        let loose = loose_extents(text, 0, &d.extents);
+        assert!(
+            loose
+                .iter()
+                .any(|e| e.file == "/v/base.raw" && e.access == "RW"),
+            "{loose:?}"
+        );
+        assert_eq!(
+            qemu_rw_extents(b"RW 1 FLAT \"a\" 0\n\0RW 1 FLAT \"b\"", 9),
+            [(0, &b"a"[..])]
+        );
+        assert!(
+            qemu_rw_extents(b"RW 1 ZERO \"a\"\nRDONLY 1 FLAT \"b\"\nRW 1 FLAT \"\"", 9).is_empty()
+        );
+        // Linear: a MiB of line breaks after RW tokens.
+        let mut big = b"RW".to_vec();
+        big.extend(vec![b'\n'; 1 << 20]);
+        assert!(qemu_rw_extents(&big, 9).is_empty());
     }
 
     #[test]
