@@ -290,32 +290,74 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A table's key column is padded to its widest key of at most this many characters.
+const KEY_PAD_MAX: usize = 48;
+/// A table's value column is padded to its widest value of at most this many characters. A
+/// longer cell is written as it is, running past the column's edge, instead of widening every
+/// row: padding each row to the widest value made a table rows × widest value bytes (an OVA of
+/// 51 KB printed 299 MB), and a width past 65,535 made Rust's formatter panic.
+const VALUE_PAD_MAX: usize = 80;
+/// A cell longer than this many characters is shown shortened, with how many were left out;
+/// JSON output keeps it whole.
+const CELL_SHOW_MAX: usize = 4096;
+
+/// One table cell: `s` cut to [`CELL_SHOW_MAX`] characters (with a note of how many more
+/// there were), then made [`printable`]; and its width in characters.
+fn cell(s: &str) -> (String, usize) {
+    let (kept, note) = match s.char_indices().nth(CELL_SHOW_MAX) {
+        Some((at, _)) => {
+            let (kept, rest) = s.split_at(at);
+            (
+                kept,
+                format!(" ... ({} more characters)", rest.chars().count()),
+            )
+        }
+        None => (s, String::new()),
+    };
+    let mut text = printable(kept).into_owned();
+    text.push_str(&note);
+    let width = text.chars().count();
+    (text, width)
+}
+
+/// The widest of `widths` that is at most `max` (at least 5, the headers' width).
+fn column_width(widths: impl Iterator<Item = usize>, max: usize) -> usize {
+    widths.filter(|&w| w <= max).max().unwrap_or(0).max(5)
+}
+
+/// Appends `| key | value |` and a line break, each cell padded to its column by hand (a
+/// computed width in a format string panics past 65,535); a cell wider than its column is
+/// not padded.
+fn table_row(out: &mut String, key: (&str, usize), value: (&str, usize), w1: usize, w2: usize) {
+    out.push_str("| ");
+    out.push_str(key.0);
+    out.extend(std::iter::repeat_n(' ', w1.saturating_sub(key.1)));
+    out.push_str(" | ");
+    out.push_str(value.0);
+    out.extend(std::iter::repeat_n(' ', w2.saturating_sub(value.1)));
+    out.push_str(" |\n");
+}
+
 /// Renders a Field/Value table like `glance image-show` prints. Every key and value is one
-/// line, made [`printable`].
+/// line, made [`printable`]. Its size is linear in the text of the rows: a column is as wide
+/// as its widest cell of at most [`VALUE_PAD_MAX`] characters ([`KEY_PAD_MAX`] for keys), a
+/// wider cell runs past the column's edge, and one longer than [`CELL_SHOW_MAX`] is shortened.
 pub fn table(rows: &[(String, String)]) -> String {
-    let rows: Vec<(String, String)> = rows
-        .iter()
-        .map(|(k, v)| (printable(k).into_owned(), printable(v).into_owned()))
-        .collect();
-    let w1 = rows
-        .iter()
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(5);
-    let w2 = rows
-        .iter()
-        .map(|(_, v)| v.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(5);
-    let sep = format!("+-{}-+-{}-+\n", "-".repeat(w1), "-".repeat(w2));
+    let cells: Vec<((String, usize), (String, usize))> =
+        rows.iter().map(|(k, v)| (cell(k), cell(v))).collect();
+    let w1 = column_width(cells.iter().map(|(k, _)| k.1), KEY_PAD_MAX);
+    let w2 = column_width(cells.iter().map(|(_, v)| v.1), VALUE_PAD_MAX);
+    let mut sep = String::from("+-");
+    sep.extend(std::iter::repeat_n('-', w1));
+    sep.push_str("-+-");
+    sep.extend(std::iter::repeat_n('-', w2));
+    sep.push_str("-+\n");
     let mut out = String::new();
     out.push_str(&sep);
-    out.push_str(&format!("| {:<w1$} | {:<w2$} |\n", "Field", "Value"));
+    table_row(&mut out, ("Field", 5), ("Value", 5), w1, w2);
     out.push_str(&sep);
-    for (k, v) in &rows {
-        out.push_str(&format!("| {k:<w1$} | {v:<w2$} |\n"));
+    for ((k, kw), (v, vw)) in &cells {
+        table_row(&mut out, (k, *kw), (v, *vw), w1, w2);
     }
     out.push_str(&sep);
     out
@@ -449,6 +491,66 @@ pub fn print_json(items: Vec<Value>) {
     outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
+/// Prints the JSON objects of a command's files one by one, as each is done: the object alone
+/// for one file, an array for several, in the same bytes [`print_json`] prints for them all
+/// at once, without holding them all.
+pub struct JsonItems {
+    /// How many objects the command prints.
+    count: usize,
+    /// How many were printed.
+    printed: usize,
+}
+
+impl JsonItems {
+    /// A printer of `count` objects.
+    pub fn new(count: usize) -> Self {
+        JsonItems { count, printed: 0 }
+    }
+
+    /// Prints the next object.
+    pub fn item(&mut self, mut v: Value) {
+        crate::remote::annotate(&mut v);
+        let text = self.render(&v);
+        out!("{text}");
+    }
+
+    /// The text of the next object, as the whole output would hold it.
+    fn render(&mut self, v: &Value) -> String {
+        let text = serde_json::to_string_pretty(v).unwrap_or_default();
+        let first = self.printed == 0;
+        self.printed = self.printed.saturating_add(1);
+        if self.count == 1 {
+            return text + "\n";
+        }
+        // An array's items are its members pretty-printed one level deeper: every line
+        // indented by two more spaces (a string's line breaks are escaped).
+        let mut out = String::with_capacity(text.len().saturating_add(256));
+        out.push_str(if first { "[\n" } else { ",\n" });
+        for (i, line) in text.lines().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            out.push_str("  ");
+            out.push_str(line);
+        }
+        out
+    }
+
+    /// Ends the array.
+    pub fn finish(self) {
+        out!("{}", self.end());
+    }
+
+    /// What ends the output.
+    fn end(&self) -> &'static str {
+        match (self.count, self.printed) {
+            (1, _) => "",
+            (_, 0) => "[]\n",
+            _ => "\n]\n",
+        }
+    }
+}
+
 /// `e` naming the file `path` once: errors of opening a file already start with its name.
 pub fn named(e: anyhow::Error, path: &Path) -> anyhow::Error {
     let n = name(path);
@@ -464,5 +566,137 @@ pub fn name(path: &Path) -> String {
     match crate::source::remote_input(path) {
         Some(url) => crate::remote::display(url),
         None => path.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table as it was rendered before its columns were capped (format strings with a
+    /// computed width): what it still is for values of at most 80 characters.
+    fn old_table(rows: &[(&str, &str)]) -> String {
+        let w1 = rows
+            .iter()
+            .map(|r| r.0.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        let w2 = rows
+            .iter()
+            .map(|r| r.1.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        let sep = format!("+-{}-+-{}-+\n", "-".repeat(w1), "-".repeat(w2));
+        let mut out = sep.clone();
+        out += &format!("| {:<w1$} | {:<w2$} |\n", "Field", "Value");
+        out += &sep;
+        for (k, v) in rows {
+            out += &format!("| {k:<w1$} | {v:<w2$} |\n");
+        }
+        out + &sep
+    }
+
+    fn owned(rows: &[(&str, &str)]) -> Vec<(String, String)> {
+        rows.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn short_values_render_as_before() {
+        for rows in [
+            vec![],
+            vec![("a", "b")],
+            vec![
+                ("verdict", "PASS"),
+                ("virtual size", "1 GiB (1073741824 bytes)"),
+            ],
+            vec![
+                (
+                    "reject: qcow2.unknown-incompatible-feature",
+                    &"x".repeat(80)[..],
+                ),
+                ("é", "ü"),
+            ],
+        ] {
+            assert_eq!(table(&owned(&rows)), old_table(&rows));
+        }
+    }
+
+    #[test]
+    fn long_values_neither_panic_nor_widen_the_table() {
+        let long = "v".repeat(70_000);
+        let wide = "w".repeat(81);
+        let rows = owned(&[
+            ("short", "1"),
+            ("long", &long),
+            ("wide", &wide),
+            (&"k".repeat(49), "2"),
+        ]);
+        let t = table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        // Columns of 5 and 5 characters: nothing short enough widened them.
+        assert_eq!(lines[0], "+-------+-------+");
+        assert_eq!(lines[3], "| short | 1     |");
+        assert_eq!(
+            lines[4],
+            format!(
+                "| long  | {} ... (65904 more characters) |",
+                "v".repeat(4096)
+            )
+        );
+        assert_eq!(lines[5], format!("| wide  | {wide} |"));
+        assert_eq!(lines[6], format!("| {} | 2     |", "k".repeat(49)));
+        assert_eq!(lines.len(), 8);
+        // Linear: many rows of long values cost their text, not rows × the widest.
+        let rows: Vec<(String, String)> = (0..1000)
+            .map(|i| (format!("k{i}"), "x".repeat(i * 10)))
+            .collect();
+        let text: usize = rows
+            .iter()
+            .map(|(k, v)| k.len() + v.len().min(4096 + 40))
+            .sum();
+        assert!(table(&rows).len() < text + 1000 * 100);
+    }
+
+    #[test]
+    fn a_shortened_cell_is_cut_on_a_character_and_stays_printable() {
+        let v = format!("{}\u{1b}[31m", "é".repeat(5000));
+        let t = table(&owned(&[("k", &v)]));
+        assert!(t.contains(&format!(
+            "| k     | {} ... (909 more characters) |",
+            "é".repeat(4096)
+        )));
+        let v = format!("{}\u{1b}", "a".repeat(4095));
+        let t = table(&owned(&[("k", &v)]));
+        assert!(
+            t.contains(&format!("{}\\u{{1b}} |", "a".repeat(4095))),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn json_items_print_what_print_json_prints() {
+        let items = [
+            serde_json::json!({"a": 1, "b": [1, {"c": "x\ny"}], "d": {}, "e": []}),
+            serde_json::json!({"filename": "f", "error": {"kind": "io"}}),
+            serde_json::json!([]),
+        ];
+        for n in 1..=items.len() {
+            let mut j = JsonItems::new(n);
+            let mut out = String::new();
+            for v in &items[..n] {
+                out += &j.render(v);
+            }
+            out += j.end();
+            let whole = if n == 1 {
+                items[0].clone()
+            } else {
+                Value::Array(items[..n].to_vec())
+            };
+            assert_eq!(out, serde_json::to_string_pretty(&whole).unwrap() + "\n");
+        }
     }
 }

@@ -108,6 +108,8 @@ impl Limits {
 #[derive(Debug, Clone)]
 pub struct Budget {
     left: Arc<AtomicU64>,
+    /// How many charges it refused, ever ([`Budget::refusals`]).
+    refused: Arc<AtomicU64>,
 }
 
 /// Budgets are equal when they are the same count.
@@ -123,6 +125,7 @@ impl Budget {
     pub fn new(bytes: u64) -> Self {
         Budget {
             left: Arc::new(AtomicU64::new(bytes)),
+            refused: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -137,6 +140,11 @@ impl Budget {
             })
             .map(|_| ())
             .map_err(|_| {
+                let _ = self
+                    .refused
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_add(1))
+                    });
                 Error::limit(format!(
                     "{what}: metadata budget exhausted ({bytes} bytes asked)"
                 ))
@@ -168,6 +176,14 @@ impl Budget {
     /// Bytes left.
     pub fn left(&self) -> u64 {
         self.left.load(Ordering::Relaxed)
+    }
+
+    /// How many charges this budget (any clone of it) has refused so far. A caller that runs
+    /// several images under one budget sees from it whether a refusal happened while one of
+    /// them was checked: its result may then depend on what the others held (`glimpse check`
+    /// checks such an image again alone).
+    pub fn refusals(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 }
 
@@ -265,7 +281,9 @@ mod tests {
         let copy = limits.clone();
         let c = limits.budget().charge(60, "a").unwrap();
         assert_eq!(copy.budget().left(), 40);
+        assert_eq!(copy.budget().refusals(), 0);
         assert!(copy.budget().charge(41, "b").is_err());
+        assert_eq!(limits.budget().refusals(), 1);
         let mut g = limits.budget().charge(0, "d").unwrap();
         g.grow(30, "d").unwrap();
         assert!(g.grow(11, "d").is_err());

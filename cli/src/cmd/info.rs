@@ -6,7 +6,7 @@ use glimpse_formats::{detect, Limits};
 use serde_json::{json, Value};
 
 use crate::common::{
-    failed, info_json, info_rows, name, open_image, open_source, print_json, table, OutputFormat,
+    failed, info_json, info_rows, name, open_image, open_source, table, JsonItems, OutputFormat,
 };
 
 /// Arguments of `glimpse info`.
@@ -30,49 +30,64 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<u8> {
     args.remote.apply();
     let limits = crate::common::limits();
-    let mut out = Vec::new();
+    let human = args.output == OutputFormat::Human;
+    let mut json = (!human).then(|| JsonItems::new(args.files.len()));
     let mut code = 0;
     for path in &args.files {
         let fname = name(path);
-        match crate::source::settled(path, describe(path, &fname, args.disk, &limits)) {
-            Ok((v, t)) => {
-                out.push(v);
-                if args.output == OutputFormat::Human {
-                    out!("{t}");
+        match crate::source::settled(path, describe(path, &fname, args.disk, &limits, human)) {
+            Ok(Described::Human(t)) => out!("{t}"),
+            Ok(Described::Json(v)) => {
+                if let Some(json) = &mut json {
+                    json.item(v);
                 }
             }
             Err(e) => {
                 let (v, _) = failed(&fname, &e);
-                out.push(v);
+                if let Some(json) = &mut json {
+                    json.item(v);
+                }
                 code = 2;
             }
         }
     }
-    if args.output == OutputFormat::Json {
-        print_json(out);
+    if let Some(json) = json {
+        json.finish();
     }
     Ok(code)
 }
 
-/// One file's JSON object and human table.
+/// One file described in the output format asked for.
+enum Described {
+    Json(Value),
+    Human(String),
+}
+
+/// One file's JSON object, or its human table when `human`.
 fn describe(
     path: &Path,
     fname: &str,
     disk: Option<usize>,
     limits: &Limits,
-) -> anyhow::Result<(Value, String)> {
+    human: bool,
+) -> anyhow::Result<Described> {
     let src = open_source(path)?;
     let det = detect(src.as_ref())?;
     let img = open_image(src, &det, disk, limits)?;
-    let mut obj = info_json(fname, img.info());
-    let mut rows = info_rows(fname, img.info());
-    if det.is_ambiguous() {
-        let names = det.names();
-        obj.insert("detected-formats".into(), json!(names));
-        rows.push((
-            "detected formats".into(),
-            format!("{} (ambiguous!)", names.join(", ")),
-        ));
+    let names = det.is_ambiguous().then(|| det.names());
+    if human {
+        let mut rows = info_rows(fname, img.info());
+        if let Some(names) = names {
+            rows.push((
+                "detected formats".into(),
+                format!("{} (ambiguous!)", names.join(", ")),
+            ));
+        }
+        return Ok(Described::Human(table(&rows)));
     }
-    Ok((Value::Object(obj), table(&rows)))
+    let mut obj = info_json(fname, img.info());
+    if let Some(names) = names {
+        obj.insert("detected-formats".into(), json!(names));
+    }
+    Ok(Described::Json(Value::Object(obj)))
 }

@@ -826,25 +826,7 @@ fn print_image(image: &Value, output: OutputFormat) -> anyhow::Result<()> {
         rows.push(("properties".into(), props.join(", ")));
     }
     rows.sort();
-    let w0 = rows
-        .iter()
-        .map(|r| r.0.chars().count())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    let w1 = rows
-        .iter()
-        .map(|r| r.1.chars().count())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    let line = format!("+-{}-+-{}-+", "-".repeat(w0), "-".repeat(w1));
-    outln!("{line}");
-    outln!("| {:w0$} | {:w1$} |", "Field", "Value");
-    outln!("{line}");
-    for (k, v) in &rows {
-        outln!("| {k:w0$} | {v:w1$} |");
-    }
-    outln!("{line}");
+    // The record is the server's: the shared table pads by hand and caps its columns.
+    out!("{}", crate::common::table(&rows));
     Ok(())
 }
