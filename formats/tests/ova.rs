@@ -2126,3 +2126,248 @@ fn gzip_disks_in_memory_are_charged_capped_and_shared() {
     s.read_exact_at(&mut b, 4095).unwrap();
     assert_eq!(b, [2, 0]);
 }
+
+/// An archive in memory that counts the reads touching `[lo, hi)` (set once the member is
+/// known): how often a member's bytes are read.
+struct MemberReads {
+    bytes: Vec<u8>,
+    lo: std::sync::atomic::AtomicU64,
+    hi: std::sync::atomic::AtomicU64,
+    hits: std::sync::atomic::AtomicUsize,
+}
+
+impl ReadAt for MemberReads {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering;
+        if offset < self.hi.load(Ordering::SeqCst)
+            && offset + buf.len() as u64 > self.lo.load(Ordering::SeqCst)
+        {
+            self.hits.fetch_add(1, Ordering::SeqCst);
+        }
+        self.bytes.as_slice().read_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.bytes.len() as u64)
+    }
+}
+
+fn qcow2_fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/hostile/qcow2")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// `n` disks backed by the one member `name` (each through its own `File`), gzip or not.
+fn shared_member(n: usize, name: &str, data: &[u8], gz: bool) -> Vec<u8> {
+    let stored = if gz { gzip(data) } else { data.to_vec() };
+    let specs: Vec<DiskSpec<'_>> = (0..n)
+        .map(|_| DiskSpec {
+            href: name,
+            size: stored.len() as u64,
+            capacity: 1 << 20,
+            format: None,
+            gzip: gz,
+        })
+        .collect();
+    tar_of(&[
+        file("a.ovf", ovf_xml(&specs).as_bytes()),
+        file(name, &stored),
+    ])
+}
+
+/// How many reads `ova check` and the gate (`glimpse check`, upload) make of the member, and
+/// their findings.
+fn judged_once(bytes: Vec<u8>) -> (usize, usize, Vec<glimpse_formats::Finding>, Gate) {
+    use std::sync::atomic::Ordering;
+    let limits = Limits::default();
+    let counted = Arc::new(MemberReads {
+        bytes,
+        lo: 0.into(),
+        hi: 0.into(),
+        hits: 0.into(),
+    });
+    let o = ova::read_ova(counted.clone(), &limits).unwrap();
+    let m = o.members.iter().find(|m| m.name != "a.ovf").unwrap();
+    counted.lo.store(m.offset, Ordering::SeqCst);
+    counted.hi.store(m.offset + m.size, Ordering::SeqCst);
+    let checked = o.check_all(&limits).unwrap();
+    let check_reads = counted.hits.swap(0, Ordering::SeqCst);
+    let mut r = policy::inspect(counted.clone(), &Policy::default(), &limits).unwrap();
+    let disks = policy::every_disk(&mut r, &Policy::default(), &limits).unwrap();
+    let gate_reads = counted.hits.load(Ordering::SeqCst);
+    (check_reads, gate_reads, checked, Gate(r, disks))
+}
+
+struct Gate(policy::Report, Vec<policy::DiskVerdict>);
+
+/// Many disks naming one member: the member is opened and checked once (as many reads as for
+/// one disk), its findings are reported once, under the first disk, and every other disk is
+/// rejected for sharing it, by `ova check` and by the gate alike. The work is the archive's
+/// bytes, not disks × member (256 disks naming one 100 KB gzip VMDK took 106 s).
+#[test]
+fn many_disks_naming_one_member_check_it_once() {
+    let q = qcow2_fixture("reserved-bits-l2.qcow2");
+    for gz in [false, true] {
+        let (one_check, one_gate, f1, _) = judged_once(shared_member(1, "d.qcow2", &q, gz));
+        assert!(one_check > 0 && one_gate > 0);
+        assert_eq!(
+            f1.iter()
+                .filter(|f| f.code == "qcow2.reserved-bits")
+                .count(),
+            1,
+            "{f1:?}"
+        );
+        let n = 64;
+        let (check_reads, gate_reads, f, Gate(r, disks)) =
+            judged_once(shared_member(n, "d.qcow2", &q, gz));
+        assert_eq!(check_reads, one_check, "gzip {gz}: ova check reads");
+        assert_eq!(gate_reads, one_gate, "gzip {gz}: gate reads");
+        let own: Vec<_> = f
+            .iter()
+            .filter(|f| f.code == "qcow2.reserved-bits")
+            .collect();
+        assert_eq!(own.len(), 1, "{f:?}");
+        assert!(own[0].message.starts_with("disk 0 "), "{}", own[0].message);
+        // The archive rejects the sharing, once per disk.
+        let shared: Vec<_> = f
+            .iter()
+            .filter(|f| f.message.ends_with("are backed by the same file"))
+            .collect();
+        assert_eq!(shared.len(), n - 1, "{f:?}");
+        assert!(shared.iter().all(|f| f.severity == Severity::Reject));
+        // No finding is repeated per disk: the capacity findings aside (each disk declares
+        // its own), the output does not grow with the disks beyond one line each.
+        assert!(f.len() < 4 * n, "{}", f.len());
+
+        // The gate: the member's finding once, every disk's verdict a rejection.
+        assert_eq!(r.verdict(), Verdict::Reject);
+        let hits = r
+            .findings
+            .iter()
+            .filter(|f| f.code == "qcow2.reserved-bits")
+            .count();
+        assert_eq!(hits, 1, "{:?}", r.findings);
+        // Each disk's rejection for sharing the member is the archive's, held once.
+        let sharing = r
+            .findings
+            .iter()
+            .filter(|f| f.message.ends_with("are backed by the same file"))
+            .count();
+        assert_eq!(sharing, n - 1, "{:?}", r.findings);
+        assert_eq!(disks.len(), n);
+        assert!(disks.iter().all(|d| d.verdict == Verdict::Reject));
+        for d in &disks[1..] {
+            assert!(
+                d.findings.iter().all(|f| f.code != "qcow2.reserved-bits"),
+                "{d:?}"
+            );
+            let own = format!(
+                "disks 0 and {} are backed by the same file",
+                d.disk.unwrap()
+            );
+            assert!(d.findings.iter().any(|f| f.message == own), "{d:?}");
+        }
+    }
+}
+
+/// Two disks on two distinct members are still each opened and checked, and a listing of
+/// many disks naming one member shows every disk.
+#[test]
+fn distinct_members_are_each_checked() {
+    let a = qcow2_fixture("reserved-bits-l2.qcow2");
+    let b = qcow2_fixture("reserved-bits-l1.qcow2");
+    let xml = ovf_xml(&[
+        DiskSpec::plain("a.qcow2", a.len() as u64),
+        DiskSpec::plain("b.qcow2", b.len() as u64),
+    ]);
+    let bytes = tar_of(&[
+        file("a.ovf", xml.as_bytes()),
+        file("a.qcow2", &a),
+        file("b.qcow2", &b),
+    ]);
+    let f = check(bytes.clone());
+    for disk in ["disk 0 ", "disk 1 "] {
+        assert!(
+            f.iter()
+                .any(|f| f.code == "qcow2.reserved-bits" && f.message.starts_with(disk)),
+            "{disk}: {f:?}"
+        );
+    }
+    assert!(!f.iter().any(|f| f.message.contains("same file")), "{f:?}");
+    let mut r = policy::inspect(src(bytes), &Policy::default(), &Limits::default()).unwrap();
+    let disks = policy::every_disk(&mut r, &Policy::default(), &Limits::default()).unwrap();
+    assert_eq!(disks.len(), 2);
+    for d in &disks {
+        assert!(
+            d.findings.iter().any(|f| f.code == "qcow2.reserved-bits"),
+            "{d:?}"
+        );
+    }
+
+    let o = ova::read_ova(
+        src(shared_member(8, "d.qcow2", &a, false)),
+        &Limits::default(),
+    )
+    .unwrap();
+    let doc = ova::Appliance::Archive(o).listing("x.ova", &Limits::default());
+    let rows = doc["disks"].as_array().unwrap();
+    assert_eq!(rows.len(), 8);
+    assert!(
+        rows.iter().all(|r| r["detected-format"] == "qcow2"),
+        "{rows:?}"
+    );
+}
+
+/// A standalone descriptor whose disks all name one sibling (under one name or two, a hard
+/// link): the file is opened and checked once, the other disks rejected for sharing it; two
+/// distinct siblings are each checked.
+#[test]
+fn standalone_ovf_checks_each_sibling_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = qcow2_fixture("reserved-bits-l2.qcow2");
+    std::fs::write(tmp.path().join("d.qcow2"), &q).unwrap();
+    std::fs::hard_link(tmp.path().join("d.qcow2"), tmp.path().join("e.qcow2")).unwrap();
+    std::fs::write(
+        tmp.path().join("o.qcow2"),
+        qcow2_fixture("reserved-bits-l1.qcow2"),
+    )
+    .unwrap();
+    let n = 32;
+    let spec = |href| DiskSpec {
+        href,
+        size: q.len() as u64,
+        capacity: 1 << 20,
+        format: None,
+        gzip: false,
+    };
+    let mut specs: Vec<DiskSpec<'_>> = (0..n).map(|_| spec("d.qcow2")).collect();
+    specs.push(spec("e.qcow2"));
+    specs.push(spec("o.qcow2"));
+    std::fs::write(tmp.path().join("vm.ovf"), ovf_xml(&specs)).unwrap();
+    let d = ova::read_ovf_dir(&tmp.path().join("vm.ovf"), &Limits::default()).unwrap();
+    let f = d.check_all(&Limits::default()).unwrap();
+    let own: Vec<_> = f
+        .iter()
+        .filter(|f| f.code == "qcow2.reserved-bits")
+        .collect();
+    assert_eq!(
+        own.len(),
+        2,
+        "one for d.qcow2 (and e.qcow2), one for o.qcow2: {f:?}"
+    );
+    let shared = f
+        .iter()
+        .filter(|f| f.code == "ova.descriptor-malformed" && f.message.starts_with("disks 0 and "))
+        .count();
+    assert_eq!(shared, n, "31 more names of d.qcow2 and e.qcow2: {f:?}");
+    let doc = ova::Appliance::Dir(d).listing("vm.ovf", &Limits::default());
+    let rows = doc["disks"].as_array().unwrap();
+    assert_eq!(rows.len(), n + 2);
+    assert!(
+        rows.iter().all(|r| r["detected-format"] == "qcow2"),
+        "{rows:?}"
+    );
+}

@@ -9,7 +9,6 @@ use serde_json::{json, Value};
 use crate::error::{ErrorKind, Result};
 use crate::finding::{Finding, Severity};
 use crate::format::Format;
-use crate::image::Image;
 use crate::io::{ReadAt, Source};
 use crate::limits::Limits;
 
@@ -81,10 +80,11 @@ pub fn verdict(findings: &[Finding]) -> &'static str {
     }
 }
 
-/// The disk rows of a listing: the descriptor's facts plus what opening each disk shows.
-fn disk_rows<I: std::ops::Deref<Target = dyn Image>>(
+/// The disk rows of a listing: the descriptor's facts plus what opening each disk shows
+/// (`facts`: the detected format and virtual size, or the error).
+fn disk_rows(
     disks: &[DiskEntry],
-    open: impl Fn(usize) -> Result<I>,
+    mut facts: impl FnMut(usize) -> std::result::Result<(Format, u64), String>,
 ) -> Vec<Value> {
     disks
         .iter()
@@ -94,12 +94,12 @@ fn disk_rows<I: std::ops::Deref<Target = dyn Image>>(
                 obj.insert("format".into(), fmt.into());
             }
             if d.href.is_some() {
-                let facts = match open(d.index) {
-                    Ok(img) => vec![
-                        ("detected-format", img.info().format.name().into()),
-                        ("virtual-size", img.info().virtual_size.into()),
+                let facts = match facts(d.index) {
+                    Ok((format, vsize)) => vec![
+                        ("detected-format", format.name().into()),
+                        ("virtual-size", vsize.into()),
                     ],
-                    Err(e) => vec![("error", e.to_string().into())],
+                    Err(e) => vec![("error", e.into())],
                 };
                 if let Some(obj) = v.as_object_mut() {
                     for (k, x) in facts {
@@ -152,17 +152,26 @@ impl Appliance {
                         "algorithms": algorithms(m),
                         "entries": m.entries.len(),
                     })),
-                    "disks": disk_rows(&o.disks, |i| o.open_inner(i, limits)),
+                    "disks": disk_rows(&o.disks, |i| {
+                        // Each distinct member opened once ([`Ova::open_inner`] shares it).
+                        o.open_inner(i, limits)
+                            .map(|img| (img.info().format, img.info().virtual_size))
+                            .map_err(|e| e.to_string())
+                    }),
                     "references": descriptor.map(|d| d.files.clone()).unwrap_or_default(),
                     "virtual-systems": descriptor.map(|d| d.systems.clone()).unwrap_or_default(),
                 })
             }
-            Appliance::Dir(d) => json!({
-                "filename": filename,
-                "references": d.references,
-                "disks": disk_rows(&d.disks(), |i| d.open_disk(i, limits)),
-                "virtual-systems": d.descriptor.systems,
-            }),
+            Appliance::Dir(d) => {
+                let mut facts = d.facts(limits);
+                let disks = disk_rows(&d.disks(), |i| facts.get(i));
+                json!({
+                    "filename": filename,
+                    "references": d.references,
+                    "disks": disks,
+                    "virtual-systems": d.descriptor.systems,
+                })
+            }
         }
     }
 

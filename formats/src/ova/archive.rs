@@ -54,7 +54,7 @@ pub fn read_ova(src: Source, limits: &Limits) -> Result<Ova> {
     let manifest = read_manifest(&src, &members, &index, &budget, &mut findings)?;
     certificate_findings(&members, &mut findings);
 
-    let shared = Arc::new(Shared::new(budget, limits, disks.len()));
+    let shared = Arc::new(Shared::new(budget, limits, &disks));
     Ok(Ova {
         src,
         shared,
@@ -378,7 +378,7 @@ fn manifest_entries(
     for (j, other) in members.iter().enumerate() {
         let covered = check::normalized_name(other).is_some_and(|n| seen.contains(n));
         if other.kind == MemberKind::Regular
-            && !mfs.contains(&j)
+            && mfs.binary_search(&j).is_err() // mfs is in archive order
             && !is_ext(&other.name, "cert")
             && !covered
         {

@@ -8,7 +8,8 @@
 //! it is a regular file (not a symlink, opened with `O_NOFOLLOW`) in the descriptor's own
 //! directory.
 
-use std::os::unix::fs::OpenOptionsExt;
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::finding::Finding;
+use crate::format::Format;
 use crate::image::Image;
 use crate::io::{ReadAt, Source};
 use crate::limits::Limits;
@@ -148,6 +150,13 @@ impl OvfDir {
     /// `Unsafe` (`ova.href`) when the href is not a plain sibling name or the file is not a
     /// regular file; `Io`; whatever the disk's parser reports.
     pub fn open_disk(&self, disk: usize, limits: &Limits) -> Result<Box<dyn Image>> {
+        let (f, file) = self.sibling_file(disk)?;
+        image_of(f, file, disk, limits)
+    }
+
+    /// Disk `disk`'s file beside the descriptor, opened (nothing read yet), and its
+    /// `References` entry.
+    fn sibling_file(&self, disk: usize) -> Result<(std::fs::File, &FileRef)> {
         let d = self
             .descriptor
             .disks
@@ -175,27 +184,32 @@ impl OvfDir {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
-        let src: Source = match file.compression.as_deref() {
-            None | Some("identity") => Arc::new(f),
-            Some("gzip") => super::gunzip(&f, limits)?,
-            Some(c) => {
-                return Err(
-                    Error::unsupported(format!("compression {c:?}")).code("ova.file-unsupported")
-                )
-            }
-        };
-        let det = super::disk::detect_disk(src.as_ref(), disk)?;
-        crate::open_disk_format(src, det.format(), limits)
+        Ok((f, file))
+    }
+
+    /// What the `ova list` rows show of each disk ([`DiskFacts`]): each distinct file opened
+    /// once, however many disks name it.
+    pub(super) fn facts(&self, limits: &Limits) -> DiskFacts<'_> {
+        DiskFacts {
+            dir: self,
+            limits: limits.clone(),
+            seen: HashMap::new(),
+        }
     }
 
     /// Every `ova check` finding for the directory: the descriptor's findings, then for each
     /// disk whose file may be opened its own findings, its structural check and its
-    /// capacity; sorted, rejections first.
+    /// capacity; sorted, rejections first. Each distinct file ([`FileKey`]: the same file
+    /// under any name, read the same way) is opened and checked once, under the first disk
+    /// naming it: a later disk naming it is rejected as the archive rejects a shared member
+    /// (`ova.descriptor-malformed`), and its capacity compared with the size found once.
     ///
     /// # Errors
     /// `Io`, and any error of a disk's structural check.
     pub fn check_all(&self, limits: &Limits) -> Result<Vec<Finding>> {
         let mut out = self.findings.clone();
+        // For each file judged: the first disk naming it and the virtual size found.
+        let mut seen: HashMap<FileKey, (usize, Option<u64>)> = HashMap::new();
         for (i, r) in self.descriptor.disks.iter().enumerate() {
             let openable = r
                 .file_ref
@@ -205,23 +219,112 @@ impl OvfDir {
             if !openable {
                 continue; // reported as ova.href
             }
-            match self.open_disk(i, limits) {
+            let capacity = |vsize: u64| {
+                r.capacity.filter(|c| *c != vsize).map(|cap| {
+                    Finding::reject(
+                        "ova.capacity-mismatch",
+                        format!("disk {i}: capacity {cap} but virtual size {vsize}"),
+                    )
+                })
+            };
+            let (f, file) = match self.sibling_file(i) {
+                Ok(x) => x,
+                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+                Err(e) => {
+                    out.push(Finding::from_error(&e));
+                    continue;
+                }
+            };
+            let key = file_key(&f, file)?;
+            if let Some((first, vsize)) = seen.get(&key) {
+                out.push(Finding::reject(
+                    "ova.descriptor-malformed",
+                    format!(
+                        "disks {first} and {i} are backed by the same file: it is opened and \
+                         checked once, and its findings are disk {first}'s"
+                    ),
+                ));
+                out.extend(vsize.and_then(capacity));
+                continue;
+            }
+            match image_of(f, file, i, limits) {
                 Ok(img) => {
                     out.extend(img.findings().iter().cloned());
                     out.extend(img.check(limits)?);
                     let vsize = img.info().virtual_size;
-                    if let Some(cap) = r.capacity.filter(|c| *c != vsize) {
-                        out.push(Finding::reject(
-                            "ova.capacity-mismatch",
-                            format!("disk {i}: capacity {cap} but virtual size {vsize}"),
-                        ));
-                    }
+                    out.extend(capacity(vsize));
+                    seen.insert(key, (i, Some(vsize)));
                 }
                 Err(e) if e.kind() == ErrorKind::Io => return Err(e),
-                Err(e) => out.push(Finding::from_error(&e)),
+                Err(e) => {
+                    out.push(Finding::from_error(&e));
+                    seen.insert(key, (i, None));
+                }
             }
         }
         out.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.offset.cmp(&b.offset)));
         Ok(out)
+    }
+}
+
+/// What makes two disks' files the same: the file (device and inode, so that a second name
+/// for it, a hard link or another case on a case-insensitive file system, is the same file),
+/// and how it is read (its compression).
+type FileKey = (u64, u64, Option<String>);
+
+/// The key of an opened sibling, from the open file itself (not from its name, which may
+/// have been replaced since).
+///
+/// # Errors
+/// `Io` when the file cannot be stat'ed.
+fn file_key(f: &std::fs::File, file: &FileRef) -> Result<FileKey> {
+    let md = f
+        .metadata()
+        .map_err(|e| Error::io(e, format!("reading the metadata of {:?}", file.href)))?;
+    let compression = file.compression.clone().filter(|c| c != "identity");
+    Ok((md.dev(), md.ino(), compression))
+}
+
+/// An opened sibling as its disk format: inflated first when gzip, detected, opened.
+fn image_of(
+    f: std::fs::File,
+    file: &FileRef,
+    disk: usize,
+    limits: &Limits,
+) -> Result<Box<dyn Image>> {
+    let src: Source = match file.compression.as_deref() {
+        None | Some("identity") => Arc::new(f),
+        Some("gzip") => super::gunzip(&f, limits)?,
+        Some(c) => {
+            return Err(
+                Error::unsupported(format!("compression {c:?}")).code("ova.file-unsupported")
+            )
+        }
+    };
+    let det = super::disk::detect_disk(src.as_ref(), disk)?;
+    crate::open_disk_format(src, det.format(), limits)
+}
+
+/// The listing's facts of each disk of a directory (detected format and virtual size, or the
+/// error), each distinct file opened once and dropped at once: what is kept is the facts.
+pub(super) struct DiskFacts<'a> {
+    dir: &'a OvfDir,
+    limits: Limits,
+    seen: HashMap<FileKey, std::result::Result<(Format, u64), String>>,
+}
+
+impl DiskFacts<'_> {
+    /// Disk `disk`'s facts.
+    pub(super) fn get(&mut self, disk: usize) -> std::result::Result<(Format, u64), String> {
+        let (f, file) = self.dir.sibling_file(disk).map_err(|e| e.to_string())?;
+        let key = file_key(&f, file).map_err(|e| e.to_string())?;
+        if let Some(done) = self.seen.get(&key) {
+            return done.clone();
+        }
+        let got = image_of(f, file, disk, &self.limits)
+            .map(|img| (img.info().format, img.info().virtual_size))
+            .map_err(|e| e.to_string());
+        self.seen.insert(key, got.clone());
+        got
     }
 }

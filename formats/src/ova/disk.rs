@@ -64,8 +64,9 @@ impl DiskEntry {
 /// What every disk of one archive shares: one metadata budget (the archive's
 /// `Limits::budget()`, charged by the walk, the descriptor, the manifest, every gzip disk held
 /// in memory and then every disk's parser), one cap on inflated gzip bytes, one on gzip bytes
-/// held in memory, each gzip member inflated at most once while a disk uses it, and each disk
-/// opened at most once.
+/// held in memory, each gzip member inflated at most once while a disk uses it, and each
+/// distinct disk file (a member read one way: [`FileKey`]) opened at most once, however many
+/// disks name it.
 pub(super) struct Shared {
     pub(super) metadata: Budget,
     pub(super) inflate: Budget,
@@ -75,18 +76,45 @@ pub(super) struct Shared {
     /// disks naming one member share them (256 disks naming one member once inflated it 256
     /// times, and held it 256 times).
     inflated: Mutex<HashMap<usize, Weak<dyn ReadAt>>>,
+    /// Each disk's file: an index into `files`, shared by every disk that names the same
+    /// member the same way; `None` for a disk whose file is no member.
+    file_of: Vec<Option<usize>>,
+    /// Each distinct file opened, at most once: 256 disks naming one member once opened (and
+    /// then checked) it 256 times, a cost of disks × member rather than of the archive.
+    files: Vec<OnceLock<Result<Arc<OpenedFile>>>>,
     opened: Vec<OnceLock<Result<Arc<OpenedDisk>>>>,
 }
 
+/// What makes two disks' images the same: the member, and how it is read (its compression).
+/// The format is detected from those bytes, so it follows.
+type FileKey = (usize, Option<String>);
+
 impl Shared {
-    pub(super) fn new(metadata: Budget, limits: &Limits, disks: usize) -> Self {
+    pub(super) fn new(metadata: Budget, limits: &Limits, disks: &[DiskEntry]) -> Self {
+        let mut keys: HashMap<FileKey, usize> = HashMap::new();
+        let file_of: Vec<Option<usize>> = disks
+            .iter()
+            .map(|d| {
+                let member = d.member?;
+                let next = keys.len();
+                Some(*keys.entry((member, d.compression.clone())).or_insert(next))
+            })
+            .collect();
         Shared {
             metadata,
             inflate: Budget::new(limits.max_inflated_bytes),
             spool_memory: Budget::new(SPOOL_MEMORY_TOTAL),
             inflated: Mutex::new(HashMap::new()),
-            opened: (0..disks).map(|_| OnceLock::new()).collect(),
+            file_of,
+            files: (0..keys.len()).map(|_| OnceLock::new()).collect(),
+            opened: (0..disks.len()).map(|_| OnceLock::new()).collect(),
         }
+    }
+
+    /// Which distinct file disk `disk` reads (equal for disks naming one member the same
+    /// way), when its file is a member.
+    pub(super) fn file_of(&self, disk: usize) -> Option<usize> {
+        self.file_of.get(disk).copied().flatten()
     }
 
     /// Member `member` inflated: the bytes a live source already holds, else inflated now
@@ -164,12 +192,27 @@ pub(super) fn about_disk(mut f: Finding, d: &DiskEntry) -> Finding {
     f
 }
 
-/// A disk opened inside an OVA, with the disk-level findings (declared format, capacity).
-pub(super) struct OpenedDisk {
+/// A disk file of the archive opened as its detected format: what every disk naming it
+/// shares.
+pub(super) struct OpenedFile {
     pub(super) image: Arc<dyn Image>,
-    /// What detection found in the disk's bytes.
+    /// What detection found in the file's bytes.
     pub(super) detection: Detection,
+    /// The file's own findings before its image's (an ambiguous format), not yet about a disk.
     pub(super) findings: Vec<Finding>,
+}
+
+/// A disk opened inside an OVA: its file, shared with any other disk naming it, and the
+/// disk-level findings (declared format, capacity), already about the disk.
+pub(super) struct OpenedDisk {
+    pub(super) file: Arc<OpenedFile>,
+    pub(super) findings: Vec<Finding>,
+}
+
+impl OpenedDisk {
+    pub(super) fn image(&self) -> &Arc<dyn Image> {
+        &self.file.image
+    }
 }
 
 impl Ova {
@@ -256,11 +299,37 @@ impl Ova {
         }
     }
 
-    fn open_one(&self, disk: usize, limits: &Limits) -> Result<OpenedDisk> {
-        let d = self
-            .disks
-            .get(disk)
-            .ok_or_else(|| self.no_such_disk(disk))?;
+    /// The file disk `disk` reads, opened at most once per archive whatever the number of
+    /// disks naming it: later calls, for this disk or another, get the same image (or error).
+    /// An `Io` error is not remembered.
+    fn opened_file(&self, disk: usize, limits: &Limits) -> Result<Arc<OpenedFile>> {
+        let Some(slot) = self
+            .shared
+            .file_of(disk)
+            .and_then(|f| self.shared.files.get(f))
+        else {
+            // No member: `disk_source` says why, reading nothing.
+            self.disk_source(disk, limits)?;
+            return Err(Error::invalid(format!("disk {disk} has no member")).code("ova.href"));
+        };
+        if let Some(done) = slot.get() {
+            return done.as_ref().map(Arc::clone).map_err(replay);
+        }
+        match self.open_file(disk, limits) {
+            Ok(o) => {
+                let o = Arc::new(o);
+                let _ = slot.set(Ok(Arc::clone(&o)));
+                Ok(o)
+            }
+            Err(e) if e.kind() == ErrorKind::Io => Err(e),
+            Err(e) => {
+                let _ = slot.set(Err(replay(&e)));
+                Err(e)
+            }
+        }
+    }
+
+    fn open_file(&self, disk: usize, limits: &Limits) -> Result<OpenedFile> {
         let src = self.disk_source(disk, limits)?;
         let det = detect_disk(src.as_ref(), disk)?;
         let mut findings = Vec::new();
@@ -271,7 +340,22 @@ impl Ova {
                 format!("the disk matches several formats: {}", names.join(", ")),
             ));
         }
-        let format = det.format();
+        let image = open_shared(src, det.format(), limits, &self.shared.metadata)?;
+        Ok(OpenedFile {
+            image: Arc::from(image),
+            detection: det,
+            findings,
+        })
+    }
+
+    fn open_one(&self, disk: usize, limits: &Limits) -> Result<OpenedDisk> {
+        let d = self
+            .disks
+            .get(disk)
+            .ok_or_else(|| self.no_such_disk(disk))?;
+        let file = self.opened_file(disk, limits)?;
+        let mut findings = Vec::new();
+        let format = file.detection.format();
         if let Some(declared) = d.desc.declared_format() {
             if declared != format {
                 findings.push(Finding::reject(
@@ -283,8 +367,7 @@ impl Ova {
                 ));
             }
         }
-        let image = open_shared(src, format, limits, &self.shared.metadata)?;
-        let vsize = image.info().virtual_size;
+        let vsize = file.image.info().virtual_size;
         if let Some(cap) = d.desc.capacity {
             if cap != vsize {
                 findings.push(Finding::reject(
@@ -294,11 +377,7 @@ impl Ova {
             }
         }
         let findings = findings.into_iter().map(|f| about_disk(f, d)).collect();
-        Ok(OpenedDisk {
-            image: Arc::from(image),
-            detection: det,
-            findings,
-        })
+        Ok(OpenedDisk { file, findings })
     }
 
     /// Opens disk `disk`'s own image (its format's info, findings and mapping), without the
@@ -307,7 +386,7 @@ impl Ova {
     /// # Errors
     /// As [`Ova::open_disk`].
     pub fn open_inner(&self, disk: usize, limits: &Limits) -> Result<Arc<dyn Image>> {
-        Ok(Arc::clone(&self.opened(disk, limits)?.image))
+        Ok(Arc::clone(self.opened(disk, limits)?.image()))
     }
 
     /// Opens disk `disk` (0-based, `DiskSection` order) as an [`OvaImage`].
@@ -321,7 +400,7 @@ impl Ova {
             .disks
             .get(disk)
             .ok_or_else(|| self.no_such_disk(disk))?;
-        let inner = Arc::clone(&opened.image);
+        let inner = Arc::clone(opened.image());
         let ii = inner.info();
         let mut info = ImageInfo::new(Format::Ova, ii.virtual_size);
         info.actual_size = self.src.allocated_size();
@@ -358,7 +437,7 @@ impl Ova {
                     // Other disks: metadata only (a gzip disk would be decompressed: skipped).
                     self.opened(e.index, limits)
                         .ok()
-                        .map(|o| o.image.info().virtual_size)
+                        .map(|o| o.image().info().virtual_size)
                 } else {
                     None
                 };
@@ -385,7 +464,8 @@ impl Ova {
         }
         let mut findings = self.findings.clone();
         findings.extend(opened.findings.iter().cloned());
-        findings.extend(inner.findings().iter().cloned().map(|f| about_disk(f, d)));
+        let own = opened.file.findings.iter().chain(inner.findings());
+        findings.extend(own.cloned().map(|f| about_disk(f, d)));
         Ok(OvaImage {
             ova: self.clone(),
             disk: d.clone(),

@@ -10,8 +10,10 @@
 //! The container sits above the disk formats: [`crate::open`] hands `Format::Ova` to
 //! [`open_disk`], and this module opens its disks through the crate's disk-format opener,
 //! never back through [`crate::open`], so an appliance nested in a disk cannot recurse.
-//! A read [`Ova`] opens each disk at most once, charges every disk's parser to the
-//! archive's one metadata budget, and caps the inflated bytes of all its gzip disks together.
+//! A read [`Ova`] opens each disk file at most once (disks naming one member share it, and
+//! its check is run once), charges every disk's parser to the archive's one metadata budget,
+//! and caps the inflated bytes of all its gzip disks together: the work of checking an
+//! appliance is bounded by its bytes, not by its disks times a member's cost.
 //!
 //! Files by role: `archive` (reading, in phases), `check` (member-name and href rules),
 //! `disk` (disk entries and opening), `gzip`, `verdict` (manifest digests, `ova check`, the

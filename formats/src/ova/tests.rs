@@ -1,4 +1,4 @@
-//! The archive's shared state: each disk opened once, one metadata budget and one inflate cap
+//! The archive's shared state: each disk file opened once, one metadata budget and one inflate cap
 //! for all disks.
 
 use std::io::Write;
@@ -84,6 +84,32 @@ fn each_disk_is_opened_once() {
     // A failed open is remembered too, with the same code.
     let e1 = o.open_inner(5, &Limits::default()).err().unwrap();
     assert_eq!(e1.kind(), ErrorKind::Usage);
+}
+
+/// Disks naming one member share one open of it (one image, charged once), whatever their
+/// number; the same member read another way (gzip) is another file.
+#[test]
+fn disks_naming_one_member_share_one_open() {
+    let disks: Vec<_> = (0..16).map(|_| ("a.iso", iso(), false)).collect();
+    let o = read_ova(appliance(&disks), &Limits::default()).unwrap();
+    let first = o.open_inner(0, &Limits::default()).unwrap();
+    let left = o.shared.metadata.left();
+    for i in 1..16 {
+        assert_eq!(o.shared.file_of(i), o.shared.file_of(0));
+        let again = o.open_inner(i, &Limits::default()).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "disk {i}");
+        let img = o.open_disk(i, &Limits::default()).unwrap();
+        assert!(std::ptr::addr_eq(img.inner(), first.as_ref()));
+    }
+    assert_eq!(o.shared.metadata.left(), left, "later disks charge nothing");
+
+    let o = read_ova(
+        appliance(&[("a.iso", iso(), false), ("a.iso", gzip(&iso()), true)]),
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(o.disks[0].member, o.disks[1].member);
+    assert_ne!(o.shared.file_of(0), o.shared.file_of(1));
 }
 
 #[test]

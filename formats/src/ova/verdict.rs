@@ -19,7 +19,11 @@ impl Ova {
     /// every disk. Each disk gets its disk-level findings (declared format, capacity) and what
     /// [`crate::policy::inspect_image`] reports for the disk as this archive opened it (its
     /// findings, structural check, size limit, backing-file allowance), prefixed with the
-    /// disk: each disk is detected and opened once per archive. The archive is read once:
+    /// disk: each disk file is detected and opened once per archive, and inspected once,
+    /// under the first disk naming it (`skip` counts): a later disk naming the same member
+    /// gets its disk-level findings and the archive's `ova.descriptor-malformed` rejection
+    /// (`disks F and N are backed by the same file`: F's findings are its file's), and
+    /// nothing is run again. The archive is read once:
     /// archive-level findings and manifest digests are not repeated, and one budget bounds
     /// the inflated bytes of all gzip disks.
     ///
@@ -37,26 +41,36 @@ impl Ova {
             ..policy.clone()
         };
         let mut out = Vec::new();
+        let mut done = Done::default();
+        if let Some(s) = skip {
+            done.first(self, s);
+        }
         for d in self.disks.iter().filter(|d| d.href.is_some()) {
             if Some(d.index) == skip {
                 continue;
             }
-            let findings = match self.opened(d.index, limits) {
-                Ok(o) => {
-                    let mut f: Vec<Finding> = o
-                        .findings
-                        .iter()
-                        .filter(|f| f.code != "format.ambiguous")
-                        .cloned()
-                        .collect();
+            let first = done.first(self, d.index);
+            let findings = match (self.opened(d.index, limits), first) {
+                (Ok(o), None) => {
+                    let mut f: Vec<Finding> = o.findings.clone();
                     // The disk as opened above: neither detected nor opened again.
-                    let r =
-                        crate::policy::inspect_image(o.image.as_ref(), &o.detection, &own, limits)?;
+                    let r = crate::policy::inspect_image(
+                        o.image().as_ref(),
+                        &o.file.detection,
+                        &own,
+                        limits,
+                    )?;
                     f.extend(r.into_iter().map(|x| about_disk(x, d)));
                     f
                 }
-                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
-                Err(e) => vec![about_disk(Finding::from_error(&e), d)],
+                (Ok(o), Some(first)) => {
+                    let mut f = o.findings.clone();
+                    f.push(shared_file(d, first));
+                    f
+                }
+                (Err(e), _) if e.kind() == ErrorKind::Io => return Err(e),
+                (Err(e), None) => vec![about_disk(Finding::from_error(&e), d)],
+                (Err(_), Some(first)) => vec![shared_file(d, first)],
             };
             out.push((d.index, findings));
         }
@@ -134,12 +148,16 @@ impl Ova {
         let Some(mf) = &self.manifest else {
             return Ok(out);
         };
+        // Each entry's member by name, not by a walk of every member per entry: a manifest
+        // of many lines over an archive of many members is linear, not their product.
+        let mut by_name = std::collections::HashMap::new();
+        for (i, m) in self.members.iter().enumerate() {
+            if let Some(n) = check::normalized_name(m) {
+                by_name.entry(n).or_insert(i);
+            }
+        }
         for e in &mf.entries {
-            let Some(i) = self
-                .members
-                .iter()
-                .position(|m| check::normalized_name(m) == Some(e.name.as_str()))
-            else {
+            let Some(&i) = by_name.get(e.name.as_str()) else {
                 continue; // reported as ova.manifest-missing-member
             };
             let Some(m) = self.members.get(i) else {
@@ -164,7 +182,9 @@ impl Ova {
 
     /// The whole `ova check` policy: archive findings, manifest digests, and for every disk
     /// its declared format and capacity, its own findings and its structural check.
-    /// Findings are sorted, rejections first.
+    /// Each disk file (a member, read one way) is opened and checked once, and its findings
+    /// reported once, under the first disk naming it; the archive's findings already reject
+    /// disks that share a member. Findings are sorted, rejections first.
     ///
     /// # Errors
     /// Only `Io` errors; every other problem is a finding.
@@ -184,6 +204,7 @@ impl Ova {
     ) -> Result<Vec<Finding>> {
         let mut out = self.findings.clone();
         out.extend(self.verify_manifest_with(cancel)?);
+        let mut done = Done::default();
         for d in &self.disks {
             super::stop_if_cancelled(cancel)?;
             if d.member.is_none() {
@@ -199,18 +220,24 @@ impl Ova {
                 ));
                 continue;
             }
-            match self.opened(d.index, limits) {
-                Ok(o) => {
+            let first = done.first(self, d.index);
+            match (self.opened(d.index, limits), first) {
+                (Ok(o), None) => {
                     out.extend(o.findings.iter().cloned());
-                    out.extend(o.image.findings().iter().cloned().map(|f| about_disk(f, d)));
-                    match o.image.check(limits) {
+                    let own = o.file.findings.iter().chain(o.image().findings());
+                    out.extend(own.cloned().map(|f| about_disk(f, d)));
+                    match o.image().check(limits) {
                         Ok(more) => out.extend(more.into_iter().map(|f| about_disk(f, d))),
                         Err(e) if e.kind() == ErrorKind::Io => return Err(e),
                         Err(e) => out.push(about_disk(Finding::from_error(&e), d)),
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::Io => return Err(e),
-                Err(e) => out.push(about_disk(Finding::from_error(&e), d)),
+                // The file's findings are the first disk's; the archive's findings already
+                // reject the sharing (`disks 0 and N are backed by the same file`).
+                (Ok(o), Some(_)) => out.extend(o.findings.iter().cloned()),
+                (Err(e), _) if e.kind() == ErrorKind::Io => return Err(e),
+                (Err(e), None) => out.push(about_disk(Finding::from_error(&e), d)),
+                (Err(_), Some(_)) => {}
             }
         }
         super::stop_if_cancelled(cancel)?;
@@ -225,4 +252,34 @@ impl Ova {
         out.dedup();
         Ok(out)
     }
+}
+
+/// The disk files already judged in one pass over the disks, and by which disk: each file is
+/// opened and checked once, under the first disk naming it, so that the work is the archive's
+/// bytes, not its disks times a member.
+#[derive(Default)]
+struct Done(std::collections::HashMap<usize, usize>);
+
+impl Done {
+    /// The disk already judged for disk `disk`'s file, if any; else `disk` is now the one.
+    fn first(&mut self, ova: &Ova, disk: usize) -> Option<usize> {
+        let file = ova.shared.file_of(disk)?;
+        match self.0.entry(file) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(disk);
+                None
+            }
+        }
+    }
+}
+
+/// Disk `d` names the file disk `first` names: the archive's own finding
+/// (`ova.descriptor-malformed`, the same words, so a report holding both holds it once). The
+/// file was judged once, under disk `first`, and is not again.
+fn shared_file(d: &super::DiskEntry, first: usize) -> Finding {
+    Finding::reject(
+        "ova.descriptor-malformed",
+        format!("disks {first} and {} are backed by the same file", d.index),
+    )
 }
