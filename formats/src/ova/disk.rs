@@ -139,6 +139,26 @@ impl Shared {
     }
 }
 
+/// What `slot` remembers, or else `open`'s result, remembered unless it is an `Io` error (a
+/// later call tries again): each disk, and each file disks name, is opened at most once.
+fn once<T>(slot: &OnceLock<Result<Arc<T>>>, open: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+    if let Some(done) = slot.get() {
+        return done.as_ref().map(Arc::clone).map_err(replay);
+    }
+    match open() {
+        Ok(o) => {
+            let o = Arc::new(o);
+            let _ = slot.set(Ok(Arc::clone(&o)));
+            Ok(o)
+        }
+        Err(e) if e.kind() == ErrorKind::Io => Err(e),
+        Err(e) => {
+            let _ = slot.set(Err(replay(&e)));
+            Err(e)
+        }
+    }
+}
+
 /// The same error again, for a disk whose failed open is remembered. Only non-`Io` errors
 /// are remembered, and they carry no I/O source, so nothing is lost.
 fn replay(e: &Error) -> Error {
@@ -282,21 +302,7 @@ impl Ova {
             .opened
             .get(disk)
             .ok_or_else(|| self.no_such_disk(disk))?;
-        if let Some(done) = slot.get() {
-            return done.as_ref().map(Arc::clone).map_err(replay);
-        }
-        match self.open_one(disk, limits) {
-            Ok(o) => {
-                let o = Arc::new(o);
-                let _ = slot.set(Ok(Arc::clone(&o)));
-                Ok(o)
-            }
-            Err(e) if e.kind() == ErrorKind::Io => Err(e),
-            Err(e) => {
-                let _ = slot.set(Err(replay(&e)));
-                Err(e)
-            }
-        }
+        once(slot, || self.open_one(disk, limits))
     }
 
     /// The file disk `disk` reads, opened at most once per archive whatever the number of
@@ -312,21 +318,7 @@ impl Ova {
             self.disk_source(disk, limits)?;
             return Err(Error::invalid(format!("disk {disk} has no member")).code("ova.href"));
         };
-        if let Some(done) = slot.get() {
-            return done.as_ref().map(Arc::clone).map_err(replay);
-        }
-        match self.open_file(disk, limits) {
-            Ok(o) => {
-                let o = Arc::new(o);
-                let _ = slot.set(Ok(Arc::clone(&o)));
-                Ok(o)
-            }
-            Err(e) if e.kind() == ErrorKind::Io => Err(e),
-            Err(e) => {
-                let _ = slot.set(Err(replay(&e)));
-                Err(e)
-            }
-        }
+        once(slot, || self.open_file(disk, limits))
     }
 
     fn open_file(&self, disk: usize, limits: &Limits) -> Result<OpenedFile> {
