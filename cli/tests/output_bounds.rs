@@ -110,6 +110,38 @@ fn a_70000_character_value_is_printed_shortened_and_kept_whole_in_json() {
 }
 
 /// Values of at most 80 characters: every row padded to the widest, as before.
+/// The long-fuzz campaign's CLI replay (notes/fuzz10): a descriptor of 5,000 short extent
+/// lines made the `extents` detail one value of over 65,535 characters, and info and check
+/// panicked like the 70,000-character createType. Now they print, as any other image.
+#[test]
+fn a_descriptor_of_5000_extents_prints_in_both_outputs() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("many.vmdk");
+    let mut text = String::from(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\n",
+    );
+    for _ in 0..5000 {
+        text.push_str("RW 8 FLAT \"x.vmdk\" 0\n");
+    }
+    std::fs::write(&p, text).unwrap();
+    for (cmd, want) in [("info", 0), ("check", 1)] {
+        for output in ["human", "json"] {
+            let o = glimpse(&[cmd, "--output", output, s(&p)]);
+            assert_eq!(
+                code(&o),
+                Some(want),
+                "{cmd} {output}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(
+                stdout(&o).lines().all(|l| l.len() < 4096 + 200),
+                "{cmd} {output}: a line too long"
+            );
+        }
+    }
+}
+
 #[test]
 fn short_values_keep_the_table_format() {
     let t = tempfile::tempdir().unwrap();
