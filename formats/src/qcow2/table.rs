@@ -216,45 +216,58 @@ pub struct L2Map {
 }
 
 impl L2Map {
-    /// Finds the runs of `table`: two passes of one decode per entry, the first to size (and
-    /// charge) the list of run starts, the second to fill it.
+    /// Finds the runs of `table`, and the runs a content walk sees: two passes of one decode
+    /// per entry, the first to size (and charge) the lists of run starts, the second to fill
+    /// them.
     ///
     /// # Errors
     /// `LimitExceeded` when the budget or the allocator says no.
     pub fn new(g: &Geometry, table: L2Table, budget: &Budget) -> Result<Self> {
-        let starts_at = |kind_of: fn(&Geometry, u64, u64) -> Option<Piece>| {
-            let mut prev = None;
-            table.iter().enumerate().filter_map(move |(i, &(e, bm))| {
-                let kind = kind_of(g, e, bm);
+        // Each entry's index and whether it starts a run, and a content walk's run.
+        let starts_at = || {
+            let (mut prev, mut zprev) = (None, None);
+            table.iter().enumerate().map(move |(i, &(e, bm))| {
+                let m = decode(g, e, bm).ok();
+                let (kind, zkind) = (whole(m), zero_whole(m));
                 let starts = i > 0 && !continues(g, prev, kind);
-                prev = kind;
-                starts.then_some(i)
+                let zstarts = i > 0 && !continues(g, zprev, zkind);
+                (prev, zprev) = (kind, zkind);
+                (i, starts, zstarts)
             })
         };
-        let n = starts_at(whole).count();
-        let zn = starts_at(zero_whole).count();
+        let (n, zn) = starts_at().fold((0usize, 0usize), |(n, zn), (_, s, z)| {
+            (
+                n.saturating_add(usize::from(s)),
+                zn.saturating_add(usize::from(z)),
+            )
+        });
         let charge = budget.charge(
             (n.saturating_add(zn) as u64).saturating_mul(std::mem::size_of::<u32>() as u64),
             "L2 table runs",
         )?;
-        let list = |n: usize, kind_of: fn(&Geometry, u64, u64) -> Option<Piece>| {
-            let mut v = Vec::new();
+        let (mut starts, mut zstarts) = (Vec::new(), Vec::new());
+        for (v, n) in [(&mut starts, n), (&mut zstarts, zn)] {
             v.try_reserve_exact(n)
                 .map_err(|_| Error::limit("L2 table runs: cannot allocate"))?;
+        }
+        for (i, s, z) in starts_at() {
             // Entry indices are below 2^18 (one cluster of at most 2 MiB, 8 bytes each).
-            v.extend(starts_at(kind_of).filter_map(|i| u32::try_from(i).ok()));
-            Ok::<_, Error>(v)
-        };
-        let starts = list(n, whole)?;
-        let zstarts = list(zn, zero_whole)?;
-        let first = table.first().and_then(|&(e, bm)| whole(g, e, bm));
+            let Ok(i) = u32::try_from(i) else { continue };
+            if s {
+                starts.push(i);
+            }
+            if z {
+                zstarts.push(i);
+            }
+        }
+        let first_map = table.first().and_then(|&(e, bm)| decode(g, e, bm).ok());
+        let first = whole(first_map);
         let uniform = match first {
             Some(Piece::Unallocated) if starts.is_empty() => Some(Uniform::Unallocated),
             Some(Piece::Zero) if starts.is_empty() => Some(Uniform::Zero),
             _ => None,
         };
-        let zfirst = table.first().and_then(|&(e, bm)| zero_whole(g, e, bm));
-        let reads_zero = zfirst == Some(Piece::Zero) && zstarts.is_empty();
+        let reads_zero = zero_whole(first_map) == Some(Piece::Zero) && zstarts.is_empty();
         Ok(L2Map {
             table,
             starts,
@@ -297,23 +310,23 @@ impl L2Map {
     }
 }
 
-/// How an entry maps its whole cluster: unallocated, zero or data; `None` for anything a run
-/// cannot cross in one step (compressed, subclusters of different kinds, an invalid entry, which
-/// the walk stops at and reports).
-fn whole(g: &Geometry, entry: u64, bitmap: u64) -> Option<Piece> {
-    match decode(g, entry, bitmap) {
-        Ok(ClusterMap::Whole(p @ (Piece::Unallocated | Piece::Zero | Piece::Data(_)))) => Some(p),
+/// How an entry (decoded; `None` when invalid) maps its whole cluster: unallocated, zero or
+/// data; `None` for anything a run cannot cross in one step (compressed, subclusters of
+/// different kinds, an invalid entry, which the walk stops at and reports).
+fn whole(m: Option<ClusterMap>) -> Option<Piece> {
+    match m {
+        Some(ClusterMap::Whole(p @ (Piece::Unallocated | Piece::Zero | Piece::Data(_)))) => Some(p),
         _ => None,
     }
 }
 
 /// How an entry maps its whole cluster for a content walk: as [`whole`], except that marked
 /// zero, unallocated, and subclusters that are all one or the other are all `Zero`.
-fn zero_whole(g: &Geometry, entry: u64, bitmap: u64) -> Option<Piece> {
-    match decode(g, entry, bitmap) {
-        Ok(ClusterMap::Whole(Piece::Unallocated | Piece::Zero)) => Some(Piece::Zero),
-        Ok(ClusterMap::Sub { alloc: 0, .. }) => Some(Piece::Zero),
-        Ok(ClusterMap::Whole(p @ Piece::Data(_))) => Some(p),
+fn zero_whole(m: Option<ClusterMap>) -> Option<Piece> {
+    match m {
+        Some(ClusterMap::Whole(Piece::Unallocated | Piece::Zero)) => Some(Piece::Zero),
+        Some(ClusterMap::Sub { alloc: 0, .. }) => Some(Piece::Zero),
+        Some(ClusterMap::Whole(p @ Piece::Data(_))) => Some(p),
         _ => None,
     }
 }
