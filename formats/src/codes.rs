@@ -79,6 +79,7 @@ pub const ALL: &[&str] = &[
     "parallels.metadata-overlap",
     "parallels.truncated",
     "parallels.unknown-extension",
+    "qcow1.header",
     "qcow2.backing-file",
     "qcow2.bitmaps",
     "qcow2.cluster-bits",

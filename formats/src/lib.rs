@@ -130,7 +130,8 @@ pub(crate) fn open_disk_format(
             )
         }
         Format::Parallels => Box::new(parallels::open(src, limits)?),
-        Format::Qcow1 | Format::Bochs | Format::Cloop | Format::Dmg => unsupported::open(format)?,
+        Format::Qcow1 => Box::new(qcow2::qcow1::open(src, limits)?),
+        Format::Bochs | Format::Cloop | Format::Dmg => unsupported::open(format)?,
     };
     if image.info().virtual_size > limits.max_virtual_size {
         return Err(Error::limit(format!(

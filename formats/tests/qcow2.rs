@@ -432,7 +432,7 @@ fn fatal_header_fields() {
         "qcow2.header-length"
     );
     assert_eq!(
-        open_err(with(&|m| put32(m, 100, 108 + 1))).1,
+        open_err(with(&|m| put32(m, 100, (64 << 10) + 8))).1,
         "qcow2.header-length"
     );
     assert_eq!(
@@ -2157,4 +2157,49 @@ fn bitmap_tables_larger_than_the_file_together_are_rejected() {
                 .contains("bitmap tables together are larger than the file")),
         "{f:?}"
     );
+}
+
+/// A version 3 header_length that is not a multiple of 8 breaks the specification, but qemu
+/// opens the image and follows its backing file: glimpse opens it too, so that the report
+/// names that file, and rejects it (refs-diff campaign, F4).
+#[test]
+fn misaligned_header_length_is_rejected_with_its_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    let p = dir.path().join("a.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "raw",
+        s(&p),
+        "4M",
+    ]);
+    let mut b = std::fs::read(&p).unwrap();
+    put32(&mut b, 100, 116);
+    // No header extension where qemu now looks for the first one.
+    b[116..124].fill(0);
+    std::fs::write(&p, &b).unwrap();
+    let q = std::process::Command::new("qemu-img")
+        .args(["info", "--output", "json"])
+        .arg(&p)
+        .output()
+        .expect("qemu-img must be installed");
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    assert!(String::from_utf8_lossy(&q.stdout).contains("base.raw"));
+
+    let img = open_bytes(b).unwrap();
+    let r = img
+        .info()
+        .backing_file()
+        .expect("the backing file is reported");
+    assert!(r.target.ends_with("base.raw"), "{}", r.target);
+    let c = codes(&img);
+    assert!(c.contains(&"qcow2.header-length"), "{c:?}");
+    assert!(c.contains(&"qcow2.backing-file"), "{c:?}");
 }

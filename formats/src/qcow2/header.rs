@@ -118,6 +118,11 @@ impl Header {
     pub fn cluster_size(&self) -> u64 {
         1u64 << self.cluster_bits.min(63)
     }
+    /// True for a version 3 `header_length` that is not a multiple of 8: the specification
+    /// forbids it, qemu opens it.
+    pub fn misaligned_length(&self) -> bool {
+        self.version >= 3 && self.header_length % 8 != 0
+    }
     /// True when L2 entries are 128-bit with subcluster bitmaps.
     pub fn extended_l2(&self) -> bool {
         self.incompatible_features & INCOMPAT_EXTL2 != 0
@@ -219,7 +224,10 @@ fn parse_v3(rest: &[u8], h: &mut Header) -> Result<()> {
     let Ok((rest, (inc, comp, auto, ro, hl))) = v3 else {
         return Err(nom_err("the version 3 fields", 72));
     };
-    if hl < V3_MIN_HEADER_LEN || hl % 8 != 0 || u64::from(hl) > h.cluster_size() {
+    // qemu refuses only a length outside 104..=cluster size; one that is not a multiple of
+    // 8 (the spec's rule) it opens, so the image is opened here too, for its references,
+    // and [`Header::misaligned_length`] makes it a rejecting finding.
+    if hl < V3_MIN_HEADER_LEN || u64::from(hl) > h.cluster_size() {
         return Err(Error::invalid(format!(
             "header_length {hl} must be a multiple of 8 between 104 and the cluster size"
         ))

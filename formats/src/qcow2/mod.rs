@@ -14,6 +14,7 @@ pub mod check;
 pub mod counts;
 mod crypto;
 pub mod header;
+pub mod qcow1;
 pub mod qed;
 pub mod refcount;
 pub mod table;
@@ -250,6 +251,19 @@ fn dirty(h: &Header) -> bool {
 
 /// Reports the corrupt and dirty bits and the encryption.
 fn features(h: &Header, info: &mut ImageInfo, findings: &mut Vec<Finding>) {
+    if h.misaligned_length() {
+        findings.push(
+            Finding::reject(
+                "qcow2.header-length",
+                format!(
+                    "header_length {} is not a multiple of 8, as the specification requires \
+                     (qemu opens it)",
+                    h.header_length
+                ),
+            )
+            .at(100),
+        );
+    }
     if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
         findings.push(
             Finding::reject(
