@@ -275,6 +275,9 @@ add detect "$fx"/vmdk/version-first-extent-after-comments.vmdk "$fx"/vmdk/binary
     "$fx"/iso/vmdk-descriptor-in-system-area.iso "$fx"/unsupported/*.bochs \
     "$fx"/unsupported/*.cloop "$fx"/unsupported/*.dmg "$fx"/unsupported/*.parallels \
     "$fx"/unsupported/*.qcow
+# qcow1 is opened as far as its header (virtual size, backing file): the check target
+# reaches that parser through detection.
+add check "$fx"/unsupported/*.qcow
 add vmdk_descriptor "$fx"/vmdk/version-first-extent-after-comments.vmdk \
     "$fx"/vmdk/binary-after-nul.vmdk "$fx"/vmdk/control-char-in-comment.vmdk
 # qcow2 hostile fixtures (reserved bits, metadata overlaps, cut clusters, incomplete snapshots).
