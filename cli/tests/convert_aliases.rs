@@ -135,3 +135,69 @@ fn a_loop_device_over_the_source_and_its_backing_file_are_the_source() {
     assert_refused(&o, "loop a.raw");
     assert_eq!(std::fs::read(&src).unwrap(), data);
 }
+
+/// `convert --force` of a standalone OVF descriptor (read as raw) refuses to write any file
+/// the descriptor names: its disks are the files `ova list` reads beside it.
+#[test]
+fn a_file_a_standalone_descriptor_names_is_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let xml = r#"<?xml version="1.0"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
+ <References><File ovf:href="disk1.vmdk" ovf:id="f1"/><File ovf:href="later.vmdk" ovf:id="f2"/></References>
+ <DiskSection><Info>d</Info><Disk ovf:diskId="d1" ovf:fileRef="f1" ovf:capacity="1"/></DiskSection>
+</Envelope>
+"#;
+    std::fs::write(d.join("x.ovf"), xml).unwrap();
+    // The same descriptor under a name that does not say so.
+    std::fs::write(d.join("desc.xml"), xml).unwrap();
+    let disk = d.join("disk1.vmdk");
+    std::fs::write(&disk, b"the appliance's disk").unwrap();
+    std::fs::hard_link(&disk, d.join("hard.vmdk")).unwrap();
+    for src in ["x.ovf", "desc.xml"] {
+        // An existing disk (also through a hard link), and a named file not yet there.
+        for dst in ["disk1.vmdk", "hard.vmdk", "later.vmdk"] {
+            let o = glimpse(
+                &[
+                    "convert",
+                    "--force",
+                    "-O",
+                    "raw",
+                    s(&d.join(src)),
+                    s(&d.join(dst)),
+                ],
+                Stdio::null(),
+                Stdio::piped(),
+            );
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{src} -> {dst}: {err}");
+            assert!(
+                err.contains("output.source-reference"),
+                "{src} -> {dst}: {err}"
+            );
+        }
+        // stdout redirected to the disk.
+        let o = glimpse(
+            &["convert", "--force", "-O", "raw", s(&d.join(src)), "-"],
+            Stdio::null(),
+            read_write(&disk).into(),
+        );
+        assert_eq!(o.status.code(), Some(2), "{src} - 1<>disk1.vmdk");
+        // Any other destination is written (the descriptor's bytes, as raw).
+        let out = d.join(format!("{src}.raw"));
+        let o = glimpse(
+            &["convert", "--force", "-O", "raw", s(&d.join(src)), s(&out)],
+            Stdio::null(),
+            Stdio::piped(),
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{src}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), xml.as_bytes());
+    }
+    assert_eq!(std::fs::read(&disk).unwrap(), b"the appliance's disk");
+    assert!(!d.join("later.vmdk").exists());
+}

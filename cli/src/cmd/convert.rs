@@ -190,7 +190,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if let Some(dst) = &landing {
         // References are resolved against the source's directory: none for stdin or a URL.
         let dir = (source.is_some() && !is_stdin(&args.src)).then_some(args.src.as_path());
-        check_not_referenced(dir, &image.info().references, dst).map_err(refused)?;
+        let mut refs = image.info().references.clone();
+        if let Some(path) = dir {
+            refs.extend(descriptor_files(path, image.as_ref())?);
+        }
+        check_not_referenced(dir, &refs, dst).map_err(refused)?;
     }
     if interrupt::cancelled() {
         return Err(interrupted(&args));
@@ -255,6 +259,36 @@ fn source_storage(src: &Path) -> anyhow::Result<Option<Storage>> {
     Storage::at(src)
         .map(Some)
         .map_err(|e| anyhow::anyhow!("{}: cannot open: {e}", display(src)))
+}
+
+/// The files a standalone OVF descriptor given as the source names (its hrefs: the disks
+/// `ova list` and `ova check` read beside it), for the destination check. Converted with
+/// `--force`, a descriptor reads as a raw disk whose image names no file, yet
+/// `convert --force -O raw x.ovf disk1.vmdk` would replace the appliance's disk. A source is
+/// taken for a descriptor when its content is one (`raw.ovf-descriptor`) or its name ends in
+/// `.ovf`. Only the descriptor itself is read again; the files it names are not opened (the
+/// check only stat-s them). A source flagged as a descriptor whose files cannot be read
+/// refuses every destination.
+fn descriptor_files(
+    src: &Path,
+    image: &dyn glimpse_formats::Image,
+) -> anyhow::Result<Vec<glimpse_formats::Reference>> {
+    let flagged = image
+        .findings()
+        .iter()
+        .any(|f| f.code == "raw.ovf-descriptor");
+    if !flagged && !glimpse_formats::ova::is_ovf_path(src) {
+        return Ok(Vec::new());
+    }
+    match glimpse_formats::ova::read_ovf_dir(src, &crate::common::limits()) {
+        Ok(d) => Ok(d.file_references()),
+        Err(_) if !flagged => Ok(Vec::new()),
+        Err(e) => Err(anyhow::anyhow!(
+            "{}: is an OVF descriptor whose file references cannot be read ({e}); refusing \
+             to write any destination for it, even with --force (output.source-reference)",
+            display(src)
+        )),
+    }
 }
 
 /// A refusal of the destination, with its stable code (`output.same-as-source`, ...).

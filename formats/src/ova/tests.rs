@@ -314,3 +314,28 @@ fn a_failed_extract_removes_only_the_directories_it_created() {
     // The directory made on the way stays, as any directory a successful extract makes.
     assert!(root.join("new").is_dir());
 }
+
+/// A standalone descriptor's hrefs, every kind of them, are its file references; reading them
+/// opens nothing beside the descriptor.
+#[test]
+fn a_descriptor_reports_every_href_as_a_file_reference() {
+    let t = tempfile::tempdir().unwrap();
+    let path = t.path().join("x.ovf");
+    std::fs::write(
+        &path,
+        r#"<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References><File ovf:id="a" ovf:href="disk1.vmdk"/><File ovf:id="b" ovf:href="../up.vmdk"/><File ovf:id="c" ovf:href="http://host/d.vmdk"/></References></Envelope>"#,
+    )
+    .unwrap();
+    let d = read_ovf_dir(&path, &Limits::default()).unwrap();
+    let refs = d.file_references();
+    let got: Vec<_> = refs.iter().map(|r| (r.kind, r.target.as_str())).collect();
+    use crate::image::RefKind::Href;
+    assert_eq!(
+        got,
+        [
+            (Href, "disk1.vmdk"),
+            (Href, "../up.vmdk"),
+            (Href, "http://host/d.vmdk")
+        ]
+    );
+}
