@@ -8,8 +8,9 @@
 //! temporary file has no name at all until the commit (`O_TMPFILE`,
 //! [`glimpse_formats::tmpfile`]), so that even a SIGKILL leaves nothing behind.
 //!
-//! A destination that is the source (the same device and inode, whatever path names it) is
-//! refused before anything is created, and so is one that is a file the source refers to
+//! A destination that is the source's storage ([`Storage`]: the same device and inode whatever
+//! path names it, another node of the same device, a loop device over it or the file a loop
+//! device reads) is refused before anything is created, and so is one that is a file the source refers to
 //! (a backing file, an external data file or extent, a parent): replacing it would destroy
 //! the data of the very chain being read ([`check_not_referenced`]).
 //!
@@ -21,7 +22,8 @@
 
 use std::fs::{File, Permissions};
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use glimpse_formats::tmpfile::Temp;
@@ -61,9 +63,10 @@ impl OutputFile {
     ///
     /// # Errors
     /// `Invalid` for the refusals above; `Io` when the temporary file cannot be created.
-    pub fn create(dest: &Path, source: Option<&Path>, opts: OutputOptions) -> Result<Self> {
+    pub fn create(dest: &Path, source: Option<&Storage>, opts: OutputOptions) -> Result<Self> {
         if let Some(src) = source {
-            check_not_source(src, dest)?;
+            let at = Storage::at(dest).map_err(|e| io_error(dest, "cannot inspect", e))?;
+            check_not_source(src, &at)?;
         }
         let dest = resolve(dest)?;
         let existing = match std::fs::metadata(&dest) {
@@ -229,22 +232,240 @@ fn exchange(a: &Path, b: &Path) -> io::Result<()> {
     }
 }
 
-/// Refuses `dest` when it is the same file as `source`: the same device and inode, so every
-/// spelling (`./x`, a symbolic link, a hard link) is caught. A destination that does not exist
-/// cannot be the source.
+/// Where a file's bytes are, as the same-storage checks compare it: the file itself (device
+/// and inode), the device a device node stands for (its `st_rdev`: two nodes of one device
+/// are two inodes but one disk), and for a loop device the file it reads (`LOOP_GET_STATUS64`:
+/// the device and inode of its backing file). Made from a path ([`Storage::at`]) or from an
+/// open descriptor ([`Storage::of_fd`]: stdin, stdout), never from `/dev/stdin` or
+/// `/proc/self/fd`, which need /proc.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    shown: String,
+    path: Option<PathBuf>,
+    id: Option<Id>,
+}
+
+/// What [`Storage`] compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Id {
+    dev: u64,
+    ino: u64,
+    kind: NodeKind,
+    /// For a loop device: the device and inode of the file it reads.
+    backing: Option<(u64, u64)>,
+}
+
+/// The kind of file, with the device number of a device node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeKind {
+    File,
+    Block(u64),
+    Char(u64),
+    Other,
+}
+
+/// The major number of loop devices (their partitions have another, and are not loop devices).
+const LOOP_MAJOR: u32 = 7;
+
+impl Storage {
+    /// The storage of `path` (symbolic links followed). A path that does not exist has no
+    /// storage yet ([`Storage::exists`] is false): it cannot be any other file. A loop device
+    /// is opened (read-only, which has no effect on it) to ask for its backing file; no other
+    /// file is opened.
+    ///
+    /// # Errors
+    /// The error of `stat` other than "not found" (a path that cannot be looked at cannot be
+    /// told apart from the source).
+    pub fn at(path: &Path) -> io::Result<Storage> {
+        let id = match std::fs::metadata(path) {
+            Ok(m) => {
+                let mut id = Id::of(&m);
+                if id.is_loop() {
+                    id.backing = std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(path)
+                        .ok()
+                        .and_then(|f| loop_backing(f.as_fd()));
+                }
+                Some(id)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Storage {
+            shown: path.display().to_string(),
+            path: Some(path.to_path_buf()),
+            id,
+        })
+    }
+
+    /// The storage of the open descriptor `fd` (`fstat`, and for a loop device its backing
+    /// file), shown as `shown`: what stdin or stdout is redirected to, found without /proc.
+    ///
+    /// # Errors
+    /// When the descriptor cannot be duplicated or `fstat` fails.
+    pub fn of_fd(fd: BorrowedFd<'_>, shown: &str) -> io::Result<Storage> {
+        let file = File::from(fd.try_clone_to_owned()?);
+        let mut id = Id::of(&file.metadata()?);
+        if id.is_loop() {
+            id.backing = loop_backing(file.as_fd());
+        }
+        Ok(Storage {
+            shown: shown.to_string(),
+            path: None,
+            id: Some(id),
+        })
+    }
+
+    /// True when the file exists (always, for a descriptor).
+    pub fn exists(&self) -> bool {
+        self.id.is_some()
+    }
+
+    /// True for a regular file or a block device: what a conversion could be reading.
+    pub fn is_file_or_block_device(&self) -> bool {
+        self.id
+            .is_some_and(|i| matches!(i.kind, NodeKind::File | NodeKind::Block(_)))
+    }
+
+    /// The device number when this is a character device (to recognise `/dev/null`).
+    pub fn char_device(&self) -> Option<u64> {
+        match self.id?.kind {
+            NodeKind::Char(rdev) => Some(rdev),
+            _ => None,
+        }
+    }
+
+    /// How the file is named in messages.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+}
+
+impl Id {
+    fn of(m: &std::fs::Metadata) -> Id {
+        let t = m.file_type();
+        let kind = if t.is_file() {
+            NodeKind::File
+        } else if t.is_block_device() {
+            NodeKind::Block(m.rdev())
+        } else if t.is_char_device() {
+            NodeKind::Char(m.rdev())
+        } else {
+            NodeKind::Other
+        };
+        Id {
+            dev: m.dev(),
+            ino: m.ino(),
+            kind,
+            backing: None,
+        }
+    }
+
+    fn is_loop(&self) -> bool {
+        matches!(self.kind, NodeKind::Block(rdev) if libc::major(rdev) == LOOP_MAJOR)
+    }
+
+    /// How `self` and `other` are one storage, when they are.
+    fn alias_of(&self, other: &Id) -> Option<&'static str> {
+        if (self.dev, self.ino) == (other.dev, other.ino) {
+            return Some("the same file on disk");
+        }
+        match (self.kind, other.kind) {
+            (NodeKind::Block(a), NodeKind::Block(b)) | (NodeKind::Char(a), NodeKind::Char(b))
+                if a == b =>
+            {
+                return Some("the same device, through another device node");
+            }
+            _ => {}
+        }
+        if self.backing == Some((other.dev, other.ino))
+            || other.backing == Some((self.dev, self.ino))
+        {
+            return Some("a loop device and the file it reads");
+        }
+        if self.backing.is_some() && self.backing == other.backing {
+            return Some("two loop devices over one file");
+        }
+        None
+    }
+}
+
+/// The kernel's `struct loop_info64` (linux/loop.h), which the libc crate does not define.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `LOOP_GET_STATUS64` (linux/loop.h).
+const LOOP_GET_STATUS64: u32 = 0x4C05;
+
+/// The device and inode of the file the loop device open as `fd` reads, when it is bound to
+/// one (`LOOP_GET_STATUS64`; an unbound loop device answers ENXIO).
+fn loop_backing(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let mut info = LoopInfo64 {
+        lo_device: 0,
+        lo_inode: 0,
+        lo_rdevice: 0,
+        lo_offset: 0,
+        lo_sizelimit: 0,
+        lo_number: 0,
+        lo_encrypt_type: 0,
+        lo_encrypt_key_size: 0,
+        lo_flags: 0,
+        lo_file_name: [0; 64],
+        lo_crypt_name: [0; 64],
+        lo_encrypt_key: [0; 32],
+        lo_init: [0; 2],
+    };
+    // SAFETY: `fd` is an open descriptor and `info` a writable struct of the layout the
+    // request fills in.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            LOOP_GET_STATUS64 as _,
+            std::ptr::addr_of_mut!(info),
+        )
+    };
+    (r == 0).then_some((info.lo_device, info.lo_inode))
+}
+
+/// Refuses `dest` when it is the storage `source` is read from ([`Storage`]): the same file
+/// under any spelling (`./x`, a symbolic link, a hard link, a bind mount), another device
+/// node of the same device, a loop device over the source file, or the file a loop device
+/// source reads. A destination that does not exist cannot be the source; a source that
+/// cannot be identified (one that does not exist) is refused, since nothing can be said.
 ///
 /// # Errors
 /// `Invalid` with code `output.same-as-source`.
-pub fn check_not_source(source: &Path, dest: &Path) -> Result<()> {
-    let (Ok(s), Ok(d)) = (std::fs::metadata(source), std::fs::metadata(dest)) else {
+pub fn check_not_source(source: &Storage, dest: &Storage) -> Result<()> {
+    let Some(s) = &source.id else {
+        return Err(Error::invalid(format!(
+            "{}: cannot tell whether the destination is the source {}, which cannot be              found; refusing to write it",
+            dest.shown, source.shown
+        ))
+        .code("output.same-as-source"));
+    };
+    let Some(d) = &dest.id else {
         return Ok(());
     };
-    if s.dev() == d.dev() && s.ino() == d.ino() {
+    if let Some(how) = s.alias_of(d) {
         return Err(Error::invalid(format!(
-            "{}: the destination is the source file {} (the same file on disk); refusing to \
-             overwrite the input",
-            dest.display(),
-            source.display()
+            "{}: the destination is the source {} ({how}); refusing to overwrite the input",
+            dest.shown, source.shown
         ))
         .code("output.same-as-source"));
     }
@@ -268,7 +489,11 @@ pub fn check_not_source(source: &Path, dest: &Path) -> Result<()> {
 ///
 /// # Errors
 /// `Invalid` with code `output.source-reference`.
-pub fn check_not_referenced(source: Option<&Path>, refs: &[Reference], dest: &Path) -> Result<()> {
+pub fn check_not_referenced(
+    source: Option<&Path>,
+    refs: &[Reference],
+    dest: &Storage,
+) -> Result<()> {
     use glimpse_formats::refname::Base;
     let mut image_bases: Vec<PathBuf> = Vec::new();
     if let Some(src) = source {
@@ -286,8 +511,7 @@ pub fn check_not_referenced(source: Option<&Path>, refs: &[Reference], dest: &Pa
     }
     let mut either_bases = image_bases.clone();
     either_bases.push(PathBuf::from("."));
-    let dest_id = std::fs::metadata(dest).ok().map(|m| (m.dev(), m.ino()));
-    let dest_canon = canonical(dest);
+    let dest_canon = dest.path.as_deref().and_then(canonical);
     for r in refs {
         let resolved = r.resolved();
         if !resolved.certain {
@@ -295,7 +519,7 @@ pub fn check_not_referenced(source: Option<&Path>, refs: &[Reference], dest: &Pa
                 "{}: the source names {} qemu may resolve to any file ({:?}: an unknown \
                  protocol or a json: specification glimpse cannot read with confidence); \
                  refusing to write any destination for it, even with --force",
-                dest.display(),
+                dest.shown,
                 ref_kind(r),
                 r.target
             ))
@@ -307,9 +531,14 @@ pub fn check_not_referenced(source: Option<&Path>, refs: &[Reference], dest: &Pa
                 Base::Either => &either_bases,
             };
             for cand in ref_paths(&local.path, bases) {
-                let same_inode = dest_id.is_some()
-                    && std::fs::metadata(&cand).ok().map(|m| (m.dev(), m.ino())) == dest_id;
-                if same_inode
+                // The named file is only stat-ed, never opened (a loop device it names is not
+                // asked for its backing file).
+                let same_storage = dest.id.as_ref().is_some_and(|d| {
+                    std::fs::metadata(&cand)
+                        .ok()
+                        .is_some_and(|m| Id::of(&m).alias_of(d).is_some())
+                });
+                if same_storage
                     || dest_canon
                         .as_ref()
                         .is_some_and(|d| canonical(&cand).as_ref() == Some(d))
@@ -322,7 +551,7 @@ pub fn check_not_referenced(source: Option<&Path>, refs: &[Reference], dest: &Pa
                     return Err(Error::invalid(format!(
                         "{}: the destination is {} the source refers to ({:?}{via}); refusing \
                          to overwrite a file the input's data depends on, even with --force",
-                        dest.display(),
+                        dest.shown,
                         ref_kind(r),
                         r.target
                     ))
@@ -404,7 +633,6 @@ fn keep_owner(f: &File, old: &std::fs::Metadata) {
 /// place (qemu-img) keeps them. What the process may not set, or the file system does not
 /// hold, is left as the new file has it. Linux bounds a list and a value at 64 KiB each.
 fn keep_xattrs(f: &File, old: &Path) {
-    use std::os::fd::AsRawFd;
     const MAX: usize = 64 << 10;
     let Ok(path) = c_path(old) else {
         return;
@@ -498,6 +726,10 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    fn at(p: &Path) -> Storage {
+        Storage::at(p).unwrap()
+    }
+
     #[test]
     fn commit_replaces_and_drop_keeps_the_old_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -533,7 +765,8 @@ mod tests {
         std::fs::hard_link(&src, &hard).unwrap();
         let dotted = dir.path().join(".").join("a.img");
         for dest in [&src, &link, &hard, &dotted] {
-            let e = OutputFile::create(dest, Some(&src), OutputOptions::default()).unwrap_err();
+            let e =
+                OutputFile::create(dest, Some(&at(&src)), OutputOptions::default()).unwrap_err();
             assert_eq!(
                 e.finding_code(),
                 "output.same-as-source",
@@ -541,7 +774,7 @@ mod tests {
                 dest.display()
             );
         }
-        assert!(check_not_source(&src, &dir.path().join("new.img")).is_ok());
+        assert!(check_not_source(&at(&src), &at(&dir.path().join("new.img"))).is_ok());
         assert_eq!(std::fs::read(&src).unwrap(), b"data");
     }
 
@@ -596,7 +829,7 @@ mod tests {
         std::os::unix::fs::symlink(&base, dir.path().join("link.raw")).unwrap();
         std::fs::hard_link(&base, dir.path().join("hard.raw")).unwrap();
         let refused = |refs: &[Reference], src: Option<&Path>, dest: &Path| {
-            let e = check_not_referenced(src, refs, dest).unwrap_err();
+            let e = check_not_referenced(src, refs, &at(dest)).unwrap_err();
             assert_eq!(
                 e.finding_code(),
                 "output.source-reference",
@@ -638,15 +871,17 @@ mod tests {
         refused(&missing, Some(&src), &sub.join("gone.raw"));
         // Anything else passes: another name, a URL, qemu's json:, a remote source's
         // relative reference.
-        assert!(check_not_referenced(Some(&src), &backing, &sub.join("out.raw")).is_ok());
-        assert!(check_not_referenced(Some(&src), &backing, &dir.path().join("base.raw")).is_ok());
+        assert!(check_not_referenced(Some(&src), &backing, &at(&sub.join("out.raw"))).is_ok());
+        assert!(
+            check_not_referenced(Some(&src), &backing, &at(&dir.path().join("base.raw"))).is_ok()
+        );
         let other = [
             reference(RefKind::BackingFile, "http://host/base.raw"),
             reference(RefKind::BackingFile, "json:{}"),
             reference(RefKind::BackingFile, ""),
         ];
-        assert!(check_not_referenced(Some(&src), &other, &base).is_ok());
-        assert!(check_not_referenced(None, &backing, &base).is_ok());
+        assert!(check_not_referenced(Some(&src), &other, &at(&base)).is_ok());
+        assert!(check_not_referenced(None, &backing, &at(&base)).is_ok());
         assert_eq!(std::fs::read(&base).unwrap(), b"base");
     }
 
@@ -660,7 +895,7 @@ mod tests {
         std::fs::write(&victim, b"victim").unwrap();
         let v = victim.to_str().unwrap();
         let refused = |kind: RefKind, name: &str| {
-            let e = check_not_referenced(Some(&src), &[reference(kind, name)], &victim)
+            let e = check_not_referenced(Some(&src), &[reference(kind, name)], &at(&victim))
                 .expect_err(name);
             assert_eq!(e.finding_code(), "output.source-reference", "{name:?}");
         };
@@ -703,7 +938,7 @@ mod tests {
                 check_not_referenced(
                     Some(&src),
                     &[reference(RefKind::BackingFile, &name)],
-                    &victim
+                    &at(&victim)
                 )
                 .is_ok(),
                 "{name:?}"

@@ -6,7 +6,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use glimpse_convert::copy::CopyMode;
-use glimpse_convert::output::{check_not_referenced, check_not_source, OutputFile, OutputOptions};
+use glimpse_convert::output::{
+    check_not_referenced, check_not_source, OutputFile, OutputOptions, Storage,
+};
 use glimpse_convert::pipeline::{convert, ConvertOptions};
 use glimpse_convert::{create, Target, WriteOptions};
 use glimpse_formats::reader::GuestReader;
@@ -107,17 +109,13 @@ const EXIT_BROKEN_PIPE: u8 = 141;
 type Output = (Target, Option<(OutputFile, Option<interrupt::Registered>)>);
 
 /// Where the image goes: stdout, or a temporary file renamed onto DST on success.
-fn open_output(args: &Args) -> anyhow::Result<Output> {
+fn open_output(args: &Args, source: Option<&Storage>) -> anyhow::Result<Output> {
     if is_stdin(&args.dst) {
         let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
         return Ok((Target::Stream(Box::new(out)), None));
     }
-    let out = OutputFile::create(
-        &args.dst,
-        Some(&identity(&args.src)),
-        OutputOptions { fsync: args.fsync },
-    )
-    .map_err(refused)?;
+    let out = OutputFile::create(&args.dst, source, OutputOptions { fsync: args.fsync })
+        .map_err(refused)?;
     // A temporary file without a name (O_TMPFILE) needs no removing.
     let registered = out.temp_path().map(interrupt::register);
     if out.other_links() > 0 {
@@ -156,7 +154,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
              (or use --force-tty)"
         );
     }
-    if to_stdout && stdout_is_null() {
+    let stdout = if to_stdout {
+        Some(stdout_storage()?)
+    } else {
+        None
+    };
+    if stdout.as_ref().is_some_and(is_null) {
         anyhow::bail!(
             "stdout is /dev/null (or was closed, which the runtime turns into /dev/null): the \
              image would be discarded; redirect stdout to a file, pipe or device \
@@ -166,27 +169,38 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // What the output lands on: DST, or the file stdout was redirected to (`- > x`, `- >> x`,
     // `- 1<> x`), which must no more be the source than DST may; a pipe or a socket is left
     // alone (it cannot be the file read).
-    let landing = if to_stdout {
-        stdout_file()
-    } else {
-        Some(args.dst.clone())
+    let landing = match stdout {
+        Some(out) => out.is_file_or_block_device().then_some(out),
+        None => Some(
+            Storage::at(&args.dst)
+                .map_err(|e| anyhow::anyhow!("{}: cannot inspect: {e}", display(&args.dst)))?,
+        ),
     };
-    if let Some(dst) = &landing {
-        check_not_source(&identity(&args.src), dst).map_err(refused)?;
+    let source = source_storage(&args.src)?;
+    if let (Some(src), Some(dst)) = (&source, &landing) {
+        // A source that does not exist is reported by opening it, below (and refused by the
+        // output's own check, should it appear meanwhile).
+        if src.exists() {
+            check_not_source(src, dst).map_err(refused)?;
+        }
     }
     let image = load(&args.src, args.source_format, &args.input)
         .map_err(|e| crate::common::named(e, &args.src))?
         .image;
     if let Some(dst) = &landing {
-        let src =
-            (!args.src.to_str().is_some_and(crate::remote::is_remote)).then(|| identity(&args.src));
-        check_not_referenced(src.as_deref(), &image.info().references, dst).map_err(refused)?;
+        // References are resolved against the source's directory: none for stdin or a URL.
+        let dir = (source.is_some() && !is_stdin(&args.src)).then_some(args.src.as_path());
+        let mut refs = image.info().references.clone();
+        if let Some(path) = dir {
+            refs.extend(descriptor_files(path, image.as_ref())?);
+        }
+        check_not_referenced(dir, &refs, dst).map_err(refused)?;
     }
     if interrupt::cancelled() {
         return Err(interrupted(&args));
     }
     let size = image.info().virtual_size;
-    let (target, output) = open_output(&args)?;
+    let (target, output) = open_output(&args, source.as_ref())?;
     let result = create(args.output_format, &opts, target, size)
         .map_err(glimpse_convert::pipeline::output_side)
         .and_then(|writer| run_pipeline(&args, image, writer));
@@ -213,34 +227,67 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 }
 
 /// True when standard output is the null device (`> /dev/null`, or a closed descriptor, which
-/// Rust's runtime reopens on `/dev/null` at start).
-fn stdout_is_null() -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let (Ok(out), Ok(null)) = (
-        std::fs::metadata("/dev/stdout"),
-        std::fs::metadata("/dev/null"),
-    ) else {
-        return false;
-    };
-    out.file_type().is_char_device() && out.rdev() == null.rdev()
+/// Rust's runtime reopens on `/dev/null` at start): its device number is /dev/null's, or 1:3
+/// (Linux's null device) where /dev/null cannot be looked at.
+fn is_null(out: &Storage) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let null = std::fs::metadata("/dev/null").map_or(libc::makedev(1, 3), |m| m.rdev());
+    out.char_device() == Some(null)
 }
 
-/// `/dev/stdout` when standard output is a regular file or a block device, which a
-/// conversion could be reading: then it is compared with the source as DST would be.
-fn stdout_file() -> Option<PathBuf> {
-    use std::os::unix::fs::FileTypeExt;
-    let path = PathBuf::from("/dev/stdout");
-    let kind = std::fs::metadata(&path).ok()?.file_type();
-    (kind.is_file() || kind.is_block_device()).then_some(path)
+/// What standard output is redirected to, from descriptor 1 itself (`fstat`): never through
+/// `/dev/stdout`, which is a link into /proc and so unknown where /proc is not mounted.
+fn stdout_storage() -> anyhow::Result<Storage> {
+    use std::os::fd::AsFd;
+    Storage::of_fd(std::io::stdout().as_fd(), "stdout")
+        .map_err(|e| anyhow::anyhow!("stdout: cannot inspect: {e}"))
 }
 
-/// The path whose device and inode identify the source: stdin's file for `-`, so that
-/// `convert - x.qcow2 < x.qcow2` is caught too.
-fn identity(src: &Path) -> PathBuf {
+/// The storage the source is read from, for the same-storage checks: stdin's own file for
+/// `-` (`fstat` of descriptor 0, so that `convert - x.qcow2 < x.qcow2` is caught with or
+/// without /proc), the path otherwise; `None` for a URL.
+fn source_storage(src: &Path) -> anyhow::Result<Option<Storage>> {
+    use std::os::fd::AsFd;
     if is_stdin(src) {
-        PathBuf::from("/dev/stdin")
-    } else {
-        src.to_path_buf()
+        return Storage::of_fd(std::io::stdin().as_fd(), "stdin")
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("stdin: cannot open: {e}"));
+    }
+    if src.to_str().is_some_and(crate::remote::is_remote) {
+        return Ok(None);
+    }
+    Storage::at(src)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{}: cannot open: {e}", display(src)))
+}
+
+/// The files a standalone OVF descriptor given as the source names (its hrefs: the disks
+/// `ova list` and `ova check` read beside it), for the destination check. Converted with
+/// `--force`, a descriptor reads as a raw disk whose image names no file, yet
+/// `convert --force -O raw x.ovf disk1.vmdk` would replace the appliance's disk. A source is
+/// taken for a descriptor when its content is one (`raw.ovf-descriptor`) or its name ends in
+/// `.ovf`. Only the descriptor itself is read again; the files it names are not opened (the
+/// check only stat-s them). A source flagged as a descriptor whose files cannot be read
+/// refuses every destination.
+fn descriptor_files(
+    src: &Path,
+    image: &dyn glimpse_formats::Image,
+) -> anyhow::Result<Vec<glimpse_formats::Reference>> {
+    let flagged = image
+        .findings()
+        .iter()
+        .any(|f| f.code == "raw.ovf-descriptor");
+    if !flagged && !glimpse_formats::ova::is_ovf_path(src) {
+        return Ok(Vec::new());
+    }
+    match glimpse_formats::ova::read_ovf_dir(src, &crate::common::limits()) {
+        Ok(d) => Ok(d.file_references()),
+        Err(_) if !flagged => Ok(Vec::new()),
+        Err(e) => Err(anyhow::anyhow!(
+            "{}: is an OVF descriptor whose file references cannot be read ({e}); refusing \
+             to write any destination for it, even with --force (output.source-reference)",
+            display(src)
+        )),
     }
 }
 

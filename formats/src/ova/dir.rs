@@ -142,6 +142,23 @@ impl OvfDir {
             .collect()
     }
 
+    /// Every file the descriptor names (each `File`'s href, whatever its kind), as references
+    /// of kind `Href` resolved against the descriptor's directory: the files `ova` commands
+    /// read beside it, which a command writing a destination must not replace. Nothing is
+    /// opened or stat-ed here.
+    pub fn file_references(&self) -> Vec<crate::image::Reference> {
+        self.descriptor
+            .files
+            .iter()
+            .map(|f| crate::image::Reference {
+                kind: crate::image::RefKind::Href,
+                target: f.href.clone(),
+                format: None,
+                offset: None,
+            })
+            .collect()
+    }
+
     /// Opens disk `disk` (0-based, `DiskSection` order) from the file beside the descriptor:
     /// the explicit gate described in the module docs. A `gzip` file is decompressed under
     /// `limits` (see [`super::gunzip`]).

@@ -75,32 +75,28 @@ impl Ova {
                 ));
             }
         }
-        // The directories create_dir_all is about to make, outermost first. Each is handed to
-        // `hooks.temp` before it exists, so that a handler that cannot wait removes it too.
-        let created: Vec<&Path> = dir
-            .ancestors()
-            .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        let _registered: Vec<_> = created
-            .iter()
-            .filter_map(|d| hooks.temp.map(|t| t(d)))
-            .collect();
-        let remove_created = || {
+        // The directories this run makes, outermost first: only those whose creation
+        // succeeded here, never a prediction from the path's text (`new/../existing` names a
+        // directory that exists once `new` does). Each is handed to `hooks.temp` once it
+        // exists, so that a handler that cannot wait removes it too; one a signal catches
+        // between its creation and its registration is left behind empty, never a directory
+        // that was there before.
+        let mut created: Vec<PathBuf> = Vec::new();
+        let mut registered: Vec<Box<dyn Any>> = Vec::new();
+        let remove_created = |created: &[PathBuf]| {
             for d in created.iter().rev() {
                 // Only succeeds when empty: never removes anything but our own directories.
                 let _ = std::fs::remove_dir(d);
             }
         };
-        std::fs::create_dir_all(dir).map_err(|e| {
-            remove_created();
-            Error::io(e, format!("creating {}", dir.display())).code("output.write")
-        })?;
+        if let Err(e) = create_dirs(dir, &mut created, &mut registered, hooks) {
+            remove_created(&created);
+            return Err(Error::io(e, format!("creating {}", dir.display())).code("output.write"));
+        }
         let written = self
             .write_all(plan, dir, hooks)
-            .inspect_err(|_| remove_created())?;
+            .inspect_err(|_| remove_created(&created))?;
+        drop(registered);
         Ok(Extraction {
             written,
             findings,
@@ -174,6 +170,37 @@ impl Ova {
             f.write_all(chunk).map_err(werr)
         })?;
         Ok((tmp, registered))
+    }
+}
+
+/// Creates `dir` and its missing parents one component at a time, outermost first, pushing
+/// onto `created` (and registering with `hooks.temp`) each directory that `create_dir` made
+/// here. One that already exists (`EEXIST`: the user's, or `new/..`) is not ours and is left
+/// out, whatever its path looks like.
+fn create_dirs(
+    dir: &Path,
+    created: &mut Vec<PathBuf>,
+    registered: &mut Vec<Box<dyn Any>>,
+    hooks: &ExtractHooks<'_>,
+) -> std::io::Result<()> {
+    let mut at = PathBuf::new();
+    for c in dir.components() {
+        at.push(c);
+        match std::fs::create_dir(&at) {
+            Ok(()) => {
+                if let Some(t) = hooks.temp {
+                    registered.push(t(&at));
+                }
+                created.push(at.clone());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if std::fs::metadata(dir)?.is_dir() {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTDIR))
     }
 }
 

@@ -232,3 +232,110 @@ fn the_gate_reads_the_archive_once_and_opens_each_disk_once() {
     assert_eq!(descriptor, 1, "the descriptor is read once");
     assert_eq!(pvd, 2, "the second disk is detected once and opened once");
 }
+
+/// An appliance `ova extract` accepts: one ISO disk whose capacity is its size.
+fn extractable() -> Ova {
+    let disk = iso();
+    let xml = format!(
+        r#"<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References><File ovf:id="f0" ovf:href="a.iso" ovf:size="{}"/></References><DiskSection><Info>d</Info><Disk ovf:diskId="d0" ovf:fileRef="f0" ovf:capacity="{}" ovf:capacityAllocationUnits="byte"/></DiskSection></Envelope>"#,
+        disk.len(),
+        disk.len()
+    );
+    let mut b = ::tar::Builder::new(Vec::new());
+    for (name, data) in [("vm.ovf", xml.as_bytes()), ("a.iso", &disk[..])] {
+        let mut h = ::tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    let src: Source = Arc::new(b.into_inner().unwrap());
+    read_ova(src, &Limits::default()).unwrap()
+}
+
+/// A failed (or interrupted) extraction removes only the directories it created: a directory
+/// that existed before stays, however the destination spells its way to it (`new/../keep`
+/// names it only once `new` exists), and the signal handler's hook is given only created ones.
+#[test]
+fn a_failed_extract_removes_only_the_directories_it_created() {
+    use std::cell::RefCell;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let keep = root.join("keep");
+    std::fs::create_dir(&keep).unwrap();
+    let ova = extractable();
+    let registered = RefCell::new(Vec::new());
+    let hook = |p: &std::path::Path| -> Box<dyn std::any::Any> {
+        if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
+            registered.borrow_mut().push(p.to_path_buf());
+        }
+        Box::new(())
+    };
+    let fail = || -> Result<()> { Err(Error::invalid("stopped before the renames")) };
+    let hooks = ExtractHooks {
+        cancel: None,
+        temp: Some(&hook),
+        before_commit: Some(&fail),
+    };
+    for (dir, made) in [
+        // `new` is made, `new/..` and `new/../keep` exist already.
+        ("new/../keep", vec!["new"]),
+        ("a/b/../../keep", vec!["a", "a/b"]),
+        // A fresh directory reached through `..` is made, and removed.
+        (
+            "n2/../fresh/sub",
+            vec!["n2", "n2/../fresh", "n2/../fresh/sub"],
+        ),
+        ("keep", vec![]),
+    ] {
+        registered.borrow_mut().clear();
+        let e = ova
+            .extract_with(&root.join(dir), &Limits::default(), &hooks)
+            .unwrap_err();
+        assert!(e.to_string().contains("stopped before the renames"), "{e}");
+        let want: Vec<_> = made.iter().map(|m| root.join(m)).collect();
+        assert_eq!(*registered.borrow(), want, "{dir}");
+        assert!(keep.is_dir(), "{dir}: the existing directory was removed");
+        let mut left: Vec<_> = std::fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["keep"], "{dir}");
+        assert_eq!(std::fs::read_dir(&keep).unwrap().count(), 0, "{dir}");
+    }
+    // The same spelling succeeds into the existing directory, which keeps what is written.
+    let done = ova
+        .extract(&root.join("new/../keep"), &Limits::default())
+        .unwrap();
+    assert!(!done.rejected, "{:?}", done.findings);
+    assert_eq!(std::fs::read(keep.join("a.iso")).unwrap(), iso());
+    // The directory made on the way stays, as any directory a successful extract makes.
+    assert!(root.join("new").is_dir());
+}
+
+/// A standalone descriptor's hrefs, every kind of them, are its file references; reading them
+/// opens nothing beside the descriptor.
+#[test]
+fn a_descriptor_reports_every_href_as_a_file_reference() {
+    let t = tempfile::tempdir().unwrap();
+    let path = t.path().join("x.ovf");
+    std::fs::write(
+        &path,
+        r#"<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References><File ovf:id="a" ovf:href="disk1.vmdk"/><File ovf:id="b" ovf:href="../up.vmdk"/><File ovf:id="c" ovf:href="http://host/d.vmdk"/></References></Envelope>"#,
+    )
+    .unwrap();
+    let d = read_ovf_dir(&path, &Limits::default()).unwrap();
+    let refs = d.file_references();
+    let got: Vec<_> = refs.iter().map(|r| (r.kind, r.target.as_str())).collect();
+    use crate::image::RefKind::Href;
+    assert_eq!(
+        got,
+        [
+            (Href, "disk1.vmdk"),
+            (Href, "../up.vmdk"),
+            (Href, "http://host/d.vmdk")
+        ]
+    );
+}
