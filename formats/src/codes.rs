@@ -24,6 +24,7 @@ pub const ALL: &[&str] = &[
     "refcount.mismatch",
     "image.encrypted",
     "image.backing-name",
+    "image.vmdk-descriptor-text",
     "raw.vmdk-descriptor-text",
     "raw.empty",
     "raw.gpt-checksum",

@@ -7,6 +7,9 @@
 //!
 //! Detection is a superset of qemu's probes (each driver's `*_probe`, which see the first
 //! 2 KiB, plus the DMG trailer): whatever qemu would open as a format is never called raw.
+//! Magic numbers are compared within the first bytes zero-padded past the end of a short file,
+//! as qemu reads them ([`crate::probe::QEMU_PROBE_LEN`]); the VHD footer, the DMG trailer and
+//! the ISO descriptors are looked for in the file's real bytes.
 //! Formats glimpse does not read are detected too ([`crate::unsupported`]) and rejected by
 //! name.
 
@@ -82,7 +85,9 @@ pub fn detect_probe(p: &Probe<'_>) -> Detection {
             Format::Vdi => crate::vdi::probe(p),
             Format::Luks => crate::luks::probe(p),
             Format::Iso => crate::iso::probe(p),
-            Format::Ova => crate::ova::probe(p),
+            // A tar holds at least one 512-byte header: a shorter file, zero-padded for the
+            // magic probes, is no archive.
+            Format::Ova => p.size >= 512 && crate::ova::probe(p),
             Format::Qcow1 => crate::unsupported::probe_qcow1(p),
             Format::Parallels => crate::parallels::probe(p),
             Format::Bochs => crate::unsupported::probe_bochs(p),

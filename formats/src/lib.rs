@@ -62,6 +62,7 @@ pub mod refname;
 pub mod table;
 pub mod tmpfile;
 pub mod unsupported;
+pub mod vmdk_text;
 mod xml;
 
 pub mod iso;

@@ -114,6 +114,7 @@ pub fn inspect_detected(
 ) -> Result<Report> {
     let mut findings = preflight(&detection, src.size()?, policy)?;
     let mut appliance = None;
+    let outer = src.clone();
     let opened = if detection.format() == Format::Ova {
         match crate::ova::read_ova(src, limits) {
             Ok(ova) => {
@@ -134,6 +135,7 @@ pub fn inspect_detected(
             None
         }
     };
+    crate::vmdk_text::outer(&outer, detection.format(), image.is_some(), &mut findings)?;
     if let Some(img) = &image {
         judge(img.as_ref(), policy, limits, &mut findings)?;
     }
@@ -222,6 +224,7 @@ fn preflight(detection: &Detection, size: u64, policy: &Policy) -> Result<Vec<Fi
 /// `Io` errors of the structural check.
 fn judge(img: &dyn Image, policy: &Policy, limits: &Limits, out: &mut Vec<Finding>) -> Result<()> {
     out.extend(img.findings().iter().cloned());
+    crate::vmdk_text::judge(img, out)?;
     let skip = policy.skip_structure || (policy.skip_data_walk && img.check_reads_every_unit());
     if !skip {
         match img.check(limits) {

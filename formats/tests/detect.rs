@@ -341,3 +341,71 @@ fn fat_bytes_do_not_hide_a_gpt_in_a_container() {
         assert_ambiguous_polyglot(b, Format::Vhdx, &what);
     }
 }
+
+/// Report wild-diff F2: qemu reads the probe buffer with zeros past the end of a short file, so
+/// a file cut right after the last non-NUL byte of a format's magic (and of the fields qemu's
+/// probe compares with it) is still that format to qemu: a 3-byte file `QED` is QED. glimpse's
+/// magic probes compare the same zero-padded bytes. qemu-img decides: on the cut file its
+/// probe picks a driver other than raw (it opens the file as that format, or that driver
+/// refuses it while `-f raw` opens it), and glimpse detects the format.
+#[test]
+fn a_magic_cut_after_its_last_non_nul_byte_is_probed_as_qemu_probes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let luks = [
+        "--object",
+        "secret,id=s0,data=pw",
+        "-o",
+        "key-secret=s0,iter-time=10",
+    ];
+    // (qemu-img format, create options, glimpse's format, bytes qemu's probe compares)
+    let made: [(&str, &[&str], Format, usize); 9] = [
+        ("qcow2", &[], Format::Qcow2, 8),
+        ("qcow", &[], Format::Qcow1, 8),
+        ("qed", &[], Format::Qed, 4),
+        ("vmdk", &[], Format::Vmdk, 4),
+        ("vpc", &[], Format::Vhd, 8),
+        ("vhdx", &[], Format::Vhdx, 8),
+        ("vdi", &[], Format::Vdi, 68),
+        ("parallels", &[], Format::Parallels, 20),
+        ("luks", &luks, Format::Luks, 8),
+    ];
+    let mut cases: Vec<(String, Vec<u8>, Format, usize)> = Vec::new();
+    for (fmt, opts, want, window) in made {
+        let path = tmp.path().join(format!("made.{fmt}"));
+        let mut args = vec!["create", "-q", "-f", fmt];
+        args.extend(opts);
+        args.extend([path.to_str().unwrap(), "8M"]);
+        glimpse_testkit::qemu::img(&args);
+        cases.push((fmt.to_string(), std::fs::read(&path).unwrap(), want, window));
+    }
+    // Bochs (qemu-img does not write it): magic, type, subtype as C strings, version 2.0.
+    let mut bochs = vec![0u8; 512];
+    bochs[..22].copy_from_slice(b"Bochs Virtual HD Image");
+    bochs[32..39].copy_from_slice(b"Redolog");
+    bochs[48..55].copy_from_slice(b"Growing");
+    bochs[64..68].copy_from_slice(&0x0002_0000u32.to_le_bytes());
+    cases.push(("bochs".to_string(), bochs, Format::Bochs, 68));
+    let mut shorter = Vec::new();
+    for (fmt, bytes, want, window) in cases {
+        let cut = bytes[..window].iter().rposition(|&b| b != 0).unwrap() + 1;
+        if cut < window {
+            shorter.push(fmt.clone());
+        }
+        let path = tmp.path().join(format!("cut-{fmt}"));
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let p = path.to_str().unwrap();
+        let out = glimpse_testkit::qemu::run(&["info", "-U", "--output=json", p]);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_ne!(v["format"], "raw", "{fmt}: qemu probes {v}");
+        } else {
+            // Not raw: qemu's raw driver opens any readable file.
+            let raw = glimpse_testkit::qemu::run(&["info", "-U", "-f", "raw", p]);
+            assert!(raw.status.success(), "{fmt}");
+        }
+        let det = detect(&bytes[..cut].to_vec()).unwrap();
+        assert_eq!(det.matches, [want], "{fmt} cut to {cut} bytes");
+    }
+    // The cases where the padding matters: a magic or a field qemu compares ends in NULs.
+    assert_eq!(shorter, ["qed", "parallels", "bochs"]);
+}
