@@ -131,7 +131,8 @@ pub fn limits() -> Limits {
         .clone()
 }
 
-/// Detects, opens and checks `path` under the default policy (plus `expect`), refusing a
+/// Detects, opens and checks `path` under the default policy (plus `expect`; not as an
+/// image-service gate: [`Policy::image_service`] is off), refusing a
 /// rejected image unless `--force`, and an encrypted one always. Errors do not name the path.
 pub fn load(path: &Path, expect: Option<Format>, opts: &InputOpts) -> anyhow::Result<Loaded> {
     let src = open_source(path)?;
@@ -143,6 +144,10 @@ pub fn load(path: &Path, expect: Option<Format>, opts: &InputOpts) -> anyhow::Re
         // file, which the commands that load an image then read again. Their readers check
         // each grain's marker and bounds as they read it.
         skip_data_walk: remote,
+        // Reading an image is not uploading it: what only an image service refuses (a
+        // qcow2 with extended L2 entries, an MBR Glance's inspector finds odd) stays a
+        // warning, and needs no --force.
+        image_service: false,
         ..Policy::default()
     };
     let report = inspect(src, &policy, &limits())?;

@@ -12,7 +12,7 @@ use crate::io::Source;
 use crate::limits::Limits;
 
 /// What the caller expects of an image.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// The declared format. A different detected format is a rejection (`format.mismatch`).
     pub expect_format: Option<Format>,
@@ -33,7 +33,34 @@ pub struct Policy {
     /// Accept an image whose guest data is encrypted (`image.encrypted` becomes a warning): the
     /// consumer holds the key. Readers still refuse it: glimpse never sees the plaintext.
     pub allow_encrypted: bool,
+    /// The gate of an image service (`check`, `upload`, `audit`; the default): the findings
+    /// of [`IMAGE_SERVICE_CODES`], warnings about what a reader handles but OpenStack
+    /// Glance's format inspector refuses, become rejections. Off for a caller that only reads
+    /// the image (convert, map, compare, measure, checksum).
+    pub image_service: bool,
 }
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            expect_format: None,
+            max_virtual_size: None,
+            allow_backing_file: false,
+            skip_structure: false,
+            skip_data_walk: false,
+            disk: None,
+            allow_encrypted: false,
+            image_service: true,
+        }
+    }
+}
+
+/// Warnings that the image-service gate rejects, each for images of one format: what Glance
+/// refuses on upload although qemu reads it (so the reader only warns).
+const IMAGE_SERVICE_CODES: &[(&str, Format)] = &[
+    ("qcow2.extended-l2", Format::Qcow2),
+    ("raw.mbr-invalid", Format::Raw),
+];
 
 /// The verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -235,6 +262,14 @@ fn judge(img: &dyn Image, policy: &Policy, limits: &Limits, out: &mut Vec<Findin
     }
     if policy.allow_backing_file {
         out.extend(unsafe_backing_names(img.info()));
+    }
+    if policy.image_service {
+        let format = img.info().format;
+        for f in out.iter_mut() {
+            if IMAGE_SERVICE_CODES.contains(&(f.code, format)) {
+                f.severity = Severity::Reject;
+            }
+        }
     }
     if let Some(f) = encrypted(img.info(), policy) {
         out.push(f);

@@ -333,7 +333,107 @@ pub fn describe_with(
     if table != "none" {
         details.insert("partitions".into(), Value::Array(partitions));
     }
+    findings.extend(image_service_mbr(head));
     (details, findings)
+}
+
+/// MBR type byte of an unused entry.
+const MBR_TYPE_UNUSED: u8 = 0;
+/// The start CHS a protective MBR entry must carry: head 0, sector 2, cylinder 0 (LBA 1).
+const PROTECTIVE_START_CHS: [u8; 3] = [0x00, 0x02, 0x00];
+
+/// `raw.mbr-invalid` (a warning; the image-service gate rejects it, see
+/// [`crate::policy::Policy::image_service`]) when the first sector fails the boot-sector rules
+/// of OpenStack Glance's format inspector, which then refuses a raw upload: the sector ends in
+/// 0x55AA and is not a FAT boot record by Glance's test (two FATs and the fixed-disk media
+/// byte), and
+/// - a boot indicator is neither 0x00 nor 0x80 (in any of the four slots, used or not); or
+/// - a protective (0xEE) entry does not start at CHS 0/2/0 and LBA 1; or
+/// - a protective entry is not the only entry in use, or not in the first slot; or
+/// - no entry is in use.
+///
+/// These are stricter than qemu, the kernel and firmware (a converter loses nothing by
+/// ignoring them), so they are not the reader's business: only a gate for an image service
+/// acts on them. Checked whatever else the head holds (a GPT header, a hybrid ISO's system
+/// area), as Glance checks it.
+///
+/// # Security
+/// Reads only `head[..512]`, through `get`.
+fn image_service_mbr(head: &[u8]) -> Option<Finding> {
+    let sector = head.get(..512)?;
+    if sector.get(510..512) != Some(&MBR_SIGNATURE[..]) {
+        return None;
+    }
+    if sector.get(BPB_NUM_FATS) == Some(&2) && sector.get(BPB_MEDIA) == Some(&MEDIA_FIXED_DISK) {
+        return None;
+    }
+    let invalid = |at: usize, why: String| {
+        Some(
+            Finding::warn(
+                "raw.mbr-invalid",
+                format!("{why}: OpenStack Glance's format inspector refuses such a raw disk"),
+            )
+            .at(at as u64),
+        )
+    };
+    let mut used = Vec::new();
+    let mut protective = false;
+    for k in 0..4usize {
+        let at = MBR_ENTRIES.saturating_add(k.saturating_mul(16));
+        let entry = sector.get(at..at.saturating_add(16))?;
+        let (status, chs, kind) = (
+            entry.first().copied()?,
+            entry.get(1..4)?,
+            entry.get(4).copied()?,
+        );
+        let lba = entry
+            .get(8..12)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)?;
+        let slot = k.saturating_add(1);
+        if !matches!(status, 0x00 | 0x80) {
+            return invalid(
+                at,
+                format!("MBR entry {slot} has boot indicator {status:#04x} (only 0x00 and 0x80 are valid)"),
+            );
+        }
+        if kind != MBR_TYPE_UNUSED {
+            used.push(k);
+        }
+        if kind == MBR_TYPE_PROTECTIVE {
+            protective = true;
+            if chs != PROTECTIVE_START_CHS {
+                return invalid(
+                    at,
+                    format!(
+                        "the protective MBR entry {slot} starts at CHS {:02x} {:02x} {:02x}, not 00 02 00",
+                        chs.first().copied().unwrap_or(0),
+                        chs.get(1).copied().unwrap_or(0),
+                        chs.get(2).copied().unwrap_or(0)
+                    ),
+                );
+            }
+            if lba != 1 {
+                return invalid(
+                    at,
+                    format!("the protective MBR entry {slot} starts at LBA {lba}, not 1"),
+                );
+            }
+        }
+    }
+    if protective && used != [0] {
+        return invalid(
+            MBR_ENTRIES,
+            "a protective MBR must hold its 0xEE entry in slot 1 and no other entry".to_string(),
+        );
+    }
+    if used.is_empty() {
+        return invalid(
+            MBR_ENTRIES,
+            "the boot sector ends in 0x55AA but defines no partition".to_string(),
+        );
+    }
+    None
 }
 
 /// The four MBR entries that are in use, with their slot.
@@ -595,6 +695,10 @@ mod tests {
         let mut b = vec![0u8; 4096];
         for (k, (t, s, n)) in entries.iter().enumerate() {
             let o = 446 + 16 * k;
+            if *t == MBR_TYPE_PROTECTIVE {
+                // start CHS 0/2/0, as partitioning tools write it (and Glance requires)
+                b[o + 2] = 2;
+            }
             b[o + 4] = *t;
             b[o + 8..o + 12].copy_from_slice(&s.to_le_bytes());
             b[o + 12..o + 16].copy_from_slice(&n.to_le_bytes());
@@ -630,6 +734,7 @@ mod tests {
     #[test]
     fn gpt_entry_array_outside_the_disk_is_flagged() {
         let mut b = vec![0u8; 8192];
+        b[446 + 2] = 2;
         b[446 + 4] = MBR_TYPE_PROTECTIVE;
         b[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
         b[446 + 12..446 + 16].copy_from_slice(&15u32.to_le_bytes());
@@ -677,6 +782,60 @@ mod tests {
         let crc = crc32fast::hash(&b[4096..4096 + 92]);
         b[4096 + 16..4096 + 20].copy_from_slice(&crc.to_le_bytes());
         b
+    }
+
+    /// One sector with `entries` (slot, boot indicator, start CHS, type, start LBA) and the
+    /// boot signature.
+    fn sector(entries: &[(usize, u8, [u8; 3], u8, u32)]) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        for &(k, status, chs, kind, lba) in entries {
+            let e = MBR_ENTRIES + 16 * k;
+            b[e] = status;
+            b[e + 1..e + 4].copy_from_slice(&chs);
+            b[e + 4] = kind;
+            b[e + 8..e + 12].copy_from_slice(&lba.to_le_bytes());
+            b[e + 12..e + 16].copy_from_slice(&2048u32.to_le_bytes());
+        }
+        b[510..512].copy_from_slice(&MBR_SIGNATURE);
+        b
+    }
+
+    #[test]
+    fn glance_mbr_rules() {
+        let invalid = |b: &[u8]| {
+            let (_, f) = describe(b, 1 << 22);
+            f.iter()
+                .filter(|f| f.code == "raw.mbr-invalid")
+                .inspect(|f| assert_eq!(f.severity, crate::finding::Severity::Warn))
+                .count()
+        };
+        let pmbr = (0, 0, [0, 2, 0], 0xEE, 1);
+        // What Glance accepts.
+        assert_eq!(invalid(&sector(&[pmbr])), 0);
+        assert_eq!(invalid(&sector(&[(0, 0x80, [0; 3], 0x83, 2048)])), 0);
+        assert_eq!(invalid(&sector(&[(3, 0, [0; 3], 0x83, 2048)])), 0);
+        assert_eq!(invalid(&[0u8; 4096]), 0);
+        assert_eq!(invalid(&sector(&[(0, 0, [0; 3], 0x83, 2048)])[..511]), 0);
+        // Glance's FAT test: two FATs and the fixed-disk media byte hide the sector.
+        let mut fat = sector(&[(0, 0x29, [0; 3], 0, 0)]);
+        fat[BPB_NUM_FATS] = 2;
+        fat[BPB_MEDIA] = MEDIA_FIXED_DISK;
+        assert_eq!(invalid(&fat), 0);
+        fat[BPB_MEDIA] = 0xF0;
+        assert_eq!(invalid(&fat), 1);
+        // What it refuses, one rule each.
+        for bad in [
+            sector(&[(0, 0x01, [0; 3], 0x83, 2048)]),
+            sector(&[(0, 0x7f, [0; 3], 0x83, 2048)]),
+            sector(&[(0, 0, [0; 3], 0x83, 2048), (2, 0x81, [0; 3], 0, 0)]),
+            sector(&[(0, 0, [0, 0, 0], 0xEE, 1)]),
+            sector(&[(0, 0, [0, 2, 0], 0xEE, 2)]),
+            sector(&[pmbr, (1, 0, [0; 3], 0x83, 2048)]),
+            sector(&[(1, 0, [0, 2, 0], 0xEE, 1)]),
+            sector(&[]),
+        ] {
+            assert_eq!(invalid(&bad), 1, "{:?}", &bad[446..512]);
+        }
     }
 
     #[test]

@@ -273,6 +273,21 @@ fn features(h: &Header, info: &mut ImageInfo, findings: &mut Vec<Finding>) {
             .at(72),
         );
     }
+    if h.extended_l2() {
+        // Legal for qemu (and read here), but OpenStack Glance's format inspector knows
+        // incompatible bits 0-3 only and refuses the upload: a warning that the image-service
+        // gate turns into a rejection (`Policy::image_service`), so that a converter is not
+        // bothered with it.
+        findings.push(
+            Finding::warn(
+                "qcow2.extended-l2",
+                "extended L2 entries (incompatible bit 4): OpenStack Glance's format inspector \
+                 does not know this feature and refuses the image (convert it without \
+                 extended_l2 to upload it)",
+            )
+            .at(72),
+        );
+    }
     if dirty(h) {
         findings.push(
             Finding::warn(

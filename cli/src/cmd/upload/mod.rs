@@ -328,6 +328,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
         skip_data_walk: false,
         disk: None,
         allow_encrypted: args.allow_encrypted,
+        image_service: true,
     };
     let limits = crate::common::limits();
     let mut report =
