@@ -116,6 +116,77 @@ fn iso_uploads_active_with_matching_digests() {
     upload_ok(&iso, "iso", &[]);
 }
 
+/// A hybrid ISO with an EFI partition appended after its volume (xorriso
+/// `-append_partition`, as distributions build bootable ISOs): Glance records the volume's
+/// size as its virtual size, glimpse's virtual size is the whole file (the appended partition
+/// is part of the disk). The upload must verify Glance's record by Glance's rule, not delete
+/// the image it just uploaded (glanceparity campaign).
+#[test]
+fn hybrid_iso_with_an_appended_partition_uploads_active() {
+    let g = glance(BIN);
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("hello.txt"), b"hello\n").unwrap();
+    let efi = dir.path().join("efi.img");
+    std::fs::write(&efi, vec![0x5au8; 1 << 20]).unwrap();
+    let iso = dir.path().join("hybrid.iso");
+    let out = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-V", "HYB", "-o"])
+        .arg(&iso)
+        .args(["-append_partition", "2", "0xef"])
+        .arg(&efi)
+        .arg(&tree)
+        .output()
+        .expect("xorriso is required for this test (apt-get install xorriso)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file_size = std::fs::metadata(&iso).unwrap().len();
+
+    let info = glimpse_json(&["info", "--output", "json", iso.to_str().unwrap()]);
+    let volume = info["format-specific"]["data"]["volume-size"]
+        .as_u64()
+        .expect("volume-size");
+    assert!(
+        volume < file_size,
+        "the partition is appended: {volume} < {file_size}"
+    );
+    assert_eq!(info["virtual-size"].as_u64(), Some(file_size));
+
+    let name = unique("hybrid");
+    let out = upload(
+        &g.url,
+        &[
+            "--name",
+            &name,
+            "--output",
+            "json",
+            "--disk-format",
+            "iso",
+            iso.to_str().unwrap(),
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let img = json(&out);
+    assert_eq!(img["status"], "active");
+    assert_eq!(img["virtual_size"].as_u64(), Some(volume), "{img}");
+    assert_eq!(img["size"].as_u64(), Some(file_size));
+    g.delete(img["id"].as_str().unwrap());
+}
+
+fn glimpse_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn the_detected_format_is_the_default_disk_format() {
     let g = glance(BIN);

@@ -139,6 +139,20 @@ struct Local {
     container: ContainerFormat,
     size: u64,
     virtual_size: Option<u64>,
+    /// The virtual size Glance's inspector records, to verify its record against: the
+    /// virtual size, except for an ISO, whose size Glance takes from the volume descriptor
+    /// (a hybrid ISO's appended partitions are outside it).
+    glance_virtual_size: Option<u64>,
+}
+
+/// The virtual size Glance records for `info`: an ISO's volume size (volume space size ×
+/// logical block size, the `volume-size` detail), every other format's virtual size.
+fn glance_virtual_size(info: &glimpse_formats::ImageInfo) -> u64 {
+    let volume = info.details.get("volume-size").and_then(|v| v.as_u64());
+    match (info.format, volume) {
+        (glimpse_formats::Format::Iso, Some(v)) => v,
+        _ => info.virtual_size,
+    }
 }
 
 /// Runs the command; returns the exit code (0 uploaded, 1 rejected before upload, 2 error).
@@ -317,6 +331,7 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
                 container,
                 size,
                 virtual_size: None,
+                glance_virtual_size: None,
             }));
         }
     };
@@ -345,12 +360,14 @@ fn inspect(args: &Args) -> anyhow::Result<Result<Local, u8>> {
         return Ok(Err(1));
     }
     let virtual_size = report.info().map(|i| i.virtual_size);
+    let glance_virtual_size = report.info().map(glance_virtual_size);
     Ok(Ok(Local {
         input,
         disk,
         container,
         size,
         virtual_size,
+        glance_virtual_size,
     }))
 }
 
@@ -744,7 +761,7 @@ fn verify(image: &Value, id: &str, local: &Local, d: &Digests) -> anyhow::Result
             "os_hash_algo is {other:?}; glimpse verifies sha512"
         )),
     }
-    if let (Some(theirs), Some(ours)) = (n("virtual_size"), local.virtual_size) {
+    if let (Some(theirs), Some(ours)) = (n("virtual_size"), local.glance_virtual_size) {
         if theirs != ours {
             bad.push(format!(
                 "virtual_size is {theirs} but the image's is {ours}"
