@@ -415,6 +415,7 @@ impl Inner {
                 if status >= 400 {
                     return Err(fatal(status_message(status, &mut r)));
                 }
+                refuse_encoding(r.headers()).map_err(fatal)?;
                 Ok(r)
             }
             Err(e) => Err(classify(e)),
@@ -1143,16 +1144,41 @@ fn block_span(b: u64, n: u64, size: u64) -> Option<(u64, u64)> {
     Some((start, end))
 }
 
+/// Refuses a reply whose body carries a `Content-Encoding` other than `identity`: glimpse
+/// sends no `Accept-Encoding` and decodes nothing, so such a body is not the object's bytes
+/// (RFC 9110 8.4, 12.5.3), whatever its length. Every reply of a remote read passes here
+/// ([`Inner::get`]: the probe, ranged reads, the whole-object stream and its resumption, the
+/// upload's source), and so does the data stream of `audit --verify-digests`: a digest or a
+/// verdict of encoded bytes would be of something the server does not store.
+///
+/// # Errors
+/// The message to show: the encoding, quoted.
+pub(crate) fn refuse_encoding(h: &HeaderMap) -> Result<(), String> {
+    for v in h.get_all("content-encoding") {
+        let plain = v.to_str().is_ok_and(|t| {
+            t.split(',')
+                .map(str::trim)
+                .all(|e| e.is_empty() || e.eq_ignore_ascii_case("identity"))
+        });
+        if !plain {
+            let shown = String::from_utf8_lossy(v.as_bytes());
+            return Err(format!(
+                "the server sent the object with Content-Encoding: {}, which glimpse neither \
+                 asks for nor decodes: its bytes are not the object's (serve the file as it is \
+                 stored, without compression)",
+                crate::common::printable(shown.trim())
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Reads exactly `buf.len()` body bytes (a short body is transient: the connection dropped).
 fn read_body_into(resp: Response<Body>, buf: &mut [u8], bytes: &AtomicU64) -> Result<(), Fail> {
     // Only a body whose Content-Length is the length asked ends where ureq knows it ends; a
     // chunked or close-delimited one may not end for a while after its last byte (a server
     // that keeps the connection open and never sends the last chunk or the close).
     let delimited = resp.body().content_length() == Some(buf.len() as u64);
-    // Bytes glimpse cannot decode: a short body is no dropped connection, and would be short
-    // again.
-    let encoding = header(resp.headers(), "content-encoding")
-        .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
     let mut r = resp.into_body().into_reader();
     let mut done = 0;
     while let Some(rest) = buf.get_mut(done..) {
@@ -1161,14 +1187,10 @@ fn read_body_into(resp: Response<Body>, buf: &mut [u8], bytes: &AtomicU64) -> Re
         }
         match r.read(rest) {
             Ok(0) => {
-                let msg = format!("the body ended after {done} of {} bytes", buf.len());
-                return Err(match &encoding {
-                    Some(enc) => fatal(format!(
-                        "{msg}: the server sent it with Content-Encoding: {enc}, which glimpse \
-                         neither asks for nor decodes"
-                    )),
-                    None => Fail::Transient(msg),
-                });
+                return Err(Fail::Transient(format!(
+                    "the body ended after {done} of {} bytes",
+                    buf.len()
+                )));
             }
             Ok(n) => {
                 done += n;
@@ -1270,6 +1292,37 @@ mod tests {
             Some((3 * BLOCK, 3 * BLOCK + 5))
         );
         assert_eq!(block_span(0, 1, 0), None);
+    }
+
+    #[test]
+    fn any_content_encoding_but_identity_is_refused() {
+        let with = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    "content-encoding",
+                    ureq::http::HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            refuse_encoding(&h)
+        };
+        assert!(with(&[]).is_ok());
+        for fine in [&b"identity"[..], b"IDENTITY", b"", b" identity , Identity"] {
+            assert!(with(&[fine]).is_ok(), "{fine:?}");
+        }
+        for bad in [
+            &[&b"gzip"[..]][..],
+            &[b"identity, gzip"],
+            &[b"identity", b"br"],
+            &[b"x-\xe9"],
+            &[b"deflate"],
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(
+                e.contains("Content-Encoding: ") && e.contains("decodes"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
