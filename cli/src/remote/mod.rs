@@ -138,6 +138,11 @@ struct Inner {
     streams: Streams,
     requests: AtomicU64,
     bytes: Arc<AtomicU64>,
+    /// Bytes ranged reads have been allowed to receive: the first reply's, then each try's
+    /// whole length before it is sent, so that reads in flight on several threads cannot pass
+    /// the transfer bound together (they were checked against bytes received, and overshot it
+    /// by up to 1.1 MiB: report remote-hostile F3). A try that fails keeps its share.
+    reserved: AtomicU64,
     /// Whether a signal shuts `agent` down ([`cancel::watch_agent`]).
     watched: AtomicBool,
 }
@@ -218,9 +223,13 @@ impl HttpSource {
             streams: Streams::default(),
             requests: AtomicU64::new(0),
             bytes: Arc::new(AtomicU64::new(0)),
+            reserved: AtomicU64::new(0),
             watched: AtomicBool::new(false),
         };
         let first = inner.probe()?;
+        inner
+            .reserved
+            .store(inner.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
         if let Some(block) = first {
             inner.keep(0, &block).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
@@ -579,20 +588,29 @@ impl Inner {
             .unwrap_or(0)
             .saturating_mul(TRANSFER_FACTOR)
             .saturating_add(TRANSFER_SLACK);
-        let sent = self.bytes.load(Ordering::Relaxed);
-        if sent.saturating_add(buf.len() as u64) > allowance {
-            return Err(io::Error::other(format!(
-                "reading this object has already taken {sent} bytes, and more would pass \
-                 {allowance} ({TRANSFER_FACTOR} times its size and {} MiB): its layout makes \
-                 the reader jump around; download it and inspect the file",
-                TRANSFER_SLACK >> 20
-            )));
-        }
+        let want = buf.len() as u64;
+        // Each try takes its share of the allowance before it is sent.
+        let reserve = || {
+            self.reserved
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                    r.checked_add(want).filter(|&t| t <= allowance)
+                })
+                .map(drop)
+                .map_err(|taken| {
+                    fatal(format!(
+                        "reading this object has already taken {taken} bytes, and more would \
+                         pass {allowance} ({TRANSFER_FACTOR} times its size and {} MiB): its \
+                         layout makes the reader jump around; download it and inspect the file",
+                        TRANSFER_SLACK >> 20
+                    ))
+                })
+        };
         // The first try sends from this thread: the server answered the request before (the
         // probe at least), and a ranged read is the step a `convert` makes hundreds of times,
         // where the worker's two wake-ups cost 10% of its time. A retry, which follows a
         // failure that can be a server gone away, waits on a worker.
         self.retry(|first| {
+            reserve()?;
             let resp = self.get(Some((offset, Some(end))), true, first)?;
             match resp.status().as_u16() {
                 206 => {}
