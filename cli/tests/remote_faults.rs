@@ -577,3 +577,27 @@ fn a_servers_error_text_reaches_the_terminal_escaped() {
         }
     }
 }
+
+/// Campaign remote-hostile F8: a whole-object stream (no strong ETag) whose chunked body
+/// gives every byte but never its last chunk is the object, at once; not a 30 s wait and "the
+/// body ended after N of the N bytes". A byte more than the object is still an error.
+#[test]
+fn a_stream_that_gave_every_byte_but_not_its_end_is_complete() {
+    let (name, p) = fixture();
+    let local = json(&run(&["checksum", "--output", "json", p.to_str().unwrap()]));
+    let weak = Fault::SetHeader("ETag", Some(b"W/\"w1\"".to_vec()));
+    let mut faults = remote_support::every(0..40, &weak);
+    // GET 0 is the probe, GET 1 the whole-object stream
+    faults.push((1, Fault::ChunkedNoEnd));
+    let proxy = FaultProxy::start(nginx(BIN), faults);
+    let started = std::time::Instant::now();
+    let o = run(&[
+        "checksum",
+        "--output",
+        "json",
+        &format!("{}/{name}", proxy.url),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    assert!(started.elapsed().as_secs() < 15, "{:?}", started.elapsed());
+    assert_eq!(json(&o)["sha512"], local["sha512"]);
+}

@@ -900,6 +900,31 @@ impl Stream {
     }
 }
 
+/// How long a whole-object body that has given every byte of the object may take to mark its
+/// end before it is taken as ended.
+const END_GRACE: Duration = Duration::from_secs(2);
+
+/// After the last byte of a body: true when more bytes come within [`END_GRACE`]; false at
+/// its end, a read error (every byte came), or no word in that time.
+fn body_end(rx: &Receiver<io::Result<Vec<u8>>>) -> io::Result<bool> {
+    let deadline = Instant::now() + END_GRACE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        match rx.recv_timeout(left.min(cancel::POLL)) {
+            Ok(Ok(c)) => return Ok(!c.is_empty()),
+            Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(false),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if cancel::cancelled() {
+                    return Err(cancel::interrupted());
+                }
+            }
+        }
+    }
+}
+
 /// Reads a reply's body into chunks until its end, an error, or the reader going away.
 fn pump(mut r: ureq::BodyReader<'static>, tx: &SyncSender<io::Result<Vec<u8>>>) {
     loop {
@@ -942,6 +967,20 @@ impl Read for Stream {
                 return Ok(0);
             };
             let size = self.src.inner.size;
+            if size == Some(self.pos) {
+                // Every byte of the object came: the body's end is only waited for briefly (a
+                // chunked body whose last chunk never comes cost the stall limit, 30 s, and
+                // then failed as cut short: report remote-hostile F8), and a byte more is
+                // still an error.
+                let more = body_end(rx)?;
+                self.body = None;
+                if more {
+                    return Err(io::Error::other(
+                        "the server sent more bytes than the object's size",
+                    ));
+                }
+                return Ok(0);
+            }
             let failure = match cancel::wait(rx)? {
                 Some(Ok(c)) if c.is_empty() => {
                     match size.filter(|&s| self.pos < s) {
