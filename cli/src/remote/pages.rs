@@ -15,6 +15,11 @@ pub const PAGE: u64 = 4 << 10;
 pub const WINDOW_MIN: u64 = 1 << 20;
 /// The largest window (one request).
 pub const WINDOW_MAX: u64 = 4 << 20;
+/// The longest forward skip a stream may make between two reads (a walk over a
+/// streamOptimized VMDK's grain markers, which skips each grain's data): a stream fetches
+/// ahead across skips only after its second one, so that two random reads that happen to
+/// lie close together do not start fetching windows.
+const HOP_MAX: u64 = 256 << 10;
 /// Read streams remembered per source (readers running front to back at once: convert's
 /// workers, a checker and its grain walk).
 const STREAMS: usize = 8;
@@ -105,6 +110,8 @@ impl Pages {
 struct Stream {
     end: u64,
     misses: u32,
+    /// Forward skips (of [`PAGE`] to [`HOP_MAX`] bytes) made so far.
+    hops: u32,
     used: u64,
 }
 
@@ -127,11 +134,17 @@ impl Streams {
         let end = offset.saturating_add(len);
         let found = streams
             .iter_mut()
-            .find(|s| offset >= s.end && offset - s.end < PAGE);
+            .filter(|s| offset >= s.end && offset - s.end < HOP_MAX)
+            .min_by_key(|s| offset - s.end);
         if let Some(s) = found {
+            let hop = offset - s.end >= PAGE;
+            let sure = !hop || s.hops > 0;
+            if hop {
+                s.hops = s.hops.saturating_add(1);
+            }
             s.end = end;
             s.used = *tick;
-            if !miss {
+            if !miss || !sure {
                 return 0;
             }
             let window = WINDOW_MIN
@@ -144,6 +157,7 @@ impl Streams {
         let new = Stream {
             end,
             misses: 0,
+            hops: 0,
             used: *tick,
         };
         if streams.len() < STREAMS {
@@ -200,6 +214,13 @@ mod tests {
         // a hit continues the stream without a window
         assert_eq!(s.read(at, 512, false), 0);
         assert_eq!(s.read(at + 512, 512, true), 4 << 20);
+        // a walk that skips forward fetches ahead from its second skip on
+        let t = Streams::default();
+        assert_eq!(t.read(0, 512, true), 0);
+        assert_eq!(t.read(64 << 10, 512, true), 0);
+        assert_eq!(t.read(128 << 10, 512, true), 1 << 20);
+        // a skip past HOP_MAX starts another stream
+        assert_eq!(t.read(10 << 20, 512, true), 0);
         // reads anywhere else start streams of their own, and do not fetch ahead
         for i in 0..20u64 {
             assert_eq!(s.read(i * (100 << 20), 4096, true), 0);
