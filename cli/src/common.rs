@@ -83,10 +83,11 @@ pub fn error_json(filename: &str, e: &anyhow::Error) -> Value {
 /// JSON object and exit status.
 pub fn failed(filename: &str, e: &anyhow::Error) -> (Value, u8) {
     let msg = format!("{e:#}");
+    // As `main` prints an error: a message may quote a server or an image.
     if msg.starts_with(&format!("{filename}:")) {
-        errln!("glimpse: {msg}");
+        errln!("glimpse: {}", printable(&msg));
     } else {
-        errln!("glimpse: {filename}: {msg}");
+        errln!("glimpse: {}: {}", printable(filename), printable(&msg));
     }
     (error_json(filename, e), exit_status(e))
 }

@@ -456,3 +456,148 @@ fn upload_refuses_a_weak_etag_or_a_last_modified_alone() {
         assert!(!err.contains("glance-is-not-here"), "{what}: {err}");
     }
 }
+
+/// Campaign remote-hostile F1: a reply with a `Content-Encoding` other than identity is not
+/// the object's bytes (glimpse asks for no encoding and decodes none), whatever its length:
+/// it is an error on every path a reply can come by, never a digest or a verdict of encoded
+/// bytes. The proxy only adds the header, so each body has the length asked for: the case a
+/// length check alone does not catch.
+#[test]
+fn an_encoded_reply_is_refused_on_every_path() {
+    let (name, _) = fixture();
+    let gzip = || Fault::SetHeader("Content-Encoding", Some(b"gzip".to_vec()));
+    let refused = |what: &str, o: &std::process::Output| {
+        let (stdout, stderr) = text(o);
+        assert_eq!(o.status.code(), Some(2), "{what}: {stdout}\n{stderr}");
+        assert!(
+            stderr.contains("Content-Encoding: gzip") && stderr.contains("neither asks for"),
+            "{what}: {stderr}"
+        );
+        assert!(!stdout.contains("\"md5\""), "{what}: no digest: {stdout}");
+    };
+    // the probe's 206 (GET 0), a ranged read after it (GET 1)
+    for (what, at) in [("probe 206", 0), ("ranged read", 1)] {
+        let (o, _) = check_through(vec![(at, gzip())], &name);
+        refused(what, &o);
+    }
+    // `checksum` with a strong ETag reads ranges from several lanes: any of them
+    let proxy = FaultProxy::start(nginx(BIN), vec![(2, gzip())]);
+    let o = run(&[
+        "checksum",
+        "--output",
+        "json",
+        &format!("{}/{name}", proxy.url),
+    ]);
+    refused("checksum's ranged lanes", &o);
+    // without a strong ETag, `checksum` streams the object in one GET (the second)
+    let weak = Fault::SetHeader("ETag", Some(b"W/\"w1\"".to_vec()));
+    let mut faults = remote_support::every(0..40, &weak);
+    faults.push((1, gzip()));
+    let proxy = FaultProxy::start(nginx(BIN), faults);
+    let o = run(&[
+        "checksum",
+        "--output",
+        "json",
+        &format!("{}/{name}", proxy.url),
+    ]);
+    refused("whole-object stream", &o);
+    // a server without range support: the probe's 200, for `checksum` (which would stream
+    // it) and for `check`
+    for args in [&["checksum", "--output", "json"][..], &["check"][..]] {
+        let proxy = FaultProxy::start(remote_support::plain_server(BIN), vec![(0, gzip())]);
+        let mut args = args.to_vec();
+        let url = format!("{}/{name}", proxy.url);
+        args.push(&url);
+        let o = run(&args);
+        refused(&format!("probe 200, {args:?}"), &o);
+    }
+    // `upload` of a URL: its source is refused before Glance is asked anything
+    let proxy = FaultProxy::start(nginx(BIN), remote_support::every(0..40, &gzip()));
+    let o = remote_support::glimpse()
+        .env("OS_AUTH_TOKEN", "t")
+        .env("OS_IMAGE_URL", "http://127.0.0.1:9/glance-is-not-here")
+        .args(["upload", "--name", "x", &format!("{}/{name}", proxy.url)])
+        .output()
+        .unwrap();
+    refused("upload's source", &o);
+    // identity, in any case and as a list, is no encoding
+    let ok = Fault::SetHeader("Content-Encoding", Some(b"Identity, identity".to_vec()));
+    let proxy = FaultProxy::start(nginx(BIN), remote_support::every(0..40, &ok));
+    let o = run(&[
+        "checksum",
+        "--output",
+        "json",
+        &format!("{}/{name}", proxy.url),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+}
+
+/// Campaign remote-hostile F7: an error body is text a server chose; what of it reaches the
+/// terminal carries no control character (an OSC that sets the title, a CSI that clears the
+/// screen, BEL, C1) and no bidi override, in JSON or plain text, for every command.
+#[test]
+fn a_servers_error_text_reaches_the_terminal_escaped() {
+    let (name, _) = fixture();
+    let evil = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{1b}[31mRED\r\nX-Fake: 1\u{202e}\u{9b}2J\u{2066}";
+    let json_body = serde_json::json!({"message": evil})
+        .to_string()
+        .into_bytes();
+    for body in [json_body, evil.as_bytes().to_vec()] {
+        for args in [
+            &["info"][..],
+            &["check"][..],
+            &["checksum"][..],
+            &["convert", "-O", "raw"][..],
+        ] {
+            let proxy =
+                FaultProxy::start(nginx(BIN), vec![(0, Fault::StatusBody(404, body.clone()))]);
+            let url = format!("{}/{name}", proxy.url);
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("out.raw");
+            let mut a = args.to_vec();
+            a.push(&url);
+            if args[0] == "convert" {
+                a.push(out.to_str().unwrap());
+            }
+            let o = run(&a);
+            assert_eq!(o.status.code(), Some(2), "{args:?}: {:?}", text(&o));
+            let err = text(&o).1;
+            assert!(err.contains("HTTP 404"), "{args:?}: {err}");
+            assert!(
+                err.contains(r"\u{1b}]0;pwned\u{7}\u{1b}[2J"),
+                "{args:?}: {err}"
+            );
+            for line in err.lines() {
+                assert!(
+                    !line.chars().any(|c| c.is_control()
+                        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')),
+                    "{args:?}: {line:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Campaign remote-hostile F8: a whole-object stream (no strong ETag) whose chunked body
+/// gives every byte but never its last chunk is the object, at once; not a 30 s wait and "the
+/// body ended after N of the N bytes". A byte more than the object is still an error.
+#[test]
+fn a_stream_that_gave_every_byte_but_not_its_end_is_complete() {
+    let (name, p) = fixture();
+    let local = json(&run(&["checksum", "--output", "json", p.to_str().unwrap()]));
+    let weak = Fault::SetHeader("ETag", Some(b"W/\"w1\"".to_vec()));
+    let mut faults = remote_support::every(0..40, &weak);
+    // GET 0 is the probe, GET 1 the whole-object stream
+    faults.push((1, Fault::ChunkedNoEnd));
+    let proxy = FaultProxy::start(nginx(BIN), faults);
+    let started = std::time::Instant::now();
+    let o = run(&[
+        "checksum",
+        "--output",
+        "json",
+        &format!("{}/{name}", proxy.url),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    assert!(started.elapsed().as_secs() < 15, "{:?}", started.elapsed());
+    assert_eq!(json(&o)["sha512"], local["sha512"]);
+}

@@ -1,5 +1,5 @@
 //! Images at HTTP(S) URLs, read in place: [`HttpSource`] is a [`ReadAt`] that turns positional
-//! reads into `Range` requests, through a bounded block cache, pinned to one version of the
+//! reads into `Range` requests, through a bounded page cache, pinned to one version of the
 //! object.
 //!
 //! # What a server must give
@@ -29,6 +29,7 @@
 //! URL's signature is a credential), and header values are [`Secret`]s.
 
 pub(crate) mod cancel;
+mod pages;
 mod readahead;
 mod session;
 pub(crate) mod url;
@@ -40,25 +41,23 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use glimpse_formats::limits::Charge;
-use glimpse_formats::lru::Lru;
 use glimpse_formats::ReadAt;
 use ureq::http::{HeaderMap, Response};
 use ureq::{Agent, Body};
 
+use self::pages::{Pages, Streams, PAGE, WINDOW_MAX};
 pub use self::session::{
     annotate, configure, display, is_remote, log_transfers, open, Config, Opts,
 };
 pub use self::url::{is_url, shown};
 pub use crate::cmd::upload::http::Secret;
 
-/// Bytes per cached block: a small read costs at most this much transfer.
+/// Bytes the first request asks for (format detection reads them).
 pub const BLOCK: u64 = 256 << 10;
-/// The block cache, charged to the command's memory budget.
+/// The page cache, charged to the command's memory budget.
 const CACHE_BYTES: u64 = 32 << 20;
 /// Reads at least this large go straight into the caller's buffer, bypassing the cache.
 const DIRECT: usize = 1 << 20;
-/// Blocks fetched in one request when reads run front to back (4 MiB).
-const READAHEAD_BLOCKS: u64 = 16;
 /// Tries per request (connection resets, timeouts, 408, 429, 5xx), with doubling backoff.
 pub const ATTEMPTS: u32 = 5;
 const BACKOFF: Duration = Duration::from_millis(100);
@@ -128,15 +127,22 @@ struct Inner {
     etag: Option<Vec<u8>>,
     last_modified: Option<Vec<u8>>,
     ranges: bool,
-    cache: Lru<u64, Arc<[u8]>>,
-    /// Blocks being fetched right now, so that two readers do not fetch one block twice.
-    inflight: Mutex<Vec<u64>>,
+    /// Pages of [`PAGE`] bytes ([`pages`]).
+    cache: Pages,
+    /// Pages being fetched right now (`[first, end)`), so that two readers do not fetch one
+    /// page twice.
+    inflight: Mutex<Vec<(u64, u64)>>,
     landed: Condvar,
     _charge: Option<Charge>,
-    /// Consecutive misses that each followed a cached block.
-    streak: AtomicU64,
+    /// The readers running front to back, whose misses fetch ahead.
+    streams: Streams,
     requests: AtomicU64,
     bytes: Arc<AtomicU64>,
+    /// Bytes ranged reads have been allowed to receive: the first reply's, then each try's
+    /// whole length before it is sent, so that reads in flight on several threads cannot pass
+    /// the transfer bound together (they were checked against bytes received, and overshot it
+    /// by up to 1.1 MiB: report remote-hostile F3). A try that fails keeps its share.
+    reserved: AtomicU64,
     /// Whether a signal shuts `agent` down ([`cancel::watch_agent`]).
     watched: AtomicBool,
 }
@@ -175,7 +181,7 @@ impl HttpSource {
         Self::open_with_cache(agent, url, headers, CACHE_BYTES)
     }
 
-    /// As [`HttpSource::open`], with a block cache of `cache_bytes` (at least one readahead
+    /// As [`HttpSource::open`], with a page cache of `cache_bytes` (at least one readahead
     /// window) charged to the command's budget instead of the default 32 MiB: a command that
     /// holds many sources at once (`audit -j N`) gives each a smaller one.
     ///
@@ -187,7 +193,7 @@ impl HttpSource {
         headers: Vec<(String, Secret)>,
         cache_bytes: u64,
     ) -> anyhow::Result<Self> {
-        let cache_bytes = cache_bytes.max(BLOCK.saturating_mul(READAHEAD_BLOCKS));
+        let cache_bytes = cache_bytes.max(WINDOW_MAX);
         let shown = shown(url);
         if !url::parses(url) {
             // Where ureq would send it is not what the text says (`http://u:pa/ss@h/` goes to
@@ -210,24 +216,22 @@ impl HttpSource {
             etag: None,
             last_modified: None,
             ranges: false,
-            cache: Lru::new(
-                cache_bytes,
-                usize::try_from(cache_bytes / BLOCK).unwrap_or(128),
-            ),
+            cache: Pages::new(usize::try_from(cache_bytes / PAGE).unwrap_or(8192)),
             inflight: Mutex::new(Vec::new()),
             landed: Condvar::new(),
             _charge: Some(charge),
-            streak: AtomicU64::new(0),
+            streams: Streams::default(),
             requests: AtomicU64::new(0),
             bytes: Arc::new(AtomicU64::new(0)),
+            reserved: AtomicU64::new(0),
             watched: AtomicBool::new(false),
         };
         let first = inner.probe()?;
+        inner
+            .reserved
+            .store(inner.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
         if let Some(block) = first {
-            inner
-                .cache
-                .put(0, block.clone(), block.len() as u64)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            inner.keep(0, &block).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         Ok(HttpSource {
             inner: Arc::new(inner),
@@ -415,6 +419,7 @@ impl Inner {
                 if status >= 400 {
                     return Err(fatal(status_message(status, &mut r)));
                 }
+                refuse_encoding(r.headers()).map_err(fatal)?;
                 Ok(r)
             }
             Err(e) => Err(classify(e)),
@@ -583,20 +588,29 @@ impl Inner {
             .unwrap_or(0)
             .saturating_mul(TRANSFER_FACTOR)
             .saturating_add(TRANSFER_SLACK);
-        let sent = self.bytes.load(Ordering::Relaxed);
-        if sent.saturating_add(buf.len() as u64) > allowance {
-            return Err(io::Error::other(format!(
-                "reading this object has already taken {sent} bytes, and more would pass \
-                 {allowance} ({TRANSFER_FACTOR} times its size and {} MiB): its layout makes \
-                 the reader jump around; download it and inspect the file",
-                TRANSFER_SLACK >> 20
-            )));
-        }
+        let want = buf.len() as u64;
+        // Each try takes its share of the allowance before it is sent.
+        let reserve = || {
+            self.reserved
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                    r.checked_add(want).filter(|&t| t <= allowance)
+                })
+                .map(drop)
+                .map_err(|taken| {
+                    fatal(format!(
+                        "reading this object has already taken {taken} bytes, and more would \
+                         pass {allowance} ({TRANSFER_FACTOR} times its size and {} MiB): its \
+                         layout makes the reader jump around; download it and inspect the file",
+                        TRANSFER_SLACK >> 20
+                    ))
+                })
+        };
         // The first try sends from this thread: the server answered the request before (the
         // probe at least), and a ranged read is the step a `convert` makes hundreds of times,
         // where the worker's two wake-ups cost 10% of its time. A retry, which follows a
         // failure that can be a server gone away, waits on a worker.
         self.retry(|first| {
+            reserve()?;
             let resp = self.get(Some((offset, Some(end))), true, first)?;
             match resp.status().as_u16() {
                 206 => {}
@@ -626,12 +640,12 @@ impl Inner {
         Ok(buf)
     }
 
-    /// As [`Inner::fetch`], but the whole blocks that open the range come from the cache when
+    /// As [`Inner::fetch`], but the whole pages that open the range come from the cache when
     /// they are there (the first block, which opening the source fetched): a front-to-back
     /// read does not fetch them again.
     fn fetch_after_cached(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
-        let first = match offset % BLOCK {
-            0 => self.cache.get(offset / BLOCK).map_err(io::Error::other)?,
+        let first = match offset % PAGE {
+            0 => self.cache.get(offset / PAGE)?,
             _ => None,
         };
         if first.is_none() {
@@ -642,18 +656,18 @@ impl Inner {
         let mut done = 0usize;
         loop {
             let pos = offset.saturating_add(done as u64);
-            if pos % BLOCK != 0 {
+            if pos % PAGE != 0 {
                 break;
             }
-            let Some(block) = self.cache.get(pos / BLOCK).map_err(io::Error::other)? else {
+            let Some(block) = self.cache.get(pos / PAGE)? else {
                 break;
             };
-            let Some(dst) = buf.get_mut(done..done + block.len()) else {
+            let Some(dst) = buf.get_mut(done..done.saturating_add(block.len())) else {
                 break;
             };
             dst.copy_from_slice(&block);
-            done += block.len();
-            if block.len() as u64 != BLOCK {
+            done = done.saturating_add(block.len());
+            if block.len() as u64 != PAGE {
                 break;
             }
         }
@@ -671,9 +685,9 @@ impl Inner {
     /// the first block from the cache and fetches each byte once, so it compares nothing.
     fn verify_cached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let end = offset.saturating_add(buf.len() as u64);
-        let mut b = offset / BLOCK;
-        while let Some(start) = b.checked_mul(BLOCK).filter(|&s| s < end) {
-            if let Some(block) = self.cache.get(b).map_err(io::Error::other)? {
+        let mut b = offset / PAGE;
+        while let Some(start) = b.checked_mul(PAGE).filter(|&s| s < end) {
+            if let Some(block) = self.cache.get(b)? {
                 let lo = start.max(offset);
                 let hi = start.saturating_add(block.len() as u64).min(end);
                 let at = |x: u64, base: u64| usize::try_from(x.saturating_sub(base)).ok();
@@ -696,75 +710,100 @@ impl Inner {
         Ok(())
     }
 
-    /// Block `b`, from the cache or the server; on a miss after block `b - 1` (reads running
-    /// front to back), up to [`READAHEAD_BLOCKS`] uncached blocks in one request.
-    fn block(&self, b: u64, size: u64) -> io::Result<Arc<[u8]>> {
-        loop {
-            if let Some(v) = self.cache.get(b).map_err(io::Error::other)? {
-                return Ok(v);
-            }
-            let mut inflight = self
-                .inflight
-                .lock()
-                .map_err(|_| io::Error::other("cache poisoned"))?;
-            if inflight.contains(&b) {
-                let _unused = self
-                    .landed
-                    .wait(inflight)
-                    .map_err(|_| io::Error::other("cache poisoned"))?;
-                continue;
-            }
-            let blocks = size.div_ceil(BLOCK);
-            if b >= blocks {
-                return Err(io::Error::other("a block past the end of the object"));
-            }
-            // Metadata reads jump around; a read that follows the previous block doubles the
-            // window (up to READAHEAD_BLOCKS), anything else starts again at one block.
-            let sequential = b > 0 && self.cache.get(b - 1).ok().flatten().is_some();
-            let window = if sequential {
-                let s = self.streak.fetch_add(1, Ordering::Relaxed).min(4);
-                (1u64 << s).min(READAHEAD_BLOCKS)
-            } else {
-                self.streak.store(0, Ordering::Relaxed);
-                1
-            };
-            let mut n = 1;
-            if sequential {
-                while n < window
-                    && b.saturating_add(n) < blocks
-                    && !inflight.contains(&(b + n))
-                    && self.cache.get(b + n).ok().flatten().is_none()
-                {
-                    n += 1;
-                }
-            }
-            inflight.extend(b..b + n);
-            drop(inflight);
-            let result = block_span(b, n, size)
-                .ok_or_else(|| io::Error::other("a block past the end of the object"))
-                .and_then(|(start, end)| {
-                    let len = usize::try_from(end - start).map_err(io::Error::other)?;
-                    self.fetch_vec(len, start)
-                });
-            let mut first = None;
-            if let Ok(buf) = &result {
-                for (i, chunk) in buf.chunks(BLOCK as usize).enumerate() {
-                    let block: Arc<[u8]> = Arc::from(chunk);
-                    if i == 0 {
-                        first = Some(block.clone());
-                    }
-                    let _ = self
-                        .cache
-                        .put(b.saturating_add(i as u64), block, chunk.len() as u64);
-                }
-            }
-            if let Ok(mut inflight) = self.inflight.lock() {
-                inflight.retain(|x| !(b..b + n).contains(x));
-            }
-            self.landed.notify_all();
-            result?;
-            return first.ok_or_else(|| io::Error::other("empty block"));
+    /// Keeps `bytes`, which start at page `first`, in the cache, page by page.
+    fn keep(&self, first: u64, bytes: &[u8]) -> io::Result<()> {
+        for (i, chunk) in bytes.chunks(PAGE as usize).enumerate() {
+            self.cache
+                .put(first.saturating_add(i as u64), Arc::from(chunk))?;
         }
+        Ok(())
+    }
+
+    /// Fetches the pages from `p` (not cached) to `last` (inclusive), and `window` bytes
+    /// from page `p` on when that is more (a stream's readahead: it stops at the first page
+    /// cached or being fetched). Returns the first page's offset and the bytes, which the
+    /// cache also keeps; `None` when another reader is fetching page `p` (wait, then look in
+    /// the cache again).
+    fn load(&self, p: u64, last: u64, window: u64, size: u64) -> io::Result<Option<Vec<u8>>> {
+        let busy = |v: &[(u64, u64)], q: u64| v.iter().any(|&(a, b)| a <= q && q < b);
+        let mut inflight = self
+            .inflight
+            .lock()
+            .map_err(|_| io::Error::other("cache poisoned"))?;
+        if busy(&inflight, p) {
+            let _unused = self
+                .landed
+                .wait(inflight)
+                .map_err(|_| io::Error::other("cache poisoned"))?;
+            return Ok(None);
+        }
+        let pages = size.div_ceil(PAGE);
+        if p >= pages || last < p {
+            return Err(io::Error::other("a page past the end of the object"));
+        }
+        let mut end = last.saturating_add(1).min(pages);
+        let ahead = p.saturating_add(window / PAGE).min(pages);
+        while end < ahead && !busy(&inflight, end) && !self.cache.has(end) {
+            end = end.saturating_add(1);
+        }
+        inflight.push((p, end));
+        drop(inflight);
+        let result = page_span(p, end, size)
+            .ok_or_else(|| io::Error::other("a page past the end of the object"))
+            .and_then(|(start, stop)| {
+                let len = usize::try_from(stop - start).map_err(io::Error::other)?;
+                self.fetch_vec(len, start)
+            });
+        let kept = match &result {
+            Ok(buf) => self.keep(p, buf),
+            Err(_) => Ok(()),
+        };
+        if let Ok(mut inflight) = self.inflight.lock() {
+            inflight.retain(|&r| r != (p, end));
+        }
+        self.landed.notify_all();
+        kept?;
+        result.map(Some)
+    }
+
+    /// A read of less than [`DIRECT`] bytes at `offset` (all inside the object), through the
+    /// cache: a miss fetches what is asked, rounded out to pages, and a read that continues a
+    /// stream also fetches ahead of it ([`pages`]).
+    fn read_cached(&self, buf: &mut [u8], offset: u64, size: u64) -> io::Result<()> {
+        let len = buf.len() as u64;
+        let end = offset.saturating_add(len);
+        let last = end.saturating_sub(1) / PAGE;
+        let miss = !self.cache.has(offset / PAGE);
+        let mut window = self.streams.read(offset, len, miss);
+        let mut done = 0usize;
+        while let Some(dst) = buf.get_mut(done..).filter(|d| !d.is_empty()) {
+            let pos = offset.saturating_add(done as u64);
+            let p = pos / PAGE;
+            let page_start = p.saturating_mul(PAGE);
+            let within = usize::try_from(pos - page_start).map_err(io::Error::other)?;
+            let mut copy = |src: &[u8]| {
+                let src = src.get(within..).unwrap_or_default();
+                let n = src.len().min(dst.len());
+                if let (Some(d), Some(s)) = (dst.get_mut(..n), src.get(..n)) {
+                    d.copy_from_slice(s);
+                }
+                n
+            };
+            let n = match self.cache.get(p)? {
+                Some(page) => copy(&page),
+                None => match self.load(p, last, window, size)? {
+                    Some(fetched) => copy(&fetched),
+                    None => continue,
+                },
+            };
+            // One window per read.
+            window = 0;
+            if n == 0 {
+                return Err(io::Error::other("an empty page"));
+            }
+            done = done.saturating_add(n);
+        }
+        Ok(())
     }
 }
 
@@ -782,19 +821,15 @@ impl ReadAt for HttpSource {
         let len = buf.len().min(avail);
         let buf = buf.get_mut(..len).unwrap_or_default();
         if len >= DIRECT {
+            // A stream that reads large and small pieces in turn (a guest reader's runs of
+            // contiguous clusters, and the odd cluster between them) stays one stream.
+            inner.streams.read(offset, len as u64, false);
             inner.fetch(buf, offset)?;
             inner.verify_cached(buf, offset)?;
             return Ok(len);
         }
-        let b = offset / BLOCK;
-        let block = inner.block(b, size)?;
-        let within = usize::try_from(offset % BLOCK).map_err(io::Error::other)?;
-        let src = block.get(within..).unwrap_or_default();
-        let n = src.len().min(len);
-        if let (Some(d), Some(s)) = (buf.get_mut(..n), src.get(..n)) {
-            d.copy_from_slice(s);
-        }
-        Ok(n)
+        inner.read_cached(buf, offset, size)?;
+        Ok(len)
     }
 
     fn size(&self) -> io::Result<u64> {
@@ -865,6 +900,31 @@ impl Stream {
     }
 }
 
+/// How long a whole-object body that has given every byte of the object may take to mark its
+/// end before it is taken as ended.
+const END_GRACE: Duration = Duration::from_secs(2);
+
+/// After the last byte of a body: true when more bytes come within [`END_GRACE`]; false at
+/// its end, a read error (every byte came), or no word in that time.
+fn body_end(rx: &Receiver<io::Result<Vec<u8>>>) -> io::Result<bool> {
+    let deadline = Instant::now() + END_GRACE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        match rx.recv_timeout(left.min(cancel::POLL)) {
+            Ok(Ok(c)) => return Ok(!c.is_empty()),
+            Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(false),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if cancel::cancelled() {
+                    return Err(cancel::interrupted());
+                }
+            }
+        }
+    }
+}
+
 /// Reads a reply's body into chunks until its end, an error, or the reader going away.
 fn pump(mut r: ureq::BodyReader<'static>, tx: &SyncSender<io::Result<Vec<u8>>>) {
     loop {
@@ -907,6 +967,20 @@ impl Read for Stream {
                 return Ok(0);
             };
             let size = self.src.inner.size;
+            if size == Some(self.pos) {
+                // Every byte of the object came: the body's end is only waited for briefly (a
+                // chunked body whose last chunk never comes cost the stall limit, 30 s, and
+                // then failed as cut short: report remote-hostile F8), and a byte more is
+                // still an error.
+                let more = body_end(rx)?;
+                self.body = None;
+                if more {
+                    return Err(io::Error::other(
+                        "the server sent more bytes than the object's size",
+                    ));
+                }
+                return Ok(0);
+            }
             let failure = match cancel::wait(rx)? {
                 Some(Ok(c)) if c.is_empty() => {
                     match size.filter(|&s| self.pos < s) {
@@ -1129,18 +1203,44 @@ fn check_size(size: u64, max: u64) -> Result<(), Fail> {
     Ok(())
 }
 
-/// `[start, end)` of the `n` blocks from block `b` of an object of `size` bytes; `None`
-/// when block `b` starts at or past the end (or past 2^64).
-fn block_span(b: u64, n: u64, size: u64) -> Option<(u64, u64)> {
-    let start = b.checked_mul(BLOCK)?;
-    if start >= size {
+/// `[start, end)` in bytes of pages `[p, end)` of an object of `size` bytes; `None` when
+/// page `p` starts at or past the end (or past 2^64), or there are no pages.
+fn page_span(p: u64, end: u64, size: u64) -> Option<(u64, u64)> {
+    let start = p.checked_mul(PAGE)?;
+    if start >= size || end <= p {
         return None;
     }
-    let end = b
-        .checked_add(n)
-        .and_then(|e| e.checked_mul(BLOCK))
-        .map_or(size, |e| e.min(size));
-    Some((start, end))
+    let stop = end.checked_mul(PAGE).map_or(size, |e| e.min(size));
+    Some((start, stop))
+}
+
+/// Refuses a reply whose body carries a `Content-Encoding` other than `identity`: glimpse
+/// sends no `Accept-Encoding` and decodes nothing, so such a body is not the object's bytes
+/// (RFC 9110 8.4, 12.5.3), whatever its length. Every reply of a remote read passes here
+/// ([`Inner::get`]: the probe, ranged reads, the whole-object stream and its resumption, the
+/// upload's source), and so does the data stream of `audit --verify-digests`: a digest or a
+/// verdict of encoded bytes would be of something the server does not store.
+///
+/// # Errors
+/// The message to show: the encoding, quoted.
+pub(crate) fn refuse_encoding(h: &HeaderMap) -> Result<(), String> {
+    for v in h.get_all("content-encoding") {
+        let plain = v.to_str().is_ok_and(|t| {
+            t.split(',')
+                .map(str::trim)
+                .all(|e| e.is_empty() || e.eq_ignore_ascii_case("identity"))
+        });
+        if !plain {
+            let shown = String::from_utf8_lossy(v.as_bytes());
+            return Err(format!(
+                "the server sent the object with Content-Encoding: {}, which glimpse neither \
+                 asks for nor decodes: its bytes are not the object's (serve the file as it is \
+                 stored, without compression)",
+                crate::common::printable(shown.trim())
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads exactly `buf.len()` body bytes (a short body is transient: the connection dropped).
@@ -1149,10 +1249,6 @@ fn read_body_into(resp: Response<Body>, buf: &mut [u8], bytes: &AtomicU64) -> Re
     // chunked or close-delimited one may not end for a while after its last byte (a server
     // that keeps the connection open and never sends the last chunk or the close).
     let delimited = resp.body().content_length() == Some(buf.len() as u64);
-    // Bytes glimpse cannot decode: a short body is no dropped connection, and would be short
-    // again.
-    let encoding = header(resp.headers(), "content-encoding")
-        .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
     let mut r = resp.into_body().into_reader();
     let mut done = 0;
     while let Some(rest) = buf.get_mut(done..) {
@@ -1161,14 +1257,10 @@ fn read_body_into(resp: Response<Body>, buf: &mut [u8], bytes: &AtomicU64) -> Re
         }
         match r.read(rest) {
             Ok(0) => {
-                let msg = format!("the body ended after {done} of {} bytes", buf.len());
-                return Err(match &encoding {
-                    Some(enc) => fatal(format!(
-                        "{msg}: the server sent it with Content-Encoding: {enc}, which glimpse \
-                         neither asks for nor decodes"
-                    )),
-                    None => Fail::Transient(msg),
-                });
+                return Err(Fail::Transient(format!(
+                    "the body ended after {done} of {} bytes",
+                    buf.len()
+                )));
             }
             Ok(n) => {
                 done += n;
@@ -1247,29 +1339,59 @@ mod tests {
     }
 
     #[test]
-    fn block_spans_near_2_pow_64_do_not_overflow() {
-        // The last block of a 2^64 - 1 byte object: (b + n) * BLOCK is 2^64, which wrapped
-        // to 0 and asked for a range one byte past the end.
+    fn page_spans_near_2_pow_64_do_not_overflow() {
+        // The last page of a 2^64 - 1 byte object: its end, (p + 1) * PAGE, is 2^64.
         let size = u64::MAX;
-        let last = size / BLOCK;
-        assert_eq!(last, (1 << 46) - 1);
-        assert_eq!(block_span(last, 1, size), Some((last * BLOCK, size)));
-        assert_eq!(block_span(last, 16, size), Some((last * BLOCK, size)));
+        let last = size / PAGE;
+        assert_eq!(page_span(last, last + 1, size), Some((last * PAGE, size)));
+        assert_eq!(page_span(last, last + 16, size), Some((last * PAGE, size)));
         assert_eq!(
-            block_span(last - 1, 16, size),
-            Some(((last - 1) * BLOCK, size))
+            page_span(last - 1, last + 15, size),
+            Some(((last - 1) * PAGE, size))
         );
-        assert_eq!(block_span(last + 1, 1, size), None);
-        assert_eq!(block_span(u64::MAX, u64::MAX, size), None);
-        assert_eq!(block_span(0, u64::MAX, size), Some((0, size)));
+        assert_eq!(page_span(last + 1, last + 2, size), None);
+        assert_eq!(page_span(u64::MAX, u64::MAX, size), None);
+        assert_eq!(page_span(0, u64::MAX, size), Some((0, size)));
         // ordinary ones
-        assert_eq!(block_span(0, 1, 10), Some((0, 10)));
-        assert_eq!(block_span(1, 2, 3 * BLOCK + 5), Some((BLOCK, 3 * BLOCK)));
+        assert_eq!(page_span(0, 1, 10), Some((0, 10)));
+        assert_eq!(page_span(1, 3, 3 * PAGE + 5), Some((PAGE, 3 * PAGE)));
         assert_eq!(
-            block_span(3, 2, 3 * BLOCK + 5),
-            Some((3 * BLOCK, 3 * BLOCK + 5))
+            page_span(3, 5, 3 * PAGE + 5),
+            Some((3 * PAGE, 3 * PAGE + 5))
         );
-        assert_eq!(block_span(0, 1, 0), None);
+        assert_eq!(page_span(0, 1, 0), None);
+        assert_eq!(page_span(2, 2, 10 * PAGE), None);
+    }
+
+    #[test]
+    fn any_content_encoding_but_identity_is_refused() {
+        let with = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    "content-encoding",
+                    ureq::http::HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            refuse_encoding(&h)
+        };
+        assert!(with(&[]).is_ok());
+        for fine in [&b"identity"[..], b"IDENTITY", b"", b" identity , Identity"] {
+            assert!(with(&[fine]).is_ok(), "{fine:?}");
+        }
+        for bad in [
+            &[&b"gzip"[..]][..],
+            &[b"identity, gzip"],
+            &[b"identity", b"br"],
+            &[b"x-\xe9"],
+            &[b"deflate"],
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(
+                e.contains("Content-Encoding: ") && e.contains("decodes"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -1289,12 +1411,12 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Any block number, count and size: a span lies inside the object, or there is none.
+        /// Any page numbers and size: a span lies inside the object, or there is none.
         #[test]
-        fn block_spans_lie_inside_the_object(b: u64, n in 1u64..64, size: u64) {
-            if let Some((start, end)) = block_span(b, n, size) {
+        fn page_spans_lie_inside_the_object(p: u64, n in 0u64..2048, size: u64) {
+            if let Some((start, end)) = page_span(p, p.saturating_add(n), size) {
                 proptest::prop_assert!(start < end && end <= size);
-                proptest::prop_assert_eq!(start % BLOCK, 0);
+                proptest::prop_assert_eq!(start % PAGE, 0);
             }
         }
 

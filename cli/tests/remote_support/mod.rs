@@ -290,6 +290,8 @@ pub enum Fault {
     Redirect(String),
     /// Answer this status with an empty body without asking nginx.
     Status(u16),
+    /// Answer this status with this body (any bytes) without asking nginx.
+    StatusBody(u16, Vec<u8>),
 }
 
 /// `fault` for each GET in `range`, as [`FaultProxy::start`] takes them.
@@ -441,6 +443,17 @@ fn serve(
                 out.write_all(
                     format!("HTTP/1.1 {code} Whatever\r\nContent-Length: 0\r\n\r\n").as_bytes(),
                 )?;
+                continue;
+            }
+            Some(Fault::StatusBody(code, body)) => {
+                out.write_all(
+                    format!(
+                        "HTTP/1.1 {code} Whatever\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )?;
+                out.write_all(body)?;
                 continue;
             }
             Some(Fault::ShiftRange(by)) => {

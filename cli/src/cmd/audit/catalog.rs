@@ -428,6 +428,9 @@ impl<'a> Catalog<'a> {
             }
             .into());
         }
+        // Encoded bytes are not the stored data: their digest would mismatch Glance's for no
+        // fault of the image, or match a record that describes them and not the image.
+        crate::remote::refuse_encoding(resp.headers()).map_err(|e| anyhow!("{what}: {e}"))?;
         let reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
         Ok((Box::new(reader), len))
     }

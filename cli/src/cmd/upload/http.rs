@@ -153,7 +153,7 @@ impl fmt::Display for StatusError {
             self.what, self.status, self.reason
         )?;
         if let Some(id) = &self.request_id {
-            write!(f, " (request {id})")?;
+            write!(f, " (request {})", crate::common::printable(id))?;
         }
         Ok(())
     }
@@ -258,7 +258,10 @@ pub fn reason(body: &[u8]) -> String {
     plain(&String::from_utf8_lossy(body))
 }
 
-/// Text without HTML tags, on one line, clipped.
+/// Text without HTML tags, on one line, clipped, and safe for a terminal: a server chooses
+/// it, so control characters (C0, DEL, C1: ESC starts the sequences that set a terminal's
+/// title, clear its screen or write its clipboard) and bidi overrides are shown escaped
+/// ([`crate::common::printable`]), wherever the reason is printed.
 fn plain(text: &str) -> String {
     let mut out = String::new();
     let mut in_tag = false;
@@ -277,7 +280,7 @@ fn plain(text: &str) -> String {
     if words.is_empty() {
         "(no reason given)".to_string()
     } else {
-        clip(&words.join(" "))
+        clip(&crate::common::printable(&words.join(" ")))
     }
 }
 
@@ -443,6 +446,18 @@ mod tests {
             proptest::prop_assert!(!r.is_empty());
             proptest::prop_assert!(r.chars().count() <= 603, "{} chars", r.chars().count());
             proptest::prop_assert!(!r.contains(['\n', '\r', '<']), "{r:?}");
+            proptest::prop_assert!(terminal_safe(&r), "{r:?}");
+        }
+
+        /// A message a server chose, with any characters: control characters (ESC, BEL, C1)
+        /// and bidi overrides reach no terminal.
+        #[test]
+        fn any_server_text_is_terminal_safe(msg in "[\\x00-\\x{a0}\\x{200e}\\x{202a}-\\x{202e}\\x{2066}-\\x{2069}a-z]{0,300}") {
+            let body = serde_json::json!({"message": msg}).to_string();
+            for r in [reason(body.as_bytes()), reason(msg.as_bytes())] {
+                proptest::prop_assert!(terminal_safe(&r), "{r:?}");
+                proptest::prop_assert!(r.chars().count() <= 603);
+            }
         }
 
         #[test]
@@ -452,6 +467,38 @@ mod tests {
             proptest::prop_assert!(r.chars().count() <= 603);
             proptest::prop_assert!(!r.contains(['\n', '\r', '<']), "{r:?}");
         }
+    }
+
+    /// No character a terminal acts on: C0, DEL, C1, bidi controls.
+    fn terminal_safe(s: &str) -> bool {
+        !s.chars().any(|c| {
+            c.is_control()
+                || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+    }
+
+    #[test]
+    fn escape_sequences_from_a_server_are_shown_escaped() {
+        // The campaign's 404 body (report remote-hostile F7): an OSC that sets the title, a
+        // CSI that clears the screen, a colour, CR LF, a right-to-left override.
+        let msg = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{1b}[31mRED\r\nX-Fake: 1\u{202e}\u{9b}2J";
+        let body = serde_json::json!({"message": msg}).to_string();
+        for r in [reason(body.as_bytes()), reason(msg.as_bytes())] {
+            assert_eq!(
+                r,
+                "\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{1b}[31mRED X-Fake: 1\\u{202e}\\u{9b}2J"
+            );
+        }
+        let e = StatusError {
+            what: "GET x".into(),
+            status: 500,
+            reason: reason(b"x"),
+            request_id: Some("req-\u{1b}[2J".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "GET x failed with HTTP 500: x (request req-\\u{1b}[2J)"
+        );
     }
 
     #[test]
