@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use glimpse_testkit::qemu::img as qemu_img;
-use upload_support::{digests, glance, json, raw_file, text, unique, upload, Proxy, PutMode};
+use upload_support::{
+    digests, glance, glimpse, json, raw_file, text, unique, upload, Proxy, PutMode,
+};
 
 const BIN: &str = "upload_formats";
 
@@ -146,7 +148,13 @@ fn hybrid_iso_with_an_appended_partition_uploads_active() {
     );
     let file_size = std::fs::metadata(&iso).unwrap().len();
 
-    let info = glimpse_json(&["info", "--output", "json", iso.to_str().unwrap()]);
+    let out = glimpse()
+        .args(["info", "--output", "json"])
+        .arg(&iso)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let info = json(&out);
     let volume = info["format-specific"]["data"]["volume-size"]
         .as_u64()
         .expect("volume-size");
@@ -176,15 +184,6 @@ fn hybrid_iso_with_an_appended_partition_uploads_active() {
     assert_eq!(img["virtual_size"].as_u64(), Some(volume), "{img}");
     assert_eq!(img["size"].as_u64(), Some(file_size));
     g.delete(img["id"].as_str().unwrap());
-}
-
-fn glimpse_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]

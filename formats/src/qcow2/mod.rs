@@ -14,6 +14,7 @@ pub mod check;
 pub mod counts;
 mod crypto;
 pub mod header;
+pub mod header_only;
 pub mod qcow1;
 pub mod qed;
 pub mod refcount;

@@ -12,21 +12,18 @@ use nom::number::complete::{be_u16, be_u32, be_u64, u8 as nom_u8};
 use nom::Parser;
 
 use crate::error::{Error, Result};
-use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{Extent, Image, ImageCore, ImageInfo, RefKind, Reference};
+use crate::image::ImageInfo;
 use crate::io::{read_up_to, Source};
 use crate::limits::Limits;
+
+use super::header_only::{backing_file, HeaderOnlyImage};
 
 /// The longest backing file name qemu reads ("Backing file name too long").
 const MAX_BACKING_NAME: u32 = 1023;
 
 /// An opened qcow1 image.
-pub struct Qcow1Image {
-    src: Source,
-    info: ImageInfo,
-    findings: Vec<Finding>,
-}
+pub type Qcow1Image = HeaderOnlyImage;
 
 fn header_error(msg: String, at: u64) -> Error {
     Error::invalid(msg).at(at).code("qcow1.header")
@@ -94,43 +91,20 @@ pub fn open(src: Source, _limits: &Limits) -> Result<Qcow1Image> {
             ));
         }
         let name = read_up_to(src.as_ref(), bfo, bfs as usize)?;
-        let target = String::from_utf8_lossy(&name).into_owned();
-        findings.push(
-            Finding::reject(
-                "qcow2.backing-file",
-                format!("the qcow1 image names a backing file: {target:?}"),
-            )
-            .at(bfo),
-        );
-        info.references.push(Reference {
-            kind: RefKind::BackingFile,
-            target,
-            format: None,
-            offset: Some(bfo),
-        });
+        backing_file(&mut info, &mut findings, "qcow1", &name, bfo);
     }
-    Ok(Qcow1Image {
+    Ok(HeaderOnlyImage::new(
         src,
         info,
         findings,
-    })
-}
-
-impl Image for Qcow1Image {
-    fn core(&self) -> ImageCore<'_> {
-        ImageCore::new(&self.info, &self.findings, &self.src)
-    }
-    fn extent_at(&self, _guest: u64, _span: u64) -> Result<Extent> {
-        Err(
-            Error::unsupported(crate::unsupported::message(Format::Qcow1))
-                .code("format.unsupported"),
-        )
-    }
+        crate::unsupported::message(Format::Qcow1),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::Image;
     use std::sync::Arc;
 
     #[test]

@@ -11,12 +11,13 @@ use nom::number::complete::{le_u32, le_u64};
 use nom::Parser;
 
 use crate::error::{Error, Result};
-use crate::finding::Finding;
 use crate::format::Format;
-use crate::image::{Extent, Image, ImageCore, ImageInfo, RefKind, Reference};
+use crate::image::ImageInfo;
 use crate::io::{read_up_to, Source};
 use crate::limits::Limits;
 use crate::probe::Probe;
+
+use super::header_only::{backing_file, HeaderOnlyImage};
 
 /// `QED\0`.
 pub const MAGIC: [u8; 4] = *b"QED\0";
@@ -29,11 +30,7 @@ const MIN_CLUSTER: u32 = 4096;
 const MAX_CLUSTER: u32 = 64 << 20;
 
 /// An opened QED image.
-pub struct QedImage {
-    src: Source,
-    info: ImageInfo,
-    findings: Vec<Finding>,
-}
+pub type QedImage = HeaderOnlyImage;
 
 /// True when the head starts with the QED magic.
 pub fn probe(p: &Probe<'_>) -> bool {
@@ -104,45 +101,22 @@ pub fn open(src: Source, limits: &Limits) -> Result<QedImage> {
             &budget,
             "QED backing file name",
         )?;
-        let target = String::from_utf8_lossy(&name).into_owned();
+        backing_file(&mut info, &mut findings, "QED", &name, u64::from(bfo));
         drop(name);
         budget.give_back(len);
-        findings.push(
-            Finding::reject(
-                "qcow2.backing-file",
-                format!("the QED image names a backing file: {target:?}"),
-            )
-            .at(u64::from(bfo)),
-        );
-        info.references.push(Reference {
-            kind: RefKind::BackingFile,
-            target,
-            format: None,
-            offset: Some(u64::from(bfo)),
-        });
     }
-    Ok(QedImage {
+    Ok(HeaderOnlyImage::new(
         src,
         info,
         findings,
-    })
-}
-
-impl Image for QedImage {
-    fn core(&self) -> ImageCore<'_> {
-        ImageCore::new(&self.info, &self.findings, &self.src)
-    }
-    fn extent_at(&self, _guest: u64, _span: u64) -> Result<Extent> {
-        Err(
-            Error::unsupported("QED guest data is not read (the format is not accepted)")
-                .code("format.unsupported"),
-        )
-    }
+        "QED guest data is not read (the format is not accepted)".into(),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::Image;
     use std::sync::Arc;
 
     #[test]
