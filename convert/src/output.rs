@@ -454,7 +454,8 @@ fn loop_backing(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
 pub fn check_not_source(source: &Storage, dest: &Storage) -> Result<()> {
     let Some(s) = &source.id else {
         return Err(Error::invalid(format!(
-            "{}: cannot tell whether the destination is the source {}, which cannot be              found; refusing to write it",
+            "{}: cannot tell whether the destination is the source {}, which cannot be \
+             found; refusing to write it",
             dest.shown, source.shown
         ))
         .code("output.same-as-source"));

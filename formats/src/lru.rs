@@ -1,6 +1,8 @@
-//! The one least-recently-used cache behind the guest reader's decompressed units, qcow2's L2
+//! The least-recently-used cache behind the guest reader's decompressed units, qcow2's L2
 //! tables and VMDK's grain tables: keyed by host offset, bounded by a cost (bytes) and by an
-//! entry count, `Sync` through one mutex.
+//! entry count, `Sync` through one mutex. The HTTP reader's page cache
+//! (`cli/src/remote/pages.rs`) holds thousands of 4 KiB pages, too many for this linear scan,
+//! and keeps an O(log n) LRU of its own.
 
 use std::sync::Mutex;
 

@@ -46,6 +46,8 @@ const MAX_LISTED: usize = 128;
 struct MbrEntry {
     /// Boot indicator: 0x80 marks the active (bootable) partition.
     status: u8,
+    /// Start address in CHS form (head, sector and cylinder bits, cylinder).
+    chs_first: [u8; 3],
     /// Partition type byte (0 = unused entry).
     kind: u8,
     /// First sector, in 512-byte LBA units.
@@ -56,15 +58,17 @@ struct MbrEntry {
 
 fn mbr_entry(i: &[u8]) -> IResult<&[u8], MbrEntry> {
     let (i, status) = le_u8(i)?;
-    let (i, _chs_first) = take(3usize)(i)?;
+    let (i, chs_first) = take(3usize)(i)?;
     let (i, kind) = le_u8(i)?;
     let (i, _chs_last) = take(3usize)(i)?;
     let (i, lba_start) = le_u32(i)?;
     let (i, sectors) = le_u32(i)?;
+    let chs_first = <[u8; 3]>::try_from(chs_first).unwrap_or_default();
     Ok((
         i,
         MbrEntry {
             status,
+            chs_first,
             kind,
             lba_start,
             sectors,
@@ -380,43 +384,38 @@ fn image_service_mbr(head: &[u8]) -> Option<Finding> {
     let mut protective = false;
     for k in 0..4usize {
         let at = MBR_ENTRIES.saturating_add(k.saturating_mul(16));
-        let entry = sector.get(at..at.saturating_add(16))?;
-        let (status, chs, kind) = (
-            entry.first().copied()?,
-            entry.get(1..4)?,
-            entry.get(4).copied()?,
-        );
-        let lba = entry
-            .get(8..12)
-            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-            .map(u32::from_le_bytes)?;
+        let (_, e) = sector.get(at..).and_then(|b| mbr_entry(b).ok())?;
         let slot = k.saturating_add(1);
-        if !matches!(status, 0x00 | 0x80) {
+        if !matches!(e.status, 0x00 | 0x80) {
             return invalid(
                 at,
-                format!("MBR entry {slot} has boot indicator {status:#04x} (only 0x00 and 0x80 are valid)"),
+                format!(
+                    "MBR entry {slot} has boot indicator {:#04x} (only 0x00 and 0x80 are valid)",
+                    e.status
+                ),
             );
         }
-        if kind != MBR_TYPE_UNUSED {
+        if e.kind != MBR_TYPE_UNUSED {
             used.push(k);
         }
-        if kind == MBR_TYPE_PROTECTIVE {
+        if e.kind == MBR_TYPE_PROTECTIVE {
             protective = true;
-            if chs != PROTECTIVE_START_CHS {
+            if e.chs_first != PROTECTIVE_START_CHS {
+                let [a, b, c] = e.chs_first;
                 return invalid(
                     at,
                     format!(
-                        "the protective MBR entry {slot} starts at CHS {:02x} {:02x} {:02x}, not 00 02 00",
-                        chs.first().copied().unwrap_or(0),
-                        chs.get(1).copied().unwrap_or(0),
-                        chs.get(2).copied().unwrap_or(0)
+                        "the protective MBR entry {slot} starts at CHS {a:02x} {b:02x} {c:02x}, not 00 02 00"
                     ),
                 );
             }
-            if lba != 1 {
+            if e.lba_start != 1 {
                 return invalid(
                     at,
-                    format!("the protective MBR entry {slot} starts at LBA {lba}, not 1"),
+                    format!(
+                        "the protective MBR entry {slot} starts at LBA {}, not 1",
+                        e.lba_start
+                    ),
                 );
             }
         }
