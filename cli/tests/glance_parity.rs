@@ -1,6 +1,7 @@
 //! The image-service gate against the real component it stands in front of: for one file per
 //! class that OpenStack Glance refuses although qemu reads it (a qcow2 with extended L2
-//! entries; a raw disk whose MBR fails the rules of Glance's format inspector), and for the
+//! entries; a raw disk whose MBR fails the rules of Glance's format inspector; a fixed VHD,
+//! which that inspector does not detect), and for the
 //! files on the accepted side of each rule, `glimpse check` must reject exactly what a real
 //! Glance 33 (`scripts/glance-testenv.sh`) refuses on upload, and the `oslo.utils` format
 //! inspector of that Glance's venv must agree. Hybrid ISOs (xorriso) pin Glance's `iso`+`gpt`
@@ -71,6 +72,11 @@ fn mbr_disk(dir: &Path, name: &str, entries: &[Entry]) -> PathBuf {
 }
 
 fn qcow2(dir: &Path, name: &str, opts: &str) -> PathBuf {
+    qemu_made(dir, name, "qcow2", opts)
+}
+
+/// A 4 MiB image that qemu-img converts to `fmt` with `opts`, with 1 MiB of data.
+fn qemu_made(dir: &Path, name: &str, fmt: &str, opts: &str) -> PathBuf {
     let p = dir.join(name);
     let src = dir.join(format!("{name}.src"));
     let mut data = vec![0u8; 4 * MIB];
@@ -82,7 +88,7 @@ fn qcow2(dir: &Path, name: &str, opts: &str) -> PathBuf {
         "-f",
         "raw",
         "-O",
-        "qcow2",
+        fmt,
         "-o",
         opts,
         src.to_str().unwrap(),
@@ -157,7 +163,23 @@ fn cases(dir: &Path) -> Vec<Case> {
     };
     let x = "qcow2.extended-l2";
     let m = "raw.mbr-invalid";
+    let v = "vhd.fixed-undetected";
     vec![
+        c(
+            "VHD dynamic",
+            qemu_made(dir, "dynamic.vhd", "vpc", "subformat=dynamic"),
+            "vhd",
+            false,
+            v,
+        ),
+        // its only footer is in the last sector, where Glance's inspector does not look
+        c(
+            "VHD fixed",
+            qemu_made(dir, "fixed.vhd", "vpc", "subformat=fixed"),
+            "vhd",
+            true,
+            v,
+        ),
         c(
             "qcow2 v3",
             qcow2(dir, "v3.qcow2", "compat=1.1"),
@@ -321,25 +343,32 @@ fn cases(dir: &Path) -> Vec<Case> {
     ]
 }
 
-/// The verdict of the oslo.utils format inspector of the Glance test venv, per file: `None`
-/// when it accepts, the reason when it refuses (detection or safety check).
-fn oslo(files: &[&Path]) -> Vec<Option<String>> {
+/// The verdict of the oslo.utils format inspector of the Glance test venv, per file and
+/// declared format: `None` when it accepts, the reason when it refuses (its safety check, or a
+/// detected format other than the declared one; Glance takes `gpt`, a disk with a partition
+/// table, as `raw`).
+fn oslo(files: &[(&Path, &str)]) -> Vec<Option<String>> {
     let python = target_dir().join("glance-testenv/venv/bin/python");
     let script = r#"
 import json, sys
 from oslo_utils.imageutils import format_inspector as fi
-for p in sys.argv[1:]:
+args = sys.argv[1:]
+for p, declared in zip(args[::2], args[1::2]):
     try:
         i = fi.detect_file_format(p)
         i.safety_check()
-        print(json.dumps(None))
+        found = str(i)
+        if found != declared and not (declared == "raw" and found == "gpt"):
+            print(json.dumps("detected " + found + ", declared " + declared))
+        else:
+            print(json.dumps(None))
     except Exception as e:
         print(json.dumps(type(e).__name__ + ": " + str(e)))
 "#;
     let out = Command::new(&python)
         .arg("-c")
         .arg(script)
-        .args(files)
+        .args(files.iter().flat_map(|(p, f)| [p.as_os_str(), f.as_ref()]))
         .output()
         .unwrap_or_else(|e| {
             panic!(
@@ -434,8 +463,11 @@ fn check_rejects_exactly_what_glance_refuses() {
     let g = glance(BIN);
     let dir = tempfile::tempdir().unwrap();
     let cases = cases(dir.path());
-    let paths: Vec<&Path> = cases.iter().map(|c| c.path.as_path()).collect();
-    let oslo = oslo(&paths);
+    let files: Vec<(&Path, &str)> = cases
+        .iter()
+        .map(|c| (c.path.as_path(), c.disk_format))
+        .collect();
+    let oslo = oslo(&files);
     for (case, oslo) in cases.iter().zip(oslo) {
         let refused = glance_refuses(&g.url, case);
         assert_eq!(
@@ -500,7 +532,11 @@ fn readers_take_what_only_an_image_service_refuses() {
         .filter(|c| c.glance_refuses && c.disk_format != "iso" && c.code != "format.mismatch")
     {
         let src = case.path.to_str().unwrap();
-        let fmt = case.disk_format;
+        // qemu-img's name for VHD
+        let fmt = match case.disk_format {
+            "vhd" => "vpc",
+            f => f,
+        };
         // what the gate rejects, the readers only warn about
         assert!(check(case).iter().any(|c| c == case.code), "{}", case.name);
         for target in ["qcow2", "raw"] {
@@ -564,6 +600,46 @@ fn readers_take_what_only_an_image_service_refuses() {
             text(&out).1
         );
     }
-    // every class on the refused side went through: 2 qcow2 files and 10 raw disks, twice
-    assert_eq!(converted, 2 * 12);
+    // every class on the refused side went through: 2 qcow2 files, 10 raw disks and a fixed
+    // VHD, twice
+    assert_eq!(converted, 2 * 13);
+}
+
+/// The way out that `vhd.fixed-undetected` names: `glimpse convert -O vhd` of a fixed VHD is a
+/// dynamic VHD (a footer copy at byte 0) with the same guest bytes, which the gate passes and
+/// the real Glance stores.
+#[test]
+fn a_fixed_vhd_converted_to_dynamic_passes_and_glance_takes_it() {
+    let g = glance(BIN);
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = qemu_made(dir.path(), "fixed.vhd", "vpc", "subformat=fixed");
+    let dynamic = dir.path().join("dynamic.vhd");
+    let out = glimpse()
+        .args(["convert", "-O", "vhd"])
+        .arg(&fixed)
+        .arg(&dynamic)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "vpc",
+        "-F",
+        "vpc",
+        fixed.to_str().unwrap(),
+        dynamic.to_str().unwrap(),
+    ]);
+    assert!(cmp.contains("identical"), "{cmp}");
+    let case = |name, path| Case {
+        name,
+        path,
+        disk_format: "vhd",
+        glance_refuses: false,
+        code: "",
+    };
+    assert!(check(&case("fixed", fixed)).contains(&"vhd.fixed-undetected".to_string()));
+    let converted = case("converted", dynamic);
+    assert!(check(&converted).is_empty());
+    assert!(!glance_refuses(&g.url, &converted));
 }

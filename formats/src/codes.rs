@@ -122,6 +122,7 @@ pub const ALL: &[&str] = &[
     "vhd.dynamic-header",
     "vhd.entry-into-metadata",
     "vhd.fixed-size",
+    "vhd.fixed-undetected",
     "vhd.footer-mismatch",
     "vhd.metadata-overlap",
     "vhd.size-mismatch",

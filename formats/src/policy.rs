@@ -270,6 +270,7 @@ fn judge(img: &dyn Image, policy: &Policy, limits: &Limits, out: &mut Vec<Findin
                 f.severity = Severity::Reject;
             }
         }
+        out.extend(undetected_fixed_vhd(img.info()));
     }
     if let Some(f) = encrypted(img.info(), policy) {
         out.push(f);
@@ -284,6 +285,26 @@ fn judge(img: &dyn Image, policy: &Policy, limits: &Limits, out: &mut Vec<Findin
         }
     }
     Ok(())
+}
+
+/// A fixed VHD is its guest data followed by one footer in its last sector. OpenStack
+/// Glance's format inspector (like qemu's probe) looks for the footer at byte 0 only, which a
+/// fixed disk has only when it holds no data: it takes the file for raw and refuses it
+/// declared `vhd` (415, measured on Glance 33), while glimpse refuses it declared `raw`
+/// (`format.mismatch`: the raw disk would end in the footer). The image-service gate says so
+/// before anything is sent; readers take the file as it is.
+fn undetected_fixed_vhd(info: &ImageInfo) -> Option<Finding> {
+    let fixed = info.format == Format::Vhd
+        && info.details.get("disk-type").and_then(|t| t.as_str()) == Some("fixed");
+    (fixed && info.virtual_size > 0).then(|| {
+        Finding::reject(
+            "vhd.fixed-undetected",
+            "a fixed VHD keeps its only footer in its last sector, and OpenStack Glance's \
+             format inspector looks for one at byte 0 only: Glance takes the file for raw and \
+             refuses it as vhd. Convert it to a dynamic VHD (`glimpse convert -O vhd`), which \
+             has a footer copy at byte 0, or to raw, to upload it",
+        )
+    })
 }
 
 /// The backing-file allowance covers plain file names only: a backing or parent name in

@@ -8,8 +8,8 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 
-use glimpse_formats::policy::{Policy, Verdict};
-use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits};
+use glimpse_formats::policy::{inspect, Policy, Verdict};
+use glimpse_formats::{detect, open, ExtentKind, Format, Image, Limits, Severity};
 use glimpse_testkit::qemu::virtual_size as qemu_virtual_size;
 use support::{
     assert_same_guest, for_each_prefix, inspect_as, qemu_img, qemu_to_raw, raw_source, read_guest,
@@ -67,6 +67,17 @@ fn qemu_data_runs(path: &Path) -> Vec<(u64, u64, u64)> {
     out
 }
 
+/// The policy without the image-service gate, as the readers apply it (a fixed VHD is
+/// `vhd.fixed-undetected` to the gate whatever its structure): declared VHD.
+fn inspect_as_reader(s: glimpse_formats::Source) -> glimpse_formats::policy::Report {
+    let reader = Policy {
+        expect_format: Some(Format::Vhd),
+        image_service: false,
+        ..Policy::default()
+    };
+    inspect(s, &reader, &Limits::default()).unwrap()
+}
+
 #[test]
 fn qemu_made_vhds_read_like_qemu() {
     let dir = tempfile::tempdir().unwrap();
@@ -110,7 +121,22 @@ fn qemu_made_vhds_read_like_qemu() {
         );
         assert!(img.findings().is_empty(), "{opts}: {:?}", img.findings());
         assert!(img.check(&Limits::default()).unwrap().is_empty());
-        let report = inspect_as(s, Format::Vhd, &Limits::default());
+        // The image-service gate refuses a fixed disk (Glance cannot detect it), with that
+        // one code; without the gate, as for a reader, every disk passes.
+        let report = inspect_as(s.clone(), Format::Vhd, &Limits::default());
+        let rejected: Vec<&str> = report
+            .findings
+            .iter()
+            .filter(|f| f.severity == Severity::Reject)
+            .map(|f| f.code)
+            .collect();
+        let want: &[&str] = if fixed {
+            &["vhd.fixed-undetected"]
+        } else {
+            &[]
+        };
+        assert_eq!(rejected, want, "{opts}: {:?}", report.findings);
+        let report = inspect_as_reader(s);
         assert_eq!(
             report.verdict(),
             Verdict::Pass,
@@ -239,7 +265,7 @@ fn fixed_vhd_sizes_follow_qemu_and_must_match_the_data() {
         std::fs::write(&p, &b).unwrap();
         let img = open(src(&p), Format::Vhd, &Limits::default()).unwrap();
         assert_eq!(img.info().virtual_size, qemu_virtual_size(&p, "vpc"), "{n}");
-        let report = inspect_as(src(&p), Format::Vhd, &Limits::default());
+        let report = inspect_as_reader(src(&p));
         let codes: Vec<&str> = report.findings.iter().map(|f| f.code).collect();
         if ok {
             assert_eq!(report.verdict(), Verdict::Pass, "{n}: {codes:?}");
@@ -290,7 +316,7 @@ fn a_fixed_disk_of_virtual_pc_is_as_large_as_its_geometry() {
         let mut b = vec![5u8; usize::try_from(data).unwrap()];
         b.extend(f);
         std::fs::write(&p, &b).unwrap();
-        let report = inspect_as(src(&p), Format::Vhd, &Limits::default());
+        let report = inspect_as_reader(src(&p));
         let codes: Vec<&str> = report.findings.iter().map(|f| f.code).collect();
         if ok {
             let img = open(src(&p), Format::Vhd, &Limits::default()).unwrap();
