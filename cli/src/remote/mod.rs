@@ -713,8 +713,7 @@ impl Inner {
     /// Keeps `bytes`, which start at page `first`, in the cache, page by page.
     fn keep(&self, first: u64, bytes: &[u8]) -> io::Result<()> {
         for (i, chunk) in bytes.chunks(PAGE as usize).enumerate() {
-            self.cache
-                .put(first.saturating_add(i as u64), Arc::from(chunk))?;
+            self.cache.put(first.saturating_add(i as u64), chunk)?;
         }
         Ok(())
     }
@@ -789,8 +788,8 @@ impl Inner {
                 }
                 n
             };
-            let n = match self.cache.get(p)? {
-                Some(page) => copy(&page),
+            let n = match self.cache.with(p, &mut copy)? {
+                Some(n) => n,
                 None => match self.load(p, last, window, size)? {
                     Some(fetched) => copy(&fetched),
                     None => continue,
