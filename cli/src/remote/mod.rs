@@ -58,6 +58,14 @@ pub const BLOCK: u64 = 256 << 10;
 const CACHE_BYTES: u64 = 32 << 20;
 /// Reads at least this large go straight into the caller's buffer, bypassing the cache.
 const DIRECT: usize = 1 << 20;
+/// What the readahead of the misses in flight on one source may add, together, to the pages
+/// they ask for: each thread that misses holds a buffer of its fetch until the cache has it,
+/// and with a window of up to 4 MiB each, `compare URL URL` grew by 3.8 MB per rayon worker
+/// (RAYON_NUM_THREADS=16: 274 MB, 249-262 MB with this bound).
+const INFLIGHT_AHEAD: u64 = 2 * WINDOW_MAX;
+/// Miss buffers a source keeps for reuse: a buffer allocated on one thread and freed on
+/// another stays in the first one's allocator arena, so fresh ones per miss added up.
+const SPARE_BUFFERS: usize = 2;
 /// Tries per request (connection resets, timeouts, 408, 429, 5xx), with doubling backoff.
 pub const ATTEMPTS: u32 = 5;
 const BACKOFF: Duration = Duration::from_millis(100);
@@ -89,6 +97,17 @@ pub const TRANSFER_FACTOR: u64 = 4;
 
 /// The allowance every object has above [`TRANSFER_FACTOR`] times its size, for small objects.
 pub const TRANSFER_SLACK: u64 = 64 << 20;
+
+/// The request budget ([`Inner::min_fetch`]): requests an object may make of any size...
+pub const FREE_REQUESTS: u64 = 4096;
+/// ... and one more per page of the object (a random-order image of 4 KiB clusters reads each
+/// in a request of its own), ...
+pub const FREE_REQUEST_BYTES: u64 = PAGE;
+/// ... after which requests must average this many bytes: an object of `S` bytes costs at
+/// most `4096 + S / 4 KiB + (4 S + 64 MiB) / 256 KiB` requests (a 128 MiB object: 39,168;
+/// the 80 MiB scattered VMDK that took 63,728 requests: about 26,500), and about one more per
+/// thread reading at once.
+pub const REQUEST_BYTES: u64 = 256 << 10;
 
 /// What a source has cost on the wire so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -132,6 +151,8 @@ struct Inner {
     /// Pages being fetched right now (`[first, end)`), so that two readers do not fetch one
     /// page twice.
     inflight: Mutex<Vec<(u64, u64)>>,
+    /// Buffers of finished misses, reused by the next ones ([`SPARE_BUFFERS`] at most).
+    spare: Mutex<Vec<Vec<u8>>>,
     landed: Condvar,
     _charge: Option<Charge>,
     /// The readers running front to back, whose misses fetch ahead.
@@ -218,6 +239,7 @@ impl HttpSource {
             ranges: false,
             cache: Pages::new(usize::try_from(cache_bytes / PAGE).unwrap_or(8192)),
             inflight: Mutex::new(Vec::new()),
+            spare: Mutex::new(Vec::new()),
             landed: Condvar::new(),
             _charge: Some(charge),
             streams: Streams::default(),
@@ -598,9 +620,11 @@ impl Inner {
                 .map(drop)
                 .map_err(|taken| {
                     fatal(format!(
-                        "reading this object has already taken {taken} bytes, and more would \
-                         pass {allowance} ({TRANSFER_FACTOR} times its size and {} MiB): its \
-                         layout makes the reader jump around; download it and inspect the file",
+                        "reading this object has already taken {taken} bytes in {} requests, \
+                         and more would pass {allowance} ({TRANSFER_FACTOR} times its size and \
+                         {} MiB): its layout makes the reader jump around; download it and \
+                         inspect the file",
+                        self.requests.load(Ordering::Relaxed),
                         TRANSFER_SLACK >> 20
                     ))
                 })
@@ -713,18 +737,51 @@ impl Inner {
     /// Keeps `bytes`, which start at page `first`, in the cache, page by page.
     fn keep(&self, first: u64, bytes: &[u8]) -> io::Result<()> {
         for (i, chunk) in bytes.chunks(PAGE as usize).enumerate() {
-            self.cache
-                .put(first.saturating_add(i as u64), Arc::from(chunk))?;
+            self.cache.put(first.saturating_add(i as u64), chunk)?;
         }
         Ok(())
     }
 
+    /// The least a cache miss must fetch now, by the request budget: nothing past what it
+    /// asks for while the source has made at most [`Inner::free_requests`] requests; past
+    /// them, each request must bring the bytes reserved so far up to [`REQUEST_BYTES`] per
+    /// request past the free ones (at most [`WINDOW_MAX`] at once). So a command makes at
+    /// most `free_requests + allowance / REQUEST_BYTES` requests of an object, however its
+    /// layout makes the reader jump about; a reader that fetches each page about once (front
+    /// to back, a random-order image of clusters of 4 KiB or more) never pays anything.
+    fn min_fetch(&self, size: u64) -> u64 {
+        let made = self.requests.load(Ordering::Relaxed);
+        let free = self.free_requests(size);
+        let Some(past) = made.checked_sub(free) else {
+            return 0;
+        };
+        REQUEST_BYTES
+            .saturating_mul(past.saturating_add(1))
+            .saturating_sub(self.reserved.load(Ordering::Relaxed))
+            .min(WINDOW_MAX)
+    }
+
+    /// Requests an object may make before [`Inner::min_fetch`] grows its fetches:
+    /// [`FREE_REQUESTS`] and one per [`FREE_REQUEST_BYTES`] of the object: a reader that
+    /// fetches each page of the object about once, however small its requests, pays nothing.
+    fn free_requests(&self, size: u64) -> u64 {
+        FREE_REQUESTS.saturating_add(size / FREE_REQUEST_BYTES)
+    }
+
     /// Fetches the pages from `p` (not cached) to `last` (inclusive), and `window` bytes
     /// from page `p` on when that is more (a stream's readahead: it stops at the first page
-    /// cached or being fetched). Returns the first page's offset and the bytes, which the
-    /// cache also keeps; `None` when another reader is fetching page `p` (wait, then look in
+    /// cached or being fetched), and at least [`Inner::min_fetch`] bytes (the request budget:
+    /// cached pages are fetched again for it, and it starts before `p` near the object's
+    /// end). Returns the bytes from page `p` on (the cache keeps all of them), and where page
+    /// `p` starts in them; `None` when another reader is fetching page `p` (wait, then look in
     /// the cache again).
-    fn load(&self, p: u64, last: u64, window: u64, size: u64) -> io::Result<Option<Vec<u8>>> {
+    fn load(
+        &self,
+        p: u64,
+        last: u64,
+        window: u64,
+        size: u64,
+    ) -> io::Result<Option<(Vec<u8>, usize)>> {
         let busy = |v: &[(u64, u64)], q: u64| v.iter().any(|&(a, b)| a <= q && q < b);
         let mut inflight = self
             .inflight
@@ -742,28 +799,54 @@ impl Inner {
             return Err(io::Error::other("a page past the end of the object"));
         }
         let mut end = last.saturating_add(1).min(pages);
-        let ahead = p.saturating_add(window / PAGE).min(pages);
+        let held: u64 = inflight
+            .iter()
+            .map(|&(a, b)| b.saturating_sub(a))
+            .fold(0, u64::saturating_add);
+        let room = (INFLIGHT_AHEAD / PAGE).saturating_sub(held);
+        let ahead = p.saturating_add((window / PAGE).min(room)).min(pages);
         while end < ahead && !busy(&inflight, end) && !self.cache.has(end) {
             end = end.saturating_add(1);
         }
-        inflight.push((p, end));
+        let least = self.min_fetch(size).div_ceil(PAGE);
+        end = end.max(p.saturating_add(least).min(pages));
+        let first = p.min(end.saturating_sub(least));
+        inflight.push((first, end));
         drop(inflight);
-        let result = page_span(p, end, size)
+        let result = page_span(first, end, size)
             .ok_or_else(|| io::Error::other("a page past the end of the object"))
             .and_then(|(start, stop)| {
                 let len = usize::try_from(stop - start).map_err(io::Error::other)?;
-                self.fetch_vec(len, start)
+                let mut buf = self
+                    .spare
+                    .lock()
+                    .ok()
+                    .and_then(|mut s| s.pop())
+                    .unwrap_or_default();
+                buf.clear();
+                buf.resize(len, 0);
+                self.fetch(&mut buf, start).map(|()| buf)
             });
         let kept = match &result {
-            Ok(buf) => self.keep(p, buf),
+            Ok(buf) => self.keep(first, buf),
             Err(_) => Ok(()),
         };
         if let Ok(mut inflight) = self.inflight.lock() {
-            inflight.retain(|&r| r != (p, end));
+            inflight.retain(|&r| r != (first, end));
         }
         self.landed.notify_all();
         kept?;
-        result.map(Some)
+        let skip = usize::try_from((p - first).saturating_mul(PAGE)).map_err(io::Error::other)?;
+        result.map(|buf| Some((buf, skip)))
+    }
+
+    /// Gives a miss's buffer back for the next miss to reuse.
+    fn give_back(&self, buf: Vec<u8>) {
+        if let Ok(mut s) = self.spare.lock() {
+            if s.len() < SPARE_BUFFERS {
+                s.push(buf);
+            }
+        }
     }
 
     /// A read of less than [`DIRECT`] bytes at `offset` (all inside the object), through the
@@ -789,10 +872,14 @@ impl Inner {
                 }
                 n
             };
-            let n = match self.cache.get(p)? {
-                Some(page) => copy(&page),
+            let n = match self.cache.with(p, &mut copy)? {
+                Some(n) => n,
                 None => match self.load(p, last, window, size)? {
-                    Some(fetched) => copy(&fetched),
+                    Some((fetched, skip)) => {
+                        let n = copy(fetched.get(skip..).unwrap_or_default());
+                        self.give_back(fetched);
+                        n
+                    }
                     None => continue,
                 },
             };

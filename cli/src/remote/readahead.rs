@@ -6,13 +6,24 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use glimpse_formats::limits::Charge;
+
 use super::HttpSource;
 
 /// Bytes per request.
 const CHUNK: u64 = 4 << 20;
 /// Requests in flight (one thread each); each holds at most two chunks (one being fetched, one
-/// queued), so memory stays under `2 * LANES * CHUNK` (32 MiB).
+/// queued), and the reader one more, so memory stays under `(2 * LANES + 1) * CHUNK` (36 MiB),
+/// charged to the command's budget (one lane, uncharged, when the budget cannot pay).
 const LANES: u64 = 4;
+
+/// The bytes `lanes` lanes and the reader hold at most.
+fn held(lanes: u64) -> u64 {
+    lanes
+        .saturating_mul(2)
+        .saturating_add(1)
+        .saturating_mul(CHUNK)
+}
 
 /// Reads `[0, size)` of a source that answers ranges: lane `i` fetches chunks `i`,
 /// `i + LANES`, ... and the reader takes them in order.
@@ -24,16 +35,24 @@ pub struct Readahead {
     chunks: u64,
     cur: Vec<u8>,
     pos: usize,
+    lane_count: u64,
+    _charge: Option<Charge>,
 }
 
 impl Readahead {
     /// Starts the lanes.
     pub fn new(src: HttpSource, size: u64) -> Self {
         let chunks = size.div_ceil(CHUNK);
+        let budget = crate::common::limits().budget();
+        let (lane_count, charge) =
+            match budget.charge(held(LANES.min(chunks)), "the HTTP readahead") {
+                Ok(c) => (LANES, Some(c)),
+                Err(_) => (1, budget.charge(held(1), "the HTTP readahead").ok()),
+            };
         let stop = Arc::new(AtomicBool::new(false));
         let mut lanes = Vec::new();
         let mut threads = Vec::new();
-        for lane in 0..LANES.min(chunks) {
+        for lane in 0..lane_count.min(chunks) {
             let (tx, rx) = sync_channel(1);
             let src = src.clone();
             let stop = stop.clone();
@@ -49,7 +68,7 @@ impl Readahead {
                     if tx.send(r).is_err() || failed {
                         return;
                     }
-                    c += LANES;
+                    c = c.saturating_add(lane_count);
                 }
             }));
             lanes.push(rx);
@@ -62,6 +81,8 @@ impl Readahead {
             chunks,
             cur: Vec::new(),
             pos: 0,
+            lane_count,
+            _charge: charge,
         }
     }
 }
@@ -72,7 +93,8 @@ impl Read for Readahead {
             if self.next >= self.chunks {
                 return Ok(0);
             }
-            let lane = usize::try_from(self.next % LANES).unwrap_or(0);
+            let lane =
+                usize::try_from(self.next.checked_rem(self.lane_count).unwrap_or(0)).unwrap_or(0);
             let rx = self
                 .lanes
                 .get(lane)
