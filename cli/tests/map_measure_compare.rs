@@ -4,8 +4,8 @@
 //!   static VDI, fixed VHD) need no space, as in `qemu-img measure`, and `required` still
 //!   holds what `convert` writes;
 //! - map: the JSON fields (`present`, `offset`, `data`/`zero` over file holes) are qemu's;
-//! - compare: the documented differences (`-s` compares sizes and content, not allocation;
-//!   the offset named is the exact byte, qemu's the start of its sector).
+//! - compare: `-s` compares block status as qemu-img does; the offset named is the exact
+//!   byte, qemu's the start of its sector (documented).
 //!
 //! qemu-img must be installed: the tests fail without it.
 
@@ -200,39 +200,115 @@ fn human_map_names_stored_holes() {
     assert!(line.contains("0x50000"), "{text}");
 }
 
-/// F2: `compare -s` compares sizes and content, not allocation: a range stored as zeros on
-/// one side and unallocated on the other is identical to glimpse, a block status mismatch to
-/// qemu-img. The help says so.
+/// F2: `compare -s` compares what `qemu-img compare -s` compares: sizes, then block status
+/// (allocated, zero, data, offset known, end of disk reached) and content offset by offset.
+/// Each pair here prints what qemu-img prints, with its exit code.
 #[test]
-fn strict_compare_ignores_allocation_as_documented() {
+fn strict_compare_agrees_with_qemu_img() {
     let d = tempfile::tempdir().unwrap();
-    let a = d.path().join("a.raw");
-    std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
-    let b = d.path().join("b.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&b), "1M"]);
-    let out = glimpse(&["compare", "-s", s(&a), s(&b)]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "Images are identical.\n"
-    );
-    let q = qemu_run(&["compare", "-s", s(&a), s(&b)]);
-    assert_eq!(q.status.code(), Some(1), "{q:?}");
-    assert!(String::from_utf8_lossy(&q.stdout).contains("block status mismatch"));
-    // Sizes still count in strict mode, as in qemu.
-    let c = d.path().join("c.raw");
-    std::fs::write(&c, vec![0u8; 2 << 20]).unwrap();
-    assert_eq!(
-        glimpse(&["compare", "-s", s(&a), s(&c)]).status.code(),
-        Some(1)
-    );
-    assert_eq!(
-        qemu_run(&["compare", "-s", s(&a), s(&c)]).status.code(),
-        Some(1)
-    );
-    let help = String::from_utf8_lossy(&glimpse(&["compare", "--help"]).stdout).into_owned();
-    assert!(help.contains("not allocation"), "{help}");
-    assert!(help.contains("512-byte sector"), "{help}");
+    let p = |n: &str| d.path().join(n);
+    let mut data = vec![0u8; 1 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(p("d.raw"), &data).unwrap();
+    // Zeros written as data, and an empty qcow2 (the campaign's reproducer).
+    std::fs::write(p("z.raw"), vec![0u8; 1 << 20]).unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p("e.qcow2")), "1M"]);
+    qemu_img(&["create", "-q", "-f", "raw", s(&p("h.raw")), "1M"]);
+    // Same content, other formats.
+    for (n, fmt, opt) in [
+        ("d.qcow2", "qcow2", "cluster_size=4096"),
+        ("d.vdi", "vdi", "static=off"),
+        ("d.vhdx", "vhdx", "block_size=1M"),
+        ("d.ploop", "parallels", "cluster_size=1M"),
+    ] {
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            fmt,
+            "-o",
+            opt,
+            s(&p("d.raw")),
+            s(&p(n)),
+        ]);
+    }
+    // The same data stored back to front: two runs, so the first does not reach the end.
+    std::fs::write(p("lo.bin"), &data[..1 << 19]).unwrap();
+    std::fs::write(p("hi.bin"), &data[1 << 19..]).unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p("rev.qcow2")), "1M"]);
+    let io = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -s {} 512k 512k", s(&p("hi.bin"))))
+        .arg("-c")
+        .arg(format!("write -s {} 0 512k", s(&p("lo.bin"))))
+        .arg(p("rev.qcow2"))
+        .output()
+        .expect("qemu-io must be installed (apt-get install qemu-utils)");
+    assert!(io.status.success(), "{io:?}");
+    // Empty images whose qemu answers end at different places (a 4 KiB-cluster qcow2 answers
+    // per 2 MiB L2 slice, parallels for the whole disk).
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&p("e4k.qcow2")),
+        "4M",
+    ]);
+    qemu_img(&["create", "-q", "-f", "parallels", s(&p("e.ploop")), "4M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p("e64k.qcow2")), "4M"]);
+    // Content that differs before the status does: a byte at 0 of a 4 KiB-cluster copy.
+    let mut m = data.clone();
+    m[0] ^= 0xff;
+    std::fs::write(p("m.raw"), &m).unwrap();
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&p("m.raw")),
+        s(&p("m.qcow2")),
+    ]);
+    let pairs = [
+        ("z.raw", "e.qcow2"),
+        ("h.raw", "e.qcow2"),
+        ("d.raw", "d.qcow2"),
+        ("d.raw", "d.vdi"),
+        ("d.raw", "d.vhdx"),
+        ("d.qcow2", "d.vhdx"),
+        ("d.raw", "d.ploop"),
+        ("d.raw", "rev.qcow2"),
+        ("e4k.qcow2", "e.ploop"),
+        ("e64k.qcow2", "e.ploop"),
+        ("d.qcow2", "m.qcow2"),
+        ("z.raw", "h.raw"),
+    ];
+    let mut mismatches = 0;
+    for (a, b) in pairs {
+        let out = glimpse(&["compare", "-s", s(&p(a)), s(&p(b))]);
+        let q = qemu_run(&["compare", "-s", s(&p(a)), s(&p(b))]);
+        assert_eq!(
+            (out.status.code(), String::from_utf8_lossy(&out.stdout)),
+            (q.status.code(), String::from_utf8_lossy(&q.stdout)),
+            "compare -s {a} {b}"
+        );
+        mismatches += usize::from(String::from_utf8_lossy(&q.stdout).contains("block status"));
+    }
+    // The pairs exercise both verdicts.
+    assert!((3..pairs.len()).contains(&mismatches), "{mismatches}");
+    // Without -s, allocation does not matter.
+    let out = glimpse(&["compare", s(&p("z.raw")), s(&p("e.qcow2"))]);
+    assert_eq!(out.status.code(), Some(0));
 }
 
 /// F3: the offset named is the first differing byte; qemu-img names the start of the
@@ -263,4 +339,7 @@ fn compare_names_the_byte_qemu_the_sector() {
             format!("Content mismatch at offset {}!\n", at / 512 * 512)
         );
     }
+    let help = String::from_utf8_lossy(&glimpse(&["compare", "--help"]).stdout).into_owned();
+    assert!(help.contains("512-byte sector"), "{help}");
+    assert!(help.contains("block status mismatch"), "{help}");
 }
