@@ -205,6 +205,8 @@ pub struct Holes<'a, I> {
     done: bool,
     /// False: data extents pass unchanged (see [`Holes::looking`]).
     look: bool,
+    /// The source's size, asked once, at the first data extent.
+    size: Option<u64>,
 }
 
 impl<'a, I: Iterator<Item = Result<Extent>>> Holes<'a, I> {
@@ -217,6 +219,7 @@ impl<'a, I: Iterator<Item = Result<Extent>>> Holes<'a, I> {
             rest: None,
             done: false,
             look: true,
+            size: None,
         }
     }
 
@@ -236,7 +239,10 @@ impl<'a, I: Iterator<Item = Result<Extent>>> Holes<'a, I> {
         if !self.look {
             return Ok(Run::from(&e));
         }
-        let size = self.src.size()?;
+        let size = match self.size {
+            Some(n) => n,
+            None => *self.size.insert(self.src.size()?),
+        };
         let Some(end) = host.checked_add(e.len).filter(|end| *end <= size) else {
             return Ok(Run::from(&e));
         };
