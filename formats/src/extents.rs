@@ -4,9 +4,15 @@
 //! ended. [`Merged`] joins neighbours of the same kind into [`Run`]s, as `glimpse map` prints
 //! them (and as `qemu-img map` does): formats cut their extents at table boundaries that say
 //! nothing about the guest data.
+//!
+//! [`Holes`] looks under data extents: a stored range whose bytes lie in a hole of the source
+//! file (a preallocated qcow2, a static VDI, a fixed VHD, all made sparse) reads as zeros
+//! without being read, and comes out as a [`RunKind::Hole`], as qemu's block status asks the
+//! file underneath (`SEEK_DATA`/`SEEK_HOLE`) and calls such ranges zero.
 
 use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Image};
+use crate::io::LinearMap;
 
 /// The extents backing guest bytes `start..end`, in order. Each one starts where the last
 /// ended; together they cover the range exactly, unless `mapping` fails: then the error is
@@ -92,6 +98,23 @@ pub enum RunKind {
     Zero,
     /// Not allocated in this image; reads as zeros.
     Unallocated,
+    /// Stored linearly from `host` like [`RunKind::Data`], but the host range is a hole of
+    /// the source file, so it reads as zeros (only [`Holes`] yields it).
+    Hole {
+        /// Source offset of the run's first guest byte.
+        host: u64,
+    },
+}
+
+impl RunKind {
+    /// True when the run reads as zeros without reading anything: zero, unallocated, or a
+    /// hole of the source file.
+    pub fn reads_as_zero(&self) -> bool {
+        matches!(
+            self,
+            RunKind::Zero | RunKind::Unallocated | RunKind::Hole { .. }
+        )
+    }
 }
 
 impl From<ExtentKind> for RunKind {
@@ -128,7 +151,8 @@ impl Run {
     pub fn join(&mut self, next: &Run) -> bool {
         let follows = self.start.checked_add(self.len) == Some(next.start);
         let continues = match (self.kind, next.kind) {
-            (RunKind::Data { host: a }, RunKind::Data { host: b }) => {
+            (RunKind::Data { host: a }, RunKind::Data { host: b })
+            | (RunKind::Hole { host: a }, RunKind::Hole { host: b }) => {
                 a.checked_add(self.len) == Some(b)
             }
             (a, b) => a == b,
@@ -153,6 +177,118 @@ impl From<&Extent> for Run {
     }
 }
 
+impl From<Extent> for Run {
+    fn from(e: Extent) -> Self {
+        Run::from(&e)
+    }
+}
+
+/// The extents of a walk as [`Run`]s, with every data extent cut where its host range enters
+/// or leaves a hole of the source file: the parts in a hole come out as [`RunKind::Hole`].
+/// The holes are found as raw finds them ([`LinearMap`], `SEEK_DATA`/`SEEK_HOLE`, the last
+/// few host runs remembered), so a data run inside one host run costs no system call. Sources
+/// that know no holes (a network, a decrypting layer) say everything is data: their runs are
+/// unchanged. A data extent that passes the end of the source is left as it is (reading it
+/// fails, as it should).
+///
+/// # Security
+/// Each item is one extent of `inner` or a piece of one that starts where the last ended and
+/// is at least one byte long: the walk ends after at most as many steps as the host runs it
+/// crosses, and keeps no more state than [`LinearMap`]'s few runs.
+pub struct Holes<'a, I> {
+    inner: I,
+    src: &'a crate::io::Source,
+    map: LinearMap,
+    /// The rest of a data extent not yet yielded.
+    rest: Option<Extent>,
+    /// Set after an error: the walk is over.
+    done: bool,
+    /// False: data extents pass unchanged (see [`Holes::looking`]).
+    look: bool,
+    /// The source's size, asked once, at the first data extent.
+    size: Option<u64>,
+}
+
+impl<'a, I: Iterator<Item = Result<Extent>>> Holes<'a, I> {
+    /// Splits the extents `inner` yields, which map into `image`'s source.
+    pub fn new(image: &'a dyn Image, inner: I) -> Self {
+        Holes {
+            inner,
+            src: image.source(),
+            map: LinearMap::default(),
+            rest: None,
+            done: false,
+            look: true,
+            size: None,
+        }
+    }
+
+    /// Whether to look for holes at all: with `false` every extent passes as its [`Run`]
+    /// (`glimpse map` does not look where qemu's driver does not, so that its fields agree).
+    pub fn looking(mut self, look: bool) -> Self {
+        self.look = look;
+        self
+    }
+
+    /// The first piece of `e`: all of it unless it is data inside the source, else the part
+    /// up to where the host range enters or leaves a hole; the remainder is kept in `rest`.
+    fn piece(&mut self, e: Extent) -> Result<Run> {
+        let ExtentKind::Data { host } = e.kind else {
+            return Ok(Run::from(&e));
+        };
+        if !self.look {
+            return Ok(Run::from(&e));
+        }
+        let size = match self.size {
+            Some(n) => n,
+            None => *self.size.insert(self.src.size()?),
+        };
+        let Some(end) = host.checked_add(e.len).filter(|end| *end <= size) else {
+            return Ok(Run::from(&e));
+        };
+        let h = self.map.extent(self.src.as_ref(), host, end, size)?;
+        let len = h.len.clamp(1, e.len);
+        if let (Some(rest_len), Some(start), Some(h2)) = (
+            e.len.checked_sub(len).filter(|n| *n > 0),
+            e.start.checked_add(len),
+            host.checked_add(len),
+        ) {
+            self.rest = Some(Extent {
+                start,
+                len: rest_len,
+                kind: ExtentKind::Data { host: h2 },
+            });
+        }
+        let kind = match h.kind {
+            ExtentKind::Data { .. } => RunKind::Data { host },
+            _ => RunKind::Hole { host },
+        };
+        Ok(Run {
+            start: e.start,
+            len,
+            kind,
+        })
+    }
+}
+
+impl<I: Iterator<Item = Result<Extent>>> Iterator for Holes<'_, I> {
+    type Item = Result<Run>;
+
+    fn next(&mut self) -> Option<Result<Run>> {
+        if self.done {
+            return None;
+        }
+        let e = match self.rest.take() {
+            Some(e) => Ok(e),
+            None => self.inner.next()?,
+        };
+        let r = e.and_then(|e| self.piece(e));
+        // Nothing more after an error, as for `Extents`.
+        self.done = r.is_err();
+        Some(r)
+    }
+}
+
 /// The [`Run`]s of an extent walk: every maximal sequence of neighbouring extents of the same
 /// kind (data stored contiguously) joined into one. An error from the walk comes after the
 /// run in progress and ends the iteration.
@@ -162,8 +298,8 @@ pub struct Merged<I> {
     failed: Option<Error>,
 }
 
-impl<I: Iterator<Item = Result<Extent>>> Merged<I> {
-    /// Merges the extents `inner` yields.
+impl<T: Into<Run>, I: Iterator<Item = Result<T>>> Merged<I> {
+    /// Merges the extents (or runs) `inner` yields.
     pub fn new(inner: I) -> Self {
         Merged {
             inner,
@@ -180,7 +316,15 @@ impl<'a> Merged<Extents<'a>> {
     }
 }
 
-impl<I: Iterator<Item = Result<Extent>>> Iterator for Merged<I> {
+impl<'a> Merged<Holes<'a, Extents<'a>>> {
+    /// The runs of the whole guest disk of `image`, with the data that lies in holes of its
+    /// source file as [`RunKind::Hole`] when `look` ([`Holes`]): what `glimpse map` prints.
+    pub fn all_with_holes(image: &'a dyn Image, look: bool) -> Self {
+        Merged::new(Holes::new(image, Extents::all(image)).looking(look))
+    }
+}
+
+impl<T: Into<Run>, I: Iterator<Item = Result<T>>> Iterator for Merged<I> {
     type Item = Result<Run>;
 
     fn next(&mut self) -> Option<Result<Run>> {
@@ -198,7 +342,7 @@ impl<I: Iterator<Item = Result<Extent>>> Iterator for Merged<I> {
                     None => return Some(Err(err)),
                 },
                 Some(Ok(e)) => {
-                    let run = Run::from(&e);
+                    let run: Run = e.into();
                     if let Some(p) = self.pending.as_mut() {
                         if p.join(&run) {
                             continue;
@@ -393,6 +537,51 @@ mod tests {
         let mut it = Merged::all(&img);
         assert!(it.next().unwrap().is_err());
         assert!(it.next().is_none());
+    }
+
+    /// Data extents are cut where their host range enters or leaves a hole of the file;
+    /// holes come out as `Hole`, data that passes the end of the file stays data, and with
+    /// `looking(false)` nothing is cut.
+    #[test]
+    fn holes_of_the_source_file_read_as_zero() {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("glimpse-holes-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.set_len(1 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 4096], 65536).unwrap();
+        f.flush().unwrap();
+        let src: Source = Arc::new(std::fs::File::open(&path).unwrap());
+        let _ = std::fs::remove_file(&path);
+        let img = Listed {
+            info: ImageInfo::new(Format::Raw, 3 << 20),
+            src,
+            extents: vec![
+                (1 << 20, ExtentKind::Data { host: 0 }),
+                (1 << 20, ExtentKind::Zero),
+                (1 << 20, ExtentKind::Data { host: 1 << 19 }), // passes the file's end
+            ],
+            fail_at: None,
+        };
+        let img: &dyn Image = &img;
+        let got: Vec<Run> = Merged::new(Holes::new(img, Extents::all(img)))
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                run(0, 65536, RunKind::Hole { host: 0 }),
+                run(65536, 4096, RunKind::Data { host: 65536 }),
+                run(69632, (1 << 20) - 69632, RunKind::Hole { host: 69632 }),
+                run(1 << 20, 1 << 20, RunKind::Zero),
+                run(2 << 20, 1 << 20, RunKind::Data { host: 1 << 19 }),
+            ]
+        );
+        assert!(got[0].kind.reads_as_zero() && !got[1].kind.reads_as_zero());
+        let plain: Vec<Run> = Merged::all_with_holes(img, false)
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(plain.len(), 3);
+        assert_eq!(plain[0], run(0, 1 << 20, RunKind::Data { host: 0 }));
     }
 
     #[test]

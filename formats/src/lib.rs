@@ -79,7 +79,7 @@ pub mod vmdk;
 
 pub use detect::{detect, Detection};
 pub use error::{Error, ErrorKind, Result};
-pub use extents::{Extents, Merged, Run, RunKind};
+pub use extents::{Extents, Holes, Merged, Run, RunKind};
 pub use finding::{Finding, Severity};
 pub use format::Format;
 pub use image::{

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use glimpse_formats::{Merged, Run, RunKind};
+use glimpse_formats::{Format, Image, Merged, Run, RunKind};
 use serde_json::{json, Value};
 
 use crate::common::{failed, load, name, print_json, InputOpts, OutputFormat};
@@ -22,19 +22,73 @@ pub struct Args {
     file: PathBuf,
 }
 
-/// qemu-img's flags for a run: (data, zero, present, compressed, offset).
-fn flags(r: &Run) -> (bool, bool, bool, bool, Option<u64>) {
+/// qemu-img's flags for a run of an image of `format`: (data, zero, present, compressed,
+/// offset), as `qemu-img map --output=json` sets them for that format:
+/// - a stored range in a hole of the source file is `data` and `zero` with its offset (qemu
+///   asks the file underneath);
+/// - raw zero ranges (file holes) keep their offset, which is the guest offset;
+/// - VHDX data has no offset (qemu's VHDX driver gives none);
+/// - unallocated VDI and VHD blocks are `present` (qemu's drivers for them call unallocated
+///   blocks zero, which counts as present); elsewhere unallocated is not present.
+pub(crate) fn flags(r: &Run, format: Format) -> (bool, bool, bool, bool, Option<u64>) {
     match r.kind {
+        RunKind::Data { .. } if format == Format::Vhdx => (true, false, true, false, None),
         RunKind::Data { host } => (true, false, true, false, Some(host)),
+        RunKind::Hole { .. } if format == Format::Vhdx => (true, true, true, false, None),
+        RunKind::Hole { host } => (true, true, true, false, Some(host)),
         RunKind::Compressed => (true, false, true, true, None),
+        RunKind::Zero if format == Format::Raw => (false, true, true, false, Some(r.start)),
         RunKind::Zero => (false, true, true, false, None),
-        RunKind::Unallocated => (false, true, false, false, None),
+        RunKind::Unallocated => (
+            false,
+            true,
+            matches!(format, Format::Vdi | Format::Vhd),
+            false,
+            None,
+        ),
     }
 }
 
+/// Whether qemu's driver for this image asks the file underneath about holes in stored data
+/// (its block status says `RAW` or `RECURSE`): raw, a static VDI, a fixed VHD, and a qcow2
+/// that qemu takes for preallocated metadata. There a stored range in a hole is `zero` (and
+/// `data`), as in qemu; elsewhere (dynamic VDI and VHD, VHDX, VMDK, parallels, other qcow2)
+/// qemu calls it data, and so does `map`. `measure` looks under every format (less space,
+/// still enough).
+pub(crate) fn looks_under(image: &dyn Image) -> bool {
+    let info = image.info();
+    let detail = |k: &str| info.details.get(k).and_then(|v| v.as_str());
+    match info.format {
+        Format::Raw => true,
+        Format::Qcow2 => qcow2_preallocated(image),
+        Format::Vdi => detail("image-type") == Some("static"),
+        Format::Vhd => detail("disk-type") == Some("fixed"),
+        _ => false,
+    }
+}
+
+/// qemu's test for a qcow2 with preallocated metadata (`qcow2_detect_metadata_preallocation`),
+/// with the file's clusters standing for its referenced ones: the file holds at least
+/// `max(real * 10 / 9, real + 2)` clusters, where `real` is how many clusters' worth of bytes
+/// the file system has allocated to it. A file sparse by more than a tenth, that is.
+fn qcow2_preallocated(image: &dyn Image) -> bool {
+    let src = image.source();
+    let (Some(cluster), Ok(len), Some(alloc)) = (
+        image.info().cluster_size.filter(|c| *c > 0),
+        src.size(),
+        src.allocated_size(),
+    ) else {
+        return false;
+    };
+    let clusters = len.div_ceil(cluster);
+    let real = alloc.checked_div(cluster).unwrap_or(0);
+    let threshold = (real.saturating_mul(10) / 9).max(real.saturating_add(2));
+    clusters >= threshold
+}
+
 /// One run as `qemu-img map --output=json` prints an entry.
-fn json(r: &Run) -> Value {
-    let (data, zero, present, compressed, offset) = flags(r);
+fn json(r: &Run, format: Format) -> Value {
+    let (data, zero, present, compressed, offset) = flags(r, format);
     let mut v = json!({
         "start": r.start, "length": r.len, "depth": 0, "present": present,
         "zero": zero, "data": data, "compressed": compressed,
@@ -65,7 +119,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         Ok(l) => l.image,
         Err(e) => return Ok(fail(&e)),
     };
-    let mut runs = Merged::all(image.as_ref());
+    let format = image.info().format;
+    let mut runs = Merged::all_with_holes(image.as_ref(), looks_under(image.as_ref()));
     let first = match runs.next().transpose() {
         Ok(r) => r,
         Err(e) => return Ok(fail(&e.into())),
@@ -95,7 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         };
         match args.output {
             OutputFormat::Json => {
-                out.add(format_args!("{sep}  {}", element(&r)));
+                out.add(format_args!("{sep}  {}", element(&r, format)));
                 sep = ",\n";
             }
             OutputFormat::Human => out.add(format_args!("{}\n", line(&r))),
@@ -153,8 +208,8 @@ fn broken(args: &Args, mut out: Pending, e: &anyhow::Error) -> u8 {
 
 /// One run as an element of the JSON array, pretty-printed and indented as it would be
 /// inside the whole array (its values hold no newline).
-fn element(r: &Run) -> String {
-    serde_json::to_string_pretty(&json(r))
+fn element(r: &Run, format: Format) -> String {
+    serde_json::to_string_pretty(&json(r, format))
         .unwrap_or_default()
         .replace('\n', "\n  ")
 }
@@ -171,9 +226,10 @@ fn line(e: &Run) -> String {
         RunKind::Data { .. } => "data",
         RunKind::Zero => "zero",
         RunKind::Unallocated => "unallocated",
+        RunKind::Hole { .. } => "hole",
     };
     let mapped = match e.kind {
-        RunKind::Data { host } => format!("{host:#x}"),
+        RunKind::Data { host } | RunKind::Hole { host } => format!("{host:#x}"),
         _ => "-".into(),
     };
     format!("{:<#20x} {:<#20x} {:<20} {kind}", e.start, e.len, mapped)
