@@ -8,7 +8,9 @@
 //! [`Holes`] looks under data extents: a stored range whose bytes lie in a hole of the source
 //! file (a preallocated qcow2, a static VDI, a fixed VHD, all made sparse) reads as zeros
 //! without being read, and comes out as a [`RunKind::Hole`], as qemu's block status asks the
-//! file underneath (`SEEK_DATA`/`SEEK_HOLE`) and calls such ranges zero.
+//! file underneath (`SEEK_DATA`/`SEEK_HOLE`) and calls such ranges zero. The content walk
+//! ([`Extents::content`]) and the chunk planner cut their data extents the same way
+//! ([`HoleSplit`]), so the content readers never read a hole.
 
 use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Image};
@@ -26,8 +28,9 @@ pub struct Extents<'a> {
     image: &'a dyn Image,
     pos: u64,
     end: u64,
-    /// Asks `content_mapping`, which may join zero and unallocated bytes.
-    content: bool,
+    /// Asks `content_mapping`, which may join zero and unallocated bytes, and cuts data
+    /// extents at the holes of the source file (the parts in holes are zero).
+    content: Option<HoleSplit>,
 }
 
 impl<'a> Extents<'a> {
@@ -37,16 +40,18 @@ impl<'a> Extents<'a> {
             image,
             pos: start,
             end: end.min(image.info().virtual_size),
-            content: false,
+            content: None,
         }
     }
 
     /// As [`Extents::new`], for a reader of guest content only: through
     /// [`content_mapping`](crate::image::Image::content_extent_at), so a run that reads as zeros
-    /// may join marked-zero and unallocated bytes (and be reported as either).
+    /// may join marked-zero and unallocated bytes (and be reported as either), and with the
+    /// stored data that lies in holes of the source file as zero extents ([`HoleSplit`]): a
+    /// sparse fixed VHD or static VDI of 2 TiB is not read through its holes.
     pub fn content(image: &'a dyn Image, start: u64, end: u64) -> Self {
         Extents {
-            content: true,
+            content: Some(HoleSplit::default()),
             ..Extents::new(image, start, end)
         }
     }
@@ -67,9 +72,12 @@ impl Iterator for Extents<'_> {
 
     fn next(&mut self) -> Option<Result<Extent>> {
         let left = self.end.checked_sub(self.pos).filter(|n| *n > 0)?;
-        let e = match self.content {
-            true => self.image.content_mapping(self.pos, left),
-            false => self.image.mapping(self.pos, left),
+        let image = self.image;
+        let e = match &mut self.content {
+            Some(split) => image
+                .content_mapping(self.pos, left)
+                .and_then(|e| split.content(image.source(), &e)),
+            None => image.mapping(self.pos, left),
         };
         match e {
             Ok(e) => {
@@ -183,6 +191,61 @@ impl From<Extent> for Run {
     }
 }
 
+/// Cuts data extents where their host range enters or leaves a hole of the source file: the
+/// one hole finder of every walk that looks under stored data ([`Holes`] for `map` and
+/// `measure`; [`Extents::content`] and the chunk planner for the content readers). The holes
+/// are found as raw finds them ([`LinearMap`]: `SEEK_DATA`/`SEEK_HOLE`, the last few host
+/// runs remembered), so a data extent inside a host run already seen costs no system call.
+#[derive(Default)]
+pub(crate) struct HoleSplit {
+    map: LinearMap,
+    /// The source's size, asked once, at the first data extent.
+    size: Option<u64>,
+}
+
+impl HoleSplit {
+    /// The first piece of `e`, and whether it lies in a hole: all of `e` (not in a hole)
+    /// unless it is data that ends inside `src`, else the part up to where its host range
+    /// enters or leaves a hole. A data extent past the end of the source is left whole:
+    /// reading it fails, as it should.
+    ///
+    /// # Errors
+    /// `Io` from the size and hole queries.
+    pub(crate) fn piece(&mut self, src: &crate::io::Source, e: &Extent) -> Result<(Extent, bool)> {
+        let ExtentKind::Data { host } = e.kind else {
+            return Ok((*e, false));
+        };
+        let size = match self.size {
+            Some(n) => n,
+            None => *self.size.insert(src.size()?),
+        };
+        let Some(end) = host.checked_add(e.len).filter(|end| *end <= size) else {
+            return Ok((*e, false));
+        };
+        let h = self.map.extent(src.as_ref(), host, end, size)?;
+        let piece = Extent {
+            len: h.len.clamp(1, e.len),
+            ..*e
+        };
+        Ok((piece, !matches!(h.kind, ExtentKind::Data { .. })))
+    }
+
+    /// [`HoleSplit::piece`] for a reader of guest content: the piece in a hole is zero.
+    ///
+    /// # Errors
+    /// As [`HoleSplit::piece`].
+    pub(crate) fn content(&mut self, src: &crate::io::Source, e: &Extent) -> Result<Extent> {
+        let (piece, hole) = self.piece(src, e)?;
+        Ok(match hole {
+            true => Extent {
+                kind: ExtentKind::Zero,
+                ..piece
+            },
+            false => piece,
+        })
+    }
+}
+
 /// The extents of a walk as [`Run`]s, with every data extent cut where its host range enters
 /// or leaves a hole of the source file: the parts in a hole come out as [`RunKind::Hole`].
 /// The holes are found as raw finds them ([`LinearMap`], `SEEK_DATA`/`SEEK_HOLE`, the last
@@ -198,15 +261,13 @@ impl From<Extent> for Run {
 pub struct Holes<'a, I> {
     inner: I,
     src: &'a crate::io::Source,
-    map: LinearMap,
+    split: HoleSplit,
     /// The rest of a data extent not yet yielded.
     rest: Option<Extent>,
     /// Set after an error: the walk is over.
     done: bool,
     /// False: data extents pass unchanged (see [`Holes::looking`]).
     look: bool,
-    /// The source's size, asked once, at the first data extent.
-    size: Option<u64>,
 }
 
 impl<'a, I: Iterator<Item = Result<Extent>>> Holes<'a, I> {
@@ -215,11 +276,10 @@ impl<'a, I: Iterator<Item = Result<Extent>>> Holes<'a, I> {
         Holes {
             inner,
             src: image.source(),
-            map: LinearMap::default(),
+            split: HoleSplit::default(),
             rest: None,
             done: false,
             look: true,
-            size: None,
         }
     }
 
@@ -239,15 +299,8 @@ impl<'a, I: Iterator<Item = Result<Extent>>> Holes<'a, I> {
         if !self.look {
             return Ok(Run::from(&e));
         }
-        let size = match self.size {
-            Some(n) => n,
-            None => *self.size.insert(self.src.size()?),
-        };
-        let Some(end) = host.checked_add(e.len).filter(|end| *end <= size) else {
-            return Ok(Run::from(&e));
-        };
-        let h = self.map.extent(self.src.as_ref(), host, end, size)?;
-        let len = h.len.clamp(1, e.len);
+        let (piece, hole) = self.split.piece(self.src, &e)?;
+        let len = piece.len;
         if let (Some(rest_len), Some(start), Some(h2)) = (
             e.len.checked_sub(len).filter(|n| *n > 0),
             e.start.checked_add(len),
@@ -259,9 +312,9 @@ impl<'a, I: Iterator<Item = Result<Extent>>> Holes<'a, I> {
                 kind: ExtentKind::Data { host: h2 },
             });
         }
-        let kind = match h.kind {
-            ExtentKind::Data { .. } => RunKind::Data { host },
-            _ => RunKind::Hole { host },
+        let kind = match hole {
+            false => RunKind::Data { host },
+            true => RunKind::Hole { host },
         };
         Ok(Run {
             start: e.start,

@@ -323,6 +323,8 @@ pub struct ChunkPlanner<'a> {
     size: u64,
     /// The current extent's end and whether it reads as zero.
     cur: Option<(u64, bool)>,
+    /// Stored data in holes of the source file reads as zero without being read.
+    holes: crate::extents::HoleSplit,
 }
 
 impl<'a> ChunkPlanner<'a> {
@@ -334,6 +336,7 @@ impl<'a> ChunkPlanner<'a> {
             pos: 0,
             size: image.info().virtual_size,
             cur: None,
+            holes: crate::extents::HoleSplit::default(),
         }
     }
 
@@ -349,6 +352,7 @@ impl<'a> ChunkPlanner<'a> {
         }
         // Ask for a long run so that one lookup covers many chunks.
         let e = self.image.content_mapping(p, self.size.saturating_sub(p))?;
+        let e = self.holes.content(self.image.source(), &e)?;
         self.cur = Some((e.end(), e.reads_as_zero()));
         Ok((e.end(), e.reads_as_zero()))
     }
