@@ -570,3 +570,103 @@ fn serve(
     }
     Ok(())
 }
+
+/// A valid streamOptimized VMDK of `n` one-sector compressed grains (all of one 64 KiB
+/// pattern) whose grain tables name them `prime` slots apart, so that reading the grains in
+/// table order jumps about the file (report audit-red 1).
+pub fn scattered_vmdk(n: u32, prime: u32) -> Vec<u8> {
+    use std::io::Write as _;
+    const S: usize = 512;
+    const GS: u64 = 128;
+    let cap = u64::from(n) * GS;
+    let ngt = n.div_ceil(512);
+    let header = |gd: u64| {
+        let mut h = Vec::with_capacity(S);
+        h.extend_from_slice(b"KDMV");
+        h.extend_from_slice(&3u32.to_le_bytes());
+        h.extend_from_slice(&0x30003u32.to_le_bytes());
+        for v in [cap, GS, 1, 1] {
+            h.extend_from_slice(&v.to_le_bytes());
+        }
+        h.extend_from_slice(&512u32.to_le_bytes());
+        for v in [0u64, gd, 0] {
+            h.extend_from_slice(&v.to_le_bytes());
+        }
+        h.extend_from_slice(&[0, b'\n', b' ', b'\r', b'\n']);
+        h.extend_from_slice(&1u16.to_le_bytes());
+        h.resize(S, 0);
+        h
+    };
+    let desc = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+         createType=\"streamOptimized\"\n\nRW {cap} SPARSE \"s.vmdk\"\n\n\
+         ddb.adapterType = \"ide\"\n"
+    );
+    let mut out = Vec::new();
+    out.extend_from_slice(&[0u8; S]); // header, written last
+    let mut d = desc.into_bytes();
+    d.resize(S, 0);
+    out.extend_from_slice(&d);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&[7u8; 64 << 10]).unwrap();
+    let data = z.finish().unwrap();
+    assert!(data.len() + 12 <= S);
+    let first: u64 = 2;
+    // Slot k holds the grain of LBA index inv[k].
+    let perm: Vec<u32> = (0..n)
+        .map(|i| ((u64::from(i) * u64::from(prime)) % u64::from(n)) as u32)
+        .collect();
+    let mut inv = vec![0u32; n as usize];
+    for (i, &k) in perm.iter().enumerate() {
+        inv[k as usize] = i as u32;
+    }
+    for &i in &inv {
+        let mut g = Vec::with_capacity(S);
+        g.extend_from_slice(&(u64::from(i) * GS).to_le_bytes());
+        g.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        g.extend_from_slice(&data);
+        g.resize(S, 0);
+        out.extend_from_slice(&g);
+    }
+    let mut sec = first + u64::from(n);
+    let mut gt_secs = Vec::new();
+    for t in 0..ngt {
+        let mut m = Vec::new();
+        m.extend_from_slice(&4u64.to_le_bytes());
+        m.extend_from_slice(&0u32.to_le_bytes());
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.resize(S, 0);
+        out.extend_from_slice(&m);
+        sec += 1;
+        gt_secs.push(sec as u32);
+        let mut gt = Vec::with_capacity(4 * S);
+        for i in t * 512..n.min((t + 1) * 512) {
+            gt.extend_from_slice(&((first + u64::from(perm[i as usize])) as u32).to_le_bytes());
+        }
+        gt.resize(4 * S, 0);
+        out.extend_from_slice(&gt);
+        sec += 4;
+    }
+    let gd_sectors = (u64::from(ngt) * 4).div_ceil(S as u64);
+    let mut m = Vec::new();
+    m.extend_from_slice(&gd_sectors.to_le_bytes());
+    m.extend_from_slice(&0u32.to_le_bytes());
+    m.extend_from_slice(&2u32.to_le_bytes());
+    m.resize(S, 0);
+    out.extend_from_slice(&m);
+    sec += 1;
+    let gd_at = sec;
+    let mut gd: Vec<u8> = gt_secs.iter().flat_map(|s| s.to_le_bytes()).collect();
+    gd.resize(gd_sectors as usize * S, 0);
+    out.extend_from_slice(&gd);
+    let mut f = Vec::new();
+    f.extend_from_slice(&1u64.to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&3u32.to_le_bytes());
+    f.resize(S, 0);
+    out.extend_from_slice(&f);
+    out.extend_from_slice(&header(gd_at));
+    out.extend_from_slice(&[0u8; S]);
+    out[..S].copy_from_slice(&header(gd_at));
+    out
+}
