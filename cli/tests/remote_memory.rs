@@ -89,8 +89,8 @@ fn remote_sources_stay_within_256_mib() {
 }
 
 /// The request budget: an object of `S` bytes costs at most `4096 + S / 4 KiB + (4 S +
-/// 64 MiB) / 256 KiB` requests, and a few more for the threads reading at once. The scattered VMDK took 63,728 requests of
-/// 4 KiB (an hour over a link with 50 ms of latency).
+/// 64 MiB) / 256 KiB` requests, and a few more for the threads reading at once. The scattered
+/// VMDK took 63,728 requests of 4 KiB (an hour over a link with 50 ms of latency).
 #[test]
 fn a_layout_that_makes_the_reader_jump_about_costs_a_bounded_number_of_requests() {
     let bytes = scattered_vmdk(160 << 10, 8209);

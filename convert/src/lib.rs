@@ -29,8 +29,8 @@ use std::fs::File;
 use std::io::Write;
 
 use glimpse_formats::image::Image;
+use glimpse_formats::reader::ChunkPlanner;
 pub use glimpse_formats::{Codec, Error, ErrorKind, Format, Result};
-use glimpse_formats::{Extents, Holes};
 
 /// Where a writer puts its output.
 pub enum Target {
@@ -400,40 +400,25 @@ pub fn measure(
 }
 
 /// Output size for `format` with `opts` of a copy of `image`: the guest bytes that hold data
-/// are counted at the writer's chunk size ([`measure_granularity`]), then passed to
-/// [`measure`]. A chunk counts when any of its bytes is stored data whose host range is not a
-/// hole of the source file ([`Holes`]): stored ranges in holes (a preallocated qcow2, a static
-/// VDI, a fixed VHD, made sparse) read as zeros, and `convert` writes no zero chunk, so they
-/// need no space, as in `qemu-img measure`. The result stays an upper bound of what `convert`
-/// writes: a chunk it writes holds a non-zero byte, so data outside a hole.
+/// are counted at the writer's chunk size ([`measure_granularity`]) with a [`ChunkPlanner`],
+/// then passed to [`measure`]. The planner is the converter's own: it calls a chunk zero when
+/// the mapping does, or when its stored bytes lie in holes of the source file (a preallocated
+/// qcow2, a static VDI, a fixed VHD, made sparse), and `convert` writes no zero chunk, so such
+/// ranges need no space, as in `qemu-img measure`. The result stays an upper bound of what
+/// `convert` writes.
 ///
 /// # Errors
 /// `Invalid` for bad options; `Unsupported` for formats glimpse cannot write; the image's
 /// mapping errors and `Io` from the hole queries.
 pub fn measure_image(format: Format, opts: &WriteOptions, image: &dyn Image) -> Result<Measure> {
     let virtual_size = image.info().virtual_size;
-    let chunk = measure_granularity(format, opts, virtual_size)?.max(1);
+    let chunk = measure_granularity(format, opts, virtual_size)?;
     let mut data = 0u64;
-    // The index of the first chunk not counted yet: runs come in order, and a chunk that two
-    // runs share counts once.
-    let mut next = 0u64;
-    for run in Holes::new(image, Extents::content(image, 0, virtual_size)) {
-        let run = run?;
-        if run.kind.reads_as_zero() {
-            continue;
+    for plan in ChunkPlanner::new(image, chunk) {
+        let plan = plan?;
+        if plan.read {
+            data = data.saturating_add(plan.len);
         }
-        let first = run.start.checked_div(chunk).unwrap_or(0).max(next);
-        let last = run.end().saturating_sub(1).checked_div(chunk).unwrap_or(0);
-        if first > last {
-            continue;
-        }
-        let from = first.saturating_mul(chunk);
-        let to = last
-            .saturating_add(1)
-            .saturating_mul(chunk)
-            .min(virtual_size);
-        data = data.saturating_add(to.saturating_sub(from));
-        next = last.saturating_add(1);
     }
     measure(format, opts, virtual_size, data)
 }

@@ -193,7 +193,8 @@ impl From<Extent> for Run {
 
 /// Cuts data extents where their host range enters or leaves a hole of the source file: the
 /// one hole finder of every walk that looks under stored data ([`Holes`] for `map` and
-/// `measure`; [`Extents::content`] and the chunk planner for the content readers). The holes
+/// `compare -s`; [`Extents::content`] and the chunk planner for the content readers and
+/// `measure`). The holes
 /// are found as raw finds them ([`LinearMap`]: `SEEK_DATA`/`SEEK_HOLE`, the last few host
 /// runs remembered), so a data extent inside a host run already seen costs no system call.
 #[derive(Default)]

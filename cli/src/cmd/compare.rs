@@ -84,21 +84,18 @@ fn first_mismatch(args: &Args) -> anyhow::Result<Option<String>> {
         (false, true) => Some(&args.b),
         _ => None,
     };
+    let attributed = |e: glimpse_formats::Error| match one_remote {
+        Some(p) => named(e.into(), p),
+        None => e.into(),
+    };
     // In strict mode the first offset where the two block statuses differ ends the
     // comparison there, unless the content differs before it (qemu-img walks both in one
     // pass, offset by offset).
     let status_at = match args.strict {
-        true => first_status_mismatch(&a, &b).map_err(|e| match one_remote {
-            Some(p) => named(e.into(), p),
-            None => e.into(),
-        })?,
+        true => first_status_mismatch(&a, &b).map_err(attributed)?,
         false => None,
     };
-    let found =
-        first_difference(&a, &b, status_at.unwrap_or(common)).map_err(|e| match one_remote {
-            Some(p) => named(e.into(), p),
-            None => e.into(),
-        })?;
+    let found = first_difference(&a, &b, status_at.unwrap_or(common)).map_err(attributed)?;
     if let Some(off) = found {
         return Ok(Some(format!("Content mismatch at offset {off}!")));
     }

@@ -25,11 +25,11 @@ const HOP_MAX: u64 = 256 << 10;
 const STREAMS: usize = 8;
 
 /// Pages, least recently used evicted first, at most `max` of them, held in slots of 1 MiB
-/// buffers allocated as the cache fills and kept until it is dropped. O(log n) per operation (a cache of
-/// 32 MiB holds 8,192 pages).
+/// buffers allocated as the cache fills and kept until it is dropped. O(log n) per operation
+/// (a cache of 32 MiB holds 8,192 pages).
 ///
-/// A few large buffers, not one allocation per page: pages allocated by one thread and evicted by
-/// another landed in and left holes in the allocator's per-thread arenas, so that a source's
+/// A few large buffers, not one allocation per page: pages allocated by one thread and evicted
+/// by another landed in and left holes in the allocator's per-thread arenas, so that a source's
 /// 32 MiB cache held 60 MiB and more of RSS, and `compare URL URL` of two 160 MiB
 /// streamOptimized VMDKs peaked at 272-288 MB, past the 256 MiB ceiling (remote-hostile F5).
 pub struct Pages {

@@ -35,7 +35,6 @@ pub struct Readahead {
     chunks: u64,
     cur: Vec<u8>,
     pos: usize,
-    lane_count: u64,
     _charge: Option<Charge>,
 }
 
@@ -81,7 +80,6 @@ impl Readahead {
             chunks,
             cur: Vec::new(),
             pos: 0,
-            lane_count,
             _charge: charge,
         }
     }
@@ -93,8 +91,9 @@ impl Read for Readahead {
             if self.next >= self.chunks {
                 return Ok(0);
             }
-            let lane =
-                usize::try_from(self.next.checked_rem(self.lane_count).unwrap_or(0)).unwrap_or(0);
+            // chunk c is lane c % lanes: each lane steps by the number of lanes
+            let lanes = self.lanes.len() as u64;
+            let lane = usize::try_from(self.next.checked_rem(lanes).unwrap_or(0)).unwrap_or(0);
             let rx = self
                 .lanes
                 .get(lane)
