@@ -1,6 +1,7 @@
-//! `convert --copy kernel|readwrite|off` (issue 15): with header timestamps and identifiers
-//! made reproducible (SOURCE_DATE_EPOCH), the kernel copy and its read/write fallback write
-//! the same file byte for byte for every uncompressed output format, and the path that reads
+//! `convert --copy auto|kernel|readwrite|off` (issue 15): with header timestamps and
+//! identifiers made reproducible (SOURCE_DATE_EPOCH), the kernel copy, the paired copy (the
+//! default into ext4) and the read/write fallback write the same file byte for byte for every
+//! uncompressed output format, and the path that reads
 //! every chunk into memory writes the same guest bytes (qemu-img compare). The progress
 //! stream's last event says how the bytes moved.
 
@@ -86,7 +87,7 @@ fn kernel_copy_and_fallback_write_identical_files() {
         for &(fmt, opts, qemu_fmt) in outputs {
             let what = format!("{} -> {fmt} {opts}", s(source));
             let mut files = Vec::new();
-            for mode in ["kernel", "readwrite", "off"] {
+            for mode in ["kernel", "readwrite", "off", "auto"] {
                 let out = dir.path().join(format!("out-{mode}"));
                 let mut args = vec!["-O", fmt];
                 if !opts.is_empty() {
@@ -95,10 +96,25 @@ fn kernel_copy_and_fallback_write_identical_files() {
                 args.extend([s(source), s(&out)]);
                 let ev = done(&convert(mode, &args));
                 let (kernel, buffer) = (ev["kernel_copied"].as_u64(), ev["buffer_copied"].as_u64());
+                let paired = ev["paired_copied"].as_u64();
                 match mode {
-                    "kernel" => assert!(kernel > Some(0) && buffer == Some(0), "{what}: {ev}"),
-                    "readwrite" => assert!(kernel == Some(0) && buffer > Some(0), "{what}: {ev}"),
-                    _ => assert!(kernel == Some(0) && buffer == Some(0), "{what}: {ev}"),
+                    "kernel" => assert!(
+                        kernel > Some(0) && buffer == Some(0) && paired == Some(0),
+                        "{what}: {ev}"
+                    ),
+                    "readwrite" => assert!(
+                        kernel == Some(0) && buffer > Some(0) && paired == Some(0),
+                        "{what}: {ev}"
+                    ),
+                    // Paired into ext4, the kernel's elsewhere: one of them.
+                    "auto" => assert!(
+                        (kernel > Some(0)) != (paired > Some(0)) && buffer == Some(0),
+                        "{what}: {ev}"
+                    ),
+                    _ => assert!(
+                        kernel == Some(0) && buffer == Some(0) && paired == Some(0),
+                        "{what}: {ev}"
+                    ),
                 }
                 let c = qemu_img(&["compare", "-f", "raw", "-F", qemu_fmt, s(&src), s(&out)]);
                 assert!(
@@ -112,6 +128,7 @@ fn kernel_copy_and_fallback_write_identical_files() {
                 files[0] == files[1],
                 "{what}: kernel and readwrite files differ"
             );
+            assert!(files[0] == files[3], "{what}: kernel and auto files differ");
             assert_eq!(files[0].len(), files[2].len(), "{what}");
         }
     }
@@ -134,9 +151,10 @@ fn compressed_outputs_never_copy_and_mixed_sources_copy_only_stored_clusters() {
             s(&out),
         ],
     ] {
-        let ev = done(&convert("kernel", &args));
+        let ev = done(&convert("auto", &args));
         assert_eq!(ev["kernel_copied"], 0, "{args:?}");
         assert_eq!(ev["buffer_copied"], 0, "{args:?}");
+        assert_eq!(ev["paired_copied"], 0, "{args:?}");
     }
     // qemu-img -c stores the clusters of random bytes uncompressed (they do not shrink) and
     // compresses the one-byte clusters: a conversion copies the first and decompresses the

@@ -498,10 +498,12 @@ impl WriteCombiner {
     /// Write errors of the file.
     pub fn write_all_at(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.copies.flush(&self.file)?;
+        // Copies write parts of the file that nothing else does (a chunk's clusters): they
+        // may go on while the tables are written.
+        self.copies.submit(&self.file)?;
         let contiguous = self.at.checked_add(self.buf.len() as u64) == Some(off);
         if !(contiguous && self.buf.len() + data.len() <= COMBINE) {
-            self.flush()?;
+            self.flush_buf()?;
             if data.len() >= COMBINE {
                 return self.file.write_all_at(data, off);
             }

@@ -75,6 +75,9 @@ pub struct Stats {
     pub kernel_copied: u64,
     /// Bytes copied file to file through a buffer (forced, or where the kernel refused).
     pub buffer_copied: u64,
+    /// Bytes copied file to file into ext4 by two threads through buffers
+    /// ([`CopyMode::Auto`]).
+    pub paired_copied: u64,
 }
 
 /// The runs of the source file that hold the chunk `plan`, or `None` when part of it is
@@ -459,6 +462,7 @@ pub fn convert(
     if let Some((src, _)) = &copy {
         stats.kernel_copied = src.kernel_bytes();
         stats.buffer_copied = src.fallback_bytes();
+        stats.paired_copied = src.paired_bytes();
     }
     Ok(stats)
 }

@@ -87,19 +87,35 @@ fn check_source(dir: &Path, src: &Path, offset: u64, format: Format, reference: 
         let copies = !compress && fmt != Format::Vmdk;
         let what = format!("{format} -> {fmt} {opts}");
         let mut outs = Vec::new();
-        for mode in [CopyMode::Kernel, CopyMode::ReadWrite, CopyMode::Off] {
+        for mode in [
+            CopyMode::Kernel,
+            CopyMode::ReadWrite,
+            CopyMode::Off,
+            CopyMode::Auto,
+        ] {
             let out = dir.join(format!("out-{mode:?}"));
             let stats = run(src, offset, format, &out, variant, mode);
             match (copies, mode) {
                 (true, CopyMode::Kernel) => {
                     assert!(stats.kernel_copied > 0, "{what}: {stats:?}");
                     assert_eq!(stats.buffer_copied, 0, "{what}: the kernel refused");
+                    assert_eq!(stats.paired_copied, 0, "{what}");
                 }
                 (true, CopyMode::ReadWrite) => {
                     assert!(stats.buffer_copied > 0, "{what}: {stats:?}");
-                    assert_eq!(stats.kernel_copied, 0, "{what}");
+                    assert_eq!(stats.kernel_copied + stats.paired_copied, 0, "{what}");
                 }
-                _ => assert_eq!(stats.kernel_copied + stats.buffer_copied, 0, "{what}"),
+                (true, CopyMode::Auto) => {
+                    // Paired into ext4, the kernel's elsewhere: never both.
+                    let (k, p) = (stats.kernel_copied, stats.paired_copied);
+                    assert!((k > 0) != (p > 0), "{what}: {stats:?}");
+                    assert_eq!(stats.buffer_copied, 0, "{what}: the kernel refused");
+                }
+                _ => assert_eq!(
+                    stats.kernel_copied + stats.buffer_copied + stats.paired_copied,
+                    0,
+                    "{what}"
+                ),
             }
             let map = qemu::json(&[
                 "map",
@@ -119,7 +135,7 @@ fn check_source(dir: &Path, src: &Path, offset: u64, format: Format, reference: 
                 );
             }
         }
-        for (i, other) in ["read/write", "in-memory"].iter().enumerate() {
+        for (i, other) in ["read/write", "in-memory", "paired"].iter().enumerate() {
             let (a, b) = (&outs[0], &outs[i + 1]);
             // Headers of VHD, VHDX and VDI carry a fresh UUID and timestamp (the CLI test
             // compares those byte for byte under SOURCE_DATE_EPOCH). The in-memory path
@@ -131,7 +147,7 @@ fn check_source(dir: &Path, src: &Path, offset: u64, format: Format, reference: 
                 b.0.len(),
                 "{what}: kernel and {other} sizes differ"
             );
-            if i == 0 {
+            if i != 1 {
                 assert_eq!(a.1, b.1, "{what}: kernel and {other} layouts differ");
             }
             if matches!(fmt, Format::Raw | Format::Qcow2 | Format::Parallels) {
