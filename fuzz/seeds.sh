@@ -255,6 +255,8 @@ printf '\x3e\x00\x00\x00\x01ab' >c/odd-1006
 printf '\xff\xff\x01\x40\x02glm\xc1\x40\x80a\xff' >c/max-mixed-file
 # the same in memory
 printf '\xff\xff\x00\x40\x02glm\xc1\x40\x80a\xff' >c/max-mixed-mem
+# the same file-backed, outputs in the default temporary directory (paired copies on ext4)
+printf '\xff\xff\x03\x40\x02glm\xc1\x40\x80a\xff' >c/max-mixed-disk
 # 303 KiB, file-backed: sector-sized data and zero runs across cluster boundaries
 printf '\xc0\x4b\x01\x00\x01ab\x80\x3f\x00z\xbf\x41\x00q\x81\x00\x00w' >c/alternating
 # 512 KiB of incompressible data

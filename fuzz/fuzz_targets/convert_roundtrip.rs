@@ -6,7 +6,9 @@
 //! - bytes 0-1: the disk size, `u16_le * 16 + (byte0 & 15)`: 0 to 1 MiB - 1, odd sizes
 //!   included;
 //! - byte 2: flags; bit 0 puts the disk in a sparse file on tmpfs (zero runs become holes, so
-//!   the raw reader's SEEK_DATA/SEEK_HOLE path runs), otherwise it stays in memory;
+//!   the raw reader's SEEK_DATA/SEEK_HOLE path runs), otherwise it stays in memory; bit 1
+//!   writes the outputs in the default temporary directory instead of tmpfs (on ext4, file
+//!   to file copies from a file-backed disk then take the paired path, `copy/paired.rs`);
 //! - then runs, until the disk is full or the input ends (the rest of the disk is zero). A run
 //!   byte `r`: bit 7 set means zeros, clear means data; its length is `(r & 0x3f) + 1` units
 //!   of 64 KiB (bit 6 set) or 512 bytes. A data run is followed by a pattern byte `p` and
@@ -151,7 +153,11 @@ fuzz_target!(|data: &[u8]| -> Corpus {
 
     for &(format, opts, compress) in WRITER_VARIANTS {
         let wopts = WriteOptions::parse(opts, compress).expect("valid options");
-        let out = scratch();
+        let out = if flags & 2 != 0 {
+            tempfile::tempfile().expect("scratch file")
+        } else {
+            scratch()
+        };
         let target = Target::File(out.try_clone().expect("dup"));
         // Writers and readers that are not implemented yet say Unsupported: skipping only that
         // kind is acceptable in a fuzz target (it is not a test), and it lets this target run
