@@ -154,8 +154,8 @@ impl Shared {
 #[derive(Debug)]
 pub(super) struct Copier {
     shared: Arc<Shared>,
-    /// Whether the second thread runs; without it the writer copies everything itself.
-    partner: bool,
+    /// The second thread, when it runs; without it the writer copies everything itself.
+    partner: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Copier {
@@ -175,8 +175,8 @@ impl Copier {
             copied: AtomicU64::new(0),
         });
         let theirs = shared.clone();
-        let partner = partner
-            && std::thread::Builder::new()
+        let partner = if partner {
+            std::thread::Builder::new()
                 .name("glimpse-copy".into())
                 .stack_size(64 << 10)
                 .spawn(move || {
@@ -189,7 +189,10 @@ impl Copier {
                         };
                     }
                 })
-                .is_ok();
+                .ok()
+        } else {
+            None
+        };
         Ok(Copier { shared, partner })
     }
 
@@ -214,7 +217,7 @@ impl Copier {
         st.queue.push_back(Job { dst, from, to, len });
         st.queued = st.queued.saturating_add(len);
         s.work.notify_one();
-        let leave = if self.partner { BACKLOG } else { 0 };
+        let leave = if self.partner.is_some() { BACKLOG } else { 0 };
         while st.queued > leave {
             let Some(p) = st.take() else { break };
             st = s.copy(p, st);
@@ -251,10 +254,15 @@ impl Copier {
 impl Drop for Copier {
     fn drop(&mut self) {
         // Nothing may write to an output after its writer is gone: finish what is queued
-        // (the writer normally drained it already), then end the second thread.
+        // (the writer normally drained it already), then end the second thread, and wait
+        // for it, so that no thread outlives its copies (a thread left to end on its own was
+        // still holding its handle and buffer when the fuzzer's leak check ran).
         let _ = self.drain();
         self.shared.lock().closed = true;
         self.shared.work.notify_all();
+        if let Some(t) = self.partner.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -287,7 +295,7 @@ mod tests {
         for partner in [true, false] {
             let src = file_with(&data);
             let c = Copier::start(&src, partner).unwrap();
-            assert_eq!(c.partner, partner);
+            assert_eq!(c.partner.is_some(), partner);
             let out = tempfile::tempfile().unwrap();
             for &(from, to, len) in &copies {
                 c.submit(&out, from, to, len).unwrap();
