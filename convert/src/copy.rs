@@ -20,10 +20,11 @@
 //! pieces into buffers of their own and `pwrite` them, one reading while the other holds the
 //! lock ([`paired`]: 1 GiB raw -> raw in the page cache 160 -> 110-120 ms on an Intel Xeon).
 //! The reservation of blocks below applies to them too. With [`CopyMode::Kernel`], the
-//! kernel's copy into ext4 is made cheaper by two things: each copy first reserves the blocks it is about to fill
-//! (`fallocate`), which spares ext4's block-by-block delayed allocation, and the bytes go
-//! through a 1 MiB pipe with `splice(2)` rather than `copy_file_range`, whose internal pipe
-//! holds 64 KiB, so ext4 takes its locks and maps blocks for 16 times fewer, larger writes.
+//! kernel's copy into ext4 is made cheaper by two things: each copy first reserves the blocks
+//! it is about to fill (`fallocate`), which spares ext4's block-by-block delayed allocation,
+//! and the bytes go through a 1 MiB pipe with `splice(2)` rather than `copy_file_range`, whose
+//! internal pipe holds 64 KiB, so ext4 takes its locks and maps blocks for 16 times fewer,
+//! larger writes.
 
 use std::cell::RefCell;
 use std::fs::File;

@@ -612,6 +612,16 @@ pub fn scattered_vmdk(n: u32, prime: u32) -> Vec<u8> {
     let data = z.finish().unwrap();
     assert!(data.len() + 12 <= S);
     let first: u64 = 2;
+    // A metadata marker sector: its sector count, no data, its type (1 grain table, 2 grain
+    // directory, 3 footer).
+    let marker = |sectors: u64, kind: u32| {
+        let mut m = Vec::with_capacity(S);
+        m.extend_from_slice(&sectors.to_le_bytes());
+        m.extend_from_slice(&0u32.to_le_bytes());
+        m.extend_from_slice(&kind.to_le_bytes());
+        m.resize(S, 0);
+        m
+    };
     // Slot k holds the grain of LBA index inv[k].
     let perm: Vec<u32> = (0..n)
         .map(|i| ((u64::from(i) * u64::from(prime)) % u64::from(n)) as u32)
@@ -631,12 +641,7 @@ pub fn scattered_vmdk(n: u32, prime: u32) -> Vec<u8> {
     let mut sec = first + u64::from(n);
     let mut gt_secs = Vec::new();
     for t in 0..ngt {
-        let mut m = Vec::new();
-        m.extend_from_slice(&4u64.to_le_bytes());
-        m.extend_from_slice(&0u32.to_le_bytes());
-        m.extend_from_slice(&1u32.to_le_bytes());
-        m.resize(S, 0);
-        out.extend_from_slice(&m);
+        out.extend_from_slice(&marker(4, 1));
         sec += 1;
         gt_secs.push(sec as u32);
         let mut gt = Vec::with_capacity(4 * S);
@@ -648,23 +653,13 @@ pub fn scattered_vmdk(n: u32, prime: u32) -> Vec<u8> {
         sec += 4;
     }
     let gd_sectors = (u64::from(ngt) * 4).div_ceil(S as u64);
-    let mut m = Vec::new();
-    m.extend_from_slice(&gd_sectors.to_le_bytes());
-    m.extend_from_slice(&0u32.to_le_bytes());
-    m.extend_from_slice(&2u32.to_le_bytes());
-    m.resize(S, 0);
-    out.extend_from_slice(&m);
+    out.extend_from_slice(&marker(gd_sectors, 2));
     sec += 1;
     let gd_at = sec;
     let mut gd: Vec<u8> = gt_secs.iter().flat_map(|s| s.to_le_bytes()).collect();
     gd.resize(gd_sectors as usize * S, 0);
     out.extend_from_slice(&gd);
-    let mut f = Vec::new();
-    f.extend_from_slice(&1u64.to_le_bytes());
-    f.extend_from_slice(&0u32.to_le_bytes());
-    f.extend_from_slice(&3u32.to_le_bytes());
-    f.resize(S, 0);
-    out.extend_from_slice(&f);
+    out.extend_from_slice(&marker(1, 3));
     out.extend_from_slice(&header(gd_at));
     out.extend_from_slice(&[0u8; S]);
     out[..S].copy_from_slice(&header(gd_at));

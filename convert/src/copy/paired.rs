@@ -42,17 +42,10 @@ thread_local! {
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// One queued copy: `len` bytes from `from` in the source to `to` in `dst`.
+/// One queued copy, or a piece taken from one: `len` bytes from `from` in the source to `to`
+/// in `dst`.
 #[derive(Debug)]
 struct Job {
-    dst: Arc<File>,
-    from: u64,
-    to: u64,
-    len: u64,
-}
-
-/// A piece taken from the queue.
-struct Piece {
     dst: Arc<File>,
     from: u64,
     to: u64,
@@ -74,11 +67,11 @@ struct State {
 
 impl State {
     /// The next piece: the head copy up to its next multiple of [`PIECE`] in the output.
-    fn take(&mut self) -> Option<Piece> {
+    fn take(&mut self) -> Option<Job> {
         let job = self.queue.front_mut()?;
         let boundary = (job.to / PIECE).saturating_add(1).saturating_mul(PIECE);
         let len = boundary.saturating_sub(job.to).min(job.len);
-        let piece = Piece {
+        let piece = Job {
             dst: job.dst.clone(),
             from: job.from,
             to: job.to,
@@ -115,7 +108,7 @@ impl Shared {
     }
 
     /// Copies `p`, with the lock released, and records how it went.
-    fn copy<'a>(&'a self, p: Piece, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    fn copy<'a>(&'a self, p: Job, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         drop(guard);
         let moved = BUFFER.with(|b| {
             let mut buf = b.borrow_mut();
@@ -222,10 +215,7 @@ impl Copier {
             let Some(p) = st.take() else { break };
             st = s.copy(p, st);
         }
-        match st.error.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        st.error.take().map_or(Ok(()), Err)
     }
 
     /// Copies what is queued, with the second thread, and waits until every copy is done.
@@ -244,10 +234,7 @@ impl Copier {
                 break;
             }
         }
-        match st.error.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        st.error.take().map_or(Ok(()), Err)
     }
 }
 
