@@ -19,7 +19,8 @@
 //! ([`CopyMode::Auto`]) copies into ext4 are therefore not the kernel's: two threads `pread`
 //! pieces into buffers of their own and `pwrite` them, one reading while the other holds the
 //! lock ([`paired`]: 1 GiB raw -> raw in the page cache 160 -> 110-120 ms on an Intel Xeon).
-//! The reservation of blocks below applies to them too. With [`CopyMode::Kernel`], the
+//! The reservation of blocks below applies to them too, made by the thread that copies a
+//! copy's first piece. With [`CopyMode::Kernel`], the
 //! kernel's copy into ext4 is made cheaper by two things: each copy first reserves the blocks
 //! it is about to fill (`fallocate`), which spares ext4's block-by-block delayed allocation,
 //! and the bytes go through a 1 MiB pipe with `splice(2)` rather than `copy_file_range`, whose
@@ -152,12 +153,24 @@ impl SourceFile {
     /// call, or by [`SourceFile::drain`].
     pub fn submit(&self, dst: &File, from: u64, to: u64, len: u64) -> io::Result<()> {
         match self.copier(dst) {
-            Some(c) => {
-                reserve(dst, to, len);
-                c.submit(dst, from, to, len)
-            }
+            Some(c) => c.submit(dst, from, to, len),
             None => self.copy_now(dst, from, to, len),
         }
+    }
+
+    /// Hands a copy of `len` bytes from `from` in the source to `to` in `dst` to the second
+    /// thread of paired copies ([`SourceFile::submit`], without copying any of it on this
+    /// thread), and returns true; returns false and does nothing when copies into `dst` are
+    /// not paired.
+    ///
+    /// # Errors
+    /// An error of a copy still under way.
+    pub fn hand_off(&self, dst: &File, from: u64, to: u64, len: u64) -> io::Result<bool> {
+        let Some(c) = self.copier(dst) else {
+            return Ok(false);
+        };
+        c.hand_off(dst, from, to, len)?;
+        Ok(true)
     }
 
     /// Waits for the copies still under way.
@@ -333,11 +346,34 @@ impl CopyMerger {
     pub fn submit(&mut self, dst: &File) -> io::Result<()> {
         if let Some((src, from, to, len)) = self.pending.take() {
             src.submit(dst, from, to, len)?;
-            if !self.sources.iter().any(|s| Arc::ptr_eq(s, &src)) {
-                self.sources.push(src);
-            }
+            self.note_source(src);
         }
         Ok(())
+    }
+
+    /// Hands the pending copy to the second thread of paired copies
+    /// ([`SourceFile::hand_off`]) when copies into `dst` are paired; otherwise keeps it, to
+    /// join the next. Writers call it (through [`crate::Writer::batch_end`]) before they wait
+    /// for more chunks: what they held back is copied meanwhile.
+    ///
+    /// # Errors
+    /// As [`SourceFile::hand_off`].
+    pub fn hand_off(&mut self, dst: &File) -> io::Result<()> {
+        let Some((src, from, to, len)) = self.pending.take() else {
+            return Ok(());
+        };
+        if src.hand_off(dst, from, to, len)? {
+            self.note_source(src);
+        } else {
+            self.pending = Some((src, from, to, len));
+        }
+        Ok(())
+    }
+
+    fn note_source(&mut self, src: Arc<SourceFile>) {
+        if !self.sources.iter().any(|s| Arc::ptr_eq(s, &src)) {
+            self.sources.push(src);
+        }
     }
 
     /// Makes the pending copy and waits for every copy made so far.
@@ -775,6 +811,46 @@ mod tests {
         assert_eq!(&got[..2 << 20], &data[..2 << 20]);
         assert!(got[2 << 20..3 << 20].iter().all(|&b| b == 0));
         assert_eq!(&got[3 << 20..], &data[2 << 20..3 << 20]);
+    }
+
+    #[test]
+    fn a_held_back_copy_is_handed_off_only_when_copies_are_paired() {
+        // Before a writer waits for chunks: kernel copies keep the held-back copy to join the
+        // next; paired ones (into ext4) hand it to the second thread, so the next is separate.
+        let data: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+        for mode in [CopyMode::Kernel, CopyMode::Auto] {
+            let src = Arc::new(SourceFile::new(file_with(&data), mode));
+            let chunk = |from: u64| CopyFrom {
+                src: src.clone(),
+                runs: vec![Run {
+                    at: Some(from),
+                    len: 1 << 20,
+                }],
+            };
+            let out = tempfile::tempfile().unwrap();
+            let paired = mode == CopyMode::Auto && copies_pages(&out);
+            let mut m = CopyMerger::default();
+            m.put(&out, &chunk(0), 0).unwrap();
+            m.hand_off(&out).unwrap();
+            assert_eq!(m.pending.is_none(), paired, "{mode:?}");
+            m.put(&out, &chunk(1 << 20), 1 << 20).unwrap();
+            // Joined to the kept copy, or pending on its own after the one handed off.
+            let want = if paired {
+                (1 << 20, 1 << 20)
+            } else {
+                (0, 2 << 20)
+            };
+            assert_eq!(m.pending.as_ref().map(|p| (p.2, p.3)), Some(want));
+            m.put(&out, &chunk(2 << 20), 2 << 20).unwrap();
+            m.flush(&out).unwrap();
+            assert!(m.sources.iter().all(|s| Arc::ptr_eq(s, &src)));
+            let moved = src.kernel_bytes() + src.fallback_bytes() + src.paired_bytes();
+            assert_eq!(moved, 3 << 20, "{mode:?}");
+            assert_eq!(src.paired_bytes() > 0, paired, "{mode:?}");
+            let mut got = vec![0u8; 3 << 20];
+            out.read_exact_at(&mut got, 0).unwrap();
+            assert!(got == data, "{mode:?}: the output differs");
+        }
     }
 
     #[test]

@@ -388,6 +388,7 @@ pub fn convert(
                         w.write_chunk(c).map_err(output_side)?;
                     }
                 }
+                w.batch_end().map_err(output_side)?;
                 if let Some(p) = progress {
                     p(done, size);
                 }
@@ -521,8 +522,10 @@ mod tests {
         }
     }
 
-    /// Records what the pipeline asked of it.
-    struct Recorder(Arc<Mutex<Vec<(u64, u64, bool)>>>);
+    /// Records what the pipeline asked of it: chunks and zero spans, and how many of them had
+    /// come at each end of a batch.
+    #[derive(Default)]
+    struct Recorder(Arc<Mutex<Vec<(u64, u64, bool)>>>, Arc<Mutex<Vec<usize>>>);
     impl Writer for Recorder {
         fn chunk_size(&self) -> u64 {
             65536
@@ -533,6 +536,11 @@ mod tests {
         }
         fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
             self.0.lock().unwrap().push((guest, len, true));
+            Ok(())
+        }
+        fn batch_end(&mut self) -> Result<()> {
+            let n = self.0.lock().unwrap().len();
+            self.1.lock().unwrap().push(n);
             Ok(())
         }
         fn finish(self: Box<Self>) -> Result<()> {
@@ -554,7 +562,7 @@ mod tests {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let stats = convert(
             image,
-            Box::new(Recorder(calls.clone())),
+            Box::new(Recorder(calls.clone(), Arc::default())),
             &reader,
             &ConvertOptions::default(),
         )
@@ -579,17 +587,21 @@ mod tests {
             data: true,
         });
         let reader = GuestReader::new(image.clone(), &Limits::default());
-        let calls = Arc::new(Mutex::new(Vec::new()));
+        let rec = Recorder::default();
+        let (calls, ends) = (rec.0.clone(), rec.1.clone());
         let done = Mutex::new(Vec::new());
         let progress = |d: u64, _: u64| done.lock().unwrap().push(d >> 20);
         let opts = ConvertOptions {
             progress: Some(&progress),
             ..ConvertOptions::default()
         };
-        convert(image, Box::new(Recorder(calls.clone())), &reader, &opts).unwrap();
+        convert(image, Box::new(rec), &reader, &opts).unwrap();
         // MiB done after each batch: 1, 2, 4, 8 and 16 MiB, then the full 32 MiB (the rest).
         assert_eq!(*done.lock().unwrap(), [1, 3, 7, 15, 31, 48]);
         assert_eq!(calls.lock().unwrap().len(), 48 * 16);
+        // The writer heard of each batch's end after its last chunk (16 per MiB), so that it
+        // can hand off a copy it holds back before it waits.
+        assert_eq!(*ends.lock().unwrap(), [16, 48, 112, 240, 496, 768]);
     }
 
     #[test]

@@ -197,6 +197,10 @@ impl Writer for PloopWriter {
         write_zero_span(self, guest, len)
     }
 
+    fn batch_end(&mut self) -> Result<()> {
+        Ok(self.copies.hand_off(&self.file)?)
+    }
+
     fn finish(mut self: Box<Self>) -> Result<()> {
         self.copies.flush(&self.file)?;
         let f = &self.file;

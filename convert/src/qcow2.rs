@@ -382,6 +382,10 @@ impl Writer for Qcow2Writer {
         Ok(())
     }
 
+    fn batch_end(&mut self) -> Result<()> {
+        Ok(self.file.hand_off()?)
+    }
+
     fn finish(mut self: Box<Self>) -> Result<()> {
         if self.next_guest != self.virtual_size {
             return Err(Error::invalid(format!(

@@ -108,6 +108,13 @@ impl Writer for RawWriter {
         write_zero_span(self, guest, len)
     }
 
+    fn batch_end(&mut self) -> Result<()> {
+        if let Target::File(f) = &self.target {
+            self.copies.hand_off(f)?;
+        }
+        Ok(())
+    }
+
     fn finish(self: Box<Self>) -> Result<()> {
         match self.target {
             Target::File(f) => {

@@ -335,6 +335,13 @@ impl Writer for FixedWriter {
         write_zero_span(self, guest, len)
     }
 
+    fn batch_end(&mut self) -> Result<()> {
+        if let Target::File(f) = &self.target {
+            self.copies.hand_off(f)?;
+        }
+        Ok(())
+    }
+
     fn finish(self: Box<Self>) -> Result<()> {
         let size = self.plan.size;
         if self.pos > size {
@@ -432,6 +439,10 @@ impl Writer for DynamicWriter {
 
     fn write_zeros(&mut self, guest: u64, len: u64) -> Result<()> {
         write_zero_span(self, guest, len)
+    }
+
+    fn batch_end(&mut self) -> Result<()> {
+        Ok(self.copies.hand_off(&self.file)?)
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {

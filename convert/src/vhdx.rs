@@ -286,6 +286,10 @@ impl Writer for VhdxWriter {
         Ok(())
     }
 
+    fn batch_end(&mut self) -> Result<()> {
+        Ok(self.copies.hand_off(&self.file)?)
+    }
+
     fn finish(self: Box<Self>) -> Result<()> {
         let VhdxWriter {
             file,
