@@ -303,6 +303,51 @@ fn prepare(reader: &GuestReader, plan: ChunkPlan, comp: Option<Compressor>) -> R
 
 pub use glimpse_formats::io::is_zero;
 
+/// The calling thread under `SCHED_BATCH` for as long as this lives, when it ran under the
+/// normal policy (`SCHED_OTHER`); the normal policy again when dropped. Nothing changes for a
+/// thread under another policy, or where the kernel refuses.
+///
+/// The producer runs under it while copies go file to file. A `SCHED_BATCH` thread keeps
+/// its share of the CPU, but its wakeups do not preempt the running thread. A producer woken
+/// because the writer took a batch used to take a copy thread's core at once. When that
+/// thread held the output's lock, the other copy thread stopped spinning for it and slept,
+/// and its core went idle. Now the producer waits for a core that is free (a copy thread
+/// asleep on the lock) or for its turn at the next tick. 4 GiB raw -> qcow2 in the page
+/// cache, side by side: 450-461 ms under the normal policy, 434-436 ms under this (12 and 10
+/// runs); 1 GiB about 2 ms less.
+struct BatchPolicy {
+    /// The thread was switched, so it must be switched back.
+    switched: bool,
+}
+
+impl BatchPolicy {
+    fn enter() -> Self {
+        // The global thread pool is made first: threads it starts would inherit the policy.
+        rayon::current_num_threads();
+        let normal = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `sched_getscheduler(0)` and `sched_setscheduler(0, ..)` act on the calling
+        // thread; `normal` is a live sched_param that the kernel only reads.
+        let switched = unsafe {
+            libc::sched_getscheduler(0) == libc::SCHED_OTHER
+                && libc::sched_setscheduler(0, libc::SCHED_BATCH, &normal) == 0
+        };
+        BatchPolicy { switched }
+    }
+}
+
+impl Drop for BatchPolicy {
+    fn drop(&mut self) {
+        if self.switched {
+            let normal = libc::sched_param { sched_priority: 0 };
+            // SAFETY: as in `enter`; leaving `SCHED_BATCH` for `SCHED_OTHER` needs no
+            // privilege.
+            unsafe {
+                libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal);
+            }
+        }
+    }
+}
+
 /// Guest bytes of the first batch; each next one is twice as large, up to the full batch.
 const FIRST_BATCH_BYTES: u64 = 1 << 20;
 
@@ -452,7 +497,12 @@ pub fn convert(
                 }
             }
         };
-        let produced = produce();
+        let produced = {
+            // With copies, the producer only plans and probes, and the copy threads need both
+            // cores: see `BatchPolicy`.
+            let _batch = copy.is_some().then(BatchPolicy::enter);
+            produce()
+        };
         drop(tx);
         let written = writer_thread
             .join()
@@ -602,6 +652,82 @@ mod tests {
         // The writer heard of each batch's end after its last chunk (16 per MiB), so that it
         // can hand off a copy it holds back before it waits.
         assert_eq!(*ends.lock().unwrap(), [16, 48, 112, 240, 496, 768]);
+    }
+
+    /// Takes copies, and records the scheduling policy of thread `tid` at each chunk.
+    struct PolicyProbe(libc::pid_t, Arc<Mutex<Vec<libc::c_int>>>);
+    impl Writer for PolicyProbe {
+        fn chunk_size(&self) -> u64 {
+            1 << 20
+        }
+        fn accepts_copy(&self) -> bool {
+            true
+        }
+        fn write_chunk(&mut self, _: Chunk) -> Result<()> {
+            // SAFETY: asks about a thread by id; no memory is passed.
+            let policy = unsafe { libc::sched_getscheduler(self.0) };
+            self.1.lock().unwrap().push(policy);
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_producer_of_copies_runs_as_a_batch_thread_and_is_normal_again_after() {
+        let size = 64u64 << 20;
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &vec![9u8; size as usize]).unwrap();
+        let image: Arc<dyn Image> = Arc::new(Plain {
+            info: ImageInfo::new(Format::Raw, size),
+            src: Arc::new(f),
+            run: size,
+            data: true,
+        });
+        let reader = GuestReader::new(image.clone(), &Limits::default());
+        // SAFETY: no arguments.
+        let me = unsafe { libc::gettid() };
+        // SAFETY: asks about the calling thread.
+        let before = unsafe { libc::sched_getscheduler(0) };
+        assert_eq!(before, libc::SCHED_OTHER);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stats = convert(
+            image.clone(),
+            Box::new(PolicyProbe(me, seen.clone())),
+            &reader,
+            &ConvertOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(stats.data_chunks, 64);
+        // This thread produced the chunks: a batch thread while the writer took the first
+        // batches (1, 2, 4 and 8 chunks: it was still producing the later ones), a normal
+        // one again afterwards.
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 64);
+        assert!(
+            seen[..15].iter().all(|&p| p == libc::SCHED_BATCH),
+            "{seen:?}"
+        );
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+        // Without copies (a source that is not a file) the producer is left alone.
+        let plain: Arc<dyn Image> = Arc::new(Plain {
+            info: ImageInfo::new(Format::Raw, size),
+            src: Arc::new(vec![9u8; size as usize]),
+            run: size,
+            data: true,
+        });
+        let reader = GuestReader::new(plain.clone(), &Limits::default());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        convert(
+            plain,
+            Box::new(PolicyProbe(me, seen.clone())),
+            &reader,
+            &ConvertOptions::default(),
+        )
+        .unwrap();
+        assert!(seen.lock().unwrap().iter().all(|&p| p == libc::SCHED_OTHER));
     }
 
     #[test]
