@@ -104,21 +104,24 @@ impl SourceFile {
     /// Not when every page of the range is in the page cache already ([`cached`]): the advice
     /// would then only walk the cache page by page. 4 GiB raw -> qcow2 in the page cache spent
     /// 10-16 ms of the producer's CPU in it, which the copy threads' two cores pay for.
-    pub fn will_need(&self, from: u64, len: u64) {
+    /// Returns true then, and false when it advised (the range was not all there, or the
+    /// kernel cannot tell).
+    pub fn will_need(&self, from: u64, len: u64) -> bool {
         if self.cachestat.load(Ordering::Relaxed) {
             match cached(&self.file, from, len) {
-                Some(true) => return,
+                Some(true) => return true,
                 Some(false) => {}
                 None => self.cachestat.store(false, Ordering::Relaxed),
             }
         }
         let (Ok(off), Ok(len)) = (libc::off_t::try_from(from), libc::off_t::try_from(len)) else {
-            return;
+            return false;
         };
         // SAFETY: advice on an open descriptor; no memory is passed.
         unsafe {
             libc::posix_fadvise(self.file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED);
         }
+        false
     }
 
     /// Bytes copied by the kernel so far.
@@ -922,14 +925,14 @@ mod tests {
                 && i128::from(st.f_type) == i128::from(libc::TMPFS_MAGIC)
         };
         assert_eq!(cached(&f, 0, 1 << 20), Some(tmpfs));
-        // Read back, they are there again, and the advice is skipped (nothing to observe
-        // but that it does not fail).
+        // Read back, they are there again, and the advice is skipped.
         let mut back = vec![0u8; 1 << 20];
         f.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(cached(&f, 0, 1 << 20), Some(true));
         let src = SourceFile::new(f, CopyMode::Auto);
-        src.will_need(0, 1 << 20);
+        assert!(src.will_need(0, 1 << 20));
         assert!(src.cachestat.load(Ordering::Relaxed));
+        assert!(!src.will_need(1 << 20, 4096));
     }
 
     #[test]

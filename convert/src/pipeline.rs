@@ -134,16 +134,16 @@ fn prepare_copy(src: &Arc<SourceFile>, plan: &ChunkPlan, runs: Vec<Run>) -> Resu
 }
 
 /// The source runs of each chunk of a batch (`None` for a chunk that must be read, an empty
-/// list for a zero span). The ranges they name are announced to the kernel
-/// (`POSIX_FADV_WILLNEED`) here, a batch before they are probed and copied, so that from a
-/// cold cache they arrive in a few large reads while the previous batch is being probed,
-/// instead of one small read per chunk.
+/// list for a zero span), and whether every range they name was in the page cache. The ranges
+/// are announced to the kernel (`POSIX_FADV_WILLNEED`) here, a batch before they are probed
+/// and copied, so that from a cold cache they arrive in a few large reads while the previous
+/// batch is being probed, instead of one small read per chunk.
 fn map_batch(
     image: &dyn Image,
     src: &SourceFile,
     base: u64,
     plans: &[ChunkPlan],
-) -> Result<Vec<Option<Vec<Run>>>> {
+) -> Result<(Vec<Option<Vec<Run>>>, bool)> {
     let runs: Vec<Option<Vec<Run>>> = plans
         .iter()
         .map(|p| match p.read {
@@ -152,21 +152,22 @@ fn map_batch(
         })
         .collect::<Result<_>>()?;
     let mut ahead: Option<(u64, u64)> = None;
+    let mut cached = true;
     for r in runs.iter().flatten().flatten() {
         let Some(at) = r.at else { continue };
         match &mut ahead {
             Some((from, len)) if from.saturating_add(*len) == at => *len += r.len,
             _ => {
                 if let Some((from, len)) = ahead.replace((at, r.len)) {
-                    src.will_need(from, len);
+                    cached &= src.will_need(from, len);
                 }
             }
         }
     }
     if let Some((from, len)) = ahead {
-        src.will_need(from, len);
+        cached &= src.will_need(from, len);
     }
-    Ok(runs)
+    Ok((runs, cached))
 }
 
 /// The chunks of one batch that can be copied (or are zeros), with `None` for those that must
@@ -214,6 +215,9 @@ fn copy_source(
 struct Batch {
     plans: Vec<ChunkPlan>,
     runs: Option<Vec<Option<Vec<Run>>>>,
+    /// Every source range of the copies was in the page cache when the batch was mapped
+    /// (false without copies).
+    cached: bool,
 }
 
 /// Plans the next batch of at most `per_batch` chunks (empty at the end) and maps it to source
@@ -231,11 +235,18 @@ fn next_batch(
             Some(p) => plans.push(p?),
         }
     }
-    let runs = match copy {
-        Some((src, base)) => Some(map_batch(image, src, *base, &plans)?),
-        None => None,
+    let (runs, cached) = match copy {
+        Some((src, base)) => {
+            let (runs, cached) = map_batch(image, src, *base, &plans)?;
+            (Some(runs), cached)
+        }
+        None => (None, false),
     };
-    Ok(Batch { plans, runs })
+    Ok(Batch {
+        plans,
+        runs,
+        cached,
+    })
 }
 
 /// Prepares one batch: copies (or zeros) on this thread where the source allows, the rest
@@ -247,7 +258,7 @@ fn prepare_batch(
     comp: Option<Compressor>,
     copy: Option<&(Arc<SourceFile>, u64)>,
 ) -> Result<Vec<Chunk>> {
-    let Batch { plans, runs } = batch;
+    let Batch { plans, runs, .. } = batch;
     let pre: Vec<Option<Chunk>> = match (copy, runs) {
         (Some((src, _)), Some(runs)) => prepare_copies(src, &plans, runs)?,
         _ => vec![None; plans.len()],
@@ -303,48 +314,66 @@ fn prepare(reader: &GuestReader, plan: ChunkPlan, comp: Option<Compressor>) -> R
 
 pub use glimpse_formats::io::is_zero;
 
-/// The calling thread under `SCHED_BATCH` for as long as this lives, when it ran under the
-/// normal policy (`SCHED_OTHER`); the normal policy again when dropped. Nothing changes for a
-/// thread under another policy, or where the kernel refuses.
+/// The calling thread's scheduling policy while it produces: `SCHED_BATCH` while the batches
+/// it probes are in the page cache ([`BatchPolicy::set`]), the normal policy (`SCHED_OTHER`)
+/// otherwise and again when dropped. Nothing changes for a thread that was not under the
+/// normal policy (real-time, idle), or where the kernel refuses.
 ///
-/// The producer runs under it while copies go file to file. A `SCHED_BATCH` thread keeps
-/// its share of the CPU, but its wakeups do not preempt the running thread. A producer woken
-/// because the writer took a batch used to take a copy thread's core at once. When that
-/// thread held the output's lock, the other copy thread stopped spinning for it and slept,
-/// and its core went idle. Now the producer waits for a core that is free (a copy thread
-/// asleep on the lock) or for its turn at the next tick. 4 GiB raw -> qcow2 in the page
-/// cache, side by side: 450-461 ms under the normal policy, 434-436 ms under this (12 and 10
-/// runs); 1 GiB about 2 ms less.
+/// A `SCHED_BATCH` thread keeps its share of the CPU, but its wakeups do not preempt the
+/// running thread. With copies from the page cache the producer only plans and probes, and the
+/// two copy threads need both cores. Woken because the writer took a batch, the producer used
+/// to take a copy thread's core at once. When that thread held the output's lock, the other
+/// one stopped spinning for it and slept, and its core went idle (182 times in a 4 GiB
+/// conversion). 4 GiB raw -> qcow2 in the page cache, side by side: 450-461 ms under the
+/// normal policy, 434-436 ms under this (12 and 10 runs); 1 GiB the same within 2 ms.
+///
+/// From a cold cache the producer drives the reads: it must run as soon as its data arrives.
+/// Under `SCHED_BATCH` there, 4 GiB qcow2 -> raw took 1.93 s instead of 1.49 s.
 struct BatchPolicy {
-    /// The thread was switched, so it must be switched back.
-    switched: bool,
+    /// The thread ran under the normal policy when this was made.
+    normal: bool,
+    /// The thread is under `SCHED_BATCH` now.
+    batch: bool,
 }
 
 impl BatchPolicy {
-    fn enter() -> Self {
-        // The global thread pool is made first: threads it starts would inherit the policy.
-        rayon::current_num_threads();
-        let normal = libc::sched_param { sched_priority: 0 };
-        // SAFETY: `sched_getscheduler(0)` and `sched_setscheduler(0, ..)` act on the calling
-        // thread; `normal` is a live sched_param that the kernel only reads.
-        let switched = unsafe {
-            libc::sched_getscheduler(0) == libc::SCHED_OTHER
-                && libc::sched_setscheduler(0, libc::SCHED_BATCH, &normal) == 0
+    fn new() -> Self {
+        // SAFETY: `sched_getscheduler(0)` asks about the calling thread.
+        let normal = unsafe { libc::sched_getscheduler(0) } == libc::SCHED_OTHER;
+        BatchPolicy {
+            normal,
+            batch: false,
+        }
+    }
+
+    /// Puts the thread under `SCHED_BATCH` when `batch`, else under the normal policy.
+    fn set(&mut self, batch: bool) {
+        if !self.normal || batch == self.batch {
+            return;
+        }
+        if batch {
+            // The global thread pool is made first: threads it starts would inherit the
+            // policy.
+            rayon::current_num_threads();
+        }
+        let policy = if batch {
+            libc::SCHED_BATCH
+        } else {
+            libc::SCHED_OTHER
         };
-        BatchPolicy { switched }
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `sched_setscheduler(0, ..)` acts on the calling thread; `param` is a live
+        // sched_param that the kernel only reads. Moving between the two normal policies
+        // needs no privilege.
+        if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
+            self.batch = batch;
+        }
     }
 }
 
 impl Drop for BatchPolicy {
     fn drop(&mut self) {
-        if self.switched {
-            let normal = libc::sched_param { sched_priority: 0 };
-            // SAFETY: as in `enter`; leaving `SCHED_BATCH` for `SCHED_OTHER` needs no
-            // privilege.
-            unsafe {
-                libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal);
-            }
-        }
+        self.set(false);
     }
 }
 
@@ -447,6 +476,7 @@ pub fn convert(
             // streamOptimized VMDK reads its grain markers, and through a bounded remote
             // cache the blocks they pull in must still be there when the grains are read.
             let mut ahead: Option<Batch> = None;
+            let mut policy = BatchPolicy::new();
             // The first batches are small and grow to `per_batch`, so that the writer starts
             // after a few chunks are ready rather than a whole batch: 1 GiB raw -> qcow2 (64 KiB
             // chunks) waited 2 ms for its first 512 chunks to be probed.
@@ -469,6 +499,7 @@ pub fn convert(
                 if batch.plans.is_empty() {
                     return Ok(());
                 }
+                policy.set(batch.cached);
                 if copy.is_some() {
                     ahead = Some(next_batch(
                         &mut planner,
@@ -497,12 +528,7 @@ pub fn convert(
                 }
             }
         };
-        let produced = {
-            // With copies, the producer only plans and probes, and the copy threads need both
-            // cores: see `BatchPolicy`.
-            let _batch = copy.is_some().then(BatchPolicy::enter);
-            produce()
-        };
+        let produced = produce();
         drop(tx);
         let written = writer_thread
             .join()
@@ -675,17 +701,19 @@ mod tests {
     }
 
     #[test]
-    fn the_producer_of_copies_runs_as_a_batch_thread_and_is_normal_again_after() {
+    fn the_producer_of_copies_from_the_page_cache_runs_as_a_batch_thread_and_only_then() {
         let size = 64u64 << 20;
         let mut f = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut f, &vec![9u8; size as usize]).unwrap();
+        let f = Arc::new(f);
         let image: Arc<dyn Image> = Arc::new(Plain {
             info: ImageInfo::new(Format::Raw, size),
-            src: Arc::new(f),
+            src: f.clone(),
             run: size,
             data: true,
         });
         let reader = GuestReader::new(image.clone(), &Limits::default());
+        use std::os::unix::io::AsRawFd;
         // SAFETY: no arguments.
         let me = unsafe { libc::gettid() };
         // SAFETY: asks about the calling thread.
@@ -700,17 +728,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(stats.data_chunks, 64);
-        // This thread produced the chunks: a batch thread while the writer took the first
-        // batches (1, 2, 4 and 8 chunks: it was still producing the later ones), a normal
-        // one again afterwards.
-        let seen = seen.lock().unwrap();
-        assert_eq!(seen.len(), 64);
-        assert!(
-            seen[..15].iter().all(|&p| p == libc::SCHED_BATCH),
-            "{seen:?}"
-        );
+        // This thread produced the chunks from the page cache (the file was just written): a
+        // batch thread while the writer took the first batches (1, 2, 4 and 8 chunks: it was
+        // still producing the later ones), a normal one again afterwards.
+        let hot = seen.lock().unwrap().clone();
+        assert_eq!(hot.len(), 64);
+        assert!(hot[..15].iter().all(|&p| p == libc::SCHED_BATCH), "{hot:?}");
         // SAFETY: as above.
         assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+        // From a cold cache (written out and dropped) it stays a normal thread. Not on tmpfs,
+        // whose pages cannot be dropped.
+        f.sync_all().unwrap();
+        // SAFETY: advice on an open descriptor; no memory is passed.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let probe = crate::copy::SourceFile::new(f.try_clone().unwrap(), CopyMode::Auto);
+        if !probe.will_need(size - 4096, 4096) {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            convert(
+                image,
+                Box::new(PolicyProbe(me, seen.clone())),
+                &reader,
+                &ConvertOptions::default(),
+            )
+            .unwrap();
+            let cold = seen.lock().unwrap();
+            assert_eq!(cold.len(), 64);
+            assert!(cold.iter().all(|&p| p == libc::SCHED_OTHER), "{cold:?}");
+        }
         // Without copies (a source that is not a file) the producer is left alone.
         let plain: Arc<dyn Image> = Arc::new(Plain {
             info: ImageInfo::new(Format::Raw, size),
