@@ -925,7 +925,9 @@ fn a_listing_that_leaves_its_filters_or_repeats_itself_is_an_error() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
     assert!(stderr.contains("listing failed"), "{stderr}");
-    assert_eq!(lines(&out).len(), 4, "{stdout}");
+    // The first two pages, then the loop. They hold the active images only: 4, or 3 when both
+    // rejects sorted into the page the first run deactivated (one run in ten, by the ids).
+    assert_eq!(lines(&out).len(), active.len().min(4), "{stdout}");
     let proxy = Rewriter::start(
         &g.url,
         pages(|line, v| {
