@@ -25,7 +25,7 @@
 //! it queued: it waited for the lock, then read in step with the second thread. Reserving in
 //! the copying thread, between its read and its write (see [`Job::reserve`]), moves that
 //! wait into its turn with the lock. The rest is the two threads' natural drift: a read of
-//! 256 KiB costs about what a write does (35-40 us each).
+//! 256 KiB costs about what a write does (25-40 us each).
 //!
 //! Measured on 1 GiB raw -> raw (664 MB of data in 241 runs) in the page cache, on an Intel
 //! Xeon with ERMS/FSRM (2 cores, ext4, kernel 6.18), each output range reserved first, with
