@@ -522,12 +522,16 @@ fn cached(file: &File, from: u64, len: u64) -> Option<bool> {
 /// NFS it is a server-side copy, and on tmpfs reserving means zeroing pages that the copy then
 /// overwrites.
 fn copies_pages(dst: &File) -> bool {
+    on_file_system(dst, libc::EXT4_SUPER_MAGIC)
+}
+
+/// Whether `file` lies on the file system whose `statfs` magic is `magic`.
+fn on_file_system(file: &File, magic: impl Into<i128>) -> bool {
     // SAFETY: `st` is a properly sized, writable statfs that the kernel fills; the descriptor
     // is open.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::fstatfs(dst.as_raw_fd(), &mut st) == 0
-            && i128::from(st.f_type) == i128::from(libc::EXT4_SUPER_MAGIC)
+        libc::fstatfs(file.as_raw_fd(), &mut st) == 0 && i128::from(st.f_type) == magic.into()
     }
 }
 
@@ -696,6 +700,17 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut f, bytes).unwrap();
         f
+    }
+
+    /// A chunk of one data run: 1 MiB at `from` in `src`.
+    fn mib_at(src: &Arc<SourceFile>, from: u64) -> CopyFrom {
+        CopyFrom {
+            src: src.clone(),
+            runs: vec![Run {
+                at: Some(from),
+                len: 1 << 20,
+            }],
+        }
     }
 
     #[test]
@@ -874,13 +889,7 @@ mod tests {
     fn copies_that_continue_each_other_are_made_as_one() {
         let data: Vec<u8> = (0..4 << 20).map(|i| (i % 253) as u8).collect();
         let src = Arc::new(SourceFile::new(file_with(&data), CopyMode::Kernel));
-        let chunk = |from: u64| CopyFrom {
-            src: src.clone(),
-            runs: vec![Run {
-                at: Some(from),
-                len: 1 << 20,
-            }],
-        };
+        let chunk = |from: u64| mib_at(&src, from);
         let out = tempfile::tempfile().unwrap();
         let mut m = CopyMerger::default();
         m.put(&out, &chunk(0), 0).unwrap();
@@ -918,12 +927,7 @@ mod tests {
         f.sync_all().unwrap();
         // SAFETY: advice on an open descriptor; no memory is passed.
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        // SAFETY: `st` is a properly sized, writable statfs; the descriptor is open.
-        let tmpfs = unsafe {
-            let mut st: libc::statfs = std::mem::zeroed();
-            libc::fstatfs(f.as_raw_fd(), &mut st) == 0
-                && i128::from(st.f_type) == i128::from(libc::TMPFS_MAGIC)
-        };
+        let tmpfs = on_file_system(&f, libc::TMPFS_MAGIC);
         assert_eq!(cached(&f, 0, 1 << 20), Some(tmpfs));
         // Read back, they are there again, and the advice is skipped.
         let mut back = vec![0u8; 1 << 20];
@@ -942,13 +946,7 @@ mod tests {
         let data: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
         for mode in [CopyMode::Kernel, CopyMode::Auto] {
             let src = Arc::new(SourceFile::new(file_with(&data), mode));
-            let chunk = |from: u64| CopyFrom {
-                src: src.clone(),
-                runs: vec![Run {
-                    at: Some(from),
-                    len: 1 << 20,
-                }],
-            };
+            let chunk = |from: u64| mib_at(&src, from);
             let out = tempfile::tempfile().unwrap();
             let paired = mode == CopyMode::Auto && copies_pages(&out);
             let mut m = CopyMerger::default();
